@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+# Each creates .venv/ and installs what is missing first (torch from the pinned build, then the package).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The pinned torch build. On this project's CPU machines pip takes it from local disk; nothing later
+# may replace it (the package's own ranges accept it).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with its dev tools
+
+train: $(STAMP)  ## train the quickstart on the embedded digits (CPU, minutes); ARGS="key=value ..."
+	$(PY) -m act_lightning.train $(ARGS)
+
+test: $(STAMP)  ## run the test suite (CPU, no network)
+	WANDB_MODE=offline $(PY) -m pytest -q tests $(ARGS)
+
+test-fast: $(STAMP)  ## unit tests only
+	WANDB_MODE=offline $(PY) -m pytest -q tests/unit $(ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)  ## apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: $(STAMP)  ## throughput benchmarks (not tests): data loading, training iteration
+	$(PY) benchmarks/bench_iteration.py
+	@if [ -f benchmarks/bench_data.py ]; then $(PY) benchmarks/bench_data.py; fi
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
