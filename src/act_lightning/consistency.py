@@ -1,0 +1,100 @@
+"""Noise levels, preconditioning and the curriculum of consistency training (ACT.md sections 1, 2, 4).
+
+Pure functions of tensors and numbers: no Lightning, no Hydra, no state. Everything the training
+loop needs to know about *where* on the noise schedule it is comes from here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dimensions so a per-example (B,) tensor broadcasts over (B, C, H, W)."""
+    if x.ndim > ndim:
+        raise ValueError(f"tensor has {x.ndim} dims, more than the target {ndim}")
+    return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
+
+
+def karras_sigmas(
+    num_scales: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> Tensor:
+    """The Karras et al. discretisation t_0 < ... < t_{N-1} (float32, computed in float64)."""
+    if num_scales < 2:
+        raise ValueError(f"num_scales must be >= 2, got {num_scales}")
+    ramp = torch.linspace(0, 1, num_scales, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((lo + ramp * (hi - lo)) ** rho).float()
+
+
+def sigma_to_index(
+    sigma: Tensor, num_scales: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> Tensor:
+    """Continuous inverse i(t, N) of `karras_sigmas`: i(t_i(N), N) == i."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (sigma ** (1 / rho) - lo) / (hi - lo) * (num_scales - 1)
+
+
+def boundary_scalings(
+    sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in) with c_skip(sigma_min) = 1 and c_out(sigma_min) = 0, so f(x, sigma_min) = x."""
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out, c_in
+
+
+def noise_conditioning(sigma: Tensor, kind: str = "identity") -> Tensor:
+    """c_noise(t): the raw sigma (reference default) or 250 * log(sigma) (Song et al. 2023)."""
+    if kind == "identity":
+        return sigma
+    if kind == "log":
+        return 250.0 * sigma.log()
+    raise ValueError(f"c_noise must be 'identity' or 'log', got {kind!r}")
+
+
+def num_scales(progress: float, bins_min: int, bins_max: int) -> int:
+    """N(k) = round(sqrt(k/K * (N_max^2 - N_min^2) + N_min^2)) for progress = k/K in [0, 1].
+
+    Rounds half up (not Python's banker's rounding) so the schedule is monotone in k.
+    """
+    progress = min(max(float(progress), 0.0), 1.0)
+    value = math.sqrt(progress * (bins_max**2 - bins_min**2) + bins_min**2)
+    return int(math.floor(value + 0.5))
+
+
+def target_ema_decay(num_scales: int, bins_min: int, mu0: float) -> float:
+    """mu(k) = exp(N_min * ln(mu_0) / (N(k) - 1)): the target network's EMA decay at N(k) scales."""
+    return math.exp(bins_min * math.log(mu0) / (num_scales - 1))
+
+
+def adversarial_weight(
+    sigma: Tensor,
+    num_scales: int,
+    gan_ratio: float,
+    mid_weight: float | None,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> Tensor:
+    """w(t) of ACT.md section 4; lambda(t) = gan_ratio * w(t).
+
+    `mid_weight=None` gives w = 1 (CIFAR-10). Otherwise w = (i(t)/(N-1)) ** log_0.5(mid_weight/gan_ratio),
+    so lambda(sigma_max) = gan_ratio and lambda at the middle index = mid_weight.
+    """
+    if mid_weight is None or gan_ratio == 0:
+        return torch.ones_like(sigma)
+    exponent = math.log(mid_weight / gan_ratio, 0.5)
+    position = sigma_to_index(sigma, num_scales, sigma_min, sigma_max, rho) / (num_scales - 1)
+    return position.clamp(min=0.0) ** exponent
+
+
+def sample_indices(
+    batch_size: int, num_scales: int, device: torch.device | str | None = None, generator=None
+) -> Tensor:
+    """Per-example j ~ Uniform{1, ..., N-1}, so (t_j, t_{j-1}) is an adjacent pair of the schedule."""
+    return torch.randint(1, num_scales, (batch_size,), device=device, generator=generator)

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from act_lightning import consistency as cm
+
+
+def test_karras_sigmas_end_points_and_order():
+    s = cm.karras_sigmas(18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    assert s.shape == (18,)
+    assert s[0].item() == pytest.approx(0.002, rel=1e-6)
+    assert s[-1].item() == pytest.approx(80.0, rel=1e-6)
+    assert bool((s[1:] > s[:-1]).all())
+
+
+def test_karras_sigmas_hand_computed_middle_value():
+    # N = 3: the middle point is ((0.002^(1/7) + 80^(1/7)) / 2)^7
+    expected = ((0.002 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7
+    assert cm.karras_sigmas(3)[1].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_karras_sigmas_rejects_fewer_than_two_scales():
+    with pytest.raises(ValueError, match="num_scales"):
+        cm.karras_sigmas(1)
+
+
+def test_sigma_to_index_inverts_the_discretisation():
+    s = cm.karras_sigmas(11).double()
+    assert torch.allclose(cm.sigma_to_index(s, 11), torch.arange(11, dtype=torch.float64), atol=1e-4)
+
+
+def test_boundary_scalings_hand_computed():
+    sigma = torch.tensor([0.002, 1.0])
+    c_skip, c_out, c_in = cm.boundary_scalings(sigma, sigma_data=0.5, sigma_min=0.002)
+    assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0  # boundary condition
+    assert c_skip[1].item() == pytest.approx(0.25 / (0.998**2 + 0.25), rel=1e-6)
+    assert c_out[1].item() == pytest.approx(0.998 * 0.5 / math.sqrt(1.25), rel=1e-6)
+    assert c_in[1].item() == pytest.approx(1 / math.sqrt(1.25), rel=1e-6)
+
+
+def test_num_scales_schedule():
+    assert cm.num_scales(0.0, 2, 150) == 2
+    assert cm.num_scales(1.0, 2, 150) == 150
+    # k/K = 0.5: sqrt(0.5 * (150^2 - 2^2) + 4) = 106.08 -> 106
+    assert cm.num_scales(0.5, 2, 150) == 106
+    values = [cm.num_scales(k / 1000, 2, 150) for k in range(1001)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    # CIFAR-10 quickstart-like: N_max 20 at k/K = 0.25: sqrt(0.25 * 396 + 4) = 10.15 -> 10
+    assert cm.num_scales(0.25, 2, 20) == 10
+
+
+def test_target_ema_decay_hand_computed():
+    # mu(k) = exp(N_min ln(mu0) / (N - 1))
+    assert cm.target_ema_decay(2, 2, 0.9) == pytest.approx(0.81)
+    assert cm.target_ema_decay(11, 2, 0.9) == pytest.approx(0.9 ** 0.2)
+    assert cm.target_ema_decay(150, 2, 0.95) == pytest.approx(math.exp(2 * math.log(0.95) / 149))
+    # slower averaging as the discretisation gets finer
+    decays = [cm.target_ema_decay(n, 2, 0.9) for n in range(2, 200)]
+    assert all(b > a for a, b in zip(decays, decays[1:]))
+
+
+def test_adversarial_weight_constant_and_mid_weight():
+    sigma = cm.karras_sigmas(21)
+    assert torch.equal(cm.adversarial_weight(sigma, 21, 0.3, None), torch.ones(21))
+    w = cm.adversarial_weight(sigma, 21, gan_ratio=0.6, mid_weight=0.2)
+    lam = 0.6 * w
+    assert lam[-1].item() == pytest.approx(0.6, rel=1e-5)  # lambda(sigma_max) = gan_ratio
+    assert lam[10].item() == pytest.approx(0.2, rel=1e-4)  # lambda at the middle index = mid_weight
+    assert lam[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert bool((w[1:] >= w[:-1]).all())
+
+
+def test_sample_indices_cover_one_to_n_minus_one():
+    g = torch.Generator().manual_seed(0)
+    j = cm.sample_indices(10_000, 5, generator=g)
+    assert j.min().item() == 1 and j.max().item() == 4
+    counts = torch.bincount(j, minlength=5)[1:].float()
+    assert (counts / counts.sum() - 0.25).abs().max() < 0.02  # uniform, per example
+
+
+def test_append_dims():
+    assert cm.append_dims(torch.ones(3), 4).shape == (3, 1, 1, 1)
+    with pytest.raises(ValueError):
+        cm.append_dims(torch.ones(3, 2), 1)
