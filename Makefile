@@ -43,9 +43,8 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
-bench: $(STAMP)  ## throughput benchmarks (not tests): data loading, training iteration
-	$(PY) benchmarks/bench_iteration.py
-	@if [ -f benchmarks/bench_data.py ]; then $(PY) benchmarks/bench_data.py; fi
+bench: $(STAMP)  ## throughput benchmarks (not tests): images per second of each DataModule
+	$(PY) benchmarks/bench_data.py
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,8 @@
+"""Callbacks observe training (progress, samples, metrics, checkpoints); none changes its dynamics."""
+
+from act_lightning.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint
+from act_lightning.callbacks.evaluation import FrechetEvaluation
+from act_lightning.callbacks.progress import IterationProgressBar
+from act_lightning.callbacks.samples import SampleGrid
+
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "FrechetEvaluation", "IterationProgressBar", "SampleGrid"]

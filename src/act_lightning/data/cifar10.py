@@ -1,0 +1,260 @@
+"""CIFAR-10: the 50,000 32x32 training images, read by torchvision's loader (the only unpickling in the
+package: CIFAR-10's own python batches, through torchvision)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import urllib.error
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive, extract_archive
+
+from act_lightning.data.base import DataError, HalfBatch, ImageDataModule
+
+log = logging.getLogger(__name__)
+
+URL = CIFAR10.url  # https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
+ARCHIVE = CIFAR10.filename  # cifar-10-python.tar.gz
+FOLDER = CIFAR10.base_folder  # cifar-10-batches-py
+TRAIN_FILES = [(name, md5) for name, md5 in CIFAR10.train_list]  # data_batch_1 .. data_batch_5
+
+
+class _OneBatch(CIFAR10):
+    """torchvision's CIFAR10 restricted to one batch file, so that a failure names that file.
+
+    The checksums and the presence of files are checked by `CIFAR10DataModule.prepare_data` (which names
+    the failing file); the class names in `batches.meta` are not needed for training.
+    """
+
+    def __init__(self, root: str, entry: tuple[str, str]) -> None:
+        self.train_list = [list(entry)]
+        super().__init__(root, train=True, download=False)
+
+    def _check_integrity(self) -> bool:
+        return True
+
+    def _load_meta(self) -> None:
+        self.classes = []
+
+
+def load_cifar10_train(root: Path) -> tuple[Tensor, Tensor]:
+    """All training batches as a uint8 (N, 3, 32, 32) tensor and int64 labels, each file validated."""
+    images, labels = [], []
+    for name, md5 in TRAIN_FILES:
+        path = root / FOLDER / name
+        try:
+            batch = _OneBatch(str(root), (name, md5))
+        except Exception as err:  # unpickling raises almost anything on a truncated or foreign file
+            raise DataError(
+                f"{path}: not a readable CIFAR-10 python batch ({type(err).__name__}: {err}). The file is "
+                f"truncated or corrupt: delete {root / FOLDER} and extract {root / ARCHIVE} again "
+                f"(from {URL})"
+            ) from err
+        data, targets = batch.data, np.asarray(batch.targets)
+        if data.dtype != np.uint8:
+            raise DataError(f"{path}: `data` should be uint8 (N, 3072), found dtype {data.dtype}")
+        if len(targets) != len(data):
+            raise DataError(f"{path}: {len(data)} images but {len(targets)} labels")
+        if len(targets) and (targets.min() < 0 or targets.max() > 9):
+            raise DataError(f"{path}: labels must lie in 0..9, found {targets.min()}..{targets.max()}")
+        images.append(torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))))  # (n, 3, 32, 32)
+        labels.append(torch.from_numpy(targets.astype(np.int64)))
+    return torch.cat(images), torch.cat(labels)
+
+
+class _Indices(Dataset):
+    """0..n-1: the in-memory path samples indices (so Lightning's samplers still shard them)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10 training set, random horizontal flips, values in [-1, 1].
+
+    `root` holds `cifar-10-batches-py/` or `cifar-10-python.tar.gz` (extracted on first use); with
+    `download` the archive is fetched when neither is there. `verify` checks torchvision's MD5s.
+    `in_memory`: the whole set lives on the training device as one uint8 tensor, batches are gathered
+    there and flipped there; no worker processes.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 80,
+        image_size: int = 32,
+        channels: int = 3,
+        num_classes: int | None = None,
+        download: bool = True,
+        verify: bool = True,
+        in_memory: bool = False,
+        hflip: bool = True,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if image_size != 32 or channels != 3:
+            raise ValueError(
+                f"data=cifar10 holds 32x32 RGB images: data.image_size must be 32 and data.channels 3, got "
+                f"{image_size} and {channels} (use data=folder to train on images resized to another size)"
+            )
+        if num_classes not in (None, 10):
+            raise ValueError(
+                f"data.num_classes must be null (unconditional) or 10 for CIFAR-10, got {num_classes}"
+            )
+        if in_memory:
+            num_workers, persistent_workers, pin_memory = 0, False, False
+        super().__init__(
+            root=str(root),
+            batch_size=batch_size,
+            image_size=image_size,
+            channels=channels,
+            num_classes=num_classes,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            seed=seed,
+            hflip=hflip,
+        )
+        self.download = download
+        self.verify = verify
+        self.in_memory = in_memory
+        self._images: Tensor | None = None  # (N, 3, 32, 32) uint8 on the host
+        self._labels: Tensor | None = None
+        self._on_device: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    # -- files -------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        root = self.path
+        missing = self._missing_batches()
+        if missing and (root / ARCHIVE).is_file():
+            self._extract(root / ARCHIVE)
+        elif missing and self.download:
+            self._download()
+        missing = self._missing_batches()
+        if missing:
+            raise FileNotFoundError(self._not_found_message(missing))
+        if self.verify:
+            for name, md5 in TRAIN_FILES:
+                self._check_md5(root / FOLDER / name, md5)
+
+    def _missing_batches(self) -> list[str]:
+        return [name for name, _ in TRAIN_FILES if not (self.path / FOLDER / name).is_file()]
+
+    def _not_found_message(self, missing: list[str]) -> str:
+        root = self.path
+        more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        return (
+            f"CIFAR-10 not found: {root / FOLDER / missing[0]} is missing{more}. Expected the python version "
+            f"of CIFAR-10 under data.root={root}: either the folder {root / FOLDER}/ with data_batch_1 .. "
+            f"data_batch_5, or the archive {root / ARCHIVE}. Get it from {URL} (or set data.download=true "
+            "on a machine that is online)."
+        )
+
+    def _check_md5(self, path: Path, md5: str) -> None:
+        found = calculate_md5(path)
+        if found != md5:
+            raise DataError(
+                f"{path}: checksum mismatch (md5 {found}, expected {md5} for the official CIFAR-10 "
+                f"file). The file is corrupt or not the official one: extract it again from {URL}, or set "
+                "data.verify=false to use it anyway."
+            )
+
+    def _extract(self, archive: Path) -> None:
+        if self.verify:
+            self._check_md5(archive, CIFAR10.tgz_md5)
+        log.info("extracting %s", archive)
+        tmp = archive.parent / f".{FOLDER}.extracting"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            extract_archive(str(archive), str(tmp))
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(
+                f"{archive}: not a complete gzip'ed tar archive ({type(err).__name__}: {err}); the "
+                f"download is truncated or corrupt. Delete it and download {URL} again."
+            ) from err
+        (archive.parent / FOLDER).mkdir(exist_ok=True)
+        if not (tmp / FOLDER).is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(
+                f"{archive}: the archive holds no {FOLDER}/ folder; it is not the python version of "
+                f"CIFAR-10 ({URL})"
+            )
+        for item in (tmp / FOLDER).iterdir():
+            os.replace(item, archive.parent / FOLDER / item.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _download(self) -> None:
+        root = self.path
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            download_and_extract_archive(
+                URL, str(root), filename=ARCHIVE, md5=CIFAR10.tgz_md5 if self.verify else None
+            )
+        except (urllib.error.URLError, OSError) as err:
+            raise FileNotFoundError(
+                f"{self._not_found_message(self._missing_batches())} The download failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    # -- datasets ----------------------------------------------------------------------------------
+    def _load(self) -> tuple[Tensor, Tensor]:
+        if self._images is None:
+            missing = self._missing_batches()
+            if missing:
+                raise FileNotFoundError(self._not_found_message(missing))
+            images, labels = load_cifar10_train(self.path)
+            if not self.num_classes:
+                labels = torch.zeros_like(labels)
+            self._images, self._labels = images, labels
+        return self._images, self._labels
+
+    def build_train_dataset(self) -> Dataset:
+        images, labels = self._load()
+        return _Indices(len(images)) if self.in_memory else TensorDataset(images, labels)
+
+    def build_reference_dataset(self) -> Dataset:
+        return TensorDataset(*self._load())
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.in_memory:
+            return super().train_dataloader()
+        self.setup("fit")
+        return DataLoader(
+            self.train_set,
+            batch_size=2 * self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> HalfBatch:
+        if not self.in_memory:
+            return super().on_after_batch_transfer(batch, dataloader_idx)
+        index = batch  # (2B,) int64, already on the device
+        if self._on_device is None or self._on_device[0].device != index.device:
+            images, labels = self._load()
+            self._on_device = (images.to(index.device), labels.to(index.device))
+        images, labels = self._on_device
+        return self.to_half_batch(images[index], labels[index])

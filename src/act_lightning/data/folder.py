@@ -1,0 +1,178 @@
+"""Your own images: any folder tree of png / jpg / webp files, resized and centre-cropped to the
+experiment's `image_size`. With `num_classes` set, each image's label is its top-level sub-folder
+(sorted by name, as torchvision's ImageFolder does); with `num_classes: null` training is unconditional
+and the tree's structure does not matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from act_lightning.data.base import DataError, ImageDataModule
+from act_lightning.data.images import IMAGE_SUFFIXES, load_image
+from act_lightning.data.storage import PackedBytes
+
+log = logging.getLogger(__name__)
+
+
+def scan_images(root: Path) -> tuple[list[Path], Counter]:
+    """All image files under `root` (recursively, hidden entries skipped, sorted), and a count of the
+    suffixes of the other files (for the message when there are no images)."""
+    images, others = [], Counter()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_SUFFIXES:
+                images.append(Path(folder) / name)
+            else:
+                others[suffix or "(no suffix)"] += 1
+    return images, others
+
+
+class FolderImages(Dataset):
+    """`(uint8 (C, S, S) tensor, label)` for each file; paths packed so workers share them."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, channels: int = 3) -> None:
+        self.paths = PackedBytes([os.fsencode(p) for p in paths])
+        self.labels = labels.astype(np.int64)
+        self.image_size, self.channels = image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, index: int) -> str:
+        return os.fsdecode(self.paths[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.path(index)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise DataError(
+                f"{path}: cannot be read ({err}); was the folder changed during training?"
+            ) from err
+        return load_image(data, path, self.image_size, self.channels, method="adm"), int(self.labels[index])
+
+
+class FolderDataModule(ImageDataModule):
+    """Images from `root`; labels from sub-folder names when `num_classes` is set.
+
+    `verify` opens every file's header in `prepare_data` (fast) so that a file that is not an image
+    stops the run before training; a file whose header is fine but whose data is truncated still
+    fails when it is first read, naming the file.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        image_size: int = 64,
+        channels: int = 3,
+        num_classes: int | None = None,
+        verify: bool = True,
+        hflip: bool = True,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 3 (RGB) or 1 (grey), got {channels}")
+        super().__init__(
+            root=str(root),
+            batch_size=batch_size,
+            image_size=image_size,
+            channels=channels,
+            num_classes=num_classes,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            seed=seed,
+            hflip=hflip,
+        )
+        self.verify = verify
+        self.class_names: list[str] = []
+        self._scan: tuple[list[Path], np.ndarray] | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    def _files(self) -> tuple[list[Path], np.ndarray]:
+        if self._scan is not None:
+            return self._scan
+        root = self.path
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"data.root={root} is not a folder. data=folder trains on the png / jpg / webp images in a "
+                f"folder tree: point data.root at it"
+            )
+        paths, others = scan_images(root)
+        if not paths:
+            found = ", ".join(f"{n} {s}" for s, n in others.most_common(5)) or "nothing"
+            raise FileNotFoundError(
+                f"data.root={root} holds no images: expected files ending in {', '.join(IMAGE_SUFFIXES)} "
+                f"(in any sub-folder); found {found}"
+            )
+        labels = np.zeros(len(paths), dtype=np.int64)
+        if self.num_classes:
+            labels = self._labels_from_folders(root, paths)
+        self._scan = (paths, labels)
+        return self._scan
+
+    def _labels_from_folders(self, root: Path, paths: list[Path]) -> np.ndarray:
+        top = [p.relative_to(root).parts for p in paths]
+        loose = [p for p, parts in zip(paths, top, strict=True) if len(parts) == 1]
+        if loose:
+            raise DataError(
+                f"data.num_classes={self.num_classes} takes each image's class from its sub-folder of "
+                f"{root}, but {len(loose)} images sit directly in it (e.g. {loose[0].name}); move them into "
+                "class folders, or set data.num_classes=null to train unconditionally"
+            )
+        self.class_names = sorted({parts[0] for parts in top})
+        if len(self.class_names) != self.num_classes:
+            shown = ", ".join(self.class_names[:10]) + (", ..." if len(self.class_names) > 10 else "")
+            raise DataError(
+                f"data.num_classes={self.num_classes}, but {root} has {len(self.class_names)} class "
+                f"sub-folders with images ({shown}); set data.num_classes={len(self.class_names)}, or null "
+                "to train unconditionally"
+            )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return np.array([index[parts[0]] for parts in top], dtype=np.int64)
+
+    def prepare_data(self) -> None:
+        paths, _ = self._files()
+        if self.verify:
+            from tqdm.auto import tqdm
+
+            for path in tqdm(paths, desc=f"checking {self.path}", unit="img", disable=len(paths) < 10_000):
+                try:
+                    with Image.open(path) as image:
+                        image.size  # noqa: B018 - reading the header is the check
+                except Exception as err:
+                    raise DataError(
+                        f"{path}: not an image that can be decoded ({type(err).__name__}: {err})"
+                    ) from err
+
+    def build_train_dataset(self) -> Dataset:
+        paths, labels = self._files()
+        if self.class_names:
+            log.info(
+                "%d images in %d classes: %s", len(paths), len(self.class_names), ", ".join(self.class_names)
+            )
+        return FolderImages(paths, labels, self.image_size, self.channels)
+
+    def build_reference_dataset(self) -> Dataset:
+        return self.train_set if self.train_set is not None else self.build_train_dataset()

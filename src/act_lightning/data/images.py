@@ -1,0 +1,81 @@
+"""The shared image pipeline: encoded bytes -> PIL image -> centre crop and resize -> uint8 (C, H, W).
+
+Conversion to [-1, 1] happens on the training device (`ImageDataModule.on_after_batch_transfer`);
+`to_signed` in `base.py` is the one place that maps [0, 255] to [-1, 1].
+
+Two centre-crop conventions, both from the consistency-model code bases:
+- `"box"`: one BOX resize so the short side equals the target, then a centre crop. This is how the
+  LSUN LMDBs were converted for ADM / consistency models (guided-diffusion's `lsun_bedroom.py`).
+- `"adm"`: halve with BOX while the short side is at least twice the target, then BICUBIC to the
+  target, then a centre crop (guided-diffusion's `center_crop_arr`, EDM's "center-crop-dhariwal");
+  better for photos much larger than the target.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from act_lightning.data.base import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CROPS = ("box", "adm")
+
+
+def decode_image(data: bytes, source: str, channels: int = 3, draft_size: int | None = None) -> Image.Image:
+    """Decode an encoded image (png, jpeg, webp, ...) into an RGB (channels=3) or L (channels=1) image.
+
+    `source` names the file or key in the error raised when the bytes do not decode. With
+    `draft_size`, JPEGs are decoded at the smallest DCT scale whose short side stays >= draft_size.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB" if channels == 3 else "L", (draft_size, draft_size))
+            image.load()
+    except UnidentifiedImageError as err:
+        raise DataError(
+            f"{source}: the image does not decode: not a format Pillow reads (png, jpeg, webp, ...); its "
+            f"first bytes are {data[:12]!r}"
+        ) from err
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
+        raise DataError(f"{source}: the image does not decode ({type(err).__name__}: {err})") from err
+    if image.mode in ("P", "LA", "PA") or (image.mode == "RGBA" and channels == 1):
+        image = image.convert("RGBA")  # palette / alpha: resolve transparency before dropping alpha
+    return image.convert("RGB" if channels == 3 else "L")
+
+
+def center_crop(image: Image.Image, size: int, method: str = "adm") -> np.ndarray:
+    """Resize so the short side is `size`, then take the central size x size square: (H, W[, C]) uint8."""
+    if method == "adm":
+        while min(image.size) >= 2 * size:
+            image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+        scale = size / min(image.size)
+        image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.Resampling.BICUBIC)
+    elif method == "box":
+        scale = size / min(image.size)
+        image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.Resampling.BOX)
+    else:
+        raise ValueError(f"unknown crop method {method!r}; expected one of {', '.join(CROPS)}")
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top : top + size, left : left + size]
+
+
+def to_chw_uint8(array: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, C) uint8 array -> contiguous (C, H, W) uint8 tensor."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))  # a writable copy
+
+
+def load_image(data: bytes, source: str, size: int, channels: int = 3, method: str = "adm") -> torch.Tensor:
+    """Encoded bytes -> (channels, size, size) uint8 tensor, centre-cropped and resized."""
+    image = decode_image(data, source, channels, draft_size=2 * size)
+    return to_chw_uint8(center_crop(image, size, method))

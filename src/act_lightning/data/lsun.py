@@ -1,0 +1,303 @@
+"""LSUN (Cat by default) from its official LMDB, whose values are encoded images (webp or jpeg), or from
+the prepared form written by `python -m act_lightning.prepare lsun_cat256 SRC DST`.
+
+Images are resized so the short side equals `image_size` (one BOX resize) and centre-cropped, as the
+LSUN LMDBs were converted for ADM and the consistency-model papers. The LMDB is opened once per worker
+process, read-only and without locks; the keys are listed once per rank into two flat arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from act_lightning.data import storage
+from act_lightning.data.base import DataError, ImageDataModule
+from act_lightning.data.images import load_image
+
+log = logging.getLogger(__name__)
+
+SOURCE = "lsun"
+URLS = "http://dl.yf.io/lsun/objects/{category}.zip (see https://github.com/fyu/lsun)"
+CROP = "box"
+
+
+_ENVS: dict[tuple[int, str], object] = {}  # (pid, folder) -> this process's LMDB environment
+
+
+def open_lmdb(path: Path):
+    """This process's environment for an LMDB folder: opened once per process (lmdb allows one per
+    process; one must not be used across a fork), read-only and without locks (many readers, no writer)."""
+    import lmdb
+
+    key = (os.getpid(), str(path))
+    if key not in _ENVS:
+        try:
+            _ENVS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+        except lmdb.Error as err:
+            raise DataError(
+                f"{path / 'data.mdb'}: not a readable LMDB ({type(err).__name__}: {err})"
+            ) from err
+    return _ENVS[key]
+
+
+def close_lmdb(path: Path) -> None:
+    env = _ENVS.pop((os.getpid(), str(path)), None)
+    if env is not None:
+        env.close()
+
+
+def find_lmdb(root: Path, category: str = "cat") -> Path | None:
+    """The LMDB folder under `root`: root itself, root/<category> (the unzipped official archive) or
+    root/<category>_train_lmdb (the scene categories' naming)."""
+    for candidate in (root, root / category, root / f"{category}_train_lmdb"):
+        if (candidate / "data.mdb").is_file():
+            return candidate
+    return None
+
+
+def list_keys(path: Path, progress: bool = False) -> storage.PackedBytes:
+    from tqdm.auto import tqdm
+
+    with open_lmdb(path).begin(write=False) as txn:
+        total = txn.stat()["entries"]
+        keys = list(
+            tqdm(
+                txn.cursor().iternext(keys=True, values=False),
+                total=total,
+                desc=f"keys of {path.name}",
+                unit="key",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+        )
+    if not keys:
+        raise DataError(f"{path / 'data.mdb'}: the LMDB holds no images")
+    return storage.PackedBytes(keys)
+
+
+class LMDBImages(Dataset):
+    """Values of an LMDB, decoded, centre-cropped and resized: `(uint8 (C, S, S) tensor, 0)`."""
+
+    def __init__(self, path: Path, keys: storage.PackedBytes, image_size: int, channels: int = 3) -> None:
+        self.path, self.keys = path, keys
+        self.image_size, self.channels = image_size, channels
+
+    def read(self, index: int) -> tuple[bytes, str]:
+        key = self.keys[index]
+        with open_lmdb(self.path).begin(write=False) as txn:
+            value = txn.get(key)
+        source = f"{self.path / 'data.mdb'} key {key.decode(errors='backslashreplace')!r}"
+        if value is None:
+            raise DataError(f"{source}: the key is listed but has no value (was the LMDB modified?)")
+        return value, source
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        value, source = self.read(index)
+        return load_image(value, source, self.image_size, self.channels, method=CROP), 0
+
+
+# -- the prepared form -------------------------------------------------------------------------------
+def _decode_chunk(args: tuple[str, list[bytes], int, int]) -> list[tuple[np.ndarray | None, str]]:
+    path, keys, size, channels = args
+    dataset = LMDBImages(Path(path), storage.PackedBytes(keys), size, channels)
+    out = []
+    for i in range(len(keys)):
+        try:
+            out.append((dataset[i][0].numpy(), ""))
+        except DataError as err:
+            out.append((None, str(err)))
+    return out
+
+
+def prepare_lsun(
+    src: Path,
+    dst: Path,
+    category: str = "cat",
+    image_size: int = 256,
+    channels: int = 3,
+    max_images: int | None = None,
+    workers: int = 0,
+    skip_broken: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Decode, crop and resize every image of the LMDB under `src` once, into memory-mapped uint8 arrays
+    in `dst` (image_size^2 x channels bytes per image: about 300 GiB for all 1.66M images of LSUN Cat
+    at 256)."""
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    lmdb_path = find_lmdb(src, category)
+    if lmdb_path is None:
+        raise FileNotFoundError(_not_found_message(src, category, prepared_too=False))
+    keys = list_keys(lmdb_path, progress=progress)
+    count = len(keys) if max_images is None else min(max_images, len(keys))
+    need = count * channels * image_size**2
+    dst.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dst).free
+    if need > free:
+        raise OSError(
+            f"{dst}: the prepared form of {count} images at {image_size}x{image_size} needs "
+            f"{need / 2**30:.1f} GiB, "
+            f"only {free / 2**30:.1f} GiB are free (use --max-images, or train from the LMDB directly)"
+        )
+    images, _ = storage.create_arrays(dst, "train", count, (channels, image_size, image_size), labels=False)
+    chunk = 64
+    jobs = [
+        (str(lmdb_path), [keys[i] for i in range(s, min(s + chunk, count))], image_size, channels)
+        for s in range(0, count, chunk)
+    ]
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+    results = pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
+    written, skipped = 0, []
+    try:
+        with tqdm(total=count, desc=f"lsun {category} {image_size}", unit="img", disable=not progress) as bar:
+            for decoded in results:
+                for array, error in decoded:
+                    if array is None:
+                        if not skip_broken:
+                            raise DataError(f"{error} (--skip-broken leaves such images out)")
+                        skipped.append(error)
+                    else:
+                        images[written] = array
+                        written += 1
+                bar.update(len(decoded))
+    finally:
+        if pool:
+            pool.terminate()
+    images.flush()
+    del images
+    if skipped:
+        log.warning("left out %d images that do not decode", len(skipped))
+    split = {"count": written, "images": "train_images.npy", "labels": None}
+    return storage.write_manifest(
+        dst,
+        SOURCE,
+        {"train": split},
+        extra={
+            "category": category,
+            "image_size": image_size,
+            "channels": channels,
+            "crop": CROP,
+            "from": str(lmdb_path),
+            "skipped": skipped,
+        },
+        progress=progress,
+    )
+
+
+def _not_found_message(root: Path, category: str, prepared_too: bool = True) -> str:
+    prepared = (
+        f", or its prepared form ({root / storage.MANIFEST}, train_images.npy) written by `python -m "
+        f"act_lightning.prepare lsun_cat256 {root / category} {root}`"
+        if prepared_too
+        else ""
+    )
+    return (
+        f"LSUN {category} not found under {root}. Expected the official LMDB: the folder {root / category}/ "
+        f"holding data.mdb (or data.mdb directly in {root}){prepared}. Get it from "
+        f"{URLS.format(category=category)} and unzip it into {root}."
+    )
+
+
+class LSUNDataModule(ImageDataModule):
+    """LSUN `category` at `image_size`, unconditional. Reads the prepared form in `root` when one exists
+    at this image size, otherwise the LMDB."""
+
+    def __init__(
+        self,
+        root: str,
+        category: str = "cat",
+        batch_size: int = 80,
+        image_size: int = 256,
+        channels: int = 3,
+        num_classes: int | None = None,
+        verify: bool = True,
+        hflip: bool = True,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if num_classes:
+            raise ValueError(
+                f"LSUN {category} has no class labels: data.num_classes must be null, got {num_classes}"
+            )
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 3 (RGB) or 1 (grey), got {channels}")
+        super().__init__(
+            root=str(root),
+            batch_size=batch_size,
+            image_size=image_size,
+            channels=channels,
+            num_classes=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            seed=seed,
+            hflip=hflip,
+        )
+        self.category = category
+        self.verify = verify
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    def _prepared(self) -> dict | None:
+        """The prepared form's manifest if `root` holds one that fits this run, else None."""
+        root = self.path
+        if not (root / storage.MANIFEST).is_file():
+            return None
+        manifest = storage.read_manifest(root, SOURCE)
+        fits = (manifest.get("image_size"), manifest.get("channels")) == (self.image_size, self.channels)
+        if not fits:
+            message = (
+                f"{root / storage.MANIFEST}: prepared at {manifest.get('image_size')} px with "
+                f"{manifest.get('channels')} channels, but data.image_size={self.image_size}, "
+                f"data.channels={self.channels}"
+            )
+            if find_lmdb(root, self.category) is None:
+                raise DataError(
+                    f"{message}; prepare again with --image-size {self.image_size}, into another folder"
+                )
+            log.warning("%s: reading the LMDB instead", message)
+            return None
+        return manifest
+
+    def prepare_data(self) -> None:
+        manifest = self._prepared()
+        if manifest is not None:
+            storage.check_files(self.path, manifest, verify=self.verify)
+        elif find_lmdb(self.path, self.category) is None:
+            raise FileNotFoundError(_not_found_message(self.path, self.category))
+
+    def build_train_dataset(self) -> Dataset:
+        root = self.path
+        manifest = self._prepared()
+        if manifest is not None:
+            dataset = storage.PreparedArrays(root, manifest["splits"]["train"], conditional=False)
+            expected = (self.channels, self.image_size, self.image_size)
+            if dataset.image_shape != expected:
+                raise DataError(
+                    f"{dataset.images_path}: images of shape {dataset.image_shape}, expected {expected}"
+                )
+            return dataset
+        lmdb_path = find_lmdb(root, self.category)
+        if lmdb_path is None:
+            raise FileNotFoundError(_not_found_message(root, self.category))
+        dataset = LMDBImages(lmdb_path, list_keys(lmdb_path), self.image_size, self.channels)
+        dataset[0]  # fail now, not in a worker, if the values are not images at all
+        close_lmdb(lmdb_path)  # workers open their own; none inherits this one
+        return dataset

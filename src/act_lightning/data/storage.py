@@ -1,0 +1,253 @@
+"""Storage shared by the DataModules: the *prepared form* (memory-mapped uint8 arrays described by a
+checksum manifest, written once by `python -m act_lightning.prepare`) and a compact list of byte
+strings that worker processes can share without copying.
+
+A prepared folder holds, per split (`train`, optionally `val`):
+
+    <split>_images.npy   uint8 (N, C, H, W), channel-major, ready for torch
+    <split>_labels.npy   int16 (N,), 0-based class indices (absent for unlabelled sources)
+    manifest.json        source, shapes, counts and the size and SHA-256 of every array file
+
+Plain `.npy` files, so `np.load(path, mmap_mode="r")` reads them anywhere without unpickling; any
+number of workers share the page cache. The manifest's `count` is authoritative: a writer that skips
+broken inputs leaves unused rows at the end of the array.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from act_lightning.data.base import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "act-lightning/prepared-v1"
+_STAMP = ".verified.json"  # sizes and mtimes of the files whose checksums last matched the manifest
+
+
+class PackedBytes(Sequence):
+    """An immutable list of byte strings in two numpy arrays (a blob and offsets).
+
+    A Python list of a million keys or paths in a Dataset is copied page by page into every worker
+    (reference counts touch every object); two flat arrays are shared as they are.
+    """
+
+    def __init__(self, items: Sequence[bytes]) -> None:
+        lengths = np.fromiter((len(b) for b in items), dtype=np.int64, count=len(items))
+        self._offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self._offsets[1:])
+        self._blob = np.frombuffer(b"".join(items), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        return self._blob[self._offsets[index] : self._offsets[index + 1]].tobytes()
+
+
+# -- checksums ---------------------------------------------------------------------------------------
+def sha256_file(path: Path, progress: bool = False, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    bar = _bar(size, f"sha256 {path.name}", unit="B", disable=not progress)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+            bar.update(len(block))
+    bar.close()
+    return digest.hexdigest()
+
+
+def _bar(total: int, desc: str, unit: str = "it", disable: bool = False):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=disable, dynamic_ncols=True
+    )
+
+
+# -- writing -----------------------------------------------------------------------------------------
+def create_arrays(dst: Path, split: str, count: int, shape: tuple[int, int, int], labels: bool):
+    """Pre-allocate `<split>_images.npy` (and `<split>_labels.npy`) as writable memory maps."""
+    dst.mkdir(parents=True, exist_ok=True)
+    images = np.lib.format.open_memmap(
+        dst / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(count, *shape)
+    )
+    label_array = None
+    if labels:
+        label_array = np.lib.format.open_memmap(
+            dst / f"{split}_labels.npy", mode="w+", dtype=np.int16, shape=(count,)
+        )
+    return images, label_array
+
+
+def write_manifest(
+    dst: Path, source: str, splits: dict[str, dict], extra: dict | None = None, progress: bool = True
+) -> dict:
+    """Hash every array file of `splits` and write `manifest.json` (last, so its presence means done)."""
+    files = {}
+    for info in splits.values():
+        for key in ("images", "labels"):
+            if info.get(key):
+                path = dst / info[key]
+                files[info[key]] = {
+                    "bytes": path.stat().st_size,
+                    "sha256": sha256_file(path, progress=progress),
+                }
+    manifest = {"format": FORMAT, "source": source, "splits": splits, "files": files, **(extra or {})}
+    _atomic_write_json(dst / MANIFEST, manifest)
+    _write_stamp(dst, manifest)
+    return manifest
+
+
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def read_manifest(root: Path, source: str) -> dict:
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(
+            f"{path}: not a readable manifest ({err}); re-run `python -m act_lightning.prepare`"
+        ) from err
+    if manifest.get("format") != FORMAT or manifest.get("source") != source:
+        raise DataError(
+            f"{path}: expected a manifest of format {FORMAT!r} for source {source!r}, found format "
+            f"{manifest.get('format')!r} for source {manifest.get('source')!r}"
+        )
+    return manifest
+
+
+def check_files(root: Path, manifest: dict, verify: bool) -> None:
+    """Every file the manifest lists exists with its recorded size; with `verify`, also its SHA-256.
+
+    Hashing is skipped for files unchanged (same size and mtime) since they last matched, so only the
+    first run after `prepare` (or after a file changed) pays for it.
+    """
+    stamp = _read_stamp(root)
+    changed = False
+    for name, info in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: {root / MANIFEST} lists it; re-run `python -m act_lightning.prepare`"
+            )
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise DataError(
+                f"{path} holds {size} bytes, the manifest records {info['bytes']}: the file is truncated or "
+                "was overwritten; re-run `python -m act_lightning.prepare`"
+            )
+        if verify and stamp.get(name) != _fingerprint(path):
+            digest = sha256_file(path, progress=size > 1 << 28)
+            if digest != info["sha256"]:
+                raise DataError(
+                    f"{path}: checksum mismatch (sha256 {digest}, the manifest records {info['sha256']}); "
+                    "the file is corrupt: re-run `python -m act_lightning.prepare` (data.verify=false skips "
+                    "this check)"
+                )
+            stamp[name] = _fingerprint(path)
+            changed = True
+    if changed:
+        try:
+            _atomic_write_json(root / _STAMP, stamp)
+        except OSError:
+            pass  # a read-only data folder: verify again next time
+
+
+def _fingerprint(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_stamp(root: Path) -> dict:
+    try:
+        return json.loads((root / _STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(root: Path, manifest: dict) -> None:
+    _atomic_write_json(root / _STAMP, {name: _fingerprint(root / name) for name in manifest["files"]})
+
+
+def open_array(path: Path, dtype: np.dtype, ndim: int) -> np.ndarray:
+    """Memory-map a `.npy` file read-only, refusing pickled object arrays and unexpected dtypes."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from err
+    if array.dtype != dtype or array.ndim != ndim:
+        raise DataError(
+            f"{path}: expected a {ndim}-d {np.dtype(dtype)} array, found {array.dtype} of shape {array.shape}"
+        )
+    return array
+
+
+class PreparedArrays(Dataset):
+    """One split of a prepared folder: `(uint8 (C, H, W) tensor, label)` by random access.
+
+    The memory maps are opened lazily in each process (never pickled into workers).
+    """
+
+    def __init__(self, root: Path, split: dict, conditional: bool) -> None:
+        self.images_path = root / split["images"]
+        self.labels_path = root / split["labels"] if split.get("labels") else None
+        self.count = int(split["count"])
+        self.conditional = conditional and self.labels_path is not None
+        self._images: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        self._check()
+
+    def _check(self) -> None:
+        images = open_array(self.images_path, np.dtype(np.uint8), 4)
+        if images.shape[0] < self.count:
+            raise DataError(
+                f"{self.images_path}: holds {images.shape[0]} images, the manifest records {self.count}"
+            )
+        if self.labels_path is not None:
+            labels = open_array(self.labels_path, np.dtype(np.int16), 1)
+            if labels.shape[0] < self.count:
+                raise DataError(
+                    f"{self.labels_path}: holds {labels.shape[0]} labels, the manifest records {self.count}"
+                )
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self._arrays()[0].shape[1:])
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._images is None:
+            self._images = np.load(self.images_path, mmap_mode="r", allow_pickle=False)
+            if self.labels_path is not None:
+                self._labels = np.load(self.labels_path, mmap_mode="r", allow_pickle=False)
+        return self._images, self._labels
+
+    def labels(self) -> np.ndarray | None:
+        """All labels of the split (int64), or None for an unlabelled split."""
+        labels = self._arrays()[1]
+        return None if labels is None else np.asarray(labels[: self.count], dtype=np.int64)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None, "_labels": None}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        images, labels = self._arrays()
+        image = torch.from_numpy(np.array(images[index]))  # (C, H, W) uint8, copied out of the map
+        label = int(labels[index]) if self.conditional else 0
+        return image, label

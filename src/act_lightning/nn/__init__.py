@@ -1,0 +1,7 @@
+"""Networks: the generator backbone F_theta, the discriminator D and the consistency function around F."""
+
+from act_lightning.nn.discriminator import Discriminator
+from act_lightning.nn.generator import UNetGenerator
+from act_lightning.nn.precond import consistency_function, discriminator_logits
+
+__all__ = ["Discriminator", "UNetGenerator", "consistency_function", "discriminator_logits"]

@@ -1,0 +1,131 @@
+"""The discriminator D(x, c_noise, y): the reference encoder built from diffusers blocks (ACT.md section 10).
+
+Construction that reproduces the reference parameter counts (ACT.md section 8), found by counting the
+variants (with / without `to_logit_fx`, a downsampler on the last block, mid-block attention):
+`to_logit_fx` counted, no downsampler on the last block (as in UNet2DModel's encoder), mid-block attention
+on, `conv_norm_out` only for CIFAR-10. That gives 17.977M / 53.902M / 56.985M against 17.98M / 53.90M /
+56.99M (dropping `to_logit_fx` would round LSUN Cat to 56.98M; a last downsampler adds 3-4%; no mid-block
+attention removes 1.5-2%).
+
+R1 differentiates D's input gradient once more (`create_graph=True`), so every attention layer here runs
+diffusers' classic `AttnProcessor` (baddbmm + softmax + bmm), which supports double backward on every
+device and dtype (its softmax runs in float32). The default `AttnProcessor2_0` calls
+`F.scaled_dot_product_attention`, whose flash, memory-efficient and cuDNN CUDA kernels and fused CPU kernel
+have no double backward (checked: torch 2.11 on an H100 under fp16 autocast picks cuDNN and fails; torch
+2.14 on CPU fails too). The generator keeps the fast path: nothing differentiates it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
+from torch import Tensor, nn
+
+from act_lightning.nn.generator import scaled_widths
+
+
+class Discriminator(nn.Module):
+    """D(x, c_noise, y) -> (B,) logits. Module names follow diffusers' so released checkpoints load."""
+
+    config_prefix = "model.discriminator"
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        in_channels: int = 3,
+        block_out_channels: Sequence[int],
+        down_block_types: Sequence[str],
+        layers_per_block: int = 3,
+        attention_head_dim: int | None = 8,
+        num_class_embeds: int | None = None,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        final_norm: bool = False,
+        norm_num_groups: int = 32,
+        channel_divisor: int = 1,
+    ):
+        super().__init__()
+        widths = scaled_widths(
+            self.config_prefix,
+            image_size,
+            block_out_channels,
+            {"down_block_types": down_block_types},
+            norm_num_groups,
+            channel_divisor,
+            attention_head_dim,
+        )
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_class_embeds = num_class_embeds
+        temb_channels = 4 * widths[0]
+
+        self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
+        self.time_proj = Timesteps(widths[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(widths[0], temb_channels)
+        self.class_embedding = (
+            nn.Embedding(num_class_embeds, temb_channels) if num_class_embeds is not None else None
+        )
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(down_block_types):
+            self.down_blocks.append(
+                get_down_block(
+                    block_type,
+                    num_layers=layers_per_block,
+                    in_channels=widths[max(i - 1, 0)],
+                    out_channels=widths[i],
+                    temb_channels=temb_channels,
+                    add_downsample=i < len(widths) - 1,
+                    resnet_eps=1e-5,
+                    resnet_act_fn="silu",
+                    resnet_groups=norm_num_groups,
+                    attention_head_dim=attention_head_dim if attention_head_dim is not None else widths[i],
+                    downsample_padding=1,
+                )
+            )
+        self.mid_block = UNetMidBlock2D(
+            in_channels=widths[-1],
+            temb_channels=temb_channels,
+            resnet_eps=1e-5,
+            resnet_act_fn="silu",
+            resnet_groups=norm_num_groups,
+            attention_head_dim=attention_head_dim if attention_head_dim is not None else widths[-1],
+            add_attention=True,
+        )
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, widths[-1], eps=1e-5) if final_norm else None
+        self.conv_act = nn.SiLU()
+        self.to_logit = nn.Linear(4 * widths[-1], 1)
+        self.to_logit_fx = nn.Linear(4 * widths[-1], 1)  # unused; in the released checkpoints
+
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor())  # double-backward safe, see the module docstring
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W); c_noise: (B,) or scalar. Labels are ignored when num_class_embeds=None."""
+        c_noise = torch.as_tensor(c_noise, device=x.device)
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(x.shape[0])
+        t_emb = self.time_proj(c_noise).to(self.time_embedding.linear_1.weight.dtype)  # (B, C0) float32
+        emb = self.time_embedding(t_emb)  # (B, 4 C0)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(
+                    f"this discriminator has num_class_embeds={self.num_class_embeds} (class-conditional) "
+                    f"and needs class_labels"
+                )
+            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+
+        h = self.conv_in(x)  # (B, C0, H, W)
+        for block in self.down_blocks:
+            h, _ = block(h, emb)
+        h = self.mid_block(h, emb)  # (B, C_last, H / 2^(n-1), W / 2^(n-1))
+        if self.conv_norm_out is not None:
+            h = self.conv_norm_out(h)
+        h = F.adaptive_avg_pool2d(self.conv_act(h), 2).flatten(1)  # (B, 4 C_last)
+        return self.to_logit(h).squeeze(1)  # (B,)

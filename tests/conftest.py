@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")  # tests never reach the network
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose(overrides: list[str] | None = None, run_dir: str = "/tmp/act-test-run"):
+    """The training config as `python -m act_lightning.train <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"run_dir={run_dir}", *(overrides or [])])
+
+
+def run_cli(args: list[str], run_dir: Path, timeout: int = 600):
+    """Runs the training CLI in a subprocess, as a user would."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "act_lightning.train", *args, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def make(overrides=None):
+        return compose(overrides, run_dir=str(tmp_path / "run"))
+
+    return make

@@ -1,0 +1,79 @@
+"""Each data source through the training CLI, on small files in its official format (no network):
+`python -m act_lightning.train experiment=<e> debug=smoke data.root=<tmp>`."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class, instantiate
+
+from act_lightning.prepare import main as prepare_main
+from tests.conftest import compose, run_cli
+from tests.helpers_data import write_cifar10, write_image_folder, write_imagenet64, write_lsun_lmdb
+
+
+@pytest.fixture(scope="module")
+def data_roots(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("data")
+    write_cifar10(base / "cifar10", per_batch=4)
+    write_imagenet64(base / "imagenet64_official", per_file=2)
+    assert (
+        prepare_main(["imagenet64", str(base / "imagenet64_official"), str(base / "imagenet64"), "-q"]) == 0
+    )
+    write_lsun_lmdb(base / "lsun_cat256" / "cat", n=8)  # 256x256 on CPU is the expensive one: keep it tiny
+    write_image_folder(base / "folder", classes=("a", "b"), per_class=4)
+    return {
+        "cifar10": base / "cifar10",
+        "imagenet64": base / "imagenet64",
+        "lsun_cat256": base / "lsun_cat256",
+        "folder": base / "folder",
+    }
+
+
+CASES = {
+    "cifar10": ["experiment=cifar10", "data.verify=false"],  # the tests' batches are not the official files
+    "imagenet64": ["experiment=imagenet64"],  # the prepared form
+    "lsun_cat256": ["experiment=lsun_cat256"],  # the LMDB, webp and jpeg values
+    "folder": ["experiment=cifar10", "data=folder"],  # your own images, at the experiment's 32x32
+}
+
+
+@pytest.mark.parametrize("source", list(CASES))
+def test_data_configs_instantiate_with_the_experiments_shapes(source, tmp_path):
+    cfg = compose([*CASES[source], f"data.root={tmp_path}"], run_dir=str(tmp_path / "run"))
+    params = inspect.signature(get_class(cfg.data._target_)).parameters
+    assert set(cfg.data) - {"_target_"} == set(params)  # config keys equal constructor arguments
+    dm = instantiate(cfg.data)  # touches no file
+    assert (dm.image_size, dm.channels, dm.num_classes) == (
+        cfg.data.image_size,
+        cfg.data.channels,
+        cfg.data.num_classes,
+    )
+    assert dm.root == str(tmp_path) and dm.batch_size == cfg.data.batch_size
+
+
+def test_data_root_defaults_under_the_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACT_DATA_DIR", str(tmp_path))
+    cfg = compose(["experiment=imagenet64"], run_dir=str(tmp_path / "run"))
+    assert cfg.data.root == f"{tmp_path}/imagenet64"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", list(CASES))
+def test_smoke_run_on_each_data_source(source, data_roots, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli([*CASES[source], "debug=smoke", f"data.root={data_roots[source]}"], run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_missing_data_stops_the_cli_with_the_files_to_fetch(tmp_path):
+    result = run_cli(
+        ["experiment=cifar10", "debug=smoke", f"data.root={tmp_path}", "data.download=false"],
+        tmp_path / "run",
+    )
+    assert result.returncode != 0
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in result.stderr
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in result.stderr

@@ -1,0 +1,308 @@
+"""AugmentPipe (exactness, shapes, gradients, per-example probabilities) and the p controllers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from act_lightning.augment import (
+    AugmentPipe,
+    _scale2d,
+    _translate2d,
+    r1_controller_update,
+    rt_controller_update,
+)
+
+GEOMETRY = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
+COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
+
+
+def only(*ops: str, **kwargs) -> AugmentPipe:
+    """A pipe with only the named operations enabled."""
+    return AugmentPipe(**{name: float(name in ops) for name in GEOMETRY + COLOR}, **kwargs)
+
+
+def images(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def changed(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the example was modified."""
+    return (out != x).flatten(1).any(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity and bookkeeping
+
+
+@pytest.mark.parametrize("p", [0, 0.0])
+def test_python_zero_is_a_no_op(p):
+    x = images(4, 3, 16, 16)
+    assert AugmentPipe()(x, p) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 1, 8, 8), (6, 3, 32, 32)])
+def test_tensor_zero_is_exactly_the_identity(shape, dtype):
+    x = images(*shape).to(dtype).requires_grad_()
+    out = AugmentPipe()(x, torch.tensor(0.0), generator=seeded())
+    assert out.dtype == dtype
+    assert torch.equal(out, x)  # bit for bit, not approximately
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (5, 3, 32, 32), (3, 3, 64, 64)])
+def test_shape_and_dtype_are_preserved(shape):
+    x = images(*shape)
+    out = AugmentPipe()(x, 0.7, generator=seeded())
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+
+
+def test_large_images():
+    x = images(2, 3, 256, 256)
+    out = AugmentPipe()(x, 1.0, generator=seeded())
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_half_precision_under_cpu_autocast():
+    x = images(8, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = AugmentPipe()(x.bfloat16(), torch.tensor(0.5), generator=seeded())
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    # The warp ran in float32: the same draws on the float32 input agree to bfloat16 precision.
+    reference = AugmentPipe()(x.bfloat16().float(), torch.tensor(0.5), generator=seeded())
+    torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.02)
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="channels"):
+        AugmentPipe()(images(2, 2, 8, 8), 0.5)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        AugmentPipe()(images(3, 8, 8), 0.5)
+    with pytest.raises(ValueError, match="square"):
+        AugmentPipe()(images(2, 3, 8, 16), 0.5)
+    only("xflip", "scale")(images(2, 3, 8, 16), 0.5)  # fine without 90-degree rotations
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full pipeline at p = 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_gradients_reach_the_input(channels):
+    x = images(8, channels, 16, 16).requires_grad_()
+    weights = images(8, channels, 16, 16, seed=1)
+    (AugmentPipe()(x, torch.tensor(1.0), generator=seeded()) * weights).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert (x.grad.flatten(1).abs().sum(dim=1) > 0).all()  # every example receives a gradient
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 8, 8), (64, 3, 32, 32)])
+def test_every_example_changes_at_p_one(shape):
+    x = images(*shape)
+    out = AugmentPipe()(x, torch.tensor(1.0), generator=seeded())
+    assert changed(out, x).float().mean() >= 0.95
+
+
+def test_seeded_generator_is_reproducible():
+    x = images(16, 3, 16, 16)
+    pipe = AugmentPipe()
+    first = pipe(x, torch.tensor(0.5), generator=seeded(3))
+    again = pipe(x, torch.tensor(0.5), generator=seeded(3))
+    other = pipe(x, torch.tensor(0.5), generator=seeded(4))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # A Python p and a tensor p take the same draws.
+    assert torch.equal(first, pipe(x, 0.5, generator=seeded(3)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Single operations: probabilities and exactness
+
+
+def test_each_example_is_augmented_with_probability_p():
+    # Brightness changes every example it is applied to (its offset is never exactly 0).
+    x = images(4000, 1, 8, 8)
+    for p in (0.25, 0.5):
+        rate = changed(only("brightness")(x, torch.tensor(p), generator=seeded()), x).float().mean()
+        assert abs(rate.item() - p) < 0.03
+
+
+def test_xflip_is_exact_and_flips_half_of_the_applied_examples():
+    # As in ADA, an applied x-flip draws flip / no flip with probability 1/2 each.
+    x = images(2000, 3, 8, 8)
+    for p, expected in ((1.0, 0.5), (0.5, 0.25)):
+        out = only("xflip")(x, torch.tensor(p), generator=seeded())
+        flipped = (out == x.flip(-1)).flatten(1).all(dim=1)
+        kept = (out == x).flatten(1).all(dim=1)
+        assert (flipped | kept).all()  # every output is exactly one of the two
+        assert abs(flipped.float().mean().item() - expected) < 0.04
+
+
+def test_rotate90_is_exact():
+    x = images(400, 3, 8, 8)
+    out = only("rotate90")(x, 1.0, generator=seeded())
+    hits = torch.stack([(out == torch.rot90(x, k, dims=(2, 3))).flatten(1).all(dim=1) for k in range(4)])
+    assert (hits.sum(dim=0) == 1).all()
+    assert (hits.float().mean(dim=1) > 0.15).all()  # every quarter turn occurs
+
+
+def test_integer_translation_is_an_exact_reflected_shift():
+    x = images(64, 1, 16, 16)
+    out = only("xint")(x, 1.0, generator=seeded())
+    padded = F.pad(x, [2, 2, 2, 2], mode="reflect")  # xint_max = 1/8 -> at most 2 pixels
+    shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    windows = torch.stack([padded[..., 2 - dy : 18 - dy, 2 - dx : 18 - dx] for dy, dx in shifts])
+    matches = (windows == out).flatten(2).all(dim=2)  # (shifts, B)
+    assert matches.any(dim=0).all()
+    assert matches[shifts.index((0, 0))].float().mean() < 0.3  # most examples did move
+
+
+def test_resampler_is_near_identity_and_agrees_with_integer_shifts():
+    pipe = AugmentPipe()
+    x = images(4, 3, 16, 16)
+    ref = torch.zeros(4)
+    identity = torch.eye(3).expand(4, 3, 3)
+    # up -> down with the orthogonal sym6 filter reconstructs the input up to float rounding
+    torch.testing.assert_close(pipe._resample(x, identity), x, atol=2e-5, rtol=0)
+    # ... and a whole-pixel translation through it equals the exact blitted shift: the two paths agree
+    # on where pixel centres are and in which direction the matrices act.
+    shift = _translate2d(torch.full((4,), -1.0), 1.0, ref) @ _scale2d(1.0, 1.0, ref)
+    torch.testing.assert_close(pipe._resample(x, shift), pipe._execute_blit(x, shift), atol=2e-5, rtol=0)
+
+
+def test_constant_images_stay_constant_under_any_warp():
+    # The filters have unit DC gain and the border is a reflection of unbounded extent: even a strong
+    # zoom-out (where ADA's padding margin runs out and it reads zeros) reads only image content.
+    x = torch.full((64, 3, 16, 16), 0.7)
+    pipe = only(*GEOMETRY, scale_std=1.5, aniso_std=1.0, xfrac_std=1.0)
+    torch.testing.assert_close(pipe(x, 1.0, generator=seeded()), x, atol=1e-4, rtol=0)
+
+
+def test_general_geometry_changes_content_without_amplifying():
+    x = images(32, 3, 32, 32)
+    for op in ("scale", "rotate", "aniso", "xfrac"):
+        out = only(op)(x, 1.0, generator=seeded())
+        assert changed(out, x).float().mean() > 0.9, op
+        # a low-pass resampling (of white noise here) does not add energy
+        assert out.square().mean() <= 1.05 * x.square().mean(), op
+
+
+def test_brightness_shifts_the_mean():
+    x = images(16, 3, 16, 16)
+    out = only("brightness")(x, 1.0, generator=seeded())
+    shift = (out - x).flatten(2)  # (B, C, H*W): one offset per example, the same in every channel
+    torch.testing.assert_close(shift, shift[:, :1, :1].expand_as(shift), atol=1e-6, rtol=0)
+    assert (shift[:, 0, 0].abs() > 1e-4).all()
+
+
+def test_contrast_scales_around_zero():
+    x = images(16, 3, 16, 16)
+    out = only("contrast")(x, 1.0, generator=seeded())
+    gain = out.flatten(1) / x.flatten(1)
+    torch.testing.assert_close(gain, gain[:, :1].expand_as(gain), atol=1e-4, rtol=1e-4)
+
+
+def test_hue_and_saturation_keep_the_luma():
+    x = images(16, 3, 16, 16)
+    for op in ("hue", "saturation"):
+        out = only(op)(x, 1.0, generator=seeded())
+        assert changed(out, x).all()
+        torch.testing.assert_close(out.mean(dim=1), x.mean(dim=1), atol=1e-5, rtol=0)
+
+
+def test_lumaflip_reflects_the_luma():
+    x = images(200, 3, 8, 8)
+    out = only("lumaflip")(x, 1.0, generator=seeded())
+    reflected = x - 2 * x.mean(dim=1, keepdim=True)  # Householder reflection along (1, 1, 1) / sqrt(3)
+    is_reflected = ((out - reflected).abs() < 1e-5).flatten(1).all(dim=1)
+    kept = (out == x).flatten(1).all(dim=1)
+    assert (is_reflected | kept).all() and 0.3 < is_reflected.float().mean() < 0.7
+
+
+def test_grey_images_skip_the_colour_only_ops():
+    x = images(16, 1, 8, 8)
+    assert torch.equal(only("lumaflip", "hue", "saturation")(x, 1.0, generator=seeded()), x)
+    out = only("brightness", "contrast")(x, 1.0, generator=seeded())
+    assert changed(out, x).all()
+    full = AugmentPipe()(x, 1.0, generator=seeded())
+    assert full.shape == x.shape and torch.isfinite(full).all() and changed(full, x).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_synchronisation_on_cuda():
+    pipe = AugmentPipe().cuda()
+    x = images(16, 3, 32, 32).cuda().requires_grad_()
+    p, r1_ema = torch.tensor(0.5, device="cuda"), torch.tensor(0.0, device="cuda")
+    pipe(x, p)  # warm-up: lazy CUDA initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pipe(x, p)
+        out.square().sum().backward()
+        p, r1_ema = r1_controller_update(
+            p, r1_ema, out.square().mean(), threshold=1e4, batch_size=160, interval=16, ada_length=5e5
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert p.device.type == "cuda" and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Controllers
+
+
+STEP = dict(batch_size=100, interval=10, ada_length=10_000)  # p moves by 0.1 per update
+
+
+def test_r1_controller_ema_and_direction():
+    p, ema = torch.tensor(0.5), torch.tensor(0.0)
+    p, ema = r1_controller_update(p, ema, torch.tensor(200.0), beta=0.9, threshold=10.0, **STEP)
+    assert ema.item() == pytest.approx(20.0)  # 0.9 * 0 + 0.1 * 200
+    assert p.item() == pytest.approx(0.6)  # 20 > 10: more augmentation
+    p, ema = r1_controller_update(p, ema, torch.tensor(0.0), beta=0.9, threshold=10.0, **STEP)
+    assert ema.item() == pytest.approx(18.0)  # still above the threshold
+    assert p.item() == pytest.approx(0.7)
+    p, ema = r1_controller_update(p, ema, 0.0, beta=0.5, threshold=10.0, **STEP)
+    assert ema.item() == pytest.approx(9.0)  # the *updated* EMA decides: 9 < 10
+    assert p.item() == pytest.approx(0.6)
+    p, ema = r1_controller_update(p, ema, 11.0, beta=0.0, threshold=11.0, **STEP)
+    assert p.item() == pytest.approx(0.5)  # equal to the threshold is not above it
+
+
+def test_r1_controller_clips_to_the_unit_interval():
+    p, ema = r1_controller_update(0.95, 0.0, 1e9, threshold=1.0, **STEP)
+    assert p.item() == 1.0
+    p, ema = r1_controller_update(p, ema, 1e9, threshold=1.0, **STEP)
+    assert p.item() == 1.0
+    p, _ = r1_controller_update(0.05, 0.0, 0.0, threshold=1.0, **STEP)
+    assert p.item() == 0.0
+
+
+def test_r1_controller_keeps_dtype_device_and_detaches():
+    r1 = torch.tensor(3.0, requires_grad=True) * 2
+    p, ema = r1_controller_update(torch.tensor(0.0), torch.tensor(0.0), r1, threshold=1e4, **STEP)
+    assert p.dtype == ema.dtype == torch.float32 and p.ndim == ema.ndim == 0
+    assert not ema.requires_grad
+    assert ema.item() == pytest.approx(0.07 * 6.0)  # default beta = 0.93
+
+
+def test_rt_controller():
+    assert rt_controller_update(0.5, torch.tensor(0.8), **STEP).item() == pytest.approx(0.6)
+    assert rt_controller_update(0.5, torch.tensor(0.2), **STEP).item() == pytest.approx(0.4)
+    assert rt_controller_update(0.5, torch.tensor(0.6), **STEP).item() == pytest.approx(0.5)  # sign(0)
+    assert rt_controller_update(0.05, -1.0, **STEP).item() == 0.0
+    assert rt_controller_update(0.97, 1.0, **STEP).item() == 1.0
+    # default ADA numbers: batch 64, every 4 iterations, 500k images -> 5.12e-4 per update
+    p = rt_controller_update(torch.tensor(0.0), 1.0, batch_size=64, interval=4, ada_length=500_000)
+    assert p.item() == pytest.approx(64 * 4 / 500_000)
+    assert math.isclose(p.item(), 5.12e-4, rel_tol=1e-5)

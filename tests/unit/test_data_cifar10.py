@@ -1,0 +1,138 @@
+"""CIFAR-10 DataModule over small files in the official python-batch format (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from act_lightning.data import CIFAR10DataModule, DataError
+from act_lightning.data.cifar10 import load_cifar10_train
+from tests.helpers_data import CIFAR_FOLDER, shards, write_cifar10
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def _dm(root, **kwargs) -> CIFAR10DataModule:
+    options = dict(batch_size=4, download=False, verify=False, num_workers=0, pin_memory=False, seed=0)
+    return CIFAR10DataModule(root=str(root), **(options | kwargs))
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar10")
+    write_cifar10(root, per_batch=8)
+    return root
+
+
+def test_reads_the_python_batches_through_torchvision(cifar_root):
+    images, labels = load_cifar10_train(cifar_root)
+    assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.min() >= 0 and labels.max() <= 9
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_train_batch_is_two_halves_in_range(cifar_root, in_memory):
+    dm = _dm(cifar_root, in_memory=in_memory, num_classes=10)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    half = dm.on_after_batch_transfer(batch, 0)
+    assert half.gen.shape == half.disc.shape == (4, 3, 32, 32)
+    assert half.gen.dtype == torch.float32 and half.gen.min() >= -1 and half.gen.max() <= 1
+    assert half.gen_labels.dtype == torch.int64 and half.gen_labels.max() <= 9
+    assert len(dm.train_dataloader()) == 40 // 8
+
+
+def test_in_memory_matches_the_worker_path_and_uses_no_workers(cifar_root):
+    dm = _dm(cifar_root, in_memory=True, hflip=False, num_workers=4)
+    assert dm.num_workers == 0
+    dm.setup("fit")
+    index = next(iter(dm.train_dataloader()))  # the in-memory path samples indices
+    assert index.dtype == torch.int64 and index.shape == (8,)
+    half = dm.on_after_batch_transfer(index, 0)
+    images, _ = load_cifar10_train(cifar_root)
+    expected = images[index].float() / 127.5 - 1
+    assert torch.allclose(torch.cat([half.gen, half.disc]), expected)
+
+
+def test_unconditional_labels_are_zero(cifar_root):
+    dm = _dm(cifar_root)
+    dm.setup("fit")
+    _, labels = next(iter(dm.train_dataloader()))
+    assert not labels.any()
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_ranks_see_disjoint_shards_under_lightnings_sampler(cifar_root, in_memory):
+    dm = _dm(cifar_root, in_memory=in_memory, hflip=False)
+    dm.setup("fit")
+    rank0, rank1 = shards(dm)
+    assert len(rank0) == len(rank1) == 16  # 40 images / 2 ranks = 20, in whole batches of 8
+    assert not set(rank0) & set(rank1)
+
+
+def test_archive_is_extracted_offline(tmp_path):
+    write_cifar10(tmp_path, archive=True)
+    dm = _dm(tmp_path, download=True)  # offline: must not try the network when the archive is there
+    dm.prepare_data()
+    assert (tmp_path / CIFAR_FOLDER / "data_batch_5").is_file()
+    dm.setup("fit")
+    assert len(dm.train_set) == 40
+
+
+def test_missing_files_say_what_where_and_from_where(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(tmp_path).prepare_data()
+    message = str(err.value)
+    assert str(tmp_path / CIFAR_FOLDER / "data_batch_1") in message
+    assert str(tmp_path / "cifar-10-python.tar.gz") in message and URL in message
+
+
+def test_checksums_are_verified_by_default(cifar_root):
+    with pytest.raises(DataError, match=r"data_batch_1: checksum mismatch \(md5 .*expected c99cafc1"):
+        _dm(cifar_root, verify=True).prepare_data()
+
+
+def test_archive_checksum_is_verified(tmp_path):
+    write_cifar10(tmp_path, archive=True)
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz: checksum mismatch"):
+        _dm(tmp_path, verify=True).prepare_data()
+
+
+def test_truncated_archive_is_named(tmp_path):
+    archive = write_cifar10(tmp_path, archive=True)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz: not a complete gzip'ed tar archive"):
+        _dm(tmp_path).prepare_data()
+
+
+def test_truncated_batch_is_named(tmp_path):
+    folder = write_cifar10(tmp_path)
+    batch = folder / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    dm = _dm(tmp_path)
+    dm.prepare_data()  # without verification the files look complete ...
+    with pytest.raises(DataError, match=r"data_batch_3: not a readable CIFAR-10 python batch"):
+        dm.setup("fit")  # ... until they are read
+
+
+def test_wrong_sizes_are_refused():
+    with pytest.raises(ValueError, match="data.image_size must be 32"):
+        CIFAR10DataModule(root="x", image_size=64)
+    with pytest.raises(ValueError, match="num_classes must be null"):
+        CIFAR10DataModule(root="x", num_classes=100)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_in_memory_set_lives_on_the_gpu(cifar_root):
+    dm = _dm(cifar_root, in_memory=True, hflip=False)
+    dm.setup("fit")
+    index = next(iter(dm.train_dataloader())).cuda()
+    half = dm.on_after_batch_transfer(index, 0)
+    assert half.gen.is_cuda and dm._on_device[0].is_cuda and dm._on_device[0].shape == (40, 3, 32, 32)
+    images, _ = load_cifar10_train(cifar_root)
+    expected = images[index.cpu()].float() / 127.5 - 1
+    assert torch.allclose(torch.cat([half.gen, half.disc]).cpu(), expected, atol=1e-6)

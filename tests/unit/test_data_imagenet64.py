@@ -1,0 +1,218 @@
+"""ImageNet 64x64: conversion of the official .npz batches, the prepared form, and every bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from act_lightning.data import DataError, ImageNet64DataModule
+from act_lightning.data.imagenet64 import prepare_imagenet64
+from act_lightning.prepare import main as prepare_main
+from tests.helpers_data import shards, write_imagenet64
+
+
+def _dm(root, **kwargs) -> ImageNet64DataModule:
+    options = dict(batch_size=4, num_workers=0, pin_memory=False, persistent_workers=False)
+    return ImageNet64DataModule(root=str(root), **(options | kwargs))
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("imagenet64_official")
+    write_imagenet64(src, per_file=4)
+    return src
+
+
+@pytest.fixture(scope="module")
+def prepared(official, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("imagenet64_prepared")
+    assert prepare_main(["imagenet64", str(official), str(dst), "--quiet"]) == 0
+    return dst
+
+
+def test_prepare_writes_arrays_labels_and_a_manifest(official, prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 40 and manifest["splits"]["val"]["count"] == 4
+    images = np.load(prepared / "train_images.npy", mmap_mode="r")
+    labels = np.load(prepared / "train_labels.npy")
+    assert images.shape == (40, 3, 64, 64) and images.dtype == np.uint8
+    with np.load(official / "train_data_batch_1.npz") as npz:
+        assert np.array_equal(images[:4].reshape(4, -1), npz["data"])  # channel-major rows, unchanged
+        assert np.array_equal(labels[:4], npz["labels"] - 1)  # 1..1000 -> 0..999
+    assert set(manifest["files"]) == {f"{s}_{k}.npy" for s in ("train", "val") for k in ("images", "labels")}
+
+
+def test_train_batch_from_workers(prepared):
+    dm = _dm(prepared, num_workers=2, persistent_workers=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 40 // 8
+    half = dm.on_after_batch_transfer(batches[0], 0)
+    assert half.gen.shape == (4, 3, 64, 64) and half.gen.dtype == torch.float32
+    assert half.gen.min() >= -1 and half.gen.max() <= 1
+    assert (
+        half.gen_labels.dtype == torch.int64 and 0 <= half.gen_labels.min() and half.gen_labels.max() < 1000
+    )
+    labels = torch.cat([b[1] for b in batches])
+    assert labels.unique().numel() > 1
+
+
+def test_unconditional_ignores_labels_and_val_split_is_readable(prepared):
+    dm = _dm(prepared, num_classes=None)
+    dm.setup("fit")
+    assert not next(iter(dm.train_dataloader()))[1].any()
+    assert len(dm.build_val_dataset()) == 4
+
+
+def test_ranks_see_disjoint_shards(prepared):
+    dm = _dm(prepared, hflip=False)
+    dm.setup("fit")
+    rank0, rank1 = shards(dm)
+    assert len(rank0) == len(rank1) == 16 and not set(rank0) & set(rank1)
+
+
+def test_official_files_in_root_are_converted_on_first_use(tmp_path):
+    write_imagenet64(tmp_path, per_file=2, val=False)
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    assert (tmp_path / "manifest.json").is_file()
+    dm.setup("fit")
+    assert len(dm.train_set) == 20
+
+
+def test_missing_data_names_the_files_where_and_where_from(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(tmp_path).prepare_data()
+    message = str(err.value)
+    for expected in (
+        "train_data_batch_1.npz",
+        "train_data_batch_10.npz",
+        "val_data.npz",
+        str(tmp_path),
+        "https://image-net.org/download-images.php",
+        "python -m act_lightning.prepare imagenet64",
+    ):
+        assert expected in message
+
+
+def test_missing_batches_are_listed(tmp_path):
+    write_imagenet64(tmp_path, per_file=2)
+    (tmp_path / "train_data_batch_7.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train_data_batch_7\.npz not found under"):
+        prepare_imagenet64(tmp_path, tmp_path / "out", progress=False)
+
+
+def _broken(tmp_path, name="train_data_batch_2.npz", **arrays) -> Path:
+    src = tmp_path / "src"
+    write_imagenet64(src, per_file=2)
+    if arrays:
+        np.savez(src / name, **arrays)
+    return src
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        (
+            {"data": np.zeros((2, 3072), np.uint8), "labels": np.ones(2, np.int64)},
+            r"batch_2\.npz: `data` should be uint8 of shape \(N, 12288\).*found uint8 of shape \(2, 3072\)",
+        ),
+        (
+            {"data": np.zeros((2, 12288), np.float32), "labels": np.ones(2, np.int64)},
+            r"train_data_batch_2\.npz: `data` should be uint8 .* found float32",
+        ),
+        (
+            {"data": np.zeros((2, 12288), np.uint8), "labels": np.array([0, 5])},
+            r"train_data_batch_2\.npz: labels must lie in 1\.\.1000 .* found 0\.\.5",
+        ),
+        (
+            {"data": np.zeros((2, 12288), np.uint8), "labels": np.array([1, 1001])},
+            r"labels must lie in 1\.\.1000 .* found 1\.\.1001",
+        ),
+        (
+            {"data": np.zeros((2, 12288), np.uint8), "labels": np.ones(3, np.int64)},
+            r"train_data_batch_2\.npz: `labels` should be 2 integers",
+        ),
+        ({"data": np.zeros((2, 12288), np.uint8)}, r"train_data_batch_2\.npz: no array `labels`"),
+        (
+            {"data": np.zeros((2, 12288), np.uint8), "labels": np.array([{"a": 1}, None], dtype=object)},
+            r"train_data_batch_2\.npz: `labels` should be 2 integers 1\.\.1000.*found object",
+        ),
+    ],
+)
+def test_malformed_official_files_are_named(tmp_path, arrays, match):
+    src = _broken(tmp_path, **arrays)
+    with pytest.raises(DataError, match=match):
+        prepare_imagenet64(src, tmp_path / "out", progress=False)
+
+
+def test_truncated_npz_is_named(tmp_path):
+    src = _broken(tmp_path)
+    path = src / "train_data_batch_4.npz"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"train_data_batch_4\.npz: not a valid \.npz archive"):
+        prepare_imagenet64(src, tmp_path / "out", progress=False)
+
+
+def test_prepare_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert prepare_main(["imagenet64", str(tmp_path / "nothing"), str(tmp_path / "out"), "-q"]) == 1
+    assert "error: ImageNet 64x64: train_data_batch_1.npz" in capsys.readouterr().err
+
+
+@pytest.fixture
+def prepared_copy(prepared, tmp_path) -> Path:
+    dst = tmp_path / "prepared"
+    dst.mkdir()
+    for path in prepared.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    (dst / ".verified.json").unlink()  # a copy: new mtimes, verified afresh
+    return dst
+
+
+def test_checksum_mismatch_is_named(prepared_copy):
+    path = prepared_copy / "train_images.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        DataError, match=r"train_images\.npy: checksum mismatch \(sha256 [0-9a-f]{64}, the manifest"
+    ):
+        _dm(prepared_copy).prepare_data()
+    _dm(prepared_copy, verify=False).prepare_data()  # data.verify=false skips the hash
+
+
+def test_truncated_prepared_array_is_named(prepared_copy):
+    path = prepared_copy / "train_images.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"train_images\.npy holds \d+ bytes, the manifest records \d+"):
+        _dm(prepared_copy, verify=False).prepare_data()
+
+
+def test_prepared_labels_out_of_range_are_named(prepared_copy):
+    labels = np.lib.format.open_memmap(prepared_copy / "train_labels.npy", mode="r+")
+    labels[3] = 1000
+    labels.flush()
+    del labels
+    with pytest.raises(DataError, match=r"train_labels\.npy: labels must lie in 0\.\.999, found \d+\.\.1000"):
+        _dm(prepared_copy, verify=False).setup("fit")
+
+
+def test_verified_files_are_not_hashed_again(prepared_copy, monkeypatch):
+    from act_lightning.data import storage
+
+    _dm(prepared_copy).prepare_data()  # hashes, then records the files as verified
+    calls = []
+    monkeypatch.setattr(storage, "sha256_file", lambda *a, **k: calls.append(a) or "")
+    _dm(prepared_copy).prepare_data()
+    assert calls == []
+    assert prepare_main(["verify", str(prepared_copy), "-q"]) == 1  # `verify` re-hashes everything: "" != sha
+
+
+def test_wrong_sizes_are_refused():
+    with pytest.raises(ValueError, match="data.image_size must be 64"):
+        ImageNet64DataModule(root="x", image_size=32)

@@ -1,0 +1,158 @@
+"""LSUN: an LSUN-style LMDB holding webp and jpeg values, its prepared form, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from act_lightning.data import DataError, LSUNDataModule, lsun
+from act_lightning.data.lsun import LMDBImages, list_keys
+from act_lightning.prepare import main as prepare_main
+from tests.helpers_data import shards, write_lsun_lmdb
+
+SIZE = 32  # the pipeline is size-agnostic; small images keep the tests fast (the CLI test runs 256)
+
+
+def _dm(root, **kwargs) -> LSUNDataModule:
+    options = dict(batch_size=2, image_size=SIZE, num_workers=0, pin_memory=False, persistent_workers=False)
+    return LSUNDataModule(root=str(root), **(options | kwargs))
+
+
+@pytest.fixture(scope="module")
+def lsun_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lsun")
+    write_lsun_lmdb(root / "cat", n=8)  # as the official cat.zip unzips: root/cat/data.mdb
+    return root
+
+
+def test_reads_webp_and_jpeg_values(lsun_root):
+    keys = list_keys(lsun_root / "cat")
+    assert len(keys) == 8
+    dataset = LMDBImages(lsun_root / "cat", keys, 256)
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        assert image.shape == (3, 256, 256) and image.dtype == torch.uint8 and label == 0
+
+
+def test_train_batches_from_workers_each_opening_the_lmdb(lsun_root):
+    dm = _dm(lsun_root, num_workers=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert not any(path == str(lsun_root / "cat") for _, path in lsun._ENVS)  # none for workers to inherit
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2
+    half = dm.on_after_batch_transfer(batches[0], 0)
+    assert half.gen.shape == (2, 3, SIZE, SIZE) and half.gen.min() >= -1 and half.gen.max() <= 1
+    assert not half.gen_labels.any()
+
+
+def test_ranks_see_disjoint_shards(lsun_root):
+    dm = _dm(lsun_root, hflip=False)
+    dm.setup("fit")
+    rank0, rank1 = shards(dm)
+    assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1)
+
+
+def test_prepared_form_matches_the_lmdb_pipeline(lsun_root, tmp_path):
+    dst = tmp_path / "prepared"
+    args = ["lsun_cat256", str(lsun_root), str(dst), "--image-size", str(SIZE), "--workers", "0", "-q"]
+    assert prepare_main(args) == 0
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 8 and manifest["image_size"] == SIZE
+    images = np.load(dst / "train_images.npy")
+    reference = LMDBImages(lsun_root / "cat", list_keys(lsun_root / "cat"), SIZE)
+    assert all(np.array_equal(images[i], reference[i][0].numpy()) for i in range(8))
+    dm = _dm(dst)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert type(dm.train_set).__name__ == "PreparedArrays"
+    half = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert half.gen.shape == (2, 3, SIZE, SIZE)
+
+
+def test_prepared_at_another_size_falls_back_to_the_lmdb(lsun_root, tmp_path):
+    root = tmp_path / "both"
+    write_lsun_lmdb(root / "cat", n=4)
+    assert (
+        prepare_main(["lsun_cat256", str(root), str(root), "--image-size", "16", "--workers", "0", "-q"]) == 0
+    )
+    dm = _dm(root)
+    dm.setup("fit")
+    assert isinstance(dm.train_set, LMDBImages)
+
+
+def test_prepare_in_parallel_with_max_images(lsun_root, tmp_path):
+    args = [
+        "lsun_cat256",
+        str(lsun_root / "cat"),
+        str(tmp_path),
+        "--image-size",
+        "16",
+        "--workers",
+        "2",
+        "--max-images",
+        "5",
+        "-q",
+    ]
+    assert prepare_main(args) == 0
+    assert json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]["count"] == 5
+
+
+def test_missing_lmdb_names_the_files_where_and_where_from(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(tmp_path).prepare_data()
+    message = str(err.value)
+    for expected in (
+        str(tmp_path / "cat"),
+        "data.mdb",
+        "http://dl.yf.io/lsun/objects/cat.zip",
+        "https://github.com/fyu/lsun",
+        "python -m act_lightning.prepare lsun_cat256",
+    ):
+        assert expected in message
+
+
+def test_undecodable_value_names_the_key(tmp_path):
+    write_lsun_lmdb(tmp_path / "cat", n=3, extra={b"ffff-broken": b"RIFF\x00\x00junk"})
+    dm = _dm(tmp_path)
+    dm.setup("fit")
+    index = [dm.train_set.keys[i] for i in range(len(dm.train_set))].index(b"ffff-broken")
+    with pytest.raises(DataError, match=r"cat/data\.mdb key 'ffff-broken': the image does not decode"):
+        dm.train_set[index]
+    with pytest.raises(DataError, match=r"key 'ffff-broken': the image does not decode.*--skip-broken"):
+        prepare_lsun_quiet(tmp_path, tmp_path / "p")
+    assert prepare_lsun_quiet(tmp_path, tmp_path / "p", "--skip-broken") == 0
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 3 and "ffff-broken" in manifest["skipped"][0]
+
+
+def prepare_lsun_quiet(src, dst, *extra) -> int:
+    from act_lightning.data.lsun import prepare_lsun
+
+    if extra:
+        return prepare_main(
+            ["lsun_cat256", str(src), str(dst), "--image-size", "16", "--workers", "0", "-q", *extra]
+        )
+    return prepare_lsun(src, dst, image_size=16, progress=False)
+
+
+def test_not_an_lmdb_is_named(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "data.mdb").write_bytes(b"\x00" * 10000)
+    with pytest.raises(DataError, match=r"cat/data\.mdb: not a readable LMDB"):
+        _dm(tmp_path).setup("fit")
+
+
+def test_empty_lmdb_is_named(tmp_path):
+    write_lsun_lmdb(tmp_path / "cat", n=0)
+    with pytest.raises(DataError, match=r"cat/data\.mdb: the LMDB holds no images"):
+        _dm(tmp_path).setup("fit")
+
+
+def test_class_labels_are_refused():
+    with pytest.raises(ValueError, match="has no class labels"):
+        LSUNDataModule(root="x", num_classes=10)
