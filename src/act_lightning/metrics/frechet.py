@@ -6,6 +6,8 @@ by torchmetrics, so one process or many give the same mean and covariance (NVlab
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -19,7 +21,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics disagree in shape: {mu1.shape} vs {mu2.shape}")
-    covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    with warnings.catch_warnings():  # a singular product is handled below
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (no `disp=`: removed in recent SciPy)
     if not np.isfinite(covmean).all():  # singular product: nudge the diagonals (as pytorch-fid does)
         offset = np.eye(sigma1.shape[0]) * 1e-6
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
