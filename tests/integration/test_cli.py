@@ -28,26 +28,26 @@ def _rows(path):
 def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path):
     run = tmp_path / "run"
     result = run_cli(
-        ["iterations=120", "eval.every=60", "eval.num_samples=200", "callbacks.samples.every_n_iterations=60",
-         "callbacks.checkpoint.every_n_iterations=60"],
+        ["iterations=200", "eval.every=100", "eval.num_samples=200", "callbacks.samples.every_n_iterations=100",
+         "callbacks.checkpoint.every_n_iterations=100"],
         run,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ACT" in result.stderr  # the progress bar
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert int(ckpt["state_dict"]["iteration"]) == 120
+    assert int(ckpt["state_dict"]["iteration"]) == 200
     assert not any(k.startswith("distance.") for k in ckpt["state_dict"])
-    for name in ("iter_0000000.png", "iter_0000060.png", "iter_0000120.png", "last.png"):
+    for name in ("iter_0000000.png", "iter_0000100.png", "iter_0000200.png", "last.png"):
         assert (run / "samples" / name).is_file(), name
     assert (run / "fid_curve.png").stat().st_size > 1000
 
     rows = _rows(run / "metrics.csv")
     fd = [float(r["val/fd"]) for r in rows if r.get("val/fd")]
-    assert len(fd) == 3  # iterations 0, 60 and 120
+    assert len(fd) == 3  # iterations 0, 100 and 200
     assert any(r.get("train/loss_ct") for r in rows) and any(r.get("train/loss_d") for r in rows)
 
     summary = json.loads((run / "metric_summary.json").read_text())
     refs = summary["references"]
     assert 0 < refs["real"] < refs["noise"]  # held-out digits are far closer than noise
-    assert [h["iteration"] for h in summary["history"]] == [0, 60, 120]
+    assert [h["iteration"] for h in summary["history"]] == [0, 100, 200]
     assert summary["history"][-1]["value"] < summary["history"][0]["value"]  # training helps already

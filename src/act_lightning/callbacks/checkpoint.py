@@ -48,7 +48,7 @@ class LastCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer, iteration: int) -> None:
         if iteration != self._saved_at:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full training state
             self._saved_at = iteration
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
