@@ -45,7 +45,9 @@ def ssim_distance(pred: Tensor, target: Tensor) -> Tensor:
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     k = _ssim_kernel_size(min(pred.shape[-2:]))
-    value = ssim((pred.float() + 1) / 2, (target.float() + 1) / 2, data_range=1.0, kernel_size=k, reduction="none")
+    value = ssim(
+        (pred.float() + 1) / 2, (target.float() + 1) / 2, data_range=1.0, kernel_size=k, reduction="none"
+    )
     return 1 - value
 
 
@@ -67,8 +69,13 @@ def msssim_distance(pred: Tensor, target: Tensor) -> Tensor:
     betas = MSSSIM_BETAS[:scales]
     betas = tuple(b / sum(betas) for b in betas)
     value = msssim(
-        (pred.float() + 1) / 2, (target.float() + 1) / 2, data_range=1.0, kernel_size=k, betas=betas,
-        reduction="none", normalize="relu",
+        (pred.float() + 1) / 2,
+        (target.float() + 1) / 2,
+        data_range=1.0,
+        kernel_size=k,
+        betas=betas,
+        reduction="none",
+        normalize="relu",
     )
     return 1 - value
 

@@ -76,10 +76,15 @@ class ACTModule(L.LightningModule):
         _check(iterations >= 1, f"iterations must be a positive integer (ACT iterations K), got {iterations}")
         _check(lr > 0, f"model.lr must be positive, got {lr}")
         _check(d_lr > 0, f"model.d_lr must be positive, got {d_lr}")
-        _check(optimizer in OPTIMIZERS, f"model.optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        _check(
+            optimizer in OPTIMIZERS,
+            f"model.optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}",
+        )
         _check(warmup >= 1, f"model.warmup must be >= 1 iteration (1 = no warm-up), got {warmup}")
         _check(bins_min >= 2, f"model.bins_min must be >= 2, got {bins_min}")
-        _check(bins_min <= bins_max, f"model.bins_min ({bins_min}) must not exceed model.bins_max ({bins_max})")
+        _check(
+            bins_min <= bins_max, f"model.bins_min ({bins_min}) must not exceed model.bins_max ({bins_max})"
+        )
         _check(0 < mu0 < 1, f"model.mu0 must lie in (0, 1), got {mu0}")
         _check(0 <= gan_ratio <= 1, f"model.gan_ratio must lie in [0, 1], got {gan_ratio}")
         _check(
@@ -89,8 +94,13 @@ class ACTModule(L.LightningModule):
         _check(r1_gamma >= 0, f"model.r1_gamma must be >= 0, got {r1_gamma}")
         _check(r1_interval >= 1, f"model.r1_interval must be >= 1, got {r1_interval}")
         _check(ada_length > 0, f"model.ada_length must be positive, got {ada_length}")
-        _check(distance in DISTANCES, f"model.distance must be one of {', '.join(DISTANCES)}; got {distance!r}")
-        _check(0 < sigma_min < sigma_max, f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
+        _check(
+            distance in DISTANCES, f"model.distance must be one of {', '.join(DISTANCES)}; got {distance!r}"
+        )
+        _check(
+            0 < sigma_min < sigma_max,
+            f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}",
+        )
         _check(gan_ratio == 0 or discriminator is not None, "model.gan_ratio > 0 needs a model.discriminator")
 
         self.automatic_optimization = False
@@ -122,7 +132,9 @@ class ACTModule(L.LightningModule):
         key = (num_scales, self.device)
         if key not in self._sigma_cache:
             h = self.hparams
-            self._sigma_cache[key] = cm.karras_sigmas(num_scales, h.sigma_min, h.sigma_max, h.rho).to(self.device)
+            self._sigma_cache[key] = cm.karras_sigmas(num_scales, h.sigma_min, h.sigma_max, h.rho).to(
+                self.device
+            )
         return self._sigma_cache[key]
 
     def num_scales_now(self) -> int:
@@ -231,8 +243,14 @@ class ACTModule(L.LightningModule):
         logs = {"train/loss_d": loss_d.detach(), "train/aug_p": self.aug_p}
         if do_r1:
             p, r1_ema = r1_controller_update(
-                self.aug_p, self.r1_ema, r1.detach(), beta=h.ada_beta, threshold=h.r1_threshold,
-                batch_size=self._global_batch_size(batch), interval=h.r1_interval, ada_length=h.ada_length,
+                self.aug_p,
+                self.r1_ema,
+                r1.detach(),
+                beta=h.ada_beta,
+                threshold=h.r1_threshold,
+                batch_size=self._global_batch_size(batch),
+                interval=h.r1_interval,
+                ada_length=h.ada_length,
             )
             self.aug_p.copy_(p)
             self.r1_ema.copy_(r1_ema)
@@ -322,5 +340,3 @@ class ACTModule(L.LightningModule):
 
     def extra_repr(self) -> str:
         return f"iteration={self._k}/{self.hparams.iterations}"
-
-

@@ -55,7 +55,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
-    for name, logger_cfg in (cfg.get("logger") or {}).items():
+    for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None:
             continue
         if "WandbLogger" in logger_cfg.get("_target_", ""):

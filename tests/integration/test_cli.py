@@ -28,8 +28,13 @@ def _rows(path):
 def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path):
     run = tmp_path / "run"
     result = run_cli(
-        ["iterations=200", "eval.every=100", "eval.num_samples=200", "callbacks.samples.every_n_iterations=100",
-         "callbacks.checkpoint.every_n_iterations=100"],
+        [
+            "iterations=200",
+            "eval.every=100",
+            "eval.num_samples=200",
+            "callbacks.samples.every_n_iterations=100",
+            "callbacks.checkpoint.every_n_iterations=100",
+        ],
         run,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -21,15 +21,20 @@ def test_experiment_composes_and_instantiates_in_smoke_size(experiment, tmp_path
     dm = instantiate(cfg.data)
     assert model.generator is not None
     assert dm.image_size == cfg.data.image_size
-    for name, c in cfg.callbacks.items():
+    for c in cfg.callbacks.values():
         if c is not None:
             instantiate(c)
-    for name, c in cfg.logger.items():
+    for c in cfg.logger.values():
         instantiate(c, **({"offline": True} if "Wandb" in c._target_ else {}))
     instantiate(cfg.trainer, logger=False)
     dm.setup("fit")
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-    assert batch.gen.shape == (cfg.data.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    assert batch.gen.shape == (
+        cfg.data.batch_size,
+        cfg.data.channels,
+        cfg.data.image_size,
+        cfg.data.image_size,
+    )
     labels = batch.gen_labels if cfg.data.num_classes else None
     x = batch.gen
     out = model.denoise(model.generator, x, torch.full((x.shape[0],), 1.0), labels)
@@ -40,17 +45,49 @@ def test_experiment_composes_and_instantiates_in_smoke_size(experiment, tmp_path
 def test_paper_experiments_carry_the_reference_defaults(experiment, tmp_path):
     cfg = compose([f"experiment={experiment}"], run_dir=str(tmp_path))
     table = {
-        "cifar10": dict(batch=80, K=300_000, lr=1e-4, bins_max=150, mu0=0.9, gan_ratio=0.3, mid=None,
-                        thr=1e4, precision="32-true"),
-        "imagenet64": dict(batch=320, K=400_000, lr=5e-5, bins_max=200, mu0=0.95, gan_ratio=0.6, mid=0.2,
-                           thr=1e7, precision="16-mixed"),
-        "lsun_cat256": dict(batch=80, K=800_000, lr=5e-5, bins_max=150, mu0=0.95, gan_ratio=0.6, mid=0.2,
-                            thr=1e9, precision="16-mixed"),
+        "cifar10": dict(
+            batch=80,
+            K=300_000,
+            lr=1e-4,
+            bins_max=150,
+            mu0=0.9,
+            gan_ratio=0.3,
+            mid=None,
+            thr=1e4,
+            precision="32-true",
+        ),
+        "imagenet64": dict(
+            batch=320,
+            K=400_000,
+            lr=5e-5,
+            bins_max=200,
+            mu0=0.95,
+            gan_ratio=0.6,
+            mid=0.2,
+            thr=1e7,
+            precision="16-mixed",
+        ),
+        "lsun_cat256": dict(
+            batch=80,
+            K=800_000,
+            lr=5e-5,
+            bins_max=150,
+            mu0=0.95,
+            gan_ratio=0.6,
+            mid=0.2,
+            thr=1e9,
+            precision="16-mixed",
+        ),
     }[experiment]
     m = cfg.model
     assert cfg.data.batch_size == table["batch"] and cfg.iterations == table["K"]
     assert m.lr == table["lr"] and m.d_lr == table["lr"]
-    assert (m.bins_min, m.bins_max, m.mu0, m.gan_ratio) == (2, table["bins_max"], table["mu0"], table["gan_ratio"])
+    assert (m.bins_min, m.bins_max, m.mu0, m.gan_ratio) == (
+        2,
+        table["bins_max"],
+        table["mu0"],
+        table["gan_ratio"],
+    )
     assert m.mid_weight == table["mid"]
     assert (m.r1_gamma, m.r1_interval, m.r1_threshold, m.ada_length) == (10.0, 16, table["thr"], 5e5)
     assert m.distance == "lpips" and cfg.trainer.precision == table["precision"]
@@ -71,15 +108,24 @@ def test_unknown_experiment_lists_the_choices():
 
 
 def test_class_conditional_network_without_labels_is_refused(tmp_path):
-    cfg = compose(["experiment=imagenet64", "debug=smoke", "data=synthetic", "data.num_classes=null",
-                   "model.generator.num_class_embeds=1000"], run_dir=str(tmp_path))
+    cfg = compose(
+        [
+            "experiment=imagenet64",
+            "debug=smoke",
+            "data=synthetic",
+            "data.num_classes=null",
+            "model.generator.num_class_embeds=1000",
+        ],
+        run_dir=str(tmp_path),
+    )
     with pytest.raises(ValueError, match="model.generator.num_class_embeds=1000"):
         check_config(cfg)
 
 
 def test_image_size_the_network_cannot_downsample(tmp_path):
-    cfg = compose(["experiment=cifar10", "debug=smoke", "data=synthetic", "data.image_size=36"],
-                  run_dir=str(tmp_path))
+    cfg = compose(
+        ["experiment=cifar10", "debug=smoke", "data=synthetic", "data.image_size=36"], run_dir=str(tmp_path)
+    )
     with pytest.raises(Exception, match="image_size"):
         instantiate(cfg.model)
 

@@ -53,7 +53,7 @@ def test_num_scales_schedule():
 def test_target_ema_decay_hand_computed():
     # mu(k) = exp(N_min ln(mu0) / (N - 1))
     assert cm.target_ema_decay(2, 2, 0.9) == pytest.approx(0.81)
-    assert cm.target_ema_decay(11, 2, 0.9) == pytest.approx(0.9 ** 0.2)
+    assert cm.target_ema_decay(11, 2, 0.9) == pytest.approx(0.9**0.2)
     assert cm.target_ema_decay(150, 2, 0.95) == pytest.approx(math.exp(2 * math.log(0.95) / 149))
     # slower averaging as the discretisation gets finer
     decays = [cm.target_ema_decay(n, 2, 0.9) for n in range(2, 200)]

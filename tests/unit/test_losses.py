@@ -108,7 +108,9 @@ def test_gan_losses():
 
 def test_r1_gradient_norm_matches_finite_differences():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    )
     net = net.double()
     x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     norms = losses.r1_gradient_norm(net(x).flatten(), x)

@@ -26,8 +26,15 @@ def _fit_one(cfg):
         "disc": _params(model.discriminator) if model.discriminator is not None else None,
     }
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     trainer.fit(model, datamodule=dm)
     return model, before, trainer
@@ -44,8 +51,9 @@ def test_one_iteration_moves_g_and_d_and_the_target_by_the_exact_decay(cfg_facto
     assert any(not torch.equal(a, b) for a, b in zip(before["disc"], _params(model.discriminator)))
 
     # k = 0: N(0) = bins_min = 2, mu = exp(2 ln(mu0) / 1) = mu0^2; the target started equal to G
-    mu = cm.target_ema_decay(cm.num_scales(0.0, cfg.model.bins_min, cfg.model.bins_max), cfg.model.bins_min,
-                             cfg.model.mu0)
+    mu = cm.target_ema_decay(
+        cm.num_scales(0.0, cfg.model.bins_min, cfg.model.bins_max), cfg.model.bins_min, cfg.model.mu0
+    )
     assert mu == pytest.approx(cfg.model.mu0**2)
     for t0, g1, t1 in zip(before["target"], gen_after, _params(model.target)):
         torch.testing.assert_close(t1, mu * t0 + (1 - mu) * g1, rtol=1e-6, atol=1e-7)
@@ -63,8 +71,9 @@ def test_gan_ratio_zero_is_plain_consistency_training(cfg_factory):
 
 def test_r1_drives_the_augmentation_probability(cfg_factory):
     # threshold 0: R1 > 0 so the EMA exceeds it and p rises by B * interval / ada_length per R1 step
-    cfg = cfg_factory([*SMALL, "iterations=3", "model.r1_threshold=0", "model.r1_interval=2",
-                       "model.ada_length=1000"])
+    cfg = cfg_factory(
+        [*SMALL, "iterations=3", "model.r1_threshold=0", "model.r1_interval=2", "model.ada_length=1000"]
+    )
     model, _, _ = _fit_one(cfg)
     batch = 2 * 4  # both halves, one device
     # R1 runs at k = 0 and k = 2

@@ -41,7 +41,9 @@ class LastCheckpoint(L.Callback):
 
     def __init__(self, dirpath: str, every_n_iterations: int = 1000, filename: str = "last.ckpt") -> None:
         if every_n_iterations < 1:
-            raise ValueError(f"callbacks.checkpoint.every_n_iterations must be >= 1, got {every_n_iterations}")
+            raise ValueError(
+                f"callbacks.checkpoint.every_n_iterations must be >= 1, got {every_n_iterations}"
+            )
         self.path = Path(dirpath) / filename
         self.every = every_n_iterations
         self._saved_at = -1

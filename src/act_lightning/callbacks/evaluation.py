@@ -61,7 +61,7 @@ class FrechetEvaluation(L.Callback):
         if self.extractor is not None:
             return
         spec = self.features_spec
-        self.extractor = (build_feature_extractor(spec, seed=self.seed) if isinstance(spec, str) else spec())
+        self.extractor = build_feature_extractor(spec, seed=self.seed) if isinstance(spec, str) else spec()
         self.extractor.to(pl_module.device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -82,7 +82,9 @@ class FrechetEvaluation(L.Callback):
                 held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
                 self.references["real"] = self._fd(self._statistics(held.split(self.batch_size), device))
             g = torch.Generator().manual_seed(self.seed + 99)
-            noise = torch.rand((self.num_samples, dm.channels, dm.image_size, dm.image_size), generator=g) * 2 - 1
+            noise = (
+                torch.rand((self.num_samples, dm.channels, dm.image_size, dm.image_size), generator=g) * 2 - 1
+            )
             self.references["noise"] = self._fd(self._statistics(noise.split(self.batch_size), device))
         self._log_direct(trainer, {f"{self.key}_{name}": v for name, v in self.references.items()})
         if pl_module._k == 0:

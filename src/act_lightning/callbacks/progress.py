@@ -20,8 +20,13 @@ class IterationProgressBar(L.Callback):
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
         self.bar = tqdm(
-            total=pl_module.hparams.iterations, initial=pl_module._k, desc="ACT", unit="it",
-            dynamic_ncols=True, file=sys.stderr, smoothing=0.05,
+            total=pl_module.hparams.iterations,
+            initial=pl_module._k,
+            desc="ACT",
+            unit="it",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0.05,
         )
 
     @rank_zero_only

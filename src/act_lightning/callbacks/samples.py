@@ -16,8 +16,14 @@ class SampleGrid(L.Callback):
     """Every `every_n_iterations` (and at the start and end of training) draws one-step samples of the
     target network from the same noise, so grids from different iterations are comparable."""
 
-    def __init__(self, dirpath: str, every_n_iterations: int = 1000, num_samples: int = 64,
-                 upscale: int = 1, seed: int = 1234) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_iterations: int = 1000,
+        num_samples: int = 64,
+        upscale: int = 1,
+        seed: int = 1234,
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.every = every_n_iterations
         self.num_samples = num_samples

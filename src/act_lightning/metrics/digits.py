@@ -17,9 +17,12 @@ class DigitsClassifier(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),  # (B, 32, 8, 8)
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),  # (B, 64, 4, 4)
-            nn.Flatten(), nn.Linear(64 * 16, FEATURE_DIM),  # (B, 64): the metric's feature space
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),  # (B, 32, 8, 8)
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),  # (B, 64, 4, 4)
+            nn.Flatten(),
+            nn.Linear(64 * 16, FEATURE_DIM),  # (B, 64): the metric's feature space
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(FEATURE_DIM, num_classes))
 

@@ -48,7 +48,9 @@ class FeatureStatistics(Metric):
 
     def update(self, features: Tensor) -> None:
         if features.ndim != 2 or features.shape[1] != self.num_features:
-            raise ValueError(f"expected features of shape (N, {self.num_features}), got {tuple(features.shape)}")
+            raise ValueError(
+                f"expected features of shape (N, {self.num_features}), got {tuple(features.shape)}"
+            )
         f = features.detach().to(torch.float64)
         self.count += f.shape[0]
         self.total += f.sum(0)
