@@ -37,20 +37,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(L.Callback):
-    """Saves `dirpath/last.ckpt` every `every_n_iterations` ACT iterations and when training ends."""
+    """Saves `dirpath/last.ckpt` every `every_n_iterations` ACT iterations and when training ends;
+    with `keep_snapshots`, also keeps `iter_<k>.ckpt` for each of those iterations."""
 
-    def __init__(self, dirpath: str, every_n_iterations: int = 1000, filename: str = "last.ckpt") -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_iterations: int = 1000,
+        filename: str = "last.ckpt",
+        keep_snapshots: bool = False,
+    ) -> None:
         if every_n_iterations < 1:
             raise ValueError(
                 f"callbacks.checkpoint.every_n_iterations must be >= 1, got {every_n_iterations}"
             )
         self.path = Path(dirpath) / filename
         self.every = every_n_iterations
+        self.keep_snapshots = keep_snapshots
         self._saved_at = -1
 
     def _save(self, trainer: L.Trainer, iteration: int) -> None:
         if iteration != self._saved_at:
             trainer.save_checkpoint(self.path, weights_only=False)  # full training state
+            if self.keep_snapshots:
+                trainer.save_checkpoint(self.path.parent / f"iter_{iteration:07d}.ckpt", weights_only=False)
             self._saved_at = iteration
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

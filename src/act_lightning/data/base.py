@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, default_collate
 
 
 class DataError(ValueError):
@@ -52,6 +52,42 @@ def split_halves(images: Tensor, labels: Tensor) -> HalfBatch:
     gen, disc = images.chunk(2)
     gen_labels, disc_labels = labels.chunk(2)
     return HalfBatch(gen, gen_labels, disc, disc_labels)
+
+
+class LoaderPosition:
+    """Where the training loader stands within its epoch, shared by the DataModule (which counts the
+    batches training consumed) and the batch sampler (which replays the epoch's order on resume)."""
+
+    def __init__(self) -> None:
+        self.consumed = 0  # batches of the current epoch that reached the training step
+        self.epoch_generator_state: Tensor | None = None  # shuffling generator at the epoch's start
+        self.resume: tuple[int, Tensor | None] | None = None
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler that can resume mid-epoch: on the first epoch after a restore it puts the shuffling
+    generator back to where that epoch began and skips the batches already trained on (index lists only;
+    no image is loaded for them). Under DDP Lightning rebuilds it around its DistributedSampler, whose
+    order depends on (seed, epoch) alone, and the skip still applies."""
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, position: LoaderPosition | None = None):
+        super().__init__(sampler, batch_size, drop_last)
+        self.position = position if position is not None else LoaderPosition()
+
+    def __iter__(self):
+        pos = self.position
+        generator = getattr(self.sampler, "generator", None)
+        skip = 0
+        if pos.resume is not None:
+            skip, state = pos.resume
+            pos.resume = None
+            if state is not None and generator is not None:
+                generator.set_state(state)
+        pos.epoch_generator_state = generator.get_state() if generator is not None else None
+        pos.consumed = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -96,6 +132,8 @@ class ImageDataModule(L.LightningDataModule):
         self.hflip = hflip
         self.train_set: Dataset | None = None
         self._flip_generator: torch.Generator | None = None
+        self._position = LoaderPosition()
+        self._restore_flip_state: Tensor | None = None
 
     # -- what subclasses provide ------------------------------------------------------------------
     def build_train_dataset(self) -> Dataset:
@@ -117,7 +155,39 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, shuffle=True, drop_last=True, batch_size=2 * self.batch_size)
+        return self._train_loader(self.train_set)
+
+    def _train_loader(self, dataset: Dataset, **overrides) -> DataLoader:
+        """The training loader: shuffled, whole batches of 2 x batch_size, resumable mid-epoch."""
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
+        batch_sampler = ResumableBatchSampler(
+            sampler, 2 * self.batch_size, drop_last=True, position=self._position
+        )
+        options = dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=pl_worker_init_function if self.num_workers > 0 else None,
+        )
+        options.update(overrides)
+        if not options["num_workers"]:
+            options.update(persistent_workers=False, worker_init_fn=None)
+        return DataLoader(dataset, batch_sampler=batch_sampler, **options)
+
+    # -- exact resume: the loader's position and the flip generator are training state ----------------
+    def state_dict(self) -> dict:
+        pos = self._position
+        return {
+            "consumed": pos.consumed,
+            "epoch_generator_state": pos.epoch_generator_state,
+            "flip_generator_state": None
+            if self._flip_generator is None
+            else self._flip_generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._position.resume = (int(state_dict["consumed"]), state_dict.get("epoch_generator_state"))
+        self._restore_flip_state = state_dict.get("flip_generator_state")
 
     def reference_dataloader(self, batch_size: int = 256) -> DataLoader:
         return self._loader(
@@ -134,6 +204,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def to_half_batch(self, images: Tensor, labels: Tensor) -> HalfBatch:
         """(2B, C, H, W) uint8 or float on the device -> flipped (if `hflip`), in [-1, 1], split in halves."""
+        if self.trainer is not None and self.trainer.training:
+            self._position.consumed += 1
         if self.hflip:
             images = random_hflip(images, self._device_generator(images.device))  # flip the uint8: cheaper
         return split_halves(to_signed(images), labels)
@@ -145,6 +217,9 @@ class ImageDataModule(L.LightningDataModule):
             # distinct per rank; a resumed run (step > 0) does not replay the flips of the run's start
             seed = (self.seed * 1_000_003 + rank * 7919 + step) % 2**63
             self._flip_generator = torch.Generator(device=device).manual_seed(seed)
+            if self._restore_flip_state is not None:
+                self._flip_generator.set_state(self._restore_flip_state)
+                self._restore_flip_state = None
         return self._flip_generator
 
     def _loader(

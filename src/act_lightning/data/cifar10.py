@@ -241,13 +241,7 @@ class CIFAR10DataModule(ImageDataModule):
         if not self.in_memory:
             return super().train_dataloader()
         self.setup("fit")
-        return DataLoader(
-            self.train_set,
-            batch_size=2 * self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return self._train_loader(self.train_set, num_workers=0, pin_memory=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int) -> HalfBatch:
         if not self.in_memory:
