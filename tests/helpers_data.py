@@ -156,15 +156,24 @@ def batch_digests(images) -> list[str]:
 def shards(datamodule, world_size: int = 2) -> list[list[str]]:
     """The images each rank sees in one epoch after Lightning swaps in a DistributedSampler (as it does
     under DDP), identified by digest."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
     from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import DistributedSampler
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-    loader = datamodule.train_dataloader()
+    # as Lightning's data connector requests the loader: constructor arguments are recorded, so the
+    # loader and its batch sampler can be rebuilt around a DistributedSampler
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = datamodule.train_dataloader()
     seen = []
     for rank in range(world_size):
         sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
         sharded = _update_dataloader(loader, sampler)
-        assert sharded.batch_size == loader.batch_size and sharded.drop_last
+        # the resumable batch sampler survives Lightning's rebuild, around the DistributedSampler, with the
+        # same batch size, whole batches only, and the DataModule's position (so a resume skip applies)
+        bs = sharded.batch_sampler
+        assert type(bs) is type(loader.batch_sampler) and bs.sampler is sampler
+        assert bs.batch_size == loader.batch_sampler.batch_size == 2 * datamodule.batch_size and bs.drop_last
+        assert bs.position is loader.batch_sampler.position
         digests = []
         for batch in sharded:
             images = datamodule.on_after_batch_transfer(batch, 0)  # HalfBatch of float images
