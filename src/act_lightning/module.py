@@ -181,13 +181,14 @@ class ACTModule(L.LightningModule):
         opt_g.step()
         if use_gan:
             self.untoggle_optimizer(opt_g)
-        self._update_target(cm.target_ema_decay(num_scales, h.bins_min, h.mu0))
+        target_ema = cm.target_ema_decay(num_scales, h.bins_min, h.mu0)
+        self._update_target(target_ema)
 
         logs = {
             "train/loss_ct": loss_ct.mean().detach(),
             "train/loss_g": loss_g.detach(),
             "train/num_scales": float(num_scales),
-            "train/target_ema": cm.target_ema_decay(num_scales, h.bins_min, h.mu0),
+            "train/target_ema": target_ema,
         }
 
         # ---- discriminator update: fake half and real half, lazy R1 ----
@@ -266,7 +267,7 @@ class ACTModule(L.LightningModule):
     @torch.no_grad()
     def _update_target(self, decay: float) -> None:
         """theta^- <- mu * theta^- + (1 - mu) * theta, in one fused op over all tensors."""
-        target = [p for p in self.target.parameters()]
+        target = list(self.target.parameters())
         online = [p.detach() for p in self.generator.parameters()]
         torch._foreach_lerp_(target, online, 1.0 - decay)
         for b_t, b in zip(self.target.buffers(), self.generator.buffers()):

@@ -3,7 +3,6 @@ generator half and the discriminator half that one ACT iteration consumes (ACT.m
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import lightning as L
@@ -163,16 +162,20 @@ class ImageDataModule(L.LightningDataModule):
         batch_sampler = ResumableBatchSampler(
             sampler, 2 * self.batch_size, drop_last=True, position=self._position
         )
+        return DataLoader(dataset, batch_sampler=batch_sampler, **self._worker_options(**overrides))
+
+    def _worker_options(self, **overrides) -> dict:
+        """Worker, pinning and seeding options shared by the training and reference loaders."""
         options = dict(
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # no pinning (and no warning) on CPU
             persistent_workers=self.persistent_workers,
-            worker_init_fn=pl_worker_init_function if self.num_workers > 0 else None,
         )
         options.update(overrides)
-        if not options["num_workers"]:
-            options.update(persistent_workers=False, worker_init_fn=None)
-        return DataLoader(dataset, batch_sampler=batch_sampler, **options)
+        workers = options["num_workers"] > 0
+        options["persistent_workers"] = options["persistent_workers"] and workers
+        options["worker_init_fn"] = pl_worker_init_function if workers else None
+        return options
 
     # -- exact resume: the loader's position and the flip generator are training state ----------------
     def state_dict(self) -> dict:
@@ -190,12 +193,13 @@ class ImageDataModule(L.LightningDataModule):
         self._restore_flip_state = state_dict.get("flip_generator_state")
 
     def reference_dataloader(self, batch_size: int = 256) -> DataLoader:
-        return self._loader(
+        """Real images in a fixed order, float in [-1, 1], unflipped (reference statistics)."""
+        return DataLoader(
             self.build_reference_dataset(),
-            shuffle=False,
-            drop_last=False,
             batch_size=batch_size,
             collate_fn=collate_signed,
+            generator=torch.Generator().manual_seed(self.seed),
+            **self._worker_options(),
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int) -> HalfBatch:
@@ -221,24 +225,3 @@ class ImageDataModule(L.LightningDataModule):
                 self._flip_generator.set_state(self._restore_flip_state)
                 self._restore_flip_state = None
         return self._flip_generator
-
-    def _loader(
-        self,
-        dataset: Dataset,
-        shuffle: bool,
-        drop_last: bool,
-        batch_size: int,
-        collate_fn: Callable | None = None,
-    ) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=collate_fn,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),  # no pinning (and no warning) on CPU
-            persistent_workers=self.persistent_workers,
-            worker_init_fn=pl_worker_init_function if self.num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
