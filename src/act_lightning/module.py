@@ -22,6 +22,7 @@ from act_lightning.losses import (
     r1_gradient_norm,
 )
 from act_lightning.nn import consistency_function
+from act_lightning.sampling import multistep
 
 OPTIMIZERS = ("radam", "adam", "rmsprop")
 
@@ -115,6 +116,7 @@ class ACTModule(L.LightningModule):
         self.register_buffer("aug_p", torch.zeros(()))
         self.register_buffer("r1_ema", torch.zeros(()))
         self._k = 0  # host copy of `iteration`, so the schedule never reads the device
+        self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
         self._sigma_cache: dict[tuple[int, torch.device], Tensor] = {}
 
     # -- the consistency function and the schedule ------------------------------------------------
@@ -199,6 +201,7 @@ class ACTModule(L.LightningModule):
         self._step_schedulers()
         self._k += 1
         self.iteration.fill_(self._k)
+        logs["step"] = float(self._k)  # loggers' x-axis: ACT iterations, not optimiser steps (two each)
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
         if self._k >= h.iterations:
             self.trainer.should_stop = True
@@ -303,6 +306,8 @@ class ACTModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("distance.")]:
             del state[key]
+        if self.run_config is not None:  # plain containers: `evaluate` rebuilds data and networks from it
+            checkpoint["act_config"] = self.run_config
         checkpoint["act_rng"] = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -329,11 +334,22 @@ class ACTModule(L.LightningModule):
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, noise: Tensor, labels: Tensor | None = None, net: nn.Module | None = None) -> Tensor:
-        """One-step samples x = f_{theta^-}(sigma_max * z, sigma_max, y), clipped to [-1, 1]."""
+    def sample(
+        self,
+        noise: Tensor,
+        labels: Tensor | None = None,
+        net: nn.Module | None = None,
+        taus: list[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One-step samples x = f_{theta^-}(sigma_max * z, sigma_max, y), clipped to [-1, 1]; with `taus`
+        (decreasing, taus[0] = sigma_max), multistep sampling (Song et al. 2023, Algorithm 1)."""
         net = self.target if net is None else net
-        sigma = torch.full((noise.shape[0],), self.hparams.sigma_max, device=noise.device)
-        return self.denoise(net, noise * self.hparams.sigma_max, sigma, labels).clamp(-1, 1)
+        h = self.hparams
+        taus = [h.sigma_max] if taus is None else taus
+        return multistep(
+            lambda x, sigma: self.denoise(net, x, sigma, labels), noise, taus, h.sigma_min, generator
+        )
 
     @property
     def progress(self) -> float:

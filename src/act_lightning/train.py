@@ -80,8 +80,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = resolved
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {
         "iteration": model._k,

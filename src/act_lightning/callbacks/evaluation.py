@@ -1,48 +1,64 @@
-"""Periodic Fréchet-distance evaluation of the target network's one-step samples.
+"""Periodic Fréchet-distance evaluation (FID with Inception features) of the target network's samples.
 
-The feature extractor is pluggable: the quickstart uses a small digit classifier; the paper's data sets
-use Inception (FID). Each rank draws its share of the samples; the feature statistics are summed across
-ranks, so the value is the same on one device or many. A callback observes: it never changes training.
+Every `every_n_iterations` ACT iterations (and before the first and after the last), one-step samples of
+theta^- are drawn from fixed noise and compared with reference statistics: the training set's (computed
+once, cached as .npz) or a published file. The noise of sample i does not depend on the number of
+processes: the samples come in chunks of `batch_size`, each seeded by its index, and rank r takes chunks
+r, r + world, ...; the float64 feature sums are all-reduced. So one GPU or eight give the same FID.
+
+The value goes to every logger at step = ACT iteration (`val/fid`), its best value to the W&B summary,
+the curve to `fid_curve.png` and the history to `metric_summary.json`; the best checkpoint by the metric
+is kept as `best.ckpt`. A callback observes: it never changes training.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from act_lightning.metrics.frechet import FeatureStatistics, frechet_distance
-
-
-def build_feature_extractor(name: str, **kwargs) -> nn.Module:
-    """Feature extractors by name: 'digits' (quickstart)."""
-    if name == "digits":
-        from act_lightning.metrics.digits import DigitsFeatures
-
-        return DigitsFeatures.trained(seed=kwargs.get("seed", 0))
-    raise ValueError(f"eval.features must be 'digits', got {name!r}")
+from act_lightning.metrics.fid import (
+    FEATURES,
+    build_feature_extractor,
+    check_reference_spec,
+    feature_statistics,
+    reference_statistics,
+    sample_statistics,
+)
+from act_lightning.metrics.frechet import frechet_distance
 
 
 class FrechetEvaluation(L.Callback):
     def __init__(
         self,
         run_dir: str,
-        features: str | Callable[[], nn.Module] = "digits",
-        every_n_iterations: int = 500,
-        num_samples: int = 1000,
+        features: str | Callable[[], nn.Module] = "inception",
+        every_n_iterations: int = 5000,
+        num_samples: int = 10000,
         batch_size: int = 500,
-        key: str = "val/fd",
-        label: str = "Fréchet distance",
+        key: str = "val/fid",
+        label: str = "FID",
         seed: int = 0,
+        inception_weights: str | None = None,
+        download: bool = False,
+        reference: str = "train",
+        reference_cache: str | None = None,
+        reference_max_images: int | None = None,
+        best_checkpoint: str | None = None,
     ) -> None:
-        if every_n_iterations < 1 or num_samples < 2:
-            raise ValueError("eval.every must be >= 1 and eval.num_samples >= 2")
+        if every_n_iterations < 1:
+            raise ValueError(f"eval.every must be >= 1, got {every_n_iterations}")
+        if num_samples < 2 or batch_size < 1:
+            raise ValueError(
+                f"eval.num_samples must be >= 2 and eval.batch_size >= 1; got {num_samples}, {batch_size}"
+            )
         self.run_dir = Path(run_dir)
         self.features_spec = features
         self.every = every_n_iterations
@@ -51,93 +67,154 @@ class FrechetEvaluation(L.Callback):
         self.key = key
         self.label = label
         self.seed = seed
+        self.reference_spec = str(reference)
+        self.reference_cache = Path(reference_cache) if reference_cache else None
+        self.reference_max_images = reference_max_images
+        self.best_checkpoint = Path(best_checkpoint) if best_checkpoint else None
+        # Fail now, before any data is read or network built, if a file the evaluation needs is missing.
+        self.inception_weights = None
+        if features == "inception":
+            from act_lightning.metrics.inception import resolve_inception_weights
+
+            self.inception_weights = resolve_inception_weights(inception_weights, download)
+        elif isinstance(features, str) and features not in FEATURES:
+            raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {features!r}")
+        check_reference_spec(self.reference_spec)
+
         self.extractor: nn.Module | None = None
-        self.reference: tuple | None = None
-        self.references: dict[str, float] = {}  # FD of held-out real images and of noise
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+        self.references: dict[str, float] = {}  # FD of held-out real images and of noise (quickstart)
         self.history: list[tuple[int, float]] = []
+        self.best: tuple[int, float] | None = None
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.extractor is not None:
             return
         spec = self.features_spec
-        self.extractor = build_feature_extractor(spec, seed=self.seed) if isinstance(spec, str) else spec()
-        self.extractor.to(pl_module.device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def _statistics(self, batches, device) -> tuple:
-        stats = FeatureStatistics(self.extractor.num_features).to(device)
-        for images in batches:
-            stats.update(self.extractor(images.to(device)))
-        return stats.compute()
+        if isinstance(spec, str):
+            self.extractor = build_feature_extractor(
+                spec, seed=self.seed, inception_weights=self.inception_weights
+            )
+        else:
+            self.extractor = spec()
+        self.extractor.eval().requires_grad_(False)
 
     def on_train_start(self, trainer, pl_module) -> None:
         device = pl_module.device
         dm = trainer.datamodule
         self.extractor.to(device)
-        loader = dm.reference_dataloader(self.batch_size)
-        self.reference = self._statistics((x for x, _ in loader), device)
-        if not self.references:
-            if hasattr(dm, "build_held_out_dataset"):
-                held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
-                self.references["real"] = self._fd(self._statistics(held.split(self.batch_size), device))
-            g = torch.Generator().manual_seed(self.seed + 99)
-            noise = (
-                torch.rand((self.num_samples, dm.channels, dm.image_size, dm.image_size), generator=g) * 2 - 1
+        self.reference = self._reference_statistics(trainer, dm, device)
+        if not self.references and hasattr(dm, "build_held_out_dataset"):
+            held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
+            self.references["real"] = self._fd(
+                feature_statistics(self.extractor, held.split(self.batch_size), device)
             )
-            self.references["noise"] = self._fd(self._statistics(noise.split(self.batch_size), device))
-        self._log_direct(trainer, {f"{self.key}_{name}": v for name, v in self.references.items()})
-        if pl_module._k == 0:
-            self._log_direct(trainer, {self.key: self.evaluate(trainer, pl_module)})
+            g = torch.Generator().manual_seed(self.seed + 99)
+            shape = (self.num_samples, dm.channels, dm.image_size, dm.image_size)
+            noise = torch.rand(shape, generator=g) * 2 - 1
+            self.references["noise"] = self._fd(
+                feature_statistics(self.extractor, noise.split(self.batch_size), device)
+            )
+        if self.references:
+            self._log(trainer, pl_module._k, {f"{self.key}_{name}": v for name, v in self.references.items()})
+        self._define_wandb_metrics(trainer)
+        if pl_module._k == 0:  # the untrained network: logged as the curve's start, never the best
+            self._evaluate_and_log(trainer, pl_module)
+
+    # -- reference statistics ---------------------------------------------------------------------
+    def _reference_statistics(self, trainer, dm, device) -> tuple[np.ndarray, np.ndarray]:
+        return reference_statistics(
+            self.extractor,
+            self.reference_spec,
+            datamodule=dm,
+            features=self.features_spec if isinstance(self.features_spec, str) else "custom",
+            cache=self.reference_cache,
+            max_images=self.reference_max_images,
+            batch_size=self.batch_size,
+            device=device,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
 
     def _fd(self, stats) -> float:
         return frechet_distance(*stats, *self.reference)
 
     # -- evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> float:
-        device = pl_module.device
+        """The metric of `num_samples` one-step samples of the target network (all ranks take part)."""
         dm = trainer.datamodule
-        world, rank = trainer.world_size, trainer.global_rank
-        per_rank = math.ceil(self.num_samples / world)
-        g = torch.Generator().manual_seed(self.seed * 7919 + rank)  # same noise at every evaluation
-        stats = FeatureStatistics(self.extractor.num_features).to(device)
-        for start in range(0, per_rank, self.batch_size):
-            n = min(self.batch_size, per_rank - start)
-            noise = torch.randn((n, dm.channels, dm.image_size, dm.image_size), generator=g).to(device)
-            labels = None
-            if pl_module.hparams.num_classes:
-                labels = torch.randint(pl_module.hparams.num_classes, (n,), generator=g).to(device)
-            stats.update(self.extractor(pl_module.sample(noise, labels)))
-        value = self._fd(stats.compute())
-        self.history.append((pl_module._k, value))
-        self._write(pl_module)
-        return value
+        stats = sample_statistics(
+            lambda noise, labels, chunk: pl_module.sample(noise, labels),
+            self.extractor,
+            self.num_samples,
+            self.batch_size,
+            (dm.channels, dm.image_size, dm.image_size),
+            pl_module.hparams.num_classes,
+            self.seed,
+            pl_module.device,
+            trainer.global_rank,
+            trainer.world_size,
+        )
+        return self._fd(stats)
 
-    def _log_direct(self, trainer, metrics: dict[str, float]) -> None:
-        """For hooks where LightningModule.log is not allowed (train start and end)."""
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+    def _evaluate_and_log(self, trainer, pl_module) -> float:
+        k = pl_module._k
+        value = self.evaluate(trainer, pl_module)
+        self.history.append((k, value))
+        improved = k > 0 and (self.best is None or value < self.best[1])
+        if improved:
+            self.best = (k, value)
+        self._log(trainer, k, {self.key: value})
+        trainer.callback_metrics[self.key] = torch.tensor(value)  # progress bar and train()'s summary
+        self._update_wandb_summary(trainer)
+        self._write()
+        if improved and self.best_checkpoint is not None:
+            trainer.save_checkpoint(self.best_checkpoint, weights_only=False)  # every rank calls it
+        return value
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module._k % self.every == 0:
-            # through LightningModule.log, so the value also reaches callback_metrics (progress bar,
-            # best-checkpoint monitors)
-            pl_module.log(self.key, self.evaluate(trainer, pl_module), on_step=True, on_epoch=False)
+            self._evaluate_and_log(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.history or self.history[-1][0] != pl_module._k:
-            self._log_direct(trainer, {self.key: self.evaluate(trainer, pl_module)})
-            for logger in trainer.loggers:
-                logger.save()
+            self._evaluate_and_log(trainer, pl_module)
+        for logger in trainer.loggers:
+            logger.save()
 
     # -- outputs ----------------------------------------------------------------------------------
+    @staticmethod
+    def _log(trainer, iteration: int, metrics: dict[str, float]) -> None:
+        """Straight to the loggers at step = ACT iteration (as the module's metrics are): through
+        LightningModule.log, values logged off the `log_every_n_steps` grid would be dropped."""
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=iteration)
+
+    def _define_wandb_metrics(self, trainer) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.define_metric(
+                    self.key, step_metric="trainer/global_step", summary="min,last"
+                )
+
+    def _update_wandb_summary(self, trainer) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero and self.best is not None:
+                summary = logger.experiment.summary
+                summary[f"{self.key}_best"] = self.best[1]
+                summary[f"{self.key}_best_iteration"] = self.best[0]
+
     @rank_zero_only
-    def _write(self, pl_module) -> None:
+    def _write(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         summary = {
             "metric": self.key,
+            "features": self.features_spec if isinstance(self.features_spec, str) else "custom",
+            "num_samples": self.num_samples,
+            "reference": self.reference_spec,
             "history": [{"iteration": k, "value": v} for k, v in self.history],
+            "best": None if self.best is None else {"iteration": self.best[0], "value": self.best[1]},
             "references": self.references,
         }
         if self.history and "real" in self.references and "noise" in self.references:
@@ -147,11 +224,13 @@ class FrechetEvaluation(L.Callback):
         plot_curve(self.history, self.references, self.run_dir / "fid_curve.png", self.label)
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "references": self.references}
+        return {"history": self.history, "references": self.references, "best": self.best}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = [tuple(x) for x in state_dict.get("history", [])]
         self.references = dict(state_dict.get("references", {}))
+        best = state_dict.get("best")
+        self.best = None if best is None else tuple(best)
 
 
 def plot_curve(history, references: dict[str, float], path: Path, label: str) -> None:
@@ -169,7 +248,8 @@ def plot_curve(history, references: dict[str, float], path: Path, label: str) ->
     for name, value in references.items():
         colour, text = styles.get(name, ("gray", name))
         ax.axhline(value, ls="--", color=colour, label=f"{text}: {value:.1f}")
-    ax.set_yscale("log")
+    if history and min(vs) > 0:
+        ax.set_yscale("log")
     ax.set_xlabel("ACT iteration")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)

@@ -3,13 +3,14 @@ generator half and the discriminator half that one ACT iteration consumes (ACT.m
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, default_collate
 
 
 class DataError(ValueError):
@@ -87,6 +88,15 @@ class ResumableBatchSampler(BatchSampler):
         for i, batch in enumerate(super().__iter__()):
             if i >= skip:
                 yield batch
+
+
+def reference_indices(length: int, max_images: int | None = None) -> list[int]:
+    """All indices, or `max_images` evenly spaced ones (a class-sorted set keeps every class)."""
+    if max_images is None or max_images >= length:
+        return list(range(length))
+    if max_images < 2:
+        raise ValueError(f"eval.reference_max_images must be >= 2 or null, got {max_images}")
+    return [int(i) for i in torch.linspace(0, length - 1, max_images).round().long().tolist()]
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -192,14 +202,27 @@ class ImageDataModule(L.LightningDataModule):
         self._position.resume = (int(state_dict["consumed"]), state_dict.get("epoch_generator_state"))
         self._restore_flip_state = state_dict.get("flip_generator_state")
 
-    def reference_dataloader(self, batch_size: int = 256) -> DataLoader:
-        """Real images in a fixed order, float in [-1, 1], unflipped (reference statistics)."""
+    def reference_dataloader(
+        self,
+        batch_size: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        dataset: Dataset | None = None,
+        max_images: int | None = None,
+    ) -> DataLoader:
+        """Real images in a fixed order, float in [-1, 1], unflipped (reference statistics); with
+        `max_images`, that many evenly spaced ones. Under DDP each rank reads every `world_size`-th chunk
+        of `batch_size` images, so the ranks together read each image once, in the batches one process
+        would read."""
+        dataset = self.build_reference_dataset() if dataset is None else dataset
+        order = reference_indices(len(dataset), max_images)
+        chunks = range(rank, math.ceil(len(order) / batch_size), world_size)
+        indices = [i for c in chunks for i in order[c * batch_size : (c + 1) * batch_size]]
         return DataLoader(
-            self.build_reference_dataset(),
+            Subset(dataset, indices),
             batch_size=batch_size,
             collate_fn=collate_signed,
-            generator=torch.Generator().manual_seed(self.seed),
-            **self._worker_options(),
+            **self._worker_options(persistent_workers=False),  # read once per run
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int) -> HalfBatch:

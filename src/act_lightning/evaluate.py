@@ -1,0 +1,163 @@
+"""Evaluation entry point: `python -m act_lightning.evaluate ckpt=PATH [num_samples=50000 ...]`.
+
+FID of `num_samples` samples of the checkpoint's target network for each sampler (1-step and 2-step by
+default), against the reference statistics of its training config. Printed, and written as JSON next to
+the checkpoint. `evaluate(cfg)` is a plain function (tests call it); `main()` is the thin Hydra shell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from act_lightning.metrics.fid import (
+    build_feature_extractor,
+    check_reference_spec,
+    reference_statistics,
+    sample_statistics,
+)
+from act_lightning.metrics.frechet import frechet_distance
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
+    """The checkpoint (safe loader) and the training config stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"ckpt={path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"ckpt={path}: not a checkpoint written by act_lightning.train (no state_dict)")
+    if "act_config" not in checkpoint:
+        raise ValueError(
+            f"ckpt={path}: holds no training config (act_config); it was not written by act_lightning.train"
+        )
+    return checkpoint, OmegaConf.create(checkpoint["act_config"])
+
+
+def _apply_overrides(run: DictConfig, cfg: DictConfig) -> None:
+    for section in ("eval", "data"):
+        for key, value in (cfg.get(section) or {}).items():
+            if value is not None:
+                run[section][key] = value
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluates `cfg.ckpt`; returns (and writes) the results."""
+    from hydra.utils import instantiate
+
+    from act_lightning.metrics.inception import resolve_inception_weights
+
+    ckpt = Path(cfg.ckpt)
+    checkpoint, run = load_checkpoint(ckpt)
+    _apply_overrides(run, cfg)
+    ev = run.eval
+    if cfg.num_samples < 2 or cfg.batch_size < 1:
+        raise ValueError(
+            f"num_samples must be >= 2 and batch_size >= 1; got {cfg.num_samples}, {cfg.batch_size}"
+        )
+    if cfg.net not in ("target", "generator"):
+        raise ValueError(f"net must be target or generator, got {cfg.net!r}")
+    # Everything that can be missing is checked before the networks are built.
+    weights = (
+        resolve_inception_weights(ev.inception_weights, ev.download) if ev.features == "inception" else None
+    )
+    check_reference_spec(ev.reference)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+
+    # The networks, from the stored config; the consistency distance is not needed to sample.
+    model = instantiate(run.model, distance="l2")
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device).eval()
+    net = model.target if cfg.net == "target" else model.generator
+    h = model.hparams
+
+    extractor = (
+        build_feature_extractor(ev.features, seed=run.seed, inception_weights=weights).to(device).eval()
+    )
+    datamodule = instantiate(run.data) if str(ev.reference) == "train" else None
+    reference = reference_statistics(
+        extractor,
+        ev.reference,
+        datamodule=datamodule,
+        features=ev.features,
+        cache=ev.reference_cache,
+        max_images=ev.reference_max_images,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
+
+    name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
+    shape = (run.data.channels, run.data.image_size, run.data.image_size)
+    results: dict[str, Any] = {}
+    for sampler, later in cfg.samplers.items():
+        taus = [float(h.sigma_max), *(float(t) for t in later)]
+
+        def sample(noise, labels, chunk, taus=taus):
+            g = None
+            if len(taus) > 1:  # the fresh noise of later steps, also fixed per chunk
+                g = torch.Generator(noise.device).manual_seed(cfg.seed * 1_000_003 + chunk + 7919)
+            return model.sample(noise, labels, net=net, taus=taus, generator=g)
+
+        start = time.perf_counter()
+        with tqdm(total=cfg.num_samples, desc=f"{sampler} {name.upper()}", unit="img") as bar:
+            stats = sample_statistics(
+                sample,
+                extractor,
+                cfg.num_samples,
+                cfg.batch_size,
+                shape,
+                h.num_classes,
+                cfg.seed,
+                device,
+                progress=bar.update,
+            )
+        value = frechet_distance(*stats, *reference)
+        results[sampler] = {name: value, "taus": taus, "seconds": round(time.perf_counter() - start, 1)}
+        log.info("%s %s = %.4f (%d samples)", sampler, name.upper(), value, cfg.num_samples)
+
+    summary = {
+        "checkpoint": str(ckpt.resolve()),
+        "iteration": int(checkpoint["state_dict"]["iteration"]),
+        "experiment": run.get("experiment_name"),
+        "net": cfg.net,
+        "num_samples": cfg.num_samples,
+        "seed": cfg.seed,
+        "features": ev.features,
+        "reference": str(ev.reference),
+        "device": str(device),
+        "results": results,
+    }
+    output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
+    output.write_text(json.dumps(summary, indent=2))
+    summary["output"] = str(output)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    summary = evaluate(cfg)
+    for sampler, result in summary["results"].items():
+        value = next(iter(result.values()))
+        print(f"{sampler}: {value:.4f}")
+    print(f"written to {summary['output']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""FID as used in training (callbacks.FrechetEvaluation) and by `python -m act_lightning.evaluate`.
+
+Pure torch: feature extractors by name, statistics of real and generated images, reference statistics
+(published or the training set's, cached). Samples come in chunks of `batch_size`, chunk c drawn from
+noise seeded by c, and rank r of `world_size` takes chunks r, r + world_size, ...; with the float64
+feature sums all-reduced, one process and many evaluate the same samples and give the same FID.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from act_lightning.metrics.frechet import FeatureStatistics
+from act_lightning.metrics.reference import (
+    ReferenceStatisticsError,
+    load_reference,
+    missing_reference_message,
+    save_reference,
+)
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("inception", "digits")
+Sampler = Callable[[Tensor, Tensor | None, int], Tensor]  # (noise, labels, chunk index) -> images in [-1, 1]
+
+
+def build_feature_extractor(name: str, seed: int = 0, inception_weights: str | None = None) -> nn.Module:
+    """'inception' (FID: 2048-d TF-Inception features; `inception_weights` a resolved path or 'random')
+    or 'digits' (the quickstart's classifier, trained at start-up from `seed`)."""
+    if name == "inception":
+        from act_lightning.metrics.inception import InceptionFeatures
+
+        return InceptionFeatures(inception_weights)
+    if name == "digits":
+        from act_lightning.metrics.digits import DigitsFeatures
+
+        return DigitsFeatures.trained(seed=seed)
+    raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {name!r}")
+
+
+def check_reference_spec(reference: str) -> None:
+    """Fails at start-up when eval.reference names a file that is not there."""
+    if str(reference) != "train" and not Path(reference).is_file():
+        raise ReferenceStatisticsError(missing_reference_message(Path(reference)))
+
+
+@torch.no_grad()
+def feature_statistics(
+    extractor: nn.Module, batches: Iterable[Tensor], device, sync: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the features of batches of images in [-1, 1]; summed across ranks if `sync`."""
+    stats = FeatureStatistics(extractor.num_features, sync_on_compute=sync).to(device)
+    for images in batches:
+        stats.update(extractor(images.to(device)))
+    return stats.compute()
+
+
+def sample_chunks(
+    num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[int, int]]:
+    """(chunk index, size) of the chunks of samples that `rank` draws."""
+    n = math.ceil(num_samples / batch_size)
+    return [(c, min(batch_size, num_samples - c * batch_size)) for c in range(rank, n, world_size)]
+
+
+def chunk_noise(
+    seed: int, chunk: int, size: int, shape: tuple[int, ...], num_classes: int | None
+) -> tuple[Tensor, Tensor | None]:
+    """The fixed noise z (and class labels) of one chunk of samples, on the CPU."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+    noise = torch.randn((size, *shape), generator=g)
+    labels = torch.randint(num_classes, (size,), generator=g) if num_classes else None
+    return noise, labels
+
+
+@torch.no_grad()
+def sample_statistics(
+    sample: Sampler,
+    extractor: nn.Module,
+    num_samples: int,
+    batch_size: int,
+    shape: tuple[int, ...],
+    num_classes: int | None = None,
+    seed: int = 0,
+    device="cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature statistics of `num_samples` generated images, all ranks together."""
+    stats = FeatureStatistics(extractor.num_features).to(device)
+    for chunk, size in sample_chunks(num_samples, batch_size, rank, world_size):
+        noise, labels = chunk_noise(seed, chunk, size, shape, num_classes)
+        images = sample(noise.to(device), None if labels is None else labels.to(device), chunk)
+        stats.update(extractor(images))
+        if progress is not None:
+            progress(size)
+    return stats.compute()
+
+
+def reference_statistics(
+    extractor: nn.Module,
+    reference: str,
+    datamodule=None,
+    features: str = "inception",
+    cache: str | Path | None = None,
+    max_images: int | None = None,
+    batch_size: int = 500,
+    device="cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference (mu, sigma): `reference` = "train" (the datamodule's reference set, read by the
+    ranks together) or an .npz file (mu/sigma, or images under arr_0). Statistics computed here are kept
+    in `cache` (an .npz with the facts they were made from) and read from it while those facts hold."""
+    n = extractor.num_features
+    cache = Path(cache) if cache else None
+    if str(reference) == "train":
+        if datamodule is None:
+            raise ValueError("eval.reference=train needs the training data (a datamodule)")
+        dataset = datamodule.build_reference_dataset()
+        count = min(len(dataset), max_images or len(dataset))
+        meta = {
+            "source": "train",
+            "features": features,
+            "num_images": count,
+            "dataset_size": len(dataset),
+            "image_size": datamodule.image_size,
+        }
+        cached = _read_cache(cache, meta, n)
+        if cached is not None:
+            return cached
+        if rank == 0:
+            log.info("Computing the %s statistics of %d training images ...", features, count)
+        loader = datamodule.reference_dataloader(batch_size, rank, world_size, dataset, max_images)
+        stats = feature_statistics(extractor, (x for x, _ in loader), device)
+    else:
+        path = Path(reference).resolve()
+        meta = {"source": str(path), "features": features, "file_size": path.stat().st_size}
+        cached = _read_cache(cache, meta, n)
+        if cached is not None:
+            return cached
+        computed = []
+
+        def extract(batches):  # an image batch (arr_0): each rank reads it whole, no all-reduce
+            computed.append(True)
+            return feature_statistics(extractor, batches, device, sync=False)
+
+        stats = load_reference(path, n, extract, batch_size)
+        if not computed:
+            return stats  # published mu/sigma: nothing worth caching
+    if rank == 0 and cache is not None:
+        try:
+            save_reference(cache, *stats, **meta)
+            log.info("Reference statistics cached in %s", cache)
+        except OSError as e:  # a read-only data folder: evaluate anyway, recompute next time
+            log.warning("Could not cache the reference statistics at %s: %s", cache, e)
+    return stats
+
+
+def _read_cache(path: Path | None, meta: dict, num_features: int):
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if any(k not in npz.files or str(npz[k]) != str(v) for k, v in meta.items()):
+                return None  # made from other data or with another extractor: recompute
+        return load_reference(path, num_features)
+    except (ValueError, OSError):
+        return None

@@ -1,0 +1,128 @@
+"""FID's feature extractor: the field's TF-Inception v3 ("pt_inception-2015-12-05"), 2048-d pool features.
+
+The network and its TensorFlow-exact resize come from torch-fidelity (the port torchmetrics uses); we only
+decide where the weights come from. They are never fetched behind the user's back: an explicit path, the
+torch hub cache, or (with `download`) the official release URL, checked by torch hub's SHA-256 prefix.
+A missing file fails at start-up with its name, where to put it and where to get it.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
+RANDOM = "random"  # eval.inception_weights=random: untrained network, for smoke tests only
+
+
+class WeightsError(FileNotFoundError):
+    """A pretrained weights file is missing or unreadable; the message says what to put where."""
+
+
+def hub_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def resolve_inception_weights(weights: str | None, download: bool = False) -> str:
+    """The weights file to use: `weights` if given, else the torch hub cache (downloaded there first
+    when `download`). Returns RANDOM unchanged. Raises WeightsError naming the file, place and URL."""
+    if weights == RANDOM:
+        return RANDOM
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"eval.inception_weights={weights}: no such file. It should be the TF-Inception weights "
+                f"{WEIGHTS_FILE} from {WEIGHTS_URL}"
+            )
+        return str(path)
+    path = hub_weights_path()
+    if not path.is_file() and download:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(WEIGHTS_URL, str(path), hash_prefix="6726825d", progress=True)
+        except Exception as e:  # offline, proxy, truncated: say what to do instead
+            raise WeightsError(
+                f"Could not download the FID Inception weights ({type(e).__name__}: {e}). Put "
+                f"{WEIGHTS_FILE} (from {WEIGHTS_URL}) at {path}, or pass eval.inception_weights=PATH."
+            ) from e
+    if not path.is_file():
+        raise WeightsError(
+            f"FID needs the TF-Inception weights {WEIGHTS_FILE}, which are not in the torch hub cache. "
+            f"Download {WEIGHTS_URL} on a machine that is online and put it at {path} "
+            f"(or anywhere, and pass eval.inception_weights=PATH; or set eval.download=true when online)."
+        )
+    return str(path)
+
+
+def load_inception_state(path: str) -> dict[str, Tensor]:
+    """The state dict, read with the safe loader (torch-fidelity itself would unpickle the file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(
+            f"{path}: not a readable weights file ({type(e).__name__}: {e}); expected {WEIGHTS_FILE} "
+            f"from {WEIGHTS_URL}"
+        ) from e
+    if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
+        raise WeightsError(f"{path}: not the TF-Inception state dict of {WEIGHTS_FILE} ({WEIGHTS_URL})")
+    return state
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 by rounding (not truncation), as images saved to PNG would be."""
+    return ((images.float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class InceptionFeatures(nn.Module):
+    """(B, C, H, W) images in [-1, 1] -> (B, 2048) TF-Inception pool features. Images are quantised to
+    uint8 first (FID is defined on 8-bit images); one channel is repeated to three."""
+
+    num_features = 2048
+
+    def __init__(self, weights: str | None = None, download: bool = False) -> None:
+        super().__init__()
+        path = resolve_inception_weights(weights, download)
+        state = None if path == RANDOM else load_inception_state(path)
+        self.net = _fidelity_inception(state)
+        self.pretrained = state is not None
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = to_uint8(images)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        (features,) = self.net(x)
+        return features
+
+
+def _fidelity_inception(state: dict[str, Tensor] | None) -> nn.Module:
+    """torch-fidelity's FeatureExtractorInceptionV3 loaded with `state` (None: its random init).
+
+    Its constructor reads a weights file with `weights_only=False`; we hand it an in-memory file that
+    holds an empty dict we wrote ourselves, skip that load, and load the safely read tensors after."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Inception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if not state_dict:  # the constructor's own load of our empty placeholder
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the random network is the same in every process (DDP ranks, reruns)
+        net = _Inception("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+        if state is None:  # He init keeps activations O(1) through the 94 layers (the default
+            for m in net.modules():  # init shrinks them to ~1e-8, which makes every distance ~0)
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    if state is not None:
+        net.load_state_dict(state)
+    return net.eval().requires_grad_(False)

@@ -1,0 +1,114 @@
+"""Reference statistics (mu, sigma) for FID: published .npz files, or the training set's, cached as .npz.
+
+Accepted files (read with `allow_pickle=False`: nothing in them is ever unpickled):
+- `mu` and `sigma` (EDM's `cifar10-32x32.npz`, our own caches, guided-diffusion's reference batches);
+- images under `arr_0`, uint8 (N, H, W, C) (guided-diffusion's reference batches, e.g.
+  `VIRTUAL_imagenet64_labeled.npz`), whose statistics are computed with the given feature extractor.
+When a file holds both, `mu`/`sigma` are used: they are what published tables were computed against.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Where the published reference files come from, by file name (for the messages of a missing file).
+PUBLISHED = {
+    "cifar10-32x32.npz": "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
+    "VIRTUAL_imagenet64_labeled.npz": (
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/64/"
+        "VIRTUAL_imagenet64_labeled.npz"
+    ),
+    "VIRTUAL_lsun_cat256.npz": (
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/lsun/cat/VIRTUAL_lsun_cat256.npz"
+    ),
+}
+
+
+class ReferenceStatisticsError(ValueError):
+    """A reference statistics file is missing, unreadable or does not fit the feature extractor."""
+
+
+def missing_reference_message(path: Path) -> str:
+    url = PUBLISHED.get(path.name)
+    where = f" Get it from {url}." if url else ""
+    return (
+        f"eval.reference={path}: no such file.{where} Put it there, point eval.reference at it, or use "
+        "eval.reference=train to compute the statistics of the training set (cached as .npz)."
+    )
+
+
+def load_reference(
+    path: str | Path,
+    num_features: int,
+    extract: Callable[[Iterable[Tensor]], tuple[np.ndarray, np.ndarray]] | None = None,
+    batch_size: int = 250,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from `path`. For an `arr_0` image batch, `extract` maps batches of (B, C, H, W)
+    images in [-1, 1] to statistics."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReferenceStatisticsError(missing_reference_message(path))
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            if {"mu", "sigma"} <= keys:
+                mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+                images = None
+            elif "arr_0" in keys:
+                mu = sigma = None
+                images = npz["arr_0"]
+            else:
+                raise ReferenceStatisticsError(
+                    f"{path}: expected arrays `mu` and `sigma`, or images under `arr_0`; found {sorted(keys)}"
+                )
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ReferenceStatisticsError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        if isinstance(e, ReferenceStatisticsError):
+            raise
+        raise ReferenceStatisticsError(f"{path}: holds object arrays, which are never unpickled ({e})") from e
+
+    if images is not None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ReferenceStatisticsError(
+                f"{path}: arr_0 should hold uint8 images of shape (N, H, W, C) with C = 1 or 3; "
+                f"found {images.dtype} of shape {images.shape}"
+            )
+        if extract is None:
+            raise ReferenceStatisticsError(f"{path}: holds images (arr_0) but no feature extractor was given")
+
+        def batches():
+            for start in range(0, len(images), batch_size):
+                chunk = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
+                yield chunk.float() / 127.5 - 1  # exact inverse of the uint8 rounding
+
+        mu, sigma = extract(batches())
+    if mu.shape != (num_features,) or sigma.shape != (num_features, num_features):
+        raise ReferenceStatisticsError(
+            f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-d features, but the feature "
+            f"extractor gives {num_features}-d (mu {mu.shape}, sigma {sigma.shape}): a file made with "
+            "another extractor?"
+        )
+    return mu, sigma
+
+
+def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:
+    """Writes `mu`, `sigma` and scalar/str metadata atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
