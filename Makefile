@@ -43,8 +43,9 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
-bench: $(STAMP)  ## throughput benchmarks (not tests): images per second of each DataModule
+bench: $(STAMP)  ## throughput benchmarks (not tests): data loading, FID feature extraction and sampling
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_fid.py
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -49,15 +49,17 @@ def _key(item) -> str:
 
 
 def read_run(run_dir: Path) -> dict:
-    """{"history": [row, ...], "summary": {...}, "config": {...}} of the one offline run under run_dir."""
+    """History rows, summary, config, name and group of the one offline run under run_dir."""
     (log,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
-    out = {"history": [], "summary": {}, "config": {}}
+    out = {"history": [], "summary": {}, "config": {}, "name": None, "group": None}
     for r in records(log):
         kind = r.WhichOneof("record_type")
         if kind == "history":
             out["history"].append({_key(i): json.loads(i.value_json) for i in r.history.item})
         elif kind == "summary":
             out["summary"].update({_key(i): json.loads(i.value_json) for i in r.summary.update})
+        elif kind == "run":
+            out["name"], out["group"] = r.run.display_name, r.run.run_group
         elif kind == "config":
             out["config"].update({_key(i): json.loads(i.value_json) for i in r.config.update})
     return out

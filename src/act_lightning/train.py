@@ -53,6 +53,17 @@ def check_config(cfg: DictConfig) -> None:
             )
 
 
+def run_name(cfg: DictConfig) -> str:
+    """`<experiment>[<overrides>]`, e.g. `cifar10[model.gan_ratio=0.1,seed=1]`: tells sweep jobs apart."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().job.override_dirname
+    except ValueError:  # composed without a Hydra run (tests, notebooks)
+        overrides = ""
+    return f"{cfg.experiment_name}[{overrides}]" if overrides else str(cfg.experiment_name)
+
+
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
     for logger_cfg in (cfg.get("logger") or {}).values():
@@ -63,7 +74,8 @@ def build_loggers(cfg: DictConfig) -> list:
             if not offline and not wandb_key_configured():
                 log.warning("No W&B API key configured: logging offline. Upload later with `wandb sync`.")
                 offline = True
-            loggers.append(hydra.utils.instantiate(logger_cfg, offline=offline))
+            name = logger_cfg.get("name") or run_name(cfg)
+            loggers.append(hydra.utils.instantiate(logger_cfg, offline=offline, name=name))
         else:
             loggers.append(hydra.utils.instantiate(logger_cfg))
     return loggers

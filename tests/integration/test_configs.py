@@ -134,3 +134,28 @@ def test_mismatched_network_and_data_sizes(tmp_path):
     cfg = compose(["debug=smoke", "model.generator.image_size=16"], run_dir=str(tmp_path))
     with pytest.raises(ValueError, match="model.generator.image_size=16 differs from data.image_size=8"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "experiment, reference",
+    [
+        ("cifar10", "train"),
+        ("imagenet64", "VIRTUAL_imagenet64_labeled.npz"),
+        ("lsun_cat256", "VIRTUAL_lsun_cat256.npz"),
+    ],
+)
+def test_paper_experiments_track_fid_against_the_published_references(experiment, reference, tmp_path):
+    cfg = compose([f"experiment={experiment}"], run_dir=str(tmp_path))
+    ev = cfg.eval
+    assert (ev.features, ev.key, ev.every, ev.num_samples) == ("inception", "val/fid", 5000, 10000)
+    assert ev.reference == "train" if reference == "train" else ev.reference.endswith(f"/{reference}")
+    assert ev.inception_weights is None  # the real network: from the hub cache or eval.inception_weights
+    assert cfg.callbacks.evaluation is not None and cfg.callbacks.evaluation.features == "inception"
+    assert cfg.callbacks.samples.every_n_iterations == ev.every  # a grid at each evaluation
+    assert "WandbLogger" in cfg.logger.wandb._target_ and cfg.logger.csv is not None
+
+
+def test_quickstart_uses_its_own_features_with_the_same_machinery():
+    cfg = compose([])
+    assert cfg.eval.features == "digits" and cfg.eval.key == "val/fd"
+    assert cfg.callbacks.evaluation._target_.endswith("FrechetEvaluation")

@@ -106,16 +106,14 @@ class FrechetEvaluation(L.Callback):
         self.extractor.to(device)
         self.reference = self._reference_statistics(trainer, dm, device)
         if not self.references and hasattr(dm, "build_held_out_dataset"):
+            # every rank computes these whole (small sets): no all-reduce, or counts would double
             held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
-            self.references["real"] = self._fd(
-                feature_statistics(self.extractor, held.split(self.batch_size), device)
-            )
+            real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False)
             g = torch.Generator().manual_seed(self.seed + 99)
             shape = (self.num_samples, dm.channels, dm.image_size, dm.image_size)
             noise = torch.rand(shape, generator=g) * 2 - 1
-            self.references["noise"] = self._fd(
-                feature_statistics(self.extractor, noise.split(self.batch_size), device)
-            )
+            noise = feature_statistics(self.extractor, noise.split(self.batch_size), device, sync=False)
+            self.references = {"real": self._fd(real), "noise": self._fd(noise)}
         if self.references:
             self._log(trainer, pl_module._k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)

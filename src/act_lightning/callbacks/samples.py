@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
@@ -57,6 +57,8 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples/one_step", [grid], step=pl_module._k)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples/one_step", grid, global_step=pl_module._k)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if pl_module._k == 0:

@@ -35,6 +35,10 @@ def train_digits_classifier(
 ) -> DigitsClassifier:
     """A deterministic CNN on (N, 1, 8, 8) images in [-1, 1]; returned frozen, in eval mode."""
     generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    # One thread: the result must not depend on the thread count, which differs between a lone process and
+    # DDP ranks sharing the cores (and for a network this small one thread is also the fastest).
+    torch.set_num_threads(1)
     with torch.random.fork_rng():  # do not disturb the training run's random stream
         torch.manual_seed(seed)
         model = DigitsClassifier()
@@ -47,6 +51,7 @@ def train_digits_classifier(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+    torch.set_num_threads(threads)
     return model.eval().requires_grad_(False)
 
 

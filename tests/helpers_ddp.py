@@ -1,0 +1,49 @@
+"""Worker of the two-process (gloo, CPU) FID test: each rank draws its chunks of samples, the feature
+statistics are all-reduced, rank 0 writes (mu, sigma, FID) to a file."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random projection of the image: 32-d features, cheap on the CPU."""
+
+    num_features = 32
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("weight", torch.randn(in_features, 32, generator=g) / in_features**0.5)
+
+    def forward(self, x):
+        return torch.tanh(x.flatten(1) @ self.weight)
+
+
+def tiny_sampler(noise, labels, chunk):
+    """A deterministic 'generator': a fixed nonlinearity of the noise."""
+    return torch.tanh(0.5 * noise + 0.1 * noise.roll(1, dims=-1))
+
+
+def fid_of_samples(rank: int, world_size: int, num_samples: int, batch_size: int, shape, reference):
+    from act_lightning.metrics.fid import sample_statistics
+    from act_lightning.metrics.frechet import frechet_distance
+
+    extractor = TinyFeatures(int(np.prod(shape)))
+    mu, sigma = sample_statistics(
+        tiny_sampler, extractor, num_samples, batch_size, shape, seed=3, rank=rank, world_size=world_size
+    )
+    return mu, sigma, frechet_distance(mu, sigma, *reference)
+
+
+def ddp_worker(rank: int, world_size: int, port: int, out: str, num_samples, batch_size, shape, reference):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        mu, sigma, fid = fid_of_samples(rank, world_size, num_samples, batch_size, shape, reference)
+        if rank == 0:
+            np.savez(out, mu=mu, sigma=sigma, fid=fid)
+    finally:
+        dist.destroy_process_group()

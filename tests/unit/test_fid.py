@@ -1,0 +1,289 @@
+"""FID machinery: the Fréchet distance, feature statistics, the Inception extractor and its weights,
+reference files and caches, and the sharding that makes many processes agree with one."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from act_lightning.metrics.fid import (
+    chunk_noise,
+    feature_statistics,
+    reference_statistics,
+    sample_chunks,
+    sample_statistics,
+)
+from act_lightning.metrics.frechet import FeatureStatistics, frechet_distance, statistics_of
+from act_lightning.metrics.inception import (
+    WEIGHTS_FILE,
+    WEIGHTS_URL,
+    InceptionFeatures,
+    WeightsError,
+    resolve_inception_weights,
+    to_uint8,
+)
+from act_lightning.metrics.reference import ReferenceStatisticsError, load_reference, save_reference
+from tests.helpers_ddp import TinyFeatures, ddp_worker, fid_of_samples
+
+
+def scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    """The textbook computation (pytorch-fid / TTUR), independent of ours: np.cov and scipy's sqrtm."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.fixture(scope="module")
+def features():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(600, 48))
+    b = rng.normal(size=(500, 48)) @ rng.normal(size=(48, 48)) * 0.3 + 0.2
+    return a, b
+
+
+# -- the distance and the statistics ------------------------------------------------------------------
+def test_fid_of_a_set_against_itself_is_zero(features):
+    a, _ = features
+    stats = statistics_of(torch.from_numpy(a))
+    assert abs(frechet_distance(*stats, *stats)) < 1e-8
+
+
+def test_fid_equals_an_independent_numpy_scipy_computation(features):
+    a, b = features
+    ours = frechet_distance(*statistics_of(torch.from_numpy(a)), *statistics_of(torch.from_numpy(b)))
+    assert ours > 1  # the sets differ
+    assert ours == pytest.approx(scipy_fid(a, b), rel=1e-9)
+
+
+def test_fid_with_fewer_samples_than_features_matches_scipy():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(20, 64)), rng.normal(size=(30, 64)) + 0.5  # singular covariances
+    ours = frechet_distance(*statistics_of(torch.from_numpy(a)), *statistics_of(torch.from_numpy(b)))
+    assert np.isfinite(ours) and ours == pytest.approx(scipy_fid(a, b), rel=1e-6)
+
+
+def test_statistics_accumulated_in_batches_equal_numpy_float64(features):
+    a, _ = features
+    stats = FeatureStatistics(48)
+    for chunk in torch.from_numpy(a).float().split(70):  # float32 features, as extractors give
+        stats.update(chunk)
+    mu, sigma = stats.compute()
+    a32 = a.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu, a32.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(a32, rowvar=False), rtol=0, atol=1e-10)
+    assert stats.total.dtype == torch.float64
+
+
+def test_statistics_reject_wrong_shapes():
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        FeatureStatistics(8).update(torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="at least 2"):
+        FeatureStatistics(8).compute()
+
+
+# -- the Inception extractor -----------------------------------------------------------------------------
+def test_images_are_quantised_by_rounding_not_truncation():
+    values = torch.tensor([10.6, 10.4, 254.7, -3.0, 300.0]) / 127.5 - 1  # pixel values before quantisation
+    assert to_uint8(values).tolist() == [11, 10, 255, 0, 255]
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert torch.equal(to_uint8(x.float() / 127.5 - 1), x)  # the exact inverse of reading a uint8 image
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_FILE
+
+
+def test_missing_inception_weights_name_the_file_the_place_and_the_url(empty_hub):
+    with pytest.raises(WeightsError) as err:
+        resolve_inception_weights(None, download=False)
+    message = str(err.value)
+    assert WEIGHTS_FILE in message and str(empty_hub) in message and WEIGHTS_URL in message
+    assert "eval.inception_weights" in message
+    with pytest.raises(WeightsError, match="eval.inception_weights=/nowhere/w.pth: no such file"):
+        resolve_inception_weights("/nowhere/w.pth")
+
+
+def test_a_failed_download_says_where_to_put_the_file(empty_hub, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError, match=f"Put {WEIGHTS_FILE}.*at {empty_hub}"):
+        resolve_inception_weights(None, download=True)
+
+
+@pytest.fixture(scope="module")
+def random_inception():
+    return InceptionFeatures("random")
+
+
+def test_inception_features_from_a_weights_file_in_the_hub_cache(random_inception, empty_hub):
+    state = random_inception.net.state_dict()
+    perturbed = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    empty_hub.parent.mkdir(parents=True)
+    torch.save(perturbed, empty_hub)
+    loaded = InceptionFeatures(None)  # found in the hub cache
+    assert loaded.pretrained and not random_inception.pretrained
+    for k, v in loaded.net.state_dict().items():
+        torch.testing.assert_close(v, perturbed[k], rtol=0, atol=0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    f = loaded(x)
+    assert f.shape == (3, 2048) and torch.isfinite(f).all()
+    assert not torch.allclose(f, random_inception(x))
+
+
+class NotWeights:
+    pass
+
+
+def test_inception_weights_are_never_unpickled(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"Mixed_7c.branch_pool.conv.weight": NotWeights()}, evil)
+    with pytest.raises(WeightsError, match="not a readable weights file"):
+        InceptionFeatures(str(evil))
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, other)
+    with pytest.raises(WeightsError, match="not the TF-Inception state dict"):
+        InceptionFeatures(str(other))
+
+
+def test_inception_pipeline_self_fid_is_zero_and_grey_images_work(random_inception):
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    stats = feature_statistics(random_inception, images.split(4), "cpu")
+    assert abs(frechet_distance(*stats, *stats)) < 1e-6
+    other = feature_statistics(random_inception, (torch.rand(6, 3, 32, 32) * 0.2).split(4), "cpu")
+    assert frechet_distance(*stats, *other) > 1e-3
+    assert random_inception(torch.zeros(2, 1, 8, 8)).shape == (2, 2048)  # one channel -> three
+
+
+def test_the_random_inception_is_the_same_in_every_process(random_inception):
+    again = InceptionFeatures("random")
+    for (k, a), b in zip(random_inception.net.state_dict().items(), again.net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+# -- reference files ---------------------------------------------------------------------------------------
+def test_reference_with_mu_sigma_and_with_images(tmp_path, random_inception):
+    mu, sigma = np.arange(4.0), np.eye(4) * 2
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    got = load_reference(tmp_path / "stats.npz", 4)
+    np.testing.assert_array_equal(got[0], mu)
+    np.testing.assert_array_equal(got[1], sigma)
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)  # NHWC, as published
+    np.savez(tmp_path / "batch.npz", arr_0=images)
+
+    def extract(batches):
+        return feature_statistics(random_inception, batches, "cpu", sync=False)
+
+    got = load_reference(tmp_path / "batch.npz", 2048, extract, batch_size=2)
+    direct = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    want = feature_statistics(random_inception, [direct], "cpu")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-9)
+
+
+def test_bad_reference_files_are_named(tmp_path):
+    with pytest.raises(
+        ReferenceStatisticsError, match="https://openaipublic.*VIRTUAL_imagenet64_labeled.npz"
+    ):
+        load_reference(tmp_path / "VIRTUAL_imagenet64_labeled.npz", 2048)
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ReferenceStatisticsError, match="cut.npz: not a readable .npz"):
+        load_reference(tmp_path / "cut.npz", 2048)
+    np.savez(tmp_path / "keys.npz", features=np.zeros(3))
+    with pytest.raises(ReferenceStatisticsError, match=r"expected arrays `mu` and `sigma`.*\['features'\]"):
+        load_reference(tmp_path / "keys.npz", 2048)
+    np.savez(tmp_path / "dims.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ReferenceStatisticsError, match="64-d features, but the feature extractor gives 2048"):
+        load_reference(tmp_path / "dims.npz", 2048)
+    np.savez(tmp_path / "obj.npz", arr_0=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ReferenceStatisticsError, match="never unpickled"):
+        load_reference(tmp_path / "obj.npz", 2048)
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ReferenceStatisticsError, match=r"uint8 images of shape \(N, H, W, C\)"):
+        load_reference(tmp_path / "float.npz", 2048, extract=lambda b: None)
+
+
+class FakeData:
+    """What reference_statistics needs of a datamodule."""
+
+    image_size = 4
+
+    def __init__(self, n: int) -> None:
+        self.images = torch.rand(n, 1, 4, 4) * 2 - 1
+        self.reads = 0
+
+    def build_reference_dataset(self):
+        return torch.utils.data.TensorDataset(self.images, torch.zeros(len(self.images)))
+
+    def reference_dataloader(self, batch_size, rank, world_size, dataset, max_images):
+        self.reads += 1
+        from act_lightning.data.base import reference_indices
+
+        idx = reference_indices(len(dataset), max_images)
+        return [(self.images[idx], None)]
+
+
+def test_training_set_statistics_are_cached_and_recomputed_when_the_data_changes(tmp_path):
+    extractor = TinyFeatures(16)
+    cache = tmp_path / "stats" / "ref.npz"
+    data = FakeData(40)
+    first = reference_statistics(extractor, "train", data, "tiny", cache=cache)
+    assert cache.is_file() and data.reads == 1
+    second = reference_statistics(extractor, "train", data, "tiny", cache=cache)
+    assert data.reads == 1  # read from the cache
+    np.testing.assert_array_equal(first[0], second[0])
+    reference_statistics(extractor, "train", FakeData(41), "tiny", cache=cache)  # another data set size
+    reference_statistics(extractor, "train", data, "other", cache=cache)  # another extractor
+    with np.load(cache) as npz:
+        assert str(npz["features"]) == "other" and int(npz["num_images"]) == 40
+
+
+def test_published_mu_sigma_are_not_cached(tmp_path):
+    save_reference(tmp_path / "published.npz", np.zeros(32), np.eye(32))
+    cache = tmp_path / "cache.npz"
+    mu, sigma = reference_statistics(TinyFeatures(16), str(tmp_path / "published.npz"), cache=cache)
+    assert mu.shape == (32,) and not cache.exists()
+
+
+# -- many processes agree with one -------------------------------------------------------------------------
+def test_chunks_of_all_ranks_are_the_chunks_of_one_process():
+    one = sample_chunks(1000, 64)
+    assert sum(size for _, size in one) == 1000
+    for world in (2, 3, 8, 20):
+        shards = [sample_chunks(1000, 64, r, world) for r in range(world)]
+        assert sorted(c for shard in shards for c in shard) == one
+    a, _ = chunk_noise(0, 5, 4, (1, 2, 2), None)
+    b, labels = chunk_noise(0, 5, 4, (1, 2, 2), 10)
+    assert torch.equal(a, b) and labels.shape == (4,)  # the noise does not depend on who draws it
+
+
+def test_two_processes_under_ddp_give_the_same_fid_as_one(tmp_path):
+    shape, num_samples, batch_size = (1, 6, 6), 90, 16  # 6 chunks, the last one short
+    reference = (np.zeros(32), np.eye(32) * 0.1)
+    mu1, sigma1, fid1 = fid_of_samples(0, 1, num_samples, batch_size, shape, reference)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.npz"
+    torch.multiprocessing.spawn(
+        ddp_worker, args=(2, port, str(out), num_samples, batch_size, shape, reference), nprocs=2, join=True
+    )
+    with np.load(out) as got:
+        np.testing.assert_allclose(got["mu"], mu1, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got["sigma"], sigma1, rtol=1e-10, atol=1e-13)
+        assert float(got["fid"]) == pytest.approx(fid1, rel=1e-10)
+
+
+def test_sample_statistics_reports_progress():
+    seen = []
+    sample_statistics(lambda n, y, c: n.clamp(-1, 1), TinyFeatures(4), 10, 4, (1, 2, 2), progress=seen.append)
+    assert seen == [4, 4, 2]
