@@ -61,6 +61,7 @@ class FrechetEvaluation(L.Callback):
             )
         self.run_dir = Path(run_dir)
         self.features_spec = features
+        self.features_name = features if isinstance(features, str) else "custom"  # for caches and summaries
         self.every = every_n_iterations
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -126,7 +127,7 @@ class FrechetEvaluation(L.Callback):
             self.extractor,
             self.reference_spec,
             datamodule=dm,
-            features=self.features_spec if isinstance(self.features_spec, str) else "custom",
+            features=self.features_name,
             cache=self.reference_cache,
             max_images=self.reference_max_images,
             batch_size=self.batch_size,
@@ -208,7 +209,7 @@ class FrechetEvaluation(L.Callback):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         summary = {
             "metric": self.key,
-            "features": self.features_spec if isinstance(self.features_spec, str) else "custom",
+            "features": self.features_name,
             "num_samples": self.num_samples,
             "reference": self.reference_spec,
             "history": [{"iteration": k, "value": v} for k, v in self.history],

@@ -9,8 +9,6 @@ When a file holds both, `mu`/`sigma` are used: they are what published tables we
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from act_lightning.atomic import atomic_write
 
 # Where the published reference files come from, by file name (for the messages of a missing file).
 PUBLISHED = {
@@ -101,14 +101,6 @@ def load_reference(
 
 
 def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:
-    """Writes `mu`, `sigma` and scalar/str metadata atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes `mu`, `sigma` and scalar/str metadata atomically."""
+    with atomic_write(path) as f:
+        np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
