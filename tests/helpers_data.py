@@ -148,37 +148,45 @@ def write_lsun_lmdb(path: Path, n: int = 8, seed: int = 0, extra: dict[bytes, by
 
 
 # -- checks shared by the DataModule tests -----------------------------------------------------------
+def listing(root: Path) -> set[str]:
+    """Every file and folder under `root` (hidden ones too), relative to it: to assert a step created
+    nothing."""
+    return {str(path.relative_to(root)) for path in root.rglob("*")}
+
+
 def batch_digests(images) -> list[str]:
     """One digest per image of a (B, C, H, W) tensor: identifies images across loaders."""
     return [hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() for image in images]
 
 
-def shards(datamodule, world_size: int = 2) -> list[list[str]]:
-    """The images each rank sees in one epoch after Lightning swaps in a DistributedSampler (as it does
-    under DDP), identified by digest."""
-    from lightning.fabric.utilities.data import _replace_dunder_methods
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+def on_rank(datamodule, rank: int, world_size: int):
+    """Attach a stand-in trainer, so the data module builds the loader of `rank` of `world_size` (as the
+    Trainer does under DDP, with use_distributed_sampler=False)."""
+    from types import SimpleNamespace
 
-    # as Lightning's data connector requests the loader: constructor arguments are recorded, so the
-    # loader and its batch sampler can be rebuilt around a DistributedSampler
-    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
-        loader = datamodule.train_dataloader()
+    datamodule.trainer = SimpleNamespace(
+        global_rank=rank, world_size=world_size, training=False, lightning_module=None
+    )
+    return datamodule
+
+
+def shards(datamodule, world_size: int = 2) -> list[list[str]]:
+    """The images each rank sees in one epoch (its share of every global batch), identified by digest."""
     seen = []
-    for rank in range(world_size):
-        sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
-        sharded = _update_dataloader(loader, sampler)
-        # the resumable batch sampler survives Lightning's rebuild, around the DistributedSampler, with the
-        # same batch size, whole batches only, and the DataModule's position (so a resume skip applies)
-        bs = sharded.batch_sampler
-        assert type(bs) is type(loader.batch_sampler) and bs.sampler is sampler
-        assert bs.batch_size == loader.batch_sampler.batch_size == 2 * datamodule.batch_size and bs.drop_last
-        assert bs.position is loader.batch_sampler.position
-        digests = []
-        for batch in sharded:
-            images = datamodule.on_after_batch_transfer(batch, 0)  # HalfBatch of float images
-            digests += batch_digests(images.gen) + batch_digests(images.disc)
-        seen.append(digests)
+    try:
+        for rank in range(world_size):
+            loader = on_rank(datamodule, rank, world_size).train_dataloader()
+            bs = loader.batch_sampler  # global batches of both halves, of which this rank loads its share
+            assert bs.batch_size == 2 * datamodule.batch_size * world_size and bs.drop_last
+            assert (bs.rank, bs.world_size) == (rank, world_size)
+            digests = []
+            for batch in loader:
+                images = datamodule.on_after_batch_transfer(batch, 0)  # HalfBatch of float images
+                assert images.gen.shape[0] == images.disc.shape[0] == datamodule.batch_size
+                digests += batch_digests(images.gen) + batch_digests(images.disc)
+            seen.append(digests)
+    finally:
+        datamodule.trainer = None
     return seen
 
 

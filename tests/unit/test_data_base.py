@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +12,18 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from act_lightning.data import DataError, HalfBatch, ImageDataModule
+from act_lightning.data import (
+    CIFAR10DataModule,
+    DataError,
+    DigitsDataModule,
+    FolderDataModule,
+    HalfBatch,
+    ImageDataModule,
+    ImageNet64DataModule,
+    LSUNDataModule,
+    SyntheticDataModule,
+    storage,
+)
 from act_lightning.data.base import random_hflip, to_signed
 from act_lightning.data.images import center_crop, decode_image, load_image
 from act_lightning.data.storage import PackedBytes
@@ -18,7 +31,7 @@ from act_lightning.data.storage import PackedBytes
 
 class _Tiny(ImageDataModule):
     def __init__(self, **kwargs):
-        super().__init__(root=None, batch_size=2, image_size=4, channels=1, **kwargs)
+        super().__init__(**(dict(batch_size=2, image_size=4, channels=1) | kwargs))
 
     def build_train_dataset(self):
         images = torch.arange(16 * 16, dtype=torch.uint8).reshape(16, 1, 4, 4)  # distinct rows, values < 256
@@ -59,6 +72,88 @@ def test_flips_are_deterministic_for_a_seed():
     batch = (torch.arange(64 * 6, dtype=torch.uint8).reshape(64, 1, 2, 3), torch.zeros(64, dtype=torch.long))
     a, b = _Tiny(hflip=True, seed=1), _Tiny(hflip=True, seed=1)
     assert torch.equal(a.on_after_batch_transfer(batch, 0).gen, b.on_after_batch_transfer(batch, 0).gen)
+
+
+def _attach_trainer(dm: ImageDataModule, k: int | None, global_step: int, rank: int = 0) -> None:
+    """What `_device_generator` reads of a trainer: its rank, its step, and the module's `k` (if any)."""
+    module = SimpleNamespace() if k is None else SimpleNamespace(k=k)
+    dm.trainer = SimpleNamespace(
+        global_rank=rank, global_step=global_step, lightning_module=module, training=False
+    )
+
+
+def test_flips_are_seeded_from_the_act_iteration_not_the_optimiser_step():
+    cpu = torch.device("cpu")
+    seeds = {}
+    for k, global_step in [(5, 10), (5, 11), (6, 10)]:
+        dm = _Tiny(hflip=True, seed=3)
+        _attach_trainer(dm, k=k, global_step=global_step, rank=1)
+        seeds[k, global_step] = dm._device_generator(cpu).initial_seed()
+    assert seeds[5, 10] == seeds[5, 11] == 3 * 1_000_003 + 1 * 7919 + 5  # (seed, rank, k)
+    assert seeds[6, 10] != seeds[5, 10]
+    dm = _Tiny(hflip=True, seed=3)
+    _attach_trainer(dm, k=None, global_step=10)  # a module that counts no ACT iterations
+    assert dm._device_generator(cpu).initial_seed() == 3 * 1_000_003
+
+
+def test_path_is_the_absolute_root_and_only_sources_with_files_need_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _Tiny(root="~/data/../images").path == tmp_path.resolve() / "images"
+    assert _Tiny(root=tmp_path).root == str(tmp_path)  # a Path is kept as the string the config holds
+    with pytest.raises(ValueError, match="data.root is not set"):
+        _Tiny().path  # noqa: B018
+
+
+def test_sources_in_memory_have_nothing_to_check(tmp_path):
+    _Tiny(root=tmp_path / "nothing").check_source()
+    SyntheticDataModule(batch_size=2, image_size=4).check_source()
+    DigitsDataModule().check_source()
+    assert list(tmp_path.iterdir()) == []
+
+
+FILE_SOURCES = {
+    # class: (defaults of the base arguments it had before they moved into ImageDataModule)
+    CIFAR10DataModule: dict(batch_size=80, image_size=32, num_classes=None, num_workers=4),
+    ImageNet64DataModule: dict(batch_size=320, image_size=64, num_classes=1000, num_workers=8),
+    LSUNDataModule: dict(batch_size=80, image_size=256, num_classes=None, num_workers=8),
+    FolderDataModule: dict(batch_size=64, image_size=64, num_classes=None, num_workers=8),
+}
+
+
+@pytest.mark.parametrize("cls", list(FILE_SOURCES), ids=lambda c: c.__name__)
+def test_file_sources_keep_their_defaults_and_the_config_wins(cls):
+    dm = cls(root="x")
+    for key, value in FILE_SOURCES[cls].items():
+        assert getattr(dm, key) == value, key
+    assert (dm.channels, dm.seed, dm.hflip, dm.pin_memory, dm.persistent_workers) == (3, 0, True, True, True)
+    dm = cls(root="x", num_workers=0, hflip=False, seed=7, batch_size=6)
+    assert (dm.num_workers, dm.persistent_workers, dm.hflip, dm.seed) == (0, False, False, 7)
+    assert dm.batch_size == 6
+    with pytest.raises(TypeError, match="batch_sise"):  # a mistyped config key is refused, not ignored
+        cls(root="x", batch_sise=3)
+    with pytest.raises(ValueError, match="data.batch_size must be a positive even number"):
+        cls(root="x", batch_size=0)
+
+
+def test_manifest_is_replaced_atomically(tmp_path, monkeypatch):
+    images, _ = storage.create_arrays(tmp_path, "train", 2, (1, 2, 2), labels=False)
+    del images
+    splits = {"train": {"count": 2, "images": "train_images.npy", "labels": None}}
+    storage.write_manifest(tmp_path, "test", splits, progress=False)
+    before = (tmp_path / storage.MANIFEST).read_text()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # fails after the new manifest was written in full
+    with pytest.raises(OSError, match="No space left on device"):
+        storage.write_manifest(tmp_path, "another source", splits, progress=False)
+    assert (tmp_path / storage.MANIFEST).read_text() == before  # the old manifest, whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".verified.json",
+        "manifest.json",
+        "train_images.npy",
+    ]  # and no temporary file left behind
 
 
 def test_reference_loader_yields_float_images_unflipped():

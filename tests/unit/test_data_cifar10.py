@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from act_lightning.data import CIFAR10DataModule, DataError
+from act_lightning.data import CIFAR10DataModule, DataError, cifar10
 from act_lightning.data.cifar10 import load_cifar10_train
-from tests.helpers_data import CIFAR_FOLDER, shards, write_cifar10
+from tests.helpers_data import CIFAR_FOLDER, listing, shards, write_cifar10
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -119,10 +122,116 @@ def test_truncated_batch_is_named(tmp_path):
 
 
 def test_wrong_sizes_are_refused():
-    with pytest.raises(ValueError, match="data.image_size must be 32"):
+    with pytest.raises(ValueError, match="data.image_size must be 32 and data.channels 3, got 64 and 3"):
         CIFAR10DataModule(root="x", image_size=64)
+    with pytest.raises(ValueError, match="data.image_size must be 32 and data.channels 3, got 32 and 1"):
+        CIFAR10DataModule(root="x", channels=1)
     with pytest.raises(ValueError, match="num_classes must be null"):
         CIFAR10DataModule(root="x", num_classes=100)
+
+
+# -- start-up checks: cheap, and they create nothing -------------------------------------------------
+def test_check_source_accepts_the_batches_or_the_archive(cifar_root, tmp_path):
+    before = listing(cifar_root)
+    _dm(cifar_root).check_source()
+    write_cifar10(tmp_path, archive=True)
+    _dm(tmp_path).check_source()
+    assert listing(cifar_root) == before and listing(tmp_path) == {"cifar-10-python.tar.gz"}  # not extracted
+
+
+def test_check_source_on_a_missing_root_names_it_and_creates_nothing(tmp_path):
+    root = tmp_path / "mistyped" / "cifar10"
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(root, download=False).check_source()
+    message = str(err.value)
+    assert str(root / CIFAR_FOLDER / "data_batch_1") in message
+    assert f"data.root={root}" in message and URL in message
+    assert not (tmp_path / "mistyped").exists()
+
+
+def test_check_source_with_download_needs_a_writable_place_for_it(tmp_path, monkeypatch):
+    root = tmp_path / "new" / "cifar10"
+    _dm(root, download=True).check_source()  # tmp_path, its nearest existing ancestor, is writable
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "a-file").write_text("")
+    under_a_file = tmp_path / "a-file" / "cifar10"
+    with pytest.raises(
+        NotADirectoryError, match=rf"archive into {under_a_file}, but {tmp_path / 'a-file'} is"
+    ):
+        _dm(under_a_file, download=True).check_source()
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root: chmod would not do
+    with pytest.raises(PermissionError, match=rf"but {tmp_path} is not writable: check data\.root") as err:
+        _dm(root, download=True).check_source()
+    assert str(root / CIFAR_FOLDER / "data_batch_1") in str(err.value) and URL in str(err.value)
+    assert listing(tmp_path) == {"a-file"}
+
+
+def _offline(monkeypatch) -> list[str]:
+    """Every URL torchvision tries fails as it would offline; returns the URLs tried."""
+    tried = []
+
+    def urlopen(request, *args, **kwargs):
+        tried.append(getattr(request, "full_url", request))
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return tried
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    tried = _offline(monkeypatch)
+    root = tmp_path / "mistyped" / "deeper" / "cifar10"
+    with pytest.raises(FileNotFoundError, match=r"The download failed: URLError") as err:
+        _dm(root, download=True).prepare_data()
+    assert tried and URL in str(err.value)  # torchvision did try, through the patched urlopen ...
+    assert listing(tmp_path) == set()  # ... and the folders it made for the archive are gone
+
+
+def test_a_failed_download_into_an_existing_root_leaves_it_as_it_was(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def partial_download(url, root, filename, md5=None):
+        Path(root, filename).write_bytes(b"\x1f\x8b half an archive")
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(cifar10, "download_url", partial_download)
+    with pytest.raises(FileNotFoundError, match="The download failed: ConnectionResetError"):
+        _dm(tmp_path, download=True).prepare_data()
+    assert listing(tmp_path) == {"notes.txt"}
+
+
+def test_a_corrupt_download_is_removed(tmp_path, monkeypatch):
+    def truncated_download(url, root, filename, md5=None):
+        archive = write_cifar10(Path(root) / "src", archive=True)
+        Path(root, filename).write_bytes(archive.read_bytes()[:2000])
+
+    monkeypatch.setattr(cifar10, "download_url", truncated_download)
+    root = tmp_path / "cifar10"
+    with pytest.raises(FileNotFoundError, match="The download failed: DataError: .*not a complete gzip"):
+        _dm(root, download=True).prepare_data()
+    assert not root.exists()
+
+
+def test_a_download_is_extracted(tmp_path, monkeypatch):
+    def download(url, root, filename, md5=None):
+        assert url == URL
+        os.makedirs(root, exist_ok=True)  # as torchvision does
+        archive = write_cifar10(Path(root) / "src", archive=True)
+        os.replace(archive, Path(root, filename))
+        (Path(root) / "src").rmdir()
+
+    monkeypatch.setattr(cifar10, "download_url", download)
+    root = tmp_path / "cifar10"
+    dm = _dm(root, download=True)
+    dm.prepare_data()
+    assert listing(root) == {"cifar-10-python.tar.gz", CIFAR_FOLDER} | {
+        f"{CIFAR_FOLDER}/{name}"
+        for name in ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))
+    }
+    dm.setup("fit")
+    assert len(dm.train_set) == 40
 
 
 @pytest.mark.gpu

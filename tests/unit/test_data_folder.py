@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from act_lightning.data import DataError, FolderDataModule
-from tests.helpers_data import shards, write_image_folder
+from tests.helpers_data import listing, shards, write_image_folder
 
 
 def _dm(root, **kwargs) -> FolderDataModule:
@@ -34,7 +34,7 @@ def test_unconditional_batches_from_any_tree(folder):
 
 
 def test_labels_from_sub_folders(folder):
-    dm = _dm(folder, num_classes=2, batch_size=5, hflip=False)
+    dm = _dm(folder, num_classes=2, hflip=False)
     dm.setup("fit")
     assert dm.class_names == ["cats", "dogs"]
     images, labels = next(iter(dm.reference_dataloader(batch_size=10)))  # in file order: cats, then dogs
@@ -99,3 +99,30 @@ def test_a_truncated_image_is_named_when_read(tmp_path):
     index = [dm.train_set.path(i) for i in range(len(dm.train_set))].index(str(path))
     with pytest.raises(DataError, match=r"a/img_1\.jpg: the image does not decode"):
         dm.train_set[index]
+
+
+def test_wrong_channels_are_refused():
+    with pytest.raises(ValueError, match=r"data.channels must be 3 \(RGB\) or 1 \(grey\), got 4"):
+        FolderDataModule(root="x", channels=4)
+
+
+# -- start-up checks: cheap, and they create nothing -------------------------------------------------
+def test_check_source_accepts_a_tree_with_images(folder):
+    before = listing(folder)
+    _dm(folder, num_classes=2).check_source()
+    assert listing(folder) == before
+
+
+def test_check_source_on_a_missing_root_names_it_and_creates_nothing(tmp_path):
+    root = tmp_path / "mistyped" / "images"
+    with pytest.raises(FileNotFoundError, match=rf"data.root={root} is not a folder"):
+        _dm(root).check_source()
+    assert not (tmp_path / "mistyped").exists()
+
+
+def test_check_source_on_a_folder_without_images_says_what_it_found(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("no images here")
+    (tmp_path / ".hidden.png").write_bytes(b"")  # hidden files are not training images
+    with pytest.raises(FileNotFoundError, match=rf"data.root={tmp_path} holds no images: .*found 1 \.txt"):
+        _dm(tmp_path).check_source()

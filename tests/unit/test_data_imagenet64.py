@@ -12,7 +12,7 @@ import torch
 from act_lightning.data import DataError, ImageNet64DataModule
 from act_lightning.data.imagenet64 import prepare_imagenet64
 from act_lightning.prepare import main as prepare_main
-from tests.helpers_data import shards, write_imagenet64
+from tests.helpers_data import listing, shards, write_imagenet64
 
 
 def _dm(root, **kwargs) -> ImageNet64DataModule:
@@ -214,5 +214,71 @@ def test_verified_files_are_not_hashed_again(prepared_copy, monkeypatch):
 
 
 def test_wrong_sizes_are_refused():
-    with pytest.raises(ValueError, match="data.image_size must be 64"):
+    with pytest.raises(ValueError, match="data.image_size must be 64 and data.channels 3, got 32 and 3"):
         ImageNet64DataModule(root="x", image_size=32)
+    with pytest.raises(ValueError, match="data.image_size must be 64 and data.channels 3, got 64 and 1"):
+        ImageNet64DataModule(root="x", channels=1)
+    with pytest.raises(
+        ValueError, match=r"data.num_classes must be 1000 \(class-conditional\) or null, got 10"
+    ):
+        ImageNet64DataModule(root="x", num_classes=10)
+    assert ImageNet64DataModule(root="x", num_classes=None).num_classes is None
+
+
+# -- start-up checks: cheap, and they create nothing -------------------------------------------------
+def test_check_source_accepts_the_prepared_form_without_hashing(prepared_copy, monkeypatch):
+    from act_lightning.data import storage
+
+    monkeypatch.setattr(storage, "sha256_file", lambda *a, **k: pytest.fail("check_source hashed a file"))
+    before = listing(prepared_copy)
+    _dm(prepared_copy).check_source()
+    assert listing(prepared_copy) == before  # not even the record of verified files
+
+
+def test_check_source_names_a_missing_or_truncated_prepared_file(prepared_copy):
+    path = prepared_copy / "train_labels.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"train_labels\.npy holds \d+ bytes, the manifest records \d+"):
+        _dm(prepared_copy).check_source()
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"train_labels\.npy is missing: .*manifest\.json lists it"):
+        _dm(prepared_copy).check_source()
+
+
+def test_check_source_accepts_official_files_without_converting_them(tmp_path):
+    write_imagenet64(tmp_path, per_file=2)
+    before = listing(tmp_path)
+    _dm(tmp_path).check_source()
+    assert listing(tmp_path) == before  # converted by prepare_data, not here
+
+
+def test_check_source_names_missing_and_truncated_official_files(tmp_path):
+    write_imagenet64(tmp_path, per_file=2)
+    path = tmp_path / "train_data_batch_4.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"train_data_batch_4\.npz: not a valid \.npz archive"):
+        _dm(tmp_path).check_source()
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"train_data_batch_4\.npz not found under {tmp_path}"):
+        _dm(tmp_path).check_source()
+
+
+def test_check_source_needs_to_write_the_prepared_form_next_to_official_files(tmp_path, monkeypatch):
+    import os
+
+    write_imagenet64(tmp_path, per_file=2)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root: chmod would not do
+    with pytest.raises(
+        PermissionError, match=rf"data.root={tmp_path} .* is not writable.*prepare imagenet64"
+    ):
+        _dm(tmp_path).check_source()
+
+
+def test_check_source_on_a_missing_root_names_it_and_creates_nothing(tmp_path):
+    root = tmp_path / "mistyped" / "imagenet64"
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(root).check_source()
+    message = str(err.value)
+    assert f"data.root={root}" in message and "https://image-net.org/download-images.php" in message
+    assert "train_data_batch_1.npz" in message and "python -m act_lightning.prepare imagenet64" in message
+    assert not (tmp_path / "mistyped").exists()

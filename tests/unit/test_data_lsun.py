@@ -12,7 +12,7 @@ import torch
 from act_lightning.data import DataError, LSUNDataModule, lsun
 from act_lightning.data.lsun import LMDBImages, list_keys
 from act_lightning.prepare import main as prepare_main
-from tests.helpers_data import shards, write_lsun_lmdb
+from tests.helpers_data import listing, shards, write_lsun_lmdb
 
 SIZE = 32  # the pipeline is size-agnostic; small images keep the tests fast (the CLI test runs 256)
 
@@ -153,6 +153,43 @@ def test_empty_lmdb_is_named(tmp_path):
         _dm(tmp_path).setup("fit")
 
 
-def test_class_labels_are_refused():
-    with pytest.raises(ValueError, match="has no class labels"):
+def test_class_labels_and_odd_channels_are_refused():
+    with pytest.raises(
+        ValueError, match="LSUN cat has no class labels: data.num_classes must be null, got 10"
+    ):
         LSUNDataModule(root="x", num_classes=10)
+    with pytest.raises(ValueError, match=r"data.channels must be 3 \(RGB\) or 1 \(grey\), got 2"):
+        LSUNDataModule(root="x", channels=2)
+    assert LSUNDataModule(root="x", num_classes=0).num_classes is None
+
+
+# -- start-up checks: cheap, and they create nothing -------------------------------------------------
+def test_check_source_accepts_the_lmdb_without_opening_it(tmp_path):
+    write_lsun_lmdb(tmp_path / "cat", n=2)
+    before = listing(tmp_path)
+    _dm(tmp_path).check_source()
+    assert listing(tmp_path) == before
+    assert not any(path == str(tmp_path / "cat") for _, path in lsun._ENVS)
+
+
+def test_check_source_checks_the_prepared_form(lsun_root, tmp_path):
+    dst = tmp_path / "prepared"
+    args = ["lsun_cat256", str(lsun_root), str(dst), "--image-size", str(SIZE), "--workers", "0", "-q"]
+    assert prepare_main(args) == 0
+    before = listing(dst)
+    _dm(dst).check_source()
+    assert listing(dst) == before
+    (dst / "train_images.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train_images\.npy is missing"):
+        _dm(dst).check_source()
+    with pytest.raises(DataError, match=r"prepared at 32 px .* data.image_size=64"):
+        _dm(dst, image_size=64).check_source()  # no LMDB to fall back on
+
+
+def test_check_source_on_a_missing_root_names_it_and_creates_nothing(tmp_path):
+    root = tmp_path / "mistyped" / "lsun"
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(root).check_source()
+    message = str(err.value)
+    assert str(root / "cat") in message and "http://dl.yf.io/lsun/objects/cat.zip" in message
+    assert not (tmp_path / "mistyped").exists()

@@ -1,9 +1,12 @@
-"""What every DataModule shares: loader settings, worker seeding, and the split of each batch into the
-generator half and the discriminator half that one ACT iteration consumes (ACT.md section 3)."""
+"""What every DataModule shares: loader settings, worker seeding, the global batch and its shards, and the
+split of each batch into the generator half and the discriminator half that one ACT iteration consumes
+(docs/algorithm.md, section 3)."""
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
@@ -11,6 +14,7 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, default_collate
+from torch.utils.data.distributed import DistributedSampler
 
 
 class DataError(ValueError):
@@ -37,21 +41,42 @@ def collate_signed(samples) -> tuple[Tensor, Tensor]:
 
 
 class HalfBatch(NamedTuple):
-    """One iteration's data: B_G images for the generator update, B_D for the discriminator update."""
+    """One iteration's data on one device: B_G images for the generator update, B_D for the
+    discriminator update (its first half is noised into fakes, its second half is the real half). With
+    `micro` > 1 the iteration accumulates gradients over that many micro-batches."""
 
     gen: Tensor  # (B_G, C, H, W) in [-1, 1]
     gen_labels: Tensor  # (B_G,) int64; zeros for unconditional data
-    disc: Tensor  # (B_D, C, H, W) in [-1, 1]
+    disc: Tensor  # (B_D, C, H, W) in [-1, 1]: [fake half | real half]
     disc_labels: Tensor  # (B_D,)
+    micro: int = 1
+
+    def micro_batches(self) -> list[HalfBatch]:
+        """The `micro` micro-batches: the i-th takes the i-th slice of the generator half, of the fake
+        half and of the real half, so accumulating over them sees every example in the role it has in
+        the whole batch."""
+        if self.micro == 1:
+            return [self]
+        fake, real = self.disc.chunk(2)
+        fake_y, real_y = self.disc_labels.chunk(2)
+        parts = zip(
+            self.gen.chunk(self.micro),
+            self.gen_labels.chunk(self.micro),
+            fake.chunk(self.micro),
+            real.chunk(self.micro),
+            fake_y.chunk(self.micro),
+            real_y.chunk(self.micro),
+        )
+        return [HalfBatch(g, gy, torch.cat([f, r]), torch.cat([fy, ry])) for g, gy, f, r, fy, ry in parts]
 
 
-def split_halves(images: Tensor, labels: Tensor) -> HalfBatch:
+def split_halves(images: Tensor, labels: Tensor, micro: int = 1) -> HalfBatch:
     """Split a (2B, ...) batch into its generator and discriminator halves."""
     if images.shape[0] % 2:
         raise ValueError(f"an ACT batch holds two equal halves; got {images.shape[0]} images")
     gen, disc = images.chunk(2)
     gen_labels, disc_labels = labels.chunk(2)
-    return HalfBatch(gen, gen_labels, disc, disc_labels)
+    return HalfBatch(gen, gen_labels, disc, disc_labels, micro)
 
 
 class LoaderPosition:
@@ -64,17 +89,42 @@ class LoaderPosition:
         self.resume: tuple[int, Tensor | None] | None = None
 
 
-class ResumableBatchSampler(BatchSampler):
-    """A BatchSampler that can resume mid-epoch: on the first epoch after a restore it puts the shuffling
-    generator back to where that epoch began and skips the batches already trained on (index lists only;
-    no image is loaded for them). Under DDP Lightning rebuilds it around its DistributedSampler, whose
-    order depends on (seed, epoch) alone, and the skip still applies."""
+def shard_of_global_batch(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s share of a global batch laid out [generator half | fake half | real half]: the
+    rank's contiguous slice of each, so the ranks' shares are [gen_r | fake_r | real_r] and one device
+    with the whole global batch sees the same examples in the same roles."""
+    half = len(indices) // 2
+    gen, fake, real = indices[:half], indices[half : half + half // 2], indices[half + half // 2 :]
+    n, m = half // world_size, half // 2 // world_size
+    return gen[rank * n : (rank + 1) * n] + fake[rank * m : (rank + 1) * m] + real[rank * m : (rank + 1) * m]
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool, position: LoaderPosition | None = None):
+
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler over global batches (all devices together) that yields this rank's share of each,
+    and that can resume mid-epoch: on the first epoch after a restore it puts the shuffling generator
+    back to where that epoch began and skips the batches already trained on (index lists only; no image
+    is loaded for them). Every rank walks the same order (same seed), so no DistributedSampler is needed:
+    the Trainer runs with `use_distributed_sampler=False`."""
+
+    def __init__(
+        self,
+        sampler,
+        batch_size: int,
+        drop_last: bool,
+        position: LoaderPosition | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(sampler, batch_size, drop_last)
         self.position = position if position is not None else LoaderPosition()
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
+        if isinstance(self.sampler, DistributedSampler):
+            raise RuntimeError(
+                "trainer.use_distributed_sampler must be false: the data module shards every global batch "
+                "itself (see conf/trainer/default.yaml)"
+            )
         pos = self.position
         generator = getattr(self.sampler, "generator", None)
         skip = 0
@@ -87,7 +137,33 @@ class ResumableBatchSampler(BatchSampler):
         pos.consumed = skip
         for i, batch in enumerate(super().__iter__()):
             if i >= skip:
-                yield batch
+                yield (
+                    shard_of_global_batch(batch, self.rank, self.world_size) if self.world_size > 1 else batch
+                )
+
+
+def with_file_defaults(kwargs: dict, **defaults) -> dict:
+    """The `ImageDataModule` arguments of a source read from files: the config's `kwargs` over the
+    source's own `defaults`, over what suits every such source (random flips; worker processes that
+    decode in parallel, kept alive between epochs; pinned host memory for the copy to the device)."""
+    return dict(hflip=True, num_workers=8, pin_memory=True, persistent_workers=True) | defaults | kwargs
+
+
+def check_readable(path: Path) -> None:
+    """Raise, naming `path`, when this process cannot read the file or list the folder: at start-up,
+    rather than in a worker process halfway through the first epoch."""
+    try:
+        if path.is_dir():
+            with os.scandir(path):
+                pass
+        else:
+            with open(path, "rb"):
+                pass
+    except OSError as err:
+        raise type(err)(
+            f"{path} cannot be read ({err.strerror or err}): give this user read access, or point data.root "
+            "at a readable copy"
+        ) from err
 
 
 def reference_indices(length: int, max_images: int | None = None) -> list[int]:
@@ -100,23 +176,31 @@ def reference_indices(length: int, max_images: int | None = None) -> list[int]:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Base class: subclasses build the datasets; this class owns the loaders.
+    """Base class: subclasses build the datasets (and check their files); this class owns the loaders.
 
     Datasets yield `(image, label)` with `image` a (C, H, W) tensor, either float in [-1, 1] or uint8
     in [0, 255], and `label` an int. uint8 is the fast path: a quarter of the host-to-device traffic,
     and `on_after_batch_transfer` converts to [-1, 1] on the device. With `hflip` the random
-    left-right flip is done there too, per example, from a generator seeded by (seed, rank, step), so
-    it costs the workers nothing and does not depend on `num_workers`.
-    `batch_size` is the number of images per half-batch per device (the reference's `batch_size`), so
-    each loader batch holds `2 * batch_size` images. Under DDP Lightning swaps the sampler for a
-    DistributedSampler, so each rank sees its own shard. `reference_dataloader` always yields float
-    images in [-1, 1], unflipped.
+    left-right flip is done there too, per example, from a generator seeded by (seed, rank, ACT
+    iteration), so it costs the workers nothing and does not depend on `num_workers`.
+    `batch_size` is the number of images per half-batch per device and forward pass (the reference's
+    `batch_size`). `global_batch_size`, when set, is the number of images per half-batch over all
+    devices: each device then takes global / devices of them, in micro-batches of `batch_size` whose
+    gradients accumulate (`HalfBatch.micro`), so a run has the same global batch on any number of
+    devices. Each loader batch holds a device's two halves; the ranks share each global batch (see
+    `shard_of_global_batch`). `reference_dataloader` always yields float images in [-1, 1], unflipped.
+
+    Subclasses take their own arguments and pass the ones below on as keyword arguments (their own
+    defaults for them through `with_file_defaults`), so each argument and its meaning is written once.
+    `root` is the folder a source reads (None for sources held in memory).
     """
 
     def __init__(
         self,
-        root: str | None,
+        *,
+        root: str | Path | None = None,
         batch_size: int,
+        global_batch_size: int | None = None,
         image_size: int,
         channels: int = 3,
         num_classes: int | None = None,
@@ -127,10 +211,18 @@ class ImageDataModule(L.LightningDataModule):
         hflip: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
-        self.root = root
+        if batch_size < 2 or batch_size % 2:
+            raise ValueError(
+                "data.batch_size must be a positive even number (the discriminator's half splits into a "
+                f"fake and a real half), got {batch_size}"
+            )
+        if global_batch_size is not None and (global_batch_size < 2 or global_batch_size % 2):
+            raise ValueError(
+                f"data.global_batch_size must be a positive even number or null, got {global_batch_size}"
+            )
+        self.root = None if root is None else str(root)
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
         self.image_size = image_size
         self.channels = channels
         self.num_classes = num_classes
@@ -143,8 +235,23 @@ class ImageDataModule(L.LightningDataModule):
         self._flip_generator: torch.Generator | None = None
         self._position = LoaderPosition()
         self._restore_flip_state: Tensor | None = None
+        self._micro = 1  # micro-batches per iteration on this device (set with the training loader)
+
+    @property
+    def path(self) -> Path:
+        """`data.root` as an absolute path (`~` expanded): the folder read, and named in messages."""
+        if self.root is None:
+            raise ValueError(f"data.root is not set: {type(self).__name__} reads its images from a folder")
+        return Path(self.root).expanduser().resolve()
 
     # -- what subclasses provide ------------------------------------------------------------------
+    def check_source(self) -> None:
+        """Check that the data this module needs are there and readable, before the run creates any
+        logger or folder: cheaply (no checksums, no decoding), creating nothing and downloading nothing.
+        Raises the errors `prepare_data` and `setup` would raise later, naming the missing or unreadable
+        file or folder, where it belongs and where to get it. Sources held in memory have nothing to
+        check."""
+
     def build_train_dataset(self) -> Dataset:
         raise NotImplementedError
 
@@ -152,25 +259,54 @@ class ImageDataModule(L.LightningDataModule):
         """Real images whose feature statistics serve as the metric's reference (default: training set)."""
         return self.build_train_dataset()
 
+    # -- the global batch ---------------------------------------------------------------------------
+    def _devices(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(images per half-batch per device, micro-batches per iteration) on `world_size` devices."""
+        if self.global_batch_size is None:
+            return self.batch_size, 1
+        if self.global_batch_size % world_size or (self.global_batch_size // world_size) % 2:
+            raise ValueError(
+                f"data.global_batch_size={self.global_batch_size} images per half-batch cannot be shared by "
+                f"{world_size} devices in even parts: use a multiple of {2 * world_size}"
+            )
+        per_device = self.global_batch_size // world_size
+        if per_device <= self.batch_size:
+            return per_device, 1
+        if per_device % self.batch_size:
+            raise ValueError(
+                f"data.global_batch_size={self.global_batch_size} gives {per_device} images per half-batch "
+                f"on each of {world_size} devices, which micro-batches of data.batch_size={self.batch_size} "
+                "do not divide: choose a data.batch_size that divides it"
+            )
+        return per_device, per_device // self.batch_size
+
     # -- Lightning hooks ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set = self.build_train_dataset()
-            if len(self.train_set) < 2 * self.batch_size:
-                raise ValueError(
-                    f"the training set holds {len(self.train_set)} images, fewer than one batch of "
-                    f"2 x data.batch_size = {2 * self.batch_size}"
-                )
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         return self._train_loader(self.train_set)
 
     def _train_loader(self, dataset: Dataset, **overrides) -> DataLoader:
-        """The training loader: shuffled, whole batches of 2 x batch_size, resumable mid-epoch."""
+        """The training loader: shuffled global batches (both halves, all devices), of which this rank
+        loads its share; resumable mid-epoch."""
+        rank, world = self._devices()
+        per_device, self._micro = self.batch_layout(world)
+        global_images = 2 * per_device * world
+        if len(dataset) < global_images:
+            raise ValueError(
+                f"the training set holds {len(dataset)} images, fewer than one global batch of "
+                f"2 x {per_device * world} (data.batch_size / data.global_batch_size, both halves)"
+            )
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
         batch_sampler = ResumableBatchSampler(
-            sampler, 2 * self.batch_size, drop_last=True, position=self._position
+            sampler, global_images, drop_last=True, position=self._position, rank=rank, world_size=world
         )
         return DataLoader(dataset, batch_sampler=batch_sampler, **self._worker_options(**overrides))
 
@@ -235,14 +371,18 @@ class ImageDataModule(L.LightningDataModule):
             self._position.consumed += 1
         if self.hflip:
             images = random_hflip(images, self._device_generator(images.device))  # flip the uint8: cheaper
-        return split_halves(to_signed(images), labels)
+        return split_halves(to_signed(images), labels, self._micro)
 
     def _device_generator(self, device: torch.device) -> torch.Generator:
         if self._flip_generator is None or self._flip_generator.device != device:
             trainer = self.trainer
-            rank, step = (trainer.global_rank, trainer.global_step) if trainer is not None else (0, 0)
-            # distinct per rank; a resumed run (step > 0) does not replay the flips of the run's start
-            seed = (self.seed * 1_000_003 + rank * 7919 + step) % 2**63
+            rank, k = 0, 0
+            if trainer is not None:
+                # ACT iterations done, as the module counts them: `trainer.global_step` counts optimiser
+                # steps (two per iteration with a discriminator); a module without `k` counts from 0
+                rank, k = trainer.global_rank, getattr(trainer.lightning_module, "k", 0)
+            # distinct per rank; a resumed run (k > 0) does not replay the flips of the run's start
+            seed = (self.seed * 1_000_003 + rank * 7919 + k) % 2**63
             self._flip_generator = torch.Generator(device=device).manual_seed(seed)
             if self._restore_flip_state is not None:
                 self._flip_generator.set_state(self._restore_flip_state)

@@ -3,6 +3,7 @@ package: CIFAR-10's own python batches, through torchvision)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import calculate_md5, download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
-from act_lightning.data.base import DataError, HalfBatch, ImageDataModule
+from act_lightning.data.base import DataError, HalfBatch, ImageDataModule, check_readable, with_file_defaults
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ URL = CIFAR10.url  # https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
 ARCHIVE = CIFAR10.filename  # cifar-10-python.tar.gz
 FOLDER = CIFAR10.base_folder  # cifar-10-batches-py
 TRAIN_FILES = [(name, md5) for name, md5 in CIFAR10.train_list]  # data_batch_1 .. data_batch_5
+EXTRACTING = f".{FOLDER}.extracting"  # the archive is extracted here, then its files moved into FOLDER
 
 
 class _OneBatch(CIFAR10):
@@ -71,6 +73,39 @@ def load_cifar10_train(root: Path) -> tuple[Tensor, Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest ancestor that does."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder that creating `path` would create (None if `path` exists)."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path.parent.parent:
+        path = path.parent
+    return path
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _check_writable(folder: Path, why: str) -> None:
+    """Raise when files cannot be created in `folder` (missing, not a folder, or read-only)."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{why}, but {folder} is not a folder: check data.root")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{why}, but {folder} is not writable: check data.root")
+
+
 class _Indices(Dataset):
     """0..n-1: the in-memory path samples indices (so Lightning's samplers still shard them)."""
 
@@ -96,52 +131,32 @@ class CIFAR10DataModule(ImageDataModule):
     def __init__(
         self,
         root: str,
-        batch_size: int = 80,
-        image_size: int = 32,
-        channels: int = 3,
-        num_classes: int | None = None,
+        *,
         download: bool = True,
         verify: bool = True,
         in_memory: bool = False,
-        hflip: bool = True,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
-        if image_size != 32 or channels != 3:
+        kwargs = with_file_defaults(kwargs, batch_size=80, image_size=32, num_workers=4)
+        if in_memory:
+            kwargs.update(num_workers=0, persistent_workers=False, pin_memory=False)
+        super().__init__(root=root, **kwargs)
+        if self.image_size != 32 or self.channels != 3:
             raise ValueError(
                 f"data=cifar10 holds 32x32 RGB images: data.image_size must be 32 and data.channels 3, got "
-                f"{image_size} and {channels} (use data=folder to train on images resized to another size)"
+                f"{self.image_size} and {self.channels} (use data=folder to train on images resized to "
+                "another size)"
             )
-        if num_classes not in (None, 10):
+        if self.num_classes not in (None, 10):
             raise ValueError(
-                f"data.num_classes must be null (unconditional) or 10 for CIFAR-10, got {num_classes}"
+                f"data.num_classes must be null (unconditional) or 10 for CIFAR-10, got {self.num_classes}"
             )
-        if in_memory:
-            num_workers, persistent_workers, pin_memory = 0, False, False
-        super().__init__(
-            root=str(root),
-            batch_size=batch_size,
-            image_size=image_size,
-            channels=channels,
-            num_classes=num_classes,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            hflip=hflip,
-        )
         self.download = download
         self.verify = verify
         self.in_memory = in_memory
         self._images: Tensor | None = None  # (N, 3, 32, 32) uint8 on the host
         self._labels: Tensor | None = None
         self._on_device: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def path(self) -> Path:
-        return Path(self.root).expanduser().resolve()
 
     # -- files -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -157,6 +172,27 @@ class CIFAR10DataModule(ImageDataModule):
         if self.verify:
             for name, md5 in TRAIN_FILES:
                 self._check_md5(root / FOLDER / name, md5)
+
+    def check_source(self) -> None:
+        """The batches are there and readable; or the archive is, in a folder it can be extracted into;
+        or, with `download`, the data set may be missing for now if the nearest existing folder on the
+        way to `root` is writable, so that `prepare_data` can create `root` and download into it."""
+        root = self.path
+        missing = self._missing_batches()
+        if not missing:
+            for name, _ in TRAIN_FILES:
+                check_readable(root / FOLDER / name)
+        elif (root / ARCHIVE).is_file():
+            check_readable(root / ARCHIVE)
+            _check_writable(root, f"{root / ARCHIVE} is extracted into {root / FOLDER}/")
+        elif self.download:
+            where = _nearest_existing(root)
+            _check_writable(
+                where,
+                f"{self._not_found_message(missing)} data.download=true fetches the archive into {root}",
+            )
+        else:
+            raise FileNotFoundError(self._not_found_message(missing))
 
     def _missing_batches(self) -> list[str]:
         return [name for name, _ in TRAIN_FILES if not (self.path / FOLDER / name).is_file()]
@@ -184,7 +220,7 @@ class CIFAR10DataModule(ImageDataModule):
         if self.verify:
             self._check_md5(archive, CIFAR10.tgz_md5)
         log.info("extracting %s", archive)
-        tmp = archive.parent / f".{FOLDER}.extracting"
+        tmp = archive.parent / EXTRACTING
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             extract_archive(str(archive), str(tmp))
@@ -194,29 +230,41 @@ class CIFAR10DataModule(ImageDataModule):
                 f"{archive}: not a complete gzip'ed tar archive ({type(err).__name__}: {err}); the "
                 f"download is truncated or corrupt. Delete it and download {URL} again."
             ) from err
-        (archive.parent / FOLDER).mkdir(exist_ok=True)
         if not (tmp / FOLDER).is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(
                 f"{archive}: the archive holds no {FOLDER}/ folder; it is not the python version of "
                 f"CIFAR-10 ({URL})"
             )
+        (archive.parent / FOLDER).mkdir(exist_ok=True)
         for item in (tmp / FOLDER).iterdir():
             os.replace(item, archive.parent / FOLDER / item.name)
         shutil.rmtree(tmp, ignore_errors=True)
 
     def _download(self) -> None:
+        """Fetch the archive into `root` and extract it. When that fails, everything it created goes:
+        a mistyped data.root must not leave a tree of empty folders behind (torchvision creates `root`
+        before it tries the network), nor a truncated archive that the next run would take for the
+        user's own. The archive is fetched under a temporary name, so a killed download leaves none."""
         root = self.path
-        root.mkdir(parents=True, exist_ok=True)
+        part = root / f".{ARCHIVE}.part"
+        # the outermost folder this creates: root/FOLDER, or the first missing folder above root
+        new_folder = _first_missing(root / FOLDER)
         try:
-            download_and_extract_archive(
-                URL, str(root), filename=ARCHIVE, md5=CIFAR10.tgz_md5 if self.verify else None
-            )
-        except (urllib.error.URLError, OSError) as err:
-            raise FileNotFoundError(
-                f"{self._not_found_message(self._missing_batches())} The download failed: "
-                f"{type(err).__name__}: {err}"
-            ) from err
+            download_url(URL, str(root), filename=part.name)
+            os.replace(part, root / ARCHIVE)
+            self._extract(root / ARCHIVE)
+        except BaseException as err:
+            # root / ARCHIVE too: _download runs only when there was none
+            for path in (new_folder, part, root / ARCHIVE, root / EXTRACTING):
+                if path is not None:
+                    _remove(path)
+            if isinstance(err, (urllib.error.URLError, OSError, DataError)):
+                raise FileNotFoundError(
+                    f"{self._not_found_message(self._missing_batches())} The download failed: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            raise
 
     # -- datasets ----------------------------------------------------------------------------------
     def _load(self) -> tuple[Tensor, Tensor]:

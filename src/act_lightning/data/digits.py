@@ -39,7 +39,7 @@ class DigitsDataModule(ImageDataModule):
                 "data=digits holds 8x8 one-channel images: data.image_size must be 8 and data.channels 1, "
                 f"got {kwargs['image_size']} and {kwargs['channels']}"
             )
-        super().__init__(root=kwargs.pop("root", None), batch_size=batch_size, **kwargs)
+        super().__init__(batch_size=batch_size, **kwargs)
         self.held_out = held_out
         self.split_seed = split_seed
         self._split = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +17,47 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from act_lightning.data.base import DataError, ImageDataModule
+from act_lightning.data.base import DataError, ImageDataModule, check_readable, with_file_defaults
 from act_lightning.data.images import IMAGE_SUFFIXES, load_image
 from act_lightning.data.storage import PackedBytes
 
 log = logging.getLogger(__name__)
 
 
+def iter_files(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every file under `root` (recursively, hidden entries skipped, sorted) with its lower-case suffix."""
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder) / name, os.path.splitext(name)[1].lower()
+
+
 def scan_images(root: Path) -> tuple[list[Path], Counter]:
     """All image files under `root` (recursively, hidden entries skipped, sorted), and a count of the
     suffixes of the other files (for the message when there are no images)."""
     images, others = [], Counter()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            suffix = os.path.splitext(name)[1].lower()
-            if suffix in IMAGE_SUFFIXES:
-                images.append(Path(folder) / name)
-            else:
-                others[suffix or "(no suffix)"] += 1
+    for path, suffix in iter_files(root):
+        if suffix in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            others[suffix or "(no suffix)"] += 1
     return images, others
+
+
+def _not_a_folder_message(root: Path) -> str:
+    return (
+        f"data.root={root} is not a folder. data=folder trains on the png / jpg / webp images in a "
+        f"folder tree: point data.root at it"
+    )
+
+
+def _no_images_message(root: Path, others: Counter) -> str:
+    found = ", ".join(f"{n} {s}" for s, n in others.most_common(5)) or "nothing"
+    return (
+        f"data.root={root} holds no images: expected files ending in {', '.join(IMAGE_SUFFIXES)} "
+        f"(in any sub-folder); found {found}"
+    )
 
 
 class FolderImages(Dataset):
@@ -74,58 +94,39 @@ class FolderDataModule(ImageDataModule):
     fails when it is first read, naming the file.
     """
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 64,
-        image_size: int = 64,
-        channels: int = 3,
-        num_classes: int | None = None,
-        verify: bool = True,
-        hflip: bool = True,
-        num_workers: int = 8,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        seed: int = 0,
-    ) -> None:
-        if channels not in (1, 3):
-            raise ValueError(f"data.channels must be 3 (RGB) or 1 (grey), got {channels}")
-        super().__init__(
-            root=str(root),
-            batch_size=batch_size,
-            image_size=image_size,
-            channels=channels,
-            num_classes=num_classes,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            hflip=hflip,
-        )
+    def __init__(self, root: str, *, verify: bool = True, **kwargs) -> None:
+        super().__init__(root=root, **with_file_defaults(kwargs, batch_size=64, image_size=64))
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels must be 3 (RGB) or 1 (grey), got {self.channels}")
         self.verify = verify
         self.class_names: list[str] = []
         self._scan: tuple[list[Path], np.ndarray] | None = None
 
-    @property
-    def path(self) -> Path:
-        return Path(self.root).expanduser().resolve()
+    def check_source(self) -> None:
+        """`root` is a readable folder and its tree holds an image that can be read: the walk stops at
+        the first one, so a large tree costs no more than a small one (the full scan, and the class
+        sub-folders, are checked by `setup`)."""
+        root = self.path
+        if not root.is_dir():
+            raise FileNotFoundError(_not_a_folder_message(root))
+        check_readable(root)  # os.walk would pass over an unreadable folder in silence
+        others = Counter()
+        for path, suffix in iter_files(root):
+            if suffix in IMAGE_SUFFIXES:
+                check_readable(path)
+                return
+            others[suffix or "(no suffix)"] += 1
+        raise FileNotFoundError(_no_images_message(root, others))
 
     def _files(self) -> tuple[list[Path], np.ndarray]:
         if self._scan is not None:
             return self._scan
         root = self.path
         if not root.is_dir():
-            raise FileNotFoundError(
-                f"data.root={root} is not a folder. data=folder trains on the png / jpg / webp images in a "
-                f"folder tree: point data.root at it"
-            )
+            raise FileNotFoundError(_not_a_folder_message(root))
         paths, others = scan_images(root)
         if not paths:
-            found = ", ".join(f"{n} {s}" for s, n in others.most_common(5)) or "nothing"
-            raise FileNotFoundError(
-                f"data.root={root} holds no images: expected files ending in {', '.join(IMAGE_SUFFIXES)} "
-                f"(in any sub-folder); found {found}"
-            )
+            raise FileNotFoundError(_no_images_message(root, others))
         labels = np.zeros(len(paths), dtype=np.int64)
         if self.num_classes:
             labels = self._labels_from_folders(root, paths)

@@ -9,6 +9,7 @@ of shape (N, 12288) = 3 x 64 x 64 in channel-major order, and `labels`, 1..1000.
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from act_lightning.data import storage
-from act_lightning.data.base import DataError, ImageDataModule
+from act_lightning.data.base import DataError, ImageDataModule, check_readable, with_file_defaults
 
 log = logging.getLogger(__name__)
 
@@ -162,44 +163,41 @@ class ImageNet64DataModule(ImageDataModule):
     (once, on rank 0). `num_classes=1000` yields the class labels; null trains unconditionally.
     """
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 320,
-        image_size: int = 64,
-        channels: int = 3,
-        num_classes: int | None = 1000,
-        verify: bool = True,
-        hflip: bool = True,
-        num_workers: int = 8,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        seed: int = 0,
-    ) -> None:
-        if image_size != SIZE or channels != CHANNELS:
+    def __init__(self, root: str, *, verify: bool = True, **kwargs) -> None:
+        kwargs = with_file_defaults(kwargs, batch_size=320, image_size=SIZE, num_classes=NUM_CLASSES)
+        super().__init__(root=root, **kwargs)
+        if self.image_size != SIZE or self.channels != CHANNELS:
             raise ValueError(
                 f"data=imagenet64 holds 64x64 RGB images: data.image_size must be 64 and data.channels 3, "
-                f"got {image_size} and {channels}"
+                f"got {self.image_size} and {self.channels}"
             )
-        if num_classes not in (None, NUM_CLASSES):
-            raise ValueError(f"data.num_classes must be 1000 (class-conditional) or null, got {num_classes}")
-        super().__init__(
-            root=str(root),
-            batch_size=batch_size,
-            image_size=image_size,
-            channels=channels,
-            num_classes=num_classes,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            hflip=hflip,
-        )
+        if self.num_classes not in (None, NUM_CLASSES):
+            raise ValueError(
+                f"data.num_classes must be 1000 (class-conditional) or null, got {self.num_classes}"
+            )
         self.verify = verify
 
-    @property
-    def path(self) -> Path:
-        return Path(self.root).expanduser().resolve()
+    def check_source(self) -> None:
+        """The prepared form's files are all there at their recorded sizes (no hashing), or the official
+        files are, with well-formed headers, in a folder `prepare_data` can write the prepared form to."""
+        root = self.path
+        if (root / storage.MANIFEST).is_file():
+            manifest = storage.read_manifest(root, SOURCE)
+            storage.check_files(root, manifest, verify=False)
+            for name in manifest["files"]:
+                check_readable(root / name)
+            return
+        if not root.is_dir() or not any(root.rglob("train_data_batch_*.npz")):
+            raise FileNotFoundError(self._not_found_message())
+        train_files, val_file = find_official_files(root)
+        for path in [*train_files, *([val_file] if val_file is not None else [])]:
+            count_images(path)  # reads the array headers only
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"data.root={root} holds the official ImageNet 64x64 files but is not writable, so their "
+                f"prepared form cannot be written next to them: run `python -m act_lightning.prepare "
+                f"imagenet64 {root} DST` and set data.root=DST"
+            )
 
     def prepare_data(self) -> None:
         root = self.path

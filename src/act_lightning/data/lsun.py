@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from act_lightning.data import storage
-from act_lightning.data.base import DataError, ImageDataModule
+from act_lightning.data.base import DataError, ImageDataModule, check_readable, with_file_defaults
 from act_lightning.data.images import load_image
 
 log = logging.getLogger(__name__)
@@ -215,45 +215,31 @@ class LSUNDataModule(ImageDataModule):
     """LSUN `category` at `image_size`, unconditional. Reads the prepared form in `root` when one exists
     at this image size, otherwise the LMDB."""
 
-    def __init__(
-        self,
-        root: str,
-        category: str = "cat",
-        batch_size: int = 80,
-        image_size: int = 256,
-        channels: int = 3,
-        num_classes: int | None = None,
-        verify: bool = True,
-        hflip: bool = True,
-        num_workers: int = 8,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        seed: int = 0,
-    ) -> None:
-        if num_classes:
+    def __init__(self, root: str, *, category: str = "cat", verify: bool = True, **kwargs) -> None:
+        super().__init__(root=root, **with_file_defaults(kwargs, batch_size=80, image_size=256))
+        if self.num_classes:
             raise ValueError(
-                f"LSUN {category} has no class labels: data.num_classes must be null, got {num_classes}"
+                f"LSUN {category} has no class labels: data.num_classes must be null, got {self.num_classes}"
             )
-        if channels not in (1, 3):
-            raise ValueError(f"data.channels must be 3 (RGB) or 1 (grey), got {channels}")
-        super().__init__(
-            root=str(root),
-            batch_size=batch_size,
-            image_size=image_size,
-            channels=channels,
-            num_classes=None,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            hflip=hflip,
-        )
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels must be 3 (RGB) or 1 (grey), got {self.channels}")
+        self.num_classes = None  # 0 and null both mean unconditional
         self.category = category
         self.verify = verify
 
-    @property
-    def path(self) -> Path:
-        return Path(self.root).expanduser().resolve()
+    def check_source(self) -> None:
+        """A prepared form at this size with all its files at their recorded sizes (no hashing), or a
+        readable LMDB (not opened: opening one may create its lock file)."""
+        manifest = self._prepared()
+        if manifest is not None:
+            storage.check_files(self.path, manifest, verify=False)
+            for name in manifest["files"]:
+                check_readable(self.path / name)
+            return
+        lmdb_path = find_lmdb(self.path, self.category)
+        if lmdb_path is None:
+            raise FileNotFoundError(_not_found_message(self.path, self.category))
+        check_readable(lmdb_path / "data.mdb")
 
     def _prepared(self) -> dict | None:
         """The prepared form's manifest if `root` holds one that fits this run, else None."""

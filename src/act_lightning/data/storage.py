@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from act_lightning.atomic import atomic_write
 from act_lightning.data.base import DataError
 
 MANIFEST = "manifest.json"
@@ -108,9 +108,9 @@ def write_manifest(
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """A crash mid-write leaves the previous file (or none), never half a manifest."""
+    with atomic_write(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class SyntheticImages(Dataset):
 
 class SyntheticDataModule(ImageDataModule):
     def __init__(self, length: int = 256, **kwargs) -> None:
-        super().__init__(root=kwargs.pop("root", None), **kwargs)
+        super().__init__(**kwargs)
         self.length = length
 
     def build_train_dataset(self) -> Dataset:
