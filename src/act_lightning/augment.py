@@ -1,4 +1,5 @@
-"""Differentiable, non-leaking augmentation and its probability controller (ACT.md section 5).
+"""Differentiable, non-leaking augmentation and its probability controller (docs/algorithm.md,
+section 5).
 
 `AugmentPipe` is the StyleGAN2-ADA pipeline (Karras et al. 2020, the 'bgc' set of operations):
 
@@ -19,8 +20,9 @@ decision is a per-example mask (`rand(B) < p`) consumed by `torch.where`, and ev
 the image size only. Examples whose sampled transforms are all exactly the identity are returned
 untouched (bit for bit), so p == 0 is an exact no-op even when p is a tensor.
 
-The controllers at the bottom move p from the R1 statistic (the ACT reference) or from ADA's
-r_t = E[sign(D(real))]; they are pure tensor functions, safe inside a training step.
+The controller at the bottom moves p from the R1 statistic (the ACT reference's controller; ADA's own
+r_t = E[sign(D(real))] controller is not implemented); it is a pure tensor function, safe inside a
+training step.
 """
 
 from __future__ import annotations
@@ -208,6 +210,7 @@ class AugmentPipe(nn.Module):
         contrast_std: float = 0.5,  # log2 std
         hue_max: float = 1.0,  # hue rotation range, 1 = full circle
         saturation_std: float = 1.0,  # log2 std
+        rotate90_turns: tuple[int, ...] | list[int] = (0, 3),  # quarter turns drawn from; ADA: (0, 1, 2, 3)
     ) -> None:
         super().__init__()
         self.xflip, self.rotate90, self.xint = float(xflip), float(rotate90), float(xint)
@@ -220,14 +223,24 @@ class AugmentPipe(nn.Module):
         self.brightness_std, self.contrast_std = float(brightness_std), float(contrast_std)
         self.hue_max, self.saturation_std = float(hue_max), float(saturation_std)
 
-        # Not persistent: a constant, not state, so it stays out of (and cannot break) checkpoints.
+        turns = [int(t) for t in rotate90_turns]
+        if not turns or any(t not in (0, 1, 2, 3) for t in turns):
+            raise ValueError(
+                f"model.augment.rotate90_turns must list quarter turns in 0..3, got {list(rotate90_turns)}"
+            )
+        self.rotate90_turns = tuple(turns)
+
+        # Not persistent: constants, not state, so they stay out of (and cannot break) checkpoints.
         lowpass = torch.tensor(_SYM6, dtype=torch.float64)
         self.register_buffer("lowpass", (lowpass / lowpass.sum()).float(), persistent=False)
+        self.register_buffer("turns", torch.tensor(turns, dtype=torch.float32), persistent=False)
 
     def extra_repr(self) -> str:
         names = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
         names += ("brightness", "contrast", "lumaflip", "hue", "saturation")
-        return ", ".join(f"{n}={getattr(self, n):g}" for n in names)
+        return (
+            ", ".join(f"{n}={getattr(self, n):g}" for n in names) + f", rotate90_turns={self.rotate90_turns}"
+        )
 
     def forward(self, images: Tensor, p: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
         """Augment each example with probability p per operation. `generator` must live on images.device."""
@@ -282,7 +295,10 @@ class AugmentPipe(nn.Module):
             g_inv = _compose(g_inv, _scale2d(1 - 2 * i, 1, ref))  # a flip is its own inverse
 
         if self.rotate90 > 0:
-            i = torch.floor(draws.uniform() * 4)  # quarter turns
+            # Quarter turns drawn uniformly from `rotate90_turns`: {0, 3} (0 or 270 degrees) as the ACT
+            # reference's port of ADA draws them, or ADA's own {0, 1, 2, 3}.
+            choice = torch.floor(draws.uniform() * len(self.rotate90_turns)).long()
+            i = self.turns.to(choice.device)[choice]
             i = torch.where(draws.coin(self.rotate90 * p), i, 0.0)
             # Rounded so the matrix is exactly integer (cos(pi/2) is not 0 in floating point).
             angle = -math.pi / 2 * i  # the inverse turns back
@@ -444,7 +460,8 @@ class AugmentPipe(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Controllers of p (ACT.md section 5). Pure tensor arithmetic: no .item(), no branches on values.
+# The controller of p (docs/algorithm.md, section 5). Pure tensor arithmetic: no .item(), no branches
+# on values.
 
 
 def _as_float_tensors(*values: Tensor | float, device: torch.device | None = None) -> list[Tensor]:
@@ -483,22 +500,3 @@ def r1_controller_update(
     sign = torch.where(r1_ema > threshold, 1.0, -1.0)
     p = (p + sign * (batch_size * interval / ada_length)).clamp(0, 1)
     return p, r1_ema
-
-
-def rt_controller_update(
-    p: Tensor | float,
-    real_logits_sign_mean: Tensor | float,
-    *,
-    target: float = 0.6,
-    batch_size: Tensor | int,
-    interval: Tensor | int,
-    ada_length: Tensor | float,
-) -> Tensor:
-    """ADA's original controller, driven by r_t = E[sign(D(real))] over the last `interval` iterations.
-
-    p <- clip(p + sign(r_t - target) * batch_size * interval / ada_length, 0, 1).
-    (ADA clips at 0 only; we also clip at 1 since p is a probability here: values above 1 would change
-    nothing but the time p takes to come back down.)
-    """
-    p, r_t = _as_float_tensors(p, real_logits_sign_mean)
-    return (p + torch.sign(r_t - target) * (batch_size * interval / ada_length)).clamp(0, 1)

@@ -1,12 +1,15 @@
-"""Noise levels, preconditioning and the curriculum of consistency training (ACT.md sections 1, 2, 4).
+"""Noise levels, preconditioning and the curriculum of consistency training (docs/algorithm.md,
+sections 1, 2 and 4).
 
-Pure functions of tensors and numbers: no Lightning, no Hydra, no state. Everything the training
-loop needs to know about *where* on the noise schedule it is comes from here.
+Pure functions of tensors and numbers, and `ConsistencySchedule`, which answers every schedule question
+of one run (sigmas(N), N(k), mu(N), w(t) and lambda(t)) from its flat hyper-parameters. No Lightning,
+no Hydra, no state that changes during training.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -72,29 +75,52 @@ def target_ema_decay(num_scales: int, bins_min: int, mu0: float) -> float:
     return math.exp(bins_min * math.log(mu0) / (num_scales - 1))
 
 
-def adversarial_weight(
-    sigma: Tensor,
-    num_scales: int,
-    gan_ratio: float,
-    mid_weight: float | None,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
-) -> Tensor:
-    """w(t) of ACT.md section 4; lambda(t) = gan_ratio * w(t).
-
-    `mid_weight=None` gives w = 1 (CIFAR-10). Otherwise w = (i(t)/(N-1)) ** log_0.5(mid_weight/gan_ratio),
-    so lambda(sigma_max) = gan_ratio and lambda at the middle index = mid_weight.
-    """
-    if mid_weight is None or gan_ratio == 0:
-        return torch.ones_like(sigma)
-    exponent = math.log(mid_weight / gan_ratio, 0.5)
-    position = sigma_to_index(sigma, num_scales, sigma_min, sigma_max, rho) / (num_scales - 1)
-    return position.clamp(min=0.0) ** exponent
-
-
 def sample_indices(
     batch_size: int, num_scales: int, device: torch.device | str | None = None, generator=None
 ) -> Tensor:
     """Per-example j ~ Uniform{1, ..., N-1}, so (t_j, t_{j-1}) is an adjacent pair of the schedule."""
     return torch.randint(1, num_scales, (batch_size,), device=device, generator=generator)
+
+
+@dataclass(frozen=True)
+class ConsistencySchedule:
+    """Every schedule question of one run, answered from the flat hyper-parameters (docs/algorithm.md).
+
+    `num_scales(k, K)` is N(k), `sigmas(N)` the Karras grid t_0 < ... < t_{N-1}, `target_ema(N)` the
+    target network's decay mu, `weight(t, N)` the time weighting w(t) of the adversarial terms and
+    `lam(t, N)` = gan_ratio * w(t), the generator's mixing weight lambda(t). `mid_weight=None` gives
+    w = 1 (CIFAR-10); otherwise w(t) = (i(t, N) / (N - 1)) ** log_0.5(mid_weight / gan_ratio), so that
+    lambda(sigma_max) = gan_ratio and lambda at the middle index = mid_weight.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    bins_min: int = 2
+    bins_max: int = 150
+    mu0: float = 0.9
+    gan_ratio: float = 0.3
+    mid_weight: float | None = None
+
+    def num_scales(self, iteration: int, iterations: int) -> int:
+        """N(k) at ACT iteration k of K."""
+        return num_scales(iteration / iterations, self.bins_min, self.bins_max)
+
+    def sigmas(self, num_scales: int) -> Tensor:
+        return karras_sigmas(num_scales, self.sigma_min, self.sigma_max, self.rho)
+
+    def target_ema(self, num_scales: int) -> float:
+        """mu(N): the decay of theta^- <- mu theta^- + (1 - mu) theta at N scales."""
+        return target_ema_decay(num_scales, self.bins_min, self.mu0)
+
+    def weight(self, sigma: Tensor, num_scales: int) -> Tensor:
+        """w(t): 1, or the power law in the noise index that puts lambda(t_mid) at mid_weight."""
+        if self.mid_weight is None or self.gan_ratio == 0:
+            return torch.ones_like(sigma)
+        exponent = math.log(self.mid_weight / self.gan_ratio, 0.5)
+        index = sigma_to_index(sigma, num_scales, self.sigma_min, self.sigma_max, self.rho)
+        return (index / (num_scales - 1)).clamp(min=0.0) ** exponent
+
+    def lam(self, sigma: Tensor, num_scales: int) -> Tensor:
+        """lambda(t) = gan_ratio * w(t): the weight of L_adv against L_ct in the generator's loss."""
+        return self.gan_ratio * self.weight(sigma, num_scales)

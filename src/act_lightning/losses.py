@@ -1,14 +1,26 @@
-"""Consistency distances, GAN losses and the R1 penalty. Every function returns per-example values
-of shape (B,); the LightningModule weights and reduces them (ACT.md section 3)."""
+"""The losses of one ACT iteration (docs/algorithm.md, section 3): consistency distances, and the
+generator's and the discriminator's update as pure functions. Everything returns per-example values of
+shape (B,); the LightningModule only reduces them, calls backward and steps the optimisers.
+
+The networks enter as callables of (images, sigma, labels): `online` and `target` are the consistency
+functions f_theta and f_theta^- (preconditioning included), `critic` is D with its noise conditioning,
+`augment` the differentiable augmentation at the current probability. Randomness (noise indices j and
+noise z) is an argument too, so a test can hand-compute one iteration and gradient accumulation can
+split a batch without changing what each example sees.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from act_lightning.consistency import ConsistencySchedule, append_dims
 
 DISTANCES = ("lpips", "l2", "l1", "pseudo_huber", "ssim", "msssim")
 VGG16_FILE = "vgg16-397923af.pth"
@@ -87,8 +99,9 @@ def default_vgg16_path() -> Path:
 
 class LPIPSDistance(nn.Module):
     """LPIPS (Zhang et al. 2018; VGG backbone with the learned linear heads shipped in the `lpips`
-    package), as in the paper: inputs in [-1, 1] are mapped to [0, 1], bilinearly resized to 224x224,
-    the target clipped to [-1, 1]. The network is frozen.
+    package), as in the paper: inputs in [-1, 1] are mapped to [0, 1], bilinearly resized to 224x224
+    whatever their size (also down from 256x256, as the reference does), the target clipped to [-1, 1].
+    The network is frozen.
 
     The VGG16 backbone weights are not shipped with the package: they are read from `weights` (default:
     torchvision's cache) and never downloaded here, so a missing file fails at construction, before any
@@ -135,7 +148,7 @@ class LPIPSDistance(nn.Module):
         target = target.clamp(-1, 1)
         if pred.shape[1] == 1:  # grayscale: VGG wants three channels
             pred, target = pred.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
-        if self.resize and pred.shape[-1] < self.resize:
+        if self.resize and tuple(pred.shape[-2:]) != (self.resize, self.resize):
             pred = F.interpolate(pred, size=self.resize, mode="bilinear", align_corners=False)
             target = F.interpolate(target, size=self.resize, mode="bilinear", align_corners=False)
         # map to [0, 1] and let lpips normalise, as the paper's pipeline does
@@ -158,26 +171,101 @@ def build_distance(name: str, lpips_weights: str | None = None, lpips_pretrained
     raise ValueError(f"model.distance must be one of {', '.join(DISTANCES)}; got {name!r}")
 
 
-# -- adversarial terms ----------------------------------------------------------------------------
+# -- the two updates of one iteration --------------------------------------------------------------
+
+Network = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]  # (x (B, C, H, W), sigma (B,), y) -> ...
+Augment = Callable[[Tensor], Tensor]
 
 
-def generator_adversarial_loss(fake_logits: Tensor) -> Tensor:
-    """Non-saturating generator loss softplus(-D(fake)), per example."""
-    return F.softplus(-fake_logits.float())
+class GeneratorLosses(NamedTuple):
+    consistency: Tensor  # L_ct = d(f_theta(x + t_hi z, t_hi), f_theta^-(x + t_lo z, t_lo)), (B,)
+    adversarial: Tensor  # L_adv = softplus(-D(A(pred), t_hi)), (B,); zeros without a discriminator
+    lam: Tensor  # lambda(t_hi) = gan_ratio * w(t_hi), (B,); zeros without a discriminator
+
+    def objective(self) -> Tensor:
+        """(1 - lambda) L_ct + lambda L_adv per example; L_G is its mean over the batch."""
+        return (1 - self.lam) * self.consistency + self.lam * self.adversarial
 
 
-def discriminator_fake_loss(fake_logits: Tensor) -> Tensor:
-    return F.softplus(fake_logits.float())
+def generator_losses(
+    x: Tensor,
+    labels: Tensor | None,
+    j: Tensor,
+    noise: Tensor,
+    *,
+    sigmas: Tensor,
+    schedule: ConsistencySchedule,
+    online: Network,
+    target: Network,
+    distance: Callable[[Tensor, Tensor], Tensor],
+    critic: Network | None = None,
+    augment: Augment | None = None,
+) -> GeneratorLosses:
+    """The generator's update: x (B, C, H, W) real images, j (B,) indices in 1..N-1 of the grid `sigmas`
+    (N values), noise z (B, C, H, W) shared by both noise levels. D is called on the prediction with its
+    gradient flowing to the generator only: the caller keeps D's parameters out of this backward."""
+    t_hi, t_lo = sigmas[j], sigmas[j - 1]  # (B,)
+    with torch.no_grad():
+        target_x0 = target(x + append_dims(t_lo, x.ndim) * noise, t_lo, labels)
+    pred = online(x + append_dims(t_hi, x.ndim) * noise, t_hi, labels)
+    loss_ct = distance(pred, target_x0).float()
+    if critic is None:
+        zeros = torch.zeros_like(loss_ct)
+        return GeneratorLosses(loss_ct, zeros, zeros)
+    loss_adv = F.softplus(-critic(augment(pred), t_hi, labels).float())
+    return GeneratorLosses(loss_ct, loss_adv, schedule.lam(t_hi, sigmas.numel()))
 
 
-def discriminator_real_loss(real_logits: Tensor) -> Tensor:
-    return F.softplus(-real_logits.float())
+class DiscriminatorLosses(NamedTuple):
+    fake: Tensor  # L_fake = w(t) softplus(D(A(fake), t)), (B/2,)
+    real: Tensor  # L_real = w(t') softplus(-D(A(real), t')), (B/2,)
+    r1: Tensor  # (r1_gamma / 2) w(t') ||dD(r)/dr||^2, (B/2,); zeros between R1 iterations
+
+    def objective(self, gan_ratio: float) -> Tensor:
+        """gan_ratio (L_fake + L_real + R1) per example pair; L_D is its mean (the halves are equal)."""
+        return gan_ratio * (self.fake + self.real + self.r1)
 
 
-def r1_gradient_norm(real_logits: Tensor, real_images: Tensor) -> Tensor:
-    """||dD(r)/dr||^2 per example, with the graph kept for the double backward (create_graph=True).
+def discriminator_losses(
+    fake_x: Tensor,
+    fake_labels: Tensor | None,
+    fake_j: Tensor,
+    fake_noise: Tensor,
+    real_x: Tensor,
+    real_labels: Tensor | None,
+    real_j: Tensor,
+    *,
+    sigmas: Tensor,
+    schedule: ConsistencySchedule,
+    online: Network,
+    critic: Network,
+    augment: Augment,
+    r1_gamma: float,
+    with_r1: bool,
+) -> DiscriminatorLosses:
+    """The discriminator's update: fakes are one-step predictions of the online network from the images
+    `fake_x` noised to t = sigmas[fake_j]; reals are `real_x` seen at t' = sigmas[real_j]. With `with_r1`
+    the lazy R1 penalty is computed with respect to the augmented real images, in float32 with autocast
+    off, so that fp16 loss scaling can neither overflow nor corrupt it."""
+    num_scales = sigmas.numel()
+    t_fake = sigmas[fake_j]
+    with torch.no_grad():
+        fake = online(fake_x + append_dims(t_fake, fake_x.ndim) * fake_noise, t_fake, fake_labels)
+    loss_fake = F.softplus(critic(augment(fake), t_fake, fake_labels).float()) * schedule.weight(
+        t_fake, num_scales
+    )
 
-    `real_images` must be the (augmented) tensor that was fed to D, with requires_grad set.
-    """
-    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
-    return grad.float().square().flatten(1).sum(1)
+    t_real = sigmas[real_j]
+    w_real = schedule.weight(t_real, num_scales)
+    real = augment(real_x).detach()
+    if with_r1:
+        real = real.float().requires_grad_(True)
+        with torch.autocast(real.device.type, enabled=False):
+            real_logits = critic(real, t_real, real_labels).float()
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)  # double backward
+        r1 = (r1_gamma / 2) * w_real * grad.square().flatten(1).sum(1)
+    else:
+        real_logits = critic(real, t_real, real_labels).float()
+        r1 = torch.zeros_like(w_real)
+    loss_real = F.softplus(-real_logits) * w_real
+    return DiscriminatorLosses(loss_fake, loss_real, r1)

@@ -1,30 +1,44 @@
-"""ACTModule: owns the generator, its target EMA and the discriminator, and runs one ACT iteration
-(one generator update, then one discriminator update) per batch, exactly as ACT.md section 3."""
+"""ACTModule: owns the generator, its target EMA and the discriminator, and runs one ACT iteration (one
+generator update, then one discriminator update) per batch (docs/algorithm.md, section 3).
+
+The math lives in pure functions (`losses.generator_losses`, `losses.discriminator_losses`, the
+`ConsistencySchedule`); this module does what is Lightning's: which network trains, backward, optimiser
+steps, the target EMA, the iteration counter, the augmentation controller's state, and logging.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from act_lightning import consistency as cm
 from act_lightning.augment import AugmentPipe, r1_controller_update
+from act_lightning.consistency import ConsistencySchedule, noise_conditioning, sample_indices
 from act_lightning.data.base import HalfBatch
-from act_lightning.losses import (
-    DISTANCES,
-    build_distance,
-    discriminator_fake_loss,
-    discriminator_real_loss,
-    generator_adversarial_loss,
-    r1_gradient_norm,
-)
+from act_lightning.losses import DISTANCES, build_distance, discriminator_losses, generator_losses
 from act_lightning.nn import consistency_function
 from act_lightning.sampling import multistep
 
-OPTIMIZERS = ("radam", "adam", "rmsprop")
+OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer: params -> optimizer
+
+# The terms the divergence guard watches, as bits of `bad_terms` (which went non-finite first).
+GUARDED_TERMS = (
+    "train/loss_ct",
+    "train/loss_adv",
+    "generator gradients",
+    "train/loss_fake",
+    "train/loss_real",
+    "train/r1",
+    "discriminator gradients",
+)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -32,23 +46,59 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_optimizer(key: str, factory: OptimizerFactory | None) -> None:
+    """Builds the optimiser once over a dummy parameter, so a bad learning rate or beta fails now,
+    naming its key, instead of after the data and the loggers have started."""
+    if not callable(factory):
+        raise ValueError(
+            f"{key} must be a Hydra partial of a torch.optim optimizer (_partial_: true), got {factory!r}"
+        )
+    lr = getattr(factory, "keywords", {}).get("lr")
+    if lr is not None and not lr > 0:  # torch accepts 0, which would train nothing
+        raise ValueError(f"{key}.lr must be positive, got {lr}")
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{key}: {err}") from err
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, iteration, stream, rank): reproducible, no state to save."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part) + 1) % (2**63 - 1)
+    return value
+
+
+def _describe_terms(mask: int) -> str:
+    return ", ".join(name for bit, name in enumerate(GUARDED_TERMS) if mask >> bit & 1) or "unknown"
+
+
 class ACTModule(L.LightningModule):
     """Adversarial Consistency Training.
 
-    `generator` and `discriminator` are backbones with the signature `(x, c_noise, class_labels)`;
-    the preconditioning of ACT.md section 1 is applied here. `iterations` is K, the number of ACT
-    iterations: the curriculum N(k), mu(k) uses this module's own counter `iteration` (a buffer, so it
-    is in every checkpoint), never `trainer.global_step`, which counts two optimiser steps per iteration.
+    `generator` and `discriminator` are backbones with the signature `(x, c_noise, class_labels)`; the
+    preconditioning of docs/algorithm.md section 1 is applied here. `discriminator` may be a factory (a
+    Hydra `_partial_`), called only when `gan_ratio > 0`, so plain consistency training never builds one.
+    `optimizer` and `d_optimizer` are factories `params -> torch.optim.Optimizer` (Hydra partials).
+    `iterations` is K: the curriculum follows this module's own counter `k` (also the buffer `iteration`,
+    so it is in every checkpoint), never `trainer.global_step`, which counts two optimiser steps per
+    iteration. Every batch is one iteration; a batch split into micro-batches (`HalfBatch.micro`)
+    accumulates gradients over them before each optimiser step.
+
+    The noise of an iteration (indices j and noise z) is drawn for the *global* batch from a generator
+    seeded by (seed, k), and each device takes its share: one device with the global batch, two with half
+    each, or one with gradient accumulation see the same examples with the same noise, and a resumed run
+    needs no random state to continue exactly.
     """
 
     def __init__(
         self,
         generator: nn.Module,
-        discriminator: nn.Module | None,
+        discriminator: nn.Module | Callable[[], nn.Module] | None,
         iterations: int,
-        lr: float = 1e-4,
-        d_lr: float = 1e-4,
-        optimizer: str = "radam",
+        optimizer: OptimizerFactory,
+        d_optimizer: OptimizerFactory | None = None,
         warmup: int = 1,
         bins_min: int = 2,
         bins_max: int = 150,
@@ -60,7 +110,7 @@ class ACTModule(L.LightningModule):
         r1_threshold: float = 1e4,
         ada_length: float = 5e5,
         ada_beta: float = 0.93,
-        augment: dict[str, float] | None = None,
+        augment: dict[str, Any] | None = None,
         distance: str = "lpips",
         lpips_weights: str | None = None,
         lpips_pretrained: bool = True,
@@ -70,17 +120,12 @@ class ACTModule(L.LightningModule):
         rho: float = 7.0,
         c_noise: str = "identity",
         num_classes: int | None = None,
-        global_batch_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["generator", "discriminator"])
+        self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer", "d_optimizer"])
         _check(iterations >= 1, f"iterations must be a positive integer (ACT iterations K), got {iterations}")
-        _check(lr > 0, f"model.lr must be positive, got {lr}")
-        _check(d_lr > 0, f"model.d_lr must be positive, got {d_lr}")
-        _check(
-            optimizer in OPTIMIZERS,
-            f"model.optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}",
-        )
+        _check_optimizer("model.optimizer", optimizer)
         _check(warmup >= 1, f"model.warmup must be >= 1 iteration (1 = no warm-up), got {warmup}")
         _check(bins_min >= 2, f"model.bins_min must be >= 2, got {bins_min}")
         _check(
@@ -102,170 +147,301 @@ class ACTModule(L.LightningModule):
             0 < sigma_min < sigma_max,
             f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}",
         )
-        _check(gan_ratio == 0 or discriminator is not None, "model.gan_ratio > 0 needs a model.discriminator")
+        if gan_ratio > 0:
+            _check(discriminator is not None, "model.gan_ratio > 0 needs a model.discriminator")
+            _check_optimizer("model.d_optimizer", d_optimizer)
 
         self.automatic_optimization = False
+        self.schedule = ConsistencySchedule(
+            sigma_min, sigma_max, rho, bins_min, bins_max, mu0, gan_ratio, mid_weight
+        )
         self.generator = generator
         self.target = copy.deepcopy(generator).requires_grad_(False)  # theta^-: the EMA that samples
+        if gan_ratio > 0 and not isinstance(discriminator, nn.Module):
+            discriminator = discriminator()  # a factory: built only when it trains
         self.discriminator = discriminator if gan_ratio > 0 else None
+        self._optimizer_factories = (optimizer, d_optimizer)
         self.augment_pipe = AugmentPipe(**(augment or {}))
         self.distance = build_distance(distance, lpips_weights, lpips_pretrained)
 
         # Training state that must survive a resume exactly: buffers are in every checkpoint.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("aug_p", torch.zeros(()))
-        self.register_buffer("r1_ema", torch.zeros(()))
-        self._k = 0  # host copy of `iteration`, so the schedule never reads the device
+        self.register_buffer("r1_ema", torch.full((), float(r1_threshold)))  # as the reference starts it
+        # The divergence guard's counters (docs/algorithm.md): device tensors, read by a callback.
+        self.register_buffer("bad_streak", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("bad_total", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("bad_since", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("bad_terms", torch.zeros((), dtype=torch.long), persistent=False)
+        self.k = (
+            0  # ACT iterations done: the host copy of `iteration`, so the schedule never reads the device
+        )
         self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
         self._sigma_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self._ddp: dict[str, DistributedDataParallel] = {}  # per-network DDP wrappers (multi-process only)
 
-    # -- the consistency function and the schedule ------------------------------------------------
+    # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
     def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-        """f(x, sigma, y) for `net` = generator or target."""
+        """f(x, sigma, y) for `net` = generator or target (or a DDP wrapper of the generator)."""
         h = self.hparams
         return consistency_function(
             net, x, sigma, labels, sigma_min=h.sigma_min, sigma_data=h.sigma_data, c_noise_kind=h.c_noise
         )
 
-    def c_noise(self, sigma: Tensor) -> Tensor:
-        return cm.noise_conditioning(sigma, self.hparams.c_noise)
+    def critic(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        """D(x, c_noise(sigma), y) -> (B,): D sees the same noise conditioning as the generator."""
+        return net(x, noise_conditioning(sigma, self.hparams.c_noise), labels)
 
-    def sigmas(self, num_scales: int) -> Tensor:
+    def _sigmas(self, num_scales: int) -> Tensor:
         key = (num_scales, self.device)
         if key not in self._sigma_cache:
-            h = self.hparams
-            self._sigma_cache[key] = cm.karras_sigmas(num_scales, h.sigma_min, h.sigma_max, h.rho).to(
-                self.device
-            )
+            self._sigma_cache[key] = self.schedule.sigmas(num_scales).to(self.device)
         return self._sigma_cache[key]
-
-    def num_scales_now(self) -> int:
-        return cm.num_scales(self._k / self.hparams.iterations, self.hparams.bins_min, self.hparams.bins_max)
-
-    def weight(self, sigma: Tensor, num_scales: int) -> Tensor:
-        h = self.hparams
-        return cm.adversarial_weight(
-            sigma, num_scales, h.gan_ratio, h.mid_weight, h.sigma_min, h.sigma_max, h.rho
-        )
 
     def _labels(self, labels: Tensor) -> Tensor | None:
         return labels if self.hparams.num_classes else None
 
-    # -- the iteration ----------------------------------------------------------------------------
+    # -- distributed data parallel, one wrapper per network ------------------------------------------
+    def on_train_start(self) -> None:
+        self.k = int(self.iteration)
+        rng = getattr(self, "_restore_rng", None)
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self._restore_rng = None
+        world = self.trainer.world_size
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            # Each update touches one network only, so each network gets its own DDP wrapper: the gradient
+            # all-reduce then expects exactly the parameters that receive gradients, and no search for
+            # unused parameters is needed. The target EMA is no DDP module: it is made equal once here and
+            # then follows identical generators on every rank.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = {"generator": DistributedDataParallel(self.generator, device_ids=device_ids)}
+            if self.discriminator is not None:
+                self._ddp["discriminator"] = DistributedDataParallel(
+                    self.discriminator, device_ids=device_ids
+                )
+            for tensor in [*self.target.parameters(), *self.target.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def _trained(self, name: str) -> nn.Module:
+        """The network to run when it trains: its DDP wrapper under DDP, itself otherwise."""
+        return self._ddp.get(name) or getattr(self, name)
+
+    @contextmanager
+    def _backward_context(self, name: str, sync: bool) -> Iterator[None]:
+        """Around a micro-batch's forward and backward. Lightning's own DDP wrapper of this whole module
+        (strategy `ddp`) would all-reduce every parameter and wait for those of the network that did not
+        train: it is kept out of the way, and the trained network's own wrapper reduces its gradients
+        (on the last micro-batch only, `sync`)."""
+        with ExitStack() as stack:
+            outer = self.trainer.strategy.model
+            if isinstance(outer, DistributedDataParallel):
+                stack.enter_context(outer.no_sync())
+            inner = self._ddp.get(name)
+            if inner is not None and not sync:
+                stack.enter_context(inner.no_sync())
+            yield
+
+    # -- the iteration ------------------------------------------------------------------------------
+    def _draw_noise(self, batch: HalfBatch, num_scales: int) -> dict[str, Tensor]:
+        """j and z of the global batch, then this device's share (its rank's contiguous slice)."""
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        n_gen, n_half = batch.gen.shape[0], batch.disc.shape[0] // 2
+        g = torch.Generator(self.device).manual_seed(_mix_seed(self.hparams.seed, self.k))
+        shape = batch.gen.shape[1:]
+        draws = {
+            "gen_j": sample_indices(n_gen * world, num_scales, self.device, g),
+            "gen_z": torch.randn((n_gen * world, *shape), device=self.device, generator=g),
+            "fake_j": sample_indices(n_half * world, num_scales, self.device, g),
+            "fake_z": torch.randn((n_half * world, *shape), device=self.device, generator=g),
+            "real_j": sample_indices(n_half * world, num_scales, self.device, g),
+        }
+        return {k: v.chunk(world)[rank] for k, v in draws.items()}
+
     def training_step(self, batch: HalfBatch, batch_idx: int) -> None:
         h = self.hparams
-        num_scales = self.num_scales_now()
-        sigmas = self.sigmas(num_scales)
+        num_scales = self.schedule.num_scales(self.k, h.iterations)
+        sigmas = self._sigmas(num_scales)
         optimizers = self.optimizers()
         opt_g, opt_d = (optimizers, None) if not isinstance(optimizers, list) else optimizers
-        use_gan = h.gan_ratio > 0
+        micro = batch.micro_batches()
+        draws = self._draw_noise(batch, num_scales)
+        parts = {k: v.chunk(len(micro)) for k, v in draws.items()}
+        aug_generator = torch.Generator(self.device).manual_seed(
+            _mix_seed(h.seed, self.k, 1, self.trainer.global_rank)
+        )
+
+        def augment(images: Tensor) -> Tensor:
+            return self.augment_pipe(images, self.aug_p, generator=aug_generator)
 
         # ---- generator update: consistency loss + adversarial loss on the same prediction ----
-        x, y = batch.gen, self._labels(batch.gen_labels)  # (B_G, C, H, W)
-        j = cm.sample_indices(x.shape[0], num_scales, device=x.device)
-        t_hi, t_lo = sigmas[j], sigmas[j - 1]  # (B_G,)
-        z = torch.randn_like(x)
-        with torch.no_grad():
-            target = self.denoise(self.target, x + cm.append_dims(t_lo, x.ndim) * z, t_lo, y)
-        pred = self.denoise(self.generator, x + cm.append_dims(t_hi, x.ndim) * z, t_hi, y)
-        loss_ct = self.distance(pred, target).float()  # (B_G,)
-        if use_gan:
+        online = self._trained("generator")
+        critic = None
+        if self.discriminator is not None:
             self.toggle_optimizer(opt_g)  # D's parameters take no gradient from the generator's loss
-            lam = h.gan_ratio * self.weight(t_hi, num_scales)
-            fake_logits = self.discriminator(self.augment_pipe(pred, self.aug_p), self.c_noise(t_hi), y)
-            loss_adv = generator_adversarial_loss(fake_logits)
-            loss_g = ((1 - lam) * loss_ct + lam * loss_adv).mean()
-        else:
-            loss_adv = None
-            loss_g = loss_ct.mean()
+            critic = lambda x, s, y: self.critic(self.discriminator, x, s, y)  # noqa: E731
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
+        sums = torch.zeros(3, device=self.device)  # L_G, L_ct, L_adv summed over examples
+        bad = torch.zeros(3, dtype=torch.bool, device=self.device)
+        n_gen = batch.gen.shape[0]
+        for i, mb in enumerate(micro):
+            with self._backward_context("generator", sync=i == len(micro) - 1):
+                losses = generator_losses(
+                    mb.gen,
+                    self._labels(mb.gen_labels),
+                    parts["gen_j"][i],
+                    parts["gen_z"][i],
+                    sigmas=sigmas,
+                    schedule=self.schedule,
+                    online=lambda x, s, y: self.denoise(online, x, s, y),
+                    target=lambda x, s, y: self.denoise(self.target, x, s, y),
+                    distance=self.distance,
+                    critic=critic,
+                    augment=augment,
+                )
+                objective = losses.objective()
+                self.manual_backward(objective.sum() / n_gen)
+            sums += torch.stack(
+                [objective.sum(), losses.consistency.sum(), losses.adversarial.sum()]
+            ).detach()
+            bad[:2] |= ~torch.stack(
+                [losses.consistency.isfinite().all(), losses.adversarial.isfinite().all()]
+            )
+        bad[2] = self._guard_gradients(self.generator, loss_bad=bad[:2].any())
         opt_g.step()
-        if use_gan:
+        if self.discriminator is not None:
             self.untoggle_optimizer(opt_g)
-        target_ema = cm.target_ema_decay(num_scales, h.bins_min, h.mu0)
+        target_ema = self.schedule.target_ema(num_scales)
         self._update_target(target_ema)
-
-        logs = {
-            "train/loss_ct": loss_ct.mean().detach(),
-            "train/loss_g": loss_g.detach(),
+        means = sums / n_gen
+        logs: dict[str, Any] = {
+            "train/loss_g": means[0],
+            "train/loss_ct": means[1],
             "train/num_scales": float(num_scales),
             "train/target_ema": target_ema,
         }
 
         # ---- discriminator update: fake half and real half, lazy R1 ----
-        if use_gan:
-            logs.update(self._discriminator_step(batch, sigmas, num_scales, opt_d))
-            logs["train/loss_adv"] = loss_adv.mean().detach()
+        bad_d = torch.zeros(4, dtype=torch.bool, device=self.device)
+        if self.discriminator is not None:
+            logs["train/loss_adv"] = means[2]
+            logs.update(self._discriminator_update(batch, micro, parts, sigmas, opt_d, augment, bad_d))
 
+        self._record_bad_iteration(torch.cat([bad, bad_d]))
+        logs["train/skipped_updates"] = self.bad_total.float()
         self._step_schedulers()
-        self._k += 1
-        self.iteration.fill_(self._k)
-        logs["step"] = float(self._k)  # loggers' x-axis: ACT iterations, not optimiser steps (two each)
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        if self._k >= h.iterations:
+        self.k += 1
+        self.iteration.fill_(self.k)
+        logs["step"] = float(self.k)  # loggers' x-axis: ACT iterations, not optimiser steps (two each)
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n_gen)
+        if self.k >= h.iterations:
             self.trainer.should_stop = True
 
-    def _discriminator_step(self, batch: HalfBatch, sigmas: Tensor, num_scales: int, opt_d) -> dict[str, Any]:
+    def _discriminator_update(self, batch, micro, parts, sigmas, opt_d, augment, bad) -> dict[str, Any]:
         h = self.hparams
+        with_r1 = h.r1_gamma > 0 and self.k % h.r1_interval == 0
+        critic = self._trained("discriminator")
         self.toggle_optimizer(opt_d)
-        x_fake, x_real = batch.disc.chunk(2)  # (B_D/2, C, H, W) each
-        y_fake, y_real = (None, None) if not h.num_classes else batch.disc_labels.chunk(2)
-
-        j = cm.sample_indices(x_fake.shape[0], num_scales, device=x_fake.device)
-        t_fake = sigmas[j]
-        with torch.no_grad():
-            x_t = x_fake + cm.append_dims(t_fake, x_fake.ndim) * torch.randn_like(x_fake)
-            fake = self.denoise(self.generator, x_t, t_fake, y_fake)
-        fake_logits = self.discriminator(self.augment_pipe(fake, self.aug_p), self.c_noise(t_fake), y_fake)
-        loss_fake = discriminator_fake_loss(fake_logits) * self.weight(t_fake, num_scales)
-
-        j_real = cm.sample_indices(x_real.shape[0], num_scales, device=x_real.device)
-        t_real = sigmas[j_real]
-        w_real = self.weight(t_real, num_scales)
-        real = self.augment_pipe(x_real, self.aug_p)
-        do_r1 = h.r1_gamma > 0 and self._k % h.r1_interval == 0
-        if do_r1:
-            # The penalty needs d D / d r and a double backward. It runs in fp32 with autocast off, so
-            # fp16 loss scaling can neither overflow nor corrupt it (ACT.md section 3).
-            real = real.detach().float().requires_grad_(True)
-            with torch.autocast(device_type=real.device.type, enabled=False):
-                real_logits = self.discriminator(real, self.c_noise(t_real), y_real).float()
-                grad_norm = r1_gradient_norm(real_logits, real)
-            r1 = (h.r1_gamma / 2) * (w_real * grad_norm).mean()
-        else:
-            real_logits = self.discriminator(real.detach(), self.c_noise(t_real), y_real)
-            r1 = torch.zeros((), device=real.device)
-        loss_real = discriminator_real_loss(real_logits) * w_real
-        loss_d = h.gan_ratio * (loss_fake.mean() + loss_real.mean() + r1)
-
         opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(loss_d)
+        sums = torch.zeros(4, device=self.device)  # L_D, L_fake, L_real, R1 summed over example pairs
+        n_half = batch.disc.shape[0] // 2
+        for i, mb in enumerate(micro):
+            fake_x, real_x = mb.disc.chunk(2)  # (B_D/2, C, H, W) each
+            fake_y, real_y = (None, None) if not h.num_classes else mb.disc_labels.chunk(2)
+            with self._backward_context("discriminator", sync=i == len(micro) - 1):
+                losses = discriminator_losses(
+                    fake_x,
+                    fake_y,
+                    parts["fake_j"][i],
+                    parts["fake_z"][i],
+                    real_x,
+                    real_y,
+                    parts["real_j"][i],
+                    sigmas=sigmas,
+                    schedule=self.schedule,
+                    online=lambda x, s, y: self.denoise(self.generator, x, s, y),
+                    critic=lambda x, s, y: self.critic(critic, x, s, y),
+                    augment=augment,
+                    r1_gamma=h.r1_gamma,
+                    with_r1=with_r1,
+                )
+                objective = losses.objective(h.gan_ratio)
+                self.manual_backward(objective.sum() / n_half)
+            terms = torch.stack([objective.sum(), losses.fake.sum(), losses.real.sum(), losses.r1.sum()])
+            sums += terms.detach()
+            bad[:3] |= ~torch.stack([t.isfinite().all() for t in (losses.fake, losses.real, losses.r1)])
+        bad[3] = self._guard_gradients(self.discriminator, loss_bad=bad[:3].any())
         opt_d.step()
         self.untoggle_optimizer(opt_d)
-
-        logs = {"train/loss_d": loss_d.detach(), "train/aug_p": self.aug_p}
-        if do_r1:
+        means = sums / n_half
+        logs = {"train/loss_d": means[0], "train/aug_p": self.aug_p}
+        if with_r1:
+            # The controller sees the R1 statistic of the global batch (the mean over all devices) and the
+            # global batch size B (both halves), so every rank moves p the same way.
+            r1 = self.trainer.strategy.reduce(means[3], reduce_op="mean")
             p, r1_ema = r1_controller_update(
                 self.aug_p,
                 self.r1_ema,
-                r1.detach(),
+                torch.nan_to_num(r1, nan=0.0),  # a bad R1 is the guard's business, not the controller's
                 beta=h.ada_beta,
                 threshold=h.r1_threshold,
-                batch_size=self._global_batch_size(batch),
+                batch_size=(batch.gen.shape[0] + batch.disc.shape[0]) * self.trainer.world_size,
                 interval=h.r1_interval,
                 ada_length=h.ada_length,
             )
             self.aug_p.copy_(p)
             self.r1_ema.copy_(r1_ema)
-            logs["train/r1"] = r1.detach()
+            logs["train/r1"] = means[3]
         return logs
 
-    def _global_batch_size(self, batch: HalfBatch) -> int:
-        """B of the augmentation controller: both halves, all devices (ACT.md section 5)."""
-        if self.hparams.global_batch_size:
-            return self.hparams.global_batch_size
-        return (batch.gen.shape[0] + batch.disc.shape[0]) * self.trainer.world_size
+    # -- the divergence guard: a non-finite loss or gradient never reaches weights or optimiser state ---
+    def _guard_gradients(self, net: nn.Module, loss_bad: Tensor) -> Tensor:
+        """Turns the coming update of `net` into a zero-gradient one when a loss or gradient is not
+        finite, without a host synchronisation. With the paper's beta1 = 0 the weights then stay as they
+        are; the optimiser sees a zero gradient. Under fp16 loss scaling (`16-mixed`) overflowing scaled
+        gradients are the scaler's business (it skips that step and lowers the scale): only the losses are
+        checked there. Returns whether the gradients themselves were non-finite."""
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if scaled:
+            grads_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        else:
+            norms = torch._foreach_norm(grads, math.inf)  # max |g| per tensor: NaN and inf propagate
+            grads_bad = ~torch.stack(norms).isfinite().all()
+        bad = grads_bad | loss_bad
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            # a loss can go bad on one rank only: all ranks skip together and their weights stay equal
+            bad = bad.to(torch.int32)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            bad = bad.bool()
+        keep = (~bad).to(grads[0].dtype)
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        torch._foreach_mul_(grads, keep)
+        return grads_bad
+
+    def _record_bad_iteration(self, bad: Tensor) -> None:
+        """Counts bad iterations (device tensors; `callbacks.DivergenceGuard` reads them)."""
+        weights = 2 ** torch.arange(bad.numel(), device=bad.device)
+        mask = (bad.long() * weights).sum()
+        is_bad = mask > 0
+        streak = torch.where(is_bad, self.bad_streak + 1, torch.zeros_like(self.bad_streak))
+        first = streak == 1  # the first bad iteration of a streak names what went wrong
+        self.bad_since.copy_(torch.where(first, torch.full_like(self.bad_since, self.k), self.bad_since))
+        self.bad_terms.copy_(torch.where(first, mask, self.bad_terms))
+        self.bad_streak.copy_(streak)
+        self.bad_total.add_(is_bad.long())
+
+    def divergence_report(self) -> str:
+        """What the guard stops the run with (reads the device: call it outside the iteration)."""
+        return (
+            f"{int(self.bad_streak)} bad iterations in a row since iteration {int(self.bad_since)} "
+            f"(first non-finite: {_describe_terms(int(self.bad_terms))})"
+        )
 
     @torch.no_grad()
     def _update_target(self, decay: float) -> None:
@@ -277,25 +453,14 @@ class ACTModule(L.LightningModule):
             b_t.copy_(b)
 
     # -- optimisers --------------------------------------------------------------------------------
-    def _make_optimizer(self, params, lr: float, beta2: float):
-        name = self.hparams.optimizer
-        # foreach: the multi-tensor update, which PyTorch picks by itself only on CUDA; on the CPU the
-        # per-tensor loop cost the quickstart about 9% of its time.
-        if name == "radam":
-            return torch.optim.RAdam(params, lr=lr, betas=(0.0, beta2), foreach=True)
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, betas=(0.0, beta2), foreach=True)
-        return torch.optim.RMSprop(params, lr=lr, foreach=True)
-
     def configure_optimizers(self):
-        h = self.hparams
-        warmup = lambda k: min(1.0, (k + 1) / h.warmup)  # noqa: E731  linear warm-up, in iterations
-        opt_g = self._make_optimizer(self.generator.parameters(), h.lr, 0.99)
-        if self.discriminator is None:
-            return [opt_g], [torch.optim.lr_scheduler.LambdaLR(opt_g, warmup)]
-        opt_d = self._make_optimizer(self.discriminator.parameters(), h.d_lr, 0.99 * 16 / 17)
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (opt_g, opt_d)]
-        return [opt_g, opt_d], schedulers
+        warmup = self.hparams.warmup
+        ramp = lambda k: min(1.0, (k + 1) / warmup)  # noqa: E731  linear warm-up, in iterations
+        make_g, make_d = self._optimizer_factories
+        optimizers = [make_g(self.generator.parameters())]
+        if self.discriminator is not None:
+            optimizers.append(make_d(self.discriminator.parameters()))
+        return optimizers, [torch.optim.lr_scheduler.LambdaLR(o, ramp) for o in optimizers]
 
     def _step_schedulers(self) -> None:
         schedulers = self.lr_schedulers()
@@ -308,8 +473,19 @@ class ACTModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("distance.")]:
             del state[key]
+        nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if nonfinite:  # the guard keeps NaN out of the weights; this is the last line of defence
+            raise RuntimeError(
+                f"refusing to write a checkpoint with non-finite weights ({', '.join(nonfinite[:5])}"
+                f"{' ...' if len(nonfinite) > 5 else ''}): the last checkpoint on disk stays as it is"
+            )
         if self.run_config is not None:  # plain containers: `evaluate` rebuilds data and networks from it
             checkpoint["act_config"] = self.run_config
+        for logger in self.loggers:  # a resumed run continues its W&B run
+            if type(logger).__name__ == "WandbLogger" and logger.version:
+                checkpoint["act_wandb_id"] = str(logger.version)
+        # The iteration draws its noise from generators seeded by (seed, k); the global generators only
+        # matter to what a backbone draws itself (dropout), and are restored for that.
         checkpoint["act_rng"] = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -320,19 +496,8 @@ class ACTModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith("distance."):
                 state[key] = value
-        self._k = int(state["iteration"])
-        rng = checkpoint.get("act_rng")
-        if rng is not None:
-            self._restore_rng = rng
-
-    def on_train_start(self) -> None:
-        rng = getattr(self, "_restore_rng", None)
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            self._restore_rng = None
-        self._k = int(self.iteration)
+        self.k = int(state["iteration"])
+        self._restore_rng = checkpoint.get("act_rng")
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -353,9 +518,5 @@ class ACTModule(L.LightningModule):
             lambda x, sigma: self.denoise(net, x, sigma, labels), noise, taus, h.sigma_min, generator
         )
 
-    @property
-    def progress(self) -> float:
-        return self._k / self.hparams.iterations
-
     def extra_repr(self) -> str:
-        return f"iteration={self._k}/{self.hparams.iterations}"
+        return f"iteration={self.k}/{self.hparams.iterations}"

@@ -38,8 +38,3 @@ def multistep(
         x_tau = x + append_dims(noise.new_full((b,), (tau**2 - sigma_min**2) ** 0.5), x.ndim) * z
         x = denoise(x_tau, noise.new_full((b,), tau)).clamp(-1, 1)
     return x
-
-
-def onestep(denoise: Denoiser, noise: Tensor, sigma_max: float) -> Tensor:
-    """x = f(sigma_max z, sigma_max), clipped: the sampler ACT is trained and evaluated for."""
-    return multistep(denoise, noise, [sigma_max])

@@ -1,8 +1,6 @@
-"""AugmentPipe (exactness, shapes, gradients, per-example probabilities) and the p controllers."""
+"""AugmentPipe (exactness, shapes, gradients, per-example probabilities) and the p controller."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from act_lightning.augment import (
     _scale2d,
     _translate2d,
     r1_controller_update,
-    rt_controller_update,
 )
 
 GEOMETRY = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
@@ -148,12 +145,27 @@ def test_xflip_is_exact_and_flips_half_of_the_applied_examples():
         assert abs(flipped.float().mean().item() - expected) < 0.04
 
 
-def test_rotate90_is_exact():
+def _quarter_turns(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(4, B) bool: example b of `out` is x[b] turned by k quarter turns (torch.rot90's sense)."""
+    return torch.stack([(out == torch.rot90(x, k, dims=(2, 3))).flatten(1).all(dim=1) for k in range(4)])
+
+
+def test_rotate90_is_exact_and_draws_0_or_270_degrees_as_the_reference():
     x = images(400, 3, 8, 8)
-    out = only("rotate90")(x, 1.0, generator=seeded())
-    hits = torch.stack([(out == torch.rot90(x, k, dims=(2, 3))).flatten(1).all(dim=1) for k in range(4)])
+    hits = _quarter_turns(only("rotate90")(x, 1.0, generator=seeded()), x)
+    assert (hits.sum(dim=0) == 1).all()  # every output is exactly one quarter turn of its input
+    share = hits.float().mean(dim=1)
+    assert share[0] > 0.4 and share[1] > 0.4  # unturned, or 270 degrees (one turn the other way) ...
+    assert share[2] == 0 and share[3] == 0  # ... never 90 or 180 degrees
+
+
+def test_rotate90_with_adas_four_way_draw():
+    x = images(400, 3, 8, 8)
+    hits = _quarter_turns(only("rotate90", rotate90_turns=(0, 1, 2, 3))(x, 1.0, generator=seeded()), x)
     assert (hits.sum(dim=0) == 1).all()
     assert (hits.float().mean(dim=1) > 0.15).all()  # every quarter turn occurs
+    with pytest.raises(ValueError, match="model.augment.rotate90_turns"):
+        AugmentPipe(rotate90_turns=(0, 4))
 
 
 def test_integer_translation_is_an_exact_reflected_shift():
@@ -294,15 +306,3 @@ def test_r1_controller_keeps_dtype_device_and_detaches():
     assert p.dtype == ema.dtype == torch.float32 and p.ndim == ema.ndim == 0
     assert not ema.requires_grad
     assert ema.item() == pytest.approx(0.07 * 6.0)  # default beta = 0.93
-
-
-def test_rt_controller():
-    assert rt_controller_update(0.5, torch.tensor(0.8), **STEP).item() == pytest.approx(0.6)
-    assert rt_controller_update(0.5, torch.tensor(0.2), **STEP).item() == pytest.approx(0.4)
-    assert rt_controller_update(0.5, torch.tensor(0.6), **STEP).item() == pytest.approx(0.5)  # sign(0)
-    assert rt_controller_update(0.05, -1.0, **STEP).item() == 0.0
-    assert rt_controller_update(0.97, 1.0, **STEP).item() == 1.0
-    # default ADA numbers: batch 64, every 4 iterations, 500k images -> 5.12e-4 per update
-    p = rt_controller_update(torch.tensor(0.0), 1.0, batch_size=64, interval=4, ada_length=500_000)
-    assert p.item() == pytest.approx(64 * 4 / 500_000)
-    assert math.isclose(p.item(), 5.12e-4, rel_tol=1e-5)

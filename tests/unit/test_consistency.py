@@ -60,15 +60,34 @@ def test_target_ema_decay_hand_computed():
     assert all(b > a for a, b in zip(decays, decays[1:]))
 
 
-def test_adversarial_weight_constant_and_mid_weight():
+def test_schedule_weight_and_lambda_constant_and_mid_weight():
     sigma = cm.karras_sigmas(21)
-    assert torch.equal(cm.adversarial_weight(sigma, 21, 0.3, None), torch.ones(21))
-    w = cm.adversarial_weight(sigma, 21, gan_ratio=0.6, mid_weight=0.2)
-    lam = 0.6 * w
+    flat = cm.ConsistencySchedule(gan_ratio=0.3, mid_weight=None)
+    assert torch.equal(flat.weight(sigma, 21), torch.ones(21))
+    assert torch.allclose(flat.lam(sigma, 21), torch.full((21,), 0.3))
+    schedule = cm.ConsistencySchedule(gan_ratio=0.6, mid_weight=0.2)
+    w, lam = schedule.weight(sigma, 21), schedule.lam(sigma, 21)
+    assert torch.allclose(lam, 0.6 * w)  # gan_ratio enters lambda once, here
     assert lam[-1].item() == pytest.approx(0.6, rel=1e-5)  # lambda(sigma_max) = gan_ratio
     assert lam[10].item() == pytest.approx(0.2, rel=1e-4)  # lambda at the middle index = mid_weight
     assert lam[0].item() == pytest.approx(0.0, abs=1e-6)
     assert bool((w[1:] >= w[:-1]).all())
+    # hand-computed: w(t_i) = (i / (N - 1)) ** log_0.5(mid_weight / gan_ratio)
+    exponent = math.log(0.2 / 0.6, 0.5)
+    assert w[5].item() == pytest.approx((5 / 20) ** exponent, rel=1e-4)
+
+
+def test_schedule_answers_the_curriculum_questions_from_its_hyper_parameters():
+    schedule = cm.ConsistencySchedule(
+        sigma_min=0.002, sigma_max=80.0, rho=7.0, bins_min=2, bins_max=150, mu0=0.95
+    )
+    assert schedule.num_scales(0, 1000) == 2 and schedule.num_scales(1000, 1000) == 150
+    assert schedule.num_scales(500, 1000) == cm.num_scales(0.5, 2, 150) == 106
+    assert torch.equal(schedule.sigmas(11), cm.karras_sigmas(11, 0.002, 80.0, 7.0))
+    assert schedule.target_ema(150) == pytest.approx(math.exp(2 * math.log(0.95) / 149))
+    other = cm.ConsistencySchedule(sigma_max=20.0, rho=5.0)
+    assert other.sigmas(5)[-1].item() == pytest.approx(20.0, rel=1e-6)
+    assert not torch.equal(other.sigmas(5), schedule.sigmas(5))
 
 
 def test_sample_indices_cover_one_to_n_minus_one():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from act_lightning import losses
+from act_lightning.consistency import ConsistencySchedule
 
 
 def test_pseudo_huber_hand_computed():
@@ -99,32 +100,167 @@ def test_unknown_distance_names_the_key():
         losses.build_distance("l3")
 
 
-def test_gan_losses():
-    logits = torch.tensor([-2.0, 0.0, 3.0])
-    assert torch.allclose(losses.generator_adversarial_loss(logits), torch.log1p(torch.exp(-logits)))
-    assert torch.allclose(losses.discriminator_fake_loss(logits), torch.log1p(torch.exp(logits)))
-    assert torch.allclose(losses.discriminator_real_loss(logits), torch.log1p(torch.exp(-logits)))
+# -- the two updates, as pure functions ------------------------------------------------------------
+
+SCHEDULE = ConsistencySchedule(gan_ratio=0.6, mid_weight=0.2)
 
 
-def test_r1_gradient_norm_matches_finite_differences():
+def _batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 4, 4, generator=g) * 2 - 1, torch.randn(n, 1, 4, 4, generator=g)
+
+
+class LinearCritic(torch.nn.Module):
+    """D(x) = <W, x> + b: its gradient with respect to the image is W, so R1 has a closed form."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.weight = torch.nn.Parameter(torch.randn(1, 1, 4, 4, generator=g))
+        self.bias = torch.nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, x, sigma, labels):
+        return (x * self.weight).flatten(1).sum(1) + self.bias
+
+
+def test_generator_losses_against_a_hand_computation():
+    x, z = _batch()
+    sigmas = SCHEDULE.sigmas(11)
+    j = torch.tensor([1, 4, 7, 10])
+    critic = LinearCritic()
+    out = losses.generator_losses(
+        x,
+        None,
+        j,
+        z,
+        sigmas=sigmas,
+        schedule=SCHEDULE,
+        online=lambda x, s, y: 0.5 * x,
+        target=lambda x, s, y: 0.25 * x,
+        distance=losses.l2_distance,
+        critic=critic,
+        augment=lambda images: images,
+    )
+    t_hi, t_lo = sigmas[j].view(-1, 1, 1, 1), sigmas[j - 1].view(-1, 1, 1, 1)
+    pred, target = 0.5 * (x + t_hi * z), 0.25 * (x + t_lo * z)
+    loss_ct = (pred - target).square().flatten(1).mean(1)
+    logits = (pred * critic.weight).flatten(1).sum(1) + critic.bias
+    loss_adv = torch.log1p(torch.exp(-logits))  # softplus(-D(pred))
+    lam = 0.6 * (j.double() / 10) ** math.log(0.2 / 0.6, 0.5)  # gan_ratio * w(t_hi), w by hand
+    torch.testing.assert_close(out.consistency, loss_ct)
+    torch.testing.assert_close(out.adversarial, loss_adv)
+    torch.testing.assert_close(out.lam, lam.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.objective(), (1 - out.lam) * loss_ct + out.lam * loss_adv)
+    # the target network's pass carries no gradient; the adversarial term reaches D's parameters
+    # unless the caller freezes them (the module does, so the generator's loss never trains D)
+    out.objective().sum().backward()
+    assert critic.weight.grad is not None
+
+
+def test_generator_losses_without_a_discriminator_are_plain_consistency_training():
+    x, z = _batch()
+    out = losses.generator_losses(
+        x,
+        None,
+        torch.tensor([1, 2, 3, 4]),
+        z,
+        sigmas=SCHEDULE.sigmas(5),
+        schedule=SCHEDULE,
+        online=lambda x, s, y: x,
+        target=lambda x, s, y: 0 * x,
+        distance=losses.l1_distance,
+    )
+    assert torch.equal(out.lam, torch.zeros(4)) and torch.equal(out.adversarial, torch.zeros(4))
+    torch.testing.assert_close(out.objective(), out.consistency)
+
+
+@pytest.mark.parametrize("with_r1", [True, False])
+def test_discriminator_losses_with_a_linear_critic(with_r1):
+    x, z = _batch(6)
+    fake_x, real_x = x[:3], x[3:]
+    sigmas = SCHEDULE.sigmas(11)
+    fake_j, real_j = torch.tensor([2, 5, 10]), torch.tensor([1, 6, 9])
+    critic = LinearCritic()
+    out = losses.discriminator_losses(
+        fake_x,
+        None,
+        fake_j,
+        z[:3],
+        real_x,
+        None,
+        real_j,
+        sigmas=sigmas,
+        schedule=SCHEDULE,
+        online=lambda x, s, y: 0.5 * x,
+        critic=critic,
+        augment=lambda images: images,
+        r1_gamma=10.0,
+        with_r1=with_r1,
+    )
+    t_fake = sigmas[fake_j].view(-1, 1, 1, 1)
+    w_fake = SCHEDULE.weight(sigmas[fake_j], 11)
+    w_real = SCHEDULE.weight(sigmas[real_j], 11)
+    fake = 0.5 * (fake_x + t_fake * z[:3])
+    d = lambda v: (v * critic.weight).flatten(1).sum(1) + critic.bias  # noqa: E731
+    torch.testing.assert_close(out.fake, torch.nn.functional.softplus(d(fake)) * w_fake)
+    torch.testing.assert_close(out.real, torch.nn.functional.softplus(-d(real_x)) * w_real)
+    # dD/dr = W for every example: R1 = (gamma / 2) w(t') ||W||^2
+    r1 = 5.0 * w_real * critic.weight.square().sum() if with_r1 else torch.zeros(3)
+    torch.testing.assert_close(out.r1, r1.detach())
+    torch.testing.assert_close(out.objective(0.6), 0.6 * (out.fake + out.real + out.r1))
+    out.objective(0.6).sum().backward()
+    if with_r1:  # the double backward reaches D's weights through the penalty
+        assert critic.weight.grad is not None
+
+
+def test_r1_penalty_matches_finite_differences():
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
     )
-    net = net.double()
-    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-    norms = losses.r1_gradient_norm(net(x).flatten(), x)
+    critic = lambda x, s, y: net(x).flatten()  # noqa: E731
+    schedule = ConsistencySchedule(gan_ratio=0.3)  # w = 1
+    x = torch.randn(3, 1, 4, 4)
+    out = losses.discriminator_losses(
+        x,
+        None,
+        torch.tensor([1, 1, 1]),
+        torch.zeros_like(x),
+        x,
+        None,
+        torch.tensor([1, 2, 3]),
+        sigmas=schedule.sigmas(5),
+        schedule=schedule,
+        online=lambda x, s, y: x,
+        critic=critic,
+        augment=lambda images: images,
+        r1_gamma=2.0,
+        with_r1=True,
+    )
+    net64 = net.double()
     eps = 1e-6
     for b in range(3):
-        grad = torch.zeros(12, dtype=torch.float64)
-        base = x[b : b + 1].detach().flatten()
-        for i in range(12):
-            e = torch.zeros(12, dtype=torch.float64)
+        base = x[b].double().flatten()
+        grad = torch.zeros(16, dtype=torch.float64)
+        for i in range(16):
+            e = torch.zeros(16, dtype=torch.float64)
             e[i] = eps
-            up = net((base + e).view(1, 3, 2, 2)).item()
-            down = net((base - e).view(1, 3, 2, 2)).item()
-            grad[i] = (up - down) / (2 * eps)
-        assert norms[b].item() == pytest.approx(grad.square().sum().item(), rel=1e-6)
-    # the double backward reaches the weights
-    norms.sum().backward()
-    assert net[1].weight.grad is not None and net[1].weight.grad.abs().sum() > 0
+            grad[i] = (net64((base + e).view(1, 1, 4, 4)) - net64((base - e).view(1, 1, 4, 4))).item() / (
+                2 * eps
+            )
+        assert out.r1[b].item() == pytest.approx(grad.square().sum().item(), rel=1e-4)  # gamma / 2 = 1
+
+
+@pytest.mark.parametrize("size", [32, 224, 256])
+def test_lpips_always_sees_224_pixels_as_the_reference(size):
+    distance = losses.LPIPSDistance(pretrained_backbone=False)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, pred, target, normalize):
+            seen.append((tuple(pred.shape[-2:]), tuple(target.shape[-2:])))
+            return torch.zeros(pred.shape[0], 1, 1, 1)
+
+    distance.net = Recorder()
+    distance(torch.zeros(2, 3, size, size), torch.zeros(2, 3, size, size))
+    assert seen == [((224, 224), (224, 224))]  # down from 256 too, not only up from 32

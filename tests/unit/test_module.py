@@ -1,4 +1,4 @@
-"""One ACT iteration through Lightning: what moves, by how much, and what is counted."""
+"""One ACT iteration through Lightning: what moves, by how much, what is counted, and what is skipped."""
 
 import copy
 
@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from act_lightning import consistency as cm
+from act_lightning.module import GUARDED_TERMS, ACTModule
 
 SMALL = ["debug=smoke", "data=synthetic", "data.batch_size=4"]
 
@@ -16,16 +17,8 @@ def _params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-def _fit_one(cfg):
-    L.seed_everything(0)
-    dm = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    before = {
-        "gen": _params(model.generator),
-        "target": _params(model.target),
-        "disc": _params(model.discriminator) if model.discriminator is not None else None,
-    }
-    trainer = L.Trainer(
+def _trainer(**kwargs):
+    return L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=-1,
@@ -35,7 +28,21 @@ def _fit_one(cfg):
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        use_distributed_sampler=False,
+        **kwargs,
     )
+
+
+def _fit_one(cfg, model=None, **trainer_kwargs):
+    L.seed_everything(0)
+    dm = instantiate(cfg.data)
+    model = instantiate(cfg.model) if model is None else model
+    before = {
+        "gen": _params(model.generator),
+        "target": _params(model.target),
+        "disc": _params(model.discriminator) if model.discriminator is not None else None,
+    }
+    trainer = _trainer(**trainer_kwargs)
     trainer.fit(model, datamodule=dm)
     return model, before, trainer
 
@@ -43,7 +50,7 @@ def _fit_one(cfg):
 def test_one_iteration_moves_g_and_d_and_the_target_by_the_exact_decay(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=1", "model.r1_threshold=1e9"])
     model, before, trainer = _fit_one(cfg)
-    assert model._k == 1 and int(model.iteration) == 1
+    assert model.k == 1 and int(model.iteration) == 1
     assert trainer.global_step == 2  # Lightning counts both optimiser steps; the schedule does not
 
     gen_after = _params(model.generator)
@@ -55,21 +62,46 @@ def test_one_iteration_moves_g_and_d_and_the_target_by_the_exact_decay(cfg_facto
         cm.num_scales(0.0, cfg.model.bins_min, cfg.model.bins_max), cfg.model.bins_min, cfg.model.mu0
     )
     assert mu == pytest.approx(cfg.model.mu0**2)
+    assert trainer.callback_metrics["train/target_ema"].item() == pytest.approx(mu)
+    assert trainer.callback_metrics["train/num_scales"].item() == 2
     for t0, g1, t1 in zip(before["target"], gen_after, _params(model.target)):
         torch.testing.assert_close(t1, mu * t0 + (1 - mu) * g1, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(t0, t1) for t0, t1 in zip(before["target"], _params(model.target)))
 
 
-def test_gan_ratio_zero_is_plain_consistency_training(cfg_factory):
+class _WatchesDiscriminatorGradients(ACTModule):
+    """Records D's gradients when its own update starts, i.e. right after the generator's backward."""
+
+    def _discriminator_update(self, *args, **kwargs):
+        self.grads_after_generator_update = [p.grad for p in self.discriminator.parameters()]
+        return super()._discriminator_update(*args, **kwargs)
+
+
+def test_the_generators_loss_gives_the_discriminator_no_gradient(cfg_factory):
+    cfg = cfg_factory([*SMALL, "iterations=1"])
+    model = instantiate(cfg.model, _target_=f"{__name__}._WatchesDiscriminatorGradients")
+    model, _, _ = _fit_one(cfg, model)
+    assert model.grads_after_generator_update and all(g is None for g in model.grads_after_generator_update)
+    assert any(p.grad is not None for p in model.discriminator.parameters())  # its own update did train it
+
+
+def test_gan_ratio_zero_is_plain_consistency_training_and_builds_no_discriminator(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=2", "model.gan_ratio=0"])
-    model, before, trainer = _fit_one(cfg)
+
+    def never():
+        raise AssertionError("the discriminator was built")
+
+    model = instantiate(cfg.model, discriminator=never)
+    model, before, trainer = _fit_one(cfg, model)
     assert model.discriminator is None
     assert trainer.global_step == 2  # one optimiser step per iteration
     assert len(trainer.optimizers) == 1
     assert any(not torch.equal(a, b) for a, b in zip(before["gen"], _params(model.generator)))
 
 
-def test_r1_drives_the_augmentation_probability(cfg_factory):
+def test_r1_ema_starts_at_the_threshold_and_r1_drives_the_augmentation_probability(cfg_factory):
+    cfg = cfg_factory([*SMALL, "model.r1_threshold=123.0"])
+    assert instantiate(cfg.model).r1_ema.item() == 123.0  # as the reference starts it
     # threshold 0: R1 > 0 so the EMA exceeds it and p rises by B * interval / ada_length per R1 step
     cfg = cfg_factory(
         [*SMALL, "iterations=3", "model.r1_threshold=0", "model.r1_interval=2", "model.ada_length=1000"]
@@ -81,13 +113,14 @@ def test_r1_drives_the_augmentation_probability(cfg_factory):
     assert model.r1_ema.item() > 0
 
 
-def test_iteration_counter_drives_the_curriculum(cfg_factory):
-    cfg = cfg_factory([*SMALL, "iterations=10", "model.bins_max=20"])
-    model = instantiate(cfg.model)
-    model._k = 5
-    assert model.num_scales_now() == cm.num_scales(0.5, 2, 20)
-    model._k = 10
-    assert model.num_scales_now() == 20
+def test_the_discriminators_beta2_follows_the_r1_interval(cfg_factory):
+    for interval in (16, 4):
+        cfg = cfg_factory([*SMALL, f"model.r1_interval={interval}"])
+        model = instantiate(cfg.model)
+        opt_g, opt_d = model.configure_optimizers()[0]
+        assert tuple(opt_g.param_groups[0]["betas"]) == (0.0, 0.99)
+        assert opt_d.param_groups[0]["betas"][1] == pytest.approx(0.99 * interval / (interval + 1))
+    assert opt_d.param_groups[0]["foreach"] is True
 
 
 @pytest.mark.parametrize(
@@ -95,11 +128,12 @@ def test_iteration_counter_drives_the_curriculum(cfg_factory):
     [
         ("model.bins_min=30", "model.bins_min (30) must not exceed model.bins_max"),
         ("model.gan_ratio=1.5", "model.gan_ratio must lie in [0, 1]"),
-        ("model.lr=0", "model.lr must be positive"),
-        ("model.d_lr=-1e-4", "model.d_lr must be positive"),
+        ("model.optimizer.lr=0", "model.optimizer.lr must be positive"),
+        ("model.d_optimizer.lr=-1e-4", "model.d_optimizer.lr must be positive"),
+        ("+model.optimizer.eps=-1", "model.optimizer: Invalid epsilon value"),
+        ("model.d_optimizer.betas=[0.0,1.5]", "model.d_optimizer: Invalid beta parameter"),
         ("iterations=0", "iterations must be a positive integer"),
         ("model.distance=l3", "model.distance must be one of"),
-        ("model.optimizer=sgd", "model.optimizer must be one of"),
     ],
 )
 def test_invalid_values_name_the_key(cfg_factory, override, message):
@@ -122,3 +156,64 @@ def test_sample_is_deterministic_and_clipped(cfg_factory):
         for p in other.parameters():
             p.add_(0.1)
     assert not torch.equal(model.sample(z, net=other), a)
+
+
+class _NaNAtIteration(ACTModule):
+    """The consistency distance turns NaN at one iteration, as a diverging run's would."""
+
+    bad_iteration = 1
+
+    def training_step(self, batch, batch_idx):
+        distance = self.distance
+        if self.k == self.bad_iteration:
+            self.distance = lambda a, b: distance(a, b) * float("nan")
+        try:
+            super().training_step(batch, batch_idx)
+        finally:
+            self.distance = distance
+        if self.k == self.bad_iteration:  # right after the good iteration before the bad one
+            self.snapshot = _params(self.generator)
+
+
+def test_a_non_finite_loss_skips_the_update_and_is_counted(cfg_factory):
+    cfg = cfg_factory([*SMALL, "iterations=3", "model.distance=l2"])
+    model = instantiate(cfg.model, _target_=f"{__name__}._NaNAtIteration")
+    model, _, trainer = _fit_one(cfg, model)
+    # the generator's update at iteration 1 was skipped: its weights stayed those after iteration 0 ...
+    # (the snapshot is taken after iteration 0; iteration 2 then moved them again)
+    assert int(model.bad_total) == 1 and int(model.bad_streak) == 0  # one bad iteration, then good ones
+    assert int(model.bad_since) == 1
+    assert GUARDED_TERMS[int(model.bad_terms).bit_length() - 1] in ("train/loss_ct", "generator gradients")
+    assert "train/loss_ct" in model.divergence_report()
+    for tensor in [
+        *model.generator.parameters(),
+        *model.target.parameters(),
+        *model.discriminator.parameters(),
+    ]:
+        assert tensor.isfinite().all()
+    for opt in trainer.optimizers:  # no NaN reached the optimisers' moments either
+        for state in opt.state.values():
+            assert all(v.isfinite().all() for v in state.values() if torch.is_tensor(v))
+    assert trainer.callback_metrics["train/skipped_updates"].item() == 1
+
+
+def test_the_skipped_update_leaves_the_generator_as_it_was(cfg_factory):
+    cfg = cfg_factory([*SMALL, "iterations=2", "model.distance=l2"])
+    model = instantiate(cfg.model, _target_=f"{__name__}._NaNAtIteration")
+    model, _, _ = _fit_one(cfg, model)
+    # iteration 1 (the bad one) was the last: the generator holds the weights it had after iteration 0
+    for before, after in zip(model.snapshot, _params(model.generator)):
+        assert torch.equal(before, after)
+
+
+def test_bf16_mixed_on_cpu_keeps_the_target_and_the_ema_in_float32(cfg_factory):
+    cfg = cfg_factory([*SMALL, "iterations=2", "model.distance=l2"])
+    model, _, trainer = _fit_one(cfg, precision="bf16-mixed")
+    assert model.k == 2 and int(model.bad_total) == 0
+    assert all(p.dtype == torch.float32 for p in model.target.parameters())
+    for key in ("train/loss_ct", "train/loss_d"):
+        assert trainer.callback_metrics[key].isfinite()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.denoise(model.target, x, torch.full((2,), 5.0), None)
+    assert out.dtype == torch.float32  # the skip connection and the result stay float32 under autocast

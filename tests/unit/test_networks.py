@@ -40,7 +40,8 @@ def preset_config(kind: str, name: str):
 
 
 def preset(kind: str, name: str, **overrides):
-    return instantiate(preset_config(kind, name), **overrides)
+    # the discriminator configs are partials (the module builds D only when gan_ratio > 0): build it here
+    return instantiate(preset_config(kind, name), _partial_=False, **overrides)
 
 
 def count(module: torch.nn.Module) -> int:
@@ -140,6 +141,7 @@ def test_class_conditional_needs_labels_and_unconditional_ignores_them():
 def test_bad_configs_name_the_key(kind, cls):
     args = OmegaConf.to_container(preset_config(kind, "cifar10"), resolve=True)
     del args["_target_"]
+    args.pop("_partial_", None)
     with pytest.raises(ValueError, match=rf"model\.{kind}\.image_size=36 cannot be downsampled 3 times"):
         cls(**(args | SMOKE | {"image_size": 36}))
     with pytest.raises(ValueError, match=rf"model\.{kind}\.norm_num_groups=32"):

@@ -2,6 +2,6 @@
 
 from act_lightning.nn.discriminator import Discriminator
 from act_lightning.nn.generator import UNetGenerator
-from act_lightning.nn.precond import consistency_function, discriminator_logits
+from act_lightning.nn.precond import consistency_function
 
-__all__ = ["Discriminator", "UNetGenerator", "consistency_function", "discriminator_logits"]
+__all__ = ["Discriminator", "UNetGenerator", "consistency_function"]

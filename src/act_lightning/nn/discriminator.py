@@ -101,6 +101,9 @@ class Discriminator(nn.Module):
         self.conv_act = nn.SiLU()
         self.to_logit = nn.Linear(4 * widths[-1], 1)
         self.to_logit_fx = nn.Linear(4 * widths[-1], 1)  # unused; in the released checkpoints
+        # Frozen, so that DDP (which expects a gradient for every trainable parameter) and the optimiser
+        # leave it alone; it stays in the state dict, so the released checkpoints load strictly.
+        self.to_logit_fx.requires_grad_(False)
 
         for module in self.modules():
             if isinstance(module, Attention):

@@ -1,4 +1,5 @@
-"""Preconditioning (ACT.md section 1): the consistency function around a backbone, as in NVlabs/edm.
+"""Preconditioning (docs/algorithm.md, section 1): the consistency function around a backbone, as in
+NVlabs/edm.
 
 Plain functions, not a wrapper module: the LightningModule holds the backbone itself as `generator`, so the
 released checkpoints' keys (`model.unet.*`) map one to one.
@@ -35,16 +36,3 @@ def consistency_function(
     c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in (c_skip, c_out, c_in))  # (B, 1, 1, 1)
     F_x = backbone(c_in * x, c_noise, class_labels)  # (B, C, H, W)
     return c_skip * x + c_out * F_x.to(dtype)
-
-
-def discriminator_logits(
-    discriminator: nn.Module,
-    x: Tensor,
-    sigma: Tensor,
-    class_labels: Tensor | None = None,
-    *,
-    c_noise_kind: str = "identity",
-) -> Tensor:
-    """D(x, c_noise(sigma), y) -> (B,): D sees the same noise conditioning as the generator."""
-    sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])  # (B,)
-    return discriminator(x, noise_conditioning(sigma, c_noise_kind), class_labels)
