@@ -47,3 +47,22 @@ def ddp_worker(rank: int, world_size: int, port: int, out: str, num_samples, bat
             np.savez(out, mu=mu, sigma=sigma, fid=fid)
     finally:
         dist.destroy_process_group()
+
+
+class SaveRankState:
+    """A callback (for the CLI, as `+callbacks.rank_state._target_=tests.helpers_ddp.SaveRankState`) that
+    saves each rank's module state and optimiser states when training ends: the checkpoint holds rank
+    0's only, and DDP must leave every rank with the same weights."""
+
+    def __new__(cls, dirpath: str):
+        import lightning as L
+
+        class _Save(L.Callback):
+            def on_train_end(self, trainer, pl_module):
+                state = {
+                    "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                    "optimizers": [o.state_dict() for o in trainer.optimizers],
+                }
+                torch.save(state, f"{dirpath}/rank{trainer.global_rank}.pt")
+
+        return _Save()

@@ -46,14 +46,43 @@ def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
         raise ValueError(
             f"ckpt={path}: holds no training config (act_config); it was not written by act_lightning.train"
         )
+    nonfinite = [
+        k
+        for k, v in checkpoint["state_dict"].items()
+        if v.is_floating_point() and not bool(v.isfinite().all())
+    ]
+    if nonfinite:
+        raise ValueError(
+            f"ckpt={path}: non-finite weights in {', '.join(nonfinite[:5])}"
+            f"{f' and {len(nonfinite) - 5} more tensors' if len(nonfinite) > 5 else ''}: the run diverged "
+            "before this checkpoint; evaluate an earlier one"
+        )
     return checkpoint, OmegaConf.create(checkpoint["act_config"])
 
 
-def _apply_overrides(run: DictConfig, cfg: DictConfig) -> None:
-    for section in ("eval", "data"):
-        for key, value in (cfg.get(section) or {}).items():
-            if value is not None:
-                run[section][key] = value
+EVAL_DEFAULTS = {  # a run trained without an evaluation callback (eval: null) is scored with these
+    "features": "inception",
+    "key": "val/fid",
+    "inception_weights": None,
+    "download": True,
+    "reference": "train",
+    "reference_cache": None,
+    "reference_max_images": None,
+    "quantize": "round",
+}
+
+
+def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
+    """The run's evaluation settings (its FrechetEvaluation arguments) and data, with the non-null keys
+    of `cfg.eval` and `cfg.data` put over them."""
+    ev = OmegaConf.merge(EVAL_DEFAULTS, run.get("eval") or {})
+    for key, value in (cfg.get("eval") or {}).items():
+        if value is not None:
+            ev[key] = value
+    for key, value in (cfg.get("data") or {}).items():
+        if value is not None:
+            run.data[key] = value
+    return ev
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -64,8 +93,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt = Path(cfg.ckpt)
     checkpoint, run = load_checkpoint(ckpt)
-    _apply_overrides(run, cfg)
-    ev = run.eval
+    ev = _apply_overrides(run, cfg)
+    unknown = [name for name in cfg.samplers if name not in cfg.taus]
+    if unknown:
+        raise ValueError(
+            f"samplers={list(cfg.samplers)}: {', '.join(unknown)} not in taus ({', '.join(cfg.taus)}); "
+            "add one with '+taus.NAME=[t_2,...]'"
+        )
     if cfg.num_samples < 2 or cfg.batch_size < 1:
         raise ValueError(
             f"num_samples must be >= 2 and batch_size >= 1; got {cfg.num_samples}, {cfg.batch_size}"
@@ -82,14 +116,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
 
     # The networks, from the stored config; the consistency distance is not needed to sample.
-    model = instantiate(run.model, distance="l2")
-    model.load_state_dict(checkpoint["state_dict"])
+    model = instantiate(run.model, distance="l2", discriminator=None, gan_ratio=0.0)  # only G samples
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("discriminator.")}
+    model.load_state_dict(state)
     model.to(device).eval()
     net = model.target if cfg.net == "target" else model.generator
     h = model.hparams
 
     extractor = (
-        build_feature_extractor(ev.features, seed=run.seed, inception_weights=weights).to(device).eval()
+        build_feature_extractor(ev.features, inception_weights=weights, quantize=ev.quantize)
+        .to(device)
+        .eval()
     )
     datamodule = instantiate(run.data) if str(ev.reference) == "train" else None
     reference = reference_statistics(
@@ -106,8 +143,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
     results: dict[str, Any] = {}
-    for sampler, later in cfg.samplers.items():
-        taus = [float(h.sigma_max), *(float(t) for t in later)]
+    for sampler in cfg.samplers:
+        taus = [float(h.sigma_max), *(float(t) for t in cfg.taus[sampler])]
 
         def sample(noise, labels, chunk, taus=taus):
             g = None
@@ -141,6 +178,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "features": ev.features,
         "reference": str(ev.reference),
+        "quantize": ev.quantize,
         "device": str(device),
         "results": results,
     }

@@ -1,25 +1,38 @@
 """Training entry point: `python -m act_lightning.train experiment=cifar10 [key=value ...]`.
 
-`train(cfg)` is a plain function (tests call it); `main()` is the thin Hydra shell.
+`train(cfg)` is a plain function (tests call it); `main()` is the thin Hydra shell, and returns the run's
+best metric so that a Hydra sweeper (Optuna) can minimise it.
+
+Everything that can be checked before training is checked before any logger starts or any folder is
+created: the configuration, the checkpoint to resume from, the checkpoint folder, the data and the
+pretrained weights. A run folder is used by one live run at a time (a lock file), a finished run resumed
+does nothing more, and a run stopped by `stop_after` or by a signal continues with `resume=auto`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import netrc
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from act_lightning.callbacks import AtomicCheckpointIO
+from act_lightning.callbacks import AtomicCheckpointIO, FrechetEvaluation, LastCheckpoint
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+RESUME = ("auto", "never")
 
 
 def wandb_key_configured() -> bool:
@@ -38,6 +51,8 @@ def check_config(cfg: DictConfig) -> None:
     """Configuration errors that can be seen before anything is built, named by their keys."""
     if not isinstance(cfg.iterations, int) or cfg.iterations < 1:
         raise ValueError(f"iterations must be a positive integer (ACT iterations K), got {cfg.iterations!r}")
+    if cfg.get("resume", "auto") not in RESUME:
+        raise ValueError(f"resume must be one of {', '.join(RESUME)}; got {cfg.resume!r}")
     gen = cfg.model.generator
     classes = cfg.data.get("num_classes")
     if gen.get("num_class_embeds") and not classes:
@@ -64,50 +79,195 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.experiment_name}[{overrides}]" if overrides else str(cfg.experiment_name)
 
 
-def build_loggers(cfg: DictConfig) -> list:
+# -- start-up checks ---------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: Path, key: str) -> dict:
+    """A checkpoint, read with the safe loader (memory-mapped: cheap for big ones); a missing, unreadable
+    or foreign file is refused, named by the config key that points to it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        int(checkpoint["state_dict"]["iteration"])
+    except Exception as err:
+        raise ValueError(
+            f"{key}={path}: not a readable checkpoint of act_lightning.train ({type(err).__name__}: {err})"
+        ) from err
+    return checkpoint
+
+
+def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
+    """The checkpoint this run starts from, and its contents (None, None for a fresh start).
+
+    resume=auto: the run folder's own `checkpoints/last.ckpt` when there is one (a requeued or resumed
+    job), else `ckpt_path`, else a fresh start. resume=never: a run folder that holds a checkpoint is
+    refused (it would be overwritten)."""
+    own = Path(cfg.callbacks.checkpoint.dirpath) / "last.ckpt"
+    if own.is_file():
+        if cfg.get("resume", "auto") == "never":
+            raise FileExistsError(
+                f"the run folder {cfg.run_dir} already holds a checkpoint ({own}); pass resume=auto to "
+                "continue that run or choose another hydra.run.dir"
+            )
+        return own, read_checkpoint(own, "resume=auto found")
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        return path, read_checkpoint(path, "ckpt_path")
+    return None, None
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """The folder exists and takes files, or its nearest existing ancestor does (nothing is created)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{key}={folder}: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{key}={folder}: cannot write into {probe} ({err})") from err
+
+
+class RunLock:
+    """An exclusive lock on `<run_dir>/.lock` held while a run trains: a second run started in the same
+    folder is refused instead of interleaving its checkpoints and metrics with the first. The operating
+    system releases it when the process ends, however it ends (kill -9 included)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RuntimeError(
+                f"the run folder {run_dir} is in use by another live run (process {owner}); wait for it or "
+                "choose another hydra.run.dir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+# -- loggers -------------------------------------------------------------------------------------------
+
+
+def build_loggers(cfg: DictConfig, resume_iteration: int | None, wandb_id: str | None = None) -> list:
+    """The loggers of cfg.logger. A resumed run keeps metrics.csv's rows up to its checkpoint's iteration
+    (and only those: rows of iterations after it are logged again) and continues its W&B run."""
     loggers = []
     for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None:
             continue
-        if "WandbLogger" in logger_cfg.get("_target_", ""):
+        target = logger_cfg.get("_target_", "")
+        if "WandbLogger" in target:
             offline = bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
             if not offline and not wandb_key_configured():
                 log.warning("No W&B API key configured: logging offline. Upload later with `wandb sync`.")
                 offline = True
             name = logger_cfg.get("name") or run_name(cfg)
-            loggers.append(hydra.utils.instantiate(logger_cfg, offline=offline, name=name))
+            resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
+            loggers.append(hydra.utils.instantiate(logger_cfg, offline=offline, name=name, **resume))
+        elif "resume_step" in logger_cfg:
+            loggers.append(hydra.utils.instantiate(logger_cfg, resume_step=resume_iteration))
         else:
             loggers.append(hydra.utils.instantiate(logger_cfg))
     return loggers
 
 
+def finish_wandb(failed: bool) -> None:
+    """Ends this job's W&B run, so the next job of a multirun starts its own (with its own name/config)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metric_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Builds data, module, loggers, callbacks and trainer from `cfg`, then fits. Returns a summary."""
+    """Builds data, module, loggers, callbacks and trainer from `cfg`, then fits. Returns a summary with
+    the run's best metric (`best`), or exits non-zero when a signal stopped it."""
     check_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = build_loggers(cfg)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-    )
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    model.run_config = resolved
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    return {
-        "iteration": model._k,
-        "run_dir": cfg.run_dir,
+    run_dir = Path(cfg.run_dir)
+    ckpt_path, checkpoint = resolve_resume(cfg)
+    start = int(checkpoint["state_dict"]["iteration"]) if checkpoint is not None else 0
+    wandb_id = checkpoint.get("act_wandb_id") if checkpoint is not None else None
+    del checkpoint  # Lightning reads it again when it restores
+    if start >= cfg.iterations:
+        log.info("%s is finished (iteration %d of %d): nothing to do", ckpt_path, start, cfg.iterations)
+        summary = _read_summary(run_dir)
+        best = (summary.get("best") or {}).get("value")
+        return {"iteration": start, "run_dir": str(run_dir), "best": best, "finished": True, "metrics": {}}
+    check_writable_folder(Path(cfg.callbacks.checkpoint.dirpath), "callbacks.checkpoint.dirpath")
+    lock = RunLock(run_dir) if rank_zero_only.rank == 0 else None
+    failed = True
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+        datamodule.check_source()
+        model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+        callbacks = [
+            hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None
+        ]
+        for extra in ("eval", "guard"):
+            if cfg.get(extra) is not None:
+                callbacks.append(hydra.utils.instantiate(cfg[extra]))
+        # The checkpoint callback runs last at every iteration: its checkpoint holds what the others
+        # (the evaluation's history, the best value) recorded at that iteration.
+        callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
+        loggers = build_loggers(cfg, start if ckpt_path is not None else None, wandb_id)
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        )
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        model.run_config = resolved
+        for logger in loggers:
+            logger.log_hyperparams(resolved)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        failed = False
+    finally:
+        finish_wandb(failed)
+        if lock is not None:
+            lock.release()
+
+    saver = next(c for c in callbacks if isinstance(c, LastCheckpoint))
+    evaluation = next((c for c in callbacks if isinstance(c, FrechetEvaluation)), None)
+    best = None
+    if evaluation is not None and evaluation.history:
+        best = evaluation.best[1] if evaluation.best is not None else evaluation.history[-1][1]
+    summary = {
+        "iteration": model.k,
+        "run_dir": str(run_dir),
+        "best": best,
+        "finished": model.k >= cfg.iterations,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
+    if saver.stopped_by is not None:
+        saver.requeue(trainer.is_global_zero)
+        raise SystemExit(128 + int(saver.stopped_by))  # the scheduler sees a job that did not finish
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     summary = train(cfg)
-    log.info("finished %d iterations; outputs in %s", summary["iteration"], summary["run_dir"])
+    state = "finished" if summary["finished"] else "stopped"
+    log.info("%s at iteration %d; outputs in %s", state, summary["iteration"], summary["run_dir"])
+    return summary["best"]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from act_lightning.train import check_config
-from tests.conftest import EXPERIMENTS, compose
+from tests.conftest import CONF, EXPERIMENTS, compose
 
 
 def test_the_four_experiments_exist():
@@ -21,7 +21,7 @@ def test_experiment_composes_and_instantiates_in_smoke_size(experiment, tmp_path
     dm = instantiate(cfg.data)
     assert model.generator is not None
     assert dm.image_size == cfg.data.image_size
-    for c in cfg.callbacks.values():
+    for c in [*cfg.callbacks.values(), cfg.eval, cfg.guard]:
         if c is not None:
             instantiate(c)
     for c in cfg.logger.values():
@@ -81,7 +81,10 @@ def test_paper_experiments_carry_the_reference_defaults(experiment, tmp_path):
     }[experiment]
     m = cfg.model
     assert cfg.data.batch_size == table["batch"] and cfg.iterations == table["K"]
-    assert m.lr == table["lr"] and m.d_lr == table["lr"]
+    assert m.optimizer.lr == table["lr"] and m.d_optimizer.lr == table["lr"]
+    assert m.optimizer._target_ == m.d_optimizer._target_ == "torch.optim.RAdam"
+    assert list(m.optimizer.betas) == [0.0, 0.99]
+    assert m.d_optimizer.betas[1] == pytest.approx(0.99 * 16 / 17)  # the reference's value
     assert (m.bins_min, m.bins_max, m.mu0, m.gan_ratio) == (
         2,
         table["bins_max"],
@@ -150,7 +153,7 @@ def test_paper_experiments_track_fid_against_the_published_references(experiment
     assert (ev.features, ev.key, ev.every, ev.num_samples) == ("inception", "val/fid", 5000, 10000)
     assert ev.reference == "train" if reference == "train" else ev.reference.endswith(f"/{reference}")
     assert ev.inception_weights is None  # the real network: from the hub cache or eval.inception_weights
-    assert cfg.callbacks.evaluation is not None and cfg.callbacks.evaluation.features == "inception"
+    assert ev._target_.endswith("FrechetEvaluation") and ev.quantize == "round"
     assert cfg.callbacks.samples.every_n_iterations == ev.every  # a grid at each evaluation
     assert "WandbLogger" in cfg.logger.wandb._target_ and cfg.logger.csv is not None
 
@@ -158,4 +161,87 @@ def test_paper_experiments_track_fid_against_the_published_references(experiment
 def test_quickstart_uses_its_own_features_with_the_same_machinery():
     cfg = compose([])
     assert cfg.eval.features == "digits" and cfg.eval.key == "val/fd"
-    assert cfg.callbacks.evaluation._target_.endswith("FrechetEvaluation")
+    assert cfg.eval._target_.endswith("FrechetEvaluation") and cfg.eval.every == 250
+
+
+# -- every file in conf/ is composed and instantiated by some case below ---------------------------------
+
+GROUP_CASES = {  # config file -> the overrides that select it (with what instantiating it needs)
+    "data/cifar10.yaml": ["experiment=cifar10", "data=cifar10"],
+    "data/digits.yaml": ["data=digits"],
+    "data/folder.yaml": ["data=folder", "data.root=/nowhere"],
+    "data/imagenet64.yaml": ["experiment=imagenet64", "data=imagenet64"],
+    "data/lsun_cat256.yaml": ["experiment=lsun_cat256", "data=lsun_cat256"],
+    "data/synthetic.yaml": ["data=synthetic"],
+    "logger/csv.yaml": ["logger=csv"],
+    "logger/tensorboard.yaml": ["logger=tensorboard"],
+    "logger/wandb.yaml": ["logger=wandb"],
+    "trainer/default.yaml": ["trainer=default"],
+    "trainer/cpu.yaml": ["trainer=cpu"],
+    "trainer/gpu.yaml": ["trainer=gpu", "trainer.accelerator=cpu"],  # no GPU here: same Trainer on the CPU
+    "trainer/ddp.yaml": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+    "callbacks/default.yaml": ["callbacks=default"],
+    "debug/smoke.yaml": ["debug=smoke"],
+    "model/act.yaml": ["model=act"],
+    "hparams_search/optuna.yaml": ["hparams_search=optuna"],
+    "hydra/launcher/submitit_slurm.yaml": [
+        "hydra/launcher=submitit_slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+    ],
+}
+COVERED_ELSEWHERE = {  # composed and instantiated by the tests named here
+    "train.yaml": "every case here",
+    "evaluate.yaml": "tests/integration/test_evaluation.py (the evaluate CLI)",
+    **{
+        f"experiment/{e}.yaml": "test_experiment_composes_and_instantiates_in_smoke_size" for e in EXPERIMENTS
+    },
+    **{
+        f"model/{kind}/{name}.yaml": "test_experiment_composes_and_instantiates_in_smoke_size, test_networks"
+        for kind in ("generator", "discriminator")
+        for name in ("cifar10", "digits", "imagenet64", "lsun_cat256")
+    },
+}
+
+
+def test_every_config_file_is_covered():
+    files = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
+    assert files == set(GROUP_CASES) | set(COVERED_ELSEWHERE)
+
+
+@pytest.mark.parametrize("path", sorted(GROUP_CASES))
+def test_config_file_composes_and_instantiates(path, tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = [*GROUP_CASES[path], f"run_dir={tmp_path}"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    if path.startswith("hydra/launcher"):
+        launcher = cfg.hydra.launcher
+        assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+        assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # requeue, with time to save
+        instantiate(launcher)
+        return
+    if path.startswith("hparams_search"):
+        sweeper = cfg.hydra.sweeper
+        assert sweeper.direction == "minimize" and "model.gan_ratio" in sweeper.params
+        instantiate(sweeper)
+        return
+    group = path.split("/")[0]
+    nodes = {
+        "data": [cfg.data],
+        "logger": [c for c in cfg.logger.values() if c is not None],
+        "trainer": [cfg.trainer],
+        "callbacks": [c for c in cfg.callbacks.values() if c is not None],
+        "debug": [cfg.model, cfg.data],
+        "model": [cfg.model],
+    }[group]
+    for node in nodes:
+        kwargs = {"offline": True} if "Wandb" in node.get("_target_", "") else {}
+        assert instantiate(node, **kwargs) is not None
+    if group == "trainer":
+        assert cfg.trainer.use_distributed_sampler is False  # the data module shards global batches
+    if path == "trainer/ddp.yaml":
+        assert cfg.trainer.strategy == "ddp"  # Lightning's plain DDP: no unused-parameter search

@@ -33,11 +33,11 @@ def cifar_run(tmp_path_factory):
 
 def test_offline_wandb_history_holds_val_fid_the_best_value_the_config_and_the_grids(cifar_run):
     summary = json.loads((cifar_run / "metric_summary.json").read_text())
-    assert [h["iteration"] for h in summary["history"]] == [0, 2, 4]  # eval.every=2 in smoke size
+    assert [h["iteration"] for h in summary["history"]] == [0, 4]  # eval.every=4 in smoke size
 
     logged = read_run(cifar_run)
     fid_rows = [row for row in logged["history"] if "val/fid" in row]
-    assert [row["trainer/global_step"] for row in fid_rows] == [0, 2, 4]  # x-axis: ACT iterations
+    assert [row["trainer/global_step"] for row in fid_rows] == [0, 4]  # x-axis: ACT iterations
     assert [row["val/fid"] for row in fid_rows] == pytest.approx([h["value"] for h in summary["history"]])
     assert logged["summary"]["val/fid_best"] == pytest.approx(summary["best"]["value"])
     assert logged["summary"]["val/fid_best_iteration"] == summary["best"]["iteration"] > 0
@@ -138,19 +138,3 @@ def test_tensorboard_logger_writes_events_and_metrics_csv(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "val/fd" in (run / "metrics.csv").read_text()
-
-
-def test_two_cpu_processes_under_ddp_give_the_same_metric_as_one(tmp_path):
-    common = ["debug=smoke", "iterations=2", "eval.every=100", "eval.num_samples=64", "eval.batch_size=16"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    result = run_cli(common, one)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli([*common, "trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true"], two)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = json.loads((one / "metric_summary.json").read_text())
-    b = json.loads((two / "metric_summary.json").read_text())
-    # Iteration 0 is the same network in both runs (later iterations see other data shards under DDP).
-    assert a["history"][0]["iteration"] == b["history"][0]["iteration"] == 0
-    assert b["history"][0]["value"] == pytest.approx(a["history"][0]["value"], rel=1e-6)
-    for name in ("real", "noise"):
-        assert b["references"][name] == pytest.approx(a["references"][name], rel=1e-6)

@@ -1,53 +1,273 @@
-"""Resume is exact: stopping at iteration k and resuming gives the same weights, EMAs, discriminator,
-optimiser states and augmentation state as an uninterrupted run."""
+"""Long runs: exact resume (stop_after, then resume=auto; or ckpt_path), preemption signals, kill -9,
+one live run per folder, finished runs, start-up checks, and the divergence guard."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from act_lightning.atomic import default_file_mode
+from act_lightning.callbacks import DivergenceError
+from act_lightning.evaluate import load_checkpoint
+from act_lightning.train import train
+from tests.conftest import ROOT, compose, run_cli
 
 
 def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        ["data=synthetic", "data.length=12"],  # 3 batches an epoch: the run crosses epochs
-        [],  # the digits: the stop falls mid-epoch
-    ],
-    ids=["synthetic-multi-epoch", "digits-mid-epoch"],
-)
-def test_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, data):
-    common = [
-        "debug=smoke",
-        *data,
-        "iterations=8",
-        "model.r1_threshold=0",
-        "model.ada_length=100",
-        "callbacks.samples.every_n_iterations=100",
-        "eval.every=100",
-    ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = run_cli(
-        [*common, "callbacks.checkpoint.every_n_iterations=4", "callbacks.checkpoint.keep_snapshots=true"],
-        straight,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    snapshot = straight / "checkpoints" / "iter_0000004.ckpt"
-    assert int(_load(snapshot)["state_dict"]["iteration"]) == 4
+def _iteration(path) -> int:
+    return int(_load(path)["state_dict"]["iteration"])
 
-    result = run_cli([*common, f"ckpt_path={snapshot}"], resumed)
-    assert result.returncode == 0, result.stderr[-3000:]
 
-    a, b = _load(straight / "checkpoints" / "last.ckpt"), _load(resumed / "checkpoints" / "last.ckpt")
-    assert int(a["state_dict"]["iteration"]) == int(b["state_dict"]["iteration"]) == 8
+def _rows(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def assert_same_training_state(a_path, b_path) -> None:
+    a, b = _load(a_path), _load(b_path)
     assert a["state_dict"].keys() == b["state_dict"].keys()
-    assert float(a["state_dict"]["aug_p"]) > 0  # the controller moved, so its state is compared too
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
-    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"]):
-        for pa, pb in zip(opt_a["state"].values(), opt_b["state"].values()):
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for pa, pb in zip(opt_a["state"].values(), opt_b["state"].values(), strict=True):
             for name in pa:
                 torch.testing.assert_close(pa[name], pb[name], rtol=0, atol=0)
+    assert a["loops"]["fit_loop"]["epoch_loop.state_dict"] == b["loops"]["fit_loop"]["epoch_loop.state_dict"]
+
+
+# the controller moves p (threshold 0, short ada_length) so the augmentation state is compared too
+EXACT = ["debug=smoke", "iterations=8", "model.r1_threshold=0", "model.ada_length=100"]
+
+
+def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_path):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    snapshots = ["callbacks.checkpoint.keep_snapshots=true", "callbacks.checkpoint.every_n_iterations=4"]
+    result = run_cli([*EXACT, *snapshots], straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    result = run_cli([*EXACT, "stop_after=4"], run)  # as a preempted job: checkpoint at 4, exit 0
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _iteration(run / "checkpoints" / "last.ckpt") == 4
+    assert "Stopped at iteration 4 of 8 (stop_after=4)" in result.stdout  # Hydra logs to stdout
+    result = run_cli([*EXACT, "resume=auto"], run)  # the same run folder
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert _iteration(run / "checkpoints" / "last.ckpt") == 8
+    assert float(_load(run / "checkpoints" / "last.ckpt")["state_dict"]["aug_p"]) > 0
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    # one metrics.csv holding every row once: the straight run's rows, the evaluations included
+    assert _rows(run) == _rows(straight)
+    assert [r["step"] for r in _rows(run) if "val/fd" in r] == ["0", "4", "8"]
+
+    # ckpt_path= starts another folder from a snapshot and continues it exactly too
+    other = tmp_path / "other"
+    train(
+        compose([*EXACT, f"ckpt_path={straight / 'checkpoints' / 'iter_0000004.ckpt'}"], run_dir=str(other))
+    )
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", other / "checkpoints" / "last.ckpt")
+
+
+def test_resume_across_epochs_is_exact(tmp_path):
+    # 12 synthetic images, 3 batches an epoch: the stop falls mid-epoch and the run crosses epochs
+    common = ["debug=smoke", "data=synthetic", "data.length=12", "iterations=8", "eval=null"]
+    train(compose(common, run_dir=str(tmp_path / "straight")))
+    summary = train(compose([*common, "stop_after=5"], run_dir=str(tmp_path / "run")))
+    assert summary["iteration"] == 5 and not summary["finished"]
+    train(compose(common, run_dir=str(tmp_path / "run")))  # resume=auto is the default
+    assert_same_training_state(
+        tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "run/checkpoints/last.ckpt"
+    )
+
+
+def _start(args, run_dir):
+    cmd = [sys.executable, "-m", "act_lightning.train", *args, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until(condition, proc, timeout=180):
+    start = time.monotonic()
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-3000:]}")
+        if time.monotonic() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+LONG = ["debug=smoke", "eval=null", "callbacks.samples.every_n_iterations=100000"]
+
+
+def test_sigterm_kill_9_one_live_run_per_folder_and_a_finished_run(tmp_path):
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    every = ["callbacks.checkpoint.every_n_iterations=5"]
+    proc = _start([*LONG, *every, "iterations=100000"], run)
+    _wait_until(last.is_file, proc)  # training (a checkpoint at iteration 5)
+
+    # a second run started in the folder is refused while the first one lives
+    other = run_cli([*LONG, *every, "iterations=100000"], run)
+    assert other.returncode != 0 and "in use by another live run" in other.stderr
+
+    # SIGTERM (preemption, scancel): a checkpoint at the end of the current iteration, a non-zero status
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = _iteration(last)
+    assert stopped >= 5 and f"Stopped at iteration {stopped}" in out and "SIGTERM received" in err
+    assert int(_rows(run)[-1]["step"]) == stopped  # every row up to the checkpoint is on disk
+    assert stat.S_IMODE(last.stat().st_mode) == default_file_mode()  # readable as the user's other files
+
+    # kill -9 mid-run (no handler runs), then resume=auto continues from the last checkpoint
+    proc = _start([*LONG, *every, "iterations=100000"], run)
+    _wait_until(lambda: last.is_file() and _iteration(last) >= stopped + 10, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    killed_at = _iteration(last)
+    end = killed_at + 3
+    result = run_cli([*LONG, *every, f"iterations={end}"], run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _iteration(last) == end
+    steps = [int(r["step"]) for r in _rows(run) if "train/loss_ct" in r]
+    assert steps == list(range(1, end + 1))  # every iteration's row once, none lost, none twice
+
+    # a finished run resumed does nothing more
+    before = last.stat().st_mtime_ns
+    result = run_cli([*LONG, *every, f"iterations={end}"], run)
+    assert result.returncode == 0 and "is finished" in result.stdout
+    assert last.stat().st_mtime_ns == before and _iteration(last) == end
+
+
+def _signal_at(signum: int, at: int) -> list[str]:
+    return [
+        "+callbacks.send._target_=tests.helpers_signals.SendSignalAt",
+        f"+callbacks.send.signum={int(signum)}",
+        f"+callbacks.send.at={at}",
+    ]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    cfg = compose([*LONG, "iterations=50", *_signal_at(signal.SIGINT, 3)], run_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        train(cfg)
+    assert stop.value.code == 128 + signal.SIGINT
+    assert _iteration(tmp_path / "checkpoints" / "last.ckpt") == 3
+    assert signal.getsignal(signal.SIGINT) is not None  # handlers are put back
+
+
+def test_the_slurm_time_limit_signal_saves_then_hands_over_to_the_launchers_requeue(tmp_path):
+    seen = []
+
+    def launcher_requeue(signum, frame):  # what submitit's handler does: requeue (here: record)
+        seen.append((signum, _iteration(tmp_path / "checkpoints" / "last.ckpt")))
+
+    previous = signal.signal(signal.SIGUSR2, launcher_requeue)
+    try:
+        cfg = compose([*LONG, "iterations=50", *_signal_at(signal.SIGUSR2, 3)], run_dir=str(tmp_path))
+        with pytest.raises(SystemExit) as stop:
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert stop.value.code == 128 + signal.SIGUSR2
+    assert seen == [(signal.SIGUSR2, 3)]  # requeued once, after the checkpoint of iteration 3 was written
+
+
+# -- start-up checks: before any logger starts or any folder is created --------------------------------
+
+
+def _nothing_started(run_dir) -> bool:
+    return not (run_dir / "metrics.csv").exists() and not (run_dir / "samples").exists()
+
+
+def test_an_unwritable_checkpoint_folder_fails_at_start_up(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(NotADirectoryError, match="callbacks.checkpoint.dirpath="):
+        train(compose(["debug=smoke"], run_dir=str(tmp_path)))
+    assert _nothing_started(tmp_path)
+
+
+def test_a_missing_or_foreign_ckpt_path_fails_at_start_up(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=f"ckpt_path={tmp_path / 'nope.ckpt'}: no such checkpoint file"
+    ):
+        train(compose(["debug=smoke", f"ckpt_path={tmp_path / 'nope.ckpt'}"], run_dir=str(tmp_path / "a")))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="not a readable checkpoint of act_lightning.train"):
+        train(compose(["debug=smoke", f"ckpt_path={foreign}"], run_dir=str(tmp_path / "b")))
+    assert _nothing_started(tmp_path / "a") and _nothing_started(tmp_path / "b")
+
+
+def test_a_mistyped_data_root_fails_at_start_up_and_creates_nothing(tmp_path):
+    typo = tmp_path / "data" / "cifra10"
+    cfg = compose(
+        ["experiment=cifar10", "debug=smoke", f"data.root={typo}", "data.download=false"],
+        run_dir=str(tmp_path / "run"),
+    )
+    with pytest.raises(FileNotFoundError, match="cifra10"):
+        train(cfg)
+    assert not typo.exists() and not (tmp_path / "data").exists()
+    assert _nothing_started(tmp_path / "run")
+
+
+def test_bad_callback_values_fail_at_start_up(tmp_path):
+    with pytest.raises(Exception, match=r"callbacks.samples.every_n_iterations must be >= 1, got 0"):
+        train(compose(["debug=smoke", "callbacks.samples.every_n_iterations=0"], run_dir=str(tmp_path)))
+    with pytest.raises(Exception, match="stop_after must be a positive number"):
+        train(compose(["debug=smoke", "stop_after=0"], run_dir=str(tmp_path)))
+    assert _nothing_started(tmp_path)
+
+
+def test_resume_never_refuses_a_folder_that_holds_a_checkpoint(tmp_path):
+    train(compose(["debug=smoke", "iterations=2", "eval=null"], run_dir=str(tmp_path)))
+    with pytest.raises(FileExistsError, match="pass resume=auto to continue that run"):
+        train(compose(["debug=smoke", "iterations=4", "resume=never"], run_dir=str(tmp_path)))
+
+
+# -- the divergence guard -----------------------------------------------------------------------------------
+
+
+def test_a_diverging_run_stops_naming_the_iteration_and_the_loss_and_keeps_a_finite_checkpoint(tmp_path):
+    # lr = 1e6: the first update blows the generator up and every later loss is non-finite
+    cfg = compose(
+        [
+            "debug=smoke",
+            "model.optimizer.lr=1e6",
+            "guard.max_bad_iterations=3",
+            "iterations=40",
+            "eval=null",
+            "callbacks.checkpoint.every_n_iterations=1",
+        ],
+        run_dir=str(tmp_path),
+    )
+    with pytest.raises(
+        DivergenceError, match=r"3 bad iterations in a row since iteration 0 \(first non-finite: train/loss"
+    ):
+        train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert _iteration(last) < 40
+    state = _load(last)["state_dict"]
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+    skipped = [float(r["train/skipped_updates"]) for r in _rows(tmp_path) if "train/skipped_updates" in r]
+    assert skipped[:2] == [1.0, 2.0]  # counted in the logs (the stopping iteration's row is not written)
+
+
+def test_evaluate_refuses_a_checkpoint_with_non_finite_weights_by_name(tmp_path):
+    train(compose(["debug=smoke", "iterations=2", "eval=null"], run_dir=str(tmp_path)))
+    checkpoint = _load(tmp_path / "checkpoints" / "last.ckpt")
+    checkpoint["state_dict"]["generator.unet.conv_in.weight"][0] = float("nan")
+    broken = tmp_path / "broken.ckpt"
+    torch.save(checkpoint, broken)
+    with pytest.raises(ValueError, match=r"non-finite weights in generator.unet.conv_in.weight"):
+        load_checkpoint(broken)

@@ -155,9 +155,10 @@ def test_inception_weights_are_never_unpickled(tmp_path):
 
 
 def test_inception_pipeline_self_fid_is_zero_and_grey_images_work(random_inception):
-    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     stats = feature_statistics(random_inception, images.split(4), "cpu")
-    assert abs(frechet_distance(*stats, *stats)) < 1e-6
+    # zero up to the round-off of the square roots of ~2000 zero eigenvalues, relative to the covariance
+    assert abs(frechet_distance(*stats, *stats)) < 1e-5 * np.trace(stats[1])  # 6 samples: rank 5 of 2048
     other = feature_statistics(random_inception, (torch.rand(6, 3, 32, 32) * 0.2).split(4), "cpu")
     assert frechet_distance(*stats, *other) > 1e-3
     assert random_inception(torch.zeros(2, 1, 8, 8)).shape == (2, 2048)  # one channel -> three

@@ -1,7 +1,14 @@
-"""Checkpoints that count ACT iterations and are written atomically."""
+"""Checkpoints that count ACT iterations, are written atomically, and are written when a run is stopped:
+by `stop_after`, by Ctrl-C, or by a scheduler's signal (preemption, time limit)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +17,13 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from act_lightning.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+# SIGTERM: preemption and `scancel`; SIGINT: Ctrl-C; SIGUSR1 / SIGUSR2: the warning a SLURM job asks for
+# before its time limit (`--signal`; Lightning's convention is USR1, submitit's USR2).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,8 +41,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LastCheckpoint(L.Callback):
-    """Saves `dirpath/last.ckpt` every `every_n_iterations` ACT iterations and when training ends;
-    with `keep_snapshots`, also keeps `iter_<k>.ckpt` for each of those iterations."""
+    """Saves `dirpath/last.ckpt` every `every_n_iterations` ACT iterations, when training ends, and when
+    the run is stopped before its last iteration; with `keep_snapshots`, also keeps `iter_<k>.ckpt` for
+    each of those iterations.
+
+    A run stops early after `stop_after` iterations of this process, or at the end of the iteration in
+    which a stop signal arrives (SIGTERM, SIGINT, SIGUSR1, SIGUSR2): the checkpoint then holds a
+    consistent state, never half an iteration. `stopped_by` says which signal stopped it (the training
+    entry point exits non-zero then, and a SLURM job is requeued); a second Ctrl-C stops at once.
+    """
 
     def __init__(
         self,
@@ -36,26 +57,124 @@ class LastCheckpoint(L.Callback):
         every_n_iterations: int = 1000,
         filename: str = "last.ckpt",
         keep_snapshots: bool = False,
+        stop_after: int | None = None,
     ) -> None:
         if every_n_iterations < 1:
             raise ValueError(
                 f"callbacks.checkpoint.every_n_iterations must be >= 1, got {every_n_iterations}"
             )
+        if stop_after is not None and stop_after < 1:
+            raise ValueError(f"stop_after must be a positive number of iterations or null, got {stop_after}")
         self.path = Path(dirpath) / filename
         self.every = every_n_iterations
         self.keep_snapshots = keep_snapshots
+        self.stop_after = stop_after
+        self.stopped_by: int | None = None  # the signal that stopped the run, once it has
+        self.stopped_early = False
+        self._signal: int | None = None
+        self._previous: dict[int, Any] = {}  # the handlers ours replaced while training runs
+        self._handed_over: dict[int, Any] = {}  # the same, after training (for `requeue`)
+        self._start = 0
         self._saved_at = -1
 
+    # -- saving ---------------------------------------------------------------------------------------
     def _save(self, trainer: L.Trainer, iteration: int) -> None:
         if iteration != self._saved_at:
+            for logger in trainer.loggers:  # rows up to this checkpoint are on disk before it is
+                logger.save()
             trainer.save_checkpoint(self.path, weights_only=False)  # full training state
             if self.keep_snapshots:
                 trainer.save_checkpoint(self.path.parent / f"iter_{iteration:07d}.ckpt", weights_only=False)
             self._saved_at = iteration
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = pl_module.k
+        self._install_handlers()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module._k % self.every == 0:
-            self._save(trainer, pl_module._k)
+        k = pl_module.k
+        stop = self._signal is not None or (
+            self.stop_after is not None and k - self._start >= self.stop_after
+        )
+        if trainer.world_size > 1:  # every rank stops at the same iteration (a signal may reach one)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        unfinished = k < pl_module.hparams.iterations
+        if k % self.every == 0 or (stop and unfinished):
+            self._save(trainer, k)
+        if stop and unfinished:
+            self.stopped_early = True
+            self.stopped_by = self._signal
+            trainer.should_stop = True
+            reason = (
+                f"signal {signal.Signals(self._signal).name}"
+                if self._signal
+                else f"stop_after={self.stop_after}"
+            )
+            if trainer.is_global_zero:
+                log.warning(
+                    "Stopped at iteration %d of %d (%s); checkpoint %s. Continue with resume=auto.",
+                    k,
+                    pl_module.hparams.iterations,
+                    reason,
+                    self.path,
+                )
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._save(trainer, pl_module._k)
+        self._save(trainer, pl_module.k)
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    # -- signals ----------------------------------------------------------------------------------------
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in STOP_SIGNALS:
+            # Lightning's own SIGTERM handler would end the run with status 0 and no checkpoint; a
+            # launcher's (submitit's requeue on SIGUSR2) is called after the checkpoint is written.
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            if _is_lightning_handler(handler):
+                handler = signal.SIG_DFL
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._handed_over, self._previous = self._previous, {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._signal == signal.SIGINT and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once, without a checkpoint
+        self._signal = signum
+        print(
+            f"\n[act] {signal.Signals(signum).name} received: stopping after this iteration with a "
+            "checkpoint" + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def requeue(self, is_global_zero: bool) -> None:
+        """After a stop by a scheduler's time-limit signal (SIGUSR1 / SIGUSR2): hand over to the launcher's
+        own handler when there is one (submitit requeues the job and exits), else requeue the SLURM job
+        with `scontrol requeue`, as Lightning's auto-requeue does. A requeued job continues with
+        resume=auto from the checkpoint just written."""
+        if self.stopped_by not in REQUEUE_SIGNALS:
+            return
+        previous = self._handed_over.get(self.stopped_by)
+        if callable(previous) and not _is_lightning_handler(previous):
+            previous(self.stopped_by, None)
+            return
+        job = os.environ.get("SLURM_JOB_ID")
+        if is_global_zero and job:
+            array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+            job = f"{array_job}_{task}" if array_job and task else job
+            result = subprocess.call(["scontrol", "requeue", job])
+            log.warning("scontrol requeue %s: %s", job, "done" if result == 0 else f"failed ({result})")
+
+
+def _is_lightning_handler(handler: Any) -> bool:
+    return getattr(type(handler), "__module__", "").startswith("lightning") or getattr(
+        handler, "__module__", ""
+    ).startswith("lightning")

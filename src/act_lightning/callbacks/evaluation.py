@@ -1,6 +1,6 @@
 """Periodic Fréchet-distance evaluation (FID with Inception features) of the target network's samples.
 
-Every `every_n_iterations` ACT iterations (and before the first and after the last), one-step samples of
+Every `every` ACT iterations (and before the first and after the last), one-step samples of
 theta^- are drawn from fixed noise and compared with reference statistics: the training set's (computed
 once, cached as .npz) or a published file. The noise of sample i does not depend on the number of
 processes: the samples come in chunks of `batch_size`, each seeded by its index, and rank r takes chunks
@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from tqdm.auto import tqdm
 
 from act_lightning.metrics.fid import (
     FEATURES,
@@ -32,7 +33,8 @@ from act_lightning.metrics.fid import (
     reference_statistics,
     sample_statistics,
 )
-from act_lightning.metrics.frechet import frechet_distance
+from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd
+from act_lightning.metrics.inception import QUANTIZE
 
 
 class FrechetEvaluation(L.Callback):
@@ -40,21 +42,24 @@ class FrechetEvaluation(L.Callback):
         self,
         run_dir: str,
         features: str | Callable[[], nn.Module] = "inception",
-        every_n_iterations: int = 5000,
-        num_samples: int = 10000,
-        batch_size: int = 500,
         key: str = "val/fid",
         label: str = "FID",
+        every: int = 5000,
+        num_samples: int = 10000,
+        batch_size: int = 500,
         seed: int = 0,
         inception_weights: str | None = None,
         download: bool = False,
         reference: str = "train",
         reference_cache: str | None = None,
         reference_max_images: int | None = None,
+        quantize: str = "round",
         best_checkpoint: str | None = None,
     ) -> None:
-        if every_n_iterations < 1:
-            raise ValueError(f"eval.every must be >= 1, got {every_n_iterations}")
+        if every < 1:
+            raise ValueError(f"eval.every must be >= 1, got {every}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
         if num_samples < 2 or batch_size < 1:
             raise ValueError(
                 f"eval.num_samples must be >= 2 and eval.batch_size >= 1; got {num_samples}, {batch_size}"
@@ -62,7 +67,8 @@ class FrechetEvaluation(L.Callback):
         self.run_dir = Path(run_dir)
         self.features_spec = features
         self.features_name = features if isinstance(features, str) else "custom"  # for caches and summaries
-        self.every = every_n_iterations
+        self.every = every
+        self.quantize = quantize
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.key = key
@@ -84,6 +90,7 @@ class FrechetEvaluation(L.Callback):
 
         self.extractor: nn.Module | None = None
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
+        self._reference_root: np.ndarray | None = None  # sigma_ref^(1/2), computed once per run
         self.references: dict[str, float] = {}  # FD of held-out real images and of noise (quickstart)
         self.history: list[tuple[int, float]] = []
         self.best: tuple[int, float] | None = None
@@ -95,7 +102,7 @@ class FrechetEvaluation(L.Callback):
         spec = self.features_spec
         if isinstance(spec, str):
             self.extractor = build_feature_extractor(
-                spec, seed=self.seed, inception_weights=self.inception_weights
+                spec, inception_weights=self.inception_weights, quantize=self.quantize
             )
         else:
             self.extractor = spec()
@@ -106,59 +113,70 @@ class FrechetEvaluation(L.Callback):
         dm = trainer.datamodule
         self.extractor.to(device)
         self.reference = self._reference_statistics(trainer, dm, device)
+        self._reference_root = sqrtm_psd(self.reference[1])
         if not self.references and hasattr(dm, "build_held_out_dataset"):
             # every rank computes these whole (small sets): no all-reduce, or counts would double
             held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
             real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False)
-            g = torch.Generator().manual_seed(self.seed + 99)
+            g = torch.Generator().manual_seed(99)  # the same noise in every run: the scale's upper end
             shape = (self.num_samples, dm.channels, dm.image_size, dm.image_size)
             noise = torch.rand(shape, generator=g) * 2 - 1
             noise = feature_statistics(self.extractor, noise.split(self.batch_size), device, sync=False)
             self.references = {"real": self._fd(real), "noise": self._fd(noise)}
-        if self.references:
-            self._log(trainer, pl_module._k, {f"{self.key}_{name}": v for name, v in self.references.items()})
+        if self.references and pl_module.k == 0:  # once per run: a resumed run has them logged
+            self._log(trainer, pl_module.k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)
-        if pl_module._k == 0:  # the untrained network: logged as the curve's start, never the best
+        if pl_module.k == 0:  # the untrained network: logged as the curve's start, never the best
             self._evaluate_and_log(trainer, pl_module)
 
     # -- reference statistics ---------------------------------------------------------------------
     def _reference_statistics(self, trainer, dm, device) -> tuple[np.ndarray, np.ndarray]:
-        return reference_statistics(
-            self.extractor,
-            self.reference_spec,
-            datamodule=dm,
-            features=self.features_name,
-            cache=self.reference_cache,
-            max_images=self.reference_max_images,
-            batch_size=self.batch_size,
-            device=device,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-        )
+        with self._bar(trainer, f"{self.label}: reference statistics", unit="img") as bar:
+            return reference_statistics(
+                self.extractor,
+                self.reference_spec,
+                datamodule=dm,
+                features=self.features_name,
+                cache=self.reference_cache,
+                max_images=self.reference_max_images,
+                batch_size=self.batch_size,
+                device=device,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                progress=lambda n: bar.update(n * trainer.world_size),
+            )
+
+    @staticmethod
+    def _bar(trainer, desc: str, total: int | None = None, unit: str = "img") -> tqdm:
+        """Progress of a long phase, shown by rank 0 (other ranks do their share silently)."""
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=trainer.global_rank != 0)
 
     def _fd(self, stats) -> float:
-        return frechet_distance(*stats, *self.reference)
+        return frechet_distance(*stats, *self.reference, sqrt_sigma2=self._reference_root)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, trainer, pl_module) -> float:
         """The metric of `num_samples` one-step samples of the target network (all ranks take part)."""
         dm = trainer.datamodule
-        stats = sample_statistics(
-            lambda noise, labels, chunk: pl_module.sample(noise, labels),
-            self.extractor,
-            self.num_samples,
-            self.batch_size,
-            (dm.channels, dm.image_size, dm.image_size),
-            pl_module.hparams.num_classes,
-            self.seed,
-            pl_module.device,
-            trainer.global_rank,
-            trainer.world_size,
-        )
+        desc = f"{self.label} at iteration {pl_module.k}"
+        with self._bar(trainer, desc, total=self.num_samples) as bar:
+            stats = sample_statistics(
+                lambda noise, labels, chunk: pl_module.sample(noise, labels),
+                self.extractor,
+                self.num_samples,
+                self.batch_size,
+                (dm.channels, dm.image_size, dm.image_size),
+                pl_module.hparams.num_classes,
+                self.seed,
+                pl_module.device,
+                trainer.global_rank,
+                trainer.world_size,
+                progress=lambda n: bar.update(n * trainer.world_size),
+            )
         return self._fd(stats)
 
     def _evaluate_and_log(self, trainer, pl_module) -> float:
-        k = pl_module._k
+        k = pl_module.k
         value = self.evaluate(trainer, pl_module)
         self.history.append((k, value))
         improved = k > 0 and (self.best is None or value < self.best[1])
@@ -173,11 +191,14 @@ class FrechetEvaluation(L.Callback):
         return value
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module._k % self.every == 0:
+        if pl_module.k % self.every == 0:
             self._evaluate_and_log(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.history or self.history[-1][0] != pl_module._k:
+        # After the last iteration; a run that stops early (stop_after, a signal) is resumed, not scored,
+        # so its metrics.csv gets the same rows as an uninterrupted run's.
+        finished = pl_module.k >= pl_module.hparams.iterations
+        if finished and (not self.history or self.history[-1][0] != pl_module.k):
             self._evaluate_and_log(trainer, pl_module)
         for logger in trainer.loggers:
             logger.save()

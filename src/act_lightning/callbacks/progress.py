@@ -21,7 +21,7 @@ class IterationProgressBar(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.bar = tqdm(
             total=pl_module.hparams.iterations,
-            initial=pl_module._k,
+            initial=pl_module.k,
             desc="ACT",
             unit="it",
             dynamic_ncols=True,
@@ -33,8 +33,8 @@ class IterationProgressBar(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.bar is None:
             return
-        self.bar.update(pl_module._k - self.bar.n)
-        if pl_module._k % self.refresh == 0:
+        self.bar.update(pl_module.k - self.bar.n)
+        if pl_module.k % self.refresh == 0:
             shown = {}
             for key, value in trainer.callback_metrics.items():
                 if key.startswith(("train/loss", "val/")):

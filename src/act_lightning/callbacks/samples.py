@@ -24,6 +24,8 @@ class SampleGrid(L.Callback):
         upscale: int = 1,
         seed: int = 1234,
     ) -> None:
+        if every_n_iterations < 1:
+            raise ValueError(f"callbacks.samples.every_n_iterations must be >= 1, got {every_n_iterations}")
         self.dirpath = Path(dirpath)
         self.every = every_n_iterations
         self.num_samples = num_samples
@@ -50,24 +52,25 @@ class SampleGrid(L.Callback):
             images = F.interpolate(images, scale_factor=self.upscale, mode="nearest")
         grid = make_grid((images + 1) / 2, nrow=int(self.num_samples**0.5), padding=2, pad_value=1.0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"iter_{pl_module._k:07d}.png"
+        path = self.dirpath / f"iter_{pl_module.k:07d}.png"
         save_image(grid, path)
         save_image(grid, self.dirpath / "last.png")
         self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("samples/one_step", [grid], step=pl_module._k)
+                logger.log_image("samples/one_step", [grid], step=pl_module.k)
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples/one_step", grid, global_step=pl_module._k)
+                logger.experiment.add_image("samples/one_step", grid, global_step=pl_module.k)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if pl_module._k == 0:
+        if pl_module.k == 0:
             self.write(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module._k % self.every == 0:
+        if pl_module.k % self.every == 0:
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if pl_module._k % self.every != 0:
+        finished = pl_module.k >= pl_module.hparams.iterations  # not when stopped early to be resumed
+        if finished and pl_module.k % self.every != 0:
             self.write(trainer, pl_module)

@@ -31,17 +31,23 @@ FEATURES = ("inception", "digits")
 Sampler = Callable[[Tensor, Tensor | None, int], Tensor]  # (noise, labels, chunk index) -> images in [-1, 1]
 
 
-def build_feature_extractor(name: str, seed: int = 0, inception_weights: str | None = None) -> nn.Module:
-    """'inception' (FID: 2048-d TF-Inception features; `inception_weights` a resolved path or 'random')
-    or 'digits' (the quickstart's classifier, trained at start-up from `seed`)."""
+DIGITS_SEED = 0  # the quickstart's classifier is the same in every run: one ruler for every seed
+
+
+def build_feature_extractor(
+    name: str, inception_weights: str | None = None, quantize: str = "round"
+) -> nn.Module:
+    """'inception' (FID: 2048-d TF-Inception features of images quantised to uint8 by `quantize`;
+    `inception_weights` a resolved path or 'random') or 'digits' (the quickstart's classifier, trained
+    at start-up from a constant seed, so that distances are comparable across runs and seeds)."""
     if name == "inception":
         from act_lightning.metrics.inception import InceptionFeatures
 
-        return InceptionFeatures(inception_weights)
+        return InceptionFeatures(inception_weights, quantize=quantize)
     if name == "digits":
         from act_lightning.metrics.digits import DigitsFeatures
 
-        return DigitsFeatures.trained(seed=seed)
+        return DigitsFeatures.trained(seed=DIGITS_SEED)
     raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {name!r}")
 
 
@@ -53,12 +59,18 @@ def check_reference_spec(reference: str) -> None:
 
 @torch.no_grad()
 def feature_statistics(
-    extractor: nn.Module, batches: Iterable[Tensor], device, sync: bool = True
+    extractor: nn.Module,
+    batches: Iterable[Tensor],
+    device,
+    sync: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the features of batches of images in [-1, 1]; summed across ranks if `sync`."""
     stats = FeatureStatistics(extractor.num_features, sync_on_compute=sync).to(device)
     for images in batches:
         stats.update(extractor(images.to(device)))
+        if progress is not None:
+            progress(images.shape[0])
     return stats.compute()
 
 
@@ -116,10 +128,12 @@ def reference_statistics(
     device="cpu",
     rank: int = 0,
     world_size: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The reference (mu, sigma): `reference` = "train" (the datamodule's reference set, read by the
     ranks together) or an .npz file (mu/sigma, or images under arr_0). Statistics computed here are kept
-    in `cache` (an .npz with the facts they were made from) and read from it while those facts hold."""
+    in `cache` (an .npz with the facts they were made from) and read from it while those facts hold.
+    `progress(n)` is called after each batch of n images this process reads (a progress bar)."""
     n = extractor.num_features
     cache = Path(cache) if cache else None
     if str(reference) == "train":
@@ -140,7 +154,7 @@ def reference_statistics(
         if rank == 0:
             log.info("Computing the %s statistics of %d training images ...", features, count)
         loader = datamodule.reference_dataloader(batch_size, rank, world_size, dataset, max_images)
-        stats = feature_statistics(extractor, (x for x, _ in loader), device)
+        stats = feature_statistics(extractor, (x for x, _ in loader), device, progress=progress)
     else:
         path = Path(reference).resolve()
         meta = {"source": str(path), "features": features, "file_size": path.stat().st_size}
@@ -151,7 +165,7 @@ def reference_statistics(
 
         def extract(batches):  # an image batch (arr_0): each rank reads it whole, no all-reduce
             computed.append(True)
-            return feature_statistics(extractor, batches, device, sync=False)
+            return feature_statistics(extractor, batches, device, sync=False, progress=progress)
 
         stats = load_reference(path, n, extract, batch_size)
         if not computed:

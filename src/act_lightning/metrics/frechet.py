@@ -12,20 +12,32 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def sqrtm_psd(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric PSD matrix (float64), from one eigen-decomposition."""
+    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    sqrt_sigma2: np.ndarray | None = None,
+) -> float:
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64.
 
     Tr (sigma1 sigma2)^(1/2) = sum of the square roots of the eigenvalues of the symmetric PSD matrix
-    sigma1^(1/2) sigma2 sigma1^(1/2) (it is similar to sigma1 sigma2): two symmetric eigen-decompositions
+    sigma2^(1/2) sigma1 sigma2^(1/2) (it is similar to sigma1 sigma2): symmetric eigen-decompositions
     instead of scipy's general `sqrtm`, five times faster at 2048-d, no complex round-off, and exact
-    for singular covariances (fewer samples than features) without nudging the diagonals."""
+    for singular covariances (fewer samples than features) without nudging the diagonals. Pass
+    `sqrt_sigma2 = sqrtm_psd(sigma2)` to reuse the reference's root across evaluations (half the work)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics disagree in shape: {mu1.shape} vs {mu2.shape}")
-    w, v = np.linalg.eigh(sigma1)
-    sqrt1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sigma1^(1/2)
-    m = sqrt1 @ sigma2 @ sqrt1
+    root = sqrtm_psd(sigma2) if sqrt_sigma2 is None else sqrt_sigma2
+    m = root @ sigma1 @ root
     eig = np.linalg.eigvalsh((m + m.T) / 2)  # symmetrised against round-off
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     return float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)

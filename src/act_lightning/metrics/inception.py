@@ -73,19 +73,32 @@ def load_inception_state(path: str) -> dict[str, Tensor]:
     return state
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 by rounding (not truncation), as images saved to PNG would be."""
-    return ((images.float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+QUANTIZE = ("round", "truncate")
+
+
+def to_uint8(images: Tensor, quantize: str = "round") -> Tensor:
+    """[-1, 1] floats -> uint8. `round`: to the nearest level, as images saved to PNG are (EDM, the
+    default). `truncate`: towards zero, `((x + 1) / 2 * 255).byte()`, as the ACT reference and the ADM
+    evaluator convert; FIDs from the two differ slightly."""
+    scaled = (images.float() + 1) * 127.5
+    if quantize == "round":
+        scaled = scaled.round_()
+    elif quantize != "truncate":
+        raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    return scaled.clamp_(0, 255).to(torch.uint8)
 
 
 class InceptionFeatures(nn.Module):
     """(B, C, H, W) images in [-1, 1] -> (B, 2048) TF-Inception pool features. Images are quantised to
-    uint8 first (FID is defined on 8-bit images); one channel is repeated to three."""
+    uint8 first (FID is defined on 8-bit images; see `to_uint8`); one channel is repeated to three."""
 
     num_features = 2048
 
-    def __init__(self, weights: str | None = None, download: bool = False) -> None:
+    def __init__(self, weights: str | None = None, download: bool = False, quantize: str = "round") -> None:
         super().__init__()
+        if quantize not in QUANTIZE:
+            raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+        self.quantize = quantize
         path = resolve_inception_weights(weights, download)
         state = None if path == RANDOM else load_inception_state(path)
         self.net = _fidelity_inception(state)
@@ -93,7 +106,7 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        x = to_uint8(images)
+        x = to_uint8(images, self.quantize)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         (features,) = self.net(x)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from act_lightning.atomic import atomic_write
@@ -87,7 +88,7 @@ def load_reference(
 
         def batches():
             for start in range(0, len(images), batch_size):
-                chunk = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
+                chunk = rearrange(torch.from_numpy(images[start : start + batch_size]), "b h w c -> b c h w")
                 yield chunk.float() / 127.5 - 1  # exact inverse of the uint8 rounding
 
         mu, sigma = extract(batches())

@@ -1,0 +1,52 @@
+"""Stops a run whose updates keep being skipped for non-finite losses or gradients."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class DivergenceError(RuntimeError):
+    """The run diverged: `max_bad_iterations` iterations in a row had a non-finite loss or gradient."""
+
+
+class DivergenceGuard(L.Callback):
+    """ACTModule skips every update whose loss or gradient is not finite (no NaN reaches the weights or
+    the optimiser state) and counts those iterations on the device. This callback reads the count and
+    stops the run, with a message that names the iteration and the loss that went bad first, once
+    `max_bad_iterations` iterations in a row were bad. The last checkpoint written stays as it was.
+
+    On a single GPU the count is copied to the host without waiting for the device, and read one
+    iteration later; under DDP every rank reads it at once, so all stop at the same iteration."""
+
+    def __init__(self, max_bad_iterations: int = 10) -> None:
+        if max_bad_iterations < 1:
+            raise ValueError(f"guard.max_bad_iterations must be >= 1, got {max_bad_iterations}")
+        self.max_bad_iterations = max_bad_iterations
+        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def _streak(self, trainer, pl_module) -> int | None:
+        streak = pl_module.bad_streak
+        if streak.device.type != "cuda" or trainer.world_size > 1:
+            return int(streak)
+        value = None
+        if self._pending is not None and self._pending[1].query():
+            value = int(self._pending[0])
+            self._pending = None
+        if self._pending is None:
+            host = torch.empty((), dtype=streak.dtype, pin_memory=True)
+            host.copy_(streak, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        return value
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        streak = self._streak(trainer, pl_module)
+        if streak is not None and streak >= self.max_bad_iterations:
+            raise DivergenceError(
+                f"training diverged: {pl_module.divergence_report()} (guard.max_bad_iterations="
+                f"{self.max_bad_iterations}). Those updates were skipped, so the weights and the last "
+                "checkpoint hold no NaN; lower the learning rate (model.optimizer.lr) or resume from an "
+                "earlier checkpoint."
+            )

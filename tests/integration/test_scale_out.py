@@ -1,0 +1,120 @@
+"""Scale-out: Lightning's plain DDP on two CPU processes, the global batch on any number of devices, and
+gradient accumulation; each must train what one process with the whole global batch trains."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from act_lightning.data import SyntheticDataModule
+from act_lightning.train import train
+from tests.conftest import compose, run_cli
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict, tol: float, tol_discriminator: float | None = None) -> None:
+    """Every tensor equal, to a relative and absolute tolerance `tol` (0: bit for bit); the
+    discriminator's to `tol_discriminator` (its R1 gradients are large, so rounding moves it further)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            t = tol_discriminator if key.startswith("discriminator.") and tol_discriminator else tol
+            torch.testing.assert_close(a[key], b[key], rtol=t, atol=t, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_batch_trains(tmp_path):
+    # The command of the README (Lightning's plain `ddp`: no search for unused parameters), on the digits.
+    two, one = tmp_path / "two", tmp_path / "one"
+    dump = [
+        "+callbacks.rank_state._target_=tests.helpers_ddp.SaveRankState",
+        f"+callbacks.rank_state.dirpath={two}",
+    ]
+    result = run_cli(
+        ["debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *dump], two
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = _load(two / "rank0.pt"), _load(two / "rank1.pt")
+    assert_same_weights(rank0["state_dict"], rank1["state_dict"], tol=0)  # the ranks agree exactly
+    ddp = _load(two / "checkpoints" / "last.ckpt")
+    assert int(ddp["state_dict"]["iteration"]) == 4
+
+    # One process with the same global batch (2 devices x 2 images per half), in-process.
+    summary = train(compose(["debug=smoke", "data.batch_size=4"], run_dir=str(one)))
+    assert summary["finished"]
+    single = _load(one / "checkpoints" / "last.ckpt")
+    # Same examples with the same noise: equal up to float rounding (the gradient all-reduce sums in
+    # another order than one process's batch reduction)
+    assert_same_weights(ddp["state_dict"], single["state_dict"], tol=1e-4)
+    # The metric (sampled by both ranks, reduced across them) is one process's, at every evaluation.
+    a = json.loads((two / "metric_summary.json").read_text())
+    b = json.loads((one / "metric_summary.json").read_text())
+    assert [h["iteration"] for h in a["history"]] == [h["iteration"] for h in b["history"]] == [0, 4]
+    for x, y in zip(a["history"], b["history"]):
+        assert x["value"] == pytest.approx(y["value"], rel=1e-4)
+    for name in ("real", "noise"):
+        assert a["references"][name] == pytest.approx(b["references"][name], rel=1e-6)
+
+
+def _logged(run_dir, key: str) -> list[float]:
+    with open(run_dir / "metrics.csv") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def test_gradient_accumulation_over_two_micro_batches_equals_one_batch_of_twice_the_size(tmp_path):
+    common = [
+        "debug=smoke",
+        "data=synthetic",
+        "iterations=3",
+        "eval=null",
+        "callbacks.samples.every_n_iterations=100",
+    ]
+    train(compose([*common, "data.batch_size=8"], run_dir=str(tmp_path / "whole")))
+    train(
+        compose([*common, "data.batch_size=4", "data.global_batch_size=8"], run_dir=str(tmp_path / "micro"))
+    )
+    whole = _load(tmp_path / "whole" / "checkpoints" / "last.ckpt")["state_dict"]
+    micro = _load(tmp_path / "micro" / "checkpoints" / "last.ckpt")["state_dict"]
+    # The generator moves ~3e-4 in these 3 iterations and agrees to rounding; the discriminator moves
+    # ~0.6 under the smoke size's large R1 gradients (double backward), where rounding reaches ~1e-3.
+    assert_same_weights(whole, micro, tol=1e-6, tol_discriminator=2e-3)
+    for key in ("train/loss_ct", "train/loss_adv", "train/loss_d", "train/r1"):  # R1 saw the same batch too
+        a, b = _logged(tmp_path / "whole", key), _logged(tmp_path / "micro", key)
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4), key
+    # and a different global batch trains something else: the comparison above can fail
+    train(compose([*common, "data.batch_size=4"], run_dir=str(tmp_path / "half")))
+    half = _load(tmp_path / "half" / "checkpoints" / "last.ckpt")["state_dict"]
+    for prefix, far in (("generator.", 1e-5), ("discriminator.", 2e-2)):
+        assert max((half[k] - whole[k]).abs().max().item() for k in whole if k.startswith(prefix)) > far
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro, devices, per_device, steps",
+    [
+        (640, 80, 1, 640, 8),
+        (640, 80, 2, 320, 4),
+        (640, 80, 4, 160, 2),
+        (640, 80, 8, 80, 1),
+        (64, 80, 2, 32, 1),
+    ],
+)
+def test_the_global_batch_on_any_number_of_devices(global_batch, micro, devices, per_device, steps):
+    # LSUN Cat's reference batch (8 GPUs x 80) on 1, 2, 4 or 8 devices
+    dm = SyntheticDataModule(batch_size=micro, global_batch_size=global_batch, image_size=8, channels=1)
+    assert dm.batch_layout(devices) == (per_device, steps)
+
+
+def test_a_global_batch_the_devices_cannot_share_is_refused_by_name():
+    dm = SyntheticDataModule(batch_size=80, global_batch_size=640, image_size=8, channels=1)
+    with pytest.raises(ValueError, match=r"data.global_batch_size=640 .* cannot be shared by 3 devices"):
+        dm.batch_layout(3)
+    dm = SyntheticDataModule(batch_size=48, global_batch_size=640, image_size=8, channels=1)
+    with pytest.raises(ValueError, match=r"micro-batches of data.batch_size=48 do not divide"):
+        dm.batch_layout(2)

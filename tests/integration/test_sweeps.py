@@ -1,0 +1,62 @@
+"""Hydra multirun sweeps: each job is its own W&B run with its own name and config, and `train` returns
+the metric an Optuna search minimises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.helpers_wandb import read_run
+
+
+def run_multirun(args: list[str], sweep_dir, timeout: int = 600):
+    cmd = [sys.executable, "-m", "act_lightning.train", "-m", *args, f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _best(job_dir) -> float:
+    return json.loads((job_dir / "metric_summary.json").read_text())["best"]["value"]
+
+
+def test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_configs(tmp_path):
+    result = run_multirun(
+        ["debug=smoke", "data=synthetic", "logger=wandb", "model.gan_ratio=0.1,0.3"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [read_run(tmp_path / str(job)) for job in (0, 1)]  # exactly one offline W&B run per job folder
+    for run, ratio in zip(runs, (0.1, 0.3)):
+        assert run["name"] == f"quickstart[data=synthetic,debug=smoke,logger=wandb,model.gan_ratio={ratio}]"
+        assert run["group"] == "quickstart"
+        assert run["config"]["model"]["gan_ratio"] == ratio  # its own config, not the other job's
+        fd_rows = [row for row in run["history"] if "val/fd" in row]
+        assert [row["trainer/global_step"] for row in fd_rows] == [0, 4]  # its own history only
+    for job, run in enumerate(runs):
+        assert run["summary"]["val/fd_best"] == pytest.approx(_best(tmp_path / str(job)))
+    assert runs[0]["summary"]["val/fd_best"] != runs[1]["summary"]["val/fd_best"]
+
+
+def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
+    result = run_multirun(
+        [
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "debug=smoke",
+            "data=synthetic",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    values = [_best(tmp_path / str(job)) for job in (0, 1)]
+    assert found["best_value"] == pytest.approx(min(values))  # what train() returned, minimised
+    assert set(found["best_params"]) == {"model.gan_ratio", "model.optimizer.lr", "model.d_optimizer.lr"}
+    for job in (0, 1):
+        overrides = yaml.safe_load((tmp_path / str(job) / ".hydra" / "overrides.yaml").read_text())
+        assert any(o.startswith("model.gan_ratio=") for o in overrides)  # each trial its own settings
