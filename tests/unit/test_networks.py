@@ -1,5 +1,5 @@
 """The networks of act_lightning.nn: reference sizes, shapes, smoke variants, R1's double backward, and
-the consistency function's boundary condition (ACT.md sections 1, 3, 8, 10)."""
+the consistency function's boundary condition (docs/algorithm.md, sections 1, 3, 8, 10)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ DATA = {  # what each experiment's data config provides to the interpolations
     "lsun_cat256": {"image_size": 256, "channels": 3, "num_classes": None},
     "digits": {"image_size": 8, "channels": 1, "num_classes": None},
 }
-REFERENCE_PARAMS = {  # ACT.md section 8, in millions
+REFERENCE_PARAMS = {  # docs/algorithm.md, section 8, in millions
     ("generator", "cifar10"): 27.50,
     ("generator", "imagenet64"): 107.60,
     ("generator", "lsun_cat256"): 113.67,

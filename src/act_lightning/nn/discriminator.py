@@ -1,7 +1,8 @@
-"""The discriminator D(x, c_noise, y): the reference encoder built from diffusers blocks (ACT.md section 10).
+"""The discriminator D(x, c_noise, y): the reference encoder built from diffusers blocks
+(docs/algorithm.md, section 10).
 
-Construction that reproduces the reference parameter counts (ACT.md section 8), found by counting the
-variants (with / without `to_logit_fx`, a downsampler on the last block, mid-block attention):
+Construction that reproduces the reference parameter counts (docs/algorithm.md, section 8), found by
+counting the variants (with / without `to_logit_fx`, a downsampler on the last block, mid-block attention):
 `to_logit_fx` counted, no downsampler on the last block (as in UNet2DModel's encoder), mid-block attention
 on, `conv_norm_out` only for CIFAR-10. That gives 17.977M / 53.902M / 56.985M against 17.98M / 53.90M /
 56.99M (dropping `to_logit_fx` would round LSUN Cat to 56.98M; a last downsampler adds 3-4%; no mid-block

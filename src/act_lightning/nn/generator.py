@@ -1,4 +1,5 @@
-"""The generator backbone F_theta: diffusers' UNet2DModel as in the reference code (ACT.md section 10).
+"""The generator backbone F_theta: diffusers' UNet2DModel as in the reference code (docs/algorithm.md,
+section 10).
 
 The backbone knows nothing of noise schedules: it maps (c_in * x, c_noise, y) to an image-shaped output;
 `consistency_function` (precond.py) adds the skip connection that enforces f(x, sigma_min) = x.
