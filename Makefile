@@ -29,8 +29,8 @@ install: $(STAMP)  ## create .venv and install the package with its dev tools
 train: $(STAMP)  ## train the quickstart on the embedded digits (CPU, minutes); ARGS="key=value ..."
 	$(PY) -m act_lightning.train $(ARGS)
 
-test: $(STAMP)  ## run the test suite (CPU, no network)
-	WANDB_MODE=offline $(PY) -m pytest -q tests $(ARGS)
+test: $(STAMP)  ## run the test suite (CPU, no network); two worker processes share the cores
+	WANDB_MODE=offline $(PY) -m pytest -q -n auto --maxprocesses=4 tests $(ARGS)
 
 test-fast: $(STAMP)  ## unit tests only
 	WANDB_MODE=offline $(PY) -m pytest -q tests/unit $(ARGS)
@@ -43,9 +43,10 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
-bench: $(STAMP)  ## throughput benchmarks (not tests): data loading, FID feature extraction and sampling
+bench: $(STAMP)  ## throughput benchmarks (not tests): data loading, FID and sampling, DDP strategies
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_fid.py
+	$(PY) benchmarks/bench_ddp.py
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

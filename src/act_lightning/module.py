@@ -179,6 +179,7 @@ class ACTModule(L.LightningModule):
         self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
         self._sigma_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._ddp: dict[str, DistributedDataParallel] = {}  # per-network DDP wrappers (multi-process only)
+        self._outer_reduces = False  # whether Lightning's whole-module DDP wrapper reduces the gradients
 
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
     def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
@@ -210,18 +211,23 @@ class ACTModule(L.LightningModule):
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
             self._restore_rng = None
+        outer = self.trainer.strategy.model
+        # strategy=ddp_find_unused_parameters_true: Lightning's wrapper of the whole module reduces the
+        # gradients, searching each backward's graph for the parameters it used (the classic way, slower).
+        self._outer_reduces = isinstance(outer, DistributedDataParallel) and outer.find_unused_parameters
         world = self.trainer.world_size
-        if world > 1 and dist.is_available() and dist.is_initialized():
+        if world > 1 and dist.is_available() and dist.is_initialized() and not self._outer_reduces:
             # Each update touches one network only, so each network gets its own DDP wrapper: the gradient
             # all-reduce then expects exactly the parameters that receive gradients, and no search for
             # unused parameters is needed. The target EMA is no DDP module: it is made equal once here and
             # then follows identical generators on every rank.
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp = {"generator": DistributedDataParallel(self.generator, device_ids=device_ids)}
-            if self.discriminator is not None:
-                self._ddp["discriminator"] = DistributedDataParallel(
-                    self.discriminator, device_ids=device_ids
-                )
+            nets = {"generator": self.generator, "discriminator": self.discriminator}
+            self._ddp = {
+                name: DistributedDataParallel(net, device_ids=device_ids)
+                for name, net in nets.items()
+                if net is not None
+            }
             for tensor in [*self.target.parameters(), *self.target.buffers()]:
                 dist.broadcast(tensor.data, src=0)
 
@@ -231,13 +237,13 @@ class ACTModule(L.LightningModule):
 
     @contextmanager
     def _backward_context(self, name: str, sync: bool) -> Iterator[None]:
-        """Around a micro-batch's forward and backward. Lightning's own DDP wrapper of this whole module
-        (strategy `ddp`) would all-reduce every parameter and wait for those of the network that did not
-        train: it is kept out of the way, and the trained network's own wrapper reduces its gradients
-        (on the last micro-batch only, `sync`)."""
+        """Around a micro-batch's forward and backward: gradients are all-reduced on the last micro-batch
+        only (`sync`). Lightning's own DDP wrapper of this whole module (strategy `ddp`) would reduce every
+        parameter and wait for those of the network that did not train: it is kept out of the way, and
+        the trained network's own wrapper reduces its gradients."""
         with ExitStack() as stack:
             outer = self.trainer.strategy.model
-            if isinstance(outer, DistributedDataParallel):
+            if isinstance(outer, DistributedDataParallel) and (not self._outer_reduces or not sync):
                 stack.enter_context(outer.no_sync())
             inner = self._ddp.get(name)
             if inner is not None and not sync:
@@ -258,7 +264,9 @@ class ACTModule(L.LightningModule):
             "fake_z": torch.randn((n_half * world, *shape), device=self.device, generator=g),
             "real_j": sample_indices(n_half * world, num_scales, self.device, g),
         }
-        return {k: v.chunk(world)[rank] for k, v in draws.items()}
+        if world == 1:
+            return draws
+        return {k: v.chunk(world)[rank].clone() for k, v in draws.items()}  # free the other ranks' shares
 
     def training_step(self, batch: HalfBatch, batch_idx: int) -> None:
         h = self.hparams

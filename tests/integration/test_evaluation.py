@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
-from tests.conftest import ROOT, run_cli
+from act_lightning.train import train
+from tests.conftest import CONF, ROOT, compose, run_cli
 from tests.helpers_wandb import read_run
+from tests.integration.test_readme import readme_commands
 
 
 def run_evaluate(args: list[str], tmp_path, timeout: int = 600):
@@ -79,62 +83,87 @@ def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkp
     assert f"1-step: {out['results']['1-step']['fid']:.4f}" in result.stdout
 
 
+def _evaluate(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from act_lightning.evaluate import evaluate
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return evaluate(hydra_compose("evaluate", overrides=overrides))
+
+
 def test_evaluate_names_a_missing_or_foreign_checkpoint(tmp_path):
-    result = run_evaluate([f"ckpt={tmp_path / 'nope.ckpt'}"], tmp_path)
-    assert (
-        result.returncode != 0 and f"ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file" in result.stderr
-    )
+    with pytest.raises(FileNotFoundError, match=f"ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file"):
+        _evaluate([f"ckpt={tmp_path / 'nope.ckpt'}"])
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    result = run_evaluate([f"ckpt={foreign}"], tmp_path)
-    assert result.returncode != 0 and "holds no training config" in result.stderr
+    with pytest.raises(ValueError, match="holds no training config"):
+        _evaluate([f"ckpt={foreign}"])
 
 
-def test_missing_inception_weights_stop_the_run_at_start_up(tmp_path):
+def test_readme_evaluate_commands(cifar_run, tmp_path):
+    """The README's `python -m act_lightning.evaluate` commands, with 8 samples instead of 10k or 50k."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    images = (np.random.default_rng(0).random((8, 32, 32, 3)) * 255).astype(np.uint8)
+    np.savez(refs / "cifar10-32x32.npz", arr_0=images)  # a reference batch in the published layout
+    commands = [c for c in readme_commands() if c.startswith("python -m act_lightning.evaluate")]
+    assert len(commands) == 4
+    ckpt = cifar_run / "checkpoints" / "best.ckpt"
+    for command in commands:
+        args = shlex.split(command)[3:]
+        args = [
+            f"ckpt={ckpt}" if a.startswith("ckpt=") else a for a in args if not a.startswith("num_samples=")
+        ]
+        args = [a.replace("/refs/", f"{refs}/").replace("/new/place/", f"{tmp_path}/") for a in args]
+        summary = _evaluate([*args, "num_samples=8", "batch_size=8", f"output={tmp_path / 'out.json'}"])
+        expected = ["1-step"] if "samplers=[1-step]" in command else ["1-step", "2-step"]
+        assert list(summary["results"]) == expected, command
+        assert summary["quantize"] == ("truncate" if "truncate" in command else "round"), command
+        assert summary["reference"].endswith("cifar10-32x32.npz") == ("eval.reference" in command), command
+
+
+def test_missing_inception_weights_stop_the_run_at_start_up(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    env_home = tmp_path / "torch"
-    result = subprocess.run(
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    cfg = compose(
         [
-            sys.executable,
-            "-m",
-            "act_lightning.train",
             "experiment=cifar10",
             "debug=smoke",
             "data=synthetic",
             "eval.inception_weights=null",
-            f"hydra.run.dir={run}",
+            "eval.download=false",
         ],
-        cwd=ROOT,
-        env={**os.environ, "TORCH_HOME": str(env_home), "WANDB_MODE": "offline"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+        run_dir=str(run),
     )
-    assert result.returncode != 0
-    assert WEIGHTS_FILE in result.stderr and WEIGHTS_URL in result.stderr
-    assert str(env_home / "hub" / "checkpoints" / WEIGHTS_FILE) in result.stderr
+    with pytest.raises(Exception) as err:
+        train(cfg)
+    message = str(err.value)
+    assert WEIGHTS_FILE in message and WEIGHTS_URL in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_FILE) in message
     assert not (run / "checkpoints").exists() and not (run / "metrics.csv").exists()  # before training
 
 
 def test_a_missing_published_reference_stops_the_run_at_start_up(tmp_path):
     run = tmp_path / "run"
-    result = run_cli(
+    cfg = compose(
         [
             "experiment=imagenet64",
             "debug=smoke",
             "data=synthetic",
             f"eval.reference={tmp_path}/VIRTUAL_imagenet64_labeled.npz",
         ],
-        run,
+        run_dir=str(run),
     )
-    assert result.returncode != 0
-    assert "openaipublic.blob.core.windows.net" in result.stderr and "eval.reference=train" in result.stderr
-    assert not (run / "checkpoints").exists()
+    with pytest.raises(Exception) as err:
+        train(cfg)
+    assert "openaipublic.blob.core.windows.net" in str(err.value) and "eval.reference=train" in str(err.value)
+    assert not (run / "checkpoints").exists() and not (run / "metrics.csv").exists()
 
 
 def test_tensorboard_logger_writes_events_and_metrics_csv(tmp_path):
     run = tmp_path / "run"
-    result = run_cli(["debug=smoke", "logger=tensorboard"], run)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(compose(["debug=smoke", "logger=tensorboard"], run_dir=str(run)))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "val/fd" in (run / "metrics.csv").read_text()

@@ -117,8 +117,8 @@ def test_sigterm_kill_9_one_live_run_per_folder_and_a_finished_run(tmp_path):
     _wait_until(last.is_file, proc)  # training (a checkpoint at iteration 5)
 
     # a second run started in the folder is refused while the first one lives
-    other = run_cli([*LONG, *every, "iterations=100000"], run)
-    assert other.returncode != 0 and "in use by another live run" in other.stderr
+    with pytest.raises(RuntimeError, match="in use by another live run"):
+        train(compose([*LONG, *every, "iterations=100000"], run_dir=str(run)))
 
     # SIGTERM (preemption, scancel): a checkpoint at the end of the current iteration, a non-zero status
     proc.send_signal(signal.SIGTERM)
@@ -144,8 +144,8 @@ def test_sigterm_kill_9_one_live_run_per_folder_and_a_finished_run(tmp_path):
 
     # a finished run resumed does nothing more
     before = last.stat().st_mtime_ns
-    result = run_cli([*LONG, *every, f"iterations={end}"], run)
-    assert result.returncode == 0 and "is finished" in result.stdout
+    summary = train(compose([*LONG, *every, f"iterations={end}"], run_dir=str(run)))
+    assert summary["finished"] and summary["iteration"] == end
     assert last.stat().st_mtime_ns == before and _iteration(last) == end
 
 

@@ -264,3 +264,35 @@ def test_lpips_always_sees_224_pixels_as_the_reference(size):
     distance.net = Recorder()
     distance(torch.zeros(2, 3, size, size), torch.zeros(2, 3, size, size))
     assert seen == [((224, 224), (224, 224))]  # down from 256 too, not only up from 32
+
+
+def test_r1_runs_in_float32_with_autocast_off_inside_mixed_precision():
+    seen = []
+
+    def critic(x, sigma, labels):
+        seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return (x.float() * 2).flatten(1).sum(1)
+
+    x = torch.rand(4, 1, 4, 4) * 2 - 1
+    schedule = ConsistencySchedule(gan_ratio=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = losses.discriminator_losses(
+            x[:2],
+            None,
+            torch.tensor([1, 2]),
+            torch.zeros_like(x[:2]),
+            x[2:],
+            None,
+            torch.tensor([1, 2]),
+            sigmas=schedule.sigmas(5),
+            schedule=schedule,
+            online=lambda x, s, y: x,
+            critic=critic,
+            augment=lambda images: images.to(torch.bfloat16),  # what a half-precision pipeline would hand on
+            r1_gamma=10.0,
+            with_r1=True,
+        )
+    assert seen[0][1] is True  # the fake pass runs under the run's autocast ...
+    assert seen[1] == (torch.float32, False)  # ... the R1 pass in float32 with autocast off
+    assert out.r1.dtype == torch.float32
+    torch.testing.assert_close(out.r1, torch.full((2,), 5.0 * 4 * 16))  # (gamma/2) ||2||^2 over 16 pixels

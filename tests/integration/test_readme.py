@@ -1,0 +1,222 @@
+"""Every command the README shows is run by a test, shortened where it would take long (tiny networks,
+synthetic or tiny official-format data, a few iterations, CPU instead of GPUs). Commands another test
+already runs are listed with that test; a new README command without an entry here fails."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from act_lightning.prepare import main as prepare_main
+from act_lightning.train import train
+from tests.conftest import CONF, ROOT, compose
+from tests.helpers_data import write_image_folder, write_imagenet64, write_lsun_lmdb
+
+SMOKE = ["debug=smoke", "data=synthetic"]
+CHEAP = ["eval=null", "model.distance=pseudo_huber", "callbacks.samples.every_n_iterations=100"]
+CPU2 = ["trainer.accelerator=cpu", "trainer.devices=2"]
+THIN = [
+    "model.generator.channel_divisor=16",
+    "model.discriminator.channel_divisor=16",
+]  # 256x256 nets, thinner
+
+# README command -> ("test", "<file>::<test>") when that test runs it (shortened), or how to run it here
+COMMANDS: dict[str, tuple] = {
+    "make train": ("test", "test_cli.py::test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve"),
+    "make test": ("test", "the whole suite: .ci/run runs exactly this command"),
+    'make train ARGS="iterations=1000 seed=1"': ("train", ["iterations=4", "debug=smoke"]),
+    "python -m act_lightning.train experiment=cifar10": ("train", SMOKE),
+    "python -m act_lightning.train experiment=imagenet64": (
+        "test",
+        "test_data_cli.py::test_smoke_run_on_each_data_source",
+    ),
+    "python -m act_lightning.train experiment=lsun_cat256": (
+        "test",
+        "test_data_cli.py::test_smoke_run_on_each_data_source",
+    ),
+    "python -m act_lightning.train experiment=cifar10 debug=smoke data=synthetic": (
+        "test",
+        "test_cli.py::test_smoke_run_of_every_experiment_on_synthetic_data",
+    ),
+    "python -m act_lightning.train experiment=cifar10 model.gan_ratio=0": ("train", SMOKE),
+    "python -m act_lightning.prepare imagenet64 /downloads/imagenet64 data/imagenet64": ("prepare", None),
+    "python -m act_lightning.prepare lsun_cat256 data/lsun_cat256/cat data/lsun_cat256": ("prepare", None),
+    "python -m act_lightning.train experiment=cifar10 data=folder data.root=/path/to/images": (
+        "test",
+        "test_data_cli.py::test_smoke_run_on_each_data_source",
+    ),
+    "python -m act_lightning.train experiment=cifar10 data=folder data.root=DIR data.num_classes=5": (
+        "train",
+        ["debug=smoke"],
+    ),
+    "python -m act_lightning.evaluate ckpt=outputs/cifar10/.../checkpoints/best.ckpt": (
+        "test",
+        "test_evaluation.py::test_readme_evaluate_commands",
+    ),
+    "python -m act_lightning.evaluate ckpt=... num_samples=10000 samplers=[1-step]": (
+        "test",
+        "test_evaluation.py::test_readme_evaluate_commands",
+    ),
+    "python -m act_lightning.evaluate ckpt=... data.root=/new/place/cifar10 "
+    "eval.reference=/refs/cifar10-32x32.npz": (
+        "test",
+        "test_evaluation.py::test_readme_evaluate_commands",
+    ),
+    "python -m act_lightning.evaluate ckpt=... eval.quantize=truncate": (
+        "test",
+        "test_evaluation.py::test_readme_evaluate_commands",
+    ),
+    "python -m act_lightning.train experiment=cifar10 hydra.run.dir=outputs/cifar10/run1": (
+        "test",
+        "test_resume.py::test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit",
+    ),
+    "python -m act_lightning.train experiment=cifar10 hydra.run.dir=outputs/cifar10/run1 stop_after=5000": (
+        "test",
+        "test_resume.py::test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit",
+    ),
+    "python -m act_lightning.train experiment=cifar10 "
+    "ckpt_path=outputs/cifar10/run1/checkpoints/iter_0050000.ckpt": (
+        "test",
+        "test_resume.py::test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit",
+    ),
+    "python -m act_lightning.train experiment=cifar10 trainer=ddp trainer.devices=4": (
+        "cli",
+        [*SMOKE, *CHEAP, *CPU2],
+    ),
+    "python -m act_lightning.train experiment=lsun_cat256 trainer.devices=2": (
+        "cli",
+        # 8 per half over 2 devices, micro-batches of 2: 2 micro-batches on each, as 640 / 2 / 80 = 4
+        [*SMOKE, *CHEAP, *CPU2, "data.batch_size=2", "data.global_batch_size=8", "iterations=2", *THIN],
+    ),
+    "python -m act_lightning.train debug=smoke trainer=ddp trainer.accelerator=cpu trainer.devices=2": (
+        "test",
+        "test_scale_out.py::test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_batch_trains",
+    ),
+    "python -m act_lightning.train -m hydra/launcher=submitit_slurm experiment=lsun_cat256 trainer.devices=8 "
+    "trainer.num_nodes=2 hydra.launcher.partition=gpu hydra.launcher.timeout_min=1440": ("slurm", None),
+    "python -m act_lightning.train -m experiment=cifar10 model.gan_ratio=0.1,0.3,0.5 seed=0,1": (
+        "cli",
+        [*SMOKE, *CHEAP, "iterations=2"],
+    ),
+    "python -m act_lightning.train -m model.gan_ratio=0,0.3 logger=wandb": (
+        "test",
+        "test_sweeps.py::test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_configs",
+    ),
+    "python -m act_lightning.train -m hparams_search=optuna experiment=cifar10 hydra.sweeper.n_trials=20": (
+        "test",
+        "test_sweeps.py::test_an_optuna_search_minimises_the_metric_train_returns",
+    ),
+    "make bench": ("test", "test_benchmarks.py::test_make_bench_scripts_run_in_quick_mode"),
+}
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    commands += re.findall(r"`(make bench)`", text)[:1]
+    return commands
+
+
+def test_every_readme_command_is_listed_here():
+    assert sorted(set(readme_commands())) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", [c for c, (kind, _) in COMMANDS.items() if kind == "test"])
+def test_the_test_that_runs_a_readme_command_exists(command):
+    where = COMMANDS[command][1]
+    if "::" not in where:
+        return  # `make test`
+    file, name = where.split("::")
+    assert f"def {name}(" in (ROOT / "tests" / "integration" / file).read_text(), where
+
+
+def _train_args(command: str) -> list[str]:
+    if command.startswith("make train"):
+        return shlex.split(command.split("ARGS=", 1)[1])[0].split()
+    return shlex.split(command)[3:]
+
+
+def _folder_with_classes(root: Path, n: int) -> Path:
+    write_image_folder(root, classes=tuple(f"class{i}" for i in range(n)), per_class=2)
+    return root
+
+
+@pytest.mark.parametrize("command", [c for c, (kind, _) in COMMANDS.items() if kind == "train"])
+def test_readme_training_commands(command, tmp_path):
+    args = _train_args(command)
+    if "data.root=DIR" in args:  # five class folders of tiny images
+        args[args.index("data.root=DIR")] = f"data.root={_folder_with_classes(tmp_path / 'images', 5)}"
+    extra = COMMANDS[command][1]
+    summary = train(compose([*args, *extra], run_dir=str(tmp_path / "run")))
+    assert summary["finished"] and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    config = ckpt["act_config"]
+    for arg in args:  # the command's own settings reached the run
+        key, value = arg.split("=", 1)
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, (int, float, str, bool)) and key != "iterations":  # iterations: shortened
+            assert str(node) == value, arg
+
+
+def test_readme_prepare_commands(tmp_path):
+    commands = [c for c, (kind, _) in COMMANDS.items() if kind == "prepare"]
+    write_imagenet64(tmp_path / "downloads" / "imagenet64", per_file=2)
+    write_lsun_lmdb(tmp_path / "data" / "lsun_cat256" / "cat", n=4)
+    os.chdir(tmp_path)  # the README's relative paths, here
+    try:
+        for command in commands:
+            argv = shlex.split(command)[3:]
+            argv = [str(tmp_path / a.lstrip("/")) if a.startswith("/") else a for a in argv]
+            assert prepare_main([*argv, "-q"]) == 0, command
+    finally:
+        os.chdir(ROOT)
+    assert (tmp_path / "data" / "imagenet64" / "manifest.json").is_file()
+    assert (tmp_path / "data" / "lsun_cat256" / "manifest.json").is_file()
+
+
+def _run_cli(args: list[str], cwd_dir: Path, multirun: bool):
+    folder = f"hydra.sweep.dir={cwd_dir}" if multirun else f"hydra.run.dir={cwd_dir}"
+    cmd = [sys.executable, "-m", "act_lightning.train", *args, folder]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", [c for c, (kind, _) in COMMANDS.items() if kind == "cli"])
+def test_readme_multi_process_and_sweep_commands(command, tmp_path):
+    args = shlex.split(command)[3:]
+    multirun = args[0] == "-m"
+    result = _run_cli([*args, *COMMANDS[command][1]], tmp_path, multirun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.parent.parent for p in tmp_path.glob("**/checkpoints/last.ckpt"))
+    assert len(jobs) == (6 if multirun else 1)  # the grid's 3 x 2 jobs, or one run
+
+
+def test_readme_slurm_command_composes_the_job_it_would_submit(tmp_path):
+    # No SLURM here: compose the command's config and build its launcher, which is what submits.
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.utils import instantiate
+
+    (command,) = [c for c, (kind, _) in COMMANDS.items() if kind == "slurm"]
+    overrides = [a for a in shlex.split(command)[3:] if a != "-m"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=[*overrides, f"run_dir={tmp_path}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert (launcher.partition, launcher.timeout_min) == ("gpu", 1440)
+    assert cfg.trainer.strategy == "ddp" and cfg.data.global_batch_size == 640
+    assert type(instantiate(launcher)).__name__ == "SlurmLauncher"
