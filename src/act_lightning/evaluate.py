@@ -25,6 +25,7 @@ from act_lightning.metrics.fid import (
     sample_statistics,
 )
 from act_lightning.metrics.frechet import frechet_distance
+from act_lightning.module import nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
         raise ValueError(
             f"ckpt={path}: holds no training config (act_config); it was not written by act_lightning.train"
         )
-    nonfinite = [
-        k
-        for k, v in checkpoint["state_dict"].items()
-        if v.is_floating_point() and not bool(v.isfinite().all())
-    ]
+    nonfinite = nonfinite_tensors(checkpoint["state_dict"])
     if nonfinite:
         raise ValueError(
-            f"ckpt={path}: non-finite weights in {', '.join(nonfinite[:5])}"
-            f"{f' and {len(nonfinite) - 5} more tensors' if len(nonfinite) > 5 else ''}: the run diverged "
-            "before this checkpoint; evaluate an earlier one"
+            f"ckpt={path}: non-finite weights in {nonfinite}: the run diverged before this checkpoint; "
+            "evaluate an earlier one"
         )
     return checkpoint, OmegaConf.create(checkpoint["act_config"])
 

@@ -62,6 +62,14 @@ def _check_optimizer(key: str, factory: OptimizerFactory | None) -> None:
         raise ValueError(f"{key}: {err}") from err
 
 
+def nonfinite_tensors(state_dict: dict[str, Tensor]) -> str:
+    """The names of a state dict's tensors that hold NaN or inf ('a, b, c and 4 more tensors'), or ''.
+    Checkpoints are refused with it, when written (training) and when read (evaluate)."""
+    names = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    more = f" and {len(names) - 5} more tensors" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
+
+
 def _mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, iteration, stream, rank): reproducible, no state to save."""
     value = 0
@@ -481,11 +489,11 @@ class ACTModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("distance.")]:
             del state[key]
-        nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        nonfinite = nonfinite_tensors(state)
         if nonfinite:  # the guard keeps NaN out of the weights; this is the last line of defence
             raise RuntimeError(
-                f"refusing to write a checkpoint with non-finite weights ({', '.join(nonfinite[:5])}"
-                f"{' ...' if len(nonfinite) > 5 else ''}): the last checkpoint on disk stays as it is"
+                f"refusing to write a checkpoint with non-finite weights in {nonfinite}: the last "
+                "checkpoint on disk stays as it is"
             )
         if self.run_config is not None:  # plain containers: `evaluate` rebuilds data and networks from it
             checkpoint["act_config"] = self.run_config

@@ -217,3 +217,29 @@ def test_bf16_mixed_on_cpu_keeps_the_target_and_the_ema_in_float32(cfg_factory):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.denoise(model.target, x, torch.full((2,), 5.0), None)
     assert out.dtype == torch.float32  # the skip connection and the result stay float32 under autocast
+
+
+def test_nonfinite_tensors_names_what_holds_nan_or_inf():
+    from act_lightning.module import nonfinite_tensors
+
+    state = {f"w{i}": torch.full((2,), float("nan") if i % 2 else 1.0) for i in range(14)}
+    state["inf"] = torch.tensor([float("inf")])
+    state["steps"] = torch.tensor(3)  # integer buffers are never non-finite
+    assert nonfinite_tensors(state) == "w1, w3, w5, w7, w9 and 3 more tensors"
+    assert nonfinite_tensors({"a": torch.ones(2), "b": torch.zeros(())}) == ""
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(cfg_factory, tmp_path):
+    from act_lightning.callbacks import AtomicCheckpointIO
+
+    cfg = cfg_factory([*SMALL, "iterations=1", "model.distance=l2"])
+    model, _, trainer = _fit_one(cfg, plugins=[AtomicCheckpointIO()])
+    good = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(good)
+    before = good.read_bytes()
+    with torch.no_grad():
+        next(model.generator.parameters())[0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"non-finite weights in generator\."):
+        trainer.save_checkpoint(good)
+    assert good.read_bytes() == before  # the last checkpoint on disk stays as it was
+    assert not list(tmp_path.glob(".*.tmp"))
