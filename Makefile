@@ -43,7 +43,8 @@ format: $(STAMP)  ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
-bench: $(STAMP)  ## throughput benchmarks (not tests): data loading, FID and sampling, DDP strategies
+bench: $(STAMP)  ## benchmarks (not tests): training speed against the baseline, data loading, FID and sampling, DDP strategies
+	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_fid.py
 	$(PY) benchmarks/bench_ddp.py

@@ -242,30 +242,39 @@ def discriminator_losses(
     augment: Augment,
     r1_gamma: float,
     with_r1: bool,
+    joint: bool = True,
 ) -> DiscriminatorLosses:
     """The discriminator's update: fakes are one-step predictions of the online network from the images
     `fake_x` noised to t = sigmas[fake_j]; reals are `real_x` seen at t' = sigmas[real_j]. With `with_r1`
     the lazy R1 penalty is computed with respect to the augmented real images, in float32 with autocast
-    off, so that fp16 loss scaling can neither overflow nor corrupt it."""
+    off, so that fp16 loss scaling can neither overflow nor corrupt it. `joint`: D sees both halves in
+    one pass when there is no R1 pass (False: two passes, as the reference does)."""
     num_scales = sigmas.numel()
     t_fake = sigmas[fake_j]
     with torch.no_grad():
         fake = online(fake_x + append_dims(t_fake, fake_x.ndim) * fake_noise, t_fake, fake_labels)
-    loss_fake = F.softplus(critic(augment(fake), t_fake, fake_labels).float()) * schedule.weight(
-        t_fake, num_scales
-    )
-
+    fake = augment(fake)
     t_real = sigmas[real_j]
     w_real = schedule.weight(t_real, num_scales)
     real = augment(real_x).detach()
     if with_r1:
+        fake_logits = critic(fake, t_fake, fake_labels).float()
         real = real.float().requires_grad_(True)
         with torch.autocast(real.device.type, enabled=False):
             real_logits = critic(real, t_real, real_labels).float()
             (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)  # double backward
         r1 = (r1_gamma / 2) * w_real * grad.square().flatten(1).sum(1)
-    else:
+    elif not joint:
+        fake_logits = critic(fake, t_fake, fake_labels).float()
         real_logits = critic(real, t_real, real_labels).float()
         r1 = torch.zeros_like(w_real)
+    else:
+        # One pass over both halves: D treats every example on its own (group norm, no batch statistics),
+        # so this is the two passes' result in half the kernel launches.
+        labels = None if fake_labels is None else torch.cat([fake_labels, real_labels])
+        logits = critic(torch.cat([fake, real]), torch.cat([t_fake, t_real]), labels).float()
+        fake_logits, real_logits = logits.split([fake.shape[0], real.shape[0]])
+        r1 = torch.zeros_like(w_real)
+    loss_fake = F.softplus(fake_logits) * schedule.weight(t_fake, num_scales)
     loss_real = F.softplus(-real_logits) * w_real
     return DiscriminatorLosses(loss_fake, loss_real, r1)

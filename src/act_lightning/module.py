@@ -25,6 +25,7 @@ from act_lightning.consistency import ConsistencySchedule, noise_conditioning, s
 from act_lightning.data.base import HalfBatch
 from act_lightning.losses import DISTANCES, build_distance, discriminator_losses, generator_losses
 from act_lightning.nn import consistency_function
+from act_lightning.readback import DeferredRead
 from act_lightning.sampling import multistep
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer: params -> optimizer
@@ -129,6 +130,13 @@ class ACTModule(L.LightningModule):
         c_noise: str = "identity",
         num_classes: int | None = None,
         seed: int = 0,
+        channels_last: bool = True,
+        compile: bool | str = False,
+        fast_attention: bool = True,
+        foreach_ema: bool = True,
+        joint_d_pass: bool = True,
+        lazy_augment: bool = True,
+        sync_logs: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer", "d_optimizer"])
@@ -171,6 +179,7 @@ class ACTModule(L.LightningModule):
         self._optimizer_factories = (optimizer, d_optimizer)
         self.augment_pipe = AugmentPipe(**(augment or {}))
         self.distance = build_distance(distance, lpips_weights, lpips_pretrained)
+        self._speed_up(channels_last, compile, fast_attention)
 
         # Training state that must survive a resume exactly: buffers are in every checkpoint.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
@@ -188,6 +197,23 @@ class ACTModule(L.LightningModule):
         self._sigma_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._ddp: dict[str, DistributedDataParallel] = {}  # per-network DDP wrappers (multi-process only)
         self._outer_reduces = False  # whether Lightning's whole-module DDP wrapper reduces the gradients
+        # Whether p is known to be exactly 0 on the host, so augmentation is skipped (an exact no-op then).
+        self._aug_idle = False
+        self._aug_read = DeferredRead()
+
+    def _speed_up(self, channels_last: bool, compile: bool | str, fast_attention: bool) -> None:
+        """The options that change how the networks run, not what they compute (docs/performance.md)."""
+        nets = [self.generator, self.target, self.discriminator, self.distance]
+        nets = [n for n in nets if isinstance(n, nn.Module)]
+        if channels_last:  # NHWC weights: cuDNN's and oneDNN's convolutions then run NHWC throughout
+            for net in nets:
+                net.to(memory_format=torch.channels_last)
+        if fast_attention and hasattr(self.discriminator, "use_fast_attention"):
+            self.discriminator.use_fast_attention(True)
+        if compile:  # in place, so state-dict keys stay as they are; a string names the backend
+            backend = "inductor" if compile is True else str(compile)
+            for net in nets:
+                net.compile(backend=backend)
 
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
     def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
@@ -213,6 +239,7 @@ class ACTModule(L.LightningModule):
     # -- distributed data parallel, one wrapper per network ------------------------------------------
     def on_train_start(self) -> None:
         self.k = int(self.iteration)
+        self._aug_idle = self.hparams.lazy_augment and float(self.aug_p) == 0
         rng = getattr(self, "_restore_rng", None)
         if rng is not None:
             torch.set_rng_state(rng["cpu"])
@@ -289,7 +316,13 @@ class ACTModule(L.LightningModule):
             _mix_seed(h.seed, self.k, 1, self.trainer.global_rank)
         )
 
+        p_on_host = self._aug_read.poll()  # p after the last controller update, once it reached the host
+        if p_on_host is not None:
+            self._aug_idle = h.lazy_augment and p_on_host == 0
+
         def augment(images: Tensor) -> Tensor:
+            if self._aug_idle:  # p == 0: the pipeline would hand every image back untouched
+                return images
             return self.augment_pipe(images, self.aug_p, generator=aug_generator)
 
         # ---- generator update: consistency loss + adversarial loss on the same prediction ----
@@ -351,6 +384,8 @@ class ACTModule(L.LightningModule):
         self.k += 1
         self.iteration.fill_(self.k)
         logs["step"] = float(self.k)  # loggers' x-axis: ACT iterations, not optimiser steps (two each)
+        if h.sync_logs:  # the baseline's way: every value read off the device at once (waits for it)
+            logs = {k: float(v) for k, v in logs.items()}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n_gen)
         if self.k >= h.iterations:
             self.trainer.should_stop = True
@@ -358,6 +393,17 @@ class ACTModule(L.LightningModule):
     def _discriminator_update(self, batch, micro, parts, sigmas, opt_d, augment, bad) -> dict[str, Any]:
         h = self.hparams
         with_r1 = h.r1_gamma > 0 and self.k % h.r1_interval == 0
+        if with_r1 and hasattr(self.discriminator, "double_backward_safe"):
+            with (
+                self.discriminator.double_backward_safe()
+            ):  # classic attention, eager: R1 differentiates twice
+                return self._discriminator_step(batch, micro, parts, sigmas, opt_d, augment, bad, with_r1)
+        return self._discriminator_step(batch, micro, parts, sigmas, opt_d, augment, bad, with_r1)
+
+    def _discriminator_step(
+        self, batch, micro, parts, sigmas, opt_d, augment, bad, with_r1
+    ) -> dict[str, Any]:
+        h = self.hparams
         critic = self._trained("discriminator")
         self.toggle_optimizer(opt_d)
         opt_d.zero_grad(set_to_none=True)
@@ -382,6 +428,7 @@ class ACTModule(L.LightningModule):
                     augment=augment,
                     r1_gamma=h.r1_gamma,
                     with_r1=with_r1,
+                    joint=h.joint_d_pass,
                 )
                 objective = losses.objective(h.gan_ratio)
                 self.manual_backward(objective.sum() / n_half)
@@ -409,6 +456,8 @@ class ACTModule(L.LightningModule):
             )
             self.aug_p.copy_(p)
             self.r1_ema.copy_(r1_ema)
+            self._aug_idle = False  # until the new p reaches the host (no waiting for it here)
+            self._aug_read.submit(self.aug_p)
             logs["train/r1"] = means[3]
         return logs
 
@@ -434,6 +483,10 @@ class ACTModule(L.LightningModule):
             bad = bad.to(torch.int32)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             bad = bad.bool()
+        if not grads[0].is_cuda:  # nothing queued on the CPU: reading the flag costs no waiting
+            if bool(bad):
+                torch._foreach_zero_(grads)
+            return grads_bad
         keep = (~bad).to(grads[0].dtype)
         for g in grads:
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
@@ -461,10 +514,15 @@ class ACTModule(L.LightningModule):
 
     @torch.no_grad()
     def _update_target(self, decay: float) -> None:
-        """theta^- <- mu * theta^- + (1 - mu) * theta, in one fused op over all tensors."""
+        """theta^- <- mu * theta^- + (1 - mu) * theta: one fused op over all tensors (`foreach_ema`), or
+        the baseline's Python loop over parameters."""
         target = list(self.target.parameters())
         online = [p.detach() for p in self.generator.parameters()]
-        torch._foreach_lerp_(target, online, 1.0 - decay)
+        if self.hparams.foreach_ema:
+            torch._foreach_lerp_(target, online, 1.0 - decay)
+        else:
+            for t, o in zip(target, online):
+                t.mul_(decay).add_(o, alpha=1.0 - decay)
         for b_t, b in zip(self.target.buffers(), self.generator.buffers()):
             b_t.copy_(b)
 

@@ -68,6 +68,26 @@ def check_config(cfg: DictConfig) -> None:
             )
 
 
+def apply_process_settings(cfg: DictConfig) -> None:
+    """`threads` (intra-op CPU threads of this process) and `tf32` (TF32 matmuls and convolutions on GPUs
+    that have them), set before anything is built. Under DDP every process runs this.
+
+    threads=auto leaves the choice to Lightning and PyTorch, which give each process the usable cores
+    divided by the processes per node (or $OMP_NUM_THREADS when it is set); an integer is set here and
+    exported, so the processes Lightning starts for DDP use it too. Several runs sharing one machine
+    (side by side, or the test suite's workers) need it: two runs with two threads each on two cores run
+    far slower together than two with one thread each (docs/performance.md)."""
+    threads = cfg.get("threads", "auto")
+    if threads != "auto":
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be auto or a positive integer, got {threads!r}")
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    tf32 = bool(cfg.get("tf32", True))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def run_name(cfg: DictConfig) -> str:
     """`<experiment>[<overrides>]`, e.g. `cifar10[model.gan_ratio=0.1,seed=1]`: tells sweep jobs apart."""
     try:
@@ -216,6 +236,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lock = RunLock(run_dir) if rank_zero_only.rank == 0 else None
     failed = True
     try:
+        apply_process_settings(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
         datamodule.check_source()

@@ -184,6 +184,7 @@ GROUP_CASES = {  # config file -> the overrides that select it (with what instan
     "debug/smoke.yaml": ["debug=smoke"],
     "model/act.yaml": ["model=act"],
     "hparams_search/optuna.yaml": ["hparams_search=optuna"],
+    "perf/baseline.yaml": ["perf=baseline", "trainer.accelerator=cpu"],
     "hydra/launcher/submitit_slurm.yaml": [
         "hydra/launcher=submitit_slurm",
         "trainer=ddp",
@@ -237,11 +238,17 @@ def test_config_file_composes_and_instantiates(path, tmp_path):
         "callbacks": [c for c in cfg.callbacks.values() if c is not None],
         "debug": [cfg.model, cfg.data],
         "model": [cfg.model],
+        "perf": [cfg.model, cfg.trainer],
     }[group]
     for node in nodes:
         kwargs = {"offline": True} if "Wandb" in node.get("_target_", "") else {}
         assert instantiate(node, **kwargs) is not None
     if group == "trainer":
         assert cfg.trainer.use_distributed_sampler is False  # the data module shards global batches
+    if path == "perf/baseline.yaml":  # every speed option off, the reference's DDP strategy
+        assert cfg.trainer.strategy == "ddp_find_unused_parameters_true" and cfg.tf32 is False
+        off = ("channels_last", "compile", "fast_attention", "foreach_ema", "joint_d_pass", "lazy_augment")
+        assert not any(cfg.model[key] for key in off) and cfg.model.sync_logs
+        assert not cfg.model.optimizer.foreach and not cfg.model.d_optimizer.foreach
     if path == "trainer/ddp.yaml":
         assert cfg.trainer.strategy == "ddp"  # Lightning's plain DDP: no unused-parameter search

@@ -4,6 +4,7 @@ already runs are listed with that test; a new README command without an entry he
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -114,6 +115,15 @@ COMMANDS: dict[str, tuple] = {
         "test_sweeps.py::test_an_optuna_search_minimises_the_metric_train_returns",
     ),
     "make bench": ("test", "test_benchmarks.py::test_make_bench_scripts_run_in_quick_mode"),
+    "python benchmarks/bench_train.py --configs cifar10 --ablate cifar10 --repeats 5": (
+        "test",
+        "test_benchmarks.py::test_bench_train_writes_the_table_against_the_baseline",
+    ),
+    "python -m act_lightning.train experiment=cifar10 perf=baseline": ("cli", [*SMOKE, *CHEAP]),
+    "python -m act_lightning.train -m model.gan_ratio=0,0.3 threads=1": (
+        "cli",
+        [*SMOKE, *CHEAP, "iterations=2"],
+    ),
 }
 
 
@@ -202,7 +212,8 @@ def test_readme_multi_process_and_sweep_commands(command, tmp_path):
     result = _run_cli([*args, *COMMANDS[command][1]], tmp_path, multirun)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent.parent for p in tmp_path.glob("**/checkpoints/last.ckpt"))
-    assert len(jobs) == (6 if multirun else 1)  # the grid's 3 x 2 jobs, or one run
+    grid = math.prod(len(a.split("=", 1)[1].split(",")) for a in args if "=" in a and "," in a)
+    assert len(jobs) == (grid if multirun else 1)  # one job per point of the sweep's grid, or one run
 
 
 def test_readme_slurm_command_composes_the_job_it_would_submit(tmp_path):

@@ -85,9 +85,11 @@ def test_gradient_accumulation_over_two_micro_batches_equals_one_batch_of_twice_
     # The generator moves ~3e-4 in these 3 iterations and agrees to rounding; the discriminator moves
     # ~0.6 under the smoke size's large R1 gradients (double backward), where rounding reaches ~1e-3.
     assert_same_weights(whole, micro, tol=1e-6, tol_discriminator=2e-3)
-    for key in ("train/loss_ct", "train/loss_adv", "train/loss_d", "train/r1"):  # R1 saw the same batch too
+    # D's losses follow D's weights, so they carry the same rounding (1e-3 here, at loss_d ~ 20)
+    tolerances = {"train/loss_ct": 1e-4, "train/loss_adv": 1e-4, "train/loss_d": 1e-3, "train/r1": 1e-3}
+    for key, rel in tolerances.items():  # R1 saw the same batch too
         a, b = _logged(tmp_path / "whole", key), _logged(tmp_path / "micro", key)
-        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4), key
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=rel), key
     # and a different global batch trains something else: the comparison above can fail
     train(compose([*common, "data.batch_size=4"], run_dir=str(tmp_path / "half")))
     half = _load(tmp_path / "half" / "checkpoints" / "last.ckpt")["state_dict"]

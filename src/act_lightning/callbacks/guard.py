@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
+
+from act_lightning.readback import DeferredRead
 
 
 class DivergenceError(RuntimeError):
@@ -23,22 +24,15 @@ class DivergenceGuard(L.Callback):
         if max_bad_iterations < 1:
             raise ValueError(f"guard.max_bad_iterations must be >= 1, got {max_bad_iterations}")
         self.max_bad_iterations = max_bad_iterations
-        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._read = DeferredRead()
 
     def _streak(self, trainer, pl_module) -> int | None:
         streak = pl_module.bad_streak
         if streak.device.type != "cuda" or trainer.world_size > 1:
             return int(streak)
-        value = None
-        if self._pending is not None and self._pending[1].query():
-            value = int(self._pending[0])
-            self._pending = None
-        if self._pending is None:
-            host = torch.empty((), dtype=streak.dtype, pin_memory=True)
-            host.copy_(streak, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (host, event)
+        value = self._read.poll()
+        if not self._read.in_flight:
+            self._read.submit(streak)
         return value
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -8,21 +8,24 @@ on, `conv_norm_out` only for CIFAR-10. That gives 17.977M / 53.902M / 56.985M ag
 56.99M (dropping `to_logit_fx` would round LSUN Cat to 56.98M; a last downsampler adds 3-4%; no mid-block
 attention removes 1.5-2%).
 
-R1 differentiates D's input gradient once more (`create_graph=True`), so every attention layer here runs
-diffusers' classic `AttnProcessor` (baddbmm + softmax + bmm), which supports double backward on every
-device and dtype (its softmax runs in float32). The default `AttnProcessor2_0` calls
-`F.scaled_dot_product_attention`, whose flash, memory-efficient and cuDNN CUDA kernels and fused CPU kernel
-have no double backward (checked: torch 2.11 on an H100 under fp16 autocast picks cuDNN and fails; torch
-2.14 on CPU fails too). The generator keeps the fast path: nothing differentiates it twice.
+R1 differentiates D's input gradient once more (`create_graph=True`), so the R1 pass runs diffusers'
+classic `AttnProcessor` (baddbmm + softmax + bmm), which supports double backward on every device and
+dtype (its softmax runs in float32). `AttnProcessor2_0` calls `F.scaled_dot_product_attention`, whose
+flash, memory-efficient and cuDNN CUDA kernels and fused CPU kernel have no double backward (checked:
+torch 2.11 on an H100 under fp16 autocast picks cuDNN and fails; torch 2.14 on CPU fails too). After
+`use_fast_attention(True)` every other pass uses the fused kernel and `double_backward_safe()` switches to the
+classic one around the R1 pass; with False (the reference's straightforward path) every pass is classic.
+The generator always keeps the fast path: nothing differentiates it twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import Tensor, nn
@@ -106,9 +109,33 @@ class Discriminator(nn.Module):
         # leave it alone; it stays in the state dict, so the released checkpoints load strictly.
         self.to_logit_fx.requires_grad_(False)
 
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.set_processor(AttnProcessor())  # double-backward safe, see the module docstring
+        # One processor object of each kind, kept: switching back and forth hands the same objects to
+        # the attention layers, so a compiled forward's guards keep holding (no recompilation).
+        self._attention = [m for m in self.modules() if isinstance(m, Attention)]
+        self._classic, self._fused = AttnProcessor(), AttnProcessor2_0()
+        self.use_fast_attention(False)
+
+    def use_fast_attention(self, fast: bool) -> None:
+        """True: the fused kernel (`F.scaled_dot_product_attention`) outside `double_backward_safe()`."""
+        self.fast_attention = bool(fast)
+        self._set_processors(self._fused if fast else self._classic)
+
+    def _set_processors(self, processor) -> None:
+        for module in self._attention:
+            module.processor = processor  # what set_processor does, without its per-call logging
+
+    @contextmanager
+    def double_backward_safe(self) -> Iterator[None]:
+        """Within: every attention layer runs the classic processor, and a compiled forward (`compile()`)
+        runs eagerly: the R1 pass differentiates D twice, which neither supports."""
+        compiled = self._compiled_call_impl
+        self._compiled_call_impl = None
+        self._set_processors(self._classic)
+        try:
+            yield
+        finally:
+            self._compiled_call_impl = compiled
+            self._set_processors(self._fused if self.fast_attention else self._classic)
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W); c_noise: (B,) or scalar. Labels are ignored when num_class_embeds=None."""

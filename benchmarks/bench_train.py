@@ -1,0 +1,412 @@
+"""Training speed against the baseline: ACT iterations per second of each configuration with the
+library's defaults and with `perf=baseline` (the reference code's straightforward path: float32 eager, TF32
+off, Python loops for the EMA and the optimisers, every logged value read off the device, augmentation
+run at p = 0, classic attention, D's halves in two passes), measured in the same process, interleaved,
+medians of several repeats (timings on a shared machine swing by 2x, so only ratios measured together
+mean anything). Then each
+speed option on its own against the baseline, bf16 autocast as an option, peak memory, the iteration's
+FLOP count (and model FLOP utilisation on a GPU), one-step sampling and FID feature extraction images
+per second, and on the CPU two runs side by side with each thread setting.
+
+Writes benchmarks/results/latest.json (--output) and prints a table.
+
+    python benchmarks/bench_train.py                      # CPU: reduced batches; GPU: the paper's batches
+    python benchmarks/bench_train.py --configs cifar10 --repeats 5 --ablate cifar10
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+import act_lightning.config  # noqa: F401  (registers the config resolvers)
+from act_lightning.train import apply_process_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_ddp import IterationClock  # noqa: E402
+from bench_fid import measure  # noqa: E402
+
+# On the CPU, per configuration: half-batch, timed iterations, warm-up iterations, at most this many
+# repeats (an LSUN Cat iteration at 256x256 takes about a minute here even at 2 + 2 images).
+CPU_PLAN = {
+    "quickstart": (64, 60, 5, None),
+    "cifar10": (4, 3, 1, None),
+    "imagenet64": (2, 2, 1, 2),
+    "lsun_cat256": (2, 1, 1, 1),
+}
+GPU_PLAN = (30, 10)  # timed and warm-up iterations at the paper's batch
+BASELINE = ["perf=baseline", "trainer.strategy=auto"]  # one device here; bench_ddp.py measures the strategy
+FAST: list[str] = []  # the library's defaults
+BF16 = ["trainer.precision=bf16-mixed"]
+# Each option alone on top of the baseline: what it buys by itself.
+OPTIONS = {
+    "channels_last": ["model.channels_last=true"],
+    "fast_attention": ["model.fast_attention=true"],
+    "foreach_ema": ["model.foreach_ema=true"],
+    "joint_d_pass": ["model.joint_d_pass=true"],
+    "lazy_augment": ["model.lazy_augment=true"],
+    "no_log_sync": ["model.sync_logs=false"],
+    "foreach_optimizers": ["model.optimizer.foreach=true", "model.d_optimizer.foreach=true"],
+    "tf32": ["tf32=true"],  # GPUs only
+    "compile": ["model.compile=true"],  # GPUs only unless --compile: minutes of code generation on a CPU
+}
+PEAK_TFLOPS = {  # dense tensor-core peaks (NVIDIA data sheets, SXM parts): (fp32, tf32, bf16)
+    "H100": (67.0, 494.7, 989.4),
+    "H200": (67.0, 494.7, 989.4),
+    "A100": (19.5, 156.0, 312.0),
+}
+
+
+def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
+    overrides = [
+        f"experiment={config}",
+        "eval=null",
+        "guard=null",
+        f"iterations={iterations}",
+        f"data.batch_size={batch}",
+        "data.global_batch_size=null",  # one device, no accumulation: the batch is the batch measured
+        "run_dir=/tmp/bench-train",
+        *extra,
+    ]
+    if config != "quickstart":  # speed does not depend on the weights; the VGG file may be absent
+        overrides += ["data=synthetic", "data.length=64", "model.lpips_pretrained=false"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def fit(cfg, device: torch.device, warmup: int, callbacks=()) -> dict:
+    """One short training run in this process; iterations per second from iteration `warmup` on."""
+    apply_process_settings(cfg)
+    L.seed_everything(0, verbose=False)
+    model = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        clock_file = Path(tmp) / "clock.json"
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=cfg.trainer.precision,
+            max_epochs=-1,
+            logger=False,
+            log_every_n_steps=cfg.trainer.log_every_n_steps,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[IterationClock(str(clock_file), warmup), *callbacks],
+            default_root_dir=tmp,
+        )
+        trainer.fit(model, datamodule=datamodule)
+        result = json.loads(clock_file.read_text())
+    del model, trainer, datamodule
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+class _FlopCount(TorchDispatchMode):
+    """Sums torch's FLOP formulas (matmuls, convolutions, attention; forward and backward) over the ops
+    that run. FlopCounterMode itself also tracks modules with autograd hooks, which the R1 pass's
+    `autograd.grad(create_graph=True)` does not allow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+class CountFlops(L.Callback):
+    """FLOPs of each iteration."""
+
+    def __init__(self) -> None:
+        self.per_iteration: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.mode = _FlopCount()
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.mode.__exit__(None, None, None)
+        self.per_iteration[pl_module.k - 1] = self.mode.total
+
+
+def flops_per_iteration(config: str, batch: int, device: torch.device) -> float:
+    """Averaged over the lazy R1 schedule: iteration 0 runs the R1 pass, iteration 1 does not."""
+    cfg = compose_cfg(config, batch, 2, [])
+    counter = CountFlops()
+    fit(cfg, device, warmup=1, callbacks=[counter])
+    with_r1, without = counter.per_iteration[0], counter.per_iteration[1]
+    return without + (with_r1 - without) / cfg.model.r1_interval
+
+
+def peak_tflops(device: torch.device, precision: str, tf32: bool) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    for key, (fp32, tf32_peak, bf16) in PEAK_TFLOPS.items():
+        if key in name:
+            return bf16 if "16" in precision else tf32_peak if tf32 else fp32
+    return None
+
+
+class PeakRSS(L.Callback):
+    """The process's peak resident memory during the iterations after the first (Linux resets the
+    high-water mark (VmHWM) on writing 5 to /proc/self/clear_refs, so building the networks (LPIPS
+    builds all of VGG16 before keeping its features) does not count)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.k == 1:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        status = Path("/proc/self/status").read_text()
+        self.peak_mb = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+
+
+def cpu_peak_memory_mb(config: str, batch: int, variant: list[str]) -> float:
+    """Peak resident memory of a fresh process during the second iteration of the variant (memory freed
+    by an earlier run may stay resident in this one, so each variant gets a process of its own)."""
+    cmd = [sys.executable, __file__, "--memory-probe", config, str(batch), json.dumps(variant)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe of {config} {variant} failed:\n{result.stderr[-3000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(iterations: int) -> dict:
+    """Two quickstart runs started together on this machine, with threads=auto and with threads=1."""
+    out = {}
+    for threads in ("auto", "1"):
+        with tempfile.TemporaryDirectory() as tmp:
+            procs, files = [], []
+            for i in range(2):
+                path = Path(tmp) / f"clock{i}.json"
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "act_lightning.train",
+                    "eval=null",
+                    "guard=null",
+                    f"iterations={iterations}",
+                    f"threads={threads}",
+                    "callbacks.samples.every_n_iterations=1000000",
+                    "callbacks.checkpoint.every_n_iterations=1000000",
+                    "+callbacks.clock._target_=bench_ddp.IterationClock",
+                    f"+callbacks.clock.path={path}",
+                    "+callbacks.clock.warmup=10",
+                    f"hydra.run.dir={tmp}/run{i}",
+                ]
+                env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks"), "PYTHONWARNINGS": "ignore"}
+                env.pop("OMP_NUM_THREADS", None)
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
+                files.append(path)
+            for p in procs:
+                if p.wait() != 0:
+                    raise RuntimeError(f"side-by-side run with threads={threads} failed")
+            out[f"threads={threads}"] = [json.loads(f.read_text())["it_per_s"] for f in files]
+    return out
+
+
+def measure_config(config: str, device: torch.device, args, ablate: bool) -> dict:
+    cuda = device.type == "cuda"
+    if cuda:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            batch = compose("train", overrides=[f"experiment={config}", "run_dir=/tmp/x"]).data.batch_size
+        timed, warmup = GPU_PLAN
+        repeats = args.repeats
+    else:
+        batch, timed, warmup, cap = CPU_PLAN[config]
+        repeats = min(args.repeats, cap or args.repeats)
+    timed = args.iterations or timed
+    variants = {"baseline": BASELINE, "fast": FAST, "bf16": BF16}
+    if ablate:
+        for name, extra in OPTIONS.items():
+            if name in ("tf32", "compile") and not cuda and not (name == "compile" and args.compile):
+                continue
+            variants[f"baseline+{name}"] = BASELINE + extra
+    if not (args.bf16 and ablate):  # bf16 is measured with the ablations
+        del variants["bf16"]
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always goes first
+        for name in order:
+            cfg = compose_cfg(config, batch, warmup + timed, variants[name])
+            runs[name].append(fit(cfg, device, warmup))
+            print(f"  {config} {name} run {r}: {runs[name][-1]['it_per_s']:.3f} it/s", flush=True)
+
+    def rate(name: str) -> float:
+        return statistics.median(x["it_per_s"] for x in runs[name])
+
+    def peak(name: str) -> float | None:
+        if cuda:
+            return max(x["peak_mb"] for x in runs[name])
+        return cpu_peak_memory_mb(config, batch, variants[name]) if args.memory else None
+
+    base = rate("baseline")
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads",
+        "batch": batch,
+        "timed_iterations": timed,
+        "repeats": repeats,
+        "iterations_per_s": rate("fast"),
+        "baseline_iterations_per_s": base,
+        "speedup": rate("fast") / base,
+        "peak_memory_mb": peak("fast"),
+        "baseline_peak_memory_mb": peak("baseline"),
+        "runs": {name: [x["it_per_s"] for x in xs] for name, xs in runs.items()},
+        "options": {
+            name.split("+", 1)[1]: {"iterations_per_s": rate(name), "speedup": rate(name) / base}
+            for name in variants
+            if name.startswith("baseline+")
+        },
+    }
+    if "bf16" in variants:
+        result["bf16"] = {"iterations_per_s": rate("bf16"), "speedup": rate("bf16") / base}
+    if args.flops:
+        flops = flops_per_iteration(config, batch, device)
+        result["flops_per_iteration"] = flops
+        result["achieved_tflops"] = flops * rate("fast") / 1e12
+        if cuda:
+            cfg = compose_cfg(config, batch, 1, [])
+            peak_tf = peak_tflops(device, str(cfg.trainer.precision), bool(cfg.tf32))
+            result["model_flop_utilisation"] = flops * rate("fast") / (peak_tf * 1e12) if peak_tf else None
+    if config != "quickstart" and args.sampling:
+        from act_lightning.metrics.inception import InceptionFeatures, WeightsError
+
+        try:
+            extractor = InceptionFeatures(None)
+        except WeightsError:
+            extractor = InceptionFeatures("random")  # same cost
+        sample_batch = 250 if cuda else 16
+        _, features, sampling = measure(config, extractor.to(device), sample_batch, args.seconds, device)
+        result["sampling_images_per_s"] = sampling
+        result["fid_features_images_per_s"] = features
+    return result
+
+
+def print_table(report: dict) -> None:
+    def fmt(value, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
+    print(f"\n{report['machine']}")
+    print(
+        f"{'config':12s} {'batch':>5s} {'it/s':>8s} {'baseline':>9s} {'speedup':>8s} {'peak MB':>8s} "
+        f"{'base MB':>8s} {'sample img/s':>12s} {'FID img/s':>10s}"
+    )
+    for name, r in report["configs"].items():
+        print(
+            f"{name:12s} {r['batch']:5d} {r['iterations_per_s']:8.3f} {r['baseline_iterations_per_s']:9.3f} "
+            f"{r['speedup']:7.2f}x {fmt(r['peak_memory_mb'], '8.0f'):>8s} "
+            f"{fmt(r['baseline_peak_memory_mb'], '8.0f'):>8s} "
+            f"{fmt(r.get('sampling_images_per_s'), '12.1f'):>12s} "
+            f"{fmt(r.get('fid_features_images_per_s'), '10.1f'):>10s}"
+        )
+        rows = {f"baseline + {k}": v for k, v in r["options"].items()}
+        if "bf16" in r:
+            rows["defaults + bf16-mixed"] = r["bf16"]
+        for label, o in rows.items():
+            print(f"    {label:32s} {o['iterations_per_s']:8.3f} it/s {o['speedup']:6.2f}x")
+        if "flops_per_iteration" in r:
+            mfu = r.get("model_flop_utilisation")
+            print(
+                f"    {r['flops_per_iteration'] / 1e9:.1f} GFLOP per iteration, "
+                f"{r['achieved_tflops']:.3f} TFLOP/s" + (f", MFU {mfu:.1%}" if mfu is not None else "")
+            )
+    if "side_by_side" in report:
+        for setting, rates in report["side_by_side"].items():
+            print(
+                f"two quickstart runs side by side, {setting}: "
+                + ", ".join(f"{x:.2f}" for x in rates)
+                + " it/s"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CPU_PLAN))
+    parser.add_argument("--ablate", nargs="*", default=["quickstart", "cifar10"], help="configs to ablate")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=None, help="timed iterations (default per config)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="timing window of sampling/FID rates")
+    parser.add_argument("--compile", action="store_true", help="also measure model.compile on the CPU")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip CPU memory probes")
+    parser.add_argument("--no-flops", dest="flops", action="store_false")
+    parser.add_argument("--no-sampling", dest="sampling", action="store_false")
+    parser.add_argument("--side-by-side", type=int, default=150, help="iterations per run; 0: skip")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
+    parser.add_argument("--merge", action="store_true", help="add these configs to an existing --output")
+    parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    if args.memory_probe:  # a child of cpu_peak_memory_mb
+        config, batch, variant = args.memory_probe
+        peak = PeakRSS()
+        fit(compose_cfg(config, int(batch), 2, json.loads(variant)), torch.device("cpu"), 1, [peak])
+        print(peak.peak_mb)
+        return
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    cpu = platform.processor() or platform.machine()
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+    report = {
+        "machine": f"{machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}",
+        "configs": {},
+    }
+    for config in args.configs:
+        print(f"{config} ...", flush=True)
+        report["configs"][config] = measure_config(config, device, args, config in args.ablate)
+    if device.type == "cpu" and args.side_by_side:
+        report["side_by_side"] = side_by_side(args.side_by_side)
+    out = Path(args.output)
+    if args.merge and out.is_file():
+        previous = json.loads(out.read_text())
+        report["configs"] = {**previous["configs"], **report["configs"]}
+        if "side_by_side" in previous and "side_by_side" not in report:
+            report["side_by_side"] = previous["side_by_side"]
+        report["machine"] = previous["machine"] + f"; {', '.join(args.configs)}: {report['machine']}"
+    print_table(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
