@@ -56,6 +56,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
     return checkpoint, OmegaConf.create(checkpoint["act_config"])
 
 
+def build_model(checkpoint: dict, run: DictConfig, device: torch.device | str = "cpu"):
+    """The checkpoint's generator and target network (an ACTModule in eval mode on `device`), built from
+    its training config. No discriminator and no consistency distance are built: sampling needs neither
+    (and LPIPS' VGG weights need not be present)."""
+    from hydra.utils import instantiate
+
+    model = instantiate(run.model, distance="l2", discriminator=None, gan_ratio=0.0)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("discriminator.")}
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu"):
+    """(model, run config, checkpoint) of the checkpoint at `path` (see `build_model`)."""
+    checkpoint, run = load_checkpoint(path)
+    return build_model(checkpoint, run, device), run, checkpoint
+
+
 EVAL_DEFAULTS = {  # a run trained without an evaluation callback (eval: null) is scored with these
     "features": "inception",
     "key": "val/fid",
@@ -111,11 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
 
-    # The networks, from the stored config; the consistency distance is not needed to sample.
-    model = instantiate(run.model, distance="l2", discriminator=None, gan_ratio=0.0)  # only G samples
-    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("discriminator.")}
-    model.load_state_dict(state)
-    model.to(device).eval()
+    model = build_model(checkpoint, run, device)
     net = model.target if cfg.net == "target" else model.generator
     h = model.hparams
 

@@ -582,14 +582,21 @@ class ACTModule(L.LightningModule):
         net: nn.Module | None = None,
         taus: list[float] | None = None,
         generator: torch.Generator | None = None,
+        step_noise: Callable[[int], Tensor] | None = None,
     ) -> Tensor:
         """One-step samples x = f_{theta^-}(sigma_max * z, sigma_max, y), clipped to [-1, 1]; with `taus`
-        (decreasing, taus[0] = sigma_max), multistep sampling (Song et al. 2023, Algorithm 1)."""
+        (decreasing, taus[0] = sigma_max), multistep sampling (Song et al. 2023, Algorithm 1), the noise
+        of later steps from `generator` or `step_noise(step)`."""
         net = self.target if net is None else net
         h = self.hparams
         taus = [h.sigma_max] if taus is None else taus
         return multistep(
-            lambda x, sigma: self.denoise(net, x, sigma, labels), noise, taus, h.sigma_min, generator
+            lambda x, sigma: self.denoise(net, x, sigma, labels),
+            noise,
+            taus,
+            h.sigma_min,
+            generator,
+            step_noise,
         )
 
     def extra_repr(self) -> str:

@@ -195,6 +195,7 @@ GROUP_CASES = {  # config file -> the overrides that select it (with what instan
 COVERED_ELSEWHERE = {  # composed and instantiated by the tests named here
     "train.yaml": "every case here",
     "evaluate.yaml": "tests/integration/test_evaluation.py (the evaluate CLI)",
+    "sample.yaml": "tests/integration/test_sample.py (the sample CLI)",
     **{
         f"experiment/{e}.yaml": "test_experiment_composes_and_instantiates_in_smoke_size" for e in EXPERIMENTS
     },

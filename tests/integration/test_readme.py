@@ -115,6 +115,12 @@ COMMANDS: dict[str, tuple] = {
         "test_sweeps.py::test_an_optuna_search_minimises_the_metric_train_returns",
     ),
     "make bench": ("test", "test_benchmarks.py::test_make_bench_scripts_run_in_quick_mode"),
+    "python -m act_lightning.sample ckpt=outputs/quickstart/.../checkpoints/best.ckpt num_samples=16 seed=7 "
+    "out=samples": ("test", "test_sample.py::test_the_command_twice_gives_identical_samples"),
+    "python -m act_lightning.sample ckpt=... num_samples=50000 taus=[1.3824] out=two_step": (
+        "test",
+        "test_sample.py::test_taus_give_multistep_samples_and_bad_taus_are_refused",
+    ),
     "python benchmarks/bench_train.py --configs cifar10 --ablate cifar10 --repeats 5": (
         "test",
         "test_benchmarks.py::test_bench_train_writes_the_table_against_the_baseline",

@@ -1,0 +1,165 @@
+"""Sampling entry point: `python -m act_lightning.sample ckpt=PATH [num_samples=64 seed=0 out=DIR ...]`.
+
+Draws `num_samples` images from a checkpoint's target network (or its generator), in one step or, with
+`taus`, in several (Song et al. 2023, Algorithm 1), and writes `out/samples.npz` in the layout the ADM and
+EDM evaluators read (`arr_0`: uint8 N x H x W x C; `arr_1`: int64 labels of a class-conditional model)
+and `out/grid.png` (the first 64 images). The noise of image i (and its label, when drawn at random) comes
+from a generator seeded by (seed, i): the same seed gives the same images whatever the batch size and
+however many images are drawn. `sample(cfg)` is a plain function (tests call it); `main()` is the thin
+Hydra shell.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from act_lightning.atomic import atomic_write
+from act_lightning.evaluate import load_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+GRID_IMAGES = 64
+
+
+def _seed(*parts: int) -> int:
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part) + 1) % (2**63 - 1)
+    return value
+
+
+def image_noise(seed: int, indices: range, shape: tuple[int, ...], stream: int = 0) -> Tensor:
+    """(len(indices), *shape) standard normal noise, image i's from its own generator (seed, i, stream)
+    on the CPU: independent of the batch it is drawn in and of the device it runs on."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(_seed(seed, i, stream))) for i in indices]
+    )
+
+
+def check_taus(taus: list[float], sigma_min: float, sigma_max: float) -> list[float]:
+    """The noise levels of the steps after the first (which is at sigma_max): decreasing, in
+    (sigma_min, sigma_max)."""
+    taus = [float(t) for t in taus]
+    levels = [sigma_max, *taus]
+    if any(a <= b for a, b in zip(levels, levels[1:])) or (taus and taus[-1] <= sigma_min):
+        raise ValueError(
+            f"taus={taus}: the noise levels after the first step (at sigma_max={sigma_max:g}) must decrease "
+            f"and stay above sigma_min={sigma_min:g}, e.g. taus=[1.3824]"
+        )
+    return taus
+
+
+def class_labels(spec: Any, num_samples: int, num_classes: int | None, seed: int) -> Tensor | None:
+    """One label per image: `random` (uniform, image i's from (seed, i)), one class, or a list repeated
+    over the images; None for an unconditional model."""
+    if not num_classes:
+        if spec not in (None, "random"):
+            raise ValueError(f"class_labels={spec}: this model is unconditional (it takes no class labels)")
+        return None
+    if spec is None or spec == "random":
+        draws = [
+            torch.randint(num_classes, (), generator=torch.Generator().manual_seed(_seed(seed, i, 1 << 20)))
+            for i in range(num_samples)
+        ]
+        return torch.stack(draws)
+    values = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"class_labels must be random, a class index or a list of them; got {spec}")
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(
+            f"class_labels={spec}: {bad} out of range for {num_classes} classes (0..{num_classes - 1})"
+        )
+    return torch.tensor(values).repeat(math.ceil(num_samples / len(values)))[:num_samples]
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounded (as images are saved)."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Draws the samples of `cfg` and writes them to `cfg.out`; returns a summary."""
+    if cfg.num_samples < 1 or cfg.batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1; got {cfg.num_samples}, {cfg.batch_size}")
+    if cfg.net not in ("target", "generator"):
+        raise ValueError(f"net must be target or generator, got {cfg.net!r}")
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    model, run, checkpoint = load_model(cfg.ckpt, device)
+    h = model.hparams
+    taus = [float(h.sigma_max), *check_taus(list(cfg.taus), h.sigma_min, h.sigma_max)]
+    labels = class_labels(cfg.class_labels, cfg.num_samples, h.num_classes, cfg.seed)
+    net = model.target if cfg.net == "target" else model.generator
+    shape = (run.data.channels, run.data.image_size, run.data.image_size)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays, first = [], []
+    with tqdm(total=cfg.num_samples, desc="sampling", unit="img") as bar:
+        for start in range(0, cfg.num_samples, cfg.batch_size):
+            indices = range(start, min(start + cfg.batch_size, cfg.num_samples))
+            images = sample_images(model, net, indices, shape, taus, labels, cfg.seed, device)
+            arrays.append(to_uint8(images.cpu()))
+            if sum(len(x) for x in first) < GRID_IMAGES:
+                first.append(images.cpu())
+            bar.update(len(indices))
+    images = np.concatenate(arrays)
+    payload = {"arr_0": images}
+    if labels is not None:
+        payload["arr_1"] = labels.numpy().astype(np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)
+    with atomic_write(out / "samples.npz") as f:
+        f.write(buffer.getvalue())
+    grid = torch.cat(first)[:GRID_IMAGES]
+    grid = make_grid((grid + 1) / 2, nrow=int(math.ceil(len(grid) ** 0.5)), padding=2, pad_value=1.0)
+    save_image(grid, out / "grid.png")
+    summary = {
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "iteration": int(checkpoint["state_dict"]["iteration"]),
+        "net": cfg.net,
+        "num_samples": int(cfg.num_samples),
+        "seed": int(cfg.seed),
+        "taus": taus,
+        "shape": list(images.shape),
+        "samples": str(out / "samples.npz"),
+        "grid": str(out / "grid.png"),
+    }
+    (out / "sample.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@torch.no_grad()
+def sample_images(model, net, indices: range, shape, taus, labels, seed: int, device) -> Tensor:
+    """Images `indices` in [-1, 1]: one step at taus[0] = sigma_max, then one per later tau, each image's
+    noise its own (see `image_noise`)."""
+    noise = image_noise(seed, indices, shape).to(device)
+    y = None if labels is None else labels[indices.start : indices.stop].to(device)
+    step_noise = lambda step: image_noise(seed, indices, shape, stream=step)  # noqa: E731
+    return model.sample(noise, y, net=net, taus=taus, step_noise=step_noise)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
+def main(cfg: DictConfig) -> None:
+    summary = sample(cfg)
+    print(f"{summary['num_samples']} samples written to {summary['samples']} (grid: {summary['grid']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""`python -m act_lightning.sample`: the images of a checkpoint, reproducible by seed whatever the batch
+size, in the ADM / EDM evaluators' npz layout, one or several steps, class-conditional or not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from act_lightning.evaluate import load_model
+from act_lightning.sample import image_noise
+from act_lightning.train import train
+from tests.conftest import CONF, ROOT, compose
+
+TINY = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A quickstart-shaped (8x8 grey, unconditional) and a five-class checkpoint, two iterations each."""
+    root = tmp_path_factory.mktemp("sample")
+    runs = {
+        "plain": TINY,
+        "classes": [*TINY, "data.num_classes=5", "model.generator.num_class_embeds=5"],
+    }
+    for name, overrides in runs.items():
+        train(compose(overrides, run_dir=str(root / name)))
+    return {name: root / name / "checkpoints" / "last.ckpt" for name in runs}
+
+
+def _sample(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from act_lightning.sample import sample
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return sample(hydra_compose("sample", overrides=overrides))
+
+
+def _arrays(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_the_command_twice_gives_identical_samples(checkpoints, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        cmd = [sys.executable, "-m", "act_lightning.sample", f"ckpt={checkpoints['plain']}"]
+        cmd += ["num_samples=16", "seed=7", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (out / "grid.png").stat().st_size > 100
+        outs.append(_arrays(out / "samples.npz"))
+    assert list(outs[0]) == ["arr_0"]  # unconditional: no labels
+    images = outs[0]["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (16, 8, 8, 1)
+    assert np.array_equal(images, outs[1]["arr_0"])
+    assert len({img.tobytes() for img in images}) == 16  # sixteen different images
+
+
+def test_the_images_do_not_depend_on_the_batch_size_and_are_the_modules_samples(checkpoints, tmp_path):
+    ckpt = checkpoints["plain"]
+    a = _sample([f"ckpt={ckpt}", "num_samples=10", "batch_size=10", f"out={tmp_path / 'a'}"])
+    b = _sample([f"ckpt={ckpt}", "num_samples=12", "batch_size=3", f"out={tmp_path / 'b'}"])
+    assert a["shape"] == [10, 8, 8, 1] and b["shape"] == [12, 8, 8, 1]
+    first, second = _arrays(tmp_path / "a" / "samples.npz"), _arrays(tmp_path / "b" / "samples.npz")
+    assert np.array_equal(first["arr_0"], second["arr_0"][:10])  # image i is image i
+    # one step of the target network from image i's own noise, rounded to uint8
+    model, run, _ = load_model(ckpt)
+    x = model.sample(image_noise(0, range(10), (1, 8, 8)))
+    expected = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(first["arr_0"], expected)
+
+
+def test_taus_give_multistep_samples_and_bad_taus_are_refused(checkpoints, tmp_path):
+    ckpt = checkpoints["plain"]
+    one = _sample([f"ckpt={ckpt}", "num_samples=4", f"out={tmp_path / 'one'}"])
+    two = _sample([f"ckpt={ckpt}", "num_samples=4", "taus=[1.3824]", f"out={tmp_path / 'two'}"])
+    sigma_max = load_model(ckpt)[0].hparams.sigma_max  # the quickstart's 20
+    assert one["taus"] == [sigma_max] and two["taus"] == [sigma_max, 1.3824]
+    a, b = _arrays(tmp_path / "one" / "samples.npz"), _arrays(tmp_path / "two" / "samples.npz")
+    assert not np.array_equal(a["arr_0"], b["arr_0"])
+    for taus in ("[1.0,2.0]", f"[{sigma_max + 1}]", "[0.001]"):
+        with pytest.raises(ValueError, match="taus=.*must decrease and stay above sigma_min"):
+            _sample([f"ckpt={ckpt}", "num_samples=2", f"taus={taus}", f"out={tmp_path / 'bad'}"])
+
+
+def test_class_labels_random_one_class_or_a_list_and_their_errors(checkpoints, tmp_path):
+    ckpt = checkpoints["classes"]
+    _sample([f"ckpt={ckpt}", "num_samples=40", f"out={tmp_path / 'r'}"])
+    labels = _arrays(tmp_path / "r" / "samples.npz")["arr_1"]
+    assert labels.dtype == np.int64 and labels.shape == (40,) and set(labels) == set(range(5))
+    _sample([f"ckpt={ckpt}", "num_samples=3", "class_labels=4", f"out={tmp_path / 'one'}"])
+    assert _arrays(tmp_path / "one" / "samples.npz")["arr_1"].tolist() == [4, 4, 4]
+    _sample([f"ckpt={ckpt}", "num_samples=5", "class_labels=[0,2]", f"out={tmp_path / 'list'}"])
+    assert _arrays(tmp_path / "list" / "samples.npz")["arr_1"].tolist() == [0, 2, 0, 2, 0]
+    with pytest.raises(ValueError, match=r"class_labels=7: \[7\] out of range for 5 classes"):
+        _sample([f"ckpt={ckpt}", "num_samples=2", "class_labels=7", f"out={tmp_path / 'x'}"])
+    with pytest.raises(ValueError, match="class_labels=3: this model is unconditional"):
+        _sample([f"ckpt={checkpoints['plain']}", "num_samples=2", "class_labels=3", f"out={tmp_path / 'y'}"])
+
+
+def test_a_missing_or_foreign_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt=.*nope.ckpt: no such checkpoint file"):
+        _sample([f"ckpt={tmp_path / 'nope.ckpt'}", f"out={tmp_path}"])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(ValueError, match="not a checkpoint written by act_lightning.train"):
+        _sample([f"ckpt={foreign}", f"out={tmp_path}"])
+
+
+def test_help_lists_the_commands_own_options():
+    cmd = [sys.executable, "-m", "act_lightning.sample", "--help"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for key in ("python -m act_lightning.sample ckpt=PATH", "num_samples:", "taus:", "class_labels:", "net:"):
+        assert key in result.stdout, key
+    assert "model:" not in result.stdout  # the training options are not this command's
