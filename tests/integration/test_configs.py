@@ -196,6 +196,7 @@ COVERED_ELSEWHERE = {  # composed and instantiated by the tests named here
     "train.yaml": "every case here",
     "evaluate.yaml": "tests/integration/test_evaluation.py (the evaluate CLI)",
     "sample.yaml": "tests/integration/test_sample.py (the sample CLI)",
+    "edit.yaml": "tests/integration/test_edit.py (the edit CLI)",
     **{
         f"experiment/{e}.yaml": "test_experiment_composes_and_instantiates_in_smoke_size" for e in EXPERIMENTS
     },

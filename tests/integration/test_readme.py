@@ -117,6 +117,16 @@ COMMANDS: dict[str, tuple] = {
     "make bench": ("test", "test_benchmarks.py::test_make_bench_scripts_run_in_quick_mode"),
     "python -m act_lightning.sample ckpt=outputs/quickstart/.../checkpoints/best.ckpt num_samples=16 seed=7 "
     "out=samples": ("test", "test_sample.py::test_the_command_twice_gives_identical_samples"),
+    "python -m act_lightning.edit task=inpaint ckpt=outputs/quickstart/.../checkpoints/best.ckpt "
+    "input=images/ out=inpainted": ("test", "test_edit.py::test_the_inpaint_command_keeps_every_known_pixel"),
+    "python -m act_lightning.edit task=inpaint ckpt=... input=images/ box=[0,0,4,8] out=top_half": (
+        "test",
+        "test_edit.py::test_inpaint_with_a_box_or_a_mask_image",
+    ),
+    "python -m act_lightning.edit task=superres factor=2 ckpt=... input=small/ out=sr": (
+        "test",
+        "test_edit.py::test_colorize_keeps_the_grey_level_and_superres_the_patch_means",
+    ),
     "python -m act_lightning.sample ckpt=... num_samples=50000 taus=[1.3824] out=two_step": (
         "test",
         "test_sample.py::test_taus_give_multistep_samples_and_bad_taus_are_refused",

@@ -123,3 +123,17 @@ def test_help_lists_the_commands_own_options():
     for key in ("python -m act_lightning.sample ckpt=PATH", "num_samples:", "taus:", "class_labels:", "net:"):
         assert key in result.stdout, key
     assert "model:" not in result.stdout  # the training options are not this command's
+
+
+def test_every_entry_point_is_a_console_script_with_its_own_help():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    modules = {"train", "evaluate", "prepare", "sample", "edit"}
+    assert scripts == {f"act-{m}": f"act_lightning.{m}:main" for m in modules}
+    bin_dir = os.path.dirname(sys.executable)
+    for name, own in (("act-sample", "num_samples:"), ("act-edit", "box:"), ("act-prepare", "usage")):
+        path = os.path.join(bin_dir, name)
+        assert os.access(path, os.X_OK), f"{name} is not installed next to {sys.executable}"
+        result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and own in result.stdout, (name, result.stderr[-2000:])

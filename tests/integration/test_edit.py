@@ -1,0 +1,158 @@
+"""Zero-shot editing (`python -m act_lightning.edit`): the known part of every image is kept, the model
+fills in the rest; bad inputs are refused by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from act_lightning.edit import colorize_projection, inpaint_projection, superres_projection
+from act_lightning.train import train
+from tests.conftest import CONF, ROOT, compose
+
+TINY = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """An 8x8 grey quickstart-shaped checkpoint and a 32x32 colour (CIFAR-10-shaped) one."""
+    root = tmp_path_factory.mktemp("edit")
+    runs = {"grey": TINY, "rgb": ["experiment=cifar10", *TINY, "model.distance=pseudo_huber"]}
+    for name, overrides in runs.items():
+        train(compose(overrides, run_dir=str(root / name)))
+    return {name: root / name / "checkpoints" / "last.ckpt" for name in runs}
+
+
+def _images(folder, n: int, size: int, mode: str = "L", seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+    return folder
+
+
+def _edit(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from act_lightning.edit import edit
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return edit(hydra_compose("edit", overrides=overrides))
+
+
+def _result(out):
+    with np.load(out / "result.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_the_inpaint_command_keeps_every_known_pixel(checkpoints, tmp_path):
+    images = _images(tmp_path / "in", 3, 8)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "act_lightning.edit", "task=inpaint", f"ckpt={checkpoints['grey']}"]
+    cmd += [f"input={images}", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = _result(out)
+    assert r["input"].shape == r["output"].shape == (3, 8, 8, 1) and r["output"].dtype == np.uint8
+    mask = r["mask"]
+    assert mask.shape == (3, 8, 8) and mask.dtype == bool
+    assert (~mask).sum() == 3 * 16 and not mask[:, 2:6, 2:6].any()  # default: the centre 4x4 is unknown
+    assert np.array_equal(r["output"][mask], r["input"][mask])
+    assert not np.array_equal(r["output"][~mask], r["input"][~mask])  # the unknown part was filled in
+    assert (out / "panels.png").stat().st_size > 100
+
+
+def test_inpaint_with_a_box_or_a_mask_image(checkpoints, tmp_path):
+    images = _images(tmp_path / "in", 2, 8)
+    _edit([f"ckpt={checkpoints['grey']}", f"input={images}", "box=[0,0,8,3]", f"out={tmp_path / 'box'}"])
+    r = _result(tmp_path / "box")
+    assert not r["mask"][:, :, :3].any() and r["mask"][:, :, 3:].all()
+    assert np.array_equal(r["output"][r["mask"]], r["input"][r["mask"]])
+    known = np.zeros((8, 8), dtype=np.uint8)
+    known[::2] = 255  # every other row known
+    Image.fromarray(known, "L").save(tmp_path / "mask.png")
+    _edit(
+        [
+            f"ckpt={checkpoints['grey']}",
+            f"input={images}",
+            f"mask={tmp_path / 'mask.png'}",
+            f"out={tmp_path / 'm'}",
+        ]
+    )
+    r = _result(tmp_path / "m")
+    assert np.array_equal(r["mask"][0], known > 0)
+    assert np.array_equal(r["output"][r["mask"]], r["input"][r["mask"]])
+
+
+def test_colorize_keeps_the_grey_level_and_superres_the_patch_means(checkpoints, tmp_path):
+    grey = _images(tmp_path / "grey", 2, 32)
+    _edit(["task=colorize", f"ckpt={checkpoints['rgb']}", f"input={grey}", f"out={tmp_path / 'c'}"])
+    r = _result(tmp_path / "c")
+    assert r["input"].shape == r["output"].shape == (2, 32, 32, 3)
+    levels = r["output"].astype(float).mean(-1)
+    # exact up to each channel's rounding to uint8, except where a channel had to be clipped to [0, 255]
+    inside = ((r["output"] > 0) & (r["output"] < 255)).all(-1)
+    assert inside.mean() > 0.5 and np.abs(levels - r["input"][..., 0])[inside].max() <= 1.0
+    assert r["output"].std(-1).max() > 0 and not r["mask"].any()  # colour where there was none
+
+    small = _images(tmp_path / "small", 2, 4)  # 4x4 inputs for the 8x8 model, factor 2
+    _edit(
+        [
+            "task=superres",
+            "factor=2",
+            f"ckpt={checkpoints['grey']}",
+            f"input={small}",
+            f"out={tmp_path / 's'}",
+        ]
+    )
+    r = _result(tmp_path / "s")
+    assert r["input"].shape == (2, 4, 4, 1) and r["output"].shape == (2, 8, 8, 1)
+    patches = r["output"][..., 0].astype(float).reshape(2, 4, 2, 4, 2)
+    # exact up to uint8 rounding, except in patches where a pixel had to be clipped to [0, 255]
+    inside = ((patches > 0) & (patches < 255)).all((2, 4))
+    errors = np.abs(patches.mean((2, 4)) - r["input"][..., 0])[inside]
+    assert inside.mean() > 0.3 and errors.max() <= 1.0
+
+
+def test_the_projections_keep_the_known_part_exactly():
+    torch.manual_seed(0)
+    y, x = torch.rand(2, 2, 3, 8, 8) * 2 - 1
+    mask = torch.rand(2, 8, 8) > 0.5
+    out = inpaint_projection(y, mask)(x)
+    assert torch.equal(out[mask.unsqueeze(1).expand_as(out)], y[mask.unsqueeze(1).expand_as(y)])
+    assert torch.equal(out[~mask.unsqueeze(1).expand_as(out)], x[~mask.unsqueeze(1).expand_as(x)])
+    out = colorize_projection(y)(x)
+    torch.testing.assert_close(out.mean(1), y.mean(1))
+    torch.testing.assert_close(out - out.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
+    out = superres_projection(y, 4)(x)
+    pool = torch.nn.functional.avg_pool2d
+    torch.testing.assert_close(pool(out, 4), pool(y, 4))
+
+
+def test_bad_inputs_are_named(checkpoints, tmp_path):
+    ckpt = checkpoints["grey"]
+    images = _images(tmp_path / "in", 1, 8)
+    with pytest.raises(ValueError, match=r"input=.*0.png: 16x16 pixels; this model needs 8x8"):
+        _edit([f"ckpt={ckpt}", f"input={_images(tmp_path / 'big', 1, 16)}", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match=r"input=.*0.png: a colour image \(RGB\); this model makes grey"):
+        _edit([f"ckpt={ckpt}", f"input={_images(tmp_path / 'rgb', 1, 8, 'RGB')}", f"out={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="input=.*nowhere: no such image file or folder"):
+        _edit([f"ckpt={ckpt}", f"input={tmp_path / 'nowhere'}", f"out={tmp_path}"])
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8), "L").save(tmp_path / "small_mask.png")
+    with pytest.raises(ValueError, match=r"mask=.*small_mask.png: 4x4 pixels; the images are 8x8"):
+        _edit([f"ckpt={ckpt}", f"input={images}", f"mask={tmp_path / 'small_mask.png'}", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match=r"box=\[6, 6, 4, 4\] does not fit a 8x8 image"):
+        _edit([f"ckpt={ckpt}", f"input={images}", "box=[6,6,4,4]", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match="task=colorize needs a colour model"):
+        _edit(["task=colorize", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match="task must be one of inpaint, colorize, superres"):
+        _edit(["task=deblur", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
