@@ -5,3 +5,10 @@ from act_lightning.config import register_resolvers
 __version__ = "0.1.0"
 
 register_resolvers()  # before any config in conf/ is composed
+
+
+def load_generator(path, device="cpu"):
+    """An exported generator (`python -m act_lightning.export`): see `act_lightning.export`."""
+    from act_lightning.export import load_generator as load
+
+    return load(path, device)

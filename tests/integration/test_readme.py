@@ -127,6 +127,10 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_edit.py::test_colorize_keeps_the_grey_level_and_superres_the_patch_means",
     ),
+    "python -m act_lightning.export ckpt=outputs/quickstart/.../checkpoints/best.ckpt out=exported": (
+        "test",
+        "test_export.py::test_reloaded_it_samples_bit_identically_to_the_sample_command",
+    ),
     "python -m act_lightning.sample ckpt=... num_samples=50000 taus=[1.3824] out=two_step": (
         "test",
         "test_sample.py::test_taus_give_multistep_samples_and_bad_taus_are_refused",

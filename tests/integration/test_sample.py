@@ -129,10 +129,11 @@ def test_every_entry_point_is_a_console_script_with_its_own_help():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    modules = {"train", "evaluate", "prepare", "sample", "edit"}
+    modules = {"train", "evaluate", "prepare", "sample", "edit", "export"}
     assert scripts == {f"act-{m}": f"act_lightning.{m}:main" for m in modules}
     bin_dir = os.path.dirname(sys.executable)
-    for name, own in (("act-sample", "num_samples:"), ("act-edit", "box:"), ("act-prepare", "usage")):
+    commands = (("act-sample", "num_samples:"), ("act-edit", "box:"), ("act-prepare", "usage"))
+    for name, own in (*commands, ("act-export", "ckpt=PATH out=DIR")):
         path = os.path.join(bin_dir, name)
         assert os.access(path, os.X_OK), f"{name} is not installed next to {sys.executable}"
         result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)

@@ -1,0 +1,252 @@
+"""Export for code that does not use this library: `python -m act_lightning.export ckpt=PATH out=DIR`.
+
+Writes the checkpoint's target generator (the network the paper samples) as
+
+    DIR/model.safetensors        the backbone's weights (keys `unet.*`)
+    DIR/config.json              the backbone's arguments and the consistency function's constants
+    DIR/README.md                a model card (Hugging Face Hub front matter)
+    DIR/model_index.json, DIR/unet/   the same UNet saved by diffusers (`save_pretrained`), loadable
+                                 with `ACTPipeline.from_pretrained(DIR)`
+
+so the folder can be uploaded to the Hub as it is. `act_lightning.load_generator(DIR)` rebuilds the
+consistency function from the first two files with torch, safetensors and diffusers only (no Lightning,
+no Hydra) and samples in one or more steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from act_lightning.nn.generator import UNetGenerator
+from act_lightning.nn.precond import consistency_function
+from act_lightning.sampling import multistep
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+FORMAT = "act-lightning/generator"
+CONSTANTS = ("sigma_min", "sigma_max", "sigma_data", "rho", "c_noise")
+
+
+class ExportedGenerator(nn.Module):
+    """The consistency function f(x, sigma, y) of an exported generator, with its samplers."""
+
+    def __init__(self, backbone: UNetGenerator, constants: dict[str, Any], num_classes: int | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.constants = dict(constants)
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        c = self.constants
+        return consistency_function(
+            self.backbone,
+            x,
+            sigma,
+            class_labels,
+            sigma_min=c["sigma_min"],
+            sigma_data=c["sigma_data"],
+            c_noise_kind=c["c_noise"],
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: Tensor,
+        class_labels: Tensor | None = None,
+        taus: list[float] | None = None,
+        generator: torch.Generator | None = None,
+        step_noise=None,
+    ) -> Tensor:
+        """Images in [-1, 1] from noise z (B, C, H, W): one step at sigma_max, then one per later tau
+        (their noise from `generator`, or `step_noise(step)`)."""
+        taus = [self.constants["sigma_max"], *(taus or [])]
+        return multistep(
+            lambda x, s: self(x, s, class_labels),
+            noise,
+            taus,
+            self.constants["sigma_min"],
+            generator,
+            step_noise,
+        )
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> ExportedGenerator:
+    """An exported generator (`python -m act_lightning.export`) from its folder, in eval mode."""
+    path = Path(path)
+    config_file, weights = path / "config.json", path / "model.safetensors"
+    for file in (config_file, weights):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file}: missing; {path} is not a folder written by act_lightning.export"
+            )
+    config = json.loads(config_file.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_file}: not an act-lightning generator (format {config.get('format')!r})")
+    backbone = UNetGenerator(**config["generator"])
+    backbone.load_state_dict(load_file(weights, device="cpu"))
+    model = ExportedGenerator(backbone, config["consistency"], config["generator"].get("num_class_embeds"))
+    return model.to(device).eval()
+
+
+class ACTPipeline(DiffusionPipeline):
+    """A diffusers pipeline around the exported UNet: `ACTPipeline.from_pretrained(DIR)(batch_size=16)`
+    samples in one step (`taus=[...]` for more), with the same consistency function as training."""
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        rho: float = 7.0,
+        c_noise: str = "identity",
+        used_channels: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(unet=unet)
+        self.register_to_config(
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            sigma_data=sigma_data,
+            rho=rho,
+            c_noise=c_noise,
+            used_channels=used_channels,
+        )
+
+    def _backbone(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None) -> Tensor:
+        out = self.unet(x, c_noise, class_labels=class_labels, return_dict=False)[0]
+        used = self.config.used_channels
+        return out if used is None else out[:, list(used)]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        taus: list[float] | None = None,
+        class_labels: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Images in [-1, 1], (B, C, H, W)."""
+        c = self.config
+        size = self.unet.config.sample_size
+        channels = self.unet.config.in_channels
+        if noise is None:
+            noise = torch.randn((batch_size, channels, size, size), generator=generator)
+        noise = noise.to(self.unet.device)
+
+        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+            return consistency_function(
+                self._backbone,
+                x,
+                sigma,
+                class_labels,
+                sigma_min=c.sigma_min,
+                sigma_data=c.sigma_data,
+                c_noise_kind=c.c_noise,
+            )
+
+        return multistep(denoise, noise, [c.sigma_max, *(taus or [])], c.sigma_min, generator)
+
+
+MODEL_CARD = """---
+library_name: diffusers
+tags:
+- consistency-model
+- adversarial-consistency-training
+- act-lightning
+- unconditional-image-generation
+---
+
+# {name}
+
+A one-step image generator trained with Adversarial Consistency Training (Kong et al., ACT-Diffusion,
+arXiv 2311.14097) with the act-lightning library, from the checkpoint `{checkpoint}`
+(iteration {iteration} of {iterations}; experiment `{experiment}`): {size}x{size} images with {channels}
+channel(s){classes}.
+
+```python
+from act_lightning import load_generator
+import torch
+
+model = load_generator("{folder}")
+images = model.sample(torch.randn(16, {channels}, {size}, {size}))        # one step, in [-1, 1]
+images = model.sample(torch.randn(16, {channels}, {size}, {size}), taus=[1.3824])   # two steps
+```
+
+As a diffusers pipeline: `ACTPipeline.from_pretrained("{folder}")(batch_size=16)` (the class is in
+`act_lightning.export`); the UNet alone loads with diffusers alone:
+`UNet2DModel.from_pretrained("{folder}", subfolder="unet")`.
+The consistency function is f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with
+sigma_min = {sigma_min}, sigma_max = {sigma_max}, sigma_data = {sigma_data}, c_noise = {c_noise}.
+"""
+
+
+def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """Writes the checkpoint's target generator into `out` (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    from act_lightning.evaluate import load_model
+
+    model, run, checkpoint = load_model(ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    h = model.hparams
+    generator_args = OmegaConf.to_container(run.model.generator, resolve=True)
+    generator_args.pop("_target_", None)
+    constants = {k: h[k] for k in CONSTANTS}
+    backbone = model.target
+    state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    config = {
+        "format": FORMAT,
+        "generator": generator_args,
+        "consistency": constants,
+        "num_classes": h.num_classes,
+        "iteration": int(checkpoint["state_dict"]["iteration"]),
+        "experiment": run.get("experiment_name"),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    pipeline = ACTPipeline(
+        unet=backbone.unet, used_channels=backbone.used_channels, **{k: constants[k] for k in CONSTANTS}
+    )  # (load_model builds the networks in the standard memory format, which safetensors needs)
+    pipeline.save_pretrained(out)
+    size, channels = int(run.data.image_size), int(run.data.channels)
+    classes = f", {h.num_classes} classes (pass class_labels)" if h.num_classes else ""
+    card = MODEL_CARD.format(
+        name=f"ACT generator: {run.get('experiment_name')}",
+        checkpoint=Path(ckpt).name,
+        iteration=config["iteration"],
+        iterations=h.iterations,
+        experiment=run.get("experiment_name"),
+        size=size,
+        channels=channels,
+        classes=classes,
+        folder=str(out),
+        **constants,
+    )
+    (out / "README.md").write_text(card)
+    return {"out": str(out), "iteration": config["iteration"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m act_lightning.export ckpt=PATH out=DIR`."""
+    import sys
+
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
+    if set(args) != {"ckpt", "out"} or any(a in ("-h", "--help") for a in (argv or sys.argv[1:])):
+        print("usage: python -m act_lightning.export ckpt=PATH out=DIR\n\n" + __doc__.split("\n\n", 1)[1])
+        return 0 if any(a in ("-h", "--help") for a in (argv or sys.argv[1:])) else 2
+    summary = export(args["ckpt"], args["out"])
+    print(f"exported iteration {summary['iteration']} to {summary['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

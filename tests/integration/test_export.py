@@ -1,0 +1,87 @@
+"""`python -m act_lightning.export`: the target generator as safetensors + JSON (+ a diffusers UNet and
+pipeline), loadable without Lightning or Hydra, sampling exactly what `act_lightning.sample` samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from act_lightning.sample import image_noise, to_uint8
+from act_lightning.train import train
+from tests.conftest import CONF, ROOT, compose
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    train(compose(["debug=smoke", "data=synthetic", "iterations=2", "eval=null"], run_dir=str(root / "run")))
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    out = root / "exported"
+    cmd = [sys.executable, "-m", "act_lightning.export", f"ckpt={ckpt}", f"out={out}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return ckpt, out
+
+
+def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported):
+    _, out = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "act-lightning/generator" and config["iteration"] == 2
+    assert config["consistency"]["sigma_max"] == 20.0 and config["generator"]["image_size"] == 8
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ACTPipeline"
+
+
+def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp_path):
+    ckpt, out = exported
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from act_lightning import load_generator
+    from act_lightning.export import ACTPipeline
+    from act_lightning.sample import sample
+
+    for taus in ([], [1.3824]):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = hydra_compose("sample", overrides=[f"ckpt={ckpt}", "num_samples=6", f"taus={taus}"])
+        cfg.out = str(tmp_path / "s")
+        sample(cfg)
+        with np.load(tmp_path / "s" / "samples.npz") as f:
+            expected = f["arr_0"]
+        model = load_generator(out)
+        indices = range(6)
+        step_noise = lambda step, indices=indices: image_noise(0, indices, (1, 8, 8), stream=step)  # noqa: E731
+        images = model.sample(image_noise(0, indices, (1, 8, 8)), taus=taus, step_noise=step_noise)
+        assert np.array_equal(to_uint8(images), expected), taus
+    pipeline = ACTPipeline.from_pretrained(out)
+    noise = image_noise(0, range(6), (1, 8, 8))
+    assert torch.equal(pipeline(noise=noise), load_generator(out).sample(noise))
+
+
+def test_loading_needs_neither_lightning_nor_hydra(exported):
+    _, out = exported
+    code = (
+        "import sys, torch, act_lightning\n"
+        f"m = act_lightning.load_generator({str(out)!r})\n"
+        "x = m.sample(torch.randn(2, 1, 8, 8))\n"
+        "assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1\n"
+        "assert not any(n == 'lightning' or n.startswith(('lightning.', 'hydra')) for n in sys.modules), "
+        "sorted(n for n in sys.modules if n.startswith(('lightning', 'hydra')))\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_folder_that_is_not_an_export_is_named(tmp_path):
+    from act_lightning import load_generator
+
+    with pytest.raises(FileNotFoundError, match="config.json: missing; .* not a folder written by"):
+        load_generator(tmp_path)
