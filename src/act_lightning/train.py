@@ -226,6 +226,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path, checkpoint = resolve_resume(cfg)
     start = int(checkpoint["state_dict"]["iteration"]) if checkpoint is not None else 0
     wandb_id = checkpoint.get("act_wandb_id") if checkpoint is not None else None
+    # A weights-only checkpoint (act_lightning.convert_reference) holds networks but no optimiser or
+    # loop state: the run starts from its weights with new optimisers, at its iteration.
+    weights = (
+        checkpoint["state_dict"] if checkpoint is not None and checkpoint.get("act_weights_only") else None
+    )
+    if weights is not None:
+        log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
+        ckpt_path = None
     del checkpoint  # Lightning reads it again when it restores
     if start >= cfg.iterations:
         log.info("%s is finished (iteration %d of %d): nothing to do", ckpt_path, start, cfg.iterations)
@@ -241,6 +249,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
         datamodule.check_source()
         model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+        if weights is not None:
+            own = model.state_dict()
+            model.load_state_dict({**own, **{k: v for k, v in weights.items() if k in own}})
+            model.k = start
         callbacks = [
             hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None
         ]

@@ -127,6 +127,14 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_edit.py::test_colorize_keeps_the_grey_level_and_superres_the_patch_means",
     ),
+    "python -m act_lightning.convert_reference cifar10_fid_6_0.ckpt cifar10_act.ckpt": (
+        "test",
+        "test_convert_reference.py::test_converted_networks_compute_what_the_reference_layout_holds",
+    ),
+    "python -m act_lightning.evaluate ckpt=cifar10_act.ckpt": (
+        "test",
+        "test_convert_reference.py::test_a_converted_checkpoint_is_evaluated_sampled_and_exported",
+    ),
     "python -m act_lightning.export ckpt=outputs/quickstart/.../checkpoints/best.ckpt out=exported": (
         "test",
         "test_export.py::test_reloaded_it_samples_bit_identically_to_the_sample_command",
