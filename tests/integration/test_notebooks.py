@@ -1,0 +1,71 @@
+"""The notebooks run, top to bottom, against runs the test makes (nbclient); they are kept without
+outputs in git."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from act_lightning.train import train
+from tests.conftest import ROOT, compose
+
+NOTEBOOKS = ROOT / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny quickstart-shaped runs with an evaluation history, as the jobs of a sweep."""
+    root = tmp_path_factory.mktemp("runs")
+    for seed in (0, 1):
+        overrides = ["debug=smoke", "data=synthetic", "iterations=4", "eval.every=2", f"seed={seed}"]
+        train(compose(overrides, run_dir=str(root / "multirun" / f"job{seed}")))
+    return root
+
+
+def _execute(name: str, cwd, env: dict, monkeypatch) -> nbformat.NotebookNode:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()
+    return notebook
+
+
+def test_the_notebooks_are_stored_without_outputs():
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == ["01_sample_and_edit.ipynb", "02_training_curves.ipynb"]
+    for name in names:
+        for cell in nbformat.read(NOTEBOOKS / name, as_version=4).cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, name
+
+
+def test_sample_and_edit_runs_on_a_checkpoint(runs, monkeypatch):
+    ckpt = runs / "multirun" / "job0" / "checkpoints" / "last.ckpt"
+    notebook = _execute("01_sample_and_edit.ipynb", runs, {"ACT_CKPT": str(ckpt)}, monkeypatch)
+    images = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert len(images) == 2  # the sampling figure and the editing figure
+
+
+def test_training_curves_plot_every_job_of_a_sweep(runs, monkeypatch):
+    notebook = _execute(
+        "02_training_curves.ipynb", runs, {"ACT_RUNS": str(runs / "multirun" / "*")}, monkeypatch
+    )
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "job0" in text and "job1" in text
+    images = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert len(images) == 2
