@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from act_lightning.nn.generator import UNetGenerator
+from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
 from act_lightning.sampling import multistep
 
@@ -120,9 +120,7 @@ class ACTPipeline(DiffusionPipeline):
         )
 
     def _backbone(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None) -> Tensor:
-        out = self.unet(x, c_noise, class_labels=class_labels, return_dict=False)[0]
-        used = self.config.used_channels
-        return out if used is None else out[:, list(used)]
+        return run_unet(self.unet, x, c_noise, class_labels, self.config.used_channels)
 
     @torch.no_grad()
     def __call__(

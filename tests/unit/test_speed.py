@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from act_lightning.augment import AugmentPipe
 from act_lightning.train import apply_process_settings
+from tests.unit.test_module import _trainer
 
 SMALL = ["debug=smoke", "data=synthetic", "data.batch_size=4"]
 LOGGED = ("train/loss_g", "train/loss_ct", "train/loss_adv", "train/loss_d", "train/aug_p")
@@ -30,17 +31,7 @@ def _run(cfg):
     L.seed_everything(0)
     model = instantiate(cfg.model)
     record = _Record()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[record],
-    )
+    trainer = _trainer(callbacks=[record])
     trainer.fit(model, datamodule=instantiate(cfg.data))
     return model, record.rows
 

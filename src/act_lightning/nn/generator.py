@@ -144,7 +144,11 @@ class UNetGenerator(nn.Module):
                 f"this generator has num_class_embeds={self.num_class_embeds} (class-conditional) and "
                 f"needs class_labels"
             )
-        out = self.unet(x, c_noise, class_labels=class_labels, return_dict=False)[0]  # (B, C_out, H, W)
-        if self.used_channels is not None:
-            out = out[:, self.used_channels]  # (B, C, H, W)
-        return out
+        return run_unet(self.unet, x, c_noise, class_labels, self.used_channels)
+
+
+def run_unet(unet: UNet2DModel, x: Tensor, c_noise: Tensor, class_labels, used_channels) -> Tensor:
+    """The backbone's output (B, C, H, W): the UNet's (B, C_out, H, W), restricted to `used_channels`
+    (None: all of them). Shared with the exported diffusers pipeline."""
+    out = unet(x, c_noise, class_labels=class_labels, return_dict=False)[0]
+    return out if used_channels is None else out[:, list(used_channels)]
