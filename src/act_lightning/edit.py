@@ -181,7 +181,8 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         if factor not in (2, 4) or size % factor:
             raise ValueError(f"factor must be 2 or 4 and divide the image size {size}; got {factor}")
         # low-resolution inputs (size / factor); full-size ones are averaged down first (demonstrations)
-        first = Image.open(files[0]).size[0]
+        with Image.open(files[0]) as first_image:
+            first = first_image.size[0]
         read_size = size // factor if first == size // factor else size
         images = read_images(files, read_size, channels)
     else:
