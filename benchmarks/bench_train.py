@@ -88,7 +88,8 @@ def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
         *extra,
     ]
     if config != "quickstart":  # speed does not depend on the weights; the VGG file may be absent
-        overrides += ["data=synthetic", "data.length=64", "model.lpips_pretrained=false"]
+        length = max(64, 2 * batch)  # at least one batch of both halves
+        overrides += ["data=synthetic", f"data.length={length}", "model.lpips_pretrained=false"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -244,14 +245,18 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
         batch, timed, warmup, cap = CPU_PLAN[config]
         repeats = min(args.repeats, cap or args.repeats)
     timed = args.iterations or timed
+    warmup = args.warmup if args.warmup is not None else warmup
+    batch = args.batch or batch
     variants = {"baseline": BASELINE, "fast": FAST, "bf16": BF16}
     if ablate:
-        for name, extra in OPTIONS.items():
+        for name in args.options if args.options is not None else OPTIONS:
             if name in ("tf32", "compile") and not cuda and not (name == "compile" and args.compile):
                 continue
-            variants[f"baseline+{name}"] = BASELINE + extra
+            variants[f"baseline+{name}"] = BASELINE + OPTIONS[name]
     if not (args.bf16 and ablate):  # bf16 is measured with the ablations
         del variants["bf16"]
+    if not args.baseline:  # the defaults alone (a paper configuration's speed, not what the options buy)
+        variants = {name: v for name, v in variants.items() if not name.startswith("baseline")}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(repeats):
@@ -269,7 +274,7 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
             return max(x["peak_mb"] for x in runs[name])
         return cpu_peak_memory_mb(config, batch, variants[name]) if args.memory else None
 
-    base = rate("baseline")
+    base = rate("baseline") if "baseline" in runs else None
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads",
         "batch": batch,
@@ -277,9 +282,9 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
         "repeats": repeats,
         "iterations_per_s": rate("fast"),
         "baseline_iterations_per_s": base,
-        "speedup": rate("fast") / base,
+        "speedup": rate("fast") / base if base else None,
         "peak_memory_mb": peak("fast"),
-        "baseline_peak_memory_mb": peak("baseline"),
+        "baseline_peak_memory_mb": peak("baseline") if base else None,
         "runs": {name: [x["it_per_s"] for x in xs] for name, xs in runs.items()},
         "options": {
             name.split("+", 1)[1]: {"iterations_per_s": rate(name), "speedup": rate(name) / base}
@@ -288,7 +293,7 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
         },
     }
     if "bf16" in variants:
-        result["bf16"] = {"iterations_per_s": rate("bf16"), "speedup": rate("bf16") / base}
+        result["bf16"] = {"iterations_per_s": rate("bf16"), "speedup": rate("bf16") / base if base else None}
     if args.flops:
         flops = flops_per_iteration(config, batch, device)
         result["flops_per_iteration"] = flops
@@ -322,8 +327,9 @@ def print_table(report: dict) -> None:
     )
     for name, r in report["configs"].items():
         print(
-            f"{name:12s} {r['batch']:5d} {r['iterations_per_s']:8.3f} {r['baseline_iterations_per_s']:9.3f} "
-            f"{r['speedup']:7.2f}x {fmt(r['peak_memory_mb'], '8.0f'):>8s} "
+            f"{name:12s} {r['batch']:5d} {r['iterations_per_s']:8.3f} "
+            f"{fmt(r['baseline_iterations_per_s'], '9.3f'):>9s} "
+            f"{fmt(r['speedup'], '7.2f'):>7s}x {fmt(r['peak_memory_mb'], '8.0f'):>8s} "
             f"{fmt(r['baseline_peak_memory_mb'], '8.0f'):>8s} "
             f"{fmt(r.get('sampling_images_per_s'), '12.1f'):>12s} "
             f"{fmt(r.get('fid_features_images_per_s'), '10.1f'):>10s}"
@@ -332,7 +338,7 @@ def print_table(report: dict) -> None:
         if "bf16" in r:
             rows["defaults + bf16-mixed"] = r["bf16"]
         for label, o in rows.items():
-            print(f"    {label:32s} {o['iterations_per_s']:8.3f} it/s {o['speedup']:6.2f}x")
+            print(f"    {label:32s} {o['iterations_per_s']:8.3f} it/s {fmt(o['speedup'], '6.2f')}x")
         if "flops_per_iteration" in r:
             mfu = r.get("model_flop_utilisation")
             print(
@@ -355,6 +361,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations (default per config)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default per config)")
+    parser.add_argument("--batch", type=int, default=None, help="half-batch (default: per config)")
+    parser.add_argument("--options", nargs="*", choices=list(OPTIONS), default=None, help="options to ablate")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="the defaults only")
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window of sampling/FID rates")
     parser.add_argument("--compile", action="store_true", help="also measure model.compile on the CPU")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
