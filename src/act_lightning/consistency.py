@@ -70,16 +70,47 @@ def num_scales(progress: float, bins_min: int, bins_max: int) -> int:
     return int(math.floor(value + 0.5))
 
 
+def num_scales_exponential(iteration: int, iterations: int, bins_min: int, bins_max: int) -> int:
+    """iCT's curriculum (Song & Dhariwal 2023, section 3.4): N(k) = min(s0 * 2^floor(k / K'), s1) + 1 with
+    s0 = bins_min, s1 = bins_max and K' = floor(K / (log2(s1 / s0) + 1)): the number of steps doubles in
+    equal stages of training, from s0 to s1 (so 11 to 1281 noise levels for iCT's 10 and 1280)."""
+    stage_length = max(1, math.floor(iterations / (math.log2(bins_max / bins_min) + 1)))
+    return min(bins_min * 2 ** (max(int(iteration), 0) // stage_length), bins_max) + 1
+
+
 def target_ema_decay(num_scales: int, bins_min: int, mu0: float) -> float:
     """mu(k) = exp(N_min * ln(mu_0) / (N(k) - 1)): the target network's EMA decay at N(k) scales."""
     return math.exp(bins_min * math.log(mu0) / (num_scales - 1))
 
 
 def sample_indices(
-    batch_size: int, num_scales: int, device: torch.device | str | None = None, generator=None
+    batch_size: int,
+    num_scales: int,
+    device: torch.device | str | None = None,
+    generator=None,
+    probs: Tensor | None = None,
 ) -> Tensor:
-    """Per-example j ~ Uniform{1, ..., N-1}, so (t_j, t_{j-1}) is an adjacent pair of the schedule."""
-    return torch.randint(1, num_scales, (batch_size,), device=device, generator=generator)
+    """Per-example j in {1, ..., N-1}, so (t_j, t_{j-1}) is an adjacent pair of the schedule: uniform
+    (the reference), or with `probs` (N-1 values, e.g. `lognormal_index_probs`) p(j) = probs[j - 1]."""
+    if probs is None:
+        return torch.randint(1, num_scales, (batch_size,), device=device, generator=generator)
+    if probs.numel() != num_scales - 1:
+        raise ValueError(f"probs must hold N-1 = {num_scales - 1} values, got {probs.numel()}")
+    return torch.multinomial(probs.to(device), batch_size, replacement=True, generator=generator) + 1
+
+
+def lognormal_index_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+    """iCT's noise sampling (Song & Dhariwal 2023, section 3.5): p(j) proportional to
+    erf((ln t_j - P_mean) / (sqrt(2) P_std)) - erf((ln t_{j-1} - P_mean) / (sqrt(2) P_std)) for
+    j = 1..N-1, the log-normal mass of the interval (t_{j-1}, t_j]. Returns the N-1 probabilities of j."""
+    cdf = torch.erf((sigmas.double().log() - p_mean) / (math.sqrt(2.0) * p_std))
+    mass = (cdf[1:] - cdf[:-1]).clamp(min=0)
+    return (mass / mass.sum()).float()
+
+
+CURRICULA = ("sqrt", "exponential")  # N(k): ACT's (and Song et al. 2023's) square root | iCT's doubling
+NOISE_SAMPLING = ("uniform", "lognormal")  # j: uniform (ACT) | iCT's discretised log-normal
+TEACHERS = ("ema", "online")  # theta^-: the EMA with decay mu(N) (ACT) | stop_grad(theta) (iCT)
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,11 @@ class ConsistencySchedule:
     `lam(t, N)` = gan_ratio * w(t), the generator's mixing weight lambda(t). `mid_weight=None` gives
     w = 1 (CIFAR-10); otherwise w(t) = (i(t, N) / (N - 1)) ** log_0.5(mid_weight / gan_ratio), so that
     lambda(sigma_max) = gan_ratio and lambda at the middle index = mid_weight.
+
+    The options from later work (Song & Dhariwal 2023, improved consistency training; all off by default):
+    `curriculum="exponential"` takes N(k) from `num_scales_exponential`, `noise_sampling="lognormal"`
+    draws j by `lognormal_index_probs(p_mean, p_std)`, and `teacher="online"` makes theta^- the online
+    network itself (mu = 0).
     """
 
     sigma_min: float = 0.002
@@ -101,16 +137,42 @@ class ConsistencySchedule:
     mu0: float = 0.9
     gan_ratio: float = 0.3
     mid_weight: float | None = None
+    curriculum: str = "sqrt"
+    noise_sampling: str = "uniform"
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    teacher: str = "ema"
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (
+            ("curriculum", self.curriculum, CURRICULA),
+            ("noise_sampling", self.noise_sampling, NOISE_SAMPLING),
+            ("teacher", self.teacher, TEACHERS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{key} must be one of {', '.join(allowed)}; got {value!r}")
+        if not self.p_std > 0:
+            raise ValueError(f"model.p_std must be positive, got {self.p_std}")
 
     def num_scales(self, iteration: int, iterations: int) -> int:
         """N(k) at ACT iteration k of K."""
+        if self.curriculum == "exponential":
+            return num_scales_exponential(iteration, iterations, self.bins_min, self.bins_max)
         return num_scales(iteration / iterations, self.bins_min, self.bins_max)
+
+    def index_probs(self, sigmas: Tensor) -> Tensor | None:
+        """The distribution of j over the grid `sigmas` (N values): None = uniform."""
+        if self.noise_sampling == "lognormal":
+            return lognormal_index_probs(sigmas, self.p_mean, self.p_std)
+        return None
 
     def sigmas(self, num_scales: int) -> Tensor:
         return karras_sigmas(num_scales, self.sigma_min, self.sigma_max, self.rho)
 
     def target_ema(self, num_scales: int) -> float:
-        """mu(N): the decay of theta^- <- mu theta^- + (1 - mu) theta at N scales."""
+        """mu(N): the decay of theta^- <- mu theta^- + (1 - mu) theta at N scales (0: the online teacher)."""
+        if self.teacher == "online":
+            return 0.0
         return target_ema_decay(num_scales, self.bins_min, self.mu0)
 
     def weight(self, sigma: Tensor, num_scales: int) -> Tensor:

@@ -130,6 +130,13 @@ class ACTModule(L.LightningModule):
         c_noise: str = "identity",
         num_classes: int | None = None,
         seed: int = 0,
+        curriculum: str = "sqrt",
+        noise_sampling: str = "uniform",
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        teacher: str = "ema",
+        sampling_ema: float | None = None,
+        shared_dropout: bool = False,
         channels_last: bool = True,
         compile: bool | str = False,
         fast_attention: bool = True,
@@ -163,16 +170,29 @@ class ACTModule(L.LightningModule):
             0 < sigma_min < sigma_max,
             f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}",
         )
+        _check(
+            sampling_ema is None or 0 <= sampling_ema < 1,
+            f"model.sampling_ema must be null (sample with the teacher) or in [0, 1), got {sampling_ema}",
+        )
         if gan_ratio > 0:
             _check(discriminator is not None, "model.gan_ratio > 0 needs a model.discriminator")
             _check_optimizer("model.d_optimizer", d_optimizer)
 
         self.automatic_optimization = False
         self.schedule = ConsistencySchedule(
-            sigma_min, sigma_max, rho, bins_min, bins_max, mu0, gan_ratio, mid_weight
-        )
+            sigma_min, sigma_max, rho, bins_min, bins_max, mu0, gan_ratio, mid_weight,
+            curriculum, noise_sampling, p_mean, p_std, teacher,
+        )  # fmt: skip
         self.generator = generator
-        self.target = copy.deepcopy(generator).requires_grad_(False)  # theta^-: the EMA that samples
+        # `target` is the network that samples and is evaluated (and exported): theta^-, the EMA teacher,
+        # as in the reference; with `sampling_ema` set, an EMA of its own decay. An EMA teacher that no
+        # longer samples is then `teacher_ema`; the online teacher is the generator itself.
+        self.target = copy.deepcopy(generator).requires_grad_(False)
+        self.teacher_ema = (
+            copy.deepcopy(generator).requires_grad_(False)
+            if teacher == "ema" and sampling_ema is not None
+            else None
+        )
         if gan_ratio > 0 and not isinstance(discriminator, nn.Module):
             discriminator = discriminator()  # a factory: built only when it trains
         self.discriminator = discriminator if gan_ratio > 0 else None
@@ -195,6 +215,7 @@ class ACTModule(L.LightningModule):
         )
         self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
         self._sigma_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self._probs_cache: dict[tuple[int, torch.device], Tensor] = {}
         self._ddp: dict[str, DistributedDataParallel] = {}  # per-network DDP wrappers (multi-process only)
         self._outer_reduces = False  # whether Lightning's whole-module DDP wrapper reduces the gradients
         # Whether p is known to be exactly 0 on the host, so augmentation is skipped (an exact no-op then).
@@ -203,7 +224,7 @@ class ACTModule(L.LightningModule):
 
     def _speed_up(self, channels_last: bool, compile: bool | str, fast_attention: bool) -> None:
         """The options that change how the networks run, not what they compute (docs/performance.md)."""
-        nets = [self.generator, self.target, self.discriminator, self.distance]
+        nets = [self.generator, self.target, self.teacher_ema, self.discriminator, self.distance]
         nets = [n for n in nets if isinstance(n, nn.Module)]
         if channels_last:  # NHWC weights: cuDNN's and oneDNN's convolutions then run NHWC throughout
             for net in nets:
@@ -232,6 +253,39 @@ class ACTModule(L.LightningModule):
         if key not in self._sigma_cache:
             self._sigma_cache[key] = self.schedule.sigmas(num_scales).to(self.device)
         return self._sigma_cache[key]
+
+    def _index_probs(self, num_scales: int) -> Tensor | None:
+        """p(j) on the grid of N scales (None: uniform), cached per N like the grid."""
+        if self.schedule.noise_sampling == "uniform":
+            return None
+        key = (num_scales, self.device)
+        if key not in self._probs_cache:
+            self._probs_cache[key] = self.schedule.index_probs(self.schedule.sigmas(num_scales)).to(
+                self.device
+            )
+        return self._probs_cache[key]
+
+    def teacher(self) -> nn.Module:
+        """theta^- of the consistency loss: the generator itself (teacher=online, run without gradient),
+        the separate EMA teacher (when `target` is a sampling EMA), or `target` (the reference)."""
+        if self.hparams.teacher == "online":
+            return self.generator
+        return self.teacher_ema if self.teacher_ema is not None else self.target
+
+    def _teacher_pass(self, online: nn.Module) -> Callable:
+        """The teacher's f(x, sigma, y) for `generator_losses`. With `shared_dropout` it runs on a fork of
+        the random state that the online pass then starts from, so both passes draw the same dropout masks
+        (the teacher runs first in `generator_losses`)."""
+        teacher = self.teacher()
+        if not self.hparams.shared_dropout:
+            return lambda x, s, y: self.denoise(teacher, x, s, y)
+
+        def run(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                return self.denoise(teacher, x, sigma, labels)
+
+        return run
 
     def _labels(self, labels: Tensor) -> Tensor | None:
         return labels if self.hparams.num_classes else None
@@ -292,12 +346,13 @@ class ACTModule(L.LightningModule):
         n_gen, n_half = batch.gen.shape[0], batch.disc.shape[0] // 2
         g = torch.Generator(self.device).manual_seed(_mix_seed(self.hparams.seed, self.k))
         shape = batch.gen.shape[1:]
+        probs = self._index_probs(num_scales)
         draws = {
-            "gen_j": sample_indices(n_gen * world, num_scales, self.device, g),
+            "gen_j": sample_indices(n_gen * world, num_scales, self.device, g, probs),
             "gen_z": torch.randn((n_gen * world, *shape), device=self.device, generator=g),
-            "fake_j": sample_indices(n_half * world, num_scales, self.device, g),
+            "fake_j": sample_indices(n_half * world, num_scales, self.device, g, probs),
             "fake_z": torch.randn((n_half * world, *shape), device=self.device, generator=g),
-            "real_j": sample_indices(n_half * world, num_scales, self.device, g),
+            "real_j": sample_indices(n_half * world, num_scales, self.device, g, probs),
         }
         if world == 1:
             return draws
@@ -345,7 +400,7 @@ class ACTModule(L.LightningModule):
                     sigmas=sigmas,
                     schedule=self.schedule,
                     online=lambda x, s, y: self.denoise(online, x, s, y),
-                    target=lambda x, s, y: self.denoise(self.target, x, s, y),
+                    target=self._teacher_pass(online),
                     distance=self.distance,
                     critic=critic,
                     augment=augment,
@@ -369,7 +424,7 @@ class ACTModule(L.LightningModule):
             "train/loss_g": means[0],
             "train/loss_ct": means[1],
             "train/num_scales": float(num_scales),
-            "train/target_ema": target_ema,
+            "train/target_ema": target_ema,  # the teacher's mu (0: the online teacher)
         }
 
         # ---- discriminator update: fake half and real half, lazy R1 ----
@@ -514,16 +569,25 @@ class ACTModule(L.LightningModule):
 
     @torch.no_grad()
     def _update_target(self, decay: float) -> None:
-        """theta^- <- mu * theta^- + (1 - mu) * theta: one fused op over all tensors (`foreach_ema`), or
-        the baseline's Python loop over parameters."""
-        target = list(self.target.parameters())
+        """After the generator's step: theta^- <- mu * theta^- + (1 - mu) * theta with the teacher's mu;
+        with `sampling_ema` set, `target` follows the generator with that decay instead (and an EMA
+        teacher, `teacher_ema`, with mu)."""
+        sampling = self.hparams.sampling_ema
+        if self.teacher_ema is not None:
+            self._ema(self.teacher_ema, decay)
+        self._ema(self.target, decay if sampling is None else sampling)
+
+    def _ema(self, net: nn.Module, decay: float) -> None:
+        """net <- decay * net + (1 - decay) * generator: one fused op over all tensors (`foreach_ema`),
+        or the baseline's Python loop over parameters. decay = 0 copies the generator exactly."""
+        ema = list(net.parameters())
         online = [p.detach() for p in self.generator.parameters()]
         if self.hparams.foreach_ema:
-            torch._foreach_lerp_(target, online, 1.0 - decay)
+            torch._foreach_lerp_(ema, online, 1.0 - decay)
         else:
-            for t, o in zip(target, online):
+            for t, o in zip(ema, online):
                 t.mul_(decay).add_(o, alpha=1.0 - decay)
-        for b_t, b in zip(self.target.buffers(), self.generator.buffers()):
+        for b_t, b in zip(net.buffers(), self.generator.buffers()):
             b_t.copy_(b)
 
     # -- optimisers --------------------------------------------------------------------------------
@@ -590,14 +654,19 @@ class ACTModule(L.LightningModule):
         net = self.target if net is None else net
         h = self.hparams
         taus = [h.sigma_max] if taus is None else taus
-        return multistep(
-            lambda x, sigma: self.denoise(net, x, sigma, labels),
-            noise,
-            taus,
-            h.sigma_min,
-            generator,
-            step_noise,
-        )
+        was_training = net.training
+        net.eval()  # no dropout when sampling (the teacher pass of training keeps it)
+        try:
+            return multistep(
+                lambda x, sigma: self.denoise(net, x, sigma, labels),
+                noise,
+                taus,
+                h.sigma_min,
+                generator,
+                step_noise,
+            )
+        finally:
+            net.train(was_training)
 
     def extra_repr(self) -> str:
         return f"iteration={self.k}/{self.hparams.iterations}"
