@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench clean
+.PHONY: help install train test test-fast lint format bench reproduce-mini clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ bench: $(STAMP)  ## benchmarks (not tests): training speed against the baseline,
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_fid.py
 	$(PY) benchmarks/bench_ddp.py
+
+MINI_DIR ?= multirun/reproduce-mini
+REPORT ?= reports/reproduce_mini
+reproduce-mini: $(STAMP)  ## ACT against plain consistency training in miniature, 3 seeds (about 35 min on 2 cores): reports/reproduce_mini.*
+	$(PY) -m act_lightning.train -m ablation=ct_vs_act hydra.sweep.dir=$(MINI_DIR) $(ARGS)
+	$(PY) -m act_lightning.report $(MINI_DIR) --out $(REPORT) --time-reference ct_equal_time
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

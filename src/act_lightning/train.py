@@ -304,4 +304,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Through the imported module, not this `__main__` copy: a parallel launcher (joblib) pickles the task
+    # function, and a function of `__main__` would be pickled by value with everything it refers to.
+    from act_lightning.train import main as _main
+
+    _main()

@@ -152,6 +152,19 @@ COMMANDS: dict[str, tuple] = {
         "cli",
         [*SMOKE, *CHEAP, "iterations=2"],
     ),
+    "python -m act_lightning.train experiment=cifar10_ict": ("train", SMOKE),
+    "make reproduce-mini": (
+        "test",
+        "test_ablations.py::test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table",
+    ),
+    "python -m act_lightning.train -m ablation=options": (
+        "test",
+        "test_ablations.py::test_every_job_of_every_ablation_composes_and_builds",
+    ),
+    "python -m act_lightning.report multirun/ablation/options/2026-11-26/14-09 --out reports/options_mini": (
+        "test",
+        "test_ablations.py::test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table",
+    ),
 }
 
 

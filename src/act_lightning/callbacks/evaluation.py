@@ -7,13 +7,15 @@ processes: the samples come in chunks of `batch_size`, each seeded by its index,
 r, r + world, ...; the float64 feature sums are all-reduced. So one GPU or eight give the same FID.
 
 The value goes to every logger at step = ACT iteration (`val/fid`), its best value to the W&B summary,
-the curve to `fid_curve.png` and the history to `metric_summary.json`; the best checkpoint by the metric
-is kept as `best.ckpt`. A callback observes: it never changes training.
+the curve to `fid_curve.png` and the history to `metric_summary.json` (each entry with the training
+seconds so far: wall-clock time since the first iteration, evaluations excluded, carried over resumes);
+the best checkpoint by the metric is kept as `best.ckpt`. A callback observes: it never changes training.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,8 +94,10 @@ class FrechetEvaluation(L.Callback):
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
         self._reference_root: np.ndarray | None = None  # sigma_ref^(1/2), computed once per run
         self.references: dict[str, float] = {}  # FD of held-out real images and of noise (quickstart)
-        self.history: list[tuple[int, float]] = []
+        self.history: list[tuple[int, float, float]] = []  # (iteration, value, training seconds)
         self.best: tuple[int, float] | None = None
+        self._seconds_before = 0.0  # training seconds of earlier processes (a resumed run)
+        self._clock: float | None = None  # perf_counter at this process's start of training
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -126,6 +130,7 @@ class FrechetEvaluation(L.Callback):
         if self.references and pl_module.k == 0:  # once per run: a resumed run has them logged
             self._log(trainer, pl_module.k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)
+        self._clock = time.perf_counter()
         if pl_module.k == 0:  # the untrained network: logged as the curve's start, never the best
             self._evaluate_and_log(trainer, pl_module)
 
@@ -175,10 +180,26 @@ class FrechetEvaluation(L.Callback):
             )
         return self._fd(stats)
 
+    def train_seconds(self, device: torch.device | None = None) -> float:
+        """Wall-clock seconds of training so far: since the first iteration, evaluations excluded."""
+        if self._clock is None:
+            return self._seconds_before
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the iterations queued so far belong to training
+        return self._seconds_before + time.perf_counter() - self._clock
+
     def _evaluate_and_log(self, trainer, pl_module) -> float:
         k = pl_module.k
+        seconds = self.train_seconds(pl_module.device)
+        started = time.perf_counter()
+        value = self._evaluate_and_record(trainer, pl_module, k, seconds)
+        if self._clock is not None:  # the evaluation's own time is not training time
+            self._clock += time.perf_counter() - started
+        return value
+
+    def _evaluate_and_record(self, trainer, pl_module, k: int, seconds: float) -> float:
         value = self.evaluate(trainer, pl_module)
-        self.history.append((k, value))
+        self.history.append((k, value, seconds))
         improved = k > 0 and (self.best is None or value < self.best[1])
         if improved:
             self.best = (k, value)
@@ -233,7 +254,7 @@ class FrechetEvaluation(L.Callback):
             "features": self.features_name,
             "num_samples": self.num_samples,
             "reference": self.reference_spec,
-            "history": [{"iteration": k, "value": v} for k, v in self.history],
+            "history": [{"iteration": k, "value": v, "seconds": round(t, 3)} for k, v, t in self.history],
             "best": None if self.best is None else {"iteration": self.best[0], "value": self.best[1]},
             "references": self.references,
         }
@@ -244,10 +265,17 @@ class FrechetEvaluation(L.Callback):
         plot_curve(self.history, self.references, self.run_dir / "fid_curve.png", self.label)
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "references": self.references, "best": self.best}
+        return {
+            "history": self.history,
+            "references": self.references,
+            "best": self.best,
+            "train_seconds": self.train_seconds(),
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.history = [tuple(x) for x in state_dict.get("history", [])]
+        # entries of checkpoints written before the seconds were recorded get NaN seconds
+        self.history = [(*x, float("nan"))[:3] for x in state_dict.get("history", [])]
+        self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.references = dict(state_dict.get("references", {}))
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
@@ -262,7 +290,7 @@ def plot_curve(history, references: dict[str, float], path: Path, label: str) ->
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if history:
-        ks, vs = zip(*history)
+        ks, vs = [x[0] for x in history], [x[1] for x in history]
         ax.plot(ks, vs, marker="o", label="one-step samples (target network)")
     styles = {"real": ("tab:green", "held-out real images"), "noise": ("tab:red", "uniform noise")}
     for name, value in references.items():

@@ -1,0 +1,319 @@
+"""One figure and one table from the runs of a sweep: the metric of every variant against ACT iterations and
+against training seconds, the seeds of a variant as a band, and per variant the mean and spread of the
+metric at the end, at equal iterations and at equal wall time.
+
+    python -m act_lightning.report multirun/reproduce-mini --out reports/reproduce_mini
+
+A variant is a job's command-line overrides without `seed` (and without the settings that only say how
+a job runs: threads, paths, the launcher); its seeds are its repeats. Each job's `metric_summary.json`
+(written by the evaluation callback) holds the metric at every evaluation with the training seconds so
+far (wall-clock time since the first iteration, evaluations excluded). Writes OUT.png, OUT.md (the table
+in Markdown, with the machine it ran on) and OUT.json (every number of the table and the curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+# Overrides that say how a job runs, not what it trains: they never make a variant.
+IGNORED = ("seed", "threads", "run_dir", "resume", "paths.", "hydra.", "data.root", "ablation")
+
+
+@dataclass
+class Run:
+    path: Path
+    seed: int
+    iterations: list[int]
+    values: list[float]
+    seconds: list[float]
+    references: dict[str, float]
+
+
+@dataclass
+class Variant:
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def what_varies(overrides: list[str]) -> list[str]:
+    """A job's overrides that can make a variant: 'variant=ct' -> 'ct'; seeds and run settings dropped."""
+    kept = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key == "seed" or any(key == p.rstrip(".") or key.startswith(p) for p in IGNORED):
+            continue
+        kept.append(item.lstrip("+").removeprefix("variant="))
+    return kept
+
+
+def variant_labels(jobs: list[list[str]]) -> list[str]:
+    """Each job's label: the overrides that are not the same in every job (those shared by all, such as
+    debug=smoke, say nothing about the variant); 'defaults' for a job with none of them."""
+    kept = [what_varies(o) for o in jobs]
+    shared = set.intersection(*map(set, kept)) if kept else set()
+    labels = [", ".join(x for x in k if x not in shared) for k in kept]
+    if len(set(labels)) == 1:  # one variant: name it by all it set
+        labels = [", ".join(k) for k in kept]
+    return [label or "defaults" for label in labels]
+
+
+def _job_number(path: Path) -> tuple:
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
+
+
+def find_runs(sweeps: list[Path]) -> list[Variant]:
+    """The finished-or-not jobs under the sweep folders, grouped into variants in sweep order."""
+    runs: list[Run] = []
+    overrides: list[list[str]] = []
+    for sweep in sweeps:
+        if not sweep.is_dir():
+            raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
+        jobs = sorted((p.parent for p in sweep.rglob("metric_summary.json")), key=_job_number)
+        for job in jobs:
+            overrides_file = job / ".hydra" / "overrides.yaml"
+            if not overrides_file.is_file():
+                raise FileNotFoundError(f"{overrides_file}: missing (every job of a Hydra multirun has one)")
+            overrides.append(yaml.safe_load(overrides_file.read_text()) or [])
+            config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+            summary = json.loads((job / "metric_summary.json").read_text())
+            history = summary["history"]
+            run = Run(
+                path=job,
+                seed=int(config.get("seed", 0)),
+                iterations=[int(h["iteration"]) for h in history],
+                values=[float(h["value"]) for h in history],
+                seconds=[float(h.get("seconds", math.nan)) for h in history],
+                references=summary.get("references", {}),
+            )
+            runs.append(run)
+    variants: dict[str, Variant] = {}
+    for run, label in zip(runs, variant_labels(overrides)):
+        variants.setdefault(label, Variant(label)).runs.append(run)
+    if not variants:
+        raise FileNotFoundError(
+            f"no metric_summary.json under {', '.join(map(str, sweeps))}: were the jobs run with an "
+            "evaluation (eval is not null)?"
+        )
+    return list(variants.values())
+
+
+def value_at_iteration(run: Run, iteration: int) -> float | None:
+    return next((v for k, v in zip(run.iterations, run.values) if k == iteration), None)
+
+
+def value_at_seconds(run: Run, seconds: float, tolerance: float = 0.03) -> tuple[float | None, bool]:
+    """The metric at `seconds` of training, linear between evaluations; (value, whether the run had
+    ended more than `tolerance` (relative) before `seconds`: the value is then its last)."""
+    t = np.asarray(run.seconds)
+    if not len(t) or np.isnan(t).any() or seconds < t[0]:
+        return None, False
+    if seconds > t[-1]:
+        return run.values[-1], seconds > t[-1] * (1 + tolerance)
+    return float(np.interp(seconds, t, run.values)), False
+
+
+def _mean_spread(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
+
+
+def summarise(
+    variants: list[Variant], at_iteration: int | None, at_seconds: float | None, time_ref: str | None
+):
+    """The table's rows and the comparison points (K iterations, T seconds)."""
+    if at_iteration is None:  # the last iteration every variant was evaluated at
+        common = set.intersection(*(set(r.iterations) for v in variants for r in v.runs))
+        at_iteration = max(common) if common else None
+    reference = variants[0]
+    if time_ref is not None:
+        matches = [v for v in variants if v.label == time_ref]
+        if not matches:
+            raise ValueError(
+                f"--time-reference {time_ref!r} is not a variant; the variants are: "
+                + ", ".join(v.label for v in variants)
+            )
+        reference = matches[0]
+    if at_seconds is None:
+        ends = [r.seconds[-1] for r in reference.runs if r.seconds and not math.isnan(r.seconds[-1])]
+        at_seconds = statistics.fmean(ends) if ends else None
+    rows = []
+    for v in variants:
+        at_t = [value_at_seconds(r, at_seconds) if at_seconds is not None else (None, False) for r in v.runs]
+        rows.append(
+            {
+                "variant": v.label,
+                "seeds": sorted(r.seed for r in v.runs),
+                "iterations": max(r.iterations[-1] for r in v.runs),
+                "train_seconds": _mean_spread([r.seconds[-1] for r in v.runs]),
+                "final": _mean_spread([r.values[-1] for r in v.runs]),
+                "at_iteration": _mean_spread(
+                    [value_at_iteration(r, at_iteration) for r in v.runs] if at_iteration is not None else []
+                ),
+                "at_seconds": _mean_spread([x for x, _ in at_t]),
+                "ended_before_seconds": any(ended for _, ended in at_t),
+            }
+        )
+    return rows, at_iteration, at_seconds, reference.label
+
+
+def _band(runs: list[Run], xs_of) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean x, and mean / min / max of the metric over seeds, at the evaluations all seeds share."""
+    n = min(len(r.values) for r in runs)
+    x = np.mean([xs_of(r)[:n] for r in runs], axis=0)
+    y = np.array([r.values[:n] for r in runs])
+    return x, y.mean(axis=0), y.min(axis=0), y.max(axis=0)
+
+
+def plot(variants: list[Variant], path: Path, metric: str, at_iteration, at_seconds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
+    for i, v in enumerate(variants):
+        colour = f"C{i}"
+        label = f"{v.label} ({len(v.runs)} seed{'s' if len(v.runs) > 1 else ''})"
+        for ax, xs_of in ((axes[0], lambda r: r.iterations), (axes[1], lambda r: r.seconds)):
+            x, mean, lo, hi = _band(v.runs, xs_of)
+            ax.plot(x, mean, color=colour, marker="o", ms=3, label=label)
+            if len(v.runs) > 1:
+                ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
+    real = [r.references["real"] for v in variants for r in v.runs if "real" in r.references]
+    for ax in axes:
+        if real:
+            ax.axhline(statistics.fmean(real), ls="--", color="gray", lw=1, label="held-out real images")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    if at_iteration is not None:
+        axes[0].axvline(at_iteration, color="black", lw=0.8, ls=":")
+    if at_seconds is not None:
+        axes[1].axvline(at_seconds, color="black", lw=0.8, ls=":")
+    axes[0].set_xlabel("ACT iteration")
+    axes[1].set_xlabel("training seconds (evaluations excluded)")
+    axes[0].set_ylabel(metric)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        "mean over seeds; band: min to max over seeds; dotted: the table's comparison points", fontsize=9
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(stats: dict, digits: int = 1) -> str:
+    if stats["mean"] is None:
+        return "-"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def markdown(rows, at_iteration, at_seconds, time_ref: str, metric: str, machine: str) -> str:
+    equal_time = f"at {at_seconds:.0f} s" if at_seconds is not None else "at equal time"
+    head = (
+        f"| variant | seeds | iterations | training s | {metric} at the end (mean ± sd) | min - max "
+        f"| at {at_iteration} iterations | {equal_time} |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        mark = " (ended earlier: its last value)" if r["ended_before_seconds"] else ""
+        f = r["final"]
+        lines.append(
+            f"| {r['variant']} | {len(r['seeds'])} | {r['iterations']} | {_fmt(r['train_seconds'], 0)} "
+            f"| {_fmt(f)} | {f['min']:.1f} - {f['max']:.1f} | {_fmt(r['at_iteration'])} "
+            f"| {_fmt(r['at_seconds'])}{mark} |"
+        )
+    lines.append("")
+    if at_seconds is not None:
+        lines.append(
+            f"Equal wall time: {at_seconds:.0f} training seconds, the mean of `{time_ref}`'s runs; values "
+            "between evaluations are interpolated linearly."
+        )
+    lines.append(f"Machine: {machine}.")
+    return "\n".join(lines) + "\n"
+
+
+def machine_description() -> str:
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m act_lightning.report", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("sweeps", nargs="+", type=Path, help="multirun folders (their jobs' run folders)")
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT.png, OUT.md and OUT.json")
+    parser.add_argument(
+        "--at-iteration", type=int, default=None, help="equal iterations (default: the last all share)"
+    )
+    parser.add_argument("--at-seconds", type=float, default=None, help="equal wall time in training seconds")
+    parser.add_argument(
+        "--time-reference",
+        default=None,
+        help="variant whose mean training time is the equal time (default: the first)",
+    )
+    parser.add_argument("--metric", default=None, help="axis label (default: the summaries' metric key)")
+    args = parser.parse_args(argv)
+    try:
+        variants = find_runs(args.sweeps)
+        rows, at_iteration, at_seconds, time_ref = summarise(
+            variants, args.at_iteration, args.at_seconds, args.time_reference
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    first = variants[0].runs[0].path / "metric_summary.json"
+    metric = args.metric or json.loads(first.read_text()).get("metric", "metric")
+    machine = machine_description()
+    plot(variants, args.out.with_suffix(".png"), metric, at_iteration, at_seconds)
+    table = markdown(rows, at_iteration, at_seconds, time_ref, metric, machine)
+    args.out.with_suffix(".md").write_text(table)
+    curves = {
+        v.label: [
+            {"seed": r.seed, "iteration": r.iterations, "value": r.values, "seconds": r.seconds}
+            for r in v.runs
+        ]
+        for v in variants
+    }
+    report = {
+        "metric": metric,
+        "machine": machine,
+        "at_iteration": at_iteration,
+        "at_seconds": at_seconds,
+        "time_reference": time_ref,
+        "rows": rows,
+        "curves": curves,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    print(f"wrote {args.out.with_suffix('.png')}, .md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

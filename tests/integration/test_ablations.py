@@ -1,0 +1,154 @@
+"""The ablations in miniature (conf/ablation, conf/variant): every job of every sweep composes and builds,
+and a two-variant, two-seed multirun under debug=smoke gives the report's figure and table."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+from act_lightning.report import main as report_main
+from tests.conftest import CONF, ROOT
+
+ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
+VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
+EXPECTED_SWEEPS = {  # the issue's ablations (a) to (e): what each one sweeps
+    "ct_vs_act": {"seed": "0,1,2", "variant": "act,ct,ct_equal_time"},
+    "gan_ratio": {"model.gan_ratio": "0,0.1,0.3,0.5"},
+    "curriculum": {"model.bins_max": "10,20,40", "model.sigma_max": "10,20,80"},
+    "augmentation": {"model.r1_threshold": "1e9,1.0,0.0"},
+    "options": {"variant": "act,lognormal,exponential,online_teacher,dropout,shared_dropout,l2,ict"},
+}
+
+
+def _compose(overrides: list[str], tmp_path: Path, hydra: bool = False):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose(
+            "train", overrides=[*overrides, f"run_dir={tmp_path}"], return_hydra_config=hydra
+        )
+
+
+def test_the_five_ablations_sweep_what_they_say():
+    assert ABLATIONS == sorted(EXPECTED_SWEEPS)
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_job_of_every_ablation_composes_and_builds(ablation, tmp_path):
+    cfg = _compose([f"ablation={ablation}"], tmp_path, hydra=True)
+    params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == EXPECTED_SWEEPS[ablation]
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+    assert type(instantiate(cfg.hydra.launcher)).__name__ == "JoblibLauncher"
+    assert cfg.threads == 1  # two jobs side by side on two cores
+    grid = [[f"{k}={v}" for v in values.split(",")] for k, values in params.items()]
+    for job in itertools.product(*grid):
+        job_cfg = _compose([f"ablation={ablation}", *job, "debug=smoke", "data=synthetic"], tmp_path)
+        model = instantiate(job_cfg.model)
+        for override in job:  # the job's setting reached the module
+            key, value = override.split("=", 1)
+            if key.startswith("model."):
+                assert str(model.hparams[key.removeprefix("model.")]) == str(job_cfg.model[key[6:]])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_sets_what_it_is_named_for(variant, tmp_path):
+    cfg = _compose([f"variant={variant}", "debug=smoke", "data=synthetic"], tmp_path)
+    m = cfg.model
+    expected = {
+        "act": m.gan_ratio == 0.3 and m.teacher == "ema",
+        "ct": m.gan_ratio == 0 and cfg.iterations == 4,  # debug=smoke shortens every variant alike
+        "ct_equal_time": m.gan_ratio == 0,
+        "lognormal": m.noise_sampling == "lognormal" and (m.p_mean, m.p_std) == (-1.1, 2.0),
+        "exponential": m.curriculum == "exponential",
+        "online_teacher": m.teacher == "online" and m.sampling_ema == 0.99,
+        "dropout": m.generator.dropout == 0.1 and not m.shared_dropout,
+        "shared_dropout": m.generator.dropout == 0.1 and m.shared_dropout,
+        "l2": m.distance == "l2",
+        "ict": m.noise_sampling == "lognormal"
+        and m.curriculum == "exponential"
+        and m.teacher == "online"
+        and m.shared_dropout
+        and m.gan_ratio == 0.3,
+    }[variant]
+    assert expected
+    assert instantiate(m) is not None
+    if variant == "ct_equal_time":
+        full = _compose([f"variant={variant}"], tmp_path)
+        assert full.iterations > _compose([], tmp_path).iterations  # more iterations for the same time
+
+
+def test_cifar10_ict_combines_the_options_with_acts_discriminator(tmp_path):
+    cfg = _compose(["experiment=cifar10_ict"], tmp_path)
+    m = cfg.model
+    assert (m.noise_sampling, m.curriculum, m.teacher, m.distance) == (
+        "lognormal",
+        "exponential",
+        "online",
+        "pseudo_huber",
+    )
+    assert (m.bins_min, m.bins_max, m.sampling_ema, m.generator.dropout) == (10, 1280, 0.99993, 0.3)
+    assert m.shared_dropout and m.gan_ratio == 0.3 and cfg.iterations == 300_000  # ACT's recipe otherwise
+    assert (
+        cfg.model.discriminator._target_
+        == _compose(["experiment=cifar10"], tmp_path).model.discriminator._target_
+    )
+
+
+def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path):
+    """`make reproduce-mini`, shortened: the ct_vs_act sweep under debug=smoke with two variants and two
+    seeds side by side (the joblib launcher), then the report, through the Makefile target."""
+    sweep, out = tmp_path / "sweep", tmp_path / "report" / "mini"
+    cmd = [
+        "make",
+        "-s",
+        "reproduce-mini",
+        f"PY={sys.executable}",
+        "STAMP=",  # this interpreter has the package: no .venv to create
+        f"MINI_DIR={sweep}",
+        f"REPORT={out}",
+        "ARGS=debug=smoke data=synthetic seed=0,1 variant=act,ct_equal_time",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = sorted(sweep.glob("*/metric_summary.json"))
+    assert len(summaries) == 4
+    for path in summaries:
+        history = json.loads(path.read_text())["history"]
+        seconds = [h["seconds"] for h in history]
+        assert seconds[0] == 0 and seconds == sorted(seconds) and seconds[-1] > 0
+    assert "| act |" in result.stdout  # the table is printed
+
+    with Image.open(out.with_suffix(".png")) as image:
+        assert image.size[0] > 800 and image.size[1] > 300
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert set(rows) == {"act", "ct_equal_time"}  # debug=smoke and data=synthetic are shared: no variant
+    for row in rows.values():
+        assert row["seeds"] == [0, 1] and row["iterations"] == 4
+        assert row["final"]["n"] == 2 and row["final"]["min"] <= row["final"]["mean"] <= row["final"]["max"]
+    # equal wall time: the time plain CT was given (the Makefile's --time-reference)
+    assert report["at_iteration"] == 4 and report["time_reference"] == "ct_equal_time"
+    assert report["at_seconds"] == pytest.approx(rows["ct_equal_time"]["train_seconds"]["mean"])
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n| act |") == 1 and table.count("\n| ct_equal_time |") == 1 and "Machine:" in table
+    # the seeds of ACT and of CT differ in the discriminator only: their first evaluation is the same
+    curves = report["curves"]
+    assert curves["act"][0]["value"][0] == pytest.approx(curves["ct_equal_time"][0]["value"][0])
+
+
+def test_the_report_names_a_missing_sweep_and_one_without_evaluations(tmp_path, capsys):
+    assert report_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report_main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "metric_summary.json" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""The sweep report's arithmetic: variant labels, values at equal iterations and at equal wall time."""
+
+from pathlib import Path
+
+import pytest
+
+from act_lightning.report import Run, Variant, summarise, value_at_seconds, variant_labels
+
+
+def _run(seed, iterations, values, seconds):
+    return Run(Path("."), seed, iterations, values, seconds, {"real": 10.0})
+
+
+def test_labels_keep_what_varies_and_drop_seeds_and_shared_settings():
+    jobs = [
+        ["seed=0", "variant=act", "debug=smoke", "threads=1"],
+        ["seed=1", "variant=act", "debug=smoke", "threads=1"],
+        ["seed=0", "+variant=ct", "debug=smoke", "hydra.launcher.n_jobs=2"],
+        ["seed=0", "model.gan_ratio=0.1", "debug=smoke"],
+    ]
+    assert variant_labels(jobs) == ["act", "act", "ct", "model.gan_ratio=0.1"]
+    assert variant_labels([["seed=0"], ["seed=1"]]) == ["defaults", "defaults"]
+    assert variant_labels([["debug=smoke", "seed=0"]]) == ["debug=smoke"]  # one variant: all it set
+
+
+def test_value_at_seconds_interpolates_and_flags_runs_that_ended_before():
+    run = _run(0, [0, 100, 200], [100.0, 50.0, 30.0], [0.0, 10.0, 20.0])
+    assert value_at_seconds(run, 15.0) == (pytest.approx(40.0), False)
+    assert value_at_seconds(run, 20.3) == (30.0, False)  # within the 3% tolerance of its end
+    assert value_at_seconds(run, 30.0) == (30.0, True)
+    assert value_at_seconds(_run(0, [0], [1.0], [float("nan")]), 1.0) == (None, False)
+
+
+def test_summary_compares_at_the_last_shared_iteration_and_the_reference_variants_time():
+    act = Variant(
+        "act", [_run(s, [0, 100, 200], [90.0, 40.0 + s, 20.0 + s], [0, 10, 20 + 2 * s]) for s in (0, 1)]
+    )
+    ct = Variant(
+        "ct", [_run(s, [0, 100, 200, 300], [90.0, 60.0, 40.0, 30.0], [0, 5, 10, 15]) for s in (0, 1)]
+    )
+    rows, k, t, ref = summarise([act, ct], None, None, None)
+    assert (k, t, ref) == (200, pytest.approx(21.0), "act")
+    by = {r["variant"]: r for r in rows}
+    assert by["act"]["final"]["mean"] == pytest.approx(20.5) and by["act"]["final"]["std"] == pytest.approx(
+        0.7071, 1e-3
+    )
+    assert by["ct"]["at_iteration"]["mean"] == 40.0 and by["ct"]["iterations"] == 300
+    assert by["ct"]["at_seconds"]["mean"] == 30.0 and by["ct"]["ended_before_seconds"]  # stopped at 15 s
+    rows, _, t, ref = summarise([act, ct], None, None, "ct")
+    assert (t, ref) == (15.0, "ct")
+    # at 15 s: seed 0 halfway from 40 to 20 (30), seed 1 5/12 of the way from 41 to 21
+    expected = (30.0 + (41.0 - 20.0 * 5 / 12)) / 2
+    assert {r["variant"]: r for r in rows}["act"]["at_seconds"]["mean"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="not a variant"):
+        summarise([act, ct], None, None, "gan")
