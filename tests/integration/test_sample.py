@@ -133,7 +133,11 @@ def test_every_entry_point_is_a_console_script_with_its_own_help():
     assert scripts == {f"act-{m.replace('_', '-')}": f"act_lightning.{m}:main" for m in modules}
     bin_dir = os.path.dirname(sys.executable)
     commands = (("act-sample", "num_samples:"), ("act-edit", "box:"), ("act-prepare", "usage"))
-    others = (("act-export", "ckpt=PATH out=DIR"), ("act-convert-reference", "CKPT OUT"), ("act-report", "--out"))
+    others = (
+        ("act-export", "ckpt=PATH out=DIR"),
+        ("act-convert-reference", "CKPT OUT"),
+        ("act-report", "--out"),
+    )
     for name, own in (*commands, *others):
         path = os.path.join(bin_dir, name)
         assert os.access(path, os.X_OK), f"{name} is not installed next to {sys.executable}"
