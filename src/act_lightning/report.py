@@ -145,12 +145,14 @@ def summarise(
     reference = variants[0]
     if time_ref is not None:
         matches = [v for v in variants if v.label == time_ref]
-        if not matches:
-            raise ValueError(
-                f"--time-reference {time_ref!r} is not a variant; the variants are: "
-                + ", ".join(v.label for v in variants)
+        if matches:
+            reference = matches[0]
+        else:  # e.g. make reproduce-mini run with fewer variants: say so and go on
+            print(
+                f"note: --time-reference {time_ref!r} is not among the variants "
+                f"({', '.join(v.label for v in variants)}): equal wall time is {reference.label!r}'s",
+                file=sys.stderr,
             )
-        reference = matches[0]
     if at_seconds is None:
         ends = [r.seconds[-1] for r in reference.runs if r.seconds and not math.isnan(r.seconds[-1])]
         at_seconds = statistics.fmean(ends) if ends else None
