@@ -53,3 +53,23 @@ def test_summary_compares_at_the_last_shared_iteration_and_the_reference_variant
     assert {r["variant"]: r for r in rows}["act"]["at_seconds"]["mean"] == pytest.approx(expected)
     _, _, t, ref = summarise([act, ct], None, None, "gan")  # not a variant: the first one's time, said
     assert (t, ref) == (pytest.approx(21.0), "act") and "not among the variants" in capsys.readouterr().err
+
+
+def test_training_seconds_survive_a_resume_and_old_histories_load(tmp_path):
+    import math
+    import time
+
+    from act_lightning.callbacks import FrechetEvaluation
+
+    cb = FrechetEvaluation(run_dir=str(tmp_path), features="digits")
+    cb._clock = time.perf_counter() - 5.0  # five seconds of training in this process
+    state = cb.state_dict()
+    assert 5.0 <= state["train_seconds"] < 6.0
+    resumed = FrechetEvaluation(run_dir=str(tmp_path), features="digits")
+    resumed.load_state_dict(state)
+    assert resumed.train_seconds() == state["train_seconds"]  # counting goes on from there
+    resumed._clock = time.perf_counter() - 2.0
+    assert resumed.train_seconds() >= state["train_seconds"] + 2.0
+    old = FrechetEvaluation(run_dir=str(tmp_path), features="digits")
+    old.load_state_dict({"history": [(0, 9.0), (4, 3.0)], "references": {}, "best": (4, 3.0)})
+    assert [h[:2] for h in old.history] == [(0, 9.0), (4, 3.0)] and math.isnan(old.history[0][2])
