@@ -150,7 +150,7 @@ def summarise(
         else:  # e.g. make reproduce-mini run with fewer variants: say so and go on
             print(
                 f"note: --time-reference {time_ref!r} is not among the variants "
-                f"({', '.join(v.label for v in variants)}): equal wall time is {reference.label!r}'s",
+                f"({', '.join(v.label for v in variants)}): equal wall time is that of {reference.label!r}",
                 file=sys.stderr,
             )
     if at_seconds is None:
