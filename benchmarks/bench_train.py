@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-import act_lightning.config  # noqa: F401  (registers the config resolvers)
+import act_lightning.resolvers  # noqa: F401  (registers the config resolvers)
 from act_lightning.train import apply_process_settings
 
 ROOT = Path(__file__).resolve().parents[1]

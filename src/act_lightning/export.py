@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
-from act_lightning.sampling import multistep
+from act_lightning.samplers import multistep
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 FORMAT = "act-lightning/generator"

@@ -26,7 +26,7 @@ from act_lightning.data.base import HalfBatch
 from act_lightning.losses import DISTANCES, build_distance, discriminator_losses, generator_losses
 from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
-from act_lightning.sampling import multistep
+from act_lightning.samplers import multistep
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer: params -> optimizer
 
