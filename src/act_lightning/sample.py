@@ -11,7 +11,6 @@ Hydra shell.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -26,12 +25,11 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from act_lightning.atomic import atomic_write
-from act_lightning.evaluate import load_model
+from act_lightning.checkpoints import checkpoint_iteration, load_model
+from act_lightning.commands import CONFIG_DIR, resolve_device, write_npz
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 GRID_IMAGES = 64
 
 
@@ -98,9 +96,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"num_samples and batch_size must be >= 1; got {cfg.num_samples}, {cfg.batch_size}")
     if cfg.net not in ("target", "generator"):
         raise ValueError(f"net must be target or generator, got {cfg.net!r}")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     h = model.hparams
     taus = [float(h.sigma_max), *check_taus(list(cfg.taus), h.sigma_min, h.sigma_max)]
@@ -123,16 +119,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     payload = {"arr_0": images}
     if labels is not None:
         payload["arr_1"] = labels.numpy().astype(np.int64)
-    buffer = io.BytesIO()
-    np.savez(buffer, **payload)
-    with atomic_write(out / "samples.npz") as f:
-        f.write(buffer.getvalue())
+    write_npz(out / "samples.npz", **payload)
     grid = torch.cat(first)[:GRID_IMAGES]
     grid = make_grid((grid + 1) / 2, nrow=int(math.ceil(len(grid) ** 0.5)), padding=2, pad_value=1.0)
     save_image(grid, out / "grid.png")
     summary = {
         "checkpoint": str(Path(cfg.ckpt).resolve()),
-        "iteration": int(checkpoint["state_dict"]["iteration"]),
+        "iteration": checkpoint_iteration(checkpoint),
         "net": cfg.net,
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),

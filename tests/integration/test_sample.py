@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from act_lightning.evaluate import load_model
+from act_lightning.checkpoints import load_model
 from act_lightning.sample import image_noise
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose

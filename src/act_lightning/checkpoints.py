@@ -1,0 +1,99 @@
+"""Reading checkpoints: one safe reader, and what the commands build on it.
+
+Every checkpoint is read with torch's safe loader (`weights_only=True`: tensors and plain containers, no
+pickled objects) onto the CPU. Errors name the config key (or argument) that points to the file.
+
+- `read_checkpoint(path, key)`: any file (this library's, or the reference code's).
+- `load_checkpoint(path)`: a checkpoint written by act_lightning.train, with its training config, refused
+  when its weights hold NaN or inf.
+- `build_model(checkpoint, run)`, `load_model(path)`: its networks, ready to sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+UNREADABLE = "not a readable checkpoint of act_lightning.train ({kind}: {error})"
+
+
+def read_checkpoint(
+    path: str | Path,
+    key: str,
+    *,
+    mmap: bool = False,
+    check: Callable[[Any], object] | None = None,
+    unreadable: str = UNREADABLE,
+) -> Any:
+    """The contents of `path`, read with the safe loader onto the CPU (memory-mapped with `mmap`: cheap
+    for big files). A missing file is refused as `{key}={path}: no such checkpoint file`; one the loader
+    refuses, or whose contents `check` raises on, as `{key}={path}: ` followed by `unreadable` (a format
+    string given the error's type name as {kind} and the error as {error})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if check is not None:
+            check(checkpoint)
+    except Exception as err:
+        detail = unreadable.format(kind=type(err).__name__, error=err)
+        raise ValueError(f"{key}={path}: {detail}") from err
+    return checkpoint
+
+
+def checkpoint_iteration(checkpoint: dict) -> int:
+    """The ACT iteration a checkpoint of act_lightning.train was written at."""
+    return int(checkpoint["state_dict"]["iteration"])
+
+
+def nonfinite_tensors(state_dict: dict[str, Tensor]) -> str:
+    """The names of a state dict's tensors that hold NaN or inf ('a, b, c and 4 more tensors'), or ''.
+    Checkpoints are refused with it, when written (training) and when read (evaluate)."""
+    names = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    more = f" and {len(names) - 5} more tensors" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConfig]:
+    """A checkpoint written by act_lightning.train and the training config stored in it."""
+    checkpoint = read_checkpoint(path, key)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{key}={path}: not a checkpoint written by act_lightning.train (no state_dict)")
+    if "act_config" not in checkpoint:
+        raise ValueError(
+            f"{key}={path}: holds no training config (act_config); it was not written by act_lightning.train"
+        )
+    nonfinite = nonfinite_tensors(checkpoint["state_dict"])
+    if nonfinite:
+        raise ValueError(
+            f"{key}={path}: non-finite weights in {nonfinite}: the run diverged before this checkpoint; "
+            "evaluate an earlier one"
+        )
+    return checkpoint, OmegaConf.create(checkpoint["act_config"])
+
+
+def build_model(checkpoint: dict, run: DictConfig, device: torch.device | str = "cpu"):
+    """The checkpoint's generator and target network (an ACTModule in eval mode on `device`), built from
+    its training config. No discriminator and no consistency distance are built: sampling needs neither
+    (and LPIPS' VGG weights need not be present)."""
+    from hydra.utils import instantiate
+
+    # Standard memory format, eager: the images do not depend on how the run trained (export's too).
+    model = instantiate(
+        run.model, distance="l2", discriminator=None, gan_ratio=0.0, channels_last=False, compile=False
+    )
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("discriminator.")}
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", key: str = "ckpt"):
+    """(model, run config, checkpoint) of the checkpoint at `path` (see `build_model`)."""
+    checkpoint, run = load_checkpoint(path, key)
+    return build_model(checkpoint, run, device), run, checkpoint

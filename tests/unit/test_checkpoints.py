@@ -1,0 +1,62 @@
+"""act_lightning.checkpoints: one safe reader; every refusal names the key and the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from act_lightning.checkpoints import (
+    checkpoint_iteration,
+    load_checkpoint,
+    read_checkpoint,
+)
+
+
+class Pickled:  # an object the safe loader refuses
+    pass
+
+
+def test_a_missing_file_is_named_by_its_key(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=f"ckpt_path={tmp_path / 'nope.ckpt'}: no such checkpoint file"
+    ):
+        read_checkpoint(tmp_path / "nope.ckpt", "ckpt_path")
+
+
+def test_train_reads_memory_mapped_and_refuses_a_checkpoint_without_an_iteration(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"iteration": torch.tensor(7), "w": torch.ones(3)}}, good)
+    checkpoint = read_checkpoint(good, "ckpt_path", mmap=True, check=checkpoint_iteration)
+    assert checkpoint_iteration(checkpoint) == 7 and torch.equal(checkpoint["state_dict"]["w"], torch.ones(3))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match=r"ckpt_path=.*foreign.ckpt: not a readable checkpoint of "):
+        read_checkpoint(foreign, "ckpt_path", mmap=True, check=checkpoint_iteration)
+
+
+def test_the_safe_loader_refuses_pickled_objects_with_the_callers_advice(tmp_path):
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "object": Pickled()}, path)
+    with pytest.raises(
+        ValueError,
+        match=r"ckpt=.*pickled.ckpt: not a readable checkpoint of act_lightning.train \(Unpickling",
+    ):
+        read_checkpoint(path, "ckpt")
+    with pytest.raises(ValueError, match=r"CKPT=.*pickled.ckpt: refused \(UnpicklingError\), see \{docs\}$"):
+        read_checkpoint(path, "CKPT", unreadable="refused ({kind}), see {{docs}}")
+
+
+def test_load_checkpoint_wants_a_training_config_and_finite_weights(tmp_path):
+    path = tmp_path / "a.ckpt"
+    torch.save({"weights": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not a checkpoint written by act_lightning.train"):
+        load_checkpoint(path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match=r"ckpt=.*a.ckpt: holds no training config"):
+        load_checkpoint(path)
+    torch.save({"state_dict": {"w": torch.tensor([float("nan")])}, "act_config": {"seed": 1}}, path)
+    with pytest.raises(ValueError, match=r"non-finite weights in w: the run diverged"):
+        load_checkpoint(path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "act_config": {"seed": 1}}, path)
+    checkpoint, run = load_checkpoint(path)
+    assert run.seed == 1 and torch.equal(checkpoint["state_dict"]["w"], torch.zeros(1))
