@@ -1,28 +1,18 @@
-"""Zero-shot editing with a consistency model (Song et al. 2023, Algorithm 4), as functions and as
+"""Zero-shot editing with a consistency model (Song et al. 2023, Algorithm 4):
 `python -m act_lightning.edit task=inpaint|colorize|superres ckpt=PATH input=IMAGE_OR_DIR out=DIR`.
 
-Each task keeps a known part of the image y and lets the model fill in the rest. With the projection
-P(x) that replaces the known part of x by y's (Algorithm 4's A^-1[(Ay) (1 - Omega) + (Ax) Omega]):
-
-    x <- f(P(0) + tau_1 z, tau_1); x <- P(x)
-    for each later tau: x <- f(x + sqrt(tau^2 - sigma_min^2) z, tau); x <- P(x)
-
-- inpaint: the known part is a set of pixels (mask true = known). P(x) = mask y + (1 - mask) x; the known
-  pixels of the result are the input's exactly.
-- colorize: the known part is each pixel's grey level (the mean of its channels; A's first row is the grey
-  axis (1, 1, 1) / sqrt 3). P(x) = x + (grey(y) - grey(x)) in every channel.
-- superres (factor s): the known part is the mean of each s x s patch (A's first row on a patch is
-  uniform). P(x) = x + upsample(avgpool(y) - avgpool(x)); the result averaged over patches is the input.
-
-`edit(cfg)` is the command (tests call it); `main()` is the thin Hydra shell.
+Each task keeps a known part of the input images and lets the model fill in the rest: inpaint keeps a set
+of pixels (a mask image or all but a box), colorize each pixel's grey level, superres the mean of each
+factor x factor patch. The projections and the editing loop are in `act_lightning.samplers`
+(`inpaint_projection`, `colorize_projection`, `superres_projection`, `zero_shot_edit`); this module reads
+the images, runs them and writes the results. `edit(cfg)` is the command (tests call it); `main()` is the
+thin Hydra shell.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,60 +25,20 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from act_lightning.atomic import atomic_write
+from act_lightning.checkpoints import load_model
+from act_lightning.commands import CONFIG_DIR, resolve_device, write_npz
 from act_lightning.consistency import karras_sigmas
-from act_lightning.evaluate import load_model
 from act_lightning.sample import check_taus, image_noise, to_uint8
+from act_lightning.samplers import (
+    Projection,
+    colorize_projection,
+    inpaint_projection,
+    superres_projection,
+    zero_shot_edit,
+)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 TASKS = ("inpaint", "colorize", "superres")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-Projection = Callable[[Tensor], Tensor]
-
-
-# -- the known part of each task, as a projection -------------------------------------------------------
-
-
-def inpaint_projection(y: Tensor, mask: Tensor) -> Projection:
-    """mask (B, 1, H, W) or (B, H, W) bool, true = known pixel."""
-    mask = (mask if mask.ndim == 4 else mask.unsqueeze(1)).to(y.dtype)
-    return lambda x: mask * y + (1 - mask) * x
-
-
-def colorize_projection(y: Tensor) -> Projection:
-    grey = y.mean(1, keepdim=True)
-    return lambda x: x + (grey - x.mean(1, keepdim=True))
-
-
-def superres_projection(y: Tensor, factor: int) -> Projection:
-    low = F.avg_pool2d(y, factor)
-
-    def project(x: Tensor) -> Tensor:
-        return x + F.interpolate(low - F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
-
-    return project
-
-
-@torch.no_grad()
-def zero_shot_edit(
-    denoise: Callable[[Tensor, Tensor], Tensor],
-    project: Projection,
-    shape: tuple[int, ...],
-    taus: list[float],
-    sigma_min: float,
-    noise: Callable[[int], Tensor],
-) -> Tensor:
-    """Algorithm 4: `denoise(x, sigma (B,)) -> x0`, `project` keeps the known part, `taus` decrease from
-    sigma_max, `noise(step)` is the z of each step (B, C, H, W). Returns images in [-1, 1]."""
-    b = shape[0]
-    z = noise(0)
-    x = project(torch.zeros_like(z)) + taus[0] * z
-    x = project(denoise(x, x.new_full((b,), taus[0])).clamp(-1, 1))
-    for step, tau in enumerate(taus[1:], start=1):
-        x = x + math.sqrt(tau**2 - sigma_min**2) * noise(step)
-        x = project(denoise(x, x.new_full((b,), tau)).clamp(-1, 1))
-    return x.clamp(-1, 1)
 
 
 def default_taus(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]:
@@ -167,57 +117,23 @@ def read_mask(path: Path, size: int) -> Tensor:
 
 
 def edit(cfg: DictConfig) -> dict[str, Any]:
+    """Edits the images of `cfg.input` with the checkpoint `cfg.ckpt` and writes them to `cfg.out`;
+    returns a summary."""
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     model, run, _ = load_model(cfg.ckpt, device)
     h = model.hparams
     size, channels = int(run.data.image_size), int(run.data.channels)
     files = image_files(Path(cfg.input))
-    factor = int(cfg.factor)
-    if cfg.task == "superres":
-        if factor not in (2, 4) or size % factor:
-            raise ValueError(f"factor must be 2 or 4 and divide the image size {size}; got {factor}")
-        # low-resolution inputs (size / factor); full-size ones are averaged down first (demonstrations)
-        with Image.open(files[0]) as first_image:
-            first = first_image.size[0]
-        read_size = size // factor if first == size // factor else size
-        images = read_images(files, read_size, channels)
-    else:
-        images = read_images(files, size, channels)
-    if cfg.task == "colorize" and channels != 3:
-        raise ValueError(f"task=colorize needs a colour model; this one makes {channels}-channel images")
+    images = read_inputs(cfg, files, size, channels)
     y = images.float().to(device) / 127.5 - 1  # (N, C, h, w) in [-1, 1]
-
+    project, y, mask = task_projection(cfg, y, size)
+    taus = edit_taus(cfg, h)
     n = len(files)
-    mask = torch.zeros(n, size, size, dtype=torch.bool)  # true = a pixel kept exactly from the input
-    if cfg.task == "inpaint":
-        if cfg.mask is not None and cfg.box is not None:
-            raise ValueError("give either mask=PATH or box=[top,left,height,width], not both")
-        one = read_mask(Path(cfg.mask), size) if cfg.mask is not None else box_mask(size, _ints(cfg.box))
-        mask = one.expand(n, -1, -1).clone()
-        project = inpaint_projection(y, mask.to(device))
-    elif cfg.task == "colorize":
-        project = colorize_projection(y)
-    else:
-        if y.shape[-1] == size:
-            y = F.avg_pool2d(y, factor)
-        y = F.interpolate(y, scale_factor=factor, mode="nearest")
-        project = superres_projection(y, factor)
-
-    taus = [float(h.sigma_max), *check_taus(list(cfg.taus), h.sigma_min, h.sigma_max)] if cfg.taus else None
-    taus = taus or default_taus(int(cfg.steps), float(h.sigma_min), float(h.sigma_max), float(h.rho))
-    shape = (n, channels, size, size)
-    labels = None
-    if h.num_classes:
-        if cfg.class_label is None:
-            raise ValueError(f"this model is class-conditional ({h.num_classes} classes): give class_label=")
-        if not 0 <= int(cfg.class_label) < h.num_classes:
-            raise ValueError(f"class_label={cfg.class_label} out of range for {h.num_classes} classes")
-        labels = torch.full((n,), int(cfg.class_label), device=device)
+    labels = class_label(cfg.class_label, h.num_classes, n, device)
     net = model.target if cfg.net == "target" else model.generator
+    shape = (n, channels, size, size)
     result = zero_shot_edit(
         lambda x, sigma: model.denoise(net, x, sigma, labels),
         project,
@@ -226,26 +142,83 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         float(h.sigma_min),
         lambda step: image_noise(cfg.seed, range(n), shape[1:], stream=step).to(device),
     )
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     shown_input = project(torch.full(shape, -1.0, device=device)) if cfg.task == "inpaint" else y
-    payload = {
-        "input": images.permute(0, 2, 3, 1).numpy(),
-        "output": to_uint8(result.cpu()),
-        "mask": mask.numpy(),
-    }
-    buffer = io.BytesIO()
-    np.savez(buffer, **payload)
-    with atomic_write(out / "result.npz") as f:
-        f.write(buffer.getvalue())
+    out = Path(cfg.out)
+    write_results(out, images, result, mask, shown_input)
+    summary = {"task": cfg.task, "images": [str(f) for f in files], "taus": taus, "out": str(out)}
+    (out / "edit.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) -> Tensor:
+    """(N, C, h, w) uint8: the input images, at the model's size (superres: size / factor, or full size
+    to average down, for demonstrations), refused by name when they or the task do not fit the model."""
+    read_size = size
+    if cfg.task == "superres":
+        factor = int(cfg.factor)
+        if factor not in (2, 4) or size % factor:
+            raise ValueError(f"factor must be 2 or 4 and divide the image size {size}; got {factor}")
+        with Image.open(files[0]) as first_image:
+            if first_image.size[0] == size // factor:
+                read_size = size // factor
+    images = read_images(files, read_size, channels)
+    if cfg.task == "colorize" and channels != 3:
+        raise ValueError(f"task=colorize needs a colour model; this one makes {channels}-channel images")
+    return images
+
+
+def task_projection(cfg: DictConfig, y: Tensor, size: int) -> tuple[Projection, Tensor, Tensor]:
+    """The task's projection onto the known part of `y` (N, C, h, w in [-1, 1]), y at the model's size
+    (superres: upsampled) and the (N, size, size) bool mask of the pixels kept exactly (inpaint)."""
+    n = len(y)
+    mask = torch.zeros(n, size, size, dtype=torch.bool)  # true = a pixel kept exactly from the input
+    if cfg.task == "inpaint":
+        if cfg.mask is not None and cfg.box is not None:
+            raise ValueError("give either mask=PATH or box=[top,left,height,width], not both")
+        one = read_mask(Path(cfg.mask), size) if cfg.mask is not None else box_mask(size, _ints(cfg.box))
+        mask = one.expand(n, -1, -1).clone()
+        return inpaint_projection(y, mask.to(y.device)), y, mask
+    if cfg.task == "colorize":
+        return colorize_projection(y), y, mask
+    factor = int(cfg.factor)
+    if y.shape[-1] == size:
+        y = F.avg_pool2d(y, factor)
+    y = F.interpolate(y, scale_factor=factor, mode="nearest")
+    return superres_projection(y, factor), y, mask
+
+
+def edit_taus(cfg: DictConfig, h) -> list[float]:
+    """sigma_max and `cfg.taus` after it, or `cfg.steps` levels down the Karras grid."""
+    if cfg.taus:
+        return [float(h.sigma_max), *check_taus(list(cfg.taus), h.sigma_min, h.sigma_max)]
+    return default_taus(int(cfg.steps), float(h.sigma_min), float(h.sigma_max), float(h.rho))
+
+
+def class_label(label: int | None, num_classes: int | None, n: int, device) -> Tensor | None:
+    """`label` for each of the n images of a class-conditional model (None for an unconditional one)."""
+    if not num_classes:
+        return None
+    if label is None:
+        raise ValueError(f"this model is class-conditional ({num_classes} classes): give class_label=")
+    if not 0 <= int(label) < num_classes:
+        raise ValueError(f"class_label={label} out of range for {num_classes} classes")
+    return torch.full((n,), int(label), device=device)
+
+
+def write_results(out: Path, images: Tensor, result: Tensor, mask: Tensor, shown_input: Tensor) -> None:
+    """out/result.npz (input, output, mask) and out/panels.png (each input beside its result)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_npz(
+        out / "result.npz",
+        input=images.permute(0, 2, 3, 1).numpy(),
+        output=to_uint8(result.cpu()),
+        mask=mask.numpy(),
+    )
+    n, size = len(result), result.shape[-1]
     panels = torch.stack([shown_input.cpu(), result.cpu()], 1).flatten(0, 1)  # input, output, input, ...
     if size < 64:
         panels = F.interpolate(panels, scale_factor=math.ceil(64 / size), mode="nearest")
     save_image(make_grid((panels + 1) / 2, nrow=2 * min(n, 4), padding=2, pad_value=1.0), out / "panels.png")
-    summary = {"task": cfg.task, "images": [str(f) for f in files], "taus": taus, "out": str(out)}
-    (out / "edit.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def _ints(values) -> list[int] | None:

@@ -1,19 +1,38 @@
-"""Samplers of a consistency function f(x, sigma) -> x_0 (Song et al. 2023, Algorithm 1).
+"""Samplers of a consistency function f(x, sigma) -> x_0 (Song et al. 2023, Algorithms 1 and 4).
 
 `denoise(x, sigma)` takes a batch and a (B,) tensor of noise levels and returns clean images; samplers
 run under `no_grad` and clip to [-1, 1] after every step, as the reference does.
+
+- `multistep` (Algorithm 1): one step from sigma_max, then one per later noise level.
+- `zero_shot_edit` (Algorithm 4): the same steps, each followed by a projection P(x) that keeps the known
+  part of an image y (A^-1[(Ay) (1 - Omega) + (Ax) Omega]):
+
+      x <- f(P(0) + tau_1 z, tau_1); x <- P(x)
+      for each later tau: x <- f(x + sqrt(tau^2 - sigma_min^2) z, tau); x <- P(x)
+
+  The projections of the three editing tasks:
+  - inpaint: the known part is a set of pixels (mask true = known). P(x) = mask y + (1 - mask) x; the
+    known pixels of the result are the input's exactly.
+  - colorize: the known part is each pixel's grey level (the mean of its channels; A's first row is the
+    grey axis (1, 1, 1) / sqrt 3). P(x) = x + (grey(y) - grey(x)) in every channel.
+  - superres (factor s): the known part is the mean of each s x s patch (A's first row on a patch is
+    uniform). P(x) = x + upsample(avgpool(y) - avgpool(x)); the result averaged over patches is the
+    input.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from act_lightning.consistency import append_dims
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+Projection = Callable[[Tensor], Tensor]
 
 
 @torch.no_grad()
@@ -43,3 +62,47 @@ def multistep(
         x_tau = x + append_dims(noise.new_full((b,), (tau**2 - sigma_min**2) ** 0.5), x.ndim) * z
         x = denoise(x_tau, noise.new_full((b,), tau)).clamp(-1, 1)
     return x
+
+
+# -- zero-shot editing ----------------------------------------------------------------------------------
+
+
+def inpaint_projection(y: Tensor, mask: Tensor) -> Projection:
+    """mask (B, 1, H, W) or (B, H, W) bool, true = known pixel."""
+    mask = (mask if mask.ndim == 4 else mask.unsqueeze(1)).to(y.dtype)
+    return lambda x: mask * y + (1 - mask) * x
+
+
+def colorize_projection(y: Tensor) -> Projection:
+    grey = y.mean(1, keepdim=True)
+    return lambda x: x + (grey - x.mean(1, keepdim=True))
+
+
+def superres_projection(y: Tensor, factor: int) -> Projection:
+    low = F.avg_pool2d(y, factor)
+
+    def project(x: Tensor) -> Tensor:
+        return x + F.interpolate(low - F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
+
+    return project
+
+
+@torch.no_grad()
+def zero_shot_edit(
+    denoise: Denoiser,
+    project: Projection,
+    shape: tuple[int, ...],
+    taus: list[float],
+    sigma_min: float,
+    noise: Callable[[int], Tensor],
+) -> Tensor:
+    """Algorithm 4: `denoise(x, sigma (B,)) -> x0`, `project` keeps the known part, `taus` decrease from
+    sigma_max, `noise(step)` is the z of each step (B, C, H, W). Returns images in [-1, 1]."""
+    b = shape[0]
+    z = noise(0)
+    x = project(torch.zeros_like(z)) + taus[0] * z
+    x = project(denoise(x, x.new_full((b,), taus[0])).clamp(-1, 1))
+    for step, tau in enumerate(taus[1:], start=1):
+        x = x + math.sqrt(tau**2 - sigma_min**2) * noise(step)
+        x = project(denoise(x, x.new_full((b,), tau)).clamp(-1, 1))
+    return x.clamp(-1, 1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from act_lightning.edit import colorize_projection, inpaint_projection, superres_projection
+from act_lightning.samplers import colorize_projection, inpaint_projection, superres_projection
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose
 
