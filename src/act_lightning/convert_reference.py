@@ -15,13 +15,15 @@ imagenet64, 6: lsun_cat256) unless given. The file is read with torch's safe loa
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
 
 from act_lightning.atomic import atomic_write
+from act_lightning.checkpoints import read_checkpoint
+from act_lightning.commands import CONFIG_DIR
 
 PREFIXES = {  # reference prefix -> this library's
     "model.unet.": "generator.unet.",
@@ -30,21 +32,16 @@ PREFIXES = {  # reference prefix -> this library's
 }
 IGNORED = ("model_ema._discriminator.",)  # an unused copy in the CIFAR-10 file
 LEVELS = {4: "cifar10", 5: "imagenet64", 6: "lsun_cat256"}
-USAGE = "usage: python -m act_lightning.convert_reference CKPT OUT [experiment=NAME key=value ...]"
+PICKLED = (  # what read_checkpoint says when the safe loader refuses the file ({{ }}: literal braces)
+    "cannot be read with torch's safe loader ({kind}): it holds pickled Python objects besides tensors. In "
+    "an environment you trust, keep only the weights with torch.save({{'state_dict': torch.load(CKPT, "
+    "weights_only=False)['state_dict']}}, 'weights.ckpt') and convert that file."
+)
 
 
 def read_reference(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"CKPT={path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"CKPT={path}: cannot be read with torch's safe loader ({type(err).__name__}): it holds pickled "
-            "Python objects besides tensors. In an environment you trust, keep only the weights with "
-            "torch.save({'state_dict': torch.load(CKPT, weights_only=False)['state_dict']}, 'weights.ckpt') "
-            "and convert that file."
-        ) from err
+    """The reference checkpoint's state dict (its `state_dict`, or the file itself when it is one)."""
+    checkpoint = read_checkpoint(path, "CKPT", unreadable=PICKLED)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("model.unet.") for k in state):
         raise ValueError(f"CKPT={path}: not a reference ACT checkpoint (no model.unet.* weights)")
@@ -60,6 +57,8 @@ def detect_experiment(state: dict[str, torch.Tensor]) -> str:
 
 
 def convert(ckpt: str | Path, out: str | Path, overrides: list[str] | None = None) -> dict:
+    """Converts the reference checkpoint `ckpt` into `out` (see the module docstring); `overrides` are
+    the training config's, as for act_lightning.train."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -68,42 +67,11 @@ def convert(ckpt: str | Path, out: str | Path, overrides: list[str] | None = Non
     overrides = list(overrides or [])
     if not any(o.startswith("experiment=") for o in overrides):
         overrides.insert(0, f"experiment={detect_experiment(state)}")
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(str(conf), version_base="1.3"):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "run_dir=converted"])
     model = instantiate(cfg.model, distance="l2", channels_last=False)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("distance.")}
-
-    converted, unknown, misshaped = {}, [], []
-    for key, value in state.items():
-        prefix = next((p for p in PREFIXES if key.startswith(p)), None)
-        if prefix is None:
-            if not key.startswith(IGNORED):
-                unknown.append(key)
-            continue
-        name = PREFIXES[prefix] + key[len(prefix) :]
-        if name not in own:
-            unknown.append(key)
-        elif own[name].shape != value.shape:
-            misshaped.append(f"{key} {tuple(value.shape)} (expected {tuple(own[name].shape)})")
-        else:
-            converted[name] = value
-    networks = [k for k in own if k.startswith(("generator.", "target.", "discriminator."))]
-    missing = [k for k in networks if k not in converted]
-    problems = [
-        (
-            f"unknown keys: {', '.join(unknown[:8])}"
-            + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-        )
-        if unknown
-        else "",
-        f"mis-shaped keys: {', '.join(misshaped[:8])}" if misshaped else "",
-        f"missing keys: {', '.join(missing[:8])}"
-        + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        if missing
-        else "",
-    ]
-    problems = [p for p in problems if p]
+    converted, problems = rename_keys(state, own)
     if problems:
         raise ValueError(
             f"CKPT={ckpt} does not match experiment {cfg.experiment_name}'s networks: " + "; ".join(problems)
@@ -121,13 +89,61 @@ def convert(ckpt: str | Path, out: str | Path, overrides: list[str] | None = Non
     return {"experiment": cfg.experiment_name, "tensors": len(converted), "out": str(out)}
 
 
+def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """The reference tensors under this library's names, and the problems: keys of `state` that have no
+    place in `own` (unknown) or the wrong shape (mis-shaped), and networks' keys of `own` it lacks
+    (missing), each listed by name."""
+    converted, unknown, misshaped = {}, [], []
+    for key, value in state.items():
+        prefix = next((p for p in PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            if not key.startswith(IGNORED):
+                unknown.append(key)
+            continue
+        name = PREFIXES[prefix] + key[len(prefix) :]
+        if name not in own:
+            unknown.append(key)
+        elif own[name].shape != value.shape:
+            misshaped.append(f"{key} {tuple(value.shape)} (expected {tuple(own[name].shape)})")
+        else:
+            converted[name] = value
+    networks = [k for k in own if k.startswith(("generator.", "target.", "discriminator."))]
+    missing = [k for k in networks if k not in converted]
+    problems = [
+        f"{kind} keys: {', '.join(keys[:8])}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        for kind, keys in (("unknown", unknown), ("mis-shaped", misshaped), ("missing", missing))
+        if keys
+    ]
+    return converted, problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m act_lightning.convert_reference",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("ckpt", metavar="CKPT", help="a checkpoint written by the reference code")
+    parser.add_argument("out", metavar="OUT", help="the checkpoint to write")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of the training config, as for act_lightning.train: experiment=NAME (recognised "
+        "from the generator when not given), debug=smoke, data=synthetic ...",
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv) or len([a for a in argv if "=" not in a]) != 2:
-        print(USAGE + "\n\n" + __doc__.split("\n\n", 1)[1])
-        return 0 if any(a in ("-h", "--help") for a in argv) else 2
-    ckpt, out = [a for a in argv if "=" not in a]
-    summary = convert(ckpt, out, [a for a in argv if "=" in a])
+    """`python -m act_lightning.convert_reference CKPT OUT [experiment=NAME key=value ...]`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"{', '.join(bad)}: after CKPT and OUT, only key=value overrides")
+    summary = convert(args.ckpt, args.out, args.overrides)
     print(f"{summary['tensors']} tensors of experiment {summary['experiment']} written to {summary['out']}")
     return 0
 

@@ -10,7 +10,8 @@ Writes the checkpoint's target generator (the network the paper samples) as
 
 so the folder can be uploaded to the Hub as it is. `act_lightning.load_generator(DIR)` rebuilds the
 consistency function from the first two files with torch, safetensors and diffusers only (no Lightning,
-no Hydra) and samples in one or more steps.
+no Hydra) and samples in one or more steps. `export(ckpt, out)` is a plain function (tests call it);
+`main()` is the thin Hydra shell (Hydra is imported by it only: loading an export needs no Hydra).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from act_lightning.checkpoints import checkpoint_iteration, load_model
+from act_lightning.commands import CONFIG_DIR
 from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
 from act_lightning.samplers import multistep
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 FORMAT = "act-lightning/generator"
 CONSTANTS = ("sigma_min", "sigma_max", "sigma_data", "rho", "c_noise")
 
@@ -190,8 +192,6 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Writes the checkpoint's target generator into `out` (see the module docstring)."""
     from omegaconf import OmegaConf
 
-    from act_lightning.evaluate import load_model
-
     model, run, checkpoint = load_model(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "generator": generator_args,
         "consistency": constants,
         "num_classes": h.num_classes,
-        "iteration": int(checkpoint["state_dict"]["iteration"]),
+        "iteration": checkpoint_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -233,18 +233,18 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     return {"out": str(out), "iteration": config["iteration"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m act_lightning.export ckpt=PATH out=DIR`."""
-    import sys
+def main() -> None:
+    """`python -m act_lightning.export ckpt=PATH out=DIR` (conf/export.yaml)."""
+    import hydra
+    from omegaconf import DictConfig
 
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    if set(args) != {"ckpt", "out"} or any(a in ("-h", "--help") for a in (argv or sys.argv[1:])):
-        print("usage: python -m act_lightning.export ckpt=PATH out=DIR\n\n" + __doc__.split("\n\n", 1)[1])
-        return 0 if any(a in ("-h", "--help") for a in (argv or sys.argv[1:])) else 2
-    summary = export(args["ckpt"], args["out"])
-    print(f"exported iteration {summary['iteration']} to {summary['out']}")
-    return 0
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+    def run(cfg: DictConfig) -> None:
+        summary = export(cfg.ckpt, cfg.out)
+        print(f"exported iteration {summary['iteration']} to {summary['out']}")
+
+    run()
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

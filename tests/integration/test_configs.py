@@ -197,9 +197,6 @@ GROUP_CASES = {  # config file -> the overrides that select it (with what instan
 }
 COVERED_ELSEWHERE = {  # composed and instantiated by the tests named here
     "train.yaml": "every case here",
-    "evaluate.yaml": "tests/integration/test_evaluation.py (the evaluate CLI)",
-    "sample.yaml": "tests/integration/test_sample.py (the sample CLI)",
-    "edit.yaml": "tests/integration/test_edit.py (the edit CLI)",
     **{
         f"experiment/{e}.yaml": "test_experiment_composes_and_instantiates_in_smoke_size" for e in EXPERIMENTS
     },
@@ -219,9 +216,36 @@ COVERED_ELSEWHERE = {  # composed and instantiated by the tests named here
 }
 
 
+# The other commands' configs: their mandatory options, as the command line gives them. Their tests
+# (test_evaluation.py, test_sample.py, test_edit.py, test_export.py) run each command with its config.
+COMMAND_CASES = {
+    "evaluate.yaml": ["ckpt=run/checkpoints/best.ckpt"],
+    "sample.yaml": ["ckpt=run/checkpoints/best.ckpt"],
+    "edit.yaml": ["ckpt=run/checkpoints/best.ckpt", "input=images/"],
+    "export.yaml": ["ckpt=run/checkpoints/best.ckpt", "out=exported"],
+}
+
+
 def test_every_config_file_is_covered():
     files = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
-    assert files == set(GROUP_CASES) | set(COVERED_ELSEWHERE)
+    assert files == set(GROUP_CASES) | set(COMMAND_CASES) | set(COVERED_ELSEWHERE)
+
+
+@pytest.mark.parametrize("path", sorted(COMMAND_CASES))
+def test_command_config_composes_with_its_mandatory_options(path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    name = path.removesuffix(".yaml")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose(name, overrides=COMMAND_CASES[path], return_hydra_config=True)
+    help_ = cfg.hydra.help
+    assert help_.app_name == f"act_lightning.{name}"
+    assert help_.template.startswith(f"python -m act_lightning.{name} ") and "$CONFIG" in help_.template
+    assert not cfg.hydra.job.chdir  # relative paths are the user's
+    assert not [key for key in cfg if OmegaConf.is_missing(cfg, key)]  # the mandatory options: as listed
+    assert "model" not in cfg  # the training options are not this command's
 
 
 @pytest.mark.parametrize("path", sorted(GROUP_CASES))

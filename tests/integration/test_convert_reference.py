@@ -10,8 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from act_lightning.checkpoints import load_model
 from act_lightning.convert_reference import convert
-from act_lightning.evaluate import load_model
 from act_lightning.train import train
 from tests.conftest import ROOT, compose
 

@@ -24,6 +24,7 @@ def exported(tmp_path_factory):
     ckpt = root / "run" / "checkpoints" / "last.ckpt"
     out = root / "exported"
     cmd = [sys.executable, "-m", "act_lightning.export", f"ckpt={ckpt}", f"out={out}"]
+    cmd += [f"hydra.run.dir={root / 'hydra'}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return ckpt, out
@@ -85,3 +86,14 @@ def test_a_folder_that_is_not_an_export_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json: missing; .* not a folder written by"):
         load_generator(tmp_path)
+
+
+def test_the_command_names_a_missing_option_and_a_missing_checkpoint(tmp_path):
+    cmd = [sys.executable, "-m", "act_lightning.export", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = subprocess.run([*cmd, f"out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Missing mandatory value: ckpt" in result.stderr, result.stderr[-2000:]
+    missing = tmp_path / "nope.ckpt"
+    args = [f"ckpt={missing}", f"out={tmp_path / 'out'}"]
+    result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert f"ckpt={missing}: no such checkpoint file" in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
