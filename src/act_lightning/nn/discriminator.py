@@ -1,21 +1,13 @@
 """The discriminator D(x, c_noise, y): the reference encoder built from diffusers blocks
-(docs/algorithm.md, section 10).
-
-Construction that reproduces the reference parameter counts (docs/algorithm.md, section 8), found by
-counting the variants (with / without `to_logit_fx`, a downsampler on the last block, mid-block attention):
-`to_logit_fx` counted, no downsampler on the last block (as in UNet2DModel's encoder), mid-block attention
-on, `conv_norm_out` only for CIFAR-10. That gives 17.977M / 53.902M / 56.985M against 17.98M / 53.90M /
-56.99M (dropping `to_logit_fx` would round LSUN Cat to 56.98M; a last downsampler adds 3-4%; no mid-block
-attention removes 1.5-2%).
+(docs/algorithm.md, section 10, which also says how its construction matches the reference's parameter
+counts).
 
 R1 differentiates D's input gradient once more (`create_graph=True`), so the R1 pass runs diffusers'
-classic `AttnProcessor` (baddbmm + softmax + bmm), which supports double backward on every device and
-dtype (its softmax runs in float32). `AttnProcessor2_0` calls `F.scaled_dot_product_attention`, whose
-flash, memory-efficient and cuDNN CUDA kernels and fused CPU kernel have no double backward (checked:
-torch 2.11 on an H100 under fp16 autocast picks cuDNN and fails; torch 2.14 on CPU fails too). After
-`use_fast_attention(True)` every other pass uses the fused kernel and `double_backward_safe()` switches to the
-classic one around the R1 pass; with False (the reference's straightforward path) every pass is classic.
-The generator always keeps the fast path: nothing differentiates it twice.
+classic `AttnProcessor`, which supports double backward on every device and dtype; the fused
+`AttnProcessor2_0` does not (docs/performance.md). After `use_fast_attention(True)` every other pass uses
+the fused kernel and `double_backward_safe()` switches to the classic one around the R1 pass; with False
+(the reference's straightforward path) every pass is classic. The generator always keeps the fast path:
+nothing differentiates it twice.
 """
 
 from __future__ import annotations
@@ -30,6 +22,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import Tensor, nn
 
+from act_lightning.compat import eager_forward
 from act_lightning.nn.generator import scaled_widths
 
 
@@ -128,13 +121,11 @@ class Discriminator(nn.Module):
     def double_backward_safe(self) -> Iterator[None]:
         """Within: every attention layer runs the classic processor, and a compiled forward (`compile()`)
         runs eagerly: the R1 pass differentiates D twice, which neither supports."""
-        compiled = self._compiled_call_impl
-        self._compiled_call_impl = None
         self._set_processors(self._classic)
         try:
-            yield
+            with eager_forward(self):
+                yield
         finally:
-            self._compiled_call_impl = compiled
             self._set_processors(self._fused if self.fast_attention else self._classic)
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:

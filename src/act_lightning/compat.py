@@ -1,0 +1,53 @@
+"""Every place this library relies on another library's private internals, in one module. Each has a
+test in tests/unit/test_compat.py that fails when the library underneath changes it."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from torch import nn
+
+
+@contextmanager
+def eager_forward(module: nn.Module) -> Iterator[None]:
+    """Within, a module compiled in place (`module.compile()`) runs its eager forward. torch keeps the
+    compiled forward in the private `_compiled_call_impl` (torch >= 2.2); the R1 pass differentiates the
+    discriminator twice, which compiled graphs do not support."""
+    compiled = module._compiled_call_impl
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
+class ResumableExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv in its private `_check_log_dir_exists`,
+    called from its constructor. This one keeps the rows up to `resume_step` (the resumed checkpoint's
+    iteration; rows after it are logged again by the resumed run) and drops the rest; with
+    `resume_step=None` (a fresh run) it starts a new file."""
+
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = self.metrics_file_path
+        if not os.path.isfile(path):
+            return
+        if self._resume_step is None:
+            os.remove(path)
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [row for row in reader if row.get("step") and int(float(row["step"])) <= self._resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = keys  # appending needs the header that is on disk

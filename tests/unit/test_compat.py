@@ -1,0 +1,55 @@
+"""The private internals of other libraries this library relies on (act_lightning.compat): each test fails
+when the library underneath changes what the shim relies on."""
+
+import csv
+
+import torch
+from torch import nn
+
+from act_lightning.compat import ResumableExperimentWriter, eager_forward
+
+
+def test_eager_forward_runs_a_module_compiled_in_place_without_its_compiled_forward():
+    compilations = []
+
+    def backend(graph_module, example_inputs):
+        compilations.append(len(example_inputs))
+        return graph_module.forward
+
+    net = nn.Linear(2, 2)
+    net.compile(backend=backend)
+    assert net._compiled_call_impl is not None  # where torch keeps the forward that `compile()` made
+    net(torch.ones(1, 2))
+    assert len(compilations) == 1
+    with eager_forward(net):
+        assert net._compiled_call_impl is None
+        out = net(torch.ones(3, 2))  # a new shape: a compiled forward would compile again here
+    assert len(compilations) == 1 and out.shape == (3, 2)
+    assert net._compiled_call_impl is not None  # restored
+
+
+def _write_rows(path, steps):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "train/loss_g"])
+        writer.writeheader()
+        writer.writerows({"step": k, "train/loss_g": 0.5 * k} for k in steps)
+
+
+def test_the_csv_writer_keeps_the_rows_up_to_the_resumed_iteration(tmp_path):
+    # Lightning's ExperimentWriter calls `_check_log_dir_exists` from its constructor and deletes the file
+    # there; the override must be the one that runs
+    _write_rows(tmp_path / "metrics.csv", range(1, 6))
+    writer = ResumableExperimentWriter(str(tmp_path), resume_step=3)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    assert writer.metrics_keys == ["step", "train/loss_g"]
+    writer.log_metrics({"train/loss_g": 2.0}, step=4)
+    writer.save()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+
+
+def test_a_fresh_run_starts_a_new_csv_file(tmp_path):
+    _write_rows(tmp_path / "metrics.csv", range(1, 6))
+    ResumableExperimentWriter(str(tmp_path), resume_step=None)
+    assert not (tmp_path / "metrics.csv").exists()
