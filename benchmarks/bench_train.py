@@ -59,15 +59,16 @@ FAST: list[str] = []  # the library's defaults
 BF16 = ["trainer.precision=bf16-mixed"]
 # Each option alone on top of the baseline: what it buys by itself.
 OPTIONS = {
-    "channels_last": ["model.channels_last=true"],
-    "fast_attention": ["model.fast_attention=true"],
-    "foreach_ema": ["model.foreach_ema=true"],
-    "joint_d_pass": ["model.joint_d_pass=true"],
-    "lazy_augment": ["model.lazy_augment=true"],
-    "no_log_sync": ["model.sync_logs=false"],
+    "channels_last": ["model.speed.channels_last=true"],
+    "fast_attention": ["model.speed.fast_attention=true"],
+    "foreach_ema": ["model.speed.foreach_ema=true"],
+    "joint_d_pass": ["model.speed.joint_d_pass=true"],
+    "lazy_augment": ["model.speed.lazy_augment=true"],
+    "no_log_sync": ["model.speed.sync_logs=false"],
     "foreach_optimizers": ["model.optimizer.foreach=true", "model.d_optimizer.foreach=true"],
     "tf32": ["tf32=true"],  # GPUs only
-    "compile": ["model.compile=true"],  # GPUs only unless --compile: minutes of code generation on a CPU
+    # GPUs only unless --compile: minutes of code generation on a CPU
+    "compile": ["model.speed.compile=true"],
 }
 PEAK_TFLOPS = {  # dense tensor-core peaks (NVIDIA data sheets, SXM parts): (fp32, tf32, bf16)
     "H100": (67.0, 494.7, 989.4),
@@ -366,7 +367,7 @@ def main() -> None:
     parser.add_argument("--options", nargs="*", choices=list(OPTIONS), default=None, help="options to ablate")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="the defaults only")
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window of sampling/FID rates")
-    parser.add_argument("--compile", action="store_true", help="also measure model.compile on the CPU")
+    parser.add_argument("--compile", action="store_true", help="also measure model.speed.compile on the CPU")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip CPU memory probes")
     parser.add_argument("--no-flops", dest="flops", action="store_false")

@@ -2,7 +2,7 @@
 sections 1, 2 and 4).
 
 Pure functions of tensors and numbers, and `ConsistencySchedule`, which answers every schedule question
-of one run (sigmas(N), N(k), mu(N), w(t) and lambda(t)) from its flat hyper-parameters. No Lightning,
+of one run (sigmas(N), N(k), mu(N), w(t) and lambda(t)) from its hyper-parameters. No Lightning,
 no Hydra, no state that changes during training.
 """
 
@@ -108,6 +108,21 @@ def lognormal_index_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2
     return (mass / mass.sum()).float()
 
 
+def check_iterations(iterations: object) -> int:
+    """K, the number of ACT iterations the curriculum spans: a positive integer (the key `iterations`)."""
+    _require(
+        isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1,
+        f"iterations must be a positive integer (ACT iterations K), got {iterations!r}",
+    )
+    return iterations
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+PREFIX = "model.schedule"  # where the schedule's keys live in the training config
 CURRICULA = ("sqrt", "exponential")  # N(k): ACT's (and Song et al. 2023's) square root | iCT's doubling
 NOISE_SAMPLING = ("uniform", "lognormal")  # j: uniform (ACT) | iCT's discretised log-normal
 TEACHERS = ("ema", "online")  # theta^-: the EMA with decay mu(N) (ACT) | stop_grad(theta) (iCT)
@@ -115,7 +130,8 @@ TEACHERS = ("ema", "online")  # theta^-: the EMA with decay mu(N) (ACT) | stop_g
 
 @dataclass(frozen=True)
 class ConsistencySchedule:
-    """Every schedule question of one run, answered from the flat hyper-parameters (docs/algorithm.md).
+    """Every schedule question of one run, answered from its hyper-parameters, the keys of `model.schedule`
+    (docs/algorithm.md).
 
     `num_scales(k, K)` is N(k), `sigmas(N)` the Karras grid t_0 < ... < t_{N-1}, `target_ema(N)` the
     target network's decay mu, `weight(t, N)` the time weighting w(t) of the adversarial terms and
@@ -144,15 +160,30 @@ class ConsistencySchedule:
     teacher: str = "ema"
 
     def __post_init__(self) -> None:
+        """Every range check of the schedule, named by its key, when the schedule is built (Hydra builds it
+        from `model.schedule` before the module, and `train` before anything else)."""
         for key, value, allowed in (
             ("curriculum", self.curriculum, CURRICULA),
             ("noise_sampling", self.noise_sampling, NOISE_SAMPLING),
             ("teacher", self.teacher, TEACHERS),
         ):
-            if value not in allowed:
-                raise ValueError(f"model.{key} must be one of {', '.join(allowed)}; got {value!r}")
-        if not self.p_std > 0:
-            raise ValueError(f"model.p_std must be positive, got {self.p_std}")
+            _require(value in allowed, f"{PREFIX}.{key} must be one of {', '.join(allowed)}; got {value!r}")
+        _require(self.p_std > 0, f"{PREFIX}.p_std must be positive, got {self.p_std}")
+        _require(
+            0 < self.sigma_min < self.sigma_max,
+            f"need 0 < {PREFIX}.sigma_min < {PREFIX}.sigma_max, got {self.sigma_min}, {self.sigma_max}",
+        )
+        _require(self.bins_min >= 2, f"{PREFIX}.bins_min must be >= 2, got {self.bins_min}")
+        _require(
+            self.bins_min <= self.bins_max,
+            f"{PREFIX}.bins_min ({self.bins_min}) must not exceed {PREFIX}.bins_max ({self.bins_max})",
+        )
+        _require(0 < self.mu0 < 1, f"{PREFIX}.mu0 must lie in (0, 1), got {self.mu0}")
+        _require(0 <= self.gan_ratio <= 1, f"{PREFIX}.gan_ratio must lie in [0, 1], got {self.gan_ratio}")
+        _require(
+            self.mid_weight is None or 0 < self.mid_weight <= 1,
+            f"{PREFIX}.mid_weight must be null (w(t) = 1) or in (0, 1], got {self.mid_weight}",
+        )
 
     def num_scales(self, iteration: int, iterations: int) -> int:
         """N(k) at ACT iteration k of K."""

@@ -23,8 +23,8 @@ ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
 EXPECTED_SWEEPS = {  # the ablations (a) to (e): what each one sweeps
     "ct_vs_act": {"seed": "0,1,2", "variant": "act,ct,ct_equal_time"},
-    "gan_ratio": {"model.gan_ratio": "0,0.1,0.3,0.5"},
-    "curriculum": {"model.bins_max": "10,20,40", "model.sigma_max": "10,20,80"},
+    "gan_ratio": {"model.schedule.gan_ratio": "0,0.1,0.3,0.5"},
+    "curriculum": {"model.schedule.bins_max": "10,20,40", "model.schedule.sigma_max": "10,20,80"},
     "augmentation": {"model.r1_threshold": "1e9,1.0,0.0"},
     "options": {"variant": "act,lognormal,exponential,online_teacher,dropout,shared_dropout,l2,ict"},
 }

@@ -27,12 +27,15 @@ def _best(job_dir) -> float:
 
 def test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_configs(tmp_path):
     result = run_multirun(
-        ["model.gan_ratio=0,0.3", "logger=wandb", "debug=smoke", "data=synthetic"], tmp_path
+        ["model.schedule.gan_ratio=0,0.3", "logger=wandb", "debug=smoke", "data=synthetic"], tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [read_run(tmp_path / str(job)) for job in (0, 1)]  # exactly one offline W&B run per job folder
     for run, ratio in zip(runs, (0, 0.3)):
-        assert run["name"] == f"quickstart[data=synthetic,debug=smoke,logger=wandb,model.gan_ratio={ratio}]"
+        assert (
+            run["name"]
+            == f"quickstart[data=synthetic,debug=smoke,logger=wandb,model.schedule.gan_ratio={ratio}]"
+        )
         assert run["group"] == "quickstart"
         assert run["config"]["model"]["gan_ratio"] == ratio  # its own config, not the other job's
         fd_rows = [row for row in run["history"] if "val/fd" in row]
@@ -59,7 +62,13 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
     found = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     values = [_best(tmp_path / str(job)) for job in (0, 1)]
     assert found["best_value"] == pytest.approx(min(values))  # what train() returned, minimised
-    assert set(found["best_params"]) == {"model.gan_ratio", "model.optimizer.lr", "model.d_optimizer.lr"}
+    assert set(found["best_params"]) == {
+        "model.schedule.gan_ratio",
+        "model.optimizer.lr",
+        "model.d_optimizer.lr",
+    }
     for job in (0, 1):
         overrides = yaml.safe_load((tmp_path / str(job) / ".hydra" / "overrides.yaml").read_text())
-        assert any(o.startswith("model.gan_ratio=") for o in overrides)  # each trial its own settings
+        assert any(
+            o.startswith("model.schedule.gan_ratio=") for o in overrides
+        )  # each trial its own settings

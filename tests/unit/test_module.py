@@ -2,71 +2,38 @@
 
 import copy
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from act_lightning import consistency as cm
-from act_lightning.module import GUARDED_TERMS, ACTModule
-
-SMALL = ["debug=smoke", "data=synthetic", "data.batch_size=4"]
-
-
-def _params(module):
-    return [p.detach().clone() for p in module.parameters()]
-
-
-def _trainer(**kwargs):
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        **kwargs,
-    )
-
-
-def _fit_one(cfg, model=None, **trainer_kwargs):
-    L.seed_everything(0)
-    dm = instantiate(cfg.data)
-    model = instantiate(cfg.model) if model is None else model
-    before = {
-        "gen": _params(model.generator),
-        "target": _params(model.target),
-        "disc": _params(model.discriminator) if model.discriminator is not None else None,
-    }
-    trainer = _trainer(**trainer_kwargs)
-    trainer.fit(model, datamodule=dm)
-    return model, before, trainer
+from act_lightning.divergence import GUARDED_TERMS
+from act_lightning.module import ACTModule
+from tests.helpers_training import SMALL, fit, params
 
 
 def test_one_iteration_moves_g_and_d_and_the_target_by_the_exact_decay(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=1", "model.r1_threshold=1e9"])
-    model, before, trainer = _fit_one(cfg)
+    model, before, trainer = fit(cfg)
     assert model.k == 1 and int(model.iteration) == 1
     assert trainer.global_step == 2  # Lightning counts both optimiser steps; the schedule does not
 
-    gen_after = _params(model.generator)
+    gen_after = params(model.generator)
     assert any(not torch.equal(a, b) for a, b in zip(before["gen"], gen_after))
-    assert any(not torch.equal(a, b) for a, b in zip(before["disc"], _params(model.discriminator)))
+    assert any(not torch.equal(a, b) for a, b in zip(before["disc"], params(model.discriminator)))
 
     # k = 0: N(0) = bins_min = 2, mu = exp(2 ln(mu0) / 1) = mu0^2; the target started equal to G
     mu = cm.target_ema_decay(
-        cm.num_scales(0.0, cfg.model.bins_min, cfg.model.bins_max), cfg.model.bins_min, cfg.model.mu0
+        cm.num_scales(0.0, cfg.model.schedule.bins_min, cfg.model.schedule.bins_max),
+        cfg.model.schedule.bins_min,
+        cfg.model.schedule.mu0,
     )
-    assert mu == pytest.approx(cfg.model.mu0**2)
+    assert mu == pytest.approx(cfg.model.schedule.mu0**2)
     assert trainer.callback_metrics["train/target_ema"].item() == pytest.approx(mu)
     assert trainer.callback_metrics["train/num_scales"].item() == 2
-    for t0, g1, t1 in zip(before["target"], gen_after, _params(model.target)):
+    for t0, g1, t1 in zip(before["target"], gen_after, params(model.target)):
         torch.testing.assert_close(t1, mu * t0 + (1 - mu) * g1, rtol=1e-6, atol=1e-7)
-    assert any(not torch.equal(t0, t1) for t0, t1 in zip(before["target"], _params(model.target)))
+    assert any(not torch.equal(t0, t1) for t0, t1 in zip(before["target"], params(model.target)))
 
 
 class _WatchesDiscriminatorGradients(ACTModule):
@@ -80,23 +47,23 @@ class _WatchesDiscriminatorGradients(ACTModule):
 def test_the_generators_loss_gives_the_discriminator_no_gradient(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=1"])
     model = instantiate(cfg.model, _target_=f"{__name__}._WatchesDiscriminatorGradients")
-    model, _, _ = _fit_one(cfg, model)
+    model, _, _ = fit(cfg, model)
     assert model.grads_after_generator_update and all(g is None for g in model.grads_after_generator_update)
     assert any(p.grad is not None for p in model.discriminator.parameters())  # its own update did train it
 
 
 def test_gan_ratio_zero_is_plain_consistency_training_and_builds_no_discriminator(cfg_factory):
-    cfg = cfg_factory([*SMALL, "iterations=2", "model.gan_ratio=0"])
+    cfg = cfg_factory([*SMALL, "iterations=2", "model.schedule.gan_ratio=0"])
 
     def never():
         raise AssertionError("the discriminator was built")
 
     model = instantiate(cfg.model, discriminator=never)
-    model, before, trainer = _fit_one(cfg, model)
+    model, before, trainer = fit(cfg, model)
     assert model.discriminator is None
     assert trainer.global_step == 2  # one optimiser step per iteration
     assert len(trainer.optimizers) == 1
-    assert any(not torch.equal(a, b) for a, b in zip(before["gen"], _params(model.generator)))
+    assert any(not torch.equal(a, b) for a, b in zip(before["gen"], params(model.generator)))
 
 
 def test_r1_ema_starts_at_the_threshold_and_r1_drives_the_augmentation_probability(cfg_factory):
@@ -106,7 +73,7 @@ def test_r1_ema_starts_at_the_threshold_and_r1_drives_the_augmentation_probabili
     cfg = cfg_factory(
         [*SMALL, "iterations=3", "model.r1_threshold=0", "model.r1_interval=2", "model.ada_length=1000"]
     )
-    model, _, _ = _fit_one(cfg)
+    model, _, _ = fit(cfg)
     batch = 2 * 4  # both halves, one device
     # R1 runs at k = 0 and k = 2
     assert model.aug_p.item() == pytest.approx(2 * batch * 2 / 1000, rel=1e-6)
@@ -126,8 +93,11 @@ def test_the_discriminators_beta2_follows_the_r1_interval(cfg_factory):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.bins_min=30", "model.bins_min (30) must not exceed model.bins_max"),
-        ("model.gan_ratio=1.5", "model.gan_ratio must lie in [0, 1]"),
+        (
+            "model.schedule.bins_min=30",
+            "model.schedule.bins_min (30) must not exceed model.schedule.bins_max",
+        ),
+        ("model.schedule.gan_ratio=1.5", "model.schedule.gan_ratio must lie in [0, 1]"),
         ("model.optimizer.lr=0", "model.optimizer.lr must be positive"),
         ("model.d_optimizer.lr=-1e-4", "model.d_optimizer.lr must be positive"),
         ("+model.optimizer.eps=-1", "model.optimizer: Invalid epsilon value"),
@@ -172,18 +142,18 @@ class _NaNAtIteration(ACTModule):
         finally:
             self.distance = distance
         if self.k == self.bad_iteration:  # right after the good iteration before the bad one
-            self.snapshot = _params(self.generator)
+            self.snapshot = params(self.generator)
 
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=3", "model.distance=l2"])
     model = instantiate(cfg.model, _target_=f"{__name__}._NaNAtIteration")
-    model, _, trainer = _fit_one(cfg, model)
+    model, _, trainer = fit(cfg, model)
     # the generator's update at iteration 1 was skipped: its weights stayed those after iteration 0 ...
     # (the snapshot is taken after iteration 0; iteration 2 then moved them again)
-    assert int(model.bad_total) == 1 and int(model.bad_streak) == 0  # one bad iteration, then good ones
-    assert int(model.bad_since) == 1
-    assert GUARDED_TERMS[int(model.bad_terms).bit_length() - 1] in ("train/loss_ct", "generator gradients")
+    assert int(model.bad.total) == 1 and int(model.bad.streak) == 0  # one bad iteration, then good ones
+    assert int(model.bad.since) == 1
+    assert GUARDED_TERMS[int(model.bad.terms).bit_length() - 1] in ("train/loss_ct", "generator gradients")
     assert "train/loss_ct" in model.divergence_report()
     for tensor in [
         *model.generator.parameters(),
@@ -200,16 +170,16 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(cfg_factory):
 def test_the_skipped_update_leaves_the_generator_as_it_was(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=2", "model.distance=l2"])
     model = instantiate(cfg.model, _target_=f"{__name__}._NaNAtIteration")
-    model, _, _ = _fit_one(cfg, model)
+    model, _, _ = fit(cfg, model)
     # iteration 1 (the bad one) was the last: the generator holds the weights it had after iteration 0
-    for before, after in zip(model.snapshot, _params(model.generator)):
+    for before, after in zip(model.snapshot, params(model.generator)):
         assert torch.equal(before, after)
 
 
 def test_bf16_mixed_on_cpu_keeps_the_target_and_the_ema_in_float32(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=2", "model.distance=l2"])
-    model, _, trainer = _fit_one(cfg, precision="bf16-mixed")
-    assert model.k == 2 and int(model.bad_total) == 0
+    model, _, trainer = fit(cfg, precision="bf16-mixed")
+    assert model.k == 2 and int(model.bad.total) == 0
     assert all(p.dtype == torch.float32 for p in model.target.parameters())
     for key in ("train/loss_ct", "train/loss_d"):
         assert trainer.callback_metrics[key].isfinite()
@@ -220,7 +190,7 @@ def test_bf16_mixed_on_cpu_keeps_the_target_and_the_ema_in_float32(cfg_factory):
 
 
 def test_nonfinite_tensors_names_what_holds_nan_or_inf():
-    from act_lightning.module import nonfinite_tensors
+    from act_lightning.checkpoints import nonfinite_tensors
 
     state = {f"w{i}": torch.full((2,), float("nan") if i % 2 else 1.0) for i in range(14)}
     state["inf"] = torch.tensor([float("inf")])
@@ -233,7 +203,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(cfg_factory, tmp_
     from act_lightning.callbacks import AtomicCheckpointIO
 
     cfg = cfg_factory([*SMALL, "iterations=1", "model.distance=l2"])
-    model, _, trainer = _fit_one(cfg, plugins=[AtomicCheckpointIO()])
+    model, _, trainer = fit(cfg, plugins=[AtomicCheckpointIO()])
     good = tmp_path / "last.ckpt"
     trainer.save_checkpoint(good)
     before = good.read_bytes()

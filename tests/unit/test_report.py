@@ -16,9 +16,9 @@ def test_labels_keep_what_varies_and_drop_seeds_and_shared_settings():
         ["seed=0", "variant=act", "debug=smoke", "threads=1"],
         ["seed=1", "variant=act", "debug=smoke", "threads=1"],
         ["seed=0", "+variant=ct", "debug=smoke", "hydra.launcher.n_jobs=2"],
-        ["seed=0", "model.gan_ratio=0.1", "debug=smoke"],
+        ["seed=0", "model.schedule.gan_ratio=0.1", "debug=smoke"],
     ]
-    assert variant_labels(jobs) == ["act", "act", "ct", "model.gan_ratio=0.1"]
+    assert variant_labels(jobs) == ["act", "act", "ct", "model.schedule.gan_ratio=0.1"]
     assert variant_labels([["seed=0"], ["seed=1"]]) == ["defaults", "defaults"]
     assert variant_labels([["debug=smoke", "seed=0"]]) == ["debug=smoke"]  # one variant: all it set
 

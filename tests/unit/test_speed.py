@@ -12,9 +12,8 @@ from omegaconf import OmegaConf
 
 from act_lightning.augment import AugmentPipe
 from act_lightning.train import apply_process_settings
-from tests.unit.test_module import _trainer
+from tests.helpers_training import SMALL, bare_trainer
 
-SMALL = ["debug=smoke", "data=synthetic", "data.batch_size=4"]
 LOGGED = ("train/loss_g", "train/loss_ct", "train/loss_adv", "train/loss_d", "train/aug_p")
 
 
@@ -31,7 +30,7 @@ def _run(cfg):
     L.seed_everything(0)
     model = instantiate(cfg.model)
     record = _Record()
-    trainer = _trainer(callbacks=[record])
+    trainer = bare_trainer(callbacks=[record])
     trainer.fit(model, datamodule=instantiate(cfg.data))
     return model, record.rows
 
@@ -44,9 +43,9 @@ ACTIVE = ["iterations=5", "model.r1_interval=2", "model.r1_threshold=0", "model.
 def test_the_fast_path_computes_what_the_baseline_computes(cfg_factory):
     fast, fast_rows = _run(cfg_factory([*SMALL, *ACTIVE]))
     slow, slow_rows = _run(cfg_factory([*SMALL, *ACTIVE, "perf=baseline"]))
-    assert fast.hparams.channels_last and fast.hparams.fast_attention and fast.hparams.lazy_augment
-    assert not slow.hparams.channels_last and slow.hparams.sync_logs and not slow.hparams.foreach_ema
-    assert fast.hparams.joint_d_pass and not slow.hparams.joint_d_pass
+    assert fast.speed.channels_last and fast.speed.fast_attention and fast.speed.lazy_augment
+    assert not slow.speed.channels_last and slow.speed.sync_logs and not slow.speed.foreach_ema
+    assert fast.speed.joint_d_pass and not slow.speed.joint_d_pass
     assert float(fast.aug_p) > 0  # the augmentation did switch on during the run
     assert len(fast_rows) == len(slow_rows) == 5
     for a, b in zip(fast_rows, slow_rows, strict=True):
@@ -69,7 +68,7 @@ def test_the_augmentation_pipeline_runs_only_once_p_can_be_non_zero(cfg_factory,
     monkeypatch.setattr(AugmentPipe, "forward", counting)
     _run(cfg_factory([*SMALL, "iterations=3", "model.r1_threshold=1e9"]))
     assert calls == []  # p stays 0: nothing to draw, nothing to resample
-    _run(cfg_factory([*SMALL, "iterations=3", "model.r1_threshold=1e9", "model.lazy_augment=false"]))
+    _run(cfg_factory([*SMALL, "iterations=3", "model.r1_threshold=1e9", "model.speed.lazy_augment=false"]))
     assert len(calls) == 3 * 3 and set(calls) == {0.0}  # the baseline resamples every image at p = 0
     calls.clear()
     _run(cfg_factory([*SMALL, *ACTIVE]))
@@ -117,7 +116,7 @@ def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
     # Dynamo's graph capture (the eager backend: inductor's code generation takes minutes on the CPU)
     # through manual optimisation, both updates, and the R1 pass, which must run D uncompiled.
     overrides = [*SMALL, "iterations=3", "model.r1_interval=2"]
-    compiled, compiled_rows = _run(cfg_factory([*overrides, "model.compile=eager"]))
+    compiled, compiled_rows = _run(cfg_factory([*overrides, "model.speed.compile=eager"]))
     assert compiled.generator._compiled_call_impl is not None
     assert compiled.discriminator._compiled_call_impl is not None  # restored after the R1 passes
     _, eager_rows = _run(cfg_factory(overrides))

@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from act_lightning import consistency as cm
-from tests.unit.test_module import SMALL, _fit_one, _params
+from tests.helpers_training import SMALL, fit, params
 
 
 # -- log-normal sampling of the noise index ------------------------------------------------------------
@@ -46,10 +46,12 @@ def test_lognormal_index_histogram_follows_the_probabilities_and_uniform_stays_f
 
 def test_the_module_draws_indices_from_the_lognormal_only_when_asked(cfg_factory):
     plain = instantiate(cfg_factory(SMALL).model)
-    assert plain._index_probs(12) is None
-    model = instantiate(cfg_factory([*SMALL, "model.noise_sampling=lognormal", "model.p_mean=-0.5"]).model)
-    expected = cm.lognormal_index_probs(model._sigmas(12), -0.5, 2.0)
-    torch.testing.assert_close(model._index_probs(12), expected)
+    assert plain._grid(12)[1] is None
+    overrides = [*SMALL, "model.schedule.noise_sampling=lognormal", "model.schedule.p_mean=-0.5"]
+    model = instantiate(cfg_factory(overrides).model)
+    sigmas, probs = model._grid(12)
+    torch.testing.assert_close(sigmas, model.schedule.sigmas(12))
+    torch.testing.assert_close(probs, cm.lognormal_index_probs(sigmas, -0.5, 2.0))
 
 
 # -- the exponential curriculum ------------------------------------------------------------------------
@@ -77,10 +79,10 @@ def test_the_schedule_switches_curriculum_by_key():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.curriculum=linear", "model.curriculum"),
-        ("model.noise_sampling=gaussian", "model.noise_sampling"),
-        ("model.teacher=frozen", "model.teacher"),
-        ("model.p_std=0", "model.p_std"),
+        ("model.schedule.curriculum=linear", "model.schedule.curriculum"),
+        ("model.schedule.noise_sampling=gaussian", "model.schedule.noise_sampling"),
+        ("model.schedule.teacher=frozen", "model.schedule.teacher"),
+        ("model.schedule.p_std=0", "model.schedule.p_std"),
         ("model.sampling_ema=1.0", "model.sampling_ema"),
     ],
 )
@@ -96,26 +98,32 @@ def _images(cfg, n=2):
 
 # -- the teacher without EMA, and the separate sampling EMA --------------------------------------------
 def test_mu_zero_makes_the_teacher_the_online_network(cfg_factory):
-    cfg = cfg_factory([*SMALL, "iterations=3", "model.teacher=online", "model.r1_threshold=1e9"])
+    cfg = cfg_factory([*SMALL, "iterations=3", "model.schedule.teacher=online", "model.r1_threshold=1e9"])
     model = instantiate(cfg.model)
     assert model.teacher() is model.generator and model.schedule.target_ema(50) == 0.0
     x, sigma = _images(cfg, 3), torch.full((3,), 1.5)
     teacher_out = model._teacher_pass(model.generator)(x, sigma, None)
     torch.testing.assert_close(teacher_out, model.denoise(model.generator, x, sigma, None), rtol=0, atol=0)
-    model, _, trainer = _fit_one(cfg, model)
+    model, _, trainer = fit(cfg, model)
     assert trainer.callback_metrics["train/target_ema"].item() == 0.0
     # no sampling EMA: the network that samples follows the online network exactly (decay 0)
-    for a, b in zip(_params(model.generator), _params(model.target)):
+    for a, b in zip(params(model.generator), params(model.target)):
         assert torch.equal(a, b)
 
 
 def test_the_sampling_ema_follows_the_generator_with_its_own_decay(cfg_factory):
     cfg = cfg_factory(
-        [*SMALL, "iterations=1", "model.teacher=online", "model.sampling_ema=0.75", "model.r1_threshold=1e9"]
+        [
+            *SMALL,
+            "iterations=1",
+            "model.schedule.teacher=online",
+            "model.sampling_ema=0.75",
+            "model.r1_threshold=1e9",
+        ]
     )
-    model, before, _ = _fit_one(cfg)
+    model, before, _ = fit(cfg)
     assert model.teacher_ema is None  # the online teacher needs no copy
-    for t0, g1, t1 in zip(before["target"], _params(model.generator), _params(model.target)):
+    for t0, g1, t1 in zip(before["target"], params(model.generator), params(model.target)):
         torch.testing.assert_close(t1, 0.75 * t0 + 0.25 * g1, rtol=1e-6, atol=1e-7)
 
 
@@ -123,13 +131,13 @@ def test_an_ema_teacher_beside_a_sampling_ema_keeps_its_own_decay(cfg_factory):
     cfg = cfg_factory([*SMALL, "iterations=1", "model.sampling_ema=0.5", "model.r1_threshold=1e9"])
     model = instantiate(cfg.model)
     assert model.teacher() is model.teacher_ema is not None
-    teacher_before = _params(model.teacher_ema)
-    model, before, _ = _fit_one(cfg, model)
-    mu = cfg.model.mu0**2  # N(0) = 2
-    gen = _params(model.generator)
-    for t0, g1, t1 in zip(teacher_before, gen, _params(model.teacher_ema)):
+    teacher_before = params(model.teacher_ema)
+    model, before, _ = fit(cfg, model)
+    mu = cfg.model.schedule.mu0**2  # N(0) = 2
+    gen = params(model.generator)
+    for t0, g1, t1 in zip(teacher_before, gen, params(model.teacher_ema)):
         torch.testing.assert_close(t1, mu * t0 + (1 - mu) * g1, rtol=1e-6, atol=1e-7)
-    for t0, g1, t1 in zip(before["target"], gen, _params(model.target)):
+    for t0, g1, t1 in zip(before["target"], gen, params(model.target)):
         torch.testing.assert_close(t1, 0.5 * t0 + 0.5 * g1, rtol=1e-6, atol=1e-7)
 
 
@@ -142,7 +150,7 @@ def test_defaults_keep_the_reference_teacher(cfg_factory):
 # -- dropout masks shared between the online and the teacher pass ---------------------------------------
 @pytest.mark.parametrize("teacher", ["online", "ema"])
 def test_shared_dropout_gives_the_teacher_the_online_pass_masks(cfg_factory, teacher):
-    base = [*SMALL, "model.generator.dropout=0.5", f"model.teacher={teacher}"]
+    base = [*SMALL, "model.generator.dropout=0.5", f"model.schedule.teacher={teacher}"]
     x, sigma = _images(cfg_factory(base)), torch.full((2,), 3.0)
     outputs = {}
     for shared in (True, False):

@@ -27,7 +27,7 @@ class DivergenceGuard(L.Callback):
         self._read = DeferredRead()
 
     def _streak(self, trainer, pl_module) -> int | None:
-        streak = pl_module.bad_streak
+        streak = pl_module.bad.streak
         if streak.device.type != "cuda" or trainer.world_size > 1:
             return int(streak)
         value = self._read.poll()

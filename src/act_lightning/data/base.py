@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from act_lightning.seeds import FLIP, mix_seed
+
 
 class DataError(ValueError):
     """A data file exists but is not what it should be (corrupt, truncated, wrong shape, bad checksum)."""
@@ -382,7 +384,7 @@ class ImageDataModule(L.LightningDataModule):
                 # steps (two per iteration with a discriminator); a module without `k` counts from 0
                 rank, k = trainer.global_rank, getattr(trainer.lightning_module, "k", 0)
             # distinct per rank; a resumed run (k > 0) does not replay the flips of the run's start
-            seed = (self.seed * 1_000_003 + rank * 7919 + k) % 2**63
+            seed = mix_seed(self.seed, k, FLIP, rank)
             self._flip_generator = torch.Generator(device=device).manual_seed(seed)
             if self._restore_flip_state is not None:
                 self._flip_generator.set_state(self._restore_flip_state)

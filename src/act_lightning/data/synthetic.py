@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from act_lightning.data.base import ImageDataModule
+from act_lightning.seeds import SYNTHETIC, mix_seed
 
 
 class SyntheticImages(Dataset):
@@ -19,7 +20,7 @@ class SyntheticImages(Dataset):
         return self.length
 
     def __getitem__(self, index: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index, SYNTHETIC))
         coarse = torch.rand(self.channels, 4, 4, generator=g) * 2 - 1
         image = torch.nn.functional.interpolate(coarse[None], size=self.image_size, mode="bilinear")[0]
         label = int(torch.randint(self.num_classes, (), generator=g)) if self.num_classes else 0

@@ -24,6 +24,7 @@ from act_lightning.metrics.reference import (
     missing_reference_message,
     save_reference,
 )
+from act_lightning.seeds import EVALUATION, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def chunk_noise(
     seed: int, chunk: int, size: int, shape: tuple[int, ...], num_classes: int | None
 ) -> tuple[Tensor, Tensor | None]:
     """The fixed noise z (and class labels) of one chunk of samples, on the CPU."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+    g = torch.Generator().manual_seed(mix_seed(seed, chunk, EVALUATION))
     noise = torch.randn((size, *shape), generator=g)
     labels = torch.randint(num_classes, (size,), generator=g) if num_classes else None
     return noise, labels

@@ -1,0 +1,97 @@
+"""The divergence guard's side inside the iteration: a non-finite loss or gradient never reaches the
+weights or the optimiser state, and bad iterations are counted on the device, with no host
+synchronisation (`callbacks.DivergenceGuard` reads the counts and stops the run; docs/algorithm.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+# The terms the guard watches, as bits of the mask of an iteration (which went non-finite first).
+GUARDED_TERMS = (
+    "train/loss_ct",
+    "train/loss_adv",
+    "generator gradients",
+    "train/loss_fake",
+    "train/loss_real",
+    "train/r1",
+    "discriminator gradients",
+)
+
+
+def guard_mask(bad: dict[str, Tensor]) -> Tensor:
+    """The bits of GUARDED_TERMS that are bad in `bad` (term -> bool tensor; a term not there is good)."""
+    unknown = set(bad) - set(GUARDED_TERMS)
+    if unknown:
+        raise KeyError(f"not a guarded term: {', '.join(sorted(unknown))}")
+    device = next(iter(bad.values())).device
+    flags = torch.stack(
+        [bad.get(name, torch.zeros((), dtype=torch.bool, device=device)) for name in GUARDED_TERMS]
+    )
+    weights = 2 ** torch.arange(len(GUARDED_TERMS), device=device)
+    return (flags.long() * weights).sum()
+
+
+def describe_terms(mask: int) -> str:
+    return ", ".join(name for bit, name in enumerate(GUARDED_TERMS) if mask >> bit & 1) or "unknown"
+
+
+def skip_if_nonfinite(net: nn.Module, loss_bad: Tensor, scaled: bool, world_size: int) -> Tensor:
+    """Turns the coming update of `net` into a zero-gradient one when a loss or gradient is not finite,
+    without a host synchronisation. With the paper's beta1 = 0 the weights then stay as they are; the
+    optimiser sees a zero gradient. Under fp16 loss scaling (`scaled`) overflowing scaled gradients are the
+    scaler's business (it skips that step and lowers the scale): only the losses are checked there. Under
+    DDP a loss can go bad on one rank only: all ranks skip together and their weights stay equal.
+    Returns whether the gradients themselves were non-finite."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.bool, device=loss_bad.device)
+    if scaled:
+        grads_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)
+    else:
+        norms = torch._foreach_norm(grads, math.inf)  # max |g| per tensor: NaN and inf propagate
+        grads_bad = ~torch.stack(norms).isfinite().all()
+    bad = grads_bad | loss_bad
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        bad = bad.to(torch.int32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = bad.bool()
+    if not grads[0].is_cuda:  # nothing queued on the CPU: reading the flag costs no waiting
+        if bool(bad):
+            torch._foreach_zero_(grads)
+        return grads_bad
+    keep = (~bad).to(grads[0].dtype)
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    torch._foreach_mul_(grads, keep)
+    return grads_bad
+
+
+class BadIterations(nn.Module):
+    """Counts bad iterations in device tensors (not saved in checkpoints: a resumed run starts afresh):
+    the current streak, the total, the iteration that started the streak and its mask of terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("streak", "total", "since", "terms"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def record(self, mask: Tensor, iteration: int) -> None:
+        is_bad = mask > 0
+        streak = torch.where(is_bad, self.streak + 1, torch.zeros_like(self.streak))
+        first = streak == 1  # the first bad iteration of a streak names what went wrong
+        self.since.copy_(torch.where(first, torch.full_like(self.since, iteration), self.since))
+        self.terms.copy_(torch.where(first, mask, self.terms))
+        self.streak.copy_(streak)
+        self.total.add_(is_bad.long())
+
+    def report(self) -> str:
+        """What the guard stops the run with (reads the device: call it outside the iteration)."""
+        return (
+            f"{int(self.streak)} bad iterations in a row since iteration {int(self.since)} "
+            f"(first non-finite: {describe_terms(int(self.terms))})"
+        )

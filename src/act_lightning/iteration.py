@@ -1,0 +1,75 @@
+"""What one ACT iteration draws before either update runs: the noise grid, the indices j and noises z of
+the global batch (this device's share), split over the micro-batches, and the augmentation.
+
+The draws come from a generator seeded by (seed, k) for the *global* batch, and each device takes its
+rank's contiguous slice: one device with the global batch, two with half each, or one with gradient
+accumulation see the same examples with the same noise, and a resumed run needs no random state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from act_lightning.consistency import sample_indices
+from act_lightning.data.base import HalfBatch
+
+Augment = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch's images and its share of the iteration's draws."""
+
+    data: HalfBatch
+    gen_j: Tensor  # (b_G,) noise indices of the generator's pairs
+    gen_z: Tensor  # (b_G, C, H, W)
+    fake_j: Tensor  # (b_D / 2,) of the discriminator's fake half
+    fake_z: Tensor  # (b_D / 2, C, H, W)
+    real_j: Tensor  # (b_D / 2,) of its real half
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Everything random or scheduled about iteration k on this device."""
+
+    num_scales: int  # N(k)
+    sigmas: Tensor  # (N,) the Karras grid t_0 < ... < t_{N-1}
+    micro: list[MicroBatch]
+    augment: Augment  # the differentiable augmentation at the current p (identity while p == 0)
+    gen_size: int  # B_G on this device (both updates average over their whole half)
+    disc_size: int  # B_D on this device: fake half + real half
+
+
+def draw_noise(
+    batch: HalfBatch,
+    num_scales: int,
+    generator: torch.Generator,
+    probs: Tensor | None,
+    rank: int,
+    world_size: int,
+) -> dict[str, Tensor]:
+    """j and z of the global batch (`world_size` devices with `batch`'s sizes), then this rank's share."""
+    device = batch.gen.device
+    n_gen, n_half = batch.gen.shape[0] * world_size, batch.disc.shape[0] // 2 * world_size
+    shape = batch.gen.shape[1:]
+    draws = {
+        "gen_j": sample_indices(n_gen, num_scales, device, generator, probs),
+        "gen_z": torch.randn((n_gen, *shape), device=device, generator=generator),
+        "fake_j": sample_indices(n_half, num_scales, device, generator, probs),
+        "fake_z": torch.randn((n_half, *shape), device=device, generator=generator),
+        "real_j": sample_indices(n_half, num_scales, device, generator, probs),
+    }
+    if world_size == 1:
+        return draws
+    return {k: v.chunk(world_size)[rank].clone() for k, v in draws.items()}  # free the other ranks' shares
+
+
+def split_micro(batch: HalfBatch, draws: dict[str, Tensor]) -> list[MicroBatch]:
+    """The micro-batches of `batch` (`HalfBatch.micro_batches`), each with its slice of the draws."""
+    data = batch.micro_batches()
+    parts = {k: v.chunk(len(data)) for k, v in draws.items()}
+    return [MicroBatch(mb, **{k: v[i] for k, v in parts.items()}) for i, mb in enumerate(data)]

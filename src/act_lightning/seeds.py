@@ -1,0 +1,32 @@
+"""One seed formula for every random stream of the library.
+
+Each stream (the noise of ACT iteration k, the augmentation of a rank, the flips of a batch, the noise of
+sample i, ...) gets its own generator, seeded from the integers that identify it. No random state has to
+be saved, a resumed run continues exactly, and a run on any number of devices draws what one device
+draws: provided every stream uses this one formula.
+"""
+
+from __future__ import annotations
+
+MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; this keeps the seed positive
+
+# The streams, as the parts after the seed:
+#   (seed, k)                  the noise (j, z) of ACT iteration k, drawn for the global batch
+#   (seed, k, AUGMENT, rank)   the augmentation of iteration k on one rank
+#   (seed, k, FLIP, rank)      the horizontal flips of the batches from iteration k on (data modules)
+#   (seed, i, step)            the noise of image i at sampling step `step` (sample, edit)
+#   (seed, i, LABEL)           the random class label of image i (sample)
+#   (seed, c, EVALUATION)      the noise and labels of chunk c of an evaluation's samples (FID)
+#   (seed, c, EVALUATION, step)  the noise of its later sampling steps (evaluate's multistep samplers)
+#   (seed, index, SYNTHETIC)   synthetic image `index` (the test data set)
+AUGMENT, FLIP, EVALUATION, SYNTHETIC = 1, 2, 3, 4
+LABEL = 1 << 20
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, e.g. (seed, iteration, stream, rank): reproducible, no state to save.
+    Order matters: mix_seed(1, 2) != mix_seed(2, 1), and mix_seed(a) != mix_seed(a, 0)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part) + 1) % MODULUS
+    return value

@@ -1,0 +1,44 @@
+"""Shared by the tests that fit an ACTModule directly (no train()): a bare CPU Trainer and a one-call fit."""
+
+import lightning as L
+from hydra.utils import instantiate
+
+SMALL = ["debug=smoke", "data=synthetic", "data.batch_size=4"]  # the smallest config that trains
+
+
+def params(module):
+    """A detached copy of a module's parameters."""
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def bare_trainer(**kwargs):
+    """A CPU Trainer with nothing attached: no logger, checkpoints, progress bar or validation."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        **kwargs,
+    )
+
+
+def fit(cfg, model=None, **trainer_kwargs):
+    """Fits `cfg.model` (or `model`) on `cfg.data` for `cfg.iterations` iterations; returns the model,
+    the parameters of its networks before training, and the trainer."""
+    L.seed_everything(0)
+    dm = instantiate(cfg.data)
+    model = instantiate(cfg.model) if model is None else model
+    before = {
+        "gen": params(model.generator),
+        "target": params(model.target),
+        "disc": params(model.discriminator) if model.discriminator is not None else None,
+    }
+    trainer = bare_trainer(**trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    return model, before, trainer

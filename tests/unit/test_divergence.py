@@ -1,0 +1,46 @@
+"""The guard's bookkeeping inside the iteration (act_lightning.divergence), as functions."""
+
+import pytest
+import torch
+from torch import nn
+
+from act_lightning.divergence import GUARDED_TERMS, BadIterations, guard_mask, skip_if_nonfinite
+
+TRUE, FALSE = torch.tensor(True), torch.tensor(False)
+
+
+def test_the_mask_sets_the_bit_of_each_bad_term_in_guarded_order():
+    assert int(guard_mask({"train/loss_ct": FALSE, "generator gradients": FALSE})) == 0
+    assert int(guard_mask({"train/loss_adv": TRUE})) == 1 << 1
+    bad = {name: TRUE for name in ("train/loss_ct", "train/r1", "discriminator gradients")}
+    assert int(guard_mask(bad)) == 1 | 1 << 5 | 1 << 6
+    assert len(GUARDED_TERMS) == 7
+    with pytest.raises(KeyError, match="train/loss_typo"):
+        guard_mask({"train/loss_typo": TRUE})
+
+
+def test_the_counters_name_the_first_bad_iteration_of_a_streak():
+    bad = BadIterations()
+    for k, mask in enumerate([0, 1 << 3, 1 << 0, 0, 1 << 6]):
+        bad.record(torch.tensor(mask), k)
+    assert int(bad.total) == 3 and int(bad.streak) == 1 and int(bad.since) == 4
+    assert (
+        bad.report()
+        == "1 bad iterations in a row since iteration 4 (first non-finite: discriminator gradients)"
+    )
+    assert not bad.state_dict()  # not in checkpoints: a resumed run counts afresh
+
+
+def test_a_nonfinite_loss_or_gradient_zeroes_the_update_and_only_a_gradient_is_reported():
+    net = nn.Linear(2, 1)
+    net(torch.ones(1, 2)).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    assert not skip_if_nonfinite(net, FALSE, scaled=False, world_size=1)
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))  # a good update is kept
+    assert not skip_if_nonfinite(net, TRUE, scaled=False, world_size=1)  # a bad loss: zeroed, grads fine
+    assert all(not p.grad.any() for p in net.parameters())
+    net.weight.grad[0, 0] = float("inf")
+    assert skip_if_nonfinite(net, FALSE, scaled=False, world_size=1)
+    assert all(p.grad.isfinite().all() and not p.grad.any() for p in net.parameters())
+    net.weight.grad[0, 0] = float("nan")  # under fp16 loss scaling the scaler handles the gradients
+    assert not skip_if_nonfinite(net, FALSE, scaled=True, world_size=1)
