@@ -24,14 +24,17 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from act_lightning.callbacks import AtomicCheckpointIO, FrechetEvaluation, LastCheckpoint
+from act_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
+from act_lightning.checkpoints import checkpoint_iteration, read_checkpoint
+from act_lightning.commands import CONFIG_DIR
+from act_lightning.consistency import check_iterations
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 RESUME = ("auto", "never")
 
 
@@ -49,8 +52,7 @@ def wandb_key_configured() -> bool:
 
 def check_config(cfg: DictConfig) -> None:
     """Configuration errors that can be seen before anything is built, named by their keys."""
-    if not isinstance(cfg.iterations, int) or cfg.iterations < 1:
-        raise ValueError(f"iterations must be a positive integer (ACT iterations K), got {cfg.iterations!r}")
+    check_iterations(cfg.iterations)
     if cfg.get("resume", "auto") not in RESUME:
         raise ValueError(f"resume must be one of {', '.join(RESUME)}; got {cfg.resume!r}")
     gen = cfg.model.generator
@@ -89,7 +91,8 @@ def apply_process_settings(cfg: DictConfig) -> None:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """`<experiment>[<overrides>]`, e.g. `cifar10[model.gan_ratio=0.1,seed=1]`: tells sweep jobs apart."""
+    """`<experiment>[<overrides>]`, e.g. `cifar10[model.schedule.gan_ratio=0.1,seed=1]`: tells sweep jobs
+    apart."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -100,21 +103,6 @@ def run_name(cfg: DictConfig) -> str:
 
 
 # -- start-up checks ---------------------------------------------------------------------------------
-
-
-def read_checkpoint(path: Path, key: str) -> dict:
-    """A checkpoint, read with the safe loader (memory-mapped: cheap for big ones); a missing, unreadable
-    or foreign file is refused, named by the config key that points to it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        int(checkpoint["state_dict"]["iteration"])
-    except Exception as err:
-        raise ValueError(
-            f"{key}={path}: not a readable checkpoint of act_lightning.train ({type(err).__name__}: {err})"
-        ) from err
-    return checkpoint
 
 
 def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
@@ -130,10 +118,10 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
                 f"the run folder {cfg.run_dir} already holds a checkpoint ({own}); pass resume=auto to "
                 "continue that run or choose another hydra.run.dir"
             )
-        return own, read_checkpoint(own, "resume=auto found")
+        return own, read_checkpoint(own, "resume=auto found", mmap=True, check=checkpoint_iteration)
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
-        return path, read_checkpoint(path, "ckpt_path")
+        return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration)
     return None, None
 
 
@@ -187,8 +175,8 @@ def build_loggers(cfg: DictConfig, resume_iteration: int | None, wandb_id: str |
     for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None:
             continue
-        target = logger_cfg.get("_target_", "")
-        if "WandbLogger" in target:
+        target = logger_cfg.get("_target_")
+        if target and issubclass(hydra.utils.get_class(target), WandbLogger):
             offline = bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
             if not offline and not wandb_key_configured():
                 log.warning("No W&B API key configured: logging offline. Upload later with `wandb sync`.")
@@ -224,7 +212,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_path, checkpoint = resolve_resume(cfg)
-    start = int(checkpoint["state_dict"]["iteration"]) if checkpoint is not None else 0
+    start = checkpoint_iteration(checkpoint) if checkpoint is not None else 0
     wandb_id = checkpoint.get("act_wandb_id") if checkpoint is not None else None
     # A weights-only checkpoint (act_lightning.convert_reference) holds networks but no optimiser or
     # loop state: the run starts from its weights with new optimisers, at its iteration.
@@ -256,9 +244,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [
             hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None
         ]
-        for extra in ("eval", "guard"):
-            if cfg.get(extra) is not None:
-                callbacks.append(hydra.utils.instantiate(cfg[extra]))
         # The checkpoint callback runs last at every iteration: its checkpoint holds what the others
         # (the evaluation's history, the best value) recorded at that iteration.
         callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
@@ -277,21 +262,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if lock is not None:
             lock.release()
 
-    saver = next(c for c in callbacks if isinstance(c, LastCheckpoint))
-    evaluation = next((c for c in callbacks if isinstance(c, FrechetEvaluation)), None)
-    best = None
-    if evaluation is not None and evaluation.history:
-        best = evaluation.best[1] if evaluation.best is not None else evaluation.history[-1][1]
     summary = {
         "iteration": model.k,
         "run_dir": str(run_dir),
-        "best": best,
+        "best": None,
         "finished": model.k >= cfg.iterations,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
-    if saver.stopped_by is not None:
-        saver.requeue(trainer.is_global_zero)
-        raise SystemExit(128 + int(saver.stopped_by))  # the scheduler sees a job that did not finish
+    for callback in callbacks:  # what each callback has to say about the run (the best metric, a stop)
+        summary.update(callback.summary() if hasattr(callback, "summary") else {})
+    if summary.get("stopped_by") is not None:
+        next(c for c in callbacks if isinstance(c, LastCheckpoint)).requeue(trainer.is_global_zero)
+        raise SystemExit(128 + int(summary["stopped_by"]))  # the scheduler sees a job that did not finish
     return summary
 
 

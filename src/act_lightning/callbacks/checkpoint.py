@@ -126,6 +126,10 @@ class LastCheckpoint(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_handlers()
 
+    def summary(self) -> dict[str, Any]:
+        """For the training entry point: the signal that stopped the run early (None: it was not)."""
+        return {"stopped_by": self.stopped_by}
+
     # -- signals ----------------------------------------------------------------------------------------
     def _install_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

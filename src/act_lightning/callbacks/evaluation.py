@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -179,6 +180,13 @@ class FrechetEvaluation(L.Callback):
                 progress=lambda n: bar.update(n * trainer.world_size),
             )
         return self._fd(stats)
+
+    def summary(self) -> dict[str, Any]:
+        """For the training entry point (and a sweeper that minimises it): the best value of the metric,
+        or its last value when no evaluation after the first improved on anything, None before any."""
+        if not self.history:
+            return {"best": None}
+        return {"best": self.best[1] if self.best is not None else self.history[-1][1]}
 
     def train_seconds(self, device: torch.device | None = None) -> float:
         """Wall-clock seconds of training so far: since the first iteration, evaluations excluded."""
