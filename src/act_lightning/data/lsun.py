@@ -133,16 +133,45 @@ def prepare_lsun(
     """Decode, crop and resize every image of the LMDB under `src` once, into memory-mapped uint8 arrays
     in `dst` (image_size^2 x channels bytes per image: about 300 GiB for all 1.66M images of LSUN Cat
     at 256)."""
-    import multiprocessing
-
-    from tqdm.auto import tqdm
-
     src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    lmdb_path, keys = _open_source(src, category, progress)
+    count = len(keys) if max_images is None else min(max_images, len(keys))
+    _check_free_space(dst, count, image_size, channels)
+    images, _ = storage.create_arrays(dst, "train", count, (channels, image_size, image_size), labels=False)
+    chunk = 64
+    jobs = [
+        (str(lmdb_path), [keys[i] for i in range(s, min(s + chunk, count))], image_size, channels)
+        for s in range(0, count, chunk)
+    ]
+    written, skipped = _decode_into(
+        images, jobs, count, workers, skip_broken, f"lsun {category} {image_size}", progress
+    )
+    images.flush()
+    del images
+    if skipped:
+        log.warning("left out %d images that do not decode", len(skipped))
+    split = {"count": written, "images": "train_images.npy", "labels": None}
+    extra = {
+        "category": category,
+        "image_size": image_size,
+        "channels": channels,
+        "crop": CROP,
+        "from": str(lmdb_path),
+        "skipped": skipped,
+    }
+    return storage.write_manifest(dst, SOURCE, {"train": split}, extra=extra, progress=progress)
+
+
+def _open_source(src: Path, category: str, progress: bool) -> tuple[Path, storage.PackedBytes]:
+    """The LMDB folder under `src` and its keys; FileNotFoundError that says where to get it if none."""
     lmdb_path = find_lmdb(src, category)
     if lmdb_path is None:
         raise FileNotFoundError(_not_found_message(src, category, prepared_too=False))
-    keys = list_keys(lmdb_path, progress=progress)
-    count = len(keys) if max_images is None else min(max_images, len(keys))
+    return lmdb_path, list_keys(lmdb_path, progress=progress)
+
+
+def _check_free_space(dst: Path, count: int, image_size: int, channels: int) -> None:
+    """Create `dst`; OSError if its disk cannot hold `count` prepared images."""
     need = count * channels * image_size**2
     dst.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dst).free
@@ -152,17 +181,29 @@ def prepare_lsun(
             f"{need / 2**30:.1f} GiB, "
             f"only {free / 2**30:.1f} GiB are free (use --max-images, or train from the LMDB directly)"
         )
-    images, _ = storage.create_arrays(dst, "train", count, (channels, image_size, image_size), labels=False)
-    chunk = 64
-    jobs = [
-        (str(lmdb_path), [keys[i] for i in range(s, min(s + chunk, count))], image_size, channels)
-        for s in range(0, count, chunk)
-    ]
+
+
+def _decode_into(
+    images: np.ndarray,
+    jobs: list[tuple[str, list[bytes], int, int]],
+    count: int,
+    workers: int,
+    skip_broken: bool,
+    desc: str,
+    progress: bool,
+) -> tuple[int, list[str]]:
+    """Decode the chunks of `jobs` (in `workers` spawned processes, or in this one when 0) into the first
+    rows of `images`, in order. Returns how many were written and the errors of the images left out
+    (DataError on the first one unless `skip_broken`)."""
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
     results = pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs)
     written, skipped = 0, []
     try:
-        with tqdm(total=count, desc=f"lsun {category} {image_size}", unit="img", disable=not progress) as bar:
+        with tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar:
             for decoded in results:
                 for array, error in decoded:
                     if array is None:
@@ -176,25 +217,7 @@ def prepare_lsun(
     finally:
         if pool:
             pool.terminate()
-    images.flush()
-    del images
-    if skipped:
-        log.warning("left out %d images that do not decode", len(skipped))
-    split = {"count": written, "images": "train_images.npy", "labels": None}
-    return storage.write_manifest(
-        dst,
-        SOURCE,
-        {"train": split},
-        extra={
-            "category": category,
-            "image_size": image_size,
-            "channels": channels,
-            "crop": CROP,
-            "from": str(lmdb_path),
-            "skipped": skipped,
-        },
-        progress=progress,
-    )
+    return written, skipped
 
 
 def _not_found_message(root: Path, category: str, prepared_too: bool = True) -> str:
