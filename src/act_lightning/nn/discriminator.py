@@ -62,12 +62,46 @@ class Discriminator(nn.Module):
         self.num_class_embeds = num_class_embeds
         temb_channels = 4 * widths[0]
 
+        # Keep this order: initialisation draws random numbers in creation order, so the initial weights
+        # for a given seed depend on it.
         self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
-        self.time_proj = Timesteps(widths[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(widths[0], temb_channels)
+        self._build_embeddings(widths[0], temb_channels, num_class_embeds, flip_sin_to_cos, freq_shift)
+        self._build_encoder(
+            widths, temb_channels, down_block_types, layers_per_block, attention_head_dim, norm_num_groups
+        )
+        self._build_head(widths[-1], norm_num_groups, final_norm)
+
+        # One processor object of each kind, kept: switching back and forth hands the same objects to
+        # the attention layers, so a compiled forward's guards keep holding (no recompilation).
+        self._attention = [m for m in self.modules() if isinstance(m, Attention)]
+        self._classic, self._fused = AttnProcessor(), AttnProcessor2_0()
+        self.use_fast_attention(False)
+
+    def _build_embeddings(
+        self,
+        width: int,
+        temb_channels: int,
+        num_class_embeds: int | None,
+        flip_sin_to_cos: bool,
+        freq_shift: int,
+    ) -> None:
+        """time_proj, time_embedding and (class-conditional only) class_embedding."""
+        self.time_proj = Timesteps(width, flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(width, temb_channels)
         self.class_embedding = (
             nn.Embedding(num_class_embeds, temb_channels) if num_class_embeds is not None else None
         )
+
+    def _build_encoder(
+        self,
+        widths: Sequence[int],
+        temb_channels: int,
+        down_block_types: Sequence[str],
+        layers_per_block: int,
+        attention_head_dim: int | None,
+        norm_num_groups: int,
+    ) -> None:
+        """down_blocks (each but the last halves the resolution), then mid_block (with attention)."""
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(down_block_types):
             self.down_blocks.append(
@@ -94,19 +128,16 @@ class Discriminator(nn.Module):
             attention_head_dim=attention_head_dim if attention_head_dim is not None else widths[-1],
             add_attention=True,
         )
-        self.conv_norm_out = nn.GroupNorm(norm_num_groups, widths[-1], eps=1e-5) if final_norm else None
+
+    def _build_head(self, width: int, norm_num_groups: int, final_norm: bool) -> None:
+        """The pooled logit head: optional GroupNorm, SiLU, 2x2 average pool, to_logit."""
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, width, eps=1e-5) if final_norm else None
         self.conv_act = nn.SiLU()
-        self.to_logit = nn.Linear(4 * widths[-1], 1)
-        self.to_logit_fx = nn.Linear(4 * widths[-1], 1)  # unused; in the released checkpoints
+        self.to_logit = nn.Linear(4 * width, 1)
+        self.to_logit_fx = nn.Linear(4 * width, 1)  # unused; in the released checkpoints
         # Frozen, so that DDP (which expects a gradient for every trainable parameter) and the optimiser
         # leave it alone; it stays in the state dict, so the released checkpoints load strictly.
         self.to_logit_fx.requires_grad_(False)
-
-        # One processor object of each kind, kept: switching back and forth hands the same objects to
-        # the attention layers, so a compiled forward's guards keep holding (no recompilation).
-        self._attention = [m for m in self.modules() if isinstance(m, Attention)]
-        self._classic, self._fused = AttnProcessor(), AttnProcessor2_0()
-        self.use_fast_attention(False)
 
     def use_fast_attention(self, fast: bool) -> None:
         """True: the fused kernel (`F.scaled_dot_product_attention`) outside `double_backward_safe()`."""
