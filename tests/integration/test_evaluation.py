@@ -16,8 +16,8 @@ import torch
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose, run_cli
+from tests.helpers_readme import readme_commands
 from tests.helpers_wandb import read_run
-from tests.integration.test_readme import readme_commands
 
 
 def run_evaluate(args: list[str], tmp_path, timeout: int = 600):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from act_lightning.prepare import main as prepare_main
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose
 from tests.helpers_data import write_image_folder, write_imagenet64, write_lsun_lmdb
+from tests.helpers_readme import readme_commands
 
 SMOKE = ["debug=smoke", "data=synthetic"]
 CHEAP = ["eval=null", "model.distance=pseudo_huber", "callbacks.samples.every_n_iterations=100"]
@@ -166,18 +166,6 @@ COMMANDS: dict[str, tuple] = {
         "test_ablations.py::test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table",
     ),
 }
-
-
-def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line:
-                commands.append(line)
-    commands += re.findall(r"`(make bench)`", text)[:1]
-    return commands
 
 
 def test_every_readme_command_is_listed_here():
