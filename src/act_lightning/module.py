@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -53,10 +54,21 @@ def check_optimizer(key: str, factory: OptimizerFactory | None) -> None:
         raise ValueError(f"{key}: {err}") from err
 
 
-def check_adversarial(
-    warmup: int, r1_gamma: float, r1_interval: int, ada_length: float, sampling_ema
+def check_arguments(
+    iterations: int,
+    optimizer: OptimizerFactory,
+    d_optimizer: OptimizerFactory | None,
+    discriminator: object,
+    adversarial: bool,
+    warmup: int,
+    r1: tuple[float, int, float],
+    sampling_ema: float | None,
 ) -> None:
-    """The ranges of the module's own keys (the schedule's and the speed options' check themselves)."""
+    """The ranges of the module's own keys (the schedule and the speed options check theirs), named by
+    key, before anything is built. `r1` is (r1_gamma, r1_interval, ada_length)."""
+    r1_gamma, r1_interval, ada_length = r1
+    check_iterations(iterations)
+    check_optimizer("model.optimizer", optimizer)
     for ok, message in (
         (warmup >= 1, f"model.warmup must be >= 1 iteration (1 = no warm-up), got {warmup}"),
         (r1_gamma >= 0, f"model.r1_gamma must be >= 0, got {r1_gamma}"),
@@ -66,24 +78,47 @@ def check_adversarial(
             sampling_ema is None or 0 <= sampling_ema < 1,
             f"model.sampling_ema must be null (sample with the teacher) or in [0, 1), got {sampling_ema}",
         ),
+        (
+            not adversarial or discriminator is not None,
+            "model.schedule.gan_ratio > 0 needs a model.discriminator",
+        ),
     ):
         if not ok:
             raise ValueError(message)
+    if adversarial:
+        check_optimizer("model.d_optimizer", d_optimizer)
+
+
+@torch.no_grad()
+def ema_update(net: nn.Module, source: nn.Module, decay: float, foreach: bool = True) -> None:
+    """net <- decay * net + (1 - decay) * source over the parameters (buffers are copied): one fused op over
+    all tensors (`foreach`), or the baseline's Python loop. decay = 0 copies the source exactly."""
+    ema = list(net.parameters())
+    online = [p.detach() for p in source.parameters()]
+    if foreach:
+        torch._foreach_lerp_(ema, online, 1.0 - decay)
+    else:
+        for t, o in zip(ema, online):
+            t.mul_(decay).add_(o, alpha=1.0 - decay)
+    for b_t, b in zip(net.buffers(), source.buffers()):
+        b_t.copy_(b)
+
+
+def _options(value, cls):
+    """A dataclass of options, from itself (Hydra builds it) or from its keys."""
+    return value if isinstance(value, cls) else cls(**(value or {}))
 
 
 class ACTModule(L.LightningModule):
     """Adversarial Consistency Training.
 
-    `generator` and `discriminator` are backbones with the signature `(x, c_noise, class_labels)`; the
-    preconditioning of docs/algorithm.md section 1 is applied here. `discriminator` may be a factory (a
-    Hydra `_partial_`), called only when `schedule.gan_ratio > 0`, so plain consistency training never
-    builds one. `optimizer` and `d_optimizer` are factories `params -> torch.optim.Optimizer` (Hydra
-    partials); `schedule` answers every schedule question (`model.schedule`), `speed` says how the
-    networks run (`model.speed`). `iterations` is K: the curriculum follows this module's own counter `k`
-    (also the buffer `iteration`, so it is in every checkpoint), never `trainer.global_step`, which counts
-    two optimiser steps per iteration. Every batch is one iteration; a batch split into micro-batches
-    (`HalfBatch.micro`) accumulates gradients over them before each optimiser step. The noise of an
-    iteration is drawn for the global batch from (seed, k) (`iteration.draw_noise`).
+    `generator` and `discriminator` are backbones `(x, c_noise, class_labels)`; the preconditioning
+    (docs/algorithm.md section 1) is applied here. `discriminator` may be a factory (a Hydra `_partial_`),
+    called only when `schedule.gan_ratio > 0`. `optimizer` and `d_optimizer` are Hydra partials
+    `params -> Optimizer`; `schedule` (`model.schedule`) answers every schedule question, `speed`
+    (`model.speed`) says how the networks run. The curriculum follows the module's own counter `k` of the
+    K = `iterations` (also the buffer `iteration`), never `trainer.global_step` (two optimiser steps per
+    iteration). Every batch is one iteration, its gradients accumulated over its micro-batches.
     """
 
     def __init__(
@@ -116,19 +151,13 @@ class ACTModule(L.LightningModule):
         self.save_hyperparameters(
             ignore=["generator", "discriminator", "optimizer", "d_optimizer", "schedule", "speed"]
         )
-        self.schedule = (
-            schedule if isinstance(schedule, ConsistencySchedule) else ConsistencySchedule(**(schedule or {}))
-        )
-        self.speed = speed if isinstance(speed, SpeedOptions) else SpeedOptions(**(speed or {}))
-        check_iterations(iterations)
-        check_adversarial(warmup, r1_gamma, r1_interval, ada_length, sampling_ema)
-        check_optimizer("model.optimizer", optimizer)
+        self.schedule = _options(schedule, ConsistencySchedule)
+        self.speed = _options(speed, SpeedOptions)
         adversarial = self.schedule.gan_ratio > 0
-        if adversarial:
-            if discriminator is None:
-                raise ValueError("model.schedule.gan_ratio > 0 needs a model.discriminator")
-            check_optimizer("model.d_optimizer", d_optimizer)
-
+        r1 = (r1_gamma, r1_interval, ada_length)
+        check_arguments(
+            iterations, optimizer, d_optimizer, discriminator, adversarial, warmup, r1, sampling_ema
+        )
         self.automatic_optimization = False
         self.generator = generator
         # `target` is the network that samples and is evaluated (and exported): theta^-, the EMA teacher,
@@ -151,9 +180,7 @@ class ACTModule(L.LightningModule):
         self.register_buffer("aug_p", torch.zeros(()))
         self.register_buffer("r1_ema", torch.full((), float(r1_threshold)))  # as the reference starts it
         self.bad = BadIterations()  # the divergence guard's counters, read by callbacks.DivergenceGuard
-        self.k = (
-            0  # ACT iterations done: the host copy of `iteration`, so the schedule never reads the device
-        )
+        self.k = 0  # ACT iterations done: the host copy of `iteration` (the schedule never reads the device)
         self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
         self._grids: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
         self._ddp = PerNetworkDDP()
@@ -164,15 +191,13 @@ class ACTModule(L.LightningModule):
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
     def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         """f(x, sigma, y) for `net` = generator or target (or a DDP wrapper of the generator)."""
-        return consistency_function(
-            net,
-            x,
-            sigma,
-            labels,
-            sigma_min=self.schedule.sigma_min,
-            sigma_data=self.hparams.sigma_data,
-            c_noise_kind=self.hparams.c_noise,
-        )
+        h = self.hparams
+        precond = {
+            "sigma_min": self.schedule.sigma_min,
+            "sigma_data": h.sigma_data,
+            "c_noise_kind": h.c_noise,
+        }
+        return consistency_function(net, x, sigma, labels, **precond)
 
     def critic(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         """D(x, c_noise(sigma), y) -> (B,): D sees the same noise conditioning as the generator."""
@@ -224,7 +249,7 @@ class ACTModule(L.LightningModule):
         logs, bad = self._generator_step(draws, opt_g)
         self._update_target(logs["train/target_ema"])
         if self.discriminator is not None:
-            d_logs, d_bad = self._discriminator_update(draws, opt_d)
+            d_logs, d_bad = self._discriminator_step(draws, opt_d)
             logs, bad = {**logs, **d_logs}, {**bad, **d_bad}
         self.bad.record(guard_mask(bad), self.k)
         logs["train/skipped_updates"] = self.bad.total.float()
@@ -313,58 +338,49 @@ class ACTModule(L.LightningModule):
         bad = {"train/loss_ct": loss_bad[0], "train/loss_adv": loss_bad[1], "generator gradients": grads_bad}
         return logs, bad
 
-    def _discriminator_update(self, draws: Draws, opt: torch.optim.Optimizer) -> tuple[Logs, Bad]:
-        """The discriminator's step; on lazy-R1 iterations in D's double-backward-safe mode."""
+    def _discriminator_step(self, draws: Draws, opt: torch.optim.Optimizer) -> tuple[Logs, Bad]:
+        """Fake half and real half (and lazy R1), accumulated over the micro-batches; one optimiser step.
+        The R1 pass differentiates D twice: D then runs its classic attention, eagerly."""
         h = self.hparams
         with_r1 = h.r1_gamma > 0 and self.k % h.r1_interval == 0
-        if with_r1 and hasattr(self.discriminator, "double_backward_safe"):
-            with (
-                self.discriminator.double_backward_safe()
-            ):  # classic attention, eager: R1 differentiates twice
-                return self._discriminator_step(draws, opt, with_r1)
-        return self._discriminator_step(draws, opt, with_r1)
-
-    def _discriminator_step(
-        self, draws: Draws, opt: torch.optim.Optimizer, with_r1: bool
-    ) -> tuple[Logs, Bad]:
-        """Fake half and real half (and R1), accumulated over the micro-batches; one optimiser step."""
-        h = self.hparams
-        critic = self._ddp.network("discriminator", self.discriminator)
-        self.toggle_optimizer(opt)
-        opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(4, device=self.device)  # L_D, L_fake, L_real, R1 summed over example pairs
-        loss_bad = torch.zeros(3, dtype=torch.bool, device=self.device)
-        n_half = draws.disc_size // 2
-        for i, mb in enumerate(draws.micro):
-            fake_x, real_x = mb.data.disc.chunk(2)  # (B_D/2, C, H, W) each
-            fake_y, real_y = (None, None) if not h.num_classes else mb.data.disc_labels.chunk(2)
-            with self._ddp.sync("discriminator", last=i == len(draws.micro) - 1):
-                losses = discriminator_losses(
-                    fake_x,
-                    fake_y,
-                    mb.fake_j,
-                    mb.fake_z,
-                    real_x,
-                    real_y,
-                    mb.real_j,
-                    sigmas=draws.sigmas,
-                    schedule=self.schedule,
-                    online=lambda x, s, y: self.denoise(self.generator, x, s, y),
-                    critic=lambda x, s, y: self.critic(critic, x, s, y),
-                    augment=draws.augment,
-                    r1_gamma=h.r1_gamma,
-                    with_r1=with_r1,
-                    joint=self.speed.joint_d_pass,
-                )
-                objective = losses.objective(self.schedule.gan_ratio)
-                self.manual_backward(objective.sum() / n_half)
-            sums += torch.stack(
-                [objective.sum(), losses.fake.sum(), losses.real.sum(), losses.r1.sum()]
-            ).detach()
-            loss_bad |= ~torch.stack([t.isfinite().all() for t in (losses.fake, losses.real, losses.r1)])
-        grads_bad = self._skip_if_nonfinite(self.discriminator, loss_bad.any())
-        opt.step()
-        self.untoggle_optimizer(opt)
+        safe = getattr(self.discriminator, "double_backward_safe", None)
+        with safe() if with_r1 and safe is not None else nullcontext():
+            critic = self._ddp.network("discriminator", self.discriminator)
+            self.toggle_optimizer(opt)
+            opt.zero_grad(set_to_none=True)
+            sums = torch.zeros(4, device=self.device)  # L_D, L_fake, L_real, R1 summed over example pairs
+            loss_bad = torch.zeros(3, dtype=torch.bool, device=self.device)
+            n_half = draws.disc_size // 2
+            for i, mb in enumerate(draws.micro):
+                fake_x, real_x = mb.data.disc.chunk(2)  # (B_D/2, C, H, W) each
+                fake_y, real_y = (None, None) if not h.num_classes else mb.data.disc_labels.chunk(2)
+                with self._ddp.sync("discriminator", last=i == len(draws.micro) - 1):
+                    losses = discriminator_losses(
+                        fake_x,
+                        fake_y,
+                        mb.fake_j,
+                        mb.fake_z,
+                        real_x,
+                        real_y,
+                        mb.real_j,
+                        sigmas=draws.sigmas,
+                        schedule=self.schedule,
+                        online=lambda x, s, y: self.denoise(self.generator, x, s, y),
+                        critic=lambda x, s, y: self.critic(critic, x, s, y),
+                        augment=draws.augment,
+                        r1_gamma=h.r1_gamma,
+                        with_r1=with_r1,
+                        joint=self.speed.joint_d_pass,
+                    )
+                    objective = losses.objective(self.schedule.gan_ratio)
+                    self.manual_backward(objective.sum() / n_half)
+                sums += torch.stack(
+                    [objective.sum(), losses.fake.sum(), losses.real.sum(), losses.r1.sum()]
+                ).detach()
+                loss_bad |= ~torch.stack([t.isfinite().all() for t in (losses.fake, losses.real, losses.r1)])
+            grads_bad = self._skip_if_nonfinite(self.discriminator, loss_bad.any())
+            opt.step()
+            self.untoggle_optimizer(opt)
         means = sums / n_half
         logs: Logs = {"train/loss_d": means[0], "train/aug_p": self.aug_p}
         if with_r1:
@@ -411,33 +427,15 @@ class ACTModule(L.LightningModule):
         if self.k >= self.hparams.iterations:
             self.trainer.should_stop = True
 
-    def divergence_report(self) -> str:
-        """What the guard stops the run with (reads the device: call it outside the iteration)."""
-        return self.bad.report()
-
     # -- the target EMA -----------------------------------------------------------------------------
-    @torch.no_grad()
     def _update_target(self, decay: float) -> None:
         """After the generator's step: theta^- <- mu * theta^- + (1 - mu) * theta with the teacher's mu;
         with `sampling_ema` set, `target` follows the generator with that decay instead (and an EMA
         teacher, `teacher_ema`, with mu)."""
-        sampling = self.hparams.sampling_ema
+        sampling, foreach = self.hparams.sampling_ema, self.speed.foreach_ema
         if self.teacher_ema is not None:
-            self._ema(self.teacher_ema, decay)
-        self._ema(self.target, decay if sampling is None else sampling)
-
-    def _ema(self, net: nn.Module, decay: float) -> None:
-        """net <- decay * net + (1 - decay) * generator: one fused op over all tensors (`foreach_ema`),
-        or the baseline's Python loop over parameters. decay = 0 copies the generator exactly."""
-        ema = list(net.parameters())
-        online = [p.detach() for p in self.generator.parameters()]
-        if self.speed.foreach_ema:
-            torch._foreach_lerp_(ema, online, 1.0 - decay)
-        else:
-            for t, o in zip(ema, online):
-                t.mul_(decay).add_(o, alpha=1.0 - decay)
-        for b_t, b in zip(net.buffers(), self.generator.buffers()):
-            b_t.copy_(b)
+            ema_update(self.teacher_ema, self.generator, decay, foreach)
+        ema_update(self.target, self.generator, decay if sampling is None else sampling, foreach)
 
     # -- optimisers --------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -18,6 +18,7 @@ import netrc
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,56 +207,86 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts: the checkpoint Lightning restores (None: a fresh start, or weights only), the
+    iteration, the W&B run to continue and, from a weights-only checkpoint, the weights."""
+
+    ckpt_path: Path | None = None
+    iteration: int = 0
+    wandb_id: str | None = None
+    weights: dict | None = None
+
+
+def start_point(cfg: DictConfig) -> StartPoint:
+    """The run's start (see `resolve_resume`). A weights-only checkpoint (act_lightning.convert_reference)
+    holds networks but no optimiser or loop state: the run starts from its weights with new optimisers,
+    at its iteration."""
+    ckpt_path, checkpoint = resolve_resume(cfg)
+    if checkpoint is None:
+        return StartPoint()
+    iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
+    if checkpoint.get("act_weights_only"):
+        log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
+        return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"])
+    return StartPoint(ckpt_path, iteration, wandb_id)  # Lightning reads the file again when it restores
+
+
+def build(
+    cfg: DictConfig, start: StartPoint
+) -> tuple[L.LightningDataModule, L.LightningModule, list, L.Trainer]:
+    """Data, module (with the start's weights), callbacks, loggers and trainer of `cfg`."""
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule.check_source()
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    if start.weights is not None:
+        own = model.state_dict()
+        model.load_state_dict({**own, **{k: v for k, v in start.weights.items() if k in own}})
+        model.k = start.iteration
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # The checkpoint callback runs last at every iteration: its checkpoint holds what the others
+    # (the evaluation's history, the best value) recorded at that iteration.
+    callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
+    loggers = build_loggers(cfg, start.iteration if start.ckpt_path is not None else None, start.wandb_id)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = resolved
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    return datamodule, model, callbacks, trainer
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Builds data, module, loggers, callbacks and trainer from `cfg`, then fits. Returns a summary with
     the run's best metric (`best`), or exits non-zero when a signal stopped it."""
     check_config(cfg)
     run_dir = Path(cfg.run_dir)
-    ckpt_path, checkpoint = resolve_resume(cfg)
-    start = checkpoint_iteration(checkpoint) if checkpoint is not None else 0
-    wandb_id = checkpoint.get("act_wandb_id") if checkpoint is not None else None
-    # A weights-only checkpoint (act_lightning.convert_reference) holds networks but no optimiser or
-    # loop state: the run starts from its weights with new optimisers, at its iteration.
-    weights = (
-        checkpoint["state_dict"] if checkpoint is not None and checkpoint.get("act_weights_only") else None
-    )
-    if weights is not None:
-        log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
-        ckpt_path = None
-    del checkpoint  # Lightning reads it again when it restores
-    if start >= cfg.iterations:
-        log.info("%s is finished (iteration %d of %d): nothing to do", ckpt_path, start, cfg.iterations)
-        summary = _read_summary(run_dir)
-        best = (summary.get("best") or {}).get("value")
-        return {"iteration": start, "run_dir": str(run_dir), "best": best, "finished": True, "metrics": {}}
+    start = start_point(cfg)
+    if start.iteration >= cfg.iterations:
+        log.info(
+            "%s is finished (iteration %d of %d): nothing to do",
+            start.ckpt_path,
+            start.iteration,
+            cfg.iterations,
+        )
+        best = (_read_summary(run_dir).get("best") or {}).get("value")
+        return {
+            "iteration": start.iteration,
+            "run_dir": str(run_dir),
+            "best": best,
+            "finished": True,
+            "metrics": {},
+        }
     check_writable_folder(Path(cfg.callbacks.checkpoint.dirpath), "callbacks.checkpoint.dirpath")
     lock = RunLock(run_dir) if rank_zero_only.rank == 0 else None
     failed = True
     try:
         apply_process_settings(cfg)
         L.seed_everything(cfg.seed, workers=True)
-        datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-        datamodule.check_source()
-        model: L.LightningModule = hydra.utils.instantiate(cfg.model)
-        if weights is not None:
-            own = model.state_dict()
-            model.load_state_dict({**own, **{k: v for k, v in weights.items() if k in own}})
-            model.k = start
-        callbacks = [
-            hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None
-        ]
-        # The checkpoint callback runs last at every iteration: its checkpoint holds what the others
-        # (the evaluation's history, the best value) recorded at that iteration.
-        callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
-        loggers = build_loggers(cfg, start if ckpt_path is not None else None, wandb_id)
-        trainer: L.Trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-        )
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        model.run_config = resolved
-        for logger in loggers:
-            logger.log_hyperparams(resolved)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        datamodule, model, callbacks, trainer = build(cfg, start)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=start.ckpt_path)
         failed = False
     finally:
         finish_wandb(failed)

@@ -39,9 +39,9 @@ def test_one_iteration_moves_g_and_d_and_the_target_by_the_exact_decay(cfg_facto
 class _WatchesDiscriminatorGradients(ACTModule):
     """Records D's gradients when its own update starts, i.e. right after the generator's backward."""
 
-    def _discriminator_update(self, *args, **kwargs):
+    def _discriminator_step(self, *args, **kwargs):
         self.grads_after_generator_update = [p.grad for p in self.discriminator.parameters()]
-        return super()._discriminator_update(*args, **kwargs)
+        return super()._discriminator_step(*args, **kwargs)
 
 
 def test_the_generators_loss_gives_the_discriminator_no_gradient(cfg_factory):
@@ -154,7 +154,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(cfg_factory):
     assert int(model.bad.total) == 1 and int(model.bad.streak) == 0  # one bad iteration, then good ones
     assert int(model.bad.since) == 1
     assert GUARDED_TERMS[int(model.bad.terms).bit_length() - 1] in ("train/loss_ct", "generator gradients")
-    assert "train/loss_ct" in model.divergence_report()
+    assert "train/loss_ct" in model.bad.report()
     for tensor in [
         *model.generator.parameters(),
         *model.target.parameters(),

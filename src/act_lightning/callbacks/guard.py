@@ -39,7 +39,7 @@ class DivergenceGuard(L.Callback):
         streak = self._streak(trainer, pl_module)
         if streak is not None and streak >= self.max_bad_iterations:
             raise DivergenceError(
-                f"training diverged: {pl_module.divergence_report()} (guard.max_bad_iterations="
+                f"training diverged: {pl_module.bad.report()} (guard.max_bad_iterations="
                 f"{self.max_bad_iterations}). Those updates were skipped, so the weights and the last "
                 "checkpoint hold no NaN; lower the learning rate (model.optimizer.lr) or resume from an "
                 "earlier checkpoint."
