@@ -86,7 +86,11 @@ def build_model(checkpoint: dict, run: DictConfig, device: torch.device | str = 
 
     # Standard memory format, eager: the images do not depend on how the run trained (export's too).
     model = instantiate(
-        run.model, distance="l2", discriminator=None, gan_ratio=0.0, channels_last=False, compile=False
+        run.model,
+        distance="l2",
+        discriminator=None,
+        schedule={"gan_ratio": 0.0},
+        speed={"channels_last": False, "compile": False},
     )
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("discriminator.")}
     model.load_state_dict(state)

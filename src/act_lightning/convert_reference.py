@@ -69,7 +69,7 @@ def convert(ckpt: str | Path, out: str | Path, overrides: list[str] | None = Non
         overrides.insert(0, f"experiment={detect_experiment(state)}")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "run_dir=converted"])
-    model = instantiate(cfg.model, distance="l2", channels_last=False)
+    model = instantiate(cfg.model, distance="l2", speed={"channels_last": False})
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("distance.")}
     converted, problems = rename_keys(state, own)
     if problems:

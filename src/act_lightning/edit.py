@@ -27,7 +27,7 @@ from torchvision.utils import make_grid, save_image
 
 from act_lightning.checkpoints import load_model
 from act_lightning.commands import CONFIG_DIR, resolve_device, write_npz
-from act_lightning.consistency import karras_sigmas
+from act_lightning.consistency import ConsistencySchedule, karras_sigmas
 from act_lightning.sample import check_taus, image_noise, to_uint8
 from act_lightning.samplers import (
     Projection,
@@ -123,15 +123,14 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
     device = resolve_device(cfg.device)
     model, run, _ = load_model(cfg.ckpt, device)
-    h = model.hparams
     size, channels = int(run.data.image_size), int(run.data.channels)
     files = image_files(Path(cfg.input))
     images = read_inputs(cfg, files, size, channels)
     y = images.float().to(device) / 127.5 - 1  # (N, C, h, w) in [-1, 1]
     project, y, mask = task_projection(cfg, y, size)
-    taus = edit_taus(cfg, h)
+    taus = edit_taus(cfg, model.schedule)
     n = len(files)
-    labels = class_label(cfg.class_label, h.num_classes, n, device)
+    labels = class_label(cfg.class_label, model.hparams.num_classes, n, device)
     net = model.target if cfg.net == "target" else model.generator
     shape = (n, channels, size, size)
     result = zero_shot_edit(
@@ -139,7 +138,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         project,
         shape,
         taus,
-        float(h.sigma_min),
+        float(model.schedule.sigma_min),
         lambda step: image_noise(cfg.seed, range(n), shape[1:], stream=step).to(device),
     )
     shown_input = project(torch.full(shape, -1.0, device=device)) if cfg.task == "inpaint" else y
@@ -187,11 +186,11 @@ def task_projection(cfg: DictConfig, y: Tensor, size: int) -> tuple[Projection, 
     return superres_projection(y, factor), y, mask
 
 
-def edit_taus(cfg: DictConfig, h) -> list[float]:
-    """sigma_max and `cfg.taus` after it, or `cfg.steps` levels down the Karras grid."""
+def edit_taus(cfg: DictConfig, s: ConsistencySchedule) -> list[float]:
+    """sigma_max and `cfg.taus` after it, or `cfg.steps` levels down the Karras grid of schedule `s`."""
     if cfg.taus:
-        return [float(h.sigma_max), *check_taus(list(cfg.taus), h.sigma_min, h.sigma_max)]
-    return default_taus(int(cfg.steps), float(h.sigma_min), float(h.sigma_max), float(h.rho))
+        return [float(s.sigma_max), *check_taus(list(cfg.taus), s.sigma_min, s.sigma_max)]
+    return default_taus(int(cfg.steps), float(s.sigma_min), float(s.sigma_max), float(s.rho))
 
 
 def class_label(label: int | None, num_classes: int | None, n: int, device) -> Tensor | None:

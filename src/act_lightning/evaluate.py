@@ -138,9 +138,8 @@ def build_reference(ev: DictConfig, run: DictConfig, weights, batch_size: int, d
 
 def score_sampler(cfg: DictConfig, sampler: str, model, run, extractor, reference, name, device) -> dict:
     """{name: the Frechet distance of `sampler`'s samples to `reference`, taus, seconds}."""
-    h = model.hparams
     net = model.target if cfg.net == "target" else model.generator
-    taus = [float(h.sigma_max), *(float(t) for t in cfg.taus[sampler])]
+    taus = [float(model.schedule.sigma_max), *(float(t) for t in cfg.taus[sampler])]
 
     def sample(noise, labels, chunk):
         g = None
@@ -157,7 +156,7 @@ def score_sampler(cfg: DictConfig, sampler: str, model, run, extractor, referenc
             cfg.num_samples,
             cfg.batch_size,
             shape,
-            h.num_classes,
+            model.hparams.num_classes,
             cfg.seed,
             device,
             progress=bar.update,

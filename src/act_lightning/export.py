@@ -32,7 +32,6 @@ from act_lightning.nn.precond import consistency_function
 from act_lightning.samplers import multistep
 
 FORMAT = "act-lightning/generator"
-CONSTANTS = ("sigma_min", "sigma_max", "sigma_data", "rho", "c_noise")
 
 
 class ExportedGenerator(nn.Module):
@@ -198,7 +197,14 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     h = model.hparams
     generator_args = OmegaConf.to_container(run.model.generator, resolve=True)
     generator_args.pop("_target_", None)
-    constants = {k: h[k] for k in CONSTANTS}
+    sched = model.schedule  # the noise levels; sigma_data and c_noise are the module's own arguments
+    constants = {
+        "sigma_min": sched.sigma_min,
+        "sigma_max": sched.sigma_max,
+        "sigma_data": h.sigma_data,
+        "rho": sched.rho,
+        "c_noise": h.c_noise,
+    }
     backbone = model.target
     state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
@@ -212,7 +218,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     pipeline = ACTPipeline(
-        unet=backbone.unet, used_channels=backbone.used_channels, **{k: constants[k] for k in CONSTANTS}
+        unet=backbone.unet, used_channels=backbone.used_channels, **constants
     )  # (load_model builds the networks in the standard memory format, which safetensors needs)
     pipeline.save_pretrained(out)
     size, channels = int(run.data.image_size), int(run.data.channels)

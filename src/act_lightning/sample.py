@@ -98,9 +98,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"net must be target or generator, got {cfg.net!r}")
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
-    h = model.hparams
-    taus = [float(h.sigma_max), *check_taus(list(cfg.taus), h.sigma_min, h.sigma_max)]
-    labels = class_labels(cfg.class_labels, cfg.num_samples, h.num_classes, cfg.seed)
+    s = model.schedule
+    taus = [float(s.sigma_max), *check_taus(list(cfg.taus), s.sigma_min, s.sigma_max)]
+    labels = class_labels(cfg.class_labels, cfg.num_samples, model.hparams.num_classes, cfg.seed)
     net = model.target if cfg.net == "target" else model.generator
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
 

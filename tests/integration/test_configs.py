@@ -88,13 +88,14 @@ def test_paper_experiments_carry_the_reference_defaults(experiment, tmp_path):
     assert m.optimizer._target_ == m.d_optimizer._target_ == "torch.optim.RAdam"
     assert list(m.optimizer.betas) == [0.0, 0.99]
     assert m.d_optimizer.betas[1] == pytest.approx(0.99 * 16 / 17)  # the reference's value
-    assert (m.bins_min, m.bins_max, m.mu0, m.gan_ratio) == (
+    schedule = m.schedule
+    assert (schedule.bins_min, schedule.bins_max, schedule.mu0, schedule.gan_ratio) == (
         2,
         table["bins_max"],
         table["mu0"],
         table["gan_ratio"],
     )
-    assert m.mid_weight == table["mid"]
+    assert schedule.mid_weight == table["mid"]
     assert (m.r1_gamma, m.r1_interval, m.r1_threshold, m.ada_length) == (10.0, 16, table["thr"], 5e5)
     assert m.distance == "lpips" and cfg.trainer.precision == table["precision"]
     assert cfg.model.iterations == table["K"]
@@ -264,7 +265,7 @@ def test_config_file_composes_and_instantiates(path, tmp_path):
         return
     if path.startswith("hparams_search"):
         sweeper = cfg.hydra.sweeper
-        assert sweeper.direction == "minimize" and "model.gan_ratio" in sweeper.params
+        assert sweeper.direction == "minimize" and "model.schedule.gan_ratio" in sweeper.params
         instantiate(sweeper)
         return
     group = path.split("/")[0]
@@ -285,7 +286,7 @@ def test_config_file_composes_and_instantiates(path, tmp_path):
     if path == "perf/baseline.yaml":  # every speed option off, the reference's DDP strategy
         assert cfg.trainer.strategy == "ddp_find_unused_parameters_true" and cfg.tf32 is False
         off = ("channels_last", "compile", "fast_attention", "foreach_ema", "joint_d_pass", "lazy_augment")
-        assert not any(cfg.model[key] for key in off) and cfg.model.sync_logs
+        assert not any(cfg.model.speed[key] for key in off) and cfg.model.speed.sync_logs
         assert not cfg.model.optimizer.foreach and not cfg.model.d_optimizer.foreach
     if path == "trainer/ddp.yaml":
         assert cfg.trainer.strategy == "ddp"  # Lightning's plain DDP: no unused-parameter search

@@ -22,7 +22,7 @@ SMOKE = ["experiment=cifar10", "debug=smoke"]
 def reference(tmp_path_factory):
     """A module with random weights and the same weights in the reference layout (model.unet.* ...)."""
     torch.manual_seed(0)
-    module = instantiate(compose(SMOKE).model, distance="l2", channels_last=False)
+    module = instantiate(compose(SMOKE).model, distance="l2", speed={"channels_last": False})
     for p in module.target.parameters():  # a target that differs from the generator
         p.data.add_(0.01 * torch.randn_like(p))
     state = {}

@@ -83,7 +83,7 @@ def test_taus_give_multistep_samples_and_bad_taus_are_refused(checkpoints, tmp_p
     ckpt = checkpoints["plain"]
     one = _sample([f"ckpt={ckpt}", "num_samples=4", f"out={tmp_path / 'one'}"])
     two = _sample([f"ckpt={ckpt}", "num_samples=4", "taus=[1.3824]", f"out={tmp_path / 'two'}"])
-    sigma_max = load_model(ckpt)[0].hparams.sigma_max  # the quickstart's 20
+    sigma_max = load_model(ckpt)[0].schedule.sigma_max  # the quickstart's 20
     assert one["taus"] == [sigma_max] and two["taus"] == [sigma_max, 1.3824]
     a, b = _arrays(tmp_path / "one" / "samples.npz"), _arrays(tmp_path / "two" / "samples.npz")
     assert not np.array_equal(a["arr_0"], b["arr_0"])
