@@ -27,6 +27,7 @@ from act_lightning.metrics.fid import (
     sample_statistics,
 )
 from act_lightning.metrics.frechet import frechet_distance
+from act_lightning.seeds import EVALUATION, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def score_sampler(cfg: DictConfig, sampler: str, model, run, extractor, referenc
     def sample(noise, labels, chunk):
         g = None
         if len(taus) > 1:  # the fresh noise of later steps, also fixed per chunk
-            g = torch.Generator(noise.device).manual_seed(cfg.seed * 1_000_003 + chunk + 7919)
+            g = torch.Generator(noise.device).manual_seed(mix_seed(cfg.seed, chunk, EVALUATION, 1))
         return model.sample(noise, labels, net=net, taus=taus, generator=g)
 
     shape = (run.data.channels, run.data.image_size, run.data.image_size)

@@ -27,24 +27,21 @@ from tqdm import tqdm
 
 from act_lightning.checkpoints import checkpoint_iteration, load_model
 from act_lightning.commands import CONFIG_DIR, resolve_device, write_npz
+from act_lightning.seeds import LABEL, mix_seed
 
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 64
 
 
-def _seed(*parts: int) -> int:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part) + 1) % (2**63 - 1)
-    return value
-
-
 def image_noise(seed: int, indices: range, shape: tuple[int, ...], stream: int = 0) -> Tensor:
     """(len(indices), *shape) standard normal noise, image i's from its own generator (seed, i, stream)
     on the CPU: independent of the batch it is drawn in and of the device it runs on."""
     return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(_seed(seed, i, stream))) for i in indices]
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, i, stream)))
+            for i in indices
+        ]
     )
 
 
@@ -70,7 +67,7 @@ def class_labels(spec: Any, num_samples: int, num_classes: int | None, seed: int
         return None
     if spec is None or spec == "random":
         draws = [
-            torch.randint(num_classes, (), generator=torch.Generator().manual_seed(_seed(seed, i, 1 << 20)))
+            torch.randint(num_classes, (), generator=torch.Generator().manual_seed(mix_seed(seed, i, LABEL)))
             for i in range(num_samples)
         ]
         return torch.stack(draws)

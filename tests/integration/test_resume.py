@@ -16,7 +16,7 @@ import torch
 
 from act_lightning.atomic import default_file_mode
 from act_lightning.callbacks import DivergenceError
-from act_lightning.evaluate import load_checkpoint
+from act_lightning.checkpoints import load_checkpoint
 from act_lightning.train import train
 from tests.conftest import ROOT, compose, run_cli
 

@@ -22,7 +22,6 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import Tensor, nn
 
-from act_lightning.compat import eager_forward
 from act_lightning.nn.generator import scaled_widths
 
 
@@ -152,6 +151,8 @@ class Discriminator(nn.Module):
     def double_backward_safe(self) -> Iterator[None]:
         """Within: every attention layer runs the classic processor, and a compiled forward (`compile()`)
         runs eagerly: the R1 pass differentiates D twice, which neither supports."""
+        from act_lightning.compat import eager_forward  # (Lightning is no import of the exported generator)
+
         self._set_processors(self._classic)
         try:
             with eager_forward(self):
