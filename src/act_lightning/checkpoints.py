@@ -12,12 +12,16 @@ pickled objects) onto the CPU. Errors name the config key (or argument) that poi
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+
+from act_lightning.consistency import ConsistencySchedule
+from act_lightning.speed import SpeedOptions
 
 UNREADABLE = "not a readable checkpoint of act_lightning.train ({kind}: {error})"
 
@@ -75,7 +79,65 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConf
             f"{key}={path}: non-finite weights in {nonfinite}: the run diverged before this checkpoint; "
             "evaluate an earlier one"
         )
-    return checkpoint, OmegaConf.create(checkpoint["act_config"])
+    return checkpoint, upgrade_run_config(OmegaConf.create(checkpoint["act_config"]))
+
+
+def prepare_training_checkpoint(checkpoint: dict, run_config: dict | None, wandb_id: str | None) -> None:
+    """What a checkpoint of act_lightning.train holds besides Lightning's state: the resolved training
+    config (`evaluate` and the other commands rebuild data and networks from it), the W&B run a resumed
+    run continues, and the global random state. The frozen LPIPS network (`distance.*`) is left out: it is
+    rebuilt from its own weights file. Weights holding NaN or inf are refused (the divergence guard keeps
+    them out; this is the last line of defence), so the last checkpoint on disk stays as it is."""
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if k.startswith("distance.")]:
+        del state[key]
+    nonfinite = nonfinite_tensors(state)
+    if nonfinite:
+        raise RuntimeError(
+            f"refusing to write a checkpoint with non-finite weights in {nonfinite}: the last "
+            "checkpoint on disk stays as it is"
+        )
+    if run_config is not None:  # plain containers
+        checkpoint["act_config"] = run_config
+    if wandb_id is not None:
+        checkpoint["act_wandb_id"] = wandb_id
+    # The iteration draws its noise from generators seeded by (seed, k); the global generators only
+    # matter to what a backbone draws itself (dropout), and are restored for that.
+    checkpoint["act_rng"] = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng: dict | None) -> None:
+    """The global random state a checkpoint holds (`act_rng`), when it holds one."""
+    if rng is None:
+        return
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+GROUPS = {  # the model keys that moved into a group, and the class Hydra builds the group as
+    "schedule": ConsistencySchedule,
+    "speed": SpeedOptions,
+}
+
+
+def upgrade_run_config(run: DictConfig) -> DictConfig:
+    """A training config written before the schedule's and the speed options' keys moved from `model.*`
+    into `model.schedule.*` and `model.speed.*` (act-lightning 0.1), in today's layout; a current one as
+    it is. Checkpoints from either time then build the same networks."""
+    model = run.get("model")
+    if model is None:
+        return run
+    for group, cls in GROUPS.items():
+        flat = [f.name for f in fields(cls) if f.name in model]
+        if flat and group not in model:
+            model[group] = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}
+            for name in flat:
+                model[group][name] = model.pop(name)
+    return run
 
 
 def build_model(checkpoint: dict, run: DictConfig, device: torch.device | str = "cpu"):

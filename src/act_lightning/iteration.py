@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from act_lightning.consistency import sample_indices
+from act_lightning.consistency import ConsistencySchedule, sample_indices
 from act_lightning.data.base import HalfBatch
 
 Augment = Callable[[Tensor], Tensor]
@@ -42,6 +42,23 @@ class Draws:
     augment: Augment  # the differentiable augmentation at the current p (identity while p == 0)
     gen_size: int  # B_G on this device (both updates average over their whole half)
     disc_size: int  # B_D on this device: fake half + real half
+
+
+class GridCache:
+    """The Karras grid of N scales and p(j) on it (None: uniform) on a device, computed once per (N, device):
+    the curriculum changes N a few hundred times in a run, the iteration asks every time."""
+
+    def __init__(self, schedule: ConsistencySchedule) -> None:
+        self.schedule = schedule
+        self._grids: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
+
+    def __call__(self, num_scales: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        key = (num_scales, device)
+        if key not in self._grids:
+            sigmas = self.schedule.sigmas(num_scales)
+            probs = self.schedule.index_probs(sigmas)
+            self._grids[key] = (sigmas.to(device), None if probs is None else probs.to(device))
+        return self._grids[key]
 
 
 def draw_noise(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -20,12 +21,12 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
 from act_lightning.augment import AugmentPipe, r1_controller_update
-from act_lightning.checkpoints import nonfinite_tensors
+from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
 from act_lightning.consistency import ConsistencySchedule, check_iterations, noise_conditioning
 from act_lightning.data.base import HalfBatch
 from act_lightning.distributed import PerNetworkDDP
 from act_lightning.divergence import BadIterations, guard_mask, skip_if_nonfinite
-from act_lightning.iteration import Draws, draw_noise, split_micro
+from act_lightning.iteration import Draws, GridCache, draw_noise, split_micro
 from act_lightning.losses import build_distance, discriminator_losses, generator_losses
 from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
@@ -104,6 +105,35 @@ def ema_update(net: nn.Module, source: nn.Module, decay: float, foreach: bool = 
         b_t.copy_(b)
 
 
+def ema_copies(generator: nn.Module, separate_teacher: bool) -> tuple[nn.Module, nn.Module | None]:
+    """`target`, the network that samples and is evaluated (and exported): theta^-, the EMA teacher, as in
+    the reference; with a sampling EMA (`sampling_ema`), an EMA of its own decay. An EMA teacher that no
+    longer samples is then `teacher_ema` (`separate_teacher`); the online teacher is the generator."""
+    target = copy.deepcopy(generator).requires_grad_(False)
+    return target, copy.deepcopy(generator).requires_grad_(False) if separate_teacher else None
+
+
+def discriminator_if(adversarial: bool, discriminator: nn.Module | Callable[[], nn.Module] | None):
+    """The discriminator when it trains (gan_ratio > 0), built from its factory only then; else None."""
+    if not adversarial:
+        return None
+    return discriminator if isinstance(discriminator, nn.Module) else discriminator()
+
+
+def on_forked_rng(fn: Callable, device: torch.device) -> Callable:
+    """`fn` run on a fork of the global random state: the draws made after it repeat the draws it made."""
+
+    def run(*args):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return fn(*args)
+
+    return run
+
+
+def identity(images: Tensor) -> Tensor:
+    return images
+
+
 def _options(value, cls):
     """A dataclass of options, from itself (Hydra builds it) or from its keys."""
     return value if isinstance(value, cls) else cls(**(value or {}))
@@ -160,15 +190,9 @@ class ACTModule(L.LightningModule):
         )
         self.automatic_optimization = False
         self.generator = generator
-        # `target` is the network that samples and is evaluated (and exported): theta^-, the EMA teacher,
-        # as in the reference; with `sampling_ema` set, an EMA of its own decay. An EMA teacher that no
-        # longer samples is then `teacher_ema`; the online teacher is the generator itself.
-        self.target = copy.deepcopy(generator).requires_grad_(False)
         separate_teacher = self.schedule.teacher == "ema" and sampling_ema is not None
-        self.teacher_ema = copy.deepcopy(generator).requires_grad_(False) if separate_teacher else None
-        if adversarial and not isinstance(discriminator, nn.Module):
-            discriminator = discriminator()  # a factory: built only when it trains
-        self.discriminator = discriminator if adversarial else None
+        self.target, self.teacher_ema = ema_copies(generator, separate_teacher)
+        self.discriminator = discriminator_if(adversarial, discriminator)
         self._optimizer_factories = (optimizer, d_optimizer)
         self.augment_pipe = AugmentPipe(**(augment or {}))
         self.distance = build_distance(distance, lpips_weights, lpips_pretrained)
@@ -182,7 +206,7 @@ class ACTModule(L.LightningModule):
         self.bad = BadIterations()  # the divergence guard's counters, read by callbacks.DivergenceGuard
         self.k = 0  # ACT iterations done: the host copy of `iteration` (the schedule never reads the device)
         self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
-        self._grids: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
+        self._grids = GridCache(self.schedule)
         self._ddp = PerNetworkDDP()
         # Whether p is known to be exactly 0 on the host, so augmentation is skipped (an exact no-op then).
         self._aug_idle = False
@@ -212,31 +236,17 @@ class ACTModule(L.LightningModule):
 
     def _teacher_pass(self) -> Callable:
         """The teacher's f(x, sigma, y) for `generator_losses`. With `shared_dropout` it runs on a fork of
-        the random state that the online pass then starts from, so both passes draw the same dropout masks
-        (the teacher runs first in `generator_losses`)."""
+        the random state that the online pass then starts from (the teacher runs first), so both passes
+        draw the same dropout masks."""
         teacher = self.teacher()
-        if not self.hparams.shared_dropout:
-            return lambda x, s, y: self.denoise(teacher, x, s, y)
-
-        def run(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                return self.denoise(teacher, x, sigma, labels)
-
-        return run
-
-    def _labels(self, labels: Tensor) -> Tensor | None:
-        return labels if self.hparams.num_classes else None
+        run = lambda x, s, y: self.denoise(teacher, x, s, y)  # noqa: E731
+        return on_forked_rng(run, self.device) if self.hparams.shared_dropout else run
 
     def on_train_start(self) -> None:
         self.k = int(self.iteration)
         self._aug_idle = self.speed.lazy_augment and float(self.aug_p) == 0
-        rng = getattr(self, "_restore_rng", None)
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            self._restore_rng = None
+        restore_rng(getattr(self, "_restore_rng", None))
+        self._restore_rng = None
         nets = {"generator": self.generator, "discriminator": self.discriminator}
         self._ddp.setup(
             self.trainer.strategy.model, self.trainer.world_size, self.device, nets, [self.target]
@@ -245,7 +255,8 @@ class ACTModule(L.LightningModule):
     # -- the iteration ------------------------------------------------------------------------------
     def training_step(self, batch: HalfBatch, batch_idx: int) -> None:
         draws = self._draw(batch)
-        opt_g, opt_d = self._optimizers()
+        optimizers = self.optimizers()  # [G's, D's], or G's alone when gan_ratio is 0
+        opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
         logs, bad = self._generator_step(draws, opt_g)
         self._update_target(logs["train/target_ema"])
         if self.discriminator is not None:
@@ -259,34 +270,19 @@ class ACTModule(L.LightningModule):
         """N(k), its grid, this device's share of the noise of iteration k, and the augmentation."""
         h, rank, world = self.hparams, self.trainer.global_rank, self.trainer.world_size
         num_scales = self.schedule.num_scales(self.k, h.iterations)
-        sigmas, probs = self._grid(num_scales)
+        sigmas, probs = self._grids(num_scales, self.device)
         g = torch.Generator(self.device).manual_seed(mix_seed(h.seed, self.k))
         noise = draw_noise(batch, num_scales, g, probs, rank, world)
         aug_generator = torch.Generator(self.device).manual_seed(mix_seed(h.seed, self.k, AUGMENT, rank))
         p_on_host = self._aug_read.poll()  # p after the last controller update, once it reached the host
         if p_on_host is not None:
             self._aug_idle = self.speed.lazy_augment and p_on_host == 0
-
-        def augment(images: Tensor) -> Tensor:
-            if self._aug_idle:  # p == 0: the pipeline would hand every image back untouched
-                return images
-            return self.augment_pipe(images, self.aug_p, generator=aug_generator)
-
+        # p == 0 (known on the host): the pipeline would hand every image back untouched
+        augment = (
+            identity if self._aug_idle else partial(self.augment_pipe, p=self.aug_p, generator=aug_generator)
+        )
         micro = split_micro(batch, noise)
         return Draws(num_scales, sigmas, micro, augment, batch.gen.shape[0], batch.disc.shape[0])
-
-    def _grid(self, num_scales: int) -> tuple[Tensor, Tensor | None]:
-        """The grid of N scales on this device and p(j) on it (None: uniform), cached per N."""
-        key = (num_scales, self.device)
-        if key not in self._grids:
-            sigmas = self.schedule.sigmas(num_scales)
-            probs = self.schedule.index_probs(sigmas)
-            self._grids[key] = (sigmas.to(self.device), None if probs is None else probs.to(self.device))
-        return self._grids[key]
-
-    def _optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-        optimizers = self.optimizers()
-        return (optimizers, None) if not isinstance(optimizers, list) else tuple(optimizers)
 
     def _generator_step(self, draws: Draws, opt: torch.optim.Optimizer) -> tuple[Logs, Bad]:
         """The consistency loss plus the adversarial loss on the same prediction, accumulated over the
@@ -303,7 +299,7 @@ class ACTModule(L.LightningModule):
             with self._ddp.sync("generator", last=i == len(draws.micro) - 1):
                 losses = generator_losses(
                     mb.data.gen,
-                    self._labels(mb.data.gen_labels),
+                    mb.data.gen_labels if self.hparams.num_classes else None,
                     mb.gen_j,
                     mb.gen_z,
                     sigmas=draws.sigmas,
@@ -449,34 +445,16 @@ class ACTModule(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The frozen LPIPS network is rebuilt from its own weights file: keep it out of checkpoints.
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("distance.")]:
-            del state[key]
-        nonfinite = nonfinite_tensors(state)
-        if nonfinite:  # the guard keeps NaN out of the weights; this is the last line of defence
-            raise RuntimeError(
-                f"refusing to write a checkpoint with non-finite weights in {nonfinite}: the last "
-                "checkpoint on disk stays as it is"
-            )
-        if self.run_config is not None:  # plain containers: `evaluate` rebuilds data and networks from it
-            checkpoint["act_config"] = self.run_config
-        for logger in self.loggers:  # a resumed run continues its W&B run
-            if isinstance(logger, WandbLogger) and logger.version:
-                checkpoint["act_wandb_id"] = str(logger.version)
-        # The iteration draws its noise from generators seeded by (seed, k); the global generators only
-        # matter to what a backbone draws itself (dropout), and are restored for that.
-        checkpoint["act_rng"] = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        wandb_id = next(
+            (str(lg.version) for lg in self.loggers if isinstance(lg, WandbLogger) and lg.version), None
+        )
+        prepare_training_checkpoint(checkpoint, self.run_config, wandb_id)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
-            if key.startswith("distance."):
-                state[key] = value
-        self.k = int(state["iteration"])
+        # The frozen LPIPS network is no part of a checkpoint: it keeps the weights it was built with.
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("distance.")}
+        checkpoint["state_dict"].update(own)
+        self.k = checkpoint_iteration(checkpoint)
         self._restore_rng = checkpoint.get("act_rng")
 
     # -- sampling ----------------------------------------------------------------------------------
@@ -490,13 +468,13 @@ class ACTModule(L.LightningModule):
         generator: torch.Generator | None = None,
         step_noise: Callable[[int], Tensor] | None = None,
     ) -> Tensor:
-        """One-step samples x = f_{theta^-}(sigma_max * z, sigma_max, y), clipped to [-1, 1]; with `taus`
-        (decreasing, taus[0] = sigma_max), multistep sampling (Song et al. 2023, Algorithm 1), the noise
-        of later steps from `generator` or `step_noise(step)`."""
+        """One-step samples f_{theta^-}(sigma_max z, sigma_max, y) in [-1, 1]; with `taus` (decreasing from
+        sigma_max) multistep sampling (`samplers.multistep`), later steps' noise from `generator` or
+        `step_noise(step)`. The network runs in eval mode (no dropout)."""
         net = self.target if net is None else net
         taus = [self.schedule.sigma_max] if taus is None else taus
         was_training = net.training
-        net.eval()  # no dropout when sampling (the teacher pass of training keeps it)
+        net.eval()
         try:
             denoise = lambda x, sigma: self.denoise(net, x, sigma, labels)  # noqa: E731
             return multistep(denoise, noise, taus, self.schedule.sigma_min, generator, step_noise)

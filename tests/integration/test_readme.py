@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_cli.py::test_smoke_run_of_every_experiment_on_synthetic_data",
     ),
-    "python -m act_lightning.train experiment=cifar10 model.gan_ratio=0": ("train", SMOKE),
+    "python -m act_lightning.train experiment=cifar10 model.schedule.gan_ratio=0": ("train", SMOKE),
     "python -m act_lightning.prepare imagenet64 /downloads/imagenet64 data/imagenet64": ("prepare", None),
     "python -m act_lightning.prepare lsun_cat256 data/lsun_cat256/cat data/lsun_cat256": ("prepare", None),
     "python -m act_lightning.train experiment=cifar10 data=folder data.root=/path/to/images": (
@@ -102,11 +102,11 @@ COMMANDS: dict[str, tuple] = {
     ),
     "python -m act_lightning.train -m hydra/launcher=submitit_slurm experiment=lsun_cat256 trainer.devices=8 "
     "trainer.num_nodes=2 hydra.launcher.partition=gpu hydra.launcher.timeout_min=1440": ("slurm", None),
-    "python -m act_lightning.train -m experiment=cifar10 model.gan_ratio=0.1,0.3,0.5 seed=0,1": (
+    "python -m act_lightning.train -m experiment=cifar10 model.schedule.gan_ratio=0.1,0.3,0.5 seed=0,1": (
         "cli",
         [*SMOKE, *CHEAP, "iterations=2"],
     ),
-    "python -m act_lightning.train -m model.gan_ratio=0,0.3 logger=wandb": (
+    "python -m act_lightning.train -m model.schedule.gan_ratio=0,0.3 logger=wandb": (
         "test",
         "test_sweeps.py::test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_configs",
     ),
@@ -148,7 +148,7 @@ COMMANDS: dict[str, tuple] = {
         "test_benchmarks.py::test_bench_train_writes_the_table_against_the_baseline",
     ),
     "python -m act_lightning.train experiment=cifar10 perf=baseline": ("cli", [*SMOKE, *CHEAP]),
-    "python -m act_lightning.train -m model.gan_ratio=0,0.3 threads=1": (
+    "python -m act_lightning.train -m model.schedule.gan_ratio=0,0.3 threads=1": (
         "cli",
         [*SMOKE, *CHEAP, "iterations=2"],
     ),

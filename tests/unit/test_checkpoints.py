@@ -60,3 +60,38 @@ def test_load_checkpoint_wants_a_training_config_and_finite_weights(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "act_config": {"seed": 1}}, path)
     checkpoint, run = load_checkpoint(path)
     assert run.seed == 1 and torch.equal(checkpoint["state_dict"]["w"], torch.zeros(1))
+
+
+def test_a_checkpoint_from_before_the_schedule_and_speed_groups_still_builds_its_networks(tmp_path):
+    # act-lightning 0.1 kept the schedule's and the speed options' keys directly under `model`
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from act_lightning.checkpoints import load_model
+    from tests.conftest import compose
+
+    cfg = OmegaConf.to_container(
+        compose(
+            [
+                "debug=smoke",
+                "data=synthetic",
+                "model.schedule.sigma_max=20",
+                "model.speed.channels_last=false",
+            ]
+        ),
+        resolve=True,
+    )
+    model = instantiate(cfg["model"])
+    old = {k: v for k, v in cfg.items() if k != "model"}
+    old["model"] = {k: v for k, v in cfg["model"].items() if k not in ("schedule", "speed")}
+    for group in ("schedule", "speed"):
+        old["model"].update({k: v for k, v in cfg["model"][group].items() if k != "_target_"})
+    assert "gan_ratio" in old["model"] and "compile" in old["model"]
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("distance.")}
+    torch.save({"state_dict": state, "act_config": old}, tmp_path / "old.ckpt")
+
+    loaded, run, _ = load_model(tmp_path / "old.ckpt")
+    assert run.model.schedule.sigma_max == 20 and "gan_ratio" not in run.model
+    assert loaded.schedule.sigma_max == 20 and loaded.schedule.bins_max == model.schedule.bins_max
+    z = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded.sample(z), model.eval().sample(z))

@@ -46,10 +46,10 @@ def test_lognormal_index_histogram_follows_the_probabilities_and_uniform_stays_f
 
 def test_the_module_draws_indices_from_the_lognormal_only_when_asked(cfg_factory):
     plain = instantiate(cfg_factory(SMALL).model)
-    assert plain._grid(12)[1] is None
+    assert plain._grids(12, plain.device)[1] is None
     overrides = [*SMALL, "model.schedule.noise_sampling=lognormal", "model.schedule.p_mean=-0.5"]
     model = instantiate(cfg_factory(overrides).model)
-    sigmas, probs = model._grid(12)
+    sigmas, probs = model._grids(12, model.device)
     torch.testing.assert_close(sigmas, model.schedule.sigmas(12))
     torch.testing.assert_close(probs, cm.lognormal_index_probs(sigmas, -0.5, 2.0))
 
