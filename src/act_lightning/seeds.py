@@ -18,8 +18,7 @@ MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; this kee
 #   (seed, i, LABEL)           the random class label of image i (sample)
 #   (seed, c, EVALUATION)      the noise and labels of chunk c of an evaluation's samples (FID)
 #   (seed, c, EVALUATION, 1)   the noise of its later sampling steps (evaluate's multistep samplers)
-#   (seed, index, SYNTHETIC)   synthetic image `index` (the test data set)
-AUGMENT, FLIP, EVALUATION, SYNTHETIC = 1, 2, 3, 4
+AUGMENT, FLIP, EVALUATION = 1, 2, 3
 LABEL = 1 << 20
 
 

@@ -55,7 +55,10 @@ def test_every_job_of_every_ablation_composes_and_builds(ablation, tmp_path):
         model = instantiate(job_cfg.model)
         for override in job:  # the job's setting reached the module
             key, value = override.split("=", 1)
-            if key.startswith("model."):
+            if key.startswith("model.schedule."):
+                name = key.removeprefix("model.schedule.")
+                assert str(getattr(model.schedule, name)) == str(job_cfg.model.schedule[name])
+            elif key.startswith("model."):
                 assert str(model.hparams[key.removeprefix("model.")]) == str(job_cfg.model[key[6:]])
 
 
@@ -64,20 +67,21 @@ def test_every_variant_sets_what_it_is_named_for(variant, tmp_path):
     cfg = _compose([f"variant={variant}", "debug=smoke", "data=synthetic"], tmp_path)
     m = cfg.model
     expected = {
-        "act": m.gan_ratio == 0.3 and m.teacher == "ema",
-        "ct": m.gan_ratio == 0 and cfg.iterations == 4,  # debug=smoke shortens every variant alike
-        "ct_equal_time": m.gan_ratio == 0,
-        "lognormal": m.noise_sampling == "lognormal" and (m.p_mean, m.p_std) == (-1.1, 2.0),
-        "exponential": m.curriculum == "exponential",
-        "online_teacher": m.teacher == "online" and m.sampling_ema == 0.99,
+        "act": m.schedule.gan_ratio == 0.3 and m.schedule.teacher == "ema",
+        "ct": m.schedule.gan_ratio == 0 and cfg.iterations == 4,  # debug=smoke shortens every variant alike
+        "ct_equal_time": m.schedule.gan_ratio == 0,
+        "lognormal": m.schedule.noise_sampling == "lognormal"
+        and (m.schedule.p_mean, m.schedule.p_std) == (-1.1, 2.0),
+        "exponential": m.schedule.curriculum == "exponential",
+        "online_teacher": m.schedule.teacher == "online" and m.sampling_ema == 0.99,
         "dropout": m.generator.dropout == 0.1 and not m.shared_dropout,
         "shared_dropout": m.generator.dropout == 0.1 and m.shared_dropout,
         "l2": m.distance == "l2",
-        "ict": m.noise_sampling == "lognormal"
-        and m.curriculum == "exponential"
-        and m.teacher == "online"
+        "ict": m.schedule.noise_sampling == "lognormal"
+        and m.schedule.curriculum == "exponential"
+        and m.schedule.teacher == "online"
         and m.shared_dropout
-        and m.gan_ratio == 0.3,
+        and m.schedule.gan_ratio == 0.3,
     }[variant]
     assert expected
     assert instantiate(m) is not None
@@ -89,14 +93,21 @@ def test_every_variant_sets_what_it_is_named_for(variant, tmp_path):
 def test_cifar10_ict_combines_the_options_with_acts_discriminator(tmp_path):
     cfg = _compose(["experiment=cifar10_ict"], tmp_path)
     m = cfg.model
-    assert (m.noise_sampling, m.curriculum, m.teacher, m.distance) == (
+    assert (m.schedule.noise_sampling, m.schedule.curriculum, m.schedule.teacher, m.distance) == (
         "lognormal",
         "exponential",
         "online",
         "pseudo_huber",
     )
-    assert (m.bins_min, m.bins_max, m.sampling_ema, m.generator.dropout) == (10, 1280, 0.99993, 0.3)
-    assert m.shared_dropout and m.gan_ratio == 0.3 and cfg.iterations == 300_000  # ACT's recipe otherwise
+    assert (m.schedule.bins_min, m.schedule.bins_max, m.sampling_ema, m.generator.dropout) == (
+        10,
+        1280,
+        0.99993,
+        0.3,
+    )
+    assert (
+        m.shared_dropout and m.schedule.gan_ratio == 0.3 and cfg.iterations == 300_000
+    )  # ACT's recipe otherwise
     assert (
         cfg.model.discriminator._target_
         == _compose(["experiment=cifar10"], tmp_path).model.discriminator._target_

@@ -37,7 +37,7 @@ def test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_conf
             == f"quickstart[data=synthetic,debug=smoke,logger=wandb,model.schedule.gan_ratio={ratio}]"
         )
         assert run["group"] == "quickstart"
-        assert run["config"]["model"]["gan_ratio"] == ratio  # its own config, not the other job's
+        assert run["config"]["model"]["schedule"]["gan_ratio"] == ratio  # its own config, not the other job's
         fd_rows = [row for row in run["history"] if "val/fd" in row]
         assert [row["trainer/global_step"] for row in fd_rows] == [0, 4]  # its own history only
     for job, run in enumerate(runs):

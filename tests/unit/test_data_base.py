@@ -27,6 +27,7 @@ from act_lightning.data import (
 from act_lightning.data.base import random_hflip, to_signed
 from act_lightning.data.images import center_crop, decode_image, load_image
 from act_lightning.data.storage import PackedBytes
+from act_lightning.seeds import FLIP, mix_seed
 
 
 class _Tiny(ImageDataModule):
@@ -89,11 +90,11 @@ def test_flips_are_seeded_from_the_act_iteration_not_the_optimiser_step():
         dm = _Tiny(hflip=True, seed=3)
         _attach_trainer(dm, k=k, global_step=global_step, rank=1)
         seeds[k, global_step] = dm._device_generator(cpu).initial_seed()
-    assert seeds[5, 10] == seeds[5, 11] == 3 * 1_000_003 + 1 * 7919 + 5  # (seed, rank, k)
+    assert seeds[5, 10] == seeds[5, 11] == mix_seed(3, 5, FLIP, 1)  # (seed, k, FLIP, rank)
     assert seeds[6, 10] != seeds[5, 10]
     dm = _Tiny(hflip=True, seed=3)
     _attach_trainer(dm, k=None, global_step=10)  # a module that counts no ACT iterations
-    assert dm._device_generator(cpu).initial_seed() == 3 * 1_000_003
+    assert dm._device_generator(cpu).initial_seed() == mix_seed(3, 0, FLIP, 0)
 
 
 def test_path_is_the_absolute_root_and_only_sources_with_files_need_one(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def test_mu_zero_makes_the_teacher_the_online_network(cfg_factory):
     model = instantiate(cfg.model)
     assert model.teacher() is model.generator and model.schedule.target_ema(50) == 0.0
     x, sigma = _images(cfg, 3), torch.full((3,), 1.5)
-    teacher_out = model._teacher_pass(model.generator)(x, sigma, None)
+    teacher_out = model._teacher_pass()(x, sigma, None)
     torch.testing.assert_close(teacher_out, model.denoise(model.generator, x, sigma, None), rtol=0, atol=0)
     model, _, trainer = fit(cfg, model)
     assert trainer.callback_metrics["train/target_ema"].item() == 0.0
@@ -156,7 +156,7 @@ def test_shared_dropout_gives_the_teacher_the_online_pass_masks(cfg_factory, tea
     for shared in (True, False):
         model = instantiate(cfg_factory([*base, f"model.shared_dropout={shared}"]).model).train()
         torch.manual_seed(0)
-        teacher_out = model._teacher_pass(model.generator)(x, sigma, None)  # runs first, as in the loss
+        teacher_out = model._teacher_pass()(x, sigma, None)  # runs first, as in the loss
         online_out = model.denoise(model.generator, x, sigma, None)
         outputs[shared] = (teacher_out, online_out)
     # the EMA teacher starts equal to the generator, so equal masks give equal outputs in both cases (a copy

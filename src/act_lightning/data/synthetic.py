@@ -6,7 +6,6 @@ import torch
 from torch.utils.data import Dataset
 
 from act_lightning.data.base import ImageDataModule
-from act_lightning.seeds import SYNTHETIC, mix_seed
 
 
 class SyntheticImages(Dataset):
@@ -20,7 +19,9 @@ class SyntheticImages(Dataset):
         return self.length
 
     def __getitem__(self, index: int):
-        g = torch.Generator().manual_seed(mix_seed(self.seed, index, SYNTHETIC))
+        # Test fixtures, not a training stream: the images stay those the tests' tolerances were set on
+        # (act_lightning.seeds.mix_seed would draw other ones; tests/unit/test_seeds.py says why).
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         coarse = torch.rand(self.channels, 4, 4, generator=g) * 2 - 1
         image = torch.nn.functional.interpolate(coarse[None], size=self.image_size, mode="bilinear")[0]
         label = int(torch.randint(self.num_classes, (), generator=g)) if self.num_classes else 0
