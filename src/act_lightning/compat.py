@@ -7,6 +7,7 @@ import csv
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from torch import nn
@@ -51,3 +52,13 @@ class ResumableExperimentWriter(ExperimentWriter):
             writer.writeheader()
             writer.writerows(rows)
         self.metrics_keys = keys  # appending needs the header that is on disk
+
+
+def is_lightning_handler(handler: Any) -> bool:
+    """Whether a signal handler is one that Lightning's trainer installed (its private
+    `_SignalConnector` registers `_HandlersCompose` objects for SIGTERM and, on SLURM, SIGUSR1): such a
+    handler is not a launcher's and is not called again after our own checkpointing handler ran. Told
+    apart by the module its class or function comes from."""
+    module = getattr(type(handler), "__module__", "") or ""
+    own = getattr(handler, "__module__", "") or ""
+    return module.startswith("lightning") or own.startswith("lightning")

@@ -53,3 +53,32 @@ def test_a_fresh_run_starts_a_new_csv_file(tmp_path):
     _write_rows(tmp_path / "metrics.csv", range(1, 6))
     ResumableExperimentWriter(str(tmp_path), resume_step=None)
     assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_the_handlers_lightning_installs_are_told_apart_from_a_launchers():
+    # Lightning's trainer installs its own SIGTERM handler through its private _SignalConnector; after our
+    # checkpointing handler ran, that one must not be called (it would end the run with status 0)
+    import signal
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    from act_lightning.compat import is_lightning_handler
+
+    def launcher(signum, frame):  # e.g. submitit's requeue handler
+        pass
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, launcher)
+        trainer = Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        connector = _SignalConnector(trainer)
+        connector.register_signal_handlers()
+        installed = signal.getsignal(signal.SIGTERM)
+        assert installed is not launcher and is_lightning_handler(installed)
+        assert not is_lightning_handler(launcher) and not is_lightning_handler(signal.SIG_DFL)
+        connector.teardown()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

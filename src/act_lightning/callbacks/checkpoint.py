@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from act_lightning.atomic import atomic_write
+from act_lightning.compat import is_lightning_handler
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class LastCheckpoint(L.Callback):
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
-            if _is_lightning_handler(handler):
+            if is_lightning_handler(handler):
                 handler = signal.SIG_DFL
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._handed_over, self._previous = self._previous, {}
@@ -167,7 +168,7 @@ class LastCheckpoint(L.Callback):
         if self.stopped_by not in REQUEUE_SIGNALS:
             return
         previous = self._handed_over.get(self.stopped_by)
-        if callable(previous) and not _is_lightning_handler(previous):
+        if callable(previous) and not is_lightning_handler(previous):
             previous(self.stopped_by, None)
             return
         job = os.environ.get("SLURM_JOB_ID")
@@ -176,9 +177,3 @@ class LastCheckpoint(L.Callback):
             job = f"{array_job}_{task}" if array_job and task else job
             result = subprocess.call(["scontrol", "requeue", job])
             log.warning("scontrol requeue %s: %s", job, "done" if result == 0 else f"failed ({result})")
-
-
-def _is_lightning_handler(handler: Any) -> bool:
-    return getattr(type(handler), "__module__", "").startswith("lightning") or getattr(
-        handler, "__module__", ""
-    ).startswith("lightning")
