@@ -2,7 +2,7 @@
 `python -m act_lightning.edit task=inpaint|colorize|superres ckpt=PATH input=IMAGE_OR_DIR out=DIR`.
 
 Each task keeps a known part of the input images and lets the model fill in the rest: inpaint keeps a set
-of pixels (a mask image or all but a box), colorize each pixel's grey level, superres the mean of each
+of pixels (a mask image or all but a box), colorize each pixel's luminance, superres the mean of each
 factor x factor patch. The projections and the editing loop are in `act_lightning.samplers`
 (`inpaint_projection`, `colorize_projection`, `superres_projection`, `zero_shot_edit`); this module reads
 the images, runs them and writes the results. `edit(cfg)` is the command (tests call it); `main()` is the
@@ -30,6 +30,7 @@ from act_lightning.commands import CONFIG_DIR, resolve_device, write_npz
 from act_lightning.consistency import ConsistencySchedule, karras_sigmas
 from act_lightning.sample import check_taus, image_noise, to_uint8
 from act_lightning.samplers import (
+    SUPERRES_FACTORS,
     Projection,
     colorize_projection,
     inpaint_projection,
@@ -155,8 +156,11 @@ def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) ->
     read_size = size
     if cfg.task == "superres":
         factor = int(cfg.factor)
-        if factor not in (2, 4) or size % factor:
-            raise ValueError(f"factor must be 2 or 4 and divide the image size {size}; got {factor}")
+        if factor not in SUPERRES_FACTORS or size % factor:
+            allowed = ", ".join(map(str, SUPERRES_FACTORS))
+            raise ValueError(
+                f"factor must be one of {allowed} and divide the image size {size}; got {factor}"
+            )
         with Image.open(files[0]) as first_image:
             if first_image.size[0] == size // factor:
                 read_size = size // factor

@@ -13,11 +13,13 @@ run under `no_grad` and clip to [-1, 1] after every step, as the reference does.
   The projections of the three editing tasks:
   - inpaint: the known part is a set of pixels (mask true = known). P(x) = mask y + (1 - mask) x; the
     known pixels of the result are the input's exactly.
-  - colorize: the known part is each pixel's grey level (the mean of its channels; A's first row is the
-    grey axis (1, 1, 1) / sqrt 3). P(x) = x + (grey(y) - grey(x)) in every channel.
-  - superres (factor s): the known part is the mean of each s x s patch (A's first row on a patch is
-    uniform). P(x) = x + upsample(avgpool(y) - avgpool(x)); the result averaged over patches is the
-    input.
+  - colorize: the known part is each pixel's luminance: its component along the unit axis
+    v = (0.2989, 0.5870, 0.1140) / |.| (ITU-R BT.601, the axis PIL's "L" conversion uses; A's first row,
+    the first column of the orthogonal matrix Q of openai/consistency_models' `iterative_colorization`).
+    P(x) = x + ((y - x) . v) v per pixel; the result's luminance is the input's.
+  - superres (factor s = 2, 4 or 8; the reference uses 8): the known part is the mean of each s x s patch
+    (A's first row on a patch is uniform). P(x) = x + upsample(avgpool(y) - avgpool(x)); the result
+    averaged over patches is the input.
 """
 
 from __future__ import annotations
@@ -73,9 +75,16 @@ def inpaint_projection(y: Tensor, mask: Tensor) -> Projection:
     return lambda x: mask * y + (1 - mask) * x
 
 
+LUMINANCE = (0.2989, 0.5870, 0.1140)  # the RGB weights of a pixel's luminance (ITU-R BT.601)
+SUPERRES_FACTORS = (2, 4, 8)
+
+
 def colorize_projection(y: Tensor) -> Projection:
-    grey = y.mean(1, keepdim=True)
-    return lambda x: x + (grey - x.mean(1, keepdim=True))
+    """y (B, 3, H, W): keeps its luminance, the component along the unit axis of LUMINANCE. In [-1, 1] or
+    in [0, 1] the same map: the offset between the two cancels in (y - x)."""
+    axis = y.new_tensor(LUMINANCE)
+    axis = (axis / axis.norm()).view(1, 3, 1, 1)
+    return lambda x: x + ((y - x) * axis).sum(1, keepdim=True) * axis
 
 
 def superres_projection(y: Tensor, factor: int) -> Projection:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from act_lightning.samplers import colorize_projection, inpaint_projection, superres_projection
+from act_lightning.samplers import LUMINANCE, colorize_projection, inpaint_projection, superres_projection
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose
 
@@ -93,16 +93,26 @@ def test_inpaint_with_a_box_or_a_mask_image(checkpoints, tmp_path):
     assert np.array_equal(r["output"][r["mask"]], r["input"][r["mask"]])
 
 
-def test_colorize_keeps_the_grey_level_and_superres_the_patch_means(checkpoints, tmp_path):
+def test_colorize_keeps_the_luminance_and_superres_the_patch_means(checkpoints, tmp_path):
     grey = _images(tmp_path / "grey", 2, 32)
     _edit(["task=colorize", f"ckpt={checkpoints['rgb']}", f"input={grey}", f"out={tmp_path / 'c'}"])
     r = _result(tmp_path / "c")
     assert r["input"].shape == r["output"].shape == (2, 32, 32, 3)
-    levels = r["output"].astype(float).mean(-1)
-    # exact up to each channel's rounding to uint8, except where a channel had to be clipped to [0, 255]
+    luminance = r["output"].astype(float) @ np.array(LUMINANCE)
+    # to one uint8 level (each channel's rounding), except where a channel had to be clipped to [0, 255]
     inside = ((r["output"] > 0) & (r["output"] < 255)).all(-1)
-    assert inside.mean() > 0.5 and np.abs(levels - r["input"][..., 0])[inside].max() <= 1.0
+    assert inside.mean() > 0.5 and np.abs(luminance - r["input"][..., 0])[inside].max() <= 1.0
     assert r["output"].std(-1).max() > 0 and not r["mask"].any()  # colour where there was none
+    # a colour input: PIL's own grey level ("L") of the output equals the input's
+    rgb = _images(tmp_path / "rgb", 2, 32, "RGB", seed=1)
+    _edit(["task=colorize", f"ckpt={checkpoints['rgb']}", f"input={rgb}", f"out={tmp_path / 'c3'}"])
+    r = _result(tmp_path / "c3")
+    inside = ((r["output"] > 0) & (r["output"] < 255)).all(-1)
+    for i in range(2):
+        out_grey, in_grey = (
+            np.asarray(Image.fromarray(r[k][i]).convert("L"), float) for k in ("output", "input")
+        )
+        assert np.abs(out_grey - in_grey)[inside[i]].max() <= 1.0
 
     small = _images(tmp_path / "small", 2, 4)  # 4x4 inputs for the 8x8 model, factor 2
     _edit(
@@ -122,6 +132,20 @@ def test_colorize_keeps_the_grey_level_and_superres_the_patch_means(checkpoints,
     errors = np.abs(patches.mean((2, 4)) - r["input"][..., 0])[inside]
     assert inside.mean() > 0.3 and errors.max() <= 1.0
 
+    # factor 8, the reference's (8x8 patches): 4x4 colour inputs for the 32x32 model
+    tiny = tmp_path / "tiny"  # mid-range colours: fewer 8x8 patches where a pixel clips
+    tiny.mkdir()
+    for i, image in enumerate(np.random.default_rng(2).integers(96, 160, (2, 4, 4, 3), dtype=np.uint8)):
+        Image.fromarray(image, "RGB").save(tiny / f"{i}.png")
+    summary = _edit(
+        ["task=superres", "factor=8", f"ckpt={checkpoints['rgb']}", f"input={tiny}", f"out={tmp_path / 's8'}"]
+    )
+    r = _result(tmp_path / "s8")
+    assert r["input"].shape == (2, 4, 4, 3) and r["output"].shape == (2, 32, 32, 3) and summary["out"]
+    patches = r["output"].astype(float).reshape(2, 4, 8, 4, 8, 3)
+    inside = ((patches > 0) & (patches < 255)).all((2, 4))
+    assert inside.mean() > 0.3 and np.abs(patches.mean((2, 4)) - r["input"])[inside].max() <= 1.0
+
 
 def test_the_projections_keep_the_known_part_exactly():
     torch.manual_seed(0)
@@ -131,8 +155,19 @@ def test_the_projections_keep_the_known_part_exactly():
     assert torch.equal(out[mask.unsqueeze(1).expand_as(out)], y[mask.unsqueeze(1).expand_as(y)])
     assert torch.equal(out[~mask.unsqueeze(1).expand_as(out)], x[~mask.unsqueeze(1).expand_as(x)])
     out = colorize_projection(y)(x)
-    torch.testing.assert_close(out.mean(1), y.mean(1))
-    torch.testing.assert_close(out - out.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
+    weights = torch.tensor(LUMINANCE).view(1, 3, 1, 1)
+    torch.testing.assert_close((out * weights).sum(1), (y * weights).sum(1))  # the luminance is y's
+    # ... and nothing else changes: the difference to x lies along the luminance axis
+    change = out - x
+    torch.testing.assert_close(
+        change, (change * weights).sum(1, keepdim=True) * weights / weights.square().sum()
+    )
+    # the reference's construction: an orthogonal Q whose first column is the unit luminance axis; keep
+    # y's first coordinate in that basis and x's others (openai/consistency_models, iterative_colorization)
+    q, _ = torch.linalg.qr(torch.cat([weights.view(3, 1), torch.eye(3)[:, 1:]], 1).double())
+    coords = lambda images: torch.einsum("bchw,cd->bdhw", images.double(), q)  # noqa: E731
+    kept = torch.cat([coords(y)[:, :1], coords(x)[:, 1:]], 1)
+    torch.testing.assert_close(out.double(), torch.einsum("bdhw,cd->bchw", kept, q))
     out = superres_projection(y, 4)(x)
     pool = torch.nn.functional.avg_pool2d
     torch.testing.assert_close(pool(out, 4), pool(y, 4))
@@ -152,6 +187,8 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
         _edit([f"ckpt={ckpt}", f"input={images}", f"mask={tmp_path / 'small_mask.png'}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match=r"box=\[6, 6, 4, 4\] does not fit a 8x8 image"):
         _edit([f"ckpt={ckpt}", f"input={images}", "box=[6,6,4,4]", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match="factor must be one of 2, 4, 8 and divide the image size 8; got 3"):
+        _edit(["task=superres", "factor=3", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="task=colorize needs a colour model"):
         _edit(["task=colorize", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="task must be one of inpaint, colorize, superres"):

@@ -125,7 +125,7 @@ COMMANDS: dict[str, tuple] = {
     ),
     "python -m act_lightning.edit task=superres factor=2 ckpt=... input=small/ out=sr": (
         "test",
-        "test_edit.py::test_colorize_keeps_the_grey_level_and_superres_the_patch_means",
+        "test_edit.py::test_colorize_keeps_the_luminance_and_superres_the_patch_means",
     ),
     "python -m act_lightning.convert_reference cifar10_fid_6_0.ckpt cifar10_act.ckpt": (
         "test",
