@@ -126,6 +126,7 @@ PREFIX = "model.schedule"  # where the schedule's keys live in the training conf
 CURRICULA = ("sqrt", "exponential")  # N(k): ACT's (and Song et al. 2023's) square root | iCT's doubling
 NOISE_SAMPLING = ("uniform", "lognormal")  # j: uniform (ACT) | iCT's discretised log-normal
 TEACHERS = ("ema", "online")  # theta^-: the EMA with decay mu(N) (ACT) | stop_grad(theta) (iCT)
+LOSS_WEIGHTINGS = ("uniform", "ict")  # lambda_ct of L_ct: 1 (ACT) | 1 / (t_hi - t_lo) (iCT)
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,9 @@ class ConsistencySchedule:
 
     The options from later work (Song & Dhariwal 2023, improved consistency training; all off by default):
     `curriculum="exponential"` takes N(k) from `num_scales_exponential`, `noise_sampling="lognormal"`
-    draws j by `lognormal_index_probs(p_mean, p_std)`, and `teacher="online"` makes theta^- the online
-    network itself (mu = 0).
+    draws j by `lognormal_index_probs(p_mean, p_std)`, `teacher="online"` makes theta^- the online
+    network itself (mu = 0), and `loss_weighting="ict"` weights each example's consistency term by
+    `consistency_weight` = 1 / (t_hi - t_lo) (docs/algorithm.md, section 3).
     """
 
     sigma_min: float = 0.002
@@ -158,6 +160,7 @@ class ConsistencySchedule:
     p_mean: float = -1.1
     p_std: float = 2.0
     teacher: str = "ema"
+    loss_weighting: str = "uniform"
 
     def __post_init__(self) -> None:
         """Every range check of the schedule, named by its key, when the schedule is built (Hydra builds it
@@ -166,6 +169,7 @@ class ConsistencySchedule:
             ("curriculum", self.curriculum, CURRICULA),
             ("noise_sampling", self.noise_sampling, NOISE_SAMPLING),
             ("teacher", self.teacher, TEACHERS),
+            ("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS),
         ):
             _require(value in allowed, f"{PREFIX}.{key} must be one of {', '.join(allowed)}; got {value!r}")
         _require(self.p_std > 0, f"{PREFIX}.p_std must be positive, got {self.p_std}")
@@ -213,6 +217,13 @@ class ConsistencySchedule:
         exponent = math.log(self.mid_weight / self.gan_ratio, 0.5)
         index = sigma_to_index(sigma, num_scales, self.sigma_min, self.sigma_max, self.rho)
         return (index / (num_scales - 1)).clamp(min=0.0) ** exponent
+
+    def consistency_weight(self, t_hi: Tensor, t_lo: Tensor) -> Tensor:
+        """lambda_ct of each example's consistency term: 1, or iCT's 1 / (t_hi - t_lo), the inverse gap of
+        the pair of adjacent noise levels (t_lo < t_hi) it compares."""
+        if self.loss_weighting == "ict":
+            return 1.0 / (t_hi - t_lo)
+        return torch.ones_like(t_hi)
 
     def lam(self, sigma: Tensor, num_scales: int) -> Tensor:
         """lambda(t) = gan_ratio * w(t): the weight of L_adv against L_ct in the generator's loss."""

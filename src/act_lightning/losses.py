@@ -181,10 +181,11 @@ class GeneratorLosses(NamedTuple):
     consistency: Tensor  # L_ct = d(f_theta(x + t_hi z, t_hi), f_theta^-(x + t_lo z, t_lo)), (B,)
     adversarial: Tensor  # L_adv = softplus(-D(A(pred), t_hi)), (B,); zeros without a discriminator
     lam: Tensor  # lambda(t_hi) = gan_ratio * w(t_hi), (B,); zeros without a discriminator
+    weight: Tensor  # lambda_ct(t_hi, t_lo) of L_ct, (B,): ones (ACT) or iCT's 1 / (t_hi - t_lo)
 
     def objective(self) -> Tensor:
-        """(1 - lambda) L_ct + lambda L_adv per example; L_G is its mean over the batch."""
-        return (1 - self.lam) * self.consistency + self.lam * self.adversarial
+        """(1 - lambda) lambda_ct L_ct + lambda L_adv per example; L_G is its mean over the batch."""
+        return (1 - self.lam) * self.weight * self.consistency + self.lam * self.adversarial
 
 
 def generator_losses(
@@ -209,11 +210,12 @@ def generator_losses(
         target_x0 = target(x + append_dims(t_lo, x.ndim) * noise, t_lo, labels)
     pred = online(x + append_dims(t_hi, x.ndim) * noise, t_hi, labels)
     loss_ct = distance(pred, target_x0).float()
+    weight = schedule.consistency_weight(t_hi, t_lo).to(loss_ct.dtype)
     if critic is None:
         zeros = torch.zeros_like(loss_ct)
-        return GeneratorLosses(loss_ct, zeros, zeros)
+        return GeneratorLosses(loss_ct, zeros, zeros, weight)
     loss_adv = F.softplus(-critic(augment(pred), t_hi, labels).float())
-    return GeneratorLosses(loss_ct, loss_adv, schedule.lam(t_hi, sigmas.numel()))
+    return GeneratorLosses(loss_ct, loss_adv, schedule.lam(t_hi, sigmas.numel()), weight)
 
 
 class DiscriminatorLosses(NamedTuple):

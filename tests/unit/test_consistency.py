@@ -90,6 +90,28 @@ def test_schedule_answers_the_curriculum_questions_from_its_hyper_parameters():
     assert not torch.equal(other.sigmas(5), schedule.sigmas(5))
 
 
+def test_ict_loss_weighting_is_the_inverse_gap_of_the_pair_by_hand():
+    uniform = cm.ConsistencySchedule()
+    ict = cm.ConsistencySchedule(loss_weighting="ict")
+    t_hi, t_lo = (
+        torch.tensor([80.0, 1.0, 0.0021], dtype=torch.float64),
+        torch.tensor([60.0, 0.5, 0.002], dtype=torch.float64),
+    )
+    assert torch.equal(uniform.consistency_weight(t_hi, t_lo), torch.ones(3).double())
+    torch.testing.assert_close(
+        ict.consistency_weight(t_hi, t_lo), torch.tensor([1 / 20, 2.0, 10_000.0], dtype=torch.float64)
+    )
+    # iCT's final grid, 1,281 levels (bins_max 1280 steps): the weight spans a factor of about 8.7e3,
+    # largest at the smallest gap (near sigma_min), smallest at the top
+    sigmas = cm.karras_sigmas(1281, 0.002, 80.0, 7.0).double()
+    weights = ict.consistency_weight(sigmas[1:], sigmas[:-1])
+    assert bool((weights[1:] < weights[:-1]).all())
+    ratio = (weights.max() / weights.min()).item()
+    assert 8.6e3 < ratio < 8.8e3
+    with pytest.raises(ValueError, match="model.schedule.loss_weighting must be one of uniform, ict"):
+        cm.ConsistencySchedule(loss_weighting="snr")
+
+
 def test_sample_indices_cover_one_to_n_minus_one():
     g = torch.Generator().manual_seed(0)
     j = cm.sample_indices(10_000, 5, generator=g)

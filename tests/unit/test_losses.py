@@ -157,6 +157,30 @@ def test_generator_losses_against_a_hand_computation():
     assert critic.weight.grad is not None
 
 
+def test_ict_weighting_scales_the_consistency_term_only():
+    # the same pass with loss_weighting=ict: each example's L_ct is multiplied by 1 / (t_hi - t_lo) in the
+    # objective, the adversarial term and lambda are untouched (docs/algorithm.md, section 3)
+    x, z = _batch()
+    ict = ConsistencySchedule(gan_ratio=0.6, mid_weight=0.2, loss_weighting="ict")
+    sigmas, j = ict.sigmas(11), torch.tensor([1, 4, 7, 10])
+    nets = {"online": lambda x, s, y: 0.5 * x, "target": lambda x, s, y: 0.25 * x}
+    args = dict(sigmas=sigmas, online=nets["online"], target=nets["target"], distance=losses.l2_distance)
+    critic = LinearCritic()
+    plain = losses.generator_losses(
+        x, None, j, z, schedule=SCHEDULE, critic=critic, augment=lambda i: i, **args
+    )
+    weighted = losses.generator_losses(
+        x, None, j, z, schedule=ict, critic=critic, augment=lambda i: i, **args
+    )
+    gap = sigmas[j] - sigmas[j - 1]
+    torch.testing.assert_close(weighted.weight, 1 / gap)
+    assert torch.equal(plain.weight, torch.ones(4))
+    for name in ("consistency", "adversarial", "lam"):
+        assert torch.equal(getattr(weighted, name), getattr(plain, name))
+    expected = (1 - plain.lam) * plain.consistency / gap + plain.lam * plain.adversarial
+    torch.testing.assert_close(weighted.objective(), expected)
+
+
 def test_generator_losses_without_a_discriminator_are_plain_consistency_training():
     x, z = _batch()
     out = losses.generator_losses(
