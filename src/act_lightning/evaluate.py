@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, run = load_checkpoint(ckpt)
     ev = _apply_overrides(run, cfg)
     check_options(cfg)
+    seeds = sampling_seeds(cfg)
     # Everything that can be missing is checked before the networks are built.
     weights = (
         resolve_inception_weights(ev.inception_weights, ev.download) if ev.features == "inception" else None
@@ -75,17 +77,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(checkpoint, run, device)
     extractor, reference = build_reference(ev, run, weights, cfg.batch_size, device)
     name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
-    results = {
-        sampler: score_sampler(cfg, sampler, model, run, extractor, reference, name, device)
-        for sampler in cfg.samplers
-    }
+    results = {}
+    for sampler in cfg.samplers:
+        per_seed = [
+            score_sampler(cfg, sampler, model, run, extractor, reference, name, device, seed)
+            for seed in seeds
+        ]
+        results[sampler] = over_seeds(per_seed, name, seeds)
     summary = {
         "checkpoint": str(ckpt.resolve()),
         "iteration": checkpoint_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
         "net": cfg.net,
         "num_samples": cfg.num_samples,
-        "seed": cfg.seed,
+        "seed": seeds[0],
+        "seeds": seeds,
         "features": ev.features,
         "reference": str(ev.reference),
         "quantize": ev.quantize,
@@ -96,6 +102,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output.write_text(json.dumps(summary, indent=2))
     summary["output"] = str(output)
     return summary
+
+
+def sampling_seeds(cfg: DictConfig) -> list[int]:
+    """`seeds` (a list: each sampler is scored once per seed) or `[seed]`."""
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        return [int(cfg.seed)]
+    if isinstance(seeds, (int, str)) or not len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers, e.g. seeds=[0,1,2]; got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must not repeat a seed; got {list(seeds)}")
+    return [int(s) for s in seeds]
+
+
+def over_seeds(per_seed: list[dict], name: str, seeds: list[int]) -> dict:
+    """One sampler's result: with one seed, that seed's; with several, the mean of `name` over them, its
+    sample standard deviation (`<name>_std`, n - 1 in the denominator) and every seed's value."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    values = [r[name] for r in per_seed]
+    return {
+        name: statistics.fmean(values),
+        f"{name}_std": statistics.stdev(values),
+        f"{name}_per_seed": dict(zip(map(str, seeds), values, strict=True)),
+        "taus": per_seed[0]["taus"],
+        "seconds": round(sum(r["seconds"] for r in per_seed), 1),
+    }
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -137,15 +170,18 @@ def build_reference(ev: DictConfig, run: DictConfig, weights, batch_size: int, d
     return extractor, reference
 
 
-def score_sampler(cfg: DictConfig, sampler: str, model, run, extractor, reference, name, device) -> dict:
-    """{name: the Frechet distance of `sampler`'s samples to `reference`, taus, seconds}."""
+def score_sampler(
+    cfg: DictConfig, sampler: str, model, run, extractor, reference, name, device, seed: int
+) -> dict:
+    """{name: the Frechet distance of `sampler`'s samples (noise from `seed`) to `reference`, taus,
+    seconds}."""
     net = model.target if cfg.net == "target" else model.generator
     taus = [float(model.schedule.sigma_max), *(float(t) for t in cfg.taus[sampler])]
 
     def sample(noise, labels, chunk):
         g = None
         if len(taus) > 1:  # the fresh noise of later steps, also fixed per chunk
-            g = torch.Generator(noise.device).manual_seed(mix_seed(cfg.seed, chunk, EVALUATION, 1))
+            g = torch.Generator(noise.device).manual_seed(mix_seed(seed, chunk, EVALUATION, 1))
         return model.sample(noise, labels, net=net, taus=taus, generator=g)
 
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
@@ -158,12 +194,12 @@ def score_sampler(cfg: DictConfig, sampler: str, model, run, extractor, referenc
             cfg.batch_size,
             shape,
             model.hparams.num_classes,
-            cfg.seed,
+            seed,
             device,
             progress=bar.update,
         )
     value = frechet_distance(*stats, *reference)
-    log.info("%s %s = %.4f (%d samples)", sampler, name.upper(), value, cfg.num_samples)
+    log.info("%s %s = %.4f (%d samples, seed %d)", sampler, name.upper(), value, cfg.num_samples, seed)
     return {name: value, "taus": taus, "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -110,7 +110,7 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
     images = (np.random.default_rng(0).random((8, 32, 32, 3)) * 255).astype(np.uint8)
     np.savez(refs / "cifar10-32x32.npz", arr_0=images)  # a reference batch in the published layout
     commands = [c for c in readme_commands() if c.startswith("python -m act_lightning.evaluate")]
-    assert len(commands) == 5  # the fifth evaluates a converted reference checkpoint (here: the run's)
+    assert len(commands) == 6  # the sixth evaluates a converted reference checkpoint (here: the run's)
     ckpt = cifar_run / "checkpoints" / "best.ckpt"
     for command in commands:
         args = shlex.split(command)[3:]
@@ -123,6 +123,25 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
         assert list(summary["results"]) == expected, command
         assert summary["quantize"] == ("truncate" if "truncate" in command else "round"), command
         assert summary["reference"].endswith("cifar10-32x32.npz") == ("eval.reference" in command), command
+        if "seeds=" in command:  # each seed's own score, their mean and sample standard deviation
+            assert summary["seeds"] == [0, 1, 2]
+            for result in summary["results"].values():
+                values = list(result["fid_per_seed"].values())
+                assert list(result["fid_per_seed"]) == ["0", "1", "2"] and len(set(values)) == 3
+                assert result["fid"] == pytest.approx(np.mean(values))
+                assert result["fid_std"] == pytest.approx(np.std(values, ddof=1))
+            one = [f"ckpt={ckpt}", "num_samples=8", "batch_size=8", "seed=1", "samplers=[1-step]"]
+            single = _evaluate([*one, f"output={tmp_path / 'one.json'}"])["results"]["1-step"]
+            assert (
+                summary["results"]["1-step"]["fid_per_seed"]["1"] == single["fid"]
+            )  # seed 1 alone: the same
+
+
+def test_seeds_must_be_a_list_of_distinct_integers(cifar_run):
+    ckpt = cifar_run / "checkpoints" / "best.ckpt"
+    for bad in ("seeds=3", "seeds=[]", "seeds=[0,0]", "seeds=[a]"):
+        with pytest.raises(ValueError, match="seeds must"):
+            _evaluate([f"ckpt={ckpt}", bad])
 
 
 def test_missing_inception_weights_stop_the_run_at_start_up(tmp_path, monkeypatch):
