@@ -17,10 +17,12 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from tqdm import tqdm
 
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
 from act_lightning.commands import CONFIG_DIR, resolve_device
+from act_lightning.metrics.extra import NEED_REAL, FeatureRecorder, check_metrics, extra_metrics
 from act_lightning.metrics.fid import (
     build_feature_extractor,
     check_reference_spec,
@@ -28,6 +30,7 @@ from act_lightning.metrics.fid import (
     sample_statistics,
 )
 from act_lightning.metrics.frechet import frechet_distance
+from act_lightning.metrics.reference import reference_image_batches, require_reference_images
 from act_lightning.seeds import EVALUATION, mix_seed
 
 log = logging.getLogger(__name__)
@@ -67,23 +70,34 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ev = _apply_overrides(run, cfg)
     check_options(cfg)
     seeds = sampling_seeds(cfg)
+    metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
     # Everything that can be missing is checked before the networks are built.
     weights = (
         resolve_inception_weights(ev.inception_weights, ev.download) if ev.features == "inception" else None
     )
     check_reference_spec(ev.reference)
+    if any(m in NEED_REAL for m in metrics) and str(ev.reference) != "train":
+        require_reference_images(Path(ev.reference))
     device = resolve_device(cfg.device)
 
     model = build_model(checkpoint, run, device)
     extractor, reference = build_reference(ev, run, weights, cfg.batch_size, device)
+    real = None
+    if any(m in NEED_REAL for m in metrics):
+        real = real_features(ev, run, extractor, cfg.num_samples, cfg.batch_size, device)
     name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
     results = {}
     for sampler in cfg.samplers:
-        per_seed = [
-            score_sampler(cfg, sampler, model, run, extractor, reference, name, device, seed)
-            for seed in seeds
-        ]
-        results[sampler] = over_seeds(per_seed, name, seeds)
+        per_seed = []
+        for seed in seeds:
+            recorder = FeatureRecorder(extractor, logits="is" in metrics) if len(metrics) > 1 else None
+            result = score_sampler(
+                cfg, sampler, model, run, recorder or extractor, reference, name, device, seed
+            )
+            if recorder is not None:
+                result.update(extra_metrics(metrics, recorder, real))
+            per_seed.append(result)
+        results[sampler] = over_seeds(per_seed, seeds)
     summary = {
         "checkpoint": str(ckpt.resolve()),
         "iteration": checkpoint_iteration(checkpoint),
@@ -93,6 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": seeds[0],
         "seeds": seeds,
         "features": ev.features,
+        "metrics": metrics,
         "reference": str(ev.reference),
         "quantize": ev.quantize,
         "device": str(device),
@@ -116,19 +131,37 @@ def sampling_seeds(cfg: DictConfig) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def over_seeds(per_seed: list[dict], name: str, seeds: list[int]) -> dict:
-    """One sampler's result: with one seed, that seed's; with several, the mean of `name` over them, its
-    sample standard deviation (`<name>_std`, n - 1 in the denominator) and every seed's value."""
+def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
+    """One sampler's result: with one seed, that seed's; with several, for each metric its mean over the
+    seeds, its sample standard deviation (`<metric>_std`, n - 1 in the denominator) and every seed's value
+    (`<metric>_per_seed`)."""
     if len(per_seed) == 1:
         return per_seed[0]
-    values = [r[name] for r in per_seed]
-    return {
-        name: statistics.fmean(values),
-        f"{name}_std": statistics.stdev(values),
-        f"{name}_per_seed": dict(zip(map(str, seeds), values, strict=True)),
-        "taus": per_seed[0]["taus"],
-        "seconds": round(sum(r["seconds"] for r in per_seed), 1),
-    }
+    out: dict[str, Any] = {}
+    for key in per_seed[0]:
+        if key in ("taus", "seconds"):
+            continue
+        values = [r[key] for r in per_seed]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values)
+        out[f"{key}_per_seed"] = dict(zip(map(str, seeds), values, strict=True))
+    out["taus"] = per_seed[0]["taus"]
+    out["seconds"] = round(sum(r["seconds"] for r in per_seed), 1)
+    return out
+
+
+def real_features(ev: DictConfig, run: DictConfig, extractor, count: int, batch_size: int, device) -> Tensor:
+    """(N, D) features of up to `count` real images of the reference (for KID and precision/recall, which
+    compare sets of features): the training set's (reference=train) or an .npz batch's (arr_0)."""
+    from hydra.utils import instantiate
+
+    if str(ev.reference) == "train":
+        datamodule = instantiate(run.data)
+        loader = datamodule.reference_dataloader(batch_size, max_images=count)
+        batches = (x for x, _ in loader)
+    else:
+        batches = reference_image_batches(Path(ev.reference), batch_size, count)
+    return torch.cat([extractor(x.to(device)).float().cpu() for x in batches])
 
 
 def check_options(cfg: DictConfig) -> None:

@@ -110,7 +110,7 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
     images = (np.random.default_rng(0).random((8, 32, 32, 3)) * 255).astype(np.uint8)
     np.savez(refs / "cifar10-32x32.npz", arr_0=images)  # a reference batch in the published layout
     commands = [c for c in readme_commands() if c.startswith("python -m act_lightning.evaluate")]
-    assert len(commands) == 6  # the sixth evaluates a converted reference checkpoint (here: the run's)
+    assert len(commands) == 7  # the seventh evaluates a converted reference checkpoint (here: the run's)
     ckpt = cifar_run / "checkpoints" / "best.ckpt"
     for command in commands:
         args = shlex.split(command)[3:]
@@ -123,6 +123,25 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
         assert list(summary["results"]) == expected, command
         assert summary["quantize"] == ("truncate" if "truncate" in command else "round"), command
         assert summary["reference"].endswith("cifar10-32x32.npz") == ("eval.reference" in command), command
+        if "metrics=" in command:  # the extra metrics from the same features; FID unchanged by them
+            assert summary["metrics"] == ["fid", "is", "kid", "pr"]
+            for sampler, result in summary["results"].items():
+                assert {"fid", "is", "is_splits_std", "kid", "kid_subsets_std", "precision", "recall"} <= set(
+                    result
+                )
+                assert (
+                    0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1 and result["is"] > 1 - 1e-9
+                )
+                fid_only = _evaluate(
+                    [
+                        f"ckpt={ckpt}",
+                        "num_samples=8",
+                        "batch_size=8",
+                        f"samplers=[{sampler}]",
+                        f"output={tmp_path / 'fid.json'}",
+                    ]
+                )
+                assert fid_only["results"][sampler]["fid"] == result["fid"]
         if "seeds=" in command:  # each seed's own score, their mean and sample standard deviation
             assert summary["seeds"] == [0, 1, 2]
             for result in summary["results"].values():
@@ -135,6 +154,14 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
             assert (
                 summary["results"]["1-step"]["fid_per_seed"]["1"] == single["fid"]
             )  # seed 1 alone: the same
+
+
+def test_kid_and_pr_refuse_a_reference_of_statistics_only_before_sampling(cifar_run, tmp_path):
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+    ckpt = cifar_run / "checkpoints" / "best.ckpt"
+    with pytest.raises(ValueError, match="stats.npz: holds statistics only .*need images"):
+        _evaluate([f"ckpt={ckpt}", f"eval.reference={stats}", "metrics=[fid,kid]", "device=cpu"])
 
 
 def test_seeds_must_be_a_list_of_distinct_integers(cifar_run):

@@ -78,6 +78,10 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_evaluation.py::test_readme_evaluate_commands",
     ),
+    "python -m act_lightning.evaluate ckpt=... metrics=[fid,is,kid,pr]": (
+        "test",
+        "test_evaluation.py::test_readme_evaluate_commands",
+    ),
     "python -m act_lightning.train experiment=cifar10 hydra.run.dir=outputs/cifar10/run1": (
         "test",
         "test_resume.py::test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit",

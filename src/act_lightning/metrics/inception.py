@@ -106,11 +106,16 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        return self.features_and_logits(images)[0]
+
+    @torch.no_grad()
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 2048) pool features and (B, 1008) class logits from one pass (the Inception Score's)."""
         x = to_uint8(images, self.quantize)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        (features,) = self.net(x)
-        return features
+        features, logits = self.net(x)
+        return features, logits
 
 
 def _fidelity_inception(state: dict[str, Tensor] | None) -> nn.Module:
@@ -131,7 +136,9 @@ def _fidelity_inception(state: dict[str, Tensor] | None) -> nn.Module:
     empty.seek(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the random network is the same in every process (DDP ranks, reruns)
-        net = _Inception("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+        net = _Inception(  # the logits come from the same pass, for the Inception Score
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=empty
+        )
         if state is None:  # He init keeps activations O(1) through the 94 layers (the default
             for m in net.modules():  # init shrinks them to ~1e-8, which makes every distance ~0)
                 if isinstance(m, nn.Conv2d):

@@ -10,7 +10,7 @@ When a file holds both, `mu`/`sigma` are used: they are what published tables we
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,12 +86,7 @@ def load_reference(
         if extract is None:
             raise ReferenceStatisticsError(f"{path}: holds images (arr_0) but no feature extractor was given")
 
-        def batches():
-            for start in range(0, len(images), batch_size):
-                chunk = rearrange(torch.from_numpy(images[start : start + batch_size]), "b h w c -> b c h w")
-                yield chunk.float() / 127.5 - 1  # exact inverse of the uint8 rounding
-
-        mu, sigma = extract(batches())
+        mu, sigma = extract(image_batches(images, batch_size))
     if mu.shape != (num_features,) or sigma.shape != (num_features, num_features):
         raise ReferenceStatisticsError(
             f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-d features, but the feature "
@@ -99,6 +94,32 @@ def load_reference(
             "another extractor?"
         )
     return mu, sigma
+
+
+def image_batches(images: np.ndarray, batch_size: int) -> Iterator[Tensor]:
+    """(N, H, W, C) uint8 images as batches of (B, C, H, W) floats in [-1, 1]."""
+    for start in range(0, len(images), batch_size):
+        chunk = rearrange(torch.from_numpy(images[start : start + batch_size]), "b h w c -> b c h w")
+        yield chunk.float() / 127.5 - 1  # exact inverse of the uint8 rounding
+
+
+def require_reference_images(path: Path) -> None:
+    """Refuses, by name, a reference file without images (`arr_0`) for the metrics that compare sets of
+    features (KID, precision/recall)."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "arr_0" not in npz.files:
+            raise ReferenceStatisticsError(
+                f"{path}: holds statistics only ({', '.join(sorted(npz.files))}); metrics kid and pr "
+                "compare sets of features and need images: eval.reference=train or an .npz with arr_0"
+            )
+
+
+def reference_image_batches(path: Path, batch_size: int, count: int) -> Iterator[Tensor]:
+    """The first `count` images of a reference batch (`arr_0`) as batches in [-1, 1]."""
+    require_reference_images(path)
+    with np.load(path, allow_pickle=False) as npz:
+        images = npz["arr_0"][:count]
+    return image_batches(images, batch_size)
 
 
 def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:

@@ -1,0 +1,110 @@
+"""The metrics papers report beside FID, from the features FID already extracts (no second pass):
+Inception Score (from the same network's logits), KID and precision/recall (from the pool features of
+generated and real images). The arithmetic is torch-fidelity's (`metric_isc`, `metric_kid`,
+`metric_prc`), the implementation the field's tables come from; this module feeds it features.
+
+`python -m act_lightning.evaluate metrics=[fid,is,kid,pr]` computes them per sampler (and per seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+METRICS = (
+    "fid",
+    "is",
+    "kid",
+    "pr",
+)  # is: Inception Score; kid: Kernel Inception Distance; pr: precision/recall
+NEED_REAL = ("kid", "pr")  # these compare sets of features, not statistics: they need real images
+NEED_LOGITS = ("is",)  # only the Inception network has class logits
+
+
+def check_metrics(metrics: Iterable[str], features: str) -> list[str]:
+    """The requested metrics, refused by name when unknown or impossible with these features."""
+    metrics = list(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics or "fid" not in metrics:
+        raise ValueError(f"metrics must list fid and any of {', '.join(METRICS[1:])}; got {metrics}")
+    if features != "inception" and any(m in NEED_LOGITS for m in metrics):
+        raise ValueError(f"metrics=[is] needs eval.features=inception (class logits); got {features}")
+    return metrics
+
+
+class FeatureRecorder:
+    """Keeps every batch of features an extractor returns (and, with `logits`, the Inception network's
+    class logits of the same forward pass) while the FID statistics are accumulated."""
+
+    def __init__(self, extractor: nn.Module, logits: bool = False) -> None:
+        self.extractor = extractor
+        self.features: list[Tensor] = []
+        self.logits: list[Tensor] | None = [] if logits else None
+        self.num_features = extractor.num_features
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.logits is not None:
+            features, logits = self.extractor.features_and_logits(images)
+            self.logits.append(logits.cpu())
+        else:
+            features = self.extractor(images)
+        self.features.append(features.float().cpu())
+        return features
+
+    def all_features(self) -> Tensor:
+        return torch.cat(self.features)  # (N, D)
+
+    def all_logits(self) -> Tensor:
+        return torch.cat(self.logits)  # (N, 1008)
+
+
+def inception_score(logits: Tensor, splits: int = 10) -> dict[str, float]:
+    """IS = exp(E KL(p(y|x) || p(y))) over `splits` parts of the samples (torch-fidelity's, with its
+    fixed shuffle): the mean over the parts, and their standard deviation as `is_splits_std`."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    out = isc_features_to_metric(logits, splits=min(splits, len(logits)))
+    return {"is": out["inception_score_mean"], "is_splits_std": out["inception_score_std"]}
+
+
+def kernel_inception_distance(
+    generated: Tensor, real: Tensor, subsets: int = 100, subset_size: int = 1000
+) -> dict[str, float]:
+    """KID: the unbiased MMD^2 with the cubic polynomial kernel, averaged over `subsets` random subsets
+    of `subset_size` (capped by the smaller set) from each side (torch-fidelity's defaults); their standard
+    deviation as `kid_subsets_std`."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = min(subset_size, len(generated), len(real))
+    out = kid_features_to_metric(
+        generated, real, kid_subsets=subsets, kid_subset_size=size, verbose=False, rng_seed=2020
+    )
+    return {
+        "kid": out["kernel_inception_distance_mean"],
+        "kid_subsets_std": out["kernel_inception_distance_std"],
+    }
+
+
+def precision_recall(generated: Tensor, real: Tensor, neighborhood: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of generated samples inside
+    the real k-NN manifold, and of real samples inside the generated one (k = `neighborhood`)."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    out = prc_features_to_metric(
+        generated, real, prc_neighborhood=neighborhood, prc_batch_size=10000, save_cpu_ram=True, verbose=False
+    )
+    return {"precision": out["precision"], "recall": out["recall"]}
+
+
+def extra_metrics(metrics: list[str], recorder: FeatureRecorder, real: Tensor | None) -> dict[str, float]:
+    """The metrics of `metrics` other than fid, from what `recorder` kept and the real features."""
+    out: dict[str, float] = {}
+    if "is" in metrics:
+        out.update(inception_score(recorder.all_logits()))
+    if "kid" in metrics:
+        out.update(kernel_inception_distance(recorder.all_features(), real))
+    if "pr" in metrics:
+        out.update(precision_recall(recorder.all_features(), real))
+    return out
