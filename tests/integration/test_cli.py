@@ -32,7 +32,7 @@ def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path)
         [
             "iterations=160",
             "eval.every=80",
-            "eval.num_samples=200",
+            "eval.num_samples=297",  # one set at the held-out count (eval.subset_size)
             "callbacks.samples.every_n_iterations=80",
             "callbacks.checkpoint.every_n_iterations=80",
         ],
@@ -57,3 +57,5 @@ def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path)
     assert 0 < refs["real"] < refs["noise"]  # held-out digits are far closer than noise
     assert [h["iteration"] for h in summary["history"]] == [0, 80, 160]
     assert summary["history"][-1]["value"] < summary["history"][0]["value"]  # training helps already
+    # the generated, real and noise distances all at the held-out count: one ruler (README, "scale")
+    assert summary["subset_size"] == summary["num_samples"] == 297

@@ -16,6 +16,7 @@ from act_lightning.metrics.fid import (
     reference_statistics,
     sample_chunks,
     sample_statistics,
+    sample_subset_statistics,
 )
 from act_lightning.metrics.frechet import FeatureStatistics, frechet_distance, statistics_of
 from act_lightning.metrics.inception import (
@@ -288,3 +289,20 @@ def test_sample_statistics_reports_progress():
     seen = []
     sample_statistics(lambda n, y, c: n.clamp(-1, 1), TinyFeatures(4), 10, 4, (1, 2, 2), progress=seen.append)
     assert seen == [4, 4, 2]
+
+
+def test_subset_statistics_are_those_of_consecutive_samples_across_chunk_boundaries():
+    # 3 sets of 7 samples drawn in chunks of 4: sets and chunks do not line up
+    extractor, shape = TinyFeatures(4), (1, 2, 2)
+    sample = lambda noise, labels, chunk: noise.clamp(-1, 1)  # noqa: E731
+    parts = sample_subset_statistics(sample, extractor, 3, 7, 4, shape, seed=5)
+    chunks = [chunk_noise(5, c, n, shape, None)[0] for c, n in sample_chunks(21, 4)]
+    features = torch.cat([extractor(noise.clamp(-1, 1)) for noise in chunks])  # as drawn, chunk by chunk
+    for s, (mu, sigma) in enumerate(parts):
+        expected_mu, expected_sigma = statistics_of(features[7 * s : 7 * (s + 1)])
+        np.testing.assert_allclose(mu, expected_mu, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-10, atol=1e-12)
+    # one set of all samples is exactly what sample_statistics computes
+    whole = sample_subset_statistics(sample, extractor, 1, 21, 4, shape, seed=5)[0]
+    for a, b in zip(whole, sample_statistics(sample, extractor, 21, 4, shape, seed=5), strict=True):
+        assert np.array_equal(a, b)

@@ -15,6 +15,7 @@ the best checkpoint by the metric is kept as `best.ckpt`. A callback observes: i
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +35,12 @@ from act_lightning.metrics.fid import (
     check_reference_spec,
     feature_statistics,
     reference_statistics,
-    sample_statistics,
+    sample_subset_statistics,
 )
 from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd
 from act_lightning.metrics.inception import QUANTIZE
+
+log = logging.getLogger(__name__)
 
 
 class FrechetEvaluation(L.Callback):
@@ -58,6 +61,7 @@ class FrechetEvaluation(L.Callback):
         reference_max_images: int | None = None,
         quantize: str = "round",
         best_checkpoint: str | None = None,
+        subset_size: int | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"eval.every must be >= 1, got {every}")
@@ -67,6 +71,11 @@ class FrechetEvaluation(L.Callback):
             raise ValueError(
                 f"eval.num_samples must be >= 2 and eval.batch_size >= 1; got {num_samples}, {batch_size}"
             )
+        if subset_size is not None and not 2 <= subset_size <= num_samples:
+            raise ValueError(
+                f"eval.subset_size must be null or in [2, eval.num_samples={num_samples}]; got {subset_size}"
+            )
+        self.subset_size = subset_size  # null: one set of num_samples; else the mean over sets of this size
         self.run_dir = Path(run_dir)
         self.features_spec = features
         self.features_name = features if isinstance(features, str) else "custom"  # for caches and summaries
@@ -120,20 +129,44 @@ class FrechetEvaluation(L.Callback):
         self.reference = self._reference_statistics(trainer, dm, device)
         self._reference_root = sqrtm_psd(self.reference[1])
         if not self.references and hasattr(dm, "build_held_out_dataset"):
-            # every rank computes these whole (small sets): no all-reduce, or counts would double
-            held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
-            real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False)
-            g = torch.Generator().manual_seed(99)  # the same noise in every run: the scale's upper end
-            shape = (self.num_samples, dm.channels, dm.image_size, dm.image_size)
-            noise = torch.rand(shape, generator=g) * 2 - 1
-            noise = feature_statistics(self.extractor, noise.split(self.batch_size), device, sync=False)
-            self.references = {"real": self._fd(real), "noise": self._fd(noise)}
+            self.references = self._reference_values(dm, device)
         if self.references and pl_module.k == 0:  # once per run: a resumed run has them logged
             self._log(trainer, pl_module.k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)
         self._clock = time.perf_counter()
         if pl_module.k == 0:  # the untrained network: logged as the curve's start, never the best
             self._evaluate_and_log(trainer, pl_module)
+
+    def _reference_values(self, dm, device) -> dict[str, float]:
+        """The metric of held-out real images and of uniform noise, the scale's two ends, at the sample
+        count of the generated images' metric (`subset_size`, or `num_samples`): a Frechet distance is
+        biased upwards by an amount that grows as the count shrinks, so only equal counts compare."""
+        # every rank computes these whole (small sets): no all-reduce, or counts would double
+        held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
+        size = self.subset_size or self.num_samples
+        if len(held) != size:
+            log.warning(
+                "the held-out real images (%d, data.held_out) and the generated images of one Frechet "
+                "distance (%d, eval.subset_size or eval.num_samples) differ in number, so the metric's "
+                "real and noise references are biased differently from it: set eval.subset_size=%d",
+                len(held),
+                size,
+                len(held),
+            )
+        real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False)
+        g = torch.Generator().manual_seed(99)  # the same noise in every run: the scale's upper end
+        noise = torch.rand((self._num_drawn(), *held.shape[1:]), generator=g) * 2 - 1
+        values = [
+            self._fd(feature_statistics(self.extractor, part.split(self.batch_size), device, sync=False))
+            for part in noise.split(size)
+        ]
+        return {"real": self._fd(real), "noise": float(np.mean(values))}
+
+    def _num_drawn(self) -> int:
+        """Generated images per evaluation: num_samples, or as many whole subsets of it as fit."""
+        if self.subset_size is None:
+            return self.num_samples
+        return self.num_samples // self.subset_size * self.subset_size
 
     # -- reference statistics ---------------------------------------------------------------------
     def _reference_statistics(self, trainer, dm, device) -> tuple[np.ndarray, np.ndarray]:
@@ -165,11 +198,13 @@ class FrechetEvaluation(L.Callback):
         """The metric of `num_samples` one-step samples of the target network (all ranks take part)."""
         dm = trainer.datamodule
         desc = f"{self.label} at iteration {pl_module.k}"
-        with self._bar(trainer, desc, total=self.num_samples) as bar:
-            stats = sample_statistics(
+        size = self.subset_size or self.num_samples
+        with self._bar(trainer, desc, total=self._num_drawn()) as bar:
+            stats = sample_subset_statistics(
                 lambda noise, labels, chunk: pl_module.sample(noise, labels),
                 self.extractor,
-                self.num_samples,
+                self._num_drawn() // size,
+                size,
                 self.batch_size,
                 (dm.channels, dm.image_size, dm.image_size),
                 pl_module.hparams.num_classes,
@@ -179,7 +214,7 @@ class FrechetEvaluation(L.Callback):
                 trainer.world_size,
                 progress=lambda n: bar.update(n * trainer.world_size),
             )
-        return self._fd(stats)
+        return float(np.mean([self._fd(part) for part in stats]))  # one value without subsets
 
     def summary(self) -> dict[str, Any]:
         """For the training entry point (and a sweeper that minimises it): the best value of the metric,
@@ -260,7 +295,8 @@ class FrechetEvaluation(L.Callback):
         summary = {
             "metric": self.key,
             "features": self.features_name,
-            "num_samples": self.num_samples,
+            "num_samples": self._num_drawn(),
+            "subset_size": self.subset_size,
             "reference": self.reference_spec,
             "history": [{"iteration": k, "value": v, "seconds": round(t, 3)} for k, v, t in self.history],
             "best": None if self.best is None else {"iteration": self.best[0], "value": self.best[1]},

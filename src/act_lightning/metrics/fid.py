@@ -108,14 +108,40 @@ def sample_statistics(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feature statistics of `num_samples` generated images, all ranks together."""
-    stats = FeatureStatistics(extractor.num_features).to(device)
-    for chunk, size in sample_chunks(num_samples, batch_size, rank, world_size):
+    args = (shape, num_classes, seed, device, rank, world_size, progress)
+    return sample_subset_statistics(sample, extractor, 1, num_samples, batch_size, *args)[0]
+
+
+@torch.no_grad()
+def sample_subset_statistics(
+    sample: Sampler,
+    extractor: nn.Module,
+    num_subsets: int,
+    subset_size: int,
+    batch_size: int,
+    shape: tuple[int, ...],
+    num_classes: int | None = None,
+    seed: int = 0,
+    device="cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Feature statistics of `num_subsets` disjoint sets of `subset_size` generated images (samples
+    s * subset_size ... (s + 1) * subset_size - 1 form set s), all ranks together: the Frechet distance
+    of each at a chosen sample count, which sets its bias."""
+    stats = [FeatureStatistics(extractor.num_features).to(device) for _ in range(num_subsets)]
+    for chunk, size in sample_chunks(num_subsets * subset_size, batch_size, rank, world_size):
         noise, labels = chunk_noise(seed, chunk, size, shape, num_classes)
         images = sample(noise.to(device), None if labels is None else labels.to(device), chunk)
-        stats.update(extractor(images))
+        features = extractor(images)
+        start = chunk * batch_size  # the index of the chunk's first sample
+        for s in range(start // subset_size, (start + size - 1) // subset_size + 1):
+            lo, hi = max(start, s * subset_size) - start, min(start + size, (s + 1) * subset_size) - start
+            stats[s].update(features[lo:hi])
         if progress is not None:
             progress(size)
-    return stats.compute()
+    return [s.compute() for s in stats]
 
 
 def reference_statistics(
