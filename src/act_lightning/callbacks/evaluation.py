@@ -63,18 +63,7 @@ class FrechetEvaluation(L.Callback):
         best_checkpoint: str | None = None,
         subset_size: int | None = None,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"eval.every must be >= 1, got {every}")
-        if quantize not in QUANTIZE:
-            raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
-        if num_samples < 2 or batch_size < 1:
-            raise ValueError(
-                f"eval.num_samples must be >= 2 and eval.batch_size >= 1; got {num_samples}, {batch_size}"
-            )
-        if subset_size is not None and not 2 <= subset_size <= num_samples:
-            raise ValueError(
-                f"eval.subset_size must be null or in [2, eval.num_samples={num_samples}]; got {subset_size}"
-            )
+        check_eval_arguments(every, quantize, num_samples, batch_size, subset_size)
         self.subset_size = subset_size  # null: one set of num_samples; else the mean over sets of this size
         self.run_dir = Path(run_dir)
         self.features_spec = features
@@ -323,6 +312,22 @@ class FrechetEvaluation(L.Callback):
         self.references = dict(state_dict.get("references", {}))
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
+
+
+def check_eval_arguments(every: int, quantize: str, num_samples: int, batch_size: int, subset_size) -> None:
+    """The evaluation's numeric options, each named by its key."""
+    if every < 1:
+        raise ValueError(f"eval.every must be >= 1, got {every}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    if num_samples < 2 or batch_size < 1:
+        raise ValueError(
+            f"eval.num_samples must be >= 2 and eval.batch_size >= 1; got {num_samples}, {batch_size}"
+        )
+    if subset_size is not None and not 2 <= subset_size <= num_samples:
+        raise ValueError(
+            f"eval.subset_size must be null or in [2, eval.num_samples={num_samples}]; got {subset_size}"
+        )
 
 
 def plot_curve(history, references: dict[str, float], path: Path, label: str) -> None:

@@ -93,23 +93,12 @@ def chunk_noise(
     return noise, labels
 
 
-@torch.no_grad()
 def sample_statistics(
-    sample: Sampler,
-    extractor: nn.Module,
-    num_samples: int,
-    batch_size: int,
-    shape: tuple[int, ...],
-    num_classes: int | None = None,
-    seed: int = 0,
-    device="cpu",
-    rank: int = 0,
-    world_size: int = 1,
-    progress: Callable[[int], None] | None = None,
+    sample: Sampler, extractor: nn.Module, num_samples: int, batch_size: int, *args, **kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feature statistics of `num_samples` generated images, all ranks together."""
-    args = (shape, num_classes, seed, device, rank, world_size, progress)
-    return sample_subset_statistics(sample, extractor, 1, num_samples, batch_size, *args)[0]
+    """Feature statistics of `num_samples` generated images, all ranks together: one set of
+    `sample_subset_statistics` (the further arguments are its own, from `shape` on)."""
+    return sample_subset_statistics(sample, extractor, 1, num_samples, batch_size, *args, **kwargs)[0]
 
 
 @torch.no_grad()
