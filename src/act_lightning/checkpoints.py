@@ -11,6 +11,10 @@ pickled objects) onto the CPU. Errors name the config key (or argument) that poi
 
 from __future__ import annotations
 
+import errno
+import pickle
+import re
+import shutil
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -24,6 +28,40 @@ from act_lightning.consistency import ConsistencySchedule
 from act_lightning.speed import SpeedOptions
 
 UNREADABLE = "not a readable checkpoint of act_lightning.train ({kind}: {error})"
+ZIP = b"PK\x03\x04"  # torch.save's format: a zip archive
+PICKLE = b"\x80"  # torch.save's legacy format (and a plain pickle) starts with the protocol byte
+
+
+class UnreadableCheckpoint(ValueError):
+    """A file that is not the checkpoint it should be: the message names the key, the file and why
+    (`reason`), and never repeats torch's advice to load with `weights_only=False` (which would run
+    whatever the file holds)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def damage(path: Path, error: BaseException) -> str | None:
+    """Why torch's safe loader failed on `path`, in words, when the file is empty, damaged or not a
+    checkpoint at all; None when it is a readable pickle that holds Python objects besides tensors (the
+    safe loader refused one of them)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty (a copy or a save that did not finish)"
+    if not head.startswith((ZIP, PICKLE)):
+        return f"not a checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
+    if isinstance(error, pickle.UnpicklingError) and re.search(r"GLOBAL [\w.]+", str(error)):
+        return None
+    return "damaged (truncated or corrupted: torch's loader cannot read it)"
+
+
+def refused_global(error: BaseException) -> str:
+    """The Python object a pickle holds that the safe loader refused, as torch names it."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    name = found.group(1) if found else "unknown"
+    return f"it holds pickled Python objects besides tensors ({name}), which the safe loader does not load"
 
 
 def read_checkpoint(
@@ -35,19 +73,26 @@ def read_checkpoint(
     unreadable: str = UNREADABLE,
 ) -> Any:
     """The contents of `path`, read with the safe loader onto the CPU (memory-mapped with `mmap`: cheap
-    for big files). A missing file is refused as `{key}={path}: no such checkpoint file`; one the loader
-    refuses, or whose contents `check` raises on, as `{key}={path}: ` followed by `unreadable` (a format
-    string given the error's type name as {kind} and the error as {error})."""
+    for big files). Refused, as `{key}={path}: ` and why: a missing file (FileNotFoundError); an empty,
+    damaged or foreign file (UnreadableCheckpoint, saying which); a file holding pickled objects or one
+    whose contents `check` raises on, followed by `unreadable` (a format string given the error's type
+    name as {kind} and what went wrong as {error})."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
     try:
+        with open(path, "rb") as f:
+            mmap = mmap and f.read(4) == ZIP  # torch maps only its zip format
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:
+        reason = damage(path, err) or unreadable.format(kind=type(err).__name__, error=refused_global(err))
+        raise UnreadableCheckpoint(f"{key}={path}: {reason}", reason) from None  # torch's text: unsafe advice
+    try:
         if check is not None:
             check(checkpoint)
     except Exception as err:
-        detail = unreadable.format(kind=type(err).__name__, error=err)
-        raise ValueError(f"{key}={path}: {detail}") from err
+        reason = unreadable.format(kind=type(err).__name__, error=err)
+        raise UnreadableCheckpoint(f"{key}={path}: {reason}", reason) from err
     return checkpoint
 
 
@@ -82,10 +127,14 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConf
     return checkpoint, upgrade_run_config(OmegaConf.create(checkpoint["act_config"]))
 
 
-def prepare_training_checkpoint(checkpoint: dict, run_config: dict | None, wandb_id: str | None) -> None:
+def prepare_training_checkpoint(
+    checkpoint: dict, run_config: dict | None, wandb_id: str | None, history: list[dict] | None = None
+) -> None:
     """What a checkpoint of act_lightning.train holds besides Lightning's state: the resolved training
-    config (`evaluate` and the other commands rebuild data and networks from it), the W&B run a resumed
-    run continues, and the global random state. The frozen LPIPS network (`distance.*`) is left out: it is
+    config (`evaluate` and the other commands rebuild data and networks from it, a resumed run is compared
+    with it), the run's history (`act_history`: per launch, the iteration it started at, its overrides and
+    the changes it made with resume_changes), the W&B run a resumed run continues, and the global random
+    state. The frozen LPIPS network (`distance.*`) is left out: it is
     rebuilt from its own weights file. Weights holding NaN or inf are refused (the divergence guard keeps
     them out; this is the last line of defence), so the last checkpoint on disk stays as it is."""
     state = checkpoint["state_dict"]
@@ -99,6 +148,8 @@ def prepare_training_checkpoint(checkpoint: dict, run_config: dict | None, wandb
         )
     if run_config is not None:  # plain containers
         checkpoint["act_config"] = run_config
+    if history is not None:
+        checkpoint["act_history"] = history
     if wandb_id is not None:
         checkpoint["act_wandb_id"] = wandb_id
     # The iteration draws its noise from generators seeded by (seed, k); the global generators only
@@ -107,6 +158,50 @@ def prepare_training_checkpoint(checkpoint: dict, run_config: dict | None, wandb
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def tensor_bytes(tree: Any) -> int:
+    """The bytes of every tensor in a checkpoint (about what torch.save writes)."""
+    if isinstance(tree, Tensor):
+        return tree.nelement() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def out_of_space(error: BaseException | None) -> bool:
+    """Whether an error, or one it arose from, is a full disk or an exhausted quota (torch.save reports a
+    failed write as its own 'unexpected pos' error, raised from the OSError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def no_space_error(checkpoint: dict, path: str | Path) -> OSError:
+    """What a save that ran out of space says: how much the checkpoint needs, how much is free, and that
+    the previous file is intact (writes are atomic)."""
+    folder = Path(path).parent
+    free = human_bytes(shutil.disk_usage(folder).free) if folder.is_dir() else "unknown"
+    return OSError(
+        errno.ENOSPC,
+        f"no space left on device writing {path}: the checkpoint needs about "
+        f"{human_bytes(tensor_bytes(checkpoint))}, {free} are free in {folder}; the previous checkpoint is "
+        "intact. Free some space (e.g. old iter_*.ckpt snapshots) and continue with resume=auto",
+    )
 
 
 def restore_rng(rng: dict | None) -> None:

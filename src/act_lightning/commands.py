@@ -1,10 +1,13 @@
-"""What the commands (`python -m act_lightning.<command>`) share: the config folder, the device option
-and the npz files they write."""
+"""What the commands (`python -m act_lightning.<command>`) share: the config folder, the device option,
+the npz files they write and how they refuse bad input."""
 
 from __future__ import annotations
 
 import io
+import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -25,3 +28,16 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     np.savez(buffer, **arrays)
     with atomic_write(path) as f:
         f.write(buffer.getvalue())
+
+
+def refuse(err: Exception) -> NoReturn:
+    """A command refused by its checks, before it wrote anything: the message alone, in one line, and exit
+    status 2 (with HYDRA_FULL_ERROR=1: the traceback, as Hydra shows it)."""
+    from hydra.errors import InstantiationException
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    while isinstance(err, InstantiationException) and isinstance(err.__cause__, Exception):
+        err = err.__cause__  # the constructor's own message, which names the key
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None

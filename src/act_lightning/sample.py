@@ -26,7 +26,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from act_lightning.checkpoints import checkpoint_iteration, load_model
-from act_lightning.commands import CONFIG_DIR, resolve_device, write_npz
+from act_lightning.commands import CONFIG_DIR, refuse, resolve_device, write_npz
 from act_lightning.seeds import LABEL, mix_seed
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,10 @@ def sample_images(model, net, indices: range, shape, taus, labels, seed: int, de
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 def main(cfg: DictConfig) -> None:
-    summary = sample(cfg)
+    try:
+        summary = sample(cfg)
+    except (ValueError, FileNotFoundError) as err:  # a bad option or checkpoint, named by its key
+        refuse(err)
     print(f"{summary['num_samples']} samples written to {summary['samples']} (grid: {summary['grid']})")
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from act_lightning.checkpoints import (
+    UnreadableCheckpoint,
     checkpoint_iteration,
     load_checkpoint,
     read_checkpoint,
@@ -95,3 +96,48 @@ def test_a_checkpoint_from_before_the_schedule_and_speed_groups_still_builds_its
     assert loaded.schedule.sigma_max == 20 and loaded.schedule.bins_max == model.schedule.bins_max
     z = torch.randn(2, 1, 8, 8)
     assert torch.equal(loaded.sample(z), model.eval().sample(z))
+
+
+def _damaged_files(tmp_path) -> dict:
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"iteration": torch.tensor(3), "w": torch.zeros(1000)}}, good)
+    data = good.read_bytes()
+    files = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "random": bytes(range(7, 256)) * 20,
+        "json": b'{"ckpt": "not really"}',
+        "random pickle": b"\x80\x02\xff\xfe" * 50,
+    }
+    for name, content in files.items():
+        (tmp_path / f"{name}.ckpt").write_bytes(content)
+    return {name: tmp_path / f"{name}.ckpt" for name in files}
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_empty_damaged_and_foreign_files_are_named_as_such_without_torchs_unsafe_advice(tmp_path, mmap):
+    expected = {
+        "empty": "empty (a copy or a save that did not finish)",
+        "truncated": "damaged (truncated or corrupted",
+        "random": "not a checkpoint (torch.save writes a zip archive; this file starts with b'\\x07",
+        "json": 'not a checkpoint (torch.save writes a zip archive; this file starts with b\'{"ckpt"',
+        "random pickle": "damaged (truncated or corrupted",
+    }
+    for name, path in _damaged_files(tmp_path).items():
+        with pytest.raises(UnreadableCheckpoint) as refused:
+            read_checkpoint(path, "ckpt", mmap=mmap, unreadable="holds pickled Python objects ({kind})")
+        message = str(refused.value)
+        assert message.startswith(f"ckpt={path}: {expected[name]}"), (name, message)
+        assert "weights_only" not in message and "pickled" not in message, (name, message)
+        assert refused.value.__cause__ is None and refused.value.__suppress_context__, name  # no torch text
+
+
+def test_pickled_objects_are_named_without_torchs_unsafe_advice(tmp_path):
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "object": Pickled()}, path)
+    with pytest.raises(UnreadableCheckpoint) as refused:
+        read_checkpoint(path, "ckpt")
+    assert "pickled Python objects besides tensors (tests.unit.test_checkpoints.Pickled)" in str(
+        refused.value
+    )
+    assert "weights_only" not in str(refused.value)
