@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import lightning as L
 
+from act_lightning.callbacks.checkpoint import LastCheckpoint
+from act_lightning.checkpoints import checkpoint_iteration, read_checkpoint
 from act_lightning.readback import DeferredRead
 
 
@@ -40,7 +42,30 @@ class DivergenceGuard(L.Callback):
         if streak is not None and streak >= self.max_bad_iterations:
             raise DivergenceError(
                 f"training diverged: {pl_module.bad.report()} (guard.max_bad_iterations="
-                f"{self.max_bad_iterations}). Those updates were skipped, so the weights and the last "
-                "checkpoint hold no NaN; lower the learning rate (model.optimizer.lr) or resume from an "
-                "earlier checkpoint."
+                f"{self.max_bad_iterations}). Those updates were skipped: no NaN reached the weights or a "
+                f"checkpoint. {what_to_do(trainer, int(pl_module.bad.since))}"
             )
+
+
+def what_to_do(trainer, since: int) -> str:
+    """The checkpoints a diverged run has on disk, with their iterations, and how to go on: from one
+    written before the bad iterations began at `since`, or again with a lower learning rate."""
+    last = next((c.path for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+    found = {}
+    for path in sorted(last.parent.glob("*.ckpt")) if last is not None else []:
+        try:
+            found[path] = checkpoint_iteration(read_checkpoint(path, "checkpoint", mmap=True))
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable: not one to continue from
+    again = "start again with a lower learning rate (model.optimizer.lr, model.d_optimizer.lr)"
+    if not found:
+        return f"No checkpoint was written: {again}."
+    listed = ", ".join(f"{p.name} (iteration {k})" for p, k in found.items())
+    before = [p for p, k in found.items() if k <= since]
+    if not before:
+        return f"On disk: {listed}, none from before iteration {since}: {again}."
+    best = max(before, key=found.get)
+    return (
+        f"On disk: {listed}. Continue from {best.name}, written before iteration {since}, in a new folder "
+        f"(hydra.run.dir=NEW ckpt_path={best}), or {again}."
+    )
