@@ -1,12 +1,23 @@
-"""A CSV logger that a resumed run appends to: `metrics.csv` holds every logged row once."""
+"""A CSV logger that a resumed run appends to (`metrics.csv` holds every logged row once), and when the
+W&B logger runs offline."""
 
 from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+import threading
+from urllib.parse import urlsplit
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from act_lightning.compat import ResumableExperimentWriter
+
+log = logging.getLogger(__name__)
+PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -24,3 +35,60 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ResumableExperimentWriter(self.log_dir, self._resume_step)
         return self._experiment
+
+
+def wandb_host() -> tuple[str, int]:
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
+
+def wandb_key_configured() -> bool:
+    """True when W&B can authenticate without prompting: WANDB_API_KEY or a `wandb login` netrc entry.
+    The key itself is never read into logs."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(wandb_host()[0]) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def unreachable(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to host:port fails (name lookup included), or None when it opens within
+    `timeout` seconds."""
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err.strerror or type(err).__name__)
+
+    thread = threading.Thread(target=connect, daemon=True)  # a name lookup ignores the socket's timeout
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def wandb_offline(logger_cfg) -> bool:
+    """Whether the W&B logger runs offline: when asked to (`offline`, WANDB_MODE), when no API key is
+    configured (instead of prompting for one), or when W&B's server cannot be reached (at once, instead of
+    W&B's minutes of retries and an error). Behind a proxy the server is not probed. Each case is said in
+    one line; `wandb sync` uploads an offline run later."""
+    if logger_cfg.get("offline") or os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+        return True
+    sync = f"upload it later with `wandb sync {logger_cfg.get('save_dir', '.')}/wandb/offline-run-*`"
+    if not wandb_key_configured():
+        log.warning("No W&B API key configured: logging offline; %s", sync)
+        return True
+    if any(os.environ.get(name) for name in PROXIES):
+        return False
+    host, port = wandb_host()
+    reason = unreachable(host, port)
+    if reason is not None:
+        log.warning(
+            "W&B's server %s:%d cannot be reached (%s): logging offline; %s", host, port, reason, sync
+        )
+        return True
+    return False
