@@ -44,3 +44,11 @@ def cfg_factory(tmp_path):
         return compose(overrides, run_dir=str(tmp_path / "run"))
 
     return make
+
+
+def refusal(result) -> str:
+    """The one line a command says when it refuses bad input (exit status 2, no traceback)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]

@@ -206,6 +206,7 @@ class ACTModule(L.LightningModule):
         self.bad = BadIterations()  # the divergence guard's counters, read by callbacks.DivergenceGuard
         self.k = 0  # ACT iterations done: the host copy of `iteration` (the schedule never reads the device)
         self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
+        self.run_history: list[dict] | None = None  # the launches that trained the run (set by train()), too
         self._grids = GridCache(self.schedule)
         self._ddp = PerNetworkDDP()
         # Whether p is known to be exactly 0 on the host, so augmentation is skipped (an exact no-op then).
@@ -448,7 +449,7 @@ class ACTModule(L.LightningModule):
         wandb_id = next(
             (str(lg.version) for lg in self.loggers if isinstance(lg, WandbLogger) and lg.version), None
         )
-        prepare_training_checkpoint(checkpoint, self.run_config, wandb_id)
+        prepare_training_checkpoint(checkpoint, self.run_config, wandb_id, self.run_history)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen LPIPS network is no part of a checkpoint: it keeps the weights it was built with.

@@ -5,7 +5,9 @@ metric at the end, at equal iterations and at equal wall time.
     python -m act_lightning.report multirun/reproduce-mini --out reports/reproduce_mini
 
 A variant is a job's command-line overrides without `seed` (and without the settings that only say how
-a job runs: threads, paths, the launcher); its seeds are its repeats. Each job's `metric_summary.json`
+a job runs: threads, paths, the launcher); its seeds are its repeats. Overrides and seed are those of the
+launch that started the job, as its checkpoint records them (later launches into its folder change
+nothing). Each job's `metric_summary.json`
 (written by the evaluation callback) holds the metric at every evaluation with the training seconds so
 far (wall-clock time since the first iteration, evaluations excluded). Writes OUT.png, OUT.md (the table
 in Markdown, with the machine it ran on) and OUT.json (every number of the table and the curves).
@@ -25,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from act_lightning.checkpoints import read_checkpoint
+
 # Overrides that say how a job runs, not what it trains: they never make a variant.
-IGNORED = ("seed", "threads", "run_dir", "resume", "paths.", "hydra.", "data.root", "ablation")
+IGNORED = ("seed", "threads", "run_dir", "resume", "paths.", "hydra.", "data.root", "ablation", "stop_after")
 
 
 @dataclass
@@ -67,6 +71,33 @@ def variant_labels(jobs: list[list[str]]) -> list[str]:
     return [label or "defaults" for label in labels]
 
 
+def job_record(job: Path) -> tuple[list[str], int]:
+    """A job's command-line overrides and seed. Both come from its checkpoint (`checkpoints/last.ckpt`):
+    the config it trained with and the launch that started it, whatever later launches into its folder
+    were given. A job with no checkpoint yet reads its first launch's Hydra record (`.hydra/launches/`),
+    and one from before launches were kept apart its `.hydra/` folder."""
+    overrides, config = None, None
+    last = job / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        checkpoint = read_checkpoint(last, "the job's checkpoint", mmap=True)
+        config = checkpoint.get("act_config")
+        first = (checkpoint.get("act_history") or [{}])[0]
+        overrides = first.get("overrides") if first.get("iteration") == 0 else None
+    if overrides is None or config is None:
+        launches = sorted((job / ".hydra" / "launches").glob("*/overrides.yaml"))
+        record = (launches or [job / ".hydra" / "overrides.yaml"])[0]
+        if not record.is_file():
+            raise FileNotFoundError(
+                f"{job}: holds neither a checkpoint nor a Hydra record (.hydra/launches/*/overrides.yaml): "
+                "not a job of a multirun of act_lightning.train"
+            )
+        if overrides is None:
+            overrides = yaml.safe_load(record.read_text()) or []
+        if config is None:
+            config = yaml.safe_load((record.parent / "config.yaml").read_text())
+    return list(overrides), int(config.get("seed", 0))
+
+
 def _job_number(path: Path) -> tuple:
     return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
 
@@ -80,16 +111,13 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
         jobs = sorted((p.parent for p in sweep.rglob("metric_summary.json")), key=_job_number)
         for job in jobs:
-            overrides_file = job / ".hydra" / "overrides.yaml"
-            if not overrides_file.is_file():
-                raise FileNotFoundError(f"{overrides_file}: missing (every job of a Hydra multirun has one)")
-            overrides.append(yaml.safe_load(overrides_file.read_text()) or [])
-            config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+            job_overrides, seed = job_record(job)
+            overrides.append(job_overrides)
             summary = json.loads((job / "metric_summary.json").read_text())
             history = summary["history"]
             run = Run(
                 path=job,
-                seed=int(config.get("seed", 0)),
+                seed=seed,
                 iterations=[int(h["iteration"]) for h in history],
                 values=[float(h["value"]) for h in history],
                 seconds=[float(h.get("seconds", math.nan)) for h in history],

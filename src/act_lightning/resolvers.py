@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from datetime import datetime
 
 from omegaconf import OmegaConf
 
@@ -18,9 +20,25 @@ def lazy_regularisation_beta2(beta2: float, r1_interval: int) -> float:
     return float(beta2) * int(r1_interval) / (int(r1_interval) + 1)
 
 
+LAUNCH_ENV = "ACT_LAUNCH"  # <launch name>@<pid of the launching process>, inherited by its DDP processes
+
+
+def launch_name() -> str:
+    """`${act.launch:}`: this launch's name, `<date>_<time>_<microseconds>` when it started, the folder of
+    its record under the run folder's `.hydra/launches/` (act_lightning.launch). A process started by the
+    launching one (Lightning's DDP processes) shares its name; any other process gets its own."""
+    name, _, pid = os.environ.get(LAUNCH_ENV, "").rpartition("@")
+    if name and pid in (str(os.getpid()), str(os.getppid())):
+        return name
+    name = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    os.environ[LAUNCH_ENV] = f"{name}@{os.getpid()}"
+    return name
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("act.lazy_beta2"):
-        OmegaConf.register_new_resolver("act.lazy_beta2", lazy_regularisation_beta2)
+    for name, resolver in (("act.lazy_beta2", lazy_regularisation_beta2), ("act.launch", launch_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 # conf/hydra/launcher/submitit_slurm.yaml gives hydra-submitit-launcher's `submitit_slurm` our defaults under

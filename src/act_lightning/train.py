@@ -14,11 +14,11 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import netrc
 import os
+import signal
 import sys
-import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +30,22 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from act_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
-from act_lightning.checkpoints import checkpoint_iteration, read_checkpoint
-from act_lightning.commands import CONFIG_DIR
+from act_lightning.checkpoints import (
+    UnreadableCheckpoint,
+    checkpoint_iteration,
+    no_space_error,
+    out_of_space,
+    read_checkpoint,
+)
+from act_lightning.commands import CONFIG_DIR, refuse
 from act_lightning.consistency import check_iterations
+from act_lightning.launch import check_writable_folder
+from act_lightning.loggers import wandb_offline
+from act_lightning.resume import check_resume, global_batch, world_size
 
 log = logging.getLogger(__name__)
 
 RESUME = ("auto", "never")
-
-
-def wandb_key_configured() -> bool:
-    """True when W&B can authenticate without prompting: WANDB_API_KEY or a `wandb login` netrc entry.
-    The key itself is never read into logs."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -119,31 +116,44 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
                 f"the run folder {cfg.run_dir} already holds a checkpoint ({own}); pass resume=auto to "
                 "continue that run or choose another hydra.run.dir"
             )
-        return own, read_checkpoint(own, "resume=auto found", mmap=True, check=checkpoint_iteration)
+        try:
+            return own, read_checkpoint(own, "resume=auto found", mmap=True, check=checkpoint_iteration)
+        except UnreadableCheckpoint as err:
+            message = f"resume=auto continues from {own}, which is {err.reason}. {damaged_last_advice(own)}"
+            raise UnreadableCheckpoint(message, err.reason) from None
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration)
     return None, None
 
 
-def check_writable_folder(folder: Path, key: str) -> None:
-    """The folder exists and takes files, or its nearest existing ancestor does (nothing is created)."""
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise NotADirectoryError(f"{key}={folder}: {probe} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        raise PermissionError(f"{key}={folder}: cannot write into {probe} ({err})") from err
+def damaged_last_advice(last: Path) -> str:
+    """What to do when the run's own last.ckpt cannot be read (resume=auto always prefers it)."""
+    others = sorted(p.name for p in last.parent.glob("*.ckpt") if p != last)
+    found = f"this run also has {', '.join(others)}" if others else "this run has no other checkpoint"
+    return (
+        f"Move it aside and continue from another checkpoint with ckpt_path=CHECKPOINT ({found}), or "
+        "start afresh with hydra.run.dir=NEW_FOLDER resume=never"
+    )
+
+
+class CheckpointIO(AtomicCheckpointIO):
+    """Atomic checkpoint writes; a full disk is said as such, with the space the checkpoint needs."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)
+        except Exception as err:
+            if out_of_space(err):
+                raise no_space_error(checkpoint, path) from None
+            raise
 
 
 class RunLock:
-    """An exclusive lock on `<run_dir>/.lock` held while a run trains: a second run started in the same
-    folder is refused instead of interleaving its checkpoints and metrics with the first. The operating
-    system releases it when the process ends, however it ends (kill -9 included)."""
+    """An exclusive lock on `<run_dir>/.lock` held while a launch checks and trains: a second launch into
+    the same folder is refused instead of interleaving its checkpoints and metrics with the first. The
+    operating system releases it when the process ends, however it ends (kill -9 included). Taking it
+    writes nothing into an existing lock file; `claim` writes this process's id once training starts."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
@@ -158,8 +168,10 @@ class RunLock:
                 f"the run folder {run_dir} is in use by another live run (process {owner}); wait for it or "
                 "choose another hydra.run.dir"
             ) from None
+
+    def claim(self) -> None:
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -178,10 +190,7 @@ def build_loggers(cfg: DictConfig, resume_iteration: int | None, wandb_id: str |
             continue
         target = logger_cfg.get("_target_")
         if target and issubclass(hydra.utils.get_class(target), WandbLogger):
-            offline = bool(logger_cfg.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
-            if not offline and not wandb_key_configured():
-                log.warning("No W&B API key configured: logging offline. Upload later with `wandb sync`.")
-                offline = True
+            offline = wandb_offline(logger_cfg)
             name = logger_cfg.get("name") or run_name(cfg)
             resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
             loggers.append(hydra.utils.instantiate(logger_cfg, offline=offline, name=name, **resume))
@@ -199,7 +208,7 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
-# -- training ------------------------------------------------------------------------------------------
+# -- where a launch starts -----------------------------------------------------------------------------
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:
@@ -207,95 +216,172 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def launch_overrides() -> list[str]:
+    """This launch's command-line overrides ([] when composed without a Hydra run: tests, notebooks)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 @dataclass(frozen=True)
 class StartPoint:
     """Where a run starts: the checkpoint Lightning restores (None: a fresh start, or weights only), the
-    iteration, the W&B run to continue and, from a weights-only checkpoint, the weights."""
+    iteration, the W&B run to continue, from a weights-only checkpoint the weights, and the run's history
+    (the launches that trained it, this one last; kept in every checkpoint as `act_history`)."""
 
     ckpt_path: Path | None = None
     iteration: int = 0
     wandb_id: str | None = None
     weights: dict | None = None
+    history: tuple[dict, ...] = ()
 
 
-def start_point(cfg: DictConfig) -> StartPoint:
-    """The run's start (see `resolve_resume`). A weights-only checkpoint (act_lightning.convert_reference)
-    holds networks but no optimiser or loop state: the run starts from its weights with new optimisers,
-    at its iteration."""
+def start_point(cfg: DictConfig, resolved: dict) -> StartPoint:
+    """The run's start (see `resolve_resume`), after the launch's config (`resolved`) is compared with the
+    checkpoint's (act_lightning.resume). A weights-only checkpoint (act_lightning.convert_reference) holds
+    networks but no optimiser or loop state: the run starts from its weights with new optimisers."""
     ckpt_path, checkpoint = resolve_resume(cfg)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    world = world_size(resolved["trainer"])
+    entry = {
+        "iteration": 0,
+        "launched": datetime.now().isoformat(timespec="seconds"),
+        "overrides": launch_overrides(),
+        "changes": {},
+        "world_size": world,
+        "global_batch": global_batch(resolved, world),
+    }
     if checkpoint is None:
-        return StartPoint()
+        return StartPoint(history=(entry,))
     iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
+    own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
+    where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
+    fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
+    entry.update(iteration=iteration, changes=check_resume(checkpoint, resolved, raw, where, fresh))
+    if entry["changes"]:
+        log.warning(
+            "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]
+        )
+    history = (*checkpoint.get("act_history", ()), entry)
     if checkpoint.get("act_weights_only"):
         log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
-        return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"])
-    return StartPoint(ckpt_path, iteration, wandb_id)  # Lightning reads the file again when it restores
+        return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
+    return StartPoint(ckpt_path, iteration, wandb_id, None, history)  # Lightning reads the file again
 
 
-def build(
-    cfg: DictConfig, start: StartPoint
-) -> tuple[L.LightningDataModule, L.LightningModule, list, L.Trainer]:
-    """Data, module (with the start's weights), callbacks, loggers and trainer of `cfg`."""
+# -- a launch: every check and everything built before the first write; then training -----------------
+
+
+@dataclass
+class Launch:
+    """A launch whose checks passed: where it starts, the run folder's lock (None on DDP ranks > 0) and
+    what it built (None: the run is finished, nothing to do). Nothing is written into the folder yet."""
+
+    start: StartPoint
+    lock: RunLock | None
+    parts: tuple | None
+
+
+def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
+    """Data, module (with the start's weights), callbacks and trainer of `cfg`, with its loggers; nothing
+    started and nothing written (the loggers record the config when training starts)."""
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    world = world_size(resolved["trainer"])
+    if world is not None:  # a global batch these devices cannot share: refused before any process starts
+        datamodule.batch_layout(world)
     datamodule.check_source()
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     if start.weights is not None:
         own = model.state_dict()
         model.load_state_dict({**own, **{k: v for k, v in start.weights.items() if k in own}})
         model.k = start.iteration
+    model.run_config, model.run_history = resolved, list(start.history)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     # The checkpoint callback runs last at every iteration: its checkpoint holds what the others
     # (the evaluation's history, the best value) recorded at that iteration.
     callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
     loggers = build_loggers(cfg, start.iteration if start.ckpt_path is not None else None, start.wandb_id)
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[CheckpointIO()]
     )
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    model.run_config = resolved
-    for logger in loggers:
-        logger.log_hyperparams(resolved)
     return datamodule, model, callbacks, trainer
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Builds data, module, loggers, callbacks and trainer from `cfg`, then fits. Returns a summary with
-    the run's best metric (`best`), or exits non-zero when a signal stopped it."""
+def prepare(cfg: DictConfig) -> Launch:
+    """Every check of a launch, before anything is written into its run folder: the configuration, the
+    folder not in use by a live run, the checkpoint to start from and that this config may continue it,
+    the checkpoint folder, the global batch on these devices, the data and the pretrained weights."""
     check_config(cfg)
-    run_dir = Path(cfg.run_dir)
-    start = start_point(cfg)
-    if start.iteration >= cfg.iterations:
-        log.info(
-            "%s is finished (iteration %d of %d): nothing to do",
-            start.ckpt_path,
-            start.iteration,
-            cfg.iterations,
-        )
-        best = (_read_summary(run_dir).get("best") or {}).get("value")
-        return {
-            "iteration": start.iteration,
-            "run_dir": str(run_dir),
-            "best": best,
-            "finished": True,
-            "metrics": {},
-        }
-    check_writable_folder(Path(cfg.callbacks.checkpoint.dirpath), "callbacks.checkpoint.dirpath")
-    lock = RunLock(run_dir) if rank_zero_only.rank == 0 else None
-    failed = True
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     try:
+        start = start_point(cfg, resolved)
+        if start.iteration >= cfg.iterations:
+            return Launch(start, lock, None)
+        check_writable_folder(Path(cfg.callbacks.checkpoint.dirpath), "callbacks.checkpoint.dirpath")
         apply_process_settings(cfg)
         L.seed_everything(cfg.seed, workers=True)
-        datamodule, model, callbacks, trainer = build(cfg, start)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=start.ckpt_path)
-        failed = False
-    finally:
-        finish_wandb(failed)
+        return Launch(start, lock, build(cfg, start, resolved))
+    except BaseException:
         if lock is not None:
             lock.release()
+        raise
+
+
+def finished(cfg: DictConfig, start: StartPoint) -> dict[str, Any]:
+    log.info(
+        "%s is at iteration %d, and iterations=%d: the run is finished, nothing to do",
+        start.ckpt_path or "the checkpoint",
+        start.iteration,
+        cfg.iterations,
+    )
+    best = (_read_summary(Path(cfg.run_dir)).get("best") or {}).get("value")
+    return {
+        "iteration": start.iteration,
+        "run_dir": cfg.run_dir,
+        "best": best,
+        "finished": True,
+        "metrics": {},
+    }
+
+
+def stopped_at_once(cfg: DictConfig) -> str:
+    """What a second Ctrl-C leaves: no checkpoint of its own; the last one written before, if any."""
+    last = Path(cfg.callbacks.checkpoint.dirpath) / "last.ckpt"
+    try:
+        kept = f"{last} (iteration {checkpoint_iteration(read_checkpoint(last, 'last', mmap=True))})"
+    except (OSError, ValueError, KeyError):
+        kept = None
+    then = f"the last one, {kept}, continues with resume=auto" if kept else "there is none from before"
+    return f"stopped at once by a second Ctrl-C: no checkpoint was written for this stop; {then}"
+
+
+def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
+    """Trains the launch's run; returns a summary with the run's best metric (`best`), or exits non-zero
+    when a signal stopped it (128 + the signal; 130 after a second Ctrl-C, which writes no checkpoint)."""
+    datamodule, model, callbacks, trainer = launch.parts
+    if launch.lock is not None:
+        launch.lock.claim()
+    failed = True
+    try:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(model.run_config)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=launch.start.ckpt_path)
+        failed = False
+    except SystemExit as stop:  # Lightning ends a KeyboardInterrupt with sys.exit(1)
+        if not isinstance(stop.__context__, KeyboardInterrupt):
+            raise
+        print(f"\n[act] {stopped_at_once(cfg)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
+    finally:
+        finish_wandb(failed)
 
     summary = {
         "iteration": model.k,
-        "run_dir": str(run_dir),
+        "run_dir": str(cfg.run_dir),
         "best": None,
         "finished": model.k >= cfg.iterations,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
@@ -308,9 +394,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def run(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
+    try:
+        return finished(cfg, launch.start) if launch.parts is None else fit(cfg, launch)
+    finally:
+        if launch.lock is not None:
+            launch.lock.release()
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Checks the launch and builds data, module, loggers, callbacks and trainer from `cfg` (`prepare`),
+    then fits. Returns a summary with the run's best metric (`best`), or exits non-zero when a signal
+    stopped it."""
+    return run(cfg, prepare(cfg))
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = train(cfg)
+    try:
+        launch = prepare(cfg)
+    except Exception as err:  # refused by a check: nothing was written into the run folder
+        refuse(err)
+    summary = run(cfg, launch)
     state = "finished" if summary["finished"] else "stopped"
     log.info("%s at iteration %d; outputs in %s", state, summary["iteration"], summary["run_dir"])
     return summary["best"]

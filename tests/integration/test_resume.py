@@ -135,8 +135,8 @@ def test_sigterm_kill_9_one_live_run_per_folder_and_a_finished_run(tmp_path):
     proc.kill()
     proc.wait(timeout=60)
     killed_at = _iteration(last)
-    end = killed_at + 3
-    result = run_cli([*LONG, *every, f"iterations={end}"], run)
+    end = killed_at + 3  # a deliberate change of the run's length, which resume_changes allows
+    result = run_cli([*LONG, *every, f"iterations={end}", "resume_changes=[iterations]"], run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _iteration(last) == end
     steps = [int(r["step"]) for r in _rows(run) if "train/loss_ct" in r]

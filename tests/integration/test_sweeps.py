@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 
+from act_lightning.report import job_record
 from tests.conftest import ROOT
 from tests.helpers_wandb import read_run
 
@@ -68,7 +69,9 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
         "model.d_optimizer.lr",
     }
     for job in (0, 1):
-        overrides = yaml.safe_load((tmp_path / str(job) / ".hydra" / "overrides.yaml").read_text())
+        overrides, _ = job_record(tmp_path / str(job))  # as the checkpoint records the job's launch
         assert any(
             o.startswith("model.schedule.gan_ratio=") for o in overrides
         )  # each trial its own settings
+        (record,) = (tmp_path / str(job) / ".hydra" / "launches").glob("*/overrides.yaml")  # and Hydra's
+        assert yaml.safe_load(record.read_text()) == overrides

@@ -73,3 +73,50 @@ def test_training_seconds_survive_a_resume_and_old_histories_load(tmp_path):
     old = FrechetEvaluation(run_dir=str(tmp_path), features="digits")
     old.load_state_dict({"history": [(0, 9.0), (4, 3.0)], "references": {}, "best": (4, 3.0)})
     assert [h[:2] for h in old.history] == [(0, 9.0), (4, 3.0)] and math.isnan(old.history[0][2])
+
+
+def _job(folder: Path, seed: int, overrides: list[str] | None, later: list[str] | None = None) -> Path:
+    import json
+
+    import torch
+    import yaml
+
+    folder.mkdir(parents=True)
+    (folder / "metric_summary.json").write_text(json.dumps({"history": [{"iteration": 0, "value": 1.0}]}))
+    if overrides is not None:  # trained: the checkpoint records the run's config and first launch
+        (folder / "checkpoints").mkdir()
+        history = [{"iteration": 0, "overrides": overrides}, {"iteration": 4, "overrides": ["resumed"]}]
+        state = {"iteration": torch.tensor(4)}
+        torch.save(
+            {"state_dict": state, "act_config": {"seed": seed}, "act_history": history},
+            folder / "checkpoints" / "last.ckpt",
+        )
+    for stamp, launch in (
+        ("2026-01-01_10-00-00_000001", [f"seed={seed}", "first"]),
+        ("2026-01-02_10-00-00_000001", later),
+    ):
+        if launch is not None:
+            record = folder / ".hydra" / "launches" / stamp
+            record.mkdir(parents=True)
+            (record / "overrides.yaml").write_text(yaml.safe_dump(launch))
+            (record / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+    return folder
+
+
+def test_a_jobs_label_and_seed_come_from_its_checkpoint_whatever_later_launches_were_given(tmp_path):
+    from act_lightning.report import find_runs, job_record
+
+    # a foreign launch into job 0 (another experiment, refused) left its record; job 1 has no checkpoint yet
+    _job(
+        tmp_path / "0",
+        0,
+        ["seed=0", "model.schedule.gan_ratio=0.1"],
+        later=["experiment=cifar10", "logger=wandb"],
+    )
+    _job(tmp_path / "1", 1, None)
+    assert job_record(tmp_path / "0") == (["seed=0", "model.schedule.gan_ratio=0.1"], 0)
+    assert job_record(tmp_path / "1") == (["seed=1", "first"], 1)  # its first launch's record
+    variants = find_runs([tmp_path])
+    assert [v.label for v in variants] == ["model.schedule.gan_ratio=0.1", "first"]
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint nor a Hydra record"):
+        job_record(tmp_path)

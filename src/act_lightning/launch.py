@@ -1,0 +1,67 @@
+"""A launch into a run folder: its own record, and no write before its checks pass.
+
+A run folder belongs to the run: its checkpoints, metrics, samples and logs. Every launch into it (the
+first, a resume, a requeue, a launch refused because the folder is in use, finished or holds another
+experiment) keeps its Hydra record apart, under `.hydra/launches/<date>_<time>_<microseconds>/`
+(config.yaml, hydra.yaml, overrides.yaml and the launch's log, train.log), so no launch rewrites the
+record of another. The run's own config is the one its checkpoint holds (`act_config`), with the launches
+that trained it (`act_history`). The processes a launch starts for DDP log into the same folder.
+
+`CheckRunFolder`, a Hydra callback, refuses a run folder that cannot be written before Hydra writes the
+record or opens the log (Hydra's own message would be "Unable to configure handler 'file'").
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """The folder exists and takes files, or its nearest existing ancestor does (nothing is created)."""
+    probe = Path(folder).expanduser().absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{key}={folder}: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"{key}={folder}: cannot write into {probe} ({err.strerror}): choose a folder you can write, "
+            f"or make {probe} writable"
+        ) from None
+
+
+class LaunchLog(logging.FileHandler):
+    """Hydra's job log (`hydra.job_logging.handlers.file`) in the launch's record folder, created first."""
+
+    def __init__(self, filename: str, **kwargs: Any) -> None:
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(filename, **kwargs)
+
+
+class CheckRunFolder(Callback):
+    """Refuses, in one line and before Hydra writes anything, a run (or sweep) folder that cannot be
+    written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        try:
+            check_writable_folder(Path(str(OmegaConf.select(config, key))), key)
+        except OSError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None

@@ -1,0 +1,174 @@
+"""Every failure says what to do, in one line, before work is spent: a second Ctrl-C, a damaged
+last.ckpt, a full disk during a save, a file that is no checkpoint, a diverged run, a global batch the
+devices cannot share, and W&B without a network."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from act_lightning.callbacks import LastCheckpoint
+from act_lightning.callbacks.guard import what_to_do
+from act_lightning.train import train
+from tests.conftest import ROOT, compose, refusal, run_cli
+
+QUIET = ["debug=smoke", "data=synthetic", "eval=null"]
+
+
+def _iteration(path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["state_dict"]["iteration"])
+
+
+def test_a_second_ctrl_c_exits_130_and_says_that_no_checkpoint_was_written(tmp_path, capfd):
+    twice = [  # two Ctrl-C in iteration 3, before its checkpoint callback runs
+        f"+callbacks.{name}.{key}={value}"
+        for name in ("first", "second")
+        for key, value in (("_target_", "tests.helpers_signals.SendSignalAt"), ("signum", 2), ("at", 3))
+    ]
+    every = "callbacks.checkpoint.every_n_iterations=2"
+    with pytest.raises(SystemExit) as stop:
+        train(compose([*QUIET, "iterations=50", every, *twice], run_dir=str(tmp_path)))
+    assert stop.value.code == 128 + signal.SIGINT
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    said = f"no checkpoint was written for this stop; the last one, {last} (iteration 2), continues with"
+    assert said + " resume=auto" in capfd.readouterr().err
+    assert _iteration(last) == 2 and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
+def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path):
+    common = [*QUIET, "iterations=4", "callbacks.checkpoint.keep_snapshots=true"]
+    train(compose([*common, "stop_after=2"], run_dir=str(tmp_path)))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    for content, what in ((b"", "empty"), (data[:-100], "damaged"), (os.urandom(999), "not a checkpoint")):
+        last.write_bytes(content)
+        with pytest.raises(ValueError) as refused:
+            train(compose(common, run_dir=str(tmp_path)))
+        message = str(refused.value)
+        assert message.startswith(f"resume=auto continues from {last}, which is {what} ("), message
+        assert (
+            "continue from another checkpoint with ckpt_path=CHECKPOINT (this run also has iter_0000002.ckpt)"
+            in message
+        )
+        assert "hydra.run.dir=NEW_FOLDER resume=never" in message and "weights_only" not in message
+    line = refusal(run_cli(common, tmp_path))  # the command says it in one line
+    assert line.startswith(f"error: resume=auto continues from {last}, which is not a checkpoint (")
+
+
+class FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def test_a_full_disk_during_a_save_says_so_with_the_space_the_checkpoint_needs(tmp_path, monkeypatch):
+    save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        saves.append(f)
+        return save(obj, f if len(saves) == 1 else FullDisk(f, room=4096), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    cfg = compose(
+        [*QUIET, "iterations=4", "callbacks.checkpoint.every_n_iterations=2"], run_dir=str(tmp_path)
+    )
+    with pytest.raises(OSError) as full:
+        train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert full.value.errno == errno.ENOSPC and len(saves) == 2
+    assert str(full.value).startswith(
+        f"[Errno 28] no space left on device writing {last}: the checkpoint needs about "
+    )
+    assert "KB, " in str(full.value) and "the previous checkpoint is intact" in str(full.value)
+    monkeypatch.undo()
+    assert _iteration(last) == 2 and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # no temp file
+
+
+def test_sample_refuses_a_file_that_is_no_checkpoint_in_one_line_without_unsafe_advice(tmp_path):
+    bad = tmp_path / "samples.json"
+    bad.write_text('{"a": 1}')
+    cmd = [sys.executable, "-m", "act_lightning.sample", f"ckpt={bad}", f"out={tmp_path / 'out'}"]
+    cmd += [f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = refusal(result)
+    said = "not a checkpoint (torch.save writes a zip archive; this file starts with b'{\"a\": 1}')"
+    assert line == f"error: ckpt={bad}: {said}"
+    assert "weights_only" not in result.stdout + result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_diverged_run_says_which_checkpoints_exist_and_which_to_continue_from(tmp_path):
+    folder = tmp_path / "checkpoints"
+    trainer = SimpleNamespace(callbacks=[LastCheckpoint(str(folder))])
+    assert what_to_do(trainer, since=5).startswith("No checkpoint was written: start again with a lower")
+    folder.mkdir()
+    for name, k in (("last.ckpt", 7), ("best.ckpt", 4), ("iter_0000004.ckpt", 4), ("iter_0000006.ckpt", 6)):
+        torch.save({"state_dict": {"iteration": torch.tensor(k)}}, folder / name)
+    advice = what_to_do(trainer, since=5)
+    assert advice.startswith(
+        "On disk: best.ckpt (iteration 4), iter_0000004.ckpt (iteration 4), iter_0000006.ckpt (iteration 6), "
+        "last.ckpt (iteration 7). Continue from best.ckpt, written before iteration 5, in a new folder "
+        f"(hydra.run.dir=NEW ckpt_path={folder / 'best.ckpt'}), or start again with a lower learning rate"
+    )
+    assert "none from before iteration 3: start again" in what_to_do(trainer, since=3)
+
+
+def test_a_global_batch_the_devices_cannot_share_is_refused_before_any_process_starts(tmp_path):
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu"]
+    cases = (
+        (["trainer.devices=3", "data.global_batch_size=4"], "cannot be shared by 3 devices in even parts"),
+        (
+            ["trainer.devices=2", "data.global_batch_size=12", "data.batch_size=4"],
+            "data.batch_size=4 do not divide",
+        ),
+    )
+    for i, (overrides, said) in enumerate(cases):
+        with pytest.raises(ValueError, match=said):
+            train(compose([*QUIET, *ddp, *overrides], run_dir=str(tmp_path / str(i))))
+        assert [p.name for p in (tmp_path / str(i)).iterdir()] == [
+            ".lock"
+        ]  # nothing written, nothing spawned
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wandb_with_a_key_but_no_network_goes_offline_at_once_with_a_note(tmp_path):
+    key = "0123456789abcdef" * 2 + "fake-key"
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_SILENT")}
+    env.update(
+        WANDB_API_KEY=key, WANDB_BASE_URL=f"http://127.0.0.1:{_closed_port()}", PYTHONWARNINGS="ignore"
+    )
+    cmd = [sys.executable, "-m", "act_lightning.train", *QUIET, "logger=wandb", f"hydra.run.dir={tmp_path}"]
+    start = time.monotonic()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.monotonic() - start < 120  # W&B's own retries took minutes
+    note = [line for line in result.stdout.splitlines() if "cannot be reached" in line]
+    assert len(note) == 1 and "logging offline; upload it later with `wandb sync" in note[0], result.stdout[
+        -2000:
+    ]
+    assert list(tmp_path.glob("wandb/offline-run-*"))
+    assert key not in result.stdout + result.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]

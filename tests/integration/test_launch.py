@@ -1,0 +1,112 @@
+"""A run folder's record is the run's: a launch that is refused (the folder is in use, another experiment,
+a changed config) or has nothing to do (a finished run) leaves every file as it was, and keeps its own
+Hydra record apart. A resumed run's config is compared with its checkpoint's before anything is built."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+
+import pytest
+import torch
+
+from act_lightning.train import train
+from tests.conftest import compose, refusal, run_cli
+
+SMOKE = ["debug=smoke", "data=synthetic"]
+
+
+def _hashes(folder) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_refused_and_finished_launches_leave_every_file_of_the_run_folder_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(SMOKE, run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = _hashes(run)
+    assert "hparams.yaml" in before and "metric_summary.json" in before
+
+    finished = run_cli(SMOKE, run)  # nothing to do
+    assert finished.returncode == 0 and "the run is finished, nothing to do" in finished.stdout
+    foreign = refusal(run_cli(["experiment=cifar10", *SMOKE], run))  # another experiment
+    assert "was trained with another config: data.channels=1 (now 3)" in foreign
+    changed = refusal(run_cli([*SMOKE, "model.schedule.gan_ratio=0.5"], run))
+    assert "model.schedule.gan_ratio=0.3 (now 0.5)" in changed
+    with open(run / ".lock") as held:  # a live run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "is in use by another live run" in refusal(run_cli(SMOKE, run))
+
+    after = _hashes(run)
+    assert {k: v for k, v in after.items() if k in before} == before  # byte for byte
+    new = sorted(k for k in after if k not in before)
+    assert all(k.startswith(".hydra/launches/") for k in new), new
+    launches = {k.split("/")[2] for k in after if k.startswith(".hydra/launches/")}
+    assert len(launches) == 5  # each launch's record apart: config, hydra, overrides and its log
+    for launch in launches:
+        record = {p.name for p in (run / ".hydra" / "launches" / launch).iterdir()}
+        assert record == {"config.yaml", "hydra.yaml", "overrides.yaml", "train.log"}, record
+
+
+def test_an_unwritable_run_folder_is_refused_before_hydra_writes_into_it(tmp_path):
+    # sysfs takes no new files, whoever runs the test (a chmod'ed folder would not stop root)
+    line = refusal(run_cli(SMOKE, "/sys/act-test-run"))
+    assert line.startswith("error: hydra.run.dir=/sys/act-test-run: cannot write into /sys (")
+    if os.geteuid() != 0:
+        folder = tmp_path / "run"
+        folder.mkdir(mode=0o555)
+        line = refusal(run_cli(SMOKE, folder))
+        assert f"cannot write into {folder}" in line and not any(folder.iterdir())
+
+
+def _iteration(path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["state_dict"]["iteration"])
+
+
+def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_deliberate(tmp_path):
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    common = [*SMOKE, "eval=null", "iterations=6"]
+    train(compose([*common, "stop_after=2"], run_dir=str(run)))
+    unchanged = last.read_bytes()
+
+    with pytest.raises(
+        ValueError, match=r"\(iteration 2\) was trained .*: model.schedule.gan_ratio=0.3 \(now 0.5\)"
+    ):
+        train(compose([*common, "model.schedule.gan_ratio=0.5"], run_dir=str(run)))
+    with pytest.raises(
+        ValueError, match=r"another config: iterations=6 \(now 3\)\. .*resume_changes=\[iterations\]"
+    ):
+        train(compose([*SMOKE, "eval=null", "iterations=3"], run_dir=str(run)))  # was "finished (2 of 3)"?
+    assert last.read_bytes() == unchanged
+
+    deliberate = ["model.schedule.gan_ratio=0.5", "resume_changes=[model.schedule.gan_ratio]", "stop_after=2"]
+    train(compose([*common, *deliberate], run_dir=str(run)))
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["act_config"]["model"]["schedule"]["gan_ratio"] == 0.5
+    history = checkpoint["act_history"]
+    assert [h["iteration"] for h in history] == [0, 2]
+    assert history[1]["changes"] == {"model.schedule.gan_ratio": [0.3, 0.5]} and history[0]["changes"] == {}
+
+    # a finished run is not extended silently; deliberately it is
+    finish = [*SMOKE, "eval=null", "iterations=6", "model.schedule.gan_ratio=0.5"]
+    assert train(compose(finish, run_dir=str(run)))["iteration"] == 6
+    with pytest.raises(ValueError, match=r"\(iteration 6\) was trained .*: iterations=6 \(now 8\)"):
+        train(compose([*finish[:-2], "iterations=8", finish[-1]], run_dir=str(run)))
+    assert train(compose([*finish, "iterations=8", "resume_changes=[iterations]"], run_dir=str(run)))[
+        "finished"
+    ]
+    assert _iteration(last) == 8
+
+    # another run's snapshot of another network size is refused, not taken as "nothing to do"
+    other, smaller = tmp_path / "other", [f"ckpt_path={last}", "model.generator.channel_divisor=4"]
+    with pytest.raises(ValueError) as refused:
+        train(compose([*finish, "iterations=8", *smaller], run_dir=str(other)))
+    assert f"ckpt_path={last} (iteration 8) was trained with another config: " in str(refused.value)
+    assert "model.generator.channel_divisor=8 (now 4)" in str(refused.value)
+    assert str(refused.value).endswith("or start a new run without ckpt_path")
+    assert [p.name for p in other.iterdir()] == [".lock"]  # nothing else written

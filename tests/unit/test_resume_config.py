@@ -1,0 +1,142 @@
+"""act_lightning.resume: which differences between a launch's config and its checkpoint's refuse a resume,
+and how they are named."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from act_lightning.resume import (
+    GLOBAL_BATCH,
+    MAY_CHANGE,
+    check_resume,
+    compare,
+    differences,
+    global_batch,
+    world_size,
+)
+from tests.conftest import compose
+
+BASE = ["debug=smoke", "data=synthetic"]
+
+
+def _configs(overrides: list[str], run_dir: str = "/tmp/act-run") -> tuple[dict, dict]:
+    cfg = compose([*BASE, *overrides], run_dir=run_dir)
+    return OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False)
+
+
+def _check(saved: list[str], launch: list[str], **checkpoint) -> dict:
+    old, _ = _configs(saved)
+    new, raw = _configs(launch, run_dir="/tmp/act-other")
+    checkpoint = {"act_config": old, **checkpoint}
+    return check_resume(checkpoint, new, raw, "resume=auto found last.ckpt (iteration 423)", "start anew")
+
+
+def test_a_changed_training_key_is_refused_with_both_values_and_the_switch_that_allows_it():
+    with pytest.raises(ValueError) as refused:
+        _check(["model.schedule.gan_ratio=0.3"], ["model.schedule.gan_ratio=0.5"])
+    assert str(refused.value).startswith(
+        "resume=auto found last.ckpt (iteration 423) was trained with another config: "
+        "model.schedule.gan_ratio=0.3 (now 0.5). "
+    )
+    assert "resume_changes=[model.schedule.gan_ratio]" in str(refused.value)
+    allowed = ["model.schedule.gan_ratio=0.5", "resume_changes=[model.schedule.gan_ratio]"]
+    assert _check(["model.schedule.gan_ratio=0.3"], allowed) == {"model.schedule.gan_ratio": [0.3, 0.5]}
+
+
+def test_iterations_and_the_seed_are_named_once_not_with_every_key_that_repeats_them():
+    with pytest.raises(ValueError, match=r"another config: iterations=2000 \(now 300\)\. ") as refused:
+        _check(["iterations=2000"], ["iterations=300"])
+    assert "model.iterations" not in str(refused.value)  # ${iterations}: the same change
+    with pytest.raises(ValueError, match=r"another config: seed=0 \(now 3\)\. ") as refused:
+        _check([], ["seed=3"])
+    assert "model.seed" not in str(refused.value) and "data.seed" not in str(refused.value)
+    assert _check(["iterations=300"], ["iterations=600", "resume_changes=[iterations]"]) == {
+        "iterations": [300, 600]
+    }
+
+
+def test_observation_and_placement_may_change():
+    changed = [
+        "logger=tensorboard",
+        "threads=1",
+        "stop_after=5",
+        "eval.every=2",
+        "eval.batch_size=4",
+        "callbacks.checkpoint.every_n_iterations=1",
+        "callbacks.checkpoint.keep_snapshots=true",
+        "callbacks.samples.num_samples=9",
+        "guard.max_bad_iterations=3",
+        "trainer.log_every_n_steps=7",
+        "model.speed.channels_last=false",
+        "data.num_workers=2",
+        "model.lpips_weights=/weights/vgg16.pth",
+    ]
+    assert _check([], changed) == {}  # run_dir differs too (/tmp/act-run -> /tmp/act-other)
+
+
+def test_what_the_evaluation_measures_and_how_the_run_computes_may_not():
+    for override in (
+        "eval.num_samples=16",
+        "trainer.precision=bf16-mixed",
+        "tf32=false",
+        "model.distance=l2",
+    ):
+        with pytest.raises(ValueError, match=f"another config: {override.split('=')[0]}="):
+            _check([], [override])
+
+
+def test_devices_may_change_when_the_global_batch_stays():
+    assert world_size({"devices": 3, "num_nodes": 2}) == 6
+    assert world_size({"devices": "0,1", "accelerator": "gpu"}) == 2
+    assert world_size({"devices": [0, 1, 2]}) == 3
+    assert world_size({"devices": "auto", "accelerator": "cpu"}) == 1
+    old, _ = _configs(["data.batch_size=4"])
+    two, raw = _configs(["trainer.devices=2", "trainer.accelerator=cpu", "data.global_batch_size=4"])
+    assert global_batch(old, 1) == 4 and global_batch(two, 2) == 4
+    assert compare(old, two, raw, weights_only=False, saved_world=1) == {}
+    doubled, raw = _configs(["trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=4"])
+    assert compare(old, doubled, raw, weights_only=False, saved_world=1) == {GLOBAL_BATCH: (4, 8)}
+    with pytest.raises(ValueError, match=r"the global batch of 4 images per half-batch \(now 8; "):
+        _check(["data.batch_size=4"], ["trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=4"])
+
+
+def test_another_experiment_is_named_without_offering_resume_changes_for_it():
+    with pytest.raises(ValueError) as refused:
+        _check([], ["experiment=cifar10"])
+    message = str(refused.value)
+    assert "model.generator.block_out_channels=" in message and "more" in message
+    assert "resume_changes" not in message and message.endswith("or start anew")
+
+
+def test_resume_changes_names_unknown_keys_and_refuses_keys_no_resume_can_change():
+    with pytest.raises(ValueError, match="resume_changes lists model.schedule.gan_rato: not a key"):
+        _check([], ["resume_changes=[model.schedule.gan_rato]"])
+    # the restored optimiser state would keep its own learning rate; the weights their shapes
+    for change in ("model.optimizer.lr=1e-5", "model.generator.channel_divisor=4"):
+        key = change.split("=")[0]
+        with pytest.raises(ValueError, match=f"{key} cannot change on resume .*: resume with the checkpoint"):
+            _check([], [change, f"resume_changes=[{key}]"])
+
+
+def test_a_weights_only_checkpoint_must_match_the_networks_only():
+    assert _check([], ["model.schedule.gan_ratio=0.1", "iterations=99"], act_weights_only=True) == {}
+    with pytest.raises(
+        ValueError, match=r"holds networks of another shape: model.generator.channel_divisor=8"
+    ):
+        _check([], ["model.generator.channel_divisor=4"], act_weights_only=True)
+
+
+def test_keys_the_checkpoint_predates_take_the_launchs_values():
+    old, _ = _configs([])
+    del old["model"]["schedule"]["loss_weighting"]  # written before the option existed
+    new, raw = _configs(["model.schedule.loss_weighting=ict"])
+    assert compare(old, new, raw, weights_only=False, saved_world=None) == {}
+    assert differences({"a": {"b": 1}}, {"a": None}) == {"a": ({"b": 1}, None)}
+
+
+def test_every_key_that_may_change_exists_in_the_config():
+    from act_lightning.resume import has_key
+
+    config = OmegaConf.to_container(compose(["experiment=cifar10", "logger=wandb"]))
+    assert [key for key in MAY_CHANGE if not has_key(config, key)] == []
