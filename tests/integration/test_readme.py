@@ -95,6 +95,11 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_resume.py::test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit",
     ),
+    "python -m act_lightning.train experiment=cifar10 hydra.run.dir=outputs/cifar10/run1 iterations=400000 "
+    "resume_changes=[iterations]": (
+        "test",
+        "test_launch.py::test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_deliberate",
+    ),
     "python -m act_lightning.train experiment=cifar10 trainer=ddp trainer.devices=4": (
         "cli",
         [*SMOKE, *CHEAP, *CPU2],
