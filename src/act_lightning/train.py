@@ -3,10 +3,13 @@
 `train(cfg)` is a plain function (tests call it); `main()` is the thin Hydra shell, and returns the run's
 best metric so that a Hydra sweeper (Optuna) can minimise it.
 
-Everything that can be checked before training is checked before any logger starts or any folder is
-created: the configuration, the checkpoint to resume from, the checkpoint folder, the data and the
-pretrained weights. A run folder is used by one live run at a time (a lock file), a finished run resumed
-does nothing more, and a run stopped by `stop_after` or by a signal continues with `resume=auto`.
+Everything that can be checked before training is checked before anything is written into the run
+folder (`prepare`): the configuration, the folder not in use by another live run (a lock file), the
+checkpoint to resume from and that this launch's config may continue it (act_lightning.resume), the
+checkpoint folder, the global batch on these devices, the data and the pretrained weights; `main` says
+why a launch is refused in one line and exits 2. A finished run resumed does nothing more, and a run
+stopped by `stop_after` or by a signal continues with `resume=auto`. Each launch's Hydra record is kept
+apart (act_lightning.launch).
 """
 
 from __future__ import annotations
