@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 CIFAR_FOLDER = "cifar-10-batches-py"
+NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy.core.multiarray._reconstruct in numpy 1.x
 
 
 def smooth_images(n: int, height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -34,11 +35,14 @@ def smooth_images(n: int, height: int, width: int, channels: int = 3, seed: int 
 
 # -- CIFAR-10 ----------------------------------------------------------------------------------------
 class _Py2Pickler(pickle._Pickler):
-    """Writes `bytes` as Python 2 `str` (BINSTRING), as cPickle did for the official batches."""
+    """Writes a pickle as Python 2's cPickle and numpy 1.x wrote the official batches (protocol 2): every
+    string as a Python 2 `str` (BINSTRING; the arrays' raw bytes included), and numpy's array
+    reconstructor under its numpy 1.x name, numpy.core.multiarray._reconstruct."""
 
     dispatch = dict(pickle._Pickler.dispatch)
 
-    def save_py2_str(self, obj: bytes) -> None:
+    def save_py2_str(self, obj: bytes | str) -> None:
+        obj = obj.encode("latin-1") if isinstance(obj, str) else obj
         if len(obj) < 256:
             self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
         else:
@@ -46,9 +50,17 @@ class _Py2Pickler(pickle._Pickler):
         self.memoize(obj)
 
     dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is NUMPY_RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
 
 
-def _py2_pickle(obj) -> bytes:
+def py2_pickle(obj) -> bytes:
     buffer = io.BytesIO()
     _Py2Pickler(buffer, protocol=2).dump(obj)
     return buffer.getvalue()
@@ -63,7 +75,7 @@ def cifar10_files(per_batch: int = 8, seed: int = 0) -> dict[str, bytes]:
             per_batch, 3072
         )  # channel-major rows
         labels = [int(v) for v in np.random.default_rng(i).integers(0, 10, per_batch)]
-        files[name] = _py2_pickle(
+        files[name] = py2_pickle(
             {
                 b"batch_label": f"training batch {i + 1} of 5".encode(),
                 b"labels": labels,
@@ -71,7 +83,7 @@ def cifar10_files(per_batch: int = 8, seed: int = 0) -> dict[str, bytes]:
                 b"filenames": [f"image_{i}_{j}.png".encode() for j in range(per_batch)],
             }
         )
-    files["batches.meta"] = _py2_pickle(
+    files["batches.meta"] = py2_pickle(
         {
             b"num_cases_per_batch": per_batch,
             b"label_names": [

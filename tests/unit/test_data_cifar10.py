@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import builtins
 import os
+import pickle
+import pickletools
+import shlex
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from act_lightning.data import CIFAR10DataModule, DataError, cifar10
-from act_lightning.data.cifar10 import load_cifar10_train
-from tests.helpers_data import CIFAR_FOLDER, listing, shards, write_cifar10
+from act_lightning.data.cifar10 import load_cifar10_train, read_batch
+from tests.helpers_data import CIFAR_FOLDER, listing, py2_pickle, shards, write_cifar10
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -94,8 +99,11 @@ def test_missing_files_say_what_where_and_from_where(tmp_path):
 
 
 def test_checksums_are_verified_by_default(cifar_root):
-    with pytest.raises(DataError, match=r"data_batch_1: checksum mismatch \(md5 .*expected c99cafc1"):
+    with pytest.raises(DataError, match=r"data_batch_1: checksum mismatch \(md5 .*expected c99cafc1") as err:
         _dm(cifar_root, verify=True).prepare_data()
+    # the way out it names is the official file; switching the check off is no way to make a file safe
+    assert "extract it again from" in str(err.value) and "use it anyway" not in str(err.value)
+    assert "data.verify=false only skips this checksum" in str(err.value)
 
 
 def test_archive_checksum_is_verified(tmp_path):
@@ -119,6 +127,87 @@ def test_truncated_batch_is_named(tmp_path):
     dm.prepare_data()  # without verification the files look complete ...
     with pytest.raises(DataError, match=r"data_batch_3: not a readable CIFAR-10 python batch"):
         dm.setup("fit")  # ... until they are read
+
+
+# -- the batches are pickles: read without ever running code ------------------------------------------
+def _globals(content: bytes) -> set[str]:
+    """The globals a pickle names (GLOBAL opcodes: protocols 0 to 3)."""
+    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(content) if op.name == "GLOBAL"}
+
+
+def test_the_test_batches_are_pickled_as_the_official_ones_and_load(cifar_root):
+    content = (cifar_root / CIFAR_FOLDER / "data_batch_1").read_bytes()
+    # as Python 2's cPickle and numpy 1.x wrote them: protocol 2, Python 2 strings only, three globals
+    opcodes = {op.name for op, _, _ in pickletools.genops(content)}
+    assert content[:2] == b"\x80\x02" and not opcodes & {"BINUNICODE", "SHORT_BINUNICODE", "BINBYTES"}
+    assert _globals(content) == {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+    images, labels = read_batch(cifar_root / CIFAR_FOLDER / "data_batch_1")
+    assert images.shape == (8, 3072) and images.dtype == np.uint8 and len(labels) == 8
+
+
+def _resaved(tmp_path, protocol: int) -> tuple[Path, np.ndarray]:
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    batch = {
+        b"batch_label": b"training batch 1 of 5",
+        b"labels": [3, 9],
+        b"data": data,
+        b"filenames": [b"a", b"b"],
+    }
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    return path, data
+
+
+@pytest.mark.parametrize("protocol", [3, 4])
+def test_a_batch_re_saved_by_python_3_with_protocol_3_or_4_loads(tmp_path, protocol):
+    path, data = _resaved(tmp_path, protocol)  # numpy 2 names numpy._core.multiarray._reconstruct here
+    images, labels = read_batch(path)
+    assert np.array_equal(images, data) and labels.tolist() == [3, 9]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "named"),
+    [(2, r"_codecs\.encode"), (5, r"numpy\.(_core|core)\.numeric\._frombuffer")],  # names the official lack
+)
+def test_other_pickle_protocols_are_refused_by_the_global_they_name(tmp_path, protocol, named):
+    path, _ = _resaved(tmp_path, protocol)
+    with pytest.raises(DataError, match=rf"data_batch_1: refused to unpickle the global `{named}`"):
+        read_batch(path)
+
+
+class _Payload:
+    """Unpickled, calls `call(*args)`: what a tampered batch would run."""
+
+    def __init__(self, call, *args) -> None:
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("attack", ["os.system", "builtins.eval"])
+def test_a_tampered_batch_is_refused_by_name_and_runs_nothing_even_unverified(tmp_path, attack):
+    folder = write_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    if attack == "os.system":
+        payload, protocol = _Payload(os.system, f"touch {shlex.quote(str(marker))}"), 2
+        named = f"{os.system.__module__}.system"  # posix.system
+    else:
+        payload, protocol = _Payload(builtins.eval, f"open({str(marker)!r}, 'w').close()"), 4
+        named = "builtins.eval"
+    batch = pickle.loads((folder / "data_batch_3").read_bytes(), encoding="bytes")
+    batch[b"filenames"][0] = payload  # inside an otherwise official batch
+    content = py2_pickle(batch) if protocol == 2 else pickle.dumps(batch, protocol=protocol)
+    (folder / "data_batch_3").write_bytes(content)
+
+    dm = _dm(tmp_path, verify=False)  # data.verify=false: no checksum stands in the way
+    dm.prepare_data()
+    with pytest.raises(DataError, match=rf"data_batch_3: refused to unpickle the global `{named}`") as err:
+        dm.setup("fit")
+    assert "could run code" in str(err.value) and not marker.exists()
+
+    pickle.loads(content, encoding="bytes")  # the control: a plain unpickler runs the payload
+    assert marker.exists()
 
 
 def test_wrong_sizes_are_refused():

@@ -1,16 +1,21 @@
-"""CIFAR-10: the 50,000 32x32 training images, read by torchvision's loader (the only unpickling in the
-package: CIFAR-10's own python batches, through torchvision)."""
+"""CIFAR-10: the 50,000 32x32 training images, from the official python batches.
+
+Those batches are pickles; they are read by a restricted unpickler that builds nothing but what the
+official files hold (byte strings, numbers, lists, a dict and one numpy array), so a tampered batch is
+refused by name and never runs code, whether or not `data.verify` checked its checksum first."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import tarfile
 import urllib.error
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,46 +34,83 @@ FOLDER = CIFAR10.base_folder  # cifar-10-batches-py
 TRAIN_FILES = [(name, md5) for name, md5 in CIFAR10.train_list]  # data_batch_1 .. data_batch_5
 EXTRACTING = f".{FOLDER}.extracting"  # the archive is extracted here, then its files moved into FOLDER
 
+# The only globals a batch may name. The official batches are Python 2 pickles (protocol 2) of a dict
+# {b"batch_label": str, b"labels": [int], b"data": uint8 array (10000, 3072), b"filenames": [str]}; the
+# array is rebuilt by numpy's reconstructor, which numpy 1.x wrote as numpy.core.multiarray._reconstruct
+# (numpy 2 writes numpy._core.multiarray: a batch re-saved under Python 3 with protocol 3 or 4), from
+# numpy.ndarray and a numpy.dtype. Everything else a pickle could name is refused, among them what
+# Python 3 adds with protocol 2 (_codecs.encode, for bytes) and 5 (numpy's _frombuffer).
+_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own, whichever module holds it in this version
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
 
-class _OneBatch(CIFAR10):
-    """torchvision's CIFAR10 restricted to one batch file, so that a failure names that file.
 
-    The checksums and the presence of files are checked by `CIFAR10DataModule.prepare_data` (which names
-    the failing file); the class names in `batches.meta` are not needed for training.
-    """
+class RefusedGlobal(pickle.UnpicklingError):
+    """A batch names a global that the official files do not hold (`module.name`)."""
 
-    def __init__(self, root: str, entry: tuple[str, str]) -> None:
-        self.train_list = [list(entry)]
-        super().__init__(root, train=True, download=False)
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.qualified = f"{module}.{name}"
 
-    def _check_integrity(self) -> bool:
-        return True
 
-    def _load_meta(self) -> None:
-        self.classes = []
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that looks up only ALLOWED_GLOBALS: the pickle can build nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(module, name) from None
+
+
+def _refused_message(path: Path, qualified: str) -> str:
+    allowed = ", ".join(f"{module}.{name}" for module, name in ALLOWED_GLOBALS)
+    return (
+        f"{path}: refused to unpickle the global `{qualified}`: the official CIFAR-10 python batches "
+        f"name only {allowed}, so this file is not one of them and reading it could run code (whatever "
+        f"data.verify says). Delete {path.parent} and extract {path.parent.parent / ARCHIVE} again (from "
+        f"{URL}); a batch you wrote yourself loads when pickled with protocol 3 or 4"
+    )
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One python batch's images, uint8 (n, 3072) channel-major rows, and labels, read without running
+    code: a name outside ALLOWED_GLOBALS, a damaged file or an unexpected layout raises DataError."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()  # Python 2 strings stay bytes
+    except RefusedGlobal as err:
+        raise DataError(_refused_message(path, err.qualified)) from None
+    except Exception as err:  # unpickling raises almost anything on a truncated or foreign file
+        raise DataError(
+            f"{path}: not a readable CIFAR-10 python batch ({type(err).__name__}: {err}). The file is "
+            f"truncated or corrupt: delete {path.parent} and extract {path.parent.parent / ARCHIVE} again "
+            f"(from {URL})"
+        ) from err
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: a CIFAR-10 python batch is a dict, found {type(batch).__name__}")
+    data, labels = (batch.get(key, batch.get(key.decode())) for key in (b"data", b"labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: `data` should be a uint8 (N, 3072) array, found {found}")
+    labels = np.asarray(labels if labels is not None else [])
+    if len(labels) != len(data) or (len(labels) and labels.dtype.kind not in "iu"):
+        raise DataError(f"{path}: {len(data)} images but `labels` holds {len(labels)} ({labels.dtype})")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    return data, labels
 
 
 def load_cifar10_train(root: Path) -> tuple[Tensor, Tensor]:
     """All training batches as a uint8 (N, 3, 32, 32) tensor and int64 labels, each file validated."""
     images, labels = [], []
-    for name, md5 in TRAIN_FILES:
-        path = root / FOLDER / name
-        try:
-            batch = _OneBatch(str(root), (name, md5))
-        except Exception as err:  # unpickling raises almost anything on a truncated or foreign file
-            raise DataError(
-                f"{path}: not a readable CIFAR-10 python batch ({type(err).__name__}: {err}). The file is "
-                f"truncated or corrupt: delete {root / FOLDER} and extract {root / ARCHIVE} again "
-                f"(from {URL})"
-            ) from err
-        data, targets = batch.data, np.asarray(batch.targets)
-        if data.dtype != np.uint8:
-            raise DataError(f"{path}: `data` should be uint8 (N, 3072), found dtype {data.dtype}")
-        if len(targets) != len(data):
-            raise DataError(f"{path}: {len(data)} images but {len(targets)} labels")
-        if len(targets) and (targets.min() < 0 or targets.max() > 9):
-            raise DataError(f"{path}: labels must lie in 0..9, found {targets.min()}..{targets.max()}")
-        images.append(torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))))  # (n, 3, 32, 32)
+    for name, _ in TRAIN_FILES:
+        data, targets = read_batch(root / FOLDER / name)
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32)))  # (n, 3, 32, 32)
         labels.append(torch.from_numpy(targets.astype(np.int64)))
     return torch.cat(images), torch.cat(labels)
 
@@ -212,8 +254,10 @@ class CIFAR10DataModule(ImageDataModule):
         if found != md5:
             raise DataError(
                 f"{path}: checksum mismatch (md5 {found}, expected {md5} for the official CIFAR-10 "
-                f"file). The file is corrupt or not the official one: extract it again from {URL}, or set "
-                "data.verify=false to use it anyway."
+                f"file). The file is corrupt or not the official one: extract it again from {URL}. "
+                "(data.verify=false only skips this checksum, for batches you wrote yourself in the "
+                "official format; it makes no file safe, and a batch that names more than the official "
+                "files do is refused when read either way.)"
             )
 
     def _extract(self, archive: Path) -> None:
