@@ -3,11 +3,18 @@
 
 The reference code (kong13661/ACT) writes Lightning checkpoints whose `state_dict` holds the generator
 as `model.unet.*`, the target EMA as `model_ema.unet.*` and the discriminator as `model._discriminator.*`
-(the CIFAR-10 file also an unused `model_ema._discriminator.*`). The networks are the same diffusers
-modules as here (docs/algorithm.md, section 10), so conversion renames keys, checks every name and
-shape against the experiment's networks, and writes a weights-only checkpoint (networks, the experiment's
-config, iteration 0) that `sample`, `edit`, `evaluate`, `export` read, and from which `train
-ckpt_path=OUT` starts (new optimiser state, the curriculum from the start).
+(the CIFAR-10 file also an unused `model_ema._discriminator.*`), besides its loss and metric modules:
+piq's LPIPS VGG as `distance_loss.lpips.*` and torchmetrics' FID Inception as `fid.inception.*` (on
+ImageNet 64 and LSUN Cat also the reference statistics `fid.real_mu`, `fid.real_cov`), which are dropped
+(this library brings its own). Modules that `torch.compile` wrapped (the reference's compile=True, the
+ImageNet 64 default, and unet_compile=True) hold their keys under `_orig_mod.`, which is left out of the
+names. tests/fixtures/reference_keys lists every key of the three experiments' checkpoints.
+
+The networks are the same diffusers modules as here (docs/algorithm.md, section 10), so conversion
+renames keys, checks every name and shape against the experiment's networks (any other key is refused
+by name), and writes a weights-only checkpoint (networks, the experiment's config, iteration 0) that
+`sample`, `edit`, `evaluate`, `export` read, and from which `train ckpt_path=OUT` starts (new optimiser
+state, the curriculum from the start).
 
 The experiment is recognised from the generator's number of resolution levels (4: cifar10, 5:
 imagenet64, 6: lsun_cat256) unless given. The file is read with torch's safe loader only.
@@ -30,7 +37,11 @@ PREFIXES = {  # reference prefix -> this library's
     "model_ema.unet.": "target.unet.",
     "model._discriminator.": "discriminator.",
 }
-IGNORED = ("model_ema._discriminator.",)  # an unused copy in the CIFAR-10 file
+IGNORED = (  # dropped: the reference's loss and metric modules, an unused copy in the CIFAR-10 file
+    "distance_loss.",
+    "fid.",
+    "model_ema._discriminator.",
+)
 LEVELS = {4: "cifar10", 5: "imagenet64", 6: "lsun_cat256"}
 PICKLED = (  # what read_checkpoint says when the safe loader refuses the file ({{ }}: literal braces)
     "cannot be read with torch's safe loader ({kind}): it holds pickled Python objects besides tensors. In "
@@ -39,17 +50,23 @@ PICKLED = (  # what read_checkpoint says when the safe loader refuses the file (
 )
 
 
+def plain(key: str) -> str:
+    """`key` without the `_orig_mod.` that torch.compile's wrapper puts into its modules' names."""
+    return ".".join(part for part in key.split(".") if part != "_orig_mod")
+
+
 def read_reference(path: Path) -> dict[str, torch.Tensor]:
     """The reference checkpoint's state dict (its `state_dict`, or the file itself when it is one)."""
     checkpoint = read_checkpoint(path, "CKPT", unreadable=PICKLED)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not any(k.startswith("model.unet.") for k in state):
+    if not isinstance(state, dict) or not any(plain(str(k)).startswith("model.unet.") for k in state):
         raise ValueError(f"CKPT={path}: not a reference ACT checkpoint (no model.unet.* weights)")
     return state
 
 
 def detect_experiment(state: dict[str, torch.Tensor]) -> str:
-    levels = {int(m.group(1)) for k in state if (m := re.match(r"model\.unet\.down_blocks\.(\d+)\.", k))}
+    pattern = re.compile(r"model\.unet\.down_blocks\.(\d+)\.")
+    levels = {int(m.group(1)) for k in state if (m := pattern.match(plain(k)))}
     experiment = LEVELS.get(len(levels))
     if experiment is None:
         raise ValueError(f"a generator with {len(levels)} resolution levels: pass experiment=NAME")
@@ -91,27 +108,31 @@ def convert(ckpt: str | Path, out: str | Path, overrides: list[str] | None = Non
 
 def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
     """The reference tensors under this library's names, and the problems: keys of `state` that have no
-    place in `own` (unknown) or the wrong shape (mis-shaped), and networks' keys of `own` it lacks
-    (missing), each listed by name."""
-    converted, unknown, misshaped = {}, [], []
+    place in `own` (unknown), the wrong shape (mis-shaped) or a place another key took (duplicate: with
+    and without `_orig_mod.`), and networks' keys of `own` it lacks (missing), each listed by name."""
+    converted, unknown, misshaped, duplicate = {}, [], [], []
     for key, value in state.items():
-        prefix = next((p for p in PREFIXES if key.startswith(p)), None)
+        reference = plain(key)
+        prefix = next((p for p in PREFIXES if reference.startswith(p)), None)
         if prefix is None:
-            if not key.startswith(IGNORED):
+            if not reference.startswith(IGNORED):
                 unknown.append(key)
             continue
-        name = PREFIXES[prefix] + key[len(prefix) :]
+        name = PREFIXES[prefix] + reference[len(prefix) :]
         if name not in own:
             unknown.append(key)
         elif own[name].shape != value.shape:
             misshaped.append(f"{key} {tuple(value.shape)} (expected {tuple(own[name].shape)})")
+        elif name in converted:
+            duplicate.append(key)
         else:
             converted[name] = value
     networks = [k for k in own if k.startswith(("generator.", "target.", "discriminator."))]
     missing = [k for k in networks if k not in converted]
+    kinds = (("unknown", unknown), ("mis-shaped", misshaped), ("duplicate", duplicate), ("missing", missing))
     problems = [
         f"{kind} keys: {', '.join(keys[:8])}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-        for kind, keys in (("unknown", unknown), ("mis-shaped", misshaped), ("missing", missing))
+        for kind, keys in kinds
         if keys
     ]
     return converted, problems

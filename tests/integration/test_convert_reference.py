@@ -1,8 +1,11 @@
 """`python -m act_lightning.convert_reference`: a checkpoint in the reference code's layout (written here
-with random weights) becomes one that sample, evaluate and train ckpt_path= read, with the same networks."""
+with random weights) becomes one that sample, evaluate and train ckpt_path= read, with the same networks.
+tests/fixtures/reference_keys holds every state-dict key (name and shape) of the reference's checkpoints,
+derived from its code by make_reference_keys.py there: each experiment's complete key set converts."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,11 +14,40 @@ import torch
 from hydra.utils import instantiate
 
 from act_lightning.checkpoints import load_model
-from act_lightning.convert_reference import convert
+from act_lightning.convert_reference import convert, rename_keys
 from act_lightning.train import train
 from tests.conftest import ROOT, compose
 
 SMOKE = ["experiment=cifar10", "debug=smoke"]
+EXPERIMENTS = ("cifar10", "imagenet64", "lsun_cat256")
+REFERENCE_KEYS = ROOT / "tests" / "fixtures" / "reference_keys"
+NETWORKS = {  # the reference's prefix -> this library's
+    "model.unet.": "generator.unet.",
+    "model_ema.unet.": "target.unet.",
+    "model._discriminator.": "discriminator.",
+}
+LIGHTNING = ("epoch", "global_step", "loops", "callbacks", "optimizer_states", "lr_schedulers")
+
+
+def reference_keys(experiment: str) -> dict[str, list[int]]:
+    """Every key of the reference's checkpoint of `experiment` with its shape (tests/fixtures)."""
+    return json.loads((REFERENCE_KEYS / f"{experiment}.json").read_text())["state_dict"]
+
+
+def ours(key: str) -> str | None:
+    """A reference network key's name here (None: not one of the three networks)."""
+    prefix = next((p for p in NETWORKS if key.startswith(p)), None)
+    return None if prefix is None else NETWORKS[prefix] + key[len(prefix) :]
+
+
+def full_size(experiment: str) -> list[str]:
+    """Overrides of debug=smoke that keep the experiment's number of layers per block, so the tiny
+    networks have the full-size networks' key names (smoke's layers_per_block=1 has fewer)."""
+    model = compose([f"experiment={experiment}"]).model
+    return [
+        f"model.generator.layers_per_block={model.generator.layers_per_block}",
+        f"model.discriminator.layers_per_block={model.discriminator.layers_per_block}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +104,15 @@ def test_train_starts_from_a_converted_checkpoint(reference, tmp_path):
     assert summary["finished"] and summary["iteration"] == 2
 
 
-def test_unknown_missing_and_misshaped_keys_are_named(reference, tmp_path):
+def test_unknown_misshaped_duplicate_and_missing_keys_are_named(reference, tmp_path):
     _, state, _ = reference
     broken = dict(state)
     broken["model.lpips.weight"] = torch.zeros(1)
+    broken["something_else.weight"] = torch.zeros(1)
+    broken["model.unet._orig_mod.nonsense.weight"] = torch.zeros(1)
+    broken["model.unet._orig_mod.conv_out.bias"] = broken["model.unet.conv_out.bias"]  # twice
+    broken["fid._orig_mod.inception.fc.bias"] = torch.zeros(1008)  # dropped, whatever its shape
+    broken["distance_loss.lpips.model.0.bias"] = torch.zeros(1)
     del broken["model.unet.conv_in.bias"]
     broken["model.unet.conv_out.weight"] = torch.zeros(1, 2, 3, 3)
     path = tmp_path / "broken.ckpt"
@@ -83,7 +120,12 @@ def test_unknown_missing_and_misshaped_keys_are_named(reference, tmp_path):
     with pytest.raises(ValueError) as err:
         convert(path, tmp_path / "out.ckpt", ["experiment=cifar10", "debug=smoke"])
     message = str(err.value)
-    assert "unknown keys: model.lpips.weight" in message
+    assert (
+        "unknown keys: model.lpips.weight, something_else.weight, model.unet._orig_mod.nonsense.weight;"
+        in message
+    )
+    assert "duplicate keys: model.unet._orig_mod.conv_out.bias;" in message
+    assert "fid." not in message and "distance_loss" not in message
     assert "mis-shaped keys: model.unet.conv_out.weight (1, 2, 3, 3)" in message
     assert "missing keys: generator.unet.conv_in.bias" in message
     with pytest.raises(ValueError, match="not a reference ACT checkpoint"):
@@ -110,3 +152,101 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     summary = evaluate(cfg)
     assert summary["results"]["1-step"]["fid"] > 0 and summary["iteration"] == 0
     assert export(out, tmp_path / "exported")["iteration"] == 0
+
+
+def networks(state: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if k.startswith(tuple(NETWORKS.values()))}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_reference_networks_are_this_librarys_at_full_size(experiment):
+    keys = reference_keys(experiment)
+    with torch.device("meta"):  # full size: names and shapes, no memory
+        model = instantiate(
+            compose([f"experiment={experiment}"]).model, distance="l2", speed={"channels_last": False}
+        )
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("distance.")}
+    mapped = {ours(k): tuple(shape) for k, shape in keys.items() if ours(k) is not None}
+    assert mapped == networks(own)  # every name, every shape
+    others = {k.split(".")[0] for k in keys if ours(k) is None and not k.startswith("model_ema._disc")}
+    assert others == {"distance_loss", "fid"}  # the loss's LPIPS and the FID metric, nothing else
+    reference = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    converted, problems = rename_keys(reference, own)
+    assert not problems and set(converted) == set(networks(own))
+    tiny = compose([f"experiment={experiment}", "debug=smoke", *full_size(experiment)]).model
+    smoke = instantiate(tiny, distance="l2").state_dict()
+    assert set(networks(smoke)) == set(mapped)  # the tiny networks of the test below have the same names
+
+
+def lightning_entries() -> dict:
+    """The top-level entries of a checkpoint written by the reference's Trainer (plain containers)."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizers = [torch.optim.RAdam([weight], lr=1e-4, betas=(0, 0.99)) for _ in range(2)]
+    weight.grad = torch.ones(3)
+    for optimizer in optimizers:
+        optimizer.step()
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda=lambda step: 1.0) for o in optimizers]
+    checkpoint_callback = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 10000}"
+    return {
+        "epoch": 6,
+        "global_step": 20000,
+        "pytorch-lightning_version": "2.1.2",
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 10000}}},
+        "callbacks": {checkpoint_callback: {"best_model_path": "", "kth_value": torch.tensor(float("inf"))}},
+        "optimizer_states": [o.state_dict() for o in optimizers],
+        "lr_schedulers": [s.state_dict() for s in schedulers],
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_of():
+    """experiment -> (a module with random tiny networks of the full-size names, its reference state:
+    every key of the reference's checkpoint, the networks from the module, the rest one-element tensors
+    of the reference's shapes)."""
+    cache = {}
+
+    def make(experiment):
+        if experiment not in cache:
+            torch.manual_seed(0)
+            cfg = compose([f"experiment={experiment}", "debug=smoke", *full_size(experiment)])
+            module = instantiate(cfg.model, distance="l2", speed={"channels_last": False})
+            for p in module.target.parameters():  # a target that differs from the generator
+                p.data.add_(0.01 * torch.randn_like(p))
+            own = module.state_dict()
+            state = {}
+            for key, shape in reference_keys(experiment).items():
+                name = ours(key.replace("model_ema._discriminator.", "model._discriminator."))
+                state[key] = own[name].clone() if name is not None else torch.zeros(()).expand(shape)
+            cache[experiment] = module, state
+        return cache[experiment]
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("experiment", "unet_compile"),
+    [("cifar10", False), ("imagenet64", False), ("lsun_cat256", False), ("imagenet64", True)],
+)
+def test_every_key_of_a_reference_checkpoint_converts(reference_of, experiment, unet_compile, tmp_path):
+    module, state = reference_of(experiment)
+    if unet_compile:  # torch.compile's wrapper around the generator (and its deep-copied EMA)
+        state = {k.replace(".unet.", ".unet._orig_mod.", 1): v for k, v in state.items()}
+    path = tmp_path / "reference.ckpt"
+    torch.save({"state_dict": state, **lightning_entries()}, path)
+    out = tmp_path / "converted.ckpt"
+    overrides = ["debug=smoke", *full_size(experiment)]  # the experiment is recognised from the generator
+    summary = convert(path, out, overrides)
+    assert summary["experiment"] == experiment and summary["tensors"] == len(networks(module.state_dict()))
+    converted, _, _ = load_model(out)
+    size = compose([f"experiment={experiment}"]).data.image_size
+    x, sigma, labels = torch.randn(2, 3, size, size), torch.tensor([80.0, 0.5]), torch.tensor([3, 7])
+    with torch.no_grad():
+        for name in ("generator", "target"):
+            torch.testing.assert_close(
+                getattr(converted, name)(x, sigma, labels), getattr(module, name)(x, sigma, labels)
+            )
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    disc = {k[len("discriminator.") :]: v for k, v in saved.items() if k.startswith("discriminator.")}
+    theirs = {k[len("model._discriminator.") :]: v for k, v in state.items() if k.startswith("model._disc")}
+    assert disc.keys() == module.discriminator.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in disc.items())  # the reference's discriminator
