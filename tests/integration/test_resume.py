@@ -90,6 +90,18 @@ def test_resume_across_epochs_is_exact(tmp_path):
     )
 
 
+def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    stale = [".last.ckpt.k2j4h6g8.tmp", ".best.ckpt.a_b_c_d_.tmp", ".iter_0000002.ckpt.00000000.tmp"]
+    others = ["notes.tmp", "old.ckpt", ".last.ckpt.tmp"]
+    for name in stale + others:
+        (folder / name).write_bytes(b"half a checkpoint")
+    train(compose(["debug=smoke", "iterations=2", "eval=null"], run_dir=str(tmp_path)))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["last.ckpt", *others])
+    assert (folder / "notes.tmp").read_bytes() == b"half a checkpoint"
+
+
 def _start(args, run_dir):
     cmd = [sys.executable, "-m", "act_lightning.train", *args, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}

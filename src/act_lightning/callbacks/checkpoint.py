@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from act_lightning.atomic import atomic_write
+from act_lightning.atomic import atomic_write, remove_stale_temporaries
 from act_lightning.compat import is_lightning_handler
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,14 @@ class LastCheckpoint(L.Callback):
             if self.keep_snapshots:
                 trainer.save_checkpoint(self.path.parent / f"iter_{iteration:07d}.ckpt", weights_only=False)
             self._saved_at = iteration
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # A kill during a save leaves its temporary file (`.last.ckpt.<random>.tmp`, as large as the
+        # checkpoint); nothing else clears it. The run folder's lock keeps other runs out of this folder,
+        # and a temporary that a live save is writing is locked: the others are remains.
+        if stage == "fit" and trainer.is_global_zero:
+            for path in remove_stale_temporaries(self.path.parent):
+                log.info("removed %s, left by a save that was interrupted", path)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = pl_module.k
