@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from torch import nn
+
+# What Lightning's training loop says (TrainingEpochLoop.reset) on every resume within an epoch unless each
+# training DataLoader implements its private `_Stateful` protocol.
+UNRESUMABLE_LOADER_WARNING = (
+    "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable"
+)
 
 
 @contextmanager
@@ -62,3 +71,13 @@ def is_lightning_handler(handler: Any) -> bool:
     module = getattr(type(handler), "__module__", "") or ""
     own = getattr(handler, "__module__", "") or ""
     return module.startswith("lightning") or own.startswith("lightning")
+
+
+def ignore_unresumable_loader_warning() -> None:
+    """Silences exactly Lightning's warning that a resumed run's dataloader "is not resumable". It looks
+    at the DataLoader only; our data modules restore the loader's position themselves (the batches of the
+    epoch consumed and the shuffling generator: `ImageDataModule.state_dict`), so resume is exact and the
+    warning, printed on every resume, would be wrong."""
+    warnings.filterwarnings(
+        "ignore", message=re.escape(UNRESUMABLE_LOADER_WARNING), category=PossibleUserWarning
+    )

@@ -82,3 +82,28 @@ def test_the_handlers_lightning_installs_are_told_apart_from_a_launchers():
         connector.teardown()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_exactly_lightnings_unresumable_loader_warning_is_ignored():
+    # the filter matches Lightning's message by its text: the message must still be the one its training
+    # loop emits (an implicitly joined string literal in `_TrainingEpochLoop.reset`)
+    import ast
+    import inspect
+    import textwrap
+    import warnings
+
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from act_lightning.compat import UNRESUMABLE_LOADER_WARNING, ignore_unresumable_loader_warning
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(_TrainingEpochLoop.reset)))
+    strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    lightnings = [s for s in strings if s.startswith(UNRESUMABLE_LOADER_WARNING)]
+    assert len(lightnings) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_unresumable_loader_warning()
+        warnings.warn(lightnings[0], PossibleUserWarning, stacklevel=1)
+        warnings.warn("Your dataloader has few workers", PossibleUserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["Your dataloader has few workers"]

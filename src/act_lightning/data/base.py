@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from act_lightning.compat import ignore_unresumable_loader_warning
 from act_lightning.seeds import FLIP, mix_seed
 
 
@@ -339,6 +340,7 @@ class ImageDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._position.resume = (int(state_dict["consumed"]), state_dict.get("epoch_generator_state"))
         self._restore_flip_state = state_dict.get("flip_generator_state")
+        ignore_unresumable_loader_warning()  # the position just restored makes this resume exact
 
     def reference_dataloader(
         self,
