@@ -17,6 +17,7 @@ no Hydra) and samples in one or more steps. `export(ckpt, out)` is a plain funct
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from act_lightning.atomic import default_file_mode
 from act_lightning.checkpoints import checkpoint_iteration, load_model
 from act_lightning.commands import CONFIG_DIR
 from act_lightning.nn.generator import UNetGenerator, run_unet
@@ -187,6 +189,13 @@ sigma_min = {sigma_min}, sigma_max = {sigma_max}, sigma_data = {sigma_data}, c_n
 """
 
 
+def _follow_umask(out: Path) -> None:
+    """safetensors writes each file through a temporary one (Rust's `tempfile`, mode 0600) renamed into
+    place: give the weights the mode every other file of the export has, 0o666 less the umask."""
+    for path in [out / "model.safetensors", *sorted((out / "unet").glob("*.safetensors"))]:
+        os.chmod(path, default_file_mode())
+
+
 def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Writes the checkpoint's target generator into `out` (see the module docstring)."""
     from omegaconf import OmegaConf
@@ -221,6 +230,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         unet=backbone.unet, used_channels=backbone.used_channels, **constants
     )  # (load_model builds the networks in the standard memory format, which safetensors needs)
     pipeline.save_pretrained(out)
+    _follow_umask(out)
     size, channels = int(run.data.image_size), int(run.data.channels)
     classes = f", {h.num_classes} classes (pass class_labels)" if h.num_classes else ""
     card = MODEL_CARD.format(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -38,6 +39,24 @@ def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported):
     assert (out / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ACTPipeline"
+
+
+def test_every_exported_file_follows_the_umask_as_checkpoints_do(exported, tmp_path):
+    from act_lightning.export import export
+
+    ckpt, _ = exported
+    old = os.umask(0o022)
+    try:
+        export(ckpt, tmp_path / "out")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in files} >= {
+        "model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "config.json",
+    }
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}
 
 
 def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp_path):
