@@ -57,8 +57,19 @@ class GridCache:
         if key not in self._grids:
             sigmas = self.schedule.sigmas(num_scales)
             probs = self.schedule.index_probs(sigmas)
-            self._grids[key] = (sigmas.to(device), None if probs is None else probs.to(device))
+            self._grids[key] = (
+                to_device(sigmas, device),
+                None if probs is None else to_device(probs, device),
+            )
         return self._grids[key]
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without waiting for the device (a copy
+    from pageable memory would synchronise the host with it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def draw_noise(

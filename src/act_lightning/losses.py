@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from act_lightning.consistency import ConsistencySchedule, append_dims
 
@@ -107,6 +109,10 @@ class LPIPSDistance(nn.Module):
     torchvision's cache) and never downloaded here, so a missing file fails at construction, before any
     training, with the path to put it at. `pretrained_backbone=False` builds a randomly initialised
     backbone (tests, smoke runs).
+
+    `checkpointing` (model.speed.lpips_checkpointing) keeps only the inputs for the backward and runs the
+    network again there; `bf16` (model.speed.bf16_lpips) runs it under bf16 autocast. Both are set by
+    `SpeedOptions.apply`; the result is float32 either way.
     """
 
     def __init__(self, weights: str | None = None, pretrained_backbone: bool = True, resize: int = 224):
@@ -118,6 +124,8 @@ class LPIPSDistance(nn.Module):
         if pretrained_backbone:
             self._load_backbone(Path(weights) if weights else default_vgg16_path())
         self.net.eval().requires_grad_(False)
+        self.checkpointing = False  # model.speed.lpips_checkpointing: recompute VGG in the backward
+        self.bf16 = False  # model.speed.bf16_lpips: VGG and the heads under bf16 autocast
 
     def _load_backbone(self, path: Path) -> None:
         if not path.is_file():
@@ -152,7 +160,14 @@ class LPIPSDistance(nn.Module):
             pred = F.interpolate(pred, size=self.resize, mode="bilinear", align_corners=False)
             target = F.interpolate(target, size=self.resize, mode="bilinear", align_corners=False)
         # map to [0, 1] and let lpips normalise, as the paper's pipeline does
-        return self.net((pred + 1) / 2, (target + 1) / 2, normalize=True).flatten()
+        pred, target = (pred + 1) / 2, (target + 1) / 2
+        # (without bf16, whatever autocast the caller runs: the trainer's precision)
+        with torch.autocast(pred.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext():
+            if self.checkpointing and torch.is_grad_enabled():  # keeps only the inputs for the backward
+                out = checkpoint(self.net, pred, target, normalize=True, use_reentrant=False)
+            else:
+                out = self.net(pred, target, normalize=True)
+        return out.flatten().float()
 
 
 def build_distance(name: str, lpips_weights: str | None = None, lpips_pretrained: bool = True):

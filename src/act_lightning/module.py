@@ -32,7 +32,7 @@ from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
 from act_lightning.samplers import multistep
 from act_lightning.seeds import AUGMENT, mix_seed
-from act_lightning.speed import SpeedOptions
+from act_lightning.speed import SpeedOptions, in_bf16
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer: params -> optimizer
 Logs = dict[str, Any]
@@ -197,7 +197,7 @@ class ACTModule(L.LightningModule):
         self.augment_pipe = AugmentPipe(**(augment or {}))
         self.distance = build_distance(distance, lpips_weights, lpips_pretrained)
         nets = [self.generator, self.target, self.teacher_ema, self.discriminator, self.distance]
-        self.speed.apply(nets, self.discriminator)
+        self.speed.apply(nets, self.discriminator, self.generator, self.distance)
 
         # Training state that must survive a resume exactly: buffers are in every checkpoint.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
@@ -238,9 +238,10 @@ class ACTModule(L.LightningModule):
     def _teacher_pass(self) -> Callable:
         """The teacher's f(x, sigma, y) for `generator_losses`. With `shared_dropout` it runs on a fork of
         the random state that the online pass then starts from (the teacher runs first), so both passes
-        draw the same dropout masks."""
+        draw the same dropout masks. With `model.speed.bf16_target` it runs under bf16 autocast."""
         teacher = self.teacher()
         run = lambda x, s, y: self.denoise(teacher, x, s, y)  # noqa: E731
+        run = in_bf16(run) if self.speed.bf16_target else run  # the target itself stays float32
         return on_forked_rng(run, self.device) if self.hparams.shared_dropout else run
 
     def on_train_start(self) -> None:
@@ -259,7 +260,7 @@ class ACTModule(L.LightningModule):
         optimizers = self.optimizers()  # [G's, D's], or G's alone when gan_ratio is 0
         opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
         logs, bad = self._generator_step(draws, opt_g)
-        self._update_target(logs["train/target_ema"])
+        self._update_target(self.schedule.target_ema(draws.num_scales))
         if self.discriminator is not None:
             d_logs, d_bad = self._discriminator_step(draws, opt_d)
             logs, bad = {**logs, **d_logs}, {**bad, **d_bad}
@@ -327,8 +328,8 @@ class ACTModule(L.LightningModule):
         logs: Logs = {
             "train/loss_g": means[0],
             "train/loss_ct": means[1],
-            "train/num_scales": float(draws.num_scales),
-            "train/target_ema": self.schedule.target_ema(draws.num_scales),  # the teacher's mu (0: online)
+            "train/num_scales": self._on_device(draws.num_scales),
+            "train/target_ema": self._on_device(self.schedule.target_ema(draws.num_scales)),  # mu (0: online)
         }
         if self.discriminator is not None:
             logs["train/loss_adv"] = means[2]
@@ -406,6 +407,11 @@ class ACTModule(L.LightningModule):
         self._aug_idle = False  # until the new p reaches the host (no waiting for it here)
         self._aug_read.submit(self.aug_p)
 
+    def _on_device(self, value: float) -> Tensor:
+        """A host number as a device scalar, filled in place: Lightning would copy a float to the device,
+        a copy from pageable memory that waits for the device. Float64: logged as exactly as the float."""
+        return torch.full((), float(value), dtype=torch.float64, device=self.device)
+
     def _skip_if_nonfinite(self, net: nn.Module, loss_bad: Tensor) -> Tensor:
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # fp16 loss scaling
         return skip_if_nonfinite(net, loss_bad, scaled, self.trainer.world_size)
@@ -417,7 +423,7 @@ class ACTModule(L.LightningModule):
             s.step()
         self.k += 1
         self.iteration.fill_(self.k)
-        logs["step"] = float(self.k)  # loggers' x-axis: ACT iterations, not optimiser steps (two each)
+        logs["step"] = self._on_device(self.k)  # loggers' x-axis: ACT iterations, not optimiser steps
         if self.speed.sync_logs:  # the baseline's way: every value read off the device at once (waits for it)
             logs = {k: float(v) for k, v in logs.items()}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)

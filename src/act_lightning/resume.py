@@ -53,7 +53,7 @@ MAY_CHANGE = (
     "data.pin_memory",
     "data.persistent_workers",
     "data.in_memory",
-    "model.speed",
+    "model.speed",  # but for NUMERICS
     # how the run is observed: loggers, logging cadence, progress, sample grids, checkpoint cadence and
     # snapshots, the divergence guard, and the evaluation's cadence and resources (not what it measures:
     # its history and best checkpoint compare values measured one way)
@@ -72,6 +72,8 @@ MAY_CHANGE = (
     "eval.best_checkpoint",
     "eval.label",
 )
+# The speed options that change the numerics (bf16): they are compared as what the run trains is.
+NUMERICS = ("model.speed.bf16_lpips", "model.speed.bf16_target")
 # What a weights-only checkpoint must match: the keys that shape the networks.
 NETWORK_KEYS = (
     "model.generator",
@@ -184,7 +186,7 @@ def compare(saved: dict, launch: dict, raw: dict, weights_only: bool, saved_worl
         adversarial = float(launch["model"]["schedule"].get("gan_ratio", 0)) > 0
         keys = [k for k in NETWORK_KEYS if adversarial or k != "model.discriminator"]
         return {k: v for k, v in found.items() if covered(k, keys)}
-    found = {k: v for k, v in found.items() if not covered(k, MAY_CHANGE)}
+    found = {k: v for k, v in found.items() if covered(k, NUMERICS) or not covered(k, MAY_CHANGE)}
     was = global_batch(saved, saved_world or world_size(saved.get("trainer") or {}))
     now = global_batch(launch, world_size(launch.get("trainer") or {}))
     if None not in (was, now) and was != now:

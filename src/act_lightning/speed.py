@@ -1,40 +1,99 @@
 """How the networks run, not what they compute: the speed options of `model.speed` (docs/performance.md).
-`perf=baseline` turns them all off (the reference's straightforward path)."""
+`perf=baseline` turns them all off (the reference's straightforward path).
+
+Every option computes the same thing to float tolerance, except the two bf16 ones (`bf16_lpips`,
+`bf16_target`): they change the numerics, so they are off by default and a resumed run changes them only
+through `resume_changes`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
 class SpeedOptions:
     channels_last: bool = True  # NHWC weights and activations for every convolution
     compile: bool | str = False  # torch.compile the networks: true (inductor) or a backend name
+    compile_mode: str | None = None  # inductor's mode; reduce-overhead: CUDA graphs of the compiled graphs
     fast_attention: bool = True  # D's attention in the fused kernel, except in the R1 pass (double backward)
     foreach_ema: bool = True  # the target EMA in one fused op over all tensors (false: a Python loop)
     joint_d_pass: bool = True  # D sees the fake and the real half in one pass (two on R1 iterations)
     lazy_augment: bool = True  # skip the augmentation pipeline while p == 0 (an exact no-op then)
     sync_logs: bool = False  # read every logged value off the device each iteration (the baseline's way)
+    gradient_checkpointing: bool = False  # G's blocks recompute their activations in the backward
+    lpips_checkpointing: bool = False  # LPIPS recomputes its VGG activations in the backward
+    bf16_lpips: bool = False  # LPIPS's VGG under bf16 autocast (changes the numerics)
+    bf16_target: bool = False  # the teacher's pass under bf16 autocast (changes the numerics)
 
     def __post_init__(self) -> None:
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
             raise ValueError(
                 f"model.speed.compile must be true, false or a backend name; got {self.compile!r}"
             )
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"model.speed.compile_mode must be null or one of {', '.join(COMPILE_MODES)}; "
+                f"got {self.compile_mode!r}"
+            )
+        if self.compile_mode is not None and self.compile is not True:
+            raise ValueError(
+                "model.speed.compile_mode is inductor's: it needs model.speed.compile=true, got "
+                f"model.speed.compile={self.compile!r}"
+            )
 
-    def apply(self, nets: Iterable[nn.Module | None], discriminator: nn.Module | None) -> None:
-        """Puts the networks in the chosen memory format, attention kernel and compiled form."""
+    def apply(
+        self,
+        nets: Iterable[nn.Module | None],
+        discriminator: nn.Module | None,
+        generator: nn.Module | None = None,
+        distance: object = None,
+    ) -> None:
+        """Puts the networks in the chosen memory format, attention kernel, checkpointing and compiled
+        form. `generator` is the online network (the only one that trains through a consistency loss),
+        `distance` the consistency distance (the LPIPS options leave any other distance alone)."""
         nets = [n for n in nets if isinstance(n, nn.Module)]
         if self.channels_last:  # NHWC weights: cuDNN's and oneDNN's convolutions then run NHWC throughout
             for net in nets:
                 net.to(memory_format=torch.channels_last)
         if self.fast_attention and hasattr(discriminator, "use_fast_attention"):
             discriminator.use_fast_attention(True)
+        if self.gradient_checkpointing:
+            unet = getattr(generator, "unet", None)
+            if not hasattr(unet, "enable_gradient_checkpointing"):
+                raise ValueError(
+                    "model.speed.gradient_checkpointing needs a diffusers UNet generator (model.generator: "
+                    f"act_lightning.nn.UNetGenerator); got {type(generator).__name__}"
+                )
+            unet.enable_gradient_checkpointing(recompute)  # active only where gradients are taken
+        if hasattr(distance, "checkpointing"):  # LPIPS
+            distance.checkpointing, distance.bf16 = self.lpips_checkpointing, self.bf16_lpips
         if self.compile:  # in place, so state-dict keys stay as they are; a string names the backend
             backend = "inductor" if self.compile is True else str(self.compile)
+            # Static shapes: each network sees two or three batch sizes (one static graph each), never a
+            # symbolic one; CUDA graphs (compile_mode=reduce-overhead) record static shapes only.
             for net in nets:
-                net.compile(backend=backend)
+                net.compile(backend=backend, mode=self.compile_mode, dynamic=False)
+
+
+def recompute(module: nn.Module, *args):
+    """`module(*args)`, its activations recomputed in the backward (diffusers' default without its
+    cached version check, which Dynamo warns about)."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def in_bf16(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`fn` under bf16 autocast, its result in float32 (what consumes it stays float32)."""
+
+    def run(*args: Tensor) -> Tensor:
+        with torch.autocast(args[0].device.type, dtype=torch.bfloat16):
+            return fn(*args).float()
+
+    return run

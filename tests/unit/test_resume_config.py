@@ -69,6 +69,8 @@ def test_observation_and_placement_may_change():
         "guard.max_bad_iterations=3",
         "trainer.log_every_n_steps=7",
         "model.speed.channels_last=false",
+        "model.speed.gradient_checkpointing=true",
+        "model.speed.lpips_checkpointing=true",
         "data.num_workers=2",
         "model.lpips_weights=/weights/vgg16.pth",
     ]
@@ -79,6 +81,8 @@ def test_what_the_evaluation_measures_and_how_the_run_computes_may_not():
     for override in (
         "eval.num_samples=16",
         "trainer.precision=bf16-mixed",
+        "model.speed.bf16_lpips=true",  # the speed options that change the numerics
+        "model.speed.bf16_target=true",
         "tf32=false",
         "model.distance=l2",
     ):

@@ -9,11 +9,13 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import Tensor
 
 from act_lightning.augment import AugmentPipe
 from act_lightning.train import apply_process_settings
 from tests.helpers_training import SMALL, bare_trainer
 
+LPIPS = ["model.distance=lpips", "model.lpips_pretrained=false"]
 LOGGED = ("train/loss_g", "train/loss_ct", "train/loss_adv", "train/loss_d", "train/aug_p")
 
 
@@ -113,15 +115,103 @@ def test_threads_and_tf32_are_set_per_process_and_checked(monkeypatch):
 
 
 def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
-    # Dynamo's graph capture (the eager backend: inductor's code generation takes minutes on the CPU)
-    # through manual optimisation, both updates, and the R1 pass, which must run D uncompiled.
-    overrides = [*SMALL, "iterations=3", "model.r1_interval=2"]
-    compiled, compiled_rows = _run(cfg_factory([*overrides, "model.speed.compile=eager"]))
-    assert compiled.generator._compiled_call_impl is not None
-    assert compiled.discriminator._compiled_call_impl is not None  # restored after the R1 passes
+    # AOTAutograd's graphs (forward and backward) with eager kernels: inductor's code generation takes
+    # minutes on the CPU. Through manual optimisation, both updates, LPIPS, and the R1 pass at k = 0 and
+    # 2, which runs D uncompiled (it differentiates D twice). No graph breaks (docs/performance.md).
+    from torch._dynamo.utils import counters
+
+    overrides = [*SMALL, "iterations=3", "model.r1_interval=2", *LPIPS, "data.batch_size=2"]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, compiled_rows = _run(cfg_factory([*overrides, "model.speed.compile=aot_eager"]))
+    for net in (compiled.generator, compiled.discriminator, compiled.distance):
+        assert net._compiled_call_impl is not None  # D's restored after the R1 passes
+    assert counters["aot_autograd"]["ok"] >= 5 and not counters["aot_autograd"].get("not_ok")
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     _, eager_rows = _run(cfg_factory(overrides))
+    assert len(compiled_rows) == len(eager_rows) == 3
     for a, b in zip(compiled_rows, eager_rows, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("experiment", ["cifar10", "imagenet64"])
+def test_each_network_compiles_to_one_graph(cfg_factory, experiment):
+    model = instantiate(cfg_factory([*SMALL, f"experiment={experiment}", *LPIPS]).model)
+    x = torch.randn(2, 3, 32, 32) if experiment == "cifar10" else torch.randn(2, 3, 64, 64)
+    labels = None if experiment == "cifar10" else torch.tensor([3, 999])
+    sigma = torch.tensor([0.5, 20.0])
+    calls = {
+        "generator": (model.generator, (x, sigma, labels)),
+        "discriminator": (model.discriminator, (x, sigma, labels)),
+        "LPIPS": (model.distance, (x, x.flip(-1))),
+    }
+    for name, (net, args) in calls.items():
+        explained = torch._dynamo.explain(net)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
+
+
+def _generator_update(cfg) -> tuple[Tensor, Tensor]:
+    """L_ct per example (4 pairs from the finest to the coarsest of N = 150 scales) and the generator's
+    gradient of the consistency loss of the module built from `cfg`."""
+    from act_lightning.losses import generator_losses
+
+    L.seed_everything(0)
+    model = instantiate(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(4, 3, 32, 32, generator=g)
+    losses = generator_losses(
+        x,
+        None,
+        torch.tensor([1, 10, 80, 149]),
+        z,
+        sigmas=model.schedule.sigmas(150),
+        schedule=model.schedule,
+        online=lambda x, s, y: model.denoise(model.generator, x, s, y),
+        target=model._teacher_pass(),
+        distance=model.distance,
+    )
+    losses.objective().mean().backward()
+    return losses.consistency.detach(), torch.cat([p.grad.flatten() for p in model.generator.parameters()])
+
+
+CIFAR = [*SMALL, "experiment=cifar10", "model.lpips_pretrained=false"]
+
+
+def test_gradient_checkpointing_computes_the_same_losses_and_gradients(cfg_factory, monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)  # diffusers' blocks call it here
+    monkeypatch.setattr("act_lightning.losses.checkpoint", counting)  # LPIPS
+    loss, grad = _generator_update(cfg_factory(CIFAR))
+    assert calls == []
+    on = ["model.speed.gradient_checkpointing=true", "model.speed.lpips_checkpointing=true"]
+    loss_ckpt, grad_ckpt = _generator_update(cfg_factory([*CIFAR, *on]))
+    # every resnet of the online network's blocks (13 at this layout) and LPIPS once; the teacher, run
+    # without gradients, recomputes nothing
+    assert len(calls) == 14 and sum(type(f).__name__ == "LPIPS" for f in calls) == 1
+    assert torch.equal(loss, loss_ckpt) and torch.equal(grad, grad_ckpt)  # the same kernels, recomputed
+
+
+@pytest.mark.parametrize(
+    "option, grad_bound", [("bf16_lpips", 0.03), ("bf16_target", 0.15)], ids=["lpips", "target"]
+)
+def test_bf16_stays_within_its_bounds_of_float32(cfg_factory, option, grad_bound):
+    # Measured here (docs/performance.md): |dL_ct| about 2e-5 per example (bf16's noise floor of LPIPS),
+    # the gradient 0.7% (LPIPS) and 5.7% (target) off float32's in norm. Bounds: about 3x that.
+    loss, grad = _generator_update(cfg_factory(CIFAR))
+    loss_bf16, grad_bf16 = _generator_update(cfg_factory([*CIFAR, f"model.speed.{option}=true"]))
+    assert loss_bf16.dtype == grad_bf16.dtype == torch.float32
+    assert not torch.equal(loss, loss_bf16)  # bf16 did run
+    assert (loss_bf16 - loss).abs().max() < 1e-4
+    assert 0 < (grad_bf16 - grad).norm() / grad.norm() < grad_bound
 
 
 def test_one_discriminator_pass_over_both_halves_equals_two_passes_with_labels(cfg_factory):
@@ -152,3 +242,19 @@ def test_one_discriminator_pass_over_both_halves_equals_two_passes_with_labels(c
     torch.testing.assert_close(a.fake, b.fake)
     torch.testing.assert_close(a.real, b.real)
     torch.testing.assert_close(grad_a, grad_b)
+
+
+def test_the_compile_keys_are_checked_and_passed_to_torch_compile(monkeypatch):
+    from act_lightning.speed import SpeedOptions
+
+    with pytest.raises(ValueError, match="model.speed.compile must be true, false or a backend name"):
+        SpeedOptions(compile="")
+    with pytest.raises(ValueError, match="model.speed.compile_mode must be null or one of default, "):
+        SpeedOptions(compile=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="needs model.speed.compile=true, got model.speed.compile='eager'"):
+        SpeedOptions(compile="eager", compile_mode="reduce-overhead")
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    SpeedOptions(compile=True, compile_mode="reduce-overhead").apply([torch.nn.Linear(1, 1)], None)
+    # static shapes: a graph per batch size, which CUDA graphs need
+    assert seen == [{"backend": "inductor", "mode": "reduce-overhead", "dynamic": False}]

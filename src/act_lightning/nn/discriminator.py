@@ -180,6 +180,8 @@ class Discriminator(nn.Module):
             h, _ = block(h, emb)
         h = self.mid_block(h, emb)  # (B, C_last, H / 2^(n-1), W / 2^(n-1))
         if self.conv_norm_out is not None:
-            h = self.conv_norm_out(h)
+            # NCHW in: the CPU kernel keeps a channels-last input's layout but torch.compile's tracing
+            # assumes NCHW out, so the head's flatten fails under aot_eager (CUDA's kernel is NCHW anyway)
+            h = self.conv_norm_out(h.contiguous())
         h = F.adaptive_avg_pool2d(self.conv_act(h), 2).flatten(1)  # (B, 4 C_last)
         return self.to_logit(h).squeeze(1)  # (B,)
