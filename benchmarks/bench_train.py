@@ -4,14 +4,18 @@ off, Python loops for the EMA and the optimisers, every logged value read off th
 run at p = 0, classic attention, D's halves in two passes), measured in the same process, interleaved,
 medians of several repeats (timings on a shared machine swing by 2x, so only ratios measured together
 mean anything). Then each
-speed option on its own against the baseline, bf16 autocast as an option, peak memory, the iteration's
-FLOP count (and model FLOP utilisation on a GPU), one-step sampling and FID feature extraction images
-per second, and on the CPU two runs side by side with each thread setting.
+speed option on its own against the baseline, each lever (LEVERS: gradient checkpointing, bf16 in
+LPIPS or the target pass, compiling, CUDA graphs) on its own against the defaults, bf16 autocast as an
+option, peak memory, the iteration's FLOP count (and model FLOP utilisation on a GPU), one-step sampling
+and FID feature extraction images per second, and on the CPU two runs side by side with each thread
+setting.
 
 Writes benchmarks/results/latest.json (--output) and prints a table.
 
     python benchmarks/bench_train.py                      # CPU: reduced batches; GPU: the paper's batches
     python benchmarks/bench_train.py --configs cifar10 --repeats 5 --ablate cifar10
+    python benchmarks/bench_train.py --configs imagenet64 --ablate --no-baseline --batch 320 \\
+        --set model.speed.gradient_checkpointing=true     # overrides added to every variant
 """
 
 from __future__ import annotations
@@ -70,11 +74,28 @@ OPTIONS = {
     # GPUs only unless --compile: minutes of code generation on a CPU
     "compile": ["model.speed.compile=true"],
 }
+# Each lever alone on top of the defaults (issue 21): what it buys against today's iteration.
+LEVERS = {
+    "gradient_checkpointing": ["model.speed.gradient_checkpointing=true"],
+    "lpips_checkpointing": ["model.speed.lpips_checkpointing=true"],
+    "bf16_lpips": ["model.speed.bf16_lpips=true"],  # changes the numerics
+    "bf16_target": ["model.speed.bf16_target=true"],  # changes the numerics
+    # GPUs only unless --compile
+    "compile": ["model.speed.compile=true"],
+    "cuda_graphs": ["model.speed.compile=true", "model.speed.compile_mode=reduce-overhead"],
+}
+COMPILED = ("compile", "cuda_graphs")
 PEAK_TFLOPS = {  # dense tensor-core peaks (NVIDIA data sheets, SXM parts): (fp32, tf32, bf16)
     "H100": (67.0, 494.7, 989.4),
     "H200": (67.0, 494.7, 989.4),
     "A100": (19.5, 156.0, 312.0),
 }
+
+
+def experiment_batch(config: str) -> int:
+    """The experiment's own half-batch per forward pass (80 for CIFAR-10)."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={config}", "run_dir=/tmp/x"]).data.batch_size
 
 
 def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
@@ -235,29 +256,41 @@ def side_by_side(iterations: int) -> dict:
     return out
 
 
-def measure_config(config: str, device: torch.device, args, ablate: bool) -> dict:
-    cuda = device.type == "cuda"
+def plan(config: str, cuda: bool, args) -> tuple[int, int, int, int]:
+    """Half-batch, timed iterations, warm-up iterations and repeats of a configuration."""
     if cuda:
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            batch = compose("train", overrides=[f"experiment={config}", "run_dir=/tmp/x"]).data.batch_size
-        timed, warmup = GPU_PLAN
-        repeats = args.repeats
+        batch, (timed, warmup), repeats = experiment_batch(config), GPU_PLAN, args.repeats
     else:
         batch, timed, warmup, cap = CPU_PLAN[config]
         repeats = min(args.repeats, cap or args.repeats)
-    timed = args.iterations or timed
     warmup = args.warmup if args.warmup is not None else warmup
-    batch = args.batch or batch
+    return args.batch or batch, args.iterations or timed, warmup, repeats
+
+
+def variants_to_run(cuda: bool, args, ablate: bool) -> dict[str, list[str]]:
+    """The defaults ("fast"), the baseline, and with `ablate` each option on the baseline, each lever on
+    the defaults and bf16-mixed; `--set` overrides added to every one."""
     variants = {"baseline": BASELINE, "fast": FAST, "bf16": BF16}
     if ablate:
         for name in args.options if args.options is not None else OPTIONS:
             if name in ("tf32", "compile") and not cuda and not (name == "compile" and args.compile):
                 continue
             variants[f"baseline+{name}"] = BASELINE + OPTIONS[name]
+        for name in args.levers if args.levers is not None else LEVERS:
+            if name in COMPILED and not cuda and not args.compile:
+                continue
+            variants[f"fast+{name}"] = FAST + LEVERS[name]
     if not (args.bf16 and ablate):  # bf16 is measured with the ablations
         del variants["bf16"]
     if not args.baseline:  # the defaults alone (a paper configuration's speed, not what the options buy)
         variants = {name: v for name, v in variants.items() if not name.startswith("baseline")}
+    return {name: [*v, *args.set] for name, v in variants.items()}
+
+
+def measure_config(config: str, device: torch.device, args, ablate: bool) -> dict:
+    cuda = device.type == "cuda"
+    batch, timed, warmup, repeats = plan(config, cuda, args)
+    variants = variants_to_run(cuda, args, ablate)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(repeats):
@@ -275,34 +308,45 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
             return max(x["peak_mb"] for x in runs[name])
         return cpu_peak_memory_mb(config, batch, variants[name]) if args.memory else None
 
+    def against(name: str, reference: float | None) -> dict:
+        return {"iterations_per_s": rate(name), "speedup": rate(name) / reference if reference else None}
+
     base = rate("baseline") if "baseline" in runs else None
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads",
         "batch": batch,
         "timed_iterations": timed,
         "repeats": repeats,
+        "extra_overrides": args.set,
         "iterations_per_s": rate("fast"),
         "baseline_iterations_per_s": base,
         "speedup": rate("fast") / base if base else None,
         "peak_memory_mb": peak("fast"),
         "baseline_peak_memory_mb": peak("baseline") if base else None,
         "runs": {name: [x["it_per_s"] for x in xs] for name, xs in runs.items()},
-        "options": {
-            name.split("+", 1)[1]: {"iterations_per_s": rate(name), "speedup": rate(name) / base}
-            for name in variants
-            if name.startswith("baseline+")
+        "options": {n.split("+", 1)[1]: against(n, base) for n in variants if n.startswith("baseline+")},
+        "levers": {
+            n.split("+", 1)[1]: against(n, rate("fast")) | {"peak_memory_mb": peak(n)}
+            for n in variants
+            if n.startswith("fast+")
         },
     }
     if "bf16" in variants:
-        result["bf16"] = {"iterations_per_s": rate("bf16"), "speedup": rate("bf16") / base if base else None}
+        result["bf16"] = against("bf16", base)
+    return result | extra_measurements(config, device, args, batch, rate("fast"))
+
+
+def extra_measurements(config: str, device: torch.device, args, batch: int, rate: float) -> dict:
+    """The FLOP count (and MFU on a GPU) at the defaults' rate; sampling and FID feature rates."""
+    cuda, result = device.type == "cuda", {}
     if args.flops:
         flops = flops_per_iteration(config, batch, device)
         result["flops_per_iteration"] = flops
-        result["achieved_tflops"] = flops * rate("fast") / 1e12
+        result["achieved_tflops"] = flops * rate / 1e12
         if cuda:
             cfg = compose_cfg(config, batch, 1, [])
             peak_tf = peak_tflops(device, str(cfg.trainer.precision), bool(cfg.tf32))
-            result["model_flop_utilisation"] = flops * rate("fast") / (peak_tf * 1e12) if peak_tf else None
+            result["model_flop_utilisation"] = flops * rate / (peak_tf * 1e12) if peak_tf else None
     if config != "quickstart" and args.sampling:
         from act_lightning.metrics.inception import InceptionFeatures, WeightsError
 
@@ -336,6 +380,7 @@ def print_table(report: dict) -> None:
             f"{fmt(r.get('fid_features_images_per_s'), '10.1f'):>10s}"
         )
         rows = {f"baseline + {k}": v for k, v in r["options"].items()}
+        rows |= {f"defaults + {k}": v for k, v in r.get("levers", {}).items()}
         if "bf16" in r:
             rows["defaults + bf16-mixed"] = r["bf16"]
         for label, o in rows.items():
@@ -365,9 +410,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default per config)")
     parser.add_argument("--batch", type=int, default=None, help="half-batch (default: per config)")
     parser.add_argument("--options", nargs="*", choices=list(OPTIONS), default=None, help="options to ablate")
+    parser.add_argument("--levers", nargs="*", choices=list(LEVERS), default=None, help="levers to ablate")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides added to every variant")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="the defaults only")
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window of sampling/FID rates")
-    parser.add_argument("--compile", action="store_true", help="also measure model.speed.compile on the CPU")
+    parser.add_argument("--compile", action="store_true", help="also measure compiling on the CPU")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip CPU memory probes")
     parser.add_argument("--no-flops", dest="flops", action="store_false")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -61,6 +62,8 @@ def test_bench_train_writes_the_table_against_the_baseline(tmp_path):
         "2",
         "--side-by-side",
         "0",
+        "--levers",
+        "gradient_checkpointing",
         "--output",
         str(out),
         timeout=600,
@@ -73,6 +76,43 @@ def test_bench_train_writes_the_table_against_the_baseline(tmp_path):
     assert row["baseline_peak_memory_mb"] > 0 and row["batch"] == 64 and "CPU" in row["device"]
     assert {"channels_last", "lazy_augment", "joint_d_pass", "foreach_ema"} <= set(row["options"])
     assert row["bf16"]["iterations_per_s"] > 0
+    lever = row["levers"]["gradient_checkpointing"]  # on the defaults, not on the baseline
+    assert set(row["levers"]) == {"gradient_checkpointing"} and lever["peak_memory_mb"] > 0
+    assert lever["speedup"] == lever["iterations_per_s"] / row["iterations_per_s"]
     # the FLOP count: the quickstart's networks at 8x8, three generator and about three critic passes
     assert 1e9 < row["flops_per_iteration"] < 1e11
     assert "baseline" in result.stdout and "speedup" in result.stdout
+
+
+def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(tmp_path):
+    out = tmp_path / "profile"
+    result = _bench(
+        "profile_train.py", "--config", "quickstart", "--batch", "4", "--iterations", "1", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "profile.json").read_text())
+    assert report["device"] == "cpu" and report["batch"] == 4
+    assert set(report["variants"]) == {"baseline", "defaults"}
+    for name, variant in report["variants"].items():
+        assert "model.r1_interval=2" in variant["overrides"] and variant["r1_interval"] == 16
+        assert set(variant["kinds"]) == {"r1", "no_r1"} and variant["sync_debug"] == "n/a on the CPU"
+        r1, plain = variant["kinds"]["r1"], variant["kinds"]["no_r1"]
+        for kind in (r1, plain):
+            assert kind["iterations"] == 1 and kind["wall_ms"] > 0 and kind["operator_calls"] > 100
+            assert kind["device_idle_fraction"] is None and kind["host_syncs_total"] is None
+            top = kind["top_operators"]
+            assert 0 < len(top) <= 20 and all(
+                top[i]["self_ms"] >= top[i + 1]["self_ms"] for i in range(len(top) - 1)
+            )
+            assert {"name", "calls", "self_ms", "share"} <= set(top[0]) and top[0]["name"].startswith(
+                "aten::"
+            )
+        assert r1["operator_calls"] > plain["operator_calls"]  # the R1 pass: D twice more, double backward
+        mean = variant["per_iteration_at_r1_interval"]["operator_calls"]
+        assert mean == (r1["operator_calls"] + 15 * plain["operator_calls"]) / 16
+        assert variant["traces"] == {"r1": f"trace_{name}_r1.json.gz", "no_r1": f"trace_{name}_no_r1.json.gz"}
+        with gzip.open(out / variant["traces"]["r1"]) as f:
+            assert any(e.get("name") == "act_iteration" for e in json.load(f)["traceEvents"])
+    table = (out / "profile.md").read_text()
+    assert "## baseline" in table and "## defaults" in table and "Top 20 operators by self CPU time" in table
+    assert "| mean at r1_interval=16 |" in table and "standing in for kernel launches" in table

@@ -1,0 +1,360 @@
+"""Where an ACT iteration's time goes: torch.profiler over a few CIFAR-10 iterations, those with the R1
+pass and those without reported apart, for the baseline (`perf=baseline`) and the library's defaults.
+
+Per kind of iteration: the top 20 operators by self time on the device (on the CPU: CPU time), the
+device's idle fraction, kernel launches (on the CPU the aten operator calls stand in for them), host
+synchronisations (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize and device-to-host
+copies in the trace), and a Chrome trace of one iteration of each kind. On a GPU, one iteration of each
+kind then runs under `torch.cuda.set_sync_debug_mode("warn")`, which names every synchronising call with
+its Python stack, and one under "error", the proof that none is left.
+
+The profiled run sets model.r1_interval=2 (--r1-interval), so both kinds come in few iterations (R1 at
+even k); an iteration costs the same whatever the interval, and the report also gives the average over
+the experiment's own interval. The module, trainer and batches are bench_train.py's.
+
+Writes profile.json, profile.md and trace_<variant>_<kind>.json.gz into --out.
+
+    python benchmarks/profile_train.py                          # GPU: 80 + 80; CPU: 4 + 4
+    python benchmarks/profile_train.py --variants defaults --set model.speed.compile=true --out /tmp/p
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.autograd import DeviceType
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_train import BASELINE, CPU_PLAN, compose_cfg, experiment_batch, fit  # noqa: E402
+
+VARIANTS = {"baseline": BASELINE, "defaults": []}
+ITERATION = "act_iteration"  # the record_function range around each profiled iteration
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+TOP = 20
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _is_device(event) -> bool:
+    return event.device_type == DeviceType.CUDA
+
+
+def summarise(prof, cuda: bool) -> dict:
+    """One profiled iteration: wall time, device busy time and idle fraction, kernel launches (operator
+    calls on the CPU), host synchronisations, and every operator's self time."""
+    events = list(prof.events())
+    window = next(e for e in events if e.name == ITERATION).time_range
+    device = [e for e in events if _is_device(e)]
+    copies = [e for e in device if e.name.startswith(("Memcpy", "Memset"))]
+    kernels = [e for e in device if not e.name.startswith(("Memcpy", "Memset"))]
+    inside = [e for e in events if not _is_device(e) and window.start <= e.time_range.start <= window.end]
+    out: dict = {"wall_ms": (window.end - window.start) / 1e3}
+    if cuda:
+        end = max([window.end, *(e.time_range.end for e in device)])
+        busy = _union_us([(e.time_range.start, e.time_range.end) for e in device])
+        syncs = {name: sum(e.name == name for e in inside) for name in SYNC_CALLS}
+        syncs["Memcpy DtoH"] = sum("DtoH" in e.name for e in copies)
+        out |= {
+            "device_busy_ms": busy / 1e3,
+            "device_idle_fraction": 1 - busy / (end - window.start),
+            "kernel_launches": len(kernels),
+            "memcpy_memset": len(copies),
+            "host_syncs": syncs,
+            "host_syncs_total": sum(syncs.values()),
+        }
+    else:
+        out |= {"device_idle_fraction": None, "host_syncs": None, "host_syncs_total": None}
+        # innermost aten operators (aten::conv2d calls aten::convolution ... down to the kernel's operator)
+        aten = [e for e in inside if e.name.startswith("aten::")]
+        out["operator_calls"] = sum(
+            not any(c.name.startswith("aten::") for c in e.cpu_children) for e in aten
+        )
+    timed = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out["operators"] = {
+        a.key: {"calls": a.count, "self_ms": getattr(a, timed) / 1e3}
+        for a in prof.key_averages()
+        if a.key != ITERATION and getattr(a, timed) > 0
+    }
+    return out
+
+
+class ProfileIterations(L.Callback):
+    """Profiles iterations `first` .. `first + count - 1`, each in a profiler session of its own (the
+    device is synchronised outside the measured range); exports one Chrome trace of each kind."""
+
+    def __init__(self, first: int, count: int, r1_interval: int, trace_prefix: Path, cuda: bool) -> None:
+        self.first, self.count, self.r1_interval = first, count, r1_interval
+        self.trace_prefix, self.cuda = trace_prefix, cuda
+        self.kinds: dict[str, list[dict]] = {"r1": [], "no_r1": []}
+        self.traces: dict[str, str] = {}
+        self._prof = self._range = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.first <= pl_module.k < self.first + self.count:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        self._prof = torch.profiler.profile(activities=activities)
+        self._prof.__enter__()
+        self._range = torch.profiler.record_function(ITERATION)
+        self._range.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._prof is None:
+            return
+        self._range.__exit__(None, None, None)
+        if self.cuda:
+            torch.cuda.synchronize()  # the iteration's kernels land in the trace
+        self._prof.__exit__(None, None, None)
+        kind = "r1" if (pl_module.k - 1) % self.r1_interval == 0 else "no_r1"
+        self.kinds[kind].append(summarise(self._prof, self.cuda))
+        if kind not in self.traces:
+            path = Path(f"{self.trace_prefix}_{kind}.json.gz")
+            self._prof.export_chrome_trace(str(path))
+            self.traces[kind] = path.name
+        self._prof = self._range = None
+
+
+class SyncDebug(L.Callback):
+    """From iteration `first` on, each iteration under `torch.cuda.set_sync_debug_mode`: "warn" for
+    `warn_count` iterations (every synchronising call made from Python recorded with its stack), then
+    "error" for one (the first synchronising call raises, also in the backward; none: the iteration is
+    free of them)."""
+
+    def __init__(self, first: int, warn_count: int) -> None:
+        self.first, self.warn_count = first, warn_count
+        self.warnings: list[dict] = []
+        self.error: str | None = None
+        self.error_stack: list[str] | None = None
+        self.error_iteration_ran = False
+        self.mode: str | None = None
+        self._caught = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        k = pl_module.k
+        if not self.first <= k <= self.first + self.warn_count:
+            return
+        self.mode = "warn" if k < self.first + self.warn_count else "error"
+        if self.mode == "warn":
+            self._caught = warnings.catch_warnings()
+            self._caught.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record(k)
+        torch.cuda.set_sync_debug_mode(self.mode)
+
+    def _record(self, k: int):
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if "synchroniz" not in str(message):
+                return
+            stack = [
+                f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                for f in traceback.extract_stack()[:-1]
+                if "lightning" in f.filename or "torch/optim" in f.filename
+            ]
+            self.warnings.append({"iteration": k, "message": str(message)[:200], "stack": stack[-6:]})
+
+        return show
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.mode is None:
+            return
+        torch.cuda.set_sync_debug_mode(0)
+        if self._caught is not None:
+            self._caught.__exit__(None, None, None)
+            self._caught = None
+        self.error_iteration_ran = self.error_iteration_ran or self.mode == "error"
+        self.mode = None
+
+    def failed(self, err: RuntimeError) -> bool:
+        """Records the "error" iteration's exception; False for any other failure."""
+        torch.cuda.set_sync_debug_mode(0)
+        if self.mode != "error":
+            return False
+        self.error = "".join(traceback.format_exception_only(err)).strip()[:2000]
+        frames = traceback.extract_tb(err.__traceback__)
+        self.error_stack = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames][-12:]
+        return True
+
+    def report(self) -> dict:
+        return {
+            "warn_iterations": self.warn_count,
+            "warnings": len(self.warnings),
+            "places": sorted({" <- ".join(reversed(w["stack"])) for w in self.warnings}),
+            "error_mode": "passed" if self.error_iteration_ran else self.error,
+            "error_stack": self.error_stack,
+        }
+
+
+def profile_variant(name: str, overrides: list[str], args, device: torch.device) -> dict:
+    """Warm-up, the profiled iterations (R1 at even k), then on a GPU the sync-debug iterations."""
+    cuda = device.type == "cuda"
+    first, count = args.warmup, 2 * args.iterations
+    extra = [*overrides, f"model.r1_interval={args.r1_interval}", *args.set]
+    debug_iterations = 3 if cuda else 0  # two under "warn" (one of each kind), one under "error"
+    cfg = compose_cfg(args.config, args.batch, first + count + debug_iterations, extra)
+    profiler = ProfileIterations(first, count, args.r1_interval, args.out / f"trace_{name}", cuda)
+    sync = SyncDebug(first + count, 2) if cuda else None
+    try:
+        fit(cfg, device, warmup=first, callbacks=[profiler, *([sync] if sync else [])])
+    except RuntimeError as err:  # the "error" iteration's first synchronising call, or a failure
+        if sync is None or not sync.failed(err):
+            raise
+    own = compose_cfg(args.config, args.batch, 1, [*overrides, *args.set]).model.r1_interval
+    kinds = {kind: average(runs) for kind, runs in profiler.kinds.items() if runs}
+    return {
+        "overrides": extra,
+        "kinds": kinds,
+        "r1_interval": own,
+        "per_iteration_at_r1_interval": weighted(kinds, own),
+        "traces": profiler.traces,
+        "sync_debug": sync.report() if sync else "n/a on the CPU",
+    }
+
+
+def average(runs: list[dict]) -> dict:
+    """The mean of several iterations' summaries (operators: mean self time and calls per iteration)."""
+    out: dict = {"iterations": len(runs)}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = sum(r[key] for r in runs) / len(runs)
+        elif key == "host_syncs" and value is not None:
+            out[key] = {k: sum(r[key][k] for r in runs) / len(runs) for k in value}
+        elif key != "operators":
+            out[key] = value
+    names = {n for r in runs for n in r["operators"]}
+    ops = {
+        n: {
+            "calls": sum(r["operators"].get(n, {}).get("calls", 0) for r in runs) / len(runs),
+            "self_ms": sum(r["operators"].get(n, {}).get("self_ms", 0.0) for r in runs) / len(runs),
+        }
+        for n in names
+    }
+    total = sum(o["self_ms"] for o in ops.values()) or 1.0
+    top = sorted(ops.items(), key=lambda item: -item[1]["self_ms"])[:TOP]
+    out["operators_self_ms_total"] = total
+    out["top_operators"] = [{"name": n, **o, "share": o["self_ms"] / total} for n, o in top]
+    return out
+
+
+def weighted(kinds: dict, interval: int) -> dict | None:
+    """Per iteration over the experiment's lazy R1 schedule: one R1 iteration in every `interval`."""
+    if set(kinds) != {"r1", "no_r1"}:
+        return None
+    keys = ("wall_ms", "device_busy_ms", "kernel_launches", "operator_calls", "host_syncs_total")
+    r1, plain = kinds["r1"], kinds["no_r1"]
+    return {
+        k: (r1[k] + (interval - 1) * plain[k]) / interval
+        for k in keys
+        if isinstance(r1.get(k), (int, float)) and isinstance(plain.get(k), (int, float))
+    }
+
+
+def _ms(value) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def markdown(report: dict) -> str:
+    """The summary and top-20 tables of every variant."""
+    cuda = report["device"] == "cuda"
+    launches = (
+        "kernel launches" if cuda else "innermost aten operator calls (standing in for kernel launches)"
+    )
+    ranked = "self device time" if cuda else "self CPU time"
+    lines = [
+        f"# Profile: {report['config']}, {report['batch']} + {report['batch']}",
+        "",
+        report["machine"],
+        "",
+    ]
+    for name, v in report["variants"].items():
+        lines += [f"## {name} ({' '.join(v['overrides']) or 'the defaults'})", ""]
+        lines += [f"| iteration | wall ms | device busy ms | device idle | {launches} | host syncs |"]
+        lines += ["|---|---|---|---|---|---|"]
+        rows = {
+            **v["kinds"],
+            f"mean at r1_interval={v['r1_interval']}": v["per_iteration_at_r1_interval"] or {},
+        }
+        for kind, k in rows.items():
+            idle, calls = k.get("device_idle_fraction"), k.get("kernel_launches", k.get("operator_calls"))
+            idle = "n/a" if idle is None else f"{idle:.1%}"
+            lines.append(
+                f"| {kind} | {_ms(k.get('wall_ms'))} | {_ms(k.get('device_busy_ms'))} | {idle} | "
+                f"{_ms(calls)} | {_ms(k.get('host_syncs_total'))} |"
+            )
+        sync = v["sync_debug"]
+        lines += ["", f"Sync debug mode: {sync if isinstance(sync, str) else json.dumps(sync)}", ""]
+        for kind, k in v["kinds"].items():
+            lines += [f"Top {TOP} operators by {ranked}, {kind} ({k['iterations']} iterations):", ""]
+            lines += ["| operator | calls | self ms | share |", "|---|---|---|---|"]
+            for op in k["top_operators"]:
+                lines.append(
+                    f"| `{op['name']}` | {op['calls']:.0f} | {op['self_ms']:,.2f} | {op['share']:.1%} |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="cifar10")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--set", nargs="*", default=[], help="overrides added to every variant")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="half-batch (GPU: the experiment's; CPU: reduced)"
+    )
+    parser.add_argument("--iterations", type=int, default=2, help="profiled iterations of each kind")
+    parser.add_argument("--warmup", type=int, default=2, help="iterations before the profiled ones (even)")
+    parser.add_argument("--r1-interval", type=int, default=2, help="R1 every this many iterations here")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    cuda = device.type == "cuda"
+    args.batch = args.batch or (experiment_batch(args.config) if cuda else CPU_PLAN[args.config][0])
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    report = {
+        "machine": f"{machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}",
+        "device": device.type,
+        "config": args.config,
+        "batch": args.batch,
+        "variants": {},
+    }
+    for name in args.variants:
+        print(f"{args.config} {name} ...", flush=True)
+        report["variants"][name] = profile_variant(name, VARIANTS[name], args, device)
+    (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "profile.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {args.out}/profile.json, profile.md and the traces", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "offline")
+    main()
