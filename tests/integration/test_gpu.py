@@ -1,12 +1,15 @@
 """Checks that need a CUDA device (skipped without one): fp16 mixed precision with loss scaling and the
-lazy R1 penalty at the paper's network size, and both DDP strategies on the GPU."""
+lazy R1 penalty at the paper's network size, both DDP strategies on the GPU, an iteration free of host
+synchronisation, and inductor's compiled networks (with CUDA graphs too) against eager ones."""
 
 from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from act_lightning.train import train
 from tests.conftest import compose
@@ -71,3 +74,87 @@ def test_both_ddp_strategies_on_a_gpu(strategy, tmp_path):
     )
     summary = train(cfg)
     assert summary["finished"] and summary["iteration"] == 4
+
+
+# CIFAR-10's layout at smoke size; R1 at k = 0 and 2, and p > 0 after the first R1 step, so iterations 1-3
+# augment (the controller's new p reaches the host without waiting: DeferredRead)
+SMALL_GPU = [
+    "experiment=cifar10",
+    "debug=smoke",
+    "data=synthetic",
+    "data.batch_size=4",
+    "model.r1_interval=2",
+    "model.r1_threshold=0",
+    "model.ada_length=100",
+]
+
+
+class _Losses(L.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        keys = ("train/loss_ct", "train/loss_adv", "train/loss_d")
+        self.rows.append([float(trainer.callback_metrics[k]) for k in keys])
+
+
+class _SyncFree(L.Callback):
+    """Iterations from `first` on run under set_sync_debug_mode("error"): any call that makes the host
+    wait for the device raises."""
+
+    def __init__(self, first: int):
+        self.first, self.checked = first, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.k >= self.first:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode(0)
+        if pl_module.k - 1 >= self.first:
+            self.checked.append(pl_module.k - 1)
+
+
+def _fit_on_gpu(tmp_path, overrides, callbacks):
+    cfg = compose([*SMALL_GPU, *overrides], run_dir=str(tmp_path))
+    L.seed_everything(0)
+    model = instantiate(cfg.model)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    return model
+
+
+def test_an_iteration_runs_without_host_synchronisation(tmp_path):
+    # iteration 2 runs R1 and the controller, iteration 3 does not; both augment (p > 0)
+    sync = _SyncFree(first=2)
+    try:
+        model = _fit_on_gpu(tmp_path, ["iterations=4"], [sync])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sync.checked == [2, 3] and float(model.aug_p) > 0
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_inductor_compiled_training_matches_eager(tmp_path, mode):
+    # The R1 pass (k = 0, 2) runs D eagerly; everything else runs inductor's kernels (CUDA graphs too).
+    compiled, eager = _Losses(), _Losses()
+    on = ["model.speed.compile=true", f"model.speed.compile_mode={mode}"]
+    model = _fit_on_gpu(tmp_path / "compiled", ["iterations=4", *on], [compiled])
+    assert model.generator._compiled_call_impl is not None
+    _fit_on_gpu(tmp_path / "eager", ["iterations=4"], [eager])
+    assert len(compiled.rows) == len(eager.rows) == 4
+    for a, b in zip(compiled.rows, eager.rows, strict=True):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-5)  # inductor fuses and reorders float sums

@@ -150,22 +150,22 @@ def test_each_network_compiles_to_one_graph(cfg_factory, experiment):
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
 
 
-def _generator_update(cfg) -> tuple[Tensor, Tensor]:
+def _generator_update(cfg, device: str = "cpu") -> tuple[Tensor, Tensor]:
     """L_ct per example (4 pairs from the finest to the coarsest of N = 150 scales) and the generator's
-    gradient of the consistency loss of the module built from `cfg`."""
+    gradient of the consistency loss of the module built from `cfg`, on `device`."""
     from act_lightning.losses import generator_losses
 
     L.seed_everything(0)
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model).to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
-    z = torch.randn(4, 3, 32, 32, generator=g)
+    x = (torch.rand(4, 3, 32, 32, generator=g) * 2 - 1).to(device)
+    z = torch.randn(4, 3, 32, 32, generator=g).to(device)
     losses = generator_losses(
         x,
         None,
-        torch.tensor([1, 10, 80, 149]),
+        torch.tensor([1, 10, 80, 149], device=device),
         z,
-        sigmas=model.schedule.sigmas(150),
+        sigmas=model.schedule.sigmas(150).to(device),
         schedule=model.schedule,
         online=lambda x, s, y: model.denoise(model.generator, x, s, y),
         target=model._teacher_pass(),
@@ -176,9 +176,20 @@ def _generator_update(cfg) -> tuple[Tensor, Tensor]:
 
 
 CIFAR = [*SMALL, "experiment=cifar10", "model.lpips_pretrained=false"]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
 
 
-def test_gradient_checkpointing_computes_the_same_losses_and_gradients(cfg_factory, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_checkpointing_computes_the_same_losses_and_gradients(cfg_factory, monkeypatch, device):
     import torch.utils.checkpoint
 
     calls = []
@@ -190,24 +201,35 @@ def test_gradient_checkpointing_computes_the_same_losses_and_gradients(cfg_facto
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)  # diffusers' blocks call it here
     monkeypatch.setattr("act_lightning.losses.checkpoint", counting)  # LPIPS
-    loss, grad = _generator_update(cfg_factory(CIFAR))
+    loss, grad = _generator_update(cfg_factory(CIFAR), device)
     assert calls == []
     on = ["model.speed.gradient_checkpointing=true", "model.speed.lpips_checkpointing=true"]
-    loss_ckpt, grad_ckpt = _generator_update(cfg_factory([*CIFAR, *on]))
+    loss_ckpt, grad_ckpt = _generator_update(cfg_factory([*CIFAR, *on]), device)
     # every resnet of the online network's blocks (13 at this layout) and LPIPS once; the teacher, run
     # without gradients, recomputes nothing
     assert len(calls) == 14 and sum(type(f).__name__ == "LPIPS" for f in calls) == 1
-    assert torch.equal(loss, loss_ckpt) and torch.equal(grad, grad_ckpt)  # the same kernels, recomputed
+    if device == "cpu":  # the same kernels, recomputed
+        assert torch.equal(loss, loss_ckpt) and torch.equal(grad, grad_ckpt)
+    else:  # CUDA's attention backward sums in no fixed order
+        torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(grad_ckpt, grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "option, grad_bound", [("bf16_lpips", 0.03), ("bf16_target", 0.15)], ids=["lpips", "target"]
 )
-def test_bf16_stays_within_its_bounds_of_float32(cfg_factory, option, grad_bound):
-    # Measured here (docs/performance.md): |dL_ct| about 2e-5 per example (bf16's noise floor of LPIPS),
-    # the gradient 0.7% (LPIPS) and 5.7% (target) off float32's in norm. Bounds: about 3x that.
-    loss, grad = _generator_update(cfg_factory(CIFAR))
-    loss_bf16, grad_bf16 = _generator_update(cfg_factory([*CIFAR, f"model.speed.{option}=true"]))
+def test_bf16_stays_within_its_bounds_of_float32(
+    cfg_factory, monkeypatch, request, option, grad_bound, device
+):
+    # Measured on the CPU (docs/performance.md): |dL_ct| about 2e-5 per example (bf16's noise floor of
+    # LPIPS), the gradient 0.7% (LPIPS) and 5.7% (target) off float32's in norm. Bounds: about 3x that.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 means float32 on a GPU too
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(precision))
+    loss, grad = _generator_update(cfg_factory(CIFAR), device)
+    loss_bf16, grad_bf16 = _generator_update(cfg_factory([*CIFAR, f"model.speed.{option}=true"]), device)
     assert loss_bf16.dtype == grad_bf16.dtype == torch.float32
     assert not torch.equal(loss, loss_bf16)  # bf16 did run
     assert (loss_bf16 - loss).abs().max() < 1e-4
