@@ -400,7 +400,7 @@ def print_table(report: dict) -> None:
             )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CPU_PLAN))
     parser.add_argument("--ablate", nargs="*", default=["quickstart", "cifar10"], help="configs to ablate")
@@ -423,7 +423,11 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
     parser.add_argument("--merge", action="store_true", help="add these configs to an existing --output")
     parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

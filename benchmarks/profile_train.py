@@ -315,7 +315,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cifar10")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -328,7 +328,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="iterations before the profiled ones (even)")
     parser.add_argument("--r1-interval", type=int, default=2, help="R1 every this many iterations here")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

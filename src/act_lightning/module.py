@@ -209,8 +209,7 @@ class ACTModule(L.LightningModule):
         self.run_history: list[dict] | None = None  # the launches that trained the run (set by train()), too
         self._grids = GridCache(self.schedule)
         self._ddp = PerNetworkDDP()
-        # Whether p is known to be exactly 0 on the host, so augmentation is skipped (an exact no-op then).
-        self._aug_idle = False
+        self._aug_idle = False  # p known to be exactly 0 on the host: augmentation skipped (an exact no-op)
         self._aug_read = DeferredRead()
 
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------

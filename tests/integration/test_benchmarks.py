@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -116,3 +117,40 @@ def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(t
     table = (out / "profile.md").read_text()
     assert "## baseline" in table and "## defaults" in table and "Top 20 operators by self CPU time" in table
     assert "| mean at r1_interval=16 |" in table and "standing in for kernel launches" in table
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
+    """The GPU check runs once per lent session: a misspelt option in its plan would waste it, so every
+    step that calls bench_train.py or profile_train.py is parsed by that script's own parser here."""
+    check = _load_benchmark("device_check")
+    parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
+    plan = check.steps()
+    assert [s.name for s in plan][:3] == ["env", "profile", "bench_levers"]
+    parsed = 0
+    for step in plan:
+        script = next((a for a in step.argv if a.endswith(".py")), None)
+        if script is None or Path(script).stem not in parsers:
+            continue
+        args = parsers[Path(script).stem].parse_args(step.argv[step.argv.index(script) + 1 :])
+        parsed += 1
+        if "--set" in step.argv and Path(script).stem == "bench_train":
+            assert args.set, step.name
+    assert parsed >= 7
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == len(plan)

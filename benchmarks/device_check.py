@@ -1,0 +1,304 @@
+"""Everything issue 21 measures on a GPU, in one call of about 8 minutes (--budget): the profile of the
+baseline and of the defaults, bench_train.py's CIFAR-10 ablation of the levers, the CUDA tests (the host
+synchronisation check and the numerics tests among them), ImageNet 64 at 320 + 320 in one pass with
+gradient checkpointing against two micro-batches of 160, then compiling (inductor, CUDA graphs) as long
+as time is left. Each step runs in a process of its own with its own time limit; a failed or timed-out
+step is recorded and the next one runs. Steps are ordered by what they are worth: the last are the first
+to be skipped when the budget runs out.
+
+Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
+summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
+step's command and the end of its output) and traces.tar (Chrome traces).
+
+On the device machine, after benchmarks/device_wheels.sh made .whl here (what its image lacks):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
+        .whl/*.whl && export PYTHONPATH=/tmp/site && python3 benchmarks/device_check.py
+    python benchmarks/device_check.py --dry-run        # the steps, their time limits and commands
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+MEMORY = "model.r1_interval=2"  # R1 at k = 2: the measured iterations include the R1 pass's memory
+LEVERS = ["gradient_checkpointing", "lpips_checkpointing", "bf16_lpips", "bf16_target"]
+QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0"]
+MAX_FILE = 15 * 2**20  # the device tool returns files of up to 16 MiB
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    timeout: int  # seconds at most
+    needs: int  # seconds that must be left to start it
+    result: str | None = None  # the JSON file it writes, relative to the work folder
+
+
+def imagenet64_step(name: str, batch: int, extra: list[str]) -> Step:
+    """One ImageNet 64 run of the defaults at this half-batch per pass (its own process: running out
+    of memory ends that step only)."""
+    argv = [
+        *("--configs", "imagenet64", "--ablate", "--no-baseline", "--no-bf16", "--batch", str(batch)),
+        *("--iterations", "3", "--warmup", "1", *QUICK, "--set", MEMORY, *extra),
+        *("--output", f"{name}.json"),
+    ]
+    return Step(name, [sys.executable, str(BENCH / "bench_train.py"), *argv], 150, 60, f"{name}.json")
+
+
+def steps() -> list[Step]:
+    """The plan, in order of value (paths relative to the work folder, where each step runs)."""
+    py, tests = sys.executable, str(ROOT / "tests")
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
+    env_check = (
+        "nvidia-smi; " + shlex.quote(py) + " -c 'import torch, lightning, diffusers, hydra, lpips; "
+        'print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name()); '
+        'print("lightning", lightning.__version__, "diffusers", diffusers.__version__)\''
+    )
+    bench = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
+    return [
+        Step("env", ["bash", "-c", env_check], 60, 10),
+        Step(
+            "profile",
+            [py, str(BENCH / "profile_train.py"), "--out", "profile"],
+            200,
+            60,
+            "profile/profile.json",
+        ),
+        Step(
+            "bench_levers",
+            [
+                *bench,
+                "--levers",
+                *LEVERS,
+                "--iterations",
+                "15",
+                "--warmup",
+                "5",
+                *QUICK,
+                "--output",
+                "bench.json",
+            ],
+            240,
+            90,
+            "bench.json",
+        ),
+        Step("cuda_tests", [*pytest, "-k", "(gpu or cuda) and not inductor", tests], 240, 60),
+        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
+        imagenet64_step(
+            "imagenet64_one_pass_checkpointing",
+            320,
+            ["model.speed.gradient_checkpointing=true", "model.speed.lpips_checkpointing=true"],
+        ),
+        imagenet64_step(
+            "imagenet64_one_pass_generator_checkpointing", 320, ["model.speed.gradient_checkpointing=true"]
+        ),
+        imagenet64_step("imagenet64_one_pass", 320, []),
+        Step(
+            "bench_compile",
+            [*bench, "--no-baseline", "--no-bf16", "--levers", "compile", "cuda_graphs"]
+            + ["--iterations", "15", "--warmup", "10", *QUICK, "--output", "bench_compile.json"],
+            400,
+            150,
+            "bench_compile.json",
+        ),
+        Step(
+            "compile_tests",
+            [*pytest, "-k", "inductor", str(ROOT / "tests" / "integration" / "test_gpu.py")],
+            400,
+            150,
+        ),
+        Step(
+            "profile_compiled",
+            [py, str(BENCH / "profile_train.py"), "--variants", "defaults", "--out", "profile_compiled"]
+            + ["--set", "model.speed.compile=true"],
+            300,
+            120,
+            "profile_compiled/profile.json",
+        ),
+    ]
+
+
+def run_step(step: Step, work: Path, seconds: float) -> dict:
+    """Runs `step` in `work` for at most `seconds`; its output goes to work/<name>.log."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    log = work / f"{step.name}.log"
+    start = time.monotonic()
+    with open(log, "w") as out:
+        out.write(f"$ {shlex.join(step.argv)}\n")
+        out.flush()
+        proc = subprocess.Popen(
+            step.argv, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=seconds)
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc, status = None, "timed out"
+    text = log.read_text(errors="replace")
+    if status == "failed" and "OutOfMemoryError" in text:
+        status = "out of GPU memory"
+    outcome = {"name": step.name, "status": status, "rc": rc, "seconds": round(time.monotonic() - start, 1)}
+    if step.result and (work / step.result).is_file():
+        outcome["result"] = json.loads((work / step.result).read_text())
+    return outcome
+
+
+def run_all(plan: list[Step], work: Path, budget: float) -> list[dict]:
+    deadline = time.monotonic() + budget
+    outcomes = []
+    for step in plan:
+        left = deadline - time.monotonic()
+        if left < step.needs:
+            outcomes.append({"name": step.name, "status": f"skipped ({left:.0f} s left, needs {step.needs})"})
+            continue
+        print(f"{step.name} (at most {min(step.timeout, left):.0f} s) ...", flush=True)
+        outcomes.append(run_step(step, work, min(step.timeout, left)))
+        print(f"  {outcomes[-1]['status']} in {outcomes[-1]['seconds']} s", flush=True)
+    return outcomes
+
+
+def _fmt(value, spec: str = ",.2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def profile_lines(profile: dict) -> list[str]:
+    """Per variant and kind of iteration: wall time, idle fraction, launches, syncs; the sync check."""
+    lines = [
+        "| variant | iteration | wall ms | device idle | kernel launches | host syncs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in profile["variants"].items():
+        rows = {
+            **v["kinds"],
+            f"mean at r1_interval={v['r1_interval']}": v["per_iteration_at_r1_interval"] or {},
+        }
+        for kind, k in rows.items():
+            idle = k.get("device_idle_fraction")
+            lines.append(
+                f"| {name} | {kind} | {_fmt(k.get('wall_ms'), ',.1f')} | {_fmt(idle, '.1%')} | "
+                f"{_fmt(k.get('kernel_launches'), ',.0f')} | {_fmt(k.get('host_syncs_total'), ',.1f')} |"
+            )
+    for name, v in profile["variants"].items():
+        sync = v["sync_debug"]
+        if isinstance(sync, dict):
+            found = f"{sync['warnings']} synchronising calls under warn, error mode: {sync['error_mode']}"
+            lines.append(f"\n{name}: {found}")
+            lines += [f"- `{place}`" for place in sync["places"]]
+    return lines
+
+
+def bench_lines(bench: dict) -> list[str]:
+    """The defaults, the baseline and each lever (against the defaults), with peak memory."""
+    lines = ["| config | variant | it/s | against | peak MB |", "|---|---|---|---|---|"]
+
+    def row(config: str, label: str, rate, against: str, peak) -> None:
+        lines.append(f"| {config} | {label} | {_fmt(rate, '.3f')} | {against} | {_fmt(peak, ',.0f')} |")
+
+    for config, r in bench["configs"].items():
+        row(config, "defaults", r["iterations_per_s"], "", r["peak_memory_mb"])
+        if r.get("baseline_iterations_per_s"):
+            speedup = f"defaults {_fmt(r['speedup'])}x"
+            row(config, "baseline", r["baseline_iterations_per_s"], speedup, r["baseline_peak_memory_mb"])
+        if "bf16" in r:
+            row(config, "defaults + bf16-mixed", r["bf16"]["iterations_per_s"], "", None)
+        for name, lever in r.get("levers", {}).items():
+            speedup = f"{_fmt(lever['speedup'])}x the defaults"
+            row(config, f"defaults + {name}", lever["iterations_per_s"], speedup, lever.get("peak_memory_mb"))
+    return lines
+
+
+def summary_markdown(outcomes: list[dict], machine: str) -> str:
+    lines = ["# Device check (issue 21)", "", machine, "", "| step | status | seconds |", "|---|---|---|"]
+    lines += [f"| {o['name']} | {o['status']} | {o.get('seconds', '-')} |" for o in outcomes]
+    for o in outcomes:
+        if "result" not in o:
+            continue
+        lines += ["", f"## {o['name']}", ""]
+        try:
+            result = o["result"]
+            lines += profile_lines(result) if "variants" in result else bench_lines(result)
+        except (KeyError, TypeError) as err:  # a result of another shape: the JSON still has it
+            lines.append(f"(no table: {err!r}; see summary.json)")
+    return "\n".join(lines) + "\n"
+
+
+def tail(path: Path, limit: int = 60_000) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else "(no log)"
+    return text if len(text) <= limit else f"[... {len(text) - limit} characters]\n" + text[-limit:]
+
+
+def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str) -> None:
+    """summary.md, summary.json, profile.md, logs.txt and traces.tar (each under the tool's 16 MiB)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(summary_markdown(outcomes, machine))
+    (out / "summary.json").write_text(json.dumps({"machine": machine, "steps": outcomes}, indent=2) + "\n")
+    logs = [f"===== {o['name']}: {o['status']}\n{tail(work / (o['name'] + '.log'))}" for o in outcomes]
+    (out / "logs.txt").write_text("\n".join(logs)[-MAX_FILE:])
+    profiles = [work / d / "profile.md" for d in ("profile", "profile_compiled")]
+    (out / "profile.md").write_text(
+        "\n".join(p.read_text() for p in profiles if p.is_file()) or "(no profile)\n"
+    )
+    traces = sorted(work.glob("profile*/trace_*.json.gz"), key=lambda p: p.stat().st_size)
+    total = 0
+    with tarfile.open(out / "traces.tar", "w") as tar:
+        for path in traces:  # smallest first, as many as fit
+            if total + path.stat().st_size > MAX_FILE:
+                continue
+            total += path.stat().st_size
+            tar.add(path, arcname=f"{path.parent.name}_{path.name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=480, help="seconds for all steps together")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results" / "device_check")),
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/act_device_check"), help="the steps' own outputs"
+    )
+    parser.add_argument("--only", nargs="*", default=None, help="these steps alone")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps and exit")
+    args = parser.parse_args()
+    plan = [s for s in steps() if args.only is None or s.name in args.only]
+    if args.dry_run:
+        for s in plan:
+            print(f"{s.name}\t{s.timeout}\t{s.needs}\t{shlex.join(s.argv)}")
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    machine = f"{os.uname().nodename}; {time.strftime('%Y-%m-%d %H:%M')}; budget {args.budget:.0f} s"
+    outcomes = run_all(plan, args.work, args.budget)
+    write_outputs(outcomes, args.work, args.out, machine)
+    print((args.out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
