@@ -35,13 +35,22 @@ def test_a_second_ctrl_c_exits_130_and_says_that_no_checkpoint_was_written(tmp_p
         for key, value in (("_target_", "tests.helpers_signals.SendSignalAt"), ("signum", 2), ("at", 3))
     ]
     every = "callbacks.checkpoint.every_n_iterations=2"
-    with pytest.raises(SystemExit) as stop:
-        train(compose([*QUIET, "iterations=50", every, *twice], run_dir=str(tmp_path)))
+
+    def before(signum, frame):  # whatever was installed before the run is installed after it
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGINT, before)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train(compose([*QUIET, "iterations=50", every, *twice], run_dir=str(tmp_path)))
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stop.value.code == 128 + signal.SIGINT
     last = tmp_path / "checkpoints" / "last.ckpt"
     said = f"no checkpoint was written for this stop; the last one, {last} (iteration 2), continues with"
     assert said + " resume=auto" in capfd.readouterr().err
-    assert _iteration(last) == 2 and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    assert _iteration(last) == 2 and after is before
 
 
 def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path):
