@@ -21,12 +21,17 @@ from tests.conftest import CONF, ROOT
 
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
-EXPECTED_SWEEPS = {  # the ablations (a) to (e): what each one sweeps
+EXPECTED_SWEEPS = {  # ablations (a) to (e) and the quickstart's recipe (f): what each one sweeps
     "ct_vs_act": {"seed": "0,1,2", "variant": "act,ct,ct_equal_time"},
-    "gan_ratio": {"model.schedule.gan_ratio": "0,0.1,0.3,0.5"},
+    "gan_ratio": {"model.schedule.gan_ratio": "0,0.3,0.6,0.8,0.95"},
     "curriculum": {"model.schedule.bins_max": "10,20,40", "model.schedule.sigma_max": "10,20,80"},
     "augmentation": {"model.r1_threshold": "1e9,1.0,0.0"},
     "options": {"variant": "act,lognormal,exponential,online_teacher,dropout,shared_dropout,l2,ict"},
+    "quickstart_recipe": {
+        "model.distance": "pseudo_huber,l2",
+        "model.schedule.gan_ratio": "0,0.3,0.95",
+        "seed": "0,1",
+    },
 }
 
 
@@ -37,7 +42,7 @@ def _compose(overrides: list[str], tmp_path: Path, hydra: bool = False):
         )
 
 
-def test_the_five_ablations_sweep_what_they_say():
+def test_the_six_ablations_sweep_what_they_say():
     assert ABLATIONS == sorted(EXPECTED_SWEEPS)
 
 
@@ -67,13 +72,13 @@ def test_every_variant_sets_what_it_is_named_for(variant, tmp_path):
     cfg = _compose([f"variant={variant}", "debug=smoke", "data=synthetic"], tmp_path)
     m = cfg.model
     expected = {
-        "act": m.schedule.gan_ratio == 0.3 and m.schedule.teacher == "ema",
+        "act": m.schedule.gan_ratio == 0.95 and m.schedule.teacher == "ema",  # the quickstart's
         "ct": m.schedule.gan_ratio == 0 and cfg.iterations == 4,  # debug=smoke shortens every variant alike
         "ct_equal_time": m.schedule.gan_ratio == 0,
         "lognormal": m.schedule.noise_sampling == "lognormal"
         and (m.schedule.p_mean, m.schedule.p_std) == (-1.1, 2.0),
         "exponential": m.schedule.curriculum == "exponential",
-        "online_teacher": m.schedule.teacher == "online" and m.sampling_ema == 0.99,
+        "online_teacher": m.schedule.teacher == "online" and m.sampling_ema == 0.964,
         "dropout": m.generator.dropout == 0.1 and not m.shared_dropout,
         "shared_dropout": m.generator.dropout == 0.1 and m.shared_dropout,
         "l2": m.distance == "l2",
@@ -81,7 +86,8 @@ def test_every_variant_sets_what_it_is_named_for(variant, tmp_path):
         and m.schedule.curriculum == "exponential"
         and m.schedule.teacher == "online"
         and m.shared_dropout
-        and m.schedule.gan_ratio == 0.3,
+        and m.sampling_ema == 0.964
+        and m.schedule.gan_ratio == 0.95,
     }[variant]
     assert expected
     assert instantiate(m) is not None

@@ -165,7 +165,7 @@ def test_paper_experiments_track_fid_against_the_published_references(experiment
 def test_quickstart_uses_its_own_features_with_the_same_machinery():
     cfg = compose([])
     assert cfg.eval.features == "digits" and cfg.eval.key == "val/fd"
-    assert cfg.eval._target_.endswith("FrechetEvaluation") and cfg.eval.every == 250
+    assert cfg.eval._target_.endswith("FrechetEvaluation") and cfg.eval.every == 200
 
 
 # -- every file in conf/ is composed and instantiated by some case below ---------------------------------

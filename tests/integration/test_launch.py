@@ -37,7 +37,7 @@ def test_refused_and_finished_launches_leave_every_file_of_the_run_folder_as_it_
     foreign = refusal(run_cli(["experiment=cifar10", *SMOKE], run))  # another experiment
     assert "was trained with another config: data.channels=1 (now 3)" in foreign
     changed = refusal(run_cli([*SMOKE, "model.schedule.gan_ratio=0.5"], run))
-    assert "model.schedule.gan_ratio=0.3 (now 0.5)" in changed
+    assert "model.schedule.gan_ratio=0.95 (now 0.5)" in changed
     with open(run / ".lock") as held:  # a live run holds the folder
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert "is in use by another live run" in refusal(run_cli(SMOKE, run))
@@ -75,7 +75,7 @@ def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_de
     unchanged = last.read_bytes()
 
     with pytest.raises(
-        ValueError, match=r"\(iteration 2\) was trained .*: model.schedule.gan_ratio=0.3 \(now 0.5\)"
+        ValueError, match=r"\(iteration 2\) was trained .*: model.schedule.gan_ratio=0.95 \(now 0.5\)"
     ):
         train(compose([*common, "model.schedule.gan_ratio=0.5"], run_dir=str(run)))
     with pytest.raises(
@@ -90,7 +90,7 @@ def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_de
     assert checkpoint["act_config"]["model"]["schedule"]["gan_ratio"] == 0.5
     history = checkpoint["act_history"]
     assert [h["iteration"] for h in history] == [0, 2]
-    assert history[1]["changes"] == {"model.schedule.gan_ratio": [0.3, 0.5]} and history[0]["changes"] == {}
+    assert history[1]["changes"] == {"model.schedule.gan_ratio": [0.95, 0.5]} and history[0]["changes"] == {}
 
     # a finished run is not extended silently; deliberately it is
     finish = [*SMOKE, "eval=null", "iterations=6", "model.schedule.gan_ratio=0.5"]
