@@ -240,11 +240,18 @@ def plot(variants: list[Variant], path: Path, metric: str, at_iteration, at_seco
     axes[0].set_xlabel("ACT iteration")
     axes[1].set_xlabel("training seconds (evaluations excluded)")
     axes[0].set_ylabel(metric)
-    axes[0].legend(fontsize=8)
     fig.suptitle(
         "mean over seeds; band: min to max over seeds; dotted: the table's comparison points", fontsize=9
     )
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if max(map(len, labels)) <= 40:
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+    else:  # labels of several overrides would hide the curves: a legend under both plots
+        legend = 0.18 * len(labels) + 0.1  # inches
+        fig.set_figheight(4.2 + legend)
+        fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend / (4.2 + legend), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
