@@ -30,7 +30,7 @@ import torch
 
 from act_lightning.atomic import atomic_write
 from act_lightning.checkpoints import read_checkpoint
-from act_lightning.commands import CONFIG_DIR
+from act_lightning.commands import CONFIG_DIR, refuse
 
 PREFIXES = {  # reference prefix -> this library's
     "model.unet.": "generator.unet.",
@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"{', '.join(bad)}: after CKPT and OUT, only key=value overrides")
-    summary = convert(args.ckpt, args.out, args.overrides)
+    try:
+        summary = convert(args.ckpt, args.out, args.overrides)
+    except (ValueError, FileNotFoundError) as err:  # a file that is not the reference's, named with why
+        refuse(err)
     print(f"{summary['tensors']} tensors of experiment {summary['experiment']} written to {summary['out']}")
     return 0
 

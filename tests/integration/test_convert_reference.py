@@ -133,6 +133,18 @@ def test_unknown_misshaped_duplicate_and_missing_keys_are_named(reference, tmp_p
         convert(tmp_path / "foreign.ckpt", tmp_path / "out.ckpt")
 
 
+def test_the_command_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
+    from act_lightning.convert_reference import main
+
+    torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "foreign.ckpt"), str(tmp_path / "out.ckpt")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and "not a reference ACT checkpoint" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.ckpt").exists()
+
+
 def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp_path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
