@@ -51,7 +51,7 @@ bench: $(STAMP)  ## benchmarks (not tests): training speed against the baseline,
 
 MINI_DIR ?= multirun/reproduce-mini
 REPORT ?= reports/reproduce_mini
-reproduce-mini: $(STAMP)  ## ACT against plain consistency training in miniature, 3 seeds (about 35 min on 2 cores): reports/reproduce_mini.*
+reproduce-mini: $(STAMP)  ## ACT against plain consistency training in miniature, 3 seeds (about 12 min on 2 cores): reports/reproduce_mini.*
 	$(PY) -m act_lightning.train -m ablation=ct_vs_act hydra.sweep.dir=$(MINI_DIR) $(ARGS)
 	$(PY) -m act_lightning.report $(MINI_DIR) --out $(REPORT) --time-reference ct_equal_time
 
