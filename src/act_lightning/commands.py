@@ -34,10 +34,16 @@ def refuse(err: Exception) -> NoReturn:
     """A command refused by its checks, before it wrote anything: the message alone, in one line, and exit
     status 2 (with HYDRA_FULL_ERROR=1: the traceback, as Hydra shows it)."""
     from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
     while isinstance(err, InstantiationException) and isinstance(err.__cause__, Exception):
         err = err.__cause__  # the constructor's own message, which names the key
+    if isinstance(err, MissingMandatoryValue):  # omegaconf's message spans three lines
+        err = ValueError(f"{err.full_key} is required: give {err.full_key}=... (--help lists the options)")
     print(f"error: {err}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
+
+
+REFUSED = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)  # what `refuse` reports

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
+from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from act_lightning.checkpoints import load_model
-from act_lightning.commands import CONFIG_DIR, resolve_device, write_npz
+from act_lightning.commands import CONFIG_DIR, REFUSED, refuse, resolve_device, write_npz
 from act_lightning.consistency import ConsistencySchedule, karras_sigmas
 from act_lightning.sample import check_taus, image_noise, to_uint8
 from act_lightning.samplers import (
@@ -234,7 +235,10 @@ def _ints(values) -> list[int] | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="edit")
 def main(cfg: DictConfig) -> None:
-    summary = edit(cfg)
+    try:
+        summary = edit(cfg)
+    except (*REFUSED, MissingMandatoryValue) as err:  # a bad option, image or checkpoint, named by its key
+        refuse(err)
     print(f"{cfg.task}: {len(summary['images'])} images edited; {summary['out']}/result.npz and panels.png")
 
 

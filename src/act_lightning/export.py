@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from act_lightning.atomic import default_file_mode
 from act_lightning.checkpoints import checkpoint_iteration, load_model
-from act_lightning.commands import CONFIG_DIR
+from act_lightning.commands import CONFIG_DIR, REFUSED, refuse
 from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
 from act_lightning.samplers import multistep
@@ -253,10 +253,14 @@ def main() -> None:
     """`python -m act_lightning.export ckpt=PATH out=DIR` (conf/export.yaml)."""
     import hydra
     from omegaconf import DictConfig
+    from omegaconf.errors import MissingMandatoryValue
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
     def run(cfg: DictConfig) -> None:
-        summary = export(cfg.ckpt, cfg.out)
+        try:
+            summary = export(cfg.ckpt, cfg.out)
+        except (*REFUSED, MissingMandatoryValue) as err:  # a missing option or a file that is no checkpoint
+            refuse(err)
         print(f"exported iteration {summary['iteration']} to {summary['out']}")
 
     run()

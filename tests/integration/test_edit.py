@@ -193,3 +193,20 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
         _edit(["task=colorize", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="task must be one of inpaint, colorize, superres"):
         _edit(["task=deblur", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+
+
+def test_the_command_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from act_lightning.edit import main
+
+    images = _images(tmp_path / "in", 1, 8)
+    overrides = ["task=inpaint", f"ckpt={tmp_path / 'nope.ckpt'}", f"input={images}", f"out={tmp_path / 'o'}"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("edit", overrides=overrides)
+    with pytest.raises(SystemExit) as stop:
+        main.__wrapped__(cfg)  # the command's body, without Hydra's run folder
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == f"error: ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file\n"
+    assert not (tmp_path / "o").exists()

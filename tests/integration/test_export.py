@@ -110,9 +110,12 @@ def test_a_folder_that_is_not_an_export_is_named(tmp_path):
 def test_the_command_names_a_missing_option_and_a_missing_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "act_lightning.export", f"hydra.run.dir={tmp_path / 'hydra'}"]
     result = subprocess.run([*cmd, f"out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Missing mandatory value: ckpt" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: ckpt is required: give ckpt=... (--help lists the options)"
+    ), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
     missing = tmp_path / "nope.ckpt"
     args = [f"ckpt={missing}", f"out={tmp_path / 'out'}"]
     result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert f"ckpt={missing}: no such checkpoint file" in result.stderr, result.stderr[-2000:]
-    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    assert f"error: ckpt={missing}: no such checkpoint file" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and not (tmp_path / "out").exists() and "Traceback" not in result.stderr
