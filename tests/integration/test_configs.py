@@ -159,6 +159,7 @@ def test_paper_experiments_track_fid_against_the_published_references(experiment
     assert ev.inception_weights is None  # the real network: from the hub cache or eval.inception_weights
     assert ev._target_.endswith("FrechetEvaluation") and ev.quantize == "round"
     assert cfg.callbacks.samples.every_n_iterations == ev.every  # a grid at each evaluation
+    assert cfg.callbacks.checkpoint.keep_snapshots == 2  # a checkpoint from before a divergence
     assert "WandbLogger" in cfg.logger.wandb._target_ and cfg.logger.csv is not None
 
 

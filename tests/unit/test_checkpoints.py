@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,3 +143,28 @@ def test_pickled_objects_are_named_without_torchs_unsafe_advice(tmp_path):
         refused.value
     )
     assert "weights_only" not in str(refused.value)
+
+
+@pytest.mark.parametrize("keep, kept", [(True, [2, 4, 6, 8]), (2, [6, 8]), (1, [8]), (0, []), (False, [])])
+def test_keep_snapshots_keeps_all_the_newest_n_or_none(tmp_path, keep, kept):
+    from types import SimpleNamespace
+
+    from act_lightning.callbacks import LastCheckpoint
+
+    def save(path, weights_only):
+        Path(path).write_bytes(b"state")
+
+    trainer = SimpleNamespace(loggers=[], save_checkpoint=save, is_global_zero=True)
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=2, keep_snapshots=keep)
+    for iteration in (2, 4, 6, 8):
+        callback._save(trainer, iteration)
+    assert sorted(p.name for p in tmp_path.glob("iter_*.ckpt")) == [f"iter_{k:07d}.ckpt" for k in kept]
+    assert (tmp_path / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "two"])
+def test_keep_snapshots_refuses_what_is_no_count(tmp_path, bad):
+    from act_lightning.callbacks import LastCheckpoint
+
+    with pytest.raises(ValueError, match="callbacks.checkpoint.keep_snapshots must be true"):
+        LastCheckpoint(str(tmp_path), keep_snapshots=bad)

@@ -43,8 +43,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class LastCheckpoint(L.Callback):
     """Saves `dirpath/last.ckpt` every `every_n_iterations` ACT iterations, when training ends, and when
-    the run is stopped before its last iteration; with `keep_snapshots`, also keeps `iter_<k>.ckpt` for
-    each of those iterations.
+    the run is stopped before its last iteration. `keep_snapshots` also keeps `iter_<k>.ckpt` for those
+    iterations: `true` every one, a number N the newest N (older ones are deleted after each save; a
+    diverged or damaged run then has a checkpoint from before to continue from), `false` or 0 none.
 
     A run stops early after `stop_after` iterations of this process, or at the end of the iteration in
     which a stop signal arrives (SIGTERM, SIGINT, SIGUSR1, SIGUSR2): the checkpoint then holds a
@@ -57,12 +58,19 @@ class LastCheckpoint(L.Callback):
         dirpath: str,
         every_n_iterations: int = 1000,
         filename: str = "last.ckpt",
-        keep_snapshots: bool = False,
+        keep_snapshots: bool | int = False,
         stop_after: int | None = None,
     ) -> None:
         if every_n_iterations < 1:
             raise ValueError(
                 f"callbacks.checkpoint.every_n_iterations must be >= 1, got {every_n_iterations}"
+            )
+        if isinstance(keep_snapshots, bool) or keep_snapshots is None:
+            keep_snapshots = None if keep_snapshots else 0  # None: every snapshot
+        elif not isinstance(keep_snapshots, int) or keep_snapshots < 0:
+            raise ValueError(
+                "callbacks.checkpoint.keep_snapshots must be true (all), false or a number of snapshots "
+                f">= 0, got {keep_snapshots!r}"
             )
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"stop_after must be a positive number of iterations or null, got {stop_after}")
@@ -84,9 +92,20 @@ class LastCheckpoint(L.Callback):
             for logger in trainer.loggers:  # rows up to this checkpoint are on disk before it is
                 logger.save()
             trainer.save_checkpoint(self.path, weights_only=False)  # full training state
-            if self.keep_snapshots:
+            if self.keep_snapshots != 0:
                 trainer.save_checkpoint(self.path.parent / f"iter_{iteration:07d}.ckpt", weights_only=False)
+                if trainer.is_global_zero:
+                    self._remove_old_snapshots()
             self._saved_at = iteration
+
+    def _remove_old_snapshots(self) -> None:
+        """Deletes all but the newest `keep_snapshots` iter_<k>.ckpt (every one is kept when it is None)."""
+        if self.keep_snapshots is None:
+            return
+        snapshots = sorted(self.path.parent.glob("iter_*.ckpt"))  # iterations zero-padded: sorted in time
+        for old in snapshots[: -self.keep_snapshots]:
+            old.unlink(missing_ok=True)
+            log.info("removed %s (keep_snapshots=%d)", old, self.keep_snapshots)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # A kill during a save leaves its temporary file (`.last.ckpt.<random>.tmp`, as large as the
