@@ -2,9 +2,9 @@
 baseline and of the defaults, bench_train.py's CIFAR-10 ablation of the levers, the CUDA tests (the host
 synchronisation check and the numerics tests among them), ImageNet 64 at 320 + 320 in one pass with
 gradient checkpointing against two micro-batches of 160, a 50k-sample FID end to end, then compiling
-(inductor, CUDA graphs) as long as time is left. Each step runs in a process of its own with its own time limit; a failed or timed-out
-step is recorded and the next one runs. Steps are ordered by what they are worth: the last are the first
-to be skipped when the budget runs out.
+(inductor, CUDA graphs) as long as time is left. Each step runs in a process of its own with its own time
+limit; a failed or timed-out step is recorded and the next one runs. Steps are ordered by what they are
+worth: the last are the first to be skipped when the budget runs out.
 
 Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
