@@ -17,11 +17,12 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 from tqdm import tqdm
 
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
-from act_lightning.commands import CONFIG_DIR, resolve_device
+from act_lightning.commands import CONFIG_DIR, REFUSED, refuse, resolve_device
 from act_lightning.metrics.extra import NEED_REAL, FeatureRecorder, check_metrics, extra_metrics
 from act_lightning.metrics.fid import (
     build_feature_extractor,
@@ -238,7 +239,10 @@ def score_sampler(
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    summary = evaluate(cfg)
+    try:
+        summary = evaluate(cfg)
+    except (*REFUSED, MissingMandatoryValue) as err:  # a bad option or checkpoint, named by its key
+        refuse(err)
     for sampler, result in summary["results"].items():
         value = next(iter(result.values()))
         print(f"{sampler}: {value:.4f}")

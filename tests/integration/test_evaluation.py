@@ -214,3 +214,17 @@ def test_tensorboard_logger_writes_events_and_metrics_csv(tmp_path):
     train(compose(["debug=smoke", "logger=tensorboard"], run_dir=str(run)))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "val/fd" in (run / "metrics.csv").read_text()
+
+
+def test_the_command_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from act_lightning.evaluate import main
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("evaluate", overrides=[f"ckpt={tmp_path / 'nope.ckpt'}"])
+    with pytest.raises(SystemExit) as stop:
+        main.__wrapped__(cfg)  # the command's body, without Hydra's run folder
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == f"error: ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file\n"
