@@ -18,7 +18,7 @@ from act_lightning.metrics.fid import (
     sample_statistics,
     sample_subset_statistics,
 )
-from act_lightning.metrics.frechet import FeatureStatistics, frechet_distance, statistics_of
+from act_lightning.metrics.frechet import FeatureStatistics, frechet_distance, sqrtm_psd, statistics_of
 from act_lightning.metrics.inception import (
     WEIGHTS_FILE,
     WEIGHTS_URL,
@@ -59,6 +59,9 @@ def test_fid_equals_an_independent_numpy_scipy_computation(features):
     ours = frechet_distance(*statistics_of(torch.from_numpy(a)), *statistics_of(torch.from_numpy(b)))
     assert ours > 1  # the sets differ
     assert ours == pytest.approx(scipy_fid(a, b), rel=1e-9)
+    mu2, sigma2 = statistics_of(torch.from_numpy(b))  # the reference's root computed once (evaluate does)
+    reused = frechet_distance(*statistics_of(torch.from_numpy(a)), mu2, sigma2, sqrtm_psd(sigma2))
+    assert reused == ours
 
 
 def test_fid_with_fewer_samples_than_features_matches_scipy():
