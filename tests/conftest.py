@@ -1,3 +1,4 @@
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,26 @@ def run_cli(args: list[str], run_dir: Path, timeout: int = 600):
     cmd = [sys.executable, "-m", "act_lightning.train", *args, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cifar10_smoke_run(tmp_path_factory) -> Path:
+    """`python -m act_lightning.train experiment=cifar10 debug=smoke data=synthetic` (W&B logger, Inception
+    FID, LPIPS), trained once per session: the CLI's smoke test and the evaluation tests read this run.
+    Under xdist the test processes share it through the session's temporary folder: the first to need it
+    trains it under a lock, the others wait for it and read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-<n>/, the folder of this session's test processes
+    done = root / "cifar10_smoke_run.done"  # holds the folder of the finished run
+    with open(root / "cifar10_smoke_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            run = tmp_path_factory.mktemp("cifar10_smoke") / "run"
+            result = run_cli(["experiment=cifar10", "debug=smoke", "data=synthetic"], run)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done.write_text(str(run))
+    return Path(done.read_text())
 
 
 @pytest.fixture

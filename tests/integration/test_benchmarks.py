@@ -61,6 +61,8 @@ def test_bench_train_writes_the_table_against_the_baseline(tmp_path):
         "1",
         "--iterations",
         "2",
+        "--warmup",  # one warm-up iteration per variant, not the quickstart's five: speed is not tested
+        "1",
         "--side-by-side",
         "0",
         "--levers",

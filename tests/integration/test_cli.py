@@ -11,10 +11,13 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize("experiment", ["quickstart", "cifar10"])
-def test_smoke_run_of_every_experiment_on_synthetic_data(experiment, tmp_path):
-    run = tmp_path / "run"
-    result = run_cli([f"experiment={experiment}", "debug=smoke", "data=synthetic"], run)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_smoke_run_of_every_experiment_on_synthetic_data(experiment, tmp_path, request):
+    if experiment == "cifar10":  # the same command as the evaluation tests': that one run
+        run = request.getfixturevalue("cifar10_smoke_run")
+    else:
+        run = tmp_path / "run"
+        result = run_cli([f"experiment={experiment}", "debug=smoke", "data=synthetic"], run)
+        assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(ckpt["state_dict"]["iteration"]) == 4
     assert (run / "samples" / "last.png").is_file()

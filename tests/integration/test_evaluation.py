@@ -15,7 +15,7 @@ import torch
 
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose, run_cli
+from tests.conftest import CONF, ROOT, compose
 from tests.helpers_readme import readme_commands
 from tests.helpers_wandb import read_run
 
@@ -26,13 +26,11 @@ def run_evaluate(args: list[str], tmp_path, timeout: int = 600):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def cifar_run(tmp_path_factory):
-    """The CIFAR-10 experiment (W&B logger, Inception FID) in smoke size on synthetic images."""
-    run = tmp_path_factory.mktemp("cifar") / "run"
-    result = run_cli(["experiment=cifar10", "debug=smoke", "data=synthetic"], run)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
+@pytest.fixture
+def cifar_run(cifar10_smoke_run):
+    """The CIFAR-10 experiment (W&B logger, Inception FID) in smoke size on synthetic images, trained once
+    for these tests and test_cli's (tests.conftest.cifar10_smoke_run)."""
+    return cifar10_smoke_run
 
 
 def test_offline_wandb_history_holds_val_fid_the_best_value_the_config_and_the_grids(cifar_run):

@@ -33,7 +33,10 @@ COMMANDS: dict[str, tuple] = {
     "make train": ("test", "test_cli.py::test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve"),
     "make test": ("test", "the whole suite: .ci/run runs exactly this command"),
     'make train ARGS="iterations=1000 seed=1"': ("train", ["iterations=4", "debug=smoke"]),
-    "python -m act_lightning.train experiment=cifar10": ("train", SMOKE),
+    "python -m act_lightning.train experiment=cifar10": (  # under SMOKE it is the next command
+        "test",
+        "test_cli.py::test_smoke_run_of_every_experiment_on_synthetic_data",
+    ),
     "python -m act_lightning.train experiment=imagenet64": (
         "test",
         "test_data_cli.py::test_smoke_run_on_each_data_source",
