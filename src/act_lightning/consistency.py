@@ -60,6 +60,38 @@ def noise_conditioning(sigma: Tensor, kind: str = "identity") -> Tensor:
     raise ValueError(f"c_noise must be 'identity' or 'log', got {kind!r}")
 
 
+def noise_level(c_noise: Tensor, kind: str = "identity") -> Tensor:
+    """The inverse of `noise_conditioning`: sigma from c_noise (a backbone that needs sigma itself)."""
+    if kind == "identity":
+        return c_noise
+    if kind == "log":
+        return (c_noise / 250.0).exp()
+    raise ValueError(f"c_noise must be 'identity' or 'log', got {kind!r}")
+
+
+def lognormal_sigmas(noise: Tensor, p_mean: float, p_std: float) -> Tensor:
+    """sigma = exp(P_mean + P_std n) for standard normal draws n (B,): EDM's training noise levels
+    (P_mean -1.2, P_std 1.2) and ECT's t (P_mean -1.1, P_std 2.0)."""
+    return (p_mean + p_std * noise).exp()
+
+
+def ect_stage(iteration: int, iterations: int, stages: int) -> int:
+    """ECT's stage s = floor(k / d) of iteration k of K in `stages` stages of d = K / stages iterations
+    (ECT's `--double`: 250 ticks of 12.8k images at batch 128, 25,000 iterations, 8 stages in 200k)."""
+    return min(max(int(iteration), 0) * stages // iterations, stages - 1)
+
+
+def ect_pair(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """ECT's mapping of t to r (Geng et al. 2024, locuslab/ect `training/loss.py`, `t_to_r_sigmoid`):
+
+        r = max(t (1 - q^-(s+1) (1 + k sigmoid(-b t))), 0)
+
+    so t - r = t q^-(s+1) n(t), n(t) = 1 + k sigmoid(-b t): the gap shrinks by q each stage s, and is
+    wider (relative to t) at small t, where r reaches 0 (the clean image) in the first stages."""
+    n_t = 1 + k * torch.sigmoid(-b * t)
+    return (t * (1 - n_t / q ** (stage + 1))).clamp(min=0)
+
+
 def num_scales(progress: float, bins_min: int, bins_max: int) -> int:
     """N(k) = round(sqrt(k/K * (N_max^2 - N_min^2) + N_min^2)) for progress = k/K in [0, 1].
 
@@ -123,7 +155,11 @@ def _require(condition: bool, message: str) -> None:
 
 
 PREFIX = "model.schedule"  # where the schedule's keys live in the training config
-CURRICULA = ("sqrt", "exponential")  # N(k): ACT's (and Song et al. 2023's) square root | iCT's doubling
+CURRICULA = (
+    "sqrt",
+    "exponential",
+    "ect",
+)  # N(k): ACT's square root | iCT's doubling | ECT's continuous t -> r
 NOISE_SAMPLING = ("uniform", "lognormal")  # j: uniform (ACT) | iCT's discretised log-normal
 TEACHERS = ("ema", "online")  # theta^-: the EMA with decay mu(N) (ACT) | stop_grad(theta) (iCT)
 LOSS_WEIGHTINGS = ("uniform", "ict")  # lambda_ct of L_ct: 1 (ACT) | 1 / (t_hi - t_lo) (iCT)
@@ -145,6 +181,12 @@ class ConsistencySchedule:
     draws j by `lognormal_index_probs(p_mean, p_std)`, `teacher="online"` makes theta^- the online
     network itself (mu = 0), and `loss_weighting="ict"` weights each example's consistency term by
     `consistency_weight` = 1 / (t_hi - t_lo) (docs/algorithm.md, section 3).
+
+    `curriculum="ect"` is ECT's continuous-time curriculum (Geng et al. 2024): no grid; t is drawn
+    log-normal (`p_mean`, `p_std`) and paired with r = `ect_pair(t, stage)`, the gap shrinking by `ect_q`
+    in each of `ect_stages` equal stages of the run (`ect_k`, `ect_b` shape it). With `teacher="ema"` its
+    decay is `mu0` (ECT's teacher is the online network). `edm_p_mean` and `edm_p_std` are the log-normal of
+    the noise levels of diffusion training (model.objective=diffusion, EDM's -1.2 and 1.2).
     """
 
     sigma_min: float = 0.002
@@ -161,6 +203,12 @@ class ConsistencySchedule:
     p_std: float = 2.0
     teacher: str = "ema"
     loss_weighting: str = "uniform"
+    ect_q: float = 2.0
+    ect_k: float = 8.0
+    ect_b: float = 1.0
+    ect_stages: int = 8
+    edm_p_mean: float = -1.2
+    edm_p_std: float = 1.2
 
     def __post_init__(self) -> None:
         """Every range check of the schedule, named by its key, when the schedule is built (Hydra builds it
@@ -173,6 +221,13 @@ class ConsistencySchedule:
         ):
             _require(value in allowed, f"{PREFIX}.{key} must be one of {', '.join(allowed)}; got {value!r}")
         _require(self.p_std > 0, f"{PREFIX}.p_std must be positive, got {self.p_std}")
+        _require(self.edm_p_std > 0, f"{PREFIX}.edm_p_std must be positive, got {self.edm_p_std}")
+        _require(self.ect_q > 1, f"{PREFIX}.ect_q must exceed 1 (the gap shrinks by it), got {self.ect_q}")
+        _require(self.ect_k >= 0, f"{PREFIX}.ect_k must be >= 0, got {self.ect_k}")
+        _require(
+            isinstance(self.ect_stages, int) and self.ect_stages >= 1,
+            f"{PREFIX}.ect_stages must be a positive integer, got {self.ect_stages!r}",
+        )
         _require(
             0 < self.sigma_min < self.sigma_max,
             f"need 0 < {PREFIX}.sigma_min < {PREFIX}.sigma_max, got {self.sigma_min}, {self.sigma_max}",
@@ -189,8 +244,25 @@ class ConsistencySchedule:
             f"{PREFIX}.mid_weight must be null (w(t) = 1) or in (0, 1], got {self.mid_weight}",
         )
 
+    @property
+    def continuous(self) -> bool:
+        """Whether the pairs are continuous (ECT) rather than adjacent levels of a grid."""
+        return self.curriculum == "ect"
+
+    def ect_r(self, t: Tensor, iteration: int, iterations: int) -> Tensor:
+        """ECT's r for t at iteration k of K: `ect_pair` at the stage `ect_stage(k, K, ect_stages)`."""
+        stage = ect_stage(iteration, iterations, self.ect_stages)
+        return ect_pair(t, stage, self.ect_q, self.ect_k, self.ect_b)
+
+    def ect_t(self, noise: Tensor) -> Tensor:
+        """ECT's t from standard normal draws: log-normal (p_mean, p_std), clipped to [sigma_min,
+        sigma_max] (ECT does not clip: see docs/algorithm.md, section 12)."""
+        return lognormal_sigmas(noise, self.p_mean, self.p_std).clamp(self.sigma_min, self.sigma_max)
+
     def num_scales(self, iteration: int, iterations: int) -> int:
-        """N(k) at ACT iteration k of K."""
+        """N(k) at ACT iteration k of K (under ECT's curriculum, which has no grid: 2, its ends)."""
+        if self.curriculum == "ect":
+            return 2
         if self.curriculum == "exponential":
             return num_scales_exponential(iteration, iterations, self.bins_min, self.bins_max)
         return num_scales(iteration / iterations, self.bins_min, self.bins_max)
@@ -208,13 +280,17 @@ class ConsistencySchedule:
         """mu(N): the decay of theta^- <- mu theta^- + (1 - mu) theta at N scales (0: the online teacher)."""
         if self.teacher == "online":
             return 0.0
+        if self.curriculum == "ect":
+            return self.mu0
         return target_ema_decay(num_scales, self.bins_min, self.mu0)
 
-    def weight(self, sigma: Tensor, num_scales: int) -> Tensor:
-        """w(t): 1, or the power law in the noise index that puts lambda(t_mid) at mid_weight."""
+    def weight(self, sigma: Tensor, num_scales: int | None = None) -> Tensor:
+        """w(t): 1, or the power law in the noise index that puts lambda(t_mid) at mid_weight. The fraction
+        i(t, N) / (N - 1) is the same on every grid: without `num_scales` (ECT's pairs) it is i(t, 2)."""
         if self.mid_weight is None or self.gan_ratio == 0:
             return torch.ones_like(sigma)
         exponent = math.log(self.mid_weight / self.gan_ratio, 0.5)
+        num_scales = 2 if num_scales is None else num_scales
         index = sigma_to_index(sigma, num_scales, self.sigma_min, self.sigma_max, self.rho)
         return (index / (num_scales - 1)).clamp(min=0.0) ** exponent
 
@@ -225,6 +301,6 @@ class ConsistencySchedule:
             return 1.0 / (t_hi - t_lo)
         return torch.ones_like(t_hi)
 
-    def lam(self, sigma: Tensor, num_scales: int) -> Tensor:
+    def lam(self, sigma: Tensor, num_scales: int | None = None) -> Tensor:
         """lambda(t) = gan_ratio * w(t): the weight of L_adv against L_ct in the generator's loss."""
         return self.gan_ratio * self.weight(sigma, num_scales)

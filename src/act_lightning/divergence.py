@@ -19,6 +19,7 @@ GUARDED_TERMS = (
     "train/loss_real",
     "train/r1",
     "discriminator gradients",
+    "train/loss_dsm",  # diffusion training's denoising loss (model.objective=diffusion)
 )
 
 

@@ -32,6 +32,7 @@ from act_lightning.metrics.fid import (
 )
 from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd
 from act_lightning.metrics.reference import reference_image_batches, require_reference_images
+from act_lightning.sample import heun_record
 from act_lightning.seeds import EVALUATION, mix_seed
 
 log = logging.getLogger(__name__)
@@ -139,14 +140,15 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
     if len(per_seed) == 1:
         return per_seed[0]
     out: dict[str, Any] = {}
+    described = ("taus", "sampler", "heun_steps")  # how it sampled: the same for every seed
     for key in per_seed[0]:
-        if key in ("taus", "seconds"):
+        if key in (*described, "seconds"):
             continue
         values = [r[key] for r in per_seed]
         out[key] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.stdev(values)
         out[f"{key}_per_seed"] = dict(zip(map(str, seeds), values, strict=True))
-    out["taus"] = per_seed[0]["taus"]
+    out.update({key: per_seed[0][key] for key in described if key in per_seed[0]})
     out["seconds"] = round(sum(r["seconds"] for r in per_seed), 1)
     return out
 
@@ -236,7 +238,7 @@ def score_sampler(
         )
     value = frechet_distance(*stats, *reference)  # reference: (mu, sigma, sigma's root)
     log.info("%s %s = %.4f (%d samples, seed %d)", sampler, name.upper(), value, cfg.num_samples, seed)
-    return {name: value, "taus": taus, "seconds": round(time.perf_counter() - start, 1)}
+    return {name: value, "taus": taus, **heun_record(model), "seconds": round(time.perf_counter() - start, 1)}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")

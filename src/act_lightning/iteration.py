@@ -1,5 +1,7 @@
-"""What one ACT iteration draws before either update runs: the noise grid, the indices j and noises z of
-the global batch (this device's share), split over the micro-batches, and the augmentation.
+"""What one ACT iteration draws before either update runs: the noise levels and noises z of the global
+batch (this device's share), split over the micro-batches, and the augmentation. The levels are adjacent
+pairs of a grid (indices j drawn on the Karras grid of N(k) levels: ACT, iCT), ECT's continuous pairs
+(t, r), or EDM's log-normal levels of diffusion training (`grid_levels`, `ect_levels`, `edm_levels`).
 
 The draws come from a generator seeded by (seed, k) for the *global* batch, and each device takes its
 rank's contiguous slice: one device with the global batch, two with half each, or one with gradient
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from act_lightning.consistency import ConsistencySchedule, sample_indices
+from act_lightning.consistency import ConsistencySchedule, lognormal_sigmas, sample_indices
 from act_lightning.data.base import HalfBatch
 
 Augment = Callable[[Tensor], Tensor]
@@ -22,22 +24,23 @@ Augment = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch's images and its share of the iteration's draws."""
+    """One micro-batch's images and its share of the iteration's draws (None: not drawn, e.g. the
+    discriminator's under diffusion training)."""
 
     data: HalfBatch
-    gen_j: Tensor  # (b_G,) noise indices of the generator's pairs
+    gen_hi: Tensor  # (b_G,) the generator's noise levels: t_hi of each pair (diffusion: sigma)
+    gen_lo: Tensor  # (b_G,) t_lo of each pair (diffusion: sigma again, unused)
     gen_z: Tensor  # (b_G, C, H, W)
-    fake_j: Tensor  # (b_D / 2,) of the discriminator's fake half
-    fake_z: Tensor  # (b_D / 2, C, H, W)
-    real_j: Tensor  # (b_D / 2,) of its real half
+    fake_t: Tensor | None = None  # (b_D / 2,) levels of the discriminator's fake half
+    fake_z: Tensor | None = None  # (b_D / 2, C, H, W)
+    real_t: Tensor | None = None  # (b_D / 2,) of its real half
 
 
 @dataclass(frozen=True)
 class Draws:
     """Everything random or scheduled about iteration k on this device."""
 
-    num_scales: int  # N(k)
-    sigmas: Tensor  # (N,) the Karras grid t_0 < ... < t_{N-1}
+    num_scales: int | None  # N(k) of a grid curriculum; None for ECT's pairs and diffusion training
     micro: list[MicroBatch]
     augment: Augment  # the differentiable augmentation at the current p (identity while p == 0)
     gen_size: int  # B_G on this device (both updates average over their whole half)
@@ -72,25 +75,80 @@ def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+LevelDraw = Callable[[int, int, tuple, torch.device, torch.Generator], dict[str, Tensor]]
+
+
+def grid_levels(sigmas: Tensor, probs: Tensor | None) -> LevelDraw:
+    """Adjacent pairs of the grid `sigmas` (N levels): j in 1..N-1 uniform or by `probs`, for the
+    generator's pairs, the fake and the real half."""
+    num_scales = sigmas.numel()
+
+    def draw(n_gen, n_half, shape, device, generator):
+        gen_j = sample_indices(n_gen, num_scales, device, generator, probs)
+        gen_z = torch.randn((n_gen, *shape), device=device, generator=generator)
+        fake_j = sample_indices(n_half, num_scales, device, generator, probs)
+        fake_z = torch.randn((n_half, *shape), device=device, generator=generator)
+        real_j = sample_indices(n_half, num_scales, device, generator, probs)
+        return {
+            "gen_hi": sigmas[gen_j],
+            "gen_lo": sigmas[gen_j - 1],
+            "gen_z": gen_z,
+            "fake_t": sigmas[fake_j],
+            "fake_z": fake_z,
+            "real_t": sigmas[real_j],
+        }
+
+    return draw
+
+
+def ect_levels(schedule: ConsistencySchedule, iteration: int, iterations: int) -> LevelDraw:
+    """ECT's pairs: t log-normal (`ConsistencySchedule.ect_t`), r = `ect_r(t, k, K)`; the discriminator's
+    fake and real levels drawn as t."""
+
+    def draw(n_gen, n_half, shape, device, generator):
+        gen_t = schedule.ect_t(torch.randn(n_gen, device=device, generator=generator))
+        gen_z = torch.randn((n_gen, *shape), device=device, generator=generator)
+        fake_t = schedule.ect_t(torch.randn(n_half, device=device, generator=generator))
+        fake_z = torch.randn((n_half, *shape), device=device, generator=generator)
+        real_t = schedule.ect_t(torch.randn(n_half, device=device, generator=generator))
+        gen_r = schedule.ect_r(gen_t, iteration, iterations)
+        return {
+            "gen_hi": gen_t,
+            "gen_lo": gen_r,
+            "gen_z": gen_z,
+            "fake_t": fake_t,
+            "fake_z": fake_z,
+            "real_t": real_t,
+        }
+
+    return draw
+
+
+def edm_levels(schedule: ConsistencySchedule) -> LevelDraw:
+    """Diffusion training's noise levels: EDM's log-normal (`edm_p_mean`, `edm_p_std`); no discriminator."""
+
+    def draw(n_gen, n_half, shape, device, generator):
+        sigma = lognormal_sigmas(
+            torch.randn(n_gen, device=device, generator=generator), schedule.edm_p_mean, schedule.edm_p_std
+        )
+        gen_z = torch.randn((n_gen, *shape), device=device, generator=generator)
+        return {"gen_hi": sigma, "gen_lo": sigma, "gen_z": gen_z}
+
+    return draw
+
+
 def draw_noise(
     batch: HalfBatch,
-    num_scales: int,
+    levels: LevelDraw,
     generator: torch.Generator,
-    probs: Tensor | None,
     rank: int,
     world_size: int,
 ) -> dict[str, Tensor]:
-    """j and z of the global batch (`world_size` devices with `batch`'s sizes), then this rank's share."""
+    """Levels and z of the global batch (`world_size` devices with `batch`'s sizes), then this rank's
+    share."""
     device = batch.gen.device
     n_gen, n_half = batch.gen.shape[0] * world_size, batch.disc.shape[0] // 2 * world_size
-    shape = batch.gen.shape[1:]
-    draws = {
-        "gen_j": sample_indices(n_gen, num_scales, device, generator, probs),
-        "gen_z": torch.randn((n_gen, *shape), device=device, generator=generator),
-        "fake_j": sample_indices(n_half, num_scales, device, generator, probs),
-        "fake_z": torch.randn((n_half, *shape), device=device, generator=generator),
-        "real_j": sample_indices(n_half, num_scales, device, generator, probs),
-    }
+    draws = levels(n_gen, n_half, tuple(batch.gen.shape[1:]), device, generator)
     if world_size == 1:
         return draws
     return {k: v.chunk(world_size)[rank].clone() for k, v in draws.items()}  # free the other ranks' shares

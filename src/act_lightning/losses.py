@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,10 +43,14 @@ def l1_distance(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def pseudo_huber_distance(pred: Tensor, target: Tensor, c: float | None = None) -> Tensor:
-    """sqrt(||a - b||^2 + c^2) - c with c = 0.00054 * sqrt(dim) (Song & Dhariwal 2023)."""
+    """sqrt(||a - b||^2 + c^2) - c with c = 0.00054 * sqrt(dim) (Song & Dhariwal 2023), or the `c` given
+    (model.pseudo_huber_c; ECT's CIFAR-10 c = 0 makes it the Euclidean norm ||a - b||)."""
     if c is None:
         c = 0.00054 * math.sqrt(pred[0].numel())
-    return ((_flat(pred) - _flat(target)).square().sum(1) + c**2).sqrt() - c
+    squared = (_flat(pred) - _flat(target)).square().sum(1)
+    if c == 0:  # the norm's gradient at 0 is 0 here, not NaN (a pair that already agrees)
+        return squared.clamp(min=torch.finfo(squared.dtype).tiny).sqrt()
+    return (squared + c**2).sqrt() - c
 
 
 def _ssim_kernel_size(size: int) -> int:
@@ -170,12 +175,20 @@ class LPIPSDistance(nn.Module):
         return out.flatten().float()
 
 
-def build_distance(name: str, lpips_weights: str | None = None, lpips_pretrained: bool = True):
-    """The consistency distance d(pred, target) -> (B,) named by `model.distance`."""
+def build_distance(
+    name: str,
+    lpips_weights: str | None = None,
+    lpips_pretrained: bool = True,
+    pseudo_huber_c: float | None = None,
+):
+    """The consistency distance d(pred, target) -> (B,) named by `model.distance` (pseudo-Huber's c:
+    `model.pseudo_huber_c`, null for iCT's)."""
+    if pseudo_huber_c is not None and not pseudo_huber_c >= 0:
+        raise ValueError(f"model.pseudo_huber_c must be null (iCT's c) or >= 0, got {pseudo_huber_c}")
     functions = {
         "l2": l2_distance,
         "l1": l1_distance,
-        "pseudo_huber": pseudo_huber_distance,
+        "pseudo_huber": partial(pseudo_huber_distance, c=pseudo_huber_c),
         "ssim": ssim_distance,
         "msssim": msssim_distance,
     }
@@ -217,12 +230,53 @@ def generator_losses(
     critic: Network | None = None,
     augment: Augment | None = None,
 ) -> GeneratorLosses:
-    """The generator's update: x (B, C, H, W) real images, j (B,) indices in 1..N-1 of the grid `sigmas`
-    (N values), noise z (B, C, H, W) shared by both noise levels. D is called on the prediction with its
-    gradient flowing to the generator only: the caller keeps D's parameters out of this backward."""
-    t_hi, t_lo = sigmas[j], sigmas[j - 1]  # (B,)
+    """The generator's update on a grid: j (B,) indices in 1..N-1 of the grid `sigmas` (N values) pick
+    the adjacent pairs (t_hi, t_lo) = (t_j, t_{j-1}) of `pair_losses`."""
+    return pair_losses(
+        x,
+        labels,
+        sigmas[j],
+        sigmas[j - 1],
+        noise,
+        schedule=schedule,
+        online=online,
+        target=target,
+        distance=distance,
+        critic=critic,
+        augment=augment,
+        num_scales=sigmas.numel(),
+    )
+
+
+def pair_losses(
+    x: Tensor,
+    labels: Tensor | None,
+    t_hi: Tensor,
+    t_lo: Tensor,
+    noise: Tensor,
+    *,
+    schedule: ConsistencySchedule,
+    online: Network,
+    target: Network,
+    distance: Callable[[Tensor, Tensor], Tensor],
+    critic: Network | None = None,
+    augment: Augment | None = None,
+    num_scales: int | None = None,
+) -> GeneratorLosses:
+    """The generator's update: x (B, C, H, W) real images, noise levels t_hi > t_lo (B,) (a grid's
+    adjacent pair, or ECT's t and r), noise z (B, C, H, W) shared by both levels. A pair whose lower level
+    lies below sigma_min (ECT's r = 0) takes the clean image x as its target: the boundary, where the
+    consistency function needs no network. D is called on the prediction with its gradient flowing to
+    the generator only: the caller keeps D's parameters out of this backward."""
     with torch.no_grad():
-        target_x0 = target(x + append_dims(t_lo, x.ndim) * noise, t_lo, labels)
+        if schedule.continuous:  # ECT's r can fall below sigma_min (to 0); a grid's t_lo never does
+            boundary = append_dims(t_lo < schedule.sigma_min, x.ndim)
+            target_x0 = target(
+                x + append_dims(t_lo, x.ndim) * noise, t_lo.clamp(min=schedule.sigma_min), labels
+            )
+            target_x0 = torch.where(boundary, x.to(target_x0.dtype), target_x0)
+        else:
+            target_x0 = target(x + append_dims(t_lo, x.ndim) * noise, t_lo, labels)
     pred = online(x + append_dims(t_hi, x.ndim) * noise, t_hi, labels)
     loss_ct = distance(pred, target_x0).float()
     weight = schedule.consistency_weight(t_hi, t_lo).to(loss_ct.dtype)
@@ -230,7 +284,28 @@ def generator_losses(
         zeros = torch.zeros_like(loss_ct)
         return GeneratorLosses(loss_ct, zeros, zeros, weight)
     loss_adv = F.softplus(-critic(augment(pred), t_hi, labels).float())
-    return GeneratorLosses(loss_ct, loss_adv, schedule.lam(t_hi, sigmas.numel()), weight)
+    return GeneratorLosses(loss_ct, loss_adv, schedule.lam(t_hi, num_scales), weight)
+
+
+def denoising_losses(
+    x: Tensor,
+    labels: Tensor | None,
+    sigma: Tensor,
+    noise: Tensor,
+    *,
+    denoise: Network,
+    sigma_data: float = 0.5,
+) -> Tensor:
+    """EDM's denoising score matching (Karras et al. 2022, `EDMLoss`), per example (B,):
+
+        lambda(sigma) ||D(x + sigma n, sigma) - x||^2,
+        lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+
+    summed over the image as EDM does; sigma (B,) the noise levels (EDM draws them log-normal), noise n
+    (B, C, H, W), `denoise` the denoiser D(x, sigma, y) (EDM's preconditioning included)."""
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    pred = denoise(x + append_dims(sigma, x.ndim) * noise, sigma, labels)
+    return weight.float() * (pred.float() - x.float()).square().flatten(1).sum(1)
 
 
 class DiscriminatorLosses(NamedTuple):
@@ -253,6 +328,32 @@ def discriminator_losses(
     real_j: Tensor,
     *,
     sigmas: Tensor,
+    **kwargs,
+) -> DiscriminatorLosses:
+    """The discriminator's update on a grid: the levels t = sigmas[fake_j] and t' = sigmas[real_j] of
+    `discriminator_losses_at` (the same keyword arguments)."""
+    return discriminator_losses_at(
+        fake_x,
+        fake_labels,
+        sigmas[fake_j],
+        fake_noise,
+        real_x,
+        real_labels,
+        sigmas[real_j],
+        num_scales=sigmas.numel(),
+        **kwargs,
+    )
+
+
+def discriminator_losses_at(
+    fake_x: Tensor,
+    fake_labels: Tensor | None,
+    t_fake: Tensor,
+    fake_noise: Tensor,
+    real_x: Tensor,
+    real_labels: Tensor | None,
+    t_real: Tensor,
+    *,
     schedule: ConsistencySchedule,
     online: Network,
     critic: Network,
@@ -260,18 +361,16 @@ def discriminator_losses(
     r1_gamma: float,
     with_r1: bool,
     joint: bool = True,
+    num_scales: int | None = None,
 ) -> DiscriminatorLosses:
     """The discriminator's update: fakes are one-step predictions of the online network from the images
-    `fake_x` noised to t = sigmas[fake_j]; reals are `real_x` seen at t' = sigmas[real_j]. With `with_r1`
+    `fake_x` noised to the levels t_fake (B/2,); reals are `real_x` seen at t_real. With `with_r1`
     the lazy R1 penalty is computed with respect to the augmented real images, in float32 with autocast
     off, so that fp16 loss scaling can neither overflow nor corrupt it. `joint`: D sees both halves in
     one pass when there is no R1 pass (False: two passes, as the reference does)."""
-    num_scales = sigmas.numel()
-    t_fake = sigmas[fake_j]
     with torch.no_grad():
         fake = online(fake_x + append_dims(t_fake, fake_x.ndim) * fake_noise, t_fake, fake_labels)
     fake = augment(fake)
-    t_real = sigmas[real_j]
     w_real = schedule.weight(t_real, num_scales)
     real = augment(real_x).detach()
     if with_r1:

@@ -1,7 +1,8 @@
 """ACTModule: owns the generator, its target EMA and the discriminator, and runs one ACT iteration (one
 generator update, then one discriminator update) per batch (docs/algorithm.md, section 3).
 
-The math lives in pure functions (`losses.generator_losses`, `losses.discriminator_losses`, the
+The math lives in pure functions (`losses.pair_losses`, `losses.discriminator_losses_at`,
+`losses.denoising_losses` for diffusion training, the
 `ConsistencySchedule`), the draws of an iteration in `iteration`, the divergence guard in `divergence`,
 per-network DDP in `distributed`; this module does what is Lightning's: which network trains, backward,
 optimiser steps, the target EMA, the iteration counter, the augmentation controller's state, logging.
@@ -10,6 +11,7 @@ optimiser steps, the target EMA, the iteration counter, the augmentation control
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from functools import partial
@@ -26,17 +28,26 @@ from act_lightning.consistency import ConsistencySchedule, check_iterations, noi
 from act_lightning.data.base import HalfBatch
 from act_lightning.distributed import PerNetworkDDP
 from act_lightning.divergence import BadIterations, guard_mask, skip_if_nonfinite
-from act_lightning.iteration import Draws, GridCache, draw_noise, split_micro
-from act_lightning.losses import build_distance, discriminator_losses, generator_losses
+from act_lightning.iteration import (
+    Draws,
+    GridCache,
+    draw_noise,
+    ect_levels,
+    edm_levels,
+    grid_levels,
+    split_micro,
+)
+from act_lightning.losses import build_distance, denoising_losses, discriminator_losses_at, pair_losses
 from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
-from act_lightning.samplers import multistep
+from act_lightning.samplers import heun, multistep
 from act_lightning.seeds import AUGMENT, mix_seed
 from act_lightning.speed import SpeedOptions, in_bf16
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer: params -> optimizer
 Logs = dict[str, Any]
 Bad = dict[str, Tensor]  # guarded term -> whether it went non-finite (divergence.GUARDED_TERMS)
+OBJECTIVES = ("consistency", "diffusion")  # model.objective: ACT/CT/iCT/ECT | EDM's denoising score matching
 
 
 def check_optimizer(key: str, factory: OptimizerFactory | None) -> None:
@@ -64,11 +75,24 @@ def check_arguments(
     warmup: int,
     r1: tuple[float, int, float],
     sampling_ema: float | None,
+    objective: str = "consistency",
+    heun_steps: int = 18,
 ) -> None:
     """The ranges of the module's own keys (the schedule and the speed options check theirs), named by
     key, before anything is built. `r1` is (r1_gamma, r1_interval, ada_length)."""
     r1_gamma, r1_interval, ada_length = r1
     check_iterations(iterations)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"model.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    if objective == "diffusion" and adversarial:
+        raise ValueError(
+            "model.objective=diffusion trains no discriminator: set model.schedule.gan_ratio=0 "
+            "(experiment=quickstart_diffusion and cifar10_diffusion do)"
+        )
+    if not (isinstance(heun_steps, int) and heun_steps >= 2):
+        raise ValueError(
+            f"model.heun_steps must be an integer >= 2 (noise levels of Heun's sampler), got {heun_steps!r}"
+        )
     check_optimizer("model.optimizer", optimizer)
     for ok, message in (
         (warmup >= 1, f"model.warmup must be >= 1 iteration (1 = no warm-up), got {warmup}"),
@@ -176,26 +200,45 @@ class ACTModule(L.LightningModule):
         seed: int = 0,
         sampling_ema: float | None = None,
         shared_dropout: bool = False,
+        objective: str = "consistency",
+        curriculum: str | None = None,
+        pseudo_huber_c: float | None = None,
+        heun_steps: int = 18,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             ignore=["generator", "discriminator", "optimizer", "d_optimizer", "schedule", "speed"]
         )
         self.schedule = _options(schedule, ConsistencySchedule)
+        if curriculum is not None:  # model.curriculum: the shorthand of model.schedule.curriculum
+            self.schedule = dataclasses.replace(self.schedule, curriculum=curriculum)
         self.speed = _options(speed, SpeedOptions)
         adversarial = self.schedule.gan_ratio > 0
         r1 = (r1_gamma, r1_interval, ada_length)
         check_arguments(
-            iterations, optimizer, d_optimizer, discriminator, adversarial, warmup, r1, sampling_ema
+            iterations,
+            optimizer,
+            d_optimizer,
+            discriminator,
+            adversarial,
+            warmup,
+            r1,
+            sampling_ema,
+            objective,
+            heun_steps,
         )
         self.automatic_optimization = False
         self.generator = generator
-        separate_teacher = self.schedule.teacher == "ema" and sampling_ema is not None
+        consistency = objective == "consistency"
+        separate_teacher = consistency and self.schedule.teacher == "ema" and sampling_ema is not None
         self.target, self.teacher_ema = ema_copies(generator, separate_teacher)
         self.discriminator = discriminator_if(adversarial, discriminator)
         self._optimizer_factories = (optimizer, d_optimizer)
         self.augment_pipe = AugmentPipe(**(augment or {}))
-        self.distance = build_distance(distance, lpips_weights, lpips_pretrained)
+        # diffusion training needs no consistency distance (and so no LPIPS weights)
+        self.distance = (
+            build_distance(distance, lpips_weights, lpips_pretrained, pseudo_huber_c) if consistency else None
+        )
         nets = [self.generator, self.target, self.teacher_ema, self.discriminator, self.distance]
         self.speed.apply(nets, self.discriminator, self.generator, self.distance)
 
@@ -214,10 +257,12 @@ class ACTModule(L.LightningModule):
 
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
     def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-        """f(x, sigma, y) for `net` = generator or target (or a DDP wrapper of the generator)."""
+        """f(x, sigma, y) for `net` = generator or target (or a DDP wrapper of the generator); under
+        diffusion training EDM's denoiser D(x, sigma, y): the same preconditioning at sigma_min = 0
+        (docs/algorithm.md, section 12)."""
         h = self.hparams
         precond = {
-            "sigma_min": self.schedule.sigma_min,
+            "sigma_min": self.schedule.sigma_min if h.objective == "consistency" else 0.0,
             "sigma_data": h.sigma_data,
             "c_noise_kind": h.c_noise,
         }
@@ -235,7 +280,7 @@ class ACTModule(L.LightningModule):
         return self.teacher_ema if self.teacher_ema is not None else self.target
 
     def _teacher_pass(self) -> Callable:
-        """The teacher's f(x, sigma, y) for `generator_losses`. With `shared_dropout` it runs on a fork of
+        """The teacher's f(x, sigma, y) for `pair_losses`. With `shared_dropout` it runs on a fork of
         the random state that the online pass then starts from (the teacher runs first), so both passes
         draw the same dropout masks. With `model.speed.bf16_target` it runs under bf16 autocast."""
         teacher = self.teacher()
@@ -258,6 +303,12 @@ class ACTModule(L.LightningModule):
         draws = self._draw(batch)
         optimizers = self.optimizers()  # [G's, D's], or G's alone when gan_ratio is 0
         opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        if self.hparams.objective == "diffusion":
+            logs, bad = self._diffusion_step(draws, opt_g)
+            self._update_target(0.0)  # the target follows with sampling_ema (null: it is the generator)
+            self.bad.record(guard_mask(bad), self.k)
+            logs["train/skipped_updates"] = self.bad.total.float()
+            return self._end_iteration(logs, draws.gen_size)
         logs, bad = self._generator_step(draws, opt_g)
         self._update_target(self.schedule.target_ema(draws.num_scales))
         if self.discriminator is not None:
@@ -268,12 +319,19 @@ class ACTModule(L.LightningModule):
         self._end_iteration(logs, draws.gen_size)
 
     def _draw(self, batch: HalfBatch) -> Draws:
-        """N(k), its grid, this device's share of the noise of iteration k, and the augmentation."""
+        """The levels of iteration k (N(k) and its grid; ECT's pairs; diffusion's levels), this device's
+        share of the noise, and the augmentation."""
         h, rank, world = self.hparams, self.trainer.global_rank, self.trainer.world_size
-        num_scales = self.schedule.num_scales(self.k, h.iterations)
-        sigmas, probs = self._grids(num_scales, self.device)
+        num_scales = None
+        if h.objective == "diffusion":
+            levels = edm_levels(self.schedule)
+        elif self.schedule.continuous:
+            levels = ect_levels(self.schedule, self.k, h.iterations)
+        else:
+            num_scales = self.schedule.num_scales(self.k, h.iterations)
+            levels = grid_levels(*self._grids(num_scales, self.device))
         g = torch.Generator(self.device).manual_seed(mix_seed(h.seed, self.k))
-        noise = draw_noise(batch, num_scales, g, probs, rank, world)
+        noise = draw_noise(batch, levels, g, rank, world)
         aug_generator = torch.Generator(self.device).manual_seed(mix_seed(h.seed, self.k, AUGMENT, rank))
         p_on_host = self._aug_read.poll()  # p after the last controller update, once it reached the host
         if p_on_host is not None:
@@ -283,7 +341,7 @@ class ACTModule(L.LightningModule):
             identity if self._aug_idle else partial(self.augment_pipe, p=self.aug_p, generator=aug_generator)
         )
         micro = split_micro(batch, noise)
-        return Draws(num_scales, sigmas, micro, augment, batch.gen.shape[0], batch.disc.shape[0])
+        return Draws(num_scales, micro, augment, batch.gen.shape[0], batch.disc.shape[0])
 
     def _generator_step(self, draws: Draws, opt: torch.optim.Optimizer) -> tuple[Logs, Bad]:
         """The consistency loss plus the adversarial loss on the same prediction, accumulated over the
@@ -298,18 +356,19 @@ class ACTModule(L.LightningModule):
         loss_bad = torch.zeros(2, dtype=torch.bool, device=self.device)
         for i, mb in enumerate(draws.micro):
             with self._ddp.sync("generator", last=i == len(draws.micro) - 1):
-                losses = generator_losses(
+                losses = pair_losses(
                     mb.data.gen,
                     mb.data.gen_labels if self.hparams.num_classes else None,
-                    mb.gen_j,
+                    mb.gen_hi,
+                    mb.gen_lo,
                     mb.gen_z,
-                    sigmas=draws.sigmas,
                     schedule=self.schedule,
                     online=lambda x, s, y: self.denoise(online, x, s, y),
                     target=self._teacher_pass(),
                     distance=self.distance,
                     critic=critic,
                     augment=draws.augment,
+                    num_scales=draws.num_scales,
                 )
                 objective = losses.objective()
                 self.manual_backward(objective.sum() / draws.gen_size)
@@ -327,9 +386,10 @@ class ACTModule(L.LightningModule):
         logs: Logs = {
             "train/loss_g": means[0],
             "train/loss_ct": means[1],
-            "train/num_scales": self._on_device(draws.num_scales),
             "train/target_ema": self._on_device(self.schedule.target_ema(draws.num_scales)),  # mu (0: online)
         }
+        if draws.num_scales is not None:  # a grid curriculum (ECT's pairs have none)
+            logs["train/num_scales"] = self._on_device(draws.num_scales)
         if self.discriminator is not None:
             logs["train/loss_adv"] = means[2]
         bad = {"train/loss_ct": loss_bad[0], "train/loss_adv": loss_bad[1], "generator gradients": grads_bad}
@@ -352,15 +412,15 @@ class ACTModule(L.LightningModule):
                 fake_x, real_x = mb.data.disc.chunk(2)  # (B_D/2, C, H, W) each
                 fake_y, real_y = (None, None) if not h.num_classes else mb.data.disc_labels.chunk(2)
                 with self._ddp.sync("discriminator", last=i == len(draws.micro) - 1):
-                    losses = discriminator_losses(
+                    losses = discriminator_losses_at(
                         fake_x,
                         fake_y,
-                        mb.fake_j,
+                        mb.fake_t,
                         mb.fake_z,
                         real_x,
                         real_y,
-                        mb.real_j,
-                        sigmas=draws.sigmas,
+                        mb.real_t,
+                        num_scales=draws.num_scales,
                         schedule=self.schedule,
                         online=lambda x, s, y: self.denoise(self.generator, x, s, y),
                         critic=lambda x, s, y: self.critic(critic, x, s, y),
@@ -385,6 +445,31 @@ class ACTModule(L.LightningModule):
             logs["train/r1"] = means[3]
         bad = dict(zip(("train/loss_fake", "train/loss_real", "train/r1"), loss_bad))
         return logs, {**bad, "discriminator gradients": grads_bad}
+
+    def _diffusion_step(self, draws: Draws, opt: torch.optim.Optimizer) -> tuple[Logs, Bad]:
+        """EDM's denoising loss (`losses.denoising_losses`) on the generator half, accumulated over the
+        micro-batches; one optimiser step (a zero-gradient one when something went non-finite)."""
+        online = self._ddp.network("generator", self.generator)
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        for i, mb in enumerate(draws.micro):
+            with self._ddp.sync("generator", last=i == len(draws.micro) - 1):
+                loss = denoising_losses(
+                    mb.data.gen,
+                    mb.data.gen_labels if self.hparams.num_classes else None,
+                    mb.gen_hi,
+                    mb.gen_z,
+                    denoise=lambda x, s, y: self.denoise(online, x, s, y),
+                    sigma_data=self.hparams.sigma_data,
+                )
+                self.manual_backward(loss.sum() / draws.gen_size)
+            total += loss.sum().detach()
+            loss_bad |= ~loss.isfinite().all()
+        grads_bad = self._skip_if_nonfinite(self.generator, loss_bad)
+        opt.step()
+        logs: Logs = {"train/loss_dsm": total / draws.gen_size}
+        return logs, {"train/loss_dsm": loss_bad, "generator gradients": grads_bad}
 
     def _update_augmentation(self, r1: Tensor, draws: Draws) -> None:
         """The controller sees the R1 statistic of the global batch (the mean over all devices) and the
@@ -476,13 +561,25 @@ class ACTModule(L.LightningModule):
     ) -> Tensor:
         """One-step samples f_{theta^-}(sigma_max z, sigma_max, y) in [-1, 1]; with `taus` (decreasing from
         sigma_max) multistep sampling (`samplers.multistep`), later steps' noise from `generator` or
-        `step_noise(step)`. The network runs in eval mode (no dropout)."""
+        `step_noise(step)`. A diffusion model (model.objective=diffusion) samples with EDM's Heun sampler
+        over `model.heun_steps` Karras levels instead (2 heun_steps - 1 evaluations, deterministic; taus
+        may only be the default [sigma_max]). The
+        network runs in eval mode (no dropout)."""
         net = self.target if net is None else net
+        diffusion = self.hparams.objective == "diffusion"
+        if diffusion and taus is not None and len(taus) > 1:  # [sigma_max]: the sample commands' default
+            raise ValueError(
+                "a diffusion model (model.objective=diffusion) samples with EDM's Heun sampler over "
+                f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={list(taus)}: "
+                "sample it with taus=[] (evaluate: samplers=[1step])"
+            )
         taus = [self.schedule.sigma_max] if taus is None else taus
         was_training = net.training
         net.eval()
         try:
             denoise = lambda x, sigma: self.denoise(net, x, sigma, labels)  # noqa: E731
+            if diffusion:
+                return heun(denoise, noise, self.schedule.sigmas(self.hparams.heun_steps).flip(0).tolist())
             return multistep(denoise, noise, taus, self.schedule.sigma_min, generator, step_noise)
         finally:
             net.train(was_training)

@@ -29,6 +29,7 @@ MAY_CHANGE = (
     # where the run, its data and its weights files live; how this launch ends
     "run_dir",
     "ckpt_path",
+    "init_from",  # where a new run took its first weights; a resumed run continues from its own
     "resume",
     "resume_changes",
     "stop_after",

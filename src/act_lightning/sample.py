@@ -127,6 +127,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),
         "taus": taus,
+        **heun_record(model),
         "shape": list(images.shape),
         "samples": str(out / "samples.npz"),
         "grid": str(out / "grid.png"),
@@ -136,6 +137,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def heun_record(model) -> dict[str, Any]:
+    """What sampled a diffusion model (model.objective=diffusion): EDM's Heun sampler, not the taus."""
+    if model.hparams.get("objective", "consistency") != "diffusion":
+        return {}
+    return {"sampler": "heun", "heun_steps": int(model.hparams.heun_steps)}
+
+
 def sample_images(model, net, indices: range, shape, taus, labels, seed: int, device) -> Tensor:
     """Images `indices` in [-1, 1]: one step at taus[0] = sigma_max, then one per later tau, each image's
     noise its own (see `image_noise`)."""

@@ -4,6 +4,8 @@
 run under `no_grad` and clip to [-1, 1] after every step, as the reference does.
 
 - `multistep` (Algorithm 1): one step from sigma_max, then one per later noise level.
+- `heun` (Karras et al. 2022, Algorithm 1, deterministic): a diffusion model's denoiser D(x, sigma)
+  integrated along the probability-flow ODE over Karras levels sigma_max > ... > sigma_min > 0.
 - `zero_shot_edit` (Algorithm 4): the same steps, each followed by a projection P(x) that keeps the known
   part of an image y (A^-1[(Ay) (1 - Omega) + (Ax) Omega]):
 
@@ -64,6 +66,28 @@ def multistep(
         x_tau = x + append_dims(noise.new_full((b,), (tau**2 - sigma_min**2) ** 0.5), x.ndim) * z
         x = denoise(x_tau, noise.new_full((b,), tau)).clamp(-1, 1)
     return x
+
+
+@torch.no_grad()
+def heun(denoise: Denoiser, noise: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """EDM's deterministic sampler (S_churn = 0): x_0 = sigma_0 z, then for each step from t_i to t_{i+1}
+    an Euler step along dx/dt = (x - D(x, t)) / t, corrected by the slope at t_{i+1} (Heun's method)
+    except on the last step to t = 0. `sigmas` decrease from sigma_max; 0 is appended. 2n - 1
+    evaluations of D for n levels; the result is clipped to [-1, 1]."""
+    levels = [float(s) for s in sigmas]
+    if not levels or any(a <= b for a, b in zip(levels, levels[1:])) or levels[-1] <= 0:
+        raise ValueError(f"Heun's levels must decrease and stay positive, got {levels}")
+    levels.append(0.0)
+    b = noise.shape[0]
+    x = noise * levels[0]
+    for t_cur, t_next in zip(levels, levels[1:]):
+        slope = (x - denoise(x, noise.new_full((b,), t_cur))) / t_cur
+        x_next = x + (t_next - t_cur) * slope
+        if t_next > 0:
+            slope_next = (x_next - denoise(x_next, noise.new_full((b,), t_next))) / t_next
+            x_next = x + (t_next - t_cur) * (slope + slope_next) / 2
+        x = x_next
+    return x.clamp(-1, 1)
 
 
 # -- zero-shot editing ----------------------------------------------------------------------------------

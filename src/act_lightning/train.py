@@ -42,6 +42,7 @@ from act_lightning.checkpoints import (
 )
 from act_lightning.commands import CONFIG_DIR, refuse
 from act_lightning.consistency import check_iterations
+from act_lightning.init_from import InitWeights, describe, load_init, read_init
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
 from act_lightning.resume import check_resume, global_batch, world_size
@@ -65,10 +66,11 @@ def check_config(cfg: DictConfig) -> None:
         )
     for name in ("generator", "discriminator"):
         net = cfg.model.get(name)
-        if net is not None and "image_size" in net and net.image_size != cfg.data.image_size:
-            raise ValueError(
-                f"model.{name}.image_size={net.image_size} differs from data.image_size={cfg.data.image_size}"
-            )
+        for key, data_key in (("image_size", "image_size"), ("in_channels", "channels")):
+            if net is not None and key in net and net[key] != cfg.data[data_key]:
+                raise ValueError(
+                    f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
+                )
 
 
 def apply_process_settings(cfg: DictConfig) -> None:
@@ -240,9 +242,10 @@ class StartPoint:
     wandb_id: str | None = None
     weights: dict | None = None
     history: tuple[dict, ...] = ()
+    init: InitWeights | None = None  # init_from's generator weights (a fresh start only)
 
 
-def start_point(cfg: DictConfig, resolved: dict) -> StartPoint:
+def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None) -> StartPoint:
     """The run's start (see `resolve_resume`), after the launch's config (`resolved`) is compared with the
     checkpoint's (act_lightning.resume). A weights-only checkpoint (act_lightning.convert_reference) holds
     networks but no optimiser or loop state: the run starts from its weights with new optimisers."""
@@ -258,7 +261,10 @@ def start_point(cfg: DictConfig, resolved: dict) -> StartPoint:
         "global_batch": global_batch(resolved, world),
     }
     if checkpoint is None:
-        return StartPoint(history=(entry,))
+        if init is not None:
+            log.info("init_from=%s: a new run from its generator weights", describe(init))
+            entry["init_from"] = init.path
+        return StartPoint(history=(entry,), init=init)
     iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
     own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
     where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
@@ -297,6 +303,8 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
         datamodule.batch_layout(world)
     datamodule.check_source()
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    if start.init is not None:
+        load_init(model, start.init)
     if start.weights is not None:
         own = model.state_dict()
         model.load_state_dict({**own, **{k: v for k, v in start.weights.items() if k in own}})
@@ -317,11 +325,12 @@ def prepare(cfg: DictConfig) -> Launch:
     """Every check of a launch, before anything is written into its run folder: the configuration, the
     folder not in use by a live run, the checkpoint to start from and that this config may continue it,
     the checkpoint folder, the global batch on these devices, the data and the pretrained weights."""
+    init = read_init(cfg)  # first: a converted model's file sets model.generator
     check_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     try:
-        start = start_point(cfg, resolved)
+        start = start_point(cfg, resolved, init)
         if start.iteration >= cfg.iterations:
             return Launch(start, lock, None)
         check_writable_folder(Path(cfg.callbacks.checkpoint.dirpath), "callbacks.checkpoint.dirpath")

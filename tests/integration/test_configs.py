@@ -291,3 +291,35 @@ def test_config_file_composes_and_instantiates(path, tmp_path):
         assert not cfg.model.optimizer.foreach and not cfg.model.d_optimizer.foreach
     if path == "trainer/ddp.yaml":
         assert cfg.trainer.strategy == "ddp"  # Lightning's plain DDP: no unused-parameter search
+
+
+def test_the_diffusion_start_recipes_carry_edms_and_ects_settings(tmp_path):
+    """experiment=cifar10_diffusion is EDM's CIFAR-10 recipe, cifar10_ect ECT's run_ecm.sh, cifar10_ect_act
+    the same with ACT's CIFAR-10 discriminator (docs/algorithm.md, section 12)."""
+    d = compose(["experiment=cifar10_diffusion"], run_dir=str(tmp_path))
+    assert (d.model.objective, d.model.schedule.gan_ratio, d.data.batch_size, d.iterations) == (
+        "diffusion",
+        0.0,
+        512,
+        390_625,
+    )
+    assert d.model.optimizer._target_ == "torch.optim.Adam" and d.model.optimizer.lr == 1e-3
+    assert (d.model.sampling_ema, d.model.generator.dropout, d.model.heun_steps) == (0.99929, 0.13, 18)
+    assert (d.model.schedule.edm_p_mean, d.model.schedule.edm_p_std) == (-1.2, 1.2)
+    e = compose(["experiment=cifar10_ect"], run_dir=str(tmp_path))
+    s = e.model.schedule
+    assert (e.data.batch_size, e.iterations, e.model.optimizer.lr, list(e.model.optimizer.betas)) == (
+        128,
+        200_000,
+        1e-4,
+        [0.9, 0.999],
+    )
+    assert e.model.optimizer._target_ == "torch.optim.RAdam" and e.model.generator.dropout == 0.2
+    assert (s.curriculum, s.teacher, s.loss_weighting, s.gan_ratio) == ("ect", "online", "ict", 0.0)
+    assert (s.ect_q, s.ect_k, s.ect_b, s.ect_stages, s.p_mean, s.p_std) == (2.0, 8.0, 1.0, 8, -1.1, 2.0)
+    assert (e.model.distance, e.model.pseudo_huber_c, e.model.sampling_ema) == ("pseudo_huber", 0.0, 0.9999)
+    assert e.model.shared_dropout and e.model.c_noise == d.model.c_noise == "log"  # init_from checks it
+    a = compose(["experiment=cifar10_ect_act"], run_dir=str(tmp_path))
+    assert (
+        a.model.schedule.gan_ratio == 0.3 and a.model.schedule.curriculum == "ect" and a.iterations == 200_000
+    )

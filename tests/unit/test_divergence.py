@@ -14,7 +14,7 @@ def test_the_mask_sets_the_bit_of_each_bad_term_in_guarded_order():
     assert int(guard_mask({"train/loss_adv": TRUE})) == 1 << 1
     bad = {name: TRUE for name in ("train/loss_ct", "train/r1", "discriminator gradients")}
     assert int(guard_mask(bad)) == 1 | 1 << 5 | 1 << 6
-    assert len(GUARDED_TERMS) == 7
+    assert len(GUARDED_TERMS) == 8 and GUARDED_TERMS[-1] == "train/loss_dsm"
     with pytest.raises(KeyError, match="train/loss_typo"):
         guard_mask({"train/loss_typo": TRUE})
 

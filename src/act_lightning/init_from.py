@@ -1,0 +1,106 @@
+"""`init_from=PATH`: a run that starts from another model's generator weights (docs/algorithm.md,
+section 12): a diffusion model trained here (`model.objective=diffusion`), a converted diffusers model
+(act_lightning.convert_diffusers), or any checkpoint of act_lightning.train.
+
+Weights only: the generator, and its target (and EMA teacher) copies, take the file's generator weights;
+the discriminator is the experiment's, newly initialised; optimisers, the iteration counter (0), the
+curriculum, the augmentation and the EMAs' history start afresh. The file's generator is the network it
+samples with (`target.*`: the EMA that was evaluated, as ECT transfers EDM's EMA), or `generator.*` when it
+holds no target. A file that carries its generator's config (`act_generator`: a converted model) sets
+`model.generator` to it, keeping the run's `model.generator.dropout` (a training setting: ECT's 0.2 on
+CIFAR-10); otherwise the experiment's generator must have the file's shapes. The file is
+read with torch's safe loader only (`weights_only=True`), never unpickling arbitrary objects.
+
+A run that resumes from its own checkpoint (resume=auto) continues from it; `init_from` then only
+supplies the generator's config, as at the first launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from act_lightning.checkpoints import read_checkpoint
+
+SOURCES = ("target.", "generator.")  # where a checkpoint keeps the generator it samples with, in order
+MUST_MATCH = ("c_noise", "sigma_data")  # model keys outside model.generator that the function depends on
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    path: str
+    weights: dict[str, Tensor]  # the generator's state dict (names relative to the generator)
+    source: str  # the prefix they were read from
+
+
+def read_init(cfg: DictConfig) -> InitWeights | None:
+    """The generator weights `cfg.init_from` names (None without it). Sets `cfg.model.generator` from
+    the file when it carries its generator's config. Refused by name: a missing, unreadable or pickled
+    file, one without generator weights, `ckpt_path` given too, and a file trained with another
+    `model.c_noise` or `model.sigma_data` (the same weights would compute another function)."""
+    path = cfg.get("init_from")
+    if not path:
+        return None
+    if cfg.get("ckpt_path"):
+        raise ValueError(
+            f"init_from={path} and ckpt_path={cfg.ckpt_path}: give one (init_from starts a new run from a "
+            "model's weights; ckpt_path continues a run)"
+        )
+    checkpoint = read_checkpoint(path, "init_from", mmap=True)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    state = state if isinstance(state, dict) else {}
+    source = next((p for p in SOURCES if any(str(k).startswith(p) for k in state)), None)
+    if source is None:
+        raise ValueError(
+            f"init_from={path}: holds no generator weights (state_dict with target.* or generator.*)"
+        )
+    weights = {k[len(source) :]: v for k, v in state.items() if k.startswith(source)}
+    saved_model = (checkpoint.get("act_config") or {}).get("model") or {}
+    for key in MUST_MATCH:
+        if key in saved_model and saved_model[key] != cfg.model.get(key):
+            raise ValueError(
+                f"init_from={path} was trained with model.{key}={saved_model[key]}, this run has "
+                f"model.{key}={cfg.model.get(key)}: set model.{key}={saved_model[key]}"
+            )
+    generator = checkpoint.get("act_generator")
+    if generator is not None:  # a converted model: its architecture, not the experiment's ...
+        generator = dict(generator)
+        dropout = cfg.model.get("generator", {}).get("dropout")
+        if dropout is not None and isinstance(generator.get("unet"), dict):  # ... but the run's dropout
+            generator["unet"] = {**generator["unet"], "dropout": float(dropout)}
+        OmegaConf.update(cfg, "model.generator", generator, merge=False)
+    return InitWeights(str(path), weights, source)
+
+
+def load_init(model: nn.Module, init: InitWeights) -> None:
+    """Loads the weights into the module's generator and its copies (target, EMA teacher), after
+    checking every name and shape against `model.generator`."""
+    own = model.generator.state_dict()
+    missing = [k for k in own if k not in init.weights]
+    unknown = [k for k in init.weights if k not in own]
+    misshaped = [
+        f"{k} {tuple(v.shape)} (model.generator builds {tuple(own[k].shape)})"
+        for k, v in init.weights.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    problems = [
+        f"{kind}: {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        for kind, names in (("mis-shaped", misshaped), ("missing", missing), ("unknown", unknown))
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"init_from={init.path}: its generator ({init.source}*) does not match model.generator: "
+            + "; ".join(problems)
+            + ". Use the experiment the file was trained with, or its model.generator settings"
+        )
+    for net in (model.generator, getattr(model, "target", None), getattr(model, "teacher_ema", None)):
+        if net is not None:
+            net.load_state_dict(init.weights)
+
+
+def describe(init: InitWeights) -> str:
+    return f"{Path(init.path)} ({init.source}*, {len(init.weights)} tensors)"

@@ -1,0 +1,240 @@
+"""Starting from a diffusion model (README "Start from a diffusion model", docs/algorithm.md section 12):
+EDM's denoising loss and Heun sampler, ECT's continuous-time pairs, the training step of
+model.objective=diffusion, and init_from's weights-only start."""
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from act_lightning import consistency as cm
+from act_lightning.init_from import load_init, read_init
+from act_lightning.losses import denoising_losses, pair_losses, pseudo_huber_distance
+from act_lightning.samplers import heun
+from tests.helpers_training import SMALL, fit, params
+
+# -- ECT's pairs (locuslab/ect training/loss.py, ECMLoss.t_to_r_sigmoid and update_schedule) -----------
+
+
+def test_ect_pair_is_ects_mapping_stage_by_stage():
+    t = torch.tensor([0.002, 0.05, 0.3, 1.0, 5.0, 80.0])
+    for stage in range(4):
+        adj = 1 + 8.0 * torch.sigmoid(-1.0 * t)
+        expected = (t * (1 - adj / 2.0 ** (stage + 1))).clamp(min=0)
+        torch.testing.assert_close(cm.ect_pair(t, stage, q=2.0, k=8.0, b=1.0), expected)
+    r0, r3 = cm.ect_pair(t, 0), cm.ect_pair(t, 3)
+    assert (r0 < t).all() and (r3 < t).all() and (r3 >= r0).all()
+    assert r0[0] == 0 and r0[1] == 0  # in the first stage small t pairs with the clean image
+    # at large t the sigmoid vanishes: the relative gap is q^-(s+1), halved each stage
+    assert (80.0 - float(cm.ect_pair(t, 2)[-1])) / 80.0 == pytest.approx(1 / 8, rel=1e-6)
+
+
+def test_ect_stages_are_equal_slices_of_the_run():
+    # ECT's CIFAR-10: --double 250 ticks of 100 iterations = 25k iterations per stage, 200k in all
+    assert [cm.ect_stage(k, 200_000, 8) for k in (0, 24_999, 25_000, 199_999, 200_000)] == [0, 0, 1, 7, 7]
+    schedule = cm.ConsistencySchedule(curriculum="ect", ect_stages=4, p_mean=-1.1, p_std=2.0)
+    t = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(schedule.ect_r(t, 50, 100), cm.ect_pair(t, 2))
+    assert schedule.continuous and schedule.num_scales(5, 100) == 2
+    sigmas = schedule.ect_t(torch.tensor([-10.0, 0.0, 10.0]))
+    assert sigmas.tolist() == pytest.approx([schedule.sigma_min, math.exp(-1.1), schedule.sigma_max])
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [("ect_q", 1.0, "ect_q must exceed 1"), ("ect_stages", 0, "ect_stages"), ("edm_p_std", 0.0, "edm_p_std")],
+)
+def test_bad_ect_and_edm_keys_are_refused_by_name(key, value, message):
+    with pytest.raises(ValueError, match=f"model.schedule.{message}"):
+        cm.ConsistencySchedule(**{key: value})
+
+
+def test_a_pair_below_sigma_min_takes_the_clean_image_as_its_target():
+    schedule = cm.ConsistencySchedule(curriculum="ect", loss_weighting="ict", gan_ratio=0.0)
+    x, z = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t_hi, t_lo = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0.0, 0.7, 0.001])
+    seen = []
+
+    def target(x_t, sigma, y):
+        seen.append(sigma.clone())
+        return 0.5 * x_t
+
+    online = lambda x_t, sigma, y: 0.9 * x_t  # noqa: E731
+    losses = pair_losses(
+        x,
+        None,
+        t_hi,
+        t_lo,
+        z,
+        schedule=schedule,
+        online=online,
+        target=target,
+        distance=pseudo_huber_distance,
+    )
+    assert seen[0].min() >= schedule.sigma_min  # the network never sees a level below the boundary
+    pred = 0.9 * (x + t_hi.view(-1, 1, 1, 1) * z)
+    expected_target = torch.stack([x[0], 0.5 * (x[1] + 0.7 * z[1]), x[2]])
+    torch.testing.assert_close(losses.consistency, pseudo_huber_distance(pred, expected_target))
+    torch.testing.assert_close(losses.weight, 1 / (t_hi - t_lo))  # ECT's 1 / (t - r)
+
+
+def test_pseudo_huber_with_c_zero_is_the_norm_with_a_finite_gradient_at_zero():
+    a = torch.randn(2, 3, 4, 4)
+    b = a.clone()
+    b[0] += 0.1
+    a.requires_grad_(True)
+    d = pseudo_huber_distance(a, b, c=0.0)
+    torch.testing.assert_close(d[0], torch.tensor(0.1 * math.sqrt(48)))
+    assert d[1] < 1e-10
+    d.sum().backward()
+    assert a.grad.isfinite().all()
+
+
+# -- EDM's loss and sampler --------------------------------------------------------------------------
+
+
+def test_denoising_loss_is_edms_weighted_squared_error():
+    x, n = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
+    sigma = torch.tensor([0.01, 0.3, 1.0, 20.0])
+    denoise = lambda x_t, s, y: 0.8 * x_t  # noqa: E731
+    loss = denoising_losses(x, None, sigma, n, denoise=denoise, sigma_data=0.5)
+    for i in range(4):
+        s = float(sigma[i])
+        weight = (s**2 + 0.25) / (s * 0.5) ** 2
+        pred = 0.8 * (x[i] + s * n[i])
+        assert float(loss[i]) == pytest.approx(weight * float((pred - x[i]).square().sum()), rel=1e-5)
+    perfect = denoising_losses(x, None, sigma, n, denoise=lambda x_t, s, y: x, sigma_data=0.5)
+    assert perfect.abs().max() == 0
+
+
+def test_heun_integrates_the_probability_flow_of_gaussian_data():
+    # data N(0, s^2) per value: D(x, sigma) = x s^2 / (s^2 + sigma^2), and the ODE's exact solution is
+    # x(sigma) proportional to sqrt(s^2 + sigma^2): x(0) = x(sigma_max) s / sqrt(s^2 + sigma_max^2)
+    s, sigma_max = 0.3, 20.0
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append(sigma[0].item())
+        return x * s**2 / (s**2 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    noise = torch.linspace(-2.5, 2.5, 10).view(10, 1, 1, 1)
+    exact = noise * sigma_max * s / math.sqrt(s**2 + sigma_max**2)
+    errors = []
+    for steps in (18, 50, 200):  # second order: the error falls with the steps (3.7%, 0.4%, 0.02% here)
+        calls.clear()
+        out = heun(denoise, noise, cm.karras_sigmas(steps, 0.002, sigma_max).flip(0).tolist())
+        errors.append(float((out - exact).abs().max()))
+        assert len(calls) == 2 * steps - 1  # Heun's correction on every step but the last, to 0
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 3e-4 and errors[0] < 0.05
+    with pytest.raises(ValueError, match="decrease"):
+        heun(denoise, noise, [1.0, 2.0])
+
+
+# -- model.objective=diffusion --------------------------------------------------------------------
+
+
+DIFFUSION = [*SMALL, "model.objective=diffusion", "model.schedule.gan_ratio=0"]
+
+
+def test_diffusion_training_moves_the_generator_alone_and_logs_the_denoising_loss(cfg_factory):
+    cfg = cfg_factory([*DIFFUSION, "iterations=2", "model.sampling_ema=0.5"])
+
+    def never():
+        raise AssertionError("a discriminator was built")
+
+    model = instantiate(cfg.model, discriminator=never)
+    assert model.distance is None  # no consistency distance (and so no LPIPS weights) is needed
+    model, before, trainer = fit(cfg, model)
+    assert model.discriminator is None and trainer.global_step == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss_dsm"])
+    assert "train/loss_ct" not in trainer.callback_metrics
+    gen = params(model.generator)
+    assert any(not torch.equal(a, b) for a, b in zip(before["gen"], gen))
+    assert any(not torch.equal(a, b) for a, b in zip(gen, params(model.target)))  # the sampling EMA lags
+
+
+def test_diffusion_precondition_is_edms_and_samples_with_heun(cfg_factory):
+    cfg = cfg_factory([*DIFFUSION, "model.heun_steps=3"])
+    model = instantiate(cfg.model)
+    x = torch.randn(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    sigma = torch.full((2,), model.schedule.sigma_min)
+    # EDM's c_out(sigma) = sigma sd / sqrt(sigma^2 + sd^2) > 0 at sigma_min: the network still acts there
+    assert not torch.allclose(model.denoise(model.generator, x, sigma, None), x)
+    calls = []
+    model.generator.register_forward_hook(lambda *args: calls.append(1))
+    noise = torch.randn_like(x)
+    samples = model.sample(noise, net=model.generator)
+    assert len(calls) == 2 * 3 - 1 and samples.shape == x.shape and samples.abs().max() <= 1
+    with pytest.raises(ValueError, match="Heun"):
+        model.sample(noise, taus=[80.0, 1.0])
+
+
+def test_diffusion_with_a_discriminator_is_refused_by_name(cfg_factory):
+    cfg = cfg_factory([*SMALL, "model.objective=diffusion", "model.schedule.gan_ratio=0.3"])
+    with pytest.raises(Exception, match="model.schedule.gan_ratio=0"):
+        instantiate(cfg.model)
+    cfg = cfg_factory([*SMALL, "model.objective=score"])
+    with pytest.raises(Exception, match="model.objective must be one of consistency, diffusion"):
+        instantiate(cfg.model)
+
+
+def test_ect_curriculum_trains_with_continuous_pairs(cfg_factory):
+    cfg = cfg_factory([*SMALL, "iterations=2", "model.curriculum=ect", "model.schedule.teacher=online"])
+    model, before, trainer = fit(cfg)
+    assert model.schedule.curriculum == "ect"
+    assert "train/num_scales" not in trainer.callback_metrics  # no grid
+    assert torch.isfinite(trainer.callback_metrics["train/loss_ct"])
+    assert any(not torch.equal(a, b) for a, b in zip(before["gen"], params(model.generator)))
+
+
+# -- init_from -------------------------------------------------------------------------------------
+
+
+def _save(path, state, **extra):
+    torch.save({"state_dict": state, **extra}, path)
+    return str(path)
+
+
+def test_init_from_loads_the_files_sampling_network_into_generator_and_target(cfg_factory, tmp_path):
+    cfg = cfg_factory(SMALL)
+    source = instantiate(cfg.model)
+    for p in source.target.parameters():
+        p.data.normal_()
+    state = {f"target.{k}": v for k, v in source.target.state_dict().items()}
+    state.update({f"generator.{k}": torch.zeros_like(v) for k, v in source.generator.state_dict().items()})
+    path = _save(tmp_path / "diffusion.ckpt", state, act_config={"model": {"c_noise": cfg.model.c_noise}})
+    cfg = cfg_factory([*SMALL, f"init_from={path}"])
+    init = read_init(cfg)
+    assert init.source == "target."  # the EMA it sampled with, not its online weights
+    model = instantiate(cfg.model)
+    load_init(model, init)
+    for net in (model.generator, model.target):
+        for a, b in zip(params(net), params(source.target)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_init_from_refuses_foreign_files_by_name(cfg_factory, tmp_path):
+    cfg = cfg_factory(SMALL)
+    own = instantiate(cfg.model).generator.state_dict()
+    empty = _save(tmp_path / "empty.ckpt", {"discriminator.w": torch.zeros(1)})
+    with pytest.raises(ValueError, match="holds no generator weights"):
+        read_init(cfg_factory([*SMALL, f"init_from={empty}"]))
+    other = _save(
+        tmp_path / "other.ckpt",
+        {f"generator.{k}": v for k, v in own.items()},
+        act_config={"model": {"c_noise": "log"}},
+    )
+    with pytest.raises(ValueError, match="model.c_noise=log"):
+        read_init(cfg_factory([*SMALL, f"init_from={other}", "model.c_noise=identity"]))
+    with pytest.raises(ValueError, match="give one"):
+        read_init(cfg_factory([*SMALL, f"init_from={other}", f"ckpt_path={other}"]))
+    key = next(k for k, v in own.items() if v.ndim == 4)
+    shaped = _save(
+        tmp_path / "shaped.ckpt", {f"generator.{k}": v[:1] if k == key else v for k, v in own.items()}
+    )
+    cfg = cfg_factory([*SMALL, f"init_from={shaped}"])
+    with pytest.raises(ValueError, match=f"mis-shaped: {key}"):
+        load_init(instantiate(cfg.model), read_init(cfg))
+    with pytest.raises(FileNotFoundError, match="init_from="):
+        read_init(cfg_factory([*SMALL, f"init_from={tmp_path / 'missing.ckpt'}"]))
