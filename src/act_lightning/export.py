@@ -201,6 +201,16 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     model, run, checkpoint = load_model(ckpt)
+    if model.hparams.get("objective", "consistency") != "consistency":
+        raise ValueError(
+            f"ckpt={ckpt}: a diffusion model (model.objective=diffusion), which samples with Heun's method; "
+            "export writes one-step consistency generators (sample it with python -m act_lightning.sample)"
+        )
+    if type(model.generator) is not UNetGenerator:
+        raise ValueError(
+            f"ckpt={ckpt}: its generator is a {type(model.generator).__name__} (a converted diffusers "
+            "model's), not the act_lightning.nn.UNetGenerator that export writes and load_generator reads"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     h = model.hparams

@@ -119,3 +119,30 @@ def test_the_command_names_a_missing_option_and_a_missing_checkpoint(tmp_path):
     result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert f"error: ckpt={missing}: no such checkpoint file" in result.stderr, result.stderr[-2000:]
     assert result.returncode == 2 and not (tmp_path / "out").exists() and "Traceback" not in result.stderr
+
+
+def test_a_diffusion_model_and_a_converted_ddpm_are_refused_not_written_wrong(tmp_path):
+    from act_lightning.export import export
+    from tests.unit.test_convert_diffusers import convert, make_scheduler, make_unet, save_ddpm
+
+    diffusion = tmp_path / "diffusion"
+    train(
+        compose(
+            ["experiment=quickstart_diffusion", "debug=smoke", "iterations=1", "eval=null"],
+            run_dir=str(diffusion),
+        )
+    )
+    with pytest.raises(ValueError, match="a diffusion model"):
+        export(diffusion / "checkpoints" / "last.ckpt", tmp_path / "out1")
+    ddpm = tmp_path / "ddpm.ckpt"
+    convert(save_ddpm(tmp_path / "folder", make_unet(1), make_scheduler()), ddpm)
+    tuned = tmp_path / "tuned"
+    train(
+        compose(
+            ["experiment=quickstart", f"init_from={ddpm}", "debug=smoke", "iterations=1", "eval=null"],
+            run_dir=str(tuned),
+        )
+    )
+    with pytest.raises(ValueError, match="VPEpsilonBackbone"):
+        export(tuned / "checkpoints" / "last.ckpt", tmp_path / "out2")
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()

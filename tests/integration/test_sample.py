@@ -129,13 +129,24 @@ def test_every_entry_point_is_a_console_script_with_its_own_help():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    modules = {"train", "evaluate", "prepare", "sample", "edit", "export", "convert_reference", "report"}
+    modules = {
+        "train",
+        "evaluate",
+        "prepare",
+        "sample",
+        "edit",
+        "export",
+        "convert_reference",
+        "convert_diffusers",
+        "report",
+    }
     assert scripts == {f"act-{m.replace('_', '-')}": f"act_lightning.{m}:main" for m in modules}
     bin_dir = os.path.dirname(sys.executable)
     commands = (("act-sample", "num_samples:"), ("act-edit", "box:"), ("act-prepare", "usage"))
     others = (
         ("act-export", "ckpt=PATH out=DIR"),
         ("act-convert-reference", "CKPT OUT"),
+        ("act-convert-diffusers", "DIR OUT"),
         ("act-report", "--out"),
     )
     for name, own in (*commands, *others):
@@ -143,3 +154,14 @@ def test_every_entry_point_is_a_console_script_with_its_own_help():
         assert os.access(path, os.X_OK), f"{name} is not installed next to {sys.executable}"
         result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and own in result.stdout, (name, result.stderr[-2000:])
+
+
+def test_a_diffusion_model_samples_with_heun_and_says_so(tmp_path):
+    run = tmp_path / "diffusion"
+    train(compose(["experiment=quickstart_diffusion", "debug=smoke", "model.heun_steps=3"], run_dir=str(run)))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    summary = _sample([f"ckpt={ckpt}", f"out={tmp_path / 'out'}", "num_samples=3"])
+    assert (summary["sampler"], summary["heun_steps"]) == ("heun", 3)
+    assert _arrays(tmp_path / "out" / "samples.npz")["arr_0"].shape == (3, 8, 8, 1)
+    with pytest.raises(ValueError, match="Heun sampler over model.heun_steps=3 levels"):
+        _sample([f"ckpt={ckpt}", f"out={tmp_path / 'two'}", "num_samples=3", "taus=[1.0]"])

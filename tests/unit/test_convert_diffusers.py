@@ -1,0 +1,350 @@
+"""`python -m act_lightning.convert_diffusers DIR OUT`: a diffusers DDPM (epsilon UNet2DModel +
+DDPMScheduler) as init_from's generator, act_lightning.nn.vp.VPEpsilonBackbone (docs/algorithm.md,
+section 12). The converted backbone under EDM's preconditioning (sigma_min = 0) must compute the DDPM's
+own denoiser x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), checked against the original UNet."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from act_lightning.convert_diffusers import convert
+from act_lightning.init_from import load_init, read_init
+from act_lightning.nn.precond import consistency_function
+from tests.conftest import ROOT, refusal, run_cli
+
+SD = 0.5
+
+
+def make_unet(channels: int = 3, **extra) -> UNet2DModel:
+    """A small random UNet of google/ddpm-cifar10-32's structure (its time embedding included), its
+    weights perturbed so that no layer is left at a trivial initialisation, and its time embedding
+    amplified so that eps depends clearly on fractions of a timestep."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        **extra,
+    )
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        unet.time_embedding.linear_1.weight.mul_(10)
+    return unet.eval()
+
+
+def make_scheduler(cls=DDPMScheduler, **extra):
+    return cls(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **extra)
+
+
+def save_ddpm(root, unet, scheduler, layout: str = "pipeline"):
+    """A diffusers DDPM folder: unet/ + scheduler/ (a pipeline's layout) or both at the top (the Hub's
+    google/ddpm-cifar10-32)."""
+    top = layout == "top"
+    unet.save_pretrained(root if top else root / "unet")
+    scheduler.save_pretrained(root if top else root / "scheduler")
+    return root
+
+
+def load_backbone(out, kind: str, sigma_data: float = SD):
+    """The converted backbone as Hydra builds it from the file's config, with the run's model keys."""
+    checkpoint = torch.load(out, weights_only=True)
+    cfg = OmegaConf.create(
+        {"model": {"sigma_data": sigma_data, "c_noise": kind}, "g": checkpoint["act_generator"]}
+    )
+    backbone = instantiate(cfg.g)
+    prefix = "generator."
+    assert all(k.startswith(prefix + "unet.") for k in checkpoint["state_dict"])
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items()})
+    return backbone.eval(), checkpoint
+
+
+def table_log_sigmas(scheduler) -> np.ndarray:
+    abar = scheduler.alphas_cumprod.double().numpy()
+    return 0.5 * np.log((1 - abar) / abar)
+
+
+def ddpm_denoiser(unet, x: torch.Tensor, sigma: float, t) -> torch.Tensor:
+    """The DDPM's own denoiser at EDM's x = y + sigma n: x - sigma eps(x / sqrt(1 + sigma^2), t)."""
+    with torch.no_grad():
+        eps = unet(x / math.sqrt(1 + sigma**2), t, return_dict=False)[0]
+    return x - sigma * eps
+
+
+def converted_denoiser(backbone, x: torch.Tensor, sigma: float, kind: str, sigma_data: float = SD):
+    with torch.no_grad():
+        return consistency_function(
+            backbone, x, torch.tensor(sigma), sigma_min=0.0, sigma_data=sigma_data, c_noise_kind=kind
+        )
+
+
+def noisy(channels: int, sigma: float, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand(2, channels, 8, 8, generator=g) * 2 - 1
+    return y + sigma * torch.randn(2, channels, 8, 8, generator=g)
+
+
+def assert_denoiser(actual, expected, sigma: float):
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * (1 + sigma))
+
+
+# -- the conversion computes the DDPM's denoiser ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["identity", "log"])
+@pytest.mark.parametrize("layout,channels", [("pipeline", 3), ("top", 1)])
+def test_the_converted_backbone_is_the_ddpms_denoiser(tmp_path, kind, layout, channels):
+    unet, scheduler = make_unet(channels), make_scheduler()
+    out = tmp_path / "ddpm.ckpt"
+    summary = convert(save_ddpm(tmp_path / "ddpm", unet, scheduler, layout), out)
+    assert summary["tensors"] == len(unet.state_dict()) and summary["out"] == str(out)
+    backbone, checkpoint = load_backbone(out, kind)
+    generator = checkpoint["act_generator"]
+    assert generator["_target_"] == "act_lightning.nn.vp.VPEpsilonBackbone"
+    assert generator["sigma_data"] == "${model.sigma_data}" and generator["c_noise"] == "${model.c_noise}"
+    assert (generator["image_size"], generator["in_channels"]) == (8, channels)  # literal: checked vs data.*
+    assert checkpoint["act_converted_from"] == str(tmp_path / "ddpm")
+    assert list(backbone.state_dict()) == [f"unet.{k}" for k in unet.state_dict()]  # no buffer saved
+
+    table = table_log_sigmas(scheduler)
+    for t in (0, 10, 500, 999):  # on the table: the DDPM's own integer timesteps
+        sigma = float(math.exp(table[t]))
+        x = noisy(channels, sigma, seed=t)
+        expected = ddpm_denoiser(unet, x, sigma, torch.tensor([t, t]))
+        assert_denoiser(converted_denoiser(backbone, x, sigma, kind), expected, sigma)
+
+    for sigma in (0.02, 0.7, 3.3, 42.0, 80.0):  # between entries: the index linear in ln sigma
+        t = float(np.interp(math.log(sigma), table, np.arange(len(table))))
+        assert 0.2 < t - math.floor(t) < 0.8
+        x = noisy(channels, sigma, seed=7)
+        expected = ddpm_denoiser(unet, x, sigma, torch.tensor([t, t]))
+        actual = converted_denoiser(backbone, x, sigma, kind)
+        assert_denoiser(actual, expected, sigma)
+        # and as eps = (x - D) / sigma, where the timestep shows at every sigma: seen, not rounded
+        rounded = ddpm_denoiser(unet, x, sigma, torch.tensor([round(t)] * 2))
+        eps, eps_expected, eps_rounded = ((x - d) / sigma for d in (actual, expected, rounded))
+        assert (eps - eps_expected).abs().max() < 1e-3 < 1e-2 < (eps_rounded - eps_expected).abs().max()
+
+    # outside the table: its ends (sigma_min 0.002 of the library is below DDPM's sigma_0 = 0.01)
+    for sigma, t in ((0.002, 0), (300.0, 999)):
+        x = noisy(channels, sigma)
+        expected = ddpm_denoiser(unet, x, sigma, torch.tensor([t, t]))
+        assert_denoiser(converted_denoiser(backbone, x, sigma, kind), expected, sigma)
+
+
+def test_the_backbone_follows_the_runs_sigma_data_and_ddim_configs_convert(tmp_path):
+    # DDIMScheduler has DDPM's betas: the same abar_t, so the same timesteps
+    unet = make_unet(1)
+    out = tmp_path / "ddim.ckpt"
+    convert(save_ddpm(tmp_path / "ddim", unet, make_scheduler(DDIMScheduler)), out)
+    backbone, _ = load_backbone(out, "identity", sigma_data=0.3)
+    table = table_log_sigmas(make_scheduler())
+    sigma = float(math.exp(table[250]))
+    x = noisy(1, sigma)
+    expected = ddpm_denoiser(unet, x, sigma, torch.tensor([250, 250]))
+    assert_denoiser(converted_denoiser(backbone, x, sigma, "identity", sigma_data=0.3), expected, sigma)
+
+
+def test_the_hubs_old_config_files_convert(tmp_path):
+    # google/ddpm-cifar10-32's files were written by diffusers 0.0.4 / 0.1.1: fewer UNet keys than today's,
+    # no prediction_type (epsilon), and a scheduler key diffusers has dropped since (tensor_format)
+    old_unet = {
+        "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu",
+        "attention_head_dim": None, "block_out_channels": [32, 64], "center_input_sample": False,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "downsample_padding": 0,
+        "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 1,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 8, "out_channels": 3,
+        "sample_size": 8, "time_embedding_type": "positional",
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    }  # fmt: skip
+    old_scheduler = {
+        "_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02,
+        "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000,
+        "tensor_format": "pt", "trained_betas": None, "variance_type": "fixed_large",
+    }  # fmt: skip
+    unet = make_unet(3, downsample_padding=0, attention_head_dim=None)
+    folder = save_ddpm(tmp_path / "ddpm-cifar10-32", unet, make_scheduler(), layout="top")
+    (folder / "config.json").write_text(json.dumps(old_unet))
+    (folder / "scheduler_config.json").write_text(json.dumps(old_scheduler))
+    out = tmp_path / "ddpm.ckpt"
+    convert(folder, out)
+    backbone, checkpoint = load_backbone(out, "log")
+    assert checkpoint["act_generator"]["scheduler"]["prediction_type"] == "epsilon"
+    assert "tensor_format" not in checkpoint["act_generator"]["scheduler"]
+    sigma = float(math.exp(table_log_sigmas(make_scheduler())[300]))
+    x = noisy(3, sigma)
+    expected = ddpm_denoiser(unet, x, sigma, torch.tensor([300, 300]))
+    assert_denoiser(converted_denoiser(backbone, x, sigma, "log"), expected, sigma)
+
+
+def test_a_bin_file_is_read_with_the_safe_loader(tmp_path):
+    unet = make_unet(1)
+    folder = tmp_path / "bin"
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    make_scheduler().save_pretrained(folder / "scheduler")
+    assert (folder / "unet" / "diffusion_pytorch_model.bin").is_file()
+    backbone, _ = load_backbone(convert(folder, tmp_path / "bin.ckpt")["out"], "identity")
+    for k, v in unet.state_dict().items():
+        torch.testing.assert_close(backbone.unet.state_dict()[k], v, rtol=0, atol=0)
+
+
+# -- refusals ----------------------------------------------------------------------------------------------
+
+
+def test_folders_the_backbone_cannot_reproduce_are_refused_by_name(tmp_path):
+    unet = make_unet(1)
+    v_pred = save_ddpm(tmp_path / "v", unet, make_scheduler(prediction_type="v_prediction"))
+    with pytest.raises(
+        ValueError, match=r"scheduler_config.json: prediction_type='v_prediction'.*not supported"
+    ):
+        convert(v_pred, tmp_path / "v.ckpt")
+    sample = save_ddpm(tmp_path / "s", unet, make_scheduler(prediction_type="sample"))
+    with pytest.raises(ValueError, match="prediction_type='sample', expected 'epsilon'"):
+        convert(sample, tmp_path / "s.ckpt")
+
+    empty = tmp_path / "empty"
+    make_scheduler().save_pretrained(empty / "scheduler")
+    with pytest.raises(FileNotFoundError, match=r"holds no UNet config: expected .*unet/config.json"):
+        convert(empty, tmp_path / "e.ckpt")
+    no_scheduler = tmp_path / "noscheduler"
+    unet.save_pretrained(no_scheduler / "unet")
+    with pytest.raises(FileNotFoundError, match="holds no scheduler config"):
+        convert(no_scheduler, tmp_path / "n.ckpt")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        convert(tmp_path / "missing", tmp_path / "m.ckpt")
+
+    other = save_ddpm(tmp_path / "other", unet, make_scheduler())
+    config = other / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(
+        ValueError, match="config.json: _class_name is 'UNet2DConditionModel', expected UNet2DModel"
+    ):
+        convert(other, tmp_path / "o.ckpt")
+
+    labelled = save_ddpm(tmp_path / "labelled", make_unet(1, num_class_embeds=10), make_scheduler())
+    with pytest.raises(ValueError, match="num_class_embeds=10, expected null"):
+        convert(labelled, tmp_path / "l.ckpt")
+    weightless = save_ddpm(tmp_path / "weightless", unet, make_scheduler())
+    (weightless / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="weightless/unet: the UNet's weights cannot be read"):
+        convert(weightless, tmp_path / "w.ckpt")
+    assert not list(tmp_path.glob("*.ckpt"))  # nothing written by a refused conversion
+
+
+def test_an_existing_out_is_replaced_only_with_force(tmp_path):
+    folder = save_ddpm(tmp_path / "ddpm", make_unet(1), make_scheduler())
+    out = tmp_path / "out.ckpt"
+    out.write_bytes(b"precious")
+    with pytest.raises(ValueError, match=r"OUT=.*out.ckpt already exists: pass --force"):
+        convert(folder, out)
+    assert out.read_bytes() == b"precious"
+    convert(folder, out, force=True)
+    assert "act_generator" in torch.load(out, weights_only=True)
+
+
+# -- the command -----------------------------------------------------------------------------------------
+
+
+def run_convert(*args):
+    cmd = [sys.executable, "-m", "act_lightning.convert_diffusers", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_command_converts_and_refuses_in_one_line(tmp_path):
+    folder = save_ddpm(tmp_path / "ddpm", make_unet(1), make_scheduler(), layout="top")
+    out = tmp_path / "out.ckpt"
+    result = run_convert(folder, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"written to {out}" in result.stdout and f"init_from={out}" in result.stdout
+    assert "act_generator" in torch.load(out, weights_only=True)
+    line = refusal(run_convert(tmp_path / "missing", tmp_path / "x.ckpt"))
+    assert "DIR=" in line and "missing" in line and "is not a folder" in line
+    assert "already exists" in refusal(run_convert(folder, out))
+
+
+# -- init_from with the library's training --------------------------------------------------------------
+
+
+@pytest.fixture
+def digits_ddpm(tmp_path):
+    """A converted 8x8 one-channel DDPM: the quickstart's digits (conf/data/digits.yaml)."""
+    unet = make_unet(1)
+    out = tmp_path / "digits_ddpm.ckpt"
+    convert(save_ddpm(tmp_path / "ddpm", unet, make_scheduler()), out)
+    return unet, out
+
+
+@pytest.mark.parametrize("kind", ["identity", "log"])
+def test_init_from_builds_the_converted_generator(cfg_factory, digits_ddpm, kind):
+    from act_lightning.train import check_config
+
+    unet, out = digits_ddpm
+    cfg = cfg_factory(["experiment=quickstart", f"init_from={out}", "debug=smoke", f"model.c_noise={kind}"])
+    assert (cfg.data.image_size, cfg.data.channels) == (8, 1)
+    init = read_init(cfg)
+    assert cfg.model.generator._target_ == "act_lightning.nn.vp.VPEpsilonBackbone"  # not the experiment's
+    check_config(cfg)
+    model = instantiate(cfg.model)
+    load_init(model, init)
+    backbone, _ = load_backbone(out, kind)
+    for net in (model.generator, model.target):
+        assert type(net).__name__ == "VPEpsilonBackbone" and net.c_noise == kind and net.sigma_data == SD
+        for a, b in zip(net.state_dict().values(), backbone.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    sigma = float(math.exp(table_log_sigmas(make_scheduler())[100]))
+    x = noisy(1, sigma)
+    expected = ddpm_denoiser(unet, x, sigma, torch.tensor([100, 100]))
+    with torch.no_grad():
+        actual = consistency_function(
+            model.generator.eval(), x, torch.tensor(sigma), sigma_min=0.0, sigma_data=SD, c_noise_kind=kind
+        )
+    assert_denoiser(actual, expected, sigma)
+
+
+def test_init_from_refuses_data_of_another_size_by_name(cfg_factory, digits_ddpm):
+    from act_lightning.train import check_config
+
+    _, out = digits_ddpm
+    cfg = cfg_factory(["experiment=quickstart", f"init_from={out}", "debug=smoke", "data.image_size=16"])
+    read_init(cfg)
+    with pytest.raises(ValueError, match="model.generator.image_size=8 differs from data.image_size=16"):
+        check_config(cfg)
+
+
+def test_the_runs_dropout_applies_to_a_converted_generator(cfg_factory, digits_ddpm):
+    _, out = digits_ddpm
+    cfg = cfg_factory(
+        ["experiment=quickstart", f"init_from={out}", "debug=smoke", "model.generator.dropout=0.2"]
+    )
+    read_init(cfg)  # the architecture is the DDPM's; dropout is a training setting (ECT's CIFAR-10: 0.2)
+    assert (
+        cfg.model.generator._target_.endswith("VPEpsilonBackbone") and cfg.model.generator.unet.dropout == 0.2
+    )
+    assert instantiate(cfg.model.generator).unet.config.dropout == 0.2
+
+
+@pytest.mark.slow
+def test_training_starts_from_a_converted_ddpm(digits_ddpm, tmp_path):
+    _, out = digits_ddpm
+    run_dir = tmp_path / "run"
+    args = ["experiment=quickstart", f"init_from={out}", "debug=smoke", "model.curriculum=ect", "threads=1"]
+    result = run_cli(args, run_dir)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
