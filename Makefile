@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench reproduce-mini clean
+.PHONY: help install train test test-fast lint format bench reproduce-mini reproduce-init clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,13 @@ REPORT ?= reports/reproduce_mini
 reproduce-mini: $(STAMP)  ## ACT against plain consistency training in miniature, 3 seeds (about 12 min on 2 cores): reports/reproduce_mini.*
 	$(PY) -m act_lightning.train -m ablation=ct_vs_act hydra.sweep.dir=$(MINI_DIR) $(ARGS)
 	$(PY) -m act_lightning.report $(MINI_DIR) --out $(REPORT) --time-reference ct_equal_time
+
+INIT_DIR ?= multirun/init
+INIT_REPORT ?= reports/init
+reproduce-init: $(STAMP)  ## ACT from scratch against diffusion pretraining + ECT tuning at equal time, 3 seeds (about 20 min): reports/init.*
+	$(PY) -m act_lightning.train -m ablation=init_pretrain hydra.sweep.dir=$(INIT_DIR)/pretrain $(ARGS)
+	$(PY) -m act_lightning.train -m ablation=init init_sweep=$(INIT_DIR)/pretrain hydra.sweep.dir=$(INIT_DIR)/tune $(ARGS)
+	$(PY) -m act_lightning.report $(INIT_DIR)/tune --out $(INIT_REPORT) --time-reference ect
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -261,7 +261,7 @@ def plan(config: str, cuda: bool, args) -> tuple[int, int, int, int]:
     if cuda:
         batch, (timed, warmup), repeats = experiment_batch(config), GPU_PLAN, args.repeats
     else:
-        batch, timed, warmup, cap = CPU_PLAN[config]
+        batch, timed, warmup, cap = CPU_PLAN.get(config, CPU_PLAN["cifar10"])  # others: CIFAR-10-sized
         repeats = min(args.repeats, cap or args.repeats)
     warmup = args.warmup if args.warmup is not None else warmup
     return args.batch or batch, args.iterations or timed, warmup, repeats

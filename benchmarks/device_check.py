@@ -123,6 +123,16 @@ def steps() -> list[Step]:
         ),
         Step("cuda_tests", [*pytest, "-k", "(gpu or cuda) and not inductor", tests], 240, 60),
         fid_step(),
+        Step(  # issue 22's full-scale recipes: their iteration speed, for the cost the README quotes
+            "bench_diffusion_start",
+            [py, str(BENCH / "bench_train.py"), "--configs", "cifar10_ect", "cifar10_ect_act"]
+            + ["cifar10_diffusion", "--ablate", "--no-baseline", "--no-bf16", "--iterations", "10"]
+            + ["--warmup", "4", "--repeats", "1", "--no-sampling", "--side-by-side", "0"]
+            + ["--output", "bench_diffusion_start.json"],
+            180,
+            60,
+            "bench_diffusion_start.json",
+        ),
         imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
         imagenet64_step(
             "imagenet64_one_pass_checkpointing",

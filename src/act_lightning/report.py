@@ -30,7 +30,18 @@ import yaml
 from act_lightning.checkpoints import read_checkpoint
 
 # Overrides that say how a job runs, not what it trains: they never make a variant.
-IGNORED = ("seed", "threads", "run_dir", "resume", "paths.", "hydra.", "data.root", "ablation", "stop_after")
+IGNORED = (
+    "seed",
+    "threads",
+    "run_dir",
+    "resume",
+    "paths.",
+    "hydra.",
+    "data.root",
+    "ablation",
+    "stop_after",
+    "init_sweep",
+)
 
 
 @dataclass
@@ -41,6 +52,7 @@ class Run:
     values: list[float]
     seconds: list[float]
     references: dict[str, float]
+    pretrain_seconds: float = 0.0  # the training seconds of the run its init_from came from (in `seconds`)
 
 
 @dataclass
@@ -71,8 +83,8 @@ def variant_labels(jobs: list[list[str]]) -> list[str]:
     return [label or "defaults" for label in labels]
 
 
-def job_record(job: Path) -> tuple[list[str], int]:
-    """A job's command-line overrides and seed. Both come from its checkpoint (`checkpoints/last.ckpt`):
+def job_record(job: Path) -> tuple[list[str], dict]:
+    """A job's command-line overrides and config. Both come from its checkpoint (`checkpoints/last.ckpt`):
     the config it trained with and the launch that started it, whatever later launches into its folder
     were given. A job with no checkpoint yet reads its first launch's Hydra record (`.hydra/launches/`),
     and one from before launches were kept apart its `.hydra/` folder."""
@@ -95,7 +107,23 @@ def job_record(job: Path) -> tuple[list[str], int]:
             overrides = yaml.safe_load(record.read_text()) or []
         if config is None:
             config = yaml.safe_load((record.parent / "config.yaml").read_text())
-    return list(overrides), int(config.get("seed", 0))
+    return list(overrides), config
+
+
+def pretrain_seconds(job: Path, init_from: str | None) -> float:
+    """The training seconds of the run whose checkpoint `init_from` names (its `metric_summary.json`,
+    beside the checkpoint's folder): a run started from a pretrained model is charged its pretraining,
+    so that equal wall time compares whole costs. 0 without init_from."""
+    if not init_from:
+        return 0.0
+    summary = Path(init_from).parent.parent / "metric_summary.json"
+    if not summary.is_file():
+        raise FileNotFoundError(
+            f"{job}: started from init_from={init_from}, whose run folder has no metric_summary.json "
+            "to charge its pretraining time from"
+        )
+    history = json.loads(summary.read_text())["history"]
+    return float(history[-1].get("seconds", math.nan)) if history else 0.0
 
 
 def _job_number(path: Path) -> tuple:
@@ -111,17 +139,19 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
         jobs = sorted((p.parent for p in sweep.rglob("metric_summary.json")), key=_job_number)
         for job in jobs:
-            job_overrides, seed = job_record(job)
+            job_overrides, config = job_record(job)
             overrides.append(job_overrides)
             summary = json.loads((job / "metric_summary.json").read_text())
             history = summary["history"]
+            offset = pretrain_seconds(job, config.get("init_from"))
             run = Run(
                 path=job,
-                seed=seed,
+                seed=int(config.get("seed", 0)),
                 iterations=[int(h["iteration"]) for h in history],
                 values=[float(h["value"]) for h in history],
-                seconds=[float(h.get("seconds", math.nan)) for h in history],
+                seconds=[offset + float(h.get("seconds", math.nan)) for h in history],
                 references=summary.get("references", {}),
+                pretrain_seconds=offset,
             )
             runs.append(run)
     variants: dict[str, Variant] = {}
@@ -193,6 +223,7 @@ def summarise(
                 "seeds": sorted(r.seed for r in v.runs),
                 "iterations": max(r.iterations[-1] for r in v.runs),
                 "train_seconds": _mean_spread([r.seconds[-1] for r in v.runs]),
+                "pretrain_seconds": _mean_spread([r.pretrain_seconds for r in v.runs]),
                 "final": _mean_spread([r.values[-1] for r in v.runs]),
                 "at_iteration": _mean_spread(
                     [value_at_iteration(r, at_iteration) for r in v.runs] if at_iteration is not None else []
@@ -285,6 +316,13 @@ def markdown(rows, at_iteration, at_seconds, time_ref: str, metric: str, machine
         lines.append(
             f"Equal wall time: {at_seconds:.0f} training seconds, the mean of `{time_ref}`'s runs; values "
             "between evaluations are interpolated linearly."
+        )
+    charged = [r for r in rows if r["pretrain_seconds"]["mean"]]
+    if charged:
+        lines.append(
+            "Training seconds include the pretraining of the runs that started from one (init_from): "
+            + ", ".join(f"`{r['variant']}` {_fmt(r['pretrain_seconds'], 0)} s" for r in charged)
+            + "; their curves start there."
         )
     lines.append(f"Machine: {machine}.")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from tests.conftest import CONF, ROOT
 
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
-EXPECTED_SWEEPS = {  # ablations (a) to (e) and the quickstart's recipe (f): what each one sweeps
+EXPECTED_SWEEPS = {  # ablations (a) to (e), the quickstart's recipe (f), the diffusion start (g)
     "ct_vs_act": {"seed": "0,1,2", "variant": "act,ct,ct_equal_time"},
     "gan_ratio": {"model.schedule.gan_ratio": "0,0.3,0.6,0.8,0.95"},
     "curriculum": {"model.schedule.bins_max": "10,20,40", "model.schedule.sigma_max": "10,20,80"},
@@ -32,6 +32,8 @@ EXPECTED_SWEEPS = {  # ablations (a) to (e) and the quickstart's recipe (f): wha
         "model.schedule.gan_ratio": "0,0.3,0.95",
         "seed": "0,1",
     },
+    "init_pretrain": {"seed": "0,1,2"},
+    "init": {"seed": "0,1,2", "variant": "act,ect,ect_staged,ect_act"},
 }
 
 
@@ -42,7 +44,7 @@ def _compose(overrides: list[str], tmp_path: Path, hydra: bool = False):
         )
 
 
-def test_the_six_ablations_sweep_what_they_say():
+def test_the_ablations_sweep_what_they_say():
     assert ABLATIONS == sorted(EXPECTED_SWEEPS)
 
 
@@ -88,6 +90,15 @@ def test_every_variant_sets_what_it_is_named_for(variant, tmp_path):
         and m.shared_dropout
         and m.sampling_ema == 0.964
         and m.schedule.gan_ratio == 0.95,
+        "ect": m.curriculum == "ect"
+        and m.schedule.teacher == "online"
+        and m.schedule.loss_weighting == "ict"
+        and m.pseudo_huber_c == 0
+        and m.schedule.gan_ratio == 0
+        and cfg.init_from.endswith("multirun/init/pretrain/seed0/checkpoints/last.ckpt"),
+        "ect_act": m.curriculum == "ect" and m.schedule.gan_ratio == 0.95 and m.schedule.teacher == "online",
+        "ect_staged": m.curriculum == "ect"
+        and (m.schedule.ect_q, m.schedule.ect_stages, m.schedule.gan_ratio) == (2.0, 8, 0),
     }[variant]
     assert expected
     assert instantiate(m) is not None
@@ -161,6 +172,38 @@ def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path
     # the seeds of ACT and of CT differ in the discriminator only: their first evaluation is the same
     curves = report["curves"]
     assert curves["act"][0]["value"][0] == pytest.approx(curves["ct_equal_time"][0]["value"][0])
+
+
+def test_make_reproduce_init_under_smoke_charges_the_pretraining_and_reports(tmp_path):
+    """`make reproduce-init`, shortened: one seed of ablation=init_pretrain under debug=smoke, the three
+    variants of ablation=init started from it, and the report, through the Makefile target."""
+    sweeps, out = tmp_path / "init", tmp_path / "report" / "init"
+    cmd = [
+        "make",
+        "-s",
+        "reproduce-init",
+        f"PY={sys.executable}",
+        "STAMP=",
+        f"INIT_DIR={sweeps}",
+        f"INIT_REPORT={out}",
+        "ARGS=debug=smoke data=synthetic seed=0",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pretrain = json.loads((sweeps / "pretrain" / "seed0" / "metric_summary.json").read_text())["history"]
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert set(rows) == {"act", "ect", "ect_staged", "ect_act"} and report["time_reference"] == "ect"
+    assert rows["act"]["pretrain_seconds"]["mean"] == 0
+    for name in (
+        "ect",
+        "ect_staged",
+        "ect_act",
+    ):  # charged the pretraining's seconds: their curves start there
+        assert rows[name]["pretrain_seconds"]["mean"] == pytest.approx(pretrain[-1]["seconds"])
+        assert report["curves"][name][0]["seconds"][0] == pytest.approx(pretrain[-1]["seconds"])
+    assert "include the pretraining" in out.with_suffix(".md").read_text()
 
 
 def test_the_report_names_a_missing_sweep_and_one_without_evaluations(tmp_path, capsys):

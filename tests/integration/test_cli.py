@@ -62,3 +62,113 @@ def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path)
     assert summary["history"][-1]["value"] < summary["history"][0]["value"]  # training helps already
     # the generated, real and noise distances all at the held-out count: one ruler (README, "scale")
     assert summary["subset_size"] == summary["num_samples"] == 297
+
+
+def test_diffusion_pretraining_then_ect_tuning_from_its_checkpoint(tmp_path):
+    """README "Start from a diffusion model", shortened: experiment=quickstart_diffusion, then the quickstart
+    from its last.ckpt with ECT's curriculum. The tuning run starts from the diffusion model's sampling
+    network (its target), records where it came from, and continues from its own checkpoint afterwards."""
+    pretrain, tune = tmp_path / "diffusion", tmp_path / "tune"
+    result = run_cli(["experiment=quickstart_diffusion", "debug=smoke", "model.sampling_ema=0.5"], pretrain)
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = torch.load(pretrain / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert source["act_config"]["model"]["objective"] == "diffusion"
+    assert not any(k.startswith("discriminator.") for k in source["state_dict"])
+    assert (pretrain / "samples" / "last.png").is_file()  # Heun's samples
+    init = str(pretrain / "checkpoints" / "last.ckpt")
+    # iterations=0 would be refused: one iteration at a learning rate of 1e-30 leaves the weights as loaded
+    result = run_cli(
+        [
+            "experiment=quickstart",
+            f"init_from={init}",
+            "model.curriculum=ect",
+            "debug=smoke",
+            "iterations=1",
+            "model.optimizer.lr=1e-30",
+            "model.d_optimizer.lr=1e-30",
+            "model.schedule.teacher=online",
+        ],
+        tune,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "init_from=" in result.stdout + result.stderr  # the log says where the weights came from
+    tuned = torch.load(tune / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert tuned["act_history"][0]["init_from"] == init
+    assert int(tuned["state_dict"]["iteration"]) == 1
+    for key, value in source["state_dict"].items():
+        if key.startswith("target."):
+            torch.testing.assert_close(tuned["state_dict"]["generator." + key[7:]], value, rtol=0, atol=1e-20)
+    assert any(k.startswith("discriminator.") for k in tuned["state_dict"])  # built anew for the tuning
+    # a second launch into the folder continues the run from its own checkpoint (not from init_from again)
+    result = run_cli(
+        [
+            "experiment=quickstart",
+            f"init_from={init}",
+            "model.curriculum=ect",
+            "debug=smoke",
+            "iterations=2",
+            "model.optimizer.lr=1e-30",
+            "model.d_optimizer.lr=1e-30",
+            "model.schedule.teacher=online",
+            "resume_changes=[iterations]",
+        ],
+        tune,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(tune / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert int(resumed["state_dict"]["iteration"]) == 2
+
+
+def test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm(tmp_path):
+    """README "Start from a diffusion model", CIFAR-10 commands under debug=smoke on synthetic images:
+    experiment=cifar10_diffusion, cifar10_ect and cifar10_ect_act from its checkpoint, and
+    `python -m act_lightning.convert_diffusers DIR OUT` of a DDPM folder then cifar10_ect from that."""
+    import subprocess
+    import sys
+
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from act_lightning.train import train
+    from tests.conftest import ROOT, compose
+
+    quick = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
+    train(compose(["experiment=cifar10_diffusion", *quick], run_dir=str(tmp_path / "diffusion")))
+    init = tmp_path / "diffusion" / "checkpoints" / "last.ckpt"
+    for experiment in ("cifar10_ect", "cifar10_ect_act"):
+        summary = train(
+            compose(
+                [f"experiment={experiment}", f"init_from={init}", *quick], run_dir=str(tmp_path / experiment)
+            )
+        )
+        assert summary["finished"]
+        ckpt = torch.load(
+            tmp_path / experiment / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+        )
+        assert ckpt["act_history"][0]["init_from"] == str(init)
+        assert ckpt["act_config"]["model"]["schedule"]["curriculum"] == "ect"
+        assert any(k.startswith("discriminator.") for k in ckpt["state_dict"]) == (
+            experiment == "cifar10_ect_act"
+        )
+
+    folder = tmp_path / "ddpm-cifar10-32"  # google/ddpm-cifar10-32's layout, small and random
+    UNet2DModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    ).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    out = tmp_path / "ddpm_cifar10.ckpt"
+    cmd = [sys.executable, "-m", "act_lightning.convert_diffusers", str(folder), str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "from_ddpm"
+    train(compose(["experiment=cifar10_ect", f"init_from={out}", *quick], run_dir=str(run)))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    generator = ckpt["act_config"]["model"]["generator"]
+    assert generator["_target_"].endswith("VPEpsilonBackbone")  # the folder's network, not the experiment's
+    assert generator["unet"]["dropout"] == 0.2  # but ECT's dropout of the experiment

@@ -169,6 +169,28 @@ COMMANDS: dict[str, tuple] = {
         [*SMOKE, *CHEAP, "iterations=2"],
     ),
     "python -m act_lightning.train experiment=cifar10_ict": ("train", SMOKE),
+    **{
+        command: ("test", "test_cli.py::test_diffusion_pretraining_then_ect_tuning_from_its_checkpoint")
+        for command in (
+            "python -m act_lightning.train experiment=quickstart_diffusion run_dir=outputs/digits_diffusion",
+            "python -m act_lightning.train experiment=quickstart "
+            "init_from=outputs/digits_diffusion/checkpoints/last.ckpt model.curriculum=ect",
+        )
+    },
+    **{
+        command: ("test", "test_cli.py::test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm")
+        for command in (
+            "python -m act_lightning.train experiment=cifar10_diffusion",
+            "python -m act_lightning.train experiment=cifar10_ect init_from=PATH/checkpoints/last.ckpt",
+            "python -m act_lightning.train experiment=cifar10_ect_act init_from=PATH/checkpoints/last.ckpt",
+            "python -m act_lightning.convert_diffusers ddpm-cifar10-32 ddpm_cifar10.ckpt",
+            "python -m act_lightning.train experiment=cifar10_ect init_from=ddpm_cifar10.ckpt",
+        )
+    },
+    "make reproduce-init": (
+        "test",
+        "test_ablations.py::test_make_reproduce_init_under_smoke_charges_the_pretraining_and_reports",
+    ),
     "make reproduce-mini": (
         "test",
         "test_ablations.py::test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table",

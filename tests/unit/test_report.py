@@ -114,9 +114,54 @@ def test_a_jobs_label_and_seed_come_from_its_checkpoint_whatever_later_launches_
         later=["experiment=cifar10", "logger=wandb"],
     )
     _job(tmp_path / "1", 1, None)
-    assert job_record(tmp_path / "0") == (["seed=0", "model.schedule.gan_ratio=0.1"], 0)
-    assert job_record(tmp_path / "1") == (["seed=1", "first"], 1)  # its first launch's record
+    overrides, config = job_record(tmp_path / "0")
+    assert (overrides, config["seed"]) == (["seed=0", "model.schedule.gan_ratio=0.1"], 0)
+    overrides, config = job_record(tmp_path / "1")
+    assert (overrides, config["seed"]) == (["seed=1", "first"], 1)  # its first launch's record
     variants = find_runs([tmp_path])
     assert [v.label for v in variants] == ["model.schedule.gan_ratio=0.1", "first"]
     with pytest.raises(FileNotFoundError, match="neither a checkpoint nor a Hydra record"):
         job_record(tmp_path)
+
+
+def test_a_run_started_from_a_pretrained_model_is_charged_its_pretraining_seconds(tmp_path):
+    import json
+
+    import torch
+
+    from act_lightning.report import find_runs, markdown, summarise
+
+    pretrain = tmp_path / "pretrain" / "seed0"
+    pretrain.mkdir(parents=True)
+    history = [
+        {"iteration": 0, "value": 9.0, "seconds": 0.0},
+        {"iteration": 8, "value": 5.0, "seconds": 30.0},
+    ]
+    (pretrain / "metric_summary.json").write_text(json.dumps({"history": history}))
+    for name, init_from in (("0", None), ("1", str(pretrain / "checkpoints" / "last.ckpt"))):
+        job = tmp_path / "tune" / name
+        (job / "checkpoints").mkdir(parents=True)
+        history = [
+            {"iteration": 0, "value": 4.0, "seconds": 0.0},
+            {"iteration": 4, "value": 2.0, "seconds": 10.0},
+        ]
+        (job / "metric_summary.json").write_text(json.dumps({"history": history}))
+        torch.save(
+            {
+                "state_dict": {},
+                "act_config": {"seed": 0, "init_from": init_from},
+                "act_history": [
+                    {"iteration": 0, "overrides": ["seed=0", f"variant={'ect' if init_from else 'act'}"]}
+                ],
+            },
+            job / "checkpoints" / "last.ckpt",
+        )
+    scratch, tuned = find_runs([tmp_path / "tune"])
+    assert scratch.runs[0].seconds == [0.0, 10.0] and scratch.runs[0].pretrain_seconds == 0
+    assert tuned.label == "ect" and tuned.runs[0].seconds == [30.0, 40.0]
+    rows, k, t, ref = summarise([scratch, tuned], None, 35.0, None)
+    assert {r["variant"]: r for r in rows}["ect"]["at_seconds"]["mean"] == pytest.approx(3.0)
+    assert "`ect` 30 s" in markdown(rows, k, t, ref, "fd", "here")
+    (pretrain / "metric_summary.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no metric_summary.json to charge"):
+        find_runs([tmp_path / "tune"])
