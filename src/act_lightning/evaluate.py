@@ -23,14 +23,21 @@ from tqdm import tqdm
 
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
 from act_lightning.commands import CONFIG_DIR, REFUSED, refuse, resolve_device
-from act_lightning.metrics.extra import NEED_REAL, FeatureRecorder, check_metrics, extra_metrics
+from act_lightning.metrics.extra import (
+    NEED_REAL,
+    NEED_REAL_IMAGES,
+    FeatureRecorder,
+    SecondFeatures,
+    check_metrics,
+    extra_metrics,
+)
 from act_lightning.metrics.fid import (
     build_feature_extractor,
     check_reference_spec,
     reference_statistics,
     sample_statistics,
 )
-from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd
+from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd, statistics_of
 from act_lightning.metrics.reference import reference_image_batches, require_reference_images
 from act_lightning.sample import heun_record
 from act_lightning.seeds import EVALUATION, mix_seed
@@ -77,8 +84,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     weights = (
         resolve_inception_weights(ev.inception_weights, ev.download) if ev.features == "inception" else None
     )
+    dinov2_weights = None
+    if "fd_dinov2" in metrics:
+        from act_lightning.metrics.dinov2 import resolve_dinov2_weights
+
+        dinov2_weights = resolve_dinov2_weights(cfg.get("dinov2_weights"), bool(ev.download))
     check_reference_spec(ev.reference)
-    if any(m in NEED_REAL for m in metrics) and str(ev.reference) != "train":
+    if any(m in NEED_REAL_IMAGES for m in metrics) and str(ev.reference) != "train":
         require_reference_images(Path(ev.reference))
     device = resolve_device(cfg.device)
 
@@ -87,17 +99,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     real = None
     if any(m in NEED_REAL for m in metrics):
         real = real_features(ev, run, extractor, cfg.num_samples, cfg.batch_size, device)
+    dinov2, dinov2_reference = None, None
+    if dinov2_weights is not None:  # FD-DINOv2's reference: the same real images through DINOv2
+        from act_lightning.metrics.dinov2 import load_dinov2
+
+        dinov2 = load_dinov2(dinov2_weights, ev.quantize).to(device)
+        mu, sigma = statistics_of(real_features(ev, run, dinov2, cfg.num_samples, cfg.batch_size, device))
+        dinov2_reference = (mu, sigma, sqrtm_psd(sigma))
     name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
     results = {}
     for sampler in cfg.samplers:
         per_seed = []
         for seed in seeds:
-            recorder = FeatureRecorder(extractor, logits="is" in metrics) if len(metrics) > 1 else None
+            extra = [m for m in metrics if m not in ("fid", "fd_dinov2")]
+            recorder = FeatureRecorder(extractor, logits="is" in metrics) if extra else None
+            features = recorder or extractor
+            second = SecondFeatures(features, dinov2) if dinov2 is not None else None
             result = score_sampler(
-                cfg, sampler, model, run, recorder or extractor, reference, name, device, seed
+                cfg, sampler, model, run, second or features, reference, name, device, seed
             )
             if recorder is not None:
                 result.update(extra_metrics(metrics, recorder, real))
+            if second is not None:
+                result["fd_dinov2"] = frechet_distance(
+                    *statistics_of(second.all_features()), *dinov2_reference
+                )
             per_seed.append(result)
         results[sampler] = over_seeds(per_seed, seeds)
     summary = {

@@ -235,3 +235,46 @@ def test_the_command_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
         main.__wrapped__(cfg)  # the command's body, without Hydra's run folder
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err == f"error: ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file\n"
+
+
+def test_fd_dinov2_scores_the_same_samples_with_stand_in_weights_and_missing_weights_stop_early(tmp_path):
+    """metrics=[fid,fd_dinov2]: DINOv2 sees the images FID sees (FID unchanged by it), FD-DINOv2 is in the
+    JSON per sampler and per seed; without the weights file the command stops before sampling, naming it."""
+    from act_lightning.metrics.dinov2 import WEIGHTS_FILE
+    from tests.unit.test_dinov2 import stand_in_weights
+
+    run = tmp_path / "run"
+    train(compose(["debug=smoke", "iterations=2", "eval=null"], run_dir=str(run)))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    weights = stand_in_weights(tmp_path / WEIGHTS_FILE)
+    common = [f"ckpt={ckpt}", "num_samples=16", "batch_size=8", "eval.features=digits", "samplers=[1-step]"]
+    both = _evaluate(
+        [
+            *common,
+            "metrics=[fid,fd_dinov2]",
+            f"dinov2_weights={weights}",
+            "seeds=[0,1]",
+            f"output={tmp_path / 'both.json'}",
+        ]
+    )
+    fid = _evaluate([*common, "metrics=[fid]", "seeds=[0,1]", f"output={tmp_path / 'fid.json'}"])
+    result = both["results"]["1-step"]
+    assert both["metrics"] == ["fid", "fd_dinov2"]
+    assert result["fid_per_seed"] == fid["results"]["1-step"]["fid_per_seed"]
+    values = list(result["fd_dinov2_per_seed"].values())
+    assert all(v > 0 for v in values) and values[0] != values[1]
+    assert result["fd_dinov2"] == pytest.approx(np.mean(values))
+    again = _evaluate(
+        [
+            *common,
+            "metrics=[fid,fd_dinov2]",
+            f"dinov2_weights={weights}",
+            "seed=1",
+            f"output={tmp_path / 'again.json'}",
+        ]
+    )
+    assert again["results"]["1-step"]["fd_dinov2"] == result["fd_dinov2_per_seed"]["1"]  # reproducible
+    from act_lightning.metrics.inception import WeightsError
+
+    with pytest.raises(WeightsError, match="dinov2_weights=.*missing.pth: no such file"):
+        _evaluate([*common, "metrics=[fid,fd_dinov2]", f"dinov2_weights={tmp_path / 'missing.pth'}"])

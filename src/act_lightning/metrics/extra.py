@@ -4,6 +4,8 @@ generated and real images). The arithmetic is torch-fidelity's (`metric_isc`, `m
 `metric_prc`), the implementation the field's tables come from; this module feeds it features.
 
 `python -m act_lightning.evaluate metrics=[fid,is,kid,pr]` computes them per sampler (and per seed).
+`fd_dinov2` is the Fréchet distance in DINOv2 ViT-L/14's features (EDM2's FD-DINOv2, metrics.dinov2): a
+second network sees the same generated images (`SecondFeatures`), no second sampling pass.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ METRICS = (
     "is",
     "kid",
     "pr",
-)  # is: Inception Score; kid: Kernel Inception Distance; pr: precision/recall
+    "fd_dinov2",
+)  # is: Inception Score; kid: Kernel Inception Distance; pr: precision/recall; fd_dinov2: FD in DINOv2's
 NEED_REAL = ("kid", "pr")  # these compare sets of features, not statistics: they need real images
+NEED_REAL_IMAGES = (*NEED_REAL, "fd_dinov2")  # FD-DINOv2 computes its reference from real images too
 NEED_LOGITS = ("is",)  # only the Inception network has class logits
 
 
@@ -58,6 +62,24 @@ class FeatureRecorder:
 
     def all_logits(self) -> Tensor:
         return torch.cat(self.logits)  # (N, 1008)
+
+
+class SecondFeatures:
+    """Passes each batch of generated images to `main` (the FID extractor, or a FeatureRecorder around
+    it), whose features it returns, and to `second` (DINOv2), whose features it keeps: one sampling pass
+    for both metrics."""
+
+    def __init__(self, main, second: nn.Module) -> None:
+        self.main, self.second = main, second
+        self.num_features = main.num_features
+        self.features: list[Tensor] = []
+
+    def __call__(self, images: Tensor) -> Tensor:
+        self.features.append(self.second(images).float().cpu())
+        return self.main(images)
+
+    def all_features(self) -> Tensor:
+        return torch.cat(self.features)
 
 
 def inception_score(logits: Tensor, splits: int = 10) -> dict[str, float]:
