@@ -38,7 +38,7 @@ from act_lightning.metrics.fid import (
     sample_statistics,
 )
 from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd, statistics_of
-from act_lightning.metrics.reference import reference_image_batches, require_reference_images
+from act_lightning.metrics.reference import reference_image_features, require_reference_images
 from act_lightning.sample import heun_record
 from act_lightning.seeds import EVALUATION, mix_seed
 
@@ -180,17 +180,12 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
 
 
 def real_features(ev: DictConfig, run: DictConfig, extractor, count: int, batch_size: int, device) -> Tensor:
-    """(N, D) features of up to `count` real images of the reference (for KID and precision/recall, which
-    compare sets of features): the training set's (reference=train) or an .npz batch's (arr_0)."""
+    """(N, D) features of up to `count` real images of the reference (`reference_image_features`); the
+    training set's comes from the run's data module."""
     from hydra.utils import instantiate
 
-    if str(ev.reference) == "train":
-        datamodule = instantiate(run.data)
-        loader = datamodule.reference_dataloader(batch_size, max_images=count)
-        batches = (x for x, _ in loader)
-    else:
-        batches = reference_image_batches(Path(ev.reference), batch_size, count)
-    return torch.cat([extractor(x.to(device)).float().cpu() for x in batches])
+    datamodule = instantiate(run.data) if str(ev.reference) == "train" else None
+    return reference_image_features(str(ev.reference), datamodule, extractor, count, batch_size, device)
 
 
 def check_options(cfg: DictConfig) -> None:

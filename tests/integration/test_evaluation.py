@@ -278,3 +278,38 @@ def test_fd_dinov2_scores_the_same_samples_with_stand_in_weights_and_missing_wei
 
     with pytest.raises(WeightsError, match="dinov2_weights=.*missing.pth: no such file"):
         _evaluate([*common, "metrics=[fid,fd_dinov2]", f"dinov2_weights={tmp_path / 'missing.pth'}"])
+
+
+def test_extra_metrics_during_training_go_to_the_loggers_and_the_summary(tmp_path):
+    """eval.metrics=[fid,kid,pr,fd_dinov2] on the quickstart (digit features, stand-in DINOv2 weights): each
+    evaluation logs val/kid, val/precision, val/recall and val/fd_dinov2 beside val/fd, from the same samples,
+    and metric_summary.json keeps them; Inception Score needs Inception's logits and is refused by name."""
+    import csv
+
+    from act_lightning.metrics.dinov2 import WEIGHTS_FILE
+    from tests.unit.test_dinov2 import stand_in_weights
+
+    weights = stand_in_weights(tmp_path / WEIGHTS_FILE)
+    run = tmp_path / "run"
+    args = ["debug=smoke", "iterations=2", "eval.every=1", "eval.num_samples=16", "eval.subset_size=null"]
+    train(
+        compose(
+            [*args, "eval.metrics=[fid,kid,pr,fd_dinov2]", f"eval.dinov2_weights={weights}"], run_dir=str(run)
+        )
+    )
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/fd")]
+    assert len(rows) == 3  # iterations 0, 1, 2
+    for row in rows:
+        assert float(row["val/fd_dinov2"]) > 0 and 0 <= float(row["val/precision"]) <= 1
+        assert row["val/kid"] and row["val/recall"]
+    extra = json.loads((run / "metric_summary.json").read_text())["extra"]
+    assert [e["iteration"] for e in extra] == [0, 1, 2] and {"kid", "precision", "fd_dinov2"} <= set(extra[0])
+    plain = tmp_path / "plain"
+    train(compose(args, run_dir=str(plain)))  # the metric itself does not change with the extras
+    history = json.loads((run / "metric_summary.json").read_text())["history"]
+    assert [h["value"] for h in history] == [
+        h["value"] for h in json.loads((plain / "metric_summary.json").read_text())["history"]
+    ]
+    with pytest.raises(Exception, match=r"eval.metrics=\[is\] needs eval.features=inception"):
+        train(compose([*args, "eval.metrics=[fid,is]"], run_dir=str(tmp_path / "is")))

@@ -10,6 +10,11 @@ The value goes to every logger at step = ACT iteration (`val/fid`), its best val
 the curve to `fid_curve.png` and the history to `metric_summary.json` (each entry with the training
 seconds so far: wall-clock time since the first iteration, evaluations excluded, carried over resumes);
 the best checkpoint by the metric is kept as `best.ckpt`. A callback observes: it never changes training.
+
+`metrics` adds what `python -m act_lightning.evaluate metrics=[...]` computes, from the same samples:
+`is`, `kid`, `pr` (from the same features) and `fd_dinov2` (DINOv2's, in the same sampling pass), logged
+as `<prefix>/is`, `<prefix>/kid`, `<prefix>/precision`, `<prefix>/recall`, `<prefix>/fd_dinov2` (prefix: the
+key's, e.g. `val`) and kept in `metric_summary.json` under `extra`; over all drawn samples, not per subset.
 """
 
 from __future__ import annotations
@@ -26,9 +31,17 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from act_lightning.metrics.extra import (
+    NEED_REAL,
+    NEED_REAL_IMAGES,
+    FeatureRecorder,
+    SecondFeatures,
+    check_metrics,
+    extra_metrics,
+)
 from act_lightning.metrics.fid import (
     FEATURES,
     build_feature_extractor,
@@ -37,8 +50,9 @@ from act_lightning.metrics.fid import (
     reference_statistics,
     sample_subset_statistics,
 )
-from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd
+from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd, statistics_of
 from act_lightning.metrics.inception import QUANTIZE
+from act_lightning.metrics.reference import reference_image_features
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +76,14 @@ class FrechetEvaluation(L.Callback):
         quantize: str = "round",
         best_checkpoint: str | None = None,
         subset_size: int | None = None,
+        metrics: list[str] | tuple[str, ...] = ("fid",),
+        dinov2_weights: str | None = None,
     ) -> None:
         check_eval_arguments(every, quantize, num_samples, batch_size, subset_size)
+        names = list(metrics) if metrics else ["fid"]
+        self.metrics = check_metrics(
+            names, features if isinstance(features, str) else "custom", "eval.metrics"
+        )
         self.subset_size = subset_size  # null: one set of num_samples; else the mean over sets of this size
         self.run_dir = Path(run_dir)
         self.features_spec = features
@@ -88,6 +108,19 @@ class FrechetEvaluation(L.Callback):
         elif isinstance(features, str) and features not in FEATURES:
             raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {features!r}")
         check_reference_spec(self.reference_spec)
+        self.dinov2_weights = None
+        if "fd_dinov2" in self.metrics:
+            from act_lightning.metrics.dinov2 import resolve_dinov2_weights
+
+            self.dinov2_weights = resolve_dinov2_weights(dinov2_weights, download, key="eval.dinov2_weights")
+        if any(m in NEED_REAL_IMAGES for m in self.metrics) and self.reference_spec != "train":
+            from act_lightning.metrics.reference import require_reference_images
+
+            require_reference_images(Path(self.reference_spec))
+        self.dinov2: nn.Module | None = None
+        self._real: Tensor | None = None  # real images' features (kid, pr)
+        self._dinov2_reference: tuple | None = None  # (mu, sigma, sigma^(1/2)) of real images in DINOv2's
+        self.extra_history: list[dict[str, float]] = []  # {"iteration": k, metric: value, ...}
 
         self.extractor: nn.Module | None = None
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
@@ -110,6 +143,10 @@ class FrechetEvaluation(L.Callback):
         else:
             self.extractor = spec()
         self.extractor.eval().requires_grad_(False)
+        if self.dinov2_weights is not None:
+            from act_lightning.metrics.dinov2 import load_dinov2
+
+            self.dinov2 = load_dinov2(self.dinov2_weights, self.quantize)
 
     def on_train_start(self, trainer, pl_module) -> None:
         device = pl_module.device
@@ -117,6 +154,7 @@ class FrechetEvaluation(L.Callback):
         self.extractor.to(device)
         self.reference = self._reference_statistics(trainer, dm, device)
         self._reference_root = sqrtm_psd(self.reference[1])
+        self._extra_references(trainer, dm, device)
         if not self.references and hasattr(dm, "build_held_out_dataset"):
             self.references = self._reference_values(dm, device)
         if self.references and pl_module.k == 0:  # once per run: a resumed run has them logged
@@ -188,10 +226,12 @@ class FrechetEvaluation(L.Callback):
         dm = trainer.datamodule
         desc = f"{self.label} at iteration {pl_module.k}"
         size = self.subset_size or self.num_samples
+        recorder = FeatureRecorder(self.extractor, logits="is" in self.metrics) if self._extras() else None
+        second = SecondFeatures(recorder or self.extractor, self.dinov2) if self.dinov2 is not None else None
         with self._bar(trainer, desc, total=self._num_drawn()) as bar:
             stats = sample_subset_statistics(
                 lambda noise, labels, chunk: pl_module.sample(noise, labels),
-                self.extractor,
+                second or recorder or self.extractor,
                 self._num_drawn() // size,
                 size,
                 self.batch_size,
@@ -203,7 +243,39 @@ class FrechetEvaluation(L.Callback):
                 trainer.world_size,
                 progress=lambda n: bar.update(n * trainer.world_size),
             )
+        self._last_extra = self._extra_values(trainer, recorder, second)
         return float(np.mean([self._fd(part) for part in stats]))  # one value without subsets
+
+    def _extras(self) -> list[str]:
+        return [m for m in self.metrics if m not in ("fid", "fd_dinov2")]
+
+    def _extra_references(self, trainer, dm, device) -> None:
+        """Real images' features for kid and pr, and their DINOv2 statistics for fd_dinov2 (up to
+        num_samples images of the reference; every rank computes the same)."""
+        count = self._num_drawn()
+        if any(m in NEED_REAL for m in self.metrics) and self._real is None:
+            self._real = reference_image_features(
+                self.reference_spec, dm, self.extractor, count, self.batch_size, device
+            )
+        if self.dinov2 is not None and self._dinov2_reference is None:
+            self.dinov2.to(device)
+            mu, sigma = statistics_of(
+                reference_image_features(self.reference_spec, dm, self.dinov2, count, self.batch_size, device)
+            )
+            self._dinov2_reference = (mu, sigma, sqrtm_psd(sigma))
+
+    def _extra_values(self, trainer, recorder, second) -> dict[str, float]:
+        """The extra metrics of this evaluation's samples, all ranks' features together."""
+        out: dict[str, float] = {}
+        if recorder is not None:
+            recorder.features = [_gathered(trainer, torch.cat(recorder.features))]
+            if recorder.logits is not None:
+                recorder.logits = [_gathered(trainer, torch.cat(recorder.logits))]
+            out.update(extra_metrics(self.metrics, recorder, self._real))
+        if second is not None:
+            features = _gathered(trainer, second.all_features())
+            out["fd_dinov2"] = frechet_distance(*statistics_of(features), *self._dinov2_reference)
+        return out
 
     def summary(self) -> dict[str, Any]:
         """For the training entry point (and a sweeper that minimises it): the best value of the metric,
@@ -235,7 +307,11 @@ class FrechetEvaluation(L.Callback):
         improved = k > 0 and (self.best is None or value < self.best[1])
         if improved:
             self.best = (k, value)
-        self._log(trainer, k, {self.key: value})
+        extra = getattr(self, "_last_extra", {})
+        prefix = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
+        self._log(trainer, k, {self.key: value, **{prefix + name: v for name, v in extra.items()}})
+        if extra:
+            self.extra_history.append({"iteration": k, **extra})
         trainer.callback_metrics[self.key] = torch.tensor(value)  # progress bar and train()'s summary
         self._update_wandb_summary(trainer)
         self._write()
@@ -291,6 +367,8 @@ class FrechetEvaluation(L.Callback):
             "best": None if self.best is None else {"iteration": self.best[0], "value": self.best[1]},
             "references": self.references,
         }
+        if self.extra_history:
+            summary["extra"] = self.extra_history
         if self.history and "real" in self.references and "noise" in self.references:
             fd, real, noise = self.history[-1][1], self.references["real"], self.references["noise"]
             summary["normalised"] = (fd - real) / (noise - real)  # 0 = as good as real data, 1 = noise
@@ -303,6 +381,7 @@ class FrechetEvaluation(L.Callback):
             "references": self.references,
             "best": self.best,
             "train_seconds": self.train_seconds(),
+            "extra_history": self.extra_history,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -310,8 +389,20 @@ class FrechetEvaluation(L.Callback):
         self.history = [(*x, float("nan"))[:3] for x in state_dict.get("history", [])]
         self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.references = dict(state_dict.get("references", {}))
+        self.extra_history = list(state_dict.get("extra_history", []))
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
+
+
+def _gathered(trainer, features: Tensor) -> Tensor:
+    """Every rank's rows of `features` (their counts may differ by a chunk), in rank order."""
+    if trainer.world_size == 1:
+        return features
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(parts, features.cpu())
+    return torch.cat(parts)
 
 
 def check_eval_arguments(every: int, quantize: str, num_samples: int, batch_size: int, subset_size) -> None:

@@ -143,7 +143,7 @@ def architecture(state: dict[str, Tensor]) -> dict[str, int]:
     return {"dim": dim, "depth": depth, "patch": patch, "grid": grid}
 
 
-def resolve_dinov2_weights(weights: str | None, download: bool = False) -> Path:
+def resolve_dinov2_weights(weights: str | None, download: bool = False, key: str = "dinov2_weights") -> Path:
     """The weights file: `weights` if given, else the torch hub cache (where torch.hub.load puts it),
     downloaded there first when `download`. Raises WeightsError naming the file, the place and the URL."""
     if weights is not None:
@@ -161,13 +161,13 @@ def resolve_dinov2_weights(weights: str | None, download: bool = False) -> Path:
         except Exception as e:  # offline: say what to do instead
             raise WeightsError(
                 f"Could not download the DINOv2 weights ({type(e).__name__}: {e}). Put {WEIGHTS_FILE} (from "
-                f"{WEIGHTS_URL}) at {path}, or pass dinov2_weights=PATH."
+                f"{WEIGHTS_URL}) at {path}, or pass {key}=PATH."
             ) from e
     if not path.is_file():
         raise WeightsError(
             f"FD-DINOv2 needs the DINOv2 ViT-L/14 weights {WEIGHTS_FILE}, which are not in the torch hub "
             f"cache. Download {WEIGHTS_URL} on a machine that is online and put it at {path} (or anywhere, "
-            "and pass dinov2_weights=PATH)."
+            f"and pass {key}=PATH)."
         )
     return path
 

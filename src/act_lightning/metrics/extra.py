@@ -27,14 +27,14 @@ NEED_REAL_IMAGES = (*NEED_REAL, "fd_dinov2")  # FD-DINOv2 computes its reference
 NEED_LOGITS = ("is",)  # only the Inception network has class logits
 
 
-def check_metrics(metrics: Iterable[str], features: str) -> list[str]:
-    """The requested metrics, refused by name when unknown or impossible with these features."""
+def check_metrics(metrics: Iterable[str], features: str, key: str = "metrics") -> list[str]:
+    """The requested metrics, refused by name (`key`) when unknown or impossible with these features."""
     metrics = list(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics or "fid" not in metrics:
-        raise ValueError(f"metrics must list fid and any of {', '.join(METRICS[1:])}; got {metrics}")
+        raise ValueError(f"{key} must list fid and any of {', '.join(METRICS[1:])}; got {metrics}")
     if features != "inception" and any(m in NEED_LOGITS for m in metrics):
-        raise ValueError(f"metrics=[is] needs eval.features=inception (class logits); got {features}")
+        raise ValueError(f"{key}=[is] needs eval.features=inception (class logits); got {features}")
     return metrics
 
 

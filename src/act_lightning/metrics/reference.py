@@ -122,6 +122,20 @@ def reference_image_batches(path: Path, batch_size: int, count: int) -> Iterator
     return image_batches(images, batch_size)
 
 
+@torch.no_grad()
+def reference_image_features(
+    reference: str, datamodule, extractor, count: int, batch_size: int, device
+) -> Tensor:
+    """(N, D) features of up to `count` real images of the reference: the training set's (`train`, from
+    `datamodule.reference_dataloader`) or an .npz batch's (arr_0). KID, precision/recall and FD-DINOv2
+    compare with them."""
+    if str(reference) == "train":
+        batches = (x for x, _ in datamodule.reference_dataloader(batch_size, max_images=count))
+    else:
+        batches = reference_image_batches(Path(reference), batch_size, count)
+    return torch.cat([extractor(x.to(device)).float().cpu() for x in batches])
+
+
 def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:
     """Writes `mu`, `sigma` and scalar/str metadata atomically."""
     with atomic_write(path) as f:
