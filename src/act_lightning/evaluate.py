@@ -26,10 +26,8 @@ from act_lightning.commands import CONFIG_DIR, REFUSED, refuse, resolve_device
 from act_lightning.metrics.extra import (
     NEED_REAL,
     NEED_REAL_IMAGES,
-    FeatureRecorder,
-    SecondFeatures,
+    ExtraMetrics,
     check_metrics,
-    extra_metrics,
 )
 from act_lightning.metrics.fid import (
     build_feature_extractor,
@@ -72,26 +70,13 @@ def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates `cfg.ckpt`; returns (and writes) the results."""
-    from act_lightning.metrics.inception import resolve_inception_weights
-
     ckpt = Path(cfg.ckpt)
     checkpoint, run = load_checkpoint(ckpt)
     ev = _apply_overrides(run, cfg)
     check_options(cfg)
     seeds = sampling_seeds(cfg)
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
-    # Everything that can be missing is checked before the networks are built.
-    weights = (
-        resolve_inception_weights(ev.inception_weights, ev.download) if ev.features == "inception" else None
-    )
-    dinov2_weights = None
-    if "fd_dinov2" in metrics:
-        from act_lightning.metrics.dinov2 import resolve_dinov2_weights
-
-        dinov2_weights = resolve_dinov2_weights(cfg.get("dinov2_weights"), bool(ev.download))
-    check_reference_spec(ev.reference)
-    if any(m in NEED_REAL_IMAGES for m in metrics) and str(ev.reference) != "train":
-        require_reference_images(Path(ev.reference))
+    weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
     device = resolve_device(cfg.device)
 
     model = build_model(checkpoint, run, device)
@@ -100,30 +85,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if any(m in NEED_REAL for m in metrics):
         real = real_features(ev, run, extractor, cfg.num_samples, cfg.batch_size, device)
     dinov2, dinov2_reference = None, None
-    if dinov2_weights is not None:  # FD-DINOv2's reference: the same real images through DINOv2
-        from act_lightning.metrics.dinov2 import load_dinov2
-
-        dinov2 = load_dinov2(dinov2_weights, ev.quantize).to(device)
-        mu, sigma = statistics_of(real_features(ev, run, dinov2, cfg.num_samples, cfg.batch_size, device))
-        dinov2_reference = (mu, sigma, sqrtm_psd(sigma))
+    if dinov2_weights is not None:
+        dinov2, dinov2_reference = build_dinov2(ev, run, dinov2_weights, cfg, device)
     name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
     results = {}
     for sampler in cfg.samplers:
         per_seed = []
         for seed in seeds:
-            extra = [m for m in metrics if m not in ("fid", "fd_dinov2")]
-            recorder = FeatureRecorder(extractor, logits="is" in metrics) if extra else None
-            features = recorder or extractor
-            second = SecondFeatures(features, dinov2) if dinov2 is not None else None
-            result = score_sampler(
-                cfg, sampler, model, run, second or features, reference, name, device, seed
-            )
-            if recorder is not None:
-                result.update(extra_metrics(metrics, recorder, real))
-            if second is not None:
-                result["fd_dinov2"] = frechet_distance(
-                    *statistics_of(second.all_features()), *dinov2_reference
-                )
+            taps = ExtraMetrics(metrics, extractor, dinov2)
+            result = score_sampler(cfg, sampler, model, run, taps.extractor, reference, name, device, seed)
+            result.update(taps.values(real, dinov2_reference))
             per_seed.append(result)
         results[sampler] = over_seeds(per_seed, seeds)
     summary = {
@@ -145,6 +116,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output.write_text(json.dumps(summary, indent=2))
     summary["output"] = str(output)
     return summary
+
+
+def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str]) -> tuple:
+    """The Inception and DINOv2 weights files and the reference the metrics need, each refused by name
+    when missing, before anything is built: (inception weights or None, DINOv2 weights or None)."""
+    from act_lightning.metrics.inception import resolve_inception_weights
+
+    weights = None
+    if ev.features == "inception":
+        weights = resolve_inception_weights(ev.inception_weights, ev.download)
+    dinov2_weights = None
+    if "fd_dinov2" in metrics:
+        from act_lightning.metrics.dinov2 import resolve_dinov2_weights
+
+        dinov2_weights = resolve_dinov2_weights(cfg.get("dinov2_weights"), bool(ev.download))
+    check_reference_spec(ev.reference)
+    if any(m in NEED_REAL_IMAGES for m in metrics) and str(ev.reference) != "train":
+        require_reference_images(Path(ev.reference))
+    return weights, dinov2_weights
+
+
+def build_dinov2(ev: DictConfig, run: DictConfig, weights, cfg: DictConfig, device) -> tuple:
+    """DINOv2's feature extractor and FD-DINOv2's reference (mu, sigma, sigma^(1/2)): as many real images
+    of the reference as samples are drawn, through DINOv2."""
+    from act_lightning.metrics.dinov2 import load_dinov2
+
+    dinov2 = load_dinov2(weights, ev.quantize).to(device)
+    mu, sigma = statistics_of(real_features(ev, run, dinov2, cfg.num_samples, cfg.batch_size, device))
+    return dinov2, (mu, sigma, sqrtm_psd(sigma))
 
 
 def sampling_seeds(cfg: DictConfig) -> list[int]:

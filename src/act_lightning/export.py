@@ -196,11 +196,9 @@ def _follow_umask(out: Path) -> None:
         os.chmod(path, default_file_mode())
 
 
-def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
-    """Writes the checkpoint's target generator into `out` (see the module docstring)."""
-    from omegaconf import OmegaConf
-
-    model, run, checkpoint = load_model(ckpt)
+def check_exportable(model, ckpt) -> None:
+    """Refuses what the exported pipeline cannot reproduce: a diffusion model (Heun's sampler, not the
+    consistency function's steps) and a generator other than UNetGenerator (a converted DDPM's)."""
     if model.hparams.get("objective", "consistency") != "consistency":
         raise ValueError(
             f"ckpt={ckpt}: a diffusion model (model.objective=diffusion), which samples with Heun's method; "
@@ -211,6 +209,14 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
             f"ckpt={ckpt}: its generator is a {type(model.generator).__name__} (a converted diffusers "
             "model's), not the act_lightning.nn.UNetGenerator that export writes and load_generator reads"
         )
+
+
+def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """Writes the checkpoint's target generator into `out` (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    model, run, checkpoint = load_model(ckpt)
+    check_exportable(model, ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     h = model.hparams

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from act_lightning.metrics.extra import (
-    NEED_REAL,
-    NEED_REAL_IMAGES,
-    FeatureRecorder,
-    SecondFeatures,
-    check_metrics,
-    extra_metrics,
-)
+from act_lightning.metrics.extra import NEED_REAL, NEED_REAL_IMAGES, ExtraMetrics, check_metrics
 from act_lightning.metrics.fid import (
     FEATURES,
     build_feature_extractor,
@@ -100,23 +94,9 @@ class FrechetEvaluation(L.Callback):
         self.reference_max_images = reference_max_images
         self.best_checkpoint = Path(best_checkpoint) if best_checkpoint else None
         # Fail now, before any data is read or network built, if a file the evaluation needs is missing.
-        self.inception_weights = None
-        if features == "inception":
-            from act_lightning.metrics.inception import resolve_inception_weights
-
-            self.inception_weights = resolve_inception_weights(inception_weights, download)
-        elif isinstance(features, str) and features not in FEATURES:
-            raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {features!r}")
-        check_reference_spec(self.reference_spec)
-        self.dinov2_weights = None
-        if "fd_dinov2" in self.metrics:
-            from act_lightning.metrics.dinov2 import resolve_dinov2_weights
-
-            self.dinov2_weights = resolve_dinov2_weights(dinov2_weights, download, key="eval.dinov2_weights")
-        if any(m in NEED_REAL_IMAGES for m in self.metrics) and self.reference_spec != "train":
-            from act_lightning.metrics.reference import require_reference_images
-
-            require_reference_images(Path(self.reference_spec))
+        self.inception_weights, self.dinov2_weights = self._required_files(
+            features, inception_weights, dinov2_weights, download
+        )
         self.dinov2: nn.Module | None = None
         self._real: Tensor | None = None  # real images' features (kid, pr)
         self._dinov2_reference: tuple | None = None  # (mu, sigma, sigma^(1/2)) of real images in DINOv2's
@@ -130,6 +110,27 @@ class FrechetEvaluation(L.Callback):
         self.best: tuple[int, float] | None = None
         self._seconds_before = 0.0  # training seconds of earlier processes (a resumed run)
         self._clock: float | None = None  # perf_counter at this process's start of training
+
+    def _required_files(self, features, inception_weights, dinov2_weights, download) -> tuple:
+        """The Inception and DINOv2 weights files (None where not needed) and the reference's images,
+        each refused by name when missing."""
+        inception = dinov2 = None
+        if features == "inception":
+            from act_lightning.metrics.inception import resolve_inception_weights
+
+            inception = resolve_inception_weights(inception_weights, download)
+        elif isinstance(features, str) and features not in FEATURES:
+            raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {features!r}")
+        check_reference_spec(self.reference_spec)
+        if "fd_dinov2" in self.metrics:
+            from act_lightning.metrics.dinov2 import resolve_dinov2_weights
+
+            dinov2 = resolve_dinov2_weights(dinov2_weights, download, key="eval.dinov2_weights")
+        if any(m in NEED_REAL_IMAGES for m in self.metrics) and self.reference_spec != "train":
+            from act_lightning.metrics.reference import require_reference_images
+
+            require_reference_images(Path(self.reference_spec))
+        return inception, dinov2
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -226,12 +227,11 @@ class FrechetEvaluation(L.Callback):
         dm = trainer.datamodule
         desc = f"{self.label} at iteration {pl_module.k}"
         size = self.subset_size or self.num_samples
-        recorder = FeatureRecorder(self.extractor, logits="is" in self.metrics) if self._extras() else None
-        second = SecondFeatures(recorder or self.extractor, self.dinov2) if self.dinov2 is not None else None
+        taps = ExtraMetrics(self.metrics, self.extractor, self.dinov2)
         with self._bar(trainer, desc, total=self._num_drawn()) as bar:
             stats = sample_subset_statistics(
                 lambda noise, labels, chunk: pl_module.sample(noise, labels),
-                second or recorder or self.extractor,
+                taps.extractor,
                 self._num_drawn() // size,
                 size,
                 self.batch_size,
@@ -243,11 +243,8 @@ class FrechetEvaluation(L.Callback):
                 trainer.world_size,
                 progress=lambda n: bar.update(n * trainer.world_size),
             )
-        self._last_extra = self._extra_values(trainer, recorder, second)
+        self._last_extra = taps.values(self._real, self._dinov2_reference, partial(_gathered, trainer))
         return float(np.mean([self._fd(part) for part in stats]))  # one value without subsets
-
-    def _extras(self) -> list[str]:
-        return [m for m in self.metrics if m not in ("fid", "fd_dinov2")]
 
     def _extra_references(self, trainer, dm, device) -> None:
         """Real images' features for kid and pr, and their DINOv2 statistics for fd_dinov2 (up to
@@ -263,19 +260,6 @@ class FrechetEvaluation(L.Callback):
                 reference_image_features(self.reference_spec, dm, self.dinov2, count, self.batch_size, device)
             )
             self._dinov2_reference = (mu, sigma, sqrtm_psd(sigma))
-
-    def _extra_values(self, trainer, recorder, second) -> dict[str, float]:
-        """The extra metrics of this evaluation's samples, all ranks' features together."""
-        out: dict[str, float] = {}
-        if recorder is not None:
-            recorder.features = [_gathered(trainer, torch.cat(recorder.features))]
-            if recorder.logits is not None:
-                recorder.logits = [_gathered(trainer, torch.cat(recorder.logits))]
-            out.update(extra_metrics(self.metrics, recorder, self._real))
-        if second is not None:
-            features = _gathered(trainer, second.all_features())
-            out["fd_dinov2"] = frechet_distance(*statistics_of(features), *self._dinov2_reference)
-        return out
 
     def summary(self) -> dict[str, Any]:
         """For the training entry point (and a sweeper that minimises it): the best value of the metric,

@@ -10,10 +10,12 @@ second network sees the same generated images (`SecondFeatures`), no second samp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+from act_lightning.metrics.frechet import frechet_distance, statistics_of
 
 METRICS = (
     "fid",
@@ -80,6 +82,38 @@ class SecondFeatures:
 
     def all_features(self) -> Tensor:
         return torch.cat(self.features)
+
+
+class ExtraMetrics:
+    """The metrics beside FID of one set of generated images. `extractor` is what the FID statistics are
+    accumulated with: it records the FID network's features (and logits for `is`) when is, kid or pr are
+    asked for, and passes the same images to DINOv2 for fd_dinov2; `values` then computes them."""
+
+    def __init__(self, metrics: list[str], fid_extractor: nn.Module, dinov2: nn.Module | None = None) -> None:
+        self.metrics = metrics
+        wanted = [m for m in metrics if m not in ("fid", "fd_dinov2")]
+        self.recorder = FeatureRecorder(fid_extractor, logits="is" in metrics) if wanted else None
+        self.second = SecondFeatures(self.recorder or fid_extractor, dinov2) if dinov2 is not None else None
+        self.extractor = self.second or self.recorder or fid_extractor
+
+    def values(
+        self,
+        real: Tensor | None,
+        dinov2_reference: tuple | None,
+        gather: Callable[[Tensor], Tensor] = lambda t: t,
+    ) -> dict[str, float]:
+        """The metrics from what was recorded (`gather`: all ranks' rows of a tensor), `real` the real
+        images' FID features (kid, pr), `dinov2_reference` (mu, sigma, sigma^(1/2)) of their DINOv2's."""
+        out: dict[str, float] = {}
+        if self.recorder is not None:
+            self.recorder.features = [gather(self.recorder.all_features())]
+            if self.recorder.logits is not None:
+                self.recorder.logits = [gather(self.recorder.all_logits())]
+            out.update(extra_metrics(self.metrics, self.recorder, real))
+        if self.second is not None:
+            stats = statistics_of(gather(self.second.all_features()))
+            out["fd_dinov2"] = frechet_distance(*stats, *dinov2_reference)
+        return out
 
 
 def inception_score(logits: Tensor, splits: int = 10) -> dict[str, float]:
