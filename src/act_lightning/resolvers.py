@@ -35,8 +35,19 @@ def launch_name() -> str:
     return name
 
 
+def in_folder(folder: str | None, name: str) -> str | None:
+    """`${act.in_folder:FOLDER,NAME}`: FOLDER/NAME, or null when there is no folder (data without files,
+    such as data=synthetic, have nothing to cache beside them)."""
+    return None if folder is None else f"{folder}/{name}"
+
+
 def register_resolvers() -> None:
-    for name, resolver in (("act.lazy_beta2", lazy_regularisation_beta2), ("act.launch", launch_name)):
+    resolvers = (
+        ("act.lazy_beta2", lazy_regularisation_beta2),
+        ("act.launch", launch_name),
+        ("act.in_folder", in_folder),
+    )
+    for name, resolver in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

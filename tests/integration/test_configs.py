@@ -323,3 +323,14 @@ def test_the_diffusion_start_recipes_carry_edms_and_ects_settings(tmp_path):
     assert (
         a.model.schedule.gan_ratio == 0.3 and a.model.schedule.curriculum == "ect" and a.iterations == 200_000
     )
+
+
+def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):
+    """The reference cache lives beside the data; synthetic images have no folder, so no cache (this used
+    to fail with "Interpolation key 'data.root' not found" unless debug=smoke was given too)."""
+    from omegaconf import OmegaConf
+
+    synthetic = compose(["experiment=cifar10", "data=synthetic"], run_dir=str(tmp_path))
+    assert OmegaConf.to_container(synthetic.eval, resolve=True)["reference_cache"] is None
+    real = compose(["experiment=cifar10", "data.root=/data/cifar10"], run_dir=str(tmp_path))
+    assert real.eval.reference_cache == "/data/cifar10/fid_stats_inception_32.npz"
