@@ -50,6 +50,11 @@ Bad = dict[str, Tensor]  # guarded term -> whether it went non-finite (divergenc
 OBJECTIVES = ("consistency", "diffusion")  # model.objective: ACT/CT/iCT/ECT | EDM's denoising score matching
 
 
+def with_curriculum(schedule: ConsistencySchedule, curriculum: str | None) -> ConsistencySchedule:
+    """`model.curriculum`, when set, replaces `model.schedule.curriculum` (its shorthand: curriculum=ect)."""
+    return schedule if curriculum is None else dataclasses.replace(schedule, curriculum=curriculum)
+
+
 def check_optimizer(key: str, factory: OptimizerFactory | None) -> None:
     """Builds the optimiser once over a dummy parameter, so a bad learning rate or beta fails now,
     naming its key, instead of after the data and the loggers have started."""
@@ -66,22 +71,8 @@ def check_optimizer(key: str, factory: OptimizerFactory | None) -> None:
         raise ValueError(f"{key}: {err}") from err
 
 
-def check_arguments(
-    iterations: int,
-    optimizer: OptimizerFactory,
-    d_optimizer: OptimizerFactory | None,
-    discriminator: object,
-    adversarial: bool,
-    warmup: int,
-    r1: tuple[float, int, float],
-    sampling_ema: float | None,
-    objective: str = "consistency",
-    heun_steps: int = 18,
-) -> None:
-    """The ranges of the module's own keys (the schedule and the speed options check theirs), named by
-    key, before anything is built. `r1` is (r1_gamma, r1_interval, ada_length)."""
-    r1_gamma, r1_interval, ada_length = r1
-    check_iterations(iterations)
+def check_objective(objective: str, adversarial: bool, heun_steps: int) -> None:
+    """model.objective, and what diffusion training needs: no discriminator, Heun's levels."""
     if objective not in OBJECTIVES:
         raise ValueError(f"model.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     if objective == "diffusion" and adversarial:
@@ -93,6 +84,22 @@ def check_arguments(
         raise ValueError(
             f"model.heun_steps must be an integer >= 2 (noise levels of Heun's sampler), got {heun_steps!r}"
         )
+
+
+def check_arguments(
+    iterations: int,
+    optimizer: OptimizerFactory,
+    d_optimizer: OptimizerFactory | None,
+    discriminator: object,
+    adversarial: bool,
+    warmup: int,
+    r1: tuple[float, int, float],
+    sampling_ema: float | None,
+) -> None:
+    """The ranges of the module's own keys (the schedule and the speed options check theirs), named by
+    key, before anything is built. `r1` is (r1_gamma, r1_interval, ada_length)."""
+    r1_gamma, r1_interval, ada_length = r1
+    check_iterations(iterations)
     check_optimizer("model.optimizer", optimizer)
     for ok, message in (
         (warmup >= 1, f"model.warmup must be >= 1 iteration (1 = no warm-up), got {warmup}"),
@@ -209,23 +216,13 @@ class ACTModule(L.LightningModule):
         self.save_hyperparameters(
             ignore=["generator", "discriminator", "optimizer", "d_optimizer", "schedule", "speed"]
         )
-        self.schedule = _options(schedule, ConsistencySchedule)
-        if curriculum is not None:  # model.curriculum: the shorthand of model.schedule.curriculum
-            self.schedule = dataclasses.replace(self.schedule, curriculum=curriculum)
+        self.schedule = with_curriculum(_options(schedule, ConsistencySchedule), curriculum)
         self.speed = _options(speed, SpeedOptions)
         adversarial = self.schedule.gan_ratio > 0
         r1 = (r1_gamma, r1_interval, ada_length)
+        check_objective(objective, adversarial, heun_steps)
         check_arguments(
-            iterations,
-            optimizer,
-            d_optimizer,
-            discriminator,
-            adversarial,
-            warmup,
-            r1,
-            sampling_ema,
-            objective,
-            heun_steps,
+            iterations, optimizer, d_optimizer, discriminator, adversarial, warmup, r1, sampling_ema
         )
         self.automatic_optimization = False
         self.generator = generator
@@ -241,8 +238,11 @@ class ACTModule(L.LightningModule):
         )
         nets = [self.generator, self.target, self.teacher_ema, self.discriminator, self.distance]
         self.speed.apply(nets, self.discriminator, self.generator, self.distance)
+        self._init_training_state(r1_threshold)
 
-        # Training state that must survive a resume exactly: buffers are in every checkpoint.
+    def _init_training_state(self, r1_threshold: float) -> None:
+        """Training state that must survive a resume exactly (buffers: in every checkpoint), the host's
+        copies of it, and the caches of the iteration."""
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.register_buffer("aug_p", torch.zeros(()))
         self.register_buffer("r1_ema", torch.full((), float(r1_threshold)))  # as the reference starts it
