@@ -126,10 +126,9 @@ def test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm(tmp_path):
     import subprocess
     import sys
 
-    from diffusers import DDPMScheduler, UNet2DModel
-
     from act_lightning.train import train
     from tests.conftest import ROOT, compose
+    from tests.unit.test_convert_diffusers import make_scheduler, make_unet, save_ddpm  # its layout, small
 
     quick = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
     train(compose(["experiment=cifar10_diffusion", *quick], run_dir=str(tmp_path / "diffusion")))
@@ -150,18 +149,7 @@ def test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm(tmp_path):
             experiment == "cifar10_ect_act"
         )
 
-    folder = tmp_path / "ddpm-cifar10-32"  # google/ddpm-cifar10-32's layout, small and random
-    UNet2DModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    ).save_pretrained(folder / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    folder = save_ddpm(tmp_path / "ddpm-cifar10-32", make_unet(3, sample_size=32), make_scheduler())
     out = tmp_path / "ddpm_cifar10.ckpt"
     cmd = [sys.executable, "-m", "act_lightning.convert_diffusers", str(folder), str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -25,13 +25,13 @@ from tests.conftest import ROOT, refusal, run_cli
 SD = 0.5
 
 
-def make_unet(channels: int = 3, **extra) -> UNet2DModel:
+def make_unet(channels: int = 3, sample_size: int = 8, **extra) -> UNet2DModel:
     """A small random UNet of google/ddpm-cifar10-32's structure (its time embedding included), its
     weights perturbed so that no layer is left at a trivial initialisation, and its time embedding
     amplified so that eps depends clearly on fractions of a timestep."""
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
         block_out_channels=(32, 64),
