@@ -125,6 +125,20 @@ def test_used_channels_pick_the_reference_outputs():
         assert torch.equal(G(x, c_noise), full[:, 3:6])
 
 
+def test_pick_channels_equals_indexing_without_copying_a_run():
+    from act_lightning.nn.generator import pick_channels
+
+    out = torch.randn(2, 6, 4, 4, requires_grad=True)
+    picked = pick_channels(out, [3, 4, 5])
+    assert picked.data_ptr() == out[:, 3].data_ptr()  # a view: no index tensor, no gather
+    for channels in ([3, 4, 5], [0, 2, 3], [5, 1], [4]):
+        assert torch.equal(pick_channels(out, channels), out[:, channels])
+    grad = torch.randn(2, 3, 4, 4)
+    (a,) = torch.autograd.grad(pick_channels(out, [0, 2, 3]), out, grad)
+    (b,) = torch.autograd.grad(out[:, [0, 2, 3]], out, grad)
+    assert torch.equal(a, b)
+
+
 def test_class_conditional_needs_labels_and_unconditional_ignores_them():
     x, c_noise = torch.randn(2, 3, 64, 64), torch.rand(2)
     for kind in ("generator", "discriminator"):

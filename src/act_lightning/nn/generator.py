@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
@@ -151,4 +152,18 @@ def run_unet(unet: UNet2DModel, x: Tensor, c_noise: Tensor, class_labels, used_c
     """The backbone's output (B, C, H, W): the UNet's (B, C_out, H, W), restricted to `used_channels`
     (None: all of them). Shared with the exported diffusers pipeline."""
     out = unet(x, c_noise, class_labels=class_labels, return_dict=False)[0]
-    return out if used_channels is None else out[:, list(used_channels)]
+    return out if used_channels is None else pick_channels(out, used_channels)
+
+
+def pick_channels(out: Tensor, channels: Sequence[int]) -> Tensor:
+    """out[:, channels] as views of consecutive runs (the reference's 3..5: one slice). Indexing with a
+    list would copy the list to the device each call, which makes the host wait (a synchronising copy
+    from pageable memory, found on an H200 by torch.cuda.set_sync_debug_mode), and gather the values."""
+    runs: list[list[int]] = []
+    for c in channels:
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    parts = [out[:, run[0] : run[-1] + 1] for run in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
