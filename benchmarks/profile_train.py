@@ -55,7 +55,91 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def _is_device(event) -> bool:
-    return event.device_type == DeviceType.CUDA
+    """A kernel, copy or memset on the device: not a record_function range mirrored on the device's
+    timeline (the iteration's own range spans it whole, so counting it made the device look busy)."""
+    return (
+        event.device_type == DeviceType.CUDA
+        and not getattr(event, "is_user_annotation", False)
+        and event.name != ITERATION
+    )
+
+
+# Where the time goes, by what launched it: the first rule that matches a kernel's chain of operators
+# (outermost first, "autograd::engine::evaluate_function: XBackward0" for the backward of X) or its own
+# name decides its family.
+FAMILIES = (
+    ("layout copies (contiguous)", ("aten::contiguous",), ()),
+    (
+        "attention",
+        ("scaled_dot_product", "Attention", "bmm", "softmax", "Softmax", "Bmm"),
+        ("fmha", "attention"),
+    ),
+    (
+        "convolutions: matrix kernels",
+        (),
+        (
+            "xmma",
+            "gemm",
+            "cutlass",
+            "cudnn_convolution",
+            "mkldnn_convolution",
+            "convolution_backward",
+            "conv_depthwise",
+            "implicit",
+        ),
+    ),
+    ("convolutions: bias and other elementwise", ("conv", "Convolution"), ()),
+    (
+        "group norm",
+        ("group_norm", "GroupNorm"),
+        ("GroupNorm", "group_norm", "RowwiseMoments", "GammaBeta", "ComputeInternalGradients"),
+    ),
+    ("optimisers and EMA", ("Optimizer.", "_foreach", "lerp"), ("multi_tensor_apply",)),
+    ("linear layers", ("linear", "addmm", "aten::mm", "Addmm", "MmBackward"), ()),
+    ("pooling and resizing", ("pool", "Pool", "upsample", "Upsample", "interpolate"), ()),
+    (
+        "reductions",
+        ("aten::sum", "aten::mean", "aten::norm", "aten::var", "SumBackward", "MeanBackward"),
+        ("reduce_kernel",),
+    ),
+)
+
+
+def family(chain: list[str], leaf: str) -> str:
+    """The family of one kernel (on the CPU: one innermost operator) launched under `chain`."""
+    for name, ops, leaves in FAMILIES:
+        if any(o in c for o in ops for c in chain) or any(k in leaf for k in leaves):
+            return name
+    return "elementwise and other"
+
+
+def breakdown(items: list[tuple[list[str], str, float]]) -> dict[str, dict]:
+    """Time (ms) and count per family, most first; items are (chain, leaf name, microseconds)."""
+    out: dict[str, dict] = {}
+    for chain, leaf, us in items:
+        entry = out.setdefault(family(chain, leaf), {"ms": 0.0, "count": 0})
+        entry["ms"] += us / 1e3
+        entry["count"] += 1
+    total = sum(e["ms"] for e in out.values()) or 1.0
+    ranked = sorted(out.items(), key=lambda item: -item[1]["ms"])
+    return {name: {**e, "share": e["ms"] / total} for name, e in ranked}
+
+
+def _chain(event) -> list[str]:
+    names = []
+    while event is not None:
+        if event.name != ITERATION:
+            names.append(event.name)
+        event = event.cpu_parent
+    return names[::-1]
+
+
+def launched(inside: list, cuda: bool) -> list[tuple[list[str], str, float]]:
+    """(chain, kernel, microseconds) of every kernel the iteration's operators launched; on the CPU the
+    aten operators' self time stands in for kernels."""
+    if cuda:
+        return [(_chain(e), k.name, k.duration) for e in inside for k in getattr(e, "kernels", ())]
+    return [(_chain(e), e.name, e.self_cpu_time_total) for e in inside if e.name.startswith("aten::")]
 
 
 def summarise(prof, cuda: bool) -> dict:
@@ -68,6 +152,7 @@ def summarise(prof, cuda: bool) -> dict:
     kernels = [e for e in device if not e.name.startswith(("Memcpy", "Memset"))]
     inside = [e for e in events if not _is_device(e) and window.start <= e.time_range.start <= window.end]
     out: dict = {"wall_ms": (window.end - window.start) / 1e3}
+    out["families"] = breakdown(launched(inside, cuda))
     if cuda:
         end = max([window.end, *(e.time_range.end for e in device)])
         busy = _union_us([(e.time_range.start, e.time_range.end) for e in device])
@@ -76,6 +161,7 @@ def summarise(prof, cuda: bool) -> dict:
         out |= {
             "device_busy_ms": busy / 1e3,
             "device_idle_fraction": 1 - busy / (end - window.start),
+            "device_idle_ms": (end - window.start - busy) / 1e3,  # waiting for the host: launches, Python
             "kernel_launches": len(kernels),
             "memcpy_memset": len(copies),
             "host_syncs": syncs,
@@ -186,6 +272,11 @@ class SyncDebug(L.Callback):
         self.error_iteration_ran = self.error_iteration_ran or self.mode == "error"
         self.mode = None
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """Before Lightning's teardown, which moves the optimisers' state to the host (a synchronising
+        copy that would raise again and hide the first error)."""
+        torch.cuda.set_sync_debug_mode(0)
+
     def failed(self, err: RuntimeError) -> bool:
         """Records the "error" iteration's exception; False for any other failure."""
         torch.cuda.set_sync_debug_mode(0)
@@ -238,6 +329,15 @@ def average(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = sum(r[key] for r in runs) / len(runs)
+        elif key == "families":
+            names = dict.fromkeys(n for r in runs for n in r[key])
+            sums = {
+                n: [sum(r[key].get(n, {}).get(f, 0) for r in runs) / len(runs) for f in ("ms", "count")]
+                for n in names
+            }
+            total = sum(ms for ms, _ in sums.values()) or 1.0
+            ranked = sorted(sums.items(), key=lambda item: -item[1][0])
+            out[key] = {n: {"ms": ms, "count": c, "share": ms / total} for n, (ms, c) in ranked}
         elif key == "host_syncs" and value is not None:
             out[key] = {k: sum(r[key][k] for r in runs) / len(runs) for k in value}
         elif key != "operators":
@@ -305,6 +405,15 @@ def markdown(report: dict) -> str:
         sync = v["sync_debug"]
         lines += ["", f"Sync debug mode: {sync if isinstance(sync, str) else json.dumps(sync)}", ""]
         for kind, k in v["kinds"].items():
+            time_of = "kernel time" if cuda else "aten operators' self CPU time"
+            lines += [f"Where the {time_of} goes, {kind} (per iteration; what launched it):", ""]
+            lines += ["| family | ms | share | kernels |" if cuda else "| family | ms | share | calls |"]
+            lines += ["|---|---|---|---|"]
+            for fam, f in k.get("families", {}).items():
+                lines.append(f"| {fam} | {f['ms']:,.2f} | {f['share']:.1%} | {f['count']:,.0f} |")
+            if cuda:
+                lines.append(f"| (device idle: waiting for the host) | {_ms(k.get('device_idle_ms'))} | | |")
+            lines.append("")
             lines += [f"Top {TOP} operators by {ranked}, {kind} ({k['iterations']} iterations):", ""]
             lines += ["| operator | calls | self ms | share |", "|---|---|---|---|"]
             for op in k["top_operators"]:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -110,6 +112,9 @@ def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(t
             assert {"name", "calls", "self_ms", "share"} <= set(top[0]) and top[0]["name"].startswith(
                 "aten::"
             )
+            families = kind["families"]  # every aten operator's self time, by what launched it
+            assert abs(sum(f["share"] for f in families.values()) - 1) < 1e-6
+            assert {"convolutions: matrix kernels", "group norm", "optimisers and EMA"} <= set(families)
         assert r1["operator_calls"] > plain["operator_calls"]  # the R1 pass: D twice more, double backward
         mean = variant["per_iteration_at_r1_interval"]["operator_calls"]
         assert mean == (r1["operator_calls"] + 15 * plain["operator_calls"]) / 16
@@ -119,6 +124,52 @@ def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(t
     table = (out / "profile.md").read_text()
     assert "## baseline" in table and "## defaults" in table and "Top 20 operators by self CPU time" in table
     assert "| mean at r1_interval=16 |" in table and "standing in for kernel launches" in table
+    assert "| convolutions: matrix kernels |" in table
+
+
+def test_profile_families_sort_kernels_by_what_launched_them():
+    """Chains and kernel names as an H200 trace of the CIFAR-10 iteration has them."""
+    profile = _load_benchmark("profile_train")
+    conv = ["aten::conv2d", "aten::convolution", "aten::_convolution"]
+    copy = ["aten::contiguous", "aten::clone", "aten::copy_"]
+    ew = "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<"
+    items = [
+        (conv, "sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nhwc_tilesize128x128x32", 100.0),
+        ([*conv, "aten::add_"], ew + "at::native::CUDAFunctor_add<float> >", 25.0),
+        ([*conv, *copy], ew + "at::native::direct_copy_kernel_cuda", 20.0),
+        (["aten::group_norm", *copy], ew + "at::native::direct_copy_kernel_cuda", 10.0),
+        (
+            ["aten::group_norm", "aten::native_group_norm"],
+            "void at::native::RowwiseMomentsCUDAKernel<float>",
+            5.0,
+        ),
+        (
+            ["autograd::engine::evaluate_function: ScaledDotProductEfficientAttentionBackward0"],
+            "fmha_cutlassB_f32_aligned_64x64_k32_sm80",
+            50.0,
+        ),
+        (
+            ["autograd::engine::evaluate_function: ConvolutionBackward0"],
+            "sm90_xmma_dgrad_implicit_gemm",
+            40.0,
+        ),
+        (["Optimizer.step#RAdam.step", "aten::_foreach_mul_"], "multi_tensor_apply_kernel", 4.0),
+        (["aten::pow"], "void at::native::vectorized_elementwise_kernel<4, pow_tensor_scalar", 3.0),
+    ]
+    result = profile.breakdown(items)
+    assert list(result) == [
+        "convolutions: matrix kernels",
+        "attention",
+        "layout copies (contiguous)",
+        "convolutions: bias and other elementwise",
+        "group norm",
+        "optimisers and EMA",
+        "elementwise and other",
+    ]
+    assert result["convolutions: matrix kernels"]["count"] == 2
+    assert result["convolutions: matrix kernels"]["ms"] == pytest.approx(0.14)
+    assert result["layout copies (contiguous)"]["ms"] == pytest.approx(0.03)
+    assert result["attention"]["share"] == pytest.approx(50 / 257)
 
 
 def _load_benchmark(name: str):
@@ -137,7 +188,9 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    assert [s.name for s in plan][:3] == ["env", "profile", "bench_levers"]
+    assert [s.name for s in plan][:4] == ["env", "bench_levers", "bench_cuda_graphs", "profile"]
+    levers = next(s for s in plan if s.name == "bench_levers").argv
+    assert {"classic_attention", "contiguous_layout"} <= set(levers)
     parsed = 0
     for step in plan:
         script = next((a for a in step.argv if a.endswith(".py")), None)
@@ -156,3 +209,20 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == len(plan)
+    only = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "device_check.py"),
+            "--dry-run",
+            "--only",
+            "cuda_tests",
+            "env",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert [line.split("\t")[0] for line in only.stdout.splitlines()] == [
+        "cuda_tests",
+        "env",
+    ]  # in that order
