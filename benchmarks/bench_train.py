@@ -80,6 +80,10 @@ LEVERS = {
     "lpips_checkpointing": ["model.speed.lpips_checkpointing=true"],
     "bf16_lpips": ["model.speed.bf16_lpips=true"],  # changes the numerics
     "bf16_target": ["model.speed.bf16_target=true"],  # changes the numerics
+    # The H200 profile of 2026-12-04 (docs/performance.md): float32 attention without tensor cores took 19%
+    # of the kernel time, NCHW <-> NHWC copies around GroupNorm and the convolutions 11%
+    "classic_attention": ["model.speed.fast_attention=false"],
+    "contiguous_layout": ["model.speed.channels_last=false"],
     # GPUs only unless --compile
     "compile": ["model.speed.compile=true"],
     "cuda_graphs": ["model.speed.compile=true", "model.speed.compile_mode=reduce-overhead"],
@@ -118,6 +122,7 @@ def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
 
 def fit(cfg, device: torch.device, warmup: int, callbacks=()) -> dict:
     """One short training run in this process; iterations per second from iteration `warmup` on."""
+    start = time.perf_counter()
     apply_process_settings(cfg)
     L.seed_everything(0, verbose=False)
     model = instantiate(cfg.model)
@@ -140,6 +145,7 @@ def fit(cfg, device: torch.device, warmup: int, callbacks=()) -> dict:
         )
         trainer.fit(model, datamodule=datamodule)
         result = json.loads(clock_file.read_text())
+    result["seconds"] = time.perf_counter() - start  # the whole run: building, compiling, warm-up, timing
     del model, trainer, datamodule
     gc.collect()
     if device.type == "cuda":
@@ -298,7 +304,11 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
         for name in order:
             cfg = compose_cfg(config, batch, warmup + timed, variants[name])
             runs[name].append(fit(cfg, device, warmup))
-            print(f"  {config} {name} run {r}: {runs[name][-1]['it_per_s']:.3f} it/s", flush=True)
+            done = runs[name][-1]
+            print(
+                f"  {config} {name} run {r}: {done['it_per_s']:.3f} it/s ({done['seconds']:.0f} s)",
+                flush=True,
+            )
 
     def rate(name: str) -> float:
         return statistics.median(x["it_per_s"] for x in runs[name])
@@ -324,6 +334,7 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
         "peak_memory_mb": peak("fast"),
         "baseline_peak_memory_mb": peak("baseline") if base else None,
         "runs": {name: [x["it_per_s"] for x in xs] for name, xs in runs.items()},
+        "run_seconds": {name: [round(x["seconds"], 1) for x in xs] for name, xs in runs.items()},
         "options": {n.split("+", 1)[1]: against(n, base) for n in variants if n.startswith("baseline+")},
         "levers": {
             n.split("+", 1)[1]: against(n, rate("fast")) | {"peak_memory_mb": peak(n)}

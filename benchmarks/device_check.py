@@ -1,10 +1,15 @@
-"""Everything issue 21 measures on a GPU, in one call of about 8 minutes (--budget): the profile of the
-baseline and of the defaults, bench_train.py's CIFAR-10 ablation of the levers, the CUDA tests (the host
-synchronisation check and the numerics tests among them), ImageNet 64 at 320 + 320 in one pass with
-gradient checkpointing against two micro-batches of 160, a 50k-sample FID end to end, then compiling
-(inductor, CUDA graphs) as long as time is left. Each step runs in a process of its own with its own time
-limit; a failed or timed-out step is recorded and the next one runs. Steps are ordered by what they are
-worth: the last are the first to be skipped when the budget runs out.
+"""Everything issue 21 measures on a GPU, in one or two calls (--budget, --only): bench_train.py's CIFAR-10
+ablation of the levers, the iteration compiled with CUDA graphs, the profile of the defaults (where the
+kernel time goes, by family, and how long the device waits for the host), the CUDA tests (the host
+synchronisation check and the numerics tests among them), ImageNet 64 at 320 + 320 in one pass against two
+micro-batches of 160, a 50k-sample FID end to end, the diffusion-start recipes, then what an earlier run
+measured already. Each step runs in a process of its own with its own time limit; a failed or timed-out
+step is recorded and the next one runs. Steps are ordered by what they are worth: the last are the first
+to be skipped when the budget runs out.
+
+A session has 15 minutes of device time, the machine's start included (about 90 s). On 2026-12-04 a
+first call of `--budget 480` (580 s held) and a second on the still warm machine (`--budget 255`) used
+them. Plan on `--budget 500` with a timeout of 560 s, then, warm, the rest with `--only`.
 
 Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
@@ -34,7 +39,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 MEMORY = "model.r1_interval=2"  # R1 at k = 2: the measured iterations include the R1 pass's memory
-LEVERS = ["gradient_checkpointing", "lpips_checkpointing", "bf16_lpips", "bf16_target"]
+LEVERS = [
+    "classic_attention",
+    "contiguous_layout",
+    "bf16_lpips",
+    "bf16_target",
+    "gradient_checkpointing",
+    "lpips_checkpointing",
+]
 QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0"]
 MAX_FILE = 15 * 2**20  # the device tool returns files of up to 16 MiB
 
@@ -84,6 +96,16 @@ def fid_step(num_samples: int = 50_000, train_extra: str = "", eval_extra: str =
     return Step("fid_50k", ["bash", "-c", timed], 240, 90, "fid_50k.json")
 
 
+def compile_step(name: str, lever: str) -> Step:
+    """The defaults against the defaults compiled (`lever`: compile, or cuda_graphs for inductor's
+    reduce-overhead mode), in a process of its own: on the H200 of 2026-12-04 building and compiling
+    one variant took minutes, so each gets its own time limit."""
+    py = sys.executable
+    argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
+    argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "15", "--warmup", "10"]
+    return Step(name, [*argv, *QUICK, "--output", f"{name}.json"], 420, 200, f"{name}.json")
+
+
 def steps() -> list[Step]:
     """The plan, in order of value (paths relative to the work folder, where each step runs)."""
     py, tests = sys.executable, str(ROOT / "tests")
@@ -94,34 +116,37 @@ def steps() -> list[Step]:
         'print("lightning", lightning.__version__, "diffusers", diffusers.__version__)\''
     )
     bench = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
+    notebooks = str(ROOT / "tests" / "integration" / "test_notebooks.py")
+    # Order (after the H200 run of 2026-12-04, benchmarks/results/h200_2026-12-04.md): the levers the
+    # profile pointed at, the compiled step with CUDA graphs (minutes of compiling), the profile of the
+    # defaults, the CUDA tests, ImageNet 64's passes, the 50k FID; what was measured then comes last.
     return [
         Step("env", ["bash", "-c", env_check], 60, 10),
         Step(
-            "profile",
-            [py, str(BENCH / "profile_train.py"), "--out", "profile"],
-            200,
-            60,
-            "profile/profile.json",
-        ),
-        Step(
             "bench_levers",
-            [
-                *bench,
-                "--levers",
-                *LEVERS,
-                "--iterations",
-                "15",
-                "--warmup",
-                "5",
-                *QUICK,
-                "--output",
-                "bench.json",
-            ],
+            [*bench, "--levers", *LEVERS, "--iterations", "15", "--warmup", "5", *QUICK]
+            + ["--output", "bench.json"],
             240,
             90,
             "bench.json",
         ),
-        Step("cuda_tests", [*pytest, "-k", "(gpu or cuda) and not inductor", tests], 240, 60),
+        compile_step("bench_cuda_graphs", "cuda_graphs"),
+        Step(
+            "profile",
+            [py, str(BENCH / "profile_train.py"), "--variants", "defaults", "--out", "profile"],
+            200,
+            60,
+            "profile/profile.json",
+        ),
+        # test_notebooks needs nbformat, which the GPU machine's image lacks (none of its tests is a GPU's)
+        Step(
+            "cuda_tests",
+            [*pytest, "-k", "(gpu or cuda) and not inductor", "--ignore", notebooks, tests],
+            240,
+            60,
+        ),
+        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
+        imagenet64_step("imagenet64_one_pass", 320, []),
         fid_step(),
         Step(  # issue 22's full-scale recipes: their iteration speed, for the cost the README quotes
             "bench_diffusion_start",
@@ -133,24 +158,15 @@ def steps() -> list[Step]:
             60,
             "bench_diffusion_start.json",
         ),
-        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
         imagenet64_step(
+            "imagenet64_one_pass_generator_checkpointing", 320, ["model.speed.gradient_checkpointing=true"]
+        ),
+        imagenet64_step(  # measured 2026-12-04: 0.532 it/s, 71.3 GB
             "imagenet64_one_pass_checkpointing",
             320,
             ["model.speed.gradient_checkpointing=true", "model.speed.lpips_checkpointing=true"],
         ),
-        imagenet64_step(
-            "imagenet64_one_pass_generator_checkpointing", 320, ["model.speed.gradient_checkpointing=true"]
-        ),
-        imagenet64_step("imagenet64_one_pass", 320, []),
-        Step(
-            "bench_compile",
-            [*bench, "--no-baseline", "--no-bf16", "--levers", "compile", "cuda_graphs"]
-            + ["--iterations", "15", "--warmup", "10", *QUICK, "--output", "bench_compile.json"],
-            400,
-            150,
-            "bench_compile.json",
-        ),
+        compile_step("bench_compile", "compile"),  # measured 2026-12-04: 1.20x the defaults
         Step(
             "compile_tests",
             [*pytest, "-k", "inductor", str(ROOT / "tests" / "integration" / "test_gpu.py")],
@@ -160,9 +176,9 @@ def steps() -> list[Step]:
         Step(
             "profile_compiled",
             [py, str(BENCH / "profile_train.py"), "--variants", "defaults", "--out", "profile_compiled"]
-            + ["--set", "model.speed.compile=true"],
-            300,
-            120,
+            + ["--set", "model.speed.compile=true", "model.speed.compile_mode=reduce-overhead"],
+            400,
+            200,
             "profile_compiled/profile.json",
         ),
     ]
@@ -251,10 +267,17 @@ def profile_lines(profile: dict) -> list[str]:
 
 def bench_lines(bench: dict) -> list[str]:
     """The defaults, the baseline and each lever (against the defaults), with peak memory."""
-    lines = ["| config | variant | it/s | against | peak MB |", "|---|---|---|---|---|"]
+    lines = ["| config | variant | it/s | against | peak MB | run s |", "|---|---|---|---|---|---|"]
+    seconds = {c: r.get("run_seconds", {}) for c, r in bench["configs"].items()}
 
     def row(config: str, label: str, rate, against: str, peak) -> None:
-        lines.append(f"| {config} | {label} | {_fmt(rate, '.3f')} | {against} | {_fmt(peak, ',.0f')} |")
+        key = {"defaults": "fast", "baseline": "baseline", "defaults + bf16-mixed": "bf16"}.get(
+            label, label.replace("defaults + ", "fast+")
+        )
+        run = "/".join(f"{x:.0f}" for x in seconds[config].get(key, [])) or "-"
+        lines.append(
+            f"| {config} | {label} | {_fmt(rate, '.3f')} | {against} | {_fmt(peak, ',.0f')} | {run} |"
+        )
 
     for config, r in bench["configs"].items():
         row(config, "defaults", r["iterations_per_s"], "", r["peak_memory_mb"])
@@ -328,10 +351,14 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/act_device_check"), help="the steps' own outputs"
     )
-    parser.add_argument("--only", nargs="*", default=None, help="these steps alone")
+    parser.add_argument("--only", nargs="*", default=None, help="these steps alone, in this order")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and exit")
     args = parser.parse_args()
-    plan = [s for s in steps() if args.only is None or s.name in args.only]
+    by_name = {s.name: s for s in steps()}
+    unknown = sorted(set(args.only or ()) - set(by_name))
+    if unknown:
+        parser.error(f"--only: no step named {', '.join(unknown)}; the steps: {', '.join(by_name)}")
+    plan = list(by_name.values()) if args.only is None else [by_name[n] for n in args.only]
     if args.dry_run:
         for s in plan:
             print(f"{s.name}\t{s.timeout}\t{s.needs}\t{shlex.join(s.argv)}")

@@ -23,7 +23,9 @@ class SpeedOptions:
     channels_last: bool = True  # NHWC weights and activations for every convolution
     compile: bool | str = False  # torch.compile the networks: true (inductor) or a backend name
     compile_mode: str | None = None  # inductor's mode; reduce-overhead: CUDA graphs of the compiled graphs
-    fast_attention: bool = True  # D's attention in the fused kernel, except in the R1 pass (double backward)
+    fast_attention: bool = (
+        True  # attention in the fused kernel (D's R1 pass: classic); false: classic everywhere
+    )
     foreach_ema: bool = True  # the target EMA in one fused op over all tensors (false: a Python loop)
     joint_d_pass: bool = True  # D sees the fake and the real half in one pass (two on R1 iterations)
     lazy_augment: bool = True  # skip the augmentation pipeline while p == 0 (an exact no-op then)
@@ -65,6 +67,10 @@ class SpeedOptions:
                 net.to(memory_format=torch.channels_last)
         if self.fast_attention and hasattr(discriminator, "use_fast_attention"):
             discriminator.use_fast_attention(True)
+        if not self.fast_attention:  # diffusers' UNets default to the fused kernel: the classic one instead
+            for net in nets:
+                if net is not discriminator:
+                    classic_attention(net)
         if self.gradient_checkpointing:
             unet = getattr(generator, "unet", None)
             if not hasattr(unet, "enable_gradient_checkpointing"):
@@ -81,6 +87,16 @@ class SpeedOptions:
             # symbolic one; CUDA graphs (compile_mode=reduce-overhead) record static shapes only.
             for net in nets:
                 net.compile(backend=backend, mode=self.compile_mode, dynamic=False)
+
+
+def classic_attention(net: nn.Module) -> None:
+    """Every diffusers attention layer of `net` on the classic processor (baddbmm, softmax, bmm: the
+    matmuls on tensor cores under TF32, where the fused kernel runs float32 without them)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
 
 
 def recompute(module: nn.Module, *args):

@@ -114,6 +114,11 @@ class _SyncFree(L.Callback):
         if pl_module.k - 1 >= self.first:
             self.checked.append(pl_module.k - 1)
 
+    def on_exception(self, trainer, pl_module, exception):
+        # before Lightning's teardown moves the optimisers' state to the host, which would raise again
+        # and hide where the iteration synchronised
+        torch.cuda.set_sync_debug_mode(0)
+
 
 def _fit_on_gpu(tmp_path, overrides, callbacks):
     cfg = compose([*SMALL_GPU, *overrides], run_dir=str(tmp_path))

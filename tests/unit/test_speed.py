@@ -6,7 +6,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
@@ -91,6 +91,11 @@ def test_the_r1_pass_runs_the_classic_attention_and_the_others_the_fused_kernel(
     assert disc._attention[0].processor is fused  # the same object: a compiled forward's guards hold
     baseline = instantiate(cfg_factory([*SMALL, "perf=baseline"]).model)
     assert {type(m.processor) for m in baseline.discriminator._attention} == {AttnProcessor}
+    # the generators: diffusers' fused default, the classic kernel without fast_attention
+    for built, kind in ((model, AttnProcessor2_0), (baseline, AttnProcessor)):
+        for net in (built.generator, built.target):
+            layers = [m for m in net.modules() if isinstance(m, Attention)]
+            assert layers and {type(m.processor) for m in layers} == {kind}
 
 
 def test_channels_last_puts_every_convolution_weight_in_nhwc(cfg_factory):
@@ -213,9 +218,11 @@ def test_gradient_checkpointing_computes_the_same_losses_and_gradients(cfg_facto
     assert len(calls) == 14 and sum(type(f).__name__ == "LPIPS" for f in calls) == 1
     if device == "cpu":  # the same kernels, recomputed
         assert torch.equal(loss, loss_ckpt) and torch.equal(grad, grad_ckpt)
-    else:  # CUDA's attention backward sums in no fixed order
+    else:  # CUDA's attention backward sums in no fixed order: rounding at the gradient's own scale
+        # (an H200, 2026-12-04: 0.3% of the elements differed, by up to 2.6e-7; tiny ones relatively much)
         torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(grad_ckpt, grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(grad_ckpt, grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+        assert (grad_ckpt - grad).norm() <= 1e-4 * grad.norm()  # a wrong recomputation: order 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
