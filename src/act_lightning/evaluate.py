@@ -35,7 +35,7 @@ from act_lightning.metrics.fid import (
     reference_statistics,
     sample_statistics,
 )
-from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd, statistics_of
+from act_lightning.metrics.frechet import LazyRoot, frechet_distance, statistics_of
 from act_lightning.metrics.reference import reference_image_features, require_reference_images
 from act_lightning.sample import heun_record
 from act_lightning.seeds import EVALUATION, mix_seed
@@ -144,7 +144,7 @@ def build_dinov2(ev: DictConfig, run: DictConfig, weights, cfg: DictConfig, devi
 
     dinov2 = load_dinov2(weights, ev.quantize).to(device)
     mu, sigma = statistics_of(real_features(ev, run, dinov2, cfg.num_samples, cfg.batch_size, device))
-    return dinov2, (mu, sigma, sqrtm_psd(sigma))
+    return dinov2, (mu, sigma, LazyRoot(sigma))
 
 
 def sampling_seeds(cfg: DictConfig) -> list[int]:
@@ -226,7 +226,7 @@ def build_reference(ev: DictConfig, run: DictConfig, weights, batch_size: int, d
         batch_size=batch_size,
         device=device,
     )
-    return extractor, (*reference, sqrtm_psd(reference[1]))
+    return extractor, (*reference, LazyRoot(reference[1]))
 
 
 def score_sampler(

@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from act_lightning.metrics import frechet
 from act_lightning.metrics.fid import (
     chunk_noise,
     feature_statistics,
@@ -69,6 +70,37 @@ def test_fid_with_fewer_samples_than_features_matches_scipy():
     a, b = rng.normal(size=(20, 64)), rng.normal(size=(30, 64)) + 0.5  # singular covariances
     ours = frechet_distance(*statistics_of(torch.from_numpy(a)), *statistics_of(torch.from_numpy(b)))
     assert np.isfinite(ours) and ours == pytest.approx(scipy_fid(a, b), rel=1e-6)
+
+
+def _fd_through_full_roots(mu1, sigma1, mu2, sigma2) -> float:
+    root = sqrtm_psd(sigma2)
+    m = root @ sigma1 @ root
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum()
+    )
+
+
+@pytest.mark.parametrize(("n1", "n2"), [(8, 16), (300, 40), (40, 300), (700, 600)])
+def test_few_samples_take_the_low_rank_path_to_the_same_distance(n1, n2):
+    """At 1,024 features: either covariance of rank below 256 gives the trace from a small matrix (the
+    reference's root is then never computed); two of rank >= 256 take the eigen-decomposition."""
+    rng = np.random.default_rng(2)
+    mix = rng.normal(size=(1024, 1024)) * 0.1
+    a, b = rng.normal(size=(n1, 1024)) @ mix, rng.normal(size=(n2, 1024)) @ mix + 0.3
+    (mu1, sigma1), (mu2, sigma2) = statistics_of(torch.from_numpy(a)), statistics_of(torch.from_numpy(b))
+    root = frechet.LazyRoot(sigma2)
+    ours = frechet_distance(mu1, sigma1, mu2, sigma2, root)
+    assert ours == pytest.approx(_fd_through_full_roots(mu1, sigma1, mu2, sigma2), rel=1e-6)
+    low_rank = min(n1, n2) - 1 < frechet.LOW_RANK_MAX
+    assert (root._root is None) == low_rank
+    factor = frechet.low_rank_factor(sigma1)
+    assert (factor is not None) == (n1 - 1 < frechet.LOW_RANK_MAX)
+    if factor is not None:
+        q, small = factor
+        assert q.shape == (1024, n1 - 1)  # the covariance's rank: n - 1
+        np.testing.assert_allclose(q @ small @ q.T, sigma1, atol=1e-9 * np.abs(sigma1).max())
+    assert abs(frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-6 * np.trace(sigma1)
 
 
 def test_statistics_accumulated_in_batches_equal_numpy_float64(features):

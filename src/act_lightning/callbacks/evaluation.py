@@ -44,7 +44,7 @@ from act_lightning.metrics.fid import (
     reference_statistics,
     sample_subset_statistics,
 )
-from act_lightning.metrics.frechet import frechet_distance, sqrtm_psd, statistics_of
+from act_lightning.metrics.frechet import LazyRoot, frechet_distance, statistics_of
 from act_lightning.metrics.inception import QUANTIZE
 from act_lightning.metrics.reference import reference_image_features
 
@@ -104,7 +104,7 @@ class FrechetEvaluation(L.Callback):
 
         self.extractor: nn.Module | None = None
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
-        self._reference_root: np.ndarray | None = None  # sigma_ref^(1/2), computed once per run
+        self._reference_root: LazyRoot | None = None  # sigma_ref^(1/2), computed once per run if needed
         self.references: dict[str, float] = {}  # FD of held-out real images and of noise (quickstart)
         self.history: list[tuple[int, float, float]] = []  # (iteration, value, training seconds)
         self.best: tuple[int, float] | None = None
@@ -154,7 +154,7 @@ class FrechetEvaluation(L.Callback):
         dm = trainer.datamodule
         self.extractor.to(device)
         self.reference = self._reference_statistics(trainer, dm, device)
-        self._reference_root = sqrtm_psd(self.reference[1])
+        self._reference_root = LazyRoot(self.reference[1])
         self._extra_references(trainer, dm, device)
         if not self.references and hasattr(dm, "build_held_out_dataset"):
             self.references = self._reference_values(dm, device)
@@ -259,7 +259,7 @@ class FrechetEvaluation(L.Callback):
             mu, sigma = statistics_of(
                 reference_image_features(self.reference_spec, dm, self.dinov2, count, self.batch_size, device)
             )
-            self._dinov2_reference = (mu, sigma, sqrtm_psd(sigma))
+            self._dinov2_reference = (mu, sigma, LazyRoot(sigma))
 
     def summary(self) -> dict[str, Any]:
         """For the training entry point (and a sweeper that minimises it): the best value of the metric,
