@@ -180,11 +180,17 @@ def build_distance(
     lpips_weights: str | None = None,
     lpips_pretrained: bool = True,
     pseudo_huber_c: float | None = None,
+    lpips_resize: int | None = 224,
 ):
     """The consistency distance d(pred, target) -> (B,) named by `model.distance` (pseudo-Huber's c:
-    `model.pseudo_huber_c`, null for iCT's)."""
+    `model.pseudo_huber_c`, null for iCT's; LPIPS's input size: `model.lpips_resize`)."""
     if pseudo_huber_c is not None and not pseudo_huber_c >= 0:
         raise ValueError(f"model.pseudo_huber_c must be null (iCT's c) or >= 0, got {pseudo_huber_c}")
+    if lpips_resize is not None and not (isinstance(lpips_resize, int) and lpips_resize >= 32):
+        raise ValueError(
+            f"model.lpips_resize must be null (the images' own size) or an integer >= 32 (VGG halves it "
+            f"four times before LPIPS's last layer); got {lpips_resize!r}"
+        )
     functions = {
         "l2": l2_distance,
         "l1": l1_distance,
@@ -193,7 +199,7 @@ def build_distance(
         "msssim": msssim_distance,
     }
     if name == "lpips":
-        return LPIPSDistance(lpips_weights, pretrained_backbone=lpips_pretrained)
+        return LPIPSDistance(lpips_weights, pretrained_backbone=lpips_pretrained, resize=lpips_resize)
     if name in functions:
         return functions[name]
     raise ValueError(f"model.distance must be one of {', '.join(DISTANCES)}; got {name!r}")

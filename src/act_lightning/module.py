@@ -201,6 +201,7 @@ class ACTModule(L.LightningModule):
         distance: str = "lpips",
         lpips_weights: str | None = None,
         lpips_pretrained: bool = True,
+        lpips_resize: int | None = 224,
         sigma_data: float = 0.5,
         c_noise: str = "identity",
         num_classes: int | None = None,
@@ -234,7 +235,9 @@ class ACTModule(L.LightningModule):
         self.augment_pipe = AugmentPipe(**(augment or {}))
         # diffusion training needs no consistency distance (and so no LPIPS weights)
         self.distance = (
-            build_distance(distance, lpips_weights, lpips_pretrained, pseudo_huber_c) if consistency else None
+            build_distance(distance, lpips_weights, lpips_pretrained, pseudo_huber_c, lpips_resize)
+            if consistency
+            else None
         )
         nets = [self.generator, self.target, self.teacher_ema, self.discriminator, self.distance]
         self.speed.apply(nets, self.discriminator, self.generator, self.distance)

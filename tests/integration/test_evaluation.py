@@ -68,12 +68,12 @@ def test_best_checkpoint_is_the_lowest_fid_after_iteration_0(cifar_run):
 def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkpoint(cifar_run, tmp_path):
     ckpt = cifar_run / "checkpoints" / "best.ckpt"
     summary = json.loads((cifar_run / "metric_summary.json").read_text())
-    # The smoke run evaluated 8 samples in one batch of 8 with seed 0: the same samples here.
-    result = run_evaluate([f"ckpt={ckpt}", "num_samples=8", "batch_size=8"], tmp_path)
+    # The smoke run evaluated 4 samples in one batch of 4 with seed 0: the same samples here.
+    result = run_evaluate([f"ckpt={ckpt}", "num_samples=4", "batch_size=4"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1-step FID" in result.stderr  # the progress bar
     out = json.loads((cifar_run / "checkpoints" / "best.ckpt.eval.json").read_text())
-    assert out["iteration"] == summary["best"]["iteration"] and out["num_samples"] == 8
+    assert out["iteration"] == summary["best"]["iteration"] and out["num_samples"] == 4
     # the same samples up to float rounding: training ran the networks channels-last, evaluate standard
     assert out["results"]["1-step"]["fid"] == pytest.approx(summary["best"]["value"], rel=1e-5)
     assert out["results"]["1-step"]["taus"] == [80.0]

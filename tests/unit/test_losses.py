@@ -58,6 +58,21 @@ def test_lpips_plumbing_with_random_backbone():
     assert torch.allclose(d(x.detach(), y * 5), d(x.detach(), (y * 5).clamp(-1, 1)))
 
 
+def test_lpips_resizes_to_model_lpips_resize():
+    seen = []
+    for size in (224, 64, None):
+        d = losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=size)
+        first = d.net.net.slice1  # VGG's first block: what it sees is the resized image
+        handle = first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[-1]))
+        x = torch.rand(2, 3, 32, 32) * 2 - 1
+        d(x, x.flip(0))
+        handle.remove()
+    assert seen == [224, 224, 64, 64, 32, 32]  # prediction and target, at each size (null: as they are)
+    for bad in (16, 0, "64"):
+        with pytest.raises(ValueError, match="model.lpips_resize must be null .* or an integer >= 32"):
+            losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=bad)
+
+
 def test_lpips_grayscale_input():
     d = losses.build_distance("lpips", lpips_pretrained=False)
     x = torch.rand(2, 1, 8, 8) * 2 - 1
