@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -125,7 +126,8 @@ class LPIPSDistance(nn.Module):
         import lpips
 
         self.resize = resize
-        self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        with vgg16_convolutions_only():
+            self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if pretrained_backbone:
             self._load_backbone(Path(weights) if weights else default_vgg16_path())
         self.net.eval().requires_grad_(False)
@@ -173,6 +175,35 @@ class LPIPSDistance(nn.Module):
             else:
                 out = self.net(pred, target, normalize=True)
         return out.flatten().float()
+
+
+@contextmanager
+def vgg16_convolutions_only():
+    """While lpips builds its backbone: torchvision's VGG16 convolutions alone. lpips builds the whole
+    VGG16 and keeps `.features`; initialising the discarded classifier's 120M parameters took a second of
+    every construction. The convolutions are torchvision's layers with torchvision's initialisation
+    (kaiming normal, fan out; zero bias); the real weights are loaded over them anyway."""
+    import lpips.pretrained_networks as backbones
+    from torchvision.models.vgg import cfgs, make_layers
+
+    models = backbones.tv
+    whole = models.vgg16
+
+    def convolutions(pretrained=False, **kwargs):
+        if pretrained or kwargs.get("weights") is not None:
+            return whole(pretrained=pretrained, **kwargs)
+        features = make_layers(cfgs["D"], batch_norm=False)
+        for m in features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        return SimpleNamespace(features=features)
+
+    models.vgg16 = convolutions
+    try:
+        yield
+    finally:
+        models.vgg16 = whole
 
 
 def build_distance(

@@ -43,7 +43,7 @@ def test_structural_distances(name, size):
 
 def test_lpips_plumbing_with_random_backbone():
     torch.manual_seed(0)
-    d = losses.build_distance("lpips", lpips_pretrained=False)
+    d = losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=64)  # 224: the same, 12x slower
     x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
     y = torch.rand(2, 3, 16, 16) * 2 - 1
     out = d(x, y)
@@ -60,21 +60,22 @@ def test_lpips_plumbing_with_random_backbone():
 
 def test_lpips_resizes_to_model_lpips_resize():
     seen = []
-    for size in (224, 64, None):
-        d = losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=size)
-        first = d.net.net.slice1  # VGG's first block: what it sees is the resized image
-        handle = first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[-1]))
-        x = torch.rand(2, 3, 32, 32) * 2 - 1
+    d = losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=64)
+    assert d.resize == 64 and losses.build_distance("l2", lpips_resize=None) is losses.l2_distance
+    first = d.net.net.slice1  # VGG's first block: what it sees is the resized image
+    first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[-1]))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for size in (64, 224, None):
+        d.resize = size
         d(x, x.flip(0))
-        handle.remove()
-    assert seen == [224, 224, 64, 64, 32, 32]  # prediction and target, at each size (null: as they are)
+    assert seen == [64, 64, 224, 224, 32, 32]  # prediction and target, at each size (null: as they are)
     for bad in (16, 0, "64"):
         with pytest.raises(ValueError, match="model.lpips_resize must be null .* or an integer >= 32"):
             losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=bad)
 
 
 def test_lpips_grayscale_input():
-    d = losses.build_distance("lpips", lpips_pretrained=False)
+    d = losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=64)
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     assert d(x, x.flip(0)).shape == (2,)
 
@@ -335,3 +336,23 @@ def test_r1_runs_in_float32_with_autocast_off_inside_mixed_precision():
     assert seen[1] == (torch.float32, False)  # ... the R1 pass in float32 with autocast off
     assert out.r1.dtype == torch.float32
     torch.testing.assert_close(out.r1, torch.full((2,), 5.0 * 4 * 16))  # (gamma/2) ||2||^2 over 16 pixels
+
+
+def test_lpips_backbone_built_from_the_convolutions_alone_is_torchvisions_vgg16_features():
+    import lpips.pretrained_networks as backbones
+    from torchvision.models import vgg16
+
+    whole = backbones.tv.vgg16
+    with losses.vgg16_convolutions_only():
+        assert backbones.tv.vgg16 is not whole
+        features = backbones.tv.vgg16(pretrained=False).features
+    assert backbones.tv.vgg16 is whole  # put back
+    reference = vgg16().features
+    assert str(features) == str(reference)  # the same layers in the same order
+    mine, theirs = features.state_dict(), reference.state_dict()
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+    for key, w in mine.items():  # torchvision's initialisation: kaiming normal (fan out), zero bias
+        if key.endswith("bias"):
+            assert not w.any()
+        else:
+            assert abs(w.std().item() / (2 / (w.shape[0] * w[0, 0].numel())) ** 0.5 - 1) < 0.1, key
