@@ -1,6 +1,16 @@
+import ast
 import fcntl
+import importlib
+import importlib.util
+import logging
 import os
+import random
+import signal
+import subprocess
 import sys
+import tempfile
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,13 +40,320 @@ def compose(overrides: list[str] | None = None, run_dir: str = "/tmp/act-test-ru
         return hydra_compose("train", overrides=[f"run_dir={run_dir}", *(overrides or [])])
 
 
-def run_cli(args: list[str], run_dir: Path, timeout: int = 600):
-    """Runs the training CLI in a subprocess, as a user would."""
-    import subprocess
+# -- the commands, run in this process ---------------------------------------------------------------
 
-    cmd = [sys.executable, "-m", "act_lightning.train", *args, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+def run_module(
+    module: str,
+    args: list[str],
+    *,
+    cwd: str | Path = ROOT,
+    env: dict[str, str | None] | None = None,
+    timeout: float | None = None,
+    own_process: bool = False,
+) -> subprocess.CompletedProcess:
+    """`python -m act_lightning.<module> ARGS` run as a user would, with its exit status and its output:
+    in this process (the test process has torch and Lightning imported already, a new interpreter takes
+    seconds to import them), or in a new interpreter with `own_process=True` (what needs a process of its
+    own: several processes, signals, a test that the command starts as `python -m`) and for every call
+    when ACT_TESTS_SUBPROCESS=1.
+
+    In this process: sys.argv is the command's, `env` is put over os.environ (None removes a variable), the
+    working directory is `cwd`, and what the command writes to file descriptors 1 and 2 (print, logging,
+    progress bars, C code) is its stdout and stderr. The exit status is what the interpreter would exit
+    with (an uncaught exception: its traceback on stderr, status 1). Afterwards the process is as before:
+    environment, directory, threads, TF32 and determinism flags, random states, signal handlers, logging,
+    warnings filters, Hydra's global state, no W&B run left open. `timeout` applies to a subprocess only."""
+    args = [str(a) for a in args]
+    cmd = [sys.executable, "-m", f"act_lightning.{module}", *args]
+    if own_process or os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
+        full = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                full.pop(key, None)
+            else:
+                full[key] = value
+        return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    call = entry_point(module)
+    with _ProcessState(module, args, env or {}, cwd) as state, _Captured() as out:
+        try:
+            with warnings.catch_warnings():
+                _python_warnings(os.environ.get("PYTHONWARNINGS", ""))
+                returncode = _exit_status(call)
+        finally:
+            state.close_run()  # while the output is captured: what it flushes is the command's
+    return subprocess.CompletedProcess(cmd, returncode, out.stdout, out.stderr)
+
+
+def entry_point(module: str):
+    """What `python -m act_lightning.<module>` calls: the module's `main`, as its `if __name__ ==
+    "__main__":` block calls it (read from the source, so logic added there is not skipped silently)."""
+    name = f"act_lightning.{module}"
+    mod = importlib.import_module(name)
+    tree = ast.parse(Path(mod.__file__).read_text())
+    blocks = [
+        node.body
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+    ]
+    assert len(blocks) == 1, f"{name} has {len(blocks)} `if __name__ == '__main__':` blocks"
+    code = tuple(ast.unparse(statement) for statement in blocks[0])
+    if code in (("main()",), (f"from {name} import main as _main", "_main()")):
+        return lambda: mod.main()
+    if code in (("raise SystemExit(main())",), ("sys.exit(main())",)):
+
+        def exit_with_main():
+            raise SystemExit(mod.main())
+
+        return exit_with_main
+    raise AssertionError(
+        f"{name}'s `if __name__ == '__main__':` block is {code}: tests.conftest.entry_point does not know "
+        "what it calls (teach it, or run this command in a subprocess)"
+    )
+
+
+def _exit_status(call) -> int:
+    """The status the interpreter would exit with after `call()`."""
+    try:
+        call()
+    except SystemExit as stop:
+        code = stop.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code & 0xFF
+        print(code, file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    return 0
+
+
+def _python_warnings(spec: str) -> None:
+    """What $PYTHONWARNINGS (plain actions such as `ignore`) does at an interpreter's start; warnings are
+    printed to stderr, as an interpreter does, not collected by pytest."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+    for action in filter(None, spec.split(",")):
+        assert ":" not in action, f"PYTHONWARNINGS={spec}: run_module knows plain actions only"
+        warnings.simplefilter(action)
+
+
+class _Captured:
+    """File descriptors 1 and 2 (and sys.stdout, sys.stderr, and logging handlers that write to them) into
+    temporary files; `stdout` and `stderr` as `subprocess.run(..., text=True)` would give them."""
+
+    def __enter__(self):
+        self.files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+        self.streams = (sys.stdout, sys.stderr)
+        for stream in self.streams:
+            stream.flush()
+        self.saved_fds = [os.dup(1), os.dup(2)]
+        try:
+            for fd, f in zip((1, 2), self.files):
+                os.dup2(f.fileno(), fd)
+            sys.stdout, sys.stderr = (
+                open(fd, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+                for fd in (1, 2)
+            )
+            # Handlers made before (pytest's capture streams are not descriptors 1 and 2) write here too
+            self.handlers = [
+                (handler, handler.stream)
+                for handler in _all_handlers()
+                if isinstance(handler, logging.StreamHandler) and handler.stream in self.streams
+            ]
+            for handler, stream in self.handlers:
+                handler.setStream(sys.stdout if stream is self.streams[0] else sys.stderr)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _restore(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for handler, stream in getattr(self, "handlers", ()):
+            handler.setStream(stream)
+        sys.stdout, sys.stderr = self.streams
+        for fd, saved in zip((1, 2), self.saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        self.stdout, self.stderr = (self._read(f) for f in self.files)
+
+    @staticmethod
+    def _read(f) -> str:
+        with f:
+            f.seek(0)
+            text = f.read().decode("utf-8", errors="replace")
+        return text.replace("\r\n", "\n").replace("\r", "\n")  # text=True's universal newlines
+
+
+def _all_handlers() -> list[logging.Handler]:
+    loggers = [logging.root, *logging.root.manager.loggerDict.values()]
+    return [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers]
+
+
+SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT]
+# W&B's token of its service process, which lives as long as this process (or until wandb.teardown) and
+# which W&B sets and clears itself: what a command left there is W&B's, not the command's
+W_AND_B_OWN = {"WANDB_SERVICE"}
+
+
+class _ProcessState:
+    """What a command changes in its process, put back afterwards (see run_module)."""
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str | None], cwd: str | Path) -> None:
+        self.module, self.args, self.env, self.cwd = module, args, env, cwd
+
+    def __enter__(self):
+        import numpy as np
+        import torch
+
+        backends = torch.backends
+        self.flags = [
+            (obj, attr, getattr(obj, attr))
+            for obj, attr in (
+                (backends.cuda.matmul, "allow_tf32"),
+                (backends.cudnn, "allow_tf32"),
+                (backends.cudnn, "benchmark"),
+                (backends.cudnn, "deterministic"),
+                *(  # torch >= 2.9: TF32 as fp32_precision, set when allow_tf32 is
+                    (obj, "fp32_precision")
+                    for obj in (
+                        backends,
+                        backends.cuda.matmul,
+                        backends.cudnn,
+                        backends.cudnn.conv,
+                        backends.cudnn.rnn,
+                        backends.mkldnn,
+                        backends.mkldnn.matmul,
+                        backends.mkldnn.conv,
+                        backends.mkldnn.rnn,
+                    )
+                    if hasattr(obj, "fp32_precision")
+                ),
+            )
+        ]
+        self.precision = torch.get_float32_matmul_precision()
+        self.deterministic = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        self.threads = torch.get_num_threads()
+        self.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
+        self.signals = {signum: signal.getsignal(signum) for signum in SIGNALS}
+        self.loggers = {
+            lg: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
+            for lg in [logging.root, *logging.root.manager.loggerDict.values()]
+            if isinstance(lg, logging.Logger)
+        }
+        self.environ = dict(os.environ)
+        self.argv, self.path, self.dir = list(sys.argv), list(sys.path), os.getcwd()
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.hydra_config = _hydra_config().cfg
+        self.wandb_env = any(
+            key.startswith("WANDB_") and os.environ.get(key) != value for key, value in self.env.items()
+        )
+        program = importlib.util.find_spec(f"act_lightning.{self.module}").origin  # as `python -m` sets it
+        try:
+            if self.wandb_env:
+                _wandb_teardown()  # W&B reads its variables once per process
+            # a new interpreter: no launch name from an earlier command here (act_lightning.resolvers)
+            os.environ.pop("ACT_LAUNCH", None)
+            for key, value in self.env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            sys.argv = [program, *self.args]
+            os.chdir(self.cwd)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def close_run(self) -> None:
+        """Ends what the command left open (a W&B run, its log files), while its output is captured."""
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+        for lg, (level, handlers, propagate, disabled) in self.loggers.items():
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
+
+    def __exit__(self, *exc) -> None:
+        import numpy as np
+        import torch
+
+        try:
+            from hydra.core.global_hydra import GlobalHydra
+
+            if GlobalHydra.instance().is_initialized():
+                GlobalHydra.instance().clear()
+            _hydra_config().cfg = self.hydra_config
+        finally:
+            os.chdir(self.dir)
+            sys.argv[:], sys.path[:] = self.argv, self.path
+            for key in [k for k in os.environ if k not in self.environ and k not in W_AND_B_OWN]:
+                del os.environ[key]
+            for key, value in self.environ.items():
+                if os.environ.get(key) != value and key not in W_AND_B_OWN:
+                    os.environ[key] = value
+            if self.wandb_env:
+                _wandb_teardown()
+            os.umask(self.umask)
+            for signum, handler in self.signals.items():
+                if handler is not None and signal.getsignal(signum) is not handler:
+                    signal.signal(signum, handler)
+            for obj, attr, value in self.flags:
+                if getattr(obj, attr) != value:
+                    setattr(obj, attr, value)
+            if torch.get_float32_matmul_precision() != self.precision:
+                torch.set_float32_matmul_precision(self.precision)
+            if (
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+            ) != self.deterministic:
+                torch.use_deterministic_algorithms(self.deterministic[0], warn_only=self.deterministic[1])
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+            torch.set_rng_state(self.rng[0])
+            np.random.set_state(self.rng[1])  # noqa: NPY002
+            random.setstate(self.rng[2])
+
+
+def _hydra_config():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.instance()
+
+
+def _wandb_teardown() -> None:
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.teardown()
+
+
+def run_cli(args: list[str], run_dir: Path, timeout: int = 600, *, own_process: bool = False):
+    """`python -m act_lightning.train ARGS hydra.run.dir=RUN_DIR`, as a user runs it (run_module)."""
+    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    args = [*args, f"hydra.run.dir={run_dir}"]
+    return run_module("train", args, env=env, timeout=timeout, own_process=own_process)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_module
 
 
 @pytest.mark.parametrize("experiment", ["quickstart", "cifar10"])
@@ -123,11 +123,8 @@ def test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm(tmp_path):
     """README "Start from a diffusion model", CIFAR-10 commands under debug=smoke on synthetic images:
     experiment=cifar10_diffusion, cifar10_ect and cifar10_ect_act from its checkpoint, and
     `python -m act_lightning.convert_diffusers DIR OUT` of a DDPM folder then cifar10_ect from that."""
-    import subprocess
-    import sys
-
     from act_lightning.train import train
-    from tests.conftest import ROOT, compose
+    from tests.conftest import compose
     from tests.unit.test_convert_diffusers import make_scheduler, make_unet, save_ddpm  # its layout, small
 
     quick = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
@@ -151,8 +148,7 @@ def test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm(tmp_path):
 
     folder = save_ddpm(tmp_path / "ddpm-cifar10-32", make_unet(3, sample_size=32), make_scheduler())
     out = tmp_path / "ddpm_cifar10.ckpt"
-    cmd = [sys.executable, "-m", "act_lightning.convert_diffusers", str(folder), str(out)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_module("convert_diffusers", [folder, out], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "from_ddpm"
     train(compose(["experiment=cifar10_ect", f"init_from={out}", *quick], run_dir=str(run)))

@@ -6,8 +6,6 @@ derived from its code by make_reference_keys.py there: each experiment's complet
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from hydra.utils import instantiate
 from act_lightning.checkpoints import load_model
 from act_lightning.convert_reference import convert, rename_keys
 from act_lightning.train import train
-from tests.conftest import ROOT, compose
+from tests.conftest import ROOT, compose, run_module
 
 SMOKE = ["experiment=cifar10", "debug=smoke"]
 EXPERIMENTS = ("cifar10", "imagenet64", "lsun_cat256")
@@ -73,8 +71,8 @@ def reference(tmp_path_factory):
 def test_converted_networks_compute_what_the_reference_layout_holds(reference, tmp_path):
     module, _, path = reference
     out = tmp_path / "converted.ckpt"
-    cmd = [sys.executable, "-m", "act_lightning.convert_reference", str(path), str(out), "debug=smoke"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # a new interpreter: `python -m act_lightning.convert_reference` itself starts (its only command test)
+    result = run_module("convert_reference", [path, out, "debug=smoke"], timeout=300, own_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "experiment cifar10" in result.stdout  # recognised from the generator's four levels
     converted, run, _ = load_model(out)

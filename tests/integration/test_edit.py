@@ -3,10 +3,6 @@ fills in the rest; bad inputs are refused by name."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +10,7 @@ from PIL import Image
 
 from act_lightning.samplers import LUMINANCE, colorize_projection, inpaint_projection, superres_projection
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose
+from tests.conftest import CONF, compose, run_module
 
 TINY = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
 
@@ -56,10 +52,10 @@ def _result(out):
 def test_the_inpaint_command_keeps_every_known_pixel(checkpoints, tmp_path):
     images = _images(tmp_path / "in", 3, 8)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "act_lightning.edit", "task=inpaint", f"ckpt={checkpoints['grey']}"]
-    cmd += [f"input={images}", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = ["task=inpaint", f"ckpt={checkpoints['grey']}", f"input={images}", f"out={out}"]
+    args += [f"hydra.run.dir={tmp_path / 'hydra'}"]
+    # a new interpreter: `python -m act_lightning.edit` itself starts (its only test through the command)
+    result = run_module("edit", args, env={"PYTHONWARNINGS": "ignore"}, timeout=300, own_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     r = _result(out)
     assert r["input"].shape == r["output"].shape == (3, 8, 8, 1) and r["output"].dtype == np.uint8

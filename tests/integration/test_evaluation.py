@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,15 +12,16 @@ import torch
 
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose
+from tests.conftest import CONF, compose, run_module
 from tests.helpers_readme import readme_commands
 from tests.helpers_wandb import read_run
 
 
 def run_evaluate(args: list[str], tmp_path, timeout: int = 600):
-    cmd = [sys.executable, "-m", "act_lightning.evaluate", *args, f"hydra.run.dir={tmp_path / 'eval'}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # a new interpreter: `python -m act_lightning.evaluate` itself starts (its only test through the command)
+    args = [*args, f"hydra.run.dir={tmp_path / 'eval'}"]
+    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return run_module("evaluate", args, env=env, timeout=timeout, own_process=True)
 
 
 @pytest.fixture

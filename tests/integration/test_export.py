@@ -15,7 +15,7 @@ import torch
 
 from act_lightning.sample import image_noise, to_uint8
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose
+from tests.conftest import CONF, ROOT, compose, run_module
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,9 @@ def exported(tmp_path_factory):
     train(compose(["debug=smoke", "data=synthetic", "iterations=2", "eval=null"], run_dir=str(root / "run")))
     ckpt = root / "run" / "checkpoints" / "last.ckpt"
     out = root / "exported"
-    cmd = [sys.executable, "-m", "act_lightning.export", f"ckpt={ckpt}", f"out={out}"]
-    cmd += [f"hydra.run.dir={root / 'hydra'}"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_module(
+        "export", [f"ckpt={ckpt}", f"out={out}", f"hydra.run.dir={root / 'hydra'}"], timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return ckpt, out
 
@@ -108,15 +108,16 @@ def test_a_folder_that_is_not_an_export_is_named(tmp_path):
 
 
 def test_the_command_names_a_missing_option_and_a_missing_checkpoint(tmp_path):
-    cmd = [sys.executable, "-m", "act_lightning.export", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    result = subprocess.run([*cmd, f"out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    hydra = f"hydra.run.dir={tmp_path / 'hydra'}"
+    # a new interpreter: `python -m act_lightning.export` itself starts (the other runs are in-process)
+    result = run_module("export", [hydra, f"out={tmp_path}"], timeout=120, own_process=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         "error: ckpt is required: give ckpt=... (--help lists the options)"
     ), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     missing = tmp_path / "nope.ckpt"
     args = [f"ckpt={missing}", f"out={tmp_path / 'out'}"]
-    result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_module("export", [hydra, *args], timeout=120)
     assert f"error: ckpt={missing}: no such checkpoint file" in result.stderr, result.stderr[-2000:]
     assert result.returncode == 2 and not (tmp_path / "out").exists() and "Traceback" not in result.stderr
 

@@ -8,8 +8,6 @@ import errno
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -19,7 +17,7 @@ import torch
 from act_lightning.callbacks import LastCheckpoint
 from act_lightning.callbacks.guard import what_to_do
 from act_lightning.train import train
-from tests.conftest import ROOT, compose, refusal, run_cli
+from tests.conftest import compose, refusal, run_cli, run_module
 
 QUIET = ["debug=smoke", "data=synthetic", "eval=null"]
 
@@ -115,9 +113,8 @@ def test_a_full_disk_during_a_save_says_so_with_the_space_the_checkpoint_needs(t
 def test_sample_refuses_a_file_that_is_no_checkpoint_in_one_line_without_unsafe_advice(tmp_path):
     bad = tmp_path / "samples.json"
     bad.write_text('{"a": 1}')
-    cmd = [sys.executable, "-m", "act_lightning.sample", f"ckpt={bad}", f"out={tmp_path / 'out'}"]
-    cmd += [f"hydra.run.dir={tmp_path / 'hydra'}"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = [f"ckpt={bad}", f"out={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = run_module("sample", args, timeout=300)
     line = refusal(result)
     said = "not a checkpoint (torch.save writes a zip archive; this file starts with b'{\"a\": 1}')"
     assert line == f"error: ckpt={bad}: {said}"
@@ -165,13 +162,16 @@ def _closed_port() -> int:
 
 def test_wandb_with_a_key_but_no_network_goes_offline_at_once_with_a_note(tmp_path):
     key = "0123456789abcdef" * 2 + "fake-key"
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_SILENT")}
-    env.update(
-        WANDB_API_KEY=key, WANDB_BASE_URL=f"http://127.0.0.1:{_closed_port()}", PYTHONWARNINGS="ignore"
-    )
-    cmd = [sys.executable, "-m", "act_lightning.train", *QUIET, "logger=wandb", f"hydra.run.dir={tmp_path}"]
+    env = {
+        "WANDB_MODE": None,  # removed
+        "WANDB_SILENT": None,
+        "WANDB_API_KEY": key,
+        "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}",
+        "PYTHONWARNINGS": "ignore",
+    }
+    args = [*QUIET, "logger=wandb", f"hydra.run.dir={tmp_path}"]
     start = time.monotonic()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_module("train", args, env=env, timeout=300)  # W&B set up anew for these variables
     assert result.returncode == 0, result.stderr[-3000:]
     assert time.monotonic() - start < 120  # W&B's own retries took minutes
     note = [line for line in result.stdout.splitlines() if "cannot be reached" in line]

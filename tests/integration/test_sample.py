@@ -14,7 +14,7 @@ import torch
 from act_lightning.checkpoints import load_model
 from act_lightning.sample import image_noise
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose
+from tests.conftest import CONF, ROOT, compose, run_module
 
 TINY = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
 
@@ -51,10 +51,9 @@ def test_the_command_twice_gives_identical_samples(checkpoints, tmp_path):
     outs = []
     for i in range(2):
         out = tmp_path / f"out{i}"
-        cmd = [sys.executable, "-m", "act_lightning.sample", f"ckpt={checkpoints['plain']}"]
-        cmd += ["num_samples=16", "seed=7", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        args = [f"ckpt={checkpoints['plain']}", "num_samples=16", "seed=7", f"out={out}"]
+        args += [f"hydra.run.dir={tmp_path / 'hydra'}"]
+        result = run_module("sample", args, env={"PYTHONWARNINGS": "ignore"}, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert (out / "grid.png").stat().st_size > 100
         outs.append(_arrays(out / "samples.npz"))
@@ -117,8 +116,8 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path):
 
 
 def test_help_lists_the_commands_own_options():
-    cmd = [sys.executable, "-m", "act_lightning.sample", "--help"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # a new interpreter: `python -m act_lightning.sample` itself starts (the other tests run it in-process)
+    result = run_module("sample", ["--help"], timeout=120, own_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     for key in ("python -m act_lightning.sample ckpt=PATH", "num_samples:", "taus:", "class_labels:", "net:"):
         assert key in result.stdout, key

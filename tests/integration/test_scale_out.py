@@ -37,9 +37,8 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
         "+callbacks.rank_state._target_=tests.helpers_ddp.SaveRankState",
         f"+callbacks.rank_state.dirpath={two}",
     ]
-    result = run_cli(
-        ["debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *dump], two
-    )
+    ddp = ["debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *dump]
+    result = run_cli(ddp, two, own_process=True)  # Lightning starts the command again for rank 1
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = _load(two / "rank0.pt"), _load(two / "rank1.pt")
     assert_same_weights(rank0["state_dict"], rank1["state_dict"], tol=0)  # the ranks agree exactly

@@ -4,22 +4,18 @@ the metric an Optuna search minimises."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from act_lightning.report import job_record
-from tests.conftest import ROOT
+from tests.conftest import run_module
 from tests.helpers_wandb import read_run
 
 
 def run_multirun(args: list[str], sweep_dir, timeout: int = 600):
-    cmd = [sys.executable, "-m", "act_lightning.train", "-m", *args, f"hydra.sweep.dir={sweep_dir}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return run_module("train", ["-m", *args, f"hydra.sweep.dir={sweep_dir}"], env=env, timeout=timeout)
 
 
 def _best(job_dir) -> float:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from omegaconf import OmegaConf
 from act_lightning.convert_diffusers import convert
 from act_lightning.init_from import load_init, read_init
 from act_lightning.nn.precond import consistency_function
-from tests.conftest import ROOT, refusal, run_cli
+from tests.conftest import refusal, run_cli, run_module
 
 SD = 0.5
 
@@ -262,15 +260,15 @@ def test_an_existing_out_is_replaced_only_with_force(tmp_path):
 # -- the command -----------------------------------------------------------------------------------------
 
 
-def run_convert(*args):
-    cmd = [sys.executable, "-m", "act_lightning.convert_diffusers", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_convert(*args, own_process=False):
+    return run_module("convert_diffusers", args, timeout=300, own_process=own_process)
 
 
 def test_the_command_converts_and_refuses_in_one_line(tmp_path):
     folder = save_ddpm(tmp_path / "ddpm", make_unet(1), make_scheduler(), layout="top")
     out = tmp_path / "out.ckpt"
-    result = run_convert(folder, out)
+    # a new interpreter: `python -m act_lightning.convert_diffusers` itself starts (the others in-process)
+    result = run_convert(folder, out, own_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"written to {out}" in result.stdout and f"init_from={out}" in result.stdout
     assert "act_generator" in torch.load(out, weights_only=True)

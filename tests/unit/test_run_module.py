@@ -1,0 +1,107 @@
+"""tests.conftest.run_module, which runs the commands in the test process: it gives what a new interpreter
+would (exit status, stdout, stderr) and leaves the test process as it was."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, _Captured, _exit_status, entry_point, refusal, run_cli, run_module
+
+
+def _state() -> dict:
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    root = logging.getLogger()
+    return {
+        "environ": {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
+        "cwd": os.getcwd(),
+        "argv": list(sys.argv),
+        "threads": torch.get_num_threads(),
+        "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
+        "precision": torch.get_float32_matmul_precision(),
+        "signals": {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)},
+        "root": (root.level, list(root.handlers)),
+        "levels": {n: logging.getLogger(n).level for n in ("hydra", "lightning", "lightning.pytorch")},
+        "warnings": list(warnings.filters),
+        "hydra": (GlobalHydra.instance().is_initialized(), HydraConfig.initialized()),
+        "stdout": (sys.stdout, sys.stderr),
+    }
+
+
+def test_a_refusal_is_its_exit_status_and_one_line_and_the_process_is_left_as_it_was(tmp_path):
+    for module in ("export", "train"):  # imported first: what an import sets stays, as with any import
+        entry_point(module)
+    before = _state()
+    # a command line of another command's options: Hydra says so (status 1); then a refused launch (2)
+    wrong = run_module("export", [f"hydra.run.dir={tmp_path / 'h'}", "iterations=3"], env={"ACT_X": "1"})
+    assert wrong.returncode == 1 and "iterations" in wrong.stderr and wrong.stdout == ""
+    line = refusal(run_module("train", ["debug=smoke", "hydra.run.dir=/sys/act-test-run"]))
+    assert line.startswith("error: hydra.run.dir=/sys/act-test-run: cannot write into /sys (")
+    assert _state() == before and "ACT_X" not in os.environ
+
+
+def test_a_training_run_leaves_threads_tf32_logging_and_signals_as_they_were(tmp_path):
+    before = _state()
+    threads = f"threads={torch.get_num_threads() + 1}"  # set by the command, put back after it
+    args = ["debug=smoke", "data=synthetic", "eval=null", "iterations=1", threads, "tf32=true"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished at iteration 1" in result.stdout  # Hydra's log, to stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert _state() == before
+
+
+def test_help_is_on_stdout_with_status_0():
+    cwd = os.getcwd()
+    result = run_module("convert_diffusers", ["--help"], cwd=ROOT / "conf")
+    assert os.getcwd() == cwd
+    assert result.returncode == 0 and "DIR OUT" in result.stdout and result.stderr == ""
+    assert result.args[:3] == [sys.executable, "-m", "act_lightning.convert_diffusers"]
+
+
+def test_what_is_written_to_the_descriptors_and_through_earlier_handlers_is_captured():
+    handler = logging.StreamHandler(sys.stderr)  # bound to the stream the test process had before
+    log = logging.getLogger("tests.run_module")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with _Captured() as out:
+            print("printed")
+            os.write(1, b"fd 1\r\n")
+            os.write(2, b"fd 2\n")
+            log.warning("logged")
+    finally:
+        log.removeHandler(handler)
+    assert out.stdout == "printed\nfd 1\n"  # text=True's newlines
+    assert out.stderr == "fd 2\nlogged\n"
+    assert handler.stream is sys.stderr
+
+
+@pytest.mark.parametrize(
+    "call, status, said",
+    [
+        (lambda: None, 0, ""),
+        (lambda: sys.exit(), 0, ""),
+        (lambda: sys.exit(3), 3, ""),
+        (lambda: sys.exit(256 + 5), 5, ""),
+        (lambda: sys.exit("error: words"), 1, "error: words\n"),
+        (lambda: 1 / 0, 1, "ZeroDivisionError"),
+    ],
+)
+def test_the_exit_status_is_the_interpreters(call, status, said):
+    with _Captured() as out:
+        assert _exit_status(call) == status
+    assert said in out.stderr and (said or out.stderr == "")
+
+
+def test_every_command_is_known_by_what_its_main_block_calls():
+    for module in ("train", "evaluate", "sample", "edit", "export", "convert_reference", "convert_diffusers"):
+        assert callable(entry_point(module))
