@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -354,6 +355,26 @@ def run_cli(args: list[str], run_dir: Path, timeout: int = 600, *, own_process: 
     env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     args = [*args, f"hydra.run.dir={run_dir}"]
     return run_module("train", args, env=env, timeout=timeout, own_process=own_process)
+
+
+def run_make(target: str, variables: dict[str, str], env: dict[str, str | None] | None = None):
+    """`make TARGET VAR=VALUE ...` as the Makefile runs it: the recipe's commands are read with `make -n`
+    (what make would run, with the variables substituted), and each `PY -m act_lightning.<command> ...`
+    line runs through run_module, in order, stopping at the first failure as make does. A line of any other
+    form fails the test (run the target itself then). Returns the results, one per command."""
+    cmd = ["make", "-s", "-n", target, f"PY={sys.executable}", "STAMP="]
+    cmd += [f"{key}={value}" for key, value in variables.items()]
+    listed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    results = []
+    for line in filter(None, listed.stdout.splitlines()):
+        argv = shlex.split(line)
+        assert argv[:2] == [sys.executable, "-m"] and argv[2].startswith("act_lightning."), (
+            f"make {target}: {line!r} is not a `$(PY) -m act_lightning.<command>` line"
+        )
+        results.append(run_module(argv[2].removeprefix("act_lightning."), argv[3:], env=env))
+        if results[-1].returncode != 0:
+            break
+    return results
 
 
 @pytest.fixture(scope="session")

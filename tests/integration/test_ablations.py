@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from act_lightning.report import main as report_main
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, run_make
 
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
@@ -133,28 +130,23 @@ def test_cifar10_ict_combines_the_options_with_acts_discriminator(tmp_path):
 
 def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path):
     """`make reproduce-mini`, shortened: the ct_vs_act sweep under debug=smoke with two variants and two
-    seeds side by side (the joblib launcher), then the report, through the Makefile target."""
+    seeds side by side (the joblib launcher), then the report: the Makefile target's commands (run_make)."""
     sweep, out = tmp_path / "sweep", tmp_path / "report" / "mini"
-    cmd = [
-        "make",
-        "-s",
-        "reproduce-mini",
-        f"PY={sys.executable}",
-        "STAMP=",  # this interpreter has the package: no .venv to create
-        f"MINI_DIR={sweep}",
-        f"REPORT={out}",
-        "ARGS=debug=smoke data=synthetic seed=0,1 variant=act,ct_equal_time",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    variables = {
+        "MINI_DIR": str(sweep),
+        "REPORT": str(out),
+        "ARGS": "debug=smoke data=synthetic seed=0,1 variant=act,ct_equal_time",
+    }
+    results = run_make("reproduce-mini", variables, env={"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"})
+    assert [r.returncode for r in results] == [0, 0], results[-1].stderr[-3000:]
+    stdout = "".join(r.stdout for r in results)
     summaries = sorted(sweep.glob("*/metric_summary.json"))
     assert len(summaries) == 4
     for path in summaries:
         history = json.loads(path.read_text())["history"]
         seconds = [h["seconds"] for h in history]
         assert seconds[0] == 0 and seconds == sorted(seconds) and seconds[-1] > 0
-    assert "| act |" in result.stdout  # the table is printed
+    assert "| act |" in stdout  # the table is printed
 
     with Image.open(out.with_suffix(".png")) as image:
         assert image.size[0] > 800 and image.size[1] > 300
@@ -176,21 +168,16 @@ def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path
 
 def test_make_reproduce_init_under_smoke_charges_the_pretraining_and_reports(tmp_path):
     """`make reproduce-init`, shortened: one seed of ablation=init_pretrain under debug=smoke, the three
-    variants of ablation=init started from it, and the report, through the Makefile target."""
+    variants of ablation=init started from it, and the report: the Makefile target's commands (run_make)."""
     sweeps, out = tmp_path / "init", tmp_path / "report" / "init"
-    cmd = [
-        "make",
-        "-s",
-        "reproduce-init",
-        f"PY={sys.executable}",
-        "STAMP=",
-        f"INIT_DIR={sweeps}",
-        f"INIT_REPORT={out}",
-        "ARGS=debug=smoke data=synthetic seed=0",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    variables = {
+        "INIT_DIR": str(sweeps),
+        "INIT_REPORT": str(out),
+        # one job at a time in this process (reproduce-mini's test runs the joblib launcher's workers)
+        "ARGS": "debug=smoke data=synthetic seed=0 hydra.launcher.n_jobs=1",
+    }
+    results = run_make("reproduce-init", variables, env={"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"})
+    assert [r.returncode for r in results] == [0, 0, 0], results[-1].stderr[-3000:]
     pretrain = json.loads((sweeps / "pretrain" / "seed0" / "metric_summary.json").read_text())["history"]
     report = json.loads(out.with_suffix(".json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
