@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import os
 import random
+import runpy
 import shlex
 import signal
 import subprocess
@@ -53,7 +54,8 @@ def run_module(
     timeout: float | None = None,
     own_process: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`python -m act_lightning.<module> ARGS` run as a user would, with its exit status and its output:
+    """`python -m act_lightning.<module> ARGS` (or `python SCRIPT.py ARGS` when `module` is a path ending
+    in .py) run as a user would, with its exit status and its output:
     in this process (the test process has torch and Lightning imported already, a new interpreter takes
     seconds to import them), or in a new interpreter with `own_process=True` (what needs a process of its
     own: several processes, signals, a test that the command starts as `python -m`) and for every call
@@ -66,7 +68,12 @@ def run_module(
     environment, directory, threads, TF32 and determinism flags, random states, signal handlers, logging,
     warnings filters, Hydra's global state, no W&B run left open. `timeout` applies to a subprocess only."""
     args = [str(a) for a in args]
-    cmd = [sys.executable, "-m", f"act_lightning.{module}", *args]
+    script = str(module) if str(module).endswith(".py") else None
+    cmd = (
+        [sys.executable, script, *args]
+        if script
+        else [sys.executable, "-m", f"act_lightning.{module}", *args]
+    )
     if own_process or os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
         full = dict(os.environ)
         for key, value in (env or {}).items():
@@ -75,8 +82,15 @@ def run_module(
             else:
                 full[key] = value
         return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
-    call = entry_point(module)
-    with _ProcessState(module, args, env or {}, cwd) as state, _Captured() as out:
+    if script:
+
+        def call():  # as the interpreter runs a script: its folder first on sys.path (put back afterwards)
+            sys.path.insert(0, str(Path(script).parent))
+            runpy.run_path(script, run_name="__main__")
+
+    else:
+        call = entry_point(module)
+    with _ProcessState(str(module), args, env or {}, cwd) as state, _Captured() as out:
         try:
             with warnings.catch_warnings():
                 _python_warnings(os.environ.get("PYTHONWARNINGS", ""))
@@ -266,7 +280,11 @@ class _ProcessState:
         self.wandb_env = any(
             key.startswith("WANDB_") and os.environ.get(key) != value for key, value in self.env.items()
         )
-        program = importlib.util.find_spec(f"act_lightning.{self.module}").origin  # as `python -m` sets it
+        program = (  # as `python -m` or `python SCRIPT` sets it
+            self.module
+            if self.module.endswith(".py")
+            else importlib.util.find_spec(f"act_lightning.{self.module}").origin
+        )
         try:
             if self.wandb_env:
                 _wandb_teardown()  # W&B reads its variables once per process
