@@ -46,7 +46,7 @@ def compose(overrides: list[str] | None = None, run_dir: str = "/tmp/act-test-ru
 
 
 def run_module(
-    module: str,
+    module: str | Path,
     args: list[str],
     *,
     cwd: str | Path = ROOT,
@@ -54,8 +54,8 @@ def run_module(
     timeout: float | None = None,
     own_process: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`python -m act_lightning.<module> ARGS` (or `python SCRIPT.py ARGS` when `module` is a path ending
-    in .py) run as a user would, with its exit status and its output:
+    """`python -m act_lightning.<module> ARGS` (or `python SCRIPT ARGS` when `module` is a Path or a name
+    ending in .py; a console script is such a file) run as a user would, with its exit status and its output:
     in this process (the test process has torch and Lightning imported already, a new interpreter takes
     seconds to import them), or in a new interpreter with `own_process=True` (what needs a process of its
     own: several processes, signals, a test that the command starts as `python -m`) and for every call
@@ -68,7 +68,7 @@ def run_module(
     environment, directory, threads, TF32 and determinism flags, random states, signal handlers, logging,
     warnings filters, Hydra's global state, no W&B run left open. `timeout` applies to a subprocess only."""
     args = [str(a) for a in args]
-    script = str(module) if str(module).endswith(".py") else None
+    script = str(module) if isinstance(module, Path) or module.endswith(".py") else None
     cmd = (
         [sys.executable, script, *args]
         if script
@@ -282,7 +282,7 @@ class _ProcessState:
         )
         program = (  # as `python -m` or `python SCRIPT` sets it
             self.module
-            if self.module.endswith(".py")
+            if os.sep in self.module or self.module.endswith(".py")
             else importlib.util.find_spec(f"act_lightning.{self.module}").origin
         )
         try:
