@@ -100,7 +100,7 @@ def test_evaluate_names_a_missing_or_foreign_checkpoint(tmp_path):
 
 
 def test_readme_evaluate_commands(cifar_run, tmp_path):
-    """The README's `python -m act_lightning.evaluate` commands, with 8 samples instead of 10k or 50k.
+    """The README's `python -m act_lightning.evaluate` commands, with 4 samples instead of 10k or 50k.
     Each reference's statistics are computed once and read from a cache after (as the paper experiments'
     eval.reference_cache does), one cache per reference and quantisation: truncation moves 63 of the 256
     levels of real images down by one, and the cache's facts do not record it."""
@@ -121,7 +121,7 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
         reference = "npz" if "eval.reference" in command else "train"
         cache = f"eval.reference_cache={tmp_path / f'reference-{reference}-{quantize}.npz'}"
         summary = _evaluate(
-            [*args, "num_samples=8", "batch_size=8", cache, f"output={tmp_path / 'out.json'}"]
+            [*args, "num_samples=4", "batch_size=4", cache, f"output={tmp_path / 'out.json'}"]
         )
         expected = ["1-step"] if "samplers=[1-step]" in command else ["1-step", "2-step"]
         assert list(summary["results"]) == expected, command
@@ -139,8 +139,8 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
                 fid_only = _evaluate(
                     [
                         f"ckpt={ckpt}",
-                        "num_samples=8",
-                        "batch_size=8",
+                        "num_samples=4",
+                        "batch_size=4",
                         f"samplers=[{sampler}]",
                         cache,
                         f"output={tmp_path / 'fid.json'}",
@@ -154,7 +154,7 @@ def test_readme_evaluate_commands(cifar_run, tmp_path):
                 assert list(result["fid_per_seed"]) == ["0", "1", "2"] and len(set(values)) == 3
                 assert result["fid"] == pytest.approx(np.mean(values))
                 assert result["fid_std"] == pytest.approx(np.std(values, ddof=1))
-            one = [f"ckpt={ckpt}", "num_samples=8", "batch_size=8", "seed=1", "samplers=[1-step]"]
+            one = [f"ckpt={ckpt}", "num_samples=4", "batch_size=4", "seed=1", "samplers=[1-step]"]
             single = _evaluate([*one, cache, f"output={tmp_path / 'one.json'}"])["results"]["1-step"]
             assert (
                 summary["results"]["1-step"]["fid_per_seed"]["1"] == single["fid"]
