@@ -341,3 +341,25 @@ def test_subset_statistics_are_those_of_consecutive_samples_across_chunk_boundar
     whole = sample_subset_statistics(sample, extractor, 1, 21, 4, shape, seed=5)[0]
     for a, b in zip(whole, sample_statistics(sample, extractor, 21, 4, shape, seed=5), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_the_digits_classifier_is_trained_once_per_process_and_each_caller_gets_its_own_copy(monkeypatch):
+    from act_lightning.data.digits import load_digits_split
+    from act_lightning.metrics import digits
+
+    monkeypatch.setattr(digits, "_TRAINED", {})
+    calls = []
+    train = digits.train_digits_classifier
+    monkeypatch.setattr(digits, "train_digits_classifier", lambda *a, **k: calls.append(k) or train(*a, **k))
+    rng = torch.get_rng_state()
+    first = digits.DigitsFeatures.trained(seed=0)
+    assert calls == [{"seed": 0}]
+    with torch.no_grad():
+        first.classifier.features[0].weight.zero_()  # one caller's network is its own
+    second = digits.DigitsFeatures.trained(seed=0)
+    assert calls == [{"seed": 0}] and torch.equal(torch.get_rng_state(), rng)  # no draw from the run's stream
+    x, y, _, _ = load_digits_split()
+    again = train(x, y, seed=0)  # what training anew gives: the same weights, exactly
+    for (name, a), b in zip(second.classifier.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not second.classifier.training and not any(p.requires_grad for p in second.parameters())

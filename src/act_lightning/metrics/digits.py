@@ -1,8 +1,10 @@
 """The quickstart's metric: a Fréchet distance in the 64-d feature space of a small CNN classifier
 trained on the digits themselves (Inception features mean nothing at 8x8 grayscale).
 
-The classifier is trained at start-up from a fixed seed on the training split (a few seconds on a CPU);
-its reference values, the distance of held-out real digits and of pure noise, give the number its scale.
+The classifier is trained at start-up from a fixed seed on the training split (a few seconds on a CPU),
+once per process: later runs in the same process (a multirun's jobs one after another, `evaluate` after
+`train` in a notebook) get a copy of the same weights. Its reference values, the distance of held-out
+real digits and of pure noise, give the number its scale.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def train_digits_classifier(
     return model.eval().requires_grad_(False)
 
 
+_TRAINED: dict[int, dict[str, Tensor]] = {}  # seed -> the trained weights, once per process
+
+
 class DigitsFeatures(nn.Module):
     """Feature extractor callable: (B, 1, 8, 8) in [-1, 1] -> (B, 64) penultimate pre-activations."""
 
@@ -66,10 +71,20 @@ class DigitsFeatures(nn.Module):
 
     @classmethod
     def trained(cls, seed: int = 0) -> DigitsFeatures:
-        from act_lightning.data.digits import load_digits_split
+        """The classifier trained on the embedded digits from `seed`: trained on the first call, a fresh
+        copy of the same weights on later calls in this process (training is deterministic: one thread,
+        its own random streams, so the copy equals what training again would give)."""
+        state = _TRAINED.get(seed)
+        if state is None:
+            from act_lightning.data.digits import load_digits_split
 
-        x, y, _, _ = load_digits_split()
-        return cls(train_digits_classifier(x, y, seed=seed))
+            x, y, _, _ = load_digits_split()
+            trained = train_digits_classifier(x, y, seed=seed)
+            state = _TRAINED[seed] = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+        with torch.random.fork_rng(devices=[]):  # its initial weights: not drawn from the run's stream
+            model = DigitsClassifier()
+        model.load_state_dict(state)
+        return cls(model.eval().requires_grad_(False))
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
