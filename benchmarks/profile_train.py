@@ -441,7 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.warmup < 2 or args.warmup % 2:  # the profiled R1 iteration falls on an even k after warm-up
+        parser.error(
+            f"--warmup must be an even number >= 2 (the clock starts after the warm-up); got {args.warmup}"
+        )
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -240,3 +240,15 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
         "cuda_tests",
         "env",
     ]  # in that order
+
+
+def test_profile_train_refuses_a_warmup_it_cannot_time(monkeypatch, capsys):
+    profile = _load_benchmark("profile_train")
+    for bad in ("0", "3"):
+        monkeypatch.setattr(sys, "argv", ["profile_train.py", "--warmup", bad])
+        with pytest.raises(SystemExit) as stop:
+            profile.main()
+        assert stop.value.code == 2
+        assert f"--warmup must be an even number >= 2 (the clock starts after the warm-up); got {bad}" in (
+            capsys.readouterr().err
+        )
