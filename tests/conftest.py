@@ -31,6 +31,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# What the tests' commands run with: W&B offline (tests never reach the network), warnings not printed
+COMMAND_ENV = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
 
 def compose(overrides: list[str] | None = None, run_dir: str = "/tmp/act-test-run"):
@@ -370,9 +372,8 @@ def _wandb_teardown() -> None:
 
 def run_cli(args: list[str], run_dir: Path, timeout: int = 600, *, own_process: bool = False):
     """`python -m act_lightning.train ARGS hydra.run.dir=RUN_DIR`, as a user runs it (run_module)."""
-    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     args = [*args, f"hydra.run.dir={run_dir}"]
-    return run_module("train", args, env=env, timeout=timeout, own_process=own_process)
+    return run_module("train", args, env=COMMAND_ENV, timeout=timeout, own_process=own_process)
 
 
 def run_make(target: str, variables: dict[str, str], env: dict[str, str | None] | None = None):

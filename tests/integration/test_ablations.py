@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from act_lightning.report import main as report_main
-from tests.conftest import CONF, run_make
+from tests.conftest import COMMAND_ENV, CONF, run_make
 
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
@@ -137,7 +137,7 @@ def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path
         "REPORT": str(out),
         "ARGS": "debug=smoke data=synthetic seed=0,1 variant=act,ct_equal_time",
     }
-    results = run_make("reproduce-mini", variables, env={"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"})
+    results = run_make("reproduce-mini", variables, env=COMMAND_ENV)
     assert [r.returncode for r in results] == [0, 0], results[-1].stderr[-3000:]
     stdout = "".join(r.stdout for r in results)
     summaries = sorted(sweep.glob("*/metric_summary.json"))
@@ -176,7 +176,7 @@ def test_make_reproduce_init_under_smoke_charges_the_pretraining_and_reports(tmp
         # one job at a time in this process (reproduce-mini's test runs the joblib launcher's workers)
         "ARGS": "debug=smoke data=synthetic seed=0 hydra.launcher.n_jobs=1",
     }
-    results = run_make("reproduce-init", variables, env={"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"})
+    results = run_make("reproduce-init", variables, env=COMMAND_ENV)
     assert [r.returncode for r in results] == [0, 0, 0], results[-1].stderr[-3000:]
     pretrain = json.loads((sweeps / "pretrain" / "seed0" / "metric_summary.json").read_text())["history"]
     report = json.loads(out.with_suffix(".json").read_text())

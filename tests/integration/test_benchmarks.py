@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_module
+from tests.conftest import COMMAND_ENV, ROOT, run_module
 
 
 def _bench(script: str, *args: str, timeout: int = 300):
     """`python benchmarks/SCRIPT ARGS`, run in this process (tests.conftest.run_module)."""
-    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = COMMAND_ENV
     return run_module(ROOT / "benchmarks" / script, list(args), env=env, timeout=timeout)
 
 

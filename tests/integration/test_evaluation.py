@@ -12,7 +12,7 @@ import torch
 
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from act_lightning.train import train
-from tests.conftest import CONF, compose, run_module
+from tests.conftest import COMMAND_ENV, CONF, compose, run_module
 from tests.helpers_readme import readme_commands
 from tests.helpers_wandb import read_run
 
@@ -20,7 +20,7 @@ from tests.helpers_wandb import read_run
 def run_evaluate(args: list[str], tmp_path, timeout: int = 600):
     # a new interpreter: `python -m act_lightning.evaluate` itself starts (its only test through the command)
     args = [*args, f"hydra.run.dir={tmp_path / 'eval'}"]
-    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = COMMAND_ENV
     return run_module("evaluate", args, env=env, timeout=timeout, own_process=True)
 
 

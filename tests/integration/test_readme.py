@@ -14,7 +14,7 @@ import torch
 
 from act_lightning.prepare import main as prepare_main
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose, run_module
+from tests.conftest import COMMAND_ENV, CONF, ROOT, compose, run_module
 from tests.helpers_data import write_image_folder, write_imagenet64, write_lsun_lmdb
 from tests.helpers_readme import readme_commands
 
@@ -265,7 +265,7 @@ def test_readme_prepare_commands(tmp_path):
 
 def _run_cli(args: list[str], cwd_dir: Path, multirun: bool):
     folder = f"hydra.sweep.dir={cwd_dir}" if multirun else f"hydra.run.dir={cwd_dir}"
-    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = COMMAND_ENV
     # DDP on several devices starts the command again in new processes: it runs in a process of its own
     ddp = any(a.startswith("trainer.devices=") and a != "trainer.devices=1" for a in args)
     return run_module("train", [*args, folder], env=env, timeout=600, own_process=ddp)

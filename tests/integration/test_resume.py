@@ -19,7 +19,7 @@ from act_lightning.atomic import default_file_mode
 from act_lightning.callbacks import DivergenceError
 from act_lightning.checkpoints import load_checkpoint
 from act_lightning.train import train
-from tests.conftest import ROOT, compose, run_cli
+from tests.conftest import COMMAND_ENV, ROOT, compose, run_cli
 
 
 def _load(path):
@@ -109,7 +109,7 @@ def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path
 
 def _start(args, run_dir):
     cmd = [sys.executable, "-m", "act_lightning.train", *args, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **COMMAND_ENV}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 from act_lightning.report import job_record
-from tests.conftest import run_module
+from tests.conftest import COMMAND_ENV, run_module
 from tests.helpers_wandb import read_run
 
 
 def run_multirun(args: list[str], sweep_dir, timeout: int = 600):
-    env = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    env = COMMAND_ENV
     return run_module("train", ["-m", *args, f"hydra.sweep.dir={sweep_dir}"], env=env, timeout=timeout)
 
 
