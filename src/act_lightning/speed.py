@@ -23,9 +23,7 @@ class SpeedOptions:
     channels_last: bool = True  # NHWC weights and activations for every convolution
     compile: bool | str = False  # torch.compile the networks: true (inductor) or a backend name
     compile_mode: str | None = None  # inductor's mode; reduce-overhead: CUDA graphs of the compiled graphs
-    fast_attention: bool = (
-        True  # attention in the fused kernel (D's R1 pass: classic); false: classic everywhere
-    )
+    fast_attention: bool = True  # fused attention kernel (classic in D's R1 pass); false: classic everywhere
     foreach_ema: bool = True  # the target EMA in one fused op over all tensors (false: a Python loop)
     joint_d_pass: bool = True  # D sees the fake and the real half in one pass (two on R1 iterations)
     lazy_augment: bool = True  # skip the augmentation pipeline while p == 0 (an exact no-op then)

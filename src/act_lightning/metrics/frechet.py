@@ -63,14 +63,15 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, root2) -> float:
         factor = low_rank_factor(b)
         if factor is not None:
             q, s = factor
-            w, v = np.linalg.eigh(s)
-            s_root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-            m = s_root @ (q.T @ a @ q) @ s_root
-            eig = np.linalg.eigvalsh((m + m.T) / 2)
-            return float(np.sqrt(np.clip(eig, 0, None)).sum())
+            s_root = sqrtm_psd(s)
+            return _trace_sqrt(s_root @ (q.T @ a @ q) @ s_root)
     root = root2() if callable(root2) else root2
     root = sqrtm_psd(sigma2) if root is None else root
-    m = root @ sigma1 @ root
+    return _trace_sqrt(root @ sigma1 @ root)
+
+
+def _trace_sqrt(m: np.ndarray) -> float:
+    """Tr m^(1/2) of a symmetric PSD matrix m: the sum of its eigenvalues' roots."""
     eig = np.linalg.eigvalsh((m + m.T) / 2)  # symmetrised against round-off
     return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
