@@ -120,8 +120,13 @@ def breakdown(items: list[tuple[list[str], str, float]]) -> dict[str, dict]:
         entry = out.setdefault(family(chain, leaf), {"ms": 0.0, "count": 0})
         entry["ms"] += us / 1e3
         entry["count"] += 1
-    total = sum(e["ms"] for e in out.values()) or 1.0
-    ranked = sorted(out.items(), key=lambda item: -item[1]["ms"])
+    return _ranked(out)
+
+
+def _ranked(families: dict[str, dict]) -> dict[str, dict]:
+    """{family: {ms, count}} most time first, each with its share of the total."""
+    total = sum(e["ms"] for e in families.values()) or 1.0
+    ranked = sorted(families.items(), key=lambda item: -item[1]["ms"])
     return {name: {**e, "share": e["ms"] / total} for name, e in ranked}
 
 
@@ -329,15 +334,14 @@ def average(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = sum(r[key] for r in runs) / len(runs)
-        elif key == "families":
-            names = dict.fromkeys(n for r in runs for n in r[key])
-            sums = {
-                n: [sum(r[key].get(n, {}).get(f, 0) for r in runs) / len(runs) for f in ("ms", "count")]
-                for n in names
-            }
-            total = sum(ms for ms, _ in sums.values()) or 1.0
-            ranked = sorted(sums.items(), key=lambda item: -item[1][0])
-            out[key] = {n: {"ms": ms, "count": c, "share": ms / total} for n, (ms, c) in ranked}
+        elif key == "families":  # each family's mean over the runs (0 in a run without it)
+            means: dict[str, dict] = {}
+            for r in runs:
+                for name, e in r[key].items():
+                    mean = means.setdefault(name, {"ms": 0.0, "count": 0.0})
+                    mean["ms"] += e["ms"] / len(runs)
+                    mean["count"] += e["count"] / len(runs)
+            out[key] = _ranked(means)
         elif key == "host_syncs" and value is not None:
             out[key] = {k: sum(r[key][k] for r in runs) / len(runs) for k in value}
         elif key != "operators":

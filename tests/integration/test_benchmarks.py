@@ -252,3 +252,21 @@ def test_profile_train_refuses_a_warmup_it_cannot_time(monkeypatch, capsys):
         assert f"--warmup must be an even number >= 2 (the clock starts after the warm-up); got {bad}" in (
             capsys.readouterr().err
         )
+
+
+def test_profile_averages_each_family_over_the_runs_counting_a_missing_one_as_zero():
+    profile = _load_benchmark("profile_train")
+    runs = [
+        {"families": {"a": {"ms": 2.0, "count": 1, "share": 1.0}}, "operators": {}},
+        {
+            "families": {
+                "a": {"ms": 4.0, "count": 3, "share": 1 / 3},
+                "b": {"ms": 8.0, "count": 1, "share": 2 / 3},
+            },
+            "operators": {},
+        },
+    ]
+    mean = profile.average(runs)["families"]
+    assert list(mean) == ["b", "a"]  # most time first
+    assert mean["b"] == {"ms": 4.0, "count": 0.5, "share": 4 / 7}
+    assert mean["a"] == {"ms": 3.0, "count": 2.0, "share": 3 / 7}
