@@ -90,9 +90,11 @@ def run_module(
             sys.path.insert(0, str(Path(script).parent))
             runpy.run_path(script, run_name="__main__")
 
+        program = script
     else:
         call = entry_point(module)
-    with _ProcessState(str(module), args, env or {}, cwd) as state, _Captured() as out:
+        program = importlib.util.find_spec(f"act_lightning.{module}").origin  # as `python -m` sets argv[0]
+    with _ProcessState([program, *args], env or {}, cwd) as state, _Captured() as out:
         try:
             with warnings.catch_warnings():
                 _python_warnings(os.environ.get("PYTHONWARNINGS", ""))
@@ -229,8 +231,8 @@ W_AND_B_OWN = {"WANDB_SERVICE"}
 class _ProcessState:
     """What a command changes in its process, put back afterwards (see run_module)."""
 
-    def __init__(self, module: str, args: list[str], env: dict[str, str | None], cwd: str | Path) -> None:
-        self.module, self.args, self.env, self.cwd = module, args, env, cwd
+    def __init__(self, argv: list[str], env: dict[str, str | None], cwd: str | Path) -> None:
+        self.command_argv, self.env, self.cwd = argv, env, cwd
 
     def __enter__(self):
         import numpy as np
@@ -282,11 +284,6 @@ class _ProcessState:
         self.wandb_env = any(
             key.startswith("WANDB_") and os.environ.get(key) != value for key, value in self.env.items()
         )
-        program = (  # as `python -m` or `python SCRIPT` sets it
-            self.module
-            if os.sep in self.module or self.module.endswith(".py")
-            else importlib.util.find_spec(f"act_lightning.{self.module}").origin
-        )
         try:
             if self.wandb_env:
                 _wandb_teardown()  # W&B reads its variables once per process
@@ -297,7 +294,7 @@ class _ProcessState:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-            sys.argv = [program, *self.args]
+            sys.argv = list(self.command_argv)
             os.chdir(self.cwd)
         except BaseException:
             self.__exit__()
