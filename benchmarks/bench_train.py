@@ -84,6 +84,9 @@ LEVERS = {
     # of the kernel time, NCHW <-> NHWC copies around GroupNorm and the convolutions 11%
     "classic_attention": ["model.speed.fast_attention=false"],
     "contiguous_layout": ["model.speed.channels_last=false"],
+    # both float32 levers together, and both bf16 ones together (the most bf16 the options allow)
+    "float32_levers": ["model.speed.fast_attention=false", "model.speed.channels_last=false"],
+    "bf16_parts": ["model.speed.bf16_lpips=true", "model.speed.bf16_target=true"],
     # GPUs only unless --compile
     "compile": ["model.speed.compile=true"],
     "cuda_graphs": ["model.speed.compile=true", "model.speed.compile_mode=reduce-overhead"],

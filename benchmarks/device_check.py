@@ -9,7 +9,8 @@ to be skipped when the budget runs out.
 
 A session has 15 minutes of device time, the machine's start included (about 90 s). On 2026-12-04 a
 first call of `--budget 480` (580 s held) and a second on the still warm machine (`--budget 255`) used
-them. Plan on `--budget 500` with a timeout of 560 s, then, warm, the rest with `--only`.
+them. Plan on `--budget 500` with a timeout of 560 s, then at once (the machine is held 30 s idle), warm,
+the rest with `--only`.
 
 Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
@@ -39,14 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 MEMORY = "model.r1_interval=2"  # R1 at k = 2: the measured iterations include the R1 pass's memory
-LEVERS = [
-    "classic_attention",
-    "contiguous_layout",
-    "bf16_lpips",
-    "bf16_target",
-    "gradient_checkpointing",
-    "lpips_checkpointing",
-]
+LEVERS = ["classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"]  # not measured yet
 QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0"]
 MAX_FILE = 15 * 2**20  # the device tool returns files of up to 16 MiB
 
@@ -111,43 +105,52 @@ def steps() -> list[Step]:
     py, tests = sys.executable, str(ROOT / "tests")
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
     env_check = (
-        "nvidia-smi; " + shlex.quote(py) + " -c 'import torch, lightning, diffusers, hydra, lpips; "
-        'print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name()); '
-        'print("lightning", lightning.__version__, "diffusers", diffusers.__version__)\''
+        "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "
+        + shlex.quote(py)
+        + ' -c \'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)\''
     )
     bench = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
+    profile = [py, str(BENCH / "profile_train.py"), "--variants", "defaults"]
+    compiled = ["--set", "model.speed.compile=true"]
     notebooks = str(ROOT / "tests" / "integration" / "test_notebooks.py")
-    # Order (after the H200 run of 2026-12-04, benchmarks/results/h200_2026-12-04.md): the levers the
-    # profile pointed at, the compiled step with CUDA graphs (minutes of compiling), the profile of the
-    # defaults, the CUDA tests, ImageNet 64's passes, the 50k FID; what was measured then comes last.
+    # Order (after the H200 runs of 2026-12-04, benchmarks/results/h200_2026-12-04.md): the levers not yet
+    # measured (classic attention, NCHW, both, both bf16 parts), the profile of the defaults beside the
+    # float32 levers, the profile of the compiled iteration (what remains once inductor fused the
+    # elementwise work), the CUDA tests, the 50k FID, ImageNet 64's two passes; what was measured then
+    # comes last.
     return [
-        Step("env", ["bash", "-c", env_check], 60, 10),
+        Step("env", ["bash", "-c", env_check], 30, 10),
         Step(
             "bench_levers",
-            [*bench, "--levers", *LEVERS, "--iterations", "15", "--warmup", "5", *QUICK]
-            + ["--output", "bench.json"],
-            240,
+            [*bench, "--levers", *LEVERS, "--no-baseline", "--no-bf16", "--iterations", "15", "--warmup", "5"]
+            + [*QUICK, "--output", "bench.json"],
+            200,
             90,
             "bench.json",
         ),
-        compile_step("bench_cuda_graphs", "cuda_graphs"),
         Step(
             "profile",
-            [py, str(BENCH / "profile_train.py"), "--variants", "defaults", "--out", "profile"],
+            [*profile, "float32_levers", "--out", "profile"],
             200,
             60,
             "profile/profile.json",
+        ),
+        Step(  # inductor's default mode: on 2026-12-04 1.20x the defaults; where does the time go then?
+            "profile_compiled",
+            [*profile, "--out", "profile_compiled", *compiled],
+            300,
+            150,
+            "profile_compiled/profile.json",
         ),
         # test_notebooks needs nbformat, which the GPU machine's image lacks (none of its tests is a GPU's)
         Step(
             "cuda_tests",
             [*pytest, "-k", "(gpu or cuda) and not inductor", "--ignore", notebooks, tests],
-            240,
+            200,
             60,
         ),
-        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
-        imagenet64_step("imagenet64_one_pass", 320, []),
         fid_step(),
+        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
         Step(  # issue 22's full-scale recipes: their iteration speed, for the cost the README quotes
             "bench_diffusion_start",
             [py, str(BENCH / "bench_train.py"), "--configs", "cifar10_ect", "cifar10_ect_act"]
@@ -158,6 +161,8 @@ def steps() -> list[Step]:
             60,
             "bench_diffusion_start.json",
         ),
+        compile_step("bench_cuda_graphs", "cuda_graphs"),  # 2026-12-04: still compiling after 385 s
+        imagenet64_step("imagenet64_one_pass", 320, []),
         imagenet64_step(
             "imagenet64_one_pass_generator_checkpointing", 320, ["model.speed.gradient_checkpointing=true"]
         ),
@@ -174,12 +179,11 @@ def steps() -> list[Step]:
             150,
         ),
         Step(
-            "profile_compiled",
-            [py, str(BENCH / "profile_train.py"), "--variants", "defaults", "--out", "profile_compiled"]
-            + ["--set", "model.speed.compile=true", "model.speed.compile_mode=reduce-overhead"],
+            "profile_cuda_graphs",
+            [*profile, "--out", "profile_cuda_graphs", *compiled, "model.speed.compile_mode=reduce-overhead"],
             400,
             200,
-            "profile_compiled/profile.json",
+            "profile_cuda_graphs/profile.json",
         ),
     ]
 
@@ -326,7 +330,7 @@ def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str) -> 
     (out / "summary.json").write_text(json.dumps({"machine": machine, "steps": outcomes}, indent=2) + "\n")
     logs = [f"===== {o['name']}: {o['status']}\n{tail(work / (o['name'] + '.log'))}" for o in outcomes]
     (out / "logs.txt").write_text("\n".join(logs)[-MAX_FILE:])
-    profiles = [work / d / "profile.md" for d in ("profile", "profile_compiled")]
+    profiles = [work / d / "profile.md" for d in ("profile", "profile_compiled", "profile_cuda_graphs")]
     (out / "profile.md").write_text(
         "\n".join(p.read_text() for p in profiles if p.is_file()) or "(no profile)\n"
     )

@@ -36,9 +36,11 @@ from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_train import BASELINE, CPU_PLAN, compose_cfg, experiment_batch, fit  # noqa: E402
+from bench_train import BASELINE, CPU_PLAN, LEVERS, compose_cfg, experiment_batch, fit  # noqa: E402
 
-VARIANTS = {"baseline": BASELINE, "defaults": []}
+# float32_levers: the defaults with classic attention and NCHW (bench_train.py's lever; on demand)
+VARIANTS = {"baseline": BASELINE, "defaults": [], "float32_levers": LEVERS["float32_levers"]}
+DEFAULT_VARIANTS = ["baseline", "defaults"]
 ITERATION = "act_iteration"  # the record_function range around each profiled iteration
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 TOP = 20
@@ -431,7 +433,7 @@ def markdown(report: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="cifar10")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     parser.add_argument("--set", nargs="*", default=[], help="overrides added to every variant")
     parser.add_argument("--device", default="auto")
     parser.add_argument(

@@ -202,9 +202,11 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    assert [s.name for s in plan][:4] == ["env", "bench_levers", "bench_cuda_graphs", "profile"]
+    first = ["env", "bench_levers", "profile", "profile_compiled", "cuda_tests"]
+    assert [s.name for s in plan][:5] == first
     levers = next(s for s in plan if s.name == "bench_levers").argv
-    assert {"classic_attention", "contiguous_layout"} <= set(levers)
+    assert {"classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"} <= set(levers)
+    assert "float32_levers" in next(s for s in plan if s.name == "profile").argv
     parsed = 0
     for step in plan:
         script = next((a for a in step.argv if a.endswith(".py")), None)
