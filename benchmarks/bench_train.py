@@ -117,10 +117,12 @@ def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
         *extra,
     ]
     if config != "quickstart":  # speed does not depend on the weights; the VGG file may be absent
-        length = max(64, 2 * batch)  # at least one batch of both halves
-        overrides += ["data=synthetic", f"data.length={length}", "model.lpips_pretrained=false"]
+        overrides += ["data=synthetic", "model.lpips_pretrained=false"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides)
+        cfg = compose("train", overrides=overrides)
+    if config != "quickstart":  # at least one global batch of both halves (micro-batches: --set)
+        cfg.data.length = max(64, 2 * batch, 2 * (cfg.data.global_batch_size or 0))
+    return cfg
 
 
 def fit(cfg, device: torch.device, warmup: int, callbacks=()) -> dict:
