@@ -9,8 +9,9 @@ to be skipped when the budget runs out.
 
 A session has 15 minutes of device time, the machine's start included (about 90 s). On 2026-12-04 a
 first call of `--budget 480` (580 s held) and a second on the still warm machine (`--budget 255`) used
-them. Plan on `--budget 500` with a timeout of 560 s, then at once (the machine is held 30 s idle), warm,
-the rest with `--only`.
+them; the second session's two calls held 655 s. Plan on `--budget 500` with a timeout of 560 s, then at
+once (the machine is held 30 s idle), warm, the rest with `--only`: inductor's cache on the machine makes
+a second compile of the same graphs short, so `profile_compiled` belongs in the warm call.
 
 Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
@@ -113,14 +114,46 @@ def steps() -> list[Step]:
     profile = [py, str(BENCH / "profile_train.py"), "--variants", "defaults"]
     compiled = ["--set", "model.speed.compile=true"]
     notebooks = str(ROOT / "tests" / "integration" / "test_notebooks.py")
-    # Order (after the H200 runs of 2026-12-04, benchmarks/results/h200_2026-12-04.md): the levers not yet
-    # measured (classic attention, NCHW, both, both bf16 parts), the profile of the defaults beside the
-    # float32 levers, the profile of the compiled iteration (what remains once inductor fused the
-    # elementwise work), the CUDA tests, the 50k FID, ImageNet 64's two passes; what was measured then
-    # comes last.
+    # Order (after the two H200 sessions of 2026-12-04, benchmarks/results/h200_2026-12-04b.md): the
+    # compiled iteration against today's defaults (inductor needs about five minutes for its six graphs),
+    # then its profile (inductor's cache on the machine makes the second compile short), ImageNet 64's two
+    # passes, CUDA graphs; what was measured then comes last.
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
+        compile_step("bench_compile", "compile"),  # 2026-12-04: 1.20x the defaults, then with the sync
+        Step(  # where the time goes once inductor fused the elementwise work (2026-12-04: still compiling)
+            "profile_compiled",
+            [*profile, "--out", "profile_compiled", *compiled],
+            300,
+            150,
+            "profile_compiled/profile.json",
+        ),
+        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
+        compile_step("bench_cuda_graphs", "cuda_graphs"),  # 2026-12-04: still compiling after 385 s
         Step(
+            "profile_cuda_graphs",
+            [*profile, "--out", "profile_cuda_graphs", *compiled, "model.speed.compile_mode=reduce-overhead"],
+            400,
+            200,
+            "profile_cuda_graphs/profile.json",
+        ),
+        Step(  # issue 22's full-scale recipes: their iteration speed, for the cost the README quotes
+            "bench_diffusion_start",
+            [py, str(BENCH / "bench_train.py"), "--configs", "cifar10_ect", "cifar10_ect_act"]
+            + ["cifar10_diffusion", "--ablate", "--no-baseline", "--no-bf16", "--iterations", "10"]
+            + ["--warmup", "4", "--repeats", "1", "--no-sampling", "--side-by-side", "0"]
+            + ["--output", "bench_diffusion_start.json"],
+            180,
+            60,
+            "bench_diffusion_start.json",
+        ),
+        Step(
+            "compile_tests",
+            [*pytest, "-k", "inductor", str(ROOT / "tests" / "integration" / "test_gpu.py")],
+            400,
+            150,
+        ),
+        Step(  # measured in the second session of 2026-12-04, as are profile, cuda_tests and fid_50k
             "bench_levers",
             [*bench, "--levers", *LEVERS, "--no-baseline", "--no-bf16", "--iterations", "15", "--warmup", "5"]
             + [*QUICK, "--output", "bench.json"],
@@ -135,33 +168,14 @@ def steps() -> list[Step]:
             60,
             "profile/profile.json",
         ),
-        Step(  # inductor's default mode: on 2026-12-04 1.20x the defaults; where does the time go then?
-            "profile_compiled",
-            [*profile, "--out", "profile_compiled", *compiled],
-            300,
-            150,
-            "profile_compiled/profile.json",
-        ),
         # test_notebooks needs nbformat, which the GPU machine's image lacks (none of its tests is a GPU's)
-        Step(
+        Step(  # passed in the second session of 2026-12-04
             "cuda_tests",
             [*pytest, "-k", "(gpu or cuda) and not inductor", "--ignore", notebooks, tests],
             200,
             60,
         ),
         fid_step(),
-        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
-        Step(  # issue 22's full-scale recipes: their iteration speed, for the cost the README quotes
-            "bench_diffusion_start",
-            [py, str(BENCH / "bench_train.py"), "--configs", "cifar10_ect", "cifar10_ect_act"]
-            + ["cifar10_diffusion", "--ablate", "--no-baseline", "--no-bf16", "--iterations", "10"]
-            + ["--warmup", "4", "--repeats", "1", "--no-sampling", "--side-by-side", "0"]
-            + ["--output", "bench_diffusion_start.json"],
-            180,
-            60,
-            "bench_diffusion_start.json",
-        ),
-        compile_step("bench_cuda_graphs", "cuda_graphs"),  # 2026-12-04: still compiling after 385 s
         imagenet64_step("imagenet64_one_pass", 320, []),
         imagenet64_step(
             "imagenet64_one_pass_generator_checkpointing", 320, ["model.speed.gradient_checkpointing=true"]
@@ -170,20 +184,6 @@ def steps() -> list[Step]:
             "imagenet64_one_pass_checkpointing",
             320,
             ["model.speed.gradient_checkpointing=true", "model.speed.lpips_checkpointing=true"],
-        ),
-        compile_step("bench_compile", "compile"),  # measured 2026-12-04: 1.20x the defaults
-        Step(
-            "compile_tests",
-            [*pytest, "-k", "inductor", str(ROOT / "tests" / "integration" / "test_gpu.py")],
-            400,
-            150,
-        ),
-        Step(
-            "profile_cuda_graphs",
-            [*profile, "--out", "profile_cuda_graphs", *compiled, "model.speed.compile_mode=reduce-overhead"],
-            400,
-            200,
-            "profile_cuda_graphs/profile.json",
         ),
     ]
 

@@ -202,8 +202,9 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "bench_levers", "profile", "profile_compiled", "cuda_tests"]
+    first = ["env", "bench_compile", "profile_compiled", "imagenet64_two_passes", "bench_cuda_graphs"]
     assert [s.name for s in plan][:5] == first
+    assert len({s.name for s in plan}) == len(plan)
     levers = next(s for s in plan if s.name == "bench_levers").argv
     assert {"classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"} <= set(levers)
     assert "float32_levers" in next(s for s in plan if s.name == "profile").argv
@@ -242,6 +243,15 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
         "cuda_tests",
         "env",
     ]  # in that order
+
+
+def test_bench_train_synthetic_set_holds_one_global_batch_of_micro_batches():
+    """`--set data.global_batch_size=...` above the half-batch (micro-batches, as ImageNet 64's two
+    passes of 160) needs a synthetic set of at least one global batch of both halves."""
+    bench = _load_benchmark("bench_train")
+    cfg = bench.compose_cfg("imagenet64", 4, 1, ["data.global_batch_size=40"])
+    assert cfg.data.length >= 2 * 40 and cfg.data.batch_size == 4
+    assert bench.compose_cfg("imagenet64", 40, 1, []).data.length >= 2 * 40
 
 
 def test_profile_train_refuses_a_warmup_it_cannot_time(monkeypatch, capsys):
