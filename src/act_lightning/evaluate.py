@@ -18,25 +18,20 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
-from torch import Tensor
+from torch import nn
 from tqdm import tqdm
 
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
 from act_lightning.commands import CONFIG_DIR, REFUSED, refuse, resolve_device
-from act_lightning.metrics.extra import (
-    NEED_REAL,
-    NEED_REAL_IMAGES,
-    ExtraMetrics,
-    check_metrics,
-)
+from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     build_feature_extractor,
     check_reference_spec,
     reference_statistics,
     sample_statistics,
 )
-from act_lightning.metrics.frechet import LazyRoot, frechet_distance, statistics_of
-from act_lightning.metrics.reference import reference_image_features, require_reference_images
+from act_lightning.metrics.frechet import LazyRoot, frechet_distance
+from act_lightning.metrics.reference import require_reference_images
 from act_lightning.sample import heun_record
 from act_lightning.seeds import EVALUATION, mix_seed
 
@@ -80,13 +75,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
 
     model = build_model(checkpoint, run, device)
-    extractor, reference = build_reference(ev, run, weights, cfg.batch_size, device)
-    real = None
-    if any(m in NEED_REAL for m in metrics):
-        real = real_features(ev, run, extractor, cfg.num_samples, cfg.batch_size, device)
-    dinov2, dinov2_reference = None, None
-    if dinov2_weights is not None:
-        dinov2, dinov2_reference = build_dinov2(ev, run, dinov2_weights, cfg, device)
+    datamodule = reference_datamodule(ev, run)
+    extractor, reference = build_reference(ev, datamodule, weights, cfg.batch_size, device)
+    dinov2 = None if dinov2_weights is None else build_dinov2(ev, dinov2_weights, device)
+    real, dinov2_reference = real_references(  # kid/pr's and fd_dinov2's from one read of the images
+        metrics, str(ev.reference), datamodule, extractor, dinov2, cfg.num_samples, cfg.batch_size, device
+    )
     name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
     results = {}
     for sampler in cfg.samplers:
@@ -137,14 +131,12 @@ def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str]) -> tuple
     return weights, dinov2_weights
 
 
-def build_dinov2(ev: DictConfig, run: DictConfig, weights, cfg: DictConfig, device) -> tuple:
-    """DINOv2's feature extractor and FD-DINOv2's reference (mu, sigma, sigma^(1/2)): as many real images
-    of the reference as samples are drawn, through DINOv2."""
+def build_dinov2(ev: DictConfig, weights, device) -> nn.Module:
+    """DINOv2's feature extractor (FD-DINOv2's reference: `real_references`, as many real images of the
+    reference as samples are drawn)."""
     from act_lightning.metrics.dinov2 import load_dinov2
 
-    dinov2 = load_dinov2(weights, ev.quantize).to(device)
-    mu, sigma = statistics_of(real_features(ev, run, dinov2, cfg.num_samples, cfg.batch_size, device))
-    return dinov2, (mu, sigma, LazyRoot(sigma))
+    return load_dinov2(weights, ev.quantize).to(device)
 
 
 def sampling_seeds(cfg: DictConfig) -> list[int]:
@@ -179,13 +171,11 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
     return out
 
 
-def real_features(ev: DictConfig, run: DictConfig, extractor, count: int, batch_size: int, device) -> Tensor:
-    """(N, D) features of up to `count` real images of the reference (`reference_image_features`); the
-    training set's comes from the run's data module."""
+def reference_datamodule(ev: DictConfig, run: DictConfig):
+    """The run's data module when the reference is its training set (`train`), else None (a file)."""
     from hydra.utils import instantiate
 
-    datamodule = instantiate(run.data) if str(ev.reference) == "train" else None
-    return reference_image_features(str(ev.reference), datamodule, extractor, count, batch_size, device)
+    return instantiate(run.data) if str(ev.reference) == "train" else None
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -204,18 +194,15 @@ def check_options(cfg: DictConfig) -> None:
         raise ValueError(f"net must be target or generator, got {cfg.net!r}")
 
 
-def build_reference(ev: DictConfig, run: DictConfig, weights, batch_size: int, device: torch.device):
-    """(feature extractor, reference (mu, sigma, sigma^(1/2))) of the evaluation settings `ev`: the root
-    is computed once here, not in every sampler's and seed's Fréchet distance (at 2048-d it is half of
-    each distance's work)."""
-    from hydra.utils import instantiate
-
+def build_reference(ev: DictConfig, datamodule, weights, batch_size: int, device: torch.device):
+    """(feature extractor, reference (mu, sigma, sigma^(1/2))) of the evaluation settings `ev`
+    (`datamodule`: `reference_datamodule`'s): the root is computed once here, not in every sampler's and
+    seed's Fréchet distance (at 2048-d it is half of each distance's work)."""
     extractor = (
         build_feature_extractor(ev.features, inception_weights=weights, quantize=ev.quantize)
         .to(device)
         .eval()
     )
-    datamodule = instantiate(run.data) if str(ev.reference) == "train" else None
     reference = reference_statistics(
         extractor,
         ev.reference,

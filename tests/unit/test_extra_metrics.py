@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,55 @@ def test_metric_names_are_checked():
         check_metrics(["kid"], "inception")
     with pytest.raises(ValueError, match=r"metrics=\[is\] needs eval.features=inception"):
         check_metrics(["fid", "is"], "digits")
+
+
+class _Net(torch.nn.Module):
+    """A stand-in feature network (a fixed projection of the image) that counts the images it sees."""
+
+    def __init__(self, num_features: int, seed: int) -> None:
+        super().__init__()
+        self.num_features, self.seen = num_features, 0
+        self.proj = torch.nn.Linear(3 * 8 * 8, num_features)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, images):
+        self.seen += images.shape[0]
+        return self.proj(images.flatten(1))
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [["fid"], ["fid", "kid"], ["fid", "fd_dinov2"], ["fid", "kid", "pr", "fd_dinov2"]],
+)
+def test_real_references_read_the_reference_once_for_kid_pr_and_fd_dinov2(metrics, tmp_path, monkeypatch):
+    """What kid/pr (the FID network's features of real images) and fd_dinov2 (their DINOv2 statistics)
+    compare with comes from one read of the reference's images, each network seeing each image once, and
+    equals what each network computes on the images alone."""
+    from act_lightning.metrics import reference
+    from act_lightning.metrics.extra import real_references
+    from act_lightning.metrics.frechet import statistics_of
+
+    images = (np.random.default_rng(0).random((12, 8, 8, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    reads = []
+    batches = reference.reference_image_batches
+    monkeypatch.setattr(reference, "reference_image_batches", lambda *a: reads.append(a) or batches(*a))
+    extractor = _Net(16, 0)
+    dinov2 = _Net(24, 1) if "fd_dinov2" in metrics else None
+    real, dino = real_references(metrics, str(tmp_path / "ref.npz"), None, extractor, dinov2, 10, 4, "cpu")
+    wants_real = "kid" in metrics
+    assert len(reads) == (1 if wants_real or dinov2 is not None else 0)
+    assert extractor.seen == (10 if wants_real else 0)
+    alone = list(batches(tmp_path / "ref.npz", 4, 10))  # the same batches, each network on its own
+    with torch.no_grad():
+        if wants_real:
+            torch.testing.assert_close(real, torch.cat([extractor(x) for x in alone]), rtol=0, atol=0)
+        else:
+            assert real is None
+        if dinov2 is None:
+            assert dino is None
+        else:
+            assert dinov2.seen == 10
+            mu, sigma = statistics_of(torch.cat([dinov2(x) for x in alone]))
+            np.testing.assert_array_equal(dino[0], mu)
+            np.testing.assert_array_equal(dino[1], sigma)

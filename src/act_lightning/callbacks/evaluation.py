@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from act_lightning.metrics.extra import NEED_REAL, NEED_REAL_IMAGES, ExtraMetrics, check_metrics
+from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     FEATURES,
     build_feature_extractor,
@@ -44,9 +44,8 @@ from act_lightning.metrics.fid import (
     reference_statistics,
     sample_subset_statistics,
 )
-from act_lightning.metrics.frechet import LazyRoot, frechet_distance, statistics_of
+from act_lightning.metrics.frechet import LazyRoot, frechet_distance
 from act_lightning.metrics.inception import QUANTIZE
-from act_lightning.metrics.reference import reference_image_features
 
 log = logging.getLogger(__name__)
 
@@ -247,19 +246,17 @@ class FrechetEvaluation(L.Callback):
         return float(np.mean([self._fd(part) for part in stats]))  # one value without subsets
 
     def _extra_references(self, trainer, dm, device) -> None:
-        """Real images' features for kid and pr, and their DINOv2 statistics for fd_dinov2 (up to
-        num_samples images of the reference; every rank computes the same)."""
-        count = self._num_drawn()
-        if any(m in NEED_REAL for m in self.metrics) and self._real is None:
-            self._real = reference_image_features(
-                self.reference_spec, dm, self.extractor, count, self.batch_size, device
-            )
-        if self.dinov2 is not None and self._dinov2_reference is None:
+        """Real images' features for kid and pr and their DINOv2 statistics for fd_dinov2, from one read
+        of up to num_samples images of the reference (`real_references`; every rank computes the same),
+        once per callback."""
+        if self._real is not None or self._dinov2_reference is not None:
+            return
+        if self.dinov2 is not None:
             self.dinov2.to(device)
-            mu, sigma = statistics_of(
-                reference_image_features(self.reference_spec, dm, self.dinov2, count, self.batch_size, device)
-            )
-            self._dinov2_reference = (mu, sigma, LazyRoot(sigma))
+        count = self._num_drawn()
+        self._real, self._dinov2_reference = real_references(
+            self.metrics, self.reference_spec, dm, self.extractor, self.dinov2, count, self.batch_size, device
+        )
 
     def summary(self) -> dict[str, Any]:
         """For the training entry point (and a sweeper that minimises it): the best value of the metric,

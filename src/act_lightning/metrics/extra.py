@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from act_lightning.metrics.frechet import frechet_distance, statistics_of
+from act_lightning.metrics.frechet import LazyRoot, frechet_distance, statistics_of
+from act_lightning.metrics.reference import reference_image_features
 
 METRICS = (
     "fid",
@@ -82,6 +83,31 @@ class SecondFeatures:
 
     def all_features(self) -> Tensor:
         return torch.cat(self.features)
+
+
+def real_references(
+    metrics: list[str],
+    reference: str,
+    datamodule,
+    extractor: nn.Module,
+    dinov2: nn.Module | None,
+    count: int,
+    batch_size: int,
+    device,
+) -> tuple[Tensor | None, tuple | None]:
+    """What the metrics compare generated images with, from one read of up to `count` real images of the
+    reference (`reference_image_features`): their FID features for kid and pr (None without those) and
+    their DINOv2 statistics (mu, sigma, sigma^(1/2)) for fd_dinov2 (None without `dinov2`). When both are
+    asked, each batch goes to both networks (`SecondFeatures`): the reference images are read once."""
+    need_real = any(m in NEED_REAL for m in metrics)
+    if dinov2 is None:
+        if not need_real:
+            return None, None
+        return reference_image_features(reference, datamodule, extractor, count, batch_size, device), None
+    tap = SecondFeatures(extractor, dinov2) if need_real else dinov2
+    first = reference_image_features(reference, datamodule, tap, count, batch_size, device)
+    mu, sigma = statistics_of(tap.all_features() if need_real else first)
+    return (first if need_real else None), (mu, sigma, LazyRoot(sigma))
 
 
 class ExtraMetrics:
