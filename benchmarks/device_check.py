@@ -11,7 +11,8 @@ A session has 15 minutes of device time, the machine's start included (about 90 
 first call of `--budget 480` (580 s held) and a second on the still warm machine (`--budget 255`) used
 them; the second session's two calls held 655 s. Plan on `--budget 500` with a timeout of 560 s, then at
 once (the machine is held 30 s idle), warm, the rest with `--only`: inductor's cache on the machine makes
-a second compile of the same graphs short, so `profile_compiled` belongs in the warm call.
+a second compile of the same graphs short. `profile_compiled` times the compiled iteration (16 iterations
+without the profiler) and profiles it after one compile.
 
 Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
@@ -111,23 +112,32 @@ def steps() -> list[Step]:
         + ' -c \'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)\''
     )
     bench = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
-    profile = [py, str(BENCH / "profile_train.py"), "--variants", "defaults"]
+    # with 16 iterations timed unprofiled first (one R1 pass, as the experiment's mix)
+    profile = [py, str(BENCH / "profile_train.py"), "--variants", "defaults", "--timed", "16"]
     compiled = ["--set", "model.speed.compile=true"]
     notebooks = str(ROOT / "tests" / "integration" / "test_notebooks.py")
     # Order (after the two H200 sessions of 2026-12-04, benchmarks/results/h200_2026-12-04b.md): the
-    # compiled iteration against today's defaults (inductor needs about five minutes for its six graphs),
-    # then its profile (inductor's cache on the machine makes the second compile short), ImageNet 64's two
-    # passes, CUDA graphs; what was measured then comes last.
+    # compiled iteration's speed and profile from one compile (inductor needs about five minutes for its
+    # six graphs), the eager defaults the same way, then (warm: inductor's cache makes compiling again
+    # short) the compiled iteration against the defaults in one process, ImageNet 64's two passes, CUDA
+    # graphs; what was measured then comes last.
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
-        compile_step("bench_compile", "compile"),  # 2026-12-04: 1.20x the defaults, then with the sync
-        Step(  # where the time goes once inductor fused the elementwise work (2026-12-04: still compiling)
+        Step(  # the compiled iteration's speed and where its time goes, one compile (2026-12-04: timed out)
             "profile_compiled",
             [*profile, "--out", "profile_compiled", *compiled],
-            300,
+            420,
             150,
             "profile_compiled/profile.json",
         ),
+        Step(  # the eager defaults the same way, beside it
+            "profile",
+            [*profile, "--out", "profile"],
+            150,
+            60,
+            "profile/profile.json",
+        ),
+        compile_step("bench_compile", "compile"),  # 2026-12-04: 1.20x the defaults, then with the sync
         imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
         compile_step("bench_cuda_graphs", "cuda_graphs"),  # 2026-12-04: still compiling after 385 s
         Step(
@@ -160,13 +170,6 @@ def steps() -> list[Step]:
             200,
             90,
             "bench.json",
-        ),
-        Step(
-            "profile",
-            [*profile, "float32_levers", "--out", "profile"],
-            200,
-            60,
-            "profile/profile.json",
         ),
         # test_notebooks needs nbformat, which the GPU machine's image lacks (none of its tests is a GPU's)
         Step(  # passed in the second session of 2026-12-04
@@ -260,6 +263,10 @@ def profile_lines(profile: dict) -> list[str]:
                 f"| {name} | {kind} | {_fmt(k.get('wall_ms'), ',.1f')} | {_fmt(idle, '.1%')} | "
                 f"{_fmt(k.get('kernel_launches'), ',.0f')} | {_fmt(k.get('host_syncs_total'), ',.1f')} |"
             )
+    for name, v in profile["variants"].items():
+        timed = v.get("timed") or {}
+        if timed.get("it_per_s"):
+            lines.append(f"\n{name}, not profiled: {timed['it_per_s']:.3f} it/s over {timed['iterations']}")
     for name, v in profile["variants"].items():
         sync = v["sync_debug"]
         if isinstance(sync, dict):

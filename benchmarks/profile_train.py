@@ -16,6 +16,7 @@ Writes profile.json, profile.md and trace_<variant>_<kind>.json.gz into --out.
 
     python benchmarks/profile_train.py                          # GPU: 80 + 80; CPU: 4 + 4
     python benchmarks/profile_train.py --variants defaults --set model.speed.compile=true --out /tmp/p
+    python benchmarks/profile_train.py --variants defaults --timed 16    # its speed unprofiled too
 """
 
 from __future__ import annotations
@@ -304,27 +305,58 @@ class SyncDebug(L.Callback):
         }
 
 
+class TimedWindow(L.Callback):
+    """Iterations per second over iterations `start` .. `start + count - 1`, not profiled, with R1 at the
+    experiment's own interval `r1_interval` (the profiled ones run it every `--r1-interval`), the device
+    synchronised at both ends. Compiling in the warm-up before it, one process gives a compiled
+    iteration's speed and its profile."""
+
+    def __init__(self, start: int, count: int, r1_interval: int, cuda: bool) -> None:
+        self.start, self.stop, self.r1_interval, self.cuda = start, start + count, r1_interval, cuda
+        self.it_per_s: float | None = None
+        self._began = self._profiled_interval = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.k == self.start < self.stop:
+            self._profiled_interval = pl_module.hparams.r1_interval
+            pl_module.hparams.r1_interval = self.r1_interval
+            self._began = self._now()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.k == self.stop and self._began is not None:  # k counts the iterations done
+            self.it_per_s = (self.stop - self.start) / (self._now() - self._began)
+            pl_module.hparams.r1_interval = self._profiled_interval
+
+
 def profile_variant(name: str, overrides: list[str], args, device: torch.device) -> dict:
-    """Warm-up, the profiled iterations (R1 at even k), then on a GPU the sync-debug iterations."""
+    """Warm-up, `--timed` iterations timed without the profiler, the profiled iterations (R1 at even k),
+    then on a GPU the sync-debug iterations."""
     cuda = device.type == "cuda"
-    first, count = args.warmup, 2 * args.iterations
+    first, count = args.warmup + args.timed, 2 * args.iterations
     extra = [*overrides, f"model.r1_interval={args.r1_interval}", *args.set]
+    own = compose_cfg(args.config, args.batch, 1, [*overrides, *args.set]).model.r1_interval
     debug_iterations = 3 if cuda else 0  # two under "warn" (one of each kind), one under "error"
     cfg = compose_cfg(args.config, args.batch, first + count + debug_iterations, extra)
+    timed = TimedWindow(args.warmup, args.timed, own, cuda)
     profiler = ProfileIterations(first, count, args.r1_interval, args.out / f"trace_{name}", cuda)
     sync = SyncDebug(first + count, 2) if cuda else None
     try:
-        fit(cfg, device, warmup=first, callbacks=[profiler, *([sync] if sync else [])])
+        fit(cfg, device, warmup=first, callbacks=[timed, profiler, *([sync] if sync else [])])
     except RuntimeError as err:  # the "error" iteration's first synchronising call, or a failure
         if sync is None or not sync.failed(err):
             raise
-    own = compose_cfg(args.config, args.batch, 1, [*overrides, *args.set]).model.r1_interval
     kinds = {kind: average(runs) for kind, runs in profiler.kinds.items() if runs}
     return {
         "overrides": extra,
         "kinds": kinds,
         "r1_interval": own,
         "per_iteration_at_r1_interval": weighted(kinds, own),
+        "timed": {"iterations": args.timed, "it_per_s": timed.it_per_s, "r1_interval": own},
         "traces": profiler.traces,
         "sync_debug": sync.report() if sync else "n/a on the CPU",
     }
@@ -409,6 +441,13 @@ def markdown(report: dict) -> str:
                 f"{_ms(calls)} | {_ms(k.get('host_syncs_total'))} |"
             )
         sync = v["sync_debug"]
+        timed = v.get("timed") or {}
+        if timed.get("it_per_s"):
+            lines += [
+                "",
+                f"Not profiled: {timed['it_per_s']:.3f} it/s over {timed['iterations']} iterations "
+                f"(R1 every {timed['r1_interval']}, as the experiment runs it)",
+            ]
         lines += ["", f"Sync debug mode: {sync if isinstance(sync, str) else json.dumps(sync)}", ""]
         for kind, k in v["kinds"].items():
             time_of = "kernel time" if cuda else "aten operators' self CPU time"
@@ -442,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=2, help="profiled iterations of each kind")
     parser.add_argument("--warmup", type=int, default=2, help="iterations before the profiled ones (even)")
     parser.add_argument("--r1-interval", type=int, default=2, help="R1 every this many iterations here")
+    parser.add_argument(
+        "--timed",
+        type=int,
+        default=0,
+        help="iterations timed without the profiler after the warm-up, at the experiment's R1 interval "
+        "(even; a multiple of that interval gives its mix of iterations exactly)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile")
     return parser
 
@@ -453,6 +499,8 @@ def main() -> None:
         parser.error(
             f"--warmup must be an even number >= 2 (the clock starts after the warm-up); got {args.warmup}"
         )
+    if args.timed < 0 or args.timed % 2:  # the profiled iterations start at an even k after it too
+        parser.error(f"--timed must be an even number >= 0; got {args.timed}")
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -106,7 +106,8 @@ def test_the_cpu_memory_probe_reads_a_fresh_processs_peak_after_the_first_iterat
 def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(tmp_path):
     out = tmp_path / "profile"
     result = _bench(
-        "profile_train.py", "--config", "quickstart", "--batch", "4", "--iterations", "1", "--out", str(out)
+        *("profile_train.py", "--config", "quickstart", "--batch", "4", "--iterations", "1", "--timed", "2"),
+        *("--out", str(out)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "profile.json").read_text())
@@ -114,6 +115,7 @@ def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(t
     assert set(report["variants"]) == {"baseline", "defaults"}
     for name, variant in report["variants"].items():
         assert "model.r1_interval=2" in variant["overrides"] and variant["r1_interval"] == 16
+        assert variant["timed"]["iterations"] == 2 and variant["timed"]["it_per_s"] > 0
         assert set(variant["kinds"]) == {"r1", "no_r1"} and variant["sync_debug"] == "n/a on the CPU"
         r1, plain = variant["kinds"]["r1"], variant["kinds"]["no_r1"]
         for kind in (r1, plain):
@@ -139,6 +141,32 @@ def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(t
     assert "## baseline" in table and "## defaults" in table and "Top 20 operators by self CPU time" in table
     assert "| mean at r1_interval=16 |" in table and "standing in for kernel launches" in table
     assert "| convolutions: matrix kernels |" in table
+    assert "it/s over 2 iterations (R1 every 16, as the experiment runs it)" in table
+
+
+def test_the_timed_window_runs_at_the_experiments_r1_interval_and_gives_it_back():
+    """profile_train's unprofiled iterations (after the warm-up, before the profiled ones): R1 at the
+    experiment's interval inside the window, the profile's own interval before and after it."""
+    from types import SimpleNamespace
+
+    profile = _load_benchmark("profile_train")
+    window = profile.TimedWindow(start=2, count=4, r1_interval=16, cuda=False)
+    module = SimpleNamespace(k=0, hparams=SimpleNamespace(r1_interval=2))
+    seen = []
+    for k in range(8):  # the trainer's order: batch start, the step (k += 1), batch end
+        module.k = k
+        window.on_train_batch_start(None, module, None, k)
+        seen.append(module.hparams.r1_interval)
+        module.k = k + 1
+        window.on_train_batch_end(None, module, None, None, k)
+    assert seen == [2, 2, 16, 16, 16, 16, 2, 2] and window.it_per_s > 0
+    idle = profile.TimedWindow(start=2, count=0, r1_interval=16, cuda=False)
+    for k in range(4):
+        module.k = k
+        idle.on_train_batch_start(None, module, None, k)
+        module.k = k + 1
+        idle.on_train_batch_end(None, module, None, None, k)
+    assert idle.it_per_s is None and module.hparams.r1_interval == 2
 
 
 def test_profile_families_sort_kernels_by_what_launched_them():
@@ -202,12 +230,14 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "bench_compile", "profile_compiled", "imagenet64_two_passes", "bench_cuda_graphs"]
+    first = ["env", "profile_compiled", "profile", "bench_compile", "imagenet64_two_passes"]
     assert [s.name for s in plan][:5] == first
     assert len({s.name for s in plan}) == len(plan)
     levers = next(s for s in plan if s.name == "bench_levers").argv
     assert {"classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"} <= set(levers)
-    assert "float32_levers" in next(s for s in plan if s.name == "profile").argv
+    for name in ("profile", "profile_compiled"):  # each times its iterations unprofiled first
+        argv = next(s for s in plan if s.name == name).argv
+        assert argv[argv.index("--timed") + 1] == "16"
     parsed = 0
     for step in plan:
         script = next((a for a in step.argv if a.endswith(".py")), None)
@@ -282,3 +312,18 @@ def test_profile_averages_each_family_over_the_runs_counting_a_missing_one_as_ze
     assert list(mean) == ["b", "a"]  # most time first
     assert mean["b"] == {"ms": 4.0, "count": 0.5, "share": 4 / 7}
     assert mean["a"] == {"ms": 3.0, "count": 2.0, "share": 3 / 7}
+
+
+def test_device_check_summary_shows_each_variants_unprofiled_speed():
+    check = _load_benchmark("device_check")
+    kind = {"wall_ms": 300.0, "device_idle_fraction": 0.1, "kernel_launches": 6000, "host_syncs_total": 0}
+    variant = {
+        "kinds": {"no_r1": kind},
+        "r1_interval": 16,
+        "per_iteration_at_r1_interval": kind,
+        "timed": {"iterations": 16, "it_per_s": 4.5, "r1_interval": 16},
+        "sync_debug": {"warnings": 0, "error_mode": "passed", "places": []},
+    }
+    result = {"variants": {"defaults": variant}}
+    text = check.summary_markdown([{"name": "profile", "status": "ok", "seconds": 9, "result": result}], "m")
+    assert "defaults, not profiled: 4.500 it/s over 16" in text and "| defaults | no_r1 | 300.0 |" in text
