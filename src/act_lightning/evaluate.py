@@ -42,6 +42,7 @@ EVAL_DEFAULTS = {  # a run trained without an evaluation callback (eval: null) i
     "features": "inception",
     "key": "val/fid",
     "inception_weights": None,
+    "inception_resize": None,
     "download": True,
     "reference": "train",
     "reference_cache": None,
@@ -54,9 +55,12 @@ def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
     """The run's evaluation settings (its FrechetEvaluation arguments) and data, with the non-null keys
     of `cfg.eval` and `cfg.data` put over them."""
     ev = OmegaConf.merge(EVAL_DEFAULTS, run.get("eval") or {})
-    for key, value in (cfg.get("eval") or {}).items():
+    given = cfg.get("eval") or {}
+    for key, value in given.items():
         if value is not None:
             ev[key] = value
+    if ev.inception_weights != "random" and given.get("inception_resize") is None:
+        ev.inception_resize = None  # a smoke run's smaller input was for its random network only
     for key, value in (cfg.get("data") or {}).items():
         if value is not None:
             run.data[key] = value
@@ -103,6 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "reference": str(ev.reference),
         "quantize": ev.quantize,
+        "inception_resize": ev.inception_resize if ev.features == "inception" else None,
         "device": str(device),
         "results": results,
     }
@@ -115,10 +120,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str]) -> tuple:
     """The Inception and DINOv2 weights files and the reference the metrics need, each refused by name
     when missing, before anything is built: (inception weights or None, DINOv2 weights or None)."""
-    from act_lightning.metrics.inception import resolve_inception_weights
+    from act_lightning.metrics.inception import check_inception_resize, resolve_inception_weights
 
     weights = None
     if ev.features == "inception":
+        check_inception_resize(ev.inception_resize, ev.inception_weights)
         weights = resolve_inception_weights(ev.inception_weights, ev.download)
     dinov2_weights = None
     if "fd_dinov2" in metrics:
@@ -199,7 +205,12 @@ def build_reference(ev: DictConfig, datamodule, weights, batch_size: int, device
     (`datamodule`: `reference_datamodule`'s): the root is computed once here, not in every sampler's and
     seed's Fréchet distance (at 2048-d it is half of each distance's work)."""
     extractor = (
-        build_feature_extractor(ev.features, inception_weights=weights, quantize=ev.quantize)
+        build_feature_extractor(
+            ev.features,
+            inception_weights=weights,
+            quantize=ev.quantize,
+            inception_resize=ev.inception_resize,
+        )
         .to(device)
         .eval()
     )

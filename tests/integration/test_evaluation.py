@@ -9,6 +9,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from act_lightning.train import train
@@ -72,6 +73,7 @@ def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkp
     assert "1-step FID" in result.stderr  # the progress bar
     out = json.loads((cifar_run / "checkpoints" / "best.ckpt.eval.json").read_text())
     assert out["iteration"] == summary["best"]["iteration"] and out["num_samples"] == 4
+    assert out["inception_resize"] == 75  # the smoke run's random Inception's input, as it trained
     # the same samples up to float rounding: training ran the networks channels-last, evaluate standard
     assert out["results"]["1-step"]["fid"] == pytest.approx(summary["best"]["value"], rel=1e-5)
     assert out["results"]["1-step"]["taus"] == [80.0]
@@ -185,6 +187,7 @@ def test_missing_inception_weights_stop_the_run_at_start_up(tmp_path, monkeypatc
             "debug=smoke",
             "data=synthetic",
             "eval.inception_weights=null",
+            "eval.inception_resize=null",  # smoke size's 75 is for the random network only (next test)
             "eval.download=false",
         ],
         run_dir=str(run),
@@ -195,6 +198,27 @@ def test_missing_inception_weights_stop_the_run_at_start_up(tmp_path, monkeypatc
     assert WEIGHTS_FILE in message and WEIGHTS_URL in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_FILE) in message
     assert not (run / "checkpoints").exists() and not (run / "metrics.csv").exists()  # before training
+
+
+def test_a_smoke_runs_smaller_inception_input_is_refused_to_real_weights_and_dropped_by_evaluate(tmp_path):
+    run = tmp_path / "run"
+    cfg = compose(
+        ["experiment=cifar10", "debug=smoke", "data=synthetic", "eval.inception_weights=null"], str(run)
+    )
+    assert cfg.eval.inception_resize == 75
+    with pytest.raises(Exception, match=r"eval.inception_resize=75 needs eval.inception_weights=random"):
+        train(cfg)  # (in Hydra's InstantiationException: the callback is built from the config)
+    assert not (run / "checkpoints").exists()  # at start-up
+
+    from act_lightning.evaluate import _apply_overrides
+
+    stored = OmegaConf.create({"eval": dict(cfg.eval, inception_weights="random"), "data": {}})
+    asked = OmegaConf.create({"eval": {"inception_weights": None}, "data": {}})
+    assert _apply_overrides(stored.copy(), asked).inception_resize == 75  # as the run measured
+    asked.eval.inception_weights = "/weights/pt_inception.pth"
+    assert _apply_overrides(stored.copy(), asked).inception_resize is None  # the protocol's 299
+    asked.eval.inception_resize = 80  # said explicitly: kept (and refused with real weights later)
+    assert _apply_overrides(stored.copy(), asked).inception_resize == 80
 
 
 def test_a_missing_published_reference_stops_the_run_at_start_up(tmp_path):

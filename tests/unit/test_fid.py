@@ -206,6 +206,49 @@ def test_the_random_inception_is_the_same_in_every_process(random_inception):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
+def _stem_input_side(extractor, images) -> int:
+    """The side of the images Inception's first convolution receives (after the resize)."""
+    seen = []
+    hook = extractor.net.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    try:
+        features = extractor(images)
+    finally:
+        hook.remove()
+    assert features.shape == (len(images), 2048) and torch.isfinite(features).all()
+    assert seen[0][2] == seen[0][3]
+    return seen[0][2]
+
+
+def test_the_random_inception_of_smoke_runs_may_see_smaller_images(random_inception):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    small = InceptionFeatures("random", resize=75)
+    assert _stem_input_side(random_inception, images) == 299  # the protocol's
+    assert _stem_input_side(small, images) == 75
+    for a, b in zip(random_inception.net.state_dict().values(), small.net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same network, only its input differs
+    assert not torch.allclose(small(images), random_inception(images))
+    stats = feature_statistics(small, images.split(1), "cpu")
+    assert abs(frechet_distance(*stats, *stats)) < 1e-5 * np.trace(stats[1])
+
+
+@pytest.mark.parametrize("resize", [74, 0, "75", 75.0, True])
+def test_inception_resize_must_be_an_integer_of_at_least_75(resize):
+    with pytest.raises(ValueError, match=r"eval.inception_resize must be null .*>= 75"):
+        InceptionFeatures("random", resize=resize)
+
+
+def test_a_pretrained_inception_is_refused_a_resize_other_than_299(tmp_path):
+    # before any file is looked at: the message names both keys and the protocol's size
+    with pytest.raises(
+        ValueError, match=r"eval.inception_resize=75 needs eval.inception_weights=random.*299"
+    ):
+        InceptionFeatures(str(tmp_path / "absent.pth"), resize=75)
+    with pytest.raises(ValueError, match="eval.inception_resize=100 needs"):
+        InceptionFeatures(None, resize=100)
+    with pytest.raises(WeightsError, match="no such file"):  # 299 is the protocol: allowed, then the file
+        InceptionFeatures(str(tmp_path / "absent.pth"), resize=299)
+
+
 # -- reference files ---------------------------------------------------------------------------------------
 def test_reference_with_mu_sigma_and_with_images(tmp_path, random_inception):
     mu, sigma = np.arange(4.0), np.eye(4) * 2

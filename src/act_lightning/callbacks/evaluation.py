@@ -71,6 +71,7 @@ class FrechetEvaluation(L.Callback):
         subset_size: int | None = None,
         metrics: list[str] | tuple[str, ...] = ("fid",),
         dinov2_weights: str | None = None,
+        inception_resize: int | None = None,
     ) -> None:
         check_eval_arguments(every, quantize, num_samples, batch_size, subset_size)
         names = list(metrics) if metrics else ["fid"]
@@ -92,6 +93,7 @@ class FrechetEvaluation(L.Callback):
         self.reference_cache = Path(reference_cache) if reference_cache else None
         self.reference_max_images = reference_max_images
         self.best_checkpoint = Path(best_checkpoint) if best_checkpoint else None
+        self.inception_resize = inception_resize  # None: 299 (the protocol); smoke runs: smaller
         # Fail now, before any data is read or network built, if a file the evaluation needs is missing.
         self.inception_weights, self.dinov2_weights = self._required_files(
             features, inception_weights, dinov2_weights, download
@@ -115,8 +117,9 @@ class FrechetEvaluation(L.Callback):
         each refused by name when missing."""
         inception = dinov2 = None
         if features == "inception":
-            from act_lightning.metrics.inception import resolve_inception_weights
+            from act_lightning.metrics.inception import check_inception_resize, resolve_inception_weights
 
+            check_inception_resize(self.inception_resize, inception_weights)
             inception = resolve_inception_weights(inception_weights, download)
         elif isinstance(features, str) and features not in FEATURES:
             raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {features!r}")
@@ -138,7 +141,10 @@ class FrechetEvaluation(L.Callback):
         spec = self.features_spec
         if isinstance(spec, str):
             self.extractor = build_feature_extractor(
-                spec, inception_weights=self.inception_weights, quantize=self.quantize
+                spec,
+                inception_weights=self.inception_weights,
+                quantize=self.quantize,
+                inception_resize=self.inception_resize,
             )
         else:
             self.extractor = spec()

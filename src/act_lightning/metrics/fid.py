@@ -36,15 +36,19 @@ DIGITS_SEED = 0  # the quickstart's classifier is the same in every run: one rul
 
 
 def build_feature_extractor(
-    name: str, inception_weights: str | None = None, quantize: str = "round"
+    name: str,
+    inception_weights: str | None = None,
+    quantize: str = "round",
+    inception_resize: int | None = None,
 ) -> nn.Module:
     """'inception' (FID: 2048-d TF-Inception features of images quantised to uint8 by `quantize`;
-    `inception_weights` a resolved path or 'random') or 'digits' (the quickstart's classifier, trained
-    at start-up from a constant seed, so that distances are comparable across runs and seeds)."""
+    `inception_weights` a resolved path or 'random', `inception_resize` None (299) or the random
+    network's smaller input) or 'digits' (the quickstart's classifier, trained at start-up from a
+    constant seed, so that distances are comparable across runs and seeds)."""
     if name == "inception":
         from act_lightning.metrics.inception import InceptionFeatures
 
-        return InceptionFeatures(inception_weights, quantize=quantize)
+        return InceptionFeatures(inception_weights, quantize=quantize, resize=inception_resize)
     if name == "digits":
         from act_lightning.metrics.digits import DigitsFeatures
 
