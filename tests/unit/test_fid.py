@@ -3,6 +3,7 @@ reference files and caches, and the sharding that makes many processes agree wit
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
@@ -386,11 +387,14 @@ def test_subset_statistics_are_those_of_consecutive_samples_across_chunk_boundar
         assert np.array_equal(a, b)
 
 
-def test_the_digits_classifier_is_trained_once_per_process_and_each_caller_gets_its_own_copy(monkeypatch):
+def test_the_digits_classifier_is_trained_once_per_process_and_each_caller_gets_its_own_copy(
+    monkeypatch, tmp_path
+):
     from act_lightning.data.digits import load_digits_split
     from act_lightning.metrics import digits
 
     monkeypatch.setattr(digits, "_TRAINED", {})
+    monkeypatch.setenv("ACT_LIGHTNING_CACHE", str(tmp_path / "cache"))  # empty: trained here
     calls = []
     train = digits.train_digits_classifier
     monkeypatch.setattr(digits, "train_digits_classifier", lambda *a, **k: calls.append(k) or train(*a, **k))
@@ -406,3 +410,60 @@ def test_the_digits_classifier_is_trained_once_per_process_and_each_caller_gets_
     for (name, a), b in zip(second.classifier.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert not second.classifier.training and not any(p.requires_grad for p in second.parameters())
+
+    # Another process (the in-process memo emptied) reads the weights from the cache: no training.
+    (cached,) = (tmp_path / "cache").glob("digits_classifier_seed0_*.pt")
+    monkeypatch.setattr(digits, "_TRAINED", {})
+    third = digits.DigitsFeatures.trained(seed=0)
+    assert calls == [{"seed": 0}]
+    for (name, a), b in zip(third.classifier.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+class Tampered:
+    def __reduce__(self):  # unpickling it would run code
+        return (os.system, ("touch tampered",))
+
+
+def test_a_bad_cache_file_is_trained_over_never_unpickled_and_an_unwritable_folder_only_slows(
+    monkeypatch, tmp_path, caplog
+):
+    from act_lightning.data.digits import load_digits_split
+    from act_lightning.metrics import digits
+
+    x, y, _, _ = load_digits_split()
+    torch.manual_seed(3)
+    trained = digits.DigitsClassifier()  # stands in for training (the test above trains for real)
+    good = {k: v.clone() for k, v in trained.state_dict().items()}
+    calls = []
+    monkeypatch.setattr(digits, "train_digits_classifier", lambda *a, **k: calls.append(k) or trained)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACT_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    path = digits.cache_path(0, x, y)
+    path.parent.mkdir()
+    other = {**good, "head.1.weight": torch.zeros(3, 64)}
+    for bad in (b"not a checkpoint", {"conv.weight": torch.zeros(1)}, other, {"x": Tampered()}):
+        if isinstance(bad, bytes):
+            path.write_bytes(bad)
+        else:
+            torch.save(bad, path)
+        monkeypatch.setattr(digits, "_TRAINED", {})
+        with caplog.at_level("WARNING", logger=digits.__name__):
+            features = digits.DigitsFeatures.trained(seed=0)
+        assert str(path) in caplog.text and "training" in caplog.text
+        caplog.clear()
+        for name, value in features.classifier.state_dict().items():
+            assert torch.equal(value, good[name]), name
+        assert torch.load(path, weights_only=True).keys() == good.keys()  # written over with the weights
+    assert len(calls) == 4 and not (tmp_path / "tampered").exists()
+
+    # a folder that cannot be written: trained, a warning that names the variable, no error
+    monkeypatch.setenv("ACT_LIGHTNING_CACHE", str(tmp_path / "file" / "cache"))
+    (tmp_path / "file").write_text("a file where the folder would be")
+    monkeypatch.setattr(digits, "_TRAINED", {})
+    with caplog.at_level("WARNING", logger=digits.__name__):
+        digits.DigitsFeatures.trained(seed=0)
+    assert "ACT_LIGHTNING_CACHE" in caplog.text and len(calls) == 5
+
+    # the file's name changes with what training depends on
+    assert digits.cache_path(0, x, y) != digits.cache_path(0, x, (y + 1) % 10) != digits.cache_path(1, x, y)
