@@ -17,8 +17,29 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers_warm import WarmInterpreter
+
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never reach the network
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_configure(config):
+    """One cache folder per test session (the digits classifier's weights, act_lightning.metrics.digits),
+    shared by its worker processes and the commands they start, never the user's ~/.cache: each session
+    trains the classifier once, then reads it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") and "ACT_LIGHTNING_CACHE" not in os.environ:
+        config._act_cache = tempfile.mkdtemp(prefix="act-tests-cache-")
+        os.environ["ACT_LIGHTNING_CACHE"] = config._act_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_act_cache", None)
+    if folder:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("ACT_LIGHTNING_CACHE", None)
+
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several test processes share the cores: one thread each (and in the training runs they start), or
@@ -59,9 +80,10 @@ def run_module(
     """`python -m act_lightning.<module> ARGS` (or `python SCRIPT ARGS` when `module` is a Path or a name
     ending in .py; a console script is such a file) run as a user would, with its exit status and its output:
     in this process (the test process has torch and Lightning imported already, a new interpreter takes
-    seconds to import them), or in a new interpreter with `own_process=True` (what needs a process of its
-    own: several processes, signals, a test that the command starts as `python -m`) and for every call
-    when ACT_TESTS_SUBPROCESS=1.
+    seconds to import them), or with `own_process=True` in a process of its own (what needs one: DDP's
+    several processes, a test that the command starts as `python -m`): a child forked from an interpreter
+    that has imported the third-party libraries and nothing of this repository (tests.helpers_warm; ~5 s
+    less per command). ACT_TESTS_SUBPROCESS=1 runs every call in a new interpreter instead.
 
     In this process: sys.argv is the command's, `env` is put over os.environ (None removes a variable), the
     working directory is `cwd`, and what the command writes to file descriptors 1 and 2 (print, logging,
@@ -83,7 +105,12 @@ def run_module(
                 full.pop(key, None)
             else:
                 full[key] = value
-        return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+        if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
+            return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+        module_name = None if script else f"act_lightning.{module}"
+        return WarmInterpreter.run(
+            cmd, module=module_name, script=script, args=args, cwd=cwd, env=full, timeout=timeout
+        )
     if script:
 
         def call():  # as the interpreter runs a script: its folder first on sys.path (put back afterwards)

@@ -105,3 +105,69 @@ def test_the_exit_status_is_the_interpreters(call, status, said):
 def test_every_command_is_known_by_what_its_main_block_calls():
     for module in ("train", "evaluate", "sample", "edit", "export", "convert_reference", "convert_diffusers"):
         assert callable(entry_point(module))
+
+
+# -- own_process: a child of the warm interpreter (tests.helpers_warm) --------------------------------------
+
+PROBE = """
+import json, os, sys
+fresh = "act_lightning" in sys.modules or any(m.startswith("tests") for m in sys.modules)
+from tests.helpers_warm import PRELOAD  # what the commands import (the libraries add warning filters)
+for name in PRELOAD:
+    __import__(name)
+import torch, warnings
+print(json.dumps({
+    "argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "x": os.environ.get("ACT_X"),
+    "ours_imported_before": fresh, "threads": torch.get_num_threads(),
+    "filters": [repr(f) for f in warnings.filters],
+}))
+print("to fd 2", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_a_child_of_the_warm_interpreter_starts_as_a_new_interpreter_does(tmp_path):
+    import subprocess
+
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = {
+        "ACT_X": "1",
+        "PYTHONWARNINGS": "ignore::UserWarning,error::FutureWarning",
+        "PYTHONPATH": str(ROOT),
+    }
+    warm = run_module(script, ["3"], cwd=tmp_path, env=env, own_process=True)
+    full = {**os.environ, **env}
+    new = subprocess.run(
+        [sys.executable, script, "3"], cwd=tmp_path, env=full, capture_output=True, text=True
+    )
+    assert warm.returncode == new.returncode == 3, warm.stderr[-3000:]
+    assert warm.stdout == new.stdout and warm.stderr == new.stderr == "to fd 2\n"
+    seen = __import__("json").loads(warm.stdout)
+    assert seen["argv"] == [str(script), "3"] and seen["cwd"] == str(tmp_path) and seen["x"] == "1"
+    assert seen["path0"] == str(tmp_path) and not seen["ours_imported_before"]
+
+
+def test_a_command_in_the_warm_interpreter_its_failures_and_its_timeout(tmp_path):
+    import subprocess
+
+    helped = run_module("convert_diffusers", ["--help"], cwd=ROOT / "conf", own_process=True)
+    new = subprocess.run(
+        [sys.executable, "-m", "act_lightning.convert_diffusers", "--help"],
+        cwd=ROOT / "conf",
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        helped.returncode == new.returncode == 0
+        and helped.stdout == new.stdout
+        and "DIR OUT" in helped.stdout
+    )
+    script = tmp_path / "fail.py"
+    script.write_text("import time, sys\nif sys.argv[1] == 'sleep':\n    time.sleep(60)\n1 / 0\n")
+    failed = run_module(script, ["raise"], own_process=True)
+    assert failed.returncode == 1 and "Traceback" in failed.stderr and "ZeroDivisionError" in failed.stderr
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_module(script, ["sleep"], own_process=True, timeout=2)
+    again = run_module(script, ["raise"], own_process=True)  # the server is still there for the next one
+    assert again.returncode == 1
