@@ -22,10 +22,13 @@ Writes profile.json, profile.md and trace_<variant>_<kind>.json.gz into --out.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -191,6 +194,16 @@ def summarise(prof, cuda: bool) -> dict:
     return out
 
 
+def export_trace(prof, path: Path) -> None:
+    """The Chrome trace, gzipped: written as JSON, then compressed in 1 MiB pieces (torch's own .gz export
+    writes its millions of lines one by one: 3x slower, 6.2-7.3 s against 2.1 s for a 62 MB trace)."""
+    with tempfile.TemporaryDirectory(prefix="trace-") as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as fin, gzip.open(path, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
 class ProfileIterations(L.Callback):
     """Profiles iterations `first` .. `first + count - 1`, each in a profiler session of its own (the
     device is synchronised outside the measured range); exports one Chrome trace of each kind."""
@@ -225,7 +238,7 @@ class ProfileIterations(L.Callback):
         self.kinds[kind].append(summarise(self._prof, self.cuda))
         if kind not in self.traces:
             path = Path(f"{self.trace_prefix}_{kind}.json.gz")
-            self._prof.export_chrome_trace(str(path))
+            export_trace(self._prof, path)
             self.traces[kind] = path.name
         self._prof = self._range = None
 
