@@ -131,13 +131,54 @@ def _become(request: dict, added: tuple, defaults: list, site: list) -> None:
 # -- the client (in the test process) ----------------------------------------------------------------------
 
 
+class WarmProcess:
+    """A command running as a child of the warm interpreter, used as `subprocess.Popen(cmd, stdout=PIPE,
+    stderr=PIPE, text=True)` is: pid, poll, wait, send_signal, kill, communicate, returncode."""
+
+    def __init__(self, server: subprocess.Popen, args: list[str], tmp: tempfile.TemporaryDirectory) -> None:
+        self.server, self.args, self._tmp = server, args, tmp
+        self.pid: int = WarmInterpreter.answer(server, 60)["pid"]
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.server.stdout], [], [], 0)[0]:
+            self.wait()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = WarmInterpreter.answer(self.server, timeout, self.args)["returncode"]
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def output(self) -> tuple[str, str]:
+        folder = Path(self._tmp.name)
+        return (folder / "stdout").read_text(), (folder / "stderr").read_text()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired as e:
+            e.output, e.stderr = self.output()
+            raise
+        out = self.output()
+        self._tmp.cleanup()
+        return out
+
+
 class WarmInterpreter:
     """The test process's server, started at its first use and stopped at exit."""
 
     _server: subprocess.Popen | None = None
 
     @classmethod
-    def run(
+    def popen(
         cls,
         cmd: list[str],
         *,
@@ -146,24 +187,27 @@ class WarmInterpreter:
         args: list[str],
         cwd,
         env: dict[str, str],
-        timeout: float | None,
-    ) -> subprocess.CompletedProcess:
-        """`cmd` (for the record) run as `subprocess.run(cmd, capture_output=True, text=True)` would."""
+    ) -> WarmProcess:
+        """`cmd` (as the record has it) started as `python -m MODULE ARGS` or `python SCRIPT ARGS`."""
         server = cls._start()
-        with tempfile.TemporaryDirectory(prefix="warm-") as tmp:
-            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            request = {"module": module, "script": script, "args": args, "cwd": str(cwd), "env": env}
-            request |= {"stdout": str(out), "stderr": str(err)}
-            server.stdin.write(json.dumps(request) + "\n")
-            server.stdin.flush()
-            pid = cls._answer(server, 60)["pid"]
-            try:
-                returncode = cls._answer(server, timeout)["returncode"]
-            except subprocess.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)  # as subprocess.run kills its child
-                cls._answer(server, 60)
-                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text()) from None
-            return subprocess.CompletedProcess(cmd, returncode, out.read_text(), err.read_text())
+        tmp = tempfile.TemporaryDirectory(prefix="warm-")
+        request = {"module": module, "script": script, "args": args, "cwd": str(cwd), "env": env}
+        request |= {"stdout": f"{tmp.name}/stdout", "stderr": f"{tmp.name}/stderr"}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        return WarmProcess(server, cmd, tmp)
+
+    @classmethod
+    def run(cls, cmd: list[str], *, timeout: float | None, **how) -> subprocess.CompletedProcess:
+        """`cmd` run as `subprocess.run(cmd, capture_output=True, text=True, timeout=...)` would."""
+        proc = cls.popen(cmd, **how)
+        try:
+            out, err = proc.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # as subprocess.run kills its child
+            proc.communicate(60)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     @classmethod
     def _start(cls) -> subprocess.Popen:
@@ -180,14 +224,14 @@ class WarmInterpreter:
         )
         cls._server = server
         atexit.register(cls.stop)
-        cls._answer(server, 300)  # {"ready": pid}: the libraries are imported
+        cls.answer(server, 300)  # {"ready": pid}: the libraries are imported
         return server
 
     @staticmethod
-    def _answer(server: subprocess.Popen, timeout: float | None) -> dict:
+    def answer(server: subprocess.Popen, timeout: float | None, cmd=None) -> dict:
         ready, _, _ = select.select([server.stdout], [], [], timeout)
         if not ready:
-            raise subprocess.TimeoutExpired(server.args, timeout)
+            raise subprocess.TimeoutExpired(cmd or server.args, timeout)
         line = server.stdout.readline()
         if not line:
             raise RuntimeError(f"the warm interpreter (pid {server.pid}) exited: {server.poll()}")

@@ -7,7 +7,6 @@ import csv
 import os
 import signal
 import stat
-import subprocess
 import sys
 import time
 import warnings
@@ -20,6 +19,7 @@ from act_lightning.callbacks import DivergenceError
 from act_lightning.checkpoints import load_checkpoint
 from act_lightning.train import train
 from tests.conftest import COMMAND_ENV, ROOT, compose, run_cli
+from tests.helpers_warm import WarmInterpreter
 
 
 def _load(path):
@@ -108,9 +108,12 @@ def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path
 
 
 def _start(args, run_dir):
-    cmd = [sys.executable, "-m", "act_lightning.train", *args, f"hydra.run.dir={run_dir}"]
+    """`python -m act_lightning.train ARGS` in a process of its own (a child of the warm interpreter,
+    tests.helpers_warm), to be signalled and killed."""
+    args = [*args, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "act_lightning.train", *args]
     env = {**os.environ, **COMMAND_ENV}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return WarmInterpreter.popen(cmd, module="act_lightning.train", script=None, args=args, cwd=ROOT, env=env)
 
 
 def _wait_until(condition, proc, timeout=180):

@@ -151,18 +151,9 @@ def test_a_child_of_the_warm_interpreter_starts_as_a_new_interpreter_does(tmp_pa
 def test_a_command_in_the_warm_interpreter_its_failures_and_its_timeout(tmp_path):
     import subprocess
 
+    # (the probe above compares a child with a new interpreter; here: a command by its module name)
     helped = run_module("convert_diffusers", ["--help"], cwd=ROOT / "conf", own_process=True)
-    new = subprocess.run(
-        [sys.executable, "-m", "act_lightning.convert_diffusers", "--help"],
-        cwd=ROOT / "conf",
-        capture_output=True,
-        text=True,
-    )
-    assert (
-        helped.returncode == new.returncode == 0
-        and helped.stdout == new.stdout
-        and "DIR OUT" in helped.stdout
-    )
+    assert helped.returncode == 0 and "DIR OUT" in helped.stdout and helped.stderr == ""
     script = tmp_path / "fail.py"
     script.write_text("import time, sys\nif sys.argv[1] == 'sleep':\n    time.sleep(60)\n1 / 0\n")
     failed = run_module(script, ["raise"], own_process=True)
