@@ -7,6 +7,7 @@ import csv
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 import warnings
@@ -113,6 +114,9 @@ def _start(args, run_dir):
     args = [*args, f"hydra.run.dir={run_dir}"]
     cmd = [sys.executable, "-m", "act_lightning.train", *args]
     env = {**os.environ, **COMMAND_ENV}
+    if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":  # a new interpreter, as for every command then
+        pipe = subprocess.PIPE
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
     return WarmInterpreter.popen(cmd, module="act_lightning.train", script=None, args=args, cwd=ROOT, env=env)
 
 
