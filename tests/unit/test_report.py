@@ -165,3 +165,29 @@ def test_a_run_started_from_a_pretrained_model_is_charged_its_pretraining_second
     (pretrain / "metric_summary.json").unlink()
     with pytest.raises(FileNotFoundError, match="no metric_summary.json to charge"):
         find_runs([tmp_path / "tune"])
+
+
+def test_the_curves_first_point_is_at_zero_training_seconds_however_slow_the_machine(tmp_path, monkeypatch):
+    # Every reading of the clock moves it on by one second (a machine that stalls between any two lines):
+    # the evaluation of the untrained network is still at 0 s, and the clock counts from after it.
+    import types
+    from itertools import count
+
+    import numpy as np
+    import torch
+
+    from act_lightning.callbacks import FrechetEvaluation, evaluation
+
+    ticks = count()
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: float(next(ticks)))
+    cb = FrechetEvaluation(run_dir=str(tmp_path), features="digits", best_checkpoint=None)
+    cb.extractor = torch.nn.Identity()
+    cb._reference_statistics = lambda *a: (np.zeros(2), np.eye(2))
+    cb._extra_references = lambda *a: None
+    cb._define_wandb_metrics = lambda trainer: None
+    cb.evaluate = lambda trainer, pl_module: 7.0
+    trainer = types.SimpleNamespace(loggers=[], callback_metrics={}, datamodule=types.SimpleNamespace())
+    module = types.SimpleNamespace(k=0, device=torch.device("cpu"))
+    cb.on_train_start(trainer, module)
+    assert cb.history == [(0, 7.0, 0.0)]
+    assert cb.train_seconds() == 1.0  # the clock started after the evaluation: one reading since

@@ -166,9 +166,11 @@ class FrechetEvaluation(L.Callback):
         if self.references and pl_module.k == 0:  # once per run: a resumed run has them logged
             self._log(trainer, pl_module.k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)
-        self._clock = time.perf_counter()
         if pl_module.k == 0:  # the untrained network: logged as the curve's start, never the best
-            self._evaluate_and_log(trainer, pl_module)
+            self._evaluate_and_log(trainer, pl_module)  # at the seconds before (0): no clock runs yet
+        # training time starts now: before, the clock started ahead of the first evaluation, which then
+        # counted whatever passed between the two lines (4 ms once, on a busy machine)
+        self._clock = time.perf_counter()
 
     def _reference_values(self, dm, device) -> dict[str, float]:
         """The metric of held-out real images and of uniform noise, the scale's two ends, at the sample
