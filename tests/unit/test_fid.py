@@ -414,8 +414,9 @@ def test_the_digits_classifier_is_trained_once_per_process_and_each_caller_gets_
     # Another process (the in-process memo emptied) reads the weights from the cache: no training.
     (cached,) = (tmp_path / "cache").glob("digits_classifier_seed0_*.pt")
     monkeypatch.setattr(digits, "_TRAINED", {})
+    rng = torch.get_rng_state()
     third = digits.DigitsFeatures.trained(seed=0)
-    assert calls == [{"seed": 0}]
+    assert calls == [{"seed": 0}] and torch.equal(torch.get_rng_state(), rng)  # read: no draw either
     for (name, a), b in zip(third.classifier.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

@@ -96,7 +96,8 @@ def _read_cached(path: Path) -> dict[str, Tensor] | None:
     """The weights in `path` if it holds exactly the classifier's tensors (no unpickling), else None."""
     if not path.is_file():
         return None
-    expected = DigitsClassifier().state_dict()
+    with torch.random.fork_rng(devices=[]):  # its shapes only: no draw from the run's random stream
+        expected = DigitsClassifier().state_dict()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, tampered: train anew and write over it
