@@ -131,6 +131,21 @@ def run_module(
     return subprocess.CompletedProcess(cmd, returncode, out.stdout, out.stderr)
 
 
+def start_module(module: str, args: list[str], *, cwd: str | Path = ROOT, env: dict[str, str]):
+    """`python -m act_lightning.<module> ARGS` started in a process of its own and returned running, as
+    `subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)` is (to be signalled, killed, waited for):
+    a child of the warm interpreter (tests.helpers_warm), or a new interpreter when ACT_TESTS_SUBPROCESS=1.
+    `env` is the whole environment."""
+    args = [str(a) for a in args]
+    cmd = [sys.executable, "-m", f"act_lightning.{module}", *args]
+    if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
+        pipe = subprocess.PIPE
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True)
+    return WarmInterpreter.popen(
+        cmd, module=f"act_lightning.{module}", script=None, args=args, cwd=cwd, env=env
+    )
+
+
 def entry_point(module: str):
     """What `python -m act_lightning.<module>` calls: the module's `main`, as its `if __name__ ==
     "__main__":` block calls it (read from the source, so logic added there is not skipped silently)."""

@@ -7,8 +7,6 @@ import csv
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 import warnings
 
@@ -19,8 +17,7 @@ from act_lightning.atomic import default_file_mode
 from act_lightning.callbacks import DivergenceError
 from act_lightning.checkpoints import load_checkpoint
 from act_lightning.train import train
-from tests.conftest import COMMAND_ENV, ROOT, compose, run_cli
-from tests.helpers_warm import WarmInterpreter
+from tests.conftest import COMMAND_ENV, compose, run_cli, start_module
 
 
 def _load(path):
@@ -109,15 +106,9 @@ def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path
 
 
 def _start(args, run_dir):
-    """`python -m act_lightning.train ARGS` in a process of its own (a child of the warm interpreter,
-    tests.helpers_warm), to be signalled and killed."""
-    args = [*args, f"hydra.run.dir={run_dir}"]
-    cmd = [sys.executable, "-m", "act_lightning.train", *args]
+    """`python -m act_lightning.train ARGS` in a process of its own, to be signalled and killed."""
     env = {**os.environ, **COMMAND_ENV}
-    if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":  # a new interpreter, as for every command then
-        pipe = subprocess.PIPE
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
-    return WarmInterpreter.popen(cmd, module="act_lightning.train", script=None, args=args, cwd=ROOT, env=env)
+    return start_module("train", [*args, f"hydra.run.dir={run_dir}"], env=env)
 
 
 def _wait_until(condition, proc, timeout=180):
