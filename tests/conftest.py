@@ -30,9 +30,15 @@ def pytest_configure(config):
     if not os.environ.get("PYTEST_XDIST_WORKER") and "ACT_LIGHTNING_CACHE" not in os.environ:
         config._act_cache = tempfile.mkdtemp(prefix="act-tests-cache-")
         os.environ["ACT_LIGHTNING_CACHE"] = config._act_cache
+    # One warm interpreter (tests.helpers_warm) for the session's test processes, importing while they
+    # collect; they start their commands' processes from it.
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("ACT_TESTS_SUBPROCESS") != "1":
+        WarmInterpreter.share()
 
 
 def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        WarmInterpreter.stop()
     folder = getattr(config, "_act_cache", None)
     if folder:
         import shutil
@@ -121,7 +127,10 @@ def run_module(
     else:
         call = entry_point(module)
         program = importlib.util.find_spec(f"act_lightning.{module}").origin  # as `python -m` sets argv[0]
-    with _ProcessState([program, *args], env or {}, cwd) as state, _Captured() as out:
+    # what the command starts as `python` (sys.executable: Lightning's DDP processes, the benchmarks' runs)
+    # is a child of the warm interpreter too
+    launcher = WarmInterpreter.executable()
+    with _ProcessState([program, *args], env or {}, cwd, launcher) as state, _Captured() as out:
         try:
             with warnings.catch_warnings():
                 _python_warnings(os.environ.get("PYTHONWARNINGS", ""))
@@ -273,8 +282,8 @@ W_AND_B_OWN = {"WANDB_SERVICE"}
 class _ProcessState:
     """What a command changes in its process, put back afterwards (see run_module)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str | None], cwd: str | Path) -> None:
-        self.command_argv, self.env, self.cwd = argv, env, cwd
+    def __init__(self, argv: list[str], env: dict[str, str | None], cwd: str | Path, executable: str) -> None:
+        self.command_argv, self.env, self.cwd, self.command_executable = argv, env, cwd, executable
 
     def __enter__(self):
         import numpy as np
@@ -320,6 +329,7 @@ class _ProcessState:
         }
         self.environ = dict(os.environ)
         self.argv, self.path, self.dir = list(sys.argv), list(sys.path), os.getcwd()
+        self.executable = sys.executable
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         self.hydra_config = _hydra_config().cfg
@@ -337,6 +347,7 @@ class _ProcessState:
                 else:
                     os.environ[key] = value
             sys.argv = list(self.command_argv)
+            sys.executable = self.command_executable
             os.chdir(self.cwd)
         except BaseException:
             self.__exit__()
@@ -369,6 +380,7 @@ class _ProcessState:
         finally:
             os.chdir(self.dir)
             sys.argv[:], sys.path[:] = self.argv, self.path
+            sys.executable = self.executable
             for key in [k for k in os.environ if k not in self.environ and k not in W_AND_B_OWN]:
                 del os.environ[key]
             for key, value in self.environ.items():

@@ -24,6 +24,7 @@ def _state() -> dict:
         "environ": {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
         "cwd": os.getcwd(),
         "argv": list(sys.argv),
+        "executable": sys.executable,
         "threads": torch.get_num_threads(),
         "tf32": (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
         "precision": torch.get_float32_matmul_precision(),
