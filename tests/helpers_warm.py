@@ -1,13 +1,13 @@
 """A warm interpreter for the commands the tests run in processes of their own.
 
 A new interpreter spends ~5 s importing torch, torchvision, Lightning, Hydra and W&B before the command
-runs. The server below (this file run as a script, one per test process) imports those third-party
+runs. The server below (this file run as a script, one per test session: `share`) imports those third-party
 libraries once and then forks a child per command. The child sets up what a new interpreter would have
-(argv, environment, working directory, sys.path[0], standard descriptors, PYTHONWARNINGS, OMP_NUM_THREADS)
-and runs the command as `python -m` does (`runpy._run_module_as_main`) or as `python SCRIPT` does
-(`runpy.run_path`). It imports act_lightning itself, and everything of this repository, for the first time:
-only the third-party libraries were imported before. The child exits as an interpreter exits (atexit
-handlers, an uncaught exception's traceback and status 1, SystemExit's status).
+(argv, environment, working directory, sys.path[0], descriptors, PYTHONWARNINGS, OMP_NUM_THREADS) and runs
+the command as `python -m` does (`runpy._run_module_as_main`) or as `python SCRIPT` does (`runpy.run_path`).
+It imports act_lightning itself, and everything of this repository, for the first time: only the third-party
+libraries were imported before. The child exits as an interpreter exits (atexit handlers, an uncaught
+exception's traceback and status 1, SystemExit's status).
 
 Each command is one connection to the server's Unix socket, carrying the request (JSON) and the command's
 descriptors (SCM_RIGHTS), which the child puts at the same numbers. Two kinds of callers:

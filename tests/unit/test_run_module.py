@@ -163,3 +163,107 @@ def test_a_command_in_the_warm_interpreter_its_failures_and_its_timeout(tmp_path
         run_module(script, ["sleep"], own_process=True, timeout=2)
     again = run_module(script, ["raise"], own_process=True)  # the server is still there for the next one
     assert again.returncode == 1
+
+
+# -- the launcher: what commands start as `sys.executable` is a child of the warm interpreter too ----------
+
+STARTED = """
+import json, os, sys
+warm = "torch" in sys.modules  # imported before this script ran: a child of the warm interpreter
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+print(json.dumps({
+    "argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "x": os.environ.get("ACT_X"),
+    "ppid": os.getppid(), "rank": rank_zero_only.rank, "in": sys.stdin.read(),
+    "ours_imported_before": "act_lightning" in sys.modules, "warm": warm,
+}))
+print("to fd 2", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def _skip_without_server():
+    if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
+        pytest.skip("ACT_TESTS_SUBPROCESS=1: no warm interpreter")
+
+
+def test_what_a_command_starts_with_sys_executable_sees_what_a_new_interpreter_would(tmp_path):
+    """The launcher's child against the real interpreter, with the same script, input and environment:
+    same output, exit status, parent (the starter), Lightning rank (LOCAL_RANK, as DDP's ranks have it)."""
+    import json
+    import subprocess
+
+    from tests.helpers_warm import WarmInterpreter
+
+    _skip_without_server()
+    launcher = WarmInterpreter.executable()
+    script = tmp_path / "started.py"
+    script.write_text(STARTED)
+    env = {**os.environ, "ACT_X": "1", "LOCAL_RANK": "1", "PYTHONPATH": str(ROOT)}
+    seen = {}
+    for name, python in (("warm", launcher), ("new", sys.executable)):
+        how = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True}
+        seen[name] = subprocess.run([python, str(script), "3"], input="stdin text", **how)
+    warm, new = seen["warm"], seen["new"]
+    assert warm.returncode == new.returncode == 3, warm.stderr[-3000:]
+    assert warm.stderr == new.stderr == "to fd 2\n"
+    out, fresh = (json.loads(r.stdout) for r in (warm, new))
+    assert out.pop("warm") and not fresh.pop("warm")  # the launcher's child did not import torch itself
+    assert out == fresh
+    assert out["ppid"] == os.getpid() and out["rank"] == 1 and out["in"] == "stdin text"
+    assert out["argv"] == [str(script), "3"] and out["path0"] == str(tmp_path)
+    assert not out["ours_imported_before"]
+    # as `python -m`, by module name (what Lightning starts): the same child, run as a module
+    module = subprocess.run([launcher, "-m", "started", "0"], input="", **how)
+    assert module.returncode == 0 and json.loads(module.stdout)["argv"][0] == str(script)
+    # what the launcher does not run itself runs in the real interpreter
+    real = subprocess.run(
+        [launcher, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
+    )
+    assert real.returncode == 0 and real.stdout.strip() == sys.executable
+
+
+def test_the_launcher_passes_descriptors_signals_and_exit_by_signal_and_takes_its_child_along(tmp_path):
+    import subprocess
+    import time
+
+    from tests.helpers_warm import WarmInterpreter
+
+    _skip_without_server()
+    launcher = WarmInterpreter.executable()
+    script = tmp_path / "signals.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "os.write(int(sys.argv[2]), f'{os.getpid()}\\n'.encode())\n"  # a descriptor passed on (pass_fds)
+        "if sys.argv[1] == 'handle':\n"
+        "    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+        "elif sys.argv[1] == 'die':\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(60)\n"
+    )
+
+    def start(how: str) -> tuple[subprocess.Popen, int]:
+        r, w = os.pipe()
+        proc = subprocess.Popen([launcher, str(script), how, str(w)], pass_fds=[w])
+        os.close(w)
+        with os.fdopen(r) as f:
+            return proc, int(f.readline())
+
+    proc, _ = start("handle")
+    time.sleep(0.5)  # the handler is set after the pid is written
+    proc.send_signal(signal.SIGTERM)  # forwarded to the child, whose handler exits with 7
+    assert proc.wait(30) == 7
+    proc, _ = start("die")  # a child killed by a signal: the launcher is, by the same one
+    assert proc.wait(30) == -signal.SIGTERM
+    proc, child = start("sleep")
+    assert child != proc.pid  # a child of the warm interpreter, not the launcher turned interpreter (exec)
+    proc.kill()  # kill -9 of the launcher: its child goes too
+    proc.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the child {child} outlived its killed launcher")
