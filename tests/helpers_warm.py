@@ -421,7 +421,8 @@ class WarmInterpreter:
         if shared and cls._server is None and os.path.exists(os.path.join(shared, SOCKET)):
             cls._folder = shared  # the session's server (share), in the process that started it
             return
-        folder = tempfile.mkdtemp(prefix="act-warm-")
+        # a socket's path has at most 107 bytes: a long $TMPDIR (macOS's) gives way to /tmp
+        folder = tempfile.mkdtemp(prefix="act-warm-", dir="/tmp" if len(tempfile.gettempdir()) > 80 else None)
         launcher = os.path.join(folder, LAUNCHER)
         address = os.path.join(folder, SOCKET)
         Path(launcher).write_text(
@@ -449,8 +450,12 @@ class WarmInterpreter:
         """Stops the server this process started (not a shared one that another process started)."""
         if cls._server is not None:
             if cls._server.poll() is None:
-                cls._server.stdin.close()
-                cls._server.wait(30)
+                cls._server.stdin.close()  # it ends its loop, and any command a test left behind
+                try:
+                    cls._server.wait(2)
+                except subprocess.TimeoutExpired:  # still importing (a session without commands)
+                    cls._server.kill()
+                    cls._server.wait(30)
             import shutil
 
             shutil.rmtree(cls._folder, ignore_errors=True)
