@@ -188,6 +188,9 @@ def serve(folder: str) -> None:
                 conn.close()
     for pid in running:  # commands a finished test left behind
         _kill(pid)
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)  # also when the test process was killed
 
 
 def _recv(conn: socket.socket) -> bytes:
