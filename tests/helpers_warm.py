@@ -222,8 +222,8 @@ def _start(conn, running, own, added, defaults, site) -> int | None:
         if not more:
             break
         message += more
-    request = json.loads(message) if message.endswith(b"\n") else {}
-    if len(fds) != len(request.get("fds", ())):
+    request = json.loads(message) if message.endswith(b"\n") else {}  # {}: the caller went away first
+    if "fds" not in request or len(fds) != len(request["fds"]):
         for fd in fds:
             os.close(fd)
         conn.close()
