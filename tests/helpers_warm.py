@@ -362,12 +362,21 @@ class WarmInterpreter:
 
     _server: subprocess.Popen | None = None
     _folder: str | None = None
+    _runs: dict[str, bool] = {}  # launcher: whether it runs here
 
     @classmethod
     def executable(cls) -> str:
-        """The launcher (`python` for the commands the tests start), the server started if it is not."""
+        """The launcher (`python` for the commands the tests start), the server started if it is not; the
+        real interpreter where the launcher cannot run (a folder mounted noexec)."""
         cls._start()
-        return os.path.join(cls._folder, LAUNCHER)
+        launcher = os.path.join(cls._folder, LAUNCHER)
+        if cls._runs.get(launcher) is None:
+            try:
+                ran = subprocess.run([launcher, "-c", "0"], timeout=60).returncode == 0  # execs the real one
+            except OSError:
+                ran = False
+            cls._runs[launcher] = ran
+        return launcher if cls._runs[launcher] else sys.executable
 
     @classmethod
     def popen(

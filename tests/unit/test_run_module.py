@@ -181,9 +181,17 @@ sys.exit(int(sys.argv[1]))
 """
 
 
-def _skip_without_server():
+def _launcher() -> str:
+    from tests.helpers_warm import WarmInterpreter
+
     if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
         pytest.skip("ACT_TESTS_SUBPROCESS=1: no warm interpreter")
+    launcher = WarmInterpreter.executable()
+    if launcher == sys.executable:
+        pytest.skip(
+            "the launcher cannot run here (its folder is mounted noexec): commands start new interpreters"
+        )
+    return launcher
 
 
 def test_what_a_command_starts_with_sys_executable_sees_what_a_new_interpreter_would(tmp_path):
@@ -192,10 +200,7 @@ def test_what_a_command_starts_with_sys_executable_sees_what_a_new_interpreter_w
     import json
     import subprocess
 
-    from tests.helpers_warm import WarmInterpreter
-
-    _skip_without_server()
-    launcher = WarmInterpreter.executable()
+    launcher = _launcher()
     script = tmp_path / "started.py"
     script.write_text(STARTED)
     env = {**os.environ, "ACT_X": "1", "LOCAL_RANK": "1", "PYTHONPATH": str(ROOT)}
@@ -226,10 +231,7 @@ def test_the_launcher_passes_descriptors_signals_and_exit_by_signal_and_takes_it
     import subprocess
     import time
 
-    from tests.helpers_warm import WarmInterpreter
-
-    _skip_without_server()
-    launcher = WarmInterpreter.executable()
+    launcher = _launcher()
     script = tmp_path / "signals.py"
     script.write_text(
         "import os, signal, sys, time\n"
