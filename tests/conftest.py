@@ -98,12 +98,7 @@ def run_module(
     environment, directory, threads, TF32 and determinism flags, random states, signal handlers, logging,
     warnings filters, Hydra's global state, no W&B run left open. `timeout` applies to a subprocess only."""
     args = [str(a) for a in args]
-    script = str(module) if isinstance(module, Path) or module.endswith(".py") else None
-    cmd = (
-        [sys.executable, script, *args]
-        if script
-        else [sys.executable, "-m", f"act_lightning.{module}", *args]
-    )
+    script, cmd = _command(module, args)
     if own_process or os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
         full = dict(os.environ)
         for key, value in (env or {}).items():
@@ -111,12 +106,14 @@ def run_module(
                 full.pop(key, None)
             else:
                 full[key] = value
-        if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
-            return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
-        module_name = None if script else f"act_lightning.{module}"
-        return WarmInterpreter.run(
-            cmd, module=module_name, script=script, args=args, cwd=cwd, env=full, timeout=timeout
-        )
+        proc = start_module(module, args, cwd=cwd, env=full)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # as subprocess.run kills its child and waits for it
+            proc.wait(60)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if script:
 
         def call():  # as the interpreter runs a script: its folder first on sys.path (put back afterwards)
@@ -140,19 +137,26 @@ def run_module(
     return subprocess.CompletedProcess(cmd, returncode, out.stdout, out.stderr)
 
 
-def start_module(module: str, args: list[str], *, cwd: str | Path = ROOT, env: dict[str, str]):
-    """`python -m act_lightning.<module> ARGS` started in a process of its own and returned running, as
-    `subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)` is (to be signalled, killed, waited for):
-    a child of the warm interpreter (tests.helpers_warm), or a new interpreter when ACT_TESTS_SUBPROCESS=1.
-    `env` is the whole environment."""
+def _command(module: str | Path, args: list[str]) -> tuple[str | None, list[str]]:
+    """The script (None for a module of act_lightning) and the command line, as run_module takes them."""
+    script = str(module) if isinstance(module, Path) or module.endswith(".py") else None
+    if script:
+        return script, [sys.executable, script, *args]
+    return None, [sys.executable, "-m", f"act_lightning.{module}", *args]
+
+
+def start_module(module: str | Path, args: list[str], *, cwd: str | Path = ROOT, env: dict[str, str]):
+    """`python -m act_lightning.<module> ARGS` (or `python SCRIPT ARGS`, as run_module) started in a process
+    of its own and returned running, as `subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)` is (to
+    be signalled, killed, waited for): a child of the warm interpreter (tests.helpers_warm), or a new
+    interpreter when ACT_TESTS_SUBPROCESS=1. `env` is the whole environment."""
     args = [str(a) for a in args]
-    cmd = [sys.executable, "-m", f"act_lightning.{module}", *args]
+    script, cmd = _command(module, args)
     if os.environ.get("ACT_TESTS_SUBPROCESS") == "1":
         pipe = subprocess.PIPE
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True)
-    return WarmInterpreter.popen(
-        cmd, module=f"act_lightning.{module}", script=None, args=args, cwd=cwd, env=env
-    )
+    name = None if script else f"act_lightning.{module}"
+    return WarmInterpreter.popen(cmd, module=name, script=script, args=args, cwd=cwd, env=env)
 
 
 def entry_point(module: str):

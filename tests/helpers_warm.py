@@ -11,7 +11,7 @@ exception's traceback and status 1, SystemExit's status).
 
 Each command is one connection to the server's Unix socket, carrying the request (JSON) and the command's
 descriptors (SCM_RIGHTS), which the child puts at the same numbers. Two kinds of callers:
-- the test process (`WarmInterpreter.popen`, `.run`): stdin /dev/null, stdout and stderr to files;
+- the test process (`WarmInterpreter.popen`): stdin /dev/null, stdout and stderr to files;
 - `python`, a launcher script the server's children (and the commands run in the test process, see
   tests.conftest.run_module) see as `sys.executable`: a command that starts `sys.executable -m MODULE ...`
   or `sys.executable SCRIPT ...` itself (Lightning's DDP processes, the benchmarks' runs) gets a child of
@@ -405,18 +405,6 @@ class WarmInterpreter:
             for fd in fds:
                 os.close(fd)
         return WarmProcess(conn, cmd, tmp)
-
-    @classmethod
-    def run(cls, cmd: list[str], *, timeout: float | None, **how) -> subprocess.CompletedProcess:
-        """`cmd` run as `subprocess.run(cmd, capture_output=True, text=True, timeout=...)` would."""
-        proc = cls.popen(cmd, **how)
-        try:
-            out, err = proc.communicate(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # as subprocess.run kills its child
-            proc.communicate(60)
-            raise
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     @classmethod
     def share(cls) -> None:
