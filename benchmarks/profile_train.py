@@ -74,6 +74,8 @@ def _is_device(event) -> bool:
 # (outermost first, "autograd::engine::evaluate_function: XBackward0" for the backward of X) or its own
 # name decides its family.
 FAMILIES = (
+    # inductor's generated kernels (compiled networks): fused elementwise work and reductions
+    ("fused by inductor (Triton)", (), ("triton_",)),
     ("layout copies (contiguous)", ("aten::contiguous",), ()),
     (
         "attention",

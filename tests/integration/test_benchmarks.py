@@ -197,6 +197,11 @@ def test_profile_families_sort_kernels_by_what_launched_them():
         ),
         (["Optimizer.step#RAdam.step", "aten::_foreach_mul_"], "multi_tensor_apply_kernel", 4.0),
         (["aten::pow"], "void at::native::vectorized_elementwise_kernel<4, pow_tensor_scalar", 3.0),
+        (  # a compiled network's fused kernel: its own family, whatever operators it fused
+            ["CompiledFunction", "triton_per_fused_native_group_norm_silu_3"],
+            "triton_per_fused_native_group_norm_silu_3",
+            2.0,
+        ),
     ]
     result = profile.breakdown(items)
     assert list(result) == [
@@ -207,11 +212,12 @@ def test_profile_families_sort_kernels_by_what_launched_them():
         "group norm",
         "optimisers and EMA",
         "elementwise and other",
+        "fused by inductor (Triton)",
     ]
     assert result["convolutions: matrix kernels"]["count"] == 2
     assert result["convolutions: matrix kernels"]["ms"] == pytest.approx(0.14)
     assert result["layout copies (contiguous)"]["ms"] == pytest.approx(0.03)
-    assert result["attention"]["share"] == pytest.approx(50 / 257)
+    assert result["attention"]["share"] == pytest.approx(50 / 259)
 
 
 def _load_benchmark(name: str):
@@ -230,7 +236,7 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "profile_compiled", "profile", "bench_compile", "imagenet64_two_passes"]
+    first = ["env", "profile_compiled", "imagenet64_two_passes", "bench_cuda_graphs", "bench_compile"]
     assert [s.name for s in plan][:5] == first
     assert len({s.name for s in plan}) == len(plan)
     levers = next(s for s in plan if s.name == "bench_levers").argv
