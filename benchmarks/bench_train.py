@@ -90,8 +90,17 @@ LEVERS = {
     # GPUs only unless --compile
     "compile": ["model.speed.compile=true"],
     "cuda_graphs": ["model.speed.compile=true", "model.speed.compile_mode=reduce-overhead"],
+    # The compiled H200 profile of 2026-12-04 (third session): float32 fused attention is 37 of the 125 ms
+    # of kernels; inductor keeps diffusers' classic attention as TF32 bmm and fuses its softmax (a plain
+    # matmul-softmax-matmul it would turn back into the fused kernel)
+    "compile_classic": ["model.speed.compile=true", "model.speed.fast_attention=false"],
+    "cuda_graphs_classic": [
+        "model.speed.compile=true",
+        "model.speed.compile_mode=reduce-overhead",
+        "model.speed.fast_attention=false",
+    ],
 }
-COMPILED = ("compile", "cuda_graphs")
+COMPILED = ("compile", "cuda_graphs", "compile_classic", "cuda_graphs_classic")
 PEAK_TFLOPS = {  # dense tensor-core peaks (NVIDIA data sheets, SXM parts): (fp32, tf32, bf16)
     "H100": (67.0, 494.7, 989.4),
     "H200": (67.0, 494.7, 989.4),

@@ -7,13 +7,13 @@ measured already. Each step runs in a process of its own with its own time limit
 step is recorded and the next one runs. Steps are ordered by what they are worth: the last are the first
 to be skipped when the budget runs out.
 
-A session has 15 minutes of device time, the machine's start included (about 90 s). On 2026-12-04 a
-first call of `--budget 480` (580 s held) and a second on the still warm machine (`--budget 255`) used
-them; the second session's two calls held 655 s. Plan on `--budget 580` with a timeout of 600 s (the cold
-compile of `profile_compiled` needs most of it), then at once (the machine is held 30 s idle), warm, the
-rest with `--only`: inductor's cache on the machine makes a second compile of the same graphs short.
-`profile_compiled` times the compiled iteration (16 iterations without the profiler) and profiles it
-after one compile.
+A session has 15 minutes of device time, the machine's start included (about 90 s). The sessions of
+2026-12-04 held 580 + 255 s, 655 s and 612 s (the third: one call of `--budget 570`, timeout 600 s; the
+machine went back before a second call). Plan on `--budget 570` with a timeout of 600 s (the first step's
+cold compile needs most of it), then at once (the machine is held 30 s idle), warm, the rest with
+`--only`: inductor's cache on the machine makes a second compile of the same graphs short.
+`profile_train.py --timed 16` times an iteration without the profiler, then profiles it, after one
+compile.
 
 Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
@@ -93,15 +93,15 @@ def fid_step(num_samples: int = 50_000, train_extra: str = "", eval_extra: str =
     return Step("fid_50k", ["bash", "-c", timed], 240, 90, "fid_50k.json")
 
 
-def compile_step(name: str, lever: str) -> Step:
-    """The defaults against the defaults compiled (`lever`: compile, or cuda_graphs for inductor's
-    reduce-overhead mode), in a process of its own: on the H200 of 2026-12-04 building and compiling
-    one variant took minutes, so each gets its own time limit."""
+def compile_step(name: str, lever: str, timeout: int = 420, needs: int = 130) -> Step:
+    """The defaults against the defaults with `lever` (compile, cuda_graphs, ..., bench_train.py's
+    COMPILED) in one process, each in a process of its own: on the H200 of 2026-12-04 building and
+    compiling one variant took minutes, so each gets its own time limit. The default `needs` assumes
+    inductor's cache warm from an earlier step of the same graphs."""
     py = sys.executable
     argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
     argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "15", "--warmup", "10"]
-    # needs: inductor's cache warm (after profile_compiled), a compile takes about a minute
-    return Step(name, [*argv, *QUICK, "--output", f"{name}.json"], 420, 130, f"{name}.json")
+    return Step(name, [*argv, *QUICK, "--output", f"{name}.json"], timeout, needs, f"{name}.json")
 
 
 def steps() -> list[Step]:
@@ -118,24 +118,27 @@ def steps() -> list[Step]:
     profile = [py, str(BENCH / "profile_train.py"), "--variants", "defaults", "--timed", "16"]
     compiled = ["--set", "model.speed.compile=true"]
     notebooks = str(ROOT / "tests" / "integration" / "test_notebooks.py")
-    # Order (after the two H200 sessions of 2026-12-04, benchmarks/results/h200_2026-12-04b.md): the
-    # compiled iteration's speed and profile from one cold compile (inductor's six graphs took more than
-    # the 305 and 395 s those steps had: give it 500), ImageNet 64's two passes (eager) in what is left of
-    # the first call; then, warm (inductor's cache makes compiling again short), CUDA graphs and the
-    # compiled iteration each against the defaults in one process, the eager profile beside the compiled
-    # one; what was measured then comes last.
+    classic = "model.speed.fast_attention=false"
+    cuda_graphs = [*compiled, "model.speed.compile_mode=reduce-overhead"]
+    # Order (after the third H200 session of 2026-12-04, benchmarks/results/h200_2026-12-04c.md): the
+    # compiled iteration ran 4.25 it/s with 125 ms of kernels per 235 ms iteration (the host launching
+    # them is the bound) and float32 fused attention 37 ms of those kernels. So first the candidate for
+    # 10 it/s, CUDA graphs with classic attention (TF32 bmm, softmax fused by inductor), against the
+    # defaults in one process: one cold compile, 500 s. Then its profile (warm), the same lever in
+    # inductor's default mode, CUDA graphs with the fused attention, the eager profile; then what was
+    # measured already.
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
-        Step(  # the compiled iteration's speed and where its time goes, one compile (2026-12-04: timed out)
-            "profile_compiled",
-            [*profile, "--out", "profile_compiled", *compiled],
-            500,
-            150,
-            "profile_compiled/profile.json",
+        compile_step("bench_cuda_graphs_classic", "cuda_graphs_classic", timeout=500, needs=150),
+        Step(
+            "profile_cuda_graphs_classic",
+            [*profile, "--out", "profile_cuda_graphs_classic", *cuda_graphs, classic],
+            300,
+            120,
+            "profile_cuda_graphs_classic/profile.json",
         ),
-        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),
-        compile_step("bench_cuda_graphs", "cuda_graphs"),  # 2026-12-04: still compiling after 385 s
-        compile_step("bench_compile", "compile"),  # 2026-12-04: 1.20x the defaults, then with the sync
+        compile_step("bench_compile_classic", "compile_classic"),
+        compile_step("bench_cuda_graphs", "cuda_graphs", needs=200),  # 2026-12-04: compiling after 175 s
         Step(  # the eager defaults the same way, beside it
             "profile",
             [*profile, "--out", "profile"],
@@ -143,13 +146,16 @@ def steps() -> list[Step]:
             60,
             "profile/profile.json",
         ),
-        Step(
-            "profile_cuda_graphs",
-            [*profile, "--out", "profile_cuda_graphs", *compiled, "model.speed.compile_mode=reduce-overhead"],
-            400,
+        imagenet64_step("imagenet64_one_pass", 320, []),  # fits 141 GB without checkpointing?
+        compile_step("bench_compile", "compile", needs=200),  # 2026-12-04: 1.20x the defaults of that day
+        Step(  # 2026-12-04 (third session): 4.25 it/s, 125 ms of kernels without R1
+            "profile_compiled",
+            [*profile, "--out", "profile_compiled", *compiled],
+            500,
             200,
-            "profile_cuda_graphs/profile.json",
+            "profile_compiled/profile.json",
         ),
+        imagenet64_step("imagenet64_two_passes", 160, ["data.global_batch_size=320"]),  # 0.615 it/s
         Step(  # issue 22's full-scale recipes: their iteration speed, for the cost the README quotes
             "bench_diffusion_start",
             [py, str(BENCH / "bench_train.py"), "--configs", "cifar10_ect", "cifar10_ect_act"]
@@ -182,7 +188,6 @@ def steps() -> list[Step]:
             60,
         ),
         fid_step(),
-        imagenet64_step("imagenet64_one_pass", 320, []),
         imagenet64_step(
             "imagenet64_one_pass_generator_checkpointing", 320, ["model.speed.gradient_checkpointing=true"]
         ),
@@ -341,7 +346,8 @@ def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str) -> 
     (out / "summary.json").write_text(json.dumps({"machine": machine, "steps": outcomes}, indent=2) + "\n")
     logs = [f"===== {o['name']}: {o['status']}\n{tail(work / (o['name'] + '.log'))}" for o in outcomes]
     (out / "logs.txt").write_text("\n".join(logs)[-MAX_FILE:])
-    profiles = [work / d / "profile.md" for d in ("profile", "profile_compiled", "profile_cuda_graphs")]
+    names = ("profile", "profile_compiled", "profile_cuda_graphs_classic")
+    profiles = [work / d / "profile.md" for d in names]
     (out / "profile.md").write_text(
         "\n".join(p.read_text() for p in profiles if p.is_file()) or "(no profile)\n"
     )

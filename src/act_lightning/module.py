@@ -303,6 +303,7 @@ class ACTModule(L.LightningModule):
 
     # -- the iteration ------------------------------------------------------------------------------
     def training_step(self, batch: HalfBatch, batch_idx: int) -> None:
+        self.speed.begin_step()
         draws = self._draw(batch)
         optimizers = self.optimizers()  # [G's, D's], or G's alone when gan_ratio is 0
         opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)

@@ -86,6 +86,13 @@ class SpeedOptions:
             for net in nets:
                 net.compile(backend=backend, mode=self.compile_mode, dynamic=False)
 
+    def begin_step(self) -> None:
+        """At the start of each training iteration. With CUDA graphs (compile_mode=reduce-overhead) the
+        graphs' outputs live in memory that the next replay overwrites: this tells torch that the last
+        iteration's outputs are dead, so replaying is safe (an output still read after it fails loudly)."""
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+
 
 def classic_attention(net: nn.Module) -> None:
     """Every diffusers attention layer of `net` on the classic processor (baddbmm, softmax, bmm: the

@@ -236,12 +236,15 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "profile_compiled", "imagenet64_two_passes", "bench_cuda_graphs", "bench_compile"]
-    assert [s.name for s in plan][:5] == first
+    first = ["env", "bench_cuda_graphs_classic", "profile_cuda_graphs_classic", "bench_compile_classic"]
+    assert [s.name for s in plan][:4] == first
+    lever = next(s for s in plan if s.name == "bench_cuda_graphs_classic").argv
+    assert lever[lever.index("--levers") + 1] == "cuda_graphs_classic"
     assert len({s.name for s in plan}) == len(plan)
     levers = next(s for s in plan if s.name == "bench_levers").argv
     assert {"classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"} <= set(levers)
-    for name in ("profile", "profile_compiled"):  # each times its iterations unprofiled first
+    # each times its iterations unprofiled first
+    for name in ("profile", "profile_compiled", "profile_cuda_graphs_classic"):
         argv = next(s for s in plan if s.name == name).argv
         assert argv[argv.index("--timed") + 1] == "16"
     parsed = 0

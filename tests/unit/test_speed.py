@@ -290,3 +290,17 @@ def test_the_compile_keys_are_checked_and_passed_to_torch_compile(monkeypatch):
     SpeedOptions(compile=True, compile_mode="reduce-overhead").apply([torch.nn.Linear(1, 1)], None)
     # static shapes: a graph per batch size, which CUDA graphs need
     assert seen == [{"backend": "inductor", "mode": "reduce-overhead", "dynamic": False}]
+
+
+def test_cuda_graphs_mark_each_iteration_as_a_new_step(cfg_factory, monkeypatch):
+    """With compile_mode=reduce-overhead every training iteration first tells torch that the last one's
+    graph outputs are dead (replaying overwrites them); without CUDA graphs nothing is marked. The
+    compile itself is left out here (a CPU test), the marking is what is checked."""
+    marks = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, expected in (("reduce-overhead", 3), ("default", 0)):
+        marks.clear()
+        overrides = ["iterations=3", "model.speed.compile=true", f"model.speed.compile_mode={mode}"]
+        _run(cfg_factory([*SMALL, *overrides]))
+        assert len(marks) == expected, mode
