@@ -138,6 +138,39 @@ def _ranked(families: dict[str, dict]) -> dict[str, dict]:
     return {name: {**e, "share": e["ms"] / total} for name, e in ranked}
 
 
+GRAPH_CALL = "## Call CompiledFxGraph"  # inductor's range around one compiled graph's kernels
+NOT_COMPILED = "not compiled (eager)"
+
+
+def graph_of(chain: list[str]) -> str:
+    """Which compiled graph launched a kernel: the forward of a dynamo frame ("Torch-Compiled Region:
+    0/1" is frame 0's second compile) or a backward (named by its graph's hash), else not compiled."""
+    call = next((c for c in chain if c.startswith(GRAPH_CALL)), None)
+    if call is None:
+        return NOT_COMPILED
+    graph = call.removeprefix(GRAPH_CALL).strip(" #")[:10]
+    if any("CompiledFunctionBackward" in c for c in chain):
+        return f"backward {graph}"
+    region = next((c for c in chain if c.startswith("Torch-Compiled Region")), "forward")
+    return f"{region.removeprefix('Torch-Compiled Region: ')} forward {graph}"
+
+
+def by_graph(items: list[tuple[list[str], str, float]], calls: list) -> dict[str, dict] | None:
+    """Kernel time, kernels and host time (the graph's call, as profiled) per compiled graph, in the
+    order the graphs ran; None when nothing was compiled."""
+    out: dict[str, dict] = {}
+    for event in calls:  # in the order they started
+        entry = out.setdefault(graph_of(_chain(event)), {"ms": 0.0, "count": 0, "host_ms": 0.0})
+        entry["host_ms"] += (event.time_range.end - event.time_range.start) / 1e3
+    if not out:
+        return None
+    for chain, _leaf, us in items:
+        entry = out.setdefault(graph_of(chain), {"ms": 0.0, "count": 0, "host_ms": 0.0})
+        entry["ms"] += us / 1e3
+        entry["count"] += 1
+    return out
+
+
 def _chain(event) -> list[str]:
     names = []
     while event is not None:
@@ -165,7 +198,10 @@ def summarise(prof, cuda: bool) -> dict:
     kernels = [e for e in device if not e.name.startswith(("Memcpy", "Memset"))]
     inside = [e for e in events if not _is_device(e) and window.start <= e.time_range.start <= window.end]
     out: dict = {"wall_ms": (window.end - window.start) / 1e3}
-    out["families"] = breakdown(launched(inside, cuda))
+    items = launched(inside, cuda)
+    out["families"] = breakdown(items)
+    calls = sorted((e for e in inside if e.name.startswith(GRAPH_CALL)), key=lambda e: e.time_range.start)
+    out["graphs"] = by_graph(items, calls)
     if cuda:
         end = max([window.end, *(e.time_range.end for e in device)])
         busy = _union_us([(e.time_range.start, e.time_range.end) for e in device])
@@ -391,6 +427,11 @@ def average(runs: list[dict]) -> dict:
                     mean["ms"] += e["ms"] / len(runs)
                     mean["count"] += e["count"] / len(runs)
             out[key] = _ranked(means)
+        elif key == "graphs" and value is not None:  # each graph's mean of every figure
+            out[key] = {
+                g: {f: sum(r[key].get(g, {}).get(f, 0) for r in runs) / len(runs) for f in figures}
+                for g, figures in value.items()
+            }
         elif key == "host_syncs" and value is not None:
             out[key] = {k: sum(r[key][k] for r in runs) / len(runs) for k in value}
         elif key != "operators":
@@ -474,6 +515,14 @@ def markdown(report: dict) -> str:
             if cuda:
                 lines.append(f"| (device idle: waiting for the host) | {_ms(k.get('device_idle_ms'))} | | |")
             lines.append("")
+            if k.get("graphs"):
+                lines += [f"By compiled graph, {kind} (per iteration, in the order they ran):", ""]
+                head = "kernel ms | kernels" if cuda else "aten self CPU ms | aten calls"
+                lines += [f"| graph | {head} | host ms (profiled) |", "|---|---|---|---|"]
+                for graph, g in k["graphs"].items():
+                    host = "-" if graph == NOT_COMPILED else f"{g['host_ms']:,.1f}"
+                    lines.append(f"| {graph} | {g['ms']:,.2f} | {g['count']:,.0f} | {host} |")
+                lines.append("")
             lines += [f"Top {TOP} operators by {ranked}, {kind} ({k['iterations']} iterations):", ""]
             lines += ["| operator | calls | self ms | share |", "|---|---|---|---|"]
             for op in k["top_operators"]:

@@ -220,6 +220,43 @@ def test_profile_families_sort_kernels_by_what_launched_them():
     assert result["attention"]["share"] == pytest.approx(50 / 259)
 
 
+def test_profile_attributes_kernels_to_the_compiled_graph_that_launched_them():
+    """Chains as an H200 trace of the compiled CIFAR-10 iteration has them: a forward under its dynamo
+    frame's region, a backward under CompiledFunctionBackward, and kernels outside any graph."""
+    from types import SimpleNamespace
+
+    profile = _load_benchmark("profile_train")
+    fwd = ["Torch-Compiled Region: 0/1", "CompiledFunction", "## Call CompiledFxGraph fghodjn3gviy6ccg ##"]
+    bwd = [
+        "autograd::engine::evaluate_function: CompiledFunctionBackward",
+        "CompiledFunctionBackward",
+        "## Call CompiledFxGraph fvx3scmniuzn7z6q ##",
+    ]
+    assert profile.graph_of([*fwd, "triton_poi_fused_add_0"]) == "0/1 forward fghodjn3gv"
+    assert profile.graph_of([*bwd, "aten::convolution_backward"]) == "backward fvx3scmniu"
+    assert profile.graph_of(["Optimizer.step#RAdam.step", "aten::_foreach_mul_"]) == profile.NOT_COMPILED
+
+    def call(chain, start, end):  # a profiler event with its parents
+        parent = None
+        for name in chain:
+            parent = SimpleNamespace(name=name, cpu_parent=parent)
+        parent.time_range = SimpleNamespace(start=start, end=end)
+        return parent
+
+    items = [
+        ([*fwd, "triton_poi_fused_add_0"], "triton_poi_fused_add_0", 300.0),
+        ([*fwd, "aten::convolution"], "sm90_xmma_fprop", 700.0),
+        ([*bwd, "triton_red_fused_1"], "triton_red_fused_1", 2000.0),
+        (["aten::_foreach_mul_"], "multi_tensor_apply_kernel", 50.0),
+    ]
+    graphs = profile.by_graph(items, [call(fwd, 0.0, 5000.0), call(bwd, 9000.0, 19000.0)])
+    assert list(graphs) == ["0/1 forward fghodjn3gv", "backward fvx3scmniu", profile.NOT_COMPILED]
+    assert graphs["0/1 forward fghodjn3gv"] == {"ms": 1.0, "count": 2, "host_ms": 5.0}
+    assert graphs["backward fvx3scmniu"] == {"ms": 2.0, "count": 1, "host_ms": 10.0}
+    assert graphs[profile.NOT_COMPILED] == {"ms": 0.05, "count": 1, "host_ms": 0.0}
+    assert profile.by_graph(items[3:], []) is None  # nothing compiled: no table
+
+
 def _load_benchmark(name: str):
     import importlib.util
 
