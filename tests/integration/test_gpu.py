@@ -152,14 +152,19 @@ def test_an_iteration_runs_without_host_synchronisation(tmp_path):
     assert sync.checked == [2, 3] and float(model.aug_p) > 0
 
 
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_inductor_compiled_training_matches_eager(tmp_path, mode):
-    # The R1 pass (k = 0, 2) runs D eagerly; everything else runs inductor's kernels (CUDA graphs too).
+@pytest.mark.parametrize(
+    ("mode", "attention"),
+    [("default", "fused"), ("reduce-overhead", "fused"), ("reduce-overhead", "classic")],
+)
+def test_inductor_compiled_training_matches_eager(tmp_path, mode, attention):
+    # The R1 pass (k = 0, 2) runs D eagerly; everything else runs inductor's kernels (CUDA graphs too);
+    # classic: diffusers' classic attention everywhere (bench_train's cuda_graphs_classic), both runs.
     compiled, eager = _Losses(), _Losses()
+    same = ["iterations=4", *(["model.speed.fast_attention=false"] if attention == "classic" else [])]
     on = ["model.speed.compile=true", f"model.speed.compile_mode={mode}"]
-    model = _fit_on_gpu(tmp_path / "compiled", ["iterations=4", *on], [compiled])
+    model = _fit_on_gpu(tmp_path / "compiled", [*same, *on], [compiled])
     assert model.generator._compiled_call_impl is not None
-    _fit_on_gpu(tmp_path / "eager", ["iterations=4"], [eager])
+    _fit_on_gpu(tmp_path / "eager", same, [eager])
     assert len(compiled.rows) == len(eager.rows) == 4
     for a, b in zip(compiled.rows, eager.rows, strict=True):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-5)  # inductor fuses and reorders float sums
