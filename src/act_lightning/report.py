@@ -33,6 +33,7 @@ from act_lightning.checkpoints import read_checkpoint
 IGNORED = (
     "seed",
     "threads",
+    "compile_cache",
     "run_dir",
     "resume",
     "paths.",

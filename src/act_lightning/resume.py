@@ -41,6 +41,7 @@ MAY_CHANGE = (
     # the machine: threads, devices and nodes (with the same global batch, compared on its own), how data
     # are loaded and where they are held, and the speed options (they compute the same thing)
     "threads",
+    "compile_cache",
     "trainer.accelerator",
     "trainer.devices",
     "trainer.num_nodes",

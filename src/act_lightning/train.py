@@ -91,6 +91,26 @@ def apply_process_settings(cfg: DictConfig) -> None:
     tf32 = bool(cfg.get("tf32", True))
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    use_compile_cache(cfg.get("compile_cache"))
+
+
+def use_compile_cache(folder) -> None:
+    """`compile_cache`: where inductor keeps what it compiled (graphs, Triton kernels), exported so that
+    DDP's processes use it too. null: torch's default, a folder under the machine's temporary directory.
+    A folder that outlives the job (shared by the nodes of a cluster) lets a resumed or requeued run, and
+    every job of a sweep, load the compiled networks instead of compiling them again (minutes on a GPU;
+    docs/performance.md)."""
+    if folder is None:
+        return
+    path = Path(str(folder)).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        message = f"compile_cache must be a folder this process can create or write; {path}: {err}"
+        raise ValueError(message) from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"compile_cache must be a folder this process can write; {path} is not writable")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # the Triton kernels go under it, in triton/
 
 
 def run_name(cfg: DictConfig) -> str:

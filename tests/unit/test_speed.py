@@ -122,6 +122,27 @@ def test_threads_and_tf32_are_set_per_process_and_checked(monkeypatch):
         torch.backends.cudnn.allow_tf32 = True
 
 
+def test_compile_cache_is_where_inductor_keeps_its_graphs_and_kernels(tmp_path, monkeypatch):
+    """compile_cache: exported before anything compiles, so inductor (and DDP's processes, which inherit
+    the environment) put their graphs and Triton kernels there; null leaves torch's default."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    before = torch.get_num_threads()
+    apply_process_settings(OmegaConf.create({"compile_cache": None}))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    folder = tmp_path / "shared" / "inductor"
+    apply_process_settings(OmegaConf.create({"compile_cache": str(folder)}))
+    assert folder.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert cache_dir() == str(folder) and triton_cache_dir(0) == str(folder / "triton" / "0")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="compile_cache must be a folder this process can create or write"):
+        apply_process_settings(OmegaConf.create({"compile_cache": str(tmp_path / "a_file" / "x")}))
+    assert torch.get_num_threads() == before
+    torch.backends.cuda.matmul.allow_tf32 = False  # as the other tests expect it
+
+
 def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
     # AOTAutograd's graphs (forward and backward) with eager kernels: inductor's code generation takes
     # minutes on the CPU. Through manual optimisation, both updates, LPIPS, and the R1 pass at k = 0 and
