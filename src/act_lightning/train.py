@@ -98,8 +98,8 @@ def use_compile_cache(folder) -> None:
     """`compile_cache`: where inductor keeps what it compiled (graphs, Triton kernels), exported so that
     DDP's processes use it too. null: torch's default, a folder under the machine's temporary directory.
     A folder that outlives the job (shared by the nodes of a cluster) lets a resumed or requeued run, and
-    every job of a sweep, load the compiled networks instead of compiling them again (minutes on a GPU;
-    docs/performance.md)."""
+    every job of a sweep, find inductor's code generation done: most of a compile that takes minutes on
+    a GPU (tracing the networks still runs; docs/performance.md)."""
     if folder is None:
         return
     path = Path(str(folder)).expanduser().absolute()
