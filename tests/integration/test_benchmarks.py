@@ -273,7 +273,7 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "bench_cuda_graphs_classic", "profile_cuda_graphs_classic", "bench_compile_classic"]
+    first = ["env", "bench_cuda_graphs_classic", "profile_cuda_graphs_classic", "imagenet64_one_pass"]
     assert [s.name for s in plan][:4] == first
     lever = next(s for s in plan if s.name == "bench_cuda_graphs_classic").argv
     assert lever[lever.index("--levers") + 1] == "cuda_graphs_classic"
