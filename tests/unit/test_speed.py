@@ -13,6 +13,7 @@ from torch import Tensor
 
 from act_lightning.augment import AugmentPipe
 from act_lightning.train import apply_process_settings
+from tests.conftest import compose
 from tests.helpers_training import SMALL, bare_trainer
 
 LPIPS = ["model.distance=lpips", "model.lpips_pretrained=false"]
@@ -136,6 +137,10 @@ def test_compile_cache_is_where_inductor_keeps_its_graphs_and_kernels(tmp_path, 
     apply_process_settings(OmegaConf.create({"compile_cache": str(folder)}))
     assert folder.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
     assert cache_dir() == str(folder) and triton_cache_dir(0) == str(folder / "triton" / "0")
+    monkeypatch.setenv("ACT_COMPILE_CACHE", str(tmp_path / "from_env"))  # a cluster's default
+    assert compose(["debug=smoke"]).compile_cache == str(tmp_path / "from_env")
+    monkeypatch.delenv("ACT_COMPILE_CACHE")
+    assert compose(["debug=smoke"]).compile_cache is None
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="compile_cache must be a folder this process can create or write"):
         apply_process_settings(OmegaConf.create({"compile_cache": str(tmp_path / "a_file" / "x")}))
