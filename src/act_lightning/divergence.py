@@ -40,12 +40,17 @@ def describe_terms(mask: int) -> str:
     return ", ".join(name for bit, name in enumerate(GUARDED_TERMS) if mask >> bit & 1) or "unknown"
 
 
-def skip_if_nonfinite(net: nn.Module, loss_bad: Tensor, scaled: bool, world_size: int) -> Tensor:
+def skip_if_nonfinite(
+    net: nn.Module, loss_bad: Tensor, scaled: bool, world_size: int, wait_free: bool | None = None
+) -> Tensor:
     """Turns the coming update of `net` into a zero-gradient one when a loss or gradient is not finite,
     without a host synchronisation. With the paper's beta1 = 0 the weights then stay as they are; the
     optimiser sees a zero gradient. Under fp16 loss scaling (`scaled`) overflowing scaled gradients are the
-    scaler's business (it skips that step and lowers the scale): only the losses are checked there. Under
-    DDP a loss can go bad on one rank only: all ranks skip together and their weights stay equal.
+    scaler's business (it skips that step and lowers the scale): only the losses are checked there, and
+    the gradients reach the scaler as they are (a bad loss multiplies them by 0: a non-finite entry then
+    turns NaN, which the scaler skips too). Under DDP a loss can go bad on one rank only: all ranks skip
+    together and their weights stay equal. `wait_free` (default: on CUDA) keeps the host from waiting
+    for the flag; on the CPU nothing is queued, so reading it costs nothing.
     Returns whether the gradients themselves were non-finite."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     if not grads:
@@ -60,13 +65,14 @@ def skip_if_nonfinite(net: nn.Module, loss_bad: Tensor, scaled: bool, world_size
         bad = bad.to(torch.int32)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         bad = bad.bool()
-    if not grads[0].is_cuda:  # nothing queued on the CPU: reading the flag costs no waiting
+    if not (grads[0].is_cuda if wait_free is None else wait_free):
         if bool(bad):
             torch._foreach_zero_(grads)
         return grads_bad
     keep = (~bad).to(grads[0].dtype)
-    for g in grads:
-        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    if not scaled:  # NaN * 0 is NaN: the non-finite entries go first (finite ones are left as they are)
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
     torch._foreach_mul_(grads, keep)
     return grads_bad
 

@@ -44,3 +44,26 @@ def test_a_nonfinite_loss_or_gradient_zeroes_the_update_and_only_a_gradient_is_r
     assert all(p.grad.isfinite().all() and not p.grad.any() for p in net.parameters())
     net.weight.grad[0, 0] = float("nan")  # under fp16 loss scaling the scaler handles the gradients
     assert not skip_if_nonfinite(net, FALSE, scaled=True, world_size=1)
+
+
+@pytest.mark.parametrize("wait_free", [False, True])
+def test_under_loss_scaling_overflowing_gradients_reach_the_scaler(wait_free):
+    """fp16: the gradient scaler finds the overflow (inf or NaN) in the scaled gradients, skips that step
+    and lowers its scale; the guard must not erase it. Both paths: reading the flag (the CPU's) and
+    without waiting for it (CUDA's), run here on CPU tensors."""
+    net = nn.Linear(2, 1)
+    net(torch.ones(1, 2)).sum().backward()
+    net.weight.grad[0, 0] = float("inf")
+    bias = net.bias.grad.clone()
+    assert not skip_if_nonfinite(net, FALSE, scaled=True, world_size=1, wait_free=wait_free)
+    assert net.weight.grad[0, 0] == float("inf") and torch.equal(net.bias.grad, bias)
+    # a bad loss: no usable update. The finite gradients become 0; the overflow is zeroed where the flag
+    # is read, and turns NaN (inf * 0) where it is not, so the scaler skips that step
+    assert not skip_if_nonfinite(net, TRUE, scaled=True, world_size=1, wait_free=wait_free)
+    assert not net.bias.grad.any() and not net.weight.grad[0, 1]
+    overflow = net.weight.grad[0, 0]
+    assert overflow.isnan() if wait_free else overflow == 0
+    # without loss scaling a non-finite gradient is the guard's: zeroed, reported
+    net.weight.grad[0, 0] = float("nan")
+    assert skip_if_nonfinite(net, FALSE, scaled=False, world_size=1, wait_free=wait_free)
+    assert all(p.grad.isfinite().all() and not p.grad.any() for p in net.parameters())
