@@ -67,3 +67,16 @@ def test_under_loss_scaling_overflowing_gradients_reach_the_scaler(wait_free):
     net.weight.grad[0, 0] = float("nan")
     assert skip_if_nonfinite(net, FALSE, scaled=False, world_size=1, wait_free=wait_free)
     assert all(p.grad.isfinite().all() and not p.grad.any() for p in net.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_guard_waits_for_nothing_and_leaves_overflow_to_the_scaler():
+    net = nn.Linear(2, 1).cuda()
+    net(torch.ones(1, 2, device="cuda")).sum().backward()
+    net.weight.grad[0, 0] = float("inf")
+    torch.cuda.set_sync_debug_mode("error")  # the default path on CUDA reads no flag
+    try:
+        skip_if_nonfinite(net, FALSE.cuda(), scaled=True, world_size=1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert net.weight.grad[0, 0].item() == float("inf")
