@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from act_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
+from act_lightning.callbacks import AtomicCheckpointIO, IterationProgressBar, LastCheckpoint
 from act_lightning.checkpoints import (
     UnreadableCheckpoint,
     checkpoint_iteration,
@@ -332,8 +332,9 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
     model.run_config, model.run_history = resolved, list(start.history)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     # The checkpoint callback runs last at every iteration: its checkpoint holds what the others
-    # (the evaluation's history, the best value) recorded at that iteration.
-    callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
+    # (the evaluation's history, the best value) recorded at that iteration. The progress bar runs just
+    # before it, so its read-out shows an evaluation of this iteration, the last one's too.
+    callbacks.sort(key=lambda c: (isinstance(c, LastCheckpoint), isinstance(c, IterationProgressBar)))
     loggers = build_loggers(cfg, start.iteration if start.ckpt_path is not None else None, start.wandb_id)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[CheckpointIO()]

@@ -62,6 +62,9 @@ def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path)
     assert summary["history"][-1]["value"] < summary["history"][0]["value"]  # training helps already
     # the generated, real and noise distances all at the held-out count: one ruler (README, "scale")
     assert summary["subset_size"] == summary["num_samples"] == 297
+    # the progress bar's last read-out shows the last evaluation, not the one before it
+    final = result.stderr.rsplit("ACT: 100%", 1)[-1]
+    assert f"fd={summary['history'][-1]['value']:.4g}" in final, final[-500:]
 
 
 def test_diffusion_pretraining_then_ect_tuning_from_its_checkpoint(tmp_path):

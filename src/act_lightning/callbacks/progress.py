@@ -35,14 +35,18 @@ class IterationProgressBar(L.Callback):
             return
         self.bar.update(pl_module.k - self.bar.n)
         if pl_module.k % self.refresh == 0:
-            shown = {}
-            for key, value in trainer.callback_metrics.items():
-                if key.startswith(("train/loss", "val/")):
-                    shown[key.split("/", 1)[1]] = f"{float(value):.4g}"
-            self.bar.set_postfix(shown, refresh=False)
+            self._show(trainer, refresh=False)
+
+    def _show(self, trainer, refresh: bool) -> None:
+        shown = {}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(("train/loss", "val/")):
+                shown[key.split("/", 1)[1]] = f"{float(value):.4g}"
+        self.bar.set_postfix(shown, refresh=refresh)
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
         if self.bar is not None:
+            self._show(trainer, refresh=True)  # the final read-out: the last evaluation's value too
             self.bar.close()
             self.bar = None
