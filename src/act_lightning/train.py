@@ -103,13 +103,8 @@ def use_compile_cache(folder) -> None:
     if folder is None:
         return
     path = Path(str(folder)).expanduser().absolute()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        message = f"compile_cache must be a folder this process can create or write; {path}: {err}"
-        raise ValueError(message) from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"compile_cache must be a folder this process can write; {path} is not writable")
+    check_writable_folder(path, "compile_cache")
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # the Triton kernels go under it, in triton/
 
 
