@@ -342,6 +342,42 @@ def test_profile_train_refuses_a_warmup_it_cannot_time(monkeypatch, capsys):
         )
 
 
+def test_profile_operator_table_counts_each_microsecond_once():
+    """A kernel appears in torch's averages twice (itself, and as the self device time of the operator
+    that launched it), a record_function range three times (on the host, its mirror on the device, which
+    spans its kernels again). The table keeps the operators: on a GPU by the kernel time they launched,
+    on the CPU by their own time, never the Python inside a range (it once topped the CPU table)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    profile = _load_benchmark("profile_train")
+
+    def avg(key, device, cpu_us, device_us, annotation=False):
+        return SimpleNamespace(
+            key=key, count=2, device_type=device, is_user_annotation=annotation,
+            self_cpu_time_total=cpu_us, self_device_time_total=device_us,
+        )  # fmt: skip
+
+    averages = [
+        avg("aten::convolution", DeviceType.CPU, 300.0, 4000.0),
+        avg("sm90_xmma_fprop_implicit_gemm", DeviceType.CUDA, 0.0, 4000.0),
+        avg("Optimizer.step#RAdam.step", DeviceType.CPU, 16000.0, 0.0, annotation=True),
+        avg("Optimizer.step#RAdam.step", DeviceType.CUDA, 0.0, 12000.0, annotation=True),
+        avg("triton_poi_fused_add_0", DeviceType.CPU, 20.0, 500.0, annotation=True),  # launched a kernel
+        avg(profile.ITERATION, DeviceType.CPU, 900.0, 0.0, annotation=True),
+        avg("aten::empty", DeviceType.CPU, 50.0, 0.0),
+    ]
+    assert profile.operator_table(averages, cuda=True) == {
+        "aten::convolution": {"calls": 2, "self_ms": 4.0},
+        "triton_poi_fused_add_0": {"calls": 2, "self_ms": 0.5},
+    }
+    assert profile.operator_table(averages, cuda=False) == {
+        "aten::convolution": {"calls": 2, "self_ms": 0.3},
+        "aten::empty": {"calls": 2, "self_ms": 0.05},
+    }
+
+
 def test_profile_averages_each_family_over_the_runs_counting_a_missing_one_as_zero():
     profile = _load_benchmark("profile_train")
     runs = [
