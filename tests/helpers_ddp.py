@@ -45,6 +45,10 @@ def ddp_worker(rank: int, world_size: int, port: int, out: str, num_samples, bat
         mu, sigma, fid = fid_of_samples(rank, world_size, num_samples, batch_size, shape, reference)
         if rank == 0:
             np.savez(out, mu=mu, sigma=sigma, fid=fid)
+        # Both ranks past their last collective before either tears down: rank 0, which hosts the
+        # rendezvous store, once aborted in teardown ("terminate called without an active exception")
+        # under a loaded CI machine while rank 1 was still leaving.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
