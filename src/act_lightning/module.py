@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from act_lightning.augment import AugmentPipe, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
+from act_lightning.compat import eager_forward
 from act_lightning.consistency import ConsistencySchedule, check_iterations, noise_conditioning
 from act_lightning.data.base import HalfBatch
 from act_lightning.distributed import PerNetworkDDP
@@ -568,7 +569,9 @@ class ACTModule(L.LightningModule):
         `step_noise(step)`. A diffusion model (model.objective=diffusion) samples with EDM's Heun sampler
         over `model.heun_steps` Karras levels instead (2 heun_steps - 1 evaluations, deterministic; taus
         may only be the default [sigma_max]). The
-        network runs in eval mode (no dropout)."""
+        network runs in eval mode (no dropout) and eagerly when it is compiled: each new batch size would
+        compile another graph (and under CUDA graphs hold another memory pool), and the samples are
+        those of the uncompiled checkpoint that `evaluate` loads."""
         net = self.target if net is None else net
         diffusion = self.hparams.objective == "diffusion"
         if diffusion and taus is not None and len(taus) > 1:  # [sigma_max]: the sample commands' default
@@ -581,10 +584,12 @@ class ACTModule(L.LightningModule):
         was_training = net.training
         net.eval()
         try:
-            denoise = lambda x, sigma: self.denoise(net, x, sigma, labels)  # noqa: E731
-            if diffusion:
-                return heun(denoise, noise, self.schedule.sigmas(self.hparams.heun_steps).flip(0).tolist())
-            return multistep(denoise, noise, taus, self.schedule.sigma_min, generator, step_noise)
+            with eager_forward(net):
+                denoise = lambda x, sigma: self.denoise(net, x, sigma, labels)  # noqa: E731
+                if diffusion:
+                    levels = self.schedule.sigmas(self.hparams.heun_steps).flip(0).tolist()
+                    return heun(denoise, noise, levels)
+                return multistep(denoise, noise, taus, self.schedule.sigma_min, generator, step_noise)
         finally:
             net.train(was_training)
 

@@ -170,6 +170,31 @@ def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
 
 
+def test_sampling_runs_the_compiled_target_eagerly(cfg_factory):
+    """Evaluation and sample grids during a compiled run sample with the target's eager forward: each new
+    batch size (and eval mode) would otherwise compile another graph of the generator (about a minute on a
+    GPU, under CUDA graphs another memory pool too), and the images would differ by float rounding from
+    those of `evaluate`, which loads the checkpoint uncompiled. The compiled forward is back afterwards."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = instantiate(cfg_factory([*SMALL, "model.speed.compile=aot_eager"]).model)
+    shape = (model.generator.unet.config.in_channels, *[model.generator.unet.config.sample_size] * 2)
+    x, sigma = torch.randn(2, *shape), torch.full((2,), 1.0)
+    with torch.no_grad():
+        model.target(x, sigma, None)  # the training loop's no-grad call of the target: one graph
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and model.target._compiled_call_impl is not None
+    noise = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
+    sampled = model.sample(noise * model.schedule.sigma_max)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for batch 5 in eval mode
+    assert model.target._compiled_call_impl is not None and model.target.training
+    eager = instantiate(cfg_factory([*SMALL]).model)
+    eager.load_state_dict(model.state_dict())
+    assert torch.equal(sampled, eager.sample(noise * eager.schedule.sigma_max))
+
+
 @pytest.mark.parametrize("experiment", ["cifar10", "imagenet64"])
 def test_each_network_compiles_to_one_graph(cfg_factory, experiment):
     model = instantiate(cfg_factory([*SMALL, f"experiment={experiment}", *LPIPS]).model)
