@@ -570,8 +570,7 @@ class ACTModule(L.LightningModule):
         over `model.heun_steps` Karras levels instead (2 heun_steps - 1 evaluations, deterministic; taus
         may only be the default [sigma_max]). The
         network runs in eval mode (no dropout) and eagerly when it is compiled: each new batch size would
-        compile another graph (and under CUDA graphs hold another memory pool), and the samples are
-        those of the uncompiled checkpoint that `evaluate` loads."""
+        compile another graph (and under CUDA graphs hold another memory pool) for a few forwards."""
         net = self.target if net is None else net
         diffusion = self.hparams.objective == "diffusion"
         if diffusion and taus is not None and len(taus) > 1:  # [sigma_max]: the sample commands' default

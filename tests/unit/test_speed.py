@@ -173,8 +173,8 @@ def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
 def test_sampling_runs_the_compiled_target_eagerly(cfg_factory):
     """Evaluation and sample grids during a compiled run sample with the target's eager forward: each new
     batch size (and eval mode) would otherwise compile another graph of the generator (about a minute on a
-    GPU, under CUDA graphs another memory pool too), and the images would differ by float rounding from
-    those of `evaluate`, which loads the checkpoint uncompiled. The compiled forward is back afterwards."""
+    GPU, under CUDA graphs another memory pool too) for a few forwards. The compiled forward is back
+    afterwards."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
