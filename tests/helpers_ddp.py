@@ -47,7 +47,7 @@ def ddp_worker(rank: int, world_size: int, port: int, out: str, num_samples, bat
             np.savez(out, mu=mu, sigma=sigma, fid=fid)
         # Both ranks past their last collective before either tears down: rank 0, which hosts the
         # rendezvous store, once aborted in teardown ("terminate called without an active exception")
-        # under a loaded CI machine while rank 1 was still leaving.
+        # in a fresh clone's suite (two test workers) while rank 1 was still leaving.
         dist.barrier()
     finally:
         dist.destroy_process_group()
