@@ -39,15 +39,16 @@ def fid_of_samples(rank: int, world_size: int, num_samples: int, batch_size: int
     return mu, sigma, frechet_distance(mu, sigma, *reference)
 
 
-def ddp_worker(rank: int, world_size: int, port: int, out: str, num_samples, batch_size, shape, reference):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def ddp_worker(rank: int, world_size: int, store: str, out: str, num_samples, batch_size, shape, reference):
+    # A file store: no TCP store server in rank 0 to outlive its peer, and no free port to race for.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         mu, sigma, fid = fid_of_samples(rank, world_size, num_samples, batch_size, shape, reference)
         if rank == 0:
             np.savez(out, mu=mu, sigma=sigma, fid=fid)
-        # Both ranks past their last collective before either tears down: rank 0, which hosts the
-        # rendezvous store, once aborted in teardown ("terminate called without an active exception")
-        # in a fresh clone's suite (two test workers) while rank 1 was still leaving.
+        # Both ranks past their last collective before either tears down: with a TCP store in rank 0,
+        # rank 0 once aborted in teardown ("terminate called without an active exception") in a fresh
+        # clone's suite (two test workers) while rank 1 was still leaving.
         dist.barrier()
     finally:
         dist.destroy_process_group()

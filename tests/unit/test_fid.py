@@ -4,7 +4,6 @@ reference files and caches, and the sharding that makes many processes agree wit
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -351,13 +350,9 @@ def test_two_processes_under_ddp_give_the_same_fid_as_one(tmp_path):
     shape, num_samples, batch_size = (1, 6, 6), 90, 16  # 6 chunks, the last one short
     reference = (np.zeros(32), np.eye(32) * 0.1)
     mu1, sigma1, fid1 = fid_of_samples(0, 1, num_samples, batch_size, shape, reference)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "ddp.npz"
-    torch.multiprocessing.spawn(
-        ddp_worker, args=(2, port, str(out), num_samples, batch_size, shape, reference), nprocs=2, join=True
-    )
+    out, store = tmp_path / "ddp.npz", tmp_path / "store"
+    args = (2, str(store), str(out), num_samples, batch_size, shape, reference)
+    torch.multiprocessing.spawn(ddp_worker, args=args, nprocs=2, join=True)
     with np.load(out) as got:
         np.testing.assert_allclose(got["mu"], mu1, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(got["sigma"], sigma1, rtol=1e-10, atol=1e-13)
