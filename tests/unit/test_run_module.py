@@ -156,13 +156,20 @@ def test_a_command_in_the_warm_interpreter_its_failures_and_its_timeout(tmp_path
     helped = run_module("convert_diffusers", ["--help"], cwd=ROOT / "conf", own_process=True)
     assert helped.returncode == 0 and "DIR OUT" in helped.stdout and helped.stderr == ""
     script = tmp_path / "fail.py"
-    script.write_text("import time, sys\nif sys.argv[1] == 'sleep':\n    time.sleep(60)\n1 / 0\n")
+    script.write_text(
+        "import gc, time, sys\n"
+        "if sys.argv[1] == 'frozen':\n    sys.exit(0 if gc.get_freeze_count() > 100_000 else 5)\n"
+        "if sys.argv[1] == 'sleep':\n    time.sleep(60)\n1 / 0\n"
+    )
     failed = run_module(script, ["raise"], own_process=True)
     assert failed.returncode == 1 and "Traceback" in failed.stderr and "ZeroDivisionError" in failed.stderr
     with pytest.raises(subprocess.TimeoutExpired):
         run_module(script, ["sleep"], own_process=True, timeout=2)
     again = run_module(script, ["raise"], own_process=True)  # the server is still there for the next one
     assert again.returncode == 1
+    # what the server imported is frozen (gc.freeze): the child's collections and its exit skip it
+    frozen = run_module(script, ["frozen"], own_process=True)
+    assert frozen.returncode == 0, frozen.stderr[-3000:]
 
 
 # -- the launcher: what commands start as `sys.executable` is a child of the warm interpreter too ----------
