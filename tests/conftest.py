@@ -37,6 +37,13 @@ def pytest_configure(config):
         WarmInterpreter.share()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The long tests (marked slow) first, the rest in file order after them: the workers (xdist's
+    worksteal) take their tests from the front and give tests away from the back, so the last ones left,
+    which decide when the suite ends, are short and the two workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_collection_finish(session):
     """What collection imported (torch, Lightning, Hydra, diffusers, the tests) lives as long as the test
     process: out of the collector's sight (gc.freeze), so that the collections while the tests run do not

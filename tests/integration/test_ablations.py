@@ -128,6 +128,7 @@ def test_cifar10_ict_combines_the_options_with_acts_discriminator(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path):
     """`make reproduce-mini`, shortened: the ct_vs_act sweep under debug=smoke with two variants and two
     seeds side by side (the joblib launcher), then the report: the Makefile target's commands (run_make)."""
@@ -166,6 +167,7 @@ def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path
     assert curves["act"][0]["value"][0] == pytest.approx(curves["ct_equal_time"][0]["value"][0])
 
 
+@pytest.mark.slow
 def test_make_reproduce_init_under_smoke_charges_the_pretraining_and_reports(tmp_path):
     """`make reproduce-init`, shortened: one seed of ablation=init_pretrain under debug=smoke, the three
     variants of ablation=init started from it, and the report: the Makefile target's commands (run_make)."""

@@ -20,6 +20,7 @@ def _bench(script: str, *args: str, timeout: int = 300):
     return run_module(ROOT / "benchmarks" / script, list(args), env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_make_bench_scripts_run_in_quick_mode(tmp_path):
     assert "bench_ddp.py" in (ROOT / "Makefile").read_text()
     result = _bench("bench_data.py", "--sources", "cifar10", "--workers", "0", "--seconds", "0.2")
@@ -49,6 +50,7 @@ def test_make_bench_scripts_run_in_quick_mode(tmp_path):
     assert all(row["it_per_s"] > 0 for row in table.values())
 
 
+@pytest.mark.slow
 def test_bench_train_writes_the_table_against_the_baseline(tmp_path):
     assert "bench_train.py" in (ROOT / "Makefile").read_text()
     out = tmp_path / "latest.json"
@@ -95,6 +97,7 @@ def test_bench_train_writes_the_table_against_the_baseline(tmp_path):
     assert "baseline" in result.stdout and "speedup" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_cpu_memory_probe_reads_a_fresh_processs_peak_after_the_first_iteration():
     """bench_train's peak memory on the CPU: a process of its own per variant, its high-water mark reset
     after the networks are built."""
@@ -103,6 +106,7 @@ def test_the_cpu_memory_probe_reads_a_fresh_processs_peak_after_the_first_iterat
     assert 100 < small < 20_000  # MB: torch and the quickstart's networks, not the interpreter alone
 
 
+@pytest.mark.slow
 def test_profile_train_writes_the_tables_and_traces_of_both_kinds_of_iteration(tmp_path):
     out = tmp_path / "profile"
     result = _bench(

@@ -29,6 +29,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path):
     run = tmp_path / "run"
     result = run_cli(
@@ -67,6 +68,7 @@ def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path)
     assert f"fd={summary['history'][-1]['value']:.4g}" in final, final[-500:]
 
 
+@pytest.mark.slow
 def test_diffusion_pretraining_then_ect_tuning_from_its_checkpoint(tmp_path):
     """README "Start from a diffusion model", shortened: experiment=quickstart_diffusion, then the quickstart
     from its last.ckpt with ECT's curriculum. The tuning run starts from the diffusion model's sampling
@@ -122,6 +124,7 @@ def test_diffusion_pretraining_then_ect_tuning_from_its_checkpoint(tmp_path):
     assert int(resumed["state_dict"]["iteration"]) == 2
 
 
+@pytest.mark.slow
 def test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm(tmp_path):
     """README "Start from a diffusion model", CIFAR-10 commands under debug=smoke on synthetic images:
     experiment=cifar10_diffusion, cifar10_ect and cifar10_ect_act from its checkpoint, and

@@ -64,6 +64,7 @@ def test_best_checkpoint_is_the_lowest_fid_after_iteration_0(cifar_run):
     assert ckpt["act_config"]["experiment_name"] == "cifar10"
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkpoint(cifar_run, tmp_path):
     ckpt = cifar_run / "checkpoints" / "best.ckpt"
     summary = json.loads((cifar_run / "metric_summary.json").read_text())
@@ -101,6 +102,7 @@ def test_evaluate_names_a_missing_or_foreign_checkpoint(tmp_path):
         _evaluate([f"ckpt={foreign}"])
 
 
+@pytest.mark.slow
 def test_readme_evaluate_commands(cifar_run, tmp_path):
     """The README's `python -m act_lightning.evaluate` commands, with 4 samples instead of 10k or 50k.
     Each reference's statistics are computed once and read from a cache after (as the paper experiments'

@@ -85,6 +85,7 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
     assert torch.equal(pipeline(noise=noise), load_generator(out).sample(noise))
 
 
+@pytest.mark.slow
 def test_loading_needs_neither_lightning_nor_hydra(exported):
     _, out = exported
     code = (

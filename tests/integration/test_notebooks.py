@@ -42,6 +42,7 @@ def test_the_notebooks_are_stored_without_outputs():
                 assert cell.outputs == [] and cell.execution_count is None, name
 
 
+@pytest.mark.slow
 def test_sample_and_edit_runs_on_a_checkpoint(runs, monkeypatch):
     ckpt = runs / "multirun" / "job0" / "checkpoints" / "last.ckpt"
     notebook = _execute("01_sample_and_edit.ipynb", runs, {"ACT_CKPT": str(ckpt)}, monkeypatch)

@@ -271,6 +271,7 @@ def _run_cli(args: list[str], cwd_dir: Path, multirun: bool):
     return run_module("train", [*args, folder], env=env, timeout=600, own_process=ddp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c, (kind, _) in COMMANDS.items() if kind == "cli"])
 def test_readme_multi_process_and_sweep_commands(command, tmp_path):
     args = shlex.split(command)[3:]

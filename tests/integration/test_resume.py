@@ -49,6 +49,7 @@ def assert_same_training_state(a_path, b_path) -> None:
 EXACT = ["debug=smoke", "iterations=8", "model.r1_threshold=0", "model.ada_length=100"]
 
 
+@pytest.mark.slow
 def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_path):
     straight, run = tmp_path / "straight", tmp_path / "run"
     snapshots = ["callbacks.checkpoint.keep_snapshots=true", "callbacks.checkpoint.every_n_iterations=4"]
@@ -125,6 +126,7 @@ def _wait_until(condition, proc, timeout=180):
 LONG = ["debug=smoke", "eval=null", "callbacks.samples.every_n_iterations=100000"]
 
 
+@pytest.mark.slow
 def test_sigterm_kill_9_one_live_run_per_folder_and_a_finished_run(tmp_path):
     run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
     every = ["callbacks.checkpoint.every_n_iterations=5"]

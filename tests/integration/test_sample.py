@@ -125,6 +125,7 @@ def test_help_lists_the_commands_own_options():
     assert "model:" not in result.stdout  # the training options are not this command's
 
 
+@pytest.mark.slow
 def test_every_entry_point_is_a_console_script_with_its_own_help():
     import tomllib
 

@@ -30,6 +30,7 @@ def assert_same_weights(a: dict, b: dict, tol: float, tol_discriminator: float |
             assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_batch_trains(tmp_path):
     # The command of the README (Lightning's plain `ddp`: no search for unused parameters), on the digits.
     two, one = tmp_path / "two", tmp_path / "one"

@@ -42,6 +42,7 @@ def test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_conf
     assert runs[0]["summary"]["val/fd_best"] != runs[1]["summary"]["val/fd_best"]
 
 
+@pytest.mark.slow
 def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
     # the README's search on CIFAR-10, shortened: two trials in smoke size, without LPIPS' VGG
     result = run_multirun(

@@ -346,6 +346,7 @@ def test_chunks_of_all_ranks_are_the_chunks_of_one_process():
     assert torch.equal(a, b) and labels.shape == (4,)  # the noise does not depend on who draws it
 
 
+@pytest.mark.slow
 def test_two_processes_under_ddp_give_the_same_fid_as_one(tmp_path):
     shape, num_samples, batch_size = (1, 6, 6), 90, 16  # 6 chunks, the last one short
     reference = (np.zeros(32), np.eye(32) * 0.1)
@@ -382,6 +383,7 @@ def test_subset_statistics_are_those_of_consecutive_samples_across_chunk_boundar
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_the_digits_classifier_is_trained_once_per_process_and_each_caller_gets_its_own_copy(
     monkeypatch, tmp_path
 ):

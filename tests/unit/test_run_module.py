@@ -127,6 +127,7 @@ sys.exit(int(sys.argv[1]))
 """
 
 
+@pytest.mark.slow
 def test_a_child_of_the_warm_interpreter_starts_as_a_new_interpreter_does(tmp_path):
     import subprocess
 
@@ -149,6 +150,7 @@ def test_a_child_of_the_warm_interpreter_starts_as_a_new_interpreter_does(tmp_pa
     assert seen["path0"] == str(tmp_path) and not seen["ours_imported_before"]
 
 
+@pytest.mark.slow
 def test_a_command_in_the_warm_interpreter_its_failures_and_its_timeout(tmp_path):
     import subprocess
 
@@ -201,6 +203,7 @@ def _launcher() -> str:
     return launcher
 
 
+@pytest.mark.slow
 def test_what_a_command_starts_with_sys_executable_sees_what_a_new_interpreter_would(tmp_path):
     """The launcher's child against the real interpreter, with the same script, input and environment:
     same output, exit status, parent (the starter), Lightning rank (LOCAL_RANK, as DDP's ranks have it)."""

@@ -150,6 +150,7 @@ def test_compile_cache_is_where_inductor_keeps_its_graphs_and_kernels(tmp_path, 
     torch.backends.cuda.matmul.allow_tf32 = False  # as the other tests expect it
 
 
+@pytest.mark.slow
 def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
     # AOTAutograd's graphs (forward and backward) with eager kernels: inductor's code generation takes
     # minutes on the CPU. Through manual optimisation, both updates, LPIPS, and the R1 pass at k = 0 and
@@ -195,6 +196,7 @@ def test_sampling_runs_the_compiled_target_eagerly(cfg_factory):
     assert torch.equal(sampled, eager.sample(noise * eager.schedule.sigma_max))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["cifar10", "imagenet64"])
 def test_each_network_compiles_to_one_graph(cfg_factory, experiment):
     model = instantiate(cfg_factory([*SMALL, f"experiment={experiment}", *LPIPS]).model)
