@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from act_lightning.divergence import GUARDED_TERMS, BadIterations, guard_mask, skip_if_nonfinite
 
@@ -69,8 +69,62 @@ def test_under_loss_scaling_overflowing_gradients_reach_the_scaler(wait_free):
     assert all(p.grad.isfinite().all() and not p.grad.any() for p in net.parameters())
 
 
+def test_without_waiting_a_good_update_keeps_every_bit_and_a_bad_one_is_zero_in_one_operation():
+    """The wait-free path (CUDA's, run here on CPU tensors) multiplies the gradients' bits by the flag:
+    a good update is the same bits (signed zeros, subnormals), a bad one +0.0 everywhere, NaN and inf
+    included, in whatever width a gradient has; and the operations it runs do not grow with the number of
+    tensors (each used to get a nan_to_num of its own, a kernel launch apiece on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name not in ("aten::view", "aten::detach"):  # these launch nothing
+                self.ops.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    def net_with(n: int, grads: list[Tensor]) -> nn.Module:
+        net = nn.ParameterList([nn.Parameter(torch.zeros_like(g)) for g in grads])
+        for p, g in zip(net, grads, strict=True):
+            p.grad = g.clone()
+        assert len(net) == n
+        return net
+
+    def bits(t: Tensor) -> Tensor:
+        return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+    special = [0.0, -0.0, 1e-45, -3.5, 2.0**100]
+    grads = [
+        torch.tensor(special),
+        torch.tensor(special, dtype=torch.float64),
+        torch.tensor([0.5, -0.0, 3.0], dtype=torch.bfloat16),
+        torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+    ]
+    net = net_with(4, grads)
+    assert not skip_if_nonfinite(net, FALSE, scaled=False, world_size=1, wait_free=True)
+    for p, g in zip(net, grads, strict=True):
+        assert torch.equal(bits(p.grad), bits(g))  # bit for bit
+    net[0].grad[1] = float("nan")
+    net[2].grad[0] = float("-inf")
+    assert skip_if_nonfinite(net, FALSE, scaled=False, world_size=1, wait_free=True)
+    for p in net:
+        assert not bits(p.grad).any()  # +0.0: every bit clear
+    counts = []
+    for n in (3, 30):
+        many = net_with(n, [torch.randn(4) for _ in range(n)])
+        many[0].grad[0] = float("nan")
+        with Count() as seen:
+            assert skip_if_nonfinite(many, FALSE, scaled=False, world_size=1, wait_free=True)
+        assert all(not p.grad.any() for p in many)
+        counts.append(len(seen.ops))
+    assert counts[0] == counts[1], counts
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_guard_waits_for_nothing_and_leaves_overflow_to_the_scaler():
+def test_on_cuda_the_guard_waits_for_nothing_zeroes_a_bad_update_and_leaves_overflow_to_the_scaler():
     net = nn.Linear(2, 1).cuda()
     net(torch.ones(1, 2, device="cuda")).sum().backward()
     net.weight.grad[0, 0] = float("inf")
@@ -80,3 +134,21 @@ def test_on_cuda_the_guard_waits_for_nothing_and_leaves_overflow_to_the_scaler()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert net.weight.grad[0, 0].item() == float("inf")
+    # without loss scaling: the bits' product on the device, no wait; a good update keeps every bit
+    good = [p.grad.clone() for p in net.parameters()]
+    net.weight.grad[0, 0] = 0.25
+    good[0][0, 0] = 0.25
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flags = [skip_if_nonfinite(net, FALSE.cuda(), scaled=False, world_size=1)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), good, strict=True))
+    net.bias.grad[0] = float("nan")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flags.append(skip_if_nonfinite(net, FALSE.cuda(), scaled=False, world_size=1))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [bool(f) for f in flags] == [False, True]
+    assert all(not p.grad.view(torch.int32).any() for p in net.parameters())  # +0.0 everywhere
