@@ -99,8 +99,23 @@ LEVERS = {
         "model.speed.compile_mode=reduce-overhead",
         "model.speed.fast_attention=false",
     ],
+    # Classic attention still writes every score matrix (8 channels per head: 16 heads x 256 x 256 per image,
+    # 25 ms of kernels eager); flex_attention's generated flash kernel writes none (TF32 dot products)
+    "compile_flex": ["model.speed.compile=true", "model.speed.flex_attention=true"],
+    "cuda_graphs_flex": [
+        "model.speed.compile=true",
+        "model.speed.compile_mode=reduce-overhead",
+        "model.speed.flex_attention=true",
+    ],
 }
-COMPILED = ("compile", "cuda_graphs", "compile_classic", "cuda_graphs_classic")
+COMPILED = (
+    "compile",
+    "cuda_graphs",
+    "compile_classic",
+    "cuda_graphs_classic",
+    "compile_flex",
+    "cuda_graphs_flex",
+)
 PEAK_TFLOPS = {  # dense tensor-core peaks (NVIDIA data sheets, SXM parts): (fp32, tf32, bf16)
     "H100": (67.0, 494.7, 989.4),
     "H200": (67.0, 494.7, 989.4),

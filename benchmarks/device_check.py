@@ -55,6 +55,8 @@ class Step:
     timeout: int  # seconds at most
     needs: int  # seconds that must be left to start it
     result: str | None = None  # the JSON file it writes, relative to the work folder
+    after: str | None = None  # runs only if this earlier step passed (its profile needs what it measured)
+    unless: str | None = None  # skipped if this earlier step passed (a fallback for it)
 
 
 def imagenet64_step(name: str, batch: int, extra: list[str]) -> Step:
@@ -93,15 +95,18 @@ def fid_step(num_samples: int = 50_000, train_extra: str = "", eval_extra: str =
     return Step("fid_50k", ["bash", "-c", timed], 240, 90, "fid_50k.json")
 
 
-def compile_step(name: str, lever: str, timeout: int = 420, needs: int = 130) -> Step:
+def compile_step(
+    name: str, lever: str, timeout: int = 420, needs: int = 130, unless: str | None = None
+) -> Step:
     """The defaults against the defaults with `lever` (compile, cuda_graphs, ..., bench_train.py's
     COMPILED) in one process, each in a process of its own: on the H200 of 2026-12-04 building and
     compiling one variant took minutes, so each gets its own time limit. The default `needs` assumes
-    inductor's cache warm from an earlier step of the same graphs."""
+    inductor's cache warm from an earlier step of the same graphs; `unless`: Step.unless."""
     py = sys.executable
     argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
     argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "15", "--warmup", "10"]
-    return Step(name, [*argv, *QUICK, "--output", f"{name}.json"], timeout, needs, f"{name}.json")
+    argv += [*QUICK, "--output", f"{name}.json"]
+    return Step(name, argv, timeout, needs, f"{name}.json", unless=unless)
 
 
 def steps() -> list[Step]:
@@ -119,24 +124,39 @@ def steps() -> list[Step]:
     compiled = ["--set", "model.speed.compile=true"]
     notebooks = str(ROOT / "tests" / "integration" / "test_notebooks.py")
     classic = "model.speed.fast_attention=false"
+    flex = "model.speed.flex_attention=true"
     cuda_graphs = [*compiled, "model.speed.compile_mode=reduce-overhead"]
     # Order (after the third H200 session of 2026-12-04, benchmarks/results/h200_2026-12-04c.md): the
     # compiled iteration ran 4.25 it/s with 125 ms of kernels per 235 ms iteration (the host launching
     # them is the bound) and float32 fused attention 37 ms of those kernels. So first the candidate for
-    # 10 it/s, CUDA graphs with classic attention (TF32 bmm, softmax fused by inductor), against the
-    # defaults in one process: one cold compile, 500 s. Then its profile (warm: the same graphs), the
-    # eager steps (ImageNet 64 in one pass on 141 GB, the eager profile beside the compiled ones), then
-    # what needs a cold compile of its own (inductor's cache of one mode did not shorten the other's
-    # compile: a mode, or another attention, is other graphs), then what was measured already.
+    # 10 it/s, CUDA graphs with flex_attention's generated flash kernel (TF32, no score matrix in memory),
+    # against the defaults in one process: one cold compile, 500 s; then its profile (warm: the same
+    # graphs). Only if it fails, the same with classic attention (TF32 bmm, softmax fused by inductor, the
+    # score matrices written). Then the eager steps (ImageNet 64 in one pass on 141 GB, the eager profile
+    # beside the compiled ones), then what needs a cold compile of its own (inductor's cache of one mode
+    # did not shorten the other's compile: a mode, or another attention, is other graphs), then what was
+    # measured already.
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
-        compile_step("bench_cuda_graphs_classic", "cuda_graphs_classic", timeout=500, needs=150),
+        compile_step("bench_cuda_graphs_flex", "cuda_graphs_flex", timeout=500, needs=150),
+        Step(
+            "profile_cuda_graphs_flex",
+            [*profile, "--out", "profile_cuda_graphs_flex", *cuda_graphs, flex],
+            300,
+            120,
+            "profile_cuda_graphs_flex/profile.json",
+            after="bench_cuda_graphs_flex",
+        ),
+        compile_step(
+            "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex"
+        ),
         Step(
             "profile_cuda_graphs_classic",
             [*profile, "--out", "profile_cuda_graphs_classic", *cuda_graphs, classic],
             300,
             120,
             "profile_cuda_graphs_classic/profile.json",
+            after="bench_cuda_graphs_classic",
         ),
         imagenet64_step("imagenet64_one_pass", 320, []),  # fits 141 GB without checkpointing?
         Step(  # the eager defaults the same way, beside it
@@ -243,6 +263,13 @@ def run_all(plan: list[Step], work: Path, budget: float) -> list[dict]:
     outcomes = []
     for step in plan:
         left = deadline - time.monotonic()
+        passed = {o["name"]: o["status"] == "ok" for o in outcomes}  # (a step of another call: unknown)
+        if step.after in passed and not passed[step.after]:
+            outcomes.append({"name": step.name, "status": f"skipped ({step.after} did not pass)"})
+            continue
+        if passed.get(step.unless):
+            outcomes.append({"name": step.name, "status": f"skipped ({step.unless} passed)"})
+            continue
         if left < step.needs:
             outcomes.append({"name": step.name, "status": f"skipped ({left:.0f} s left, needs {step.needs})"})
             continue
@@ -347,7 +374,7 @@ def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str) -> 
     (out / "summary.json").write_text(json.dumps({"machine": machine, "steps": outcomes}, indent=2) + "\n")
     logs = [f"===== {o['name']}: {o['status']}\n{tail(work / (o['name'] + '.log'))}" for o in outcomes]
     (out / "logs.txt").write_text("\n".join(logs)[-MAX_FILE:])
-    names = ("profile", "profile_compiled", "profile_cuda_graphs_classic")
+    names = ("profile", "profile_compiled", "profile_cuda_graphs_flex", "profile_cuda_graphs_classic")
     profiles = [work / d / "profile.md" for d in names]
     (out / "profile.md").write_text(
         "\n".join(p.read_text() for p in profiles if p.is_file()) or "(no profile)\n"

@@ -74,6 +74,9 @@ def _is_device(event) -> bool:
 # (outermost first, "autograd::engine::evaluate_function: XBackward0" for the backward of X) or its own
 # name decides its family.
 FAMILIES = (
+    # model.speed.flex_attention: inductor's flash-attention template (its kernels are `triton_tem_*`;
+    # under max-autotune matmul templates would be counted here too)
+    ("attention (flex_attention, Triton)", (), ("flex_attention", "triton_tem_")),
     # inductor's generated kernels (compiled networks): fused elementwise work and reductions
     ("fused by inductor (Triton)", (), ("triton_",)),
     ("layout copies (contiguous)", ("aten::contiguous",), ()),

@@ -11,10 +11,11 @@ def params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-def bare_trainer(**kwargs):
-    """A CPU Trainer with nothing attached: no logger, checkpoints, progress bar or validation."""
+def bare_trainer(accelerator: str = "cpu", **kwargs):
+    """A one-device Trainer (the CPU unless told) with nothing attached: no logger, checkpoints, progress
+    bar or validation."""
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_epochs=-1,
         logger=False,

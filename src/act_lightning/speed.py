@@ -24,6 +24,7 @@ class SpeedOptions:
     compile: bool | str = False  # torch.compile the networks: true (inductor) or a backend name
     compile_mode: str | None = None  # inductor's mode; reduce-overhead: CUDA graphs of the compiled graphs
     fast_attention: bool = True  # fused attention kernel (classic in D's R1 pass); false: classic everywhere
+    flex_attention: bool = False  # with compile, on a GPU: attention in the graphs as flex_attention's kernel
     foreach_ema: bool = True  # the target EMA in one fused op over all tensors (false: a Python loop)
     joint_d_pass: bool = True  # D sees the fake and the real half in one pass (two on R1 iterations)
     lazy_augment: bool = True  # skip the augmentation pipeline while p == 0 (an exact no-op then)
@@ -48,6 +49,16 @@ class SpeedOptions:
                 "model.speed.compile_mode is inductor's: it needs model.speed.compile=true, got "
                 f"model.speed.compile={self.compile!r}"
             )
+        if self.flex_attention and not self.compile:
+            raise ValueError(
+                "model.speed.flex_attention replaces the attention kernel inside compiled graphs: it needs "
+                "model.speed.compile=true (eager, flex_attention would write every score matrix)"
+            )
+        if self.flex_attention and not self.fast_attention:
+            raise ValueError(
+                "model.speed.flex_attention runs the fused kernel outside compiled graphs: it needs "
+                "model.speed.fast_attention=true (false asks for the classic kernel everywhere)"
+            )
 
     def apply(
         self,
@@ -64,7 +75,11 @@ class SpeedOptions:
             for net in nets:
                 net.to(memory_format=torch.channels_last)
         if self.fast_attention and hasattr(discriminator, "use_fast_attention"):
-            discriminator.use_fast_attention(True)
+            discriminator.use_fast_attention(True, flex=self.flex_attention)
+        if self.flex_attention:  # D's (above) outside its R1 pass, which keeps the classic kernel
+            for net in nets:
+                if net is not discriminator:
+                    use_flex_attention(net)
         if not self.fast_attention:  # diffusers' UNets default to the fused kernel: the classic one instead
             for net in nets:
                 if net is not discriminator:
@@ -102,6 +117,20 @@ def classic_attention(net: nn.Module) -> None:
     for module in net.modules():
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor())
+
+
+def use_flex_attention(net: nn.Module) -> None:
+    """Every diffusers attention layer of `net` on `FlexAttnProcessor`: flex_attention's generated kernel
+    where a compiled graph runs on a GPU, the fused kernel elsewhere (act_lightning.nn.attention)."""
+    from diffusers.models.attention_processor import Attention
+
+    from act_lightning.nn.attention import FlexAttnProcessor, check_self_attention
+
+    processor = FlexAttnProcessor()
+    for module in net.modules():
+        if isinstance(module, Attention):
+            check_self_attention(module)
+            module.set_processor(processor)
 
 
 def recompute(module: nn.Module, *args):

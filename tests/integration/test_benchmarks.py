@@ -206,6 +206,11 @@ def test_profile_families_sort_kernels_by_what_launched_them():
             "triton_per_fused_native_group_norm_silu_3",
             2.0,
         ),
+        (  # model.speed.flex_attention: inductor's flash-attention template, a Triton kernel of its own
+            ["CompiledFunction", "triton_tem_fused_flex_attention_0"],
+            "triton_tem_fused_flex_attention_0",
+            1.0,
+        ),
     ]
     result = profile.breakdown(items)
     assert list(result) == [
@@ -217,11 +222,12 @@ def test_profile_families_sort_kernels_by_what_launched_them():
         "optimisers and EMA",
         "elementwise and other",
         "fused by inductor (Triton)",
+        "attention (flex_attention, Triton)",
     ]
     assert result["convolutions: matrix kernels"]["count"] == 2
     assert result["convolutions: matrix kernels"]["ms"] == pytest.approx(0.14)
     assert result["layout copies (contiguous)"]["ms"] == pytest.approx(0.03)
-    assert result["attention"]["share"] == pytest.approx(50 / 259)
+    assert result["attention"]["share"] == pytest.approx(50 / 260)
 
 
 def test_profile_attributes_kernels_to_the_compiled_graph_that_launched_them():
@@ -277,15 +283,19 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "bench_cuda_graphs_classic", "profile_cuda_graphs_classic", "imagenet64_one_pass"]
+    first = ["env", "bench_cuda_graphs_flex", "profile_cuda_graphs_flex", "bench_cuda_graphs_classic"]
     assert [s.name for s in plan][:4] == first
-    lever = next(s for s in plan if s.name == "bench_cuda_graphs_classic").argv
-    assert lever[lever.index("--levers") + 1] == "cuda_graphs_classic"
+    by_name = {s.name: s for s in plan}
+    for kind in ("flex", "classic"):
+        lever = by_name[f"bench_cuda_graphs_{kind}"].argv
+        assert lever[lever.index("--levers") + 1] == f"cuda_graphs_{kind}"
+        assert by_name[f"profile_cuda_graphs_{kind}"].after == f"bench_cuda_graphs_{kind}"
+    assert by_name["bench_cuda_graphs_classic"].unless == "bench_cuda_graphs_flex"  # its fallback
     assert len({s.name for s in plan}) == len(plan)
     levers = next(s for s in plan if s.name == "bench_levers").argv
     assert {"classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"} <= set(levers)
     # each times its iterations unprofiled first
-    for name in ("profile", "profile_compiled", "profile_cuda_graphs_classic"):
+    for name in ("profile", "profile_compiled", "profile_cuda_graphs_flex", "profile_cuda_graphs_classic"):
         argv = next(s for s in plan if s.name == name).argv
         assert argv[argv.index("--timed") + 1] == "16"
     parsed = 0
@@ -398,6 +408,28 @@ def test_profile_averages_each_family_over_the_runs_counting_a_missing_one_as_ze
     assert list(mean) == ["b", "a"]  # most time first
     assert mean["b"] == {"ms": 4.0, "count": 0.5, "share": 4 / 7}
     assert mean["a"] == {"ms": 3.0, "count": 2.0, "share": 3 / 7}
+
+
+def test_device_check_runs_a_profile_after_its_benchmark_passed_and_a_fallback_only_if_it_failed(tmp_path):
+    check = _load_benchmark("device_check")
+    ok, fail = ["bash", "-c", "exit 0"], ["bash", "-c", "exit 3"]
+    plan = [
+        check.Step("a", fail, 10, 0),
+        check.Step("a_profile", ok, 10, 0, after="a"),
+        check.Step("b", ok, 10, 0, unless="a"),
+        check.Step("b_profile", ok, 10, 0, after="b"),
+        check.Step("c", ok, 10, 0, unless="b"),
+        check.Step("d", ok, 10, 0, after="elsewhere", unless="elsewhere"),  # another call's step: runs
+    ]
+    statuses = {o["name"]: o["status"] for o in check.run_all(plan, tmp_path, budget=60)}
+    assert statuses == {
+        "a": "failed",
+        "a_profile": "skipped (a did not pass)",
+        "b": "ok",
+        "b_profile": "ok",
+        "c": "skipped (b passed)",
+        "d": "ok",
+    }
 
 
 def test_device_check_summary_shows_each_variants_unprofiled_speed():

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 
 from act_lightning.train import train
 from tests.conftest import compose
+from tests.helpers_training import bare_trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -124,20 +125,7 @@ def _fit_on_gpu(tmp_path, overrides, callbacks):
     cfg = compose([*SMALL_GPU, *overrides], run_dir=str(tmp_path))
     L.seed_everything(0)
     model = instantiate(cfg.model)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        log_every_n_steps=1,
-        callbacks=callbacks,
-    )
+    trainer = bare_trainer(accelerator="gpu", log_every_n_steps=1, callbacks=callbacks)
     trainer.fit(model, datamodule=instantiate(cfg.data))
     return model
 
@@ -154,17 +142,53 @@ def test_an_iteration_runs_without_host_synchronisation(tmp_path):
 
 @pytest.mark.parametrize(
     ("mode", "attention"),
-    [("default", "fused"), ("reduce-overhead", "fused"), ("reduce-overhead", "classic")],
+    [
+        ("default", "fused"),
+        ("reduce-overhead", "fused"),
+        ("reduce-overhead", "classic"),
+        ("reduce-overhead", "flex"),
+    ],
 )
 def test_inductor_compiled_training_matches_eager(tmp_path, mode, attention):
     # The R1 pass (k = 0, 2) runs D eagerly; everything else runs inductor's kernels (CUDA graphs too);
-    # classic: diffusers' classic attention everywhere (bench_train's cuda_graphs_classic), both runs.
+    # classic: diffusers' classic attention everywhere (bench_train's cuda_graphs_classic), both runs;
+    # flex: the compiled graphs attend with flex_attention's generated kernel, the eager run fused.
     compiled, eager = _Losses(), _Losses()
     same = ["iterations=4", *(["model.speed.fast_attention=false"] if attention == "classic" else [])]
     on = ["model.speed.compile=true", f"model.speed.compile_mode={mode}"]
+    on += ["model.speed.flex_attention=true"] if attention == "flex" else []
     model = _fit_on_gpu(tmp_path / "compiled", [*same, *on], [compiled])
     assert model.generator._compiled_call_impl is not None
     _fit_on_gpu(tmp_path / "eager", same, [eager])
     assert len(compiled.rows) == len(eager.rows) == 4
     for a, b in zip(compiled.rows, eager.rows, strict=True):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-5)  # inductor fuses and reorders float sums
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_flex_attention_compiled_for_cuda_matches_the_fused_kernel(tf32):
+    # The CIFAR-10 networks' heads: 8 channels (padded to 16 for the kernel), 256 positions; forward and
+    # backward against F.scaled_dot_product_attention in float32. With TF32 matmuls on (the experiments'
+    # tf32=true) the generated kernel's dot products run in TF32: a TF32 tolerance.
+    import torch.nn.functional as F
+
+    from act_lightning.nn.attention import attention
+
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(8, 16, 256, 8, device="cuda", generator=g, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(8, 16, 256, 8, device="cuda", generator=g)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        out = torch.compile(attention, fullgraph=True, dynamic=False)(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), upstream)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+        torch._dynamo.reset()
+    expected = F.scaled_dot_product_attention(q, k, v)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), upstream)
+    tolerance = {"rtol": 1e-2, "atol": 5e-3} if tf32 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(out, expected, **tolerance)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)

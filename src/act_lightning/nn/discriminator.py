@@ -6,8 +6,9 @@ R1 differentiates D's input gradient once more (`create_graph=True`), so the R1 
 classic `AttnProcessor`, which supports double backward on every device and dtype; the fused
 `AttnProcessor2_0` does not (docs/performance.md). After `use_fast_attention(True)` every other pass uses
 the fused kernel and `double_backward_safe()` switches to the classic one around the R1 pass; with False
-(the reference's straightforward path) every pass is classic. The generator always keeps the fast path:
-nothing differentiates it twice.
+(the reference's straightforward path) every pass is classic. With `flex=True` (model.speed.flex_attention)
+the passes outside R1 run `FlexAttnProcessor` (act_lightning.nn.attention) instead of the fused one. Nothing
+differentiates the generator twice: it needs no such switch.
 """
 
 from __future__ import annotations
@@ -138,8 +139,17 @@ class Discriminator(nn.Module):
         # leave it alone; it stays in the state dict, so the released checkpoints load strictly.
         self.to_logit_fx.requires_grad_(False)
 
-    def use_fast_attention(self, fast: bool) -> None:
-        """True: the fused kernel (`F.scaled_dot_product_attention`) outside `double_backward_safe()`."""
+    def use_fast_attention(self, fast: bool, flex: bool = False) -> None:
+        """True: the fused kernel (`F.scaled_dot_product_attention`) outside `double_backward_safe()`; with
+        `flex`, `FlexAttnProcessor` instead (model.speed.flex_attention: flex_attention's kernel in graphs
+        compiled for a GPU, the fused kernel elsewhere). Before compiling: a compiled forward guards on the
+        processor objects."""
+        if flex:
+            from act_lightning.nn.attention import FlexAttnProcessor, check_self_attention
+
+            for module in self._attention:
+                check_self_attention(module)
+            self._fused = FlexAttnProcessor()
         self.fast_attention = bool(fast)
         self._set_processors(self._fused if fast else self._classic)
 
