@@ -9,15 +9,27 @@ to be skipped when the budget runs out.
 
 A session has 15 minutes of device time, the machine's start included (about 90 s). The sessions of
 2026-12-04 held 580 + 255 s, 655 s and 612 s (the third: one call of `--budget 570`, timeout 600 s; the
-machine went back before a second call). Plan on `--budget 570` with a timeout of 600 s (the first step's
-cold compile needs most of it), then at once (the machine is held 30 s idle), warm, the rest with
-`--only`: inductor's cache on the machine makes a second compile of the same graphs short.
+machine went back before a second call). Plan on `--budget 550` with a timeout of 600 s (the first step's
+cold compile needs most of it; packing the compile cache follows the steps), then at once (the machine is
+held 30 s idle), warm, the rest with `--only`: inductor's cache on the machine makes a second compile of
+the same graphs short; on a new machine, the carried cache does (below).
 `profile_train.py --timed 16` times an iteration without the profiler, then profiles it, after one
 compile.
 
-Writes at most five files into $OUT (or --out): summary.md (what each step found, in tables),
+Writes at most eight files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
-step's command and the end of its output) and traces.tar (Chrome traces).
+step's command and the end of its output), traces.tar (Chrome traces) and up to three parts of
+compile_cache.tar.gz (inductor's cache after the steps, when it fits: see below).
+
+A cold compile of the CIFAR-10 networks took about five minutes on an H200, a third of a session. Every
+step compiles into one inductor cache (--cache, exported as ACT_COMPILE_CACHE and TORCHINDUCTOR_CACHE_DIR),
+which the run packs into $OUT; carried to the next session's machine, it spares that session the code
+generation of every graph that did not change (the tracing still runs). Here, after a run:
+
+    mkdir -p .compile_cache && cp <files_at>/compile_cache.tar.gz.* .compile_cache/   # replaces the last
+    grep -qx '/.compile_cache/' .git/info/exclude || echo '/.compile_cache/' >> .git/info/exclude
+
+and carry [".whl", ".compile_cache"]: device_check.py unpacks the parts it finds there before its steps.
 
 On the device machine, after benchmarks/device_wheels.sh made .whl here (what its image lacks):
 
@@ -46,6 +58,8 @@ MEMORY = "model.r1_interval=2"  # R1 at k = 2: the measured iterations include t
 LEVERS = ["classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"]  # not measured yet
 QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0"]
 MAX_FILE = 15 * 2**20  # the device tool returns files of up to 16 MiB
+CACHE_PARTS = 3  # of the tool's eight files, what the five others leave (64 MiB in all)
+CACHE_NAME = "compile_cache.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -220,10 +234,58 @@ def steps() -> list[Step]:
     ]
 
 
-def run_step(step: Step, work: Path, seconds: float) -> dict:
-    """Runs `step` in `work` for at most `seconds`; its output goes to work/<name>.log."""
+def pack_cache(cache: Path, out: Path, part_size: int = MAX_FILE, parts: int = CACHE_PARTS) -> str:
+    """`cache` as out/compile_cache.tar.gz.0, .1, ... of at most `part_size` bytes each, if `parts` of them
+    hold it; else none. Says what it did."""
+    if not cache.is_dir() or not any(cache.iterdir()):
+        return "compile cache: empty, not packed"
+    whole = cache.parent / f"{cache.name}.packed.tar.gz"  # beside it: nothing half-written in `out`
+    with tarfile.open(whole, "w:gz", compresslevel=3) as tar:  # fast: it runs inside the call's limit
+        tar.add(cache, arcname=".")
+    size = whole.stat().st_size
+    needed = -(-size // part_size)
+    if needed > parts:
+        whole.unlink()
+        mib = f"{size / 2**20:.1f} MiB packed, over {parts} parts of {part_size / 2**20:.0f} MiB"
+        return f"compile cache: {mib}: not kept"
+    with open(whole, "rb") as f:
+        for i in range(needed):
+            (out / f"{CACHE_NAME}.{i}").write_bytes(f.read(part_size))
+    whole.unlink()
+    return f"compile cache: {size / 2**20:.1f} MiB in {needed} part(s), {CACHE_NAME}.0..{needed - 1}"
+
+
+def unpack_cache(carried: Path, cache: Path) -> str:
+    """The parts of a packed cache in `carried` (an earlier run's), unpacked into `cache`. Says what it
+    did. The archive is this script's own; extracted with tarfile's data filter all the same (no links out
+    of the folder, no devices, no permissions beyond the user's)."""
+    numbered = {p.suffix[1:]: p for p in carried.glob(f"{CACHE_NAME}.*")}
+    if not numbered:
+        return "compile cache: none carried (cold compiles)"
+    parts = [numbered.get(str(i)) for i in range(len(numbered))]
+    if None in parts:
+        return f"compile cache: parts {sorted(numbered)} are not 0..{len(numbered) - 1}: not used"
+    cache.mkdir(parents=True, exist_ok=True)
+    joined = cache.parent / f"{cache.name}.carried.tar.gz"
+    with open(joined, "wb") as f:
+        for part in parts:
+            f.write(part.read_bytes())
+    try:
+        with tarfile.open(joined) as tar:
+            tar.extractall(cache, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return f"compile cache: the carried parts did not unpack ({err}): cold compiles"
+    finally:
+        joined.unlink()
+    return f"compile cache: unpacked {len(parts)} carried part(s) into {cache}"
+
+
+def run_step(step: Step, work: Path, seconds: float, cache: Path | None = None) -> dict:
+    """Runs `step` in `work` for at most `seconds`; its output goes to work/<name>.log. With `cache`, every
+    compile of the step keeps its graphs and kernels there."""
     env = {
         **os.environ,
+        **({"ACT_COMPILE_CACHE": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(cache)} if cache else {}),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",
@@ -258,7 +320,7 @@ def run_step(step: Step, work: Path, seconds: float) -> dict:
     return outcome
 
 
-def run_all(plan: list[Step], work: Path, budget: float) -> list[dict]:
+def run_all(plan: list[Step], work: Path, budget: float, cache: Path | None = None) -> list[dict]:
     deadline = time.monotonic() + budget
     outcomes = []
     for step in plan:
@@ -274,7 +336,7 @@ def run_all(plan: list[Step], work: Path, budget: float) -> list[dict]:
             outcomes.append({"name": step.name, "status": f"skipped ({left:.0f} s left, needs {step.needs})"})
             continue
         print(f"{step.name} (at most {min(step.timeout, left):.0f} s) ...", flush=True)
-        outcomes.append(run_step(step, work, min(step.timeout, left)))
+        outcomes.append(run_step(step, work, min(step.timeout, left), cache))
         print(f"  {outcomes[-1]['status']} in {outcomes[-1]['seconds']} s", flush=True)
     return outcomes
 
@@ -340,8 +402,9 @@ def bench_lines(bench: dict) -> list[str]:
     return lines
 
 
-def summary_markdown(outcomes: list[dict], machine: str) -> str:
-    lines = ["# Device check (issue 21)", "", machine, "", "| step | status | seconds |", "|---|---|---|"]
+def summary_markdown(outcomes: list[dict], machine: str, notes: list[str] = ()) -> str:
+    lines = ["# Device check (issue 21)", "", machine, *[f"\n{n}" for n in notes], ""]
+    lines += ["| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {o['name']} | {o['status']} | {o.get('seconds', '-')} |" for o in outcomes]
     for o in outcomes:
         if "result" not in o:
@@ -367,11 +430,12 @@ def tail(path: Path, limit: int = 60_000) -> str:
     return text if len(text) <= limit else f"[... {len(text) - limit} characters]\n" + text[-limit:]
 
 
-def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str) -> None:
+def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str, notes: list[str] = ()) -> None:
     """summary.md, summary.json, profile.md, logs.txt and traces.tar (each under the tool's 16 MiB)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(summary_markdown(outcomes, machine))
-    (out / "summary.json").write_text(json.dumps({"machine": machine, "steps": outcomes}, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(outcomes, machine, notes))
+    summary = {"machine": machine, "notes": list(notes), "steps": outcomes}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logs = [f"===== {o['name']}: {o['status']}\n{tail(work / (o['name'] + '.log'))}" for o in outcomes]
     (out / "logs.txt").write_text("\n".join(logs)[-MAX_FILE:])
     names = ("profile", "profile_compiled", "profile_cuda_graphs_flex", "profile_cuda_graphs_classic")
@@ -400,6 +464,18 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=Path("/tmp/act_device_check"), help="the steps' own outputs"
     )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("/tmp/act_compile_cache"),
+        help="inductor's cache for every step; packed into --out at the end",
+    )
+    parser.add_argument(
+        "--carried",
+        type=Path,
+        default=ROOT / ".compile_cache",
+        help="where an earlier run's packed cache (compile_cache.tar.gz.N) was carried to",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="these steps alone, in this order")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and exit")
     args = parser.parse_args()
@@ -413,9 +489,13 @@ def main() -> None:
             print(f"{s.name}\t{s.timeout}\t{s.needs}\t{shlex.join(s.argv)}")
         return
     args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{os.uname().nodename}; {time.strftime('%Y-%m-%d %H:%M')}; budget {args.budget:.0f} s"
-    outcomes = run_all(plan, args.work, args.budget)
-    write_outputs(outcomes, args.work, args.out, machine)
+    notes = [unpack_cache(args.carried, args.cache)]
+    print(notes[0], flush=True)
+    outcomes = run_all(plan, args.work, args.budget, args.cache)
+    notes.append(pack_cache(args.cache, args.out))
+    write_outputs(outcomes, args.work, args.out, machine, notes)
     print((args.out / "summary.md").read_text())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -420,8 +421,10 @@ def test_device_check_runs_a_profile_after_its_benchmark_passed_and_a_fallback_o
         check.Step("b_profile", ok, 10, 0, after="b"),
         check.Step("c", ok, 10, 0, unless="b"),
         check.Step("d", ok, 10, 0, after="elsewhere", unless="elsewhere"),  # another call's step: runs
+        check.Step("e", ["bash", "-c", 'echo "$ACT_COMPILE_CACHE $TORCHINDUCTOR_CACHE_DIR" > e.txt'], 10, 0),
     ]
-    statuses = {o["name"]: o["status"] for o in check.run_all(plan, tmp_path, budget=60)}
+    outcomes = check.run_all(plan, tmp_path, budget=60, cache=tmp_path / "cache")
+    statuses = {o["name"]: o["status"] for o in outcomes}
     assert statuses == {
         "a": "failed",
         "a_profile": "skipped (a did not pass)",
@@ -429,7 +432,36 @@ def test_device_check_runs_a_profile_after_its_benchmark_passed_and_a_fallback_o
         "b_profile": "ok",
         "c": "skipped (b passed)",
         "d": "ok",
+        "e": "ok",
     }
+    cache = str(tmp_path / "cache")  # every step compiles into the one cache that the run packs
+    assert (tmp_path / "e.txt").read_text().split() == [cache, cache]
+
+
+def test_device_check_packs_the_compile_cache_into_parts_that_the_next_run_unpacks(tmp_path):
+    check = _load_benchmark("device_check")
+    cache, out, carried = tmp_path / "cache", tmp_path / "out", tmp_path / "carried"
+    files = {"fxgraph/ab/entry": os.urandom(3000), "triton/0/XY/kernel.cubin": os.urandom(2500), "top": b"1"}
+    for name, data in files.items():
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).write_bytes(data)
+    out.mkdir()
+    assert "not kept" in check.pack_cache(cache, out, part_size=1000, parts=3)  # random bytes: ~6 kB
+    assert list(out.iterdir()) == [] and not list(tmp_path.glob("*.tar.gz"))
+    said = check.pack_cache(cache, out, part_size=2000, parts=4)
+    parts = sorted(out.iterdir())
+    assert [p.name for p in parts] == [f"compile_cache.tar.gz.{i}" for i in range(4)], said
+    assert all(p.stat().st_size <= 2000 for p in parts) and "4 part(s)" in said
+    carried.mkdir()
+    for part in parts:
+        (carried / part.name).write_bytes(part.read_bytes())
+    fresh = tmp_path / "fresh"
+    assert "unpacked 4 carried part(s)" in check.unpack_cache(carried, fresh)
+    assert {str(p.relative_to(fresh)): p.read_bytes() for p in fresh.rglob("*") if p.is_file()} == files
+    (carried / "compile_cache.tar.gz.2").unlink()
+    assert "not used" in check.unpack_cache(carried, tmp_path / "other")
+    assert "none carried" in check.unpack_cache(tmp_path / "nothing", tmp_path / "other")
+    assert "empty" in check.pack_cache(tmp_path / "nothing", out)
 
 
 def test_device_check_summary_shows_each_variants_unprofiled_speed():
