@@ -110,7 +110,11 @@ def fid_step(num_samples: int = 50_000, train_extra: str = "", eval_extra: str =
 
 
 def compile_step(
-    name: str, lever: str, timeout: int = 420, needs: int = 130, unless: str | None = None
+    name: str,
+    lever: str | list[str],
+    timeout: int = 420,
+    needs: int = 130,
+    unless: str | None = None,
 ) -> Step:
     """The defaults against the defaults with `lever` (compile, cuda_graphs, ..., bench_train.py's
     COMPILED) in one process, each in a process of its own: on the H200 of 2026-12-04 building and
@@ -118,7 +122,8 @@ def compile_step(
     inductor's cache warm from an earlier step of the same graphs; `unless`: Step.unless."""
     py = sys.executable
     argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
-    argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "15", "--warmup", "10"]
+    levers = [lever] if isinstance(lever, str) else lever
+    argv += ["--no-baseline", "--no-bf16", "--levers", *levers, "--iterations", "15", "--warmup", "10"]
     argv += [*QUICK, "--output", f"{name}.json"]
     return Step(name, argv, timeout, needs, f"{name}.json", unless=unless)
 
@@ -152,7 +157,11 @@ def steps() -> list[Step]:
     # measured already.
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
-        compile_step("bench_cuda_graphs_flex", "cuda_graphs_flex", timeout=500, needs=150),
+        # cuDNN's autotuning too, eager, first: about 30 s beside the compile (trainer.benchmark, off
+        # in trainer=default, on in trainer=gpu and ddp; never measured)
+        compile_step(
+            "bench_cuda_graphs_flex", ["cudnn_benchmark", "cuda_graphs_flex"], timeout=500, needs=150
+        ),
         Step(
             "profile_cuda_graphs_flex",
             [*profile, "--out", "profile_cuda_graphs_flex", *cuda_graphs, flex],

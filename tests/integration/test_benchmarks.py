@@ -288,8 +288,9 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     assert [s.name for s in plan][:4] == first
     by_name = {s.name: s for s in plan}
     for kind in ("flex", "classic"):
-        lever = by_name[f"bench_cuda_graphs_{kind}"].argv
-        assert lever[lever.index("--levers") + 1] == f"cuda_graphs_{kind}"
+        argv = by_name[f"bench_cuda_graphs_{kind}"].argv
+        levers = argv[argv.index("--levers") + 1 : argv.index("--iterations")]
+        assert levers[-1] == f"cuda_graphs_{kind}"
         assert by_name[f"profile_cuda_graphs_{kind}"].after == f"bench_cuda_graphs_{kind}"
     assert by_name["bench_cuda_graphs_classic"].unless == "bench_cuda_graphs_flex"  # its fallback
     assert len({s.name for s in plan}) == len(plan)
@@ -409,6 +410,17 @@ def test_profile_averages_each_family_over_the_runs_counting_a_missing_one_as_ze
     assert list(mean) == ["b", "a"]  # most time first
     assert mean["b"] == {"ms": 4.0, "count": 0.5, "share": 4 / 7}
     assert mean["a"] == {"ms": 3.0, "count": 2.0, "share": 3 / 7}
+
+
+def test_bench_train_measures_gpu_only_levers_on_a_gpu_alone():
+    bench = _load_benchmark("bench_train")
+    levers = ["--levers", "cudnn_benchmark", "cuda_graphs_flex", "classic_attention"]
+    args = bench.build_parser().parse_args(["--options", "--no-baseline", "--no-bf16", *levers])
+    on_cpu = bench.variants_to_run(False, args, ablate=True)
+    on_gpu = bench.variants_to_run(True, args, ablate=True)
+    assert set(on_cpu) == {"fast", "fast+classic_attention"}  # no cuDNN, and no compile without --compile
+    assert set(on_gpu) == {"fast", "fast+cudnn_benchmark", "fast+cuda_graphs_flex", "fast+classic_attention"}
+    assert "trainer.benchmark=true" in on_gpu["fast+cudnn_benchmark"]
 
 
 def test_device_check_runs_a_profile_after_its_benchmark_passed_and_a_fallback_only_if_it_failed(tmp_path):
