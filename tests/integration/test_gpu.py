@@ -166,8 +166,10 @@ def test_inductor_compiled_training_matches_eager(tmp_path, mode, attention):
 
 
 @pytest.mark.parametrize("tf32", [False, True])
-def test_flex_attention_compiled_for_cuda_matches_the_fused_kernel(tf32):
-    # The CIFAR-10 networks' heads: 8 channels (padded to 16 for the kernel), 256 positions; forward and
+@pytest.mark.parametrize(("heads", "positions"), [(16, 256), (32, 16)])
+def test_flex_attention_compiled_for_cuda_matches_the_fused_kernel(tf32, heads, positions):
+    # The CIFAR-10 networks' heads: 8 channels (padded to 16 for the kernel), at 16 x 16 (256 positions)
+    # and in the middle blocks at 4 x 4 (16 positions, less than one of the kernel's blocks); forward and
     # backward against F.scaled_dot_product_attention in float32. With TF32 matmuls on (the experiments'
     # tf32=true) the generated kernel's dot products run in TF32: a TF32 tolerance.
     import torch.nn.functional as F
@@ -176,8 +178,9 @@ def test_flex_attention_compiled_for_cuda_matches_the_fused_kernel(tf32):
 
     torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(8, 16, 256, 8, device="cuda", generator=g, requires_grad=True) for _ in range(3))
-    upstream = torch.randn(8, 16, 256, 8, device="cuda", generator=g)
+    shape = (8, heads, positions, 8)
+    q, k, v = (torch.randn(shape, device="cuda", generator=g, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(shape, device="cuda", generator=g)
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
