@@ -147,31 +147,33 @@ def steps() -> list[Step]:
     cuda_graphs = [*compiled, "model.speed.compile_mode=reduce-overhead"]
     # Order (after the third H200 session of 2026-12-04, benchmarks/results/h200_2026-12-04c.md): the
     # compiled iteration ran 4.25 it/s with 125 ms of kernels per 235 ms iteration (the host launching
-    # them is the bound) and float32 fused attention 37 ms of those kernels. So first the candidate for
-    # 10 it/s, CUDA graphs with flex_attention's generated flash kernel (TF32, no score matrix in memory),
-    # against the defaults in one process: one cold compile, 500 s; then its profile (warm: the same
-    # graphs). Only if it fails, the same with classic attention (TF32 bmm, softmax fused by inductor, the
-    # score matrices written). Then the eager steps (ImageNet 64 in one pass on 141 GB, the eager profile
-    # beside the compiled ones), then what needs a cold compile of its own (inductor's cache of one mode
-    # did not shorten the other's compile: a mode, or another attention, is other graphs), then what was
-    # measured already.
+    # them is the bound), float32 fused attention 37 ms of those kernels, and the R1 iteration (one in 16)
+    # ran D eagerly with 6,700 more launches. So first the candidate for 10 it/s against the defaults in
+    # one process: CUDA graphs, flex_attention's generated flash kernel (TF32, no score matrix in memory)
+    # and the R1 pass compiled, with cuDNN's autotuner (eager) beside it: one cold compile, 500 s. Then its
+    # profile (warm: the same graphs), then the same without compile_r1 (warm but for the R1 graph: what
+    # that lever buys). Only if the candidate fails, CUDA graphs with classic attention (TF32 bmm, softmax
+    # fused by inductor, the score matrices written). Then the eager steps (ImageNet 64 in one pass on 141
+    # GB, the eager profile beside the compiled ones), then what needs a cold compile of its own
+    # (inductor's cache of one mode did not shorten the other's compile: a mode, or another attention, is
+    # other graphs), then what was measured already.
+    candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true"]
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
-        # cuDNN's autotuning too, eager, first: about 30 s beside the compile (trainer.benchmark, off
-        # in trainer=default, on in trainer=gpu and ddp; never measured)
         compile_step(
-            "bench_cuda_graphs_flex", ["cudnn_benchmark", "cuda_graphs_flex"], timeout=500, needs=150
+            "bench_cuda_graphs_flex_r1", ["cudnn_benchmark", "cuda_graphs_flex_r1"], timeout=500, needs=150
         ),
         Step(
-            "profile_cuda_graphs_flex",
-            [*profile, "--out", "profile_cuda_graphs_flex", *cuda_graphs, flex],
+            "profile_cuda_graphs_flex_r1",
+            [*profile, "--out", "profile_cuda_graphs_flex_r1", *candidate],
             300,
             120,
-            "profile_cuda_graphs_flex/profile.json",
-            after="bench_cuda_graphs_flex",
+            "profile_cuda_graphs_flex_r1/profile.json",
+            after="bench_cuda_graphs_flex_r1",
         ),
+        compile_step("bench_cuda_graphs_flex", "cuda_graphs_flex", 300, 150),
         compile_step(
-            "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex"
+            "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex_r1"
         ),
         Step(
             "profile_cuda_graphs_classic",
@@ -447,7 +449,7 @@ def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str, not
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logs = [f"===== {o['name']}: {o['status']}\n{tail(work / (o['name'] + '.log'))}" for o in outcomes]
     (out / "logs.txt").write_text("\n".join(logs)[-MAX_FILE:])
-    names = ("profile", "profile_compiled", "profile_cuda_graphs_flex", "profile_cuda_graphs_classic")
+    names = ("profile", "profile_compiled", "profile_cuda_graphs_flex_r1", "profile_cuda_graphs_classic")
     profiles = [work / d / "profile.md" for d in names]
     (out / "profile.md").write_text(
         "\n".join(p.read_text() for p in profiles if p.is_file()) or "(no profile)\n"

@@ -382,6 +382,54 @@ def discriminator_losses(
     )
 
 
+R1Pass = Callable[
+    ..., tuple[Tensor, Tensor, Tensor]
+]  # (fake, t_fake, y_fake, real, t_real, y_real) -> logits, grad
+
+
+def logits_and_r1_gradient(
+    critic: Network,
+    fake: Tensor,
+    t_fake: Tensor,
+    fake_labels: Tensor | None,
+    real: Tensor,
+    t_real: Tensor,
+    real_labels: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """D's logits of the fake half and of the real half, and the gradient of the real logits' sum with
+    respect to the real images (what R1 penalises), itself differentiable (`create_graph`): R1's gradient
+    in D's parameters differentiates D twice. The real pass runs in float32 with autocast off."""
+    fake_logits = critic(fake, t_fake, fake_labels).float()
+    real = real.float().requires_grad_(True)
+    with torch.autocast(real.device.type, enabled=False):
+        real_logits = critic(real, t_real, real_labels).float()
+        (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)  # double backward
+    return fake_logits, real_logits, grad
+
+
+def logits_and_r1_gradient_traceable(
+    critic: Network,
+    fake: Tensor,
+    t_fake: Tensor,
+    fake_labels: Tensor | None,
+    real: Tensor,
+    t_real: Tensor,
+    real_labels: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`logits_and_r1_gradient` through `torch.func.grad`, which torch.compile traces into one graph
+    (model.speed.compile_r1): the input gradient becomes part of that graph's forward, and its derivative
+    in D's parameters part of the graph's ordinary backward. The same operations, so the same numbers."""
+
+    def real_sum(x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = critic(x, t_real, real_labels).float()
+        return logits.sum(), logits
+
+    fake_logits = critic(fake, t_fake, fake_labels).float()
+    with torch.autocast(real.device.type, enabled=False):
+        grad, real_logits = torch.func.grad(real_sum, has_aux=True)(real.float())
+    return fake_logits, real_logits, grad
+
+
 def discriminator_losses_at(
     fake_x: Tensor,
     fake_labels: Tensor | None,
@@ -399,23 +447,23 @@ def discriminator_losses_at(
     with_r1: bool,
     joint: bool = True,
     num_scales: int | None = None,
+    r1_pass: R1Pass | None = None,
 ) -> DiscriminatorLosses:
     """The discriminator's update: fakes are one-step predictions of the online network from the images
     `fake_x` noised to the levels t_fake (B/2,); reals are `real_x` seen at t_real. With `with_r1`
     the lazy R1 penalty is computed with respect to the augmented real images, in float32 with autocast
     off, so that fp16 loss scaling can neither overflow nor corrupt it. `joint`: D sees both halves in
-    one pass when there is no R1 pass (False: two passes, as the reference does)."""
+    one pass when there is no R1 pass (False: two passes, as the reference does). `r1_pass` computes the
+    R1 iteration's logits and input gradient: `logits_and_r1_gradient` with `critic` unless given (a
+    compiled `logits_and_r1_gradient_traceable`)."""
     with torch.no_grad():
         fake = online(fake_x + append_dims(t_fake, fake_x.ndim) * fake_noise, t_fake, fake_labels)
     fake = augment(fake)
     w_real = schedule.weight(t_real, num_scales)
     real = augment(real_x).detach()
     if with_r1:
-        fake_logits = critic(fake, t_fake, fake_labels).float()
-        real = real.float().requires_grad_(True)
-        with torch.autocast(real.device.type, enabled=False):
-            real_logits = critic(real, t_real, real_labels).float()
-            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)  # double backward
+        r1_pass = r1_pass or partial(logits_and_r1_gradient, critic)
+        fake_logits, real_logits, grad = r1_pass(fake, t_fake, fake_labels, real, t_real, real_labels)
         r1 = (r1_gamma / 2) * w_real * grad.square().flatten(1).sum(1)
     elif not joint:
         fake_logits = critic(fake, t_fake, fake_labels).float()

@@ -38,7 +38,14 @@ from act_lightning.iteration import (
     grid_levels,
     split_micro,
 )
-from act_lightning.losses import build_distance, denoising_losses, discriminator_losses_at, pair_losses
+from act_lightning.losses import (
+    R1Pass,
+    build_distance,
+    denoising_losses,
+    discriminator_losses_at,
+    logits_and_r1_gradient_traceable,
+    pair_losses,
+)
 from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
 from act_lightning.samplers import heun, multistep
@@ -166,6 +173,18 @@ def identity(images: Tensor) -> Tensor:
     return images
 
 
+class Critic:
+    """D(x, c_noise(sigma), y) -> (B,) logits of one network (D, or its DDP wrapper): D sees the same noise
+    conditioning as the generator. A plain callable, not a module of the state dict: the compiled R1 pass
+    is bound to one such object, which keeps its graph's guards from call to call."""
+
+    def __init__(self, net: nn.Module, c_noise: str) -> None:
+        self.net, self.c_noise = net, c_noise
+
+    def __call__(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        return self.net(x, noise_conditioning(sigma, self.c_noise), labels)
+
+
 def _options(value, cls):
     """A dataclass of options, from itself (Hydra builds it) or from its keys."""
     return value if isinstance(value, cls) else cls(**(value or {}))
@@ -258,6 +277,7 @@ class ACTModule(L.LightningModule):
         self._ddp = PerNetworkDDP()
         self._aug_idle = False  # p known to be exactly 0 on the host: augmentation skipped (an exact no-op)
         self._aug_read = DeferredRead()
+        self._compiled_r1: R1Pass | None = None  # model.speed.compile_r1: built at the first R1 pass
 
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
     def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
@@ -271,10 +291,6 @@ class ACTModule(L.LightningModule):
             "c_noise_kind": h.c_noise,
         }
         return consistency_function(net, x, sigma, labels, **precond)
-
-    def critic(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-        """D(x, c_noise(sigma), y) -> (B,): D sees the same noise conditioning as the generator."""
-        return net(x, noise_conditioning(sigma, self.hparams.c_noise), labels)
 
     def teacher(self) -> nn.Module:
         """theta^- of the consistency loss: the generator itself (teacher=online, run without gradient),
@@ -355,7 +371,7 @@ class ACTModule(L.LightningModule):
         critic = None
         if self.discriminator is not None:
             self.toggle_optimizer(opt)  # D's parameters take no gradient from the generator's loss
-            critic = lambda x, s, y: self.critic(self.discriminator, x, s, y)  # noqa: E731
+            critic = Critic(self.discriminator, self.hparams.c_noise)
         opt.zero_grad(set_to_none=True)
         sums = torch.zeros(3, device=self.device)  # L_G, L_ct, L_adv summed over examples
         loss_bad = torch.zeros(2, dtype=torch.bool, device=self.device)
@@ -428,11 +444,12 @@ class ACTModule(L.LightningModule):
                         num_scales=draws.num_scales,
                         schedule=self.schedule,
                         online=lambda x, s, y: self.denoise(self.generator, x, s, y),
-                        critic=lambda x, s, y: self.critic(critic, x, s, y),
+                        critic=Critic(critic, h.c_noise),
                         augment=draws.augment,
                         r1_gamma=h.r1_gamma,
                         with_r1=with_r1,
                         joint=self.speed.joint_d_pass,
+                        r1_pass=self._r1_pass() if with_r1 else None,
                     )
                     objective = losses.objective(self.schedule.gan_ratio)
                     self.manual_backward(objective.sum() / n_half)
@@ -450,6 +467,18 @@ class ACTModule(L.LightningModule):
             logs["train/r1"] = means[3]
         bad = dict(zip(("train/loss_fake", "train/loss_real", "train/r1"), loss_bad))
         return logs, {**bad, "discriminator gradients": grads_bad}
+
+    def _r1_pass(self) -> R1Pass | None:
+        """The R1 iteration's D passes and input gradient as one compiled graph (model.speed.compile_r1; D
+        itself runs uncompiled and classic then, inside this graph), or None: eagerly. On several devices
+        eagerly too: D runs in its DDP wrapper there, whose gradient hooks are not traced into the graph."""
+        if not self.speed.compile_r1 or self.trainer.world_size > 1:
+            return None
+        if self._compiled_r1 is None:
+            critic = Critic(self.discriminator, self.hparams.c_noise)
+            traceable = partial(logits_and_r1_gradient_traceable, critic)
+            self._compiled_r1 = torch.compile(traceable, **self.speed.compile_options())
+        return self._compiled_r1
 
     def _diffusion_step(self, draws: Draws, opt: torch.optim.Optimizer) -> tuple[Logs, Bad]:
         """EDM's denoising loss (`losses.denoising_losses`) on the generator half, accumulated over the

@@ -25,6 +25,7 @@ class SpeedOptions:
     compile_mode: str | None = None  # inductor's mode; reduce-overhead: CUDA graphs of the compiled graphs
     fast_attention: bool = True  # fused attention kernel (classic in D's R1 pass); false: classic everywhere
     flex_attention: bool = False  # with compile, on a GPU: attention in the graphs as flex_attention's kernel
+    compile_r1: bool = False  # with compile, on one device: the R1 pass one more compiled graph (not eager)
     foreach_ema: bool = True  # the target EMA in one fused op over all tensors (false: a Python loop)
     joint_d_pass: bool = True  # D sees the fake and the real half in one pass (two on R1 iterations)
     lazy_augment: bool = True  # skip the augmentation pipeline while p == 0 (an exact no-op then)
@@ -53,6 +54,11 @@ class SpeedOptions:
             raise ValueError(
                 "model.speed.flex_attention replaces the attention kernel inside compiled graphs: it needs "
                 "model.speed.compile=true (eager, flex_attention would write every score matrix)"
+            )
+        if self.compile_r1 and not self.compile:
+            raise ValueError(
+                "model.speed.compile_r1 compiles the R1 pass as the other passes are: it needs "
+                "model.speed.compile=true"
             )
         if self.flex_attention and not self.fast_attention:
             raise ValueError(
@@ -94,12 +100,16 @@ class SpeedOptions:
             unet.enable_gradient_checkpointing(recompute)  # active only where gradients are taken
         if hasattr(distance, "checkpointing"):  # LPIPS
             distance.checkpointing, distance.bf16 = self.lpips_checkpointing, self.bf16_lpips
-        if self.compile:  # in place, so state-dict keys stay as they are; a string names the backend
-            backend = "inductor" if self.compile is True else str(self.compile)
-            # Static shapes: each network sees two or three batch sizes (one static graph each), never a
-            # symbolic one; CUDA graphs (compile_mode=reduce-overhead) record static shapes only.
+        if self.compile:  # in place, so state-dict keys stay as they are
             for net in nets:
-                net.compile(backend=backend, mode=self.compile_mode, dynamic=False)
+                net.compile(**self.compile_options())
+
+    def compile_options(self) -> dict:
+        """torch.compile's arguments: the backend (a string names one), the mode, static shapes (each
+        network sees two or three batch sizes, one static graph each, never a symbolic one; CUDA graphs,
+        compile_mode=reduce-overhead, record static shapes only)."""
+        backend = "inductor" if self.compile is True else str(self.compile)
+        return {"backend": backend, "mode": self.compile_mode, "dynamic": False}
 
     def begin_step(self) -> None:
         """At the start of each training iteration. With CUDA graphs (compile_mode=reduce-overhead) the

@@ -284,20 +284,23 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "bench_cuda_graphs_flex", "profile_cuda_graphs_flex", "bench_cuda_graphs_classic"]
-    assert [s.name for s in plan][:4] == first
+    first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cuda_graphs_flex"]
+    assert [s.name for s in plan][:5] == [*first, "bench_cuda_graphs_classic"]
     by_name = {s.name: s for s in plan}
-    for kind in ("flex", "classic"):
+    for kind in ("flex_r1", "flex", "classic"):
         argv = by_name[f"bench_cuda_graphs_{kind}"].argv
         levers = argv[argv.index("--levers") + 1 : argv.index("--iterations")]
         assert levers[-1] == f"cuda_graphs_{kind}"
-        assert by_name[f"profile_cuda_graphs_{kind}"].after == f"bench_cuda_graphs_{kind}"
-    assert by_name["bench_cuda_graphs_classic"].unless == "bench_cuda_graphs_flex"  # its fallback
+        if kind != "flex":
+            assert by_name[f"profile_cuda_graphs_{kind}"].after == f"bench_cuda_graphs_{kind}"
+    assert by_name["bench_cuda_graphs_classic"].unless == "bench_cuda_graphs_flex_r1"  # its fallback
+    profiled = by_name["profile_cuda_graphs_flex_r1"].argv  # the candidate that bench measured
+    assert {"model.speed.flex_attention=true", "model.speed.compile_r1=true"} <= set(profiled)
     assert len({s.name for s in plan}) == len(plan)
     levers = next(s for s in plan if s.name == "bench_levers").argv
     assert {"classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"} <= set(levers)
     # each times its iterations unprofiled first
-    for name in ("profile", "profile_compiled", "profile_cuda_graphs_flex", "profile_cuda_graphs_classic"):
+    for name in ("profile", "profile_compiled", "profile_cuda_graphs_flex_r1", "profile_cuda_graphs_classic"):
         argv = next(s for s in plan if s.name == name).argv
         assert argv[argv.index("--timed") + 1] == "16"
     parsed = 0

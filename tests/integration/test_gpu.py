@@ -152,11 +152,12 @@ def test_an_iteration_runs_without_host_synchronisation(tmp_path):
 def test_inductor_compiled_training_matches_eager(tmp_path, mode, attention):
     # The R1 pass (k = 0, 2) runs D eagerly; everything else runs inductor's kernels (CUDA graphs too);
     # classic: diffusers' classic attention everywhere (bench_train's cuda_graphs_classic), both runs;
-    # flex: the compiled graphs attend with flex_attention's generated kernel, the eager run fused.
+    # flex: the compiled graphs attend with flex_attention's generated kernel, the eager run fused, and
+    # the R1 pass is a compiled graph too (compile_r1): bench_train's cuda_graphs_flex_r1.
     compiled, eager = _Losses(), _Losses()
     same = ["iterations=4", *(["model.speed.fast_attention=false"] if attention == "classic" else [])]
     on = ["model.speed.compile=true", f"model.speed.compile_mode={mode}"]
-    on += ["model.speed.flex_attention=true"] if attention == "flex" else []
+    on += ["model.speed.flex_attention=true", "model.speed.compile_r1=true"] if attention == "flex" else []
     model = _fit_on_gpu(tmp_path / "compiled", [*same, *on], [compiled])
     assert model.generator._compiled_call_impl is not None
     _fit_on_gpu(tmp_path / "eager", same, [eager])

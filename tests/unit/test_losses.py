@@ -291,6 +291,33 @@ def test_r1_penalty_matches_finite_differences():
         assert out.r1[b].item() == pytest.approx(grad.square().sum().item(), rel=1e-4)  # gamma / 2 = 1
 
 
+def test_the_traceable_r1_pass_computes_what_the_double_backward_computes(cfg_factory):
+    # The smoke discriminator (group norm, classic attention, SiLU, convolutions) in its R1 mode: logits,
+    # the input gradient, and what the penalty's backward puts in D's parameters, with both ways.
+    from hydra.utils import instantiate
+
+    from act_lightning.module import Critic
+
+    torch.manual_seed(0)
+    disc = instantiate(cfg_factory(["debug=smoke", "data=synthetic"]).model).discriminator
+    critic = Critic(disc, "identity")
+    g = torch.Generator().manual_seed(1)
+    fake, real = (torch.randn(3, 1, 8, 8, generator=g) for _ in range(2))  # digits
+    t_fake, t_real = torch.tensor([0.5, 2.0, 40.0]), torch.tensor([0.1, 1.0, 10.0])
+    results = []
+    for r1_pass in (losses.logits_and_r1_gradient, losses.logits_and_r1_gradient_traceable):
+        disc.zero_grad()
+        with disc.double_backward_safe():
+            fake_logits, real_logits, grad = r1_pass(critic, fake, t_fake, None, real, t_real, None)
+        (fake_logits.sum() + real_logits.sum() + grad.square().sum()).backward()
+        weights = torch.cat([p.grad.flatten() for p in disc.parameters() if p.requires_grad])
+        results.append((fake_logits, real_logits, grad, weights))
+    assert disc._attention  # the classic attention's double backward is in it
+    # float rounding apart (torch.func orders some sums otherwise: about 2e-6 of each norm)
+    for a, b in zip(*results, strict=True):
+        assert a.norm() > 0 and (a - b).norm() <= 1e-5 * a.norm()
+
+
 @pytest.mark.parametrize("size", [32, 224, 256])
 def test_lpips_always_sees_224_pixels_as_the_reference(size):
     distance = losses.LPIPSDistance(pretrained_backbone=False)

@@ -150,21 +150,36 @@ def test_compile_cache_is_where_inductor_keeps_its_graphs_and_kernels(tmp_path, 
     torch.backends.cuda.matmul.allow_tf32 = False  # as the other tests expect it
 
 
+GRAPH_SOURCES: list[str] = []  # the stack traces in each graph that `act_test_graphs` was given
+
+
+@torch._dynamo.register_backend(name="act_test_graphs")
+def _graphs_backend(gm, example_inputs):
+    """aot_eager, keeping where each graph's operations come from."""
+    GRAPH_SOURCES.append("\n".join(node.meta.get("stack_trace") or "" for node in gm.graph.nodes))
+    return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
 @pytest.mark.slow
 def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
     # AOTAutograd's graphs (forward and backward) with eager kernels: inductor's code generation takes
     # minutes on the CPU. Through manual optimisation, both updates, LPIPS, and the R1 pass at k = 0 and
-    # 2, which runs D uncompiled (it differentiates D twice). No graph breaks (docs/performance.md).
+    # 2 (compile_r1: D's two passes and its input gradient one more graph, D uncompiled and classic in it).
+    # No graph breaks (docs/performance.md). Compiled networks with an eager R1 pass: test_attention.py.
     from torch._dynamo.utils import counters
 
     overrides = [*SMALL, "iterations=3", "model.r1_interval=2", *LPIPS, "data.batch_size=2"]
     torch._dynamo.reset()
     counters.clear()
-    compiled, compiled_rows = _run(cfg_factory([*overrides, "model.speed.compile=aot_eager"]))
+    GRAPH_SOURCES.clear()
+    compiled_run = ["model.speed.compile=act_test_graphs", "model.speed.compile_r1=true"]
+    compiled, compiled_rows = _run(cfg_factory([*overrides, *compiled_run]))
     for net in (compiled.generator, compiled.discriminator, compiled.distance):
         assert net._compiled_call_impl is not None  # D's restored after the R1 passes
-    assert counters["aot_autograd"]["ok"] >= 5 and not counters["aot_autograd"].get("not_ok")
+    assert counters["aot_autograd"]["ok"] >= 6 and not counters["aot_autograd"].get("not_ok")
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    r1_graphs = [g for g in GRAPH_SOURCES if "logits_and_r1_gradient_traceable" in g]
+    assert len(r1_graphs) == 1 and "get_attention_scores" in r1_graphs[0]  # once; classic attention
     _, eager_rows = _run(cfg_factory(overrides))
     assert len(compiled_rows) == len(eager_rows) == 3
     for a, b in zip(compiled_rows, eager_rows, strict=True):
@@ -359,3 +374,23 @@ def test_cuda_graphs_mark_each_iteration_as_a_new_step(cfg_factory, monkeypatch)
         overrides = ["iterations=3", "model.speed.compile=true", f"model.speed.compile_mode={mode}"]
         _run(cfg_factory([*SMALL, *overrides]))
         assert len(marks) == expected, mode
+
+
+def test_the_r1_pass_compiles_once_and_on_one_device_only(cfg_factory):
+    from types import SimpleNamespace
+
+    from act_lightning.speed import SpeedOptions
+
+    with pytest.raises(ValueError, match="compile_r1 compiles the R1 pass .* needs model.speed.compile=true"):
+        SpeedOptions(compile_r1=True)
+    model = instantiate(
+        cfg_factory([*SMALL, "model.speed.compile=eager", "model.speed.compile_r1=true"]).model
+    )
+    model._trainer = SimpleNamespace(world_size=2)  # D in its DDP wrapper: the R1 pass stays eager
+    assert model._r1_pass() is None
+    model._trainer = SimpleNamespace(world_size=1)
+    compiled = model._r1_pass()
+    assert compiled is not None and model._r1_pass() is compiled  # one compiled function, kept
+    plain = instantiate(cfg_factory([*SMALL, "model.speed.compile=eager"]).model)
+    plain._trainer = SimpleNamespace(world_size=1)
+    assert plain._r1_pass() is None
