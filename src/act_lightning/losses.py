@@ -382,9 +382,8 @@ def discriminator_losses(
     )
 
 
-R1Pass = Callable[
-    ..., tuple[Tensor, Tensor, Tensor]
-]  # (fake, t_fake, y_fake, real, t_real, y_real) -> logits, grad
+# (fake, t_fake, fake_labels, real, t_real, real_labels) -> (fake logits, real logits, dD(real)/d real)
+R1Pass = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 def logits_and_r1_gradient(
