@@ -150,19 +150,18 @@ def steps() -> list[Step]:
     # them is the bound), float32 fused attention 37 ms of those kernels, and the R1 iteration (one in 16)
     # ran D eagerly with 6,700 more launches. So first the candidate for 10 it/s against the defaults in
     # one process: CUDA graphs, flex_attention's generated flash kernel (TF32, no score matrix in memory)
-    # and the R1 pass compiled, with cuDNN's autotuner (eager) beside it: one cold compile, 500 s. Then its
-    # profile (warm: the same graphs), then the same without compile_r1 (warm but for the R1 graph: what
-    # that lever buys). Only if the candidate fails, CUDA graphs with classic attention (TF32 bmm, softmax
-    # fused by inductor, the score matrices written). Then the eager steps (ImageNet 64 in one pass on 141
-    # GB, the eager profile beside the compiled ones), then what needs a cold compile of its own
+    # and the R1 pass compiled: one cold compile, up to 540 s. Then its profile (warm: the same graphs),
+    # cuDNN's autotuner (eager, never measured), then the candidate without compile_r1 (warm but for the
+    # R1 graph: what that lever buys). Only if the candidate fails, CUDA graphs with classic attention
+    # (TF32 bmm, softmax fused by inductor, the score matrices written). Then the eager steps (ImageNet 64
+    # in one pass on 141 GB, the eager profile beside the compiled ones), then what needs a cold compile of
+    # its own
     # (inductor's cache of one mode did not shorten the other's compile: a mode, or another attention, is
     # other graphs), then what was measured already.
     candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true"]
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
-        compile_step(
-            "bench_cuda_graphs_flex_r1", ["cudnn_benchmark", "cuda_graphs_flex_r1"], timeout=500, needs=150
-        ),
+        compile_step("bench_cuda_graphs_flex_r1", "cuda_graphs_flex_r1", timeout=540, needs=150),
         Step(
             "profile_cuda_graphs_flex_r1",
             [*profile, "--out", "profile_cuda_graphs_flex_r1", *candidate],
@@ -170,6 +169,14 @@ def steps() -> list[Step]:
             120,
             "profile_cuda_graphs_flex_r1/profile.json",
             after="bench_cuda_graphs_flex_r1",
+        ),
+        Step(  # eager: the defaults and the defaults with cuDNN's autotuner, about a minute
+            "bench_cudnn_benchmark",
+            [*bench, "--levers", "cudnn_benchmark", "--no-baseline", "--no-bf16", "--iterations", "15"]
+            + ["--warmup", "5", *QUICK, "--output", "bench_cudnn_benchmark.json"],
+            120,
+            60,
+            "bench_cudnn_benchmark.json",
         ),
         compile_step("bench_cuda_graphs_flex", "cuda_graphs_flex", 300, 150),
         compile_step(

@@ -284,8 +284,8 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cuda_graphs_flex"]
-    assert [s.name for s in plan][:5] == [*first, "bench_cuda_graphs_classic"]
+    first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cudnn_benchmark"]
+    assert [s.name for s in plan][:6] == [*first, "bench_cuda_graphs_flex", "bench_cuda_graphs_classic"]
     by_name = {s.name: s for s in plan}
     for kind in ("flex_r1", "flex", "classic"):
         argv = by_name[f"bench_cuda_graphs_{kind}"].argv
