@@ -19,7 +19,8 @@ compile.
 Writes at most eight files into $OUT (or --out): summary.md (what each step found, in tables),
 summary.json (every step's status and results), profile.md (the profiles' top-20 tables), logs.txt (each
 step's command and the end of its output), traces.tar (Chrome traces) and up to three parts of
-compile_cache.tar.gz (inductor's cache after the steps, when it fits: see below).
+compile_cache.tar.gz (inductor's cache after the steps, or its AOTAutograd and FX graph entries alone,
+which bundle the graphs' Triton kernels, when the whole does not fit: see below).
 
 A cold compile of the CIFAR-10 networks took about five minutes on an H200, a third of a session. Every
 step compiles into one inductor cache (--cache, exported as ACT_COMPILE_CACHE and TORCHINDUCTOR_CACHE_DIR),
@@ -252,25 +253,55 @@ def steps() -> list[Step]:
     ]
 
 
+# What of inductor's cache a warm compile reads: the AOTAutograd and FX graph entries (these bundle the
+# graphs' Triton kernels) first; the rest (the generated modules, Triton's own cache) if it fits too.
+CACHE_CORE = ("aotautograd", "fxgraph")
+CACHE_SKIP = ("locks", "precompiled_headers")  # lock files; the CPU's precompiled C++ headers
+
+
+def _tar_gz(cache: Path, names: list[str], whole: Path) -> int:
+    with tarfile.open(whole, "w:gz", compresslevel=3) as tar:  # fast: it runs inside the call's limit
+        for name in names:
+            tar.add(cache / name, arcname=name)
+    return whole.stat().st_size
+
+
+def _folder_bytes(path: Path) -> int:
+    """A file's size, or the size of the files under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def pack_cache(cache: Path, out: Path, part_size: int = MAX_FILE, parts: int = CACHE_PARTS) -> str:
     """`cache` as out/compile_cache.tar.gz.0, .1, ... of at most `part_size` bytes each, if `parts` of them
-    hold it; else none. Says what it did."""
-    if not cache.is_dir() or not any(cache.iterdir()):
+    hold it: the whole cache, else its AOTAutograd and FX graph entries alone (CACHE_CORE), else nothing.
+    Says what it did."""
+    names = sorted(p.name for p in cache.iterdir() if p.name not in CACHE_SKIP) if cache.is_dir() else []
+    if not names:
         return "compile cache: empty, not packed"
+    limit = part_size * parts
     whole = cache.parent / f"{cache.name}.packed.tar.gz"  # beside it: nothing half-written in `out`
-    with tarfile.open(whole, "w:gz", compresslevel=3) as tar:  # fast: it runs inside the call's limit
-        tar.add(cache, arcname=".")
-    size = whole.stat().st_size
-    needed = -(-size // part_size)
-    if needed > parts:
+    tiers = [("whole", names), ("AOTAutograd and FX graph entries", [n for n in names if n in CACHE_CORE])]
+    said = []
+    for label, chosen in tiers:
+        raw = sum(_folder_bytes(cache / n) for n in chosen)
+        if not chosen or raw > 10 * limit:  # not worth compressing: it would not fit
+            said.append(f"{label}: {raw / 2**20:.0f} MiB unpacked, not tried")
+            continue
+        size = _tar_gz(cache, chosen, whole)
+        if size > limit:
+            said.append(f"{label}: {size / 2**20:.1f} MiB packed, over {parts} x {part_size / 2**20:.0f} MiB")
+            continue
+        needed = -(-size // part_size)
+        with open(whole, "rb") as f:
+            for i in range(needed):
+                (out / f"{CACHE_NAME}.{i}").write_bytes(f.read(part_size))
         whole.unlink()
-        mib = f"{size / 2**20:.1f} MiB packed, over {parts} parts of {part_size / 2**20:.0f} MiB"
-        return f"compile cache: {mib}: not kept"
-    with open(whole, "rb") as f:
-        for i in range(needed):
-            (out / f"{CACHE_NAME}.{i}").write_bytes(f.read(part_size))
-    whole.unlink()
-    return f"compile cache: {size / 2**20:.1f} MiB in {needed} part(s), {CACHE_NAME}.0..{needed - 1}"
+        kept = f"compile cache ({label}): {size / 2**20:.1f} MiB in {needed} part(s) {CACHE_NAME}.N"
+        return "; ".join([kept, *said])
+    whole.unlink(missing_ok=True)
+    return "compile cache not kept: " + "; ".join(said)
 
 
 def unpack_cache(carried: Path, cache: Path) -> str:

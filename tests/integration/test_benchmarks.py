@@ -455,28 +455,38 @@ def test_device_check_runs_a_profile_after_its_benchmark_passed_and_a_fallback_o
 
 def test_device_check_packs_the_compile_cache_into_parts_that_the_next_run_unpacks(tmp_path):
     check = _load_benchmark("device_check")
-    cache, out, carried = tmp_path / "cache", tmp_path / "out", tmp_path / "carried"
-    files = {"fxgraph/ab/entry": os.urandom(3000), "triton/0/XY/kernel.cubin": os.urandom(2500), "top": b"1"}
-    for name, data in files.items():
+    cache, carried = tmp_path / "cache", tmp_path / "carried"
+    core = {"fxgraph/ab/entry": os.urandom(3000)}  # random bytes: they do not compress
+    rest = {"triton/0/XY/kernel.cubin": os.urandom(2500), "top": b"1"}
+    skipped = {"locks/a.lock": b"", "precompiled_headers/h.gch": b"2"}
+    for name, data in {**core, **rest, **skipped}.items():
         (cache / name).parent.mkdir(parents=True, exist_ok=True)
         (cache / name).write_bytes(data)
-    out.mkdir()
-    assert "not kept" in check.pack_cache(cache, out, part_size=1000, parts=3)  # random bytes: ~6 kB
-    assert list(out.iterdir()) == [] and not list(tmp_path.glob("*.tar.gz"))
-    said = check.pack_cache(cache, out, part_size=2000, parts=4)
-    parts = sorted(out.iterdir())
-    assert [p.name for p in parts] == [f"compile_cache.tar.gz.{i}" for i in range(4)], said
-    assert all(p.stat().st_size <= 2000 for p in parts) and "4 part(s)" in said
+
+    def packed(part_size: int, parts: int) -> tuple[str, dict]:
+        out, fresh = tmp_path / f"out{part_size}_{parts}", tmp_path / f"fresh{part_size}_{parts}"
+        out.mkdir()
+        said = check.pack_cache(cache, out, part_size=part_size, parts=parts)
+        files = sorted(out.iterdir())
+        assert [p.name for p in files] == [f"compile_cache.tar.gz.{i}" for i in range(len(files))]
+        assert all(p.stat().st_size <= part_size for p in files) and len(files) <= parts
+        if files:
+            assert f"unpacked {len(files)} carried part(s)" in check.unpack_cache(out, fresh)
+        got = {str(p.relative_to(fresh)): p.read_bytes() for p in fresh.rglob("*") if p.is_file()}
+        return said, got
+
+    said, got = packed(1000, 3)  # neither the whole nor the core fits 3 kB
+    assert said.startswith("compile cache not kept") and got == {}
+    said, got = packed(1000, 4)  # the core alone fits
+    assert "AOTAutograd and FX graph entries" in said and got == core
+    said, got = packed(2000, 4)  # the whole cache fits: all but the locks and the CPU's headers
+    assert "(whole)" in said and got == {**core, **rest}
+    assert not list(tmp_path.glob("*.tar.gz"))  # no archive left behind
     carried.mkdir()
-    for part in parts:
-        (carried / part.name).write_bytes(part.read_bytes())
-    fresh = tmp_path / "fresh"
-    assert "unpacked 4 carried part(s)" in check.unpack_cache(carried, fresh)
-    assert {str(p.relative_to(fresh)): p.read_bytes() for p in fresh.rglob("*") if p.is_file()} == files
-    (carried / "compile_cache.tar.gz.2").unlink()
+    (carried / "compile_cache.tar.gz.1").write_bytes(b"x")  # a part missing
     assert "not used" in check.unpack_cache(carried, tmp_path / "other")
     assert "none carried" in check.unpack_cache(tmp_path / "nothing", tmp_path / "other")
-    assert "empty" in check.pack_cache(tmp_path / "nothing", out)
+    assert "empty" in check.pack_cache(tmp_path / "nothing", tmp_path)
 
 
 def test_device_check_summary_shows_each_variants_unprofiled_speed():
