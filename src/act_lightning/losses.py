@@ -417,7 +417,8 @@ def logits_and_r1_gradient_traceable(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`logits_and_r1_gradient` through `torch.func.grad`, which torch.compile traces into one graph
     (model.speed.compile_r1): the input gradient becomes part of that graph's forward, and its derivative
-    in D's parameters part of the graph's ordinary backward. The same operations, so the same numbers."""
+    in D's parameters part of the graph's ordinary backward. The same function: float rounding apart
+    (torch.func orders some sums otherwise, about 2e-6 of each norm), the same numbers."""
 
     def real_sum(x: Tensor) -> tuple[Tensor, Tensor]:
         logits = critic(x, t_real, real_labels).float()
