@@ -1,4 +1,5 @@
-"""Shared by the tests that fit an ACTModule directly (no train()): a bare CPU Trainer and a one-call fit."""
+"""Shared by the tests that fit an ACTModule directly (no train()): a bare CPU Trainer, a one-call fit, and
+a fit that records the logged losses of every iteration."""
 
 import lightning as L
 from hydra.utils import instantiate
@@ -43,3 +44,26 @@ def fit(cfg, model=None, **trainer_kwargs):
     trainer = bare_trainer(**trainer_kwargs)
     trainer.fit(model, datamodule=dm)
     return model, before, trainer
+
+
+LOGGED = ("train/loss_g", "train/loss_ct", "train/loss_adv", "train/loss_d", "train/aug_p")
+
+
+class RecordLosses(L.Callback):
+    """The logged values of LOGGED after each iteration, one dict per iteration."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = trainer.callback_metrics
+        self.rows.append({k: float(metrics[k]) for k in LOGGED if k in metrics})
+
+
+def fit_recording(cfg):
+    """Fits `cfg.model` (seed 0) on `cfg.data`; returns the model and the rows of RecordLosses."""
+    L.seed_everything(0)
+    model = instantiate(cfg.model)
+    record = RecordLosses()
+    bare_trainer(callbacks=[record]).fit(model, datamodule=instantiate(cfg.data))
+    return model, record.rows

@@ -4,7 +4,6 @@ tests let the CPU stand in for the GPU where they say so (`as_if_on_gpu`): torch
 flex_attention then runs, which checks the padding of narrow heads and the routing; the generated Triton
 kernels themselves are checked on a GPU (tests/integration/test_gpu.py)."""
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ from hydra.utils import instantiate
 import act_lightning.nn.attention as attention_module
 from act_lightning.nn.attention import FlexAttnProcessor, attention, padded_flex_attention
 from act_lightning.speed import SpeedOptions
-from tests.helpers_training import SMALL, bare_trainer
+from tests.helpers_training import SMALL, fit_recording
 
 FLEX = ["model.speed.flex_attention=true"]
 
@@ -137,27 +136,6 @@ def test_a_network_with_another_kind_of_attention_is_refused():
         use_flex_attention(cross)
 
 
-LOGGED = ("train/loss_g", "train/loss_ct", "train/loss_adv", "train/loss_d", "train/r1")
-
-
-class _Record(L.Callback):
-    def __init__(self):
-        self.rows = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rows.append(
-            {k: float(trainer.callback_metrics[k]) for k in LOGGED if k in trainer.callback_metrics}
-        )
-
-
-def _train(cfg):
-    L.seed_everything(0)
-    model = instantiate(cfg.model)
-    record = _Record()
-    bare_trainer(callbacks=[record]).fit(model, datamodule=instantiate(cfg.data))
-    return model, record.rows
-
-
 @pytest.mark.slow
 def test_training_with_flex_attention_computes_what_the_fused_kernel_computes(
     cfg_factory, as_if_on_gpu, monkeypatch
@@ -177,13 +155,13 @@ def test_training_with_flex_attention_computes_what_the_fused_kernel_computes(
     monkeypatch.setattr(attention_module, "padded_flex_attention", flex)
     overrides = [*SMALL, "iterations=1", "model.r1_gamma=0", "data.batch_size=2"]
     counters.clear()
-    compiled, flex_rows = _train(cfg_factory([*overrides, *FLEX, "model.speed.compile=aot_eager"]))
+    compiled, flex_rows = fit_recording(cfg_factory([*overrides, *FLEX, "model.speed.compile=aot_eager"]))
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert traced  # the compiled attention layers of G and D went through flex_attention
     for net in (compiled.generator, compiled.discriminator):
         layers = [m for m in net.modules() if isinstance(m, Attention)]
         assert layers and all(isinstance(m.processor, FlexAttnProcessor) for m in layers)
-    fused, fused_rows = _train(cfg_factory(overrides))
+    fused, fused_rows = fit_recording(cfg_factory(overrides))
     assert len(flex_rows) == len(fused_rows) == 1 and "train/loss_d" in flex_rows[0]
     assert flex_rows[0] == pytest.approx(fused_rows[0], rel=1e-5, abs=1e-7)
     weights = [

@@ -15,30 +15,9 @@ from torch import Tensor
 from act_lightning.augment import AugmentPipe
 from act_lightning.train import apply_process_settings
 from tests.conftest import compose
-from tests.helpers_training import SMALL, bare_trainer
+from tests.helpers_training import SMALL, fit_recording
 
 LPIPS = ["model.distance=lpips", "model.lpips_pretrained=false"]
-LOGGED = ("train/loss_g", "train/loss_ct", "train/loss_adv", "train/loss_d", "train/aug_p")
-
-
-class _Record(L.Callback):
-    def __init__(self):
-        self.rows = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        metrics = trainer.callback_metrics
-        self.rows.append({k: float(metrics[k]) for k in LOGGED if k in metrics})
-
-
-def _run(cfg):
-    L.seed_everything(0)
-    model = instantiate(cfg.model)
-    record = _Record()
-    trainer = bare_trainer(callbacks=[record])
-    trainer.fit(model, datamodule=instantiate(cfg.data))
-    return model, record.rows
-
-
 # R1 at k = 0, 2, 4 with a threshold of 0: p rises after the first R1 step, so iterations 1.. augment
 # (the lazy path must then run the pipeline) while iteration 0 runs with p == 0 (the lazy path skips it).
 # gan_ratio 0.3, the paper's CIFAR-10 value: at the quickstart's 0.95 the adversarial updates amplify the
@@ -48,8 +27,8 @@ ACTIVE += ["model.schedule.gan_ratio=0.3"]
 
 
 def test_the_fast_path_computes_what_the_baseline_computes(cfg_factory):
-    fast, fast_rows = _run(cfg_factory([*SMALL, *ACTIVE]))
-    slow, slow_rows = _run(cfg_factory([*SMALL, *ACTIVE, "perf=baseline"]))
+    fast, fast_rows = fit_recording(cfg_factory([*SMALL, *ACTIVE]))
+    slow, slow_rows = fit_recording(cfg_factory([*SMALL, *ACTIVE, "perf=baseline"]))
     assert fast.speed.channels_last and fast.speed.fast_attention and fast.speed.lazy_augment
     assert not slow.speed.channels_last and slow.speed.sync_logs and not slow.speed.foreach_ema
     assert fast.speed.joint_d_pass and not slow.speed.joint_d_pass
@@ -73,12 +52,13 @@ def test_the_augmentation_pipeline_runs_only_once_p_can_be_non_zero(cfg_factory,
         return forward(self, images, p, generator)
 
     monkeypatch.setattr(AugmentPipe, "forward", counting)
-    _run(cfg_factory([*SMALL, "iterations=3", "model.r1_threshold=1e9"]))
+    quiet = [*SMALL, "iterations=3", "model.r1_threshold=1e9"]
+    fit_recording(cfg_factory(quiet))
     assert calls == []  # p stays 0: nothing to draw, nothing to resample
-    _run(cfg_factory([*SMALL, "iterations=3", "model.r1_threshold=1e9", "model.speed.lazy_augment=false"]))
+    fit_recording(cfg_factory([*quiet, "model.speed.lazy_augment=false"]))
     assert len(calls) == 3 * 3 and set(calls) == {0.0}  # the baseline resamples every image at p = 0
     calls.clear()
-    _run(cfg_factory([*SMALL, *ACTIVE]))
+    fit_recording(cfg_factory([*SMALL, *ACTIVE]))
     assert len(calls) == 4 * 3 and min(calls) > 0  # iterations 1-4, three calls each, all with p > 0
 
 
@@ -173,14 +153,14 @@ def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
     counters.clear()
     GRAPH_SOURCES.clear()
     compiled_run = ["model.speed.compile=act_test_graphs", "model.speed.compile_r1=true"]
-    compiled, compiled_rows = _run(cfg_factory([*overrides, *compiled_run]))
+    compiled, compiled_rows = fit_recording(cfg_factory([*overrides, *compiled_run]))
     for net in (compiled.generator, compiled.discriminator, compiled.distance):
         assert net._compiled_call_impl is not None  # D's restored after the R1 passes
     assert counters["aot_autograd"]["ok"] >= 6 and not counters["aot_autograd"].get("not_ok")
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     r1_graphs = [g for g in GRAPH_SOURCES if "logits_and_r1_gradient_traceable" in g]
     assert len(r1_graphs) == 1 and "get_attention_scores" in r1_graphs[0]  # once; classic attention
-    _, eager_rows = _run(cfg_factory(overrides))
+    _, eager_rows = fit_recording(cfg_factory(overrides))
     assert len(compiled_rows) == len(eager_rows) == 3
     for a, b in zip(compiled_rows, eager_rows, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
@@ -372,7 +352,7 @@ def test_cuda_graphs_mark_each_iteration_as_a_new_step(cfg_factory, monkeypatch)
     for mode, expected in (("reduce-overhead", 3), ("default", 0)):
         marks.clear()
         overrides = ["iterations=3", "model.speed.compile=true", f"model.speed.compile_mode={mode}"]
-        _run(cfg_factory([*SMALL, *overrides]))
+        fit_recording(cfg_factory([*SMALL, *overrides]))
         assert len(marks) == expected, mode
 
 
