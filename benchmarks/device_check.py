@@ -110,21 +110,22 @@ def fid_step(num_samples: int = 50_000, train_extra: str = "", eval_extra: str =
     return Step("fid_50k", ["bash", "-c", timed], 240, 90, "fid_50k.json")
 
 
-def compile_step(
+def lever_step(
     name: str,
-    lever: str | list[str],
+    lever: str,
     timeout: int = 420,
     needs: int = 130,
     unless: str | None = None,
+    warmup: int = 10,
 ) -> Step:
-    """The defaults against the defaults with `lever` (compile, cuda_graphs, ..., bench_train.py's
-    COMPILED) in one process, each in a process of its own: on the H200 of 2026-12-04 building and
-    compiling one variant took minutes, so each gets its own time limit. The default `needs` assumes
-    inductor's cache warm from an earlier step of the same graphs; `unless`: Step.unless."""
+    """The defaults against the defaults with `lever` (one of bench_train.py's LEVERS: compile,
+    cuda_graphs, ... COMPILED, or an eager one) in one process, each in a process of its own: on the H200
+    of 2026-12-04 building and compiling one variant took minutes, so each gets its own time limit. The
+    default `needs` assumes inductor's cache warm from an earlier step of the same graphs; `unless`:
+    Step.unless; `warmup` iterations before the 15 timed (compiled variants: their first calls compile)."""
     py = sys.executable
     argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
-    levers = [lever] if isinstance(lever, str) else lever
-    argv += ["--no-baseline", "--no-bf16", "--levers", *levers, "--iterations", "15", "--warmup", "10"]
+    argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "15", "--warmup", str(warmup)]
     argv += [*QUICK, "--output", f"{name}.json"]
     return Step(name, argv, timeout, needs, f"{name}.json", unless=unless)
 
@@ -156,13 +157,12 @@ def steps() -> list[Step]:
     # R1 graph: what that lever buys). Only if the candidate fails, CUDA graphs with classic attention
     # (TF32 bmm, softmax fused by inductor, the score matrices written). Then the eager steps (ImageNet 64
     # in one pass on 141 GB, the eager profile beside the compiled ones), then what needs a cold compile of
-    # its own
-    # (inductor's cache of one mode did not shorten the other's compile: a mode, or another attention, is
-    # other graphs), then what was measured already.
+    # its own (inductor's cache of one mode did not shorten the other's compile: a mode, or another
+    # attention, is other graphs), then what was measured already.
     candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true"]
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
-        compile_step("bench_cuda_graphs_flex_r1", "cuda_graphs_flex_r1", timeout=540, needs=150),
+        lever_step("bench_cuda_graphs_flex_r1", "cuda_graphs_flex_r1", timeout=540, needs=150),
         Step(
             "profile_cuda_graphs_flex_r1",
             [*profile, "--out", "profile_cuda_graphs_flex_r1", *candidate],
@@ -171,16 +171,9 @@ def steps() -> list[Step]:
             "profile_cuda_graphs_flex_r1/profile.json",
             after="bench_cuda_graphs_flex_r1",
         ),
-        Step(  # eager: the defaults and the defaults with cuDNN's autotuner, about a minute
-            "bench_cudnn_benchmark",
-            [*bench, "--levers", "cudnn_benchmark", "--no-baseline", "--no-bf16", "--iterations", "15"]
-            + ["--warmup", "5", *QUICK, "--output", "bench_cudnn_benchmark.json"],
-            120,
-            60,
-            "bench_cudnn_benchmark.json",
-        ),
-        compile_step("bench_cuda_graphs_flex", "cuda_graphs_flex", 300, 150),
-        compile_step(
+        lever_step("bench_cudnn_benchmark", "cudnn_benchmark", 120, 60, warmup=5),  # eager: about a minute
+        lever_step("bench_cuda_graphs_flex", "cuda_graphs_flex", 300, 150),
+        lever_step(
             "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex_r1"
         ),
         Step(
@@ -199,9 +192,9 @@ def steps() -> list[Step]:
             60,
             "profile/profile.json",
         ),
-        compile_step("bench_compile_classic", "compile_classic", timeout=420, needs=300),
-        compile_step("bench_cuda_graphs", "cuda_graphs", needs=300),  # 2026-12-04: compiling after 175 s
-        compile_step("bench_compile", "compile", needs=300),  # 2026-12-04: 1.20x the defaults of that day
+        lever_step("bench_compile_classic", "compile_classic", timeout=420, needs=300),
+        lever_step("bench_cuda_graphs", "cuda_graphs", needs=300),  # 2026-12-04: compiling after 175 s
+        lever_step("bench_compile", "compile", needs=300),  # 2026-12-04: 1.20x the defaults of that day
         Step(  # 2026-12-04 (third session): 4.25 it/s, 125 ms of kernels without R1
             "profile_compiled",
             [*profile, "--out", "profile_compiled", *compiled],
