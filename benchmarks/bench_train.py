@@ -21,6 +21,7 @@ Writes benchmarks/results/latest.json (--output) and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -154,8 +155,61 @@ def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
     return cfg
 
 
-def fit(cfg, device: torch.device, warmup: int, callbacks=()) -> dict:
-    """One short training run in this process; iterations per second from iteration `warmup` on."""
+class CompileWatch:
+    """What torch.compile did during a run, from torch's own counters: graphs compiled, graph breaks,
+    cache hits, and the graphs inductor left without CUDA graphs under `compile_mode=reduce-overhead`,
+    with its reasons. A skipped graph launches its kernels one by one, and inductor says so only in a
+    warning among the compile logs: a CUDA graphs variant that runs no faster should say why here."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self._handler: logging.Handler | None = None
+
+    def __enter__(self) -> CompileWatch:
+        from torch._dynamo.utils import counters
+        from torch._inductor.cudagraph_utils import cudagraphs_log
+
+        watch = self
+
+        class Reasons(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                first = record.getMessage().splitlines()[0].strip()  # the stack trace follows: long
+                if record.levelno >= logging.WARNING and first not in watch.reasons:
+                    watch.reasons.append(first)
+
+        counters.clear()  # this run's counts (a bench process runs one variant at a time)
+        self._handler = Reasons()
+        cudagraphs_log.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from torch._inductor.cudagraph_utils import cudagraphs_log
+
+        cudagraphs_log.removeHandler(self._handler)
+
+    def report(self) -> dict:
+        from torch._dynamo.utils import counters
+
+        inductor, aot = counters["inductor"], counters["aot_autograd"]
+        return {
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "fx_graph_cache": {
+                "hits": inductor["fxgraph_cache_hit"],
+                "misses": inductor["fxgraph_cache_miss"],
+            },
+            "aot_autograd_cache": {"hits": aot["autograd_cache_hit"], "misses": aot["autograd_cache_miss"]},
+            "cudagraph_skips": inductor["cudagraph_skips"],
+            "cudagraph_skip_reasons": list(self.reasons),
+        }
+
+
+def fit(cfg, device: torch.device, warmup: int, callbacks=(), watch: CompileWatch | None = None) -> dict:
+    """One short training run in this process; iterations per second from iteration `warmup` on. A
+    compiled run also reports what torch.compile did (CompileWatch; `watch`: the caller's, which it can
+    read even if the run fails)."""
+    if watch is None and cfg.model.speed.get("compile"):
+        watch = CompileWatch()
     start = time.perf_counter()
     apply_process_settings(cfg)
     L.seed_everything(0, verbose=False)
@@ -178,8 +232,11 @@ def fit(cfg, device: torch.device, warmup: int, callbacks=()) -> dict:
             callbacks=[IterationClock(str(clock_file), warmup), *callbacks],
             default_root_dir=tmp,
         )
-        trainer.fit(model, datamodule=datamodule)
+        with watch or contextlib.nullcontext():
+            trainer.fit(model, datamodule=datamodule)
         result = json.loads(clock_file.read_text())
+    if watch is not None:
+        result["compile"] = watch.report()
     result["seconds"] = time.perf_counter() - start  # the whole run: building, compiling, warm-up, timing
     del model, trainer, datamodule
     gc.collect()
@@ -344,6 +401,8 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
                 f"  {config} {name} run {r}: {done['it_per_s']:.3f} it/s ({done['seconds']:.0f} s)",
                 flush=True,
             )
+            if done.get("compile"):
+                print(f"    compiled: {json.dumps(done['compile'])}", flush=True)
 
     def rate(name: str) -> float:
         return statistics.median(x["it_per_s"] for x in runs[name])
@@ -370,6 +429,8 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
         "baseline_peak_memory_mb": peak("baseline") if base else None,
         "runs": {name: [x["it_per_s"] for x in xs] for name, xs in runs.items()},
         "run_seconds": {name: [round(x["seconds"], 1) for x in xs] for name, xs in runs.items()},
+        # what torch.compile did in each compiled variant's last run (CompileWatch)
+        "compile": {name: xs[-1]["compile"] for name, xs in runs.items() if "compile" in xs[-1]},
         "options": {n.split("+", 1)[1]: against(n, base) for n in variants if n.startswith("baseline+")},
         "levers": {
             n.split("+", 1)[1]: against(n, rate("fast")) | {"peak_memory_mb": peak(n)}

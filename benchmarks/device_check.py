@@ -441,6 +441,23 @@ def bench_lines(bench: dict) -> list[str]:
         for name, lever in r.get("levers", {}).items():
             speedup = f"{_fmt(lever['speedup'])}x the defaults"
             row(config, f"defaults + {name}", lever["iterations_per_s"], speedup, lever.get("peak_memory_mb"))
+    for config, r in bench["configs"].items():
+        lines += compile_lines(config, r.get("compile", {}))
+    return lines
+
+
+def compile_lines(config: str, compiled: dict) -> list[str]:
+    """What torch.compile did in each compiled variant (bench_train's CompileWatch): graphs, breaks, cache
+    hits, and every graph inductor left without CUDA graphs, with its reason."""
+    lines = []
+    for name, c in compiled.items():
+        fx, aot = c["fx_graph_cache"], c["aot_autograd_cache"]
+        lines.append(
+            f"\n{config} {name.replace('fast+', 'defaults + ')}: {c['graphs']} graphs, {c['graph_breaks']} "
+            f"graph breaks; FX graph cache {fx['hits']} hits / {fx['misses']} misses, AOTAutograd cache "
+            f"{aot['hits']} / {aot['misses']}; CUDA graphs skipped: {c['cudagraph_skips']}"
+        )
+        lines += [f"- {reason}" for reason in c["cudagraph_skip_reasons"]]
     return lines
 
 

@@ -40,7 +40,7 @@ from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_train import BASELINE, CPU_PLAN, LEVERS, compose_cfg, experiment_batch, fit  # noqa: E402
+from bench_train import BASELINE, CPU_PLAN, LEVERS, CompileWatch, compose_cfg, experiment_batch, fit  # noqa: E402
 
 # float32_levers: the defaults with classic attention and NCHW (bench_train.py's lever; on demand)
 VARIANTS = {"baseline": BASELINE, "defaults": [], "float32_levers": LEVERS["float32_levers"]}
@@ -410,8 +410,9 @@ def profile_variant(name: str, overrides: list[str], args, device: torch.device)
     timed = TimedWindow(args.warmup, args.timed, own, cuda)
     profiler = ProfileIterations(first, count, args.r1_interval, args.out / f"trace_{name}", cuda)
     sync = SyncDebug(first + count, 2) if cuda else None
+    watch = CompileWatch() if cfg.model.speed.get("compile") else None  # read even if the run fails
     try:
-        fit(cfg, device, warmup=first, callbacks=[timed, profiler, *([sync] if sync else [])])
+        fit(cfg, device, warmup=first, callbacks=[timed, profiler, *([sync] if sync else [])], watch=watch)
     except RuntimeError as err:  # the "error" iteration's first synchronising call, or a failure
         if sync is None or not sync.failed(err):
             raise
@@ -424,6 +425,7 @@ def profile_variant(name: str, overrides: list[str], args, device: torch.device)
         "timed": {"iterations": args.timed, "it_per_s": timed.it_per_s, "r1_interval": own},
         "traces": profiler.traces,
         "sync_debug": sync.report() if sync else "n/a on the CPU",
+        "compile": watch.report() if watch else None,
     }
 
 
@@ -519,6 +521,8 @@ def markdown(report: dict) -> str:
                 f"(R1 every {timed['r1_interval']}, as the experiment runs it)",
             ]
         lines += ["", f"Sync debug mode: {sync if isinstance(sync, str) else json.dumps(sync)}", ""]
+        if v.get("compile"):
+            lines += [f"Compiled: {json.dumps(v['compile'])}", ""]
         for kind, k in v["kinds"].items():
             time_of = "kernel time" if cuda else "aten operators' self CPU time"
             lines += [f"Where the {time_of} goes, {kind} (per iteration; what launched it):", ""]

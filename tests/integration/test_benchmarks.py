@@ -502,3 +502,50 @@ def test_device_check_summary_shows_each_variants_unprofiled_speed():
     result = {"variants": {"defaults": variant}}
     text = check.summary_markdown([{"name": "profile", "status": "ok", "seconds": 9, "result": result}], "m")
     assert "defaults, not profiled: 4.500 it/s over 16" in text and "| defaults | no_r1 | 300.0 |" in text
+
+
+@pytest.mark.slow
+def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_its_reason():
+    """A CUDA graphs variant whose graphs inductor skipped runs no faster, and inductor says why only in a
+    warning among the compile logs: bench_train's CompileWatch puts the count and the reasons in the
+    results (the warning here is raised as inductor raises it), and device_check's summary shows them."""
+    import torch
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    bench, check = _load_benchmark("bench_train"), _load_benchmark("device_check")
+    skip = "skipping cudagraphs due to mutated inputs (1 instances). Found from : \n  File x.py, line 1"
+
+    class SkipOnce(bench.L.Callback):  # as inductor does while compiling under reduce-overhead
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if pl_module.k == 1:
+                log_cudagraph_skip_and_bump_counter(skip)
+                log_cudagraph_skip_and_bump_counter(skip)  # the same graph again: one reason
+
+    cfg = bench.compose_cfg("quickstart", 4, 2, ["model.speed.compile=eager", "threads=1"])
+    watch = bench.CompileWatch()
+    result = bench.fit(cfg, torch.device("cpu"), warmup=1, callbacks=[SkipOnce()], watch=watch)
+    compiled = result["compile"]
+    assert compiled["graphs"] >= 3 and compiled["graph_breaks"] == 0  # G, D, the target at least
+    assert compiled["cudagraph_skips"] == 2
+    assert compiled["cudagraph_skip_reasons"] == [
+        "skipping cudagraphs due to mutated inputs (1 instances). Found from :"
+    ]
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs after the run")  # the handler is gone
+    assert watch.reasons == compiled["cudagraph_skip_reasons"]
+    assert "compile" not in bench.fit(
+        bench.compose_cfg("quickstart", 4, 2, ["threads=1"]), torch.device("cpu"), 1
+    )
+    bench_result = {
+        "configs": {
+            "cifar10": {
+                "iterations_per_s": 4.0,
+                "peak_memory_mb": 1.0,
+                "compile": {"fast+cuda_graphs": compiled},
+            }
+        }
+    }
+    text = check.summary_markdown(
+        [{"name": "bench", "status": "ok", "seconds": 9, "result": bench_result}], "m"
+    )
+    assert "cifar10 defaults + cuda_graphs:" in text and "CUDA graphs skipped: 2" in text
+    assert "\n- skipping cudagraphs due to mutated inputs" in text
