@@ -153,17 +153,26 @@ def test_inductor_compiled_training_matches_eager(tmp_path, mode, attention):
     # The R1 pass (k = 0, 2) runs D eagerly; everything else runs inductor's kernels (CUDA graphs too);
     # classic: diffusers' classic attention everywhere (bench_train's cuda_graphs_classic), both runs;
     # flex: the compiled graphs attend with flex_attention's generated kernel, the eager run fused, and
-    # the R1 pass is a compiled graph too (compile_r1): bench_train's cuda_graphs_flex_r1.
+    # the R1 pass is a compiled graph too (compile_r1): bench_train's cuda_graphs_flex_r1. No graph
+    # breaks, and under CUDA graphs no graph that inductor left to launch its kernels one by one (which
+    # only a warning in the log would say: its reason is there).
+    from torch._dynamo.utils import counters
+
     compiled, eager = _Losses(), _Losses()
     same = ["iterations=4", *(["model.speed.fast_attention=false"] if attention == "classic" else [])]
     on = ["model.speed.compile=true", f"model.speed.compile_mode={mode}"]
     on += ["model.speed.flex_attention=true", "model.speed.compile_r1=true"] if attention == "flex" else []
+    torch._dynamo.reset()
+    counters.clear()
     model = _fit_on_gpu(tmp_path / "compiled", [*same, *on], [compiled])
     assert model.generator._compiled_call_impl is not None
+    breaks, skips = sum(counters["graph_break"].values()), counters["inductor"]["cudagraph_skips"]
     _fit_on_gpu(tmp_path / "eager", same, [eager])
     assert len(compiled.rows) == len(eager.rows) == 4
     for a, b in zip(compiled.rows, eager.rows, strict=True):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-5)  # inductor fuses and reorders float sums
+    assert breaks == 0, dict(counters["graph_break"])
+    assert skips == 0 or mode != "reduce-overhead", f"{skips} graphs without CUDA graphs: see the log"
 
 
 @pytest.mark.parametrize("tf32", [False, True])
