@@ -88,6 +88,7 @@ def test_bench_train_writes_the_table_against_the_baseline(tmp_path):
     assert row["speedup"] == row["iterations_per_s"] / row["baseline_iterations_per_s"]
     assert row["peak_memory_mb"] is None and row["baseline_peak_memory_mb"] is None
     assert row["batch"] == 64 and "CPU" in row["device"]
+    assert row["compile"] == {}  # nothing compiled, nothing to report (a compiled run: below)
     assert set(row["options"]) == {"channels_last", "lazy_augment", "joint_d_pass", "foreach_ema"}
     assert row["bf16"]["iterations_per_s"] > 0
     lever = row["levers"]["gradient_checkpointing"]  # on the defaults, not on the baseline
@@ -532,9 +533,6 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
     ]
     log_cudagraph_skip_and_bump_counter("skipping cudagraphs after the run")  # the handler is gone
     assert watch.reasons == compiled["cudagraph_skip_reasons"]
-    assert "compile" not in bench.fit(
-        bench.compose_cfg("quickstart", 4, 2, ["threads=1"]), torch.device("cpu"), 1
-    )
     bench_result = {
         "configs": {
             "cifar10": {
