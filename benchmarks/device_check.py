@@ -116,16 +116,19 @@ def lever_step(
     timeout: int = 420,
     needs: int = 130,
     unless: str | None = None,
-    warmup: int = 10,
+    warmup: int = 17,
 ) -> Step:
     """The defaults against the defaults with `lever` (one of bench_train.py's LEVERS: compile,
     cuda_graphs, ... COMPILED, or an eager one) in one process, each in a process of its own: on the H200
     of 2026-12-04 building and compiling one variant took minutes, so each gets its own time limit. The
     default `needs` assumes inductor's cache warm from an earlier step of the same graphs; `unless`:
-    Step.unless; `warmup` iterations before the 15 timed (compiled variants: their first calls compile)."""
+    Step.unless; `warmup` iterations before the 16 timed (one R1 iteration among them, the experiment's
+    mix). The default 17 runs R1 twice before the clock starts (k = 0, 16): compiled variants compile in
+    their first calls, and under CUDA graphs the R1 iteration's graphs are recorded at their second call,
+    which would otherwise be timed (eager variants need no more than a first R1 iteration)."""
     py = sys.executable
     argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
-    argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "15", "--warmup", str(warmup)]
+    argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "16", "--warmup", str(warmup)]
     argv += [*QUICK, "--output", f"{name}.json"]
     return Step(name, argv, timeout, needs, f"{name}.json", unless=unless)
 
@@ -221,7 +224,17 @@ def steps() -> list[Step]:
         ),
         Step(  # measured in the second session of 2026-12-04, as are profile, cuda_tests and fid_50k
             "bench_levers",
-            [*bench, "--levers", *LEVERS, "--no-baseline", "--no-bf16", "--iterations", "15", "--warmup", "5"]
+            [
+                *bench,
+                "--levers",
+                *LEVERS,
+                "--no-baseline",
+                "--no-bf16",
+                "--iterations",
+                "16",
+                "--warmup",
+                "17",
+            ]
             + [*QUICK, "--output", "bench.json"],
             200,
             90,
@@ -455,7 +468,8 @@ def compile_lines(config: str, compiled: dict) -> list[str]:
         lines.append(
             f"\n{config} {name.replace('fast+', 'defaults + ')}: {c['graphs']} graphs, {c['graph_breaks']} "
             f"graph breaks; FX graph cache {fx['hits']} hits / {fx['misses']} misses, AOTAutograd cache "
-            f"{aot['hits']} / {aot['misses']}; CUDA graphs skipped: {c['cudagraph_skips']}"
+            f"{aot['hits']} / {aot['misses']}; CUDA graphs skipped: {c['cudagraph_skips']}, recorded "
+            f"{c['cudagraph_recordings']} times, {c['cudagraph_recordings_timed']} after the clock started"
         )
         lines += [f"- {reason}" for reason in c["cudagraph_skip_reasons"]]
     return lines

@@ -506,17 +506,25 @@ def test_device_check_summary_shows_each_variants_unprofiled_speed():
 
 
 @pytest.mark.slow
-def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_its_reason():
+def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_its_reason(monkeypatch):
     """A CUDA graphs variant whose graphs inductor skipped runs no faster, and inductor says why only in a
     warning among the compile logs: bench_train's CompileWatch puts the count and the reasons in the
-    results (the warning here is raised as inductor raises it), and device_check's summary shows them."""
+    results (the warning here is raised as inductor raises it), and device_check's summary shows them.
+    It also counts the CUDA graph recordings, and those made after the clock started (a recording costs
+    about an uncaptured run: the timed iterations should have none)."""
     import torch
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
     bench, check = _load_benchmark("bench_train"), _load_benchmark("device_check")
     skip = "skipping cudagraphs due to mutated inputs (1 instances). Found from : \n  File x.py, line 1"
+    recorded = []
+    monkeypatch.setattr(CUDAGraphTreeManager, "record_function", lambda manager, *a: recorded.append(a))
 
     class SkipOnce(bench.L.Callback):  # as inductor does while compiling under reduce-overhead
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            CUDAGraphTreeManager.record_function(None, pl_module.k)  # k = 0 warms up, 1 is timed
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if pl_module.k == 1:
                 log_cudagraph_skip_and_bump_counter(skip)
@@ -528,6 +536,10 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
     compiled = result["compile"]
     assert compiled["graphs"] >= 3 and compiled["graph_breaks"] == 0  # G, D, the target at least
     assert compiled["cudagraph_skips"] == 2
+    assert recorded == [(0,), (1,)]  # through the watch to the manager's own method, now back in place
+    assert (compiled["cudagraph_recordings"], compiled["cudagraph_recordings_timed"]) == (2, 1)
+    CUDAGraphTreeManager.record_function(None, 2)
+    assert len(watch.recordings) == 2
     assert compiled["cudagraph_skip_reasons"] == [
         "skipping cudagraphs due to mutated inputs (1 instances). Found from :"
     ]
@@ -546,4 +558,5 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
         [{"name": "bench", "status": "ok", "seconds": 9, "result": bench_result}], "m"
     )
     assert "cifar10 defaults + cuda_graphs:" in text and "CUDA graphs skipped: 2" in text
+    assert "recorded 2 times, 1 after the clock started" in text
     assert "\n- skipping cudagraphs due to mutated inputs" in text
