@@ -117,20 +117,21 @@ def lever_step(
     needs: int = 130,
     unless: str | None = None,
     warmup: int = 17,
+    after: str | None = None,
 ) -> Step:
     """The defaults against the defaults with `lever` (one of bench_train.py's LEVERS: compile,
     cuda_graphs, ... COMPILED, or an eager one) in one process, each in a process of its own: on the H200
     of 2026-12-04 building and compiling one variant took minutes, so each gets its own time limit. The
-    default `needs` assumes inductor's cache warm from an earlier step of the same graphs; `unless`:
-    Step.unless; `warmup` iterations before the 16 timed (one R1 iteration among them, the experiment's
-    mix). The default 17 runs R1 twice before the clock starts (k = 0, 16): compiled variants compile in
-    their first calls, and under CUDA graphs the R1 iteration's graphs are recorded at their second call,
-    which would otherwise be timed (eager variants need no more than a first R1 iteration)."""
+    default `needs` assumes inductor's cache warm from an earlier step of the same graphs; `after` and
+    `unless`: Step's; `warmup` iterations before the 16 timed (one R1 iteration among them, the
+    experiment's mix). The default 17 runs R1 twice before the clock starts (k = 0, 16): compiled
+    variants compile in their first calls, and under CUDA graphs the R1 iteration's graphs are recorded
+    at their second call, which would otherwise be timed (eager variants need only a first R1 iteration)."""
     py = sys.executable
     argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
     argv += ["--no-baseline", "--no-bf16", "--levers", lever, "--iterations", "16", "--warmup", str(warmup)]
     argv += [*QUICK, "--output", f"{name}.json"]
-    return Step(name, argv, timeout, needs, f"{name}.json", unless=unless)
+    return Step(name, argv, timeout, needs, f"{name}.json", after=after, unless=unless)
 
 
 def steps() -> list[Step]:
@@ -156,12 +157,12 @@ def steps() -> list[Step]:
     # ran D eagerly with 6,700 more launches. So first the candidate for 10 it/s against the defaults in
     # one process: CUDA graphs, flex_attention's generated flash kernel (TF32, no score matrix in memory)
     # and the R1 pass compiled: one cold compile, up to 540 s. Then its profile (warm: the same graphs),
-    # cuDNN's autotuner (eager, never measured), then the candidate without compile_r1 (warm but for the
-    # R1 graph: what that lever buys). Only if the candidate fails, CUDA graphs with classic attention
-    # (TF32 bmm, softmax fused by inductor, the score matrices written). Then the eager steps (ImageNet 64
-    # in one pass on 141 GB, the eager profile beside the compiled ones), then what needs a cold compile of
-    # its own (inductor's cache of one mode did not shorten the other's compile: a mode, or another
-    # attention, is other graphs), then what was measured already.
+    # cuDNN's autotuner (eager, never measured), the candidate with it (warm), then the candidate without
+    # compile_r1 (warm but for the R1 graph: what that lever buys). Only if the candidate fails, CUDA
+    # graphs with classic attention (TF32 bmm, softmax fused by inductor, the score matrices written).
+    # Then the eager steps (ImageNet 64 in one pass on 141 GB, the eager profile beside the compiled ones),
+    # then what needs a cold compile of its own (inductor's cache of one mode did not shorten the other's
+    # compile: a mode, or another attention, is other graphs), then what was measured already.
     candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true"]
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
@@ -175,6 +176,13 @@ def steps() -> list[Step]:
             after="bench_cuda_graphs_flex_r1",
         ),
         lever_step("bench_cudnn_benchmark", "cudnn_benchmark", 120, 60, warmup=5),  # eager: about a minute
+        lever_step(  # the candidate's graphs again (a warm cache) with cuDNN's autotuner
+            "bench_cuda_graphs_flex_r1_cudnn",
+            "cuda_graphs_flex_r1_cudnn",
+            300,
+            150,
+            after="bench_cuda_graphs_flex_r1",
+        ),
         lever_step("bench_cuda_graphs_flex", "cuda_graphs_flex", 300, 150),
         lever_step(
             "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex_r1"

@@ -286,8 +286,10 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
     first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cudnn_benchmark"]
-    assert [s.name for s in plan][:6] == [*first, "bench_cuda_graphs_flex", "bench_cuda_graphs_classic"]
+    then = ["bench_cuda_graphs_flex_r1_cudnn", "bench_cuda_graphs_flex", "bench_cuda_graphs_classic"]
+    assert [s.name for s in plan][:7] == [*first, *then]
     by_name = {s.name: s for s in plan}
+    assert by_name["bench_cuda_graphs_flex_r1_cudnn"].after == "bench_cuda_graphs_flex_r1"
     for kind in ("flex_r1", "flex", "classic"):
         argv = by_name[f"bench_cuda_graphs_{kind}"].argv
         levers = argv[argv.index("--levers") + 1 : argv.index("--iterations")]
@@ -311,6 +313,13 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
             continue
         args = parsers[Path(script).stem].parse_args(step.argv[step.argv.index(script) + 1 :])
         parsed += 1
+        if "reduce-overhead" in " ".join(step.argv) or "cuda_graphs" in " ".join(step.argv):
+            # R1 (every 16th: k = 0, 16, ...) twice in the warm-up, so that no CUDA graph is recorded in the
+            # timed window (a graph's second call records it); profile_train warms up with R1 every 2nd
+            at_least = 4 if Path(script).stem == "profile_train" else 17
+            assert args.warmup >= at_least, (step.name, args.warmup)
+        if Path(script).stem == "bench_train" and args.levers:  # the CIFAR-10 lever steps
+            assert args.iterations % 16 == 0, step.name  # the experiment's mix of R1 iterations exactly
         if "--set" in step.argv and Path(script).stem == "bench_train":
             assert args.set, step.name
     assert parsed >= 7
