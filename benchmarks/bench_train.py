@@ -166,7 +166,7 @@ def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
     return cfg
 
 
-class CompileWatch:
+class CompileWatch(L.Callback):
     """What torch.compile did during a run, from torch's own counters: graphs compiled, graph breaks,
     cache hits, and the graphs inductor left without CUDA graphs under `compile_mode=reduce-overhead`,
     with its reasons. A skipped graph launches its kernels one by one, and inductor says so only in a
@@ -175,13 +175,25 @@ class CompileWatch:
     Also when each CUDA graph was recorded (CUDA graph trees run a graph's first call as a warm-up, record
     it at the second, replay it from the third; a recording costs about what an uncaptured run does):
     `report(timed_from)` counts the recordings made after the timing began, which a fair measurement has
-    none of."""
+    none of. As a callback of the run it also notes each iteration that took `slow` seconds or more (the
+    iterations that compiled), printed as they end: a step that runs out of time says how far it got."""
 
-    def __init__(self) -> None:
+    def __init__(self, slow: float = 5.0) -> None:
         self.reasons: list[str] = []
         self.recordings: list[float] = []  # time.perf_counter() of each CUDA graph recording
+        self.slow, self.slow_iterations = slow, {}
         self._handler: logging.Handler | None = None
         self._record = None
+        self._began = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._began = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seconds = time.perf_counter() - self._began  # the host's time: what compiling takes
+        if seconds >= self.slow:
+            self.slow_iterations[pl_module.k - 1] = round(seconds, 1)
+            print(f"    iteration {pl_module.k - 1}: {seconds:.1f} s (compiling)", flush=True)
 
     def __enter__(self) -> CompileWatch:
         from torch._dynamo.utils import counters
@@ -233,6 +245,7 @@ class CompileWatch:
             "cudagraph_skip_reasons": list(self.reasons),
             "cudagraph_recordings": len(self.recordings),
             "cudagraph_recordings_timed": timed,
+            "slow_iterations": dict(self.slow_iterations),  # iteration: seconds, those >= `slow`
         }
 
 
@@ -262,7 +275,7 @@ def fit(cfg, device: torch.device, warmup: int, callbacks=(), watch: CompileWatc
             enable_progress_bar=False,
             enable_model_summary=False,
             use_distributed_sampler=False,
-            callbacks=[clock, *callbacks],
+            callbacks=[clock, *callbacks, *([watch] if watch is not None else [])],
             default_root_dir=tmp,
         )
         with watch or contextlib.nullcontext():

@@ -477,7 +477,9 @@ def compile_lines(config: str, compiled: dict) -> list[str]:
             f"\n{config} {name.replace('fast+', 'defaults + ')}: {c['graphs']} graphs, {c['graph_breaks']} "
             f"graph breaks; FX graph cache {fx['hits']} hits / {fx['misses']} misses, AOTAutograd cache "
             f"{aot['hits']} / {aot['misses']}; CUDA graphs skipped: {c['cudagraph_skips']}, recorded "
-            f"{c['cudagraph_recordings']} times, {c['cudagraph_recordings_timed']} after the clock started"
+            f"{c['cudagraph_recordings']} times, {c['cudagraph_recordings_timed']} after the clock started; "
+            "the slow (compiling) iterations: "
+            + (", ".join(f"{k}: {v} s" for k, v in c.get("slow_iterations", {}).items()) or "none")
         )
         lines += [f"- {reason}" for reason in c["cudagraph_skip_reasons"]]
     return lines

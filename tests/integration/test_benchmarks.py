@@ -540,11 +540,12 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
                 log_cudagraph_skip_and_bump_counter(skip)  # the same graph again: one reason
 
     cfg = bench.compose_cfg("quickstart", 4, 2, ["model.speed.compile=eager", "threads=1"])
-    watch = bench.CompileWatch()
+    watch = bench.CompileWatch(slow=0.0)  # every iteration noted as slow
     result = bench.fit(cfg, torch.device("cpu"), warmup=1, callbacks=[SkipOnce()], watch=watch)
     compiled = result["compile"]
     assert compiled["graphs"] >= 3 and compiled["graph_breaks"] == 0  # G, D, the target at least
     assert compiled["cudagraph_skips"] == 2
+    assert list(compiled["slow_iterations"]) == [0, 1] and compiled["slow_iterations"][0] > 0
     assert recorded == [(0,), (1,)]  # through the watch to the manager's own method, now back in place
     assert (compiled["cudagraph_recordings"], compiled["cudagraph_recordings_timed"]) == (2, 1)
     CUDAGraphTreeManager.record_function(None, 2)
@@ -568,4 +569,5 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
     )
     assert "cifar10 defaults + cuda_graphs:" in text and "CUDA graphs skipped: 2" in text
     assert "recorded 2 times, 1 after the clock started" in text
+    assert f"the slow (compiling) iterations: 0: {compiled['slow_iterations'][0]} s, 1: " in text
     assert "\n- skipping cudagraphs due to mutated inputs" in text
