@@ -196,43 +196,51 @@ class CompileWatch(L.Callback):
             print(f"    iteration {pl_module.k - 1}: {seconds:.1f} s (compiling)", flush=True)
 
     def __enter__(self) -> CompileWatch:
+        """Counts from zero, listens to inductor's loggers and counts CUDA graph recordings. Only through
+        what torch's versions have long had (the device machine's torch is not this one): what is missing
+        is left uncounted, never an error that would cost a lent GPU's run."""
         from torch._dynamo.utils import counters
-        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
-        from torch._inductor.cudagraph_utils import cudagraphs_log
 
         watch = self
-        self._record = record = CUDAGraphTreeManager.record_function
+        counters.clear()  # this run's counts (a bench process runs one variant at a time)
 
-        def recording(manager, *args, **kwargs):
-            watch.recordings.append(time.perf_counter())
-            return record(manager, *args, **kwargs)
-
-        CUDAGraphTreeManager.record_function = recording
-
-        class Reasons(logging.Handler):
+        class Reasons(logging.Handler):  # inductor's skip warnings, which propagate from its loggers
             def emit(self, record: logging.LogRecord) -> None:
                 first = record.getMessage().splitlines()[0].strip()  # the stack trace follows: long
-                if record.levelno >= logging.WARNING and first not in watch.reasons:
+                skipped = first.startswith("skipping cudagraph")
+                if skipped and record.levelno >= logging.WARNING and first not in watch.reasons:
                     watch.reasons.append(first)
 
-        counters.clear()  # this run's counts (a bench process runs one variant at a time)
         self._handler = Reasons()
-        cudagraphs_log.addHandler(self._handler)
+        logging.getLogger("torch._inductor").addHandler(self._handler)
+        try:
+            from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+        except ImportError:
+            return self
+        record = self._record = getattr(CUDAGraphTreeManager, "record_function", None)
+        if record is not None:
+
+            def recording(manager, *args, **kwargs):
+                watch.recordings.append(time.perf_counter())
+                return record(manager, *args, **kwargs)
+
+            CUDAGraphTreeManager.record_function = recording
         return self
 
     def __exit__(self, *exc) -> None:
-        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
-        from torch._inductor.cudagraph_utils import cudagraphs_log
+        logging.getLogger("torch._inductor").removeHandler(self._handler)
+        if self._record is not None:
+            from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
 
-        cudagraphs_log.removeHandler(self._handler)
-        CUDAGraphTreeManager.record_function = self._record
+            CUDAGraphTreeManager.record_function = self._record
 
     def report(self, timed_from: float | None = None) -> dict:
         """The counts; with `timed_from` (a perf_counter time) also the recordings made after it."""
         from torch._dynamo.utils import counters
 
         inductor, aot = counters["inductor"], counters["aot_autograd"]
-        timed = None if timed_from is None else sum(t > timed_from for t in self.recordings)
+        counted = self._record is not None  # (a torch without the method: recordings not counted)
+        timed = None if timed_from is None or not counted else sum(t > timed_from for t in self.recordings)
         return {
             "graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values()),
@@ -243,7 +251,7 @@ class CompileWatch(L.Callback):
             "aot_autograd_cache": {"hits": aot["autograd_cache_hit"], "misses": aot["autograd_cache_miss"]},
             "cudagraph_skips": inductor["cudagraph_skips"],
             "cudagraph_skip_reasons": list(self.reasons),
-            "cudagraph_recordings": len(self.recordings),
+            "cudagraph_recordings": len(self.recordings) if counted else None,
             "cudagraph_recordings_timed": timed,
             "slow_iterations": dict(self.slow_iterations),  # iteration: seconds, those >= `slow`
         }
