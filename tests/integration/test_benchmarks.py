@@ -555,6 +555,10 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
     ]
     log_cudagraph_skip_and_bump_counter("skipping cudagraphs after the run")  # the handler is gone
     assert watch.reasons == compiled["cudagraph_skip_reasons"]
+    # a run after it (another variant, a repeat) compiles its own graphs: nothing left in Dynamo's caches
+    # to reuse or to fill up (past its recompile limit a network would run eagerly)
+    again = bench.fit(cfg, torch.device("cpu"), warmup=1)["compile"]
+    assert again["graphs"] == compiled["graphs"] and not again["cudagraph_skip_reasons"]
     bench_result = {
         "configs": {
             "cifar10": {
