@@ -257,14 +257,8 @@ def fit(cfg, device: torch.device, warmup: int, callbacks=(), watch: CompileWatc
     read even if the run fails)."""
     if watch is None and cfg.model.speed.get("compile"):
         watch = CompileWatch()
-    if cfg.model.speed.get("compile"):
-        # Dynamo's caches outlive a run: the next variant's networks (same code, other settings) would add
-        # their graphs to the earlier runs', and past torch._dynamo.config.recompile_limit (8 per function)
-        # a network runs eagerly, silently but for a warning. Each compiled run starts afresh (inductor's
-        # cache on disk still spares the code generation of graphs it has seen).
-        torch._dynamo.reset()
     start = time.perf_counter()
-    apply_process_settings(cfg)
+    apply_process_settings(cfg)  # a compiled run: Dynamo's caches reset (none of an earlier variant's)
     L.seed_everything(0, verbose=False)
     model = instantiate(cfg.model)
     datamodule = instantiate(cfg.data)

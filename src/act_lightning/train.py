@@ -92,6 +92,13 @@ def apply_process_settings(cfg: DictConfig) -> None:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     use_compile_cache(cfg.get("compile_cache"))
+    if OmegaConf.select(cfg, "model.speed.compile", default=False):
+        # The jobs of a multirun share one process (Hydra's basic launcher): Dynamo's caches would carry
+        # each job's graphs into the next, where networks of other settings add theirs until, past
+        # torch._dynamo.config.recompile_limit (8 per function), a network runs eagerly, silently but for
+        # a warning; CUDA graph trees would keep the last job's memory pools. Each compiled run starts
+        # afresh, as a job of its own process would (inductor's cache on disk spares the code generation).
+        torch._dynamo.reset()
 
 
 def use_compile_cache(folder) -> None:

@@ -130,6 +130,24 @@ def test_compile_cache_is_where_inductor_keeps_its_graphs_and_kernels(tmp_path, 
     torch.backends.cuda.matmul.allow_tf32 = False  # as the other tests expect it
 
 
+def test_each_compiled_run_starts_with_dynamos_caches_empty():
+    """The jobs of a multirun share one process: a compiled job starts as a job of its own process would,
+    with nothing of the last job's graphs (which would fill Dynamo's recompile limit until a network ran
+    eagerly, and hold CUDA graph trees' memory). An uncompiled run leaves the caches alone."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    double = torch.compile(lambda x: 2 * x, backend="eager")
+    x = torch.ones(3)
+    double(x)
+    compiled = {"model": {"speed": {"compile": "aot_eager"}}, "tf32": False}
+    for cfg, compiles in [({"model": {"speed": {"compile": False}}, "tf32": False}, 1), (compiled, 2)]:
+        apply_process_settings(OmegaConf.create(cfg))
+        double(x)
+        assert counters["stats"]["unique_graphs"] == compiles
+
+
 GRAPH_SOURCES: list[str] = []  # the stack traces in each graph that `act_test_graphs` was given
 
 
