@@ -110,8 +110,10 @@ def nonfinite_tensors(state_dict: dict[str, Tensor]) -> str:
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConfig]:
-    """A checkpoint written by act_lightning.train and the training config stored in it."""
-    checkpoint = read_checkpoint(path, key)
+    """A checkpoint written by act_lightning.train and the training config stored in it. Memory-mapped:
+    what the commands do not use (the optimisers' states, more than half of a paper checkpoint) is never
+    read from disk."""
+    checkpoint = read_checkpoint(path, key, mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{key}={path}: not a checkpoint written by act_lightning.train (no state_dict)")
     if "act_config" not in checkpoint:
