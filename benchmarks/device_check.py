@@ -489,6 +489,22 @@ def compile_lines(config: str, compiled: dict) -> list[str]:
     return lines
 
 
+def fid_lines(result: dict) -> list[str]:
+    """The 50k FID's wall clock and where it went: evaluate's stages (`stage_seconds`); what they leave of
+    the wall clock is the interpreter's start, the imports and Hydra."""
+    inner = result["results"]["1-step"].get("seconds")
+    lines = [
+        f"{result['num_samples']:,}-sample FID end to end: {result['wall_seconds']:.1f} s "
+        f"(the sampler's own seconds in evaluate's report: {_fmt(inner, '.1f')} s)"
+    ]
+    stages = result.get("stage_seconds")
+    if stages:  # an evaluate from before the stages were timed has none
+        start = result["wall_seconds"] - stages["total"]
+        parts = ", ".join(f"{name} {value:.1f}" for name, value in stages.items() if name != "total")
+        lines.append(f"stages (s): start-up and imports {start:.1f}, {parts}")
+    return lines
+
+
 def summary_markdown(outcomes: list[dict], machine: str, notes: list[str] = ()) -> str:
     lines = ["# Device check (issue 21)", "", machine, *[f"\n{n}" for n in notes], ""]
     lines += ["| step | status | seconds |", "|---|---|---|"]
@@ -499,12 +515,8 @@ def summary_markdown(outcomes: list[dict], machine: str, notes: list[str] = ()) 
         lines += ["", f"## {o['name']}", ""]
         try:
             result = o["result"]
-            if "wall_seconds" in result:  # fid_50k: evaluate's own timing of the sampler beside the total
-                inner = result["results"]["1-step"].get("seconds")
-                lines.append(
-                    f"{result['num_samples']:,}-sample FID end to end: {result['wall_seconds']:.1f} s "
-                    f"(the sampler's own seconds in evaluate's report: {_fmt(inner, '.1f')} s)"
-                )
+            if "wall_seconds" in result:  # fid_50k: evaluate's own timings beside the total
+                lines += fid_lines(result)
             else:
                 lines += profile_lines(result) if "variants" in result else bench_lines(result)
         except (KeyError, TypeError) as err:  # a result of another shape: the JSON still has it

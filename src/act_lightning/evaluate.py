@@ -70,7 +70,9 @@ def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates `cfg.ckpt`; returns (and writes) the results."""
     ckpt = Path(cfg.ckpt)
+    lap = Laps()
     checkpoint, run = load_checkpoint(ckpt)
+    lap("checkpoint")
     ev = _apply_overrides(run, cfg)
     check_options(cfg)
     seeds = sampling_seeds(cfg)
@@ -79,12 +81,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
 
     model = build_model(checkpoint, run, device)
+    lap("networks")
     datamodule = reference_datamodule(ev, run)
     extractor, reference = build_reference(ev, datamodule, weights, cfg.batch_size, device)
     dinov2 = None if dinov2_weights is None else build_dinov2(ev, dinov2_weights, device)
+    lap("reference")
     real, dinov2_reference = real_references(  # kid/pr's and fd_dinov2's from one read of the images
         metrics, str(ev.reference), datamodule, extractor, dinov2, cfg.num_samples, cfg.batch_size, device
     )
+    lap("real_references")
     name = ev.key.split("/")[-1]  # fid (Inception features) or fd (the quickstart's)
     results = {}
     for sampler in cfg.samplers:
@@ -95,6 +100,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             result.update(taps.values(real, dinov2_reference))
             per_seed.append(result)
         results[sampler] = over_seeds(per_seed, seeds)
+    lap("samplers")
     summary = {
         "checkpoint": str(ckpt.resolve()),
         "iteration": checkpoint_iteration(checkpoint),
@@ -110,11 +116,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "inception_resize": ev.inception_resize if ev.features == "inception" else None,
         "device": str(device),
         "results": results,
+        "stage_seconds": lap.seconds,
     }
     output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
     output.write_text(json.dumps(summary, indent=2))
     summary["output"] = str(output)
     return summary
+
+
+class Laps:
+    """Wall-clock seconds of consecutive stages: `lap(name)` ends the stage begun at the last lap (or at
+    creation); `seconds` maps each name to its duration and `total` to the time since creation, rounded
+    to 0.1 s. What an evaluation spends besides its samplers (reading the checkpoint, building networks
+    on the device, the reference statistics) then shows in its JSON; the process's start and imports come
+    before it."""
+
+    def __init__(self) -> None:
+        self._laps: dict[str, float] = {}
+        self._last = self._first = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if name in self._laps or name == "total":
+            raise ValueError(f"stage {name!r} timed twice")
+        now = time.perf_counter()
+        self._laps[name], self._last = now - self._last, now
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        laps = {**self._laps, "total": self._last - self._first}
+        return {name: round(value, 1) for name, value in laps.items()}
 
 
 def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str]) -> tuple:

@@ -514,6 +514,24 @@ def test_device_check_summary_shows_each_variants_unprofiled_speed():
     assert "defaults, not profiled: 4.500 it/s over 16" in text and "| defaults | no_r1 | 300.0 |" in text
 
 
+def test_device_check_summary_splits_the_50k_fid_into_start_up_and_evaluates_stages():
+    check = _load_benchmark("device_check")
+    stages = {"checkpoint": 0.4, "networks": 2.1, "reference": 3.0, "real_references": 0.0, "samplers": 18.4}
+    result = {
+        "num_samples": 50_000,
+        "wall_seconds": 38.5,
+        "results": {"1-step": {"fid": 1.0, "seconds": 18.4}},
+        "stage_seconds": {**stages, "total": 23.9},
+    }
+    text = check.summary_markdown([{"name": "fid_50k", "status": "ok", "seconds": 40, "result": result}], "m")
+    wall = "50,000-sample FID end to end: 38.5 s (the sampler's own seconds in evaluate's report: 18.4 s)"
+    assert wall in text
+    assert "stages (s): start-up and imports 14.6, checkpoint 0.4, networks 2.1, reference 3.0, " in text
+    del result["stage_seconds"]  # an evaluate from before the stages were timed
+    outcome = {"name": "fid_50k", "status": "ok", "result": result}
+    assert "stages" not in check.summary_markdown([outcome], "m")
+
+
 @pytest.mark.slow
 def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_its_reason(monkeypatch):
     """A CUDA graphs variant whose graphs inductor skipped runs no faster, and inductor says why only in a

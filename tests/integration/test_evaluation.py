@@ -81,6 +81,27 @@ def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkp
     assert out["results"]["2-step"]["taus"] == [80.0, 1.3824]
     assert out["results"]["2-step"]["fid"] != out["results"]["1-step"]["fid"]
     assert f"1-step: {out['results']['1-step']['fid']:.4f}" in result.stdout
+    stages = out["stage_seconds"]  # where the time went besides the samplers
+    assert list(stages) == ["checkpoint", "networks", "reference", "real_references", "samplers", "total"]
+    sampled = out["results"]["1-step"]["seconds"] + out["results"]["2-step"]["seconds"]
+    assert stages["samplers"] == pytest.approx(sampled, abs=0.3)
+    assert stages["total"] == pytest.approx(sum(list(stages.values())[:-1]), abs=0.3)
+
+
+def test_laps_time_consecutive_stages_and_refuse_a_stage_twice(monkeypatch):
+    from act_lightning import evaluate as evaluate_module
+
+    clock = iter([10.0, 10.5, 12.0, 12.04])
+    monkeypatch.setattr(evaluate_module.time, "perf_counter", lambda: next(clock))
+    lap = evaluate_module.Laps()
+    lap("checkpoint")
+    lap("networks")
+    with pytest.raises(ValueError, match="stage 'networks' timed twice"):
+        lap("networks")
+    with pytest.raises(ValueError, match="stage 'total' timed twice"):
+        lap("total")
+    lap("samplers")
+    assert lap.seconds == {"checkpoint": 0.5, "networks": 1.5, "samplers": 0.0, "total": 2.0}
 
 
 def _evaluate(overrides: list[str]):
