@@ -136,7 +136,9 @@ class Laps:
         self._last = self._first = time.perf_counter()
 
     def __call__(self, name: str) -> None:
-        if name in self._laps or name == "total":
+        if name == "total":
+            raise ValueError("'total' is the sum's name, not a stage's")
+        if name in self._laps:
             raise ValueError(f"stage {name!r} timed twice")
         now = time.perf_counter()
         self._laps[name], self._last = now - self._last, now

@@ -98,7 +98,7 @@ def test_laps_time_consecutive_stages_and_refuse_a_stage_twice(monkeypatch):
     lap("networks")
     with pytest.raises(ValueError, match="stage 'networks' timed twice"):
         lap("networks")
-    with pytest.raises(ValueError, match="stage 'total' timed twice"):
+    with pytest.raises(ValueError, match="'total' is the sum's name"):
         lap("total")
     lap("samplers")
     assert lap.seconds == {"checkpoint": 0.5, "networks": 1.5, "samplers": 0.0, "total": 2.0}
