@@ -165,6 +165,11 @@ class CompileWatch(L.Callback):
     cache hits, and the graphs inductor left without CUDA graphs under `compile_mode=reduce-overhead`,
     with its reasons. A skipped graph launches its kernels one by one, and inductor says so only in a
     warning among the compile logs: a CUDA graphs variant that runs no faster should say why here.
+    Under inductor's graph partitioning (its default in recent torch) a graph is not skipped whole:
+    inductor cuts it around each operation it cannot capture (a copy between devices, an operation on
+    the host's tensors, a data-dependent shape) and launches those parts' kernels one by one, which it
+    logs only at debug level; the watch keeps each such cut with its reason and operation as well
+    (seen where a graph is compiled, not where it comes from inductor's cache).
 
     Also when each CUDA graph was recorded (CUDA graph trees run a graph's first call as a warm-up, record
     it at the second, replay it from the third; a recording costs about what an uncaptured run does):
@@ -174,10 +179,11 @@ class CompileWatch(L.Callback):
 
     def __init__(self, slow: float = 5.0) -> None:
         self.reasons: list[str] = []
+        self.partitions: list[str] = []  # "<reason>: <operation>" of each cut around uncapturable work
         self.recordings: list[float] = []  # time.perf_counter() of each CUDA graph recording
         self.slow, self.slow_iterations = slow, {}
         self._handler: logging.Handler | None = None
-        self._record = None
+        self._record = self._partition = None
         self._began = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -207,6 +213,7 @@ class CompileWatch(L.Callback):
 
         self._handler = Reasons()
         logging.getLogger("torch._inductor").addHandler(self._handler)
+        self._watch_partitions()
         try:
             from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
         except ImportError:
@@ -221,8 +228,42 @@ class CompileWatch(L.Callback):
             CUDAGraphTreeManager.record_function = recording
         return self
 
+    def _watch_partitions(self) -> None:
+        """Wraps inductor's `Scheduler.should_partition` (the reason a node cannot be captured, or None)
+        to keep the reasons it gives for the nodes of graphs on a GPU while CUDA graphs are on."""
+        try:
+            from torch._inductor import config
+            from torch._inductor.scheduler import Scheduler
+            from torch._inductor.utils import is_gpu
+            from torch._inductor.virtualized import V
+        except ImportError:
+            return
+        partition = self._partition = getattr(Scheduler, "should_partition", None)
+        if partition is None:
+            return
+        watch = self
+
+        def partitioning(scheduler, node, *args, **kwargs):
+            reason = partition(scheduler, node, *args, **kwargs)
+            if reason and config.triton.cudagraphs and len(watch.partitions) < 50:
+                with contextlib.suppress(Exception):  # a report, never a failed compile
+                    if any(is_gpu(device) for device in V.graph.device_types):
+                        origin = node.node.get_origin_node() if node.node is not None else None
+                        what = f"{reason if isinstance(reason, str) else 'partitioned'}: " + (
+                            str(origin.target) if origin is not None else type(node.node).__name__
+                        )
+                        if what not in watch.partitions:
+                            watch.partitions.append(what)
+            return reason
+
+        Scheduler.should_partition = partitioning
+
     def __exit__(self, *exc) -> None:
         logging.getLogger("torch._inductor").removeHandler(self._handler)
+        if self._partition is not None:
+            from torch._inductor.scheduler import Scheduler
+
+            Scheduler.should_partition = self._partition
         if self._record is not None:
             from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
 
@@ -245,6 +286,7 @@ class CompileWatch(L.Callback):
             "aot_autograd_cache": {"hits": aot["autograd_cache_hit"], "misses": aot["autograd_cache_miss"]},
             "cudagraph_skips": inductor["cudagraph_skips"],
             "cudagraph_skip_reasons": list(self.reasons),
+            "cudagraph_partitions": list(self.partitions),  # the cuts, "<reason>: <operation>" (GPU only)
             "cudagraph_recordings": len(self.recordings) if counted else None,
             "cudagraph_recordings_timed": timed,
             "slow_iterations": dict(self.slow_iterations),  # iteration: seconds, those >= `slow`

@@ -473,7 +473,8 @@ def bench_lines(bench: dict) -> list[str]:
 
 def compile_lines(config: str, compiled: dict) -> list[str]:
     """What torch.compile did in each compiled variant (bench_train's CompileWatch): graphs, breaks, cache
-    hits, and every graph inductor left without CUDA graphs, with its reason."""
+    hits, every graph inductor left without CUDA graphs, with its reason, and every operation it cut out
+    of one (graph partitioning), with its reason."""
     lines = []
     for name, c in compiled.items():
         fx, aot = c["fx_graph_cache"], c["aot_autograd_cache"]
@@ -486,6 +487,8 @@ def compile_lines(config: str, compiled: dict) -> list[str]:
             + (", ".join(f"{k}: {v} s" for k, v in c.get("slow_iterations", {}).items()) or "none")
         )
         lines += [f"- {reason}" for reason in c["cudagraph_skip_reasons"]]
+        cuts = c.get("cudagraph_partitions", [])  # (results from before the watch kept them: none)
+        lines += [f"- cut out of a CUDA graph, {cut}" for cut in cuts]
     return lines
 
 

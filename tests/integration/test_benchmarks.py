@@ -532,6 +532,52 @@ def test_device_check_summary_splits_the_50k_fid_into_start_up_and_evaluates_sta
     assert "stages" not in check.summary_markdown([outcome], "m")
 
 
+def test_the_compile_watch_keeps_each_operation_inductor_cuts_out_of_a_cuda_graph(monkeypatch):
+    """Under graph partitioning inductor does not skip a graph whole: it cuts the operations it cannot
+    capture out of it (their kernels then launch one by one) and says so at debug level only. The watch
+    keeps each cut's reason and operation, for graphs on a GPU while CUDA graphs are on, once each, and
+    puts inductor's own method back afterwards; device_check's summary lists them."""
+    from types import SimpleNamespace
+
+    from torch._inductor import config
+    from torch._inductor.scheduler import Scheduler
+    from torch._inductor.virtualized import V
+
+    bench, check = _load_benchmark("bench_train"), _load_benchmark("device_check")
+    reasons = {"copy": "DeviceCopy ops", "nonzero": "unbacked binding ops", "add": None}
+    monkeypatch.setattr(Scheduler, "should_partition", lambda self, node: reasons[node.name])
+    own = Scheduler.should_partition
+
+    def node(name, target=None):
+        origin = None if target is None else SimpleNamespace(target=target)
+        return SimpleNamespace(name=name, node=SimpleNamespace(get_origin_node=lambda: origin))
+
+    def decide(devices, *nodes):
+        with V.set_graph_handler(SimpleNamespace(device_types=devices)):
+            return [Scheduler.should_partition(None, n) for n in nodes]
+
+    nodes = [node("copy", "aten._to_copy.default"), node("nonzero"), node("add", "aten.add.Tensor")]
+    watch = bench.CompileWatch()
+    with watch, config.patch({"triton.cudagraphs": True}):
+        decided = decide({"cuda"}, *nodes, nodes[0])
+        assert decided == ["DeviceCopy ops", "unbacked binding ops", None, "DeviceCopy ops"]
+        decide({"cpu"}, node("copy", "aten.cpu_only.default"))  # a graph on the host: no CUDA graph to cut
+        with config.patch({"triton.cudagraphs": False}):
+            decide({"cuda"}, node("copy", "aten.no_cuda_graphs.default"))
+    assert Scheduler.should_partition is own
+    decide({"cuda"}, node("copy", "aten.after_the_run.default"))
+    report = watch.report()
+    assert report["cudagraph_partitions"] == [
+        "DeviceCopy ops: aten._to_copy.default",
+        "unbacked binding ops: SimpleNamespace",
+    ]
+    compiled = {**report, "graphs": 3, "cudagraph_recordings": 1, "cudagraph_recordings_timed": 0}
+    text = "\n".join(check.compile_lines("cifar10", {"fast+cuda_graphs": compiled}))
+    assert "\n- cut out of a CUDA graph, DeviceCopy ops: aten._to_copy.default" in text
+    del compiled["cudagraph_partitions"]  # a result from before the watch kept them
+    assert "cut out" not in "\n".join(check.compile_lines("cifar10", {"fast+cuda_graphs": compiled}))
+
+
 @pytest.mark.slow
 def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_its_reason(monkeypatch):
     """A CUDA graphs variant whose graphs inductor skipped runs no faster, and inductor says why only in a
