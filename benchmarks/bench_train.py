@@ -125,6 +125,13 @@ LEVERS = {
 }
 # the same with cuDNN's autotuner: inductor leaves the convolutions to cuDNN (49 ms of the 125)
 LEVERS["cuda_graphs_flex_r1_cudnn"] = [*LEVERS["cuda_graphs_flex_r1"], "trainer.benchmark=true"]
+# Not a speed option: the iteration while the augmentation pipeline runs. Every variant starts at p = 0,
+# where the pipeline is skipped (lazy_augment); CIFAR-10's controller raises p whenever the R1 statistic
+# passes model.r1_threshold, and then each iteration augments three times (the generator's prediction,
+# D's fakes and reals), some 570 operators each, eagerly, outside any compiled graph. A threshold of 0
+# raises p at the first R1 iteration (k = 0), so every later one augments.
+LEVERS["augmenting"] = ["model.r1_threshold=0"]
+LEVERS["cuda_graphs_flex_r1_augmenting"] = [*LEVERS["cuda_graphs_flex_r1"], *LEVERS["augmenting"]]
 GPU_ONLY = ("cudnn_benchmark", "cuda_graphs_flex_r1_cudnn")  # no effect on the CPU (or compiled: GPU only)
 COMPILED = tuple(name for name, overrides in LEVERS.items() if "model.speed.compile=true" in overrides)
 PEAK_TFLOPS = {  # dense tensor-core peaks (NVIDIA data sheets, SXM parts): (fp32, tf32, bf16)

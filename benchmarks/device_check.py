@@ -181,9 +181,17 @@ def steps() -> list[Step]:
             after="bench_cuda_graphs_flex_r1",
         ),
         lever_step("bench_cudnn_benchmark", "cudnn_benchmark", 120, 60, warmup=5),  # eager: about a minute
+        lever_step("bench_augmenting", "augmenting", 120, 60),  # what augmentation costs the defaults
         lever_step(  # the candidate's graphs again (a warm cache) with cuDNN's autotuner
             "bench_cuda_graphs_flex_r1_cudnn",
             "cuda_graphs_flex_r1_cudnn",
+            300,
+            150,
+            after="bench_cuda_graphs_flex_r1",
+        ),
+        lever_step(  # the candidate while augmenting: its pipeline runs eagerly, between the graphs
+            "bench_cuda_graphs_flex_r1_augmenting",
+            "cuda_graphs_flex_r1_augmenting",
             300,
             150,
             after="bench_cuda_graphs_flex_r1",

@@ -286,10 +286,18 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
     first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cudnn_benchmark"]
-    then = ["bench_cuda_graphs_flex_r1_cudnn", "bench_cuda_graphs_flex", "bench_cuda_graphs_classic"]
-    assert [s.name for s in plan][:7] == [*first, *then]
+    then = ["bench_augmenting", "bench_cuda_graphs_flex_r1_cudnn", "bench_cuda_graphs_flex_r1_augmenting"]
+    then += ["bench_cuda_graphs_flex", "bench_cuda_graphs_classic"]
+    assert [s.name for s in plan][:9] == [*first, *then]
     by_name = {s.name: s for s in plan}
-    assert by_name["bench_cuda_graphs_flex_r1_cudnn"].after == "bench_cuda_graphs_flex_r1"
+    for lever in ("cudnn", "augmenting"):  # the candidate's graphs again (warm), and only if it compiled
+        assert by_name[f"bench_cuda_graphs_flex_r1_{lever}"].after == "bench_cuda_graphs_flex_r1"
+    bench = _load_benchmark("bench_train")
+    assert bench.LEVERS["augmenting"] == ["model.r1_threshold=0"]  # p rises at the first R1 iteration
+    assert bench.LEVERS["cuda_graphs_flex_r1_augmenting"] == [
+        *bench.LEVERS["cuda_graphs_flex_r1"],
+        *bench.LEVERS["augmenting"],
+    ]
     for kind in ("flex_r1", "flex", "classic"):
         argv = by_name[f"bench_cuda_graphs_{kind}"].argv
         levers = argv[argv.index("--levers") + 1 : argv.index("--iterations")]
