@@ -119,14 +119,22 @@ def _reflect_index(i: Tensor, size: int) -> Tensor:
 
 
 class _Draws:
-    """The random numbers of one forward pass: two kernel launches, handed out a (B,) row at a time."""
+    """The random numbers of one forward pass (`draw`: two kernel launches), handed out a (B,) row at a
+    time."""
 
     NUM_UNIFORM, NUM_NORMAL = 21, 7  # what all operations together consume
 
-    def __init__(self, batch: int, device: torch.device, generator: torch.Generator | None) -> None:
-        self.template = torch.zeros(batch, device=device)  # a (B,) tensor for _matrix to imitate
-        self._uniform = iter(torch.rand(self.NUM_UNIFORM, batch, device=device, generator=generator))
-        self._normal = iter(torch.randn(self.NUM_NORMAL, batch, device=device, generator=generator))
+    def __init__(self, uniform: Tensor, normal: Tensor) -> None:
+        self.template = torch.zeros(uniform.shape[1], device=uniform.device)  # (B,), for _matrix to imitate
+        self._uniform, self._normal = iter(uniform), iter(normal)
+
+    @classmethod
+    def draw(
+        cls, batch: int, device: torch.device, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """(uniform (21, B), normal (7, B)): all the random numbers of one forward pass."""
+        uniform = torch.rand(cls.NUM_UNIFORM, batch, device=device, generator=generator)
+        return uniform, torch.randn(cls.NUM_NORMAL, batch, device=device, generator=generator)
 
     def uniform(self) -> Tensor:
         return next(self._uniform)
@@ -234,6 +242,7 @@ class AugmentPipe(nn.Module):
         lowpass = torch.tensor(_SYM6, dtype=torch.float64)
         self.register_buffer("lowpass", (lowpass / lowpass.sum()).float(), persistent=False)
         self.register_buffer("turns", torch.tensor(turns, dtype=torch.float32), persistent=False)
+        self._transform = self.transform  # compile_transform: its compiled form
 
     def extra_repr(self) -> str:
         names = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
@@ -253,13 +262,23 @@ class AugmentPipe(nn.Module):
             raise ValueError(f"90-degree rotations need square images, got {height}x{width}")
         if isinstance(p, (int, float)) and p == 0:
             return images  # a Python zero is known on the host: nothing to draw, nothing to compute
+        p = _as_float_tensors(p, device=images.device)[0]
+        uniform, normal = _Draws.draw(batch, images.device, generator)
+        return self._transform(images, p, uniform, normal)
 
-        device = images.device
+    def compile_transform(self, **options) -> None:
+        """Runs `transform` compiled by `torch.compile(**options)` from now on (model.speed.compile_augment):
+        everything but the two random draws, which stay eager (a generator cannot be traced)."""
+        self._transform = torch.compile(self.transform, **options)
+
+    def transform(self, images: Tensor, p: Tensor, uniform: Tensor, normal: Tensor) -> Tensor:
+        """The augmentation of `images` with probability p per operation, given all its random numbers
+        (`_Draws.draw`): a fixed function of its inputs, which torch.compile traces as one graph."""
+        batch, channels, height, width = images.shape
         # Everything runs in float32 whatever the autocast state: half-precision coordinates would
         # misplace pixels of a 256x256 image, and untouched examples must stay exact.
-        with torch.autocast(device.type, enabled=False):
-            p = _as_float_tensors(p, device=device)[0]
-            draws = _Draws(batch, device, generator)
+        with torch.autocast(images.device.type, enabled=False):
+            draws = _Draws(uniform, normal)
             x = images.float()  # (B, C, H, W)
 
             blit = self._sample_blit(draws, p, height, width)  # (B, 3, 3)
@@ -411,8 +430,9 @@ class AugmentPipe(nn.Module):
         ref = draws.template
         eye = torch.eye(4, device=ref.device)
         color = eye.expand(ref.shape[0], 4, 4)
-        vvt = torch.zeros(4, 4, device=ref.device)  # v v^T for v = (1, 1, 1, 0) / sqrt(3): projector onto
-        vvt[:3, :3] = 1 / 3  # the luma axis (filled in place: no host -> device copy)
+        # v v^T for v = (1, 1, 1, 0) / sqrt(3): the projector onto the luma axis. A fill on the device and a
+        # pad: no host -> device copy, and (unlike an assignment into a slice) no host tensor in a graph
+        vvt = F.pad(torch.full((3, 3), 1 / 3, device=ref.device), (0, 1, 0, 1))
 
         if self.brightness > 0:
             b = draws.normal() * self.brightness_std

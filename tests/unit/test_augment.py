@@ -250,6 +250,60 @@ def test_grey_images_skip_the_colour_only_ops():
     assert full.shape == x.shape and torch.isfinite(full).all() and changed(full, x).all()
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_compiled_transform_is_one_graph_and_computes_what_the_eager_one_computes(channels):
+    """model.speed.compile_augment: all but the two random draws (`transform`) traces as one graph, with no
+    break (under CUDA graphs one replay), and compiled it returns the eager pipeline's images and input
+    gradients from the same generator state, which it leaves where the eager pipeline leaves it. The
+    backend is AOTAutograd's graphs with eager kernels (inductor's code generation takes a minute here):
+    what tracing may change is caught, and the kernels are the eager ones, so the results agree exactly."""
+    pipe = AugmentPipe()
+    x = images(16, channels, 16, 16)
+    p = torch.tensor(0.1)  # some examples untouched (returned as they came), some augmented
+    uniform, normal = torch.rand(21, 16), torch.randn(7, 16)
+    explained = torch._dynamo.explain(pipe.transform)(x, p, uniform, normal)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager_x = x.clone().requires_grad_(True)
+    eager_g = seeded(3)
+    eager = pipe(eager_x, p, generator=eager_g)
+    eager.square().sum().backward()
+    pipe.compile_transform(backend="aot_eager", dynamic=False)
+    compiled_x = x.clone().requires_grad_(True)
+    compiled_g = seeded(3)
+    compiled = pipe(compiled_x, p, generator=compiled_g)
+    compiled.square().sum().backward()
+    assert changed(eager.detach(), x).any() and not changed(eager.detach(), x).all()
+    assert torch.equal(compiled, eager)
+    assert torch.equal(compiled_x.grad, eager_x.grad)
+    assert torch.equal(compiled_g.get_state(), eager_g.get_state())  # the same draws, eagerly
+    assert pipe(x, 0.0) is x  # a Python zero still returns at once
+
+
+def test_the_transform_keeps_every_value_on_the_images_device():
+    """Traced for CUDA tensors (fake ones: no GPU needed), no value of the transform's graph lives on the
+    host: a host tensor in a graph is a copy to the device, which inductor cuts out of a CUDA graph and runs
+    on its own (an assignment of a number into a slice of a tensor once made one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    pipe = AugmentPipe()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        for name, buffer in list(pipe.named_buffers()):
+            pipe._buffers[name] = mode.from_tensor(buffer).to("cuda")
+        x = torch.rand(4, 3, 16, 16, device="cuda")
+        args = (
+            x,
+            torch.full((), 0.5, device="cuda"),
+            torch.rand(21, 4, device="cuda"),
+            torch.randn(7, 4, device="cuda"),
+        )
+        graph = make_fx(lambda *a: pipe.transform(*a), tracing_mode="fake")(*args).graph
+    values = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert len(values) > 300  # the whole pipeline was traced
+    assert {v.device.type for v in values} == {"cuda"}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_synchronisation_on_cuda():
     pipe = AugmentPipe().cuda()
