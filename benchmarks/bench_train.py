@@ -115,12 +115,14 @@ LEVERS = {
         "model.speed.flex_attention=true",
     ],
     # The R1 iteration (one in 16) ran D eagerly: 79 ms of kernels and 6,700 more launches than the others
-    # (compiled profile); compile_r1 makes it one more (CUDA) graph
+    # (compiled profile); compile_r1 makes it one more (CUDA) graph. compile_augment compiles the
+    # augmentation pipeline too (idle at p = 0, so only the augmenting variants below see it)
     "cuda_graphs_flex_r1": [
         "model.speed.compile=true",
         "model.speed.compile_mode=reduce-overhead",
         "model.speed.flex_attention=true",
         "model.speed.compile_r1=true",
+        "model.speed.compile_augment=true",
     ],
 }
 # the same with cuDNN's autotuner: inductor leaves the convolutions to cuDNN (49 ms of the 125)
@@ -132,6 +134,10 @@ LEVERS["cuda_graphs_flex_r1_cudnn"] = [*LEVERS["cuda_graphs_flex_r1"], "trainer.
 # raises p at the first R1 iteration (k = 0), so every later one augments.
 LEVERS["augmenting"] = ["model.r1_threshold=0"]
 LEVERS["cuda_graphs_flex_r1_augmenting"] = [*LEVERS["cuda_graphs_flex_r1"], *LEVERS["augmenting"]]
+# the same with the pipeline eager (its default: about 1,700 operator calls an iteration between the graphs)
+LEVERS["cuda_graphs_flex_r1_augmenting_eagerly"] = [
+    o for o in LEVERS["cuda_graphs_flex_r1_augmenting"] if o != "model.speed.compile_augment=true"
+]
 GPU_ONLY = ("cudnn_benchmark", "cuda_graphs_flex_r1_cudnn")  # no effect on the CPU (or compiled: GPU only)
 COMPILED = tuple(name for name, overrides in LEVERS.items() if "model.speed.compile=true" in overrides)
 PEAK_TFLOPS = {  # dense tensor-core peaks (NVIDIA data sheets, SXM parts): (fp32, tf32, bf16)

@@ -168,7 +168,7 @@ def steps() -> list[Step]:
     # Then the eager steps (ImageNet 64 in one pass on 141 GB, the eager profile beside the compiled ones),
     # then what needs a cold compile of its own (inductor's cache of one mode did not shorten the other's
     # compile: a mode, or another attention, is other graphs), then what was measured already.
-    candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true"]
+    candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true", "model.speed.compile_augment=true"]
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
         lever_step("bench_cuda_graphs_flex_r1", "cuda_graphs_flex_r1", timeout=540, needs=150),
@@ -189,14 +189,21 @@ def steps() -> list[Step]:
             150,
             after="bench_cuda_graphs_flex_r1",
         ),
-        lever_step(  # the candidate while augmenting: its pipeline runs eagerly, between the graphs
+        lever_step(  # the candidate while augmenting (its pipeline compiled: one more graph, a cold compile)
             "bench_cuda_graphs_flex_r1_augmenting",
             "cuda_graphs_flex_r1_augmenting",
             300,
-            150,
+            180,
             after="bench_cuda_graphs_flex_r1",
         ),
         lever_step("bench_cuda_graphs_flex", "cuda_graphs_flex", 300, 150),
+        lever_step(  # what compiling the augmentation buys the candidate (its pipeline eager)
+            "bench_cuda_graphs_flex_r1_augmenting_eagerly",
+            "cuda_graphs_flex_r1_augmenting_eagerly",
+            300,
+            150,
+            after="bench_cuda_graphs_flex_r1_augmenting",
+        ),
         lever_step(
             "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex_r1"
         ),

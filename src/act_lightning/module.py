@@ -260,7 +260,7 @@ class ACTModule(L.LightningModule):
             else None
         )
         nets = [self.generator, self.target, self.teacher_ema, self.discriminator, self.distance]
-        self.speed.apply(nets, self.discriminator, self.generator, self.distance)
+        self.speed.apply(nets, self.discriminator, self.generator, self.distance, self.augment_pipe)
         self._init_training_state(r1_threshold)
 
     def _init_training_state(self, r1_threshold: float) -> None:

@@ -26,6 +26,7 @@ class SpeedOptions:
     fast_attention: bool = True  # fused attention kernel (classic in D's R1 pass); false: classic everywhere
     flex_attention: bool = False  # with compile, on a GPU: attention in the graphs as flex_attention's kernel
     compile_r1: bool = False  # with compile, on one device: the R1 pass one more compiled graph (not eager)
+    compile_augment: bool = False  # with compile: the augmentation pipeline's transform compiled too
     foreach_ema: bool = True  # the target EMA in one fused op over all tensors (false: a Python loop)
     joint_d_pass: bool = True  # D sees the fake and the real half in one pass (two on R1 iterations)
     lazy_augment: bool = True  # skip the augmentation pipeline while p == 0 (an exact no-op then)
@@ -55,11 +56,12 @@ class SpeedOptions:
                 "model.speed.flex_attention replaces the attention kernel inside compiled graphs: it needs "
                 "model.speed.compile=true (eager, flex_attention would write every score matrix)"
             )
-        if self.compile_r1 and not self.compile:
-            raise ValueError(
-                "model.speed.compile_r1 compiles the R1 pass as the other passes are: it needs "
-                "model.speed.compile=true"
-            )
+        for key, what in (("compile_r1", "the R1 pass"), ("compile_augment", "the augmentation pipeline")):
+            if getattr(self, key) and not self.compile:
+                raise ValueError(
+                    f"model.speed.{key} compiles {what} as the networks are compiled: it needs "
+                    "model.speed.compile=true"
+                )
         if self.flex_attention and not self.fast_attention:
             raise ValueError(
                 "model.speed.flex_attention runs the fused kernel outside compiled graphs: it needs "
@@ -72,10 +74,12 @@ class SpeedOptions:
         discriminator: nn.Module | None,
         generator: nn.Module | None = None,
         distance: object = None,
+        augment: object = None,
     ) -> None:
         """Puts the networks in the chosen memory format, attention kernel, checkpointing and compiled
         form. `generator` is the online network (the only one that trains through a consistency loss),
-        `distance` the consistency distance (the LPIPS options leave any other distance alone)."""
+        `distance` the consistency distance (the LPIPS options leave any other distance alone), `augment`
+        the augmentation pipeline (compiled with `compile_augment`)."""
         nets = [n for n in nets if isinstance(n, nn.Module)]
         if self.channels_last:  # NHWC weights: cuDNN's and oneDNN's convolutions then run NHWC throughout
             for net in nets:
@@ -103,6 +107,8 @@ class SpeedOptions:
         if self.compile:  # in place, so state-dict keys stay as they are
             for net in nets:
                 net.compile(**self.compile_options())
+        if self.compile_augment and augment is not None:  # its random draws stay eager
+            augment.compile_transform(**self.compile_options())
 
     def compile_options(self) -> dict:
         """torch.compile's arguments: the backend (a string names one), the mode, static shapes (each

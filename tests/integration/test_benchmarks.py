@@ -287,17 +287,34 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     plan = check.steps()
     first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cudnn_benchmark"]
     then = ["bench_augmenting", "bench_cuda_graphs_flex_r1_cudnn", "bench_cuda_graphs_flex_r1_augmenting"]
-    then += ["bench_cuda_graphs_flex", "bench_cuda_graphs_classic"]
-    assert [s.name for s in plan][:9] == [*first, *then]
+    then += [
+        "bench_cuda_graphs_flex",
+        "bench_cuda_graphs_flex_r1_augmenting_eagerly",
+        "bench_cuda_graphs_classic",
+    ]
+    assert [s.name for s in plan][:10] == [*first, *then]
     by_name = {s.name: s for s in plan}
     for lever in ("cudnn", "augmenting"):  # the candidate's graphs again (warm), and only if it compiled
         assert by_name[f"bench_cuda_graphs_flex_r1_{lever}"].after == "bench_cuda_graphs_flex_r1"
     bench = _load_benchmark("bench_train")
     assert bench.LEVERS["augmenting"] == ["model.r1_threshold=0"]  # p rises at the first R1 iteration
-    assert bench.LEVERS["cuda_graphs_flex_r1_augmenting"] == [
-        *bench.LEVERS["cuda_graphs_flex_r1"],
-        *bench.LEVERS["augmenting"],
-    ]
+    candidate_augmenting = bench.LEVERS["cuda_graphs_flex_r1_augmenting"]
+    assert candidate_augmenting == [*bench.LEVERS["cuda_graphs_flex_r1"], *bench.LEVERS["augmenting"]]
+    assert "model.speed.compile_augment=true" in bench.LEVERS["cuda_graphs_flex_r1"]  # the candidate's
+    for lever, compiled in (
+        ("cuda_graphs_flex_r1_augmenting", True),
+        ("cuda_graphs_flex_r1_augmenting_eagerly", False),
+    ):
+        speed = bench.compose_cfg("cifar10", 4, 2, bench.LEVERS[lever]).model.speed
+        assert (speed.compile_augment, speed.compile_r1, speed.compile_mode) == (
+            compiled,
+            True,
+            "reduce-overhead",
+        )
+    assert (
+        by_name["bench_cuda_graphs_flex_r1_augmenting_eagerly"].after
+        == "bench_cuda_graphs_flex_r1_augmenting"
+    )
     for kind in ("flex_r1", "flex", "classic"):
         argv = by_name[f"bench_cuda_graphs_{kind}"].argv
         levers = argv[argv.index("--levers") + 1 : argv.index("--iterations")]

@@ -153,7 +153,8 @@ def test_inductor_compiled_training_matches_eager(tmp_path, mode, attention):
     # The R1 pass (k = 0, 2) runs D eagerly; everything else runs inductor's kernels (CUDA graphs too);
     # classic: diffusers' classic attention everywhere (bench_train's cuda_graphs_classic), both runs;
     # flex: the compiled graphs attend with flex_attention's generated kernel, the eager run fused, and
-    # the R1 pass is a compiled graph too (compile_r1): bench_train's cuda_graphs_flex_r1. No graph
+    # the R1 pass and the augmentation pipeline (which SMALL_GPU runs from k = 1 on) are compiled graphs
+    # too (compile_r1, compile_augment): bench_train's cuda_graphs_flex_r1. No graph
     # breaks, and under CUDA graphs no graph that inductor left to launch its kernels one by one (which
     # only a warning in the log would say: its reason is there).
     from torch._dynamo.utils import counters
@@ -161,7 +162,12 @@ def test_inductor_compiled_training_matches_eager(tmp_path, mode, attention):
     compiled, eager = _Losses(), _Losses()
     same = ["iterations=4", *(["model.speed.fast_attention=false"] if attention == "classic" else [])]
     on = ["model.speed.compile=true", f"model.speed.compile_mode={mode}"]
-    on += ["model.speed.flex_attention=true", "model.speed.compile_r1=true"] if attention == "flex" else []
+    candidate = [
+        "model.speed.flex_attention=true",
+        "model.speed.compile_r1=true",
+        "model.speed.compile_augment=true",
+    ]
+    on += candidate if attention == "flex" else []
     torch._dynamo.reset()
     counters.clear()
     model = _fit_on_gpu(tmp_path / "compiled", [*same, *on], [compiled])

@@ -184,6 +184,29 @@ def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.slow
+def test_a_run_with_the_augmentation_compiled_computes_what_the_eager_run_computes(cfg_factory):
+    # The pipeline runs from k = 1 on (ACTIVE: p rises at the first R1 iteration), in the generator's loss
+    # (through it to G) and on D's halves; model.speed.compile_augment traces its transform as graphs of
+    # their own, AOTAutograd's graphs with eager kernels as in the test above.
+    from torch._dynamo.utils import counters
+
+    overrides = [*SMALL, *ACTIVE, "data.batch_size=2"]
+    torch._dynamo.reset()
+    counters.clear()
+    GRAPH_SOURCES.clear()
+    compiled_run = ["model.speed.compile=act_test_graphs", "model.speed.compile_augment=true"]
+    model, compiled_rows = fit_recording(cfg_factory([*overrides, *compiled_run]))
+    assert model.augment_pipe._transform is not model.augment_pipe.transform
+    assert any("in transform" in g for g in GRAPH_SOURCES)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    _, eager_rows = fit_recording(cfg_factory(overrides))
+    assert len(compiled_rows) == len(eager_rows) == 5
+    assert compiled_rows[-1]["train/aug_p"] > 0
+    for a, b in zip(compiled_rows, eager_rows, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
 def test_sampling_runs_the_compiled_target_eagerly(cfg_factory):
     """Evaluation and sample grids during a compiled run sample with the target's eager forward: each new
     batch size (and eval mode) would otherwise compile another graph of the generator (about a minute on a
@@ -224,6 +247,41 @@ def test_each_network_compiles_to_one_graph(cfg_factory, experiment):
     for name, (net, args) in calls.items():
         explained = torch._dynamo.explain(net)(*args)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
+
+
+def test_the_networks_keep_every_value_on_the_device_they_run_on(cfg_factory):
+    """Traced for CUDA tensors (fake ones: no GPU needed), no value of the CIFAR-10 generator's, D's or
+    LPIPS's graphs lives on the host: a host tensor in a graph is a copy to the device, which inductor cuts
+    out of a CUDA graph (compile_mode=reduce-overhead) and launches on its own (docs/performance.md)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = instantiate(cfg_factory([*SMALL, "experiment=cifar10", *LPIPS]).model)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        for module in model.modules():  # every parameter and buffer a fake CUDA tensor, in place
+            for name, param in list(module.named_parameters(recurse=False)):
+                fake = mode.from_tensor(param.detach()).to("cuda")
+                module._parameters[name] = torch.nn.Parameter(fake, param.requires_grad)
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None:
+                    module._buffers[name] = mode.from_tensor(buffer).to("cuda")
+        x, sigma = torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda") * 10
+        passes = {
+            "generator": lambda x, s: model.denoise(model.generator, x, s, None),
+            "discriminator": lambda x, s: model.discriminator(x, s, None),
+            "LPIPS": lambda x, s: model.distance(x, x.flip(-1)),
+        }
+        for name, run in passes.items():
+            graph = make_fx(run, tracing_mode="fake")(x, sigma).graph
+            values = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+            assert len(values) > 100, name
+            on_host = [
+                str(n.target)
+                for n in graph.nodes
+                if getattr(n.meta.get("val"), "device", None) == torch.device("cpu")
+            ]
+            assert {v.device.type for v in values} == {"cuda"}, (name, on_host)
 
 
 def _generator_update(cfg, device: str = "cpu") -> tuple[Tensor, Tensor]:
@@ -353,11 +411,25 @@ def test_the_compile_keys_are_checked_and_passed_to_torch_compile(monkeypatch):
         SpeedOptions(compile=True, compile_mode="fast")
     with pytest.raises(ValueError, match="needs model.speed.compile=true, got model.speed.compile='eager'"):
         SpeedOptions(compile="eager", compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="compile_augment compiles the augmentation pipeline .* needs model"):
+        SpeedOptions(compile_augment=True)
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
     SpeedOptions(compile=True, compile_mode="reduce-overhead").apply([torch.nn.Linear(1, 1)], None)
     # static shapes: a graph per batch size, which CUDA graphs need
     assert seen == [{"backend": "inductor", "mode": "reduce-overhead", "dynamic": False}]
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append((fn, kwargs)) or "compiled")
+    pipe = AugmentPipe()
+    SpeedOptions(compile=True).apply([], None, augment=pipe)
+    assert not compiled and pipe._transform == pipe.transform  # off unless asked for
+    SpeedOptions(compile=True, compile_mode="reduce-overhead", compile_augment=True).apply(
+        [], None, augment=pipe
+    )
+    assert compiled == [
+        (pipe.transform, {"backend": "inductor", "mode": "reduce-overhead", "dynamic": False})
+    ]
+    assert pipe._transform == "compiled"
 
 
 def test_cuda_graphs_mark_each_iteration_as_a_new_step(cfg_factory, monkeypatch):
