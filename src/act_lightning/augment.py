@@ -28,6 +28,7 @@ training step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +243,7 @@ class AugmentPipe(nn.Module):
         lowpass = torch.tensor(_SYM6, dtype=torch.float64)
         self.register_buffer("lowpass", (lowpass / lowpass.sum()).float(), persistent=False)
         self.register_buffer("turns", torch.tensor(turns, dtype=torch.float32), persistent=False)
-        self._transform = self.transform  # compile_transform: its compiled form
+        self._compiled: Callable[..., Tensor] | None = None  # compile_transform: `transform` compiled
 
     def extra_repr(self) -> str:
         names = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
@@ -264,12 +265,12 @@ class AugmentPipe(nn.Module):
             return images  # a Python zero is known on the host: nothing to draw, nothing to compute
         p = _as_float_tensors(p, device=images.device)[0]
         uniform, normal = _Draws.draw(batch, images.device, generator)
-        return self._transform(images, p, uniform, normal)
+        return (self._compiled or self.transform)(images, p, uniform, normal)
 
     def compile_transform(self, **options) -> None:
         """Runs `transform` compiled by `torch.compile(**options)` from now on (model.speed.compile_augment):
         everything but the two random draws, which stay eager (a generator cannot be traced)."""
-        self._transform = torch.compile(self.transform, **options)
+        self._compiled = torch.compile(self.transform, **options)
 
     def transform(self, images: Tensor, p: Tensor, uniform: Tensor, normal: Tensor) -> Tensor:
         """The augmentation of `images` with probability p per operation, given all its random numbers

@@ -197,7 +197,7 @@ def test_a_run_with_the_augmentation_compiled_computes_what_the_eager_run_comput
     GRAPH_SOURCES.clear()
     compiled_run = ["model.speed.compile=act_test_graphs", "model.speed.compile_augment=true"]
     model, compiled_rows = fit_recording(cfg_factory([*overrides, *compiled_run]))
-    assert model.augment_pipe._transform is not model.augment_pipe.transform
+    assert model.augment_pipe._compiled is not None
     assert any("in transform" in g for g in GRAPH_SOURCES)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     _, eager_rows = fit_recording(cfg_factory(overrides))
@@ -422,14 +422,14 @@ def test_the_compile_keys_are_checked_and_passed_to_torch_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append((fn, kwargs)) or "compiled")
     pipe = AugmentPipe()
     SpeedOptions(compile=True).apply([], None, augment=pipe)
-    assert not compiled and pipe._transform == pipe.transform  # off unless asked for
+    assert not compiled and pipe._compiled is None  # off unless asked for
     SpeedOptions(compile=True, compile_mode="reduce-overhead", compile_augment=True).apply(
         [], None, augment=pipe
     )
     assert compiled == [
         (pipe.transform, {"backend": "inductor", "mode": "reduce-overhead", "dynamic": False})
     ]
-    assert pipe._transform == "compiled"
+    assert pipe._compiled == "compiled"
 
 
 def test_cuda_graphs_mark_each_iteration_as_a_new_step(cfg_factory, monkeypatch):
