@@ -283,25 +283,20 @@ def test_the_transform_keeps_every_value_on_the_images_device():
     """Traced for CUDA tensors (fake ones: no GPU needed), no value of the transform's graph lives on the
     host: a host tensor in a graph is a copy to the device, which inductor cuts out of a CUDA graph and runs
     on its own (an assignment of a number into a slice of a tensor once made one)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
+    from tests.helpers_fake_cuda import fake_cuda, traced_devices
 
     pipe = AugmentPipe()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_cuda(pipe)
     with mode:
-        for name, buffer in list(pipe.named_buffers()):
-            pipe._buffers[name] = mode.from_tensor(buffer).to("cuda")
-        x = torch.rand(4, 3, 16, 16, device="cuda")
-        args = (
-            x,
+        p, uniform, normal = (
             torch.full((), 0.5, device="cuda"),
             torch.rand(21, 4, device="cuda"),
             torch.randn(7, 4, device="cuda"),
         )
-        graph = make_fx(lambda *a: pipe.transform(*a), tracing_mode="fake")(*args).graph
-    values = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+        x = torch.rand(4, 3, 16, 16, device="cuda")
+    values = traced_devices(mode, lambda *a: pipe.transform(*a), x, p, uniform, normal)
     assert len(values) > 300  # the whole pipeline was traced
-    assert {v.device.type for v in values} == {"cuda"}
+    assert {device for _, device in values} == {"cuda"}, [v for v in values if v[1] != "cuda"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

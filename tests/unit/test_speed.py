@@ -253,35 +253,21 @@ def test_the_networks_keep_every_value_on_the_device_they_run_on(cfg_factory):
     """Traced for CUDA tensors (fake ones: no GPU needed), no value of the CIFAR-10 generator's, D's or
     LPIPS's graphs lives on the host: a host tensor in a graph is a copy to the device, which inductor cuts
     out of a CUDA graph (compile_mode=reduce-overhead) and launches on its own (docs/performance.md)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
+    from tests.helpers_fake_cuda import fake_cuda, traced_devices
 
     model = instantiate(cfg_factory([*SMALL, "experiment=cifar10", *LPIPS]).model)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_cuda(model)
     with mode:
-        for module in model.modules():  # every parameter and buffer a fake CUDA tensor, in place
-            for name, param in list(module.named_parameters(recurse=False)):
-                fake = mode.from_tensor(param.detach()).to("cuda")
-                module._parameters[name] = torch.nn.Parameter(fake, param.requires_grad)
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                if buffer is not None:
-                    module._buffers[name] = mode.from_tensor(buffer).to("cuda")
         x, sigma = torch.randn(2, 3, 32, 32, device="cuda"), torch.rand(2, device="cuda") * 10
-        passes = {
-            "generator": lambda x, s: model.denoise(model.generator, x, s, None),
-            "discriminator": lambda x, s: model.discriminator(x, s, None),
-            "LPIPS": lambda x, s: model.distance(x, x.flip(-1)),
-        }
-        for name, run in passes.items():
-            graph = make_fx(run, tracing_mode="fake")(x, sigma).graph
-            values = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-            assert len(values) > 100, name
-            on_host = [
-                str(n.target)
-                for n in graph.nodes
-                if getattr(n.meta.get("val"), "device", None) == torch.device("cpu")
-            ]
-            assert {v.device.type for v in values} == {"cuda"}, (name, on_host)
+    passes = {
+        "generator": lambda x, s: model.denoise(model.generator, x, s, None),
+        "discriminator": lambda x, s: model.discriminator(x, s, None),
+        "LPIPS": lambda x, s: model.distance(x, x.flip(-1)),
+    }
+    for name, run in passes.items():
+        values = traced_devices(mode, run, x, sigma)
+        assert len(values) > 100, name
+        assert {device for _, device in values} == {"cuda"}, (name, [v for v in values if v[1] != "cuda"])
 
 
 def _generator_update(cfg, device: str = "cpu") -> tuple[Tensor, Tensor]:
