@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,32 +52,48 @@ _LUMA_AXIS = (1 / math.sqrt(3),) * 3
 # Batched homogeneous matrices. Every entry is a (B,) tensor or a number; the result is (B, R, R).
 
 
-def _matrix(rows: list[list[Tensor | float]], like: Tensor) -> Tensor:
-    entries = [e if isinstance(e, Tensor) else torch.full_like(like, e) for row in rows for e in row]
-    return torch.stack(entries, dim=-1).reshape(*like.shape, len(rows), len(rows[0]))
+class _Constants:
+    """(B,) tensors of one value each, filled once per forward pass and shared by every matrix that has
+    the value as an entry (a 3x3 scaling alone has seven constant entries: seven fills, each a kernel
+    launch, if every matrix made its own)."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like  # (B,)
+        self._filled: dict[tuple[float, float], Tensor] = {}
+
+    def __call__(self, value: float) -> Tensor:
+        key = (float(value), math.copysign(1.0, value))  # 0.0 and -0.0 compare equal but are not
+        if key not in self._filled:
+            self._filled[key] = torch.full_like(self.like, value)
+        return self._filled[key]
 
 
-def _translate2d(tx: Tensor | float, ty: Tensor | float, like: Tensor) -> Tensor:
-    return _matrix([[1, 0, tx], [0, 1, ty], [0, 0, 1]], like)
+def _matrix(rows: list[list[Tensor | float]], fill: _Constants) -> Tensor:
+    entries = [e if isinstance(e, Tensor) else fill(e) for row in rows for e in row]
+    return torch.stack(entries, dim=-1).reshape(*fill.like.shape, len(rows), len(rows[0]))
 
 
-def _scale2d(sx: Tensor | float, sy: Tensor | float, like: Tensor) -> Tensor:
-    return _matrix([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], like)
+def _translate2d(tx: Tensor | float, ty: Tensor | float, fill: _Constants) -> Tensor:
+    return _matrix([[1, 0, tx], [0, 1, ty], [0, 0, 1]], fill)
 
 
-def _rotate2d(cos: Tensor | float, sin: Tensor | float, like: Tensor) -> Tensor:
-    return _matrix([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]], like)
+def _scale2d(sx: Tensor | float, sy: Tensor | float, fill: _Constants) -> Tensor:
+    return _matrix([[sx, 0, 0], [0, sy, 0], [0, 0, 1]], fill)
 
 
-def _translate3d(t: Tensor, like: Tensor) -> Tensor:
-    return _matrix([[1, 0, 0, t], [0, 1, 0, t], [0, 0, 1, t], [0, 0, 0, 1]], like)
+def _rotate2d(cos: Tensor | float, sin: Tensor | float, fill: _Constants) -> Tensor:
+    return _matrix([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]], fill)
 
 
-def _scale3d(s: Tensor, like: Tensor) -> Tensor:
-    return _matrix([[s, 0, 0, 0], [0, s, 0, 0], [0, 0, s, 0], [0, 0, 0, 1]], like)
+def _translate3d(t: Tensor, fill: _Constants) -> Tensor:
+    return _matrix([[1, 0, 0, t], [0, 1, 0, t], [0, 0, 1, t], [0, 0, 0, 1]], fill)
 
 
-def _rotate3d(axis: tuple[float, float, float], theta: Tensor) -> Tensor:
+def _scale3d(s: Tensor, fill: _Constants) -> Tensor:
+    return _matrix([[s, 0, 0, 0], [0, s, 0, 0], [0, 0, s, 0], [0, 0, 0, 1]], fill)
+
+
+def _rotate3d(axis: tuple[float, float, float], theta: Tensor, fill: _Constants) -> Tensor:
     """Homogeneous rotation by theta (B,) around the unit vector `axis`: Rodrigues' formula."""
     vx, vy, vz = axis
     s, c = theta.sin(), theta.cos()
@@ -88,18 +105,28 @@ def _rotate3d(axis: tuple[float, float, float], theta: Tensor) -> Tensor:
             [vz * vx * cc - vy * s, vz * vy * cc + vx * s, vz * vz * cc + c, 0],
             [0, 0, 0, 1],
         ],
-        theta,
+        fill,
     )
 
 
-def _compose(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for (B, R, R) batches, as an elementwise product and sum.
+def _compose(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a @ b for (B, R, R) batches, as an elementwise product and sum; None stands for the identity, so
+    the first operation of a chain costs no product.
 
     Not `@`: where TF32 matmuls are enabled (`torch.set_float32_matmul_precision('high')`) a matmul keeps
     10 mantissa bits, which misplaces a 256-pixel image by about a pixel. Elementwise float32 is exact
     enough, and exact for identities.
     """
+    if a is None or b is None:
+        return b if a is None else a
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(dim=-2)
+
+
+def _identity(chain: Tensor | None, size: int, fill: _Constants) -> Tensor:
+    """The composed (B, size, size) matrices of a chain; the identity where no operation is enabled."""
+    if chain is not None:
+        return chain
+    return _matrix([[float(i == j) for j in range(size)] for i in range(size)], fill)
 
 
 def _is_identity(m: Tensor) -> Tensor:
@@ -126,7 +153,7 @@ class _Draws:
     NUM_UNIFORM, NUM_NORMAL = 21, 7  # what all operations together consume
 
     def __init__(self, uniform: Tensor, normal: Tensor) -> None:
-        self.template = torch.zeros(uniform.shape[1], device=uniform.device)  # (B,), for _matrix to imitate
+        self.fill = _Constants(torch.zeros(uniform.shape[1], device=uniform.device))  # (B,) constants
         self._uniform, self._normal = iter(uniform), iter(normal)
 
     @classmethod
@@ -149,8 +176,9 @@ class _Draws:
 
 
 # ----------------------------------------------------------------------------------------------------
-# ADA's resampling filters as matrices along one axis. Both depend on the image size only, so they
-# are rebuilt on the device each call (a few hundred KB at 256x256) instead of cached per size.
+# ADA's resampling filters as matrices along one axis. Both depend on the image size only: the pipeline
+# builds them once per size and device (`AugmentPipe.filters`; a few hundred KB at 256x256), not in
+# each call (some 40 operator calls per axis and matrix).
 
 
 def _upsample_matrix(size: int, f: Tensor) -> Tensor:
@@ -182,6 +210,23 @@ def _downsample_matrix(size: int, f: Tensor) -> Tensor:
     m = torch.arange(2 * size + taps - 2, device=f.device)
     tap = m[None, :] - 2 * n[:, None]  # (size, M)
     return torch.where((tap >= 0) & (tap < taps), f[tap.clamp(0, taps - 1)], 0.0)
+
+
+class _Filters(NamedTuple):
+    """The resampler's four filter matrices for one image size (`_upsample_matrix`, `_downsample_matrix`)."""
+
+    up_h: Tensor  # (2 Ph + 1, H)
+    up_w: Tensor  # (2 Pw + 1, W)
+    down_h: Tensor  # (H, M_h)
+    down_w: Tensor  # (W, M_w)
+
+    @classmethod
+    def build(cls, height: int, width: int, lowpass: Tensor) -> _Filters:
+        f = lowpass.float()
+        up_h, down_h = _upsample_matrix(height, f), _downsample_matrix(height, f)
+        if width == height:  # square images: one pair serves both axes
+            return cls(up_h, up_h, down_h, down_h)
+        return cls(up_h, _upsample_matrix(width, f), down_h, _downsample_matrix(width, f))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,6 +289,7 @@ class AugmentPipe(nn.Module):
         self.register_buffer("lowpass", (lowpass / lowpass.sum()).float(), persistent=False)
         self.register_buffer("turns", torch.tensor(turns, dtype=torch.float32), persistent=False)
         self._compiled: Callable[..., Tensor] | None = None  # compile_transform: `transform` compiled
+        self._filters: dict[tuple[int, int, torch.device], _Filters] = {}  # filters(): built once per size
 
     def extra_repr(self) -> str:
         names = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
@@ -265,16 +311,35 @@ class AugmentPipe(nn.Module):
             return images  # a Python zero is known on the host: nothing to draw, nothing to compute
         p = _as_float_tensors(p, device=images.device)[0]
         uniform, normal = _Draws.draw(batch, images.device, generator)
-        return (self._compiled or self.transform)(images, p, uniform, normal)
+        filters = self.filters(height, width, images.device) if self._resamples else None
+        return (self._compiled or self.transform)(images, p, uniform, normal, filters)
+
+    @property
+    def _resamples(self) -> bool:
+        """Any of the general geometric operations is enabled: the images go through `_resample`."""
+        return self.scale > 0 or self.rotate > 0 or self.aniso > 0 or self.xfrac > 0
+
+    def filters(self, height: int, width: int, device: torch.device) -> _Filters:
+        """The resampler's filter matrices for images of this size on `device`, built on the first call."""
+        key = (height, width, torch.device(device))
+        if key not in self._filters:
+            # Ordinary tensors even when the first call comes under inference mode: a later call with
+            # gradients saves them for its backward, which an inference tensor cannot be.
+            with torch.inference_mode(False), torch.no_grad():
+                self._filters[key] = _Filters.build(height, width, self.lowpass.to(device))
+        return self._filters[key]
 
     def compile_transform(self, **options) -> None:
         """Runs `transform` compiled by `torch.compile(**options)` from now on (model.speed.compile_augment):
         everything but the two random draws, which stay eager (a generator cannot be traced)."""
         self._compiled = torch.compile(self.transform, **options)
 
-    def transform(self, images: Tensor, p: Tensor, uniform: Tensor, normal: Tensor) -> Tensor:
+    def transform(
+        self, images: Tensor, p: Tensor, uniform: Tensor, normal: Tensor, filters: _Filters | None = None
+    ) -> Tensor:
         """The augmentation of `images` with probability p per operation, given all its random numbers
-        (`_Draws.draw`): a fixed function of its inputs, which torch.compile traces as one graph."""
+        (`_Draws.draw`) and the resampler's filters (`filters`; built here if None): a fixed function of
+        its inputs, which torch.compile traces as one graph."""
         batch, channels, height, width = images.shape
         # Everything runs in float32 whatever the autocast state: half-precision coordinates would
         # misplace pixels of a 256x256 image, and untouched examples must stay exact.
@@ -287,10 +352,10 @@ class AugmentPipe(nn.Module):
 
             geom = self._sample_geometry(draws, p, height, width)  # (B, 3, 3)
             geom_identity = _is_identity(geom)  # (B,)
-            if self.scale > 0 or self.rotate > 0 or self.aniso > 0 or self.xfrac > 0:
+            if self._resamples:
                 # Every example is resampled (choosing a subset would need its size on the host);
                 # those with an identity transform keep their exact pixels.
-                x = torch.where(geom_identity.view(-1, 1, 1, 1), x, self._resample(x, geom))
+                x = torch.where(geom_identity.view(-1, 1, 1, 1), x, self._resample(x, geom, filters))
 
             color = self._sample_color(draws, p, channels)  # (B, 4, 4)
             color_identity = _is_identity(color)  # (B,)
@@ -306,13 +371,12 @@ class AugmentPipe(nn.Module):
     # centred on the image. Appending an op on the right applies it after the ones before it.
 
     def _sample_blit(self, draws: _Draws, p: Tensor, height: int, width: int) -> Tensor:
-        ref = draws.template
-        g_inv = torch.eye(3, device=ref.device).expand(ref.shape[0], 3, 3)
+        fill, g_inv = draws.fill, None
 
         if self.xflip > 0:
             i = torch.floor(draws.uniform() * 2)  # flip or not, as in ADA
             i = torch.where(draws.coin(self.xflip * p), i, 0.0)
-            g_inv = _compose(g_inv, _scale2d(1 - 2 * i, 1, ref))  # a flip is its own inverse
+            g_inv = _compose(g_inv, _scale2d(1 - 2 * i, 1, fill))  # a flip is its own inverse
 
         if self.rotate90 > 0:
             # Quarter turns drawn uniformly from `rotate90_turns`: {0, 3} (0 or 270 degrees) as the ACT
@@ -322,15 +386,15 @@ class AugmentPipe(nn.Module):
             i = torch.where(draws.coin(self.rotate90 * p), i, 0.0)
             # Rounded so the matrix is exactly integer (cos(pi/2) is not 0 in floating point).
             angle = -math.pi / 2 * i  # the inverse turns back
-            g_inv = _compose(g_inv, _rotate2d(angle.cos().round(), angle.sin().round(), ref))
+            g_inv = _compose(g_inv, _rotate2d(angle.cos().round(), angle.sin().round(), fill))
 
         if self.xint > 0:
             tx = torch.round((draws.uniform() * 2 - 1) * self.xint_max * width)  # whole pixels
             ty = torch.round((draws.uniform() * 2 - 1) * self.xint_max * height)
             apply = draws.coin(self.xint * p)
             tx, ty = torch.where(apply, tx, 0.0), torch.where(apply, ty, 0.0)
-            g_inv = _compose(g_inv, _translate2d(-tx, -ty, ref))
-        return g_inv
+            g_inv = _compose(g_inv, _translate2d(-tx, -ty, fill))
+        return _identity(g_inv, 3, fill)
 
     @staticmethod
     def _execute_blit(x: Tensor, g_inv: Tensor) -> Tensor:
@@ -354,13 +418,12 @@ class AugmentPipe(nn.Module):
     # -- 2. general geometric transformations -------------------------------------------------------
 
     def _sample_geometry(self, draws: _Draws, p: Tensor, height: int, width: int) -> Tensor:
-        ref = draws.template
-        g_inv = torch.eye(3, device=ref.device).expand(ref.shape[0], 3, 3)
+        fill, g_inv = draws.fill, None
 
         if self.scale > 0:
             s = torch.exp2(draws.normal() * self.scale_std)
             s = torch.where(draws.coin(self.scale * p), s, 1.0)
-            g_inv = _compose(g_inv, _scale2d(1 / s, 1 / s, ref))
+            g_inv = _compose(g_inv, _scale2d(1 / s, 1 / s, fill))
 
         # Two independent rotations, each with probability p_rot, so that P(pre OR post) = rotate * p.
         p_rot = 1 - torch.sqrt((1 - self.rotate * p).clamp(0, 1))
@@ -368,21 +431,21 @@ class AugmentPipe(nn.Module):
             if self.rotate > 0:
                 theta = (draws.uniform() * 2 - 1) * math.pi * self.rotate_max
                 theta = torch.where(draws.coin(p_rot), theta, 0.0)
-                g_inv = _compose(g_inv, _rotate2d((-theta).cos(), (-theta).sin(), ref))
+                g_inv = _compose(g_inv, _rotate2d((-theta).cos(), (-theta).sin(), fill))
             if rotation == "pre" and self.aniso > 0:
                 s = torch.exp2(draws.normal() * self.aniso_std)
                 s = torch.where(draws.coin(self.aniso * p), s, 1.0)
-                g_inv = _compose(g_inv, _scale2d(1 / s, s, ref))
+                g_inv = _compose(g_inv, _scale2d(1 / s, s, fill))
 
         if self.xfrac > 0:
             tx = draws.normal() * self.xfrac_std * width  # pixels
             ty = draws.normal() * self.xfrac_std * height
             apply = draws.coin(self.xfrac * p)
             tx, ty = torch.where(apply, tx, 0.0), torch.where(apply, ty, 0.0)
-            g_inv = _compose(g_inv, _translate2d(-tx, -ty, ref))
-        return g_inv
+            g_inv = _compose(g_inv, _translate2d(-tx, -ty, fill))
+        return _identity(g_inv, 3, fill)
 
-    def _resample(self, x: Tensor, g_inv: Tensor) -> Tensor:
+    def _resample(self, x: Tensor, g_inv: Tensor, filters: _Filters | None = None) -> Tensor:
         """Warp (B, C, H, W) by g_inv (B, 3, 3), ADA's way: reflect-extend, upsample 2x with the sym6
         low-pass, sample bilinearly on a 2x grid, low-pass and downsample 2x.
 
@@ -400,14 +463,14 @@ class AugmentPipe(nn.Module):
         convolutions are under cuDNN's default TF32. The sampling coordinates are always float32.
         """
         batch, channels, height, width = x.shape
-        f = self.lowpass.to(device=x.device, dtype=torch.float32)
-        peak = f.numel() // 2 - 1  # the filter's centre tap
+        if filters is None:
+            filters = _Filters.build(height, width, self.lowpass.to(x.device))
+        up_h, up_w, down_h, down_w = filters
+        peak = self.lowpass.numel() // 2 - 1  # the filter's centre tap
 
-        up_h, up_w = _upsample_matrix(height, f), _upsample_matrix(width, f)  # (2Ph + 1, H), (2Pw + 1, W)
         x = up_h @ (x @ up_w.T)  # (B, C, 2Ph + 1, 2Pw + 1): one period of the extension, 2x finer
 
         # Where each sample of the 2x output grid reads the upsampled input, elementwise (see _compose).
-        down_h, down_w = _downsample_matrix(height, f), _downsample_matrix(width, f)  # (H, M_h), (W, M_w)
         cx, cy = (width - 1) / 2, (height - 1) / 2
         ox = (torch.arange(down_w.shape[1], device=x.device) - peak) / 2 - cx  # (M_w,) centred output x
         oy = (torch.arange(down_h.shape[1], device=x.device) - peak) / 2 - cy
@@ -428,25 +491,25 @@ class AugmentPipe(nn.Module):
 
     def _sample_color(self, draws: _Draws, p: Tensor, channels: int) -> Tensor:
         """Colour transform (B, 4, 4) acting on homogeneous RGB: c_out = C @ c_in."""
-        ref = draws.template
-        eye = torch.eye(4, device=ref.device)
-        color = eye.expand(ref.shape[0], 4, 4)
-        # v v^T for v = (1, 1, 1, 0) / sqrt(3): the projector onto the luma axis. A fill on the device and a
-        # pad: no host -> device copy, and (unlike an assignment into a slice) no host tensor in a graph
-        vvt = F.pad(torch.full((3, 3), 1 / 3, device=ref.device), (0, 1, 0, 1))
+        fill, color = draws.fill, None
 
         if self.brightness > 0:
             b = draws.normal() * self.brightness_std
             b = torch.where(draws.coin(self.brightness * p), b, 0.0)
-            color = _compose(_translate3d(b, ref), color)
+            color = _compose(_translate3d(b, fill), color)
 
         if self.contrast > 0:
             c = torch.exp2(draws.normal() * self.contrast_std)
             c = torch.where(draws.coin(self.contrast * p), c, 1.0)
-            color = _compose(_scale3d(c, ref), color)
+            color = _compose(_scale3d(c, fill), color)
 
         if channels == 1:
-            return color  # luma flip, hue and saturation need colour
+            return _identity(color, 4, fill)  # luma flip, hue and saturation need colour
+
+        eye = torch.eye(4, device=fill.like.device)
+        # v v^T for v = (1, 1, 1, 0) / sqrt(3): the projector onto the luma axis. A fill on the device and a
+        # pad: no host -> device copy, and (unlike an assignment into a slice) no host tensor in a graph
+        vvt = F.pad(torch.full((3, 3), 1 / 3, device=fill.like.device), (0, 1, 0, 1))
 
         if self.lumaflip > 0:
             i = torch.floor(draws.uniform() * 2)
@@ -456,14 +519,14 @@ class AugmentPipe(nn.Module):
         if self.hue > 0:
             theta = (draws.uniform() * 2 - 1) * math.pi * self.hue_max
             theta = torch.where(draws.coin(self.hue * p), theta, 0.0)
-            color = _compose(_rotate3d(_LUMA_AXIS, theta), color)  # rotate chroma around the grey axis
+            color = _compose(_rotate3d(_LUMA_AXIS, theta, fill), color)  # rotate chroma around the grey axis
 
         if self.saturation > 0:
             s = torch.exp2(draws.normal() * self.saturation_std)
             s = torch.where(draws.coin(self.saturation * p), s, 1.0)
             # I + (s - 1)(I - vv^T) scales the chroma by s; written so that s == 1 gives exactly I.
             color = _compose(eye + (eye - vvt) * (s - 1).view(-1, 1, 1), color)
-        return color
+        return _identity(color, 4, fill)
 
     @staticmethod
     def _execute_color(x: Tensor, color: Tensor) -> Tensor:

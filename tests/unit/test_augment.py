@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from act_lightning.augment import (
     AugmentPipe,
+    _Constants,
     _scale2d,
     _translate2d,
     r1_controller_update,
@@ -179,16 +180,80 @@ def test_integer_translation_is_an_exact_reflected_shift():
     assert matches[shifts.index((0, 0))].float().mean() < 0.3  # most examples did move
 
 
+def test_the_filters_are_built_once_per_size_and_equal_fresh_ones(monkeypatch):
+    """The resampler's filter matrices depend on the image size only: the pipeline builds them at the first
+    call for a size and reuses them after, with the images a fresh build would give bit for bit, whatever
+    the order in which sizes come (a cache keyed on the wrong thing would hand one size another's)."""
+    import act_lightning.augment as augment
+
+    builds = []
+    build = augment._Filters.build.__func__
+    monkeypatch.setattr(
+        augment._Filters, "build", classmethod(lambda cls, *a: builds.append(a[:2]) or build(cls, *a))
+    )
+    pipe = AugmentPipe(rotate90=0)  # 90-degree turns need square images; the sizes below are not all
+    p, built_by_the_pipe = torch.tensor(0.5), []
+    for height, width in [(16, 16), (24, 24), (16, 24), (16, 16), (16, 24), (24, 24)]:
+        x = images(6, 3, height, width, seed=height + width)
+        uniform, normal = augment._Draws.draw(6, x.device, seeded(height * width))
+        cached = pipe(x, p, generator=seeded(height * width))
+        built_by_the_pipe += builds
+        builds.clear()
+        fresh = pipe.transform(x, p, uniform, normal)  # filters=None: built here, not cached
+        assert builds.pop() == (height, width) and not builds
+        assert changed(cached, x).any() and torch.equal(cached, fresh), (height, width)
+    assert built_by_the_pipe == [(16, 16), (24, 24), (16, 24)]
+    with torch.inference_mode():  # built first where no gradient is taken, used later where one is
+        pipe(images(2, 3, 8, 8), 1.0)
+    x = images(2, 3, 8, 8).requires_grad_(True)
+    pipe(x, 1.0, generator=seeded()).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    square, oblong = pipe.filters(16, 16, torch.device("cpu")), pipe.filters(16, 24, torch.device("cpu"))
+    assert square.up_h is square.up_w and square.down_h is square.down_w  # one pair for both axes
+    assert oblong.up_h.shape == (61, 16) and oblong.up_w.shape == (93, 24)  # 2 P + 1 rows, P = 2 (size - 1)
+    assert oblong.down_h.shape == (16, 42) and oblong.down_w.shape == (24, 58)  # 2 size + 12 taps - 2
+
+
+def test_constants_are_filled_once_per_value():
+    fill = _Constants(torch.zeros(5))
+    assert fill(1) is fill(1.0) and fill(0) is fill(0.0) and fill(0) is not fill(1)
+    assert fill(-0.0) is not fill(0.0) and torch.equal(fill(-0.0).signbit(), torch.ones(5, dtype=torch.bool))
+    assert torch.equal(fill(2.5), torch.full((5,), 2.5))
+
+
+def test_the_eager_pipeline_stays_within_its_operator_budget():
+    """Eagerly (the default: `model.speed.compile_augment` is off) every operator call that is not a view is
+    a kernel launch on a GPU, where the iteration is bound by launching: once p > 0 the pipeline runs three
+    times an iteration. At CIFAR-10's shapes with every operation enabled a forward makes 293 calls (451
+    when each matrix filled its own constants, each chain started from an identity product and each call
+    rebuilt the resampler's filters); a change that adds many more should say why."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    pipe, x = AugmentPipe(), images(80, 3, 32, 32)
+    pipe(x, 0.3)  # the first call for a size builds its filters
+    with Count() as count:
+        out = pipe(x, torch.tensor(0.3), generator=seeded())
+    assert changed(out, x).any()
+    assert 200 < count.calls <= 300, count.calls
+
+
 def test_resampler_is_near_identity_and_agrees_with_integer_shifts():
     pipe = AugmentPipe()
     x = images(4, 3, 16, 16)
-    ref = torch.zeros(4)
+    fill = _Constants(torch.zeros(4))
     identity = torch.eye(3).expand(4, 3, 3)
     # up -> down with the orthogonal sym6 filter reconstructs the input up to float rounding
     torch.testing.assert_close(pipe._resample(x, identity), x, atol=2e-5, rtol=0)
     # ... and a whole-pixel translation through it equals the exact blitted shift: the two paths agree
     # on where pixel centres are and in which direction the matrices act.
-    shift = _translate2d(torch.full((4,), -1.0), 1.0, ref) @ _scale2d(1.0, 1.0, ref)
+    shift = _translate2d(torch.full((4,), -1.0), 1.0, fill) @ _scale2d(1.0, 1.0, fill)
     torch.testing.assert_close(pipe._resample(x, shift), pipe._execute_blit(x, shift), atol=2e-5, rtol=0)
 
 
