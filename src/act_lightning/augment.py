@@ -324,8 +324,11 @@ class AugmentPipe(nn.Module):
         key = (height, width, torch.device(device))
         if key not in self._filters:
             # Ordinary tensors even when the first call comes under inference mode: a later call with
-            # gradients saves them for its backward, which an inference tensor cannot be.
-            with torch.inference_mode(False), torch.no_grad():
+            # gradients saves them for its backward, which an inference tensor cannot be. In float32
+            # whatever the caller's autocast, as the rest of the pipeline.
+            device = torch.device(device)
+            no_autocast = torch.autocast(device.type, enabled=False)
+            with torch.inference_mode(False), torch.no_grad(), no_autocast:
                 self._filters[key] = _Filters.build(height, width, self.lowpass.to(device))
         return self._filters[key]
 
