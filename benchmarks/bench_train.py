@@ -129,13 +129,13 @@ LEVERS = {
 LEVERS["cuda_graphs_flex_r1_cudnn"] = [*LEVERS["cuda_graphs_flex_r1"], "trainer.benchmark=true"]
 # Not a speed option: the iteration while the augmentation pipeline runs. Every variant starts at p = 0,
 # where the pipeline is skipped (lazy_augment); CIFAR-10's controller raises p whenever the R1 statistic
-# passes model.r1_threshold, and then each iteration augments three times (the generator's prediction,
-# D's fakes and reals), some 290 kernel launches each (451 before 2026-12-05's second session), eagerly,
+# passes model.r1_threshold, and then each iteration augments the generator's prediction and D's fakes and
+# reals (in one call with joint_d_pass), some 290 kernel launches a call (451 before 2026-12-05), eagerly,
 # outside any compiled graph. A threshold of 0 raises p at the first R1 iteration (k = 0), so every later
 # one augments.
 LEVERS["augmenting"] = ["model.r1_threshold=0"]
 LEVERS["cuda_graphs_flex_r1_augmenting"] = [*LEVERS["cuda_graphs_flex_r1"], *LEVERS["augmenting"]]
-# the same with the pipeline eager (its default: about 900 launches an iteration between the graphs)
+# the same with the pipeline eager (its default: about 600 launches an iteration between the graphs)
 LEVERS["cuda_graphs_flex_r1_augmenting_eagerly"] = [
     o for o in LEVERS["cuda_graphs_flex_r1_augmenting"] if o != "model.speed.compile_augment=true"
 ]

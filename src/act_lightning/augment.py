@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -300,19 +301,38 @@ class AugmentPipe(nn.Module):
 
     def forward(self, images: Tensor, p: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
         """Augment each example with probability p per operation. `generator` must live on images.device."""
+        return self.together(images, p=p, generator=generator)[0]
+
+    def together(
+        self, *batches: Tensor, p: Tensor | float, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, ...]:
+        """Several batches of images through one pass of the pipeline: what `self(batch, p, generator)` for
+        each batch in turn returns, each example with the random numbers its own call would draw from
+        `generator` (so the generator ends where those calls leave it), in one set of kernel launches
+        instead of one per batch. Batches of different image shapes, dtypes or devices run one by one."""
+        for images in batches:
+            self._check(images)
+        if len({(x.shape[1:], x.dtype, x.device) for x in batches}) > 1:
+            return tuple(self.together(x, p=p, generator=generator)[0] for x in batches)
+        if isinstance(p, (int, float)) and p == 0:
+            return batches  # a Python zero is known on the host: nothing to draw, nothing to compute
+        device, (height, width) = batches[0].device, batches[0].shape[-2:]
+        p = _as_float_tensors(p, device=device)[0]
+        draws = [_Draws.draw(x.shape[0], device, generator) for x in batches]  # in the calls' order
+        uniform, normal = (torch.cat(d, dim=1) if len(d) > 1 else d[0] for d in zip(*draws))
+        images = torch.cat(batches) if len(batches) > 1 else batches[0]
+        filters = self.filters(height, width, device) if self._resamples else None
+        out = (self._compiled or self.transform)(images, p, uniform, normal, filters)
+        return out.split([x.shape[0] for x in batches]) if len(batches) > 1 else (out,)
+
+    def _check(self, images: Tensor) -> None:
         if images.ndim != 4:
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(images.shape)}")
-        batch, channels, height, width = images.shape
+        _, channels, height, width = images.shape
         if channels not in (1, 3):
             raise ValueError(f"AugmentPipe supports 1 (grey) or 3 (RGB) channels, got {channels}")
         if self.rotate90 > 0 and height != width:
             raise ValueError(f"90-degree rotations need square images, got {height}x{width}")
-        if isinstance(p, (int, float)) and p == 0:
-            return images  # a Python zero is known on the host: nothing to draw, nothing to compute
-        p = _as_float_tensors(p, device=images.device)[0]
-        uniform, normal = _Draws.draw(batch, images.device, generator)
-        filters = self.filters(height, width, images.device) if self._resamples else None
-        return (self._compiled or self.transform)(images, p, uniform, normal, filters)
 
     @property
     def _resamples(self) -> bool:
@@ -544,6 +564,22 @@ class AugmentPipe(nn.Module):
             offset = color[:, :3, 3].mean(dim=1).view(-1, 1, 1)
             flat = flat.squeeze(2) * gain + offset
         return flat.view(batch, channels, height, width)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The pipeline at one iteration's p and generator: `(images) -> images`, and `together(*batches)`,
+    several batches in one pass with the random numbers their calls in turn would draw."""
+
+    pipe: AugmentPipe
+    p: Tensor | float
+    generator: torch.Generator | None = None
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.pipe(images, self.p, generator=self.generator)
+
+    def together(self, *batches: Tensor) -> tuple[Tensor, ...]:
+        return self.pipe.together(*batches, p=self.p, generator=self.generator)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -453,14 +453,19 @@ def discriminator_losses_at(
     `fake_x` noised to the levels t_fake (B/2,); reals are `real_x` seen at t_real. With `with_r1`
     the lazy R1 penalty is computed with respect to the augmented real images, in float32 with autocast
     off, so that fp16 loss scaling can neither overflow nor corrupt it. `joint`: D sees both halves in
-    one pass when there is no R1 pass (False: two passes, as the reference does). `r1_pass` computes the
+    one pass when there is no R1 pass, and an `augment` that offers `together` (the pipeline's
+    `Augmentation`) takes both in one pass of the pipeline, each example with the random numbers of two
+    calls in turn (False: two passes of each, as the reference does). `r1_pass` computes the
     R1 iteration's logits and input gradient: `logits_and_r1_gradient` with `critic` unless given (a
     compiled `logits_and_r1_gradient_traceable`)."""
     with torch.no_grad():
         fake = online(fake_x + append_dims(t_fake, fake_x.ndim) * fake_noise, t_fake, fake_labels)
-    fake = augment(fake)
+    if joint and hasattr(augment, "together"):  # both halves in one pass of the pipeline (Augmentation)
+        fake, real = augment.together(fake, real_x)
+    else:
+        fake, real = augment(fake), augment(real_x)
+    real = real.detach()
     w_real = schedule.weight(t_real, num_scales)
-    real = augment(real_x).detach()
     if with_r1:
         r1_pass = r1_pass or partial(logits_and_r1_gradient, critic)
         fake_logits, real_logits, grad = r1_pass(fake, t_fake, fake_labels, real, t_real, real_labels)

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
-from act_lightning.augment import AugmentPipe, r1_controller_update
+from act_lightning.augment import Augmentation, AugmentPipe, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
 from act_lightning.compat import eager_forward
 from act_lightning.consistency import ConsistencySchedule, check_iterations, noise_conditioning
@@ -358,9 +358,7 @@ class ACTModule(L.LightningModule):
         if p_on_host is not None:
             self._aug_idle = self.speed.lazy_augment and p_on_host == 0
         # p == 0 (known on the host): the pipeline would hand every image back untouched
-        augment = (
-            identity if self._aug_idle else partial(self.augment_pipe, p=self.aug_p, generator=aug_generator)
-        )
+        augment = identity if self._aug_idle else Augmentation(self.augment_pipe, self.aug_p, aug_generator)
         micro = split_micro(batch, noise)
         return Draws(num_scales, micro, augment, batch.gen.shape[0], batch.disc.shape[0])
 

@@ -28,7 +28,7 @@ class SpeedOptions:
     compile_r1: bool = False  # with compile, on one device: the R1 pass one more compiled graph (not eager)
     compile_augment: bool = False  # with compile: the augmentation pipeline's transform compiled too
     foreach_ema: bool = True  # the target EMA in one fused op over all tensors (false: a Python loop)
-    joint_d_pass: bool = True  # D sees the fake and the real half in one pass (two on R1 iterations)
+    joint_d_pass: bool = True  # D and the augmentation see D's two halves in one pass (D: two with R1)
     lazy_augment: bool = True  # skip the augmentation pipeline while p == 0 (an exact no-op then)
     sync_logs: bool = False  # read every logged value off the device each iteration (the baseline's way)
     gradient_checkpointing: bool = False  # G's blocks recompute their activations in the backward

@@ -244,6 +244,32 @@ def test_the_eager_pipeline_stays_within_its_operator_budget():
     assert 200 < count.calls <= 300, count.calls
 
 
+def test_batches_augmented_together_are_what_calls_in_turn_give():
+    """`together`: D's fake and real halves in one pass of the pipeline, each example with the random numbers
+    its own call would have drawn, the generator left where the calls in turn leave it; the images agree to
+    float rounding (the resampler's products see a larger batch) and gradients reach every batch."""
+    pipe = AugmentPipe()
+    a, b = images(5, 3, 16, 16, seed=1), images(7, 3, 16, 16, seed=2).requires_grad_(True)
+    p = torch.tensor(0.1)
+    one_by_one_g, together_g = seeded(0), seeded(0)
+    one_by_one = (pipe(a, p, generator=one_by_one_g), pipe(b, p, generator=one_by_one_g))
+    together = pipe.together(a, b, p=p, generator=together_g)
+    assert [t.shape for t in together] == [a.shape, b.shape]
+    for alone, joint, x in zip(one_by_one, together, (a, b)):
+        assert changed(alone, x).any() and not changed(alone, x).all()  # some examples untouched
+        torch.testing.assert_close(joint, alone, atol=1e-5, rtol=0)
+        assert torch.equal(changed(joint, x), changed(alone, x))  # untouched examples exactly as they came
+    assert torch.equal(together_g.get_state(), one_by_one_g.get_state())
+    (grad,) = torch.autograd.grad(together[1].square().sum(), b)
+    (expected,) = torch.autograd.grad(one_by_one[1].square().sum(), b)
+    torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-5)
+    # a Python zero hands back the batches themselves; batches of other dtypes run one by one
+    assert all(out is x for out, x in zip(pipe.together(a, b, p=0.0), (a, b)))
+    half = a.to(torch.bfloat16)
+    mixed = pipe.together(half, b.detach(), p=p, generator=seeded(4))
+    assert mixed[0].dtype == torch.bfloat16 and torch.equal(mixed[0], pipe(half, p, generator=seeded(4)))
+
+
 def test_resampler_is_near_identity_and_agrees_with_integer_shifts():
     pipe = AugmentPipe()
     x = images(4, 3, 16, 16)

@@ -253,6 +253,37 @@ def test_discriminator_losses_with_a_linear_critic(with_r1):
         assert critic.weight.grad is not None
 
 
+@pytest.mark.parametrize("with_r1", [True, False])
+def test_d_halves_augmented_together_are_what_two_calls_give(with_r1):
+    """model.speed.joint_d_pass: the pipeline's `Augmentation` takes the fake and the real half in one pass
+    (`together`), with the random numbers two calls would draw in turn: the losses of a joint run and of two
+    passes (joint=False, the reference's way) agree to float rounding."""
+    from act_lightning.augment import Augmentation, AugmentPipe
+
+    x, z = _batch(8)
+    sigmas = SCHEDULE.sigmas(11)
+    fake_j, real_j = torch.tensor([2, 5, 10, 3]), torch.tensor([1, 6, 9, 4])
+    critic = LinearCritic()
+    pipe, calls = AugmentPipe(), []
+
+    def run(joint: bool):
+        augmentation = Augmentation(pipe, torch.tensor(0.7), torch.Generator().manual_seed(3))
+        spy = type("Spy", (), {})  # counts the pipeline's calls of either kind
+        spy.__call__ = lambda self, images: calls.append(1) or augmentation(images)
+        spy.together = lambda self, *batches: calls.append(len(batches)) or augmentation.together(*batches)
+        return losses.discriminator_losses(
+            x[:4], None, fake_j, z[:4], x[4:], None, real_j, sigmas=sigmas, schedule=SCHEDULE,
+            online=lambda x, s, y: 0.5 * x, critic=critic, augment=spy(), r1_gamma=10.0,
+            with_r1=with_r1, joint=joint,
+        )  # fmt: skip
+
+    joint, apart = run(True), run(False)
+    assert calls == [2, 1, 1]  # one call with both halves, then two
+    for name in ("fake", "real", "r1"):
+        torch.testing.assert_close(getattr(joint, name), getattr(apart, name), atol=1e-5, rtol=1e-5)
+    assert (joint.r1 > 0).all() if with_r1 else (joint.r1 == 0).all()
+
+
 def test_r1_penalty_matches_finite_differences():
     torch.manual_seed(0)
     net = torch.nn.Sequential(

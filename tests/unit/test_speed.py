@@ -44,22 +44,24 @@ def test_the_fast_path_computes_what_the_baseline_computes(cfg_factory):
 
 
 def test_the_augmentation_pipeline_runs_only_once_p_can_be_non_zero(cfg_factory, monkeypatch):
-    calls = []
-    forward = AugmentPipe.forward
+    calls = []  # (p, how many batches) of each pass of the pipeline
+    together = AugmentPipe.together
 
-    def counting(self, images, p, generator=None):
-        calls.append(float(p))
-        return forward(self, images, p, generator)
+    def counting(self, *batches, p, generator=None):
+        calls.append((float(p), len(batches)))
+        return together(self, *batches, p=p, generator=generator)
 
-    monkeypatch.setattr(AugmentPipe, "forward", counting)
+    monkeypatch.setattr(AugmentPipe, "together", counting)  # every call of the pipeline runs through it
     quiet = [*SMALL, "iterations=3", "model.r1_threshold=1e9"]
     fit_recording(cfg_factory(quiet))
     assert calls == []  # p stays 0: nothing to draw, nothing to resample
     fit_recording(cfg_factory([*quiet, "model.speed.lazy_augment=false"]))
-    assert len(calls) == 3 * 3 and set(calls) == {0.0}  # the baseline resamples every image at p = 0
+    # the baseline's way resamples every image at p = 0: the generator's prediction, then D's two halves
+    # (in one pass: model.speed.joint_d_pass)
+    assert calls == [(0.0, 1), (0.0, 2)] * 3
     calls.clear()
-    fit_recording(cfg_factory([*SMALL, *ACTIVE]))
-    assert len(calls) == 4 * 3 and min(calls) > 0  # iterations 1-4, three calls each, all with p > 0
+    fit_recording(cfg_factory([*SMALL, *ACTIVE, "model.speed.joint_d_pass=false"]))
+    assert [n for _, n in calls] == [1, 1, 1] * 4 and min(p for p, _ in calls) > 0  # iterations 1-4
 
 
 def test_the_r1_pass_runs_the_classic_attention_and_the_others_the_fused_kernel(cfg_factory):
