@@ -312,6 +312,8 @@ class AugmentPipe(nn.Module):
         instead of one per batch. Batches of different image shapes, dtypes or devices run one by one."""
         for images in batches:
             self._check(images)
+        if not batches:
+            return ()
         if len({(x.shape[1:], x.dtype, x.device) for x in batches}) > 1:
             return tuple(self.together(x, p=p, generator=generator)[0] for x in batches)
         if isinstance(p, (int, float)) and p == 0:
@@ -566,7 +568,7 @@ class AugmentPipe(nn.Module):
         return flat.view(batch, channels, height, width)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Augmentation:
     """The pipeline at one iteration's p and generator: `(images) -> images`, and `together(*batches)`,
     several batches in one pass with the random numbers their calls in turn would draw."""

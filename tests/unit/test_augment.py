@@ -265,6 +265,7 @@ def test_batches_augmented_together_are_what_calls_in_turn_give():
     torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-5)
     # a Python zero hands back the batches themselves; batches of other dtypes run one by one
     assert all(out is x for out, x in zip(pipe.together(a, b, p=0.0), (a, b)))
+    assert pipe.together(p=p) == ()
     half = a.to(torch.bfloat16)
     mixed = pipe.together(half, b.detach(), p=p, generator=seeded(4))
     assert mixed[0].dtype == torch.bfloat16 and torch.equal(mixed[0], pipe(half, p, generator=seeded(4)))
