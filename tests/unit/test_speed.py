@@ -189,8 +189,9 @@ def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
 @pytest.mark.slow
 def test_a_run_with_the_augmentation_compiled_computes_what_the_eager_run_computes(cfg_factory):
     # The pipeline runs from k = 1 on (ACTIVE: p rises at the first R1 iteration), in the generator's loss
-    # (through it to G) and on D's halves; model.speed.compile_augment traces its transform as graphs of
-    # their own, AOTAutograd's graphs with eager kernels as in the test above.
+    # (through it to G) and on D's halves (in one call: joint_d_pass); model.speed.compile_augment traces its
+    # transform as graphs of their own, AOTAutograd's graphs with eager kernels as in the test above. With
+    # the R1 pass compiled too (the GPU candidate's options), which at k = 2 and 4 takes the augmented halves.
     from torch._dynamo.utils import counters
 
     overrides = [*SMALL, *ACTIVE, "data.batch_size=2"]
@@ -198,9 +199,11 @@ def test_a_run_with_the_augmentation_compiled_computes_what_the_eager_run_comput
     counters.clear()
     GRAPH_SOURCES.clear()
     compiled_run = ["model.speed.compile=act_test_graphs", "model.speed.compile_augment=true"]
+    compiled_run += ["model.speed.compile_r1=true"]
     model, compiled_rows = fit_recording(cfg_factory([*overrides, *compiled_run]))
     assert model.augment_pipe._compiled is not None
     assert any("in transform" in g for g in GRAPH_SOURCES)
+    assert sum("logits_and_r1_gradient_traceable" in g for g in GRAPH_SOURCES) == 1
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     _, eager_rows = fit_recording(cfg_factory(overrides))
     assert len(compiled_rows) == len(eager_rows) == 5
