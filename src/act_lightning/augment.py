@@ -343,12 +343,12 @@ class AugmentPipe(nn.Module):
 
     def filters(self, height: int, width: int, device: torch.device) -> _Filters:
         """The resampler's filter matrices for images of this size on `device`, built on the first call."""
-        key = (height, width, torch.device(device))
+        device = torch.device(device)
+        key = (height, width, device)
         if key not in self._filters:
             # Ordinary tensors even when the first call comes under inference mode: a later call with
             # gradients saves them for its backward, which an inference tensor cannot be. In float32
             # whatever the caller's autocast, as the rest of the pipeline.
-            device = torch.device(device)
             no_autocast = torch.autocast(device.type, enabled=False)
             with torch.inference_mode(False), torch.no_grad(), no_autocast:
                 self._filters[key] = _Filters.build(height, width, self.lowpass.to(device))
