@@ -223,10 +223,11 @@ def test_constants_are_filled_once_per_value():
 
 def test_the_eager_pipeline_stays_within_its_operator_budget():
     """Eagerly (the default: `model.speed.compile_augment` is off) every operator call that is not a view is
-    a kernel launch on a GPU, where the iteration is bound by launching: once p > 0 the pipeline runs three
-    times an iteration. At CIFAR-10's shapes with every operation enabled a forward makes 293 calls (451
-    when each matrix filled its own constants, each chain started from an identity product and each call
-    rebuilt the resampler's filters); a change that adds many more should say why."""
+    a kernel launch on a GPU, where the iteration is bound by launching: once p > 0 the pipeline runs twice
+    an iteration (the generator's prediction; D's two halves in one call). At CIFAR-10's shapes with every
+    operation enabled a forward makes 293 calls (451 when each matrix filled its own constants, each chain
+    started from an identity product and each call rebuilt the resampler's filters); a change that adds
+    many more should say why."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
