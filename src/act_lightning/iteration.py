@@ -18,8 +18,7 @@ from torch import Tensor
 
 from act_lightning.consistency import ConsistencySchedule, lognormal_sigmas, sample_indices
 from act_lightning.data.base import HalfBatch
-
-Augment = Callable[[Tensor], Tensor]
+from act_lightning.losses import Augment
 
 
 @dataclass(frozen=True)
