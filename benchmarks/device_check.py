@@ -61,6 +61,10 @@ QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0"]
 MAX_FILE = 15 * 2**20  # the device tool returns files of up to 16 MiB
 CACHE_PARTS = 3  # of the tool's eight files, what the five others leave (64 MiB in all)
 CACHE_NAME = "compile_cache.tar.gz"
+PACKAGES = (  # what the steps import besides torch: versions in the env step's output
+    *("triton", "lightning", "torchmetrics", "diffusers", "huggingface_hub", "safetensors"),
+    *("hydra-core", "omegaconf", "lpips", "torch-fidelity", "numpy"),
+)
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,18 @@ def steps() -> list[Step]:
     """The plan, in order of value (paths relative to the work folder, where each step runs)."""
     py, tests = sys.executable, str(ROOT / "tests")
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
+    # the card, torch's CUDA, and the version of every package the steps import (the GPU image's own
+    # and the carried wheels': a result is only comparable with the versions it ran with)
+    versions = (  # one line, so that --dry-run prints one line per step
+        "import importlib.metadata as m, torch; "
+        "print('torch', torch.__version__, 'cuda', torch.version.cuda); "
+        "v = {}; [v.setdefault(d.metadata['Name'].lower().replace('_', '-'), d.version) "
+        "for d in m.distributions()]; "  # the first on sys.path: what imports
+        f"[print(n, v.get(n.replace('_', '-'), 'missing')) for n in {PACKAGES!r}]"
+    )
     env_check = (
         "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "
-        + shlex.quote(py)
-        + ' -c \'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)\''
+        f"{shlex.quote(py)} -c {shlex.quote(versions)}"
     )
     bench = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
     # with 16 iterations timed unprofiled first (one R1 pass, as the experiment's mix)
