@@ -664,3 +664,37 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
     assert "recorded 2 times, 1 after the clock started" in text
     assert f"the slow (compiling) iterations: 0: {compiled['slow_iterations'][0]} s, 1: " in text
     assert "\n- skipping cudagraphs due to mutated inputs" in text
+
+
+def test_the_capture_check_finds_what_would_keep_a_graph_from_a_cuda_graph():
+    """benchmarks/capture_check.py on graphs with a known answer: a data-dependent shape (`nonzero`) is cut
+    out of its graph, an input mutated in place is reported, a plain graph passes; on the CPU, which
+    inductor never captures, as a GPU would decide."""
+    import torch
+
+    check = _load_benchmark("capture_check")
+
+    def plain(x):
+        return torch.sin(x) * 2 + 1
+
+    def data_dependent(x):
+        return x.sum() + torch.nonzero(x > 0).float().sum()
+
+    def mutating(x):
+        return x.add_(1) * 2
+
+    def answer(fn):
+        torch._dynamo.reset()
+        with check.watching() as record:
+            torch.compile(fn, mode="reduce-overhead", dynamic=False)(torch.randn(32))
+        return record
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        clean, cut, mutated = answer(plain), answer(data_dependent), answer(mutating)
+    torch._dynamo.reset()
+    assert len(clean.graphs) == 1 and clean.nodes_checked > 0
+    assert clean.problems() == []
+    assert cut.cuts and {reason for reason, _ in cut.cuts} == {"unbacked binding ops"}  # nonzero and its users
+    assert any(p.startswith("cut: unbacked binding ops") for p in cut.problems())
+    assert mutated.graphs[0]["mutated_inputs"] == [0]
+    assert any("mutates its inputs [0]" in p for p in mutated.problems())
