@@ -127,13 +127,15 @@ def watching() -> Iterator[Record]:
 
     def post_compile(example_inputs, graph, cudagraphs, constants, device_index):
         info = graph.cudagraph_info
+        static = graph.fx_kwargs.get("static_input_idxs") or ()
         record.graphs.append(
             {
                 "backward": bool(graph.fx_kwargs.get("is_backward")),
                 "inference": bool(graph.fx_kwargs.get("is_inference")),
                 "fail_reasons": [] if info is None else list(info.cudagraph_fail_reasons),
                 "disabled": graph.disabled_cudagraphs_reason,
-                "mutated_inputs": sorted(graph.mutated_input_idxs),
+                # mutated inputs other than static ones (parameters, buffers), which CUDA graph trees allow
+                "mutated_inputs": sorted(set(graph.mutated_input_idxs) - set(static)),
                 "non_tensor_inputs": [
                     type(t).__name__
                     for t in example_inputs

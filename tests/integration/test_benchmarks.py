@@ -669,7 +669,7 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
 def test_the_capture_check_finds_what_would_keep_a_graph_from_a_cuda_graph():
     """benchmarks/capture_check.py on graphs with a known answer: a data-dependent shape (`nonzero`) is cut
     out of its graph, an input mutated in place is reported, a plain graph passes; on the CPU, which
-    inductor never captures, as a GPU would decide."""
+    inductor never captures, as a GPU would decide; a buffer mutated in place is not a problem."""
     import torch
 
     check = _load_benchmark("capture_check")
@@ -683,6 +683,15 @@ def test_the_capture_check_finds_what_would_keep_a_graph_from_a_cuda_graph():
     def mutating(x):
         return x.add_(1) * 2
 
+    class Counting(torch.nn.Module):  # mutates a buffer: a static input, which CUDA graph trees allow
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return x * self.calls
+
     def answer(fn):
         torch._dynamo.reset()
         with check.watching() as record:
@@ -691,7 +700,9 @@ def test_the_capture_check_finds_what_would_keep_a_graph_from_a_cuda_graph():
 
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         clean, cut, mutated = answer(plain), answer(data_dependent), answer(mutating)
+        counting = answer(Counting())
     torch._dynamo.reset()
+    assert len(counting.graphs) == 1 and counting.problems() == []
     assert len(clean.graphs) == 1 and clean.nodes_checked > 0
     assert clean.problems() == []
     # nonzero and the operations that use its data-dependent size
