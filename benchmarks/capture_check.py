@@ -56,7 +56,8 @@ class Record:
         for i, graph in enumerate(self.graphs):
             kind = "backward" if graph["backward"] else "forward"
             found += [f"graph {i} ({kind}): {r}" for r in graph["fail_reasons"]]
-            found += [f"graph {i} ({kind}): {d}" for d in ([graph["disabled"]] if graph["disabled"] else [])]
+            if graph["disabled"]:
+                found.append(f"graph {i} ({kind}): {graph['disabled']}")
             if graph["mutated_inputs"]:
                 found.append(f"graph {i} ({kind}): mutates its inputs {graph['mutated_inputs']}")
             if graph["non_tensor_inputs"]:
@@ -89,9 +90,9 @@ def _internals():
 
 @contextmanager
 def watching() -> Iterator[Record]:
-    """While open, inductor's CUDA-graph decisions are recorded into the Record it yields, the CPU is taken
-    for a GPU in them, and no graph is captured (each runs as compiled). Inductor's caches are off, so every
-    graph is compiled and checked afresh."""
+    """While open, inductor's CUDA-graph decisions are recorded into the Record it yields (without a GPU,
+    the CPU is taken for one in them), and no graph is captured (each runs as compiled). Inductor's
+    caches are off, so every graph is compiled and checked afresh."""
     cudagraph_utils, output_code, scheduler = _internals()
     from torch._dynamo.utils import counters
 
@@ -194,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)
-    kinds = sum(g["backward"] for g in record.graphs)
+    backward = sum(g["backward"] for g in record.graphs)
     print(
-        f"torch {torch.__version__}: {len(record.graphs)} graphs compiled ({kinds} backward), "
+        f"torch {torch.__version__}: {len(record.graphs)} graphs compiled ({backward} backward), "
         f"{record.nodes_checked} partitioner calls, {len(breaks)} graph breaks"
     )
     print("\n".join(problems) if problems else "every graph would be captured whole")
