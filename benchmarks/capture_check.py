@@ -89,10 +89,10 @@ def _internals():
 
 
 @contextmanager
-def watching() -> Iterator[Record]:
-    """While open, inductor's CUDA-graph decisions are recorded into the Record it yields (without a GPU,
-    the CPU is taken for one in them), and no graph is captured (each runs as compiled). Inductor's
-    caches are off, so every graph is compiled and checked afresh."""
+def watching(pretend: bool | None = None) -> Iterator[Record]:
+    """While open, inductor's CUDA-graph decisions are recorded into the Record it yields (with `pretend`,
+    by default when there is no GPU, the CPU is taken for one in them), and no graph is captured (each
+    runs as compiled). Inductor's caches are off, so every graph is compiled and checked afresh."""
     cudagraph_utils, output_code, scheduler = _internals()
     from torch._dynamo.utils import counters
 
@@ -102,7 +102,8 @@ def watching() -> Iterator[Record]:
 
     # Without a GPU every graph is on the CPU, which is taken for one; with a GPU, decisions are as they are
     # (an operation on the host inside a GPU graph is then a cut like any other).
-    pretend = not torch.cuda.is_available()
+    if pretend is None:
+        pretend = not torch.cuda.is_available()
 
     def partition(self, node):
         reason = should_partition(self, node)  # what inductor does (on the CPU: cut everything)

@@ -11,8 +11,12 @@ A session has 15 minutes of device time, the machine's start included (about 90 
 2026-12-04 held 580 + 255 s, 655 s and 612 s (the third: one call of `--budget 570`, timeout 600 s; the
 machine went back before a second call). Plan on `--budget 550` with a timeout of 600 s (the first step's
 cold compile needs most of it; packing the compile cache follows the steps), then at once (the machine is
-held 30 s idle), warm, the rest with `--only`: inductor's cache on the machine makes a second compile of
-the same graphs short; on a new machine, the carried cache does (below).
+held 30 s idle), warm, the rest with `--only` and `--previous` (the first call's summary.json, so that
+a step that needs an earlier one, or is its fallback, knows how that one ended): inductor's cache on the
+machine makes a second compile of the same graphs short; on a new machine, the carried cache does
+(below). The results are written after every step, so a call cut short returns what it measured.
+Steps known not to fit a card's memory are skipped on it (ImageNet 64 in one pass on an 80 GB H100):
+name the nvidia-h200 kind to run them, and to compare with the H200 figures of 2026-12-04.
 `profile_train.py --timed 16` times an iteration without the profiler, then profiles it, after one
 compile.
 
@@ -27,10 +31,12 @@ step compiles into one inductor cache (--cache, exported as ACT_COMPILE_CACHE an
 which the run packs into $OUT; carried to the next session's machine, it spares that session the code
 generation of every graph that did not change (the tracing still runs). Here, after a run:
 
-    mkdir -p .compile_cache && cp <files_at>/compile_cache.tar.gz.* .compile_cache/   # replaces the last
+    mkdir -p .compile_cache && rm -f .compile_cache/compile_cache.tar.gz.*   # no part of an older run
+    cp <files_at>/compile_cache.tar.gz.* <files_at>/summary.json .compile_cache/
     grep -qx '/.compile_cache/' .git/info/exclude || echo '/.compile_cache/' >> .git/info/exclude
 
-and carry [".whl", ".compile_cache"]: device_check.py unpacks the parts it finds there before its steps.
+and carry [".whl", ".compile_cache"]: device_check.py unpacks the parts it finds there before its steps
+(`--previous .compile_cache/summary.json` for the first call's outcomes).
 
 On the device machine, after benchmarks/device_wheels.sh made .whl here (what its image lacks):
 
@@ -50,6 +56,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +83,10 @@ class Step:
     result: str | None = None  # the JSON file it writes, relative to the work folder
     after: str | None = None  # runs only if this earlier step passed (its profile needs what it measured)
     unless: str | None = None  # skipped if this earlier step passed (a fallback for it)
+    min_gpu_gib: float = 0  # skipped on a GPU with less memory, GiB (known not to fit there)
 
 
-def imagenet64_step(name: str, batch: int, extra: list[str]) -> Step:
+def imagenet64_step(name: str, batch: int, extra: list[str], min_gpu_gib: float = 0) -> Step:
     """One ImageNet 64 run of the defaults at this half-batch per pass (its own process: running out
     of memory ends that step only)."""
     argv = [
@@ -86,7 +94,8 @@ def imagenet64_step(name: str, batch: int, extra: list[str]) -> Step:
         *("--iterations", "3", "--warmup", "1", *QUICK, "--set", MEMORY, *extra),
         *("--output", f"{name}.json"),
     ]
-    return Step(name, [sys.executable, str(BENCH / "bench_train.py"), *argv], 150, 60, f"{name}.json")
+    argv = [sys.executable, str(BENCH / "bench_train.py"), *argv]
+    return Step(name, argv, 150, 60, f"{name}.json", min_gpu_gib=min_gpu_gib)
 
 
 def fid_step(num_samples: int = 50_000, train_extra: str = "", eval_extra: str = "") -> Step:
@@ -173,13 +182,14 @@ def steps() -> list[Step]:
     # them is the bound), float32 fused attention 37 ms of those kernels, and the R1 iteration (one in 16)
     # ran D eagerly with 6,700 more launches. So first the candidate for 10 it/s against the defaults in
     # one process: CUDA graphs, flex_attention's generated flash kernel (TF32, no score matrix in memory)
-    # and the R1 pass compiled: one cold compile, up to 540 s. Then its profile (warm: the same graphs),
-    # cuDNN's autotuner (eager, never measured), the candidate with it (warm), then the candidate without
-    # compile_r1 (warm but for the R1 graph: what that lever buys). Only if the candidate fails, CUDA
-    # graphs with classic attention (TF32 bmm, softmax fused by inductor, the score matrices written).
-    # Then the eager steps (ImageNet 64 in one pass on 141 GB, the eager profile beside the compiled ones),
-    # then what needs a cold compile of its own (inductor's cache of one mode did not shorten the other's
-    # compile: a mode, or another attention, is other graphs), then what was measured already.
+    # and the R1 pass compiled: one cold compile, up to 540 s. Then its profile (warm: the same graphs);
+    # only if the candidate fails, at once, CUDA graphs with classic attention (TF32 bmm, softmax fused by
+    # inductor, the score matrices written) and its profile. Then cuDNN's autotuner (eager, never
+    # measured), the augmentation's cost, the candidate with the autotuner (warm) and augmenting, then the
+    # candidate without compile_r1 (warm but for the R1 graph: what that lever buys). Then the eager
+    # steps (ImageNet 64 in one pass on 141 GB, the eager profile beside the compiled ones), then what needs
+    # a cold compile of its own (inductor's cache of one mode did not shorten the other's compile: a mode,
+    # or another attention, is other graphs), then what was measured already.
     candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true", "model.speed.compile_augment=true"]
     return [
         Step("env", ["bash", "-c", env_check], 30, 10),
@@ -191,6 +201,17 @@ def steps() -> list[Step]:
             120,
             "profile_cuda_graphs_flex_r1/profile.json",
             after="bench_cuda_graphs_flex_r1",
+        ),
+        lever_step(  # the fallback, at once if the candidate fails (a cold compile of its own)
+            "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex_r1"
+        ),
+        Step(
+            "profile_cuda_graphs_classic",
+            [*profile, "--out", "profile_cuda_graphs_classic", *cuda_graphs, classic],
+            300,
+            120,
+            "profile_cuda_graphs_classic/profile.json",
+            after="bench_cuda_graphs_classic",
         ),
         lever_step("bench_cudnn_benchmark", "cudnn_benchmark", 120, 60, warmup=5),  # eager: about a minute
         lever_step("bench_augmenting", "augmenting", 120, 60),  # what augmentation costs the defaults
@@ -216,18 +237,8 @@ def steps() -> list[Step]:
             150,
             after="bench_cuda_graphs_flex_r1_augmenting",
         ),
-        lever_step(
-            "bench_cuda_graphs_classic", "cuda_graphs_classic", 500, 150, unless="bench_cuda_graphs_flex_r1"
-        ),
-        Step(
-            "profile_cuda_graphs_classic",
-            [*profile, "--out", "profile_cuda_graphs_classic", *cuda_graphs, classic],
-            300,
-            120,
-            "profile_cuda_graphs_classic/profile.json",
-            after="bench_cuda_graphs_classic",
-        ),
-        imagenet64_step("imagenet64_one_pass", 320, []),  # fits 141 GB without checkpointing?
+        # fits 141 GB without checkpointing? (not 80: 2026-12-04, first H200 session)
+        imagenet64_step("imagenet64_one_pass", 320, [], min_gpu_gib=100),
         Step(  # the eager defaults the same way, beside it
             "profile",
             [*profile, "--out", "profile"],
@@ -374,6 +385,20 @@ def unpack_cache(carried: Path, cache: Path) -> str:
     return f"compile cache: unpacked {len(parts)} carried part(s) into {cache}"
 
 
+def gpu_memory_gib() -> float | None:
+    """The first GPU's memory in GiB, None where nvidia-smi cannot say."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return float(out.stdout.split()[0]) / 1024  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def run_step(step: Step, work: Path, seconds: float, cache: Path | None = None) -> dict:
     """Runs `step` in `work` for at most `seconds`; its output goes to work/<name>.log. With `cache`, every
     compile of the step keeps its graphs and kernels there."""
@@ -398,11 +423,11 @@ def run_step(step: Step, work: Path, seconds: float, cache: Path | None = None) 
             rc = proc.wait(timeout=seconds)
             status = "ok" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
+            _kill(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill(proc.pid, signal.SIGKILL)
                 proc.wait()
             rc, status = None, "timed out"
     text = log.read_text(errors="replace")
@@ -410,28 +435,62 @@ def run_step(step: Step, work: Path, seconds: float, cache: Path | None = None) 
         status = "out of GPU memory"
     outcome = {"name": step.name, "status": status, "rc": rc, "seconds": round(time.monotonic() - start, 1)}
     if step.result and (work / step.result).is_file():
-        outcome["result"] = json.loads((work / step.result).read_text())
+        try:
+            outcome["result"] = json.loads((work / step.result).read_text())
+        except (ValueError, OSError) as err:  # cut short by the time limit: the log still has the output
+            outcome["result_error"] = repr(err)
     return outcome
 
 
-def run_all(plan: list[Step], work: Path, budget: float, cache: Path | None = None) -> list[dict]:
+def _kill(group: int, sig: int) -> None:
+    """Signals a step's process group, which may have ended on its own in the meantime."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_all(
+    plan: list[Step],
+    work: Path,
+    budget: float,
+    cache: Path | None = None,
+    previous: list[dict] = (),
+    done: Callable[[list[dict]], None] = lambda outcomes: None,
+    gpu_gib: float | None = None,
+) -> list[dict]:
+    """Runs the steps of `plan` that the budget, `after` and `unless` allow, calling `done` with the
+    outcomes so far after each. `previous`: an earlier call's outcomes (--previous), which `after` and
+    `unless` also read (the steps it ran); a step neither call ran is unknown (it runs). `gpu_gib`: the
+    card's memory in GiB, for `min_gpu_gib` (None: unknown, every step runs)."""
     deadline = time.monotonic() + budget
     outcomes = []
     for step in plan:
         left = deadline - time.monotonic()
-        passed = {o["name"]: o["status"] == "ok" for o in outcomes}  # (a step of another call: unknown)
+        passed = {o["name"]: o["status"] == "ok" for o in previous if "seconds" in o}  # those it ran
+        passed.update({o["name"]: o["status"] == "ok" for o in outcomes})
         if step.after in passed and not passed[step.after]:
             outcomes.append({"name": step.name, "status": f"skipped ({step.after} did not pass)"})
             continue
         if passed.get(step.unless):
             outcomes.append({"name": step.name, "status": f"skipped ({step.unless} passed)"})
             continue
+        if gpu_gib is not None and gpu_gib < step.min_gpu_gib:
+            status = f"skipped ({gpu_gib:.0f} GiB on the GPU, needs {step.min_gpu_gib})"
+            outcomes.append({"name": step.name, "status": status})
+            continue
         if left < step.needs:
             outcomes.append({"name": step.name, "status": f"skipped ({left:.0f} s left, needs {step.needs})"})
             continue
         print(f"{step.name} (at most {min(step.timeout, left):.0f} s) ...", flush=True)
-        outcomes.append(run_step(step, work, min(step.timeout, left), cache))
+        began = time.monotonic()
+        try:
+            outcomes.append(run_step(step, work, min(step.timeout, left), cache))
+        except Exception as err:  # noqa: BLE001 - this script's own fault: recorded, the next step runs
+            seconds = round(time.monotonic() - began, 1)
+            outcomes.append({"name": step.name, "status": f"error: {err!r}", "seconds": seconds})
         print(f"  {outcomes[-1]['status']} in {outcomes[-1]['seconds']} s", flush=True)
+        done(outcomes)
     return outcomes
 
 
@@ -549,7 +608,7 @@ def summary_markdown(outcomes: list[dict], machine: str, notes: list[str] = ()) 
                 lines += fid_lines(result)
             else:
                 lines += profile_lines(result) if "variants" in result else bench_lines(result)
-        except (KeyError, TypeError) as err:  # a result of another shape: the JSON still has it
+        except Exception as err:  # noqa: BLE001 - a result of another shape: the JSON still has it
             lines.append(f"(no table: {err!r}; see summary.json)")
     return "\n".join(lines) + "\n"
 
@@ -606,6 +665,12 @@ def main() -> None:
         help="where an earlier run's packed cache (compile_cache.tar.gz.N) was carried to",
     )
     parser.add_argument("--only", nargs="*", default=None, help="these steps alone, in this order")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="an earlier call's summary.json: its outcomes decide `after` and `unless` steps too",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the steps and exit")
     args = parser.parse_args()
     by_name = {s.name: s for s in steps()}
@@ -622,9 +687,19 @@ def main() -> None:
     machine = f"{os.uname().nodename}; {time.strftime('%Y-%m-%d %H:%M')}; budget {args.budget:.0f} s"
     notes = [unpack_cache(args.carried, args.cache)]
     print(notes[0], flush=True)
-    outcomes = run_all(plan, args.work, args.budget, args.cache)
-    notes.append(pack_cache(args.cache, args.out))
-    write_outputs(outcomes, args.work, args.out, machine, notes)
+    previous = json.loads(args.previous.read_text())["steps"] if args.previous else []
+
+    def write(outcomes: list[dict]) -> None:  # after every step: a call cut short returns what it found
+        write_outputs(outcomes, args.work, args.out, machine, notes)
+
+    gpu_gib = gpu_memory_gib()
+    outcomes = run_all(plan, args.work, args.budget, args.cache, previous, write, gpu_gib)
+    write(outcomes)
+    try:
+        notes.append(pack_cache(args.cache, args.out))
+    except Exception as err:  # noqa: BLE001 - the results are written already; only the cache is lost
+        notes.append(f"compile cache not kept: {err!r}")
+    write(outcomes)
     print((args.out / "summary.md").read_text())
 
 

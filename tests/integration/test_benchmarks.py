@@ -285,15 +285,21 @@ def test_device_check_plan_parses_with_the_scripts_it_calls(tmp_path):
     check = _load_benchmark("device_check")
     parsers = {name: _load_benchmark(name).build_parser() for name in ("bench_train", "profile_train")}
     plan = check.steps()
-    first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cudnn_benchmark"]
-    then = ["bench_augmenting", "bench_cuda_graphs_flex_r1_cudnn", "bench_cuda_graphs_flex_r1_augmenting"]
+    # the candidate, its profile, and at once its fallback if it fails (a cold compile needs the time)
+    first = ["env", "bench_cuda_graphs_flex_r1", "profile_cuda_graphs_flex_r1", "bench_cuda_graphs_classic"]
+    then = ["profile_cuda_graphs_classic", "bench_cudnn_benchmark", "bench_augmenting"]
     then += [
+        "bench_cuda_graphs_flex_r1_cudnn",
+        "bench_cuda_graphs_flex_r1_augmenting",
         "bench_cuda_graphs_flex",
         "bench_cuda_graphs_flex_r1_augmenting_eagerly",
-        "bench_cuda_graphs_classic",
     ]
-    assert [s.name for s in plan][:10] == [*first, *then]
+    assert [s.name for s in plan][:11] == [*first, *then]
     by_name = {s.name: s for s in plan}
+    assert by_name["bench_cuda_graphs_classic"].unless == "bench_cuda_graphs_flex_r1"
+    assert by_name["profile_cuda_graphs_classic"].after == "bench_cuda_graphs_classic"
+    # one pass of 320 did not fit an 80 GB card (2026-12-04): skipped there, not a minute spent failing
+    assert by_name["imagenet64_one_pass"].min_gpu_gib > 80 > by_name["imagenet64_two_passes"].min_gpu_gib
     for lever in ("cudnn", "augmenting"):  # the candidate's graphs again (warm), and only if it compiled
         assert by_name[f"bench_cuda_graphs_flex_r1_{lever}"].after == "bench_cuda_graphs_flex_r1"
     bench = _load_benchmark("bench_train")
@@ -488,6 +494,73 @@ def test_device_check_runs_a_profile_after_its_benchmark_passed_and_a_fallback_o
     assert (tmp_path / "e.txt").read_text().split() == [cache, cache]
 
 
+def test_device_check_reads_an_earlier_calls_outcomes_and_skips_what_does_not_fit_the_card(tmp_path):
+    """A second call (`--only ... --previous summary.json`) runs a profile only if its benchmark passed in
+    the first and a fallback only if that failed; a step too large for the card's memory is skipped; a
+    step the script itself fails to run is recorded and the next one runs; after each step the outcomes
+    so far are handed on (main writes them, so a call cut short returns them)."""
+    check = _load_benchmark("device_check")
+    ok = ["bash", "-c", "exit 0"]
+    previous = [
+        {"name": "passed", "status": "ok", "seconds": 1.0},
+        {"name": "failed", "status": "failed", "seconds": 1.0},
+        {"name": "not_run", "status": "skipped (10 s left, needs 60)"},
+    ]
+    plan = [
+        check.Step("after_passed", ok, 10, 0, after="passed"),
+        check.Step("fallback_of_passed", ok, 10, 0, unless="passed"),
+        check.Step("after_failed", ok, 10, 0, after="failed"),
+        check.Step("fallback_of_failed", ok, 10, 0, unless="failed"),
+        check.Step("after_not_run", ok, 10, 0, after="not_run"),
+        check.Step("large", ok, 10, 0, min_gpu_gib=100),
+        check.Step("broken", ["/nonexistent/program"], 10, 0),
+        check.Step("small", ok, 10, 0, min_gpu_gib=40),
+    ]
+    seen = []
+    outcomes = check.run_all(
+        plan, tmp_path, 60, previous=previous, done=lambda o: seen.append(len(o)), gpu_gib=79.2
+    )
+    statuses = {o["name"]: o["status"] for o in outcomes}
+    assert statuses.pop("broken").startswith("error: FileNotFoundError")
+    assert statuses == {
+        "after_passed": "ok",
+        "fallback_of_passed": "skipped (passed passed)",
+        "after_failed": "skipped (failed did not pass)",
+        "fallback_of_failed": "ok",
+        "after_not_run": "ok",  # unknown: runs
+        "large": "skipped (79 GiB on the GPU, needs 100)",
+        "small": "ok",
+    }
+    assert seen == [1, 4, 5, 7, 8]  # after each step that ran
+    unknown = check.run_all([check.Step("large", ok, 10, 0, min_gpu_gib=100)], tmp_path, 60, gpu_gib=None)
+    assert unknown[0]["status"] == "ok"  # the card's memory unknown: it runs
+
+
+def test_device_check_writes_its_summary_after_each_step_and_keeps_it_when_packing_fails(
+    tmp_path, monkeypatch
+):
+    check = _load_benchmark("device_check")
+    out = tmp_path / "out"
+    # the second step passes only if the first one's outcome is in $OUT while it runs
+    seen_first = f"grep -q '\"first\"' {out}/summary.json && test -f {out}/logs.txt"
+    plan = [
+        check.Step("first", ["bash", "-c", "exit 0"], 10, 0),
+        check.Step("second", ["bash", "-c", seen_first], 10, 0),
+    ]
+    monkeypatch.setattr(check, "steps", lambda: plan)
+    monkeypatch.setattr(check, "pack_cache", lambda cache, out: 1 / 0)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["device_check.py", "--out", str(out), "--work", str(tmp_path / "work")]
+        + ["--cache", str(tmp_path / "cache"), "--carried", str(tmp_path / "none"), "--budget", "60"],
+    )
+    check.main()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(o["name"], o["status"]) for o in summary["steps"]] == [("first", "ok"), ("second", "ok")]
+    assert summary["notes"][-1] == "compile cache not kept: ZeroDivisionError('division by zero')"
+
+
 def test_device_check_packs_the_compile_cache_into_parts_that_the_next_run_unpacks(tmp_path):
     check = _load_benchmark("device_check")
     cache, carried = tmp_path / "cache", tmp_path / "carried"
@@ -669,7 +742,8 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
 def test_the_capture_check_finds_what_would_keep_a_graph_from_a_cuda_graph():
     """benchmarks/capture_check.py on graphs with a known answer: a data-dependent shape (`nonzero`) is cut
     out of its graph, an input mutated in place is reported, a plain graph passes; on the CPU, which
-    inductor never captures, as a GPU would decide; a buffer mutated in place is not a problem."""
+    inductor never captures, as a GPU would decide (also where there is a GPU); a buffer mutated in place
+    is not a problem."""
     import torch
 
     check = _load_benchmark("capture_check")
@@ -694,7 +768,7 @@ def test_the_capture_check_finds_what_would_keep_a_graph_from_a_cuda_graph():
 
     def answer(fn):
         torch._dynamo.reset()
-        with check.watching() as record:
+        with check.watching(pretend=True) as record:
             torch.compile(fn, mode="reduce-overhead", dynamic=False)(torch.randn(32))
         return record
 
