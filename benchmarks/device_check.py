@@ -9,8 +9,9 @@ to be skipped when the budget runs out.
 
 A session has 15 minutes of device time, the machine's start included (about 90 s). The sessions of
 2026-12-04 held 580 + 255 s, 655 s and 612 s (the third: one call of `--budget 570`, timeout 600 s; the
-machine went back before a second call). Plan on `--budget 550` with a timeout of 600 s (the first step's
-cold compile needs most of it; packing the compile cache follows the steps), then at once (the machine is
+machine went back before a second call). Plan on `--budget 540` with a timeout of 600 s (the first step's
+cold compile needs most of it; a step past its limit gets 10 s to stop, and packing the compile cache,
+up to two gzip passes over hundreds of MB, follows the steps), then at once (the machine is
 held 30 s idle), warm, the rest with `--only` and `--previous` (the first call's summary.json, so that
 a step that needs an earlier one, or is its fallback, knows how that one ended): inductor's cache on the
 machine makes a second compile of the same graphs short; on a new machine, the carried cache does
