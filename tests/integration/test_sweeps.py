@@ -44,7 +44,8 @@ def test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_conf
 
 @pytest.mark.slow
 def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
-    # the README's search on CIFAR-10, shortened: two trials in smoke size, without LPIPS' VGG
+    # the README's search on CIFAR-10, shortened: two trials in smoke size, without LPIPS' VGG; with a key
+    # searched beside the config's, as the README says to add one
     result = run_multirun(
         [
             "hparams_search=optuna",
@@ -53,6 +54,7 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
             "debug=smoke",
             "data=synthetic",
             "model.distance=pseudo_huber",
+            "model.schedule.mid_weight=interval(0.1,0.5)",
         ],
         tmp_path,
     )
@@ -64,7 +66,9 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
         "model.schedule.gan_ratio",
         "model.optimizer.lr",
         "model.d_optimizer.lr",
+        "model.schedule.mid_weight",
     }
+    assert 0.1 <= found["best_params"]["model.schedule.mid_weight"] <= 0.5
     for job in (0, 1):
         overrides, _ = job_record(tmp_path / str(job))  # as the checkpoint records the job's launch
         assert any(
