@@ -78,12 +78,14 @@ def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_pat
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", other / "checkpoints" / "last.ckpt")
 
 
-def test_resume_across_epochs_is_exact(tmp_path):
-    # 12 synthetic images, 3 batches an epoch: the stop falls mid-epoch and the run crosses epochs
+@pytest.mark.parametrize("stop", [5, 6])
+def test_resume_across_epochs_is_exact(tmp_path, stop):
+    # 12 synthetic images, 3 batches an epoch: the stop falls mid-epoch (5) or at an epoch's end (6), and
+    # the run crosses epochs
     common = ["debug=smoke", "data=synthetic", "data.length=12", "iterations=8", "eval=null"]
     train(compose(common, run_dir=str(tmp_path / "straight")))
-    summary = train(compose([*common, "stop_after=5"], run_dir=str(tmp_path / "run")))
-    assert summary["iteration"] == 5 and not summary["finished"]
+    summary = train(compose([*common, f"stop_after={stop}"], run_dir=str(tmp_path / "run")))
+    assert summary["iteration"] == stop and not summary["finished"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(compose(common, run_dir=str(tmp_path / "run")))  # resume=auto is the default

@@ -4,6 +4,7 @@ split of each batch into the generator half and the discriminator half that one 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -138,7 +139,11 @@ class ResumableBatchSampler(BatchSampler):
                 generator.set_state(state)
         pos.epoch_generator_state = generator.get_state() if generator is not None else None
         pos.consumed = skip
-        for i, batch in enumerate(super().__iter__()):
+        # len(self) batches and no more, as the training loop takes them: running the sampler on to its
+        # end would draw the next shuffle from the generator (RandomSampler draws one more permutation
+        # for the remainder), so a resume at an epoch's end, which skips all of that epoch, would change
+        # every later epoch's order
+        for i, batch in enumerate(itertools.islice(super().__iter__(), len(self))):
             if i >= skip:
                 yield (
                     shard_of_global_batch(batch, self.rank, self.world_size) if self.world_size > 1 else batch
