@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from act_lightning.data import (
@@ -76,7 +77,7 @@ def test_flips_are_deterministic_for_a_seed():
 
 
 def _attach_trainer(dm: ImageDataModule, k: int | None, global_step: int, rank: int = 0) -> None:
-    """What `_device_generator` reads of a trainer: its rank, its step, and the module's `k` (if any)."""
+    """What `_flip_generator_for` reads of a trainer: its rank, its step, and the module's `k` (if any)."""
     module = SimpleNamespace() if k is None else SimpleNamespace(k=k)
     dm.trainer = SimpleNamespace(
         global_rank=rank, global_step=global_step, lightning_module=module, training=False
@@ -89,12 +90,41 @@ def test_flips_are_seeded_from_the_act_iteration_not_the_optimiser_step():
     for k, global_step in [(5, 10), (5, 11), (6, 10)]:
         dm = _Tiny(hflip=True, seed=3)
         _attach_trainer(dm, k=k, global_step=global_step, rank=1)
-        seeds[k, global_step] = dm._device_generator(cpu).initial_seed()
+        seeds[k, global_step] = dm._flip_generator_for(cpu).initial_seed()
+        assert dm._flip_generator_for(cpu).initial_seed() == mix_seed(3, k + 1, FLIP, 1)  # the next batch
     assert seeds[5, 10] == seeds[5, 11] == mix_seed(3, 5, FLIP, 1)  # (seed, k, FLIP, rank)
     assert seeds[6, 10] != seeds[5, 10]
     dm = _Tiny(hflip=True, seed=3)
     _attach_trainer(dm, k=None, global_step=10)  # a module that counts no ACT iterations
-    assert dm._device_generator(cpu).initial_seed() == mix_seed(3, 0, FLIP, 0)
+    assert dm._flip_generator_for(cpu).initial_seed() == mix_seed(3, 0, FLIP, 0)
+
+
+def test_each_rank_flips_on_as_it_would_have_after_a_resume_from_rank_zeros_checkpoint():
+    """Under DDP only rank 0's data-module state is written, and every rank reads it back: each rank must
+    still go on with its own flips, the ones it would have drawn without the stop."""
+    batch = (torch.arange(64 * 6, dtype=torch.uint8).reshape(64, 1, 2, 3), torch.zeros(64, dtype=torch.long))
+
+    def rank(r: int, state: dict | None = None) -> _Tiny:
+        dm = _Tiny(hflip=True, seed=1)
+        _attach_trainer(dm, k=0, global_step=0, rank=r)
+        if state is not None:
+            dm.load_state_dict(state)
+        return dm
+
+    def flipped(dm: _Tiny) -> Tensor:
+        return dm.on_after_batch_transfer(batch, 0).gen
+
+    straight = [rank(0), rank(1)]
+    for _ in range(3):
+        for dm in straight:
+            flipped(dm)
+    saved = straight[0].state_dict()  # what the checkpoint holds
+    resumed = [rank(0, saved), rank(1, saved)]
+    for _ in range(2):
+        expected = [flipped(dm) for dm in straight]
+        assert not torch.equal(expected[0], expected[1])  # the ranks flip differently
+        for dm, want in zip(resumed, expected, strict=True):
+            assert torch.equal(flipped(dm), want)
 
 
 def test_path_is_the_absolute_root_and_only_sources_with_files_need_one(tmp_path, monkeypatch):

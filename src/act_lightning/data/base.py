@@ -241,8 +241,8 @@ class ImageDataModule(L.LightningDataModule):
         self.hflip = hflip
         self.train_set: Dataset | None = None
         self._flip_generator: torch.Generator | None = None
+        self._flips: int | None = None  # batches flipped so far in the run (None: not known yet)
         self._position = LoaderPosition()
-        self._restore_flip_state: Tensor | None = None
         self._micro = 1  # micro-batches per iteration on this device (set with the training loader)
 
     @property
@@ -331,20 +331,20 @@ class ImageDataModule(L.LightningDataModule):
         options["worker_init_fn"] = pl_worker_init_function if workers else None
         return options
 
-    # -- exact resume: the loader's position and the flip generator are training state ----------------
+    # -- exact resume: the loader's position and the count of flipped batches are training state ------
     def state_dict(self) -> dict:
         pos = self._position
         return {
             "consumed": pos.consumed,
             "epoch_generator_state": pos.epoch_generator_state,
-            "flip_generator_state": None
-            if self._flip_generator is None
-            else self._flip_generator.get_state(),
+            "flips": self._flips,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._position.resume = (int(state_dict["consumed"]), state_dict.get("epoch_generator_state"))
-        self._restore_flip_state = state_dict.get("flip_generator_state")
+        # (a checkpoint from before the count was kept has a flip generator's state instead, one rank's:
+        # such a run's flips go on from its iteration, as _flip_generator_for says)
+        self._flips = state_dict.get("flips")
         ignore_unresumable_loader_warning()  # the position just restored makes this resume exact
 
     def reference_dataloader(
@@ -379,21 +379,25 @@ class ImageDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             self._position.consumed += 1
         if self.hflip:
-            images = random_hflip(images, self._device_generator(images.device))  # flip the uint8: cheaper
+            images = random_hflip(images, self._flip_generator_for(images.device))  # flip the uint8: cheaper
         return split_halves(to_signed(images), labels, self._micro)
 
-    def _device_generator(self, device: torch.device) -> torch.Generator:
+    def _flip_generator_for(self, device: torch.device) -> torch.Generator:
+        """The generator of one batch's flips, seeded from (seed, n, FLIP, rank), n the batches flipped
+        before it in the run: distinct per rank, and no generator state to save. Every rank flips its
+        share of every global batch, so n is the same on all of them and the one count a checkpoint holds
+        resumes each rank's flips exactly (a generator's state, saved by rank 0 alone, would give every
+        rank rank 0's flips)."""
+        trainer = self.trainer
+        rank = 0 if trainer is None else trainer.global_rank
+        if self._flips is None:
+            # a new run, or a checkpoint without the count: from the ACT iterations done, as the module
+            # counts them (`trainer.global_step` counts optimiser steps, two per iteration with a
+            # discriminator; a module without `k` counts from 0), so a resumed run does not replay the
+            # flips of the run's start
+            self._flips = 0 if trainer is None else getattr(trainer.lightning_module, "k", 0)
         if self._flip_generator is None or self._flip_generator.device != device:
-            trainer = self.trainer
-            rank, k = 0, 0
-            if trainer is not None:
-                # ACT iterations done, as the module counts them: `trainer.global_step` counts optimiser
-                # steps (two per iteration with a discriminator); a module without `k` counts from 0
-                rank, k = trainer.global_rank, getattr(trainer.lightning_module, "k", 0)
-            # distinct per rank; a resumed run (k > 0) does not replay the flips of the run's start
-            seed = mix_seed(self.seed, k, FLIP, rank)
-            self._flip_generator = torch.Generator(device=device).manual_seed(seed)
-            if self._restore_flip_state is not None:
-                self._flip_generator.set_state(self._restore_flip_state)
-                self._restore_flip_state = None
+            self._flip_generator = torch.Generator(device=device)
+        self._flip_generator.manual_seed(mix_seed(self.seed, self._flips, FLIP, rank))
+        self._flips += 1
         return self._flip_generator
