@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import io
 import os
 import pickle
 import pickletools
 import shlex
+import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -88,6 +90,25 @@ def test_archive_is_extracted_offline(tmp_path):
     assert (tmp_path / CIFAR_FOLDER / "data_batch_5").is_file()
     dm.setup("fit")
     assert len(dm.train_set) == 40
+
+
+def test_an_archive_member_outside_its_folder_is_refused_and_nothing_is_written_there(tmp_path):
+    """With data.verify=false no checksum vouches for the archive: extraction itself must keep every
+    member inside the data folder."""
+    root = tmp_path / "data"
+    archive = write_cifar10(root, archive=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, content in members:
+            tar.addfile(member, io.BytesIO(content))
+        escape = tarfile.TarInfo("../outside.txt")
+        escape.size = 4
+        tar.addfile(escape, io.BytesIO(b"oops"))
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz: refused, it holds .*outside\.txt"):
+        _dm(root, verify=False).prepare_data()
+    assert not (tmp_path / "outside.txt").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]  # nothing half-extracted
 
 
 def test_missing_files_say_what_where_and_from_where(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
+from torchvision.datasets.utils import calculate_md5, download_url
 
 from act_lightning.data.base import DataError, HalfBatch, ImageDataModule, check_readable, with_file_defaults
 
@@ -161,6 +161,25 @@ class _Indices(Dataset):
         return index
 
 
+def _extract_safely(archive: Path, folder: Path) -> None:
+    """Extract a gzip'ed tar into `folder` with tarfile's "data" filter: a member that would land outside
+    `folder` (an absolute path, `..`), a link pointing out of it or a device file is refused (DataError)
+    instead of being written. (torchvision's extraction applies no filter.)"""
+    if not hasattr(tarfile, "data_filter"):
+        raise DataError(
+            f"{archive}: extracting it safely needs tarfile's data filter (Python 3.10.12 or later); "
+            f"extract it yourself into {archive.parent}, or upgrade Python"
+        )
+    with tarfile.open(archive, "r:gz") as tar:
+        try:
+            tar.extractall(folder, filter="data")
+        except tarfile.FilterError as err:
+            raise DataError(
+                f"{archive}: refused, it holds {err} (the official archive holds no path outside its "
+                f"folder, no link and no device file). Delete it and download {URL} again."
+            ) from err
+
+
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10 training set, random horizontal flips, values in [-1, 1].
 
@@ -267,7 +286,10 @@ class CIFAR10DataModule(ImageDataModule):
         tmp = archive.parent / EXTRACTING
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            extract_archive(str(archive), str(tmp))
+            _extract_safely(archive, tmp)
+        except DataError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(
