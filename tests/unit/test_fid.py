@@ -167,6 +167,7 @@ def test_inception_features_from_a_weights_file_in_the_hub_cache(random_inceptio
     torch.save(perturbed, empty_hub)
     loaded = InceptionFeatures(None)  # found in the hub cache
     assert loaded.pretrained and not random_inception.pretrained
+    assert (loaded.cache_key, random_inception.cache_key) == ("pretrained at 299", "random at 299")
     for k, v in loaded.net.state_dict().items():
         torch.testing.assert_close(v, perturbed[k], rtol=0, atol=0)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
@@ -325,6 +326,15 @@ def test_training_set_statistics_are_cached_and_recomputed_when_the_data_changes
     reference_statistics(extractor, "train", data, "other", cache=cache)  # another extractor
     with np.load(cache) as npz:
         assert str(npz["features"]) == "other" and int(npz["num_images"]) == 40
+    # the same extractor with other weights or input size (InceptionFeatures.cache_key): recomputed, so
+    # statistics of a random Inception at 75 are never read by a run with the real one at 299
+    reads = data.reads
+    extractor.cache_key = "random at 75"
+    reference_statistics(extractor, "train", data, "other", cache=cache)
+    extractor.cache_key = "pretrained at 299"
+    reference_statistics(extractor, "train", data, "other", cache=cache)
+    reference_statistics(extractor, "train", data, "other", cache=cache)
+    assert data.reads == reads + 2
 
 
 def test_published_mu_sigma_are_not_cached(tmp_path):

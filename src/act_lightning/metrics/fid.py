@@ -152,7 +152,9 @@ def reference_statistics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The reference (mu, sigma): `reference` = "train" (the datamodule's reference set, read by the
     ranks together) or an .npz file (mu/sigma, or images under arr_0). Statistics computed here are kept
-    in `cache` (an .npz with the facts they were made from) and read from it while those facts hold.
+    in `cache` (an .npz with the facts they were made from: the data, the features and the extractor's
+    `cache_key`, e.g. random Inception weights or another input size) and read from it while those facts
+    hold.
     `progress(n)` is called after each batch of n images this process reads (a progress bar)."""
     n = extractor.num_features
     cache = Path(cache) if cache else None
@@ -164,6 +166,7 @@ def reference_statistics(
         meta = {
             "source": "train",
             "features": features,
+            "extractor": getattr(extractor, "cache_key", ""),
             "num_images": count,
             "dataset_size": len(dataset),
             "image_size": datamodule.image_size,
@@ -177,7 +180,12 @@ def reference_statistics(
         stats = feature_statistics(extractor, (x for x, _ in loader), device, progress=progress)
     else:
         path = Path(reference).resolve()
-        meta = {"source": str(path), "features": features, "file_size": path.stat().st_size}
+        meta = {
+            "source": str(path),
+            "features": features,
+            "extractor": getattr(extractor, "cache_key", ""),
+            "file_size": path.stat().st_size,
+        }
         cached = _read_cache(cache, meta, n)
         if cached is not None:
             return cached

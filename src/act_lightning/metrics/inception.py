@@ -134,6 +134,8 @@ class InceptionFeatures(nn.Module):
         self.net = _fidelity_inception(state)
         self.net.INPUT_IMAGE_SIZE = SIZE if resize is None else int(resize)  # read by its forward
         self.pretrained = state is not None
+        # what the features depend on besides the images, for caches of statistics (metrics.fid)
+        self.cache_key = f"{'pretrained' if self.pretrained else 'random'} at {self.net.INPUT_IMAGE_SIZE}"
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
