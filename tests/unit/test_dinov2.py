@@ -82,8 +82,11 @@ def test_missing_or_foreign_weights_are_named(tmp_path, monkeypatch):
         and WEIGHTS_URL in message
         and str(tmp_path / "hub" / "checkpoints") in message
     )
-    with pytest.raises(WeightsError, match="dinov2_weights=.*nowhere.pth: no such file"):
+    with pytest.raises(WeightsError, match="^dinov2_weights=.*nowhere.pth: no such file"):
         resolve_dinov2_weights(str(tmp_path / "nowhere.pth"))
+    # training names its own key
+    with pytest.raises(WeightsError, match="^eval.dinov2_weights=.*nowhere.pth: no such file"):
+        resolve_dinov2_weights(str(tmp_path / "nowhere.pth"), key="eval.dinov2_weights")
     foreign = tmp_path / "foreign.pth"
     torch.save({"conv.weight": torch.zeros(1)}, foreign)
     with pytest.raises(WeightsError, match="not a DINOv2 state dict"):

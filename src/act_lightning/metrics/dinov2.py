@@ -149,9 +149,7 @@ def resolve_dinov2_weights(weights: str | None, download: bool = False, key: str
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsError(
-                f"dinov2_weights={weights}: no such file; expected {WEIGHTS_FILE} from {WEIGHTS_URL}"
-            )
+            raise WeightsError(f"{key}={weights}: no such file; expected {WEIGHTS_FILE} from {WEIGHTS_URL}")
         return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
     if not path.is_file() and download:
