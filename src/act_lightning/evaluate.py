@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, run = load_checkpoint(ckpt)
     lap("checkpoint")
     ev = _apply_overrides(run, cfg)
-    check_options(cfg)
+    check_options(cfg, run)
     seeds = sampling_seeds(cfg)
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
     weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
@@ -216,13 +216,22 @@ def reference_datamodule(ev: DictConfig, run: DictConfig):
     return instantiate(run.data) if str(ev.reference) == "train" else None
 
 
-def check_options(cfg: DictConfig) -> None:
-    """The command's own options (samplers, sizes, net), named by their keys."""
+def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
+    """The command's own options (samplers, sizes, net), named by their keys; with the checkpoint's
+    training config `run`, the samplers its model can use (before any network is built)."""
     unknown = [name for name in cfg.samplers if name not in cfg.taus]
     if unknown:
         raise ValueError(
             f"samplers={list(cfg.samplers)}: {', '.join(unknown)} not in taus ({', '.join(cfg.taus)}); "
             "add one with '+taus.NAME=[t_2,...]'"
+        )
+    objective = OmegaConf.select(run, "model.objective", default="consistency") if run is not None else None
+    multistep = [name for name in cfg.samplers if len(cfg.taus[name])]
+    if objective == "diffusion" and multistep:
+        raise ValueError(
+            f"samplers={list(cfg.samplers)}: {', '.join(multistep)} samples in several consistency steps, "
+            "but this checkpoint is a diffusion model (model.objective=diffusion), which is sampled with "
+            "EDM's Heun sampler (model.heun_steps) alone: evaluate it with samplers=[1-step]"
         )
     if cfg.num_samples < 2 or cfg.batch_size < 1:
         raise ValueError(

@@ -604,7 +604,7 @@ class ACTModule(L.LightningModule):
             raise ValueError(
                 "a diffusion model (model.objective=diffusion) samples with EDM's Heun sampler over "
                 f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={list(taus)}: "
-                "sample it with taus=[] (evaluate: samplers=[1step])"
+                "sample it with taus=[] (evaluate: samplers=[1-step])"
             )
         taus = [self.schedule.sigma_max] if taus is None else taus
         was_training = net.training

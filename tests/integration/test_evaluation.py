@@ -194,6 +194,26 @@ def test_kid_and_pr_refuse_a_reference_of_statistics_only_before_sampling(cifar_
         _evaluate([f"ckpt={ckpt}", f"eval.reference={stats}", "metrics=[fid,kid]", "device=cpu"])
 
 
+def test_a_diffusion_model_is_refused_multistep_samplers_before_anything_is_built():
+    """evaluate's default samplers are 1-step and 2-step; a diffusion model has Heun's sampler alone, which
+    the 1-step sampler runs: the 2-step one is refused at once, with the option that works."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from act_lightning.evaluate import check_options
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        defaults = hydra_compose("evaluate", overrides=["ckpt=x"])
+        one_step = hydra_compose("evaluate", overrides=["ckpt=x", "samplers=[1-step]"])
+    diffusion = OmegaConf.create({"model": {"objective": "diffusion"}})
+    with pytest.raises(ValueError, match=r"2-step samples in several .*evaluate it with samplers=\[1-step\]"):
+        check_options(defaults, diffusion)
+    check_options(one_step, diffusion)
+    check_options(defaults, OmegaConf.create({"model": {"objective": "consistency"}}))
+    check_options(defaults, OmegaConf.create({"model": {}}))  # a checkpoint from before the key: consistency
+
+
 def test_seeds_must_be_a_list_of_distinct_integers(cifar_run):
     ckpt = cifar_run / "checkpoints" / "best.ckpt"
     for bad in ("seeds=3", "seeds=[]", "seeds=[0,0]", "seeds=[a]"):
