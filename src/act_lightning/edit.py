@@ -123,8 +123,16 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     returns a summary."""
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
+    if cfg.net not in ("target", "generator"):
+        raise ValueError(f"net must be target or generator, got {cfg.net!r}")
     device = resolve_device(cfg.device)
     model, run, _ = load_model(cfg.ckpt, device)
+    if model.hparams.get("objective", "consistency") != "consistency":
+        raise ValueError(
+            f"ckpt={cfg.ckpt}: a diffusion model (model.objective=diffusion); zero-shot editing runs a "
+            "consistency model's multistep sampler (Song et al. 2023, Algorithm 4), which a denoiser "
+            "trained for diffusion does not compute"
+        )
     size, channels = int(run.data.image_size), int(run.data.channels)
     files = image_files(Path(cfg.input))
     images = read_inputs(cfg, files, size, channels)

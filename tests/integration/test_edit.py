@@ -189,6 +189,18 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
         _edit(["task=colorize", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="task must be one of inpaint, colorize, superres"):
         _edit(["task=deblur", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match="net must be target or generator, got 'targte'"):
+        _edit(["net=targte", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+
+
+def test_a_diffusion_model_is_refused(tmp_path):
+    """Zero-shot editing is a consistency model's multistep sampler; a diffusion model (Heun's sampler)
+    is refused by name, as export refuses it."""
+    train(compose(["experiment=quickstart_diffusion", *TINY], run_dir=str(tmp_path / "run")))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"last.ckpt: a diffusion model \(model.objective=diffusion\)"):
+        _edit([f"ckpt={ckpt}", f"input={_images(tmp_path / 'in', 1, 8)}", f"out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_command_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
