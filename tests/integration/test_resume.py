@@ -4,6 +4,7 @@ one live run per folder, finished runs, start-up checks, and the divergence guar
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import stat
@@ -94,6 +95,19 @@ def test_resume_across_epochs_is_exact(tmp_path, stop):
     assert_same_training_state(
         tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "run/checkpoints/last.ckpt"
     )
+
+
+def test_the_last_evaluation_is_in_the_last_checkpoint_and_stays_in_the_history_of_a_longer_run(tmp_path):
+    # the last iteration (6) is a checkpoint iteration but not an evaluation one (every 4): it is scored
+    # before that save, so a run trained on from it keeps that value in its history and summary
+    common = ["debug=smoke", "data=synthetic", "callbacks.checkpoint.every_n_iterations=3", "eval.every=4"]
+    train(compose([*common, "iterations=6"], run_dir=str(tmp_path)))
+    states = _load(tmp_path / "checkpoints" / "last.ckpt")["callbacks"].values()
+    (state,) = [v for v in states if "history" in v]
+    assert [k for k, *_ in state["history"]] == [0, 4, 6]
+    train(compose([*common, "iterations=8", "resume_changes=[iterations]"], run_dir=str(tmp_path)))
+    summary = json.loads((tmp_path / "metric_summary.json").read_text())
+    assert [h["iteration"] for h in summary["history"]] == [0, 4, 6, 8]
 
 
 def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path):

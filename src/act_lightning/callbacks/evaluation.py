@@ -309,12 +309,16 @@ class FrechetEvaluation(L.Callback):
         return value
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.k % self.every == 0:
+        # the last iteration is scored here too, before the checkpoint callback (which runs last) saves
+        # it: a save at that iteration (k a multiple of its interval) is not repeated at the end, so an
+        # evaluation in on_train_end would be missing from last.ckpt's history and best
+        if pl_module.k % self.every == 0 or pl_module.k >= pl_module.hparams.iterations:
             self._evaluate_and_log(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # After the last iteration; a run that stops early (stop_after, a signal) is resumed, not scored,
-        # so its metrics.csv gets the same rows as an uninterrupted run's.
+        # After the last iteration, if it was not scored (a run started at its end); a run that stops
+        # early (stop_after, a signal) is resumed, not scored, so its metrics.csv gets the same rows as
+        # an uninterrupted run's.
         finished = pl_module.k >= pl_module.hparams.iterations
         if finished and (not self.history or self.history[-1][0] != pl_module.k):
             self._evaluate_and_log(trainer, pl_module)
