@@ -278,6 +278,7 @@ class ACTModule(L.LightningModule):
         self._aug_idle = False  # p known to be exactly 0 on the host: augmentation skipped (an exact no-op)
         self._aug_read = DeferredRead()
         self._compiled_r1: R1Pass | None = None  # model.speed.compile_r1: built at the first R1 pass
+        self._last_r1: Tensor | float | None = None  # the latest R1 penalty (a float when restored)
 
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
     def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
@@ -462,7 +463,14 @@ class ACTModule(L.LightningModule):
         logs: Logs = {"train/loss_d": means[0], "train/aug_p": self.aug_p}
         if with_r1:
             self._update_augmentation(means[3], draws)
-            logs["train/r1"] = means[3]
+            self._last_r1 = means[3]
+        if isinstance(self._last_r1, float):  # restored from a checkpoint: onto the device once
+            self._last_r1 = self._on_device(self._last_r1)
+        if self._last_r1 is not None:
+            # the R1 penalty of the latest R1 iteration (every r1_interval), at every iteration: what
+            # Lightning logged anyway (it repeats a key's last value), now also after a resume, which
+            # restores it from the checkpoint, so a resumed run's rows are the uninterrupted run's
+            logs["train/r1"] = self._last_r1
         bad = dict(zip(("train/loss_fake", "train/loss_real", "train/r1"), loss_bad))
         return logs, {**bad, "discriminator gradients": grads_bad}
 
@@ -572,6 +580,8 @@ class ACTModule(L.LightningModule):
             (str(lg.version) for lg in self.loggers if isinstance(lg, WandbLogger) and lg.version), None
         )
         prepare_training_checkpoint(checkpoint, self.run_config, wandb_id, self.run_history)
+        if self._last_r1 is not None:
+            checkpoint["act_last_r1"] = float(self._last_r1)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen LPIPS network is no part of a checkpoint: it keeps the weights it was built with.
@@ -579,6 +589,8 @@ class ACTModule(L.LightningModule):
         checkpoint["state_dict"].update(own)
         self.k = checkpoint_iteration(checkpoint)
         self._restore_rng = checkpoint.get("act_rng")
+        last_r1 = checkpoint.get("act_last_r1")  # (a checkpoint from before it was kept: none until R1)
+        self._last_r1 = None if last_r1 is None else float(last_r1)
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
