@@ -57,6 +57,12 @@ def check_config(cfg: DictConfig) -> None:
     check_iterations(cfg.iterations)
     if cfg.get("resume", "auto") not in RESUME:
         raise ValueError(f"resume must be one of {', '.join(RESUME)}; got {cfg.resume!r}")
+    if OmegaConf.select(cfg, "callbacks.checkpoint") is None:
+        raise ValueError(
+            "callbacks.checkpoint=null: a training run always keeps checkpoints/last.ckpt (resuming, "
+            "preemption and the divergence guard need it); to save less often raise "
+            "callbacks.checkpoint.every_n_iterations"
+        )
     gen = cfg.model.generator
     classes = cfg.data.get("num_classes")
     if gen.get("num_class_embeds") and not classes:

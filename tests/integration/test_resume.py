@@ -262,6 +262,8 @@ def test_bad_callback_values_fail_at_start_up(tmp_path):
         train(compose(["debug=smoke", "callbacks.samples.every_n_iterations=0"], run_dir=str(tmp_path)))
     with pytest.raises(Exception, match="stop_after must be a positive number"):
         train(compose(["debug=smoke", "stop_after=0"], run_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"callbacks.checkpoint=null: a training run always keeps"):
+        train(compose(["debug=smoke", "callbacks.checkpoint=null"], run_dir=str(tmp_path)))
     assert _nothing_started(tmp_path)
 
 
