@@ -32,7 +32,7 @@ train: $(STAMP)  ## train the quickstart on the embedded digits (CPU, minutes); 
 # --dist worksteal: a worker that runs out of tests takes some of the other's (the tests last from
 # milliseconds to 20 s; in file order the last long ones left one worker idle: 17 s apart against 6 s).
 # The tests marked slow run first (tests/conftest.py), so the last ones are short: 1 s apart.
-test: $(STAMP)  ## run the test suite (CPU, no network); two worker processes share the cores
+test: $(STAMP)  ## run the test suite (CPU, no network); one worker process per core, at most four
 	WANDB_MODE=offline $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal tests $(ARGS)
 
 test-fast: $(STAMP)  ## unit tests only

@@ -334,3 +334,15 @@ def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):
     assert OmegaConf.to_container(synthetic.eval, resolve=True)["reference_cache"] is None
     real = compose(["experiment=cifar10", "data.root=/data/cifar10"], run_dir=str(tmp_path))
     assert real.eval.reference_cache == "/data/cifar10/fid_stats_inception_32.npz"
+
+
+def test_adas_quarter_turns_are_one_documented_override_away(tmp_path):
+    """docs/algorithm.md: `+model.augment.rotate90_turns=[0,1,2,3]` (model.augment is null by default)."""
+    from hydra.utils import instantiate
+
+    model = instantiate(
+        compose(["debug=smoke", "+model.augment.rotate90_turns=[0,1,2,3]"], run_dir=str(tmp_path)).model
+    )
+    assert model.augment_pipe.rotate90_turns == (0, 1, 2, 3)
+    default = instantiate(compose(["debug=smoke"], run_dir=str(tmp_path)).model)
+    assert default.augment_pipe.rotate90_turns == (0, 3)

@@ -170,7 +170,8 @@ COMMANDS: dict[str, tuple] = {
     **{
         command: ("test", "test_cli.py::test_diffusion_pretraining_then_ect_tuning_from_its_checkpoint")
         for command in (
-            "python -m act_lightning.train experiment=quickstart_diffusion run_dir=outputs/digits_diffusion",
+            "python -m act_lightning.train experiment=quickstart_diffusion "
+            "hydra.run.dir=outputs/digits_diffusion",
             "python -m act_lightning.train experiment=quickstart "
             "init_from=outputs/digits_diffusion/checkpoints/last.ckpt model.curriculum=ect",
         )
@@ -197,7 +198,7 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_ablations.py::test_every_job_of_every_ablation_composes_and_builds",
     ),
-    "python -m act_lightning.report multirun/ablation/options/2026-11-26/14-09 --out reports/options_mini": (
+    "python -m act_lightning.report multirun/ablation/options/<date>/<time> --out reports/options_mini": (
         "test",
         "test_ablations.py::test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table",
     ),
