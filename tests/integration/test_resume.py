@@ -113,6 +113,23 @@ def test_the_last_evaluation_is_in_the_last_checkpoint_and_stays_in_the_history_
     assert [h["iteration"] for h in summary["history"]] == [0, 4, 6, 8]
 
 
+def test_a_run_started_from_another_runs_snapshot_keeps_a_best_checkpoint_of_its_own(tmp_path):
+    # the snapshot carries its run's history and best, not that run's best.ckpt: the new folder's best is
+    # taken anew at its next evaluation and written there. (Learning rates of 1e-30 leave the weights, so
+    # every evaluation gives the same value: no later one beats the carried best, iteration 2's.)
+    lr = ["model.optimizer.lr=1e-30", "model.d_optimizer.lr=1e-30"]
+    common = ["debug=smoke", "data=synthetic", "iterations=6", "eval.every=2", *lr]
+    snapshots = ["callbacks.checkpoint.every_n_iterations=2", "callbacks.checkpoint.keep_snapshots=true"]
+    train(compose([*common, *snapshots], run_dir=str(tmp_path / "source")))
+    snapshot = tmp_path / "source" / "checkpoints" / "iter_0000004.ckpt"
+    train(compose([*common, f"ckpt_path={snapshot}"], run_dir=str(tmp_path / "new")))
+    summary = json.loads((tmp_path / "new" / "metric_summary.json").read_text())
+    assert [h["iteration"] for h in summary["history"]] == [0, 2, 4, 6]
+    assert summary["history"][1]["value"] == summary["history"][3]["value"]
+    assert summary["best"]["iteration"] == 6
+    assert _iteration(tmp_path / "new" / "checkpoints" / "best.ckpt") == 6
+
+
 def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()

@@ -155,6 +155,11 @@ class FrechetEvaluation(L.Callback):
             self.dinov2 = load_dinov2(self.dinov2_weights, self.quantize)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.best is not None and self.best_checkpoint is not None and not self.best_checkpoint.is_file():
+            # a run started in a new folder from another run's snapshot (ckpt_path=) carries that run's
+            # history and best, but not its best.ckpt: the best is this folder's, from the next evaluation
+            log.info("%s is not there: the best is taken anew from the next evaluation", self.best_checkpoint)
+            self.best = None
         device = pl_module.device
         dm = trainer.datamodule
         self.extractor.to(device)
