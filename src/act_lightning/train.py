@@ -330,6 +330,8 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
     if world is not None:  # a global batch these devices cannot share: refused before any process starts
         datamodule.batch_layout(world)
     datamodule.check_source()
+    if world is not None:  # a set smaller than one global batch, where the source can count it cheaply
+        datamodule.check_train_size(world)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     if start.init is not None:
         load_init(model, start.init)

@@ -181,3 +181,20 @@ def test_wandb_with_a_key_but_no_network_goes_offline_at_once_with_a_note(tmp_pa
     assert list(tmp_path.glob("wandb/offline-run-*"))
     assert key not in result.stdout + result.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+
+
+def test_a_training_set_smaller_than_one_global_batch_is_refused_before_anything_is_written(tmp_path):
+    """Synthetic and folder sources count their images (a folder's walk stops at one global batch) at
+    start-up: the refusal comes before the run folder gets anything but its lock, as every start-up
+    check's does."""
+    from tests.helpers_data import write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", classes=("only",), per_class=3)  # 3 images
+    cases = {
+        "synthetic": ["data.length=3"],  # smoke runs train on 2 + 2 images
+        "folder": ["experiment=cifar10", "data=folder", f"data.root={folder}", "data.verify=false"],
+    }
+    for name, overrides in cases.items():
+        with pytest.raises(ValueError, match="the training set holds 3 images, fewer than one global batch"):
+            train(compose([*QUIET, *overrides], run_dir=str(tmp_path / name)))
+        assert [p.name for p in (tmp_path / name).iterdir()] == [".lock"], name

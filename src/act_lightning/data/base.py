@@ -150,6 +150,14 @@ class ResumableBatchSampler(BatchSampler):
                 )
 
 
+def _check_one_global_batch(images: int, per_device: int, world_size: int) -> None:
+    if images < 2 * per_device * world_size:
+        raise ValueError(
+            f"the training set holds {images} images, fewer than one global batch of "
+            f"2 x {per_device * world_size} (data.batch_size / data.global_batch_size, both halves)"
+        )
+
+
 def with_file_defaults(kwargs: dict, **defaults) -> dict:
     """The `ImageDataModule` arguments of a source read from files: the config's `kwargs` over the
     source's own `defaults`, over what suits every such source (random flips; worker processes that
@@ -263,6 +271,19 @@ class ImageDataModule(L.LightningDataModule):
     def build_train_dataset(self) -> Dataset:
         raise NotImplementedError
 
+    def count_train_images(self, enough: int) -> int | None:
+        """How many training images there are, counted up to `enough` at least (a source may stop there),
+        or None where that cannot be told cheaply before `setup` (sets too large to be the problem)."""
+        return None
+
+    def check_train_size(self, world_size: int) -> None:
+        """At start-up: the training set holds one global batch on `world_size` devices, where the source
+        can count that cheaply (`count_train_images`); the training loader checks it again in any case."""
+        per_device, _ = self.batch_layout(world_size)
+        have = self.count_train_images(2 * per_device * world_size)
+        if have is not None:
+            _check_one_global_batch(have, per_device, world_size)
+
     def build_reference_dataset(self) -> Dataset:
         """Real images whose feature statistics serve as the metric's reference (default: training set)."""
         return self.build_train_dataset()
@@ -307,11 +328,7 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = self._devices()
         per_device, self._micro = self.batch_layout(world)
         global_images = 2 * per_device * world
-        if len(dataset) < global_images:
-            raise ValueError(
-                f"the training set holds {len(dataset)} images, fewer than one global batch of "
-                f"2 x {per_device * world} (data.batch_size / data.global_batch_size, both halves)"
-            )
+        _check_one_global_batch(len(dataset), per_device, world)
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
         batch_sampler = ResumableBatchSampler(
             sampler, global_images, drop_last=True, position=self._position, rank=rank, world_size=world

@@ -153,6 +153,15 @@ class FolderDataModule(ImageDataModule):
         index = {name: i for i, name in enumerate(self.class_names)}
         return np.array([index[parts[0]] for parts in top], dtype=np.int64)
 
+    def count_train_images(self, enough: int) -> int:
+        """The images under `root`, counted up to `enough` (the walk stops there: cheap for any tree)."""
+        count = 0
+        for _, suffix in iter_files(self.path):
+            count += suffix in IMAGE_SUFFIXES
+            if count >= enough:
+                break
+        return count
+
     def prepare_data(self) -> None:
         paths, _ = self._files()
         if self.verify:

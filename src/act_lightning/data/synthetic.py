@@ -33,5 +33,8 @@ class SyntheticDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.length = length
 
+    def count_train_images(self, enough: int) -> int:
+        return self.length
+
     def build_train_dataset(self) -> Dataset:
         return SyntheticImages(self.length, self.image_size, self.channels, self.num_classes, self.seed)
