@@ -356,7 +356,9 @@ def prepare(cfg: DictConfig) -> Launch:
     """Every check of a launch, before anything is written into its run folder: the configuration, the
     folder not in use by a live run, the checkpoint to start from and that this config may continue it,
     the checkpoint folder, the global batch on these devices, the data and the pretrained weights."""
-    init = read_init(cfg)  # first: a converted model's file sets model.generator
+    # first: a converted model's file sets model.generator; not needed (nor read) when the run resumes
+    # from its own checkpoint and the file has gone since the run started from it
+    init = None if _init_gone_on_resume(cfg) else read_init(cfg)
     check_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
@@ -372,6 +374,18 @@ def prepare(cfg: DictConfig) -> Launch:
         if lock is not None:
             lock.release()
         raise
+
+
+def _init_gone_on_resume(cfg: DictConfig) -> bool:
+    """init_from names a file that is no longer there, and the run folder holds the run's own last.ckpt,
+    which resume=auto continues: the weights init_from gave are in it (and recorded in its history)."""
+    path, folder = cfg.get("init_from"), OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
+    if not path or folder is None or cfg.get("resume", "auto") != "auto" or Path(path).expanduser().exists():
+        return False
+    if not (Path(folder) / "last.ckpt").is_file():
+        return False
+    log.info("init_from=%s is gone; the run resumes from its own checkpoint, which holds those weights", path)
+    return True
 
 
 def finished(cfg: DictConfig, start: StartPoint) -> dict[str, Any]:

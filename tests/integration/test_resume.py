@@ -130,6 +130,22 @@ def test_a_run_started_from_another_runs_snapshot_keeps_a_best_checkpoint_of_its
     assert _iteration(tmp_path / "new" / "checkpoints" / "best.ckpt") == 6
 
 
+def test_a_run_started_from_init_from_resumes_after_that_file_has_gone(tmp_path):
+    # the weights init_from gave are in the run's own checkpoint: resume=auto needs the file no more
+    diffusion = ["experiment=quickstart_diffusion", "debug=smoke", "eval=null"]
+    train(compose(diffusion, run_dir=str(tmp_path / "d")))
+    init = tmp_path / "init.ckpt"
+    (tmp_path / "d" / "checkpoints" / "last.ckpt").rename(init)
+    tune = ["debug=smoke", "eval=null", f"init_from={init}", "iterations=4"]
+    summary = train(compose([*tune, "stop_after=2"], run_dir=str(tmp_path / "tune")))
+    assert summary["iteration"] == 2 and not summary["finished"]
+    init.unlink()
+    assert train(compose(tune, run_dir=str(tmp_path / "tune")))["finished"]
+    assert _iteration(tmp_path / "tune" / "checkpoints" / "last.ckpt") == 4
+    with pytest.raises(FileNotFoundError, match="init_from=.*init.ckpt: no such checkpoint file"):
+        train(compose(tune, run_dir=str(tmp_path / "new")))  # a new run does need it
+
+
 def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
