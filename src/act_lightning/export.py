@@ -134,13 +134,20 @@ class ACTPipeline(DiffusionPipeline):
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Images in [-1, 1], (B, C, H, W)."""
+        """Images in [-1, 1], (B, C, H, W). `generator` may live on the host or on the UNet's device: the
+        noise is drawn where it is and moved to the UNet's device, as are `noise` and `class_labels`."""
         c = self.config
         size = self.unet.config.sample_size
         channels = self.unet.config.in_channels
+        device = self.unet.device
+        where = None if generator is None else generator.device
         if noise is None:
-            noise = torch.randn((batch_size, channels, size, size), generator=generator)
-        noise = noise.to(self.unet.device)
+            noise = torch.randn((batch_size, channels, size, size), generator=generator, device=where)
+        noise = noise.to(device)
+        class_labels = None if class_labels is None else class_labels.to(device)
+        step_noise = None
+        if generator is not None and generator.device != device:  # later steps' noise: drawn there too
+            step_noise = lambda step: torch.randn(noise.shape, generator=generator, device=where)  # noqa: E731
 
         def denoise(x: Tensor, sigma: Tensor) -> Tensor:
             return consistency_function(
@@ -153,7 +160,7 @@ class ACTPipeline(DiffusionPipeline):
                 c_noise_kind=c.c_noise,
             )
 
-        return multistep(denoise, noise, [c.sigma_max, *(taus or [])], c.sigma_min, generator)
+        return multistep(denoise, noise, [c.sigma_max, *(taus or [])], c.sigma_min, generator, step_noise)
 
 
 MODEL_CARD = """---

@@ -83,6 +83,28 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
     pipeline = ACTPipeline.from_pretrained(out)
     noise = image_noise(0, range(6), (1, 8, 8))
     assert torch.equal(pipeline(noise=noise), load_generator(out).sample(noise))
+    two_steps = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
+    again = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
+    assert two_steps.shape == (3, 1, 8, 8) and torch.equal(two_steps, again)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_pipeline_on_a_gpu_takes_a_host_or_a_device_generator(exported):
+    """On a GPU the pipeline draws with the user's host generator and moves the noise to the UNet's
+    device; with the same generator seed it samples what it samples on the host (to float tolerance)."""
+    from act_lightning.export import ACTPipeline
+
+    _, out = exported
+    cpu = ACTPipeline.from_pretrained(out)
+    gpu = ACTPipeline.from_pretrained(out).to("cuda")
+    for taus in ([], [1.3824]):
+        on_host = cpu(batch_size=4, taus=taus, generator=torch.Generator().manual_seed(1))
+        on_gpu = gpu(batch_size=4, taus=taus, generator=torch.Generator().manual_seed(1))
+        assert on_gpu.device.type == "cuda"
+        torch.testing.assert_close(on_gpu.cpu(), on_host, rtol=1e-3, atol=1e-3)
+    on_device = gpu(batch_size=4, taus=[1.3824], generator=torch.Generator(device="cuda").manual_seed(1))
+    assert on_device.device.type == "cuda" and torch.isfinite(on_device).all()  # a generator on the GPU too
 
 
 @pytest.mark.slow
