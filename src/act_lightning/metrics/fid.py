@@ -163,14 +163,8 @@ def reference_statistics(
             raise ValueError("eval.reference=train needs the training data (a datamodule)")
         dataset = datamodule.build_reference_dataset()
         count = min(len(dataset), max_images or len(dataset))
-        meta = {
-            "source": "train",
-            "features": features,
-            "extractor": getattr(extractor, "cache_key", ""),
-            "num_images": count,
-            "dataset_size": len(dataset),
-            "image_size": datamodule.image_size,
-        }
+        sizes = dict(num_images=count, dataset_size=len(dataset), image_size=datamodule.image_size)
+        meta = _cache_facts(extractor, "train", features, **sizes)
         cached = _read_cache(cache, meta, n)
         if cached is not None:
             return cached
@@ -180,12 +174,7 @@ def reference_statistics(
         stats = feature_statistics(extractor, (x for x, _ in loader), device, progress=progress)
     else:
         path = Path(reference).resolve()
-        meta = {
-            "source": str(path),
-            "features": features,
-            "extractor": getattr(extractor, "cache_key", ""),
-            "file_size": path.stat().st_size,
-        }
+        meta = _cache_facts(extractor, str(path), features, file_size=path.stat().st_size)
         cached = _read_cache(cache, meta, n)
         if cached is not None:
             return cached
@@ -205,6 +194,12 @@ def reference_statistics(
         except OSError as e:  # a read-only data folder: evaluate anyway, recompute next time
             log.warning("Could not cache the reference statistics at %s: %s", cache, e)
     return stats
+
+
+def _cache_facts(extractor: nn.Module, source: str, features: str, **facts) -> dict:
+    """What cached statistics were made from: the source, the features and the extractor's `cache_key`
+    (e.g. random Inception weights, another input size), and the source's own facts (sizes)."""
+    return {"source": source, "features": features, "extractor": getattr(extractor, "cache_key", ""), **facts}
 
 
 def _read_cache(path: Path | None, meta: dict, num_features: int):
