@@ -79,7 +79,7 @@ def read_images(files: list[Path], size: int, channels: int, key: str = "input")
             raise ValueError(
                 f"{key}={file}: {image.size[0]}x{image.size[1]} pixels; this model needs {size}x{size}"
             )
-        grey = image.mode in ("L", "1", "I", "I;16", "F")
+        grey = image.mode in ("L", "LA", "1", "I", "I;16", "F")  # LA: grey with alpha (dropped)
         if channels == 1 and not grey:
             raise ValueError(f"{key}={file}: a colour image ({image.mode}); this model makes grey images")
         array = np.asarray(image.convert("L" if channels == 1 or grey else "RGB"))

@@ -169,6 +169,19 @@ def test_the_projections_keep_the_known_part_exactly():
     torch.testing.assert_close(pool(out, 4), pool(y, 4))
 
 
+def test_a_grey_image_with_alpha_is_grey(checkpoints, tmp_path):
+    """A grey PNG with an alpha channel (mode LA) is a grey image: a grey model edits it, alpha dropped."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    grey = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(np.stack([grey, np.full_like(grey, 128)], axis=-1), "LA").save(folder / "0.png")
+    _edit([f"ckpt={checkpoints['grey']}", f"input={folder}", f"out={tmp_path / 'out'}"])
+    r = _result(tmp_path / "out")
+    assert r["input"].shape == r["output"].shape == (1, 8, 8, 1)
+    assert np.array_equal(r["input"][0, :, :, 0], grey)  # the grey values, without the alpha
+    assert np.array_equal(r["output"][r["mask"]], r["input"][r["mask"]])
+
+
 def test_bad_inputs_are_named(checkpoints, tmp_path):
     ckpt = checkpoints["grey"]
     images = _images(tmp_path / "in", 1, 8)
