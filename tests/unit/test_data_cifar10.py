@@ -187,6 +187,17 @@ def test_a_batch_re_saved_by_python_3_with_protocol_3_or_4_loads(tmp_path, proto
 
 
 @pytest.mark.parametrize(
+    ("labels", "found"), [("abc", "a 0-d <U3"), ([3], r"1 \(int64\)"), ([1.5, 2.5], "2 .float64")]
+)
+def test_labels_that_are_not_one_integer_per_image_are_named(tmp_path, labels, found):
+    batch = pickle.loads(_resaved(tmp_path, 4)[0].read_bytes())
+    batch[b"labels"] = labels
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=4))
+    with pytest.raises(DataError, match=rf"data_batch_1: 2 images but `labels` holds {found}"):
+        read_batch(tmp_path / "data_batch_1")
+
+
+@pytest.mark.parametrize(
     ("protocol", "named"),
     [(2, r"_codecs\.encode"), (5, r"numpy\.(_core|core)\.numeric\._frombuffer")],  # names the official lack
 )

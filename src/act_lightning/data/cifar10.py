@@ -98,8 +98,9 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: `data` should be a uint8 (N, 3072) array, found {found}")
     labels = np.asarray(labels if labels is not None else [])
-    if len(labels) != len(data) or (len(labels) and labels.dtype.kind not in "iu"):
-        raise DataError(f"{path}: {len(data)} images but `labels` holds {len(labels)} ({labels.dtype})")
+    if labels.ndim != 1 or len(labels) != len(data) or (len(labels) and labels.dtype.kind not in "iu"):
+        found = f"{len(labels)} ({labels.dtype})" if labels.ndim == 1 else f"a {labels.ndim}-d {labels.dtype}"
+        raise DataError(f"{path}: {len(data)} images but `labels` holds {found}")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
     return data, labels
