@@ -4,6 +4,7 @@ test in tests/unit/test_compat.py that fails when the library underneath changes
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import warnings
@@ -14,6 +15,8 @@ from typing import Any
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from torch import nn
+
+from act_lightning.atomic import atomic_write
 
 # What Lightning's training loop says (TrainingEpochLoop.reset) on every resume within an epoch unless each
 # training DataLoader implements its private `_Stateful` protocol.
@@ -56,10 +59,12 @@ class ResumableExperimentWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             keys = list(reader.fieldnames or [])
             rows = [row for row in reader if row.get("step") and int(float(row["step"])) <= self._resume_step]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+        kept = io.StringIO(newline="")
+        writer = csv.DictWriter(kept, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_write(path) as f:  # a kill mid-write must not cut the run's log short
+            f.write(kept.getvalue().encode())
         self.metrics_keys = keys  # appending needs the header that is on disk
 
 

@@ -3,6 +3,7 @@ when the library underneath changes what the shim relies on."""
 
 import csv
 
+import pytest
 import torch
 from torch import nn
 
@@ -59,6 +60,24 @@ def test_the_csv_writer_keeps_the_rows_up_to_the_resumed_iteration(tmp_path):
     writer.save()
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+
+
+def test_a_resume_stopped_while_it_rewrites_the_csv_leaves_the_runs_rows_as_they_were(tmp_path, monkeypatch):
+    """The rows are rewritten through a temporary file renamed over metrics.csv: a write that fails (a
+    full disk, a kill) leaves every row of the run, never a file cut short."""
+    import act_lightning.atomic
+
+    _write_rows(tmp_path / "metrics.csv", range(1, 6))
+    before = (tmp_path / "metrics.csv").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(act_lightning.atomic.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ResumableExperimentWriter(str(tmp_path), resume_step=3)
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary left behind
 
 
 def test_a_fresh_run_starts_a_new_csv_file(tmp_path):

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from act_lightning.atomic import atomic_write
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     FEATURES,
@@ -370,7 +371,8 @@ class FrechetEvaluation(L.Callback):
         if self.history and "real" in self.references and "noise" in self.references:
             fd, real, noise = self.history[-1][1], self.references["real"], self.references["noise"]
             summary["normalised"] = (fd - real) / (noise - real)  # 0 = as good as real data, 1 = noise
-        (self.run_dir / "metric_summary.json").write_text(json.dumps(summary, indent=2))
+        with atomic_write(self.run_dir / "metric_summary.json") as f:  # never a truncated summary
+            f.write(json.dumps(summary, indent=2).encode())
         plot_curve(self.history, self.references, self.run_dir / "fid_curve.png", self.label)
 
     def state_dict(self) -> dict:
