@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from act_lightning.atomic import remove_stale_temporaries
 from act_lightning.callbacks import AtomicCheckpointIO, IterationProgressBar, LastCheckpoint
 from act_lightning.checkpoints import (
     UnreadableCheckpoint,
@@ -422,6 +423,10 @@ def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
     datamodule, model, callbacks, trainer = launch.parts
     if launch.lock is not None:
         launch.lock.claim()
+        # what a kill during an atomic write of metric_summary.json or metrics.csv left (the checkpoint
+        # callback clears its own folder)
+        for path in remove_stale_temporaries(cfg.run_dir):
+            log.info("removed %s, left by a write that was interrupted", path)
     failed = True
     try:
         for logger in trainer.loggers:

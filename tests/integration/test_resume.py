@@ -153,8 +153,11 @@ def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path
     others = ["notes.tmp", "old.ckpt", ".last.ckpt.tmp"]
     for name in stale + others:
         (folder / name).write_bytes(b"half a checkpoint")
+    summary_remains = tmp_path / ".metric_summary.json.a1b2c3d4.tmp"  # in the run folder itself
+    summary_remains.write_bytes(b"half a summary")
     train(compose(["debug=smoke", "iterations=2", "eval=null"], run_dir=str(tmp_path)))
     assert sorted(p.name for p in folder.iterdir()) == sorted(["last.ckpt", *others])
+    assert not summary_remains.exists()
     assert (folder / "notes.tmp").read_bytes() == b"half a checkpoint"
 
 
