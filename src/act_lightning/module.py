@@ -314,6 +314,8 @@ class ACTModule(L.LightningModule):
         self._aug_idle = self.speed.lazy_augment and float(self.aug_p) == 0
         restore_rng(getattr(self, "_restore_rng", None))
         self._restore_rng = None
+        if isinstance(self._last_r1, float):  # restored from a checkpoint: onto the device once
+            self._last_r1 = self._on_device(self._last_r1)
         nets = {"generator": self.generator, "discriminator": self.discriminator}
         self._ddp.setup(
             self.trainer.strategy.model, self.trainer.world_size, self.device, nets, [self.target]
@@ -464,8 +466,6 @@ class ACTModule(L.LightningModule):
         if with_r1:
             self._update_augmentation(means[3], draws)
             self._last_r1 = means[3]
-        if isinstance(self._last_r1, float):  # restored from a checkpoint: onto the device once
-            self._last_r1 = self._on_device(self._last_r1)
         if self._last_r1 is not None:
             # the R1 penalty of the latest R1 iteration (every r1_interval), at every iteration: what
             # Lightning logged anyway (it repeats a key's last value), now also after a resume, which
