@@ -17,6 +17,12 @@ from act_lightning.atomic import atomic_write
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"  # the Hydra configs of the commands
 
 
+def check_net(net: str) -> None:
+    """The `net` option of sample, edit and evaluate: which of the checkpoint's networks samples."""
+    if net not in ("target", "generator"):
+        raise ValueError(f"net must be target or generator, got {net!r}")
+
+
 def resolve_device(spec: str) -> torch.device:
     """`device=auto` (CUDA when present) | cpu | cuda | cuda:1 ..."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from act_lightning.checkpoints import load_model
-from act_lightning.commands import CONFIG_DIR, REFUSED, refuse, resolve_device, write_npz
+from act_lightning.commands import CONFIG_DIR, REFUSED, check_net, refuse, resolve_device, write_npz
 from act_lightning.consistency import ConsistencySchedule, karras_sigmas
 from act_lightning.sample import check_taus, image_noise, to_uint8
 from act_lightning.samplers import (
@@ -123,8 +123,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     returns a summary."""
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
-    if cfg.net not in ("target", "generator"):
-        raise ValueError(f"net must be target or generator, got {cfg.net!r}")
+    check_net(cfg.net)
     device = resolve_device(cfg.device)
     model, run, _ = load_model(cfg.ckpt, device)
     if model.hparams.get("objective", "consistency") != "consistency":

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
-from act_lightning.commands import CONFIG_DIR, REFUSED, refuse, resolve_device
+from act_lightning.commands import CONFIG_DIR, REFUSED, check_net, refuse, resolve_device
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     build_feature_extractor,
@@ -237,8 +237,7 @@ def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
         raise ValueError(
             f"num_samples must be >= 2 and batch_size >= 1; got {cfg.num_samples}, {cfg.batch_size}"
         )
-    if cfg.net not in ("target", "generator"):
-        raise ValueError(f"net must be target or generator, got {cfg.net!r}")
+    check_net(cfg.net)
 
 
 def build_reference(ev: DictConfig, datamodule, weights, batch_size: int, device: torch.device):

@@ -26,7 +26,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from act_lightning.checkpoints import checkpoint_iteration, load_model
-from act_lightning.commands import CONFIG_DIR, refuse, resolve_device, write_npz
+from act_lightning.commands import CONFIG_DIR, check_net, refuse, resolve_device, write_npz
 from act_lightning.seeds import LABEL, mix_seed
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """Draws the samples of `cfg` and writes them to `cfg.out`; returns a summary."""
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1; got {cfg.num_samples}, {cfg.batch_size}")
-    if cfg.net not in ("target", "generator"):
-        raise ValueError(f"net must be target or generator, got {cfg.net!r}")
+    check_net(cfg.net)
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     s = model.schedule
