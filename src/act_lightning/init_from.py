@@ -12,7 +12,8 @@ CIFAR-10); otherwise the experiment's generator must have the file's shapes. The
 read with torch's safe loader only (`weights_only=True`), never unpickling arbitrary objects.
 
 A run that resumes from its own checkpoint (resume=auto) continues from it; `init_from` then only
-supplies the generator's config, as at the first launch.
+supplies the generator's config, as at the first launch. When the file has gone since, the run's history
+(`act_history`, which records a converted file's generator config) supplies it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class InitWeights:
     path: str
     weights: dict[str, Tensor]  # the generator's state dict (names relative to the generator)
     source: str  # the prefix they were read from
+    generator: dict | None = None  # the file's own generator config (a converted model), as the file gives it
 
 
 def read_init(cfg: DictConfig) -> InitWeights | None:
@@ -66,13 +68,19 @@ def read_init(cfg: DictConfig) -> InitWeights | None:
                 f"model.{key}={cfg.model.get(key)}: set model.{key}={saved_model[key]}"
             )
     generator = checkpoint.get("act_generator")
-    if generator is not None:  # a converted model: its architecture, not the experiment's ...
-        generator = dict(generator)
-        dropout = cfg.model.get("generator", {}).get("dropout")
-        if dropout is not None and isinstance(generator.get("unet"), dict):  # ... but the run's dropout
-            generator["unet"] = {**generator["unet"], "dropout": float(dropout)}
-        OmegaConf.update(cfg, "model.generator", generator, merge=False)
-    return InitWeights(str(path), weights, source)
+    if generator is not None:
+        use_generator(cfg, generator)
+    return InitWeights(str(path), weights, source, None if generator is None else dict(generator))
+
+
+def use_generator(cfg: DictConfig, generator: dict) -> None:
+    """Sets `model.generator` to a converted model's own architecture, not the experiment's, keeping the
+    run's dropout (a training setting)."""
+    generator = dict(generator)
+    dropout = cfg.model.get("generator", {}).get("dropout")
+    if dropout is not None and isinstance(generator.get("unet"), dict):
+        generator["unet"] = {**generator["unet"], "dropout": float(dropout)}
+    OmegaConf.update(cfg, "model.generator", generator, merge=False)
 
 
 def load_init(model: nn.Module, init: InitWeights) -> None:

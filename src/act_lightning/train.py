@@ -43,7 +43,7 @@ from act_lightning.checkpoints import (
 )
 from act_lightning.commands import CONFIG_DIR, refuse
 from act_lightning.consistency import check_iterations
-from act_lightning.init_from import InitWeights, describe, load_init, read_init
+from act_lightning.init_from import InitWeights, describe, load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
 from act_lightning.resume import check_resume, global_batch, world_size
@@ -293,6 +293,8 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
         if init is not None:
             log.info("init_from=%s: a new run from its generator weights", describe(init))
             entry["init_from"] = init.path
+            if init.generator is not None:  # a converted model's architecture: a resume may need it
+                entry["init_generator"] = init.generator
         return StartPoint(history=(entry,), init=init)
     iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
     own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
@@ -379,12 +381,18 @@ def prepare(cfg: DictConfig) -> Launch:
 
 def _init_gone_on_resume(cfg: DictConfig) -> bool:
     """init_from names a file that is no longer there, and the run folder holds the run's own last.ckpt,
-    which resume=auto continues: the weights init_from gave are in it (and recorded in its history)."""
+    which resume=auto continues: the weights init_from gave are in it (and recorded in its history), and
+    so is a converted file's generator config, which sets model.generator as the file did."""
     path, folder = cfg.get("init_from"), OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
     if not path or folder is None or cfg.get("resume", "auto") != "auto" or Path(path).expanduser().exists():
         return False
-    if not (Path(folder) / "last.ckpt").is_file():
+    last = Path(folder) / "last.ckpt"
+    if not last.is_file():
         return False
+    history = read_checkpoint(last, "resume=auto found", mmap=True).get("act_history") or [{}]
+    started = history[0]
+    if started.get("init_from") == str(path) and started.get("init_generator") is not None:
+        use_generator(cfg, started["init_generator"])
     log.info("init_from=%s is gone; the run resumes from its own checkpoint, which holds those weights", path)
     return True
 

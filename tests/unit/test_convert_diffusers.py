@@ -346,3 +346,21 @@ def test_training_starts_from_a_converted_ddpm(digits_ddpm, tmp_path):
     result = run_cli(args, run_dir)
     assert result.returncode == 0, result.stderr[-5000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm, tmp_path):
+    # the converted file set model.generator (a VP backbone, not the quickstart's network); the run's
+    # history keeps that config, so resume=auto builds the same network without the file
+    from act_lightning.train import train
+    from tests.conftest import compose
+
+    _, out = digits_ddpm
+    args = ["experiment=quickstart", f"init_from={out}", "debug=smoke", "eval=null", "iterations=4"]
+    run_dir = tmp_path / "run"
+    assert train(compose([*args, "stop_after=2"], run_dir=str(run_dir)))["iteration"] == 2
+    out.unlink()
+    assert train(compose(args, run_dir=str(run_dir)))["finished"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert int(last["state_dict"]["iteration"]) == 4
+    assert last["act_config"]["model"]["generator"]["_target_"].endswith("VPEpsilonBackbone")
+    assert last["act_history"][0]["init_from"] == str(out) and "init_generator" in last["act_history"][0]
