@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_net, refuse, resolve_device
+from act_lightning.consistency import ConsistencySchedule
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     build_feature_extractor,
@@ -32,7 +33,7 @@ from act_lightning.metrics.fid import (
 )
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance
 from act_lightning.metrics.reference import require_reference_images
-from act_lightning.sample import heun_record
+from act_lightning.sample import check_taus, heun_record, two_step_tau
 from act_lightning.seeds import EVALUATION, mix_seed
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lap("checkpoint")
     ev = _apply_overrides(run, cfg)
     check_options(cfg, run)
+    resolve_taus(cfg, run)
     seeds = sampling_seeds(cfg)
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
     weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
@@ -216,6 +218,29 @@ def reference_datamodule(ev: DictConfig, run: DictConfig):
     return instantiate(run.data) if str(ev.reference) == "train" else None
 
 
+def resolve_taus(cfg: DictConfig, run: DictConfig) -> None:
+    """Each sampler's noise levels after the first step, checked against the run's schedule (decreasing,
+    in (sigma_min, sigma_max)) and named by their key: a sampler whose levels are null (the default 2-step)
+    takes `two_step_tau`, by default the run's."""
+    tau = cfg.get("two_step_tau")
+    schedule = run.model.get("schedule") or {}  # its keys, or the schedule's defaults
+    low = float(schedule.get("sigma_min", ConsistencySchedule.sigma_min))
+    high = float(schedule.get("sigma_max", ConsistencySchedule.sigma_max))
+    for name in cfg.samplers:
+        key, levels = f"taus.{name}", cfg.taus[name]
+        if levels is None:
+            levels = [two_step_tau(run) if tau is None else tau]
+            key = "two_step_tau" if tau is not None else "the run's two_step_tau"
+        try:
+            cfg.taus[name] = check_taus(list(levels), low, high)
+        except (ValueError, TypeError):
+            shown = list(levels) if key.startswith("taus.") else levels[0]
+            raise ValueError(
+                f"{key}={shown}: the noise levels after the first step (at sigma_max={high:g}) must be "
+                f"numbers that decrease and stay above sigma_min={low:g}"
+            ) from None
+
+
 def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
     """The command's own options (samplers, sizes, net), named by their keys; with the checkpoint's
     training config `run`, the samplers its model can use (before any network is built)."""
@@ -223,10 +248,10 @@ def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
     if unknown:
         raise ValueError(
             f"samplers={list(cfg.samplers)}: {', '.join(unknown)} not in taus ({', '.join(cfg.taus)}); "
-            "add one with '+taus.NAME=[t_2,...]'"
+            "add one with '+taus.NAME=[t_2,...]' (a NAME that starts with a letter, as Hydra's keys do)"
         )
     objective = OmegaConf.select(run, "model.objective", default="consistency") if run is not None else None
-    multistep = [name for name in cfg.samplers if len(cfg.taus[name])]
+    multistep = [name for name in cfg.samplers if cfg.taus[name] is None or len(cfg.taus[name])]
     if objective == "diffusion" and multistep:
         raise ValueError(
             f"samplers={list(cfg.samplers)}: {', '.join(multistep)} samples in several consistency steps, "

@@ -185,7 +185,7 @@ import torch
 
 model = load_generator("{folder}")
 images = model.sample(torch.randn(16, {channels}, {size}, {size}))        # one step, in [-1, 1]
-images = model.sample(torch.randn(16, {channels}, {size}, {size}), taus=[1.3824])   # two steps
+images = model.sample(torch.randn(16, {channels}, {size}, {size}), taus=[{two_step_tau}])   # two steps
 ```
 
 As a diffusers pipeline: `ACTPipeline.from_pretrained("{folder}")(batch_size=16)` (the class is in
@@ -256,6 +256,8 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     _follow_umask(out)
     size, channels = int(run.data.image_size), int(run.data.channels)
     classes = f", {h.num_classes} classes (pass class_labels)" if h.num_classes else ""
+    from act_lightning.sample import two_step_tau  # (with Hydra: not for loading an exported model)
+
     card = MODEL_CARD.format(
         name=f"ACT generator: {run.get('experiment_name')}",
         checkpoint=Path(ckpt).name,
@@ -266,6 +268,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         channels=channels,
         classes=classes,
         folder=str(out),
+        two_step_tau=repr(two_step_tau(run)),
         **constants,
     )
     (out / "README.md").write_text(card)

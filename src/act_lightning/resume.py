@@ -32,6 +32,7 @@ MAY_CHANGE = (
     "init_from",  # where a new run took its first weights; a resumed run continues from its own
     "resume",
     "resume_changes",
+    "two_step_tau",  # how the trained model is sampled afterwards (evaluate's 2-step), not what it trains
     "stop_after",
     "paths",
     "data.root",

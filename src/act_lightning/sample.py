@@ -32,6 +32,15 @@ from act_lightning.seeds import LABEL, mix_seed
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 64
+# The second step's noise level of the two-step sampler when the run's config names none (a checkpoint
+# from before `two_step_tau`): t_22 of the 40-level Karras grid from 80 to 0.002, openai/consistency_models'.
+TWO_STEP_TAU = 1.3824
+
+
+def two_step_tau(run: DictConfig) -> float:
+    """The run's two-step sampler: its second step's noise level (`two_step_tau`, per experiment)."""
+    value = run.get("two_step_tau")
+    return TWO_STEP_TAU if value is None else float(value)
 
 
 def image_noise(seed: int, indices: range, shape: tuple[int, ...], stream: int = 0) -> Tensor:

@@ -64,6 +64,7 @@ def check_config(cfg: DictConfig) -> None:
             "preemption and the divergence guard need it); to save less often raise "
             "callbacks.checkpoint.every_n_iterations"
         )
+    check_two_step_tau(cfg)
     gen = cfg.model.generator
     classes = cfg.data.get("num_classes")
     if gen.get("num_class_embeds") and not classes:
@@ -78,6 +79,20 @@ def check_config(cfg: DictConfig) -> None:
                 raise ValueError(
                     f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
                 )
+
+
+def check_two_step_tau(cfg: DictConfig) -> None:
+    """`two_step_tau`, the 2-step sampler's second noise level: a number between the schedule's sigma_min
+    and sigma_max (the first step is at sigma_max)."""
+    tau = cfg.get("two_step_tau")
+    low, high = (OmegaConf.select(cfg, f"model.schedule.{k}") for k in ("sigma_min", "sigma_max"))
+    if tau is None or low is None or high is None:
+        return
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not low < tau < high:
+        raise ValueError(
+            f"two_step_tau={tau}: the 2-step sampler's second noise level must be a number between "
+            f"model.schedule.sigma_min={low:g} and model.schedule.sigma_max={high:g} (set it with sigma_max)"
+        )
 
 
 def apply_process_settings(cfg: DictConfig) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import numpy as np
@@ -378,3 +379,37 @@ def test_extra_metrics_during_training_go_to_the_loggers_and_the_summary(tmp_pat
     ]
     with pytest.raises(Exception, match=r"eval.metrics=\[is\] needs eval.features=inception"):
         train(compose([*args, "eval.metrics=[fid,is]"], run_dir=str(tmp_path / "is")))
+
+
+def test_the_2_step_sampler_takes_the_runs_two_step_tau(tmp_path):
+    # the quickstart sets its own (8.0: at sigma_max 20 the paper's 1.3824 scores worse than one step);
+    # a checkpoint from before the key takes 1.3824; the command line's levels win over the run's
+    train(compose(["debug=smoke", "iterations=2"], run_dir=str(tmp_path / "run")))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    common = [f"ckpt={ckpt}", "num_samples=8", "batch_size=8", "device=cpu"]
+    levels = lambda extra, name: _evaluate([*common, *extra, f"output={tmp_path / name}"])["results"]  # noqa: E731
+    assert levels([], "run.json")["2-step"]["taus"] == [20.0, 8.0]
+    assert levels(["two_step_tau=3.0"], "given.json")["2-step"]["taus"] == [20.0, 3.0]
+    three = levels(["+taus.three=[9.0,2.0]", "samplers=[three]"], "three.json")
+    assert list(three) == ["three"] and three["three"]["taus"] == [20.0, 9.0, 2.0]
+    refused = {
+        "two_step_tau=30.0": ("2-step", "two_step_tau=30.0"),
+        "+taus.up=[2.0,9.0]": ("up", "taus.up=[2.0, 9.0]"),
+    }
+    for bad, (sampler, named) in refused.items():
+        message = f"{named}: the noise levels after the first step (at sigma_max=20)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _evaluate([*common, bad, f"samplers=[{sampler}]"])
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del checkpoint["act_config"]["two_step_tau"]
+    torch.save(checkpoint, ckpt)
+    older = levels([], "older.json")
+    assert older["2-step"]["taus"] == [20.0, 1.3824] and older["1-step"]["taus"] == [20.0]
+
+
+@pytest.mark.parametrize("tau", ["20.0", "0.001", "abc"])
+def test_a_two_step_tau_outside_the_schedules_levels_is_refused_by_name(tau, tmp_path):
+    from act_lightning.train import check_config
+
+    with pytest.raises(ValueError, match=rf"two_step_tau={tau}: .* between model.schedule.sigma_min=0.002"):
+        check_config(compose(["debug=smoke", f"two_step_tau={tau}"], run_dir=str(tmp_path)))

@@ -36,7 +36,9 @@ def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported):
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "act-lightning/generator" and config["iteration"] == 2
     assert config["consistency"]["sigma_max"] == 20.0 and config["generator"]["image_size"] == 8
-    assert (out / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers")
+    assert "taus=[8.0])   # two steps" in card  # the quickstart's own two-step level
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ACTPipeline"
 
