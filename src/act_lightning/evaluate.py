@@ -16,7 +16,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 from tqdm import tqdm
@@ -234,7 +234,7 @@ def resolve_taus(cfg: DictConfig, run: DictConfig) -> None:
         try:
             cfg.taus[name] = check_taus(list(levels), low, high)
         except (ValueError, TypeError):
-            shown = list(levels) if key.startswith("taus.") else levels[0]
+            shown = levels if key.startswith("taus.") else levels[0]
             raise ValueError(
                 f"{key}={shown}: the noise levels after the first step (at sigma_max={high:g}) must be "
                 f"numbers that decrease and stay above sigma_min={low:g}"
@@ -250,6 +250,9 @@ def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
             f"samplers={list(cfg.samplers)}: {', '.join(unknown)} not in taus ({', '.join(cfg.taus)}); "
             "add one with '+taus.NAME=[t_2,...]' (a NAME that starts with a letter, as Hydra's keys do)"
         )
+    for name in cfg.samplers:
+        if not isinstance(cfg.taus[name], (ListConfig, type(None))):
+            raise ValueError(f"taus.{name}={cfg.taus[name]}: a list of noise levels, e.g. [5.0,0.8]")
     objective = OmegaConf.select(run, "model.objective", default="consistency") if run is not None else None
     multistep = [name for name in cfg.samplers if cfg.taus[name] is None or len(cfg.taus[name])]
     if objective == "diffusion" and multistep:

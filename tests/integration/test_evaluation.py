@@ -395,9 +395,12 @@ def test_the_2_step_sampler_takes_the_runs_two_step_tau(tmp_path):
     refused = {
         "two_step_tau=30.0": ("2-step", "two_step_tau=30.0"),
         "+taus.up=[2.0,9.0]": ("up", "taus.up=[2.0, 9.0]"),
+        "+taus.one=5.0": ("one", "taus.one=5.0: a list"),
     }
     for bad, (sampler, named) in refused.items():
-        message = f"{named}: the noise levels after the first step (at sigma_max=20)"
+        message = (
+            named if "list" in named else f"{named}: the noise levels after the first step (at sigma_max=20)"
+        )
         with pytest.raises(ValueError, match=re.escape(message)):
             _evaluate([*common, bad, f"samplers=[{sampler}]"])
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
