@@ -213,3 +213,38 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(cfg_factory, tmp_
         trainer.save_checkpoint(good)
     assert good.read_bytes() == before  # the last checkpoint on disk stays as it was
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_controller_sees_the_mean_r1_penalty_of_the_iteration_with_ada_beta(cfg_factory, monkeypatch):
+    # every per-example R1 term the discriminator step computed: train/r1 is their mean, and the
+    # controller's EMA moves from the threshold by ada_beta towards it (Kong et al.'s ADA)
+    from act_lightning import module as module_code
+
+    terms = []
+
+    def recording(*args, **kwargs):
+        losses = discriminator_losses_at(*args, **kwargs)
+        terms.append(losses.r1.detach().clone())
+        return losses
+
+    discriminator_losses_at = module_code.discriminator_losses_at
+    monkeypatch.setattr(module_code, "discriminator_losses_at", recording)
+    overrides = ["iterations=1", "model.r1_interval=1", "model.r1_threshold=1.0", "model.ada_beta=0.5"]
+    model, _, trainer = fit(cfg_factory([*SMALL, *overrides]))
+    r1 = torch.cat(terms)
+    assert r1.numel() == 2 and r1.min() > 0  # the 4 images of D's half: 2 fake + 2 real pairs
+    assert trainer.callback_metrics["train/r1"].item() == pytest.approx(r1.mean().item(), rel=1e-6)
+    assert model.r1_ema.item() == pytest.approx(0.5 * 1.0 + 0.5 * r1.mean().item(), rel=1e-6)
+    assert model.r1_ema.item() > 1.0  # so p rose by the global batch (both halves) x interval / ada_length
+    assert model.aug_p.item() == pytest.approx(2 * 4 / model.hparams.ada_length, rel=1e-6)
+
+
+def test_the_discriminator_sees_the_generators_noise_conditioning(cfg_factory):
+    # c_noise=log: D is conditioned on 250 ln(sigma), as the generator is (iCT's and ECT's networks)
+    from act_lightning.module import Critic
+
+    seen = []
+    critic = Critic(lambda x, c, y: seen.append(c) or x.sum((1, 2, 3)), "log")
+    sigma = torch.tensor([0.5, 2.0, 80.0])
+    critic(torch.zeros(3, 1, 2, 2), sigma, None)
+    torch.testing.assert_close(seen[0].flatten(), 250 * sigma.log())

@@ -1,0 +1,85 @@
+"""What each noise level and sampling step is, by value: the samplers' inputs (Song et al. 2023,
+Algorithms 1 and 4), the levels an iteration draws, and the curriculum's rounding and decays."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from act_lightning import consistency as cm
+from act_lightning.iteration import edm_levels, grid_levels
+from act_lightning.samplers import multistep, zero_shot_edit
+
+SIGMA_MIN = 0.002
+
+
+class Recording:
+    """A denoiser that keeps every input and returns a constant image inside [-1, 1]."""
+
+    def __init__(self) -> None:
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x, sigma):
+        self.inputs.append((x.clone(), sigma.clone()))
+        return torch.full_like(x, 0.25)
+
+
+def _noise(step: int, shape=(2, 1, 4, 4)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(100 + step))
+
+
+def test_multistep_starts_at_sigma_max_times_the_noise_and_adds_each_steps_noise_at_its_level():
+    denoise, z, taus = Recording(), _noise(0), [80.0, 5.0, 0.8]
+    out = multistep(denoise, z, taus, SIGMA_MIN, step_noise=_noise)
+    (x0, s0), (x1, s1), (x2, s2) = denoise.inputs
+    torch.testing.assert_close(x0, 80.0 * z, rtol=0, atol=0)
+    for x, sigma, step, tau in ((x1, s1, 1, 5.0), (x2, s2, 2, 0.8)):
+        torch.testing.assert_close(x, 0.25 + math.sqrt(tau**2 - SIGMA_MIN**2) * _noise(step))
+        torch.testing.assert_close(sigma, torch.full((2,), tau))
+    assert s0.tolist() == [80.0, 80.0] and torch.equal(out, torch.full_like(z, 0.25))
+
+
+def test_zero_shot_editing_adds_each_steps_noise_at_its_level():
+    denoise, taus = Recording(), [80.0, 5.0, 0.8]
+    zero_shot_edit(denoise, lambda x: x, (2, 1, 4, 4), taus, SIGMA_MIN, _noise)
+    (x0, _), (x1, s1), (x2, _) = denoise.inputs
+    torch.testing.assert_close(x0, 80.0 * _noise(0))
+    torch.testing.assert_close(x1, 0.25 + math.sqrt(5.0**2 - SIGMA_MIN**2) * _noise(1))
+    torch.testing.assert_close(x2, 0.25 + math.sqrt(0.8**2 - SIGMA_MIN**2) * _noise(2))
+    assert s1.tolist() == [5.0, 5.0]
+
+
+def test_a_grid_iteration_pairs_adjacent_levels_and_draws_fake_and_real_levels_apart():
+    sigmas = cm.karras_sigmas(11)
+    draws = grid_levels(sigmas, None)(64, 32, (1, 2, 2), "cpu", torch.Generator().manual_seed(3))
+    hi = torch.searchsorted(sigmas, draws["gen_hi"])
+    assert torch.equal(sigmas[hi], draws["gen_hi"]) and torch.equal(draws["gen_lo"], sigmas[hi - 1])
+    # the draws in their order: the generator's indices and noise, the fake half's, the real half's
+    g = torch.Generator().manual_seed(3)
+    cm.sample_indices(64, 11, "cpu", g)
+    torch.randn((64, 1, 2, 2), generator=g)
+    fake_j = cm.sample_indices(32, 11, "cpu", g)
+    torch.randn((32, 1, 2, 2), generator=g)
+    real_j = cm.sample_indices(32, 11, "cpu", g)
+    assert torch.equal(draws["fake_t"], sigmas[fake_j]) and torch.equal(draws["real_t"], sigmas[real_j])
+    assert not torch.equal(draws["fake_t"], draws["real_t"])
+
+
+def test_diffusion_training_draws_edms_log_normal_levels():
+    schedule = cm.ConsistencySchedule(edm_p_mean=-1.2, edm_p_std=1.2, p_mean=-1.1, p_std=2.0)
+    draws = edm_levels(schedule)(16, 0, (1, 2, 2), "cpu", torch.Generator().manual_seed(4))
+    n = torch.randn(16, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(draws["gen_hi"], (-1.2 + 1.2 * n).exp())
+
+
+@pytest.mark.parametrize(("progress", "expected"), [(0.75, 130), (0.5, 106), (0.001, 5)])
+def test_the_curriculum_rounds_n_half_up(progress, expected):
+    # sqrt(0.75 (150^2 - 2^2) + 2^2) = 129.91 -> 130; sqrt(0.001 (150^2 - 4) + 4) = 5.15 -> 5
+    assert cm.num_scales(progress, 2, 150) == expected
+
+
+def test_ects_curriculum_with_an_ema_teacher_decays_by_mu0():
+    schedule = cm.ConsistencySchedule(curriculum="ect", teacher="ema", mu0=0.9)
+    assert schedule.target_ema(2) == 0.9 and schedule.target_ema(150) == 0.9
