@@ -414,3 +414,32 @@ def test_lpips_backbone_built_from_the_convolutions_alone_is_torchvisions_vgg16_
             assert not w.any()
         else:
             assert abs(w.std().item() / (2 / (w.shape[0] * w[0, 0].numel())) ** 0.5 - 1) < 0.1, key
+
+
+def test_lpips_compares_images_in_minus_one_to_one_as_lpips_itself_does():
+    # lpips.LPIPS(normalize=False) takes images in [-1, 1]: the distance is that of the resized images
+    torch.manual_seed(0)
+    d = losses.LPIPSDistance(pretrained_backbone=False, resize=64)
+    x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    up = lambda im: torch.nn.functional.interpolate(im, size=64, mode="bilinear", align_corners=False)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(d(x, y), d.net(up(x), up(y), normalize=False).flatten())
+
+
+def test_the_consistency_target_carries_no_gradient_even_when_it_is_the_online_network():
+    # teacher=online (iCT, ECT): theta^- = theta, and the target side still gets no gradient (stopgrad)
+    from act_lightning.consistency import ConsistencySchedule
+
+    w = torch.nn.Parameter(torch.tensor(0.7))
+    net = lambda x, t, y: w * x / (1 + t.view(-1, 1, 1, 1))  # noqa: E731
+    stopped = lambda x, t, y: net(x, t, y).detach()  # noqa: E731
+    x, z = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    t_hi, t_lo = torch.tensor([2.0, 1.0, 0.5]), torch.tensor([1.0, 0.5, 0.1])
+    l2 = lambda a, b: ((a - b) ** 2).flatten(1).sum(1)  # noqa: E731
+    grads = []
+    for target in (net, stopped):
+        kw = dict(schedule=ConsistencySchedule(gan_ratio=0.0), online=net, target=target, distance=l2)
+        losses.pair_losses(x, None, t_hi, t_lo, z, **kw).consistency.sum().backward()
+        grads.append(w.grad.clone())
+        w.grad = None
+    assert grads[0] == grads[1] and grads[0] != 0
