@@ -154,6 +154,11 @@ def test_diffusion_training_moves_the_generator_alone_and_logs_the_denoising_los
     assert any(not torch.equal(a, b) for a, b in zip(gen, params(model.target)))  # the sampling EMA lags
 
 
+def test_diffusion_without_a_sampling_ema_samples_with_the_generator_itself(cfg_factory):
+    model, _, _ = fit(cfg_factory([*DIFFUSION, "iterations=2", "model.sampling_ema=null"]))
+    assert all(torch.equal(a, b) for a, b in zip(params(model.generator), params(model.target)))
+
+
 def test_diffusion_precondition_is_edms_and_samples_with_heun(cfg_factory):
     cfg = cfg_factory([*DIFFUSION, "model.heun_steps=3"])
     model = instantiate(cfg.model)
