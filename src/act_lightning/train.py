@@ -91,7 +91,8 @@ def check_two_step_tau(cfg: DictConfig) -> None:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not low < tau < high:
         raise ValueError(
             f"two_step_tau={tau}: the 2-step sampler's second noise level must be a number between "
-            f"model.schedule.sigma_min={low:g} and model.schedule.sigma_max={high:g}: set two_step_tau along with sigma_max"
+            f"model.schedule.sigma_min={low:g} and model.schedule.sigma_max={high:g}: set two_step_tau "
+            "along with sigma_max"
         )
 
 
