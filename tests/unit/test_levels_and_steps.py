@@ -74,10 +74,13 @@ def test_diffusion_training_draws_edms_log_normal_levels():
     torch.testing.assert_close(draws["gen_hi"], (-1.2 + 1.2 * n).exp())
 
 
-@pytest.mark.parametrize(("progress", "expected"), [(0.75, 130), (0.5, 106), (0.001, 5)])
-def test_the_curriculum_rounds_n_half_up(progress, expected):
-    # sqrt(0.75 (150^2 - 2^2) + 2^2) = 129.91 -> 130; sqrt(0.001 (150^2 - 4) + 4) = 5.15 -> 5
-    assert cm.num_scales(progress, 2, 150) == expected
+@pytest.mark.parametrize(
+    ("progress", "bins_min", "expected"), [(0.75, 2, 130), (0.5, 2, 106), (0.001, 2, 5), (0.5, 10, 106)]
+)
+def test_the_curriculum_rounds_n_half_up(progress, bins_min, expected):
+    # sqrt(0.75 (150^2 - 2^2) + 2^2) = 129.91 -> 130; sqrt(0.001 (150^2 - 4) + 4) = 5.15 -> 5;
+    # sqrt(0.5 (150^2 - 10^2) + 10^2) = 106.30 -> 106 (with N_min instead of N_min^2 inside: 106.51 -> 107)
+    assert cm.num_scales(progress, bins_min, 150) == expected
 
 
 def test_ects_curriculum_with_an_ema_teacher_decays_by_mu0():
