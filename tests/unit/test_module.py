@@ -220,14 +220,13 @@ def test_the_controller_sees_the_mean_r1_penalty_of_the_iteration_with_ada_beta(
     # controller's EMA moves from the threshold by ada_beta towards it (Kong et al.'s ADA)
     from act_lightning import module as module_code
 
-    terms = []
+    terms, discriminator_losses_at = [], module_code.discriminator_losses_at
 
     def recording(*args, **kwargs):
         losses = discriminator_losses_at(*args, **kwargs)
         terms.append(losses.r1.detach().clone())
         return losses
 
-    discriminator_losses_at = module_code.discriminator_losses_at
     monkeypatch.setattr(module_code, "discriminator_losses_at", recording)
     overrides = ["iterations=1", "model.r1_interval=1", "model.r1_threshold=1.0", "model.ada_beta=0.5"]
     model, _, trainer = fit(cfg_factory([*SMALL, *overrides]))
