@@ -41,6 +41,24 @@ def test_structural_distances(name, size):
     assert (other > 0.05).all()
 
 
+def test_msssim_at_32_uses_two_scales_with_the_standard_weights_renormalised():
+    """At 32 x 32 an 11 x 11 window fits two scales: MS-SSIM = cs_1^w1 * ssim_2^w2 with MS-SSIM's first
+    two weights (0.0448, 0.2856) scaled to sum to 1, computed here scale by scale (raw weights would give
+    a distance about three times smaller)."""
+    import torch.nn.functional as F
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    a, b = (x + 1) / 2, (y + 1) / 2
+    _, cs1 = ssim(a, b, data_range=1.0, kernel_size=11, reduction="none", return_contrast_sensitivity=True)
+    s2 = ssim(F.avg_pool2d(a, 2), F.avg_pool2d(b, 2), data_range=1.0, kernel_size=11, reduction="none")
+    w1, w2 = 0.0448 / (0.0448 + 0.2856), 0.2856 / (0.0448 + 0.2856)
+    expected = 1 - cs1.relu() ** w1 * s2.relu() ** w2
+    assert torch.allclose(losses.msssim_distance(x, y), expected, atol=1e-5)
+
+
 def test_lpips_plumbing_with_random_backbone():
     torch.manual_seed(0)
     d = losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=64)  # 224: the same, 12x slower
