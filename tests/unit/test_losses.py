@@ -173,12 +173,12 @@ def test_generator_losses_against_a_hand_computation():
         target=lambda x, s, y: 0.25 * x,
         distance=losses.l2_distance,
         critic=critic,
-        augment=lambda images: images,
+        augment=lambda images: images.flip(-1),  # D judges the augmented prediction (ADA on G's term too)
     )
     t_hi, t_lo = sigmas[j].view(-1, 1, 1, 1), sigmas[j - 1].view(-1, 1, 1, 1)
     pred, target = 0.5 * (x + t_hi * z), 0.25 * (x + t_lo * z)
-    loss_ct = (pred - target).square().flatten(1).mean(1)
-    logits = (pred * critic.weight).flatten(1).sum(1) + critic.bias
+    loss_ct = (pred - target).square().flatten(1).mean(1)  # the consistency term is not augmented
+    logits = (pred.flip(-1) * critic.weight).flatten(1).sum(1) + critic.bias
     loss_adv = torch.log1p(torch.exp(-logits))  # softplus(-D(pred))
     lam = 0.6 * (j.double() / 10) ** math.log(0.2 / 0.6, 0.5)  # gan_ratio * w(t_hi), w by hand
     torch.testing.assert_close(out.consistency, loss_ct)
