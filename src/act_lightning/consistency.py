@@ -232,6 +232,7 @@ class ConsistencySchedule:
             0 < self.sigma_min < self.sigma_max,
             f"need 0 < {PREFIX}.sigma_min < {PREFIX}.sigma_max, got {self.sigma_min}, {self.sigma_max}",
         )
+        _require(self.rho > 0, f"{PREFIX}.rho must be positive (Karras' exponent, 7), got {self.rho}")
         _require(self.bins_min >= 2, f"{PREFIX}.bins_min must be >= 2, got {self.bins_min}")
         _require(
             self.bins_min <= self.bins_max,

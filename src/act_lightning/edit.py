@@ -38,6 +38,7 @@ from act_lightning.samplers import (
     superres_projection,
     zero_shot_edit,
 )
+from act_lightning.seeds import check_seed
 
 TASKS = ("inpaint", "colorize", "superres")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -124,6 +125,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
     check_net(cfg.net)
+    check_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, run, _ = load_model(cfg.ckpt, device)
     if model.hparams.get("objective", "consistency") != "consistency":

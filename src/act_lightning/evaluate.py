@@ -34,7 +34,7 @@ from act_lightning.metrics.fid import (
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance
 from act_lightning.metrics.reference import require_reference_images
 from act_lightning.sample import check_taus, heun_record, two_step_tau
-from act_lightning.seeds import EVALUATION, mix_seed
+from act_lightning.seeds import EVALUATION, check_seed, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def sampling_seeds(cfg: DictConfig) -> list[int]:
     """`seeds` (a list: each sampler is scored once per seed) or `[seed]`."""
     seeds = cfg.get("seeds")
     if seeds is None:
-        return [int(cfg.seed)]
+        return [check_seed(cfg.seed)]
     if isinstance(seeds, (int, str)) or not len(seeds) or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of integers, e.g. seeds=[0,1,2]; got {seeds!r}")
     if len(set(seeds)) != len(seeds):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from act_lightning.checkpoints import checkpoint_iteration, load_model
 from act_lightning.commands import CONFIG_DIR, check_net, refuse, resolve_device, write_npz
-from act_lightning.seeds import LABEL, mix_seed
+from act_lightning.seeds import LABEL, check_seed, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1; got {cfg.num_samples}, {cfg.batch_size}")
     check_net(cfg.net)
+    check_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     s = model.schedule

@@ -29,3 +29,12 @@ def mix_seed(*parts: int) -> int:
     for part in parts:
         value = (value * 1_000_003 + int(part) + 1) % MODULUS
     return value
+
+
+def check_seed(seed: object, high: int | None = None) -> int:
+    """The `seed` option: an integer (in [0, high] when `high` is given: training's seed also seeds numpy,
+    which takes 32 bits)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or (high is not None and not 0 <= seed <= high):
+        where = "" if high is None else f" in [0, {high}]"
+        raise ValueError(f"seed must be an integer{where}, got {seed!r}")
+    return seed

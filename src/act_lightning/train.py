@@ -47,6 +47,7 @@ from act_lightning.init_from import InitWeights, describe, load_init, read_init,
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
 from act_lightning.resume import check_resume, global_batch, world_size
+from act_lightning.seeds import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ RESUME = ("auto", "never")
 def check_config(cfg: DictConfig) -> None:
     """Configuration errors that can be seen before anything is built, named by their keys."""
     check_iterations(cfg.iterations)
+    check_seed(cfg.get("seed"), high=2**32 - 1)  # Lightning seeds numpy too
     if cfg.get("resume", "auto") not in RESUME:
         raise ValueError(f"resume must be one of {', '.join(RESUME)}; got {cfg.resume!r}")
     if OmegaConf.select(cfg, "callbacks.checkpoint") is None:
@@ -86,8 +88,8 @@ def check_two_step_tau(cfg: DictConfig) -> None:
     and sigma_max (the first step is at sigma_max)."""
     tau = cfg.get("two_step_tau")
     low, high = (OmegaConf.select(cfg, f"model.schedule.{k}") for k in ("sigma_min", "sigma_max"))
-    if tau is None or low is None or high is None:
-        return
+    if tau is None or low is None or high is None or not 0 < low < high:
+        return  # an invalid schedule is refused by its own check, naming sigma_min and sigma_max
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not low < tau < high:
         raise ValueError(
             f"two_step_tau={tau}: the 2-step sampler's second noise level must be a number between "

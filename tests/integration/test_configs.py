@@ -143,6 +143,22 @@ def test_mismatched_network_and_data_sizes(tmp_path):
         check_config(cfg)
 
 
+@pytest.mark.parametrize("seed", ["abc", "-1", "4294967296", "true", "1.5"])
+def test_a_seed_numpy_and_torch_cannot_take_is_refused_by_name(seed, tmp_path):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\]"):
+        check_config(compose(["debug=smoke", f"seed={seed}"], run_dir=str(tmp_path)))
+    check_config(compose(["debug=smoke", "seed=4294967295"], run_dir=str(tmp_path)))
+
+
+def test_a_sigma_max_below_sigma_min_is_refused_as_the_schedules_error_not_two_step_taus(tmp_path):
+    """The quickstart's two_step_tau (8.0) lies outside any schedule whose sigma_max is below sigma_min;
+    the message must name the schedule's keys, which are what is wrong."""
+    cfg = compose(["debug=smoke", "model.schedule.sigma_max=0.001"], run_dir=str(tmp_path))
+    check_config(cfg)
+    with pytest.raises(Exception, match=r"need 0 < model.schedule.sigma_min < model.schedule.sigma_max"):
+        instantiate(cfg.model)
+
+
 @pytest.mark.parametrize(
     "experiment, reference",
     [

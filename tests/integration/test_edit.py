@@ -204,6 +204,8 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
         _edit(["task=deblur", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="net must be target or generator, got 'targte'"):
         _edit(["net=targte", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
+        _edit(["seed=1.5", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
 
 
 def test_a_diffusion_model_is_refused(tmp_path):

@@ -217,8 +217,8 @@ def test_a_diffusion_model_is_refused_multistep_samplers_before_anything_is_buil
 
 def test_seeds_must_be_a_list_of_distinct_integers(cifar_run):
     ckpt = cifar_run / "checkpoints" / "best.ckpt"
-    for bad in ("seeds=3", "seeds=[]", "seeds=[0,0]", "seeds=[a]"):
-        with pytest.raises(ValueError, match="seeds must"):
+    for bad in ("seeds=3", "seeds=[]", "seeds=[0,0]", "seeds=[a]", "seed=abc"):
+        with pytest.raises(ValueError, match="seeds must|seed must be an integer, got 'abc'"):
             _evaluate([f"ckpt={ckpt}", bad])
 
 

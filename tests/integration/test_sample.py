@@ -90,6 +90,8 @@ def test_taus_give_multistep_samples_and_bad_taus_are_refused(checkpoints, tmp_p
     for taus in ("[1.0,2.0]", f"[{sigma_max + 1}]", "[0.001]"):
         with pytest.raises(ValueError, match="taus=.*must decrease and stay above sigma_min"):
             _sample([f"ckpt={ckpt}", "num_samples=2", f"taus={taus}", f"out={tmp_path / 'bad'}"])
+    with pytest.raises(ValueError, match="seed must be an integer, got 'abc'"):
+        _sample([f"ckpt={ckpt}", "num_samples=2", "seed=abc", f"out={tmp_path / 'bad'}"])
 
 
 def test_class_labels_random_one_class_or_a_list_and_their_errors(checkpoints, tmp_path):
