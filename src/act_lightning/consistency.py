@@ -51,6 +51,9 @@ def boundary_scalings(
     return c_skip, c_out, c_in
 
 
+C_NOISE = ("identity", "log")  # model.c_noise: what the networks' noise embedding reads
+
+
 def noise_conditioning(sigma: Tensor, kind: str = "identity") -> Tensor:
     """c_noise(t): the raw sigma (reference default) or 250 * log(sigma) (Song et al. 2023)."""
     if kind == "identity":

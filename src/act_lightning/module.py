@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from act_lightning.augment import Augmentation, AugmentPipe, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
 from act_lightning.compat import eager_forward
-from act_lightning.consistency import ConsistencySchedule, check_iterations, noise_conditioning
+from act_lightning.consistency import C_NOISE, ConsistencySchedule, check_iterations, noise_conditioning
 from act_lightning.data.base import HalfBatch
 from act_lightning.distributed import PerNetworkDDP
 from act_lightning.divergence import BadIterations, guard_mask, skip_if_nonfinite
@@ -242,6 +242,8 @@ class ACTModule(L.LightningModule):
         adversarial = self.schedule.gan_ratio > 0
         r1 = (r1_gamma, r1_interval, ada_length)
         check_objective(objective, adversarial, heun_steps)
+        if c_noise not in C_NOISE:
+            raise ValueError(f"model.c_noise must be one of {', '.join(C_NOISE)}; got {c_noise!r}")
         check_arguments(
             iterations, optimizer, d_optimizer, discriminator, adversarial, warmup, r1, sampling_ema
         )

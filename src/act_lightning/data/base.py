@@ -236,6 +236,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.global_batch_size must be a positive even number or null, got {global_batch_size}"
             )
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(
+                f"data.num_workers must be an integer >= 0 (0: load in the main process), got {num_workers!r}"
+            )
         self.root = None if root is None else str(root)
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
