@@ -24,8 +24,39 @@ def check_net(net: str) -> None:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """`device=auto` (CUDA when present) | cpu | cuda | cuda:1 ..."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
+    """`device=auto` (CUDA when present) | cpu | cuda | cuda:1 ...: refused by name when torch does not
+    know it or this machine has no such CUDA device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {spec!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={spec}: this machine has no CUDA device; use device=cpu or device=auto")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device={spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
+def check_count(value: object, key: str, minimum: int = 1) -> int:
+    """An integer option such as num_samples or batch_size, at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_out_folder(folder: object, key: str = "out") -> Path:
+    """A folder the command will write into: it, or its nearest existing ancestor, is a writable folder.
+    Checked before the work, so a bad path costs no sampling."""
+    from act_lightning.launch import check_writable_folder
+
+    check_writable_folder(Path(str(folder)), key)
+    return Path(str(folder))
 
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
@@ -52,4 +83,10 @@ def refuse(err: Exception) -> NoReturn:
     raise SystemExit(2) from None
 
 
-REFUSED = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)  # what `refuse` reports
+REFUSED = (
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)  # what `refuse` reports

@@ -27,7 +27,15 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from act_lightning.checkpoints import load_model
-from act_lightning.commands import CONFIG_DIR, REFUSED, check_net, refuse, resolve_device, write_npz
+from act_lightning.commands import (
+    CONFIG_DIR,
+    REFUSED,
+    check_net,
+    check_out_folder,
+    refuse,
+    resolve_device,
+    write_npz,
+)
 from act_lightning.consistency import ConsistencySchedule, karras_sigmas
 from act_lightning.sample import check_taus, image_noise, to_uint8
 from act_lightning.samplers import (
@@ -126,6 +134,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
     check_net(cfg.net)
     check_seed(cfg.seed)
+    out = check_out_folder(cfg.out)
     device = resolve_device(cfg.device)
     model, run, _ = load_model(cfg.ckpt, device)
     if model.hparams.get("objective", "consistency") != "consistency":
@@ -153,7 +162,6 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         lambda step: image_noise(cfg.seed, range(n), shape[1:], stream=step).to(device),
     )
     shown_input = project(torch.full(shape, -1.0, device=device)) if cfg.task == "inpaint" else y
-    out = Path(cfg.out)
     write_results(out, images, result, mask, shown_input)
     summary = {"task": cfg.task, "images": [str(f) for f in files], "taus": taus, "out": str(out)}
     (out / "edit.json").write_text(json.dumps(summary, indent=2))

@@ -21,8 +21,17 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 from tqdm import tqdm
 
+from act_lightning.atomic import atomic_write
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
-from act_lightning.commands import CONFIG_DIR, REFUSED, check_net, refuse, resolve_device
+from act_lightning.commands import (
+    CONFIG_DIR,
+    REFUSED,
+    check_count,
+    check_net,
+    check_out_folder,
+    refuse,
+    resolve_device,
+)
 from act_lightning.consistency import ConsistencySchedule
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
@@ -78,6 +87,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_options(cfg, run)
     resolve_taus(cfg, run)
     seeds = sampling_seeds(cfg)
+    output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
+    check_out_folder(output.parent, "output's folder")  # before sampling, not after it
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
     weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
     device = resolve_device(cfg.device)
@@ -120,8 +131,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "results": results,
         "stage_seconds": lap.seconds,
     }
-    output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
-    output.write_text(json.dumps(summary, indent=2))
+    with atomic_write(output) as f:  # a stopped command leaves no truncated file
+        f.write(json.dumps(summary, indent=2).encode())
     summary["output"] = str(output)
     return summary
 
@@ -261,10 +272,8 @@ def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
             "but this checkpoint is a diffusion model (model.objective=diffusion), which is sampled with "
             "EDM's Heun sampler (model.heun_steps) alone: evaluate it with samplers=[1-step]"
         )
-    if cfg.num_samples < 2 or cfg.batch_size < 1:
-        raise ValueError(
-            f"num_samples must be >= 2 and batch_size >= 1; got {cfg.num_samples}, {cfg.batch_size}"
-        )
+    check_count(cfg.num_samples, "num_samples", 2)  # a covariance needs two samples
+    check_count(cfg.batch_size, "batch_size")
     check_net(cfg.net)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from act_lightning.atomic import default_file_mode
 from act_lightning.checkpoints import checkpoint_iteration, load_model
-from act_lightning.commands import CONFIG_DIR, REFUSED, refuse
+from act_lightning.commands import CONFIG_DIR, REFUSED, check_out_folder, refuse
 from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
 from act_lightning.samplers import multistep
@@ -222,9 +222,9 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Writes the checkpoint's target generator into `out` (see the module docstring)."""
     from omegaconf import OmegaConf
 
+    out = check_out_folder(out)
     model, run, checkpoint = load_model(ckpt)
     check_exportable(model, ckpt)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     h = model.hparams
     generator_args = OmegaConf.to_container(run.model.generator, resolve=True)

@@ -26,7 +26,16 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from act_lightning.checkpoints import checkpoint_iteration, load_model
-from act_lightning.commands import CONFIG_DIR, check_net, refuse, resolve_device, write_npz
+from act_lightning.commands import (
+    CONFIG_DIR,
+    REFUSED,
+    check_count,
+    check_net,
+    check_out_folder,
+    refuse,
+    resolve_device,
+    write_npz,
+)
 from act_lightning.seeds import LABEL, check_seed, mix_seed
 
 log = logging.getLogger(__name__)
@@ -98,10 +107,11 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Draws the samples of `cfg` and writes them to `cfg.out`; returns a summary."""
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1; got {cfg.num_samples}, {cfg.batch_size}")
+    check_count(cfg.num_samples, "num_samples")
+    check_count(cfg.batch_size, "batch_size")
     check_net(cfg.net)
     check_seed(cfg.seed)
+    out = check_out_folder(cfg.out)
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     s = model.schedule
@@ -110,7 +120,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     net = model.target if cfg.net == "target" else model.generator
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
 
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     arrays, first = [], []
     with tqdm(total=cfg.num_samples, desc="sampling", unit="img") as bar:
@@ -166,7 +175,7 @@ def sample_images(model, net, indices: range, shape, taus, labels, seed: int, de
 def main(cfg: DictConfig) -> None:
     try:
         summary = sample(cfg)
-    except (ValueError, FileNotFoundError) as err:  # a bad option or checkpoint, named by its key
+    except REFUSED as err:  # a bad option or checkpoint, named by its key
         refuse(err)
     print(f"{summary['num_samples']} samples written to {summary['samples']} (grid: {summary['grid']})")
 

@@ -115,6 +115,19 @@ def _evaluate(overrides: list[str]):
         return evaluate(hydra_compose("evaluate", overrides=overrides))
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_sampling(cifar_run, tmp_path, monkeypatch):
+    """A folder evaluate cannot write into would have lost the whole evaluation at its last line."""
+    from act_lightning import evaluate
+
+    monkeypatch.setattr(evaluate, "build_model", lambda *a: pytest.fail("the networks were built"))
+    (tmp_path / "a_file").write_text("")
+    ckpt = cifar_run / "checkpoints" / "best.ckpt"
+    with pytest.raises(
+        NotADirectoryError, match=f"output's folder={tmp_path / 'a_file'}: .* is not a folder"
+    ):
+        _evaluate([f"ckpt={ckpt}", f"output={tmp_path / 'a_file' / 'eval.json'}"])
+
+
 def test_evaluate_names_a_missing_or_foreign_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file"):
         _evaluate([f"ckpt={tmp_path / 'nope.ckpt'}"])

@@ -92,6 +92,11 @@ def test_taus_give_multistep_samples_and_bad_taus_are_refused(checkpoints, tmp_p
             _sample([f"ckpt={ckpt}", "num_samples=2", f"taus={taus}", f"out={tmp_path / 'bad'}"])
     with pytest.raises(ValueError, match="seed must be an integer, got 'abc'"):
         _sample([f"ckpt={ckpt}", "num_samples=2", "seed=abc", f"out={tmp_path / 'bad'}"])
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 'abc'"):
+        _sample([f"ckpt={ckpt}", "num_samples=abc", f"out={tmp_path / 'bad'}"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"out={tmp_path / 'a_file'}: .* is not a folder"):
+        _sample([f"ckpt={ckpt}", "num_samples=2", f"out={tmp_path / 'a_file'}"])
 
 
 def test_class_labels_random_one_class_or_a_list_and_their_errors(checkpoints, tmp_path):
