@@ -43,13 +43,6 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def check_count(value: object, key: str, minimum: int = 1) -> int:
-    """An integer option such as num_samples or batch_size, at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def check_out_folder(folder: object, key: str = "out") -> Path:
     """A folder the command will write into: it, or its nearest existing ancestor, is a writable folder.
     Checked before the work, so a bad path costs no sampling."""

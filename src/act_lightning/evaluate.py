@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from act_lightning.atomic import atomic_write
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
+from act_lightning.checks import check_count
 from act_lightning.commands import (
     CONFIG_DIR,
     REFUSED,
-    check_count,
     check_net,
     check_out_folder,
     refuse,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from act_lightning.augment import Augmentation, AugmentPipe, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
+from act_lightning.checks import check_count
 from act_lightning.compat import eager_forward
 from act_lightning.consistency import C_NOISE, ConsistencySchedule, check_iterations, noise_conditioning
 from act_lightning.data.base import HalfBatch
@@ -108,11 +109,11 @@ def check_arguments(
     key, before anything is built. `r1` is (r1_gamma, r1_interval, ada_length)."""
     r1_gamma, r1_interval, ada_length = r1
     check_iterations(iterations)
+    check_count(warmup, "model.warmup")  # 1 = no warm-up
+    check_count(r1_interval, "model.r1_interval")
     check_optimizer("model.optimizer", optimizer)
     for ok, message in (
-        (warmup >= 1, f"model.warmup must be >= 1 iteration (1 = no warm-up), got {warmup}"),
         (r1_gamma >= 0, f"model.r1_gamma must be >= 0, got {r1_gamma}"),
-        (r1_interval >= 1, f"model.r1_interval must be >= 1, got {r1_interval}"),
         (ada_length > 0, f"model.ada_length must be positive, got {ada_length}"),
         (
             sampling_ema is None or 0 <= sampling_ema < 1,

@@ -26,10 +26,10 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from act_lightning.checkpoints import checkpoint_iteration, load_model
+from act_lightning.checks import check_count
 from act_lightning.commands import (
     CONFIG_DIR,
     REFUSED,
-    check_count,
     check_net,
     check_out_folder,
     refuse,

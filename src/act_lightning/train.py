@@ -41,8 +41,10 @@ from act_lightning.checkpoints import (
     out_of_space,
     read_checkpoint,
 )
+from act_lightning.checks import check_count
 from act_lightning.commands import CONFIG_DIR, refuse
 from act_lightning.consistency import check_iterations
+from act_lightning.data.base import check_batch_sizes
 from act_lightning.init_from import InitWeights, describe, load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
@@ -67,6 +69,10 @@ def check_config(cfg: DictConfig) -> None:
             "callbacks.checkpoint.every_n_iterations"
         )
     check_two_step_tau(cfg)
+    if "batch_size" in cfg.data:  # before resume's global batch reads it
+        check_batch_sizes(cfg.data.batch_size, cfg.data.get("global_batch_size"))
+    if cfg.get("eval") is not None:  # before the sample grid, whose interval is eval.every's by default
+        check_count(cfg.eval.get("every"), "eval.every")
     gen = cfg.model.generator
     classes = cfg.data.get("num_classes")
     if gen.get("num_class_embeds") and not classes:

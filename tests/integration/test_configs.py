@@ -150,6 +150,14 @@ def test_a_seed_numpy_and_torch_cannot_take_is_refused_by_name(seed, tmp_path):
     check_config(compose(["debug=smoke", "seed=4294967295"], run_dir=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    "override", ["data.batch_size=abc", "data.batch_size=7", "data.global_batch_size=2.0"]
+)
+def test_a_batch_size_is_refused_by_name_before_the_resume_check_reads_it(override, tmp_path):
+    with pytest.raises(ValueError, match=rf"{override.split('=')[0]} must be a positive even number"):
+        check_config(compose(["debug=smoke", override], run_dir=str(tmp_path)))
+
+
 def test_a_sigma_max_below_sigma_min_is_refused_as_the_schedules_error_not_two_step_taus(tmp_path):
     """The quickstart's two_step_tau (8.0) lies outside any schedule whose sigma_max is below sigma_min;
     the message must name the schedule's keys, which are what is wrong."""

@@ -294,7 +294,7 @@ def test_a_mistyped_data_root_fails_at_start_up_and_creates_nothing(tmp_path):
 
 
 def test_bad_callback_values_fail_at_start_up(tmp_path):
-    with pytest.raises(Exception, match=r"callbacks.samples.every_n_iterations must be >= 1, got 0"):
+    with pytest.raises(Exception, match=r"callbacks.samples.every_n_iterations must be an integer >= 1"):
         train(compose(["debug=smoke", "callbacks.samples.every_n_iterations=0"], run_dir=str(tmp_path)))
     with pytest.raises(Exception, match="stop_after must be a positive number"):
         train(compose(["debug=smoke", "stop_after=0"], run_dir=str(tmp_path)))

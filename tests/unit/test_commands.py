@@ -1,12 +1,13 @@
 """What the commands share: the device option, integer options and the folder they write into are
-refused by name before any work."""
+refused by name before any work; integer options of training (eval.every, ...) by the same check."""
 
 import os
 
 import pytest
 import torch
 
-from act_lightning.commands import check_count, check_out_folder, resolve_device
+from act_lightning.checks import check_count
+from act_lightning.commands import check_out_folder, resolve_device
 
 
 def test_device_names_what_torch_does_not_know_and_cuda_this_machine_lacks(monkeypatch):
@@ -54,3 +55,28 @@ def test_an_out_folder_must_be_a_writable_folder_or_below_one(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(PermissionError, match=f"out={locked / 'x'}: cannot write into {locked}"):
             check_out_folder(locked / "x")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("eval.every=abc", "eval.every"),
+        ("eval.every=1e3", "eval.every"),  # Hydra reads 1e3 as a float
+        ("eval.batch_size=0", "eval.batch_size"),
+        ("callbacks.checkpoint.every_n_iterations=x", "callbacks.checkpoint.every_n_iterations"),
+        ("guard.max_bad_iterations=2.5", "guard.max_bad_iterations"),
+    ],
+)
+def test_training_refuses_a_count_that_is_no_integer_by_its_key(override, key, tmp_path):
+    """In the order train() meets them: its own checks, then the callbacks."""
+    from hydra.utils import instantiate
+
+    from act_lightning.train import check_config
+    from tests.conftest import compose
+
+    cfg = compose(["debug=smoke", override], run_dir=str(tmp_path))
+    with pytest.raises(Exception, match=f"{key} must be an integer >= 1, got"):
+        check_config(cfg)
+        for callback in cfg.callbacks.values():
+            if callback is not None:
+                instantiate(callback)

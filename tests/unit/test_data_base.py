@@ -166,6 +166,8 @@ def test_file_sources_keep_their_defaults_and_the_config_wins(cls):
         cls(root="x", batch_size=0)
     with pytest.raises(ValueError, match="data.num_workers must be an integer >= 0"):
         cls(root="x", num_workers=-1)  # torch's own refusal came at the first batch, without the key
+    with pytest.raises(ValueError, match="data.batch_size must be a positive even number .* got 'abc'"):
+        cls(root="x", batch_size="abc")
 
 
 def test_manifest_is_replaced_atomically(tmp_path, monkeypatch):

@@ -100,6 +100,8 @@ def test_the_discriminators_beta2_follows_the_r1_interval(cfg_factory):
         ("model.schedule.gan_ratio=1.5", "model.schedule.gan_ratio must lie in [0, 1]"),
         ("model.schedule.rho=0", "model.schedule.rho must be positive"),
         ("model.c_noise=sigma", "model.c_noise must be one of identity, log; got 'sigma'"),
+        ("model.warmup=abc", "model.warmup must be an integer >= 1, got 'abc'"),
+        ("model.r1_interval=16.0", "model.r1_interval must be an integer >= 1, got 16.0"),
         ("model.optimizer.lr=0", "model.optimizer.lr must be positive"),
         ("model.d_optimizer.lr=-1e-4", "model.d_optimizer.lr must be positive"),
         ("+model.optimizer.eps=-1", "model.optimizer: Invalid epsilon value"),

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from act_lightning.atomic import atomic_write, remove_stale_temporaries
+from act_lightning.checks import check_count
 from act_lightning.compat import is_lightning_handler
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,7 @@ class LastCheckpoint(L.Callback):
         keep_snapshots: bool | int = False,
         stop_after: int | None = None,
     ) -> None:
-        if every_n_iterations < 1:
-            raise ValueError(
-                f"callbacks.checkpoint.every_n_iterations must be >= 1, got {every_n_iterations}"
-            )
+        check_count(every_n_iterations, "callbacks.checkpoint.every_n_iterations")
         if isinstance(keep_snapshots, bool) or keep_snapshots is None:
             keep_snapshots = None if keep_snapshots else 0  # None: every snapshot
         elif not isinstance(keep_snapshots, int) or keep_snapshots < 0:

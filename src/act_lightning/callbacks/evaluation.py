@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from act_lightning.atomic import atomic_write
+from act_lightning.checks import check_count
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     FEATURES,
@@ -407,14 +408,11 @@ def _gathered(trainer, features: Tensor) -> Tensor:
 
 def check_eval_arguments(every: int, quantize: str, num_samples: int, batch_size: int, subset_size) -> None:
     """The evaluation's numeric options, each named by its key."""
-    if every < 1:
-        raise ValueError(f"eval.every must be >= 1, got {every}")
+    check_count(every, "eval.every")
     if quantize not in QUANTIZE:
         raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
-    if num_samples < 2 or batch_size < 1:
-        raise ValueError(
-            f"eval.num_samples must be >= 2 and eval.batch_size >= 1; got {num_samples}, {batch_size}"
-        )
+    check_count(num_samples, "eval.num_samples", 2)  # a covariance needs two samples
+    check_count(batch_size, "eval.batch_size")
     if subset_size is not None and not 2 <= subset_size <= num_samples:
         raise ValueError(
             f"eval.subset_size must be null or in [2, eval.num_samples={num_samples}]; got {subset_size}"

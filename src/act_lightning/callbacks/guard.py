@@ -6,6 +6,7 @@ import lightning as L
 
 from act_lightning.callbacks.checkpoint import LastCheckpoint
 from act_lightning.checkpoints import checkpoint_iteration, read_checkpoint
+from act_lightning.checks import check_count
 from act_lightning.readback import DeferredRead
 
 
@@ -23,8 +24,7 @@ class DivergenceGuard(L.Callback):
     iteration later; under DDP every rank reads it at once, so all stop at the same iteration."""
 
     def __init__(self, max_bad_iterations: int = 10) -> None:
-        if max_bad_iterations < 1:
-            raise ValueError(f"guard.max_bad_iterations must be >= 1, got {max_bad_iterations}")
+        check_count(max_bad_iterations, "guard.max_bad_iterations")
         self.max_bad_iterations = max_bad_iterations
         self._read = DeferredRead()
 

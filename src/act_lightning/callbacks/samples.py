@@ -11,6 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from act_lightning.checks import check_count
+
 
 class SampleGrid(L.Callback):
     """Every `every_n_iterations` (and at the start and end of training) draws one-step samples of the
@@ -24,8 +26,7 @@ class SampleGrid(L.Callback):
         upscale: int = 1,
         seed: int = 1234,
     ) -> None:
-        if every_n_iterations < 1:
-            raise ValueError(f"callbacks.samples.every_n_iterations must be >= 1, got {every_n_iterations}")
+        check_count(every_n_iterations, "callbacks.samples.every_n_iterations")
         self.dirpath = Path(dirpath)
         self.every = every_n_iterations
         self.num_samples = num_samples

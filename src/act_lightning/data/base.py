@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from act_lightning.checks import check_count
 from act_lightning.compat import ignore_unresumable_loader_warning
 from act_lightning.seeds import FLIP, mix_seed
 
@@ -150,6 +151,24 @@ class ResumableBatchSampler(BatchSampler):
                 )
 
 
+def _positive_even(value: object) -> bool:
+    """A batch size that splits into halves: an integer >= 2, even (not a bool, a float or a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 2 and value % 2 == 0
+
+
+def check_batch_sizes(batch_size: object, global_batch_size: object) -> None:
+    """data.batch_size and data.global_batch_size (null or a number): positive even integers."""
+    if not _positive_even(batch_size):
+        raise ValueError(
+            "data.batch_size must be a positive even number (the discriminator's half splits into a "
+            f"fake and a real half), got {batch_size!r}"
+        )
+    if global_batch_size is not None and not _positive_even(global_batch_size):
+        raise ValueError(
+            f"data.global_batch_size must be a positive even number or null, got {global_batch_size!r}"
+        )
+
+
 def _check_one_global_batch(images: int, per_device: int, world_size: int) -> None:
     if images < 2 * per_device * world_size:
         raise ValueError(
@@ -227,19 +246,8 @@ class ImageDataModule(L.LightningDataModule):
         hflip: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 2 or batch_size % 2:
-            raise ValueError(
-                "data.batch_size must be a positive even number (the discriminator's half splits into a "
-                f"fake and a real half), got {batch_size}"
-            )
-        if global_batch_size is not None and (global_batch_size < 2 or global_batch_size % 2):
-            raise ValueError(
-                f"data.global_batch_size must be a positive even number or null, got {global_batch_size}"
-            )
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(
-                f"data.num_workers must be an integer >= 0 (0: load in the main process), got {num_workers!r}"
-            )
+        check_batch_sizes(batch_size, global_batch_size)
+        check_count(num_workers, "data.num_workers", 0)  # 0: load in the main process
         self.root = None if root is None else str(root)
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
