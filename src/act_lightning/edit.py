@@ -211,7 +211,7 @@ def task_projection(cfg: DictConfig, y: Tensor, size: int) -> tuple[Projection, 
 def edit_taus(cfg: DictConfig, s: ConsistencySchedule) -> list[float]:
     """sigma_max and `cfg.taus` after it, or `cfg.steps` levels down the Karras grid of schedule `s`."""
     if cfg.taus:
-        return [float(s.sigma_max), *check_taus(list(cfg.taus), s.sigma_min, s.sigma_max)]
+        return [float(s.sigma_max), *check_taus(cfg.taus, s.sigma_min, s.sigma_max)]
     return default_taus(int(cfg.steps), float(s.sigma_min), float(s.sigma_max), float(s.rho))
 
 

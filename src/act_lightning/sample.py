@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,12 @@ def image_noise(seed: int, indices: range, shape: tuple[int, ...], stream: int =
     )
 
 
-def check_taus(taus: list[float], sigma_min: float, sigma_max: float) -> list[float]:
-    """The noise levels of the steps after the first (which is at sigma_max): decreasing, in
-    (sigma_min, sigma_max)."""
+def check_taus(taus: Any, sigma_min: float, sigma_max: float) -> list[float]:
+    """The noise levels of the steps after the first (which is at sigma_max): a list of numbers,
+    decreasing, in (sigma_min, sigma_max)."""
+    numbers = isinstance(taus, Sequence) and not isinstance(taus, str)
+    if not numbers or any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in taus):
+        raise ValueError(f"taus={taus}: a list of noise levels, e.g. taus=[1.3824] (or [] for one step)")
     taus = [float(t) for t in taus]
     levels = [sigma_max, *taus]
     if any(a <= b for a, b in zip(levels, levels[1:])) or (taus and taus[-1] <= sigma_min):
@@ -115,7 +119,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     s = model.schedule
-    taus = [float(s.sigma_max), *check_taus(list(cfg.taus), s.sigma_min, s.sigma_max)]
+    taus = [float(s.sigma_max), *check_taus(cfg.taus, s.sigma_min, s.sigma_max)]
     labels = class_labels(cfg.class_labels, cfg.num_samples, model.hparams.num_classes, cfg.seed)
     net = model.target if cfg.net == "target" else model.generator
     shape = (run.data.channels, run.data.image_size, run.data.image_size)

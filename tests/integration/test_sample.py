@@ -90,6 +90,8 @@ def test_taus_give_multistep_samples_and_bad_taus_are_refused(checkpoints, tmp_p
     for taus in ("[1.0,2.0]", f"[{sigma_max + 1}]", "[0.001]"):
         with pytest.raises(ValueError, match="taus=.*must decrease and stay above sigma_min"):
             _sample([f"ckpt={ckpt}", "num_samples=2", f"taus={taus}", f"out={tmp_path / 'bad'}"])
+    with pytest.raises(ValueError, match=r"taus=1.0: a list of noise levels, e.g. taus=\[1.3824\]"):
+        _sample([f"ckpt={ckpt}", "num_samples=2", "taus=1.0", f"out={tmp_path / 'bad'}"])
     with pytest.raises(ValueError, match="seed must be an integer, got 'abc'"):
         _sample([f"ckpt={ckpt}", "num_samples=2", "seed=abc", f"out={tmp_path / 'bad'}"])
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 'abc'"):

@@ -81,7 +81,8 @@ def test_the_recorder_keeps_features_and_logits_of_one_pass():
 
 def test_metric_names_are_checked():
     assert check_metrics(["fid", "kid"], "digits") == ["fid", "kid"]
-    with pytest.raises(ValueError, match="metrics must list fid and any of is, kid, pr"):
+    listed = r"metrics must list fid \(the run.s Fréchet distance; .* reported as fd\) and any of is, kid, pr"
+    with pytest.raises(ValueError, match=listed):
         check_metrics(["fid", "lpips"], "inception")
     with pytest.raises(ValueError, match="metrics must list fid"):
         check_metrics(["kid"], "inception")

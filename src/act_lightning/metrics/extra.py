@@ -35,7 +35,10 @@ def check_metrics(metrics: Iterable[str], features: str, key: str = "metrics") -
     metrics = list(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics or "fid" not in metrics:
-        raise ValueError(f"{key} must list fid and any of {', '.join(METRICS[1:])}; got {metrics}")
+        raise ValueError(
+            f"{key} must list fid (the run's Fréchet distance; with the digits features it is reported as "
+            f"fd) and any of {', '.join(METRICS[1:])}; got {metrics}"
+        )
     if features != "inception" and any(m in NEED_LOGITS for m in metrics):
         raise ValueError(f"{key}=[is] needs eval.features=inception (class logits); got {features}")
     return metrics
