@@ -76,10 +76,5 @@ def refuse(err: Exception) -> NoReturn:
     raise SystemExit(2) from None
 
 
-REFUSED = (
-    ValueError,
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)  # what `refuse` reports
+# what `refuse` reports: a bad option, a missing or unusable file or folder
+REFUSED = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
