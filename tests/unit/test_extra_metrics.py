@@ -11,6 +11,7 @@ import torch
 from act_lightning.metrics.extra import (
     FeatureRecorder,
     check_metrics,
+    extra_metrics,
     inception_score,
     kernel_inception_distance,
     precision_recall,
@@ -58,6 +59,48 @@ def test_precision_and_recall_of_copies_and_of_far_away_samples():
     # every real sample copied plus as many far ones: half the generated samples are real-like, and every
     # real sample lies in the ball of its copy
     assert precision_recall(torch.cat([real, far]), real) == {"precision": 0.5, "recall": 1.0}
+
+
+def _inside_share(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """The share of a's points inside b's manifold: the union of the balls around b's points whose radius
+    is the distance to their k-th nearest neighbour in b (themselves not counted)."""
+    radii = torch.cdist(b, b).sort(1).values[:, k]
+    return (torch.cdist(a, b) <= radii[None]).any(1).float().mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_precision_and_recall_are_the_k_nearest_neighbour_manifolds_by_hand(seed):
+    """Kynkaanniemi et al.: precision = generated samples inside the real manifold, recall = real samples
+    inside the generated one, k = 3; the two sets differ in size and spread, so swapping them or taking
+    another k changes the numbers."""
+    g = torch.Generator().manual_seed(seed)
+    real, gen = torch.randn(40, 4, generator=g), torch.randn(30, 4, generator=g) * 1.3 + 0.4
+    out = precision_recall(gen, real)
+    assert out["precision"] == pytest.approx(_inside_share(gen, real, 3), abs=1e-6)
+    assert out["recall"] == pytest.approx(_inside_share(real, gen, 3), abs=1e-6)
+    assert _inside_share(gen, real, 4) != pytest.approx(out["precision"], abs=1e-6)  # k matters here
+
+
+def test_extra_metrics_pass_the_generated_features_first():
+    """`extra_metrics` gives pr the recorder's (generated) features first, the real ones second: half the
+    generated samples are far from the real ones (precision 0.5), every real one is covered (recall 1)."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(20, 4, generator=g)
+    recorder = FeatureRecorder.__new__(FeatureRecorder)
+    recorder.all_features = lambda: torch.cat([real, real + 100.0])
+    assert extra_metrics(["fid", "pr"], recorder, real) == {"precision": 0.5, "recall": 1.0}
+
+
+def test_kid_and_is_cap_their_subsets_by_the_smaller_set():
+    """KID's subset size is capped by the smaller of the two sets (here the real one, 12 < 20 < 30); IS
+    takes at most as many splits as there are samples."""
+    g = torch.Generator().manual_seed(0)
+    gen, real = torch.randn(30, 5, generator=g).double(), torch.randn(12, 5, generator=g).double()
+    capped = kernel_inception_distance(gen, real, subsets=4, subset_size=20)
+    assert capped == kernel_inception_distance(gen, real, subsets=4, subset_size=12)
+    logits = torch.randn(5, 1008, generator=g).double()
+    five = inception_score(logits, splits=10)
+    assert five == inception_score(logits, splits=5) and math.isfinite(five["is"])
 
 
 def test_the_recorder_keeps_features_and_logits_of_one_pass():

@@ -118,8 +118,12 @@ def test_statistics_accumulated_in_batches_equal_numpy_float64(features):
 def test_statistics_reject_wrong_shapes():
     with pytest.raises(ValueError, match=r"\(N, 8\)"):
         FeatureStatistics(8).update(torch.zeros(4, 9))
+    one = FeatureStatistics(8)
     with pytest.raises(ValueError, match="at least 2"):
-        FeatureStatistics(8).compute()
+        one.compute()
+    one.update(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="need at least 2 feature vectors for a covariance, got 1"):
+        one.compute()  # a covariance of one vector divides by n - 1 = 0
 
 
 # -- the Inception extractor -----------------------------------------------------------------------------
@@ -335,6 +339,13 @@ def test_training_set_statistics_are_cached_and_recomputed_when_the_data_changes
     reference_statistics(extractor, "train", data, "other", cache=cache)
     reference_statistics(extractor, "train", data, "other", cache=cache)
     assert data.reads == reads + 2
+    # fewer images (eval.reference_max_images): other statistics, recomputed; the same number again: cached
+    fewer = reference_statistics(extractor, "train", data, "other", cache=cache, max_images=20)
+    reference_statistics(extractor, "train", data, "other", cache=cache, max_images=20)
+    assert data.reads == reads + 3
+    with np.load(cache) as npz:
+        assert int(npz["num_images"]) == 20
+    assert not np.allclose(fewer[0], reference_statistics(extractor, "train", data, "other")[0])
 
 
 def test_published_mu_sigma_are_not_cached(tmp_path):
@@ -354,6 +365,10 @@ def test_chunks_of_all_ranks_are_the_chunks_of_one_process():
     a, _ = chunk_noise(0, 5, 4, (1, 2, 2), None)
     b, labels = chunk_noise(0, 5, 4, (1, 2, 2), 10)
     assert torch.equal(a, b) and labels.shape == (4,)  # the noise does not depend on who draws it
+    # the labels of the evaluation's samples are uniform over every class, the last one included
+    many = torch.cat([chunk_noise(0, c, 500, (1,), 10)[1] for c in range(4)])
+    counts = torch.bincount(many, minlength=11)
+    assert counts[10] == 0 and (counts[:10] > 150).all()  # 200 expected per class
 
 
 @pytest.mark.slow
