@@ -25,7 +25,7 @@ from act_lightning.data import (
     SyntheticDataModule,
     storage,
 )
-from act_lightning.data.base import random_hflip, to_signed
+from act_lightning.data.base import random_hflip, reference_indices, to_signed
 from act_lightning.data.images import center_crop, decode_image, load_image
 from act_lightning.data.storage import PackedBytes
 from act_lightning.seeds import FLIP, mix_seed
@@ -53,6 +53,10 @@ def test_random_hflip_mirrors_whole_examples():
     same = (y == x).flatten(1).all(1)
     mirrored = (y == x.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+    many = torch.zeros(40000, 1, 1, 2)
+    many[..., 1] = 1
+    share = (random_hflip(many, torch.Generator().manual_seed(1))[..., 0] == 1).float().mean().item()
+    assert 0.49 < share < 0.51  # each image mirrored with probability 1/2 (sd 0.0025)
 
 
 def test_batches_become_float_halves_with_flips_on_the_device():
@@ -196,6 +200,18 @@ def test_reference_loader_yields_float_images_unflipped():
     images, _ = next(iter(dm.reference_dataloader(batch_size=16)))
     assert images.dtype == torch.float32
     assert torch.equal(images, to_signed(torch.arange(256, dtype=torch.uint8).reshape(16, 1, 4, 4)))
+
+
+def test_reference_loader_reads_every_image_once_the_last_chunk_partial_on_any_rank_count():
+    dm = _Tiny()
+    everything = to_signed(torch.arange(256, dtype=torch.uint8).reshape(16, 1, 4, 4))
+    for world in (1, 2, 3):
+        read = [x for rank in range(world) for x, _ in dm.reference_dataloader(5, rank, world)]
+        assert sum(len(x) for x in read) == 16  # chunks of 5, 5, 5 and 1
+        assert torch.equal(torch.cat(read).flatten(1).sort(0).values, everything.flatten(1).sort(0).values)
+    (first,) = [x for x, _ in dm.reference_dataloader(16, max_images=4)]
+    assert torch.equal(first, everything[[0, 5, 10, 15]])  # evenly spaced, both ends included
+    assert reference_indices(10, 4) == [0, 3, 6, 9] and reference_indices(11, 4) == [0, 3, 7, 10]
 
 
 def test_packed_bytes_round_trips():

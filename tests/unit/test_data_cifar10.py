@@ -19,7 +19,7 @@ import torch
 
 from act_lightning.data import CIFAR10DataModule, DataError, cifar10
 from act_lightning.data.cifar10 import load_cifar10_train, read_batch
-from tests.helpers_data import CIFAR_FOLDER, listing, py2_pickle, shards, write_cifar10
+from tests.helpers_data import CIFAR_FOLDER, listing, py2_pickle, shards, smooth_images, write_cifar10
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -40,6 +40,15 @@ def test_reads_the_python_batches_through_torchvision(cifar_root):
     images, labels = load_cifar10_train(cifar_root)
     assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.min() >= 0 and labels.max() <= 9
+
+
+def test_each_row_is_read_as_the_red_then_the_green_then_the_blue_plane(cifar_root):
+    """CIFAR-10's rows hold 1024 red values, then 1024 green, then 1024 blue, each plane row-major: the
+    images read are those the helper wrote (HWC), channel first."""
+    images, _ = load_cifar10_train(cifar_root)
+    written = torch.from_numpy(smooth_images(8, 32, 32, seed=0)).permute(0, 3, 1, 2)  # data_batch_1
+    assert torch.equal(images[:8], written)
+    assert not torch.equal(written[:, 0], written[:, 1])  # the planes differ, so an order mistake shows
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -184,6 +193,15 @@ def test_a_batch_re_saved_by_python_3_with_protocol_3_or_4_loads(tmp_path, proto
     path, data = _resaved(tmp_path, protocol)  # numpy 2 names numpy._core.multiarray._reconstruct here
     images, labels = read_batch(path)
     assert np.array_equal(images, data) and labels.tolist() == [3, 9]
+
+
+@pytest.mark.parametrize("labels", [[3, 10], [-1, 2]])
+def test_labels_outside_the_ten_classes_are_named(tmp_path, labels):
+    batch = pickle.loads(_resaved(tmp_path, 4)[0].read_bytes())
+    batch[b"labels"] = labels
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=4))
+    with pytest.raises(DataError, match=rf"labels must lie in 0..9, found {min(labels)}..{max(labels)}"):
+        read_batch(tmp_path / "data_batch_1")
 
 
 @pytest.mark.parametrize(
