@@ -143,6 +143,38 @@ def test_colorize_keeps_the_luminance_and_superres_the_patch_means(checkpoints, 
     assert inside.mean() > 0.3 and np.abs(patches.mean((2, 4)) - r["input"])[inside].max() <= 1.0
 
 
+def test_superres_of_a_full_size_input_keeps_its_patch_means_and_net_picks_the_network(checkpoints, tmp_path):
+    """A full-size input to superres is averaged down first (each 2x2 patch's mean kept); a mask pixel of
+    grey level 1 is known; net=generator samples the online network, which differs from the target."""
+    ckpt = checkpoints["grey"]
+    full = _images(tmp_path / "full", 2, 8)
+    _edit(["task=superres", "factor=2", f"ckpt={ckpt}", f"input={full}", f"out={tmp_path / 's'}"])
+    r = _result(tmp_path / "s")
+    patches = r["output"][..., 0].astype(float).reshape(2, 4, 2, 4, 2)
+    means = r["input"][..., 0].astype(float).reshape(2, 4, 2, 4, 2).mean((2, 4))
+    inside = ((patches > 0) & (patches < 255)).all((2, 4))
+    assert inside.mean() > 0.3 and np.abs(patches.mean((2, 4)) - means)[inside].max() <= 1.0
+
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:, :3] = 1  # the faintest non-zero grey: known
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    common = [f"ckpt={ckpt}", f"input={full}", f"mask={tmp_path / 'mask.png'}"]
+    _edit([*common, f"out={tmp_path / 't'}"])
+    target = _result(tmp_path / "t")
+    assert target["mask"][:, :, :3].all() and not target["mask"][:, :, 3:].any()
+    # the same checkpoint with the online generator's weights moved: the target's edit is unchanged
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith("generator.") and value.is_floating_point():
+            value.add_(0.05)
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    moved = [f"ckpt={tmp_path / 'moved.ckpt'}", *common[1:]]
+    _edit([*moved, f"out={tmp_path / 'mt'}"])
+    _edit([*moved, "net=generator", f"out={tmp_path / 'mg'}"])
+    assert np.array_equal(_result(tmp_path / "mt")["output"], target["output"])
+    assert not np.array_equal(_result(tmp_path / "mg")["output"], target["output"])
+
+
 def test_the_projections_keep_the_known_part_exactly():
     torch.manual_seed(0)
     y, x = torch.rand(2, 2, 3, 8, 8) * 2 - 1

@@ -51,6 +51,43 @@ def test_zero_shot_editing_adds_each_steps_noise_at_its_level():
     assert s1.tolist() == [5.0, 5.0]
 
 
+def test_zero_shot_editing_projects_the_start_and_each_clipped_denoised_image():
+    """Algorithm 4 with a projection that keeps a known column: x = P(0) + tau_1 z to start, and after each
+    step P(clip(f(x))), so the known part is in every input and in the result, and the denoiser's values
+    outside [-1, 1] are clipped before the projection."""
+    known = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    known[..., 0] = True
+    project = lambda x: torch.where(known, torch.full_like(x, 0.5), x)  # noqa: E731
+
+    class Beyond(Recording):
+        def __call__(self, x, sigma):
+            super().__call__(x, sigma)
+            return torch.full_like(x, 3.0)
+
+    denoise, taus = Beyond(), [80.0, 5.0, 0.8]
+    out = zero_shot_edit(denoise, project, (2, 1, 4, 4), taus, SIGMA_MIN, _noise)
+    (x0, _), (x1, _), (x2, _) = denoise.inputs
+    torch.testing.assert_close(x0, project(torch.zeros(2, 1, 4, 4)) + 80.0 * _noise(0))
+    kept = project(torch.ones(2, 1, 4, 4))  # 3.0 clipped to 1, then the known column set to 0.5
+    torch.testing.assert_close(x1, kept + math.sqrt(5.0**2 - SIGMA_MIN**2) * _noise(1))
+    torch.testing.assert_close(x2, kept + math.sqrt(0.8**2 - SIGMA_MIN**2) * _noise(2))
+    assert torch.equal(out, kept)
+
+
+def test_editings_default_levels_start_at_sigma_max_and_stop_above_sigma_min():
+    from omegaconf import OmegaConf
+
+    from act_lightning.edit import default_taus, edit_taus
+
+    taus = default_taus(3, SIGMA_MIN, 80.0, 7.0)
+    grid = cm.karras_sigmas(4, SIGMA_MIN, 80.0, 7.0).flip(0).tolist()  # 80, ..., sigma_min
+    assert taus == grid[:3] and taus[0] == pytest.approx(80.0) and min(taus) > SIGMA_MIN
+    schedule = cm.ConsistencySchedule(sigma_max=80.0)
+    given = edit_taus(OmegaConf.create({"taus": [5.0, 0.8], "steps": 10}), schedule)
+    assert given == [80.0, 5.0, 0.8]  # the first step is at sigma_max, the given levels after it
+    assert edit_taus(OmegaConf.create({"taus": None, "steps": 3}), schedule) == taus
+
+
 def test_a_grid_iteration_pairs_adjacent_levels_and_draws_fake_and_real_levels_apart():
     sigmas = cm.karras_sigmas(11)
     draws = grid_levels(sigmas, None)(64, 32, (1, 2, 2), "cpu", torch.Generator().manual_seed(3))
