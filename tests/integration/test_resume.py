@@ -100,6 +100,18 @@ def test_resume_across_epochs_is_exact(tmp_path, stop):
     assert _rows(tmp_path / "run") == _rows(tmp_path / "straight")
 
 
+def test_resume_with_dropout_draws_the_masks_the_straight_run_draws(tmp_path):
+    """Dropout draws from the global generator, which the checkpoint keeps (act_rng) and a resumed run
+    restores: without it, the resumed iterations would draw other masks from the freshly seeded one."""
+    common = ["debug=smoke", "data=synthetic", "iterations=4", "eval=null", "model.generator.dropout=0.3"]
+    train(compose(common, run_dir=str(tmp_path / "straight")))
+    train(compose([*common, "stop_after=2"], run_dir=str(tmp_path / "run")))
+    train(compose(common, run_dir=str(tmp_path / "run")))
+    assert_same_training_state(
+        tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "run/checkpoints/last.ckpt"
+    )
+
+
 def test_the_last_evaluation_is_in_the_last_checkpoint_and_stays_in_the_history_of_a_longer_run(tmp_path):
     # the last iteration (6) is a checkpoint iteration but not an evaluation one (every 4): it is scored
     # before that save, so a run trained on from it keeps that value in its history and summary

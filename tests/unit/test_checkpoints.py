@@ -10,8 +10,11 @@ import torch
 from act_lightning.checkpoints import (
     UnreadableCheckpoint,
     checkpoint_iteration,
+    human_bytes,
     load_checkpoint,
+    out_of_space,
     read_checkpoint,
+    tensor_bytes,
 )
 
 
@@ -168,3 +171,32 @@ def test_keep_snapshots_refuses_what_is_no_count(tmp_path, bad):
 
     with pytest.raises(ValueError, match="callbacks.checkpoint.keep_snapshots must be true"):
         LastCheckpoint(str(tmp_path), keep_snapshots=bad)
+
+
+def test_the_full_disk_message_counts_the_checkpoints_bytes_and_recognises_a_quota():
+    """What a save that ran out of space reports: the tensors' bytes (each element's size), in units of
+    1000, and whether the error, or one it arose from, is a full disk or an exhausted quota."""
+    import errno
+
+    tree = {
+        "a": torch.zeros(3),
+        "b": [torch.zeros(3, dtype=torch.float16), (torch.zeros(1, dtype=torch.int64),)],
+    }
+    assert tensor_bytes({**tree, "step": 7, "name": "x"}) == 3 * 4 + 3 * 2 + 8
+    assert [human_bytes(n) for n in (999, 1010, 1500, 2.5e6, 3.3e9, 4e12)] == [
+        "999 bytes",
+        "1.0 KB",
+        "1.5 KB",
+        "2.5 MB",
+        "3.3 GB",
+        "4000.0 GB",
+    ]
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            try:
+                raise OSError(code, "the disk")
+            except OSError as cause:
+                raise RuntimeError("torch.save: unexpected pos") from cause
+        except RuntimeError as err:
+            assert out_of_space(err)
+    assert not out_of_space(OSError(errno.EACCES, "denied")) and not out_of_space(None)

@@ -428,7 +428,13 @@ def test_the_digits_classifier_is_trained_once_per_process_and_each_caller_gets_
     second = digits.DigitsFeatures.trained(seed=0)
     assert calls == [{"seed": 0}] and torch.equal(torch.get_rng_state(), rng)  # no draw from the run's stream
     x, y, _, _ = load_digits_split()
-    again = train(x, y, seed=0)  # what training anew gives: the same weights, exactly
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        again = train(x, y, seed=0)  # what training anew gives: the same weights, exactly
+        assert torch.get_num_threads() == 2  # trained on one thread, the caller's count given back
+    finally:
+        torch.set_num_threads(threads)
     for (name, a), b in zip(second.classifier.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert not second.classifier.training and not any(p.requires_grad for p in second.parameters())

@@ -28,6 +28,8 @@ def test_value_at_seconds_interpolates_and_flags_runs_that_ended_before():
     assert value_at_seconds(run, 15.0) == (pytest.approx(40.0), False)
     assert value_at_seconds(run, 20.3) == (30.0, False)  # within the 3% tolerance of its end
     assert value_at_seconds(run, 30.0) == (30.0, True)
+    assert value_at_seconds(run, 0.0) == (100.0, False)  # its first evaluation's time: its first value
+    assert value_at_seconds(run, -0.5) == (None, False)  # before it: nothing to read
     assert value_at_seconds(_run(0, [0], [1.0], [float("nan")]), 1.0) == (None, False)
 
 

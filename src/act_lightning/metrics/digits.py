@@ -54,19 +54,21 @@ def train_digits_classifier(
     # One thread: the result must not depend on the thread count, which differs between a lone process and
     # DDP ranks sharing the cores (and for a network this small one thread is also the fastest).
     torch.set_num_threads(1)
-    with torch.random.fork_rng():  # do not disturb the training run's random stream
-        torch.manual_seed(seed)
-        model = DigitsClassifier()
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(images), batch_size):
-                idx = order[start : start + batch_size]
-                loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():  # do not disturb the training run's random stream
+            torch.manual_seed(seed)
+            model = DigitsClassifier()
+            opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+            for _ in range(epochs):
+                order = torch.randperm(len(images), generator=generator)
+                for start in range(0, len(images), batch_size):
+                    idx = order[start : start + batch_size]
+                    loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+    finally:
+        torch.set_num_threads(threads)  # the run's own thread count, also after an error
     return model.eval().requires_grad_(False)
 
 
