@@ -1,7 +1,9 @@
 """FD-DINOv2's network and image preparation (metrics.dinov2), with stand-in weights: the released
-ViT-L/14 file cannot be downloaded here. The network was compared once against facebookresearch/dinov2's
-own (a 3-block model of its code with random weights: identical outputs, 0.0 difference); the key list
-below is that code's ViT-L/14 state dict."""
+ViT-L/14 file cannot be downloaded here. The key list below is facebookresearch/dinov2's ViT-L/14 state
+dict, and fixtures/dinov2_stand_in_cls.npy holds what that code's own network (vision_transformer.py of
+commit b8931f7: img_size 518, patch 14, init_values 1.0, block_chunks 0, no registers, as the hub's
+dinov2_vitl14, here 128 wide: 2 heads, and 2 blocks deep) returns for the stand-in weights below, times 1
+and times 6, on two random 224 x 224 inputs: this network returned the same, to 0.0."""
 
 import argparse
 from pathlib import Path
@@ -20,6 +22,7 @@ from act_lightning.metrics.dinov2 import (
 from act_lightning.metrics.inception import WeightsError
 
 KEYS = Path(__file__).parents[1] / "fixtures" / "dinov2_vitl14_keys.txt"
+REFERENCE_CLS = Path(__file__).parents[1] / "fixtures" / "dinov2_stand_in_cls.npy"
 
 
 def stand_in_weights(path: Path, dim: int = 64, depth: int = 2) -> Path:
@@ -40,6 +43,21 @@ def test_the_network_has_the_released_vit_l14_keys_and_shapes():
         network = DinoVisionTransformer()
     assert {k: tuple(v.shape) for k, v in network.state_dict().items()} == expected
     assert len(expected) == 343 and network.num_features == 1024
+
+
+@pytest.mark.parametrize("scale", [1, 6])
+def test_the_network_returns_what_dinov2s_own_code_returns_for_the_same_weights(scale, tmp_path):
+    """Weights of sd 0.05 (the layer norms' eps matters) and of sd 0.3 (every GELU sees values near 1)."""
+    import numpy as np
+
+    network = DinoVisionTransformer(dim=128, depth=2).eval()  # two attention heads of 64
+    state = torch.load(stand_in_weights(tmp_path / "w.pth", dim=128), weights_only=True)
+    network.load_state_dict({k: v * scale for k, v in state.items()}, strict=True)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = network(x)
+    reference = torch.from_numpy(np.load(REFERENCE_CLS, allow_pickle=False))[(1, 6).index(scale)]
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
 
 
 def test_positions_are_interpolated_as_dinov2_does_not_resized():
@@ -68,6 +86,8 @@ def test_images_are_prepared_as_edm2_does(tmp_path):
     torch.testing.assert_close(features(images), features.network(x))
     grey = images[:, :1]
     torch.testing.assert_close(features(grey), features(grey.expand(-1, 3, -1, -1)))  # one channel: repeated
+    beyond = images * 3  # outside [-1, 1]: clipped, as their uint8 values would be
+    torch.testing.assert_close(features(beyond), features(beyond.clamp(-1, 1)))
     truncating = load_dinov2(tmp_path / WEIGHTS_FILE, quantize="truncate")
     assert not torch.allclose(truncating(images), features(images))
 
