@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 from act_lightning.augment import (
     AugmentPipe,
+    _compose,
     _Constants,
+    _Draws,
+    _is_identity,
     _scale2d,
     _translate2d,
     r1_controller_update,
@@ -409,6 +412,154 @@ def test_no_host_synchronisation_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert p.device.type == "cuda" and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sampled matrices: StyleGAN2-ADA's distributions, and the order in which operations compose
+
+
+N = 4000  # examples per statistical test: a share is known to +-0.008, a std to about 1 %
+
+
+def sample(pipe: AugmentPipe, kind: str, p: float, *size: int, batch: int = N) -> torch.Tensor:
+    """The (B, R, R) matrices `pipe._sample_{kind}` ('blit', 'geometry' or 'color') draws from a seeded
+    generator; `size` is (height, width) for the geometric kinds, (channels,) for colour. The tests
+    pass with other seeds too (checked for 0, 1 and 2: their margins are some 4 standard errors)."""
+    draws = _Draws(*_Draws.draw(batch, torch.device("cpu"), seeded()))
+    return getattr(pipe, f"_sample_{kind}")(draws, torch.tensor(p), *size)
+
+
+def log2_std(gain: torch.Tensor) -> float:
+    return gain.log2().std().item()
+
+
+def test_matrix_builders_put_each_entry_in_its_place():
+    fill = _Constants(torch.zeros(1))
+    expected = torch.tensor([[1.0, 0, 2], [0, 1, 3], [0, 0, 1]])
+    assert torch.equal(_translate2d(2.0, 3.0, fill)[0], expected)  # tx in the first row, ty in the second
+    assert torch.equal(_scale2d(2.0, 3.0, fill)[0], torch.tensor([[2.0, 0, 0], [0, 3, 0], [0, 0, 1]]))
+
+
+def test_compose_is_the_matrix_product_in_order():
+    """`_compose(a, b)` is a @ b (b acts first on a column vector); None is the identity."""
+    a, b = torch.randn(2, 5, 3, 3, generator=seeded())
+    torch.testing.assert_close(_compose(a, b), a @ b)
+    assert not torch.allclose(a @ b, b @ a)  # the two orders differ: the test tells them apart
+    assert _compose(None, b) is b and _compose(a, None) is a and _compose(None, None) is None
+
+
+def test_rotation_probability_is_p_over_both_rotations():
+    """ADA rotates twice (around the anisotropic scaling), each time with p_rot = 1 - sqrt(1 - p), so that
+    an example is rotated at all with probability p; the rotation multiplier scales p first, and p_rot is
+    clamped to 1 where multiplier * p exceeds 1."""
+    for multiplier, p, expected in ((1, 0.5, 0.5), (1, 0.2, 0.2), (0.5, 0.8, 0.4), (2, 0.75, 1.0)):
+        pipe = AugmentPipe(**{**{name: 0.0 for name in GEOMETRY + COLOR}, "rotate": multiplier})
+        g = sample(pipe, "geometry", p, 16, 16)
+        rotated = ~_is_identity(g)
+        assert abs(rotated.float().mean().item() - expected) < 0.03, (multiplier, p)
+
+
+def test_rotation_angle_is_uniform_over_the_full_circle():
+    """rotate_max = 1: each angle is uniform in [-pi, pi], so at p = 1 (both rotations applied) the total
+    angle is uniform over the circle: a quarter of the examples in each quadrant."""
+    g = sample(only("rotate"), "geometry", 1.0, 16, 16)
+    angle = torch.atan2(g[:, 1, 0], g[:, 0, 0])
+    quadrant = torch.floor((angle + torch.pi) / (torch.pi / 2)).clamp(0, 3).long()
+    share = torch.bincount(quadrant, minlength=4).float() / N
+    assert ((share - 0.25).abs() < 0.03).all(), share
+
+
+def test_isotropic_scaling_is_log2_normal_with_std_0_2():
+    g = sample(only("scale"), "geometry", 1.0, 16, 16)
+    assert torch.equal(g[:, 0, 0], g[:, 1, 1])  # isotropic
+    assert abs(g[:, 0, 0].log2().mean().item()) < 0.02
+    assert abs(log2_std(g[:, 0, 0]) - 0.2) < 0.01  # ADA: scale_std = 0.2, of log2 of the gain
+
+
+def test_anisotropic_scaling_preserves_area_and_is_log2_normal_with_std_0_2():
+    """ADA's aniso scales x by s and y by 1 / s (s = 2^(0.2 n)): the area is unchanged."""
+    g = sample(only("aniso"), "geometry", 1.0, 16, 16)
+    torch.testing.assert_close(g[:, 0, 0] * g[:, 1, 1], torch.ones(N))
+    assert abs(log2_std(g[:, 0, 0]) - 0.2) < 0.01
+
+
+def test_anisotropic_scaling_acts_between_the_two_rotations():
+    """ADA: pre-rotation, anisotropic scaling, post-rotation, so the stretch axes are random on both the
+    input and the output side; g_inv^T g_inv and g_inv g_inv^T are both diagonal if the anisotropic
+    scaling came before or after both rotations."""
+    g = sample(only("rotate", "aniso"), "geometry", 1.0, 16, 16)[:, :2, :2]
+    for gram in (g.transpose(1, 2) @ g, g @ g.transpose(1, 2)):
+        assert (gram[:, 0, 1].abs() > 1e-3).float().mean() > 0.9
+
+
+def test_fractional_translation_std_is_0_125_of_each_side():
+    """ADA: xfrac_std = 0.125 of the image size, per axis (width for x, height for y), independently."""
+    height, width = 16, 32
+    g = sample(only("xfrac"), "geometry", 1.0, height, width)
+    tx, ty = -g[:, 0, 2], -g[:, 1, 2]
+    assert abs(tx.std().item() / (0.125 * width) - 1) < 0.05
+    assert abs(ty.std().item() / (0.125 * height) - 1) < 0.05
+    assert abs(torch.corrcoef(torch.stack([tx, ty]))[0, 1].item()) < 0.1
+
+
+def test_integer_translation_covers_both_directions_up_to_0_125_of_each_side():
+    """ADA: xint_max = 0.125 of the image size: whole-pixel shifts in [-W/8, W/8] and [-H/8, H/8]."""
+    height, width = 16, 32
+    g = sample(only("xint"), "blit", 1.0, height, width)
+    tx, ty = -g[:, 0, 2], -g[:, 1, 2]
+    assert set(tx.tolist()) == set(range(-4, 5)) and set(ty.tolist()) == set(range(-2, 3))
+    assert abs(tx.mean().item()) < 0.2 and abs(ty.mean().item()) < 0.1
+
+
+def test_brightness_offset_has_std_0_2():
+    c = sample(only("brightness"), "color", 1.0, 3)
+    offset = c[:, 0, 3]
+    assert torch.equal(c[:, :3, 3], offset[:, None].expand(N, 3))
+    assert abs(offset.std().item() - 0.2) < 0.01
+
+
+def test_contrast_gain_is_log2_normal_with_std_0_5():
+    c = sample(only("contrast"), "color", 1.0, 3)
+    assert abs(log2_std(c[:, 0, 0]) - 0.5) < 0.025
+
+
+def test_saturation_gain_is_log2_normal_with_std_1():
+    """Saturation scales the chroma by s: C = I + (s - 1)(I - v v^T), so s = C[0, 0] - C[0, 1]."""
+    c = sample(only("saturation"), "color", 1.0, 3)
+    assert abs(log2_std(c[:, 0, 0] - c[:, 0, 1]) - 1.0) < 0.05
+
+
+def test_hue_angle_is_uniform_over_the_full_circle():
+    """hue_max = 1: the rotation around the grey axis v is uniform in [-pi, pi]. For Rodrigues' matrix,
+    trace = 1 + 2 cos(theta) and C[2, 1] - C[1, 2] = 2 v_x sin(theta)."""
+    c = sample(only("hue"), "color", 1.0, 3)[:, :3, :3]
+    cos = (c.diagonal(dim1=1, dim2=2).sum(dim=1) - 1) / 2
+    sin = (c[:, 2, 1] - c[:, 1, 2]) * 3**0.5 / 2
+    angle = torch.atan2(sin, cos)
+    quadrant = torch.floor((angle + torch.pi) / (torch.pi / 2)).clamp(0, 3).long()
+    share = torch.bincount(quadrant, minlength=4).float() / N
+    assert ((share - 0.25).abs() < 0.03).all(), share
+
+
+def test_contrast_acts_after_brightness():
+    """ADA's colour chain: brightness, then contrast (around 0): c (x + b), whose offset is c b."""
+    both = sample(only("brightness", "contrast"), "color", 1.0, 3)  # brightness draws first: the same b
+    brightness = sample(only("brightness"), "color", 1.0, 3)
+    gain = both[:, 0, 0]
+    torch.testing.assert_close(both[:, :3, 3], gain[:, None] * brightness[:, :3, 3])
+
+
+def test_colour_matrix_acts_on_the_colour_column():
+    """c_out = C[:3, :3] @ c_in + C[:3, 3] for a general (not symmetric) C, as the pipeline applies it."""
+    x = images(6, 3, 4, 5)
+    c = torch.randn(6, 4, 4, generator=seeded())
+    expected = torch.einsum("bij,bjhw->bihw", c[:, :3, :3], x) + c[:, :3, 3, None, None]
+    torch.testing.assert_close(AugmentPipe._execute_color(x, c), expected)
+    pipe, p = only("hue"), torch.tensor(1.0)
+    uniform, normal = _Draws.draw(6, x.device, seeded())
+    hue = pipe._sample_color(_Draws(uniform, normal), p, 3)
+    expected = torch.einsum("bij,bjhw->bihw", hue[:, :3, :3], x)
+    torch.testing.assert_close(pipe.transform(x, p, uniform, normal), expected)
 
 
 # ---------------------------------------------------------------------------------------------------
