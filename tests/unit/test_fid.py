@@ -365,6 +365,8 @@ def test_chunks_of_all_ranks_are_the_chunks_of_one_process():
     a, _ = chunk_noise(0, 5, 4, (1, 2, 2), None)
     b, labels = chunk_noise(0, 5, 4, (1, 2, 2), 10)
     assert torch.equal(a, b) and labels.shape == (4,)  # the noise does not depend on who draws it
+    assert not torch.equal(a, chunk_noise(0, 6, 4, (1, 2, 2), None)[0])  # each chunk draws its own
+    assert not torch.equal(a, chunk_noise(1, 5, 4, (1, 2, 2), None)[0])  # and each seed
     # the labels of the evaluation's samples are uniform over every class, the last one included
     many = torch.cat([chunk_noise(0, c, 500, (1,), 10)[1] for c in range(4)])
     counts = torch.bincount(many, minlength=11)
