@@ -44,7 +44,7 @@ from act_lightning.checkpoints import (
 from act_lightning.checks import check_count
 from act_lightning.commands import CONFIG_DIR, refuse
 from act_lightning.consistency import check_iterations
-from act_lightning.data.base import check_batch_sizes
+from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
 from act_lightning.init_from import InitWeights, describe, load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
@@ -509,7 +509,10 @@ def main(cfg: DictConfig) -> float | None:
         launch = prepare(cfg)
     except Exception as err:  # refused by a check: nothing was written into the run folder
         refuse(err)
-    summary = run(cfg, launch)
+    try:
+        summary = run(cfg, launch)
+    except (DataUnavailable, DataError) as err:  # found as Lightning prepares the data: a failed download
+        refuse(err)
     state = "finished" if summary["finished"] else "stopped"
     log.info("%s at iteration %d; outputs in %s", state, summary["iteration"], summary["run_dir"])
     return summary["best"]

@@ -1,6 +1,6 @@
 """Every failure says what to do, in one line, before work is spent: a second Ctrl-C, a damaged
 last.ckpt, a full disk during a save, a file that is no checkpoint, a diverged run, a global batch the
-devices cannot share, and W&B without a network."""
+devices cannot share, W&B without a network, and CIFAR-10 that could not be downloaded."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from types import SimpleNamespace
 
 import pytest
@@ -69,6 +71,21 @@ def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path):
         assert "hydra.run.dir=NEW_FOLDER resume=never" in message and "weights_only" not in message
     line = refusal(run_cli(common, tmp_path))  # the command says it in one line
     assert line.startswith(f"error: resume=auto continues from {last}, which is not a checkpoint (")
+
+
+def test_cifar10_that_cannot_be_downloaded_is_refused_in_one_line_naming_the_files(tmp_path, monkeypatch):
+    """data.download=true (the default) lets a run start without the files; the download, as Lightning
+    prepares the data, fails offline: the command says what to put where in one line, exit status 2."""
+
+    def offline(request, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    result = run_cli(["experiment=cifar10", "debug=smoke", f"data.root={root}"], tmp_path / "run")
+    line = refusal(result)
+    assert line.startswith(f"error: CIFAR-10 not found: {root}/cifar-10-batches-py/data_batch_1 is missing")
+    assert "The download failed: URLError" in line and not root.exists()
 
 
 class FullDisk:

@@ -1,6 +1,6 @@
 """LightningDataModules: one per data source, all built on `ImageDataModule`."""
 
-from act_lightning.data.base import DataError, HalfBatch, ImageDataModule, split_halves
+from act_lightning.data.base import DataError, DataUnavailable, HalfBatch, ImageDataModule, split_halves
 from act_lightning.data.cifar10 import CIFAR10DataModule
 from act_lightning.data.digits import DigitsDataModule
 from act_lightning.data.folder import FolderDataModule
@@ -10,6 +10,7 @@ from act_lightning.data.synthetic import SyntheticDataModule
 
 __all__ = [
     "DataError",
+    "DataUnavailable",
     "HalfBatch",
     "ImageDataModule",
     "split_halves",

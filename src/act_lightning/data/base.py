@@ -26,6 +26,11 @@ class DataError(ValueError):
     """A data file exists but is not what it should be (corrupt, truncated, wrong shape, bad checksum)."""
 
 
+class DataUnavailable(FileNotFoundError):
+    """The data set is not under data.root and could not be fetched there: found when Lightning prepares
+    the data (`prepare_data`, inside `fit`), so the training command reports it in one line as a refusal."""
+
+
 def to_signed(images: Tensor) -> Tensor:
     """uint8 images in [0, 255] -> float32 in [-1, 1]; float images pass through unchanged."""
     if images.dtype == torch.uint8:

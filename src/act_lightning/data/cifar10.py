@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5, download_url
 
-from act_lightning.data.base import DataError, HalfBatch, ImageDataModule, check_readable, with_file_defaults
+from act_lightning.data.base import (
+    DataError,
+    DataUnavailable,
+    HalfBatch,
+    ImageDataModule,
+    check_readable,
+    with_file_defaults,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +237,7 @@ class CIFAR10DataModule(ImageDataModule):
             self._download()
         missing = self._missing_batches()
         if missing:
-            raise FileNotFoundError(self._not_found_message(missing))
+            raise DataUnavailable(self._not_found_message(missing))
         if self.verify:
             for name, md5 in TRAIN_FILES:
                 self._check_md5(root / FOLDER / name, md5)
@@ -327,7 +334,7 @@ class CIFAR10DataModule(ImageDataModule):
                 if path is not None:
                     _remove(path)
             if isinstance(err, (urllib.error.URLError, OSError, DataError)):
-                raise FileNotFoundError(
+                raise DataUnavailable(
                     f"{self._not_found_message(self._missing_batches())} The download failed: "
                     f"{type(err).__name__}: {err}"
                 ) from err
