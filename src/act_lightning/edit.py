@@ -27,6 +27,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from act_lightning.checkpoints import load_model
+from act_lightning.checks import check_count
 from act_lightning.commands import (
     CONFIG_DIR,
     REFUSED,
@@ -54,8 +55,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 def default_taus(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]:
     """`steps` noise levels from sigma_max down the Karras grid (sigma_min excluded)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_count(steps, "steps")
     return karras_sigmas(steps + 1, sigma_min, sigma_max, rho).flip(0)[:-1].tolist()
 
 
@@ -173,8 +173,8 @@ def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) ->
     to average down, for demonstrations), refused by name when they or the task do not fit the model."""
     read_size = size
     if cfg.task == "superres":
-        factor = int(cfg.factor)
-        if factor not in SUPERRES_FACTORS or size % factor:
+        factor = cfg.factor
+        if isinstance(factor, bool) or factor not in SUPERRES_FACTORS or size % factor:
             allowed = ", ".join(map(str, SUPERRES_FACTORS))
             raise ValueError(
                 f"factor must be one of {allowed} and divide the image size {size}; got {factor}"
@@ -212,7 +212,7 @@ def edit_taus(cfg: DictConfig, s: ConsistencySchedule) -> list[float]:
     """sigma_max and `cfg.taus` after it, or `cfg.steps` levels down the Karras grid of schedule `s`."""
     if cfg.taus:
         return [float(s.sigma_max), *check_taus(cfg.taus, s.sigma_min, s.sigma_max)]
-    return default_taus(int(cfg.steps), float(s.sigma_min), float(s.sigma_max), float(s.rho))
+    return default_taus(cfg.steps, float(s.sigma_min), float(s.sigma_max), float(s.rho))
 
 
 def class_label(label: int | None, num_classes: int | None, n: int, device) -> Tensor | None:
@@ -221,9 +221,9 @@ def class_label(label: int | None, num_classes: int | None, n: int, device) -> T
         return None
     if label is None:
         raise ValueError(f"this model is class-conditional ({num_classes} classes): give class_label=")
-    if not 0 <= int(label) < num_classes:
-        raise ValueError(f"class_label={label} out of range for {num_classes} classes")
-    return torch.full((n,), int(label), device=device)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+        raise ValueError(f"class_label={label} out of range for {num_classes} classes (0..{num_classes - 1})")
+    return torch.full((n,), label, device=device)
 
 
 def write_results(out: Path, images: Tensor, result: Tensor, mask: Tensor, shown_input: Tensor) -> None:

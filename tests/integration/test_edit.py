@@ -238,6 +238,16 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
         _edit(["net=targte", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
         _edit(["seed=1.5", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 'abc'"):
+        _edit(["steps=abc", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+    with pytest.raises(ValueError, match="factor must be one of 2, 4, 8 and divide the image size 8; got x"):
+        _edit(["task=superres", "factor=x", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
+    from act_lightning.edit import class_label
+
+    assert class_label(4, 5, 2, "cpu").tolist() == [4, 4] and class_label(None, None, 2, "cpu") is None
+    for bad in (5, -1, "abc", True):
+        with pytest.raises(ValueError, match=rf"class_label={bad} out of range for 5 classes \(0..4\)"):
+            class_label(bad, 5, 2, "cpu")
 
 
 def test_a_diffusion_model_is_refused(tmp_path):
