@@ -90,6 +90,36 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
     assert two_steps.shape == (3, 1, 8, 8) and torch.equal(two_steps, again)
 
 
+def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):
+    """A run with sigma_data 0.7 and the log noise embedding: config.json holds both, and load_generator,
+    the diffusers pipeline and the sample command agree, for one step and for three."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from act_lightning import load_generator
+    from act_lightning.export import ACTPipeline, export
+    from act_lightning.sample import sample
+
+    overrides = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
+    train(compose([*overrides, "model.sigma_data=0.7", "model.c_noise=log"], run_dir=str(tmp_path / "run")))
+    ckpt, out = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "exported"
+    export(ckpt, out)
+    config = json.loads((out / "config.json").read_text())["consistency"]
+    assert (config["sigma_data"], config["c_noise"]) == (0.7, "log")
+    model, indices = load_generator(out), range(4)
+    noise = image_noise(0, indices, (1, 8, 8))
+    for taus in ([], [5.0, 1.0]):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = hydra_compose("sample", overrides=[f"ckpt={ckpt}", "num_samples=4", f"taus={taus}"])
+        cfg.out = str(tmp_path / "s")
+        sample(cfg)
+        with np.load(tmp_path / "s" / "samples.npz") as f:
+            expected = f["arr_0"]
+        step_noise = lambda step: image_noise(0, indices, (1, 8, 8), stream=step)  # noqa: E731
+        assert np.array_equal(to_uint8(model.sample(noise, taus=taus, step_noise=step_noise)), expected), taus
+    assert torch.equal(ACTPipeline.from_pretrained(out)(noise=noise), model.sample(noise))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_pipeline_on_a_gpu_takes_a_host_or_a_device_generator(exported):
