@@ -23,7 +23,9 @@ from tests.conftest import refusal, run_cli, run_module
 SD = 0.5
 
 
-def make_unet(channels: int = 3, sample_size: int = 8, **extra) -> UNet2DModel:
+def make_unet(
+    channels: int = 3, sample_size: int = 8, out_channels: int | None = None, **extra
+) -> UNet2DModel:
     """A small random UNet of google/ddpm-cifar10-32's structure (its time embedding included), its
     weights perturbed so that no layer is left at a trivial initialisation, and its time embedding
     amplified so that eps depends clearly on fractions of a timestep."""
@@ -31,7 +33,7 @@ def make_unet(channels: int = 3, sample_size: int = 8, **extra) -> UNet2DModel:
     unet = UNet2DModel(
         sample_size=sample_size,
         in_channels=channels,
-        out_channels=channels,
+        out_channels=out_channels or channels,
         block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -145,6 +147,36 @@ def test_the_converted_backbone_is_the_ddpms_denoiser(tmp_path, kind, layout, ch
         x = noisy(channels, sigma)
         expected = ddpm_denoiser(unet, x, sigma, torch.tensor([t, t]))
         assert_denoiser(converted_denoiser(backbone, x, sigma, kind), expected, sigma)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"beta_start": 2e-4, "beta_end": 0.03},
+        {"variance_type": "learned_range"},
+    ],
+)
+def test_the_schedulers_own_betas_and_a_learned_variance_convert(tmp_path, schedule):
+    """The folder's scheduler decides the noise levels (a cosine schedule, other linear betas), and a UNet of
+    learned variance (2C outputs: eps, then the variance) converts to the denoiser of its eps."""
+    learned = "variance_type" in schedule
+    unet = make_unet(1, out_channels=2 if learned else None)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, **schedule)
+    out = tmp_path / "ddpm.ckpt"
+    convert(save_ddpm(tmp_path / "ddpm", unet, scheduler), out)
+    backbone, _ = load_backbone(out, "identity")
+    table = table_log_sigmas(scheduler)
+    for t in (0, 500, 990):
+
+        def ddpm(x, sigma, t=t):
+            with torch.no_grad():
+                eps = unet(x / math.sqrt(1 + sigma**2), torch.tensor([t, t]), return_dict=False)[0][:, :1]
+            return x - sigma * eps
+
+        sigma = float(math.exp(table[t]))
+        x = noisy(1, sigma, seed=t)
+        assert_denoiser(converted_denoiser(backbone, x, sigma, "identity"), ddpm(x, sigma), sigma)
 
 
 def test_the_backbone_follows_the_runs_sigma_data_and_ddim_configs_convert(tmp_path):
