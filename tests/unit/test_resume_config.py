@@ -80,6 +80,9 @@ def test_observation_and_placement_may_change():
 def test_what_the_evaluation_measures_and_how_the_run_computes_may_not():
     for override in (
         "eval.num_samples=16",
+        "eval.reference=/elsewhere/stats.npz",  # another ruler: the history and best compare values
+        "eval.features=inception",
+        "eval.quantize=truncate",
         "trainer.precision=bf16-mixed",
         "model.speed.bf16_lpips=true",  # the speed options that change the numerics
         "model.speed.bf16_target=true",
