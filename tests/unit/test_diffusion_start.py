@@ -232,6 +232,13 @@ def test_init_from_refuses_foreign_files_by_name(cfg_factory, tmp_path):
     )
     with pytest.raises(ValueError, match="model.c_noise=log"):
         read_init(cfg_factory([*SMALL, f"init_from={other}", "model.c_noise=identity"]))
+    scaled = _save(
+        tmp_path / "scaled.ckpt",
+        {f"generator.{k}": v for k, v in own.items()},
+        act_config={"model": {"sigma_data": 0.5}},
+    )
+    with pytest.raises(ValueError, match="model.sigma_data=0.5"):  # the preconditioning it was trained in
+        read_init(cfg_factory([*SMALL, f"init_from={scaled}", "model.sigma_data=0.7"]))
     with pytest.raises(ValueError, match="give one"):
         read_init(cfg_factory([*SMALL, f"init_from={other}", f"ckpt_path={other}"]))
     key = next(k for k, v in own.items() if v.ndim == 4)
