@@ -106,7 +106,9 @@ def test_resume_with_dropout_draws_the_masks_the_straight_run_draws(tmp_path):
     common = ["debug=smoke", "data=synthetic", "iterations=4", "eval=null", "model.generator.dropout=0.3"]
     train(compose(common, run_dir=str(tmp_path / "straight")))
     train(compose([*common, "stop_after=2"], run_dir=str(tmp_path / "run")))
-    train(compose(common, run_dir=str(tmp_path / "run")))
+    # stop_after counts this launch's iterations: two more from iteration 2 are the run's last two
+    summary = train(compose([*common, "stop_after=2"], run_dir=str(tmp_path / "run")))
+    assert summary["iteration"] == 4 and summary["finished"]
     assert_same_training_state(
         tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "run/checkpoints/last.ckpt"
     )
