@@ -264,6 +264,21 @@ def test_consistency_function_scalings(kind, c_noise):
     assert seen["labels"] is labels
 
 
+def test_the_skip_connection_of_a_half_precision_input_is_float32():
+    """As NVlabs/edm: whatever the input's and the backbone's precision, c_skip x + c_out F is computed and
+    returned in float32, so a bf16 input at sigma_min comes back exactly, in float32."""
+
+    def backbone(x, c_noise, class_labels):
+        return torch.zeros_like(x, dtype=torch.bfloat16)
+
+    x = torch.randn(2, 1, 4, 4).to(torch.bfloat16)
+    out = consistency_function(backbone, x, torch.tensor(0.002), sigma_min=0.002)
+    assert out.dtype == torch.float32 and torch.equal(out, x.float())
+    big = consistency_function(backbone, x, torch.tensor(3.0), sigma_min=0.002)
+    c_skip = 0.25 / (2.998**2 + 0.25)
+    torch.testing.assert_close(big, c_skip * x.float(), rtol=1e-6, atol=0)  # not c_skip rounded to bf16
+
+
 def test_consistency_function_around_a_generator():
     G = preset("generator", "digits", **SMOKE)
     x = torch.randn(3, 1, 8, 8)
