@@ -112,6 +112,8 @@ def test_unknown_misshaped_duplicate_and_missing_keys_are_named(reference, tmp_p
     broken["fid._orig_mod.inception.fc.bias"] = torch.zeros(1008)  # dropped, whatever its shape
     broken["distance_loss.lpips.model.0.bias"] = torch.zeros(1)
     del broken["model.unet.conv_in.bias"]
+    d_key = next(k for k in broken if k.startswith("model._discriminator."))
+    del broken[d_key]  # the discriminator's weights are converted (and required) too
     broken["model.unet.conv_out.weight"] = torch.zeros(1, 2, 3, 3)
     path = tmp_path / "broken.ckpt"
     torch.save({"state_dict": broken}, path)
@@ -126,6 +128,7 @@ def test_unknown_misshaped_duplicate_and_missing_keys_are_named(reference, tmp_p
     assert "fid." not in message and "distance_loss" not in message
     assert "mis-shaped keys: model.unet.conv_out.weight (1, 2, 3, 3)" in message
     assert "missing keys: generator.unet.conv_in.bias" in message
+    assert "discriminator." + d_key[len("model._discriminator.") :] in message
     with pytest.raises(ValueError, match="not a reference ACT checkpoint"):
         torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "foreign.ckpt")
         convert(tmp_path / "foreign.ckpt", tmp_path / "out.ckpt")
