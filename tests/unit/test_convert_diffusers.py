@@ -268,6 +268,17 @@ def test_folders_the_backbone_cannot_reproduce_are_refused_by_name(tmp_path):
     ):
         convert(other, tmp_path / "o.ckpt")
 
+    fourier = save_ddpm(tmp_path / "fourier", unet, make_scheduler())
+    config = fourier / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "time_embedding_type": "fourier"}))
+    with pytest.raises(ValueError, match="time_embedding_type='fourier', expected 'positional'"):
+        convert(fourier, tmp_path / "f.ckpt")
+    # the UNet's config in unet/ is the one read, whatever a config at the top of the folder says
+    both = save_ddpm(tmp_path / "both", unet, make_scheduler())
+    (both / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    make_scheduler().save_pretrained(both)
+    convert(both, tmp_path / "converted" / "both.ckpt")
+
     labelled = save_ddpm(tmp_path / "labelled", make_unet(1, num_class_embeds=10), make_scheduler())
     with pytest.raises(ValueError, match="num_class_embeds=10, expected null"):
         convert(labelled, tmp_path / "l.ckpt")
