@@ -21,7 +21,10 @@ def test_the_mask_sets_the_bit_of_each_bad_term_in_guarded_order():
 
 def test_the_counters_name_the_first_bad_iteration_of_a_streak():
     bad = BadIterations()
-    for k, mask in enumerate([0, 1 << 3, 1 << 0, 0, 1 << 6]):
+    for k, mask in enumerate([0, 1 << 3, 1 << 0]):
+        bad.record(torch.tensor(mask), k)
+    assert (int(bad.streak), int(bad.since), int(bad.terms)) == (2, 1, 1 << 3)  # the streak's first names it
+    for k, mask in enumerate([0, 1 << 6], start=3):
         bad.record(torch.tensor(mask), k)
     assert int(bad.total) == 3 and int(bad.streak) == 1 and int(bad.since) == 4
     assert (
