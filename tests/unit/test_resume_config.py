@@ -134,6 +134,25 @@ def test_a_weights_only_checkpoint_must_match_the_networks_only():
         _check([], ["model.generator.channel_divisor=4"], act_weights_only=True)
 
 
+def test_a_weights_only_checkpoint_compares_the_discriminator_only_when_it_trains():
+    """A run without the discriminator (gan_ratio 0) builds none, so a weights-only checkpoint's
+    discriminator of another shape is no obstacle; with it, it is refused by name."""
+    other = "model.discriminator.channel_divisor=4"
+    assert _check([], ["model.schedule.gan_ratio=0", other], act_weights_only=True) == {}
+    with pytest.raises(ValueError, match="holds networks of another shape: model.discriminator.channel"):
+        _check([], [other], act_weights_only=True)
+
+
+def test_the_devices_of_the_runs_last_launch_give_its_global_batch():
+    """The run's history keeps each launch's world size: the last launch's (one device of 4 images)
+    is the global batch a launch on one device continues, not the first launch's (two devices)."""
+    one = ["data.batch_size=4"]
+    history = [{"world_size": 2}, {"world_size": 1}]
+    assert _check(one, one, act_history=history) == {}
+    with pytest.raises(ValueError, match=r"the global batch of 8 images per half-batch \(now 4; "):
+        _check(one, one, act_history=history[:1])
+
+
 def test_keys_the_checkpoint_predates_take_the_launchs_values():
     old, _ = _configs([])
     del old["model"]["schedule"]["loss_weighting"]  # written before the option existed
