@@ -359,6 +359,24 @@ def test_fd_dinov2_scores_the_same_samples_with_stand_in_weights_and_missing_wei
         _evaluate([*common, "metrics=[fid,fd_dinov2]", f"dinov2_weights={tmp_path / 'missing.pth'}"])
 
 
+def test_the_metric_of_subsets_draws_only_whole_subsets(tmp_path, monkeypatch):
+    """eval.num_samples=10 in subsets of 4: two subsets, 8 samples, and the metric is their mean (a third
+    set of 2 would be a far more biased distance)."""
+    from act_lightning.callbacks import evaluation
+
+    seen = []
+    distance = evaluation.FrechetEvaluation._fd
+    monkeypatch.setattr(
+        evaluation.FrechetEvaluation, "_fd", lambda self, s: seen.append(distance(self, s)) or seen[-1]
+    )
+    run = tmp_path / "run"
+    args = ["debug=smoke", "iterations=1", "eval.every=1", "eval.num_samples=10", "eval.subset_size=4"]
+    train(compose(args, run_dir=str(run)))
+    summary = json.loads((run / "metric_summary.json").read_text())
+    assert (summary["num_samples"], summary["subset_size"]) == (8, 4)
+    assert summary["history"][-1]["value"] == pytest.approx((seen[-2] + seen[-1]) / 2)  # the last two sets
+
+
 def test_extra_metrics_during_training_go_to_the_loggers_and_the_summary(tmp_path):
     """eval.metrics=[fid,kid,pr,fd_dinov2] on the quickstart (digit features, stand-in DINOv2 weights): each
     evaluation logs val/kid, val/precision, val/recall and val/fd_dinov2 beside val/fd, from the same samples,
