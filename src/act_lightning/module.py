@@ -104,6 +104,7 @@ def check_arguments(
     warmup: int,
     r1: tuple[float, int, float],
     sampling_ema: float | None,
+    c_noise: str,
 ) -> None:
     """The ranges of the module's own keys (the schedule and the speed options check theirs), named by
     key, before anything is built. `r1` is (r1_gamma, r1_interval, ada_length)."""
@@ -123,6 +124,7 @@ def check_arguments(
             not adversarial or discriminator is not None,
             "model.schedule.gan_ratio > 0 needs a model.discriminator",
         ),
+        (c_noise in C_NOISE, f"model.c_noise must be one of {', '.join(C_NOISE)}; got {c_noise!r}"),
     ):
         if not ok:
             raise ValueError(message)
@@ -243,10 +245,8 @@ class ACTModule(L.LightningModule):
         adversarial = self.schedule.gan_ratio > 0
         r1 = (r1_gamma, r1_interval, ada_length)
         check_objective(objective, adversarial, heun_steps)
-        if c_noise not in C_NOISE:
-            raise ValueError(f"model.c_noise must be one of {', '.join(C_NOISE)}; got {c_noise!r}")
         check_arguments(
-            iterations, optimizer, d_optimizer, discriminator, adversarial, warmup, r1, sampling_ema
+            iterations, optimizer, d_optimizer, discriminator, adversarial, warmup, r1, sampling_ema, c_noise
         )
         self.automatic_optimization = False
         self.generator = generator
