@@ -61,27 +61,34 @@ def test_every_exported_file_follows_the_umask_as_checkpoints_do(exported, tmp_p
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}
 
 
-def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp_path):
-    ckpt, out = exported
+def assert_samples_as_the_sample_command(ckpt, out, taus, n: int, folder) -> None:
+    """`load_generator(out)` samples, from the sample command's noise (seed 0, image i's own), exactly the
+    images `python -m act_lightning.sample ckpt=CKPT taus=TAUS` writes."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from act_lightning import load_generator
-    from act_lightning.export import ACTPipeline
     from act_lightning.sample import sample
 
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("sample", overrides=[f"ckpt={ckpt}", f"num_samples={n}", f"taus={taus}"])
+    cfg.out = str(folder)
+    sample(cfg)
+    with np.load(folder / "samples.npz") as f:
+        expected = f["arr_0"]
+    indices = range(n)
+    step_noise = lambda step: image_noise(0, indices, (1, 8, 8), stream=step)  # noqa: E731
+    images = load_generator(out).sample(image_noise(0, indices, (1, 8, 8)), taus=taus, step_noise=step_noise)
+    assert np.array_equal(to_uint8(images), expected), taus
+
+
+def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp_path):
+    ckpt, out = exported
+    from act_lightning import load_generator
+    from act_lightning.export import ACTPipeline
+
     for taus in ([], [1.3824]):
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = hydra_compose("sample", overrides=[f"ckpt={ckpt}", "num_samples=6", f"taus={taus}"])
-        cfg.out = str(tmp_path / "s")
-        sample(cfg)
-        with np.load(tmp_path / "s" / "samples.npz") as f:
-            expected = f["arr_0"]
-        model = load_generator(out)
-        indices = range(6)
-        step_noise = lambda step, indices=indices: image_noise(0, indices, (1, 8, 8), stream=step)  # noqa: E731
-        images = model.sample(image_noise(0, indices, (1, 8, 8)), taus=taus, step_noise=step_noise)
-        assert np.array_equal(to_uint8(images), expected), taus
+        assert_samples_as_the_sample_command(ckpt, out, taus, 6, tmp_path / "s")
     pipeline = ACTPipeline.from_pretrained(out)
     noise = image_noise(0, range(6), (1, 8, 8))
     assert torch.equal(pipeline(noise=noise), load_generator(out).sample(noise))
@@ -93,12 +100,8 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
 def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):
     """A run with sigma_data 0.7 and the log noise embedding: config.json holds both, and load_generator,
     the diffusers pipeline and the sample command agree, for one step and for three."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     from act_lightning import load_generator
     from act_lightning.export import ACTPipeline, export
-    from act_lightning.sample import sample
 
     overrides = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
     train(compose([*overrides, "model.sigma_data=0.7", "model.c_noise=log"], run_dir=str(tmp_path / "run")))
@@ -106,18 +109,10 @@ def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):
     export(ckpt, out)
     config = json.loads((out / "config.json").read_text())["consistency"]
     assert (config["sigma_data"], config["c_noise"]) == (0.7, "log")
-    model, indices = load_generator(out), range(4)
-    noise = image_noise(0, indices, (1, 8, 8))
     for taus in ([], [5.0, 1.0]):
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = hydra_compose("sample", overrides=[f"ckpt={ckpt}", "num_samples=4", f"taus={taus}"])
-        cfg.out = str(tmp_path / "s")
-        sample(cfg)
-        with np.load(tmp_path / "s" / "samples.npz") as f:
-            expected = f["arr_0"]
-        step_noise = lambda step: image_noise(0, indices, (1, 8, 8), stream=step)  # noqa: E731
-        assert np.array_equal(to_uint8(model.sample(noise, taus=taus, step_noise=step_noise)), expected), taus
-    assert torch.equal(ACTPipeline.from_pretrained(out)(noise=noise), model.sample(noise))
+        assert_samples_as_the_sample_command(ckpt, out, taus, 4, tmp_path / "s")
+    noise = image_noise(0, range(4), (1, 8, 8))
+    assert torch.equal(ACTPipeline.from_pretrained(out)(noise=noise), load_generator(out).sample(noise))
 
 
 @pytest.mark.gpu
