@@ -511,7 +511,7 @@ def main(cfg: DictConfig) -> float | None:
         refuse(err)
     try:
         summary = run(cfg, launch)
-    except (DataUnavailable, DataError) as err:  # found as Lightning prepares the data: a failed download
+    except (DataUnavailable, DataError) as err:  # found as Lightning prepares the data: download, checksum
         refuse(err)
     state = "finished" if summary["finished"] else "stopped"
     log.info("%s at iteration %d; outputs in %s", state, summary["iteration"], summary["run_dir"])
