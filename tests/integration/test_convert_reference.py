@@ -165,6 +165,15 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     summary = evaluate(cfg)
     assert summary["results"]["1-step"]["fid"] > 0 and summary["iteration"] == 0
     assert export(out, tmp_path / "exported")["iteration"] == 0
+    # the reference's UNet predicts 6 channels, of which the image takes 3: so do the exported generator
+    # and the diffusers pipeline built from the same folder
+    from act_lightning import load_generator
+    from act_lightning.export import ACTPipeline
+
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = load_generator(tmp_path / "exported").sample(z)
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.equal(ACTPipeline.from_pretrained(tmp_path / "exported")(noise=z), images)
 
 
 def networks(state: dict) -> dict[str, tuple[int, ...]]:
