@@ -5,8 +5,16 @@ would otherwise fail later as a TypeError without one)."""
 from __future__ import annotations
 
 
-def check_count(value: object, key: str, minimum: int = 1) -> int:
-    """An integer option (a count, an interval, a batch size) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+def check_count(value: object, key: str, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """An integer option (a count, an interval, a batch size, a seed) in [minimum, maximum] (None: no
+    bound on that side)."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if not integer or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        if minimum is not None and maximum is not None:
+            bounds = f" in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            bounds = f" >= {minimum}"
+        else:
+            bounds = "" if maximum is None else f" <= {maximum}"
+        raise ValueError(f"{key} must be an integer{bounds}, got {value!r}")
     return value

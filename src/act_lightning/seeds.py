@@ -8,6 +8,8 @@ draws: provided every stream uses this one formula.
 
 from __future__ import annotations
 
+from act_lightning.checks import check_count
+
 MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; this keeps the seed positive
 
 # The streams, as the parts after the seed:
@@ -34,7 +36,4 @@ def mix_seed(*parts: int) -> int:
 def check_seed(seed: object, high: int | None = None) -> int:
     """The `seed` option: an integer (in [0, high] when `high` is given: training's seed also seeds numpy,
     which takes 32 bits)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or (high is not None and not 0 <= seed <= high):
-        where = "" if high is None else f" in [0, {high}]"
-        raise ValueError(f"seed must be an integer{where}, got {seed!r}")
-    return seed
+    return check_count(seed, "seed", None if high is None else 0, high)
