@@ -243,8 +243,8 @@ def resolve_taus(cfg: DictConfig, run: DictConfig) -> None:
             levels = [two_step_tau(run) if tau is None else tau]
             key = "two_step_tau" if tau is not None else "the run's two_step_tau"
         try:
-            cfg.taus[name] = check_taus(list(levels), low, high)
-        except (ValueError, TypeError):
+            cfg.taus[name] = check_taus(levels, low, high)
+        except ValueError:
             shown = levels if key.startswith("taus.") else levels[0]
             raise ValueError(
                 f"{key}={shown}: the noise levels after the first step (at sigma_max={high:g}) must be "
