@@ -433,6 +433,13 @@ def log2_std(gain: torch.Tensor) -> float:
     return gain.log2().std().item()
 
 
+def assert_uniform_over_the_circle(angle: torch.Tensor) -> None:
+    """A quarter (+-0.03) of the angles in each quadrant of [-pi, pi]."""
+    quadrant = torch.floor((angle + torch.pi) / (torch.pi / 2)).clamp(0, 3).long()
+    share = torch.bincount(quadrant, minlength=4).float() / len(angle)
+    assert ((share - 0.25).abs() < 0.03).all(), share
+
+
 def test_matrix_builders_put_each_entry_in_its_place():
     fill = _Constants(torch.zeros(1))
     expected = torch.tensor([[1.0, 0, 2], [0, 1, 3], [0, 0, 1]])
@@ -464,9 +471,7 @@ def test_rotation_angle_is_uniform_over_the_full_circle():
     angle is uniform over the circle: a quarter of the examples in each quadrant."""
     g = sample(only("rotate"), "geometry", 1.0, 16, 16)
     angle = torch.atan2(g[:, 1, 0], g[:, 0, 0])
-    quadrant = torch.floor((angle + torch.pi) / (torch.pi / 2)).clamp(0, 3).long()
-    share = torch.bincount(quadrant, minlength=4).float() / N
-    assert ((share - 0.25).abs() < 0.03).all(), share
+    assert_uniform_over_the_circle(angle)
 
 
 def test_isotropic_scaling_is_log2_normal_with_std_0_2():
@@ -536,9 +541,7 @@ def test_hue_angle_is_uniform_over_the_full_circle():
     cos = (c.diagonal(dim1=1, dim2=2).sum(dim=1) - 1) / 2
     sin = (c[:, 2, 1] - c[:, 1, 2]) * 3**0.5 / 2
     angle = torch.atan2(sin, cos)
-    quadrant = torch.floor((angle + torch.pi) / (torch.pi / 2)).clamp(0, 3).long()
-    share = torch.bincount(quadrant, minlength=4).float() / N
-    assert ((share - 0.25).abs() < 0.03).all(), share
+    assert_uniform_over_the_circle(angle)
 
 
 def test_contrast_acts_after_brightness():
