@@ -46,7 +46,7 @@ def resolve_device(spec: str) -> torch.device:
 def check_out_folder(folder: object, key: str = "out") -> Path:
     """A folder the command will write into: it, or its nearest existing ancestor, is a writable folder.
     Checked before the work, so a bad path costs no sampling."""
-    from act_lightning.launch import check_writable_folder
+    from act_lightning.launch import check_writable_folder  # here: launch imports Hydra, export must not
 
     check_writable_folder(Path(str(folder)), key)
     return Path(str(folder))
