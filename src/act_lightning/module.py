@@ -312,6 +312,12 @@ class ACTModule(L.LightningModule):
         run = in_bf16(run) if self.speed.bf16_target else run  # the target itself stays float32
         return on_forked_rng(run, self.device) if self.hparams.shared_dropout else run
 
+    def on_fit_start(self) -> None:
+        # the run's resolved config, for the loggers (hparams.yaml, the W&B run's config): recorded here,
+        # once the data is prepared, so that a launch whose download fails leaves no run behind
+        for logger in self.loggers if self.run_config is not None else ():
+            logger.log_hyperparams(self.run_config)
+
     def on_train_start(self) -> None:
         self.k = int(self.iteration)
         self._aug_idle = self.speed.lazy_augment and float(self.aug_p) == 0

@@ -460,9 +460,7 @@ def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
         for path in remove_stale_temporaries(cfg.run_dir):
             log.info("removed %s, left by a write that was interrupted", path)
     failed = True
-    try:
-        for logger in trainer.loggers:
-            logger.log_hyperparams(model.run_config)
+    try:  # the loggers record the config as training starts (ACTModule.on_fit_start)
         trainer.fit(model, datamodule=datamodule, ckpt_path=launch.start.ckpt_path)
         failed = False
     except SystemExit as stop:  # Lightning ends a KeyboardInterrupt with sys.exit(1)

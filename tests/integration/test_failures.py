@@ -81,11 +81,13 @@ def test_cifar10_that_cannot_be_downloaded_is_refused_in_one_line_naming_the_fil
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    root = tmp_path / "data"
-    result = run_cli(["experiment=cifar10", "debug=smoke", f"data.root={root}"], tmp_path / "run")
+    root, run = tmp_path / "data", tmp_path / "run"
+    result = run_cli(["experiment=cifar10", "debug=smoke", f"data.root={root}"], run)
     line = refusal(result)
     assert line.startswith(f"error: CIFAR-10 not found: {root}/cifar-10-batches-py/data_batch_1 is missing")
     assert "The download failed: URLError" in line and not root.exists()
+    # no W&B run and no hparams.yaml for a run that never started: the lock and the launch's record only
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock"]
 
 
 class FullDisk:
