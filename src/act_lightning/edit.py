@@ -221,7 +221,9 @@ def class_label(label: int | None, num_classes: int | None, n: int, device) -> T
         return None
     if label is None:
         raise ValueError(f"this model is class-conditional ({num_classes} classes): give class_label=")
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ValueError(f"class_label must be a class index (an integer); got {label!r}")
+    if not 0 <= label < num_classes:
         raise ValueError(f"class_label={label} out of range for {num_classes} classes (0..{num_classes - 1})")
     return torch.full((n,), label, device=device)
 

@@ -245,8 +245,13 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
     from act_lightning.edit import class_label
 
     assert class_label(4, 5, 2, "cpu").tolist() == [4, 4] and class_label(None, None, 2, "cpu") is None
-    for bad in (5, -1, "abc", True):
+    for bad in (5, -1):
         with pytest.raises(ValueError, match=rf"class_label={bad} out of range for 5 classes \(0..4\)"):
+            class_label(bad, 5, 2, "cpu")
+    for bad in ("abc", True, 1.5):
+        with pytest.raises(
+            ValueError, match=rf"class_label must be a class index \(an integer\); got {bad!r}"
+        ):
             class_label(bad, 5, 2, "cpu")
 
 
