@@ -10,6 +10,7 @@ import signal
 import stat
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +268,27 @@ def test_the_slurm_time_limit_signal_saves_then_hands_over_to_the_launchers_requ
         signal.signal(signal.SIGUSR2, previous)
     assert stop.value.code == 128 + signal.SIGUSR2
     assert seen == [(signal.SIGUSR2, 3)]  # requeued once, after the checkpoint of iteration 3 was written
+
+
+def test_a_signal_in_the_last_iteration_finishes_the_run_with_one_save_of_it(tmp_path, monkeypatch):
+    """The run is complete when the signal is seen: it ends as finished (status 0, no requeue), and its
+    last iteration's checkpoint, due by every_n_iterations, is written once (not again at the end)."""
+    import lightning as L
+
+    saves, save = [], L.Trainer.save_checkpoint
+
+    def counted(trainer, path, *args, **kwargs):
+        saves.append(Path(path).name)
+        return save(trainer, path, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", counted)
+    every = ["callbacks.checkpoint.every_n_iterations=2"]
+    summary = train(
+        compose([*LONG, *every, "iterations=4", *_signal_at(signal.SIGUSR2, 4)], run_dir=str(tmp_path))
+    )
+    assert summary["finished"] and summary["iteration"] == 4 and summary["stopped_by"] is None
+    assert saves == ["last.ckpt", "last.ckpt"]  # iterations 2 and 4
+    assert _iteration(tmp_path / "checkpoints" / "last.ckpt") == 4
 
 
 # -- start-up checks: before any logger starts or any folder is created --------------------------------
