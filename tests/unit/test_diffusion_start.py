@@ -214,7 +214,11 @@ def test_init_from_loads_the_files_sampling_network_into_generator_and_target(cf
     assert init.source == "target."  # the EMA it sampled with, not its online weights
     model = instantiate(cfg.model)
     load_init(model, init)
-    for net in (model.generator, model.target):
+    # with a sampling EMA the EMA teacher is a third copy (`teacher_ema`): it starts from the file too
+    separate = instantiate(cfg_factory([*SMALL, f"init_from={path}", "model.sampling_ema=0.99"]).model)
+    load_init(separate, init)
+    assert separate.teacher_ema is not None
+    for net in (model.generator, model.target, separate.generator, separate.target, separate.teacher_ema):
         for a, b in zip(params(net), params(source.target)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
