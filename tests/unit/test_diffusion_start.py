@@ -3,6 +3,7 @@ EDM's denoising loss and Heun sampler, ECT's continuous-time pairs, the training
 model.objective=diffusion, and init_from's weights-only start."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -251,6 +252,15 @@ def test_init_from_refuses_foreign_files_by_name(cfg_factory, tmp_path):
     )
     cfg = cfg_factory([*SMALL, f"init_from={shaped}"])
     with pytest.raises(ValueError, match=f"mis-shaped: {key}"):
+        load_init(instantiate(cfg.model), read_init(cfg))
+    # a key the file lacks and one the generator does not have: both named, refused before any load
+    partial = {f"generator.{k}": v for k, v in own.items() if k != key}
+    cfg = cfg_factory([*SMALL, f"init_from={_save(tmp_path / 'partial.ckpt', partial)}"])
+    with pytest.raises(ValueError, match=rf"does not match model.generator: missing: {re.escape(key)}\. Use"):
+        load_init(instantiate(cfg.model), read_init(cfg))
+    extra = {**{f"generator.{k}": v for k, v in own.items()}, "generator.extra.weight": torch.zeros(1)}
+    cfg = cfg_factory([*SMALL, f"init_from={_save(tmp_path / 'extra.ckpt', extra)}"])
+    with pytest.raises(ValueError, match=r"does not match model.generator: unknown: extra\.weight\. Use"):
         load_init(instantiate(cfg.model), read_init(cfg))
     with pytest.raises(FileNotFoundError, match="init_from="):
         read_init(cfg_factory([*SMALL, f"init_from={tmp_path / 'missing.ckpt'}"]))
