@@ -136,6 +136,9 @@ def test_a_run_started_from_another_runs_snapshot_keeps_a_best_checkpoint_of_its
     common = ["debug=smoke", "data=synthetic", "iterations=6", "eval.every=2", *lr]
     snapshots = ["callbacks.checkpoint.every_n_iterations=2", "callbacks.checkpoint.keep_snapshots=true"]
     train(compose([*common, *snapshots], run_dir=str(tmp_path / "source")))
+    source = json.loads((tmp_path / "source" / "metric_summary.json").read_text())
+    assert len({h["value"] for h in source["history"][1:]}) == 1  # a tie: the earliest is the best
+    assert source["best"]["iteration"] == 2 and _iteration(tmp_path / "source/checkpoints/best.ckpt") == 2
     snapshot = tmp_path / "source" / "checkpoints" / "iter_0000004.ckpt"
     train(compose([*common, f"ckpt_path={snapshot}"], run_dir=str(tmp_path / "new")))
     summary = json.loads((tmp_path / "new" / "metric_summary.json").read_text())
