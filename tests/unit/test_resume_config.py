@@ -13,6 +13,7 @@ from act_lightning.resume import (
     compare,
     differences,
     global_batch,
+    what_to_do,
     world_size,
 )
 from tests.conftest import compose
@@ -166,3 +167,16 @@ def test_every_key_that_may_change_exists_in_the_config():
 
     config = OmegaConf.to_container(compose(["experiment=cifar10", "logger=wandb"]))
     assert [key for key in MAY_CHANGE if not has_key(config, key)] == []
+
+
+def test_the_advice_offers_resume_changes_for_up_to_six_keys_and_its_own_config_beyond():
+    six = {f"model.k{i}": (0, 1) for i in range(6)}
+    advice = what_to_do(six, [], "start anew")
+    assert advice.startswith("Resume with the checkpoint's values, change them deliberately with ")
+    assert "resume_changes=[model.k0,model.k1,model.k2,model.k3,model.k4,model.k5]" in advice
+    assert (
+        what_to_do({**six, "model.k6": (0, 1)}, [], "start anew")
+        == "Resume it with its own config, or start anew"
+    )
+    fixed = what_to_do(six, ["model.generator.channels"], "start anew")
+    assert fixed.startswith("model.generator.channels cannot change on resume")
