@@ -447,3 +447,12 @@ def test_a_two_step_tau_outside_the_schedules_levels_is_refused_by_name(tau, tmp
 
     with pytest.raises(ValueError, match=rf"two_step_tau={tau}: .* between model.schedule.sigma_min=0.002"):
         check_config(compose(["debug=smoke", f"two_step_tau={tau}"], run_dir=str(tmp_path)))
+
+
+def test_evaluate_needs_two_samples_for_a_covariance():
+    from act_lightning.evaluate import check_options
+
+    options = {"samplers": ["1-step"], "taus": {"1-step": []}, "batch_size": 4, "net": "target"}
+    check_options(OmegaConf.create({**options, "num_samples": 2}))
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 2, got 1"):
+        check_options(OmegaConf.create({**options, "num_samples": 1}))

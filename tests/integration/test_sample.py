@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from act_lightning.checkpoints import load_model
-from act_lightning.sample import image_noise
+from act_lightning.sample import check_taus, class_labels, image_noise, two_step_tau
+from act_lightning.seeds import mix_seed
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose, run_module
 
@@ -178,3 +179,59 @@ def test_a_diffusion_model_samples_with_heun_and_says_so(tmp_path):
     assert _arrays(tmp_path / "out" / "samples.npz")["arr_0"].shape == (3, 8, 8, 1)
     with pytest.raises(ValueError, match="Heun sampler over model.heun_steps=3 levels"):
         _sample([f"ckpt={ckpt}", f"out={tmp_path / 'two'}", "num_samples=3", "taus=[1.0]"])
+
+
+def test_check_taus_refuses_a_repeated_level_and_levels_at_sigma_max_or_sigma_min():
+    assert check_taus([5.0, 0.8], 0.002, 80.0) == [5.0, 0.8] and check_taus([], 0.002, 80.0) == []
+    for taus in ([1.0, 1.0], [80.0], [0.002], [5.0, 0.002]):
+        with pytest.raises(ValueError, match="must decrease and stay above sigma_min"):
+            check_taus(taus, 0.002, 80.0)
+
+
+def test_class_labels_accept_the_last_class_and_refuse_the_next():
+    assert class_labels(4, 3, 5, 0).tolist() == [4, 4, 4]
+    assert class_labels([0, 4], 3, 5, 0).tolist() == [0, 4, 0]
+    for bad in (5, [0, 5], -1):
+        with pytest.raises(ValueError, match="out of range for 5 classes"):
+            class_labels(bad, 3, 5, 0)
+
+
+def test_each_sampling_step_draws_an_images_noise_from_its_own_stream():
+    shape = (1, 4, 4)
+    first, second = image_noise(3, range(2), shape), image_noise(3, range(2), shape, stream=1)
+    assert not torch.equal(first, second)  # a later step's noise is not the first step's again
+    for stream, noise in enumerate((first, second)):
+        for i in range(2):  # image i's noise of step `stream`: the generator seeded by (seed, i, stream)
+            g = torch.Generator().manual_seed(mix_seed(3, i, stream))
+            assert torch.equal(noise[i], torch.randn(shape, generator=g))
+
+
+def test_the_default_two_step_tau_is_t_22_of_the_reference_40_level_grid():
+    from omegaconf import OmegaConf
+
+    from act_lightning.consistency import karras_sigmas
+
+    reference = karras_sigmas(40, 0.002, 80.0, 7.0).flip(0)[22].item()  # openai/consistency_models' ts
+    assert two_step_tau(OmegaConf.create({})) == pytest.approx(reference, abs=5e-5)
+    assert two_step_tau(OmegaConf.create({"two_step_tau": 8.0})) == 8.0
+
+
+def test_each_image_of_a_batch_gets_its_own_class_label(checkpoints, tmp_path):
+    ckpt = checkpoints["classes"]
+    labels = "class_labels=[0,1,2,3,4]"
+    _sample([f"ckpt={ckpt}", "num_samples=5", "batch_size=5", labels, f"out={tmp_path / 'one'}"])
+    _sample([f"ckpt={ckpt}", "num_samples=5", "batch_size=2", labels, f"out={tmp_path / 'three'}"])
+    one, three = _arrays(tmp_path / "one" / "samples.npz"), _arrays(tmp_path / "three" / "samples.npz")
+    assert one["arr_1"].tolist() == three["arr_1"].tolist() == [0, 1, 2, 3, 4]
+    assert np.array_equal(one["arr_0"], three["arr_0"])  # image i is conditioned on label i in any batch
+
+
+def test_random_class_labels_come_from_their_own_stream_per_image():
+    from act_lightning.seeds import LABEL
+
+    labels = class_labels("random", 6, 10, 3)
+    for i, label in enumerate(labels.tolist()):  # image i's label: the generator seeded by (seed, i, LABEL)
+        g = torch.Generator().manual_seed(mix_seed(3, i, LABEL))
+        assert label == torch.randint(10, (), generator=g).item()
+    assert torch.equal(class_labels(None, 6, 10, 3), labels)  # null is random
+    assert torch.equal(class_labels("random", 4, 10, 3), labels[:4])  # whatever the number of images

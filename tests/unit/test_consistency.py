@@ -124,3 +124,70 @@ def test_append_dims():
     assert cm.append_dims(torch.ones(3), 4).shape == (3, 1, 1, 1)
     with pytest.raises(ValueError):
         cm.append_dims(torch.ones(3, 2), 1)
+
+
+def test_append_dims_leaves_a_tensor_of_the_target_rank_as_it_is():
+    x = torch.ones(3, 2)
+    assert cm.append_dims(x, 2).shape == (3, 2)
+    assert cm.append_dims(torch.ones(3), 1).shape == (3,)
+
+
+def test_log_noise_conditioning_is_250_log_sigma_and_noise_level_inverts_it():
+    sigma = torch.tensor([0.002, 0.5, 1.0, 80.0], dtype=torch.float64)
+    c_noise = cm.noise_conditioning(sigma, "log")
+    torch.testing.assert_close(c_noise, 250.0 * torch.log(sigma))
+    torch.testing.assert_close(cm.noise_level(c_noise, "log"), sigma)
+    assert torch.equal(cm.noise_level(sigma, "identity"), sigma)
+    # 250 ln(80) = 1095.5...: the level back from the number Song et al.'s networks read
+    assert cm.noise_level(torch.tensor([250.0 * math.log(80.0)], dtype=torch.float64), "log").item() == (
+        pytest.approx(80.0, rel=1e-12)
+    )
+
+
+def test_the_curriculum_rounds_an_exact_half_up_and_clamps_the_progress():
+    # sqrt(0.45 (3^2 - 2^2) + 2^2) = sqrt(6.25) = 2.5 exactly: half up gives 3 (Python's round: 2)
+    assert cm.num_scales(0.45, 2, 3) == 3
+    # sqrt(0.152 (150^2 - 4) + 4) = 58.5098 -> 59
+    assert cm.num_scales(0.152, 2, 150) == 59
+    # progress outside [0, 1] (k past K, or before 0) is clamped: N stays within [bins_min, bins_max]
+    assert cm.num_scales(1.5, 2, 150) == 150
+    assert cm.num_scales(-0.5, 2, 150) == 2
+
+
+def test_the_exponential_curriculum_of_a_run_shorter_than_its_stages_doubles_every_iteration():
+    # K = 4 < log2(1280 / 10) + 1 = 8 stages: K' = floor(4 / 8) = 0 is raised to one iteration per stage
+    assert [cm.num_scales_exponential(k, 4, 10, 1280) for k in range(5)] == [11, 21, 41, 81, 161]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("ect_k", 0.0), ("bins_min", 150), ("gan_ratio", 1.0), ("mid_weight", 1.0), ("mu0", 0.999)],
+)
+def test_the_schedules_inclusive_bounds_are_accepted(key, value):
+    schedule = cm.ConsistencySchedule(**{key: value})
+    assert getattr(schedule, key) == value
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("sigma_min", 0.0, "need 0 < model.schedule.sigma_min < model.schedule.sigma_max"),
+        ("bins_min", 1, "model.schedule.bins_min must be >= 2"),
+        ("mu0", 1.0, "model.schedule.mu0 must lie in (0, 1)"),
+        ("mid_weight", 0.0, "model.schedule.mid_weight must be null"),
+        ("gan_ratio", -0.1, "model.schedule.gan_ratio must lie in [0, 1]"),
+    ],
+)
+def test_the_schedules_exclusive_bounds_are_refused_by_name(key, value, message):
+    with pytest.raises(ValueError) as err:
+        cm.ConsistencySchedule(**{key: value})
+    assert message in str(err.value)
+
+
+def test_the_time_weighting_is_zero_at_and_below_sigma_min_and_one_without_a_discriminator():
+    schedule = cm.ConsistencySchedule(gan_ratio=0.6, mid_weight=0.2)
+    w = schedule.weight(torch.tensor([0.001, 0.002]), 11)  # i(t, N) <= 0: w = 0, never NaN
+    assert w[0].item() == 0.0 and 0.0 <= w[1].item() < 1e-9  # (float32's 0.002 lies a hair above 0.002)
+    # gan_ratio 0 (no discriminator): w = 1 whatever mid_weight says (log_0.5(mid_weight / 0) is undefined)
+    off = cm.ConsistencySchedule(gan_ratio=0.0, mid_weight=0.2)
+    assert torch.equal(off.weight(cm.karras_sigmas(5), 5), torch.ones(5))

@@ -461,3 +461,22 @@ def test_the_consistency_target_carries_no_gradient_even_when_it_is_the_online_n
         grads.append(w.grad.clone())
         w.grad = None
     assert grads[0] == grads[1] and grads[0] != 0
+
+
+def test_msssim_of_images_too_small_for_two_scales_is_ssim():
+    # 20 x 20 with the 11 x 11 window: a second scale needs more than (11 - 1) * 2 = 20 pixels
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 20, 20) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    torch.testing.assert_close(losses.msssim_distance(x, y), losses.ssim_distance(x, y))
+
+
+def test_pseudo_huber_c_zero_and_lpips_resize_32_are_accepted_at_their_bounds():
+    a, b = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    b[0, 0, 0, 0], b[0, 0, 0, 1] = 3.0, 4.0
+    norm = losses.build_distance("pseudo_huber", pseudo_huber_c=0.0)  # ECT's CIFAR-10 c
+    torch.testing.assert_close(norm(a, b), torch.tensor([5.0, 0.0]))
+    assert losses.build_distance("lpips", lpips_pretrained=False, lpips_resize=32).resize == 32
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="model.pseudo_huber_c must be null"):
+            losses.build_distance("pseudo_huber", pseudo_huber_c=bad)

@@ -251,3 +251,40 @@ def test_the_discriminator_sees_the_generators_noise_conditioning(cfg_factory):
     sigma = torch.tensor([0.5, 2.0, 80.0])
     critic(torch.zeros(3, 1, 2, 2), sigma, None)
     torch.testing.assert_close(seen[0].flatten(), 250 * sigma.log())
+
+
+def test_the_warm_up_ramps_the_learning_rate_linearly_over_warmup_iterations(cfg_factory):
+    # lr(k) = lr * min(1, (k + 1) / warmup): a quarter of it at the first iteration of a 4-iteration warm-up
+    model = instantiate(cfg_factory([*SMALL, "model.warmup=4"]).model)
+    optimizers, schedulers = model.configure_optimizers()
+    assert len(schedulers) == 2  # G's and D's
+    for optimizer, scheduler in zip(optimizers, schedulers):
+        assert [scheduler.lr_lambdas[0](k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+        group = optimizer.param_groups[0]
+        assert group["lr"] == pytest.approx(group["initial_lr"] / 4)
+
+
+def test_r1_gamma_zero_runs_no_r1_pass_and_leaves_the_augmentation_controller_alone(cfg_factory):
+    cfg = cfg_factory([*SMALL, "iterations=2", "model.r1_gamma=0", "model.r1_interval=1"])
+    model, _, trainer = fit(cfg)
+    assert model.r1_ema.item() == cfg.model.r1_threshold  # no R1 statistic ever reached the controller
+    assert model.aug_p.item() == 0.0
+    assert "train/r1" not in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_ema_update_lerps_the_parameters_and_copies_the_buffers(foreach):
+    from act_lightning.module import ema_update
+
+    torch.manual_seed(0)
+    net, source = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for p in (*net.parameters(), *source.parameters()):
+            p.normal_()
+    source.running_mean.normal_()
+    source.num_batches_tracked += 5
+    before = [p.detach().clone() for p in net.parameters()]
+    ema_update(net, source, 0.9, foreach=foreach)
+    for b, a, s in zip(before, net.parameters(), source.parameters()):
+        torch.testing.assert_close(a, 0.9 * b + 0.1 * s)  # theta^- <- mu theta^- + (1 - mu) theta
+    assert torch.equal(net.running_mean, source.running_mean) and int(net.num_batches_tracked) == 5
