@@ -264,3 +264,14 @@ def test_init_from_refuses_foreign_files_by_name(cfg_factory, tmp_path):
         load_init(instantiate(cfg.model), read_init(cfg))
     with pytest.raises(FileNotFoundError, match="init_from="):
         read_init(cfg_factory([*SMALL, f"init_from={tmp_path / 'missing.ckpt'}"]))
+
+
+def test_heun_steps_takes_two_levels_at_least():
+    from act_lightning.module import check_objective
+
+    check_objective("diffusion", False, 2)  # the smallest grid: sigma_max and sigma_min
+    for bad in (1, 0, 2.5, "18"):
+        with pytest.raises(ValueError, match=rf"model.heun_steps must be an integer >= 2 .*got {bad!r}"):
+            check_objective("diffusion", False, bad)
+    with pytest.raises(ValueError, match="model.objective=diffusion trains no discriminator"):
+        check_objective("diffusion", True, 18)

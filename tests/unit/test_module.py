@@ -288,3 +288,26 @@ def test_ema_update_lerps_the_parameters_and_copies_the_buffers(foreach):
     for b, a, s in zip(before, net.parameters(), source.parameters()):
         torch.testing.assert_close(a, 0.9 * b + 0.1 * s)  # theta^- <- mu theta^- + (1 - mu) theta
     assert torch.equal(net.running_mean, source.running_mean) and int(net.num_batches_tracked) == 5
+
+
+def test_what_each_network_backpropagates_over_its_micro_batches_sums_to_its_logged_mean_loss(
+    cfg_factory, monkeypatch
+):
+    # the gradient is that of the logged loss, the mean over the half-batch: each micro-batch contributes
+    # its sum divided by the whole half's size (G: B_G examples, D: B_D / 2 fake-real pairs), so neither
+    # the number of micro-batches nor the discriminator's two halves scale the step (which SGD would see)
+    from tests.helpers_training import fit_recording
+
+    cfg = cfg_factory([*SMALL, "iterations=1", "data.global_batch_size=8", "model.r1_interval=1"])
+    backpropagated = []
+    original = ACTModule.manual_backward
+
+    def recording(self, loss, *args, **kwargs):
+        backpropagated.append(loss.detach().item())
+        return original(self, loss, *args, **kwargs)
+
+    monkeypatch.setattr(ACTModule, "manual_backward", recording)
+    _, rows = fit_recording(cfg)
+    assert len(backpropagated) == 4  # two micro-batches of 4, for G and then for D (its R1 term included)
+    assert sum(backpropagated[:2]) == pytest.approx(rows[0]["train/loss_g"], rel=1e-5)
+    assert sum(backpropagated[2:]) == pytest.approx(rows[0]["train/loss_d"], rel=1e-5)
