@@ -311,3 +311,24 @@ def test_what_each_network_backpropagates_over_its_micro_batches_sums_to_its_log
     assert len(backpropagated) == 4  # two micro-batches of 4, for G and then for D (its R1 term included)
     assert sum(backpropagated[:2]) == pytest.approx(rows[0]["train/loss_g"], rel=1e-5)
     assert sum(backpropagated[2:]) == pytest.approx(rows[0]["train/loss_d"], rel=1e-5)
+
+
+def test_each_rank_draws_its_own_augmentation_and_the_same_one_again_at_the_same_iteration(cfg_factory):
+    # (seed, k, AUGMENT, rank): ranks augment their shares differently (one draw repeated over the devices
+    # would be a smaller effective batch for the discriminator), and a resumed iteration draws it again
+    from types import SimpleNamespace
+
+    from act_lightning.data.base import split_halves
+
+    cfg = cfg_factory(SMALL)
+    model = instantiate(cfg.model)
+    model.aug_p.fill_(1.0)
+    images = torch.rand(8, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
+    batch = split_halves(images, torch.zeros(8, dtype=torch.long))
+
+    def augmented(rank: int) -> torch.Tensor:
+        model._trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        return model._draw(batch).augment(batch.disc)
+
+    first, again, other = augmented(0), augmented(0), augmented(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
