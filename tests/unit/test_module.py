@@ -332,3 +332,29 @@ def test_each_rank_draws_its_own_augmentation_and_the_same_one_again_at_the_same
 
     first, again, other = augmented(0), augmented(0), augmented(1)
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_a_non_finite_r1_moves_the_augmentation_controller_as_a_zero_would(cfg_factory):
+    # a NaN R1 is the divergence guard's business; the controller reads it as 0 and stays finite
+    from types import SimpleNamespace
+
+    from act_lightning.augment import r1_controller_update
+
+    model = instantiate(cfg_factory(SMALL).model)
+    model.r1_ema.fill_(10.0)
+    model.aug_p.fill_(0.5)
+    model._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(reduce=lambda x, reduce_op: x))
+    h = model.hparams
+    p, r1_ema = r1_controller_update(
+        0.5,
+        10.0,
+        0.0,
+        beta=h.ada_beta,
+        threshold=h.r1_threshold,
+        batch_size=8,
+        interval=h.r1_interval,
+        ada_length=h.ada_length,
+    )
+    model._update_augmentation(torch.tensor(float("nan")), SimpleNamespace(gen_size=4, disc_size=4))
+    assert model.r1_ema.item() == pytest.approx(h.ada_beta * 10.0) == pytest.approx(r1_ema.item())
+    assert model.aug_p.item() == pytest.approx(p.item())
