@@ -217,3 +217,18 @@ def test_a_training_set_smaller_than_one_global_batch_is_refused_before_anything
         with pytest.raises(ValueError, match="the training set holds 3 images, fewer than one global batch"):
             train(compose([*QUIET, *overrides], run_dir=str(tmp_path / name)))
         assert [p.name for p in (tmp_path / name).iterdir()] == [".lock"], name
+
+
+def test_a_diverged_run_is_told_to_continue_from_the_latest_checkpoint_up_to_the_first_bad_iteration(
+    tmp_path,
+):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, k in (("iter_0000002.ckpt", 2), ("iter_0000004.ckpt", 4), ("last.ckpt", 7)):
+        torch.save({"state_dict": {"iteration": torch.tensor(k)}}, folder / name)
+    (folder / "broken.ckpt").write_bytes(b"not a checkpoint")  # unreadable: left out
+    trainer = SimpleNamespace(callbacks=[LastCheckpoint(str(folder))])
+    assert "Continue from iter_0000004.ckpt, written before iteration 6" in what_to_do(trainer, since=6)
+    assert "Continue from iter_0000004.ckpt, written before iteration 4" in what_to_do(trainer, since=4)
+    assert "Continue from iter_0000002.ckpt, written before iteration 3" in what_to_do(trainer, since=3)
+    assert "broken.ckpt" not in what_to_do(trainer, since=6)

@@ -52,3 +52,21 @@ def test_stale_temporaries_are_removed_but_not_a_live_write_nor_other_files(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
     assert (tmp_path / "last.ckpt").read_bytes() == b"new"
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_write(path) as f:  # Ctrl-C mid-save
+        f.write(b"half of the new")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert path.read_bytes() == b"old"
+
+
+def test_only_whole_names_of_temporaries_are_taken_for_stale_ones(tmp_path):
+    names = [".last.ckpt.a1b2c3d4.tmp.bak", ".last.ckpt.a1b2c3d4.tmpx", ".last.ckpt.a1b2c3d4.tmp~"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"a user's file")
+    assert remove_stale_temporaries(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)

@@ -170,3 +170,62 @@ def test_training_with_flex_attention_computes_what_the_fused_kernel_computes(
     fused_weights = fused.state_dict()
     for name, weight in weights:
         torch.testing.assert_close(weight, fused_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_flex_attention_gets_heads_padded_to_a_power_of_two_of_at_least_16_channels(monkeypatch):
+    import torch.nn.attention.flex_attention as flex
+
+    seen = []
+
+    def recording(query, key, value, scale):
+        seen.append(((query.shape[-1], key.shape[-1], value.shape[-1]), scale))
+        return torch.zeros_like(query)
+
+    monkeypatch.setattr(flex, "flex_attention", recording)
+    for head_dim, width in ((4, 16), (8, 16), (12, 16), (16, 16), (24, 32), (32, 32)):
+        q = torch.randn(1, 2, 5, head_dim)
+        assert padded_flex_attention(q, q, q).shape == q.shape
+        assert seen.pop() == ((width,) * 3, head_dim**-0.5), head_dim
+
+
+def test_the_self_attention_check_names_every_extra_a_layer_has():
+    from types import SimpleNamespace
+
+    from act_lightning.nn.attention import check_self_attention
+
+    check_self_attention(_image_attention())  # the UNet blocks' layer: allowed
+    extras = {
+        "cross-attention": {"is_cross_attention": True},
+        "a spatial norm": {"spatial_norm": object()},
+        "query/key norms": {"norm_k": object()},
+    }
+    for name, attributes in extras.items():
+        with pytest.raises(ValueError, match=f"has {name}: set model.speed.flex_attention=false"):
+            check_self_attention(SimpleNamespace(**attributes))
+    with pytest.raises(ValueError, match="has a spatial norm, query/key norms: set"):
+        check_self_attention(SimpleNamespace(spatial_norm=object(), norm_q=object()))
+
+
+def test_compiled_graphs_on_the_cpu_keep_the_fused_kernel_as_shipped():
+    q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    graphs = _Graphs()
+    out = torch.compile(attention, backend=graphs.backend, fullgraph=True)(q, k, v)
+    out.sum().backward()  # flex_attention has no backward on the CPU
+    torch._dynamo.reset()
+    assert not any("flex_attention" in t for t in graphs.targets), graphs.targets
+    assert q.grad is not None and q.grad.isfinite().all()
+
+
+def test_the_processor_refuses_a_mask_encoder_states_or_a_sequence_input():
+    attn = _image_attention()
+    x = torch.randn(2, 32, 4, 4)
+    processor = FlexAttnProcessor()
+    for kwargs in (
+        {"attention_mask": torch.zeros(2, 16, 16)},
+        {"encoder_hidden_states": torch.randn(2, 16, 32)},
+    ):
+        with pytest.raises(ValueError, match="without a mask or encoder states"):
+            processor(attn, x, **kwargs)
+    with pytest.raises(ValueError, match=r"attends over an image \(B, C, H, W\)"):
+        processor(attn, x.flatten(2).transpose(1, 2))

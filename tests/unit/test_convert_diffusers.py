@@ -407,3 +407,22 @@ def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm
     assert int(last["state_dict"]["iteration"]) == 4
     assert last["act_config"]["model"]["generator"]["_target_"].endswith("VPEpsilonBackbone")
     assert last["act_history"][0]["init_from"] == str(out) and "init_generator" in last["act_history"][0]
+
+
+def test_the_backbone_refuses_sizes_other_than_the_unets_and_an_unknown_c_noise_at_once():
+    from act_lightning.nn.vp import VPEpsilonBackbone
+
+    unet = {**make_unet(channels=1).config}
+    unet = {k: v for k, v in unet.items() if not k.startswith("_")}
+    scheduler = {k: v for k, v in make_scheduler().config.items() if not k.startswith("_")}
+    args = dict(
+        unet=unet, scheduler=scheduler, sigma_data=SD, c_noise="identity", image_size=8, in_channels=1
+    )
+    assert VPEpsilonBackbone(**args).log_sigmas.shape == (1000,)
+    for wrong in ({"image_size": 16}, {"in_channels": 3}):
+        with pytest.raises(
+            ValueError, match=r"model\.generator\.image_size=.* must be the UNet's sample_size=8"
+        ):
+            VPEpsilonBackbone(**(args | wrong))
+    with pytest.raises(ValueError, match="no_such_kind"):
+        VPEpsilonBackbone(**(args | {"c_noise": "no_such_kind"}))

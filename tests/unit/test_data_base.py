@@ -267,3 +267,38 @@ def test_conversion_and_flips_run_on_the_gpu():
     same = torch.isclose(got, want, atol=1e-6).flatten(1).all(1)  # CUDA divides via the reciprocal
     mirrored = torch.isclose(got, want.flip(-1), atol=1e-6).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 10 < int(mirrored.sum()) < 54
+
+
+def test_prepared_arrays_check_their_rank_dtype_rows_and_source_against_the_manifest(tmp_path):
+    images, labels = storage.create_arrays(tmp_path, "train", 3, (1, 2, 2), labels=True)
+    images[:] = np.arange(12, dtype=np.uint8).reshape(3, 1, 2, 2)
+    labels[:] = [5, 6, 7]
+    images.flush(), labels.flush()
+    del images, labels
+    split = {"count": 3, "images": "train_images.npy", "labels": "train_labels.npy"}
+    data = storage.PreparedArrays(tmp_path, split, conditional=True)
+    assert len(data) == 3 and data.labels().tolist() == [5, 6, 7]
+    image, label = data[2]
+    assert label == 7 and torch.equal(image, torch.arange(8, 12, dtype=torch.uint8).reshape(1, 2, 2))
+    assert storage.PreparedArrays(tmp_path, split | {"count": 2}, True).labels().tolist() == [5, 6]
+    with pytest.raises(DataError, match=r"train_images\.npy: holds 3 images, the manifest records 4"):
+        storage.PreparedArrays(tmp_path, split | {"count": 4}, conditional=True)
+    np.save(tmp_path / "short_labels.npy", np.zeros(2, dtype=np.int16))
+    with pytest.raises(DataError, match=r"short_labels\.npy: holds 2 labels, the manifest records 3"):
+        storage.PreparedArrays(tmp_path, split | {"labels": "short_labels.npy"}, conditional=True)
+    np.save(tmp_path / "flat.npy", np.zeros((3, 4), dtype=np.uint8))
+    with pytest.raises(
+        DataError, match=r"flat\.npy: expected a 4-d uint8 array, found uint8 of shape \(3, 4\)"
+    ):
+        storage.open_array(tmp_path / "flat.npy", np.dtype(np.uint8), 4)
+    # a split without labels: unconditional, whatever the run asks for
+    unlabelled = storage.PreparedArrays(
+        tmp_path, {"count": 3, "images": "train_images.npy"}, conditional=True
+    )
+    assert not unlabelled.conditional and unlabelled.labels() is None and unlabelled[1][1] == 0
+    storage.write_manifest(tmp_path, "imagenet64", {"train": split}, progress=False)
+    assert storage.read_manifest(tmp_path, "imagenet64")["splits"]["train"] == split
+    with pytest.raises(
+        DataError, match=r"expected a manifest .* for source 'lsun_cat256', found .* 'imagenet64'"
+    ):
+        storage.read_manifest(tmp_path, "lsun_cat256")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,28 @@ def test_check_source_on_a_missing_root_names_it_and_creates_nothing(tmp_path):
     assert f"data.root={root}" in message and "https://image-net.org/download-images.php" in message
     assert "train_data_batch_1.npz" in message and "python -m act_lightning.prepare imagenet64" in message
     assert not (tmp_path / "mistyped").exists()
+
+
+def test_a_verified_file_overwritten_in_place_at_the_same_size_is_hashed_again(prepared_copy):
+    _dm(prepared_copy).prepare_data()  # hashes, then records the files as verified
+    path = prepared_copy / "train_images.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))  # the same size: only the modification time tells
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=r"train_images\.npy: checksum mismatch"):
+        _dm(prepared_copy).prepare_data()
+
+
+def test_an_unreadable_record_of_verified_files_means_hashing_again(prepared_copy, monkeypatch):
+    from act_lightning.data import storage
+
+    (prepared_copy / ".verified.json").write_text("{ half a record")
+    hashed = []
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda path, **k: hashed.append(path.name) or real(path))
+    _dm(prepared_copy).prepare_data()
+    assert sorted(hashed) == sorted(json.loads((prepared_copy / "manifest.json").read_text())["files"])
+    record = json.loads((prepared_copy / ".verified.json").read_text())  # rewritten whole
+    assert sorted(record) == sorted(hashed)

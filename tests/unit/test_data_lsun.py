@@ -193,3 +193,16 @@ def test_check_source_on_a_missing_root_names_it_and_creates_nothing(tmp_path):
     message = str(err.value)
     assert str(root / "cat") in message and "http://dl.yf.io/lsun/objects/cat.zip" in message
     assert not (tmp_path / "mistyped").exists()
+
+
+def test_prepare_converts_the_category_it_is_given(tmp_path):
+    root = tmp_path / "lsun"
+    write_lsun_lmdb(root / "bedroom", n=3)  # the unzipped official archive of another category
+    args = ["lsun_cat256", str(root), str(tmp_path / "out"), "--category", "bedroom", "--image-size", "16"]
+    assert prepare_main([*args, "--workers", "0", "-q"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["category"] == "bedroom" and manifest["splits"]["train"]["count"] == 3
+    from act_lightning.prepare import build_parser
+
+    defaults = build_parser().parse_args(["lsun_cat256", "src", "dst"])
+    assert (defaults.category, defaults.image_size, defaults.max_images) == ("cat", 256, None)

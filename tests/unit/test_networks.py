@@ -286,3 +286,84 @@ def test_consistency_function_around_a_generator():
     assert out.shape == x.shape and out.dtype == torch.float32
     assert torch.equal(out[0], x[0])
     assert isinstance(G, UNetGenerator)
+
+
+def tiny_generator(**kwargs) -> UNetGenerator:
+    args = dict(
+        image_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=[8, 8],
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    return UNetGenerator(**(args | kwargs))
+
+
+def test_block_layouts_at_the_edges_are_checked_by_name_and_one_block_is_allowed():
+    G = tiny_generator(block_out_channels=[8], down_block_types=["DownBlock2D"], up_block_types=["UpBlock2D"])
+    with torch.no_grad():
+        assert G(torch.randn(2, 1, 8, 8), torch.rand(2)).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"model\.generator\.block_out_channels must list at least one"):
+        tiny_generator(block_out_channels=[], down_block_types=[], up_block_types=[])
+    with pytest.raises(ValueError, match=r"model\.generator\.channel_divisor=0 must be a positive divisor"):
+        tiny_generator(channel_divisor=0)
+    # the mid-block attends at the last width even where no down block has attention
+    with pytest.raises(ValueError, match=r"model\.discriminator\.attention_head_dim=8 must divide .* \[12\]"):
+        tiny_discriminator(
+            block_out_channels=[8, 12], down_block_types=["DownBlock2D"] * 2, attention_head_dim=8
+        )
+
+
+def test_used_channels_must_pick_in_channels_existing_output_channels():
+    G = tiny_generator(in_channels=1, out_channels=3, used_channels=[2])
+    assert G.used_channels == [2]
+    for used in ([3], [0, 1], [-1]):
+        with pytest.raises(ValueError, match=r"model\.generator\.used_channels="):
+            tiny_generator(in_channels=1, out_channels=3, used_channels=used)
+
+
+def test_the_generator_hands_its_time_embedding_options_to_the_unet():
+    config = tiny_generator(flip_sin_to_cos=False, freq_shift=1).unet.config
+    assert (config.flip_sin_to_cos, config.freq_shift) == (False, 1)
+    config = tiny_generator().unet.config
+    assert (config.flip_sin_to_cos, config.freq_shift) == (True, 0)
+
+
+def test_a_discriminator_without_a_head_width_has_one_head_per_layer_and_a_frozen_spare_head():
+    D = tiny_discriminator(
+        block_out_channels=[8, 16],
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+        attention_head_dim=None,
+    )
+    layers = [m for m in D.modules() if isinstance(m, Attention)]
+    assert len(layers) == 2 and all(m.heads == 1 for m in layers)
+    assert not any(p.requires_grad for p in D.to_logit_fx.parameters())  # DDP needs a gradient otherwise
+    assert all(p.requires_grad for p in D.to_logit.parameters())
+
+
+def test_the_discriminator_adds_the_class_embedding_and_pools_the_activated_features():
+    torch.manual_seed(0)
+    D = tiny_discriminator(num_class_embeds=3)
+    x, c_noise, labels = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    seen = {}
+    D.down_blocks[0].register_forward_hook(lambda m, args, out: seen.update(emb=args[1]))
+    D.mid_block.register_forward_hook(lambda m, args, out: seen.update(mid=out))
+    with torch.no_grad():
+        logits = D(x, c_noise, labels)
+        emb = D.time_embedding(D.time_proj(c_noise)) + D.class_embedding(labels)
+        h = torch.nn.functional.silu(D.conv_norm_out(seen["mid"]))  # (2, 8, 4, 4)
+        pooled = h.unflatten(2, (2, 2)).unflatten(4, (2, 2)).mean(dim=(3, 5)).flatten(1)  # 2x2 cells
+        expected = pooled @ D.to_logit.weight.T + D.to_logit.bias
+    torch.testing.assert_close(seen["emb"], emb)
+    torch.testing.assert_close(logits, expected.squeeze(1))
+
+
+def test_flex_attention_is_refused_for_a_discriminator_with_another_kind_of_attention():
+    D = tiny_discriminator()
+    D._attention[0].norm_k = torch.nn.LayerNorm(4)
+    with pytest.raises(ValueError, match="has query/key norms: set model.speed.flex_attention=false"):
+        D.use_fast_attention(True, flex=True)

@@ -45,3 +45,10 @@ def test_no_other_seed_formula_is_left_in_the_package():
             if re.search(r"1_000_003|1000003|7919", line):
                 offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_mix_seed_reduces_modulo_the_mersenne_prime_two_to_the_63_minus_one():
+    modulus = 2**63 - 1
+    assert mix_seed(modulus - 1) == 0  # (modulus - 1) + 1 wraps to zero
+    assert mix_seed(2**62, 2**62) == ((2**62 + 1) * 1_000_003 + 2**62 + 1) % modulus
+    assert mix_seed(-1) == 0 and mix_seed(-2) == modulus - 1  # negative parts too: always in [0, modulus)
