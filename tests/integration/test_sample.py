@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from act_lightning.checkpoints import load_model
+from act_lightning.consistency import karras_sigmas
 from act_lightning.sample import check_taus, class_labels, image_noise, two_step_tau
-from act_lightning.seeds import mix_seed
+from act_lightning.seeds import LABEL, mix_seed
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose, run_module
 
@@ -207,10 +209,6 @@ def test_each_sampling_step_draws_an_images_noise_from_its_own_stream():
 
 
 def test_the_default_two_step_tau_is_t_22_of_the_reference_40_level_grid():
-    from omegaconf import OmegaConf
-
-    from act_lightning.consistency import karras_sigmas
-
     reference = karras_sigmas(40, 0.002, 80.0, 7.0).flip(0)[22].item()  # openai/consistency_models' ts
     assert two_step_tau(OmegaConf.create({})) == pytest.approx(reference, abs=5e-5)
     assert two_step_tau(OmegaConf.create({"two_step_tau": 8.0})) == 8.0
@@ -227,8 +225,6 @@ def test_each_image_of_a_batch_gets_its_own_class_label(checkpoints, tmp_path):
 
 
 def test_random_class_labels_come_from_their_own_stream_per_image():
-    from act_lightning.seeds import LABEL
-
     labels = class_labels("random", 6, 10, 3)
     for i, label in enumerate(labels.tolist()):  # image i's label: the generator seeded by (seed, i, LABEL)
         g = torch.Generator().manual_seed(mix_seed(3, i, LABEL))

@@ -1,15 +1,18 @@
 """One ACT iteration through Lightning: what moves, by how much, what is counted, and what is skipped."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from act_lightning import consistency as cm
+from act_lightning.augment import r1_controller_update
+from act_lightning.data.base import split_halves
 from act_lightning.divergence import GUARDED_TERMS
-from act_lightning.module import ACTModule
-from tests.helpers_training import SMALL, fit, params
+from act_lightning.module import ACTModule, ema_update
+from tests.helpers_training import SMALL, fit, fit_recording, params
 
 
 def test_one_iteration_moves_g_and_d_and_the_target_by_the_exact_decay(cfg_factory):
@@ -274,8 +277,6 @@ def test_r1_gamma_zero_runs_no_r1_pass_and_leaves_the_augmentation_controller_al
 
 @pytest.mark.parametrize("foreach", [True, False])
 def test_ema_update_lerps_the_parameters_and_copies_the_buffers(foreach):
-    from act_lightning.module import ema_update
-
     torch.manual_seed(0)
     net, source = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
     with torch.no_grad():
@@ -296,8 +297,6 @@ def test_what_each_network_backpropagates_over_its_micro_batches_sums_to_its_log
     # the gradient is that of the logged loss, the mean over the half-batch: each micro-batch contributes
     # its sum divided by the whole half's size (G: B_G examples, D: B_D / 2 fake-real pairs), so neither
     # the number of micro-batches nor the discriminator's two halves scale the step (which SGD would see)
-    from tests.helpers_training import fit_recording
-
     cfg = cfg_factory([*SMALL, "iterations=1", "data.global_batch_size=8", "model.r1_interval=1"])
     backpropagated = []
     original = ACTModule.manual_backward
@@ -316,10 +315,6 @@ def test_what_each_network_backpropagates_over_its_micro_batches_sums_to_its_log
 def test_each_rank_draws_its_own_augmentation_and_the_same_one_again_at_the_same_iteration(cfg_factory):
     # (seed, k, AUGMENT, rank): ranks augment their shares differently (one draw repeated over the devices
     # would be a smaller effective batch for the discriminator), and a resumed iteration draws it again
-    from types import SimpleNamespace
-
-    from act_lightning.data.base import split_halves
-
     cfg = cfg_factory(SMALL)
     model = instantiate(cfg.model)
     model.aug_p.fill_(1.0)
@@ -336,10 +331,6 @@ def test_each_rank_draws_its_own_augmentation_and_the_same_one_again_at_the_same
 
 def test_a_non_finite_r1_moves_the_augmentation_controller_as_a_zero_would(cfg_factory):
     # a NaN R1 is the divergence guard's business; the controller reads it as 0 and stays finite
-    from types import SimpleNamespace
-
-    from act_lightning.augment import r1_controller_update
-
     model = instantiate(cfg_factory(SMALL).model)
     model.r1_ema.fill_(10.0)
     model.aug_p.fill_(0.5)

@@ -62,6 +62,21 @@ def tiny_discriminator(**kwargs) -> Discriminator:
     return Discriminator(**(args | kwargs))
 
 
+def tiny_generator(**kwargs) -> UNetGenerator:
+    args = dict(
+        image_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=[8, 8],
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+        up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+        layers_per_block=1,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    return UNetGenerator(**(args | kwargs))
+
+
 @pytest.mark.parametrize(("kind", "name"), list(REFERENCE_PARAMS))
 def test_parameter_counts_match_reference(kind, name):
     with torch.device("meta"):  # no memory, no initialisation: instant even for 100M parameters
@@ -286,21 +301,6 @@ def test_consistency_function_around_a_generator():
     assert out.shape == x.shape and out.dtype == torch.float32
     assert torch.equal(out[0], x[0])
     assert isinstance(G, UNetGenerator)
-
-
-def tiny_generator(**kwargs) -> UNetGenerator:
-    args = dict(
-        image_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=[8, 8],
-        down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-        up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-        layers_per_block=1,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    return UNetGenerator(**(args | kwargs))
 
 
 def test_block_layouts_at_the_edges_are_checked_by_name_and_one_block_is_allowed():
