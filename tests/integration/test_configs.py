@@ -1,10 +1,16 @@
 """Every experiment composes and instantiates; configuration errors fail early, naming the key."""
 
+import os
+
 import pytest
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from act_lightning.resolvers import LAUNCH_ENV, in_folder, launch_name, lazy_regularisation_beta2
 from act_lightning.train import check_config
 from tests.conftest import CONF, EXPERIMENTS, compose
 
@@ -143,6 +149,47 @@ def test_mismatched_network_and_data_sizes(tmp_path):
         check_config(cfg)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.discriminator.image_size=16",
+            "model.discriminator.image_size=16 differs from data.image_size=8",
+        ),
+        ("model.generator.in_channels=3", "model.generator.in_channels=3 differs from data.channels=1"),
+        (
+            "model.discriminator.in_channels=3",
+            "model.discriminator.in_channels=3 differs from data.channels=1",
+        ),
+    ],
+)
+def test_the_discriminator_and_the_channels_must_match_the_data_too(override, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        check_config(compose(["debug=smoke", override], run_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("resume=sometimes", "resume must be one of auto, never; got 'sometimes'"),
+        ("callbacks.checkpoint=null", "callbacks.checkpoint=null: a training run always keeps"),
+        ("eval.every=0", "eval.every must be an integer >= 1, got 0"),  # before the grid callback reads it
+    ],
+)
+def test_the_resume_mode_the_checkpoint_callback_and_the_evaluation_interval_are_checked_first(
+    override, message, tmp_path
+):
+    with pytest.raises(ValueError, match=message):
+        check_config(compose(["debug=smoke", override], run_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("tau", ["0.002", "20.0", "true"])  # debug=smoke: sigma_max=20
+def test_two_step_tau_lies_strictly_between_the_schedules_levels_and_is_a_number(tau, tmp_path):
+    with pytest.raises(ValueError, match=rf"two_step_tau={tau.title() if tau == 'true' else tau}: "):
+        check_config(compose(["debug=smoke", f"two_step_tau={tau}"], run_dir=str(tmp_path)))
+    check_config(compose(["debug=smoke", "two_step_tau=19.9"], run_dir=str(tmp_path)))
+
+
 @pytest.mark.parametrize("seed", ["abc", "-1", "4294967296", "true", "1.5"])
 def test_a_seed_numpy_and_torch_cannot_take_is_refused_by_name(seed, tmp_path):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\]"):
@@ -259,10 +306,6 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("path", sorted(COMMAND_CASES))
 def test_command_config_composes_with_its_mandatory_options(path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
     name = path.removesuffix(".yaml")
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = hydra_compose(name, overrides=COMMAND_CASES[path], return_hydra_config=True)
@@ -276,9 +319,6 @@ def test_command_config_composes_with_its_mandatory_options(path):
 
 @pytest.mark.parametrize("path", sorted(GROUP_CASES))
 def test_config_file_composes_and_instantiates(path, tmp_path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     overrides = [*GROUP_CASES[path], f"run_dir={tmp_path}"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
@@ -352,7 +392,6 @@ def test_the_diffusion_start_recipes_carry_edms_and_ects_settings(tmp_path):
 def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):
     """The reference cache lives beside the data; synthetic images have no folder, so no cache (this used
     to fail with "Interpolation key 'data.root' not found" unless debug=smoke was given too)."""
-    from omegaconf import OmegaConf
 
     synthetic = compose(["experiment=cifar10", "data=synthetic"], run_dir=str(tmp_path))
     assert OmegaConf.to_container(synthetic.eval, resolve=True)["reference_cache"] is None
@@ -362,7 +401,6 @@ def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):
 
 def test_adas_quarter_turns_are_one_documented_override_away(tmp_path):
     """docs/algorithm.md: `+model.augment.rotate90_turns=[0,1,2,3]` (model.augment is null by default)."""
-    from hydra.utils import instantiate
 
     model = instantiate(
         compose(["debug=smoke", "+model.augment.rotate90_turns=[0,1,2,3]"], run_dir=str(tmp_path)).model
@@ -370,3 +408,17 @@ def test_adas_quarter_turns_are_one_documented_override_away(tmp_path):
     assert model.augment_pipe.rotate90_turns == (0, 1, 2, 3)
     default = instantiate(compose(["debug=smoke"], run_dir=str(tmp_path)).model)
     assert default.augment_pipe.rotate90_turns == (0, 3)
+
+
+def test_the_resolvers_name_the_launch_once_per_process_tree_and_cache_beside_the_data(monkeypatch):
+    assert lazy_regularisation_beta2(0.99, 16) == pytest.approx(0.99 * 16 / 17)
+    assert in_folder(None, "stats.npz") is None and in_folder("/data", "stats.npz") == "/data/stats.npz"
+    monkeypatch.delenv(LAUNCH_ENV, raising=False)
+    name = launch_name()
+    assert os.environ[LAUNCH_ENV] == f"{name}@{os.getpid()}" and launch_name() == name
+    monkeypatch.setenv(LAUNCH_ENV, f"2026-01-01_10-00-00_000001@{os.getppid()}")  # a DDP process's parent
+    assert launch_name() == "2026-01-01_10-00-00_000001"
+    monkeypatch.setenv(LAUNCH_ENV, "2026-01-01_10-00-00_000001@1")  # inherited from another launch
+    assert launch_name() != "2026-01-01_10-00-00_000001"
+    monkeypatch.setenv(LAUNCH_ENV, f"@{os.getpid()}")  # no name
+    assert launch_name() != ""

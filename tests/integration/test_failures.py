@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,10 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from act_lightning import loggers
 from act_lightning.callbacks import LastCheckpoint
 from act_lightning.callbacks.guard import what_to_do
+from act_lightning.loggers import unreachable
 from act_lightning.train import train
 from tests.conftest import compose, refusal, run_cli, run_module
+from tests.helpers_data import write_image_folder
 
 QUIET = ["debug=smoke", "data=synthetic", "eval=null"]
 
@@ -202,11 +206,68 @@ def test_wandb_with_a_key_but_no_network_goes_offline_at_once_with_a_note(tmp_pa
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
 
 
+def test_wandb_goes_offline_when_asked_without_a_key_or_a_server_and_is_not_probed_behind_a_proxy(
+    tmp_path, monkeypatch, caplog
+):
+    probed, answer = [], []
+    monkeypatch.setattr(loggers, "unreachable", lambda host, port: probed.append((host, port)) or answer[0])
+    for name in (*loggers.PROXIES, "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key
+    assert loggers.wandb_offline({"offline": True})
+    with caplog.at_level("WARNING", logger="act_lightning.loggers"):
+        assert loggers.wandb_offline({"save_dir": "/runs/a"}) and probed == []
+    assert "No W&B API key configured: logging offline; upload it later with `wandb sync /runs/a/wandb/" in (
+        caplog.text
+    )
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine api.wandb.ai login user password not-a-key\n")  # `wandb login`
+    netrc.chmod(0o600)
+    answer.append(None)
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's older word for offline
+    assert loggers.wandb_offline({}) and probed == []
+    monkeypatch.delenv("WANDB_MODE")
+    assert not loggers.wandb_offline({}) and probed == [("api.wandb.ai", 443)]
+    answer[0] = "Connection refused"
+    with caplog.at_level("WARNING", logger="act_lightning.loggers"):
+        assert loggers.wandb_offline({})
+    assert (
+        "W&B's server api.wandb.ai:443 cannot be reached (Connection refused): logging offline" in caplog.text
+    )
+    monkeypatch.setenv("https_proxy", "http://proxy:3128")  # the proxy decides: no probe
+    probed.clear()
+    assert not loggers.wandb_offline({}) and probed == []
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.example")  # a server of one's own: its key
+    assert loggers.wandb_host() == ("wandb.example", 80) and not loggers.wandb_key_configured()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example:8443")
+    assert loggers.wandb_host() == ("wandb.example", 8443)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example")
+    assert loggers.wandb_host() == ("wandb.example", 443)
+
+
+def test_unreachable_says_why_a_connection_fails_or_that_no_answer_came(monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert unreachable("127.0.0.1", server.getsockname()[1]) is None
+    assert unreachable("127.0.0.1", _closed_port()) == "Connection refused"
+    hung = threading.Event()
+
+    def no_answer(*args, **kwargs):  # a name lookup that hangs (it ignores the socket's timeout)
+        hung.wait(5)
+        raise OSError("given up")
+
+    monkeypatch.setattr(socket, "create_connection", no_answer)
+    try:
+        assert unreachable("127.0.0.1", 1, timeout=0.01) == "no answer within 0.01 s"
+    finally:
+        hung.set()
+
+
 def test_a_training_set_smaller_than_one_global_batch_is_refused_before_anything_is_written(tmp_path):
     """Synthetic and folder sources count their images (a folder's walk stops at one global batch) at
     start-up: the refusal comes before the run folder gets anything but its lock, as every start-up
     check's does."""
-    from tests.helpers_data import write_image_folder
 
     folder = write_image_folder(tmp_path / "images", classes=("only",), per_class=3)  # 3 images
     cases = {

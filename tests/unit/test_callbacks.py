@@ -1,15 +1,30 @@
-"""The sample grid and the progress bar (act_lightning.callbacks) with stand-ins for the trainer and the
-module: when a grid is drawn, what it shows, and what the bar counts and reads out."""
+"""The callbacks (act_lightning.callbacks) with stand-ins for the trainer and the module: when a sample grid
+is drawn and what it shows; what the progress bar counts and reads out; when the evaluation runs, what it
+logs and keeps as best; when the last checkpoint is saved, and how signals stop and requeue a run."""
 
 from __future__ import annotations
 
+import json
+import signal
+import threading
+from itertools import count
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from act_lightning.callbacks import IterationProgressBar, SampleGrid
+from act_lightning.callbacks import (
+    FrechetEvaluation,
+    IterationProgressBar,
+    LastCheckpoint,
+    SampleGrid,
+    evaluation,
+)
+from act_lightning.callbacks.evaluation import check_eval_arguments
 
 
 def _module(k: int, iterations: int = 10, num_classes: int | None = None, sample=None):
@@ -75,3 +90,294 @@ def test_the_progress_bar_counts_act_iterations_and_reads_out_losses_and_evaluat
     tqdm_bar = bar.bar
     bar.on_train_end(trainer, _module(9, iterations=20))
     assert bar.bar is None and tqdm_bar.disable  # closed
+
+
+# -- the evaluation callback (FrechetEvaluation) with its metric stubbed ------------------------------
+
+
+def test_the_evaluations_numeric_options_are_refused_by_name():
+    check_eval_arguments(1, "truncate", 2, 1, 2)  # a subset may be the whole set
+    check_eval_arguments(5, "round", 10, 4, 10)
+    for subset in (1, 11):
+        with pytest.raises(
+            ValueError, match=r"eval.subset_size must be null or in \[2, eval.num_samples=10\]"
+        ):
+            check_eval_arguments(5, "round", 10, 4, subset)
+    with pytest.raises(ValueError, match="eval.num_samples must be an integer >= 2, got 1"):
+        check_eval_arguments(5, "round", 1, 4, None)
+    with pytest.raises(ValueError, match="eval.quantize must be one of round, truncate; got 'floor'"):
+        check_eval_arguments(5, "floor", 10, 4, None)
+
+
+class _Loggers:
+    """What the loggers are given: (step, metrics) rows, and how often they were flushed."""
+
+    def __init__(self):
+        self.rows, self.saves = [], 0
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def save(self):
+        self.saves += 1
+
+
+def _evaluation(tmp_path, values, **kwargs):
+    """A FrechetEvaluation whose metric at iteration k is values[k] (and its extra metrics none)."""
+
+    cb = FrechetEvaluation(run_dir=str(tmp_path), features="digits", **kwargs)
+    cb.extractor = torch.nn.Identity()
+    cb._reference_statistics = lambda *a: (np.zeros(2), np.eye(2))
+    cb._extra_references = lambda *a: None
+    cb.evaluate = lambda trainer, module: values[module.k]
+    logger = _Loggers()
+    saved = []
+    trainer = SimpleNamespace(
+        loggers=[logger],
+        callback_metrics={},
+        datamodule=SimpleNamespace(),
+        is_global_zero=True,
+        save_checkpoint=lambda path, weights_only: saved.append((Path(path).name, len(cb.history))),
+    )
+    return cb, trainer, logger, saved
+
+
+def test_the_best_is_the_lowest_value_after_iteration_0_and_only_an_improvement_saves_best_ckpt(tmp_path):
+    values = {0: 1.0, 2: 9.0, 4: 5.0, 6: 5.0, 8: 7.0}
+    cb, trainer, logger, saved = _evaluation(tmp_path, values, best_checkpoint=str(tmp_path / "best.ckpt"))
+    assert cb.summary() == {"best": None}  # nothing evaluated yet
+    for k in values:
+        cb._evaluate_and_record(trainer, _module(k), k, float(k))
+    assert cb.best == (4, 5.0) and cb.summary() == {"best": 5.0}  # the tie at 6 keeps 4
+    assert saved == [("best.ckpt", 2), ("best.ckpt", 3)]  # at 2 and 4, each after its history entry
+    assert trainer.callback_metrics["val/fid"] == torch.tensor(7.0)  # the last one
+    assert [row for row in logger.rows] == [(k, {"val/fid": v}) for k, v in values.items()]
+    summary = json.loads((tmp_path / "metric_summary.json").read_text())
+    assert summary["best"] == {"iteration": 4, "value": 5.0}
+    assert [h["iteration"] for h in summary["history"]] == list(values)
+    first, _, _, _ = _evaluation(tmp_path / "first", {0: 3.0, 2: 4.0})
+    for k in (0, 2):
+        first._evaluate_and_record(trainer, _module(k), k, 0.0)
+    assert first.best == (2, 4.0) and first.summary() == {"best": 4.0}  # never iteration 0's
+    only, _, _, _ = _evaluation(tmp_path / "only", {0: 3.0, 2: 4.0})
+    only._evaluate_and_record(trainer, _module(0), 0, 0.0)
+    only.history.append((1, 8.0, 0.0))
+    assert only.best is None and only.summary() == {"best": 8.0}  # no best: the last value
+
+
+def test_extra_metrics_are_logged_beside_the_key_and_the_summary_counts_the_samples_drawn(tmp_path):
+    cb, trainer, logger, _ = _evaluation(
+        tmp_path, {4: 12.0}, key="val/fd", num_samples=10, subset_size=4, batch_size=2
+    )
+    cb._last_extra = {"kid": 0.5}
+    cb.references = {"real": 2.0, "noise": 52.0}
+    cb._evaluate_and_record(trainer, _module(4), 4, 1.0)
+    assert logger.rows == [(4, {"val/fd": 12.0, "val/kid": 0.5})]
+    assert cb.extra_history == [{"iteration": 4, "kid": 0.5}]
+    summary = json.loads((tmp_path / "metric_summary.json").read_text())
+    assert summary["num_samples"] == 8 and summary["subset_size"] == 4  # two whole subsets of 4
+    assert summary["normalised"] == 0.2 and summary["extra"] == cb.extra_history  # (12 - 2) / (52 - 2)
+
+
+def test_evaluations_come_every_n_iterations_and_at_the_last_one_once(tmp_path):
+    cb, trainer, logger, _ = _evaluation(tmp_path, {k: float(k) for k in range(12)}, every=4)
+    for k in range(1, 11):
+        cb.on_train_batch_end(trainer, _module(k, iterations=10), None, None, 0)
+    assert [h[0] for h in cb.history] == [4, 8, 10]  # the last one too, before its checkpoint is saved
+    cb.on_train_end(trainer, _module(10, iterations=10))
+    assert [h[0] for h in cb.history] == [4, 8, 10] and logger.saves == 1
+    cb.on_train_end(trainer, _module(11, iterations=10))  # a run started at its end: scored at the end
+    cb.on_train_end(trainer, _module(11, iterations=12))  # stopped early: resumed later, not scored
+    assert [h[0] for h in cb.history] == [4, 8, 10, 11]
+
+
+def test_a_resumed_evaluation_keeps_its_history_and_takes_the_best_anew_without_its_checkpoint(tmp_path):
+    cb, trainer, logger, _ = _evaluation(tmp_path, {0: 9.0, 4: 3.0}, best_checkpoint=str(tmp_path / "b.ckpt"))
+    cb.references = {"real": 1.0}
+    cb.on_train_start(trainer, _module(0))
+    assert logger.rows[0] == (0, {"val/fid_real": 1.0}) and [h[0] for h in cb.history] == [0]
+    cb._evaluate_and_record(trainer, _module(4), 4, 2.0)
+    cb.extra_history = [{"iteration": 4, "kid": 0.5}]
+    state = cb.state_dict()
+    resumed, trainer, logger, _ = _evaluation(tmp_path, {}, best_checkpoint=str(tmp_path / "b.ckpt"))
+    resumed.load_state_dict(state)
+    assert resumed.best == (4, 3.0) and resumed.references == {"real": 1.0}
+    assert resumed.extra_history == [{"iteration": 4, "kid": 0.5}] and resumed.history == cb.history
+    (tmp_path / "b.ckpt").write_bytes(b"kept")
+    resumed.on_train_start(trainer, _module(4))  # resumed: no references logged, no evaluation
+    assert logger.rows == [] and resumed.best == (4, 3.0) and len(resumed.history) == 2
+    moved = FrechetEvaluation(
+        run_dir=str(tmp_path / "other"), features="digits", best_checkpoint=str(tmp_path / "none.ckpt")
+    )
+    moved.load_state_dict(state)
+    moved.extractor = torch.nn.Identity()
+    moved._reference_statistics = lambda *a: (np.zeros(2), np.eye(2))
+    moved._extra_references = lambda *a: None
+    moved.on_train_start(trainer, _module(4))  # another folder: its best.ckpt is not there
+    assert moved.best is None
+
+
+def test_the_evaluations_own_time_is_not_training_time(tmp_path, monkeypatch):
+    ticks = count()
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: float(next(ticks)))
+    cb, trainer, _, _ = _evaluation(tmp_path, {4: 1.0})
+    cb._clock = float(next(ticks))  # 0: training started
+    cb._evaluate_and_log(trainer, _module(4))  # reads the clock at 1 (seconds), 2 (start) and 3 (end)
+    assert cb.history == [(4, 1.0, 1.0)]
+    assert cb.train_seconds() == 4.0 - 1.0  # four ticks in all, one of them the evaluation's
+
+
+def test_wandb_gets_the_metrics_definition_and_the_best_value_with_its_iteration_in_its_summary(tmp_path):
+    class Wandb(WandbLogger):  # what the callback uses of a W&B run: its summary and define_metric
+        def __init__(self):
+            self.summary, self.defined = {}, []
+
+        @property
+        def experiment(self):
+            return SimpleNamespace(
+                summary=self.summary, define_metric=lambda *a, **k: self.defined.append((a, k))
+            )
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+    cb, trainer, _, _ = _evaluation(tmp_path, {0: 9.0, 2: 4.0, 4: 6.0})
+    wandb = Wandb()
+    trainer.loggers = [wandb]
+    cb._define_wandb_metrics(trainer)
+    assert wandb.defined == [(("val/fid",), {"step_metric": "trainer/global_step", "summary": "min,last"})]
+    cb._evaluate_and_record(trainer, _module(0), 0, 0.0)
+    assert wandb.summary == {}  # no best yet
+    for k in (2, 4):
+        cb._evaluate_and_record(trainer, _module(k), k, 0.0)
+    assert wandb.summary == {"val/fid_best": 4.0, "val/fid_best_iteration": 2}
+    other = Wandb()
+    trainer.loggers, trainer.is_global_zero = [other], False
+    cb._define_wandb_metrics(trainer)
+    cb._update_wandb_summary(trainer)
+    assert other.summary == {} and other.defined == []  # rank 0's run only
+
+
+# -- the last checkpoint, stopping and signals (LastCheckpoint) -----------------------------------------
+
+
+def _trainer(events: list, world_size: int = 1, is_global_zero: bool = True):
+    """A stand-in trainer that records the loggers' flushes and the checkpoints it is asked to save."""
+
+    logger = SimpleNamespace(save=lambda: events.append("logger.save"))
+    return SimpleNamespace(
+        loggers=[logger],
+        save_checkpoint=lambda path, weights_only: events.append(Path(path).name),
+        is_global_zero=is_global_zero,
+        world_size=world_size,
+        should_stop=False,
+    )
+
+
+def test_stop_after_counts_the_iterations_of_this_process_and_saves_once_where_it_stops(tmp_path):
+    events: list = []
+    trainer = _trainer(events)
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=10, stop_after=3)
+    callback.on_train_start(trainer, _module(5, iterations=20))  # a resumed run: three iterations from 5 on
+    try:
+        for k in (6, 7):
+            callback.on_train_batch_end(trainer, _module(k, iterations=20), None, None, 0)
+        assert events == [] and not trainer.should_stop
+        callback.on_train_batch_end(trainer, _module(8, iterations=20), None, None, 0)
+        assert events == ["logger.save", "last.ckpt"]  # the rows are on disk before the checkpoint
+        assert trainer.should_stop and callback.stopped_early and callback.summary() == {"stopped_by": None}
+        callback.on_train_end(trainer, _module(8, iterations=20))  # that iteration is saved already
+        assert events == ["logger.save", "last.ckpt"]
+    finally:
+        callback.on_exception(trainer, _module(8, iterations=20), RuntimeError())
+
+
+def test_a_stop_in_the_last_iteration_finishes_the_run_and_saves_on_the_interval_only(tmp_path):
+    events: list = []
+    trainer = _trainer(events)
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=4, stop_after=1)
+    callback._start = 3
+    callback.on_train_batch_end(trainer, _module(4, iterations=4), None, None, 0)
+    assert events == ["logger.save", "last.ckpt"] and not callback.stopped_early and not trainer.should_stop
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=4, stop_after=1)
+    callback._start = 4
+    events.clear()
+    callback.on_train_batch_end(trainer, _module(5, iterations=6), None, None, 0)  # off the interval: saved
+    assert events == ["logger.save", "last.ckpt"] and callback.stopped_early
+    with pytest.raises(ValueError, match="stop_after must be a positive number of iterations or null, got 0"):
+        LastCheckpoint(str(tmp_path), stop_after=0)
+
+
+def test_a_signal_stops_after_its_iteration_and_only_a_second_ctrl_c_stops_at_once(tmp_path):
+    events: list = []
+    trainer = _trainer(events)
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=10)
+    callback._on_signal(signal.SIGTERM, None)
+    callback._on_signal(signal.SIGINT, None)  # a Ctrl-C after another signal: no stop at once
+    callback.on_train_batch_end(trainer, _module(3, iterations=20), None, None, 0)
+    assert callback.stopped_by == signal.SIGINT and trainer.should_stop and events[-1] == "last.ckpt"
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            callback._on_signal(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_handlers_are_put_back_lightnings_as_the_default_and_the_launchers_requeue_is_called(
+    tmp_path, monkeypatch
+):
+    def lightnings(signum, frame):  # what Lightning's signal connector installs
+        raise AssertionError("never called")
+
+    lightnings.__module__ = "lightning.pytorch.trainer.connectors.signal_connector"
+    calls = []
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    try:
+        signal.signal(signal.SIGUSR1, lightnings)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(("launcher", signum, frame)))
+        callback = LastCheckpoint(str(tmp_path))
+        callback.on_train_start(_trainer([]), _module(0, iterations=20))
+        assert signal.getsignal(signal.SIGUSR2) == callback._on_signal
+        callback._restore_handlers()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+        callback.stopped_by = signal.SIGUSR2
+        callback.requeue(is_global_zero=True)
+        assert calls == [("launcher", signal.SIGUSR2, None)]  # the launcher requeues, not scontrol
+        callback.stopped_by = signal.SIGUSR1  # Lightning's handler was there: scontrol, as Lightning would
+        callback.requeue(is_global_zero=False)
+        assert len(calls) == 1  # rank 0 only
+        callback.requeue(is_global_zero=True)
+        assert calls[1] == ["scontrol", "requeue", "120_3"]  # the array job's task
+        callback.stopped_by = signal.SIGTERM  # preempted: the scheduler requeues it, or not
+        callback.requeue(is_global_zero=True)
+        assert len(calls) == 2
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_only_rank_0_deletes_old_snapshots_and_handlers_are_left_alone_off_the_main_thread(tmp_path):
+    saved = []
+    trainer = _trainer(saved, world_size=2, is_global_zero=False)
+    trainer.save_checkpoint = lambda path, weights_only: Path(path).write_bytes(b"state")
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=2, keep_snapshots=1)
+    for iteration in (2, 4):
+        callback._save(trainer, iteration)
+    assert len(list(tmp_path.glob("iter_*.ckpt"))) == 2  # rank 0 deletes (the folder is shared)
+    before, errors = signal.getsignal(signal.SIGTERM), []
+
+    def start():
+        try:
+            callback.on_train_start(trainer, _module(0, iterations=20))
+        except Exception as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) == before

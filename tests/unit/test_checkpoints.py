@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import errno
+import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from act_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
 from act_lightning.checkpoints import (
     UnreadableCheckpoint,
     checkpoint_iteration,
     human_bytes,
     load_checkpoint,
+    load_model,
     out_of_space,
     read_checkpoint,
     tensor_bytes,
 )
+from tests.conftest import compose
 
 
 class Pickled:  # an object the safe loader refuses
@@ -70,11 +78,6 @@ def test_load_checkpoint_wants_a_training_config_and_finite_weights(tmp_path):
 
 def test_a_checkpoint_from_before_the_schedule_and_speed_groups_still_builds_its_networks(tmp_path):
     # act-lightning 0.1 kept the schedule's and the speed options' keys directly under `model`
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from act_lightning.checkpoints import load_model
-    from tests.conftest import compose
 
     cfg = OmegaConf.to_container(
         compose(
@@ -150,10 +153,6 @@ def test_pickled_objects_are_named_without_torchs_unsafe_advice(tmp_path):
 
 @pytest.mark.parametrize("keep, kept", [(True, [2, 4, 6, 8]), (2, [6, 8]), (1, [8]), (0, []), (False, [])])
 def test_keep_snapshots_keeps_all_the_newest_n_or_none(tmp_path, keep, kept):
-    from types import SimpleNamespace
-
-    from act_lightning.callbacks import LastCheckpoint
-
     def save(path, weights_only):
         Path(path).write_bytes(b"state")
 
@@ -167,8 +166,6 @@ def test_keep_snapshots_keeps_all_the_newest_n_or_none(tmp_path, keep, kept):
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "two"])
 def test_keep_snapshots_refuses_what_is_no_count(tmp_path, bad):
-    from act_lightning.callbacks import LastCheckpoint
-
     with pytest.raises(ValueError, match="callbacks.checkpoint.keep_snapshots must be true"):
         LastCheckpoint(str(tmp_path), keep_snapshots=bad)
 
@@ -176,7 +173,6 @@ def test_keep_snapshots_refuses_what_is_no_count(tmp_path, bad):
 def test_the_full_disk_message_counts_the_checkpoints_bytes_and_recognises_a_quota():
     """What a save that ran out of space reports: the tensors' bytes (each element's size), in units of
     1000, and whether the error, or one it arose from, is a full disk or an exhausted quota."""
-    import errno
 
     tree = {
         "a": torch.zeros(3),
@@ -200,3 +196,20 @@ def test_the_full_disk_message_counts_the_checkpoints_bytes_and_recognises_a_quo
         except RuntimeError as err:
             assert out_of_space(err)
     assert not out_of_space(OSError(errno.EACCES, "denied")) and not out_of_space(None)
+
+
+def test_checkpoints_are_read_with_the_safe_loader_onto_the_cpu_and_stale_saves_removed(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    assert torch.equal(io.load_checkpoint(tmp_path / "a.ckpt")["w"], torch.ones(2))
+    torch.save({"object": Pickled()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        io.load_checkpoint(tmp_path / "pickled.ckpt")
+    stale = tmp_path / ".last.ckpt.abcd1234.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    callback = LastCheckpoint(str(tmp_path))
+    callback.setup(SimpleNamespace(is_global_zero=False), None, "fit")  # another rank: not its folder
+    callback.setup(SimpleNamespace(is_global_zero=True), None, "validate")
+    assert stale.exists()
+    callback.setup(SimpleNamespace(is_global_zero=True), None, "fit")
+    assert not stale.exists() and (tmp_path / "a.ckpt").exists()

@@ -5,9 +5,14 @@ import os
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from act_lightning.checks import check_count
 from act_lightning.commands import check_out_folder, resolve_device
+from act_lightning.launch import CheckRunFolder, LaunchLog
+from act_lightning.train import check_config
+from tests.conftest import compose
 
 
 def test_device_names_what_torch_does_not_know_and_cuda_this_machine_lacks(monkeypatch):
@@ -69,10 +74,6 @@ def test_an_out_folder_must_be_a_writable_folder_or_below_one(tmp_path):
 )
 def test_training_refuses_a_count_that_is_no_integer_by_its_key(override, key, tmp_path):
     """In the order train() meets them: its own checks, then the callbacks."""
-    from hydra.utils import instantiate
-
-    from act_lightning.train import check_config
-    from tests.conftest import compose
 
     cfg = compose(["debug=smoke", override], run_dir=str(tmp_path))
     with pytest.raises(Exception, match=f"{key} must be an integer >= 1, got"):
@@ -80,3 +81,22 @@ def test_training_refuses_a_count_that_is_no_integer_by_its_key(override, key, t
         for callback in cfg.callbacks.values():
             if callback is not None:
                 instantiate(callback)
+
+
+def test_a_run_or_sweep_folder_that_cannot_be_written_stops_hydra_with_status_2(tmp_path, capsys):
+    """act_lightning.launch.CheckRunFolder, Hydra's callback: the key of the launch's kind is checked."""
+
+    (tmp_path / "file").write_text("x")
+    config = OmegaConf.create(
+        {"hydra": {"run": {"dir": str(tmp_path / "run")}, "sweep": {"dir": str(tmp_path / "file" / "sweep")}}}
+    )
+    CheckRunFolder().on_run_start(config)
+    with pytest.raises(SystemExit) as stopped:
+        CheckRunFolder().on_multirun_start(config)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: hydra.sweep.dir={tmp_path / 'file' / 'sweep'}: {tmp_path / 'file'} is not a folder\n"
+    )
+    handler = LaunchLog(str(tmp_path / "run" / ".hydra" / "launches" / "x" / "train.log"))  # its folder made
+    handler.close()
+    assert (tmp_path / "run" / ".hydra" / "launches" / "x" / "train.log").is_file()

@@ -138,3 +138,26 @@ def test_exactly_lightnings_unresumable_loader_warning_is_ignored():
         warnings.warn(lightnings[0], PossibleUserWarning, stacklevel=1)
         warnings.warn("Your dataloader has few workers", PossibleUserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["Your dataloader has few workers"]
+
+
+def test_the_csv_logger_gives_its_writer_the_resumed_iteration(tmp_path):
+    from act_lightning.loggers import ResumableCSVLogger
+
+    _write_rows(tmp_path / "metrics.csv", range(1, 6))
+    logger = ResumableCSVLogger(str(tmp_path), name="", version="", resume_step=2)
+    logger.log_metrics({"train/loss_g": 9.0}, step=3)
+    logger.save()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [(int(r["step"]), float(r["train/loss_g"])) for r in csv.DictReader(f)] == [
+            (1, 0.5),
+            (2, 1.0),
+            (3, 9.0),
+        ]
+
+
+def test_rows_without_a_step_are_dropped_when_a_resume_rewrites_the_csv(tmp_path):
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        f.write("step,train/loss_g\n1,0.5\n,0.7\n2,1.0\n")  # a row with no step (hand-edited, or foreign)
+    ResumableExperimentWriter(str(tmp_path), resume_step=3)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]

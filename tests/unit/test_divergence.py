@@ -154,3 +154,16 @@ def test_on_cuda_the_guard_waits_for_nothing_zeroes_a_bad_update_and_leaves_over
         torch.cuda.set_sync_debug_mode(0)
     assert [bool(f) for f in flags] == [False, True]
     assert all(not p.grad.view(torch.int32).any() for p in net.parameters())  # +0.0 everywhere
+
+
+def test_a_deferred_read_on_the_cpu_gives_each_value_once():
+    """act_lightning.readback.DeferredRead, as the guard and the module use it off a GPU."""
+    from act_lightning.readback import DeferredRead
+
+    read = DeferredRead()
+    assert read.poll() is None and not read.in_flight
+    read.submit(torch.tensor(3))
+    assert read.in_flight
+    read.submit(torch.tensor(5))  # only the latest value matters
+    assert read.poll() == 5 and not read.in_flight
+    assert read.poll() is None  # handed over once

@@ -4,12 +4,16 @@ Algorithms 1 and 4), the levels an iteration draws, and the curriculum's roundin
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from act_lightning import consistency as cm
-from act_lightning.iteration import edm_levels, grid_levels
+from act_lightning.data.base import HalfBatch
+from act_lightning.edit import default_taus, edit_taus
+from act_lightning.iteration import GridCache, draw_noise, ect_levels, edm_levels, grid_levels, split_micro
 from act_lightning.samplers import multistep, zero_shot_edit
 
 SIGMA_MIN = 0.002
@@ -75,10 +79,6 @@ def test_zero_shot_editing_projects_the_start_and_each_clipped_denoised_image():
 
 
 def test_editings_default_levels_start_at_sigma_max_and_stop_above_sigma_min():
-    from omegaconf import OmegaConf
-
-    from act_lightning.edit import default_taus, edit_taus
-
     taus = default_taus(3, SIGMA_MIN, 80.0, 7.0)
     grid = cm.karras_sigmas(4, SIGMA_MIN, 80.0, 7.0).flip(0).tolist()  # 80, ..., sigma_min
     assert taus == grid[:3] and taus[0] == pytest.approx(80.0) and min(taus) > SIGMA_MIN
@@ -123,3 +123,42 @@ def test_the_curriculum_rounds_n_half_up(progress, bins_min, expected):
 def test_ects_curriculum_with_an_ema_teacher_decays_by_mu0():
     schedule = cm.ConsistencySchedule(curriculum="ect", teacher="ema", mu0=0.9)
     assert schedule.target_ema(2) == 0.9 and schedule.target_ema(150) == 0.9
+
+
+def test_each_rank_takes_its_slice_of_the_global_batchs_draws_and_each_micro_batch_its_part():
+    sigmas = cm.karras_sigmas(11)
+    levels = grid_levels(sigmas, None)
+    images = torch.zeros(4, 1, 2, 2)
+    batch = HalfBatch(images, torch.zeros(4, dtype=torch.long), images, torch.zeros(4, dtype=torch.long), 2)
+    whole = draw_noise(batch, levels, torch.Generator().manual_seed(5), 0, 1)
+    assert whole["gen_z"].shape == (4, 1, 2, 2) and whole["fake_t"].shape == (2,)
+    for rank in (0, 1):  # two devices, each with half of this global batch
+        half = HalfBatch(images[:2], batch.gen_labels[:2], images[:2], batch.disc_labels[:2])
+        share = draw_noise(half, levels, torch.Generator().manual_seed(5), rank, 2)
+        for key, value in share.items():
+            assert torch.equal(value, whole[key].chunk(2)[rank]), key
+    micro = split_micro(batch, whole)
+    assert len(micro) == 2 and torch.equal(micro[1].gen_z, whole["gen_z"][2:])
+    assert torch.equal(micro[1].real_t, whole["real_t"][1:]) and micro[1].data.gen.shape[0] == 2
+
+
+def test_ects_pairs_take_r_at_the_iterations_stage_and_the_grid_is_computed_once_per_size():
+    schedule = cm.ConsistencySchedule(curriculum="ect", teacher="ema", mu0=0.9)
+    k = next(
+        k
+        for k in range(100)
+        if cm.ect_stage(k, 100, schedule.ect_stages) != cm.ect_stage(k + 1, 100, schedule.ect_stages)
+    )
+    draws = ect_levels(schedule, k, 100)(8, 4, (1, 2, 2), "cpu", torch.Generator().manual_seed(6))
+    torch.testing.assert_close(draws["gen_lo"], schedule.ect_r(draws["gen_hi"], k, 100), rtol=0, atol=0)
+    assert not torch.equal(draws["fake_t"], draws["real_t"])  # drawn apart
+
+    computed = []
+    counted = SimpleNamespace(
+        sigmas=lambda n: computed.append(n) or schedule.sigmas(n), index_probs=lambda s: None
+    )
+    cache = GridCache(counted)
+    first, _ = cache(11, torch.device("cpu"))
+    again, _ = cache(11, torch.device("cpu"))
+    cache(12, torch.device("cpu"))
+    assert again is first and computed == [11, 12]

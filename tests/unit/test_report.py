@@ -1,10 +1,29 @@
 """The sweep report's arithmetic: variant labels, values at equal iterations and at equal wall time."""
 
+import json
+import math
+import time
+import types
+from itertools import count
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
-from act_lightning.report import Run, Variant, summarise, value_at_seconds, variant_labels
+from act_lightning.callbacks import FrechetEvaluation, evaluation
+from act_lightning.report import (
+    Run,
+    Variant,
+    find_runs,
+    job_record,
+    main,
+    markdown,
+    summarise,
+    value_at_seconds,
+    variant_labels,
+    what_varies,
+)
 
 
 def _run(seed, iterations, values, seconds):
@@ -58,11 +77,6 @@ def test_summary_compares_at_the_last_shared_iteration_and_the_reference_variant
 
 
 def test_training_seconds_survive_a_resume_and_old_histories_load(tmp_path):
-    import math
-    import time
-
-    from act_lightning.callbacks import FrechetEvaluation
-
     cb = FrechetEvaluation(run_dir=str(tmp_path), features="digits")
     cb._clock = time.perf_counter() - 5.0  # five seconds of training in this process
     state = cb.state_dict()
@@ -78,11 +92,6 @@ def test_training_seconds_survive_a_resume_and_old_histories_load(tmp_path):
 
 
 def _job(folder: Path, seed: int, overrides: list[str] | None, later: list[str] | None = None) -> Path:
-    import json
-
-    import torch
-    import yaml
-
     folder.mkdir(parents=True)
     (folder / "metric_summary.json").write_text(json.dumps({"history": [{"iteration": 0, "value": 1.0}]}))
     if overrides is not None:  # trained: the checkpoint records the run's config and first launch
@@ -106,8 +115,6 @@ def _job(folder: Path, seed: int, overrides: list[str] | None, later: list[str] 
 
 
 def test_a_jobs_label_and_seed_come_from_its_checkpoint_whatever_later_launches_were_given(tmp_path):
-    from act_lightning.report import find_runs, job_record
-
     # a foreign launch into job 0 (another experiment, refused) left its record; job 1 has no checkpoint yet
     _job(
         tmp_path / "0",
@@ -127,12 +134,6 @@ def test_a_jobs_label_and_seed_come_from_its_checkpoint_whatever_later_launches_
 
 
 def test_a_run_started_from_a_pretrained_model_is_charged_its_pretraining_seconds(tmp_path):
-    import json
-
-    import torch
-
-    from act_lightning.report import find_runs, markdown, summarise
-
     pretrain = tmp_path / "pretrain" / "seed0"
     pretrain.mkdir(parents=True)
     history = [
@@ -172,13 +173,8 @@ def test_a_run_started_from_a_pretrained_model_is_charged_its_pretraining_second
 def test_the_curves_first_point_is_at_zero_training_seconds_however_slow_the_machine(tmp_path, monkeypatch):
     # Every reading of the clock moves it on by one second (a machine that stalls between any two lines):
     # the evaluation of the untrained network is still at 0 s, and the clock counts from after it.
-    import types
-    from itertools import count
 
     import numpy as np
-    import torch
-
-    from act_lightning.callbacks import FrechetEvaluation, evaluation
 
     ticks = count()
     monkeypatch.setattr(evaluation.time, "perf_counter", lambda: float(next(ticks)))
@@ -193,3 +189,73 @@ def test_the_curves_first_point_is_at_zero_training_seconds_however_slow_the_mac
     cb.on_train_start(trainer, module)
     assert cb.history == [(0, 7.0, 0.0)]
     assert cb.train_seconds() == 1.0  # the clock started after the evaluation: one reading since
+
+
+def test_seed_and_run_settings_removed_or_set_by_their_group_make_no_variant():
+    removed = ["~seed", "~threads", "paths=cluster", "hydra=quiet", "+variant=ct"]
+    assert what_varies(removed) == ["ct"]
+
+
+def test_the_table_takes_the_longest_runs_iterations_the_last_values_and_flags_any_seed_that_ended():
+    # seed 1 stopped early (iteration 100) and at 12 s, the equal time of the reference; its last value is
+    # not its lowest
+    long = _run(0, [0, 100, 200], [90.0, 30.0, 40.0], [0.0, 10.0, 20.0])
+    short = _run(1, [0, 100], [80.0, 20.0], [0.0, 5.0])
+    other = Variant("other", [_run(0, [0, 100, 200], [90.0, 50.0, 45.0], [0.0, 6.0, 12.0])])
+    rows, k, t, _ = summarise([Variant("act", [short, long]), other], None, None, "other")
+    act = rows[0]
+    assert (k, t) == (100, 12.0)
+    assert act["iterations"] == 200 and act["seeds"] == [0, 1]  # the longest run's; seeds in order
+    assert act["final"]["min"] == 20.0 and act["final"]["max"] == 40.0  # each run's last value
+    assert act["ended_before_seconds"] and act["at_seconds"]["n"] == 2  # one seed of two ended before
+
+
+def test_missing_values_count_for_nothing_and_runs_without_seconds_give_no_equal_time():
+    late = _run(0, [100, 200], [50.0, 40.0], [float("nan"), float("nan")])
+    early = _run(1, [0, 50], [90.0, 60.0], [0.0, 5.0])
+    rows, k, t, _ = summarise([Variant("a", [late]), Variant("b", [early])], None, None, None)
+    assert k is None and t is None  # no iteration shared, and the reference's seconds are unknown
+    late = _run(0, [100, 200], [50.0, 40.0], [10.0, 20.0])  # evaluated from 10 s on only
+    rows, k, t, _ = summarise([Variant("a", [late, early])], 200, 5.0, None)
+    assert rows[0]["at_iteration"] == {"mean": 40.0, "std": 0.0, "min": 40.0, "max": 40.0, "n": 1}
+    assert rows[0]["at_seconds"] == {"mean": 60.0, "std": 0.0, "min": 60.0, "max": 60.0, "n": 1}
+
+
+def test_the_markdown_table_has_eight_columns_marks_runs_that_ended_and_charges_only_pretrained_ones():
+    act = Variant("act", [_run(0, [0, 100], [90.0, 30.0], [0.0, 10.0])])
+    ct = Variant("ct", [_run(0, [0, 100], [90.0, 50.0], [0.0, 5.0])])
+    rows, k, t, ref = summarise([act, ct], None, None, None)
+    table = markdown(rows, k, t, ref, "fd", "here").splitlines()
+    assert table[1] == "|" + "---|" * 8 and all(line.count("|") == 9 for line in table[:4])
+    assert table[3].startswith("| ct |") and table[3].endswith("| 50.0 (ended earlier: its last value) |")
+    assert "ended earlier" not in table[2]
+    assert not any("pretraining" in line for line in table)  # no run started from a pretrained model
+
+
+def test_jobs_are_taken_in_the_order_of_their_numbers(tmp_path):
+    for number in (10, 2, 1):
+        _job(tmp_path / str(number), number, [f"seed={number}", f"model.schedule.gan_ratio=0.{number}"])
+    variants = find_runs([tmp_path])
+    assert [v.label for v in variants] == [f"model.schedule.gan_ratio=0.{n}" for n in (1, 2, 10)]
+    assert [v.runs[0].seed for v in variants] == [1, 2, 10]  # the config's seed
+
+
+def test_a_checkpoint_whose_history_lacks_the_first_launch_takes_the_first_records_overrides(tmp_path):
+    # the checkpoint's history starts past iteration 0 (its first launch is not recorded in it): the
+    # overrides come from the first Hydra record, the config still from the checkpoint
+    job = _job(tmp_path / "0", 0, None, later=["seed=0", "second"])
+    (job / "checkpoints").mkdir()
+    history = [{"iteration": 4, "overrides": ["resumed"]}]
+    torch.save({"act_config": {"seed": 7}, "act_history": history}, job / "checkpoints" / "last.ckpt")
+    overrides, config = job_record(job)
+    assert overrides == ["seed=0", "first"] and config["seed"] == 7
+
+
+def test_the_command_refuses_a_missing_sweep_folder_in_one_line_with_status_2(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main([str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {missing}: no such sweep folder (a Hydra multirun's output folder)\n"
+    )
+    assert not list(tmp_path.iterdir())

@@ -455,3 +455,17 @@ def test_the_r1_pass_compiles_once_and_on_one_device_only(cfg_factory):
     plain = instantiate(cfg_factory([*SMALL, "model.speed.compile=eager"]).model)
     plain._trainer = SimpleNamespace(world_size=1)
     assert plain._r1_pass() is None
+
+
+def test_flex_attention_needs_the_compile_and_the_fused_kernel():
+    from act_lightning.speed import SpeedOptions
+
+    with pytest.raises(
+        ValueError, match="flex_attention replaces the attention kernel .* needs model.speed.compile"
+    ):
+        SpeedOptions(flex_attention=True)
+    with pytest.raises(
+        ValueError, match="flex_attention runs the fused kernel .* needs model.speed.fast_attention"
+    ):
+        SpeedOptions(compile=True, flex_attention=True, fast_attention=False)
+    SpeedOptions(compile=True, flex_attention=True)

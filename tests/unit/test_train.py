@@ -1,0 +1,144 @@
+"""act_lightning.train's start-up without training: the run folder's lock, which checkpoint a launch
+resumes from, a finished run launched again, the loggers of a resumed run, the W&B run's name and end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import OmegaConf
+
+from act_lightning.checkpoints import UnreadableCheckpoint, checkpoint_iteration
+from act_lightning.loggers import ResumableCSVLogger
+from act_lightning.train import (
+    RunLock,
+    StartPoint,
+    _init_gone_on_resume,
+    build,
+    build_loggers,
+    finish_wandb,
+    finished,
+    resolve_resume,
+    run_name,
+    stopped_at_once,
+)
+from tests.conftest import compose
+
+
+def test_a_live_runs_folder_is_locked_naming_its_process_and_freed_when_it_ends(tmp_path):
+    (tmp_path / ".lock").write_text("4000000000")  # a former owner's longer process id
+    lock = RunLock(tmp_path)
+    lock.claim()
+    assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    with pytest.raises(RuntimeError, match=rf"in use by another live run \(process {os.getpid()}\)"):
+        RunLock(tmp_path)
+    lock.release()
+    RunLock(tmp_path).release()  # free again
+
+
+def _smoke(tmp_path, *overrides):
+    return compose(["debug=smoke", *overrides], run_dir=str(tmp_path))
+
+
+def _last(tmp_path, iteration: int) -> Path:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    torch.save({"state_dict": {"iteration": torch.tensor(iteration)}}, folder / "last.ckpt")
+    return folder / "last.ckpt"
+
+
+def test_resume_auto_takes_the_runs_own_checkpoint_and_resume_never_refuses_it(tmp_path):
+    assert resolve_resume(_smoke(tmp_path)) == (None, None)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"iteration": torch.tensor(2)}}, other)
+    path, checkpoint = resolve_resume(_smoke(tmp_path, f"ckpt_path={other}"))
+    assert path == other and checkpoint_iteration(checkpoint) == 2
+    last = _last(tmp_path, 3)
+    path, checkpoint = resolve_resume(_smoke(tmp_path, f"ckpt_path={tmp_path / 'elsewhere.ckpt'}"))
+    assert path == last and checkpoint_iteration(checkpoint) == 3  # its own, before ckpt_path
+    with pytest.raises(FileExistsError, match="already holds a checkpoint .* pass resume=auto"):
+        resolve_resume(_smoke(tmp_path, "resume=never"))
+
+
+def test_a_damaged_last_checkpoint_names_the_runs_other_checkpoints(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(UnreadableCheckpoint, match="this run has no other checkpoint"):
+        resolve_resume(_smoke(tmp_path))
+    torch.save({"state_dict": {"iteration": torch.tensor(4)}}, folder / "iter_0000004.ckpt")
+    with pytest.raises(
+        UnreadableCheckpoint, match=r"ckpt_path=CHECKPOINT \(this run also has iter_0000004.ckpt\)"
+    ):
+        resolve_resume(_smoke(tmp_path))
+
+
+def test_a_second_ctrl_c_names_the_checkpoint_written_before_it_if_any(tmp_path):
+    assert stopped_at_once(_smoke(tmp_path)).endswith("; there is none from before")
+    last = _last(tmp_path, 6)
+    assert stopped_at_once(_smoke(tmp_path)).endswith(
+        f"; the last one, {last} (iteration 6), continues with resume=auto"
+    )
+
+
+def test_a_finished_run_launched_again_returns_its_best_from_its_summary(tmp_path):
+    start = StartPoint(ckpt_path=tmp_path / "last.ckpt", iteration=8)
+    assert finished(_smoke(tmp_path), start)["best"] is None  # no summary (eval=null)
+    (tmp_path / "metric_summary.json").write_text(json.dumps({"best": {"iteration": 4, "value": 2.5}}))
+    summary = finished(_smoke(tmp_path), start)
+    assert summary == {"iteration": 8, "run_dir": str(tmp_path), "best": 2.5, "finished": True, "metrics": {}}
+
+
+def test_a_resumed_run_continues_its_csv_rows_and_its_wandb_run(tmp_path):
+    (csv,) = build_loggers(_smoke(tmp_path), 4)
+    assert isinstance(csv, ResumableCSVLogger) and csv._resume_step == 4
+    assert build_loggers(_smoke(tmp_path), None)[0]._resume_step is None
+    loggers = build_loggers(_smoke(tmp_path, "logger=wandb"), 4, "abc123")
+    wandb = next(x for x in loggers if isinstance(x, WandbLogger))
+    assert wandb._wandb_init["id"] == "abc123" and wandb._wandb_init["resume"] == "allow"
+    assert wandb._wandb_init["name"] == "quickstart" and wandb._offline  # WANDB_MODE=offline
+    fresh = next(
+        x for x in build_loggers(_smoke(tmp_path, "logger=wandb"), None) if isinstance(x, WandbLogger)
+    )
+    assert fresh._wandb_init["id"] is None  # a W&B run of its own
+
+
+def test_only_a_run_lightning_resumes_keeps_its_csv_rows_a_weights_only_start_begins_anew(tmp_path):
+    cfg = _smoke(tmp_path, "data=synthetic", "eval=null")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for start, kept in ((StartPoint(tmp_path / "last.ckpt", 4), 4), (StartPoint(None, 4, weights={}), None)):
+        _, model, _, trainer = build(cfg, start, resolved)
+        assert trainer.loggers[0]._resume_step == kept
+    assert model.k == 4  # the weights' iteration
+
+
+def test_a_gone_init_from_file_is_skipped_only_when_resume_auto_continues_the_runs_checkpoint(tmp_path):
+    gone = f"init_from={tmp_path / 'gone.ckpt'}"
+    assert not _init_gone_on_resume(_smoke(tmp_path, gone))  # no checkpoint of the run's own
+    _last(tmp_path, 3)
+    assert _init_gone_on_resume(_smoke(tmp_path, gone))
+    assert not _init_gone_on_resume(_smoke(tmp_path, gone, "resume=never"))  # refused by its own check
+
+
+def test_the_wandb_run_ends_with_the_jobs_outcome_and_is_named_by_the_experiment_and_overrides(
+    tmp_path, monkeypatch
+):
+    ended = []
+    wandb = SimpleNamespace(run=object(), finish=lambda exit_code: ended.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    finish_wandb(failed=True)
+    finish_wandb(failed=False)
+    wandb.run = None  # no run open: nothing to end
+    finish_wandb(failed=True)
+    assert ended == [1, 0]
+    assert run_name(_smoke(tmp_path)) == "quickstart"  # composed without a Hydra run
+    job = SimpleNamespace(job=SimpleNamespace(override_dirname="model.schedule.gan_ratio=0.1,seed=1"))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: job))
+    assert run_name(_smoke(tmp_path)) == "quickstart[model.schedule.gan_ratio=0.1,seed=1]"
