@@ -181,10 +181,14 @@ def value_at_seconds(run: Run, seconds: float, tolerance: float = 0.03) -> tuple
     return float(np.interp(seconds, t, run.values)), False
 
 
-def _mean_spread(xs: list[float]) -> dict:
+def _mean_spread(xs: list[float | None]) -> dict:
+    """Mean, sample standard deviation and range of the values that are there (None: missing); a NaN among
+    them (a metric that diverged) makes every statistic NaN."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    if any(math.isnan(x) for x in xs):
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": len(xs)}
     return {
         "mean": statistics.fmean(xs),
         "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
@@ -192,6 +196,11 @@ def _mean_spread(xs: list[float]) -> dict:
         "max": max(xs),
         "n": len(xs),
     }
+
+
+def _recorded(seconds: float) -> float | None:
+    """Training seconds as the table takes them: NaN (a history written without them) is missing."""
+    return None if math.isnan(seconds) else seconds
 
 
 def summarise(
@@ -223,8 +232,8 @@ def summarise(
                 "variant": v.label,
                 "seeds": sorted(r.seed for r in v.runs),
                 "iterations": max(r.iterations[-1] for r in v.runs),
-                "train_seconds": _mean_spread([r.seconds[-1] for r in v.runs]),
-                "pretrain_seconds": _mean_spread([r.pretrain_seconds for r in v.runs]),
+                "train_seconds": _mean_spread([_recorded(r.seconds[-1]) for r in v.runs]),
+                "pretrain_seconds": _mean_spread([_recorded(r.pretrain_seconds) for r in v.runs]),
                 "final": _mean_spread([r.values[-1] for r in v.runs]),
                 "at_iteration": _mean_spread(
                     [value_at_iteration(r, at_iteration) for r in v.runs] if at_iteration is not None else []

@@ -259,3 +259,22 @@ def test_the_command_refuses_a_missing_sweep_folder_in_one_line_with_status_2(tm
         == f"error: {missing}: no such sweep folder (a Hydra multirun's output folder)\n"
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_runs_without_recorded_seconds_or_with_a_diverged_metric_still_make_a_table():
+    # a history written without seconds (NaN) leaves that seed out of the seconds column; a NaN metric (a
+    # diverged seed) shows as nan rather than being averaged away; neither stops the report
+    nan = math.nan
+    untimed = _run(0, [0, 4], [9.0, 5.0], [nan, nan])
+    timed = _run(1, [0, 4], [9.0, 6.0], [0.0, 10.0])
+    diverged = _run(2, [0, 4], [9.0, nan], [0.0, 12.0])
+    rows, k, t, ref = summarise(
+        [Variant("act", [untimed, timed]), Variant("ct", [timed, diverged])], None, None, None
+    )
+    act, ct = rows
+    assert act["train_seconds"] == {"mean": 10.0, "std": 0.0, "min": 10.0, "max": 10.0, "n": 1}
+    assert act["final"]["mean"] == 5.5 and act["final"]["n"] == 2
+    assert math.isnan(ct["final"]["mean"]) and math.isnan(ct["final"]["std"]) and ct["final"]["n"] == 2
+    assert ct["train_seconds"]["mean"] == 11.0
+    table = markdown(rows, k, t, ref, "fd", "here")
+    assert "| act | 2 | 4 | 10 |" in table and "| ct | 2 | 4 | 11 ± 1 | nan ± nan |" in table
