@@ -134,6 +134,45 @@ def test_unknown_misshaped_duplicate_and_missing_keys_are_named(reference, tmp_p
         convert(tmp_path / "foreign.ckpt", tmp_path / "out.ckpt")
 
 
+def test_torch_compiles_prefix_is_left_out_wherever_it_is_and_however_often():
+    from act_lightning.convert_reference import plain
+
+    assert plain("model._orig_mod.unet._orig_mod.conv_in.weight") == "model.unet.conv_in.weight"
+    assert plain("model.unet.conv_in._orig_mod") == "model.unet.conv_in"
+    assert plain("model.unet.x_orig_mod.weight") == "model.unet.x_orig_mod.weight"
+
+
+def test_a_file_that_is_the_state_dict_itself_converts(reference, tmp_path):
+    _, state, _ = reference
+    path = tmp_path / "bare.ckpt"
+    torch.save(state, path)  # no Lightning wrapper: the file is the state dict
+    summary = convert(path, tmp_path / "out.ckpt", ["debug=smoke"])
+    assert summary["experiment"] == "cifar10"
+    saved = torch.load(tmp_path / "out.ckpt", weights_only=True)
+    assert saved["act_weights_only"] is True and saved["act_converted_from"] == "bare.ckpt"
+    assert "${" not in json.dumps(saved["act_config"])  # resolved: read without Hydra's resolvers
+
+
+def test_a_given_experiment_is_not_recognised_again(tmp_path):
+    """With experiment= given, a generator of no recognisable depth is compared with that experiment's
+    networks (and refused by its keys), not refused for its number of levels."""
+    path = tmp_path / "shallow.ckpt"
+    torch.save({"state_dict": {"model.unet.conv_in.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="a generator with 0 resolution levels: pass experiment=NAME"):
+        convert(path, tmp_path / "out.ckpt", ["debug=smoke"])
+    with pytest.raises(ValueError, match=r"does not match experiment cifar10's networks: mis-shaped keys"):
+        convert(path, tmp_path / "out.ckpt", ["experiment=cifar10", "debug=smoke"])
+
+
+def test_at_most_eight_keys_of_a_kind_are_named_and_how_many_more():
+    own = {f"generator.k{i}": torch.zeros(1) for i in range(10)}
+    converted, problems = rename_keys({}, own)
+    names = ", ".join(f"generator.k{i}" for i in range(8))
+    assert converted == {} and problems == [f"missing keys: {names} and 2 more"]
+    converted, problems = rename_keys({"model.unet.x": torch.zeros(1)}, {"generator.unet.x": torch.zeros(1)})
+    assert problems == [] and list(converted) == ["generator.unet.x"]
+
+
 def test_the_command_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
     from act_lightning.convert_reference import main
 
@@ -144,6 +183,15 @@ def test_the_command_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
     assert stop.value.code == 2 and err.startswith("error: ") and "not a reference ACT checkpoint" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_the_command_takes_only_key_value_overrides_after_ckpt_and_out(tmp_path, capsys):
+    from act_lightning.convert_reference import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "in.ckpt"), str(tmp_path / "out.ckpt"), "debug=smoke", "cifar10"])
+    assert stop.value.code == 2
+    assert "cifar10: after CKPT and OUT, only key=value overrides" in capsys.readouterr().err
 
 
 def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp_path):
@@ -165,6 +213,11 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     summary = evaluate(cfg)
     assert summary["results"]["1-step"]["fid"] > 0 and summary["iteration"] == 0
     assert export(out, tmp_path / "exported")["iteration"] == 0
+    iterations = torch.load(out, weights_only=True)["act_config"]["iterations"]
+    assert (
+        f"(iteration 0 of {iterations}; experiment `cifar10`)"
+        in (tmp_path / "exported" / "README.md").read_text()
+    )
     # the reference's UNet predicts 6 channels, of which the image takes 3: so do the exported generator
     # and the diffusers pipeline built from the same folder
     from act_lightning import load_generator

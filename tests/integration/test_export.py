@@ -28,6 +28,7 @@ def exported(tmp_path_factory):
         "export", [f"ckpt={ckpt}", f"out={out}", f"hydra.run.dir={root / 'hydra'}"], timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"exported iteration 2 to {out}" in result.stdout
     return ckpt, out
 
 
@@ -41,6 +42,20 @@ def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported):
     assert "taus=[8.0])   # two steps" in card  # the quickstart's own two-step level
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ACTPipeline"
+
+
+def test_the_config_and_the_card_name_the_run_its_checkpoint_and_its_length(exported):
+    _, out = exported
+    config = json.loads((out / "config.json").read_text())
+    assert (config["experiment"], config["num_classes"]) == ("quickstart", None)
+    assert config["consistency"]["rho"] == 7.0
+    card = (out / "README.md").read_text()
+    assert "# ACT generator: quickstart\n" in card
+    assert (
+        "from the checkpoint `last.ckpt`\n(iteration 2 of 2; experiment `quickstart`): 8x8 images with 1\n"
+        in card
+    )
+    assert "channel(s).\n" in card  # no classes
 
 
 def test_every_exported_file_follows_the_umask_as_checkpoints_do(exported, tmp_path):
@@ -104,11 +119,12 @@ def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):
     from act_lightning.export import ACTPipeline, export
 
     overrides = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
-    train(compose([*overrides, "model.sigma_data=0.7", "model.c_noise=log"], run_dir=str(tmp_path / "run")))
+    own = ["model.sigma_data=0.7", "model.c_noise=log", "model.schedule.rho=5.0"]
+    train(compose([*overrides, *own], run_dir=str(tmp_path / "run")))
     ckpt, out = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "exported"
     export(ckpt, out)
     config = json.loads((out / "config.json").read_text())["consistency"]
-    assert (config["sigma_data"], config["c_noise"]) == (0.7, "log")
+    assert (config["sigma_data"], config["c_noise"], config["rho"]) == (0.7, "log", 5.0)
     for taus in ([], [5.0, 1.0]):
         assert_samples_as_the_sample_command(ckpt, out, taus, 4, tmp_path / "s")
     noise = image_noise(0, range(4), (1, 8, 8))
@@ -197,3 +213,61 @@ def test_a_diffusion_model_and_a_converted_ddpm_are_refused_not_written_wrong(tm
     with pytest.raises(ValueError, match="VPEpsilonBackbone"):
         export(tuned / "checkpoints" / "last.ckpt", tmp_path / "out2")
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_folder_of_another_format_is_refused_by_name(tmp_path):
+    from act_lightning import load_generator
+
+    (tmp_path / "config.json").write_text(json.dumps({"format": "someone-else/model"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ValueError, match=r"config.json: not an act-lightning generator \(format 'someone-else"
+    ):
+        load_generator(tmp_path)
+
+
+def test_a_class_conditional_export_keeps_its_classes_and_samples_the_ones_given(tmp_path):
+    """A folder as export writes it, of a tiny class-conditional UNetGenerator (no training needed):
+    load_generator knows its classes, and the labels given to sample reach every step."""
+    from safetensors.torch import save_file
+
+    from act_lightning import load_generator
+    from act_lightning.export import FORMAT
+    from act_lightning.nn.generator import UNetGenerator
+
+    args = {
+        "image_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 8],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1, "attention_head_dim": None, "num_class_embeds": 3, "norm_num_groups": 4,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    backbone = UNetGenerator(**args)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_file(
+        {k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / "model.safetensors")
+    )
+    constants = {"sigma_min": 0.002, "sigma_max": 20.0, "sigma_data": 0.5, "rho": 7.0, "c_noise": "identity"}
+    config = {"format": FORMAT, "generator": args, "consistency": constants}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_generator(tmp_path)
+    assert model.num_classes == 3 and not model.training
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    step = lambda step: torch.ones(2, 1, 8, 8)  # noqa: E731
+    first, second = (model.sample(noise, torch.tensor([c, c]), taus=[1.0], step_noise=step) for c in (0, 2))
+    assert not torch.equal(first, second)
+    again = model.sample(noise, torch.tensor([0, 0]), taus=[1.0], step_noise=step)
+    assert torch.equal(first, again)
+    # the diffusers pipeline around the same UNet takes the labels too
+    from act_lightning.export import ACTPipeline
+
+    pipeline = ACTPipeline(unet=model.backbone.unet, used_channels=model.backbone.used_channels, **constants)
+    labels = torch.tensor([2, 2])
+    assert torch.equal(pipeline(noise=noise, class_labels=labels), model.sample(noise, labels))
+    assert not torch.equal(pipeline(noise=noise, class_labels=labels), model.sample(noise, labels * 0))
+    two = pipeline(noise=noise, class_labels=labels, taus=[1.0], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(
+        two, model.sample(noise, labels, taus=[1.0], generator=torch.Generator().manual_seed(3))
+    )
+    assert not torch.equal(two, pipeline(noise=noise, class_labels=labels))

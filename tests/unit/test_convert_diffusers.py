@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,10 +16,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from act_lightning.convert_diffusers import convert
+from act_lightning.convert_diffusers import check_scheduler, check_unet, convert, public, read_json
 from act_lightning.init_from import load_init, read_init
 from act_lightning.nn.precond import consistency_function
-from tests.conftest import refusal, run_cli, run_module
+from act_lightning.nn.vp import VPEpsilonBackbone
+from act_lightning.train import check_config, train
+from tests.conftest import compose, refusal, run_cli, run_module
 
 SD = 0.5
 
@@ -334,8 +337,6 @@ def digits_ddpm(tmp_path):
 
 @pytest.mark.parametrize("kind", ["identity", "log"])
 def test_init_from_builds_the_converted_generator(cfg_factory, digits_ddpm, kind):
-    from act_lightning.train import check_config
-
     unet, out = digits_ddpm
     cfg = cfg_factory(["experiment=quickstart", f"init_from={out}", "debug=smoke", f"model.c_noise={kind}"])
     assert (cfg.data.image_size, cfg.data.channels) == (8, 1)
@@ -360,8 +361,6 @@ def test_init_from_builds_the_converted_generator(cfg_factory, digits_ddpm, kind
 
 
 def test_init_from_refuses_data_of_another_size_by_name(cfg_factory, digits_ddpm):
-    from act_lightning.train import check_config
-
     _, out = digits_ddpm
     cfg = cfg_factory(["experiment=quickstart", f"init_from={out}", "debug=smoke", "data.image_size=16"])
     read_init(cfg)
@@ -394,8 +393,6 @@ def test_training_starts_from_a_converted_ddpm(digits_ddpm, tmp_path):
 def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm, tmp_path):
     # the converted file set model.generator (a VP backbone, not the quickstart's network); the run's
     # history keeps that config, so resume=auto builds the same network without the file
-    from act_lightning.train import train
-    from tests.conftest import compose
 
     _, out = digits_ddpm
     args = ["experiment=quickstart", f"init_from={out}", "debug=smoke", "eval=null", "iterations=4"]
@@ -410,8 +407,6 @@ def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm
 
 
 def test_the_backbone_refuses_sizes_other_than_the_unets_and_an_unknown_c_noise_at_once():
-    from act_lightning.nn.vp import VPEpsilonBackbone
-
     unet = {**make_unet(channels=1).config}
     unet = {k: v for k, v in unet.items() if not k.startswith("_")}
     scheduler = {k: v for k, v in make_scheduler().config.items() if not k.startswith("_")}
@@ -426,3 +421,31 @@ def test_the_backbone_refuses_sizes_other_than_the_unets_and_an_unknown_c_noise_
             VPEpsilonBackbone(**(args | wrong))
     with pytest.raises(ValueError, match="no_such_kind"):
         VPEpsilonBackbone(**(args | {"c_noise": "no_such_kind"}))
+
+
+def test_configs_are_read_as_json_objects_and_checked_before_any_weights(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: not a JSON object"):
+        read_json(tmp_path / "list.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not a readable JSON config"):
+        read_json(tmp_path / "broken.json")
+    assert public({"_class_name": "X", "sizes": (1, 2), "n": 3}) == {"sizes": [1, 2], "n": 3}
+    unet = {"_class_name": "UNet2DModel", "sample_size": 8, "in_channels": 1, "out_channels": 1}
+    check_unet(tmp_path, unet, "fixed_small")
+    check_unet(tmp_path, {**unet, "out_channels": 2}, "learned_range")  # eps and the variance
+    for bad, variance, message in (
+        ({"sample_size": True}, None, "sample_size=True, expected one integer"),
+        ({"class_embed_type": "timestep"}, None, "class_embed_type='timestep', expected null"),
+        ({"out_channels": 2}, "fixed_small", "out_channels=2, expected in_channels=1"),
+        ({"out_channels": 3}, "learned_range", "out_channels=3, expected in_channels=1"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_unet(tmp_path, {**unet, **bad}, variance)
+    ddim = {"_class_name": "DDIMScheduler", "beta_schedule": "linear", "set_alpha_to_one": False}
+    assert check_scheduler(tmp_path, ddim)["num_train_timesteps"] == 1000  # DDIM's own keys dropped
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr=true gives abar_T = 0"):
+        check_scheduler(tmp_path, {**ddim, "rescale_betas_zero_snr": True})
+    flat = {"_class_name": "DDPMScheduler", "num_train_timesteps": 3, "trained_betas": [0.1, 0.0, 0.1]}
+    with pytest.raises(ValueError, match="do not give finite noise levels increasing with the timestep"):
+        check_scheduler(tmp_path, flat)

@@ -8,10 +8,12 @@ import re
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from act_lightning import consistency as cm
-from act_lightning.init_from import load_init, read_init
+from act_lightning.init_from import describe, load_init, read_init, use_generator
 from act_lightning.losses import denoising_losses, pair_losses, pseudo_huber_distance
+from act_lightning.module import check_objective
 from act_lightning.samplers import heun
 from tests.helpers_training import SMALL, fit, params
 
@@ -130,6 +132,13 @@ def test_heun_integrates_the_probability_flow_of_gaussian_data():
     assert errors[0] > errors[1] > errors[2] and errors[2] < 3e-4 and errors[0] < 0.05
     with pytest.raises(ValueError, match="decrease"):
         heun(denoise, noise, [1.0, 2.0])
+
+
+def test_heun_refuses_levels_that_reach_zero():
+    denoise = lambda x, sigma: torch.zeros_like(x)  # noqa: E731
+    for levels in ([1.0, 0.0], [1.0, -0.5], [], [0.0]):
+        with pytest.raises(ValueError, match="must decrease and stay positive"):
+            heun(denoise, torch.ones(1, 1, 2, 2), levels)
 
 
 # -- model.objective=diffusion --------------------------------------------------------------------
@@ -266,9 +275,50 @@ def test_init_from_refuses_foreign_files_by_name(cfg_factory, tmp_path):
         read_init(cfg_factory([*SMALL, f"init_from={tmp_path / 'missing.ckpt'}"]))
 
 
-def test_heun_steps_takes_two_levels_at_least():
-    from act_lightning.module import check_objective
+def test_init_from_empty_is_no_init_and_a_state_dict_that_is_not_a_mapping_holds_no_weights(
+    cfg_factory, tmp_path
+):
+    assert read_init(cfg_factory([*SMALL, "init_from="])) is None  # `init_from=` on the command line
+    flat = tmp_path / "flat.ckpt"
+    torch.save({"state_dict": torch.zeros(3)}, flat)
+    with pytest.raises(ValueError, match="holds no generator weights"):
+        read_init(cfg_factory([*SMALL, f"init_from={flat}"]))
 
+
+def test_init_from_refuses_a_transposed_weight_and_names_six_problems_of_a_kind_at_most(
+    cfg_factory, tmp_path
+):
+    cfg = cfg_factory(SMALL)
+    own = instantiate(cfg.model).generator.state_dict()
+    key = next(k for k, v in own.items() if v.ndim == 2 and v.shape[0] != v.shape[1])
+    swapped = {f"generator.{k}": v.t() if k == key else v for k, v in own.items()}
+    cfg = cfg_factory([*SMALL, f"init_from={_save(tmp_path / 'swapped.ckpt', swapped)}"])
+    init = read_init(cfg)
+    assert describe(init) == f"{tmp_path / 'swapped.ckpt'} (generator.*, {len(own)} tensors)"
+    with pytest.raises(
+        ValueError, match=f"mis-shaped: {re.escape(key)} {re.escape(str(tuple(own[key].t().shape)))}"
+    ):
+        load_init(instantiate(cfg.model), init)
+    names = list(own)[:8]
+    partial = {f"generator.{k}": v for k, v in own.items() if k not in names}
+    cfg = cfg_factory([*SMALL, f"init_from={_save(tmp_path / 'partial.ckpt', partial)}"])
+    with pytest.raises(ValueError) as refused:
+        load_init(instantiate(cfg.model), read_init(cfg))
+    assert f"missing: {', '.join(names[:6])} and 2 more. Use" in str(refused.value)
+    assert names[6] not in str(refused.value)
+
+
+def test_a_converted_generator_without_a_runs_dropout_is_taken_as_the_file_gives_it():
+    file = {"_target_": "Backbone", "unet": {"dropout": 0.1, "layers": 2}}
+    cfg = OmegaConf.create({"model": {"generator": {"_target_": "Experiments", "width": 64}}})
+    use_generator(cfg, file)
+    assert OmegaConf.to_container(cfg.model.generator) == file  # no `width` left from the experiment's
+    cfg = OmegaConf.create({"model": {"generator": {"_target_": "Experiments", "dropout": 0.2}}})
+    use_generator(cfg, file)
+    assert cfg.model.generator.unet == {"dropout": 0.2, "layers": 2} and file["unet"]["dropout"] == 0.1
+
+
+def test_heun_steps_takes_two_levels_at_least():
     check_objective("diffusion", False, 2)  # the smallest grid: sigma_max and sigma_min
     for bad in (1, 0, 2.5, "18"):
         with pytest.raises(ValueError, match=rf"model.heun_steps must be an integer >= 2 .*got {bad!r}"):

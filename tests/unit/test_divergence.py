@@ -3,8 +3,16 @@
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from act_lightning.divergence import GUARDED_TERMS, BadIterations, guard_mask, skip_if_nonfinite
+from act_lightning.divergence import (
+    GUARDED_TERMS,
+    BadIterations,
+    describe_terms,
+    guard_mask,
+    skip_if_nonfinite,
+)
+from act_lightning.readback import DeferredRead
 
 TRUE, FALSE = torch.tensor(True), torch.tensor(False)
 
@@ -77,7 +85,6 @@ def test_without_waiting_a_good_update_keeps_every_bit_and_a_bad_one_is_zero_in_
     a good update is the same bits (signed zeros, subnormals), a bad one +0.0 everywhere, NaN and inf
     included, in whatever width a gradient has; and the operations it runs do not grow with the number of
     tensors (each used to get a nan_to_num of its own, a kernel launch apiece on a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -158,7 +165,6 @@ def test_on_cuda_the_guard_waits_for_nothing_zeroes_a_bad_update_and_leaves_over
 
 def test_a_deferred_read_on_the_cpu_gives_each_value_once():
     """act_lightning.readback.DeferredRead, as the guard and the module use it off a GPU."""
-    from act_lightning.readback import DeferredRead
 
     read = DeferredRead()
     assert read.poll() is None and not read.in_flight
@@ -167,3 +173,49 @@ def test_a_deferred_read_on_the_cpu_gives_each_value_once():
     read.submit(torch.tensor(5))  # only the latest value matters
     assert read.poll() == 5 and not read.in_flight
     assert read.poll() is None  # handed over once
+
+
+def test_the_report_names_the_terms_of_a_mask_in_guarded_order_and_unknown_for_none():
+    assert describe_terms(1 << 2 | 1 << 4 | 1 << 3) == "generator gradients, train/loss_fake, train/loss_real"
+    assert describe_terms(int(guard_mask({"train/loss_real": TRUE}))) == "train/loss_real"
+    assert describe_terms(0) == "unknown"
+
+
+def test_a_network_without_gradients_is_left_alone_and_reports_none_even_with_a_bad_loss():
+    net = nn.Linear(2, 1)  # no backward yet (a network this iteration does not train)
+    for wait_free in (False, True):
+        assert not skip_if_nonfinite(net, TRUE, scaled=False, world_size=1, wait_free=wait_free)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_without_waiting_a_bad_loss_zeroes_the_update_but_is_not_reported_as_bad_gradients():
+    net = nn.Linear(2, 1)
+    net(torch.ones(1, 2)).sum().backward()
+    assert not skip_if_nonfinite(net, TRUE, scaled=False, world_size=1, wait_free=True)
+    assert all(not p.grad.any() for p in net.parameters())
+
+
+@pytest.mark.parametrize("wait_free", [False, True])
+def test_under_ddp_a_bad_loss_on_another_rank_skips_the_update_on_every_rank(monkeypatch, wait_free):
+    """Two ranks, the other one bad: the flags are all-reduced with MAX, so this rank's good update is
+    zeroed too (the weights stay equal); what it reports is its own gradients' state."""
+    import torch.distributed as dist
+
+    reduced = []
+
+    def all_reduce(tensor, op):  # the other rank's flag is 1 (bad)
+        reduced.append(tensor.dtype)
+        other = torch.ones_like(tensor)
+        tensor.copy_(
+            torch.maximum(tensor, other) if op == dist.ReduceOp.MAX else torch.minimum(tensor, other)
+        )
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    net = nn.Linear(2, 1)
+    net(torch.ones(1, 2)).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    assert not skip_if_nonfinite(net, FALSE, scaled=False, world_size=1, wait_free=wait_free)
+    assert reduced == [] and all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+    assert not skip_if_nonfinite(net, FALSE, scaled=False, world_size=2, wait_free=wait_free)
+    assert reduced == [torch.int32] and all(not p.grad.any() for p in net.parameters())

@@ -45,6 +45,33 @@ def test_multistep_starts_at_sigma_max_times_the_noise_and_adds_each_steps_noise
     assert s0.tolist() == [80.0, 80.0] and torch.equal(out, torch.full_like(z, 0.25))
 
 
+def test_multistep_refuses_levels_that_do_not_decrease_or_reach_sigma_min():
+    denoise, z = Recording(), _noise(0)
+    for taus in ([], [5.0, 5.0], [80.0, 0.5, 1.0], [80.0, SIGMA_MIN], [SIGMA_MIN / 2]):
+        with pytest.raises(ValueError, match="sampling times must decrease and stay above sigma_min"):
+            multistep(denoise, z, taus, SIGMA_MIN, step_noise=_noise)
+    assert denoise.inputs == []
+    multistep(denoise, z, [80.0, 2 * SIGMA_MIN], SIGMA_MIN, step_noise=_noise)  # just above: two steps
+    assert len(denoise.inputs) == 2
+    # the fresh noise's scale is sqrt(tau^2 - sigma_min^2), not tau: it matters near sigma_min
+    expected = 0.25 + math.sqrt(3) * SIGMA_MIN * _noise(1)
+    torch.testing.assert_close(denoise.inputs[1][0], expected, rtol=0, atol=1e-6)
+
+
+def test_multistep_clips_every_step_and_draws_later_noise_from_the_generator():
+    class Beyond(Recording):
+        def __call__(self, x, sigma):
+            super().__call__(x, sigma)
+            return torch.full_like(x, 3.0)
+
+    denoise, z, taus = Beyond(), _noise(0), [80.0, 5.0]
+    out = multistep(denoise, z, taus, SIGMA_MIN, generator=torch.Generator().manual_seed(7))
+    drawn = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+    (_, _), (x1, _) = denoise.inputs
+    torch.testing.assert_close(x1, 1.0 + math.sqrt(5.0**2 - SIGMA_MIN**2) * drawn)  # clip(3.0) = 1
+    assert torch.equal(out, torch.ones_like(z))
+
+
 def test_zero_shot_editing_adds_each_steps_noise_at_its_level():
     denoise, taus = Recording(), [80.0, 5.0, 0.8]
     zero_shot_edit(denoise, lambda x: x, (2, 1, 4, 4), taus, SIGMA_MIN, _noise)
@@ -76,6 +103,14 @@ def test_zero_shot_editing_projects_the_start_and_each_clipped_denoised_image():
     torch.testing.assert_close(x1, kept + math.sqrt(5.0**2 - SIGMA_MIN**2) * _noise(1))
     torch.testing.assert_close(x2, kept + math.sqrt(0.8**2 - SIGMA_MIN**2) * _noise(2))
     assert torch.equal(out, kept)
+
+
+def test_zero_shot_editings_result_is_clipped_after_the_last_projection():
+    """A projection may leave [-1, 1] (colorize and superres shift by the known part): the result is
+    clipped after it."""
+    project = lambda x: x + 1.5  # noqa: E731
+    out = zero_shot_edit(Recording(), project, (2, 1, 4, 4), [80.0, 5.0], SIGMA_MIN, _noise)
+    assert torch.equal(out, torch.ones(2, 1, 4, 4))  # 0.25 + 1.5, clipped to 1
 
 
 def test_editings_default_levels_start_at_sigma_max_and_stop_above_sigma_min():

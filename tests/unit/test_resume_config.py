@@ -3,16 +3,23 @@ and how they are named."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
 from act_lightning.resume import (
+    ABSENT,
     GLOBAL_BATCH,
     MAY_CHANGE,
     check_resume,
     compare,
+    covered,
     differences,
     global_batch,
+    has_key,
+    referenced,
+    refused,
     what_to_do,
     world_size,
 )
@@ -163,8 +170,6 @@ def test_keys_the_checkpoint_predates_take_the_launchs_values():
 
 
 def test_every_key_that_may_change_exists_in_the_config():
-    from act_lightning.resume import has_key
-
     config = OmegaConf.to_container(compose(["experiment=cifar10", "logger=wandb"]))
     assert [key for key in MAY_CHANGE if not has_key(config, key)] == []
 
@@ -180,3 +185,98 @@ def test_the_advice_offers_resume_changes_for_up_to_six_keys_and_its_own_config_
     )
     fixed = what_to_do(six, ["model.generator.channels"], "start anew")
     assert fixed.startswith("model.generator.channels cannot change on resume")
+
+
+def test_how_the_model_is_sampled_where_data_come_from_and_the_nodes_may_change():
+    assert _check([], ["two_step_tau=0.5"]) == {}
+    old, _ = _configs([])
+    new, raw = _configs([])
+    old["data"]["download"], new["data"]["download"] = False, True  # a data set that downloads
+    assert compare(old, new, raw, weights_only=False, saved_world=1) == {}
+    # another number of nodes keeps the global batch that data.global_batch_size names
+    nodes = ["trainer.num_nodes=2", "trainer.accelerator=cpu", "data.global_batch_size=4"]
+    assert _check(["data.global_batch_size=4"], nodes) == {}
+
+
+def test_a_weights_only_checkpoint_must_match_the_number_of_classes():
+    with pytest.raises(
+        ValueError, match=r"holds networks of another shape: data.num_classes=None \(now 10\)"
+    ):
+        _check([], ["data.num_classes=10"], act_weights_only=True)
+
+
+def test_a_key_only_one_side_has_is_a_difference_and_is_shown_as_not_set():
+    assert differences({"a": 1, "b": 2}, {"b": 2}) == {"a": (1, ABSENT)}
+    assert differences({"b": 2}, {"b": 2, "c": 3}) == {"c": (ABSENT, 3)}
+    assert refused({"a": (1, ABSENT)}) == "a=1 (now <not set>)"
+
+
+def test_a_pattern_covers_its_own_key_and_those_under_it_not_a_longer_name():
+    assert covered("model.speed", ["model.speed"]) and covered("model.speed.bf16_lpips", ["model.speed"])
+    assert not covered("model.speedup", ["model.speed"])
+    assert not covered("model", ["model.speed"])
+
+
+def test_devices_named_by_strings_and_invalid_counts():
+    assert world_size({"devices": "2", "accelerator": "cpu"}) == 2
+    assert world_size({"devices": "-1", "accelerator": "cpu"}) == world_size(
+        {"devices": -1, "accelerator": "cpu"}
+    )
+    assert world_size({"devices": -1, "accelerator": "cpu", "num_nodes": 2}) == 2 * os.cpu_count()
+    assert world_size({"devices": 0, "accelerator": "cpu"}) is None
+    assert world_size({"devices": "x", "accelerator": "cpu"}) is None
+
+
+def test_values_are_shown_as_json_and_cut_after_sixty_characters():
+    assert refused({"k": ([1, "a", True], {"b": None})}) == 'k=[1, "a", true] (now {"b": null})'
+    long = "x" * 70
+    assert refused({"k": (long, "y")}) == f"k={'x' * 57}... (now y)"
+    assert refused({"k": ("x" * 60, "y")}) == f"k={'x' * 60} (now y)"
+
+
+def test_a_key_under_an_interpolated_node_repeats_the_key_under_its_target():
+    raw = {"callbacks": {"eval": "${eval}"}, "model": {"iterations": "${iterations}", "lr": 1}}
+    assert referenced(raw, "callbacks.eval.every") == "eval.every"
+    assert referenced(raw, "model.iterations") == "iterations"
+    assert referenced(raw, "model.lr") is None and referenced(raw, "model.other") is None
+
+
+def test_a_repeating_key_that_differs_on_its_own_is_still_refused():
+    """model.iterations (${iterations} in the launch) set apart in the checkpoint's run: only its
+    own difference names it, not a difference of iterations."""
+    old, _ = _configs(["model.iterations=500"])
+    new, raw = _configs([])
+    assert old["iterations"] == new["iterations"] != 500
+    assert compare(old, new, raw, weights_only=False, saved_world=1) == {
+        "model.iterations": (500, new["iterations"])
+    }
+
+
+def test_an_unknown_global_batch_of_either_run_is_not_compared():
+    old, _ = _configs([])
+    new, raw = _configs([])
+    del old["data"]["batch_size"]  # written before the key existed: its global batch is unknown
+    assert global_batch(old, 1) is None
+    assert compare(old, new, raw, weights_only=False, saved_world=1) == {}
+
+
+def test_resume_changes_may_name_a_key_only_the_launch_has_and_a_key_allows_those_under_it():
+    old, _ = _configs([])
+    del old["model"]["schedule"]["loss_weighting"]
+    new, raw = _configs(["resume_changes=[model.schedule.loss_weighting]"])
+    assert check_resume({"act_config": old}, new, raw, "ckpt", "start anew") == {}
+    # a key allows every key under it, and each such change is returned
+    changes = ["model.schedule.gan_ratio=0.5", "resume_changes=[model.schedule]"]
+    assert _check(["model.schedule.gan_ratio=0.3"], changes) == {"model.schedule.gan_ratio": [0.3, 0.5]}
+
+
+def test_a_checkpoint_not_written_by_training_has_nothing_to_compare():
+    new, raw = _configs(["seed=3"])
+    assert check_resume({"state_dict": {}}, new, raw, "ckpt_path=x.ckpt", "start anew") == {}
+
+
+def test_the_global_batch_may_be_allowed_by_name_where_no_data_config_has_the_key():
+    old, _ = _configs(["data.batch_size=4"])
+    new, raw = _configs(["data.batch_size=8", "resume_changes=[data.global_batch_size]"])
+    del old["data"]["global_batch_size"], new["data"]["global_batch_size"]  # a data module without it
+    assert check_resume({"act_config": old}, new, raw, "ckpt", "start anew") == {GLOBAL_BATCH: [4, 8]}
