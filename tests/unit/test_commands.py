@@ -3,13 +3,23 @@ refused by name before any work; integer options of training (eval.every, ...) b
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import MissingMandatoryValue, OmegaConf
 
 from act_lightning.checks import check_count
-from act_lightning.commands import check_out_folder, resolve_device
+from act_lightning.commands import (
+    CONFIG_DIR,
+    REFUSED,
+    check_net,
+    check_out_folder,
+    refuse,
+    resolve_device,
+    write_npz,
+)
 from act_lightning.launch import CheckRunFolder, LaunchLog
 from act_lightning.train import check_config
 from tests.conftest import compose
@@ -100,3 +110,86 @@ def test_a_run_or_sweep_folder_that_cannot_be_written_stops_hydra_with_status_2(
     handler = LaunchLog(str(tmp_path / "run" / ".hydra" / "launches" / "x" / "train.log"))  # its folder made
     handler.close()
     assert (tmp_path / "run" / ".hydra" / "launches" / "x" / "train.log").is_file()
+
+
+def test_a_count_may_have_an_upper_bound_named_in_the_message():
+    assert check_count(5, "k", 1, 5) == 5 and check_count(-3, "k", None, 0) == -3
+    with pytest.raises(ValueError, match=r"^k must be an integer in \[1, 5\], got 6$"):
+        check_count(6, "k", 1, 5)
+    with pytest.raises(ValueError, match=r"^k must be an integer <= 0, got 1$"):
+        check_count(1, "k", None, 0)
+    with pytest.raises(ValueError, match=r"^k must be an integer, got 'x'$"):
+        check_count("x", "k", None)
+
+
+def test_net_is_target_or_generator():
+    check_net("target")
+    check_net("generator")
+    with pytest.raises(ValueError, match="net must be target or generator, got 'online'"):
+        check_net("online")
+
+
+def test_a_device_of_the_wrong_type_is_refused_by_name():
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N; got None"):
+        resolve_device(None)
+
+
+def test_refuse_prints_the_cause_in_one_line_and_exits_2(capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    inner = ValueError("data.root must be set")
+    middle = InstantiationException("Error in call to target 'x'")
+    middle.__cause__ = inner
+    outer = InstantiationException("Error in call to target 'y'")
+    outer.__cause__ = middle
+    with pytest.raises(SystemExit) as exit_:
+        refuse(outer)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: data.root must be set\n" and captured.out == ""
+    with pytest.raises(SystemExit):
+        refuse(_missing("checkpoint"))
+    assert capsys.readouterr().err == (
+        "error: checkpoint is required: give checkpoint=... (--help lists the options)\n"
+    )
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(InstantiationException):
+        refuse(outer)
+
+
+def _missing(key: str) -> Exception:
+    try:
+        getattr(OmegaConf.create({key: "???"}), key)
+    except MissingMandatoryValue as err:
+        return err
+    raise AssertionError("no MissingMandatoryValue")
+
+
+def test_refused_errors_include_every_bad_path_kind():
+    for err in (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        assert issubclass(err, REFUSED)
+
+
+def test_write_npz_writes_the_arrays_atomically(tmp_path):
+    write_npz(tmp_path / "s.npz", images=np.arange(6, dtype=np.uint8).reshape(2, 3), labels=np.array([1, 2]))
+    with np.load(tmp_path / "s.npz") as npz:
+        assert npz["images"].tolist() == [[0, 1, 2], [3, 4, 5]] and npz["labels"].tolist() == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary file left
+    assert (CONFIG_DIR / "train.yaml").is_file() and (CONFIG_DIR / "sample.yaml").is_file()
+
+
+def test_write_npz_leaves_the_previous_file_whole_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "s.npz"
+    write_npz(path, images=np.zeros(3))
+
+    def failing(file, **arrays):
+        if isinstance(file, (str, os.PathLike)):
+            file = open(file, "wb")  # noqa: SIM115 - a stand-in that fails halfway
+        file.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", failing)
+    with pytest.raises(OSError, match="No space left"):
+        write_npz(path, images=np.ones(3))
+    monkeypatch.undo()
+    with np.load(path) as npz:
+        assert npz["images"].tolist() == [0.0, 0.0, 0.0]

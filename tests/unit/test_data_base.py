@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,8 +27,10 @@ from act_lightning.data import (
     storage,
 )
 from act_lightning.data.base import random_hflip, reference_indices, to_signed
-from act_lightning.data.images import center_crop, decode_image, load_image
+from act_lightning.data.digits import load_digits_split
+from act_lightning.data.images import center_crop, decode_image, load_image, to_chw_uint8
 from act_lightning.data.storage import PackedBytes
+from act_lightning.data.synthetic import SyntheticImages
 from act_lightning.seeds import FLIP, mix_seed
 
 
@@ -302,3 +305,95 @@ def test_prepared_arrays_check_their_rank_dtype_rows_and_source_against_the_mani
         DataError, match=r"expected a manifest .* for source 'lsun_cat256', found .* 'imagenet64'"
     ):
         storage.read_manifest(tmp_path, "lsun_cat256")
+
+
+def _noise(height: int, width: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_adm_crop_halves_with_box_while_at_least_twice_the_size_then_resizes_bicubic():
+    image = _noise(64, 64)  # exactly twice the target: one BOX halving, then nothing left to resize
+    assert np.array_equal(center_crop(image, 32, "adm"), np.asarray(image.resize((32, 32), Image.BOX)))
+    image = _noise(40, 61)  # under twice: one BICUBIC resize to round(48.8) x 32, then the middle 32
+    expected = np.asarray(image.resize((49, 32), Image.BICUBIC))[:, 8:40]
+    assert np.array_equal(center_crop(image, 32, "adm"), expected)
+
+
+def test_box_crop_is_one_box_resize_then_the_middle_square():
+    image = _noise(80, 100)
+    expected = np.asarray(image.resize((40, 32), Image.BOX))[:, 4:36]
+    assert np.array_equal(center_crop(image, 32, "box"), expected)
+
+
+def test_jpegs_are_decoded_at_the_smallest_scale_that_keeps_twice_the_size():
+    data = _encoded(_noise(400, 512), "JPEG")
+    assert decode_image(data, "x").size == (512, 400)
+    assert decode_image(data, "x", draft_size=64).size == (128, 100)  # 1/4: 1/8 would be 64 x 50
+    reference = center_crop(decode_image(data, "x", draft_size=64), 32, "adm")
+    assert torch.equal(load_image(data, "x", 32), torch.from_numpy(reference.transpose(2, 0, 1).copy()))
+
+
+def test_palette_images_with_transparency_decode_without_a_warning():
+    image = Image.new("P", (20, 20))
+    image.putpalette([v for c in range(256) for v in (c, 255 - c, c // 2)])
+    image.putdata([i % 8 for i in range(400)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=bytes([0, 128, 255, 64, 10, 200, 255, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode_image(buffer.getvalue(), "p.png")
+    assert decoded.mode == "RGB" and decoded.getpixel((1, 0)) == (1, 254, 0)
+
+
+def test_large_images_decode_without_a_decompression_bomb_warning(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12 x 12 warns (above 200 Pillow refuses)
+    data = _encoded(_noise(12, 12), "PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_image(data, "big.png").size == (12, 12)
+
+
+def test_chw_keeps_rows_and_columns():
+    array = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)  # (H, W, C), not square
+    out = to_chw_uint8(array)
+    assert out.shape == (3, 2, 3) and out[2, 1, 0] == array[1, 0, 2] and out.is_contiguous()
+    assert to_chw_uint8(array[:, :, 0]).shape == (1, 2, 3)
+
+
+def test_digits_split_into_fixed_disjoint_parts_in_minus_one_to_one():
+    x, y, hx, hy = load_digits_split()
+    assert x.shape == (1500, 1, 8, 8) and hx.shape == (297, 1, 8, 8) and x.dtype == torch.float32
+    assert (len(y), len(hy)) == (1500, 297) and y.dtype == torch.int64 and set(hy.tolist()) == set(range(10))
+    assert x.min() == -1 and x.max() == 1  # scikit-learn's 0..16 grey levels
+    everything = {tuple(row.tolist()) for row in torch.cat([x, hx]).flatten(1)}
+    held = {tuple(row.tolist()) for row in hx.flatten(1)}
+    assert len(everything - held) >= 1400 and not held - everything
+    assert torch.equal(load_digits_split()[2], hx) and not torch.equal(load_digits_split(seed=1)[2], hx)
+
+
+def test_digits_module_trains_on_the_training_part_and_holds_out_the_rest():
+    dm = DigitsDataModule(split_seed=1)
+    _, _, held, _ = load_digits_split(297, seed=1)
+    assert len(dm.build_train_dataset()) == 1500
+    assert torch.equal(torch.stack([x for x, _ in dm.build_held_out_dataset()]), held)
+    for kwargs in ({"image_size": 16}, {"channels": 3}):
+        with pytest.raises(ValueError, match="data.image_size must be 8 and data.channels 1"):
+            DigitsDataModule(**kwargs)
+
+
+def test_synthetic_images_are_smooth_seeded_blobs_in_minus_one_to_one():
+    dataset = SyntheticImages(8, 16, 3, num_classes=5, seed=2)
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    assert images.shape == (8, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert images.min() < -0.5 and images.max() > 0.5  # the whole range, not [0, 1]
+    assert images[0, 0, 0].unique().numel() > 4  # interpolated, not 4 x 4 blocks
+    assert torch.equal(dataset[3][0], SyntheticImages(8, 16, 3, 5, seed=2)[3][0])
+    assert not torch.equal(dataset[3][0], SyntheticImages(8, 16, 3, 5, seed=0)[3][0])
+    assert {dataset[i][1] for i in range(8)} <= set(range(5)) and len({dataset[i][1] for i in range(8)}) > 1
+    assert SyntheticImages(2, 4, 1, num_classes=None)[1][1] == 0
+
+
+def test_synthetic_module_draws_with_its_seed_and_counts_its_length():
+    dm = SyntheticDataModule(length=10, batch_size=2, image_size=8, seed=3)
+    assert dm.count_train_images(4) == 10
+    assert torch.equal(dm.build_train_dataset()[1][0], SyntheticImages(10, 8, 3, None, seed=3)[1][0])

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from act_lightning.data import DataError, FolderDataModule
+from act_lightning.data import folder as folder_module
+from act_lightning.data.images import load_image
 from tests.helpers_data import listing, shards, write_image_folder
 
 
@@ -126,3 +128,83 @@ def test_check_source_on_a_folder_without_images_says_what_it_found(tmp_path):
     (tmp_path / ".hidden.png").write_bytes(b"")  # hidden files are not training images
     with pytest.raises(FileNotFoundError, match=rf"data.root={tmp_path} holds no images: .*found 1 \.txt"):
         _dm(tmp_path).check_source()
+
+
+def test_hidden_folders_are_skipped_and_the_tree_is_walked_in_sorted_order(tmp_path):
+    names = ["f", "e", "d", "c", "b", "a"]  # created in reverse order: a walk in listing order is unsorted
+    for name in names:
+        write_image_folder(tmp_path, classes=(name,), per_class=1)
+    write_image_folder(tmp_path, classes=(".thumbnails",), per_class=2)
+    dm = _dm(tmp_path)
+    dm.setup("fit")
+    paths = [dm.train_set.path(i) for i in range(len(dm.train_set))]
+    assert paths == [str(tmp_path / name / "img_0.png") for name in sorted(names)]
+    assert dm.count_train_images(100) == 6
+
+
+def test_suffixes_are_matched_in_any_case(tmp_path):
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "SHOUTING.JPG", format="JPEG")
+    dm = _dm(tmp_path)
+    dm.check_source()
+    dm.setup("fit")
+    assert len(dm.train_set) == 1 and dm.count_train_images(10) == 1
+
+
+def test_no_images_message_counts_files_without_a_suffix_and_several_suffixes(tmp_path):
+    for name in ("README", "LICENSE", "a.txt", "b.txt", "c.txt", "d.csv"):
+        (tmp_path / name).write_text("x")
+    for check in (lambda dm: dm.setup("fit"), lambda dm: dm.check_source()):
+        with pytest.raises(FileNotFoundError, match=r"found 3 \.txt, 2 \(no suffix\), 1 \.csv$"):
+            check(_dm(tmp_path))
+
+
+def test_check_source_checks_the_root_and_its_first_image_are_readable(folder, monkeypatch):
+    for unreadable in (folder, folder / "cats" / "img_0.png"):
+
+        def check(path, unreadable=unreadable):
+            if path == unreadable:
+                raise PermissionError(f"{path} cannot be read")
+
+        monkeypatch.setattr(folder_module, "check_readable", check)
+        with pytest.raises(PermissionError, match=rf"{unreadable} cannot be read"):
+            _dm(folder).check_source()
+
+
+def test_fewer_classes_than_sub_folders_are_refused(folder):
+    with pytest.raises(DataError, match=r"data.num_classes=1, but .* has 2 class sub-folders"):
+        _dm(folder, num_classes=1).setup("fit")
+
+
+def test_count_train_images_counts_images_only_and_stops_at_enough(folder, tmp_path):
+    assert _dm(folder).count_train_images(3) == 3
+    assert _dm(folder).count_train_images(100) == 10
+    write_image_folder(tmp_path, classes=("a",), per_class=2)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    assert _dm(tmp_path).count_train_images(100) == 2
+
+
+def test_folder_images_use_the_adm_crop(folder):
+    dm = _dm(folder)
+    dm.setup("fit")
+    for i in range(3):
+        path = dm.train_set.path(i)
+        data = Path(path).read_bytes()
+        assert torch.equal(dm.train_set[i][0], load_image(data, path, 16, method="adm"))
+        assert not torch.equal(dm.train_set[i][0], load_image(data, path, 16, method="box"))
+
+
+def test_a_class_count_mismatch_shows_at_most_ten_class_names(tmp_path):
+    names = [f"class_{i:02d}" for i in range(12)]
+    for name in names:
+        write_image_folder(tmp_path, classes=(name,), per_class=1)
+    with pytest.raises(
+        DataError, match=r"has 12 class sub-folders with images \(class_00, .*, class_09, \.\.\.\)"
+    ):
+        _dm(tmp_path, num_classes=3).setup("fit")
+
+
+def test_defaults_of_the_folder_data_module_and_the_jpeg_suffix(tmp_path):
+    dm = FolderDataModule(root=str(tmp_path))
+    assert (dm.batch_size, dm.image_size, dm.channels, dm.verify) == (64, 64, 3, True)
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(tmp_path / "photo.jpeg", format="JPEG")
+    assert _dm(tmp_path).count_train_images(10) == 1

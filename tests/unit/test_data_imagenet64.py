@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from act_lightning.data import DataError, ImageNet64DataModule
-from act_lightning.data.imagenet64 import prepare_imagenet64
+from act_lightning.data.imagenet64 import TRAIN_FILES, count_images, find_official_files, prepare_imagenet64
 from act_lightning.prepare import main as prepare_main
 from tests.helpers_data import listing, shards, write_imagenet64
 
@@ -308,3 +309,62 @@ def test_an_unreadable_record_of_verified_files_means_hashing_again(prepared_cop
     assert sorted(hashed) == sorted(json.loads((prepared_copy / "manifest.json").read_text())["files"])
     record = json.loads((prepared_copy / ".verified.json").read_text())  # rewritten whole
     assert sorted(record) == sorted(hashed)
+
+
+def test_official_files_are_found_in_sub_folders_the_first_by_path(tmp_path):
+    write_imagenet64(tmp_path / "a_part1", per_file=2, val=False)  # the archives unzip into folders
+    write_imagenet64(tmp_path / "b_copy", per_file=2, val=False, seed=1)  # a second copy: sorts later
+    train, val = find_official_files(tmp_path)
+    assert train == [tmp_path / "a_part1" / name for name in TRAIN_FILES] and val is None
+    manifest = prepare_imagenet64(tmp_path, tmp_path / "out", progress=False)
+    assert manifest["splits"]["train"]["count"] == 20 and "val" not in manifest["splits"]
+    with np.load(tmp_path / "a_part1" / "train_data_batch_1.npz") as npz:
+        assert np.array_equal(np.load(tmp_path / "out" / "train_images.npy")[:2].reshape(2, -1), npz["data"])
+
+
+def test_a_missing_val_file_is_named_when_required(tmp_path):
+    write_imagenet64(tmp_path, per_file=2, val=False)
+    with pytest.raises(FileNotFoundError, match=r"ImageNet 64x64: val_data\.npz not found under"):
+        find_official_files(tmp_path, require_val=True)
+
+
+def test_data_of_more_than_two_dimensions_is_named(tmp_path):
+    src = _broken(tmp_path, data=np.zeros((2, 12288, 1), np.uint8), labels=np.ones(2, np.int64))
+    with pytest.raises(DataError, match=r"batch_2\.npz: `data` should be uint8 of shape \(N, 12288\)"):
+        prepare_imagenet64(src, tmp_path / "out", progress=False)
+
+
+def test_check_source_counts_the_labels_from_the_headers(tmp_path):
+    src = _broken(tmp_path, data=np.zeros((2, 12288), np.uint8), labels=np.ones(3, np.int64))
+    with pytest.raises(DataError, match=r"train_data_batch_2\.npz: `labels` should be 2 integers"):
+        _dm(src).check_source()
+
+
+def test_label_1000_is_the_last_class(tmp_path):
+    src = _broken(tmp_path, data=np.zeros((2, 12288), np.uint8), labels=np.array([1, 1000]))
+    prepare_imagenet64(src, tmp_path / "out", progress=False)
+    assert np.load(tmp_path / "out" / "train_labels.npy")[2:4].tolist() == [0, 999]
+
+
+def test_zero_classes_is_refused_not_read_as_unconditional():
+    with pytest.raises(
+        ValueError, match=r"data.num_classes must be 1000 \(class-conditional\) or null, got 0"
+    ):
+        ImageNet64DataModule(root="x", num_classes=0)
+
+
+def test_arrays_in_npy_format_2_are_read(tmp_path):
+    path = tmp_path / "train_data_batch_1.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, array in (("data", np.zeros((3, 12288), np.uint8)), ("labels", np.ones(3, np.int64))):
+            with archive.open(f"{key}.npy", "w") as f:
+                np.lib.format.write_array(f, array, version=(2, 0))
+    assert count_images(path) == 3
+
+
+def test_a_split_without_labels_is_named(prepared_copy):
+    manifest = json.loads((prepared_copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["labels"] = None
+    (prepared_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest\.json: the 'train' split has no labels"):
+        _dm(prepared_copy, num_classes=None).build_train_dataset()

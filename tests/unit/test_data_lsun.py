@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from act_lightning.data import DataError, LSUNDataModule, lsun
+from act_lightning.data import DataError, LSUNDataModule, lsun, storage
+from act_lightning.data.images import load_image
 from act_lightning.data.lsun import LMDBImages, list_keys
 from act_lightning.prepare import main as prepare_main
-from tests.helpers_data import listing, shards, write_lsun_lmdb
+from tests.helpers_data import encode, listing, shards, write_lsun_lmdb
 
 SIZE = 32  # the pipeline is size-agnostic; small images keep the tests fast (the CLI test runs 256)
 
@@ -206,3 +207,112 @@ def test_prepare_converts_the_category_it_is_given(tmp_path):
 
     defaults = build_parser().parse_args(["lsun_cat256", "src", "dst"])
     assert (defaults.category, defaults.image_size, defaults.max_images) == ("cat", 256, None)
+
+
+def test_finds_the_lmdb_under_the_scene_categories_naming(tmp_path):
+    write_lsun_lmdb(tmp_path / "bedroom_train_lmdb", n=2)
+    assert lsun.find_lmdb(tmp_path, "bedroom") == tmp_path / "bedroom_train_lmdb"
+    assert lsun.find_lmdb(tmp_path, "cat") is None
+    dm = _dm(tmp_path, category="bedroom")
+    dm.setup("fit")
+    assert len(dm.train_set) == 2
+
+
+def test_a_listed_key_without_a_value_is_named(lsun_root):
+    dataset = LMDBImages(lsun_root / "cat", storage.PackedBytes([b"gone"]), SIZE)
+    with pytest.raises(DataError, match=r"cat/data\.mdb key 'gone': the key is listed but has no value"):
+        dataset[0]
+
+
+def test_lmdb_images_are_box_resized_and_centre_cropped(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)  # BOX and BICUBIC differ
+    write_lsun_lmdb(tmp_path / "cat", n=0, extra={b"noise": encode(noise, "PNG")})
+    dataset = LMDBImages(tmp_path / "cat", list_keys(tmp_path / "cat"), SIZE)
+    value, source = dataset.read(0)
+    assert torch.equal(dataset[0][0], load_image(value, source, SIZE, method="box"))
+    assert not torch.equal(dataset[0][0], load_image(value, source, SIZE, method="adm"))
+
+
+def test_prepare_records_the_crop_and_takes_max_images_beyond_the_count(lsun_root, tmp_path):
+    manifest = lsun.prepare_lsun(lsun_root, tmp_path, image_size=16, max_images=100, progress=False)
+    assert manifest["splits"]["train"]["count"] == 8 and manifest["crop"] == "box"
+    assert np.load(tmp_path / "train_images.npy").shape == (8, 3, 16, 16)
+
+
+def test_prepare_decodes_past_the_first_chunk(tmp_path):
+    write_lsun_lmdb(tmp_path / "cat", n=65)  # one more than a chunk of 64
+    manifest = lsun.prepare_lsun(tmp_path, tmp_path / "p", image_size=8, progress=False)
+    assert manifest["splits"]["train"]["count"] == 65
+    images = np.load(tmp_path / "p" / "train_images.npy")
+    assert images.shape == (65, 3, 8, 8) and images[64].any()
+
+
+def test_prepare_refuses_a_disk_too_small_before_writing(lsun_root, tmp_path, monkeypatch):
+    need = 8 * 3 * 16 * 16
+    usage = lsun.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(lsun.shutil, "disk_usage", lambda path: usage._replace(free=need - 1))
+    with pytest.raises(OSError, match=r"prepared form of 8 images at 16x16 needs .* GiB, only"):
+        lsun.prepare_lsun(lsun_root, tmp_path / "p", image_size=16, progress=False)
+    assert not (tmp_path / "p" / "train_images.npy").exists()
+    monkeypatch.setattr(lsun.shutil, "disk_usage", lambda path: usage._replace(free=need))
+    assert lsun.prepare_lsun(lsun_root, tmp_path / "p", image_size=16, progress=False)["splits"]
+
+
+def test_four_channels_are_refused():
+    with pytest.raises(ValueError, match=r"data.channels must be 3 \(RGB\) or 1 \(grey\), got 4"):
+        LSUNDataModule(root="x", channels=4)
+
+
+def test_check_source_checks_every_prepared_file_is_readable(lsun_root, tmp_path, monkeypatch):
+    dst = tmp_path / "prepared"
+    lsun.prepare_lsun(lsun_root, dst, image_size=SIZE, progress=False)
+
+    def unreadable(path):
+        if path.name == "train_images.npy":
+            raise PermissionError(f"{path} cannot be read")
+
+    monkeypatch.setattr(lsun, "check_readable", unreadable)
+    with pytest.raises(PermissionError, match=r"train_images\.npy cannot be read"):
+        _dm(dst).check_source()
+
+
+def test_prepare_data_hashes_the_prepared_form_unless_verify_is_off(lsun_root, tmp_path):
+    dst = tmp_path / "prepared"
+    lsun.prepare_lsun(lsun_root, dst, image_size=SIZE, progress=False)
+    path = dst / "train_images.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train_images\.npy: checksum mismatch"):
+        _dm(dst).prepare_data()
+    _dm(dst, verify=False).prepare_data()
+
+
+def test_a_prepared_array_of_another_shape_than_its_manifest_is_named(lsun_root, tmp_path):
+    dst = tmp_path / "prepared"
+    lsun.prepare_lsun(lsun_root, dst, image_size=16, progress=False)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps(manifest | {"image_size": SIZE}))
+    with pytest.raises(
+        DataError, match=rf"train_images\.npy: images of shape \(3, 16, 16\), expected \(3, {SIZE}"
+    ):
+        _dm(dst).setup("fit")
+
+
+def test_prepared_with_other_channels_falls_back_to_the_lmdb(tmp_path):
+    write_lsun_lmdb(tmp_path / "cat", n=2)
+    lsun.prepare_lsun(tmp_path, tmp_path, image_size=SIZE, progress=False)
+    dm = _dm(tmp_path, channels=1)
+    dm.setup("fit")
+    assert isinstance(dm.train_set, LMDBImages) and dm.train_set[0][0].shape == (1, SIZE, SIZE)
+
+
+def test_setup_fails_at_once_when_the_first_value_is_no_image(tmp_path):
+    write_lsun_lmdb(tmp_path / "cat", n=2, extra={b"0000-broken": b"junk"})  # sorts first
+    with pytest.raises(DataError, match=r"key '0000-broken': the image does not decode"):
+        _dm(tmp_path).setup("fit")
+
+
+def test_defaults_of_the_lsun_data_module():
+    dm = LSUNDataModule(root="x")
+    assert (dm.batch_size, dm.image_size, dm.channels, dm.category) == (80, 256, 3, "cat")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from act_lightning.metrics.dinov2 import (
     WEIGHTS_FILE,
     WEIGHTS_URL,
+    DINOv2Features,
     DinoVisionTransformer,
     load_dinov2,
     resolve_dinov2_weights,
@@ -115,3 +116,43 @@ def test_missing_or_foreign_weights_are_named(tmp_path, monkeypatch):
     torch.save({"cls_token": torch.zeros(1, 1, 8), "extra": argparse.Namespace(a=1)}, pickled)
     with pytest.raises(WeightsError, match="not a readable weights file"):
         load_dinov2(pickled)
+
+
+def test_weights_in_the_hub_cache_are_not_downloaded_again_and_missing_ones_are(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
+    fetched = []
+
+    def download(url, dst, progress=True):
+        fetched.append(url)
+        Path(dst).write_bytes(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    assert resolve_dinov2_weights(None, download=True) == cached and fetched == [WEIGHTS_URL]
+    assert resolve_dinov2_weights(None, download=True) == cached and len(fetched) == 1  # cached now
+    assert resolve_dinov2_weights(None, download=False) == cached
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    cached.unlink()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError, match=f"Could not download the DINOv2 weights .*Put {WEIGHTS_FILE}"):
+        resolve_dinov2_weights(None, download=True)
+
+
+def test_an_unknown_quantization_is_refused():
+    with pytest.raises(ValueError, match="eval.quantize must be round or truncate, got 'floor'"):
+        DINOv2Features(DinoVisionTransformer(dim=64, depth=1), quantize="floor")
+
+
+def test_state_dicts_without_blocks_or_with_foreign_keys_are_named(tmp_path):
+    state = torch.load(stand_in_weights(tmp_path / WEIGHTS_FILE), weights_only=True)
+    no_blocks = tmp_path / "no_blocks.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("blocks.")}, no_blocks)
+    with pytest.raises(WeightsError, match="not a DINOv2 state dict"):
+        load_dinov2(no_blocks)
+    extra = tmp_path / "extra.pth"
+    torch.save(state | {"head.weight": torch.zeros(10, 64)}, extra)
+    with pytest.raises(WeightsError, match=r"extra\.pth: not DINOv2's weights \(Error"):
+        load_dinov2(extra)

@@ -4,6 +4,7 @@ reference files and caches, and the sharding that makes many processes agree wit
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +29,13 @@ from act_lightning.metrics.inception import (
     resolve_inception_weights,
     to_uint8,
 )
-from act_lightning.metrics.reference import ReferenceStatisticsError, load_reference, save_reference
+from act_lightning.metrics.reference import (
+    ReferenceStatisticsError,
+    image_batches,
+    load_reference,
+    reference_image_features,
+    save_reference,
+)
 from tests.helpers_ddp import TinyFeatures, ddp_worker, fid_of_samples
 
 
@@ -498,3 +505,101 @@ def test_a_bad_cache_file_is_trained_over_never_unpickled_and_an_unwritable_fold
 
     # the file's name changes with what training depends on
     assert digits.cache_path(0, x, y) != digits.cache_path(0, x, (y + 1) % 10) != digits.cache_path(1, x, y)
+
+
+def test_inception_weights_in_the_hub_cache_are_not_downloaded_again(empty_hub, monkeypatch):
+    fetched = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        fetched.append((url, hash_prefix))
+        Path(dst).write_bytes(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    assert resolve_inception_weights(None, download=True) == str(empty_hub)
+    assert fetched == [(WEIGHTS_URL, "6726825d")]  # checked against the release's SHA-256 prefix
+    assert resolve_inception_weights(None, download=True) == str(empty_hub) and len(fetched) == 1
+
+
+def test_to_uint8_truncates_on_request_and_refuses_other_quantizations():
+    values = torch.tensor([10.6, 10.4, 254.7, -3.0, 300.0]) / 127.5 - 1
+    assert to_uint8(values, "truncate").tolist() == [10, 10, 254, 0, 255]
+    with pytest.raises(ValueError, match="eval.quantize must be one of round, truncate; got 'floor'"):
+        to_uint8(values, "floor")
+    with pytest.raises(ValueError, match="eval.quantize must be one of round, truncate; got 'floor'"):
+        InceptionFeatures("random", quantize="floor")
+
+
+def test_a_reference_with_statistics_and_images_uses_the_statistics_in_float64(tmp_path):
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    np.savez(
+        tmp_path / "both.npz", mu=np.ones(4, np.float32), sigma=np.eye(4, dtype=np.float32), arr_0=images
+    )
+    mu, sigma = load_reference(tmp_path / "both.npz", 4, extract=lambda batches: pytest.fail("extracted"))
+    assert mu.dtype == sigma.dtype == np.float64 and mu.tolist() == [1.0] * 4
+    np.testing.assert_array_equal(sigma, np.eye(4))
+
+
+def test_reference_images_of_other_than_one_or_three_channels_are_named(tmp_path):
+    np.savez(tmp_path / "rgba.npz", arr_0=np.zeros((2, 8, 8, 4), np.uint8))
+    with pytest.raises(
+        ReferenceStatisticsError, match=r"with C = 1 or 3; found uint8 of shape \(2, 8, 8, 4\)"
+    ):
+        load_reference(tmp_path / "rgba.npz", 4, extract=lambda batches: pytest.fail("extracted"))
+
+
+def test_reference_statistics_of_the_wrong_size_are_named_by_either_array(tmp_path):
+    np.savez(tmp_path / "sigma.npz", mu=np.zeros(4), sigma=np.eye(3))
+    with pytest.raises(ReferenceStatisticsError, match=r"mu \(4,\), sigma \(3, 3\)"):
+        load_reference(tmp_path / "sigma.npz", 4)
+    np.savez(tmp_path / "mu.npz", mu=np.zeros(3), sigma=np.eye(4))
+    with pytest.raises(ReferenceStatisticsError, match=r"statistics of 3-d features, but .* gives 4-d"):
+        load_reference(tmp_path / "mu.npz", 4)
+
+
+def test_reference_images_become_batches_of_exact_values_in_minus_one_to_one():
+    images = np.array([0, 255, 128, 1, 254, 7], np.uint8).reshape(1, 1, 2, 3)  # (N, H, W, C)
+    (batch,) = image_batches(images, 4)
+    assert batch.shape == (1, 3, 1, 2) and batch.dtype == torch.float32
+    assert torch.equal(batch[0, :, 0, 0], torch.tensor([0.0, 255.0, 128.0]) / 127.5 - 1)
+    assert batch[0, :2, 0, 0].tolist() == [-1.0, 1.0]
+    assert torch.equal(to_uint8(batch), torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+def test_reference_image_features_of_the_training_set_or_of_an_npz_batch(tmp_path):
+    class Data:
+        def __init__(self):
+            self.calls = []
+
+        def reference_dataloader(self, batch_size, max_images=None):
+            self.calls.append((batch_size, max_images))
+            images = torch.linspace(-1, 1, 5 * 3 * 2 * 2).reshape(5, 3, 2, 2)[:max_images]
+            return [(x, None) for x in images.split(batch_size)]
+
+    def extractor(x):
+        return x.flatten(1)[:, :4]
+
+    data = Data()
+    features = reference_image_features("train", data, extractor, 3, 2, "cpu")
+    assert data.calls == [(2, 3)] and features.shape == (3, 4)
+    images = np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    features = reference_image_features(str(tmp_path / "ref.npz"), None, extractor, 3, 2, "cpu")
+    assert torch.equal(features, torch.cat(list(image_batches(images[:3], 3))).flatten(1)[:, :4])
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    with pytest.raises(ReferenceStatisticsError, match=r"stats\.npz: holds statistics only \(mu, sigma\)"):
+        reference_image_features(str(tmp_path / "stats.npz"), None, extractor, 3, 2, "cpu")
+
+
+def test_saved_reference_statistics_keep_their_metadata(tmp_path):
+    save_reference(tmp_path / "ref.npz", np.zeros(2), np.eye(2), source="train", count=5)
+    with np.load(tmp_path / "ref.npz") as npz:
+        assert str(npz["source"]) == "train" and int(npz["count"]) == 5
+        assert sorted(npz.files) == ["count", "mu", "sigma", "source"]
+
+
+def test_a_reference_without_known_arrays_is_not_blamed_on_object_arrays(tmp_path):
+    np.savez(tmp_path / "keys.npz", features=np.zeros(3))
+    with pytest.raises(ReferenceStatisticsError) as err:
+        load_reference(tmp_path / "keys.npz", 4)
+    assert str(err.value).startswith(f"{tmp_path / 'keys.npz'}: expected arrays `mu` and `sigma`")
+    assert "object arrays" not in str(err.value)
