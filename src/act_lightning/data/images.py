@@ -46,8 +46,8 @@ def decode_image(data: bytes, source: str, channels: int = 3, draft_size: int | 
         ) from err
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
         raise DataError(f"{source}: the image does not decode ({type(err).__name__}: {err})") from err
-    if image.mode in ("P", "LA", "PA") or (image.mode == "RGBA" and channels == 1):
-        image = image.convert("RGBA")  # palette / alpha: resolve transparency before dropping alpha
+    if image.mode in ("P", "LA", "PA"):
+        image = image.convert("RGBA")  # palette / alpha: through RGBA, whose alpha the conversion drops
     return image.convert("RGB" if channels == 3 else "L")
 
 
