@@ -392,7 +392,6 @@ def test_the_diffusion_start_recipes_carry_edms_and_ects_settings(tmp_path):
 def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):
     """The reference cache lives beside the data; synthetic images have no folder, so no cache (this used
     to fail with "Interpolation key 'data.root' not found" unless debug=smoke was given too)."""
-
     synthetic = compose(["experiment=cifar10", "data=synthetic"], run_dir=str(tmp_path))
     assert OmegaConf.to_container(synthetic.eval, resolve=True)["reference_cache"] is None
     real = compose(["experiment=cifar10", "data.root=/data/cifar10"], run_dir=str(tmp_path))
@@ -401,7 +400,6 @@ def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):
 
 def test_adas_quarter_turns_are_one_documented_override_away(tmp_path):
     """docs/algorithm.md: `+model.augment.rotate90_turns=[0,1,2,3]` (model.augment is null by default)."""
-
     model = instantiate(
         compose(["debug=smoke", "+model.augment.rotate90_turns=[0,1,2,3]"], run_dir=str(tmp_path)).model
     )

@@ -268,7 +268,6 @@ def test_a_training_set_smaller_than_one_global_batch_is_refused_before_anything
     """Synthetic and folder sources count their images (a folder's walk stops at one global batch) at
     start-up: the refusal comes before the run folder gets anything but its lock, as every start-up
     check's does."""
-
     folder = write_image_folder(tmp_path / "images", classes=("only",), per_class=3)  # 3 images
     cases = {
         "synthetic": ["data.length=3"],  # smoke runs train on 2 + 2 images

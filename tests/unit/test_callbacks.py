@@ -124,7 +124,6 @@ class _Loggers:
 
 def _evaluation(tmp_path, values, **kwargs):
     """A FrechetEvaluation whose metric at iteration k is values[k] (and its extra metrics none)."""
-
     cb = FrechetEvaluation(run_dir=str(tmp_path), features="digits", **kwargs)
     cb.extractor = torch.nn.Identity()
     cb._reference_statistics = lambda *a: (np.zeros(2), np.eye(2))
@@ -206,13 +205,8 @@ def test_a_resumed_evaluation_keeps_its_history_and_takes_the_best_anew_without_
     (tmp_path / "b.ckpt").write_bytes(b"kept")
     resumed.on_train_start(trainer, _module(4))  # resumed: no references logged, no evaluation
     assert logger.rows == [] and resumed.best == (4, 3.0) and len(resumed.history) == 2
-    moved = FrechetEvaluation(
-        run_dir=str(tmp_path / "other"), features="digits", best_checkpoint=str(tmp_path / "none.ckpt")
-    )
+    moved, trainer, _, _ = _evaluation(tmp_path / "other", {}, best_checkpoint=str(tmp_path / "none.ckpt"))
     moved.load_state_dict(state)
-    moved.extractor = torch.nn.Identity()
-    moved._reference_statistics = lambda *a: (np.zeros(2), np.eye(2))
-    moved._extra_references = lambda *a: None
     moved.on_train_start(trainer, _module(4))  # another folder: its best.ckpt is not there
     assert moved.best is None
 

@@ -78,7 +78,6 @@ def test_load_checkpoint_wants_a_training_config_and_finite_weights(tmp_path):
 
 def test_a_checkpoint_from_before_the_schedule_and_speed_groups_still_builds_its_networks(tmp_path):
     # act-lightning 0.1 kept the schedule's and the speed options' keys directly under `model`
-
     cfg = OmegaConf.to_container(
         compose(
             [
@@ -173,7 +172,6 @@ def test_keep_snapshots_refuses_what_is_no_count(tmp_path, bad):
 def test_the_full_disk_message_counts_the_checkpoints_bytes_and_recognises_a_quota():
     """What a save that ran out of space reports: the tensors' bytes (each element's size), in units of
     1000, and whether the error, or one it arose from, is a full disk or an exhausted quota."""
-
     tree = {
         "a": torch.zeros(3),
         "b": [torch.zeros(3, dtype=torch.float16), (torch.zeros(1, dtype=torch.int64),)],

@@ -84,7 +84,6 @@ def test_an_out_folder_must_be_a_writable_folder_or_below_one(tmp_path):
 )
 def test_training_refuses_a_count_that_is_no_integer_by_its_key(override, key, tmp_path):
     """In the order train() meets them: its own checks, then the callbacks."""
-
     cfg = compose(["debug=smoke", override], run_dir=str(tmp_path))
     with pytest.raises(Exception, match=f"{key} must be an integer >= 1, got"):
         check_config(cfg)
@@ -95,7 +94,6 @@ def test_training_refuses_a_count_that_is_no_integer_by_its_key(override, key, t
 
 def test_a_run_or_sweep_folder_that_cannot_be_written_stops_hydra_with_status_2(tmp_path, capsys):
     """act_lightning.launch.CheckRunFolder, Hydra's callback: the key of the launch's kind is checked."""
-
     (tmp_path / "file").write_text("x")
     config = OmegaConf.create(
         {"hydra": {"run": {"dir": str(tmp_path / "run")}, "sweep": {"dir": str(tmp_path / "file" / "sweep")}}}

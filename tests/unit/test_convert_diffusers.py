@@ -393,7 +393,6 @@ def test_training_starts_from_a_converted_ddpm(digits_ddpm, tmp_path):
 def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm, tmp_path):
     # the converted file set model.generator (a VP backbone, not the quickstart's network); the run's
     # history keeps that config, so resume=auto builds the same network without the file
-
     _, out = digits_ddpm
     args = ["experiment=quickstart", f"init_from={out}", "debug=smoke", "eval=null", "iterations=4"]
     run_dir = tmp_path / "run"

@@ -165,7 +165,6 @@ def test_on_cuda_the_guard_waits_for_nothing_zeroes_a_bad_update_and_leaves_over
 
 def test_a_deferred_read_on_the_cpu_gives_each_value_once():
     """act_lightning.readback.DeferredRead, as the guard and the module use it off a GPU."""
-
     read = DeferredRead()
     assert read.poll() is None and not read.in_flight
     read.submit(torch.tensor(3))
