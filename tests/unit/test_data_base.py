@@ -177,6 +177,29 @@ def test_file_sources_keep_their_defaults_and_the_config_wins(cls):
         cls(root="x", batch_size="abc")
 
 
+EVERY_SOURCE = {
+    CIFAR10DataModule: dict(root="x"),
+    ImageNet64DataModule: dict(root="x"),
+    LSUNDataModule: dict(root="x"),
+    FolderDataModule: dict(root="x"),
+    DigitsDataModule: {},
+    SyntheticDataModule: dict(batch_size=2, image_size=4),
+}
+
+
+@pytest.mark.parametrize("cls", list(EVERY_SOURCE), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "10"])
+def test_every_source_reads_num_classes_one_way_null_or_a_positive_count(cls, bad):
+    """0 was unconditional for LSUN and folder data but refused by ImageNet 64; a class-conditional
+    network built from it gets an embedding of no classes. Every source now refuses it, naming null."""
+    with pytest.raises(
+        ValueError,
+        match=rf"data.num_classes must be null \(unconditional\) or a number of classes >= 1, got {bad!r}",
+    ):
+        cls(**EVERY_SOURCE[cls], num_classes=bad)
+    assert cls(**EVERY_SOURCE[cls], num_classes=None).num_classes is None
+
+
 def test_manifest_is_replaced_atomically(tmp_path, monkeypatch):
     images, _ = storage.create_arrays(tmp_path, "train", 2, (1, 2, 2), labels=False)
     del images

@@ -346,13 +346,6 @@ def test_label_1000_is_the_last_class(tmp_path):
     assert np.load(tmp_path / "out" / "train_labels.npy")[2:4].tolist() == [0, 999]
 
 
-def test_zero_classes_is_refused_not_read_as_unconditional():
-    with pytest.raises(
-        ValueError, match=r"data.num_classes must be 1000 \(class-conditional\) or null, got 0"
-    ):
-        ImageNet64DataModule(root="x", num_classes=0)
-
-
 def test_arrays_in_npy_format_2_are_read(tmp_path):
     path = tmp_path / "train_data_batch_1.npz"
     with zipfile.ZipFile(path, "w") as archive:

@@ -253,6 +253,13 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         check_batch_sizes(batch_size, global_batch_size)
         check_count(num_workers, "data.num_workers", 0)  # 0: load in the main process
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):  # one meaning for every source: 0 is not a second spelling of null
+            raise ValueError(
+                "data.num_classes must be null (unconditional) or a number of classes >= 1, "
+                f"got {num_classes!r}"
+            )
         self.root = None if root is None else str(root)
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size

@@ -246,7 +246,6 @@ class LSUNDataModule(ImageDataModule):
             )
         if self.channels not in (1, 3):
             raise ValueError(f"data.channels must be 3 (RGB) or 1 (grey), got {self.channels}")
-        self.num_classes = None  # 0 and null both mean unconditional
         self.category = category
         self.verify = verify
 
