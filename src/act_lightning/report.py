@@ -269,10 +269,12 @@ def plot(variants: list[Variant], path: Path, metric: str, at_iteration, at_seco
             if len(v.runs) > 1:
                 ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
     real = [r.references["real"] for v in variants for r in v.runs if "real" in r.references]
+    drawn = [y for v in variants for r in v.runs for y in r.values if not math.isnan(y)] + real
     for ax in axes:
         if real:
             ax.axhline(statistics.fmean(real), ls="--", color="gray", lw=1, label="held-out real images")
-        ax.set_yscale("log")
+        if all(y > 0 for y in drawn):  # a log axis would drop a metric at or below zero (KID can be)
+            ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     if at_iteration is not None:
         axes[0].axvline(at_iteration, color="black", lw=0.8, ls=":")

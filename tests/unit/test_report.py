@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from act_lightning import report
 from act_lightning.callbacks import FrechetEvaluation, evaluation
 from act_lightning.report import (
     Run,
@@ -278,3 +279,21 @@ def test_runs_without_recorded_seconds_or_with_a_diverged_metric_still_make_a_ta
     assert ct["train_seconds"]["mean"] == 11.0
     table = markdown(rows, k, t, ref, "fd", "here")
     assert "| act | 2 | 4 | 10 |" in table and "| ct | 2 | 4 | 11 ± 1 | nan ± nan |" in table
+
+
+@pytest.mark.parametrize(
+    "values, scale",
+    [([9.0, 5.0], "log"), ([9.0, math.nan], "log"), ([0.3, -0.01], "linear"), ([2.0, 0.0], "linear")],
+)
+def test_the_figure_is_logarithmic_only_when_every_value_drawn_is_positive(
+    tmp_path, monkeypatch, values, scale
+):
+    # KID can end below zero: a log axis would silently drop those points (NaN points are not drawn at all)
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    runs = [_run(0, [0, 4], values, [0.0, 10.0]), _run(1, [0, 4], [9.0, 6.0], [0.0, 11.0])]
+    report.plot([Variant("act", runs)], tmp_path / "report.png", "kid", 4, None)
+    assert (tmp_path / "report.png").is_file()
+    assert [ax.get_yscale() for ax in closed[0].axes] == [scale, scale]
