@@ -297,3 +297,18 @@ def test_the_figure_is_logarithmic_only_when_every_value_drawn_is_positive(
     report.plot([Variant("act", runs)], tmp_path / "report.png", "kid", 4, None)
     assert (tmp_path / "report.png").is_file()
     assert [ax.get_yscale() for ax in closed[0].axes] == [scale, scale]
+
+
+@pytest.mark.parametrize(
+    "values, scale", [([math.nan, 5.0], "log"), ([5.0, math.nan], "log"), ([5.0, -0.1], "linear")]
+)
+def test_the_runs_own_curve_reads_its_values_the_same_way_wherever_a_nan_falls(
+    tmp_path, monkeypatch, values, scale
+):
+    # min() over a list holding a NaN depends on where the NaN is: the axis did too
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    evaluation.plot_curve(list(zip([0, 4], values)), {"real": 3.0}, tmp_path / "fid_curve.png", "fd")
+    assert closed[0].axes[0].get_yscale() == scale

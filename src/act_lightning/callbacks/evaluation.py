@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -434,7 +435,7 @@ def plot_curve(history, references: dict[str, float], path: Path, label: str) ->
     for name, value in references.items():
         colour, text = styles.get(name, ("gray", name))
         ax.axhline(value, ls="--", color=colour, label=f"{text}: {value:.1f}")
-    if history and min(vs) > 0:
+    if history and all(v > 0 for v in vs if not math.isnan(v)):  # a NaN (a diverged run) is not drawn
         ax.set_yscale("log")
     ax.set_xlabel("ACT iteration")
     ax.set_ylabel(label)
