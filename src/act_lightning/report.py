@@ -273,7 +273,7 @@ def plot(variants: list[Variant], path: Path, metric: str, at_iteration, at_seco
     for ax in axes:
         if real:
             ax.axhline(statistics.fmean(real), ls="--", color="gray", lw=1, label="held-out real images")
-        if all(y > 0 for y in drawn):  # a log axis would drop a metric at or below zero (KID can be)
+        if all(y > 0 for y in drawn):  # a log axis drops values <= 0 (an FD near 0 can round below it)
             ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     if at_iteration is not None:

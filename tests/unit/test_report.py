@@ -288,7 +288,8 @@ def test_runs_without_recorded_seconds_or_with_a_diverged_metric_still_make_a_ta
 def test_the_figure_is_logarithmic_only_when_every_value_drawn_is_positive(
     tmp_path, monkeypatch, values, scale
 ):
-    # KID can end below zero: a log axis would silently drop those points (NaN points are not drawn at all)
+    # a Frechet distance near zero can round below it: a log axis would silently drop those points (NaN
+    # points are not drawn at all)
     import matplotlib.pyplot as plt
 
     closed = []
