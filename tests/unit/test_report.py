@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from act_lightning import report
 from act_lightning.callbacks import FrechetEvaluation, evaluation
 from act_lightning.report import (
     Run,
@@ -20,6 +19,7 @@ from act_lightning.report import (
     job_record,
     main,
     markdown,
+    plot,
     summarise,
     value_at_seconds,
     variant_labels,
@@ -281,21 +281,25 @@ def test_runs_without_recorded_seconds_or_with_a_diverged_metric_still_make_a_ta
     assert "| act | 2 | 4 | 10 |" in table and "| ct | 2 | 4 | 11 ± 1 | nan ± nan |" in table
 
 
+@pytest.fixture
+def closed(monkeypatch):
+    """The figures the plots close, kept open to read their axes."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    return figures
+
+
 @pytest.mark.parametrize(
     "values, scale",
     [([9.0, 5.0], "log"), ([9.0, math.nan], "log"), ([0.3, -0.01], "linear"), ([2.0, 0.0], "linear")],
 )
-def test_the_figure_is_logarithmic_only_when_every_value_drawn_is_positive(
-    tmp_path, monkeypatch, values, scale
-):
+def test_the_figure_is_logarithmic_only_when_every_value_drawn_is_positive(tmp_path, closed, values, scale):
     # a Frechet distance near zero can round below it: a log axis would silently drop those points (NaN
     # points are not drawn at all)
-    import matplotlib.pyplot as plt
-
-    closed = []
-    monkeypatch.setattr(plt, "close", closed.append)
     runs = [_run(0, [0, 4], values, [0.0, 10.0]), _run(1, [0, 4], [9.0, 6.0], [0.0, 11.0])]
-    report.plot([Variant("act", runs)], tmp_path / "report.png", "kid", 4, None)
+    plot([Variant("act", runs)], tmp_path / "report.png", "fd", 4, None)
     assert (tmp_path / "report.png").is_file()
     assert [ax.get_yscale() for ax in closed[0].axes] == [scale, scale]
 
@@ -304,12 +308,8 @@ def test_the_figure_is_logarithmic_only_when_every_value_drawn_is_positive(
     "values, scale", [([math.nan, 5.0], "log"), ([5.0, math.nan], "log"), ([5.0, -0.1], "linear")]
 )
 def test_the_runs_own_curve_reads_its_values_the_same_way_wherever_a_nan_falls(
-    tmp_path, monkeypatch, values, scale
+    tmp_path, closed, values, scale
 ):
     # min() over a list holding a NaN depends on where the NaN is: the axis did too
-    import matplotlib.pyplot as plt
-
-    closed = []
-    monkeypatch.setattr(plt, "close", closed.append)
     evaluation.plot_curve(list(zip([0, 4], values)), {"real": 3.0}, tmp_path / "fid_curve.png", "fd")
     assert closed[0].axes[0].get_yscale() == scale
