@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from act_lightning import load_generator
+from act_lightning.export import FORMAT, ACTPipeline, export
 from act_lightning.sample import image_noise, to_uint8
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose, run_module
@@ -59,8 +61,6 @@ def test_the_config_and_the_card_name_the_run_its_checkpoint_and_its_length(expo
 
 
 def test_every_exported_file_follows_the_umask_as_checkpoints_do(exported, tmp_path):
-    from act_lightning.export import export
-
     ckpt, _ = exported
     old = os.umask(0o022)
     try:
@@ -82,7 +82,6 @@ def assert_samples_as_the_sample_command(ckpt, out, taus, n: int, folder) -> Non
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from act_lightning import load_generator
     from act_lightning.sample import sample
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -99,9 +98,6 @@ def assert_samples_as_the_sample_command(ckpt, out, taus, n: int, folder) -> Non
 
 def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp_path):
     ckpt, out = exported
-    from act_lightning import load_generator
-    from act_lightning.export import ACTPipeline
-
     for taus in ([], [1.3824]):
         assert_samples_as_the_sample_command(ckpt, out, taus, 6, tmp_path / "s")
     pipeline = ACTPipeline.from_pretrained(out)
@@ -115,9 +111,6 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
 def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):
     """A run with sigma_data 0.7 and the log noise embedding: config.json holds both, and load_generator,
     the diffusers pipeline and the sample command agree, for one step and for three."""
-    from act_lightning import load_generator
-    from act_lightning.export import ACTPipeline, export
-
     overrides = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
     own = ["model.sigma_data=0.7", "model.c_noise=log", "model.schedule.rho=5.0"]
     train(compose([*overrides, *own], run_dir=str(tmp_path / "run")))
@@ -136,8 +129,6 @@ def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):
 def test_the_pipeline_on_a_gpu_takes_a_host_or_a_device_generator(exported):
     """On a GPU the pipeline draws with the user's host generator and moves the noise to the UNet's
     device; with the same generator seed it samples what it samples on the host (to float tolerance)."""
-    from act_lightning.export import ACTPipeline
-
     _, out = exported
     cpu = ACTPipeline.from_pretrained(out)
     gpu = ACTPipeline.from_pretrained(out).to("cuda")
@@ -167,8 +158,6 @@ def test_loading_needs_neither_lightning_nor_hydra(exported):
 
 
 def test_a_folder_that_is_not_an_export_is_named(tmp_path):
-    from act_lightning import load_generator
-
     with pytest.raises(FileNotFoundError, match="config.json: missing; .* not a folder written by"):
         load_generator(tmp_path)
 
@@ -189,7 +178,6 @@ def test_the_command_names_a_missing_option_and_a_missing_checkpoint(tmp_path):
 
 
 def test_a_diffusion_model_and_a_converted_ddpm_are_refused_not_written_wrong(tmp_path):
-    from act_lightning.export import export
     from tests.unit.test_convert_diffusers import convert, make_scheduler, make_unet, save_ddpm
 
     diffusion = tmp_path / "diffusion"
@@ -216,8 +204,6 @@ def test_a_diffusion_model_and_a_converted_ddpm_are_refused_not_written_wrong(tm
 
 
 def test_a_folder_of_another_format_is_refused_by_name(tmp_path):
-    from act_lightning import load_generator
-
     (tmp_path / "config.json").write_text(json.dumps({"format": "someone-else/model"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(
@@ -231,8 +217,6 @@ def test_a_class_conditional_export_keeps_its_classes_and_samples_the_ones_given
     load_generator knows its classes, and the labels given to sample reach every step."""
     from safetensors.torch import save_file
 
-    from act_lightning import load_generator
-    from act_lightning.export import FORMAT
     from act_lightning.nn.generator import UNetGenerator
 
     args = {
@@ -260,8 +244,6 @@ def test_a_class_conditional_export_keeps_its_classes_and_samples_the_ones_given
     again = model.sample(noise, torch.tensor([0, 0]), taus=[1.0], step_noise=step)
     assert torch.equal(first, again)
     # the diffusers pipeline around the same UNet takes the labels too
-    from act_lightning.export import ACTPipeline
-
     pipeline = ACTPipeline(unet=model.backbone.unet, used_channels=model.backbone.used_channels, **constants)
     labels = torch.tensor([2, 2])
     assert torch.equal(pipeline(noise=noise, class_labels=labels), model.sample(noise, labels))
@@ -271,3 +253,16 @@ def test_a_class_conditional_export_keeps_its_classes_and_samples_the_ones_given
         two, model.sample(noise, labels, taus=[1.0], generator=torch.Generator().manual_seed(3))
     )
     assert not torch.equal(two, pipeline(noise=noise, class_labels=labels))
+
+
+def test_a_class_conditional_run_exports_its_class_count_into_config_card_and_loaded_model(tmp_path):
+    """A trained class-conditional checkpoint: config.json and the model card say how many classes the
+    generator knows (and that sampling takes class_labels); load_generator reads the count back."""
+    run = tmp_path / "run"
+    overrides = ["debug=smoke", "data=synthetic", "data.num_classes=3", "model.generator.num_class_embeds=3"]
+    train(compose([*overrides, "iterations=1", "eval=null"], run_dir=str(run)))
+    out = tmp_path / "exported"
+    export(run / "checkpoints" / "last.ckpt", out)
+    assert json.loads((out / "config.json").read_text())["num_classes"] == 3
+    assert "channel(s), 3 classes (pass class_labels).\n" in (out / "README.md").read_text()
+    assert load_generator(out).num_classes == 3
