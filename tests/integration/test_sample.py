@@ -3,6 +3,7 @@ size, in the ADM / EDM evaluators' npz layout, one or several steps, class-condi
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from act_lightning.consistency import karras_sigmas
 from act_lightning.sample import check_taus, class_labels, image_noise, two_step_tau
 from act_lightning.seeds import LABEL, mix_seed
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose, run_module
+from tests.conftest import CONF, compose, run_module
 
 TINY = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
 
@@ -139,9 +140,10 @@ def test_help_lists_the_commands_own_options():
 
 @pytest.mark.slow
 def test_every_entry_point_is_a_console_script_with_its_own_help():
-    import tomllib
-
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    # the installed package's scripts (pyproject.toml's [project.scripts] as pip installed them; read from
+    # its metadata, which works on every supported Python, where tomllib needs 3.11)
+    dist = importlib.metadata.distribution("act-lightning")
+    scripts = {e.name: e.value for e in dist.entry_points if e.group == "console_scripts"}
     modules = {
         "train",
         "evaluate",
