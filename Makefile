@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench reproduce-mini reproduce-init clean
+.PHONY: help install train test test-fast test-oldest lint format bench reproduce-mini reproduce-init clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,20 @@ test: $(STAMP)  ## run the test suite (CPU, no network); one worker process per 
 
 test-fast: $(STAMP)  ## unit tests only
 	WANDB_MODE=offline $(PY) -m pytest -q tests/unit $(ARGS)
+
+# The suite against the oldest release pyproject.toml allows of every direct dependency (uv's lowest-direct
+# resolution, in a venv of its own, beside the pinned torch; numpy and pillow, which torchvision's install
+# brings at their newest, resolved again): run it when a lower bound moves or the code starts to use
+# something new from a dependency. Downloads those releases (about a minute), then runs as make test.
+OLDEST := .venv-oldest
+test-oldest:  ## the suite with the oldest allowed dependencies, in .venv-oldest (downloads them)
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip uv
+	$(OLDEST)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	printf '%s\n' $(TORCH_SPEC) > $(OLDEST)/torch.txt
+	$(OLDEST)/bin/uv pip install --quiet --python $(OLDEST)/bin/python --resolution lowest-direct \
+		--constraint $(OLDEST)/torch.txt --reinstall-package numpy --reinstall-package pillow -e '.[dev]'
+	WANDB_MODE=offline $(OLDEST)/bin/python -m pytest -q -n auto --maxprocesses=4 --dist worksteal tests $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests benchmarks
