@@ -32,8 +32,9 @@ train: $(STAMP)  ## train the quickstart on the embedded digits (CPU, minutes); 
 # --dist worksteal: a worker that runs out of tests takes some of the other's (the tests last from
 # milliseconds to 20 s; in file order the last long ones left one worker idle: 17 s apart against 6 s).
 # The tests marked slow run first (tests/conftest.py), so the last ones are short: 1 s apart.
+SUITE := -q -n auto --maxprocesses=4 --dist worksteal tests
 test: $(STAMP)  ## run the test suite (CPU, no network); one worker process per core, at most four
-	WANDB_MODE=offline $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal tests $(ARGS)
+	WANDB_MODE=offline $(PY) -m pytest $(SUITE) $(ARGS)
 
 test-fast: $(STAMP)  ## unit tests only
 	WANDB_MODE=offline $(PY) -m pytest -q tests/unit $(ARGS)
@@ -50,7 +51,7 @@ test-oldest:  ## the suite with the oldest allowed dependencies, in .venv-oldest
 	printf '%s\n' $(TORCH_SPEC) > $(OLDEST)/torch.txt
 	$(OLDEST)/bin/uv pip install --quiet --python $(OLDEST)/bin/python --resolution lowest-direct \
 		--constraint $(OLDEST)/torch.txt --reinstall-package numpy --reinstall-package pillow -e '.[dev]'
-	WANDB_MODE=offline $(OLDEST)/bin/python -m pytest -q -n auto --maxprocesses=4 --dist worksteal tests $(ARGS)
+	WANDB_MODE=offline $(OLDEST)/bin/python -m pytest $(SUITE) $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests benchmarks
