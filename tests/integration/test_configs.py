@@ -1,6 +1,7 @@
 """Every experiment composes and instantiates; configuration errors fail early, naming the key."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 
 from act_lightning.resolvers import LAUNCH_ENV, in_folder, launch_name, lazy_regularisation_beta2
 from act_lightning.train import check_config
-from tests.conftest import CONF, EXPERIMENTS, compose
+from tests.conftest import CONF, EXPERIMENTS, ROOT, compose
 
 
 def test_the_four_experiments_exist():
@@ -420,3 +421,75 @@ def test_the_resolvers_name_the_launch_once_per_process_tree_and_cache_beside_th
     assert launch_name() != "2026-01-01_10-00-00_000001"
     monkeypatch.setenv(LAUNCH_ENV, f"@{os.getpid()}")  # no name
     assert launch_name() != ""
+
+
+# -- what the README and docs/ name --------------------------------------------------------------------
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_SECTIONS = "model|data|trainer|logger|callbacks|eval|guard|paths|hydra"
+DOC_KEY = re.compile(rf"(?<![\w./-])(\+?)((?:{_SECTIONS})(?:\.[A-Za-z0-9_]+)+)")
+DOC_CHOICE = re.compile(
+    r"(?<![\w./-])\+?(experiment|variant|data|model/generator|model/discriminator|trainer|perf|ablation|logger"
+    r"|callbacks|debug|hparams_search|hydra/launcher)=([A-Za-z0-9_,]+)"
+)
+NOT_CONFIG_KEYS = {
+    "model.compile": "the old name, which the README says Hydra refuses",
+    "model.gan_ratio": "the old name, which the README says Hydra refuses",
+    "model.unet": "a key of the reference code's checkpoints",
+    "model._discriminator": "a key of the reference code's checkpoints",
+    "model.safetensors": "a file export writes",
+    "data.HalfBatch": "a class",
+    "trainer.global_step": "Lightning's attribute",
+    "hydra.yaml": "the file Hydra writes into .hydra/",
+}
+HYDRA_PLUGIN_CHOICES = {("hydra/launcher", "joblib")}  # the joblib launcher plugin's own config
+
+
+def _documented(pattern: re.Pattern) -> dict[tuple, set[str]]:
+    found: dict[tuple, set[str]] = {}
+    for doc in DOCS:
+        for match in pattern.finditer(doc.read_text()):
+            found.setdefault(match.groups(), set()).add(doc.name)
+    return found
+
+
+def test_every_config_key_the_readme_and_docs_name_exists(tmp_path):
+    """A key renamed in conf/ but not in the text would send a user to an override Hydra refuses."""
+    overrides = [f"run_dir={tmp_path}", "hydra/launcher=submitit_slurm", "hparams_search=optuna"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        configs = [
+            hydra_compose(
+                "train", overrides=[*overrides, f"experiment={experiment}"], return_hydra_config=True
+            )
+            for experiment in EXPERIMENTS
+        ]
+    found = _documented(DOC_KEY)
+    assert len(found) > 80  # the pattern still finds what the text names
+
+    def exists(key: str) -> bool:
+        return any(
+            OmegaConf.select(cfg, key, default=KeyError, throw_on_missing=False) is not KeyError
+            for cfg in configs
+        )
+
+    missing = {
+        key: sorted(docs)
+        for (plus, key), docs in found.items()
+        if key not in NOT_CONFIG_KEYS and not exists(key.rpartition(".")[0] if plus else key)
+    }
+    assert not missing, f"named in the text but in no composed config: {missing}"
+    assert not [key for key in NOT_CONFIG_KEYS if exists(key)]  # an exception that has become a key
+
+
+def test_every_config_choice_the_readme_and_docs_name_exists():
+    found = _documented(DOC_CHOICE)
+    assert len(found) > 25
+    missing = {
+        f"{group}={choice}": sorted(docs)
+        for (group, choices), docs in found.items()
+        for choice in choices.split(",")
+        if not choice.isupper()  # a placeholder, DIR
+        and (group, choice) not in HYDRA_PLUGIN_CHOICES
+        and not (CONF / group / f"{choice}.yaml").exists()
+    }
+    assert not missing, f"named in the text but no config file: {missing}"
