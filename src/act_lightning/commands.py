@@ -14,7 +14,16 @@ import torch
 
 from act_lightning.atomic import atomic_write
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"  # the Hydra configs of the commands
+
+def _config_dir() -> Path:
+    """The Hydra configs of the commands: inside the package when it was installed from a wheel
+    (pyproject.toml ships conf/ as act_lightning/conf), else the checkout's conf/ (an editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "conf"
+    return installed if (installed / "train.yaml").is_file() else here.parents[1] / "conf"
+
+
+CONFIG_DIR = _config_dir()
 
 
 def check_net(net: str) -> None:

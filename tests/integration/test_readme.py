@@ -48,6 +48,10 @@ COMMANDS: dict[str, tuple] = {
         "test_cli.py::test_smoke_run_of_every_experiment_on_synthetic_data",
     ),
     "python -m act_lightning.train experiment=cifar10 model.schedule.gan_ratio=0": ("train", SMOKE),
+    "python -m act_lightning.train --config-dir my_conf experiment=my_experiment": (
+        "test",
+        "test_packaging.py::test_commands_run_from_the_installed_wheel_with_a_users_own_configs",
+    ),
     "python -m act_lightning.prepare imagenet64 /downloads/imagenet64 data/imagenet64": ("prepare", None),
     "python -m act_lightning.prepare lsun_cat256 data/lsun_cat256/cat data/lsun_cat256": ("prepare", None),
     "python -m act_lightning.train experiment=cifar10 data=folder data.root=/path/to/images": (
