@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import act_lightning
 from tests.conftest import CONF, ROOT
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,7 @@ def _relative(files, root: Path, suffix: str) -> set[str]:
 
 
 def test_the_wheel_holds_every_module_and_every_config(wheel):
+    assert wheel.name.startswith(f"act_lightning-{act_lightning.__version__}-")  # one version, the module's
     names = zipfile.ZipFile(wheel).namelist()
     package = ROOT / "src" / "act_lightning"
     modules = _relative(package.rglob("*.py"), package, ".py")
