@@ -33,6 +33,7 @@ from act_lightning.commands import (
     resolve_device,
 )
 from act_lightning.consistency import ConsistencySchedule
+from act_lightning.environment import environment
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     build_feature_extractor,
@@ -130,6 +131,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device),
         "results": results,
         "stage_seconds": lap.seconds,
+        "environment": environment(),  # what measured; the last launch's of the run: what trained
+        "trained_with": (checkpoint.get("act_history") or [{}])[-1].get("environment"),
     }
     with atomic_write(output) as f:  # a stopped command leaves no truncated file
         f.write(json.dumps(summary, indent=2).encode())

@@ -45,6 +45,8 @@ from act_lightning.checks import check_count
 from act_lightning.commands import CONFIG_DIR, refuse
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
+from act_lightning.environment import describe as describe_environment
+from act_lightning.environment import environment
 from act_lightning.init_from import InitWeights, describe, load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
@@ -312,7 +314,9 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
         "changes": {},
         "world_size": world,
         "global_batch": global_batch(resolved, world),
+        "environment": environment(),
     }
+    log.info("launched with %s", describe_environment(entry["environment"]))
     if checkpoint is None:
         if init is not None:
             log.info("init_from=%s: a new run from its generator weights", describe(init))

@@ -12,6 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import act_lightning
+from act_lightning.environment import environment
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from act_lightning.train import train
 from tests.conftest import COMMAND_ENV, CONF, compose, run_module
@@ -87,6 +89,13 @@ def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkp
     sampled = out["results"]["1-step"]["seconds"] + out["results"]["2-step"]["seconds"]
     assert stages["samplers"] == pytest.approx(sampled, abs=0.3)
     assert stages["total"] == pytest.approx(sum(list(stages.values())[:-1]), abs=0.3)
+    # what measured (this process's versions) and what trained (the last launch's, kept in the checkpoint)
+    assert (
+        out["environment"] == environment()
+        and out["environment"]["act_lightning"] == act_lightning.__version__
+    )
+    assert out["trained_with"] == torch.load(ckpt, weights_only=True)["act_history"][-1]["environment"]
+    assert out["trained_with"]["torch"] == torch.__version__
 
 
 def test_laps_time_consecutive_stages_and_refuse_a_stage_twice(monkeypatch):

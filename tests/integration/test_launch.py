@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from act_lightning.environment import describe, environment
 from act_lightning.train import train
 from tests.conftest import compose, refusal, run_cli
 
@@ -51,6 +52,8 @@ def test_refused_and_finished_launches_leave_every_file_of_the_run_folder_as_it_
     for launch in launches:
         record = {p.name for p in (run / ".hydra" / "launches" / launch).iterdir()}
         assert record == {"config.yaml", "hydra.yaml", "overrides.yaml", "train.log"}, record
+    first = run / ".hydra" / "launches" / min(launches) / "train.log"  # launch names sort by their time
+    assert f"launched with {describe(environment())}" in first.read_text()
 
 
 def test_an_unwritable_run_folder_is_refused_before_hydra_writes_into_it(tmp_path):
@@ -91,6 +94,7 @@ def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_de
     history = checkpoint["act_history"]
     assert [h["iteration"] for h in history] == [0, 2]
     assert history[1]["changes"] == {"model.schedule.gan_ratio": [0.95, 0.5]} and history[0]["changes"] == {}
+    assert [h["environment"] for h in history] == [environment()] * 2  # each launch's versions, kept
 
     # a finished run is not extended silently; deliberately it is
     finish = [*SMOKE, "eval=null", "iterations=6", "model.schedule.gan_ratio=0.5"]
