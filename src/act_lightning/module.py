@@ -314,9 +314,12 @@ class ACTModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # the run's resolved config, for the loggers (hparams.yaml, the W&B run's config): recorded here,
-        # once the data is prepared, so that a launch whose download fails leaves no run behind
+        # once the data is prepared, so that a launch whose download fails leaves no run behind; with the
+        # launch's environment (versions and commit: act_lightning.environment)
+        launch = self.run_history[-1] if self.run_history else {}
+        extra = {"environment": launch["environment"]} if "environment" in launch else {}
         for logger in self.loggers if self.run_config is not None else ():
-            logger.log_hyperparams(self.run_config)
+            logger.log_hyperparams({**self.run_config, **extra})
 
     def on_train_start(self) -> None:
         self.k = int(self.iteration)

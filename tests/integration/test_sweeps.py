@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 
+from act_lightning.environment import environment
 from act_lightning.report import job_record
 from tests.conftest import COMMAND_ENV, run_module
 from tests.helpers_wandb import read_run
@@ -35,6 +36,7 @@ def test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_conf
         )
         assert run["group"] == "quickstart"
         assert run["config"]["model"]["schedule"]["gan_ratio"] == ratio  # its own config, not the other job's
+        assert run["config"]["environment"] == environment()  # what it ran with: versions, commit
         fd_rows = [row for row in run["history"] if "val/fd" in row]
         assert [row["trainer/global_step"] for row in fd_rows] == [0, 4]  # its own history only
     for job, run in enumerate(runs):
