@@ -19,7 +19,7 @@ from tests.conftest import CONF, ROOT
 
 pytestmark = pytest.mark.slow
 
-SOURCES = ("pyproject.toml", "README.md", "src", "conf")  # what the build reads (an sdist holds these)
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "src", "conf")  # what the build reads: an sdist
 
 
 def _build(kind: str, source: Path, out: Path) -> Path:
@@ -75,6 +75,8 @@ def test_the_wheel_holds_every_module_and_every_config(wheel):
     configs = _relative(CONF.rglob("*.yaml"), CONF, ".yaml")
     assert {n.removeprefix("act_lightning/conf/") for n in names if n.endswith(".yaml")} == configs
     assert len(configs) > 50 and "train.yaml" in configs and "experiment/cifar10.yaml" in configs
+    version = act_lightning.__version__
+    assert f"act_lightning-{version}.dist-info/licenses/LICENSE" in names  # MIT: the text travels with it
 
 
 def test_commands_run_from_the_installed_wheel_with_a_users_own_configs(wheel, tmp_path):
