@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COMMAND_ENV, ROOT, run_module
+from tests.conftest import COMMAND_ENV, ROOT, needs_inductor_2_11, run_module
 
 
 def _bench(script: str, *args: str, timeout: int = 300):
@@ -677,6 +677,7 @@ def test_the_compile_watch_keeps_each_operation_inductor_cuts_out_of_a_cuda_grap
 
 
 @pytest.mark.slow
+@needs_inductor_2_11
 def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_its_reason(monkeypatch):
     """A CUDA graphs variant whose graphs inductor skipped runs no faster, and inductor says why only in a
     warning among the compile logs: bench_train's CompileWatch puts the count and the reasons in the
@@ -739,6 +740,7 @@ def test_a_compiled_bench_run_reports_its_graphs_and_every_cuda_graph_skip_with_
     assert "\n- skipping cudagraphs due to mutated inputs" in text
 
 
+@needs_inductor_2_11
 def test_the_capture_check_finds_what_would_keep_a_graph_from_a_cuda_graph():
     """benchmarks/capture_check.py on graphs with a known answer: a data-dependent shape (`nonzero`) is cut
     out of its graph, an input mutated in place is reported, a plain graph passes; on the CPU, which

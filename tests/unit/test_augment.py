@@ -379,7 +379,9 @@ def test_the_transform_keeps_every_value_on_the_images_device():
     """Traced for CUDA tensors (fake ones: no GPU needed), no value of the transform's graph lives on the
     host: a host tensor in a graph is a copy to the device, which inductor cuts out of a CUDA graph and runs
     on its own (an assignment of a number into a slice of a tensor once made one)."""
-    from tests.helpers_fake_cuda import fake_cuda, traced_devices
+    from tests.helpers_fake_cuda import fake_cuda, skip_unless_traceable, traced_devices
+
+    skip_unless_traceable()
 
     pipe = AugmentPipe()
     mode = fake_cuda(pipe)

@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 
+from tests.conftest import needs_inductor_2_11
 from tests.integration.test_benchmarks import _load_benchmark
 
 
@@ -415,6 +416,7 @@ def test_the_capture_check_names_each_graphs_kind_and_the_graphs_skipped_unrecor
     ]
 
 
+@needs_inductor_2_11
 def test_the_capture_check_counts_only_the_skips_of_its_own_run():
     check = _load_benchmark("capture_check")
     counters["inductor"]["cudagraph_skips"] += 5  # an earlier run's

@@ -58,7 +58,9 @@ def test_the_network_returns_what_dinov2s_own_code_returns_for_the_same_weights(
     with torch.no_grad():
         ours = network(x)
     reference = torch.from_numpy(np.load(REFERENCE_CLS, allow_pickle=False))[(1, 6).index(scale)]
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+    # float32 rounding: torch 2.9 differs from 2.14 (which wrote the reference) by up to 2.4e-7; a plain
+    # resize of the positional embeddings, as other ports do, by more than 1e-3 (below)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_positions_are_interpolated_as_dinov2_does_not_resized():

@@ -362,9 +362,10 @@ def test_the_traceable_r1_pass_computes_what_the_double_backward_computes(cfg_fa
         weights = torch.cat([p.grad.flatten() for p in disc.parameters() if p.requires_grad])
         results.append((fake_logits, real_logits, grad, weights))
     assert disc._attention  # the classic attention's double backward is in it
-    # float rounding apart (torch.func orders some sums otherwise: about 2e-6 of each norm)
+    # float rounding apart (torch.func orders some sums otherwise: about 2e-6 of each norm under torch
+    # 2.14, up to 1.8e-5 under 2.7; a wrong pass differs by the norm's order)
     for a, b in zip(*results, strict=True):
-        assert a.norm() > 0 and (a - b).norm() <= 1e-5 * a.norm()
+        assert a.norm() > 0 and (a - b).norm() <= 1e-4 * a.norm()
 
 
 @pytest.mark.parametrize("size", [32, 224, 256])

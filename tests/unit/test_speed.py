@@ -258,7 +258,9 @@ def test_the_networks_keep_every_value_on_the_device_they_run_on(cfg_factory):
     """Traced for CUDA tensors (fake ones: no GPU needed), no value of the CIFAR-10 generator's, D's or
     LPIPS's graphs lives on the host: a host tensor in a graph is a copy to the device, which inductor cuts
     out of a CUDA graph (compile_mode=reduce-overhead) and launches on its own (docs/performance.md)."""
-    from tests.helpers_fake_cuda import fake_cuda, traced_devices
+    from tests.helpers_fake_cuda import fake_cuda, skip_unless_traceable, traced_devices
+
+    skip_unless_traceable()
 
     model = instantiate(cfg_factory([*SMALL, "experiment=cifar10", *LPIPS]).model)
     mode = fake_cuda(model)
