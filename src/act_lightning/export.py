@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from act_lightning.atomic import default_file_mode
 from act_lightning.checkpoints import checkpoint_iteration, load_model
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_out_folder, refuse
+from act_lightning.environment import describe
 from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
 from act_lightning.samplers import multistep
@@ -177,7 +178,7 @@ tags:
 A one-step image generator trained with Adversarial Consistency Training (Kong et al., ACT-Diffusion,
 arXiv 2311.14097) with the act-lightning library, from the checkpoint `{checkpoint}`
 (iteration {iteration} of {iterations}; experiment `{experiment}`): {size}x{size} images with {channels}
-channel(s){classes}.
+channel(s){classes}.{trained_with}
 
 ```python
 from act_lightning import load_generator
@@ -247,6 +248,8 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "num_classes": h.num_classes,
         "iteration": checkpoint_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
+        # the versions (and commit) of the launch that wrote the checkpoint (act_lightning.environment)
+        "trained_with": (checkpoint.get("act_history") or [{}])[-1].get("environment"),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     pipeline = ACTPipeline(
@@ -269,6 +272,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         classes=classes,
         folder=str(out),
         two_step_tau=repr(two_step_tau(run)),
+        trained_with=f" Trained with {describe(env)}." if (env := config["trained_with"]) else "",
         **constants,
     )
     (out / "README.md").write_text(card)

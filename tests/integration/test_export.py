@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from act_lightning import load_generator
+from act_lightning.environment import describe, environment
 from act_lightning.export import FORMAT, ACTPipeline, export
 from act_lightning.sample import image_noise, to_uint8
 from act_lightning.train import train
@@ -57,7 +58,9 @@ def test_the_config_and_the_card_name_the_run_its_checkpoint_and_its_length(expo
         "from the checkpoint `last.ckpt`\n(iteration 2 of 2; experiment `quickstart`): 8x8 images with 1\n"
         in card
     )
-    assert "channel(s).\n" in card  # no classes
+    # no classes; the versions of the launch that trained it, as its checkpoint keeps them
+    assert config["trained_with"] == environment()
+    assert f"channel(s). Trained with {describe(environment())}.\n" in card
 
 
 def test_every_exported_file_follows_the_umask_as_checkpoints_do(exported, tmp_path):
@@ -264,5 +267,5 @@ def test_a_class_conditional_run_exports_its_class_count_into_config_card_and_lo
     out = tmp_path / "exported"
     export(run / "checkpoints" / "last.ckpt", out)
     assert json.loads((out / "config.json").read_text())["num_classes"] == 3
-    assert "channel(s), 3 classes (pass class_labels).\n" in (out / "README.md").read_text()
+    assert "channel(s), 3 classes (pass class_labels). Trained with " in (out / "README.md").read_text()
     assert load_generator(out).num_classes == 3
