@@ -157,7 +157,12 @@ def test_every_entry_point_is_a_console_script_with_its_own_help():
     }
     assert scripts == {f"act-{m.replace('_', '-')}": f"act_lightning.{m}:main" for m in modules}
     bin_dir = os.path.dirname(sys.executable)
-    commands = (("act-sample", "num_samples:"), ("act-edit", "box:"), ("act-prepare", "usage"))
+    commands = (
+        ("act-sample", "num_samples:"),
+        ("act-edit", "box:"),
+        ("act-prepare", "usage"),
+        ("act-train", "python -m act_lightning.train [experiment=NAME]"),
+    )
     others = (
         ("act-export", "ckpt=PATH out=DIR"),
         ("act-convert-reference", "CKPT OUT"),
