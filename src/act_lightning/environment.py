@@ -64,6 +64,12 @@ def environment() -> dict[str, str | None]:
     }
 
 
+def trained_with(checkpoint: dict) -> dict[str, str | None] | None:
+    """The environment of the launch that wrote `checkpoint` (the last of its history); None for one
+    written before runs recorded it, or by convert_reference."""
+    return (checkpoint.get("act_history") or [{}])[-1].get("environment")
+
+
 def describe(env: dict[str, str | None]) -> str:
     """One line for a log: act_lightning 0.3.0 (commit 1a2b3c4d5e6f), Python 3.11.7, torch 2.14.1 (CUDA
     13.0), lightning 2.6.1, ..."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import act_lightning
-from act_lightning.environment import PACKAGES, describe, environment, git_commit
+from act_lightning.environment import PACKAGES, describe, environment, git_commit, trained_with
 from tests.conftest import ROOT
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -69,3 +69,11 @@ def test_the_log_line_names_each_version():
     assert describe({**env, "commit": None, "cuda": None}).startswith(
         "act_lightning 0.3.0, Python 3.11.7, torch 2.14.1+cu130, "
     )
+
+
+def test_what_trained_a_checkpoint_is_its_last_launchs_environment():
+    first, second = {"act_lightning": "0.2.0"}, {"act_lightning": "0.3.0"}
+    history = [{"iteration": 0, "environment": first}, {"iteration": 4, "environment": second}]
+    assert trained_with({"act_history": history}) == second
+    assert trained_with({"act_history": [{"iteration": 0}]}) is None  # written before runs recorded it
+    assert trained_with({}) is None  # a converted reference checkpoint has no history
