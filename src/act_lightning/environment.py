@@ -64,10 +64,11 @@ def environment() -> dict[str, str | None]:
     }
 
 
-def trained_with(checkpoint: dict) -> dict[str, str | None] | None:
-    """The environment of the launch that wrote `checkpoint` (the last of its history); None for one
-    written before runs recorded it, or by convert_reference."""
-    return (checkpoint.get("act_history") or [{}])[-1].get("environment")
+def latest_environment(history: list[dict] | None) -> dict[str, str | None] | None:
+    """The environment of a run's latest launch (the last entry of `history`, a checkpoint's
+    `act_history`): what trained it. None for a history written before runs recorded it, or none at all
+    (a checkpoint of convert_reference)."""
+    return (history or [{}])[-1].get("environment")
 
 
 def describe(env: dict[str, str | None]) -> str:

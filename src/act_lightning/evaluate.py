@@ -33,7 +33,7 @@ from act_lightning.commands import (
     resolve_device,
 )
 from act_lightning.consistency import ConsistencySchedule
-from act_lightning.environment import environment, trained_with
+from act_lightning.environment import environment, latest_environment
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     build_feature_extractor,
@@ -132,7 +132,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "results": results,
         "stage_seconds": lap.seconds,
         "environment": environment(),  # what measured; the last launch's of the run: what trained
-        "trained_with": trained_with(checkpoint),
+        "trained_with": latest_environment(checkpoint.get("act_history")),
     }
     with atomic_write(output) as f:  # a stopped command leaves no truncated file
         f.write(json.dumps(summary, indent=2).encode())

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from act_lightning.atomic import default_file_mode
 from act_lightning.checkpoints import checkpoint_iteration, load_model
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_out_folder, refuse
-from act_lightning.environment import describe, trained_with
+from act_lightning.environment import describe, latest_environment
 from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
 from act_lightning.samplers import multistep
@@ -249,7 +249,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "iteration": checkpoint_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
         # the versions (and commit) of the launch that wrote the checkpoint (act_lightning.environment)
-        "trained_with": trained_with(checkpoint),
+        "trained_with": latest_environment(checkpoint.get("act_history")),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     pipeline = ACTPipeline(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import act_lightning
-from act_lightning.environment import PACKAGES, describe, environment, git_commit, trained_with
+from act_lightning.environment import PACKAGES, describe, environment, git_commit, latest_environment
 from tests.conftest import ROOT
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -74,6 +74,6 @@ def test_the_log_line_names_each_version():
 def test_what_trained_a_checkpoint_is_its_last_launchs_environment():
     first, second = {"act_lightning": "0.2.0"}, {"act_lightning": "0.3.0"}
     history = [{"iteration": 0, "environment": first}, {"iteration": 4, "environment": second}]
-    assert trained_with({"act_history": history}) == second
-    assert trained_with({"act_history": [{"iteration": 0}]}) is None  # written before runs recorded it
-    assert trained_with({}) is None  # a converted reference checkpoint has no history
+    assert latest_environment(history) == second
+    assert latest_environment([{"iteration": 0}]) is None  # written before runs recorded it
+    assert latest_environment(None) is None  # a converted reference checkpoint has no history
