@@ -30,6 +30,16 @@ THIN = [
 COMMANDS: dict[str, tuple] = {
     "make train": ("test", "test_cli.py::test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve"),
     "make test": ("test", "the whole suite: .ci/run runs exactly this command"),
+    "make train PYTHON=python3.12": (
+        "test",
+        "test_makefile.py::test_make_train_with_another_python_makes_the_venv_with_it_and_only_when_there_is_none",
+    ),
+    "make help": ("test", "test_makefile.py::test_make_help_lists_every_target_with_its_description"),
+    "make lint": ("test", "test_makefile.py::test_make_lint_passes_on_this_checkout"),
+    "make test-oldest": (
+        "test",
+        "test_makefile.py::test_make_test_oldest_runs_make_tests_suite_with_the_oldest_releases_beside_the_pinned_torch",
+    ),
     'make train ARGS="iterations=1000 seed=1"': ("train", ["iterations=4", "debug=smoke"]),
     "python -m act_lightning.train experiment=cifar10": (  # under SMOKE it is the next command
         "test",

@@ -1,0 +1,80 @@
+"""The Makefile targets the README names that no other test runs: `make help` and `make lint` run as they
+are; `make test-oldest` (it downloads the oldest releases) and `make train PYTHON=...` (it creates and fills a
+virtual environment) are read as `make -n` lists their commands, with the variables substituted."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.helpers_readme import makefile_targets
+
+
+def _make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _listed(*args: str) -> list[list[str]]:
+    """The commands `make -n ARGS` would run, split as the shell splits them (continuations joined)."""
+    result = _make("-n", *args)
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_make_help_lists_every_target_with_its_description():
+    result = _make("help")
+    assert result.returncode == 0, result.stderr
+    listed = dict(re.findall(r"^  make (\S+) +(\S.*)$", result.stdout, flags=re.M))
+    phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1).split()
+    assert set(listed) == makefile_targets() == set(phony)
+    assert "ruff" in listed["lint"] and "oldest" in listed["test-oldest"]
+
+
+def test_make_lint_passes_on_this_checkout():
+    """The README's `make lint` (ruff's check and format check over src, tests and benchmarks), with the
+    tools of the environment the tests run in: the suite fails where the code would fail the linter."""
+    venv = Path(sys.executable).parent.parent
+    if not (venv / "bin" / "ruff").is_file():
+        pytest.skip(f"no ruff beside {sys.executable} (make install puts it in .venv)")
+    result = _make("lint", "STAMP=", f"VENV={venv}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "All checks passed" in result.stdout and "already formatted" in result.stdout
+
+
+def test_make_test_oldest_runs_make_tests_suite_with_the_oldest_releases_beside_the_pinned_torch():
+    oldest = _listed("test-oldest", "OLDEST=/tmp/oldest")
+    suite = _listed("test", "STAMP=", "PY=/tmp/oldest/bin/python")
+    assert oldest[0][:3] == ["test", "-x", "/tmp/oldest/bin/python"] and oldest[0][-2:] == [
+        "venv",
+        "/tmp/oldest",
+    ]
+    pinned = next(c for c in oldest if c[-1] == "/tmp/oldest/torch.txt")  # printf ... > torch.txt
+    pins = pinned[2:-2]
+    assert pins and all(p.startswith(("torch==", "torchvision==")) for p in pins)
+    assert next(c for c in oldest if c[:1] == ["/tmp/oldest/bin/python"] and set(pins) <= set(c))
+    uv = next(c for c in oldest if c[0] == "/tmp/oldest/bin/uv")
+    assert uv[uv.index("--resolution") + 1] == "lowest-direct"
+    assert uv[uv.index("--constraint") + 1] == "/tmp/oldest/torch.txt"
+    assert uv[uv.index("--python") + 1] == "/tmp/oldest/bin/python" and uv[-2:] == ["-e", ".[dev]"]
+    assert oldest[-1] == suite[-1]  # the same pytest command, in .venv-oldest's interpreter
+
+
+def test_make_train_with_another_python_makes_the_venv_with_it_and_only_when_there_is_none(tmp_path):
+    venv = tmp_path / "venv"
+    args = ["train", "PYTHON=python3.12", f"VENV={venv}", f"PY={venv}/bin/python", f"STAMP={venv}/.installed"]
+    commands = _listed(*args)
+    assert commands[0] == ["test", "-x", f"{venv}/bin/python", "||", "python3.12", "-m", "venv", str(venv)]
+    installs = [c for c in commands if c[:4] == [f"{venv}/bin/python", "-m", "pip", "install"]]
+    torch_spec = re.search(r"^TORCH_SPEC \?= (.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
+    assert [c[4:] for c in installs][-2:] == [["--quiet", *torch_spec.split()], ["--quiet", "-e", ".[dev]"]]
+    assert commands[-1] == [f"{venv}/bin/python", "-m", "act_lightning.train"]
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").write_text("")
+    (venv / ".installed").touch()  # newer than pyproject.toml: nothing to install
+    assert _listed(*args) == [commands[-1]]
