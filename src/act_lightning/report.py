@@ -10,7 +10,9 @@ launch that started the job, as its checkpoint records them (later launches into
 nothing). Each job's `metric_summary.json`
 (written by the evaluation callback) holds the metric at every evaluation with the training seconds so
 far (wall-clock time since the first iteration, evaluations excluded). Writes OUT.png, OUT.md (the table
-in Markdown, with the machine it ran on) and OUT.json (every number of the table and the curves).
+in Markdown, with the machine it ran on and what the jobs trained with: this library's version and commit,
+torch, ..., as each job's checkpoint records its latest launch) and OUT.json (every number of the table and
+the curves).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import yaml
 
 from act_lightning.checkpoints import read_checkpoint
+from act_lightning.environment import describe, latest_environment
 
 # Overrides that say how a job runs, not what it trains: they never make a variant.
 IGNORED = (
@@ -54,6 +57,7 @@ class Run:
     seconds: list[float]
     references: dict[str, float]
     pretrain_seconds: float = 0.0  # the training seconds of the run its init_from came from (in `seconds`)
+    environment: dict | None = None  # what its latest launch trained with; None where nothing recorded it
 
 
 @dataclass
@@ -111,6 +115,24 @@ def job_record(job: Path) -> tuple[list[str], dict]:
     return list(overrides), config
 
 
+def job_environment(job: Path) -> dict | None:
+    """What the job's latest launch trained with, as its checkpoint records it (None without a checkpoint,
+    or one written before runs recorded it)."""
+    last = job / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    return latest_environment(read_checkpoint(last, "the job's checkpoint", mmap=True).get("act_history"))
+
+
+def trained_with(variants: list[Variant]) -> list[dict]:
+    """The distinct environments the sweep's jobs trained with, in job order."""
+    found: list[dict] = []
+    for env in (r.environment for v in variants for r in v.runs):
+        if env and env not in found:
+            found.append(env)
+    return found
+
+
 def pretrain_seconds(job: Path, init_from: str | None) -> float:
     """The training seconds of the run whose checkpoint `init_from` names (its `metric_summary.json`,
     beside the checkpoint's folder): a run started from a pretrained model is charged its pretraining,
@@ -153,6 +175,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
                 seconds=[offset + float(h.get("seconds", math.nan)) for h in history],
                 references=summary.get("references", {}),
                 pretrain_seconds=offset,
+                environment=job_environment(job),
             )
             runs.append(run)
     variants: dict[str, Variant] = {}
@@ -308,7 +331,9 @@ def _fmt(stats: dict, digits: int = 1) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def markdown(rows, at_iteration, at_seconds, time_ref: str, metric: str, machine: str) -> str:
+def markdown(
+    rows, at_iteration, at_seconds, time_ref: str, metric: str, machine: str, environments: list[dict] = ()
+) -> str:
     equal_time = f"at {at_seconds:.0f} s" if at_seconds is not None else "at equal time"
     head = (
         f"| variant | seeds | iterations | training s | {metric} at the end (mean ± sd) | min - max "
@@ -337,6 +362,10 @@ def markdown(rows, at_iteration, at_seconds, time_ref: str, metric: str, machine
             + "; their curves start there."
         )
     lines.append(f"Machine: {machine}.")
+    if len(environments) == 1:
+        lines.append(f"Trained with: {describe(environments[0])}.")
+    elif environments:  # jobs of one sweep that ran different code or packages: say so, each
+        lines.append("Trained with (the jobs differ): " + "; ".join(map(describe, environments)) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     metric = args.metric or json.loads(first.read_text()).get("metric", "metric")
     machine = machine_description()
     plot(variants, args.out.with_suffix(".png"), metric, at_iteration, at_seconds)
-    table = markdown(rows, at_iteration, at_seconds, time_ref, metric, machine)
+    environments = trained_with(variants)
+    table = markdown(rows, at_iteration, at_seconds, time_ref, metric, machine, environments)
     args.out.with_suffix(".md").write_text(table)
     curves = {
         v.label: [
@@ -390,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "metric": metric,
         "machine": machine,
+        "trained_with": environments,
         "at_iteration": at_iteration,
         "at_seconds": at_seconds,
         "time_reference": time_ref,

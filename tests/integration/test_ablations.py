@@ -13,6 +13,7 @@ from hydra import initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
+from act_lightning.environment import describe, environment
 from act_lightning.report import main as report_main
 from tests.conftest import COMMAND_ENV, CONF, run_make
 
@@ -162,6 +163,9 @@ def test_make_reproduce_mini_under_smoke_gives_the_figure_and_the_table(tmp_path
     assert report["at_seconds"] == pytest.approx(rows["ct_equal_time"]["train_seconds"]["mean"])
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| act |") == 1 and table.count("\n| ct_equal_time |") == 1 and "Machine:" in table
+    # all four jobs ran this code in this interpreter: one environment, from their checkpoints
+    assert report["trained_with"] == [environment()]
+    assert f"Trained with: {describe(environment())}." in table
     # the seeds of ACT and of CT differ in the discriminator only: their first evaluation is the same
     curves = report["curves"]
     assert curves["act"][0]["value"][0] == pytest.approx(curves["ct_equal_time"][0]["value"][0])

@@ -313,3 +313,41 @@ def test_the_runs_own_curve_reads_its_values_the_same_way_wherever_a_nan_falls(
     # min() over a list holding a NaN depends on where the NaN is: the axis did too
     evaluation.plot_curve(list(zip([0, 4], values)), {"real": 3.0}, tmp_path / "fid_curve.png", "fd")
     assert closed[0].axes[0].get_yscale() == scale
+
+
+def test_the_report_says_what_the_jobs_trained_with_and_where_they_differ(tmp_path, capsys):
+    """Each job's latest launch's environment, from its checkpoint: one line when all agree, each distinct
+    one when they differ (here a resumed job's second launch ran other code), none for a job that recorded
+    none (written before runs recorded it)."""
+    env = {"act_lightning": "0.3.0", "commit": "a" * 40, "python": "3.11.7", "torch": "2.14.1", "cuda": None}
+    newer = {**env, "commit": "b" * 40 + "+dirty"}
+    for name, history in (
+        ("0", [{"iteration": 0, "overrides": ["seed=0"], "environment": env}]),
+        ("1", [{"iteration": 0, "overrides": ["seed=1"], "environment": env}]),
+        ("2", [{"iteration": 0, "overrides": ["seed=2"]}]),
+    ):
+        job = _job(tmp_path / "sweep" / name, int(name), None)
+        (job / "checkpoints").mkdir()
+        torch.save(
+            {"act_config": {"seed": int(name)}, "act_history": history}, job / "checkpoints" / "last.ckpt"
+        )
+    out = tmp_path / "report"
+    assert main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["trained_with"] == [env]
+    table = out.with_suffix(".md").read_text()
+    assert "Trained with: act_lightning 0.3.0 (commit aaaaaaaaaaaa), Python 3.11.7, torch 2.14.1." in table
+
+    job = tmp_path / "sweep" / "1" / "checkpoints" / "last.ckpt"
+    history = [
+        {"iteration": 0, "overrides": ["seed=1"], "environment": env},
+        {"iteration": 4, "environment": newer},
+    ]
+    torch.save({"act_config": {"seed": 1}, "act_history": history}, job)
+    assert main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["trained_with"] == [env, newer]
+    first, second = "commit aaaaaaaaaaaa", "commit bbbbbbbbbbbb+dirty"
+    assert (
+        f"Trained with (the jobs differ): act_lightning 0.3.0 ({first}), Python 3.11.7, torch 2.14.1; "
+        f"act_lightning 0.3.0 ({second}), Python 3.11.7, torch 2.14.1." in out.with_suffix(".md").read_text()
+    )
+    capsys.readouterr()
