@@ -7,9 +7,10 @@ Everything that can be checked before training is checked before anything is wri
 folder (`prepare`): the configuration, the folder not in use by another live run (a lock file), the
 checkpoint to resume from and that this launch's config may continue it (act_lightning.resume), the
 checkpoint folder, the global batch on these devices, the data and the pretrained weights; `main` says
-why a launch is refused in one line and exits 2. A finished run resumed does nothing more, and a run
-stopped by `stop_after` or by a signal continues with `resume=auto`. Each launch's Hydra record is kept
-apart (act_lightning.launch).
+why a launch is refused in one line and exits 2. A run that fails for a reason its message explains (it
+diverged, the disk filled up) says so in one line too and exits 1. A finished run resumed does nothing
+more, and a run stopped by `stop_after` or by a signal continues with `resume=auto`. Each launch's Hydra
+record is kept apart (act_lightning.launch).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from act_lightning.atomic import remove_stale_temporaries
-from act_lightning.callbacks import AtomicCheckpointIO, IterationProgressBar, LastCheckpoint
+from act_lightning.callbacks import AtomicCheckpointIO, DivergenceError, IterationProgressBar, LastCheckpoint
 from act_lightning.checkpoints import (
     UnreadableCheckpoint,
     checkpoint_iteration,
@@ -498,6 +499,27 @@ def run(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
             launch.lock.release()
 
 
+def failed(err: Exception) -> None:
+    """A run that trained, then failed for a reason its message explains (DivergenceError; a disk that
+    filled up during a save): the message in one line and exit status 1, as `refuse` does for a refused
+    launch (status 2). A job of a multirun, or with HYDRA_FULL_ERROR=1, raises the error instead: a
+    sweeper records that job as failed (Optuna: `hydra.sweeper.max_failure_rate`) and goes on or stops as
+    it is told, where an exit would end the whole sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
+
+
+def explained(err: BaseException) -> bool:
+    """A failure during training whose message says what happened and what to do."""
+    return isinstance(err, DivergenceError) or (isinstance(err, OSError) and out_of_space(err))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Checks the launch and builds data, module, loggers, callbacks and trainer from `cfg` (`prepare`),
     then fits. Returns a summary with the run's best metric (`best`), or exits non-zero when a signal
@@ -515,6 +537,10 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg, launch)
     except (DataUnavailable, DataError) as err:  # found as Lightning prepares the data: download, checksum
         refuse(err)
+    except Exception as err:
+        if not explained(err):
+            raise
+        failed(err)
     state = "finished" if summary["finished"] else "stopped"
     log.info("%s at iteration %d; outputs in %s", state, summary["iteration"], summary["run_dir"])
     return summary["best"]

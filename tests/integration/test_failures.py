@@ -22,7 +22,7 @@ from act_lightning.callbacks import LastCheckpoint
 from act_lightning.callbacks.guard import what_to_do
 from act_lightning.loggers import unreachable
 from act_lightning.train import train
-from tests.conftest import compose, refusal, run_cli, run_module
+from tests.conftest import COMMAND_ENV, compose, refusal, run_cli, run_module
 from tests.helpers_data import write_image_folder
 
 QUIET = ["debug=smoke", "data=synthetic", "eval=null"]
@@ -131,6 +131,34 @@ def test_a_full_disk_during_a_save_says_so_with_the_space_the_checkpoint_needs(t
     assert "KB, " in str(full.value) and "the previous checkpoint is intact" in str(full.value)
     monkeypatch.undo()
     assert _iteration(last) == 2 and [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # no temp file
+
+
+def test_the_command_says_in_one_line_that_the_disk_filled_up_and_exits_1(tmp_path):
+    full = ["+callbacks.full._target_=tests.helpers_disk.DiskFullAfter", "+callbacks.full.at=3"]
+    args = [*QUIET, "iterations=4", "callbacks.checkpoint.every_n_iterations=2", *full]
+    result = run_cli(args, tmp_path / "run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    said = result.stderr.splitlines()[-1]
+    assert said.startswith(f"error: [Errno 28] no space left on device writing {last}: the checkpoint needs")
+    assert said.endswith("continue with resume=auto") and _iteration(last) == 2
+
+
+def test_a_diverged_run_stops_with_one_line_and_status_1_and_a_diverged_sweep_job_fails_as_a_job(tmp_path):
+    """Learning rates of 1e30 make every update non-finite: the guard stops the run after two bad
+    iterations. Alone: the guard's message in one line, exit status 1. In a multirun the error reaches
+    Hydra's sweeper as the job's failure (Optuna counts it against hydra.sweeper.max_failure_rate)."""
+    args = [*QUIET, "iterations=8", "model.optimizer.lr=1e30", "model.d_optimizer.lr=1e30"]
+    args += ["guard.max_bad_iterations=2"]
+    result = run_cli(args, tmp_path / "run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    said = result.stderr.splitlines()[-1]
+    assert said.startswith("error: training diverged: 2 bad iterations in a row since iteration 0")
+    assert said.endswith("start again with a lower learning rate (model.optimizer.lr, model.d_optimizer.lr).")
+    sweep = run_module("train", ["-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], env=COMMAND_ENV)
+    assert sweep.returncode == 1 and "DivergenceError: training diverged" in sweep.stderr, sweep.stderr[
+        -3000:
+    ]
 
 
 def test_sample_refuses_a_file_that_is_no_checkpoint_in_one_line_without_unsafe_advice(tmp_path):

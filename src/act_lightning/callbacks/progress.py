@@ -50,3 +50,9 @@ class IterationProgressBar(L.Callback):
             self._show(trainer, refresh=True)  # the final read-out: the last evaluation's value too
             self.bar.close()
             self.bar = None
+
+    @rank_zero_only
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self.bar is not None:  # ends the bar's line: what the run says next starts on its own
+            self.bar.close()
+            self.bar = None
