@@ -1,5 +1,5 @@
 """The paper's released checkpoints in this library's format:
-`python -m act_lightning.convert_reference CKPT OUT [experiment=cifar10 key=value ...]`.
+`python -m act_lightning.convert_reference CKPT OUT [--force] [experiment=cifar10 key=value ...]`.
 
 The reference code (kong13661/ACT) writes Lightning checkpoints whose `state_dict` holds the generator
 as `model.unet.*`, the target EMA as `model_ema.unet.*` and the discriminator as `model._discriminator.*`
@@ -17,7 +17,8 @@ by name), and writes a weights-only checkpoint (networks, the experiment's confi
 state, the curriculum from the start).
 
 The experiment is recognised from the generator's number of resolution levels (4: cifar10, 5:
-imagenet64, 6: lsun_cat256) unless given. The file is read with torch's safe loader only.
+imagenet64, 6: lsun_cat256) unless given. The file is read with torch's safe loader only. An existing
+OUT is refused unless --force, and OUT may never be CKPT itself (the released file stays as it is).
 """
 
 from __future__ import annotations
@@ -73,13 +74,24 @@ def detect_experiment(state: dict[str, torch.Tensor]) -> str:
     return experiment
 
 
-def convert(ckpt: str | Path, out: str | Path, overrides: list[str] | None = None) -> dict:
+def check_out(ckpt: Path, out: Path, force: bool) -> None:
+    """OUT is not CKPT itself, and replaces an existing file only when asked to."""
+    if out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve():
+        raise ValueError(f"OUT={out} is CKPT itself: write the converted checkpoint to another file")
+    if out.exists() and not force:
+        raise ValueError(f"OUT={out} already exists: pass --force to replace it")
+
+
+def convert(
+    ckpt: str | Path, out: str | Path, overrides: list[str] | None = None, force: bool = False
+) -> dict:
     """Converts the reference checkpoint `ckpt` into `out` (see the module docstring); `overrides` are
-    the training config's, as for act_lightning.train."""
+    the training config's, as for act_lightning.train; an existing `out` is replaced only with `force`."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    check_out(Path(ckpt), Path(out), force)
     state = read_reference(Path(ckpt))
     overrides = list(overrides or [])
     if not any(o.startswith("experiment=") for o in overrides):
@@ -146,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("ckpt", metavar="CKPT", help="a checkpoint written by the reference code")
     parser.add_argument("out", metavar="OUT", help="the checkpoint to write")
+    parser.add_argument("--force", action="store_true", help="replace OUT when it exists")
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -158,14 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m act_lightning.convert_reference CKPT OUT [experiment=NAME key=value ...]`."""
+    """`python -m act_lightning.convert_reference CKPT OUT [--force] [experiment=NAME key=value ...]`."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --force anywhere, also among the overrides
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"{', '.join(bad)}: after CKPT and OUT, only key=value overrides")
     try:
-        summary = convert(args.ckpt, args.out, args.overrides)
+        summary = convert(args.ckpt, args.out, args.overrides, force=args.force)
     except (ValueError, FileNotFoundError) as err:  # a file that is not the reference's, named with why
         refuse(err)
     print(f"{summary['tensors']} tensors of experiment {summary['experiment']} written to {summary['out']}")

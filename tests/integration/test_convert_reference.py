@@ -185,6 +185,29 @@ def test_the_command_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out.ckpt").exists()
 
 
+def test_an_existing_out_is_replaced_only_with_force_and_never_when_it_is_ckpt(reference, tmp_path, capsys):
+    from act_lightning.convert_reference import main
+
+    _, _, path = reference
+    released = path.read_bytes()
+    out = tmp_path / "cifar10_act.ckpt"
+    out.write_bytes(b"a checkpoint of mine")
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(path)
+    refused = (
+        ([str(path), str(out), *SMOKE], f"error: OUT={out} already exists: pass --force to replace it"),
+        ([str(path), str(path), "--force", *SMOKE], f"error: OUT={path} is CKPT itself"),
+        ([str(path), str(link), "--force", *SMOKE], f"error: OUT={link} is CKPT itself"),
+    )
+    for argv, said in refused:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and capsys.readouterr().err.startswith(said)
+    assert out.read_bytes() == b"a checkpoint of mine" and path.read_bytes() == released
+    assert main([str(path), str(out), "--force", *SMOKE]) == 0
+    assert load_model(out)[0].k == 0 and path.read_bytes() == released
+
+
 def test_the_command_takes_only_key_value_overrides_after_ckpt_and_out(tmp_path, capsys):
     from act_lightning.convert_reference import main
 
