@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import act_lightning
 from act_lightning.environment import environment
+from act_lightning.evaluate import over_seeds, result_line
 from act_lightning.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from act_lightning.train import train
 from tests.conftest import COMMAND_ENV, CONF, compose, run_module
@@ -83,7 +84,7 @@ def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkp
     assert out["results"]["1-step"]["taus"] == [80.0]
     assert out["results"]["2-step"]["taus"] == [80.0, 1.3824]
     assert out["results"]["2-step"]["fid"] != out["results"]["1-step"]["fid"]
-    assert f"1-step: {out['results']['1-step']['fid']:.4f}" in result.stdout
+    assert f"1-step: fid {out['results']['1-step']['fid']:.4f}\n" in result.stdout  # the one metric asked for
     stages = out["stage_seconds"]  # where the time went besides the samplers
     assert list(stages) == ["checkpoint", "networks", "reference", "real_references", "samplers", "total"]
     sampled = out["results"]["1-step"]["seconds"] + out["results"]["2-step"]["seconds"]
@@ -465,3 +466,28 @@ def test_evaluate_needs_two_samples_for_a_covariance():
     check_options(OmegaConf.create({**options, "num_samples": 2}))
     with pytest.raises(ValueError, match="num_samples must be an integer >= 2, got 1"):
         check_options(OmegaConf.create({**options, "num_samples": 1}))
+
+
+def test_the_printed_line_names_every_metric_and_over_seeds_their_spread():
+    """What `evaluate` prints per sampler: every metric of the JSON by its key (not only the first), with
+    mean ± sample standard deviation over several seeds; how it sampled and the seconds stay in the JSON."""
+    one = {
+        "fid": 5.14093,
+        "taus": [80.0],
+        "seconds": 3.2,
+        "is": 1.00123,
+        "is_splits_std": 0.00031,
+        "kid": 0.0123,
+        "kid_subsets_std": 0.004,
+        "precision": 0.5,
+        "recall": 0.25,
+    }
+    assert result_line("1-step", one, 1) == (
+        "1-step: fid 5.1409, is 1.0012, is_splits_std 3.100e-04, kid 0.0123, kid_subsets_std 4.000e-03, "
+        "precision 0.5000, recall 0.2500"
+    )
+    per_seed = [{"fid": v, "taus": [80.0, 1.3824], "seconds": 1.0} for v in (10.0, 12.0, 14.0)]
+    three = over_seeds(per_seed, [0, 1, 2])
+    assert result_line("2-step", three, 3) == "2-step: fid 12.0000 ± 2.0000 (3 seeds)"
+    heun = {"fd": 3.0, "sampler": "heun", "heun_steps": 18, "seconds": 1.0}  # a diffusion model
+    assert result_line("1-step", heun, 1) == "1-step: fd 3.0000"
