@@ -320,7 +320,7 @@ def score_sampler(
         g = None
         if len(taus) > 1:  # the fresh noise of later steps, also fixed per chunk
             g = torch.Generator(noise.device).manual_seed(mix_seed(seed, chunk, EVALUATION, 1))
-        return model.sample(noise, labels, net=net, taus=taus, generator=g)
+        return model.sample(noise, labels, net=net, taus=taus[1:], generator=g)
 
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
     start = time.perf_counter()

@@ -616,22 +616,30 @@ class ACTModule(L.LightningModule):
         generator: torch.Generator | None = None,
         step_noise: Callable[[int], Tensor] | None = None,
     ) -> Tensor:
-        """One-step samples f_{theta^-}(sigma_max z, sigma_max, y) in [-1, 1]; with `taus` (decreasing from
-        sigma_max) multistep sampling (`samplers.multistep`), later steps' noise from `generator` or
-        `step_noise(step)`. A diffusion model (model.objective=diffusion) samples with EDM's Heun sampler
-        over `model.heun_steps` Karras levels instead (2 heun_steps - 1 evaluations, deterministic; taus
-        may only be the default [sigma_max]). The
+        """One-step samples f_{theta^-}(sigma_max z, sigma_max, y) in [-1, 1]; with `taus`, the noise levels
+        of the steps after that first one (decreasing, each below sigma_max; e.g. [1.3824] for two steps:
+        the convention of the sample command and of `load_generator(...).sample`), multistep sampling
+        (`samplers.multistep`), later steps' noise from `generator` or `step_noise(step)`. A diffusion
+        model (model.objective=diffusion) samples with EDM's Heun sampler over `model.heun_steps` Karras
+        levels instead (2 heun_steps - 1 evaluations, deterministic; no taus). The
         network runs in eval mode (no dropout) and eagerly when it is compiled: each new batch size would
         compile another graph (and under CUDA graphs hold another memory pool) for a few forwards."""
         net = self.target if net is None else net
         diffusion = self.hparams.objective == "diffusion"
-        if diffusion and taus is not None and len(taus) > 1:  # [sigma_max]: the sample commands' default
+        later = [] if taus is None else [float(t) for t in taus]
+        if diffusion and later:
             raise ValueError(
                 "a diffusion model (model.objective=diffusion) samples with EDM's Heun sampler over "
-                f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={list(taus)}: "
-                "sample it with taus=[] (evaluate: samplers=[1-step])"
+                f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={later}: "
+                "sample it without taus (evaluate: samplers=[1-step])"
             )
-        taus = [self.schedule.sigma_max] if taus is None else taus
+        sigma_max = float(self.schedule.sigma_max)
+        if any(t >= sigma_max for t in later):
+            raise ValueError(
+                f"taus={later}: the noise levels of the steps after the first, which is at sigma_max="
+                f"{sigma_max:g}, each below it (two steps: taus=[tau]); sigma_max itself is not listed"
+            )
+        taus = [sigma_max, *later]
         was_training = net.training
         net.eval()
         try:

@@ -172,7 +172,7 @@ def sample_images(model, net, indices: range, shape, taus, labels, seed: int, de
     noise = image_noise(seed, indices, shape).to(device)
     y = None if labels is None else labels[indices.start : indices.stop].to(device)
     step_noise = lambda step: image_noise(seed, indices, shape, stream=step)  # noqa: E731
-    return model.sample(noise, y, net=net, taus=taus, step_noise=step_noise)
+    return model.sample(noise, y, net=net, taus=taus[1:], step_noise=step_noise)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")

@@ -135,6 +135,27 @@ def test_sample_is_deterministic_and_clipped(cfg_factory):
     assert not torch.equal(model.sample(z, net=other), a)
 
 
+def test_sample_takes_the_levels_after_the_first_step_as_the_command_and_the_export_do(cfg_factory):
+    """taus=[tau]: one step at sigma_max, then one at tau (samplers.multistep over [sigma_max, tau]), as
+    `sample taus=[tau]` and `load_generator(...).sample(z, taus=[tau])`. A list that starts at sigma_max
+    (or any level at or above it) is refused by name instead of sampling something else."""
+    from act_lightning.samplers import multistep
+
+    model = instantiate(cfg_factory(SMALL).model)
+    z, step = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    sigma_max, sigma_min = model.schedule.sigma_max, model.schedule.sigma_min
+    two = model.sample(z, taus=[1.5], step_noise=lambda s: step)
+    model.target.eval()
+    with torch.no_grad():
+        denoise = lambda x, sigma: model.denoise(model.target, x, sigma, None)  # noqa: E731
+        expected = multistep(denoise, z, [sigma_max, 1.5], sigma_min, step_noise=lambda s: step)
+    assert torch.equal(two, expected) and not torch.equal(two, model.sample(z))
+    assert torch.equal(model.sample(z, taus=[]), model.sample(z))
+    for taus in ([sigma_max, 1.5], [2 * sigma_max]):
+        with pytest.raises(ValueError, match=r"the noise levels of the steps after the first, which is at"):
+            model.sample(z, taus=taus)
+
+
 class _NaNAtIteration(ACTModule):
     """The consistency distance turns NaN at one iteration, as a diverging run's would."""
 
