@@ -18,3 +18,15 @@ def check_count(value: object, key: str, minimum: int | None = 1, maximum: int |
             bounds = "" if maximum is None else f" <= {maximum}"
         raise ValueError(f"{key} must be an integer{bounds}, got {value!r}")
     return value
+
+
+def check_names(value: object, key: str, example: str) -> list[str]:
+    """A list-of-names option (`samplers`, `metrics`, `resume_changes`): a list (or Hydra's ListConfig)
+    of strings. A bare word, `metrics=fid`, is refused with `example` (Hydra reads it as a string, which
+    would otherwise be taken letter by letter)."""
+    from collections.abc import Sequence
+
+    names = isinstance(value, Sequence) and not isinstance(value, str)
+    if not names or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} is a list of names in brackets, e.g. {key}={example}; got {value!r}")
+    return list(value)

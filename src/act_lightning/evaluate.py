@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from act_lightning.atomic import atomic_write
 from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
-from act_lightning.checks import check_count
+from act_lightning.checks import check_count, check_names
 from act_lightning.commands import (
     CONFIG_DIR,
     REFUSED,
@@ -259,6 +259,7 @@ def resolve_taus(cfg: DictConfig, run: DictConfig) -> None:
 def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
     """The command's own options (samplers, sizes, net), named by their keys; with the checkpoint's
     training config `run`, the samplers its model can use (before any network is built)."""
+    check_names(cfg.samplers, "samplers", "[1-step]")
     unknown = [name for name in cfg.samplers if name not in cfg.taus]
     if unknown:
         raise ValueError(

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from act_lightning.checks import check_names
+
 # Keys that may differ from the checkpoint's (with every key under them). What a run trains is fixed by
 # the rest: the data and its order, the networks, the schedule, the losses, the optimisers, the
 # precision, the seed and the number of iterations (the curriculum N(k) and mu(k) depend on it).
@@ -224,7 +226,7 @@ def check_resume(checkpoint: dict, launch: dict, raw: dict, where: str, fresh: s
     if "act_config" not in checkpoint:  # not written by act_lightning.train: nothing to compare with
         return {}
     saved = OmegaConf.to_container(upgrade_run_config(OmegaConf.create(checkpoint["act_config"])))
-    allowed = list(launch.get("resume_changes") or [])
+    allowed = check_names(launch.get("resume_changes") or [], "resume_changes", "[iterations]")
     unknown = [k for k in allowed if k != GLOBAL_BATCH and not (has_key(saved, k) or has_key(launch, k))]
     if unknown:
         raise ValueError(f"resume_changes lists {', '.join(unknown)}: not a key of the config")

@@ -191,3 +191,27 @@ def test_write_npz_leaves_the_previous_file_whole_when_writing_fails(tmp_path, m
     monkeypatch.undo()
     with np.load(path) as npz:
         assert npz["images"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_list_options_given_as_a_bare_word_are_refused_with_the_brackets_they_need(tmp_path):
+    """`samplers=1-step`, `metrics=fid` or `eval.metrics=fid`: Hydra reads a bare word as a string, which
+    was taken letter by letter ("1, -, s, t, e, p not in taus"); each is refused by its key, with an
+    example. The bracketed lists pass."""
+    from act_lightning.callbacks import FrechetEvaluation
+    from act_lightning.evaluate import check_options
+    from act_lightning.metrics.extra import check_metrics
+
+    evaluate = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "evaluate.yaml"), {"samplers": "1-step"})
+    with pytest.raises(
+        ValueError, match=r"^samplers is a list of names in brackets, e.g. samplers=\[1-step\]"
+    ):
+        check_options(evaluate)
+    check_options(OmegaConf.merge(evaluate, {"samplers": ["1-step"]}))
+    with pytest.raises(
+        ValueError, match=r"^metrics is a list of names in brackets, e.g. metrics=\[fid,kid\]"
+    ):
+        check_metrics("fid", "inception")
+    assert check_metrics(OmegaConf.create(["fid", "kid"]), "inception") == ["fid", "kid"]
+    said = r"^eval.metrics is a list of names in brackets, e.g. eval.metrics=\[fid,kid\]; got 'fid'"
+    with pytest.raises(ValueError, match=said):
+        FrechetEvaluation(run_dir=str(tmp_path), features="digits", metrics="fid")

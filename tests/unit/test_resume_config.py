@@ -127,6 +127,12 @@ def test_another_experiment_is_named_without_offering_resume_changes_for_it():
 def test_resume_changes_names_unknown_keys_and_refuses_keys_no_resume_can_change():
     with pytest.raises(ValueError, match="resume_changes lists model.schedule.gan_rato: not a key"):
         _check([], ["resume_changes=[model.schedule.gan_rato]"])
+    bare = (
+        r"resume_changes is a list of names in brackets, e.g. resume_changes=\[iterations\]; got 'iterations'"
+    )
+    with pytest.raises(ValueError, match=bare):  # Hydra reads a bare word as a string, not a list
+        _check([], ["iterations=8", "resume_changes=iterations"])
+    _check([], ["iterations=8", "resume_changes=[iterations]"])
     # the restored optimiser state would keep its own learning rate; the weights their shapes
     for change in ("model.optimizer.lr=1e-5", "model.generator.channel_divisor=4"):
         key = change.split("=")[0]

@@ -77,7 +77,7 @@ class FrechetEvaluation(L.Callback):
         inception_resize: int | None = None,
     ) -> None:
         check_eval_arguments(every, quantize, num_samples, batch_size, subset_size)
-        names = list(metrics) if metrics else ["fid"]
+        names = metrics if metrics else ["fid"]
         self.metrics = check_metrics(
             names, features if isinstance(features, str) else "custom", "eval.metrics"
         )

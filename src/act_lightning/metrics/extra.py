@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from act_lightning.checks import check_names
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance, statistics_of
 from act_lightning.metrics.reference import reference_image_features
 
@@ -32,7 +33,7 @@ NEED_LOGITS = ("is",)  # only the Inception network has class logits
 
 def check_metrics(metrics: Iterable[str], features: str, key: str = "metrics") -> list[str]:
     """The requested metrics, refused by name (`key`) when unknown or impossible with these features."""
-    metrics = list(metrics)
+    metrics = check_names(metrics, key, "[fid,kid]")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics or "fid" not in metrics:
         raise ValueError(
