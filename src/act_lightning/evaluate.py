@@ -43,6 +43,7 @@ from act_lightning.metrics.fid import (
     sample_statistics,
 )
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance
+from act_lightning.metrics.inception import QUANTIZE
 from act_lightning.metrics.reference import require_reference_images
 from act_lightning.sample import check_taus, heun_record, two_step_tau
 from act_lightning.seeds import EVALUATION, check_seed, mix_seed
@@ -92,6 +93,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
     check_out_folder(output.parent, "output's folder")  # before sampling, not after it
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
+    quantize = check_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
     weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
     device = resolve_device(cfg.device)
 
@@ -127,7 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "features": ev.features,
         "metrics": metrics,
         "reference": str(ev.reference),
-        "quantize": ev.quantize,
+        "quantize": quantize,
         "inception_resize": ev.inception_resize if ev.features == "inception" else None,
         "device": str(device),
         "results": results,
@@ -224,6 +226,22 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
     out.update({key: per_seed[0][key] for key in described if key in per_seed[0]})
     out["seconds"] = round(sum(r["seconds"] for r in per_seed), 1)
     return out
+
+
+def check_quantize(ev: DictConfig, given: str | None, metrics: list[str]) -> str | None:
+    """How generated images become uint8 before the networks that read uint8 images (Inception, and
+    DINOv2 for fd_dinov2), or None where no network reads them so (the digits features read the floats):
+    then a quantisation given on the command line would change nothing, and is refused by name."""
+    if ev.quantize not in QUANTIZE:
+        raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {ev.quantize!r}")
+    if ev.features == "inception" or "fd_dinov2" in metrics:
+        return ev.quantize
+    if given is not None:
+        raise ValueError(
+            f"eval.quantize={given}: the {ev.features} features read the generated images as floats, "
+            "unquantised; eval.quantize applies to eval.features=inception and to metrics=[...,fd_dinov2]"
+        )
+    return None
 
 
 def reference_datamodule(ev: DictConfig, run: DictConfig):

@@ -363,6 +363,13 @@ def test_fd_dinov2_scores_the_same_samples_with_stand_in_weights_and_missing_wei
         ]
     )
     assert again["results"]["1-step"]["fd_dinov2"] == result["fd_dinov2_per_seed"]["1"]  # reproducible
+    # uint8 images go to DINOv2 only: the digits features read floats, so there quantize is none and
+    # a quantisation given is refused; a value outside round/truncate is refused whatever the features
+    assert (both["quantize"], fid["quantize"]) == ("round", None)
+    with pytest.raises(ValueError, match=r"^eval.quantize=truncate: the digits features read the generated"):
+        _evaluate([*common, "eval.quantize=truncate"])
+    with pytest.raises(ValueError, match=r"^eval.quantize must be one of round, truncate; got 'floor'"):
+        _evaluate([*common, "eval.quantize=floor", "metrics=[fid,fd_dinov2]", f"dinov2_weights={weights}"])
     from act_lightning.metrics.inception import WeightsError
 
     with pytest.raises(WeightsError, match="dinov2_weights=.*missing.pth: no such file"):
