@@ -498,3 +498,16 @@ def test_the_printed_line_names_every_metric_and_over_seeds_their_spread():
     assert result_line("2-step", three, 3) == "2-step: fid 12.0000 ± 2.0000 (3 seeds)"
     heun = {"fd": 3.0, "sampler": "heun", "heun_steps": 18, "seconds": 1.0}  # a diffusion model
     assert result_line("1-step", heun, 1) == "1-step: fd 3.0000"
+
+
+def test_the_advice_for_unequal_reference_and_sample_counts_is_one_that_runs(tmp_path, caplog):
+    """debug=smoke draws 4 samples per distance against the quickstart's 297 held-out digits: the warning
+    names a setting that is accepted (subset_size may not exceed num_samples), and with it the warning
+    is gone."""
+    train(compose(["debug=smoke", "iterations=1"], run_dir=str(tmp_path / "smoke")))
+    said = [r.getMessage() for r in caplog.records if "differ in number" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("set eval.subset_size=297 and eval.num_samples >= 297")
+    caplog.clear()
+    advised = ["debug=smoke", "iterations=1", "eval.subset_size=297", "eval.num_samples=297"]
+    assert train(compose(advised, run_dir=str(tmp_path / "advised")))["finished"]
+    assert not [r for r in caplog.records if "differ in number" in r.getMessage()]

@@ -188,13 +188,15 @@ class FrechetEvaluation(L.Callback):
         held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
         size = self.subset_size or self.num_samples
         if len(held) != size:
+            more = "" if self.num_samples >= len(held) else f" and eval.num_samples >= {len(held)}"
             log.warning(
                 "the held-out real images (%d, data.held_out) and the generated images of one Frechet "
                 "distance (%d, eval.subset_size or eval.num_samples) differ in number, so the metric's "
-                "real and noise references are biased differently from it: set eval.subset_size=%d",
+                "real and noise references are biased differently from it: set eval.subset_size=%d%s",
                 len(held),
                 size,
                 len(held),
+                more,
             )
         real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False)
         g = torch.Generator().manual_seed(99)  # the same noise in every run: the scale's upper end
