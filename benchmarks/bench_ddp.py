@@ -94,7 +94,7 @@ def run(strategy: str, args, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--experiment", default="quickstart")
     parser.add_argument("--processes", type=int, default=2, help="CPU processes (gloo)")

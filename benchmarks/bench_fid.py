@@ -54,7 +54,7 @@ def measure(experiment: str, extractor, batch: int, seconds: float, device) -> t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiments", nargs="+", default=["cifar10", "imagenet64", "lsun_cat256"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 250 on a GPU, 16 on the CPU")

@@ -612,7 +612,7 @@ def print_table(report: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CPU_PLAN))
     parser.add_argument("--ablate", nargs="*", default=["quickstart", "cifar10"], help="configs to ablate")
     parser.add_argument("--device", default="auto")

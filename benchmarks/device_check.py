@@ -643,7 +643,7 @@ def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str, not
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=480, help="seconds for all steps together")
     parser.add_argument(
         "--out",

@@ -380,7 +380,7 @@ def machine_description() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m act_lightning.report", description=__doc__.splitlines()[0]
+        prog="python -m act_lightning.report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("sweeps", nargs="+", type=Path, help="multirun folders (their jobs' run folders)")
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.png, OUT.md and OUT.json")

@@ -19,7 +19,7 @@ from act_lightning.consistency import karras_sigmas
 from act_lightning.sample import check_taus, class_labels, image_noise, two_step_tau
 from act_lightning.seeds import LABEL, mix_seed
 from act_lightning.train import train
-from tests.conftest import CONF, compose, run_module
+from tests.conftest import CONF, ROOT, compose, run_module
 
 TINY = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
 
@@ -238,3 +238,24 @@ def test_random_class_labels_come_from_their_own_stream_per_image():
         assert label == torch.randint(10, (), generator=g).item()
     assert torch.equal(class_labels(None, 6, 10, 3), labels)  # null is random
     assert torch.equal(class_labels("random", 4, 10, 3), labels[:4])  # whatever the number of images
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "report",
+        "convert_reference",
+        "convert_diffusers",
+        "prepare",
+        *sorted((ROOT / "benchmarks").glob("*.py")),
+    ],
+    ids=lambda c: getattr(c, "name", c),
+)
+def test_each_argparse_help_describes_the_command_in_whole_sentences(command):
+    """The description under `usage:` is the command's docstring's first paragraph (or more), never
+    its first line alone, which stopped mid-sentence ("... against ACT iterations and")."""
+    result = run_module(command, ["--help"], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    description = result.stdout.split("\n\n")[1]
+    assert not description.startswith(("usage", "options", "positional")), result.stdout[:2000]
+    assert description.rstrip().endswith((".", "?", ")")), description
