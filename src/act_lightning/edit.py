@@ -73,9 +73,12 @@ def image_files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_images(files: list[Path], size: int, channels: int, key: str = "input") -> Tensor:
-    """(N, C, size, size) uint8. Images must already have the model's size; grey images are accepted
-    for a colour model (and repeated over the channels), colour ones for a grey model are refused."""
+def read_images(
+    files: list[Path], size: int, channels: int, key: str = "input", needs: str | None = None
+) -> Tensor:
+    """(N, C, size, size) uint8. Images must already have the model's size (`needs`: what to say the
+    model needs, when not size x size); grey images are accepted for a colour model (and repeated over the
+    channels), colour ones for a grey model are refused."""
     images = []
     for file in files:
         try:
@@ -86,7 +89,8 @@ def read_images(files: list[Path], size: int, channels: int, key: str = "input")
             raise ValueError(f"{key}={file}: not a readable image ({err})") from err
         if image.size != (size, size):
             raise ValueError(
-                f"{key}={file}: {image.size[0]}x{image.size[1]} pixels; this model needs {size}x{size}"
+                f"{key}={file}: {image.size[0]}x{image.size[1]} pixels; this model needs "
+                f"{needs or f'{size}x{size}'}"
             )
         grey = image.mode in ("L", "LA", "1", "I", "I;16", "F")  # LA: grey with alpha (dropped)
         if channels == 1 and not grey:
@@ -171,7 +175,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
 def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) -> Tensor:
     """(N, C, h, w) uint8: the input images, at the model's size (superres: size / factor, or full size
     to average down, for demonstrations), refused by name when they or the task do not fit the model."""
-    read_size = size
+    read_size, needs = size, None
     if cfg.task == "superres":
         factor = cfg.factor
         if isinstance(factor, bool) or factor not in SUPERRES_FACTORS or size % factor:
@@ -179,10 +183,12 @@ def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) ->
             raise ValueError(
                 f"factor must be one of {allowed} and divide the image size {size}; got {factor}"
             )
+        low = size // factor
+        needs = f"{low}x{low} (task=superres factor={factor}; or {size}x{size}, averaged down to {low}x{low})"
         with Image.open(files[0]) as first_image:
-            if first_image.size[0] == size // factor:
-                read_size = size // factor
-    images = read_images(files, read_size, channels)
+            if first_image.size[0] == low:
+                read_size = low
+    images = read_images(files, read_size, channels, needs=needs)
     if cfg.task == "colorize" and channels != 3:
         raise ValueError(f"task=colorize needs a colour model; this one makes {channels}-channel images")
     return images
@@ -216,8 +222,11 @@ def edit_taus(cfg: DictConfig, s: ConsistencySchedule) -> list[float]:
 
 
 def class_label(label: int | None, num_classes: int | None, n: int, device) -> Tensor | None:
-    """`label` for each of the n images of a class-conditional model (None for an unconditional one)."""
+    """`label` for each of the n images of a class-conditional model (None for an unconditional one, which
+    refuses a label, as `sample` does)."""
     if not num_classes:
+        if label is not None:
+            raise ValueError(f"class_label={label}: this model is unconditional (it takes no class label)")
         return None
     if label is None:
         raise ValueError(f"this model is class-conditional ({num_classes} classes): give class_label=")

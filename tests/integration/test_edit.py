@@ -219,6 +219,10 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
     images = _images(tmp_path / "in", 1, 8)
     with pytest.raises(ValueError, match=r"input=.*0.png: 16x16 pixels; this model needs 8x8"):
         _edit([f"ckpt={ckpt}", f"input={_images(tmp_path / 'big', 1, 16)}", f"out={tmp_path}"])
+    needs = r"this model needs 2x2 \(task=superres factor=4; or 8x8, averaged down to 2x2\)"
+    with pytest.raises(ValueError, match=rf"input=.*0.png: 4x4 pixels; {needs}"):
+        small = _images(tmp_path / "small", 1, 4)
+        _edit(["task=superres", "factor=4", f"ckpt={ckpt}", f"input={small}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match=r"input=.*0.png: a colour image \(RGB\); this model makes grey"):
         _edit([f"ckpt={ckpt}", f"input={_images(tmp_path / 'rgb', 1, 8, 'RGB')}", f"out={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="input=.*nowhere: no such image file or folder"):
@@ -245,6 +249,8 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
     from act_lightning.edit import class_label
 
     assert class_label(4, 5, 2, "cpu").tolist() == [4, 4] and class_label(None, None, 2, "cpu") is None
+    with pytest.raises(ValueError, match=r"class_label=3: this model is unconditional"):
+        _edit(["class_label=3", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path / 'labelled'}"])
     for bad in (5, -1):
         with pytest.raises(ValueError, match=rf"class_label={bad} out of range for 5 classes \(0..4\)"):
             class_label(bad, 5, 2, "cpu")
