@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -100,7 +100,9 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Expo
 
 class ACTPipeline(DiffusionPipeline):
     """A diffusers pipeline around the exported UNet: `ACTPipeline.from_pretrained(DIR)(batch_size=16)`
-    samples in one step (`taus=[...]` for more), with the same consistency function as training."""
+    samples in one step (`taus=[...]` for more), with the same consistency function as training. It returns
+    the image tensor in [-1, 1]; `output_type="pil"` or `"np"` returns diffusers' `ImagePipelineOutput`
+    (`.images`: PIL images, or an (N, H, W, C) array in [0, 1]), as diffusers' own image pipelines do."""
 
     def __init__(
         self,
@@ -134,9 +136,14 @@ class ACTPipeline(DiffusionPipeline):
         class_labels: Tensor | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Images in [-1, 1], (B, C, H, W). `generator` may live on the host or on the UNet's device: the
-        noise is drawn where it is and moved to the UNet's device, as are `noise` and `class_labels`."""
+        output_type: str = "pt",
+    ) -> Tensor | ImagePipelineOutput:
+        """Images in [-1, 1], (B, C, H, W) (`output_type="pt"`), or an ImagePipelineOutput of PIL images
+        ("pil") or of an (B, H, W, C) array in [0, 1] ("np"). `generator` may live on the host or on the
+        UNet's device: the noise is drawn where it is and moved to the UNet's device, as are `noise` and
+        `class_labels`."""
+        if output_type not in ("pt", "pil", "np"):
+            raise ValueError(f"output_type must be pt, pil or np; got {output_type!r}")
         c = self.config
         size = self.unet.config.sample_size
         channels = self.unet.config.in_channels
@@ -161,7 +168,11 @@ class ACTPipeline(DiffusionPipeline):
                 c_noise_kind=c.c_noise,
             )
 
-        return multistep(denoise, noise, [c.sigma_max, *(taus or [])], c.sigma_min, generator, step_noise)
+        images = multistep(denoise, noise, [c.sigma_max, *(taus or [])], c.sigma_min, generator, step_noise)
+        if output_type == "pt":
+            return images
+        array = ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return ImagePipelineOutput(images=self.numpy_to_pil(array) if output_type == "pil" else array)
 
 
 MODEL_CARD = """---
@@ -190,7 +201,8 @@ images = model.sample(torch.randn(16, {channels}, {size}, {size}), taus=[{two_st
 ```
 
 As a diffusers pipeline: `ACTPipeline.from_pretrained("{folder}")(batch_size=16)` (the class is in
-`act_lightning.export`); the UNet alone loads with diffusers alone:
+`act_lightning.export`; `output_type="pil"` returns `.images` as PIL images); the UNet alone loads with
+diffusers alone:
 `UNet2DModel.from_pretrained("{folder}", subfolder="unet")`.
 The consistency function is f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with
 sigma_min = {sigma_min}, sigma_max = {sigma_max}, sigma_data = {sigma_data}, c_noise = {c_noise}.

@@ -109,6 +109,17 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
     two_steps = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
     again = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
     assert two_steps.shape == (3, 1, 8, 8) and torch.equal(two_steps, again)
+    # diffusers' output types: an ImagePipelineOutput of an (N, H, W, C) array in [0, 1] or of PIL images
+    tensor = pipeline(noise=noise)
+    array = pipeline(noise=noise, output_type="np").images
+    assert array.shape == (6, 8, 8, 1) and np.array_equal(
+        array, ((tensor + 1) / 2).permute(0, 2, 3, 1).numpy()
+    )
+    pil = pipeline(noise=noise, output_type="pil").images
+    assert len(pil) == 6 and pil[0].mode == "L" and pil[0].size == (8, 8)
+    assert np.array_equal(np.asarray(pil[2]), (array[2, :, :, 0] * 255).round().astype(np.uint8))
+    with pytest.raises(ValueError, match="output_type must be pt, pil or np; got 'latent'"):
+        pipeline(noise=noise, output_type="latent")
 
 
 def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):
