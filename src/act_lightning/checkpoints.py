@@ -78,6 +78,10 @@ def read_checkpoint(
     whose contents `check` raises on, followed by `unreadable` (a format string given the error's type
     name as {kind} and what went wrong as {error})."""
     path = Path(path)
+    if path.is_dir():  # a run folder, most likely: name the checkpoints it holds
+        found = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
+        some = f": it holds {', '.join(str(f) for f in found[:4])}" if found else ""
+        raise IsADirectoryError(f"{key}={path}: a folder, not a checkpoint file{some}")
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
     try:

@@ -31,7 +31,7 @@ import torch
 
 from act_lightning.atomic import atomic_write
 from act_lightning.checkpoints import read_checkpoint
-from act_lightning.commands import CONFIG_DIR, refuse
+from act_lightning.commands import CONFIG_DIR, REFUSED, refuse
 
 PREFIXES = {  # reference prefix -> this library's
     "model.unet.": "generator.unet.",
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(bad)}: after CKPT and OUT, only key=value overrides")
     try:
         summary = convert(args.ckpt, args.out, args.overrides, force=args.force)
-    except (ValueError, FileNotFoundError) as err:  # a file that is not the reference's, named with why
+    except REFUSED as err:  # a file that is not the reference's, named with why
         refuse(err)
     print(f"{summary['tensors']} tensors of experiment {summary['experiment']} written to {summary['out']}")
     return 0

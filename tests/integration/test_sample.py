@@ -127,6 +127,19 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(1)}, foreign)
     with pytest.raises(ValueError, match="not a checkpoint written by act_lightning.train"):
         _sample([f"ckpt={foreign}", f"out={tmp_path}"])
+    run = tmp_path / "run"  # a run folder given for its checkpoint: the files it holds are named
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "best.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    checkpoints = f"{run / 'checkpoints' / 'best.ckpt'}, {run / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(
+        IsADirectoryError, match=f"^ckpt={run}: a folder, not a checkpoint file: it holds {checkpoints}$"
+    ):
+        _sample([f"ckpt={run}", f"out={tmp_path / 'out'}"])
+    result = run_module("convert_reference", [str(run), str(tmp_path / "converted.ckpt")], timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"error: CKPT={run}: a folder, not a checkpoint"
+    )
 
 
 def test_help_lists_the_commands_own_options():
