@@ -59,6 +59,17 @@ log = logging.getLogger(__name__)
 RESUME = ("auto", "never")
 
 
+def check_accelerator(accelerator: str) -> None:
+    """A GPU asked for where torch sees none, refused by key (Lightning's own message names no key)."""
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's gpu is CUDA or MPS
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not mps:
+        raise ValueError(
+            f"trainer.accelerator={accelerator}: torch sees no GPU here (torch.cuda.is_available() is "
+            "False); train on the CPU with trainer.accelerator=cpu (or auto, which takes a GPU where there "
+            "is one)"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Configuration errors that can be seen before anything is built, named by their keys."""
     check_iterations(cfg.iterations)
@@ -72,6 +83,7 @@ def check_config(cfg: DictConfig) -> None:
             "callbacks.checkpoint.every_n_iterations"
         )
     check_two_step_tau(cfg)
+    check_accelerator(str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")))
     if "batch_size" in cfg.data:  # before resume's global batch reads it
         check_batch_sizes(cfg.data.batch_size, cfg.data.get("global_batch_size"))
     if cfg.get("eval") is not None:  # before the sample grid, whose interval is eval.every's by default

@@ -72,6 +72,21 @@ def test_an_out_folder_must_be_a_writable_folder_or_below_one(tmp_path):
             check_out_folder(locked / "x")
 
 
+def test_training_on_a_gpu_where_torch_sees_none_is_refused_by_key(monkeypatch, tmp_path):
+    """trainer=gpu (or trainer.accelerator=cuda) without a GPU: refused naming trainer.accelerator, before
+    Lightning's "No supported gpu backend found!" (which names no key); cpu and auto pass."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for override in ("trainer=gpu", "trainer.accelerator=cuda"):
+        accelerator = override.split("=")[1]
+        with pytest.raises(ValueError, match=rf"^trainer.accelerator={accelerator}: torch sees no GPU here"):
+            check_config(compose([override], run_dir=str(tmp_path)))  # debug=smoke sets the CPU
+    for fine in ("trainer.accelerator=cpu", "trainer.accelerator=auto"):
+        check_config(compose([fine], run_dir=str(tmp_path)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_config(compose(["trainer=gpu"], run_dir=str(tmp_path)))
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
