@@ -84,6 +84,12 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_two_step_tau(cfg)
     check_accelerator(str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")))
+    if cfg.model.get("shared_dropout") and not OmegaConf.select(cfg, "model.generator.dropout", default=0):
+        raise ValueError(  # here, not in the module: checkpoints of such runs still load
+            "model.shared_dropout=true shares the dropout masks of the online and the teacher pass, but the "
+            "generator has no dropout: set model.generator.dropout > 0 (iCT: 0.3 on CIFAR-10), or "
+            "model.shared_dropout=false"
+        )
     if "batch_size" in cfg.data:  # before resume's global batch reads it
         check_batch_sizes(cfg.data.batch_size, cfg.data.get("global_batch_size"))
     if cfg.get("eval") is not None:  # before the sample grid, whose interval is eval.every's by default

@@ -166,6 +166,19 @@ def test_shared_dropout_gives_the_teacher_the_online_pass_masks(cfg_factory, tea
     assert (outputs[False][0] - outputs[False][1]).abs().max() > 1e-2  # independent masks differ
 
 
+def test_shared_dropout_without_dropout_is_refused_by_name_at_launch(cfg_factory):
+    """With model.generator.dropout 0 there are no masks to share: the option would do nothing. Refused
+    when training starts; a checkpoint of such a run still loads (the module itself takes it)."""
+    from act_lightning.train import check_config
+
+    cfg = cfg_factory([*SMALL, "model.generator.dropout=0", "model.shared_dropout=true"])
+    said = r"model.shared_dropout=true .* the generator has no dropout: set model"
+    with pytest.raises(ValueError, match=said):
+        check_config(cfg)
+    instantiate(cfg.model)
+    check_config(cfg_factory([*SMALL, "model.generator.dropout=0.1", "model.shared_dropout=true"]))
+
+
 def test_sampling_runs_without_dropout_and_restores_the_mode(cfg_factory):
     cfg = cfg_factory([*SMALL, "model.generator.dropout=0.5"])
     model = instantiate(cfg.model).train()
