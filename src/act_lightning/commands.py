@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -77,12 +78,30 @@ def refuse(err: Exception) -> NoReturn:
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
+    full_key = None
     while isinstance(err, InstantiationException) and isinstance(err.__cause__, Exception):
+        found = re.search(r"^full_key: (\S+)$", str(err), flags=re.M)
+        full_key = found.group(1) if found else full_key
         err = err.__cause__  # the constructor's own message, which names the key
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+    if isinstance(err, TypeError) and unexpected and full_key:  # a key the class does not take
+        err = ValueError(unknown_key(full_key, unexpected.group(1), str(err)))
     if isinstance(err, MissingMandatoryValue):  # omegaconf's message spans three lines
         err = ValueError(f"{err.full_key} is required: give {err.full_key}=... (--help lists the options)")
     print(f"error: {err}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
+
+
+def unknown_key(node: str, name: str, said: str) -> str:
+    """What to say of `node.name`, a key the class built at `node` does not take (`said`: its TypeError):
+    where a key of that name lives now (model.X -> model.schedule.X or model.speed.X), or how to list the
+    keys there are."""
+    from act_lightning.checkpoints import GROUPS
+
+    moved = [f"{node}.{group}.{name}" for group, cls in GROUPS.items() if name in cls.__dataclass_fields__]
+    if node == "model" and moved:
+        return f"{node}.{name} is not a key of {node}: it is {moved[0]} ({said})"
+    return f"{node}.{name} is not a key of {node} ({said}); `--cfg job` prints the config's keys"
 
 
 # what `refuse` reports: a bad option, a missing or unusable file or folder

@@ -22,7 +22,7 @@ from act_lightning.commands import (
 )
 from act_lightning.launch import CheckRunFolder, LaunchLog
 from act_lightning.train import check_config
-from tests.conftest import compose
+from tests.conftest import compose, refusal, run_cli
 
 
 def test_device_names_what_torch_does_not_know_and_cuda_this_machine_lacks(monkeypatch):
@@ -145,6 +145,25 @@ def test_net_is_target_or_generator():
 def test_a_device_of_the_wrong_type_is_refused_by_name():
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N; got None"):
         resolve_device(None)
+
+
+def test_a_key_the_class_does_not_take_is_named_with_where_it_lives(capsys, monkeypatch, tmp_path):
+    """`+model.gan_ratio=0` (what Hydra suggests when model.gan_ratio is not in the config) reached
+    ACTModule as a keyword it does not take, and the message named neither the key nor model.schedule."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cases = (
+        ("model", "gan_ratio", "model.gan_ratio is not a key of model: it is model.schedule.gan_ratio ("),
+        ("model", "compile", "model.compile is not a key of model: it is model.speed.compile ("),
+        ("data", "held", "data.held is not a key of data (T.__init__() got an unexpected keyword argument"),
+    )
+    for node, name, said in cases:
+        err = InstantiationException(f"Error in call to target 'T':\nTypeError(...)\nfull_key: {node}")
+        err.__cause__ = TypeError(f"T.__init__() got an unexpected keyword argument '{name}'")
+        with pytest.raises(SystemExit):
+            refuse(err)
+        assert capsys.readouterr().err.startswith(f"error: {said}")
+    result = run_cli(["debug=smoke", "data=synthetic", "+model.gan_ratio=0"], tmp_path / "run")  # the command
+    assert refusal(result).startswith("error: model.gan_ratio is not a key of model: it is model.schedule.")
 
 
 def test_refuse_prints_the_cause_in_one_line_and_exits_2(capsys, monkeypatch):
