@@ -84,7 +84,10 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_two_step_tau(cfg)
     check_accelerator(str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")))
-    if cfg.model.get("shared_dropout") and not OmegaConf.select(cfg, "model.generator.dropout", default=0):
+    gen = cfg.model.get("generator") or {}
+    # this library's UNetGenerator keeps it at model.generator.dropout, a converted DDPM's in its unet's
+    dropouts = [d for d in (gen.get("dropout"), (gen.get("unet") or {}).get("dropout")) if d is not None]
+    if cfg.model.get("shared_dropout") and dropouts and not any(dropouts):
         raise ValueError(  # here, not in the module: checkpoints of such runs still load
             "model.shared_dropout=true shares the dropout masks of the online and the teacher pass, but the "
             "generator has no dropout: set model.generator.dropout > 0 (iCT: 0.3 on CIFAR-10), or "
@@ -319,6 +322,12 @@ class StartPoint:
     init: InitWeights | None = None  # init_from's generator weights (a fresh start only)
 
 
+def tunes_a_diffusion_model(cfg: DictConfig) -> bool:
+    """ECT's curriculum, which tunes a diffusion model (model.curriculum or model.schedule.curriculum)."""
+    curriculum = cfg.model.get("curriculum") or OmegaConf.select(cfg, "model.schedule.curriculum")
+    return curriculum == "ect" and cfg.model.get("objective", "consistency") == "consistency"
+
+
 def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None) -> StartPoint:
     """The run's start (see `resolve_resume`), after the launch's config (`resolved`) is compared with the
     checkpoint's (act_lightning.resume). A weights-only checkpoint (act_lightning.convert_reference) holds
@@ -342,6 +351,12 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
             entry["init_from"] = init.path
             if init.generator is not None:  # a converted model's architecture: a resume may need it
                 entry["init_generator"] = init.generator
+        elif tunes_a_diffusion_model(cfg):
+            log.warning(
+                "ECT's curriculum (model.curriculum=ect) without init_from: ECT tunes a pretrained diffusion "
+                "model (Geng et al. 2024), and this run starts from random weights; pass init_from=<a "
+                "diffusion run's last.ckpt or a converted DDPM> (README: Start from a diffusion model)"
+            )
         return StartPoint(history=(entry,), init=init)
     iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
     own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)

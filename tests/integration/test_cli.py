@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli, run_module
+from act_lightning.train import train
+from tests.conftest import compose, run_cli, run_module
 
 
 @pytest.mark.parametrize("experiment", ["quickstart", "cifar10"])
@@ -102,6 +103,7 @@ def test_diffusion_pretraining_then_ect_tuning_from_its_checkpoint(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "init_from=" in result.stdout + result.stderr  # the log says where the weights came from
+    assert "without init_from" not in result.stdout + result.stderr
     tuned = torch.load(tune / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert tuned["act_history"][0]["init_from"] == init
     assert int(tuned["state_dict"]["iteration"]) == 1
@@ -167,3 +169,12 @@ def test_the_cifar10_recipes_chain_diffusion_ect_and_a_converted_ddpm(tmp_path):
     generator = ckpt["act_config"]["model"]["generator"]
     assert generator["_target_"].endswith("VPEpsilonBackbone")  # the folder's network, not the experiment's
     assert generator["unet"]["dropout"] == 0.2  # but ECT's dropout of the experiment
+
+
+def test_ects_curriculum_without_a_diffusion_model_to_tune_says_so(tmp_path, caplog):
+    """experiment=cifar10_ect (or model.curriculum=ect) without init_from trains ECT from random weights:
+    allowed, with a warning that names init_from."""
+    overrides = ["model.curriculum=ect", "debug=smoke", "iterations=1", "eval=null"]
+    train(compose(overrides, run_dir=str(tmp_path)))
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("ECT's curriculum (model.curriculum=ect) without init_from" in m for m in said), said
