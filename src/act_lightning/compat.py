@@ -24,6 +24,11 @@ UNRESUMABLE_LOADER_WARNING = (
     "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable"
 )
 
+# What Lightning's fit loop says (_FitLoop.setup_data) when an epoch has fewer batches than
+# log_every_n_steps. It counts logging intervals over all batches, across epochs, so the rows still come
+# every log_every_n_steps ACT iterations: the quickstart's 11 batches per epoch log at 20, 40, ...
+FEW_BATCHES_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
+
 
 @contextmanager
 def eager_forward(module: nn.Module) -> Iterator[None]:
@@ -86,3 +91,10 @@ def ignore_unresumable_loader_warning() -> None:
     warnings.filterwarnings(
         "ignore", message=re.escape(UNRESUMABLE_LOADER_WARNING), category=PossibleUserWarning
     )
+
+
+def ignore_few_batches_warning() -> None:
+    """Silences exactly Lightning's warning that an epoch has fewer batches than log_every_n_steps: a run
+    here is counted in iterations, not epochs, and logs every log_every_n_steps of them whatever the
+    epoch's length (FEW_BATCHES_WARNING)."""
+    warnings.filterwarnings("ignore", message=FEW_BATCHES_WARNING, category=PossibleUserWarning)

@@ -44,6 +44,7 @@ from act_lightning.checkpoints import (
 )
 from act_lightning.checks import check_count
 from act_lightning.commands import CONFIG_DIR, refuse
+from act_lightning.compat import ignore_few_batches_warning
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
 from act_lightning.environment import describe as describe_environment
@@ -411,6 +412,7 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
     # before it, so its read-out shows an evaluation of this iteration, the last one's too.
     callbacks.sort(key=lambda c: (isinstance(c, LastCheckpoint), isinstance(c, IterationProgressBar)))
     loggers = build_loggers(cfg, start.iteration if start.ckpt_path is not None else None, start.wandb_id)
+    ignore_few_batches_warning()  # logging counts iterations across epochs (compat.FEW_BATCHES_WARNING)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[CheckpointIO()]
     )

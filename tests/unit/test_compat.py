@@ -161,3 +161,42 @@ def test_rows_without_a_step_are_dropped_when_a_resume_rewrites_the_csv(tmp_path
     ResumableExperimentWriter(str(tmp_path), resume_step=3)
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_the_few_batches_warning_is_lightnings_and_the_rows_still_come_every_log_every_n_steps(tmp_path):
+    """Lightning warns when an epoch has fewer batches than log_every_n_steps, as if the rows were per
+    epoch; they are counted over all batches. The filter matches Lightning's message (read from its source)
+    and nothing else, and a run of 4-batch epochs logging every 6 iterations writes rows at 6 and 12."""
+    import csv
+    import inspect
+    import warnings
+
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+
+    from act_lightning.compat import FEW_BATCHES_WARNING, ignore_few_batches_warning
+    from act_lightning.train import train
+    from tests.conftest import compose
+
+    source = inspect.getsource(_FitLoop.setup_data)
+    lightnings = 'f"The number of training batches ({self.max_batches}) is smaller than the logging interval"'
+    assert lightnings in source
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_few_batches_warning()
+        warnings.warn(
+            "The number of training batches (11) is smaller than the logging interval Trainer("
+            "log_every_n_steps=20). Set a lower value for log_every_n_steps if you want to see logs for the "
+            "training epoch.",
+            PossibleUserWarning,
+            stacklevel=1,
+        )
+        warnings.warn("The number of training batches is large", PossibleUserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["The number of training batches is large"]
+    assert FEW_BATCHES_WARNING.startswith("The number of training batches")
+    overrides = ["debug=smoke", "data=synthetic", "data.length=32", "data.batch_size=4", "iterations=12"]
+    overrides += ["trainer.log_every_n_steps=6", "eval=null"]  # 32 images: 4 batches of 4 + 4 per epoch
+    train(compose(overrides, run_dir=str(tmp_path)))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_g")]
+    assert [int(r["step"]) for r in rows] == [6, 12]
