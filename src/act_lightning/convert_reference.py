@@ -121,7 +121,8 @@ def convert(
 def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
     """The reference tensors under this library's names, and the problems: keys of `state` that have no
     place in `own` (unknown), the wrong shape (mis-shaped) or a place another key took (duplicate: with
-    and without `_orig_mod.`), and networks' keys of `own` it lacks (missing), each listed by name."""
+    and without `_orig_mod.`), and networks' keys of `own` it lacks (missing), each listed by name as
+    the reference's file names its keys."""
     converted, unknown, misshaped, duplicate = {}, [], [], []
     for key, value in state.items():
         reference = plain(key)
@@ -140,7 +141,12 @@ def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) ->
         else:
             converted[name] = value
     networks = [k for k in own if k.startswith(("generator.", "target.", "discriminator."))]
-    missing = [k for k in networks if k not in converted]
+    theirs = {ours: reference for reference, ours in PREFIXES.items()}  # named as the file would hold them
+    missing = [  # a key no reference prefix maps to keeps its own name
+        next((theirs[p] + k[len(p) :] for p in theirs if k.startswith(p)), k)
+        for k in networks
+        if k not in converted
+    ]
     kinds = (("unknown", unknown), ("mis-shaped", misshaped), ("duplicate", duplicate), ("missing", missing))
     problems = [
         f"{kind} keys: {', '.join(keys[:8])}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
