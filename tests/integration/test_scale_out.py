@@ -38,7 +38,15 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
         "+callbacks.rank_state._target_=tests.helpers_ddp.SaveRankState",
         f"+callbacks.rank_state.dirpath={two}",
     ]
-    ddp = ["debug=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *dump]
+    # with flips (off for the digits by default): each image's coin is its global position's
+    ddp = [
+        "debug=smoke",
+        "+data.hflip=true",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *dump,
+    ]
     result = run_cli(ddp, two, own_process=True)  # Lightning starts the command again for rank 1
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = _load(two / "rank0.pt"), _load(two / "rank1.pt")
@@ -47,7 +55,7 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
     assert int(ddp["state_dict"]["iteration"]) == 4
 
     # One process with the same global batch (2 devices x 2 images per half), in-process.
-    summary = train(compose(["debug=smoke", "data.batch_size=4"], run_dir=str(one)))
+    summary = train(compose(["debug=smoke", "+data.hflip=true", "data.batch_size=4"], run_dir=str(one)))
     assert summary["finished"]
     single = _load(one / "checkpoints" / "last.ckpt")
     # Same examples with the same noise: equal up to float rounding (the gradient all-reduce sums in

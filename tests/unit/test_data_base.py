@@ -83,11 +83,17 @@ def test_flips_are_deterministic_for_a_seed():
     assert torch.equal(a.on_after_batch_transfer(batch, 0).gen, b.on_after_batch_transfer(batch, 0).gen)
 
 
-def _attach_trainer(dm: ImageDataModule, k: int | None, global_step: int, rank: int = 0) -> None:
-    """What `_flip_generator_for` reads of a trainer: its rank, its step, and the module's `k` (if any)."""
+def _attach_trainer(
+    dm: ImageDataModule, k: int | None, global_step: int, rank: int = 0, world_size: int = 1
+) -> None:
+    """What the flips read of a trainer: its rank and world size, its step, and the module's `k` (if any)."""
     module = SimpleNamespace() if k is None else SimpleNamespace(k=k)
     dm.trainer = SimpleNamespace(
-        global_rank=rank, global_step=global_step, lightning_module=module, training=False
+        global_rank=rank,
+        world_size=world_size,
+        global_step=global_step,
+        lightning_module=module,
+        training=False,
     )
 
 
@@ -96,10 +102,10 @@ def test_flips_are_seeded_from_the_act_iteration_not_the_optimiser_step():
     seeds = {}
     for k, global_step in [(5, 10), (5, 11), (6, 10)]:
         dm = _Tiny(hflip=True, seed=3)
-        _attach_trainer(dm, k=k, global_step=global_step, rank=1)
+        _attach_trainer(dm, k=k, global_step=global_step, rank=1, world_size=2)
         seeds[k, global_step] = dm._flip_generator_for(cpu).initial_seed()
-        assert dm._flip_generator_for(cpu).initial_seed() == mix_seed(3, k + 1, FLIP, 1)  # the next batch
-    assert seeds[5, 10] == seeds[5, 11] == mix_seed(3, 5, FLIP, 1)  # (seed, k, FLIP, rank)
+        assert dm._flip_generator_for(cpu).initial_seed() == mix_seed(3, k + 1, FLIP, 0)  # the next batch
+    assert seeds[5, 10] == seeds[5, 11] == mix_seed(3, 5, FLIP, 0)  # (seed, k, FLIP, 0) on every rank
     assert seeds[6, 10] != seeds[5, 10]
     dm = _Tiny(hflip=True, seed=3)
     _attach_trainer(dm, k=None, global_step=10)  # a module that counts no ACT iterations
@@ -113,7 +119,7 @@ def test_each_rank_flips_on_as_it_would_have_after_a_resume_from_rank_zeros_chec
 
     def rank(r: int, state: dict | None = None) -> _Tiny:
         dm = _Tiny(hflip=True, seed=1)
-        _attach_trainer(dm, k=0, global_step=0, rank=r)
+        _attach_trainer(dm, k=0, global_step=0, rank=r, world_size=2)
         if state is not None:
             dm.load_state_dict(state)
         return dm
@@ -129,9 +135,33 @@ def test_each_rank_flips_on_as_it_would_have_after_a_resume_from_rank_zeros_chec
     resumed = [rank(0, saved), rank(1, saved)]
     for _ in range(2):
         expected = [flipped(dm) for dm in straight]
-        assert not torch.equal(expected[0], expected[1])  # the ranks flip differently
+        assert not torch.equal(expected[0], expected[1])  # the ranks flip their own global positions
         for dm, want in zip(resumed, expected, strict=True):
             assert torch.equal(flipped(dm), want)
+
+
+def test_one_device_and_several_flip_the_same_images_of_a_global_batch():
+    """The coins are drawn for the global batch [gen | fake | real] and each rank's share [gen_r | fake_r |
+    real_r] takes its positions' coins: two ranks' flipped shares are the one device's flipped global
+    batch, sharded. (Each rank with its own coins, as before, flipped other images.)"""
+    from act_lightning.data.base import shard_of_global_batch
+
+    images = torch.arange(16 * 6, dtype=torch.uint8).reshape(16, 1, 2, 3)
+    labels = torch.arange(16)
+
+    def flipped(rank: int, world: int) -> Tensor:
+        dm = _Tiny(hflip=True, seed=5)
+        _attach_trainer(dm, k=3, global_step=6, rank=rank, world_size=world)
+        mine = shard_of_global_batch(list(range(16)), rank, world)
+        half = dm.on_after_batch_transfer((images[mine], labels[mine]), 0)
+        return torch.cat([half.gen, half.disc])
+
+    one = flipped(0, 1)
+    for world in (2, 4):
+        for rank in range(world):
+            mine = shard_of_global_batch(list(range(16)), rank, world)
+            assert torch.equal(flipped(rank, world), one[mine])
+    assert not torch.equal(one, to_signed(images)) and not torch.equal(one, to_signed(images).flip(-1))
 
 
 def test_path_is_the_absolute_root_and_only_sources_with_files_need_one(tmp_path, monkeypatch):

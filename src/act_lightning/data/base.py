@@ -38,9 +38,17 @@ def to_signed(images: Tensor) -> Tensor:
     return images
 
 
-def random_hflip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Mirror each image of a (B, C, H, W) batch left-right with probability 1/2, on the batch's device."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5  # (B,)
+def random_hflip(
+    images: Tensor, generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1
+) -> Tensor:
+    """Mirror each image of a (B, C, H, W) batch left-right with probability 1/2, on the batch's device.
+    Under DDP `images` is rank `rank`'s share of a global batch (`shard_of_global_batch`): the coins are
+    drawn for the whole global batch and each image takes its global position's, so one device and
+    several flip the same images (the generator seeded alike on every rank)."""
+    n = images.shape[0]
+    flip = torch.rand(n * world_size, device=images.device, generator=generator) < 0.5  # (global B,)
+    if world_size > 1:  # slices of the device tensor: nothing crosses from the host
+        flip = torch.cat(_shard_parts(flip, rank, world_size))
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -103,10 +111,17 @@ def shard_of_global_batch(indices: list[int], rank: int, world_size: int) -> lis
     """Rank `rank`'s share of a global batch laid out [generator half | fake half | real half]: the
     rank's contiguous slice of each, so the ranks' shares are [gen_r | fake_r | real_r] and one device
     with the whole global batch sees the same examples in the same roles."""
-    half = len(indices) // 2
-    gen, fake, real = indices[:half], indices[half : half + half // 2], indices[half + half // 2 :]
+    gen, fake, real = _shard_parts(indices, rank, world_size)
+    return gen + fake + real
+
+
+def _shard_parts(batch, rank: int, world_size: int) -> tuple:
+    """(gen_r, fake_r, real_r): rank `rank`'s slices of a global batch's three parts (a list, or a tensor
+    along its first axis: views, no copy)."""
+    half = len(batch) // 2
+    gen, fake, real = batch[:half], batch[half : half + half // 2], batch[half + half // 2 :]
     n, m = half // world_size, half // 2 // world_size
-    return gen[rank * n : (rank + 1) * n] + fake[rank * m : (rank + 1) * m] + real[rank * m : (rank + 1) * m]
+    return gen[rank * n : (rank + 1) * n], fake[rank * m : (rank + 1) * m], real[rank * m : (rank + 1) * m]
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -221,8 +236,9 @@ class ImageDataModule(L.LightningDataModule):
     Datasets yield `(image, label)` with `image` a (C, H, W) tensor, either float in [-1, 1] or uint8
     in [0, 255], and `label` an int. uint8 is the fast path: a quarter of the host-to-device traffic,
     and `on_after_batch_transfer` converts to [-1, 1] on the device. With `hflip` the random
-    left-right flip is done there too, per example, from a generator seeded by (seed, rank, ACT
-    iteration), so it costs the workers nothing and does not depend on `num_workers`.
+    left-right flip is done there too, per example, from coins drawn for the whole global batch by a
+    generator seeded by (seed, batch count), each image taking its global position's coin, so it costs
+    the workers nothing and depends neither on `num_workers` nor on the number of devices.
     `batch_size` is the number of images per half-batch per device and forward pass (the reference's
     `batch_size`). `global_batch_size`, when set, is the number of images per half-batch over all
     devices: each device then takes global / devices of them, in micro-batches of `batch_size` whose
@@ -419,18 +435,17 @@ class ImageDataModule(L.LightningDataModule):
         """(2B, C, H, W) uint8 or float on the device -> flipped (if `hflip`), in [-1, 1], split in halves."""
         if self.trainer is not None and self.trainer.training:
             self._position.consumed += 1
-        if self.hflip:
-            images = random_hflip(images, self._flip_generator_for(images.device))  # flip the uint8: cheaper
+        if self.hflip:  # flip the uint8: cheaper
+            images = random_hflip(images, self._flip_generator_for(images.device), *self._devices())
         return split_halves(to_signed(images), labels, self._micro)
 
     def _flip_generator_for(self, device: torch.device) -> torch.Generator:
-        """The generator of one batch's flips, seeded from (seed, n, FLIP, rank), n the batches flipped
-        before it in the run: distinct per rank, and no generator state to save. Every rank flips its
-        share of every global batch, so n is the same on all of them and the one count a checkpoint holds
-        resumes each rank's flips exactly (a generator's state, saved by rank 0 alone, would give every
-        rank rank 0's flips)."""
+        """The generator of one global batch's flips, seeded from (seed, n, FLIP, 0), n the batches flipped
+        before it in the run, alike on every rank (each takes its share of the global batch's coins:
+        `random_hflip`), with no generator state to save. Every rank flips its share of every global
+        batch, so n is the same on all of them and the one count a checkpoint holds resumes the flips
+        exactly. (The 0 where a rank stood: one device flips as it did when each rank had its own.)"""
         trainer = self.trainer
-        rank = 0 if trainer is None else trainer.global_rank
         if self._flips is None:
             # a new run, or a checkpoint without the count: from the ACT iterations done, as the module
             # counts them (`trainer.global_step` counts optimiser steps, two per iteration with a
@@ -439,6 +454,6 @@ class ImageDataModule(L.LightningDataModule):
             self._flips = 0 if trainer is None else getattr(trainer.lightning_module, "k", 0)
         if self._flip_generator is None or self._flip_generator.device != device:
             self._flip_generator = torch.Generator(device=device)
-        self._flip_generator.manual_seed(mix_seed(self.seed, self._flips, FLIP, rank))
+        self._flip_generator.manual_seed(mix_seed(self.seed, self._flips, FLIP, 0))
         self._flips += 1
         return self._flip_generator
