@@ -208,3 +208,16 @@ def test_defaults_of_the_folder_data_module_and_the_jpeg_suffix(tmp_path):
     assert (dm.batch_size, dm.image_size, dm.channels, dm.verify) == (64, 64, 3, True)
     Image.new("RGB", (20, 20), (0, 255, 0)).save(tmp_path / "photo.jpeg", format="JPEG")
     assert _dm(tmp_path).count_train_images(10) == 1
+
+
+def test_a_link_back_up_the_tree_is_not_followed_round_and_round(tmp_path):
+    """`x/up -> ..` made os.walk(followlinks=True) list x's image again under x/up/x/up/... (41 times, until
+    paths were too long); a link to a folder elsewhere is still followed."""
+    from act_lightning.data.folder import scan_images
+
+    write_image_folder(tmp_path / "root", classes=("x",), per_class=1)
+    write_image_folder(tmp_path / "other", classes=("y",), per_class=1)
+    (tmp_path / "root" / "x" / "up").symlink_to("..")
+    (tmp_path / "root" / "x" / "linked").symlink_to(tmp_path / "other" / "y")
+    images, _ = scan_images(tmp_path / "root")
+    assert [str(p.relative_to(tmp_path / "root")) for p in images] == ["x/img_0.png", "x/linked/img_0.png"]

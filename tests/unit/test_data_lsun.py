@@ -184,6 +184,13 @@ def test_check_source_checks_the_prepared_form(lsun_root, tmp_path):
         _dm(dst).check_source()
     with pytest.raises(DataError, match=r"prepared at 32 px .* data.image_size=64"):
         _dm(dst, image_size=64).check_source()  # no LMDB to fall back on
+    # the advice fits what differs: the size (prepare again), the channels (data.channels), or both
+    said = r"data.channels=1; set data.channels=3$"
+    with pytest.raises(DataError, match=said):
+        _dm(dst, channels=1).check_source()
+    said = r"set data.channels=3, and prepare again with --image-size 64, into another folder$"
+    with pytest.raises(DataError, match=said):
+        _dm(dst, image_size=64, channels=1).check_source()
 
 
 def test_check_source_on_a_missing_root_names_it_and_creates_nothing(tmp_path):

@@ -25,8 +25,20 @@ log = logging.getLogger(__name__)
 
 
 def iter_files(root: Path) -> Iterator[tuple[Path, str]]:
-    """Every file under `root` (recursively, hidden entries skipped, sorted) with its lower-case suffix."""
+    """Every file under `root` (recursively, hidden entries skipped, sorted) with its lower-case suffix.
+    Linked folders are followed, except a link to a folder the walk is inside of (`x/up -> ..`), which
+    would repeat that folder's files over and over (os.walk goes round such a loop until paths are too
+    long)."""
+    real: dict[str, str] = {}  # folder as walked -> its real path
     for folder, dirs, files in os.walk(root, followlinks=True):
+        real[folder] = os.path.realpath(folder)
+        above, child, parent = set(), folder, os.path.dirname(folder)
+        while parent in real and parent != child:  # the real paths of the folders the walk is inside
+            above.add(real[parent])
+            child, parent = parent, os.path.dirname(parent)
+        if real[folder] in above:
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith("."):

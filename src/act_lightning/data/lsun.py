@@ -277,9 +277,12 @@ class LSUNDataModule(ImageDataModule):
                 f"data.channels={self.channels}"
             )
             if find_lmdb(root, self.category) is None:
-                raise DataError(
-                    f"{message}; prepare again with --image-size {self.image_size}, into another folder"
-                )
+                fixes = []
+                if manifest.get("channels") != self.channels:  # prepare writes the source's colour images
+                    fixes.append(f"set data.channels={manifest.get('channels')}")
+                if manifest.get("image_size") != self.image_size:
+                    fixes.append(f"prepare again with --image-size {self.image_size}, into another folder")
+                raise DataError(f"{message}; {', and '.join(fixes)}")
             log.warning("%s: reading the LMDB instead", message)
             return None
         return manifest
