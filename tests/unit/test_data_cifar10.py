@@ -155,8 +155,14 @@ def test_truncated_batch_is_named(tmp_path):
     batch.write_bytes(batch.read_bytes()[:1000])
     dm = _dm(tmp_path)
     dm.prepare_data()  # without verification the files look complete ...
-    with pytest.raises(DataError, match=r"data_batch_3: not a readable CIFAR-10 python batch"):
+    with pytest.raises(DataError, match=r"data_batch_3: not a readable CIFAR-10 python batch") as err:
         dm.setup("fit")  # ... until they are read
+    # no archive beside the batches: the advice is the download, not extracting an archive that is not there
+    said = str(err.value)
+    assert f"Delete {folder}: the next run downloads cifar-10-python.tar.gz into {folder.parent}" in said
+    (folder.parent / "cifar-10-python.tar.gz").write_bytes(b"")  # with it there: extract it again
+    with pytest.raises(DataError, match=rf"Delete {folder} and extract {folder.parent}/cifar-10-python"):
+        _dm(tmp_path).setup("fit")
 
 
 # -- the batches are pickles: read without ever running code ------------------------------------------

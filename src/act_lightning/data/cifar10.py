@@ -79,8 +79,20 @@ def _refused_message(path: Path, qualified: str) -> str:
     return (
         f"{path}: refused to unpickle the global `{qualified}`: the official CIFAR-10 python batches "
         f"name only {allowed}, so this file is not one of them and reading it could run code (whatever "
-        f"data.verify says). Delete {path.parent} and extract {path.parent.parent / ARCHIVE} again (from "
-        f"{URL}); a batch you wrote yourself loads when pickled with protocol 3 or 4"
+        f"data.verify says). {_start_again(path)}; a batch you wrote yourself loads when pickled with "
+        "protocol 3 or 4"
+    )
+
+
+def _start_again(path: Path) -> str:
+    """How to replace the python batches `path` is one of: from the archive beside them when it is there,
+    else from the download (which a run does itself once the folder is gone, unless data.download=false)."""
+    archive = path.parent.parent / ARCHIVE
+    if archive.is_file():
+        return f"Delete {path.parent} and extract {archive} again (from {URL})"
+    return (
+        f"Delete {path.parent}: the next run downloads {ARCHIVE} into {archive.parent} (with "
+        f"data.download=false, put it there yourself, from {URL})"
     )
 
 
@@ -95,8 +107,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as err:  # unpickling raises almost anything on a truncated or foreign file
         raise DataError(
             f"{path}: not a readable CIFAR-10 python batch ({type(err).__name__}: {err}). The file is "
-            f"truncated or corrupt: delete {path.parent} and extract {path.parent.parent / ARCHIVE} again "
-            f"(from {URL})"
+            f"truncated or corrupt. {_start_again(path)}"
         ) from err
     if not isinstance(batch, dict):
         raise DataError(f"{path}: a CIFAR-10 python batch is a dict, found {type(batch).__name__}")
