@@ -151,6 +151,7 @@ def test_malformed_official_files_are_named(tmp_path, arrays, match):
     src = _broken(tmp_path, **arrays)
     with pytest.raises(DataError, match=match):
         prepare_imagenet64(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # batch 1's arrays, written before batch 2 failed, are gone
 
 
 def test_truncated_npz_is_named(tmp_path):

@@ -126,6 +126,12 @@ def test_undecodable_value_names_the_key(tmp_path):
         dm.train_set[index]
     with pytest.raises(DataError, match=r"key 'ffff-broken': the image does not decode.*--skip-broken"):
         prepare_lsun_quiet(tmp_path, tmp_path / "p")
+    assert not (tmp_path / "p").exists()  # no half-written array without a manifest is left behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(DataError, match=r"the image does not decode"):
+        prepare_lsun_quiet(tmp_path, tmp_path / "mine")  # into a folder of the user's: only ours removed
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     assert prepare_lsun_quiet(tmp_path, tmp_path / "p", "--skip-broken") == 0
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 3 and "ffff-broken" in manifest["skipped"][0]

@@ -129,24 +129,26 @@ def prepare_imagenet64(src: Path, dst: Path, progress: bool = True) -> dict:
     train_files, val_file = find_official_files(src)
     splits = {"train": train_files} | ({"val": [val_file]} if val_file is not None else {})
     manifest_splits = {}
-    for split, files in splits.items():
-        counts = [count_images(path) for path in files]  # headers first: allocate the arrays once
-        images, labels = storage.create_arrays(dst, split, sum(counts), (CHANNELS, SIZE, SIZE), labels=True)
-        start = 0
-        for path in tqdm(
-            files, desc=f"imagenet64 {split}", unit="file", disable=not progress, dynamic_ncols=True
-        ):
-            data, label = read_official_file(path)
-            images[start : start + len(data)] = data
-            labels[start : start + len(data)] = label
-            start += len(data)
-        images.flush(), labels.flush()
-        del images, labels
-        manifest_splits[split] = {
-            "count": start,
-            "images": f"{split}_images.npy",
-            "labels": f"{split}_labels.npy",
-        }
+    with storage.no_partial_output(dst):  # a damaged file, Ctrl-C: nothing half-written is left
+        for split, files in splits.items():
+            counts = [count_images(path) for path in files]  # headers first: allocate the arrays once
+            shape = (CHANNELS, SIZE, SIZE)
+            images, labels = storage.create_arrays(dst, split, sum(counts), shape, labels=True)
+            start = 0
+            for path in tqdm(
+                files, desc=f"imagenet64 {split}", unit="file", disable=not progress, dynamic_ncols=True
+            ):
+                data, label = read_official_file(path)
+                images[start : start + len(data)] = data
+                labels[start : start + len(data)] = label
+                start += len(data)
+            images.flush(), labels.flush()
+            del images, labels
+            manifest_splits[split] = {
+                "count": start,
+                "images": f"{split}_images.npy",
+                "labels": f"{split}_labels.npy",
+            }
     return storage.write_manifest(
         dst,
         SOURCE,

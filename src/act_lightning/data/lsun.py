@@ -136,18 +136,20 @@ def prepare_lsun(
     src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
     lmdb_path, keys = _open_source(src, category, progress)
     count = len(keys) if max_images is None else min(max_images, len(keys))
-    _check_free_space(dst, count, image_size, channels)
-    images, _ = storage.create_arrays(dst, "train", count, (channels, image_size, image_size), labels=False)
-    chunk = 64
-    jobs = [
-        (str(lmdb_path), [keys[i] for i in range(s, min(s + chunk, count))], image_size, channels)
-        for s in range(0, count, chunk)
-    ]
-    written, skipped = _decode_into(
-        images, jobs, count, workers, skip_broken, f"lsun {category} {image_size}", progress
-    )
-    images.flush()
-    del images
+    with storage.no_partial_output(dst):  # an image that does not decode, Ctrl-C: nothing half-written
+        _check_free_space(dst, count, image_size, channels)
+        shape = (channels, image_size, image_size)
+        images, _ = storage.create_arrays(dst, "train", count, shape, labels=False)
+        chunk = 64
+        jobs = [
+            (str(lmdb_path), [keys[i] for i in range(s, min(s + chunk, count))], image_size, channels)
+            for s in range(0, count, chunk)
+        ]
+        written, skipped = _decode_into(
+            images, jobs, count, workers, skip_broken, f"lsun {category} {image_size}", progress
+        )
+        images.flush()
+        del images
     if skipped:
         log.warning("left out %d images that do not decode", len(skipped))
     split = {"count": written, "images": "train_images.npy", "labels": None}

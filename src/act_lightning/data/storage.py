@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,25 @@ def _bar(total: int, desc: str, unit: str = "it", disable: bool = False):
 
 
 # -- writing -----------------------------------------------------------------------------------------
+@contextmanager
+def no_partial_output(dst: Path) -> Iterator[None]:
+    """Within: a conversion writes its arrays into `dst`. If it stops (a file that does not decode,
+    Ctrl-C), the files it created there are removed, and `dst` too when it made it and nothing else is
+    in it: no half-written array is left without the manifest that would say it is incomplete."""
+    created = not dst.exists()
+    before = set(dst.iterdir()) if dst.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if dst.is_dir():
+            for path in set(dst.iterdir()) - before:
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+            if created and not any(dst.iterdir()):
+                dst.rmdir()
+        raise
+
+
 def create_arrays(dst: Path, split: str, count: int, shape: tuple[int, int, int], labels: bool):
     """Pre-allocate `<split>_images.npy` (and `<split>_labels.npy`) as writable memory maps."""
     dst.mkdir(parents=True, exist_ok=True)
