@@ -90,6 +90,7 @@ def test_cifar10_that_cannot_be_downloaded_is_refused_in_one_line_naming_the_fil
     line = refusal(result)
     assert line.startswith(f"error: CIFAR-10 not found: {root}/cifar-10-batches-py/data_batch_1 is missing")
     assert "The download failed: URLError" in line and not root.exists()
+    assert "data.download=true" not in line  # ... not where it is on and just failed
     # no W&B run and no hparams.yaml for a run that never started: the lock and the launch's record only
     assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock"]
 

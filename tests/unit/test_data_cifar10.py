@@ -126,6 +126,7 @@ def test_missing_files_say_what_where_and_from_where(tmp_path):
     message = str(err.value)
     assert str(tmp_path / CIFAR_FOLDER / "data_batch_1") in message
     assert str(tmp_path / "cifar-10-python.tar.gz") in message and URL in message
+    assert "data.download=true fetches it" in message  # offered where it is off ...
 
 
 def test_checksums_are_verified_by_default(cifar_root):

@@ -283,8 +283,8 @@ class CIFAR10DataModule(ImageDataModule):
         return (
             f"CIFAR-10 not found: {root / FOLDER / missing[0]} is missing{more}. Expected the python version "
             f"of CIFAR-10 under data.root={root}: either the folder {root / FOLDER}/ with data_batch_1 .. "
-            f"data_batch_5, or the archive {root / ARCHIVE}. Get it from {URL} (or set data.download=true "
-            "on a machine that is online)."
+            f"data_batch_5, or the archive {root / ARCHIVE}. Get it from {URL}"
+            + (" (data.download=true fetches it on a machine that is online)." if not self.download else ".")
         )
 
     def _check_md5(self, path: Path, md5: str) -> None:
