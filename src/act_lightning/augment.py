@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -304,23 +303,37 @@ class AugmentPipe(nn.Module):
         return self.together(images, p=p, generator=generator)[0]
 
     def together(
-        self, *batches: Tensor, p: Tensor | float, generator: torch.Generator | None = None
+        self,
+        *batches: Tensor,
+        p: Tensor | float,
+        generator: torch.Generator | None = None,
+        draws: list[tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, ...]:
         """Several batches of images through one pass of the pipeline: what `self(batch, p, generator)` for
         each batch in turn returns, each example with the random numbers its own call would draw from
         `generator` (so the generator ends where those calls leave it), in one set of kernel launches
-        instead of one per batch. Batches of different image shapes, dtypes or devices run one by one."""
+        instead of one per batch. Batches of different image shapes, dtypes or devices run one by one.
+        `draws`: each batch's random numbers drawn beforehand, (uniform (21, B), normal (7, B)), instead
+        of from `generator` (`draw_augmentation`)."""
         for images in batches:
             self._check(images)
+        if draws is not None and [u.shape[1] for u, _ in draws] != [x.shape[0] for x in batches]:
+            raise ValueError(
+                f"augmentation draws for {[u.shape[1] for u, _ in draws]} examples, "
+                f"batches of {[x.shape[0] for x in batches]}"
+            )
         if not batches:
             return ()
         if len({(x.shape[1:], x.dtype, x.device) for x in batches}) > 1:
+            if draws is not None:
+                return tuple(self.together(x, p=p, draws=[d])[0] for x, d in zip(batches, draws))
             return tuple(self.together(x, p=p, generator=generator)[0] for x in batches)
         if isinstance(p, (int, float)) and p == 0:
             return batches  # a Python zero is known on the host: nothing to draw, nothing to compute
         device, (height, width) = batches[0].device, batches[0].shape[-2:]
         p = _as_float_tensors(p, device=device)[0]
-        draws = [_Draws.draw(x.shape[0], device, generator) for x in batches]  # in the calls' order
+        if draws is None:
+            draws = [_Draws.draw(x.shape[0], device, generator) for x in batches]  # in the calls' order
         uniform, normal = (torch.cat(d, dim=1) if len(d) > 1 else d[0] for d in zip(*draws))
         images = torch.cat(batches) if len(batches) > 1 else batches[0]
         filters = self.filters(height, width, device) if self._resamples else None
@@ -568,20 +581,34 @@ class AugmentPipe(nn.Module):
         return flat.view(batch, channels, height, width)
 
 
-@dataclass(frozen=True, eq=False)
-class Augmentation:
-    """The pipeline at one iteration's p and generator: `(images) -> images`, and `together(*batches)`,
-    several batches in one pass with the random numbers their calls in turn would draw."""
+def draw_augmentation(
+    count: int, device: torch.device, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """The random numbers of `count` examples' augmentation, (uniform (21, count), normal (7, count)):
+    drawn for a whole global batch, of which each device and micro-batch takes its examples' columns."""
+    return _Draws.draw(count, device, generator)
 
-    pipe: AugmentPipe
-    p: Tensor | float
-    generator: torch.Generator | None = None
+
+class DrawnAugmentation:
+    """The pipeline at one iteration's p with its random numbers drawn beforehand: one (uniform, normal)
+    pair per call, taken in the order the calls come (`__call__`: one batch, `together`: several in one
+    pass). The module draws them for the global batch (`draw_augmentation`), so each example's come from
+    its position in it, and one device, several, or micro-batches augment every example alike."""
+
+    def __init__(self, pipe: AugmentPipe, p: Tensor | float, draws: list[tuple[Tensor, Tensor]]) -> None:
+        self.pipe, self.p, self._draws = pipe, p, list(draws)
+
+    def _take(self, count: int) -> list[tuple[Tensor, Tensor]]:
+        if count > len(self._draws):
+            raise RuntimeError(f"{count} augmentation calls, but {len(self._draws)} were drawn for")
+        taken, self._draws = self._draws[:count], self._draws[count:]
+        return taken
 
     def __call__(self, images: Tensor) -> Tensor:
-        return self.pipe(images, self.p, generator=self.generator)
+        return self.pipe.together(images, p=self.p, draws=self._take(1))[0]
 
     def together(self, *batches: Tensor) -> tuple[Tensor, ...]:
-        return self.pipe.together(*batches, p=self.p, generator=self.generator)
+        return self.pipe.together(*batches, p=self.p, draws=self._take(len(batches)))
 
 
 # ----------------------------------------------------------------------------------------------------

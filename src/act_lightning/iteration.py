@@ -5,7 +5,9 @@ pairs of a grid (indices j drawn on the Karras grid of N(k) levels: ACT, iCT), E
 
 The draws come from a generator seeded by (seed, k) for the *global* batch, and each device takes its
 rank's contiguous slice: one device with the global batch, two with half each, or one with gradient
-accumulation see the same examples with the same noise, and a resumed run needs no random state.
+accumulation see the same examples with the same noise, and a resumed run needs no random state. The
+augmentation's random numbers are drawn the same way, per stream (the generator's predictions, D's fakes,
+D's reals: `augmentation_streams`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from act_lightning.augment import draw_augmentation
 from act_lightning.consistency import ConsistencySchedule, lognormal_sigmas, sample_indices
 from act_lightning.data.base import HalfBatch
 from act_lightning.losses import Augment
@@ -33,6 +36,8 @@ class MicroBatch:
     fake_t: Tensor | None = None  # (b_D / 2,) levels of the discriminator's fake half
     fake_z: Tensor | None = None  # (b_D / 2, C, H, W)
     real_t: Tensor | None = None  # (b_D / 2,) of its real half
+    augment_gen: Augment | None = None  # the augmentation of the generator step's predictions
+    augment_disc: Augment | None = None  # of D's fake and real halves, in that order
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,7 @@ class Draws:
     """Everything random or scheduled about iteration k on this device."""
 
     num_scales: int | None  # N(k) of a grid curriculum; None for ECT's pairs and diffusion training
-    micro: list[MicroBatch]
-    augment: Augment  # the differentiable augmentation at the current p (identity while p == 0)
+    micro: list[MicroBatch]  # each with its augmentation at the current p (identity while p == 0)
     gen_size: int  # B_G on this device (both updates average over their whole half)
     disc_size: int  # B_D on this device: fake half + real half
 
@@ -151,6 +155,24 @@ def draw_noise(
     if world_size == 1:
         return draws
     return {k: v.chunk(world_size)[rank].clone() for k, v in draws.items()}  # free the other ranks' shares
+
+
+def augmentation_streams(
+    batch: HalfBatch, seed_of: Callable[[int], int], device: torch.device, rank: int, world_size: int
+) -> list[list[tuple[Tensor, Tensor]]]:
+    """The augmentation draws of this device's micro-batches, per stream: [gen, fake, real], each a list
+    over the micro-batches of (uniform, normal) for their examples. Each stream is drawn for the global
+    batch from a generator seeded by `seed_of(stream)`, then this rank's slice is split as the images are
+    (`HalfBatch.micro_batches`), so every example gets the numbers of its global position."""
+    n_gen, n_half = batch.gen.shape[0], batch.disc.shape[0] // 2
+    streams = []
+    for stream, count in enumerate((n_gen, n_half, n_half)):
+        g = torch.Generator(device).manual_seed(seed_of(stream))
+        uniform, normal = draw_augmentation(count * world_size, device, g)
+        mine = (uniform.chunk(world_size, dim=1)[rank], normal.chunk(world_size, dim=1)[rank])
+        parts = [t.chunk(batch.micro, dim=1) for t in mine]
+        streams.append([(u.contiguous(), n.contiguous()) for u, n in zip(*parts, strict=True)])
+    return streams
 
 
 def split_micro(batch: HalfBatch, draws: dict[str, Tensor]) -> list[MicroBatch]:

@@ -453,14 +453,14 @@ def discriminator_losses_at(
     `fake_x` noised to the levels t_fake (B/2,); reals are `real_x` seen at t_real. With `with_r1`
     the lazy R1 penalty is computed with respect to the augmented real images, in float32 with autocast
     off, so that fp16 loss scaling can neither overflow nor corrupt it. `joint`: D sees both halves in
-    one pass when there is no R1 pass, and an `augment` that offers `together` (the pipeline's
-    `Augmentation`) takes both in one pass of the pipeline, each example with the random numbers of two
+    one pass when there is no R1 pass, and an `augment` that offers `together` (the iteration's
+    `DrawnAugmentation`) takes both in one pass of the pipeline, each example with the random numbers of two
     calls in turn (False: two passes of each, as the reference does). `r1_pass` computes the
     R1 iteration's logits and input gradient: `logits_and_r1_gradient` with `critic` unless given (a
     compiled `logits_and_r1_gradient_traceable`)."""
     with torch.no_grad():
         fake = online(fake_x + append_dims(t_fake, fake_x.ndim) * fake_noise, t_fake, fake_labels)
-    if joint and hasattr(augment, "together"):  # both halves in one pass of the pipeline (Augmentation)
+    if joint and hasattr(augment, "together"):  # both halves in one pass of the pipeline
         fake, real = augment.together(fake, real_x)
     else:
         fake, real = augment(fake), augment(real_x)

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
-from act_lightning.augment import Augmentation, AugmentPipe, r1_controller_update
+from act_lightning.augment import AugmentPipe, DrawnAugmentation, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
 from act_lightning.checks import check_count
 from act_lightning.compat import eager_forward
@@ -34,6 +34,7 @@ from act_lightning.environment import latest_environment
 from act_lightning.iteration import (
     Draws,
     GridCache,
+    augmentation_streams,
     draw_noise,
     ect_levels,
     edm_levels,
@@ -369,14 +370,25 @@ class ACTModule(L.LightningModule):
             levels = grid_levels(*self._grids(num_scales, self.device))
         g = torch.Generator(self.device).manual_seed(mix_seed(h.seed, self.k))
         noise = draw_noise(batch, levels, g, rank, world)
-        aug_generator = torch.Generator(self.device).manual_seed(mix_seed(h.seed, self.k, AUGMENT, rank))
         p_on_host = self._aug_read.poll()  # p after the last controller update, once it reached the host
         if p_on_host is not None:
             self._aug_idle = self.speed.lazy_augment and p_on_host == 0
-        # p == 0 (known on the host): the pipeline would hand every image back untouched
-        augment = identity if self._aug_idle else Augmentation(self.augment_pipe, self.aug_p, aug_generator)
         micro = split_micro(batch, noise)
-        return Draws(num_scales, micro, augment, batch.gen.shape[0], batch.disc.shape[0])
+        if self._aug_idle:  # p == 0 (known on the host): the pipeline would hand every image back untouched
+            micro = [dataclasses.replace(mb, augment_gen=identity, augment_disc=identity) for mb in micro]
+        else:  # each example's random numbers from its position in the global batch, per stream
+            seed_of = lambda stream: mix_seed(h.seed, self.k, AUGMENT, stream)  # noqa: E731
+            gen, fake, real = augmentation_streams(batch, seed_of, self.device, rank, world)
+            pipe, p = self.augment_pipe, self.aug_p
+            micro = [
+                dataclasses.replace(
+                    mb,
+                    augment_gen=DrawnAugmentation(pipe, p, [g]),
+                    augment_disc=DrawnAugmentation(pipe, p, [f, r]),
+                )
+                for mb, g, f, r in zip(micro, gen, fake, real, strict=True)
+            ]
+        return Draws(num_scales, micro, batch.gen.shape[0], batch.disc.shape[0])
 
     def _generator_step(self, draws: Draws, opt: torch.optim.Optimizer) -> tuple[Logs, Bad]:
         """The consistency loss plus the adversarial loss on the same prediction, accumulated over the
@@ -402,7 +414,7 @@ class ACTModule(L.LightningModule):
                     target=self._teacher_pass(),
                     distance=self.distance,
                     critic=critic,
-                    augment=draws.augment,
+                    augment=mb.augment_gen,
                     num_scales=draws.num_scales,
                 )
                 objective = losses.objective()
@@ -459,7 +471,7 @@ class ACTModule(L.LightningModule):
                         schedule=self.schedule,
                         online=lambda x, s, y: self.denoise(self.generator, x, s, y),
                         critic=Critic(critic, h.c_noise),
-                        augment=draws.augment,
+                        augment=mb.augment_disc,
                         r1_gamma=h.r1_gamma,
                         with_r1=with_r1,
                         joint=self.speed.joint_d_pass,

@@ -14,7 +14,8 @@ MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; this kee
 
 # The streams, as the parts after the seed:
 #   (seed, k)                  the noise (j, z) of ACT iteration k, drawn for the global batch
-#   (seed, k, AUGMENT, rank)   the augmentation of iteration k on one rank
+#   (seed, k, AUGMENT, s)      the augmentation of iteration k's stream s (0: G's predictions, 1: D's
+#                              fakes, 2: D's reals), drawn for the global batch
 #   (seed, n, FLIP, 0)         the flips of the n-th global batch, drawn for all of it (data modules)
 #   (seed, i, step)            the noise of image i at sampling step `step` (sample, edit)
 #   (seed, i, LABEL)           the random class label of image i (sample)

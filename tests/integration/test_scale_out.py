@@ -38,10 +38,12 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
         "+callbacks.rank_state._target_=tests.helpers_ddp.SaveRankState",
         f"+callbacks.rank_state.dirpath={two}",
     ]
-    # with flips (off for the digits by default): each image's coin is its global position's
+    # with flips (off for the digits by default) and the augmentation at p = 1 from iteration 1
+    # (r1_threshold 0, ada_length 1): each image's coin and augmentation come from its global position
+    augmenting = ["+data.hflip=true", "model.r1_threshold=0", "model.ada_length=1"]
     ddp = [
         "debug=smoke",
-        "+data.hflip=true",
+        *augmenting,
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -55,9 +57,11 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
     assert int(ddp["state_dict"]["iteration"]) == 4
 
     # One process with the same global batch (2 devices x 2 images per half), in-process.
-    summary = train(compose(["debug=smoke", "+data.hflip=true", "data.batch_size=4"], run_dir=str(one)))
+    single = ["debug=smoke", *augmenting, "data.batch_size=4"]
+    summary = train(compose(single, run_dir=str(one)))
     assert summary["finished"]
     single = _load(one / "checkpoints" / "last.ckpt")
+    assert float(single["state_dict"]["aug_p"]) == float(ddp["state_dict"]["aug_p"]) == 1  # it augmented
     # Same examples with the same noise: equal up to float rounding (the gradient all-reduce sums in
     # another order than one process's batch reduction)
     assert_same_weights(ddp["state_dict"], single["state_dict"], tol=1e-4)
@@ -76,13 +80,27 @@ def _logged(run_dir, key: str) -> list[float]:
         return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
 
 
-def test_gradient_accumulation_over_two_micro_batches_equals_one_batch_of_twice_the_size(tmp_path):
+@pytest.mark.parametrize(
+    "augmenting",
+    [
+        [],
+        # the augmentation at p = 1 from iteration 1 (r1_threshold 0, ada_length 1): its random numbers are
+        # drawn per example of the global batch, not per micro-batch; two iterations, as at the third (an
+        # R1 iteration on heavily augmented reals) D's weights jump from ~1 to ~40 and rounding with them
+        ["model.r1_threshold=0", "model.ada_length=1", "iterations=2"],
+    ],
+    ids=["idle", "augmenting"],
+)
+def test_gradient_accumulation_over_two_micro_batches_equals_one_batch_of_twice_the_size(
+    tmp_path, augmenting
+):
     common = [
         "debug=smoke",
         "data=synthetic",
         "iterations=3",
         "eval=null",
         "callbacks.samples.every_n_iterations=100",
+        *augmenting,
     ]
     train(compose([*common, "data.batch_size=8"], run_dir=str(tmp_path / "whole")))
     train(
@@ -91,7 +109,10 @@ def test_gradient_accumulation_over_two_micro_batches_equals_one_batch_of_twice_
     whole = _load(tmp_path / "whole" / "checkpoints" / "last.ckpt")["state_dict"]
     micro = _load(tmp_path / "micro" / "checkpoints" / "last.ckpt")["state_dict"]
     # The generator moves ~3e-4 in these 3 iterations and agrees to rounding; the discriminator moves
-    # ~0.6 under the smoke size's large R1 gradients (double backward), where rounding reaches ~1e-3.
+    # ~0.6 under the smoke size's large R1 gradients (double backward), where rounding reaches ~1e-3, as
+    # it does in the R1 statistic's average (r1_ema; from r1_threshold=0 it starts at 0, not 1e9, where a
+    # float32 hid the difference)
+    assert float(whole.pop("r1_ema")) == pytest.approx(float(micro.pop("r1_ema")), rel=1e-3)
     assert_same_weights(whole, micro, tol=1e-6, tol_discriminator=2e-3)
     # D's losses follow D's weights, so they carry the same rounding (1e-3 here, at loss_d ~ 20)
     tolerances = {"train/loss_ct": 1e-4, "train/loss_adv": 1e-4, "train/loss_d": 1e-3, "train/r1": 1e-3}

@@ -273,10 +273,10 @@ def test_discriminator_losses_with_a_linear_critic(with_r1):
 
 @pytest.mark.parametrize("with_r1", [True, False])
 def test_d_halves_augmented_together_are_what_two_calls_give(with_r1):
-    """model.speed.joint_d_pass: the pipeline's `Augmentation` takes the fake and the real half in one pass
-    (`together`), with the random numbers two calls would draw in turn: the losses of a joint run and of two
-    passes (joint=False, the reference's way) agree to float rounding."""
-    from act_lightning.augment import Augmentation, AugmentPipe
+    """model.speed.joint_d_pass: the iteration's `DrawnAugmentation` takes the fake and the real half in one
+    pass (`together`), with the random numbers the two calls would take in turn: the losses of a joint run
+    and of two passes (joint=False, the reference's way) agree to float rounding."""
+    from act_lightning.augment import AugmentPipe, DrawnAugmentation, draw_augmentation
 
     x, z = _batch(8)
     sigmas = SCHEDULE.sigmas(11)
@@ -285,7 +285,9 @@ def test_d_halves_augmented_together_are_what_two_calls_give(with_r1):
     pipe, calls = AugmentPipe(), []
 
     def run(joint: bool):
-        augmentation = Augmentation(pipe, torch.tensor(0.7), torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        draws = [draw_augmentation(4, torch.device("cpu"), g) for _ in range(2)]  # fakes, then reals
+        augmentation = DrawnAugmentation(pipe, torch.tensor(0.7), draws)
         spy = type("Spy", (), {})  # counts the pipeline's calls of either kind
         spy.__call__ = lambda self, images: calls.append(1) or augmentation(images)
         spy.together = lambda self, *batches: calls.append(len(batches)) or augmentation.together(*batches)

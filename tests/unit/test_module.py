@@ -333,21 +333,46 @@ def test_what_each_network_backpropagates_over_its_micro_batches_sums_to_its_log
     assert sum(backpropagated[2:]) == pytest.approx(rows[0]["train/loss_d"], rel=1e-5)
 
 
-def test_each_rank_draws_its_own_augmentation_and_the_same_one_again_at_the_same_iteration(cfg_factory):
-    # (seed, k, AUGMENT, rank): ranks augment their shares differently (one draw repeated over the devices
-    # would be a smaller effective batch for the discriminator), and a resumed iteration draws it again
+def test_every_example_is_augmented_by_its_global_position_on_any_device_count(cfg_factory):
+    """(seed, k, AUGMENT, stream): each stream (G's predictions, D's fakes, D's reals) is drawn for the
+    global batch, and each rank and micro-batch takes its examples' numbers, so two ranks' augmented
+    shares, or two micro-batches, are one device's augmented global batch, cut. (Each rank drew its own
+    numbers, so the same example was augmented otherwise on another device count.) The same iteration
+    draws the same again (a resume)."""
+    from act_lightning.data.base import shard_of_global_batch
+
     cfg = cfg_factory(SMALL)
     model = instantiate(cfg.model)
     model.aug_p.fill_(1.0)
-    images = torch.rand(8, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
-    batch = split_halves(images, torch.zeros(8, dtype=torch.long))
+    images = torch.rand(16, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
+    labels = torch.zeros(16, dtype=torch.long)
 
-    def augmented(rank: int) -> torch.Tensor:
-        model._trainer = SimpleNamespace(global_rank=rank, world_size=2)
-        return model._draw(batch).augment(batch.disc)
+    def augmented(rank: int, world: int, micro: int = 1) -> list[torch.Tensor]:
+        """[gen, fake, real] of each micro-batch of this rank's share, augmented, then joined."""
+        model._trainer = SimpleNamespace(global_rank=rank, world_size=world)
+        mine = shard_of_global_batch(list(range(16)), rank, world)
+        draws = model._draw(split_halves(images[mine], labels[mine], micro))
+        parts = []
+        for mb in draws.micro:
+            fake, real = mb.data.disc.chunk(2)
+            parts.append([mb.augment_gen(mb.data.gen), *mb.augment_disc.together(fake, real)])
+        return [torch.cat(p) for p in zip(*parts, strict=True)]
 
-    first, again, other = augmented(0), augmented(0), augmented(1)
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    one = augmented(0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(one, augmented(0, 1), strict=True))  # drawn again alike
+    for world in (2, 4):
+        for rank in range(world):
+            n, m = 8 // world, 4 // world
+            cuts = (
+                slice(rank * n, (rank + 1) * n),
+                slice(rank * m, (rank + 1) * m),
+                slice(rank * m, (rank + 1) * m),
+            )
+            for got, want, cut in zip(augmented(rank, world), one, cuts, strict=True):
+                torch.testing.assert_close(got, want[cut], rtol=1e-5, atol=1e-6)
+    for got, want in zip(augmented(0, 1, micro=2), one, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(one[0], split_halves(images, labels).gen)  # p = 1: it did augment
 
 
 def test_a_non_finite_r1_moves_the_augmentation_controller_as_a_zero_would(cfg_factory):
