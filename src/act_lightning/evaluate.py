@@ -90,8 +90,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_options(cfg, run)
     resolve_taus(cfg, run)
     seeds = sampling_seeds(cfg)
-    output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
-    check_out_folder(output.parent, "output's folder")  # before sampling, not after it
+    output = output_file(cfg, ckpt)
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
     quantize = check_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
     weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
@@ -226,6 +225,13 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
     out.update({key: per_seed[0][key] for key in described if key in per_seed[0]})
     out["seconds"] = round(sum(r["seconds"] for r in per_seed), 1)
     return out
+
+
+def output_file(cfg: DictConfig, ckpt: Path) -> Path:
+    """Where the JSON goes (`output`, or `<checkpoint>.eval.json`), its folder checked before sampling."""
+    output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
+    check_out_folder(output.parent, "output's folder")
+    return output
 
 
 def check_quantize(ev: DictConfig, given: str | None, metrics: list[str]) -> str | None:

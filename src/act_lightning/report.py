@@ -88,15 +88,20 @@ def variant_labels(jobs: list[list[str]]) -> list[str]:
     return [label or "defaults" for label in labels]
 
 
-def job_record(job: Path) -> tuple[list[str], dict]:
-    """A job's command-line overrides and config. Both come from its checkpoint (`checkpoints/last.ckpt`):
-    the config it trained with and the launch that started it, whatever later launches into its folder
-    were given. A job with no checkpoint yet reads its first launch's Hydra record (`.hydra/launches/`),
-    and one from before launches were kept apart its `.hydra/` folder."""
-    overrides, config = None, None
+def job_checkpoint(job: Path) -> dict | None:
+    """The job's `checkpoints/last.ckpt` (memory-mapped), or None before its first save."""
     last = job / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        checkpoint = read_checkpoint(last, "the job's checkpoint", mmap=True)
+    return read_checkpoint(last, "the job's checkpoint", mmap=True) if last.is_file() else None
+
+
+def job_record(job: Path, checkpoint: dict | None = None) -> tuple[list[str], dict]:
+    """A job's command-line overrides and config. Both come from its checkpoint (`job_checkpoint`, read
+    here unless given): the config it trained with and the launch that started it, whatever later launches
+    into its folder were given. A job with no checkpoint yet reads its first launch's Hydra record
+    (`.hydra/launches/`), and one from before launches were kept apart its `.hydra/` folder."""
+    overrides, config = None, None
+    checkpoint = checkpoint if checkpoint is not None else job_checkpoint(job)
+    if checkpoint is not None:
         config = checkpoint.get("act_config")
         first = (checkpoint.get("act_history") or [{}])[0]
         overrides = first.get("overrides") if first.get("iteration") == 0 else None
@@ -113,15 +118,6 @@ def job_record(job: Path) -> tuple[list[str], dict]:
         if config is None:
             config = yaml.safe_load((record.parent / "config.yaml").read_text())
     return list(overrides), config
-
-
-def job_environment(job: Path) -> dict | None:
-    """What the job's latest launch trained with, as its checkpoint records it (None without a checkpoint,
-    or one written before runs recorded it)."""
-    last = job / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return None
-    return latest_environment(read_checkpoint(last, "the job's checkpoint", mmap=True).get("act_history"))
 
 
 def trained_with(variants: list[Variant]) -> list[dict]:
@@ -162,7 +158,8 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
         jobs = sorted((p.parent for p in sweep.rglob("metric_summary.json")), key=_job_number)
         for job in jobs:
-            job_overrides, config = job_record(job)
+            checkpoint = job_checkpoint(job)
+            job_overrides, config = job_record(job, checkpoint)
             overrides.append(job_overrides)
             summary = json.loads((job / "metric_summary.json").read_text())
             history = summary["history"]
@@ -175,7 +172,8 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
                 seconds=[offset + float(h.get("seconds", math.nan)) for h in history],
                 references=summary.get("references", {}),
                 pretrain_seconds=offset,
-                environment=job_environment(job),
+                # what its latest launch trained with (None: no checkpoint, or one from before it was kept)
+                environment=latest_environment((checkpoint or {}).get("act_history")),
             )
             runs.append(run)
     variants: dict[str, Variant] = {}
