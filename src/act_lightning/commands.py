@@ -70,9 +70,10 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
         f.write(buffer.getvalue())
 
 
-def refuse(err: Exception) -> NoReturn:
+def refuse(err: Exception, status: int = 2) -> NoReturn:
     """A command refused by its checks, before it wrote anything: the message alone, in one line, and exit
-    status 2 (with HYDRA_FULL_ERROR=1: the traceback, as Hydra shows it)."""
+    status 2 (with HYDRA_FULL_ERROR=1: the traceback, as Hydra shows it). `status`: another exit status
+    for a failure the message explains as well (train's diverged run: 1)."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
@@ -89,7 +90,7 @@ def refuse(err: Exception) -> NoReturn:
     if isinstance(err, MissingMandatoryValue):  # omegaconf's message spans three lines
         err = ValueError(f"{err.full_key} is required: give {err.full_key}=... (--help lists the options)")
     print(f"error: {err}", file=sys.stderr, flush=True)
-    raise SystemExit(2) from None
+    raise SystemExit(status) from None
 
 
 def unknown_key(node: str, name: str, said: str) -> str:

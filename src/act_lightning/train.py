@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import lightning as L
@@ -534,7 +534,7 @@ def run(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
             launch.lock.release()
 
 
-def failed(err: Exception) -> None:
+def failed(err: Exception) -> NoReturn:
     """A run that trained, then failed for a reason its message explains (DivergenceError; a disk that
     filled up during a save): the message in one line and exit status 1, as `refuse` does for a refused
     launch (status 2). A job of a multirun, or with HYDRA_FULL_ERROR=1, raises the error instead: a
@@ -543,11 +543,9 @@ def failed(err: Exception) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise err
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
+    refuse(err, status=1)  # its one line (or, with HYDRA_FULL_ERROR=1, the error raised)
 
 
 def explained(err: BaseException) -> bool:
