@@ -43,7 +43,7 @@ from act_lightning.metrics.fid import (
     sample_statistics,
 )
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance
-from act_lightning.metrics.inception import QUANTIZE
+from act_lightning.metrics.inception import check_quantize
 from act_lightning.metrics.reference import require_reference_images
 from act_lightning.sample import check_taus, heun_record, two_step_tau
 from act_lightning.seeds import EVALUATION, check_seed, mix_seed
@@ -92,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     seeds = sampling_seeds(cfg)
     output = output_file(cfg, ckpt)
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
-    quantize = check_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
+    quantize = recorded_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
     weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
     device = resolve_device(cfg.device)
 
@@ -234,12 +234,11 @@ def output_file(cfg: DictConfig, ckpt: Path) -> Path:
     return output
 
 
-def check_quantize(ev: DictConfig, given: str | None, metrics: list[str]) -> str | None:
+def recorded_quantize(ev: DictConfig, given: str | None, metrics: list[str]) -> str | None:
     """How generated images become uint8 before the networks that read uint8 images (Inception, and
     DINOv2 for fd_dinov2), or None where no network reads them so (the digits features read the floats):
     then a quantisation given on the command line would change nothing, and is refused by name."""
-    if ev.quantize not in QUANTIZE:
-        raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {ev.quantize!r}")
+    check_quantize(ev.quantize)
     if ev.features == "inception" or "fd_dinov2" in metrics:
         return ev.quantize
     if given is not None:

@@ -48,7 +48,7 @@ from act_lightning.metrics.fid import (
     sample_subset_statistics,
 )
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance
-from act_lightning.metrics.inception import QUANTIZE
+from act_lightning.metrics.inception import check_quantize
 
 log = logging.getLogger(__name__)
 
@@ -412,8 +412,7 @@ def _gathered(trainer, features: Tensor) -> Tensor:
 def check_eval_arguments(every: int, quantize: str, num_samples: int, batch_size: int, subset_size) -> None:
     """The evaluation's numeric options, each named by its key."""
     check_count(every, "eval.every")
-    if quantize not in QUANTIZE:
-        raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    check_quantize(quantize)
     check_count(num_samples, "eval.num_samples", 2)  # a covariance needs two samples
     check_count(batch_size, "eval.batch_size")
     if subset_size is not None and not 2 <= subset_size <= num_samples:

@@ -94,6 +94,13 @@ def check_inception_resize(resize, weights: str | None) -> None:
         )
 
 
+def check_quantize(quantize: object) -> str:
+    """`eval.quantize`: round or truncate, refused by its key otherwise."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    return quantize
+
+
 def to_uint8(images: Tensor, quantize: str = "round") -> Tensor:
     """[-1, 1] floats -> uint8. `round`: to the nearest level, as images saved to PNG are (EDM, the
     default). `truncate`: towards zero, `((x + 1) / 2 * 255).byte()`, as the ACT reference and the ADM
@@ -101,8 +108,8 @@ def to_uint8(images: Tensor, quantize: str = "round") -> Tensor:
     scaled = (images.float() + 1) * 127.5
     if quantize == "round":
         scaled = scaled.round_()
-    elif quantize != "truncate":
-        raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    else:
+        check_quantize(quantize)
     return scaled.clamp_(0, 255).to(torch.uint8)
 
 
@@ -125,8 +132,7 @@ class InceptionFeatures(nn.Module):
         resize: int | None = None,
     ) -> None:
         super().__init__()
-        if quantize not in QUANTIZE:
-            raise ValueError(f"eval.quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+        check_quantize(quantize)
         check_inception_resize(resize, weights)
         self.quantize = quantize
         path = resolve_inception_weights(weights, download)
