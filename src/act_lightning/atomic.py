@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +14,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 # `.<name>.<8 characters of tempfile's alphabet>.tmp`: the temporary files of `atomic_write` (mkstemp)
-TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def temporary_name(path: str | Path) -> Path:
+    """A new name in `path`'s folder for a file that is to become `path` later (a checkpoint written now
+    and renamed into place later): named as `atomic_write`'s temporaries, so that one a kill leaves
+    behind is removed by `remove_stale_temporaries`."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+def intended_name(path: str | Path) -> Path:
+    """The file a temporary name stands for (`.last.ckpt.ab12cd34.tmp`: `last.ckpt`), for messages; any
+    other path is itself."""
+    path = Path(path)
+    match = TEMPORARY.fullmatch(path.name)
+    return path.parent / match.group(1) if match else path
 
 
 def default_file_mode() -> int:

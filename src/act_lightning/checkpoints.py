@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from act_lightning.atomic import intended_name
 from act_lightning.consistency import ConsistencySchedule
 from act_lightning.speed import SpeedOptions
 
@@ -200,7 +201,8 @@ def out_of_space(error: BaseException | None) -> bool:
 def no_space_error(checkpoint: dict, path: str | Path) -> OSError:
     """What a save that ran out of space says: how much the checkpoint needs, how much is free, and that
     the previous file is intact (writes are atomic)."""
-    folder = Path(path).parent
+    path = intended_name(path)  # a checkpoint is written under a temporary name first
+    folder = path.parent
     free = human_bytes(shutil.disk_usage(folder).free) if folder.is_dir() else "unknown"
     return OSError(
         errno.ENOSPC,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -239,6 +240,27 @@ def test_sigterm_kill_9_one_live_run_per_folder_and_a_finished_run(tmp_path):
     assert last.stat().st_mtime_ns == before and _iteration(last) == end
 
 
+def test_a_checkpoint_is_on_disk_only_after_the_rows_up_to_its_iteration(tmp_path):
+    """Lightning hands iteration k's row to the loggers after the hook that writes checkpoint k: a kill -9
+    between the two used to leave checkpoint k without row k, and the resumed run (which keeps the rows
+    up to its checkpoint) without it for good. Checkpoint k is now put in place after row k is handed
+    over and before iteration k + 1's."""
+    out = tmp_path / "seen.txt"
+    watch = [
+        "+logger.watch._target_=tests.helpers_signals.CheckpointAtEachRow",
+        f"+logger.watch.checkpoint={tmp_path / 'checkpoints' / 'last.ckpt'}",
+        f"+logger.watch.out={out}",
+    ]
+    every = ["callbacks.checkpoint.every_n_iterations=2", "iterations=7"]
+    summary = train(compose([*LONG, *every, *watch], run_dir=str(tmp_path)))
+    assert summary["finished"] and _iteration(tmp_path / "checkpoints" / "last.ckpt") == 7
+    seen = [tuple(map(int, line.split())) for line in out.read_text().splitlines()]
+    # at row k the checkpoint on disk is the newest from before k (2, 4, 6), none before the first
+    assert seen == [(1, -1), (2, -1), (3, 2), (4, 2), (5, 4), (6, 4), (7, 6)]
+    assert [int(r["step"]) for r in _rows(tmp_path) if "train/loss_ct" in r] == list(range(1, 8))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]  # no temporaries
+
+
 def _signal_at(signum: int, at: int) -> list[str]:
     return [
         "+callbacks.send._target_=tests.helpers_signals.SendSignalAt",
@@ -280,8 +302,8 @@ def test_a_signal_in_the_last_iteration_finishes_the_run_with_one_save_of_it(tmp
 
     saves, save = [], L.Trainer.save_checkpoint
 
-    def counted(trainer, path, *args, **kwargs):
-        saves.append(Path(path).name)
+    def counted(trainer, path, *args, **kwargs):  # written under a temporary name, then renamed
+        saves.append(re.sub(r"^\.(.+)\.[0-9a-f]{8}\.tmp$", r"\1", Path(path).name))
         return save(trainer, path, *args, **kwargs)
 
     monkeypatch.setattr(L.Trainer, "save_checkpoint", counted)

@@ -6,7 +6,13 @@ import stat
 
 import pytest
 
-from act_lightning.atomic import TEMPORARY, atomic_write, remove_stale_temporaries
+from act_lightning.atomic import (
+    TEMPORARY,
+    atomic_write,
+    intended_name,
+    remove_stale_temporaries,
+    temporary_name,
+)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -70,3 +76,19 @@ def test_only_whole_names_of_temporaries_are_taken_for_stale_ones(tmp_path):
         (tmp_path / name).write_bytes(b"a user's file")
     assert remove_stale_temporaries(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+def test_a_file_written_to_a_temporary_name_for_later_is_taken_for_remains_once_left(tmp_path):
+    """A checkpoint is written under `temporary_name` and renamed into place later: one a kill left
+    unrenamed is cleared at the next start; messages name the file it was to become."""
+    first, second = temporary_name(tmp_path / "last.ckpt"), temporary_name(tmp_path / "last.ckpt")
+    assert first != second and first.parent == tmp_path and TEMPORARY.fullmatch(first.name)
+    assert (
+        intended_name(first) == tmp_path / "last.ckpt"
+        and intended_name(tmp_path / "a.ckpt") == tmp_path / "a.ckpt"
+    )
+    with atomic_write(first) as f:
+        f.write(b"state")
+    (tmp_path / "last.ckpt").write_bytes(b"older")
+    assert remove_stale_temporaries(tmp_path) == [first]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -5,6 +5,7 @@ logs and keeps as best; when the last checkpoint is saved, and how signals stop 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from itertools import count
@@ -256,12 +257,19 @@ def test_wandb_gets_the_metrics_definition_and_the_best_value_with_its_iteration
 
 
 def _trainer(events: list, world_size: int = 1, is_global_zero: bool = True):
-    """A stand-in trainer that records the loggers' flushes and the checkpoints it is asked to save."""
+    """A stand-in trainer that records the loggers' flushes and the checkpoints it is asked to save (a
+    temporary name `.NAME.<8 hex>.tmp` recorded as `NAME.tmp`), and writes them as rank 0 would."""
+
+    def save(path, weights_only):
+        path = Path(path)
+        events.append(re.sub(r"^\.(.+)\.[0-9a-f]{8}\.tmp$", r"\1.tmp", path.name))
+        if is_global_zero:
+            path.write_bytes(b"state")
 
     logger = SimpleNamespace(save=lambda: events.append("logger.save"))
     return SimpleNamespace(
         loggers=[logger],
-        save_checkpoint=lambda path, weights_only: events.append(Path(path).name),
+        save_checkpoint=save,
         is_global_zero=is_global_zero,
         world_size=world_size,
         should_stop=False,
@@ -278,12 +286,59 @@ def test_stop_after_counts_the_iterations_of_this_process_and_saves_once_where_i
             callback.on_train_batch_end(trainer, _module(k, iterations=20), None, None, 0)
         assert events == [] and not trainer.should_stop
         callback.on_train_batch_end(trainer, _module(8, iterations=20), None, None, 0)
-        assert events == ["logger.save", "last.ckpt"]  # the rows are on disk before the checkpoint
+        assert events == ["logger.save", "last.ckpt.tmp"]  # the rows so far are on disk before it is written
+        assert not (tmp_path / "last.ckpt").exists()  # and it is in place only once the iteration's row is
         assert trainer.should_stop and callback.stopped_early and callback.summary() == {"stopped_by": None}
         callback.on_train_end(trainer, _module(8, iterations=20))  # that iteration is saved already
-        assert events == ["logger.save", "last.ckpt"]
+        assert events == ["logger.save", "last.ckpt.tmp", "logger.save"]
+        assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     finally:
         callback.on_exception(trainer, _module(8, iterations=20), RuntimeError())
+
+
+def test_a_checkpoint_is_put_in_place_after_its_iterations_row_and_before_the_next_iteration(tmp_path):
+    """Lightning hands iteration k's row to the loggers after on_train_batch_end, where checkpoint k is
+    written: it is renamed into place at the next iteration's start, at the epoch's end, when training
+    ends, or on an exception (the state is k's whatever failed after it)."""
+    events: list = []
+    trainer = _trainer(events)
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=2, keep_snapshots=1)
+    last = tmp_path / "last.ckpt"
+    callback.on_train_batch_end(trainer, _module(2), None, None, 0)
+    assert events == ["logger.save", "last.ckpt.tmp", "iter_0000002.ckpt.tmp"] and not last.exists()
+    callback.on_train_batch_start(trainer, _module(2), None, 1)
+    assert events[-1] == "logger.save" and last.is_file() and (tmp_path / "iter_0000002.ckpt").is_file()
+    callback.on_train_batch_start(trainer, _module(2), None, 1)  # nothing pending: nothing done
+    assert len(events) == 4
+    for hook in ("on_train_epoch_end", "on_exception"):
+        last.unlink()
+        callback.on_train_batch_end(trainer, _module(callback._saved_at + 2), None, None, 0)
+        assert not last.exists()
+        getattr(callback, hook)(
+            trainer, _module(callback._saved_at), *([RuntimeError()] * (hook == "on_exception"))
+        )
+        assert last.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006.ckpt", "last.ckpt"]  # the newest one
+
+
+def test_a_failed_save_leaves_no_temporary_and_keeps_the_previous_checkpoint(tmp_path):
+    events: list = []
+    trainer = _trainer(events)
+    callback = LastCheckpoint(str(tmp_path), every_n_iterations=2, keep_snapshots=True)
+    callback.on_train_batch_end(trainer, _module(2), None, None, 0)
+    callback.on_train_batch_start(trainer, _module(2), None, 1)
+    written = trainer.save_checkpoint
+
+    def full_disk_at_the_snapshot(path, weights_only):
+        written(path, weights_only)
+        if "iter_" in Path(path).name:
+            raise OSError(28, "No space left on device")
+
+    trainer.save_checkpoint = full_disk_at_the_snapshot
+    with pytest.raises(OSError, match="No space left"):
+        callback.on_train_batch_end(trainer, _module(4), None, None, 0)
+    callback.on_exception(trainer, _module(4), OSError())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002.ckpt", "last.ckpt"]
 
 
 def test_a_stop_in_the_last_iteration_finishes_the_run_and_saves_on_the_interval_only(tmp_path):
@@ -292,12 +347,14 @@ def test_a_stop_in_the_last_iteration_finishes_the_run_and_saves_on_the_interval
     callback = LastCheckpoint(str(tmp_path), every_n_iterations=4, stop_after=1)
     callback._start = 3
     callback.on_train_batch_end(trainer, _module(4, iterations=4), None, None, 0)
-    assert events == ["logger.save", "last.ckpt"] and not callback.stopped_early and not trainer.should_stop
+    assert (
+        events == ["logger.save", "last.ckpt.tmp"] and not callback.stopped_early and not trainer.should_stop
+    )
     callback = LastCheckpoint(str(tmp_path), every_n_iterations=4, stop_after=1)
     callback._start = 4
     events.clear()
     callback.on_train_batch_end(trainer, _module(5, iterations=6), None, None, 0)  # off the interval: saved
-    assert events == ["logger.save", "last.ckpt"] and callback.stopped_early
+    assert events == ["logger.save", "last.ckpt.tmp"] and callback.stopped_early
     with pytest.raises(ValueError, match="stop_after must be a positive number of iterations or null, got 0"):
         LastCheckpoint(str(tmp_path), stop_after=0)
 
@@ -309,7 +366,7 @@ def test_a_signal_stops_after_its_iteration_and_only_a_second_ctrl_c_stops_at_on
     callback._on_signal(signal.SIGTERM, None)
     callback._on_signal(signal.SIGINT, None)  # a Ctrl-C after another signal: no stop at once
     callback.on_train_batch_end(trainer, _module(3, iterations=20), None, None, 0)
-    assert callback.stopped_by == signal.SIGINT and trainer.should_stop and events[-1] == "last.ckpt"
+    assert callback.stopped_by == signal.SIGINT and trainer.should_stop and events[-1] == "last.ckpt.tmp"
     previous = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -358,11 +415,18 @@ def test_handlers_are_put_back_lightnings_as_the_default_and_the_launchers_reque
 def test_only_rank_0_deletes_old_snapshots_and_handlers_are_left_alone_off_the_main_thread(tmp_path):
     saved = []
     trainer = _trainer(saved, world_size=2, is_global_zero=False)
-    trainer.save_checkpoint = lambda path, weights_only: Path(path).write_bytes(b"state")
+    for name in ("iter_0000002.ckpt", "iter_0000004.ckpt"):  # what rank 0 wrote (the folder is shared)
+        (tmp_path / name).write_bytes(b"state")
     callback = LastCheckpoint(str(tmp_path), every_n_iterations=2, keep_snapshots=1)
     for iteration in (2, 4):
         callback._save(trainer, iteration)
-    assert len(list(tmp_path.glob("iter_*.ckpt"))) == 2  # rank 0 deletes (the folder is shared)
+    callback._commit(trainer)
+    assert len(list(tmp_path.glob("iter_*.ckpt"))) == 2  # rank 0 renames and deletes, no other rank
+    assert saved == ["logger.save", "last.ckpt.tmp", "iter_0000002.ckpt.tmp"] + ["logger.save"] * 2 + [
+        "last.ckpt.tmp",
+        "iter_0000004.ckpt.tmp",
+        "logger.save",
+    ]
     before, errors = signal.getsignal(signal.SIGTERM), []
 
     def start():

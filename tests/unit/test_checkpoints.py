@@ -159,6 +159,7 @@ def test_keep_snapshots_keeps_all_the_newest_n_or_none(tmp_path, keep, kept):
     callback = LastCheckpoint(str(tmp_path), every_n_iterations=2, keep_snapshots=keep)
     for iteration in (2, 4, 6, 8):
         callback._save(trainer, iteration)
+    callback._commit(trainer)
     assert sorted(p.name for p in tmp_path.glob("iter_*.ckpt")) == [f"iter_{k:07d}.ckpt" for k in kept]
     assert (tmp_path / "last.ckpt").is_file()
 

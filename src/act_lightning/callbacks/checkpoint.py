@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from act_lightning.atomic import atomic_write, remove_stale_temporaries
+from act_lightning.atomic import atomic_write, remove_stale_temporaries, temporary_name
 from act_lightning.checks import check_count
 from act_lightning.compat import is_lightning_handler
 
@@ -83,18 +83,47 @@ class LastCheckpoint(L.Callback):
         self._handed_over: dict[int, Any] = {}  # the same, after training (for `requeue`)
         self._start = 0
         self._saved_at = -1
+        self._pending: list[tuple[Path, Path]] = []  # (temporary, final) names of a save not in place yet
 
     # -- saving ---------------------------------------------------------------------------------------
+    # Lightning hands an iteration's own metrics row to the loggers after `on_train_batch_end`, where the
+    # iteration's checkpoint is taken. So the checkpoint is written there under a temporary name (its
+    # state is the iteration's, exactly) and renamed into place once the row is on disk: at the next
+    # iteration's start, at the epoch's end or when training ends. A kill -9 in between leaves the
+    # previous checkpoint, whose rows are all on disk, and a temporary file the next start removes; a
+    # checkpoint is never on disk without the rows up to its iteration (a resume keeps those only).
     def _save(self, trainer: L.Trainer, iteration: int) -> None:
-        if iteration != self._saved_at:
-            for logger in trainer.loggers:  # rows up to this checkpoint are on disk before it is
-                logger.save()
-            trainer.save_checkpoint(self.path, weights_only=False)  # full training state
-            if self.keep_snapshots != 0:
-                trainer.save_checkpoint(self.path.parent / f"iter_{iteration:07d}.ckpt", weights_only=False)
-                if trainer.is_global_zero:
-                    self._remove_old_snapshots()
-            self._saved_at = iteration
+        if iteration == self._saved_at:
+            return
+        self._commit(trainer)
+        for logger in trainer.loggers:  # rows up to the previous iteration (the evaluation's included)
+            logger.save()
+        targets = [self.path]
+        if self.keep_snapshots != 0:
+            targets.append(self.path.parent / f"iter_{iteration:07d}.ckpt")
+        pending = [(temporary_name(path), path) for path in targets]
+        try:
+            for temporary, _ in pending:
+                trainer.save_checkpoint(temporary, weights_only=False)  # full training state
+        except BaseException:
+            for temporary, _ in pending:
+                temporary.unlink(missing_ok=True)
+            raise
+        self._pending = pending
+        self._saved_at = iteration
+
+    def _commit(self, trainer: L.Trainer) -> None:
+        """Renames the checkpoint `_save` wrote into place, after flushing the loggers (the iteration's row
+        is in them by now). Only rank 0 writes checkpoints, so only it renames."""
+        pending, self._pending = self._pending, []  # tried once: a failed rename is not tried again
+        if not pending:
+            return
+        for logger in trainer.loggers:
+            logger.save()
+        if trainer.is_global_zero:
+            for temporary, path in pending:
+                os.replace(temporary, path)
+            self._remove_old_snapshots()
 
     def _remove_old_snapshots(self) -> None:
         """Deletes all but the newest `keep_snapshots` iter_<k>.ckpt (every one is kept when it is None)."""
@@ -116,6 +145,12 @@ class LastCheckpoint(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = pl_module.k
         self._install_handlers()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._commit(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._commit(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         k = pl_module.k
@@ -147,10 +182,14 @@ class LastCheckpoint(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module.k)
+        self._commit(trainer)
         self._restore_handlers()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._restore_handlers()
+        try:  # the state written is the iteration's, whatever failed after it: keep it
+            self._commit(trainer)
+        finally:
+            self._restore_handlers()
 
     def summary(self) -> dict[str, Any]:
         """For the training entry point: the signal that stopped the run early (None: it was not)."""
