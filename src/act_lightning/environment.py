@@ -71,6 +71,15 @@ def latest_environment(history: list[dict] | None) -> dict[str, str | None] | No
     return (history or [{}])[-1].get("environment")
 
 
+def launch_environments(history: list[dict] | None) -> list[dict]:
+    """Each launch's environment with the iteration it started at, oldest first (launches whose history
+    entry predates the record are left out): for the loggers' config, which a resumed run updates, so
+    that the newest launch's `environment` does not hide what trained the run before it."""
+    return [
+        {"iteration": h.get("iteration"), **h["environment"]} for h in history or [] if h.get("environment")
+    ]
+
+
 def describe(env: dict[str, str | None]) -> str:
     """One line for a log: act_lightning 0.3.0 (commit 1a2b3c4d5e6f), Python 3.11.7, torch 2.14.1 (CUDA
     13.0), lightning 2.6.1, ..."""

@@ -30,7 +30,7 @@ from act_lightning.consistency import C_NOISE, ConsistencySchedule, check_iterat
 from act_lightning.data.base import HalfBatch
 from act_lightning.distributed import PerNetworkDDP
 from act_lightning.divergence import BadIterations, guard_mask, skip_if_nonfinite
-from act_lightning.environment import latest_environment
+from act_lightning.environment import latest_environment, launch_environments
 from act_lightning.iteration import (
     Draws,
     GridCache,
@@ -317,9 +317,10 @@ class ACTModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # the run's resolved config, for the loggers (hparams.yaml, the W&B run's config): recorded here,
         # once the data is prepared, so that a launch whose download fails leaves no run behind; with the
-        # launch's environment (versions and commit: act_lightning.environment)
+        # launch's environment (versions and commit: act_lightning.environment) and every launch's (a
+        # resumed W&B run's config is updated: `environment` alone would hide what trained it before)
         env = latest_environment(self.run_history)
-        extra = {"environment": env} if env else {}
+        extra = {"environment": env, "environments": launch_environments(self.run_history)} if env else {}
         for logger in self.loggers if self.run_config is not None else ():
             logger.log_hyperparams({**self.run_config, **extra})
 

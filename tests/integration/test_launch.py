@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from act_lightning.environment import describe, environment
 from act_lightning.train import train
@@ -95,6 +96,9 @@ def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_de
     assert [h["iteration"] for h in history] == [0, 2]
     assert history[1]["changes"] == {"model.schedule.gan_ratio": [0.95, 0.5]} and history[0]["changes"] == {}
     assert [h["environment"] for h in history] == [environment()] * 2  # each launch's versions, kept
+    logged = yaml.safe_load((run / "hparams.yaml").read_text())  # the loggers' config, as W&B's
+    assert logged["environment"] == environment()
+    assert logged["environments"] == [{"iteration": 0, **environment()}, {"iteration": 2, **environment()}]
 
     # a finished run is not extended silently; deliberately it is
     finish = [*SMOKE, "eval=null", "iterations=6", "model.schedule.gan_ratio=0.5"]

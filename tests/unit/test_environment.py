@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import act_lightning
-from act_lightning.environment import PACKAGES, describe, environment, git_commit, latest_environment
+from act_lightning.environment import (
+    PACKAGES,
+    describe,
+    environment,
+    git_commit,
+    latest_environment,
+    launch_environments,
+)
 from tests.conftest import ROOT
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -77,3 +84,17 @@ def test_what_trained_a_checkpoint_is_its_last_launchs_environment():
     assert latest_environment(history) == second
     assert latest_environment([{"iteration": 0}]) is None  # written before runs recorded it
     assert latest_environment(None) is None  # a converted reference checkpoint has no history
+
+
+def test_each_launchs_environment_is_listed_with_the_iteration_it_started_at():
+    first, second = {"torch": "2.13.0", "commit": "a"}, {"torch": "2.14.1", "commit": "b"}
+    history = [
+        {"iteration": 0},
+        {"iteration": 4, "environment": first},
+        {"iteration": 9, "environment": second},
+    ]
+    assert launch_environments(history) == [
+        {"iteration": 4, "torch": "2.13.0", "commit": "a"},
+        {"iteration": 9, "torch": "2.14.1", "commit": "b"},
+    ]
+    assert launch_environments(None) == []
