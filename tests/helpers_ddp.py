@@ -19,11 +19,11 @@ class TinyFeatures(nn.Module):
         g = torch.Generator().manual_seed(1)
         self.register_buffer("weight", torch.randn(in_features, 32, generator=g) / in_features**0.5)
 
-    def forward(self, x):
+    def forward(self, x, real=False):
         return torch.tanh(x.flatten(1) @ self.weight)
 
 
-def tiny_sampler(noise, labels, chunk):
+def tiny_sampler(noise, labels, indices):
     """A deterministic 'generator': a fixed nonlinearity of the noise."""
     return torch.tanh(0.5 * noise + 0.1 * noise.roll(1, dims=-1))
 

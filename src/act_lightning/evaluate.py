@@ -46,7 +46,7 @@ from act_lightning.metrics.frechet import LazyRoot, frechet_distance
 from act_lightning.metrics.inception import check_quantize
 from act_lightning.metrics.reference import require_reference_images
 from act_lightning.sample import check_taus, heun_record, two_step_tau
-from act_lightning.seeds import EVALUATION, check_seed, mix_seed
+from act_lightning.seeds import EVALUATION, check_seed, image_noise
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     extractor, reference = build_reference(ev, datamodule, weights, cfg.batch_size, device)
     dinov2 = None if dinov2_weights is None else build_dinov2(ev, dinov2_weights, device)
     lap("reference")
-    real, dinov2_reference = real_references(  # kid/pr's and fd_dinov2's from one read of the images
+    real, dinov2_reference, num_real = real_references(  # kid/pr's and fd_dinov2's: one read of the images
         metrics, str(ev.reference), datamodule, extractor, dinov2, cfg.num_samples, cfg.batch_size, device
     )
     lap("real_references")
@@ -128,6 +128,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "features": ev.features,
         "metrics": metrics,
         "reference": str(ev.reference),
+        "num_real": num_real,  # real images kid, pr and fd_dinov2 compare with (None: none of them)
         "quantize": quantize,
         "inception_resize": ev.inception_resize if ev.features == "inception" else None,
         "device": str(device),
@@ -340,13 +341,12 @@ def score_sampler(
     net = model.target if cfg.net == "target" else model.generator
     taus = [float(model.schedule.sigma_max), *(float(t) for t in cfg.taus[sampler])]
 
-    def sample(noise, labels, chunk):
-        g = None
-        if len(taus) > 1:  # the fresh noise of later steps, also fixed per chunk
-            g = torch.Generator(noise.device).manual_seed(mix_seed(seed, chunk, EVALUATION, 1))
-        return model.sample(noise, labels, net=net, taus=taus[1:], generator=g)
-
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
+
+    def sample(noise, labels, indices):  # the fresh noise of later steps: also each sample's own
+        step_noise = lambda step: image_noise(seed, indices, shape, (EVALUATION, step))  # noqa: E731
+        return model.sample(noise, labels, net=net, taus=taus[1:], step_noise=step_noise)
+
     start = time.perf_counter()
     with tqdm(total=cfg.num_samples, desc=f"{sampler} {name.upper()}", unit="img") as bar:
         stats = sample_statistics(

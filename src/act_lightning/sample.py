@@ -37,7 +37,7 @@ from act_lightning.commands import (
     resolve_device,
     write_npz,
 )
-from act_lightning.seeds import LABEL, check_seed, mix_seed
+from act_lightning.seeds import LABEL, check_seed, image_noise, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,6 @@ def two_step_tau(run: DictConfig) -> float:
     """The run's two-step sampler: its second step's noise level (`two_step_tau`, per experiment)."""
     value = run.get("two_step_tau")
     return TWO_STEP_TAU if value is None else float(value)
-
-
-def image_noise(seed: int, indices: range, shape: tuple[int, ...], stream: int = 0) -> Tensor:
-    """(len(indices), *shape) standard normal noise, image i's from its own generator (seed, i, stream)
-    on the CPU: independent of the batch it is drawn in and of the device it runs on."""
-    return torch.stack(
-        [
-            torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, i, stream)))
-            for i in indices
-        ]
-    )
 
 
 def check_taus(taus: Any, sigma_min: float, sigma_max: float) -> list[float]:

@@ -8,6 +8,9 @@ draws: provided every stream uses this one formula.
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from act_lightning.checks import check_count
 
 MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; this keeps the seed positive
@@ -19,8 +22,9 @@ MODULUS = 2**63 - 1  # torch.Generator.manual_seed takes up to 64 bits; this kee
 #   (seed, n, FLIP, 0)         the flips of the n-th global batch, drawn for all of it (data modules)
 #   (seed, i, step)            the noise of image i at sampling step `step` (sample, edit)
 #   (seed, i, LABEL)           the random class label of image i (sample)
-#   (seed, c, EVALUATION)      the noise and labels of chunk c of an evaluation's samples (FID)
-#   (seed, c, EVALUATION, 1)   the noise of its later sampling steps (evaluate's multistep samplers)
+#   (seed, i, EVALUATION, 0)   the noise and class label of sample i of an evaluation (FID and the rest)
+#   (seed, i, EVALUATION, s)   its noise at sampling step s = 1, 2, ... (evaluate's multistep samplers)
+# Per image, not per batch: the same images whatever the batch size, the process count or the device.
 AUGMENT, FLIP, EVALUATION = 1, 2, 3
 LABEL = 1 << 20
 
@@ -32,6 +36,20 @@ def mix_seed(*parts: int) -> int:
     for part in parts:
         value = (value * 1_000_003 + int(part) + 1) % MODULUS
     return value
+
+
+def image_noise(
+    seed: int, indices: range, shape: tuple[int, ...], stream: int | tuple[int, ...] = 0
+) -> Tensor:
+    """(len(indices), *shape) standard normal noise, image i's from its own generator (seed, i, *stream)
+    on the CPU: independent of the batch it is drawn in and of the device it runs on."""
+    parts = (stream,) if isinstance(stream, int) else tuple(stream)
+    return torch.stack(
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, i, *parts)))
+            for i in indices
+        ]
+    )
 
 
 def check_seed(seed: object, high: int | None = None) -> int:

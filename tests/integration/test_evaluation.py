@@ -349,6 +349,7 @@ def test_fd_dinov2_scores_the_same_samples_with_stand_in_weights_and_missing_wei
     fid = _evaluate([*common, "metrics=[fid]", "seeds=[0,1]", f"output={tmp_path / 'fid.json'}"])
     result = both["results"]["1-step"]
     assert both["metrics"] == ["fid", "fd_dinov2"]
+    assert (both["num_real"], fid["num_real"]) == (16, None)  # FD-DINOv2's reference: as many real images
     assert result["fid_per_seed"] == fid["results"]["1-step"]["fid_per_seed"]
     values = list(result["fd_dinov2_per_seed"].values())
     assert all(v > 0 for v in values) and values[0] != values[1]

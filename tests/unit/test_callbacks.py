@@ -439,3 +439,28 @@ def test_only_rank_0_deletes_old_snapshots_and_handlers_are_left_alone_off_the_m
     thread.start()
     thread.join()
     assert errors == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gathered_features_are_in_the_samples_order_on_any_device_count(monkeypatch, world_size):
+    """Rank r draws chunks r, r + W, ...: its rows are put back chunk by chunk, so IS's splits and KID's
+    subsets, which read the rows in order, see what one device would (in rank order they did not)."""
+    import torch.distributed as dist
+
+    from act_lightning.callbacks.evaluation import _gathered
+    from act_lightning.metrics.fid import sample_chunks
+
+    num_samples, batch_size = 23, 4  # the last chunk is short
+    one_device = torch.arange(float(num_samples)).view(-1, 1)
+    per_rank = []
+    for rank in range(world_size):
+        chunks = sample_chunks(num_samples, batch_size, rank, world_size)
+        per_rank.append(torch.cat([one_device[c * batch_size : c * batch_size + s] for c, s in chunks]))
+    monkeypatch.setattr(
+        dist, "all_gather_object", lambda parts, mine: parts.__setitem__(slice(None), per_rank)
+    )
+    trainer = SimpleNamespace(world_size=world_size)
+    assert torch.equal(_gathered(trainer, num_samples, batch_size, per_rank[0]), one_device)
+    assert torch.equal(
+        _gathered(SimpleNamespace(world_size=1), num_samples, batch_size, one_device), one_device
+    )

@@ -93,6 +93,10 @@ def test_images_are_prepared_as_edm2_does(tmp_path):
     torch.testing.assert_close(features(beyond), features(beyond.clamp(-1, 1)))
     truncating = load_dinov2(tmp_path / WEIGHTS_FILE, quantize="truncate")
     assert not torch.allclose(truncating(images), features(images))
+    # a data set's images (8-bit levels) are read at their levels whatever eval.quantize says
+    real = torch.arange(256.0).view(1, 1, 16, 16).expand(-1, 3, -1, -1) / 127.5 - 1
+    torch.testing.assert_close(truncating(real, real=True), features(real), rtol=0, atol=0)
+    assert not torch.allclose(truncating(real), features(real))  # truncated, levels 1-63 fall by one
 
 
 def test_missing_or_foreign_weights_are_named(tmp_path, monkeypatch):

@@ -108,7 +108,7 @@ def test_the_recorder_keeps_features_and_logits_of_one_pass():
         num_features = 3
         calls = 0
 
-        def features_and_logits(self, images):
+        def features_and_logits(self, images, real=False):
             Extractor.calls += 1
             flat = images.flatten(1)
             return flat[:, :3], flat[:, 3:5]
@@ -142,7 +142,7 @@ class _Net(torch.nn.Module):
         self.proj = torch.nn.Linear(3 * 8 * 8, num_features)
         torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(seed))
 
-    def forward(self, images):
+    def forward(self, images, real=False):
         self.seen += images.shape[0]
         return self.proj(images.flatten(1))
 
@@ -166,8 +166,11 @@ def test_real_references_read_the_reference_once_for_kid_pr_and_fd_dinov2(metric
     monkeypatch.setattr(reference, "reference_image_batches", lambda *a: reads.append(a) or batches(*a))
     extractor = _Net(16, 0)
     dinov2 = _Net(24, 1) if "fd_dinov2" in metrics else None
-    real, dino = real_references(metrics, str(tmp_path / "ref.npz"), None, extractor, dinov2, 10, 4, "cpu")
+    real, dino, count = real_references(
+        metrics, str(tmp_path / "ref.npz"), None, extractor, dinov2, 10, 4, "cpu"
+    )
     wants_real = "kid" in metrics
+    assert count == (10 if wants_real or dinov2 is not None else None)
     assert len(reads) == (1 if wants_real or dinov2 is not None else 0)
     assert extractor.seen == (10 if wants_real else 0)
     alone = list(batches(tmp_path / "ref.npz", 4, 10))  # the same batches, each network on its own
@@ -183,3 +186,31 @@ def test_real_references_read_the_reference_once_for_kid_pr_and_fd_dinov2(metric
             mu, sigma = statistics_of(torch.cat([dinov2(x) for x in alone]))
             np.testing.assert_array_equal(dino[0], mu)
             np.testing.assert_array_equal(dino[1], sigma)
+
+
+def test_a_reference_with_fewer_images_than_the_samples_is_said_and_counted(tmp_path, caplog):
+    """An ADM reference batch holds 10,000 images: kid, pr and fd_dinov2 then compare 50,000 generated
+    images with 10,000 real ones, which the log says and evaluate's JSON records (num_real)."""
+    from act_lightning.metrics.extra import real_references
+
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((12, 8, 8, 3), dtype=np.uint8))
+    with caplog.at_level("WARNING"):
+        real, dino, count = real_references(
+            ["fid", "kid", "fd_dinov2"],
+            str(tmp_path / "ref.npz"),
+            None,
+            _Net(16, 0),
+            _Net(24, 1),
+            20,
+            8,
+            "cpu",
+        )
+    assert count == 12 and real.shape == (12, 16) and dino[0].shape == (24,)
+    assert (
+        f"eval.reference={tmp_path / 'ref.npz'} holds 12 real images, fewer than the 20 generated"
+        in caplog.text
+    )
+    assert "kid, fd_dinov2 compare 20 generated images with 12 real ones" in caplog.text
+    caplog.clear()
+    real_references(["fid", "kid"], str(tmp_path / "ref.npz"), None, _Net(16, 0), None, 12, 8, "cpu")
+    assert caplog.text == ""  # as many as there are samples: nothing to say

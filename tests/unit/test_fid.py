@@ -11,9 +11,10 @@ import pytest
 import scipy.linalg
 import torch
 
+from act_lightning.data.base import to_signed
 from act_lightning.metrics import frechet
 from act_lightning.metrics.fid import (
-    chunk_noise,
+    evaluation_noise,
     feature_statistics,
     reference_statistics,
     sample_chunks,
@@ -139,6 +140,25 @@ def test_images_are_quantised_by_rounding_not_truncation():
     assert to_uint8(values).tolist() == [11, 10, 255, 0, 255]
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     assert torch.equal(to_uint8(x.float() / 127.5 - 1), x)  # the exact inverse of reading a uint8 image
+
+
+def test_real_images_keep_their_8_bit_levels_when_generated_ones_are_truncated():
+    """eval.quantize=truncate (the ACT reference's and ADM's conversion of samples) applied to a data
+    set's images read as v / 127.5 - 1 gave v - 1 for v in 1..63 (float rounding leaves (x + 1) * 127.5
+    just below v): the reference was darkened. Real images are read at their levels whatever it says."""
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    real = to_signed(levels)
+    darkened = to_uint8(real, "truncate") != levels
+    assert levels[darkened].tolist() == list(range(1, 64))  # what truncation does to them
+    round_, truncate = (InceptionFeatures("random", quantize=q, resize=75) for q in ("round", "truncate"))
+    truncate.load_state_dict(round_.state_dict())
+    fed = []
+    truncate.net.register_forward_pre_hook(lambda net, args: fed.append(args[0].clone()))
+    truncate(real, real=True)
+    assert torch.equal(fed[-1], levels.expand(-1, 3, -1, -1))  # the network sees the image's own levels
+    torch.testing.assert_close(truncate(real, real=True), round_(real), rtol=0, atol=0)
+    truncate(real)  # generated images: truncated as asked
+    assert torch.equal(fed[-1][:, :1] != levels, darkened)
 
 
 @pytest.fixture
@@ -355,6 +375,28 @@ def test_training_set_statistics_are_cached_and_recomputed_when_the_data_changes
     assert not np.allclose(fewer[0], reference_statistics(extractor, "train", data, "other")[0])
 
 
+def test_reference_statistics_read_real_images_and_caches_from_before_that_are_made_again(tmp_path):
+    seen = []
+
+    class Recording(TinyFeatures):
+        def forward(self, x, real=False):
+            seen.append(real)
+            return super().forward(x)
+
+    data, cache = FakeData(8), tmp_path / "ref.npz"
+    reference_statistics(Recording(16), "train", data, "tiny", cache=cache)
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((3, 4, 4, 1), dtype=np.uint8))
+    reference_statistics(Recording(16), str(tmp_path / "images.npz"), None, "tiny")
+    assert seen and all(seen)  # both sources: a data set's images, read at their 8-bit levels
+    with np.load(cache) as npz:  # a cache written before real images kept their levels (no `levels`)
+        older = {k: npz[k] for k in npz.files if k != "levels"}
+    np.savez(cache, **older)
+    reference_statistics(Recording(16), "train", data, "tiny", cache=cache)
+    assert data.reads == 2  # made again (with eval.quantize=truncate it held darkened images)
+    reference_statistics(Recording(16), "train", data, "tiny", cache=cache)
+    assert data.reads == 2
+
+
 def test_published_mu_sigma_are_not_cached(tmp_path):
     save_reference(tmp_path / "published.npz", np.zeros(32), np.eye(32))
     cache = tmp_path / "cache.npz"
@@ -369,15 +411,42 @@ def test_chunks_of_all_ranks_are_the_chunks_of_one_process():
     for world in (2, 3, 8, 20):
         shards = [sample_chunks(1000, 64, r, world) for r in range(world)]
         assert sorted(c for shard in shards for c in shard) == one
-    a, _ = chunk_noise(0, 5, 4, (1, 2, 2), None)
-    b, labels = chunk_noise(0, 5, 4, (1, 2, 2), 10)
+    a, _ = evaluation_noise(0, range(20, 24), (1, 2, 2), None)
+    b, labels = evaluation_noise(0, range(20, 24), (1, 2, 2), 10)
     assert torch.equal(a, b) and labels.shape == (4,)  # the noise does not depend on who draws it
-    assert not torch.equal(a, chunk_noise(0, 6, 4, (1, 2, 2), None)[0])  # each chunk draws its own
-    assert not torch.equal(a, chunk_noise(1, 5, 4, (1, 2, 2), None)[0])  # and each seed
+    assert not torch.equal(a, evaluation_noise(0, range(24, 28), (1, 2, 2), None)[0])  # each sample its own
+    assert not torch.equal(a, evaluation_noise(1, range(20, 24), (1, 2, 2), None)[0])  # and each seed
     # the labels of the evaluation's samples are uniform over every class, the last one included
-    many = torch.cat([chunk_noise(0, c, 500, (1,), 10)[1] for c in range(4)])
+    many = evaluation_noise(0, range(2000), (1,), 10)[1]
     counts = torch.bincount(many, minlength=11)
     assert counts[10] == 0 and (counts[:10] > 150).all()  # 200 expected per class
+
+
+def test_an_evaluation_draws_the_same_samples_at_any_batch_size():
+    """Sample i's noise and label are its own (seed, i): `evaluate batch_size=...` reproduces a training
+    run's val/fid, drawn at eval.batch_size; per chunk, only the first chunk's samples were the same."""
+    whole, labels = evaluation_noise(3, range(23), (1, 2, 2), 10)
+    for batch_size in (1, 4, 23):
+        chunks = [
+            evaluation_noise(3, range(c * batch_size, c * batch_size + n), (1, 2, 2), 10)
+            for c, n in sample_chunks(23, batch_size)
+        ]
+        assert torch.equal(torch.cat([z for z, _ in chunks]), whole)
+        assert torch.equal(torch.cat([y for _, y in chunks]), labels)
+    seen = {}
+    extractor, shape = TinyFeatures(4), (1, 2, 2)
+
+    def sample(noise, labels, indices):
+        seen.setdefault(batch, []).append(indices)
+        return noise.clamp(-1, 1)
+
+    stats = []
+    for batch in (4, 7):
+        stats.append(sample_statistics(sample, extractor, 21, batch, shape, seed=3))
+    assert [list(r) for r in seen[7]] == [list(range(0, 7)), list(range(7, 14)), list(range(14, 21))]
+    # the same images; the features differ by float32 rounding of other batch shapes only
+    np.testing.assert_allclose(stats[0][0], stats[1][0], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(stats[0][1], stats[1][1], rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.slow
@@ -396,16 +465,16 @@ def test_two_processes_under_ddp_give_the_same_fid_as_one(tmp_path):
 
 def test_sample_statistics_reports_progress():
     seen = []
-    sample_statistics(lambda n, y, c: n.clamp(-1, 1), TinyFeatures(4), 10, 4, (1, 2, 2), progress=seen.append)
+    sample_statistics(lambda n, y, i: n.clamp(-1, 1), TinyFeatures(4), 10, 4, (1, 2, 2), progress=seen.append)
     assert seen == [4, 4, 2]
 
 
 def test_subset_statistics_are_those_of_consecutive_samples_across_chunk_boundaries():
     # 3 sets of 7 samples drawn in chunks of 4: sets and chunks do not line up
     extractor, shape = TinyFeatures(4), (1, 2, 2)
-    sample = lambda noise, labels, chunk: noise.clamp(-1, 1)  # noqa: E731
+    sample = lambda noise, labels, indices: noise.clamp(-1, 1)  # noqa: E731
     parts = sample_subset_statistics(sample, extractor, 3, 7, 4, shape, seed=5)
-    chunks = [chunk_noise(5, c, n, shape, None)[0] for c, n in sample_chunks(21, 4)]
+    chunks = [evaluation_noise(5, range(4 * c, 4 * c + n), shape, None)[0] for c, n in sample_chunks(21, 4)]
     features = torch.cat([extractor(noise.clamp(-1, 1)) for noise in chunks])  # as drawn, chunk by chunk
     for s, (mu, sigma) in enumerate(parts):
         expected_mu, expected_sigma = statistics_of(features[7 * s : 7 * (s + 1)])
@@ -575,7 +644,8 @@ def test_reference_image_features_of_the_training_set_or_of_an_npz_batch(tmp_pat
             images = torch.linspace(-1, 1, 5 * 3 * 2 * 2).reshape(5, 3, 2, 2)[:max_images]
             return [(x, None) for x in images.split(batch_size)]
 
-    def extractor(x):
+    def extractor(x, real=False):
+        assert real  # the reference's images are read as real ones
         return x.flatten(1)[:, :4]
 
     data = Data()

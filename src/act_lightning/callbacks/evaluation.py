@@ -45,6 +45,7 @@ from act_lightning.metrics.fid import (
     check_reference_spec,
     feature_statistics,
     reference_statistics,
+    sample_chunks,
     sample_subset_statistics,
 )
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance
@@ -198,7 +199,7 @@ class FrechetEvaluation(L.Callback):
                 len(held),
                 more,
             )
-        real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False)
+        real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False, real=True)
         g = torch.Generator().manual_seed(99)  # the same noise in every run: the scale's upper end
         noise = torch.rand((self._num_drawn(), *held.shape[1:]), generator=g) * 2 - 1
         values = [
@@ -247,7 +248,7 @@ class FrechetEvaluation(L.Callback):
         taps = ExtraMetrics(self.metrics, self.extractor, self.dinov2)
         with self._bar(trainer, desc, total=self._num_drawn()) as bar:
             stats = sample_subset_statistics(
-                lambda noise, labels, chunk: pl_module.sample(noise, labels),
+                lambda noise, labels, indices: pl_module.sample(noise, labels),
                 taps.extractor,
                 self._num_drawn() // size,
                 size,
@@ -260,7 +261,8 @@ class FrechetEvaluation(L.Callback):
                 trainer.world_size,
                 progress=lambda n: bar.update(n * trainer.world_size),
             )
-        self._last_extra = taps.values(self._real, self._dinov2_reference, partial(_gathered, trainer))
+        gather = partial(_gathered, trainer, self._num_drawn(), self.batch_size)
+        self._last_extra = taps.values(self._real, self._dinov2_reference, gather)
         return float(np.mean([self._fd(part) for part in stats]))  # one value without subsets
 
     def _extra_references(self, trainer, dm, device) -> None:
@@ -272,7 +274,7 @@ class FrechetEvaluation(L.Callback):
         if self.dinov2 is not None:
             self.dinov2.to(device)
         count = self._num_drawn()
-        self._real, self._dinov2_reference = real_references(
+        self._real, self._dinov2_reference, _ = real_references(
             self.metrics, self.reference_spec, dm, self.extractor, self.dinov2, count, self.batch_size, device
         )
 
@@ -398,15 +400,21 @@ class FrechetEvaluation(L.Callback):
         self.best = None if best is None else tuple(best)
 
 
-def _gathered(trainer, features: Tensor) -> Tensor:
-    """Every rank's rows of `features` (their counts may differ by a chunk), in rank order."""
+def _gathered(trainer, num_samples: int, batch_size: int, features: Tensor) -> Tensor:
+    """Every rank's rows of `features` in the samples' order: rank r drew chunks r, r + W, ... of
+    `sample_chunks(num_samples, batch_size)`, and the rows are put back chunk by chunk, so that the
+    metrics that read rows in order (IS's splits, KID's subsets) give one device's values on any count."""
     if trainer.world_size == 1:
         return features
     import torch.distributed as dist
 
     parts: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(parts, features.cpu())
-    return torch.cat(parts)
+    pieces = []
+    for rank, part in enumerate(parts):
+        chunks = sample_chunks(num_samples, batch_size, rank, trainer.world_size)
+        pieces += zip([c for c, _ in chunks], part.split([size for _, size in chunks]), strict=True)
+    return torch.cat([rows for _, rows in sorted(pieces, key=lambda piece: piece[0])])
 
 
 def check_eval_arguments(every: int, quantize: str, num_samples: int, batch_size: int, subset_size) -> None:

@@ -162,5 +162,6 @@ class DigitsFeatures(nn.Module):
         return cls(model.eval().requires_grad_(False))
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, real: bool = False) -> Tensor:
+        """Real or generated alike: the classifier reads floats (`real` is the Inception features')."""
         return self.classifier.features(images.float())

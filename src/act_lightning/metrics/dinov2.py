@@ -184,9 +184,11 @@ class DINOv2Features(nn.Module):
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, real: bool = False) -> Tensor:
+        """`real`: a data set's images, rounded back to their 8-bit levels whatever `quantize` says of
+        generated ones (see InceptionFeatures.features_and_logits)."""
         x = (images.float().clamp(-1, 1) + 1) * 127.5
-        x = x.round() if self.quantize == "round" else x.floor()  # the uint8 values of the images
+        x = x.round() if real or self.quantize == "round" else x.floor()  # the uint8 values of the images
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="bicubic", antialias=True)

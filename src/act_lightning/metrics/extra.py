@@ -10,7 +10,9 @@ second network sees the same generated images (`SecondFeatures`), no second samp
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +20,8 @@ from torch import Tensor, nn
 from act_lightning.checks import check_names
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance, statistics_of
 from act_lightning.metrics.reference import reference_image_features
+
+log = logging.getLogger(__name__)
 
 METRICS = (
     "fid",
@@ -55,12 +59,12 @@ class FeatureRecorder:
         self.logits: list[Tensor] | None = [] if logits else None
         self.num_features = extractor.num_features
 
-    def __call__(self, images: Tensor) -> Tensor:
+    def __call__(self, images: Tensor, real: bool = False) -> Tensor:
         if self.logits is not None:
-            features, logits = self.extractor.features_and_logits(images)
+            features, logits = self.extractor.features_and_logits(images, real)
             self.logits.append(logits.cpu())
         else:
-            features = self.extractor(images)
+            features = self.extractor(images, real)
         self.features.append(features.float().cpu())
         return features
 
@@ -81,12 +85,20 @@ class SecondFeatures:
         self.num_features = main.num_features
         self.features: list[Tensor] = []
 
-    def __call__(self, images: Tensor) -> Tensor:
-        self.features.append(self.second(images).float().cpu())
-        return self.main(images)
+    def __call__(self, images: Tensor, real: bool = False) -> Tensor:
+        self.features.append(self.second(images, real).float().cpu())
+        return self.main(images, real)
 
     def all_features(self) -> Tensor:
         return torch.cat(self.features)
+
+
+class RealReferences(NamedTuple):
+    """What kid/pr and fd_dinov2 compare generated images with (`real_references`)."""
+
+    features: Tensor | None  # the FID network's features of the real images, for kid and pr
+    dinov2: tuple | None  # their DINOv2 statistics (mu, sigma, sigma^(1/2)), for fd_dinov2
+    count: int | None  # how many real images were read (None: none were needed)
 
 
 def real_references(
@@ -98,20 +110,32 @@ def real_references(
     count: int,
     batch_size: int,
     device,
-) -> tuple[Tensor | None, tuple | None]:
+) -> RealReferences:
     """What the metrics compare generated images with, from one read of up to `count` real images of the
     reference (`reference_image_features`): their FID features for kid and pr (None without those) and
     their DINOv2 statistics (mu, sigma, sigma^(1/2)) for fd_dinov2 (None without `dinov2`). When both are
-    asked, each batch goes to both networks (`SecondFeatures`): the reference images are read once."""
+    asked, each batch goes to both networks (`SecondFeatures`): the reference images are read once. A
+    reference with fewer images than `count` (an ADM reference batch holds 10,000) is said in the log."""
     need_real = any(m in NEED_REAL for m in metrics)
-    if dinov2 is None:
-        if not need_real:
-            return None, None
-        return reference_image_features(reference, datamodule, extractor, count, batch_size, device), None
-    tap = SecondFeatures(extractor, dinov2) if need_real else dinov2
+    if dinov2 is None and not need_real:
+        return RealReferences(None, None, None)
+    tap = SecondFeatures(extractor, dinov2) if need_real and dinov2 is not None else (dinov2 or extractor)
     first = reference_image_features(reference, datamodule, tap, count, batch_size, device)
+    if len(first) < count:
+        log.warning(
+            "eval.reference=%s holds %d real images, fewer than the %d generated ones: %s compare %d "
+            "generated images with %d real ones (eval.reference=train reads the whole data set)",
+            reference,
+            len(first),
+            count,
+            ", ".join(m for m in metrics if m in NEED_REAL_IMAGES),
+            count,
+            len(first),
+        )
+    if dinov2 is None:
+        return RealReferences(first, None, len(first))
     mu, sigma = statistics_of(tap.all_features() if need_real else first)
-    return (first if need_real else None), (mu, sigma, LazyRoot(sigma))
+    return RealReferences(first if need_real else None, (mu, sigma, LazyRoot(sigma)), len(first))
 
 
 class ExtraMetrics:

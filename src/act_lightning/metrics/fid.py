@@ -29,7 +29,9 @@ from act_lightning.seeds import EVALUATION, mix_seed
 log = logging.getLogger(__name__)
 
 FEATURES = ("inception", "digits")
-Sampler = Callable[[Tensor, Tensor | None, int], Tensor]  # (noise, labels, chunk index) -> images in [-1, 1]
+Sampler = Callable[
+    [Tensor, Tensor | None, range], Tensor
+]  # (noise, labels, sample indices) -> images in [-1, 1]
 
 
 DIGITS_SEED = 0  # the quickstart's classifier is the same in every run: one ruler for every seed
@@ -69,11 +71,13 @@ def feature_statistics(
     device,
     sync: bool = True,
     progress: Callable[[int], None] | None = None,
+    real: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the features of batches of images in [-1, 1]; summed across ranks if `sync`."""
+    """(mu, sigma) of the features of batches of images in [-1, 1]; summed across ranks if `sync`.
+    `real`: a data set's images (8-bit levels, never truncated: `InceptionFeatures.features_and_logits`)."""
     stats = FeatureStatistics(extractor.num_features, sync_on_compute=sync).to(device)
     for images in batches:
-        stats.update(extractor(images.to(device)))
+        stats.update(extractor(images.to(device), real=real))
         if progress is not None:
             progress(images.shape[0])
     return stats.compute()
@@ -87,14 +91,17 @@ def sample_chunks(
     return [(c, min(batch_size, num_samples - c * batch_size)) for c in range(rank, n, world_size)]
 
 
-def chunk_noise(
-    seed: int, chunk: int, size: int, shape: tuple[int, ...], num_classes: int | None
+def evaluation_noise(
+    seed: int, indices: range, shape: tuple[int, ...], num_classes: int | None
 ) -> tuple[Tensor, Tensor | None]:
-    """The fixed noise z (and class labels) of one chunk of samples, on the CPU."""
-    g = torch.Generator().manual_seed(mix_seed(seed, chunk, EVALUATION))
-    noise = torch.randn((size, *shape), generator=g)
-    labels = torch.randint(num_classes, (size,), generator=g) if num_classes else None
-    return noise, labels
+    """The fixed noise z (and class labels) of an evaluation's samples `indices`, on the CPU: sample i's
+    from its own generator (seed, i, EVALUATION, 0), so an evaluation draws the same images whatever its
+    batch size or process count (`evaluate batch_size=...` reproduces a training run's val/fid)."""
+    generators = [torch.Generator().manual_seed(mix_seed(seed, i, EVALUATION, 0)) for i in indices]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    if not num_classes:
+        return noise, None
+    return noise, torch.stack([torch.randint(num_classes, (), generator=g) for g in generators])
 
 
 def sample_statistics(
@@ -125,10 +132,11 @@ def sample_subset_statistics(
     of each at a chosen sample count, which sets its bias."""
     stats = [FeatureStatistics(extractor.num_features).to(device) for _ in range(num_subsets)]
     for chunk, size in sample_chunks(num_subsets * subset_size, batch_size, rank, world_size):
-        noise, labels = chunk_noise(seed, chunk, size, shape, num_classes)
-        images = sample(noise.to(device), None if labels is None else labels.to(device), chunk)
-        features = extractor(images)
         start = chunk * batch_size  # the index of the chunk's first sample
+        indices = range(start, start + size)
+        noise, labels = evaluation_noise(seed, indices, shape, num_classes)
+        images = sample(noise.to(device), None if labels is None else labels.to(device), indices)
+        features = extractor(images)
         for s in range(start // subset_size, (start + size - 1) // subset_size + 1):
             lo, hi = max(start, s * subset_size) - start, min(start + size, (s + 1) * subset_size) - start
             stats[s].update(features[lo:hi])
@@ -171,7 +179,7 @@ def reference_statistics(
         if rank == 0:
             log.info("Computing the %s statistics of %d training images ...", features, count)
         loader = datamodule.reference_dataloader(batch_size, rank, world_size, dataset, max_images)
-        stats = feature_statistics(extractor, (x for x, _ in loader), device, progress=progress)
+        stats = feature_statistics(extractor, (x for x, _ in loader), device, progress=progress, real=True)
     else:
         path = Path(reference).resolve()
         meta = _cache_facts(extractor, str(path), features, file_size=path.stat().st_size)
@@ -182,7 +190,7 @@ def reference_statistics(
 
         def extract(batches):  # an image batch (arr_0): each rank reads it whole, no all-reduce
             computed.append(True)
-            return feature_statistics(extractor, batches, device, sync=False, progress=progress)
+            return feature_statistics(extractor, batches, device, sync=False, progress=progress, real=True)
 
         stats = load_reference(path, n, extract, batch_size)
         if not computed:
@@ -198,8 +206,11 @@ def reference_statistics(
 
 def _cache_facts(extractor: nn.Module, source: str, features: str, **facts) -> dict:
     """What cached statistics were made from: the source, the features and the extractor's `cache_key`
-    (e.g. random Inception weights, another input size), and the source's own facts (sizes)."""
-    return {"source": source, "features": features, "extractor": getattr(extractor, "cache_key", ""), **facts}
+    (e.g. random Inception weights, another input size), and the source's own facts (sizes). `levels`:
+    real images are read at their 8-bit levels; caches from before lack it and are made again (with
+    eval.quantize=truncate they held truncated real images)."""
+    key = getattr(extractor, "cache_key", "")
+    return {"source": source, "features": features, "extractor": key, "levels": "exact", **facts}
 
 
 def _read_cache(path: Path | None, meta: dict, num_features: int):

@@ -104,7 +104,8 @@ def check_quantize(quantize: object) -> str:
 def to_uint8(images: Tensor, quantize: str = "round") -> Tensor:
     """[-1, 1] floats -> uint8. `round`: to the nearest level, as images saved to PNG are (EDM, the
     default). `truncate`: towards zero, `((x + 1) / 2 * 255).byte()`, as the ACT reference and the ADM
-    evaluator convert; FIDs from the two differ slightly."""
+    evaluator convert generated images; FIDs from the two differ slightly. A data set's images are
+    always rounded (`InceptionFeatures.features_and_logits`)."""
     scaled = (images.float() + 1) * 127.5
     if quantize == "round":
         scaled = scaled.round_()
@@ -144,13 +145,17 @@ class InceptionFeatures(nn.Module):
         self.cache_key = f"{'pretrained' if self.pretrained else 'random'} at {self.net.INPUT_IMAGE_SIZE}"
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        return self.features_and_logits(images)[0]
+    def forward(self, images: Tensor, real: bool = False) -> Tensor:
+        return self.features_and_logits(images, real)[0]
 
     @torch.no_grad()
-    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 2048) pool features and (B, 1008) class logits from one pass (the Inception Score's)."""
-        x = to_uint8(images, self.quantize)
+    def features_and_logits(self, images: Tensor, real: bool = False) -> tuple[Tensor, Tensor]:
+        """(B, 2048) pool features and (B, 1008) class logits from one pass (the Inception Score's).
+        `real`: the images are a data set's, 8-bit levels already, which rounding recovers exactly
+        whatever `quantize` says of generated ones (truncating would darken levels 1-63 by one, as
+        float rounding leaves (v / 127.5 - 1 + 1) * 127.5 just below v); the ADM evaluator reads its
+        reference's uint8 as they are."""
+        x = to_uint8(images, "round" if real else self.quantize)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         features, logits = self.net(x)

@@ -133,7 +133,7 @@ def reference_image_features(
         batches = (x for x, _ in datamodule.reference_dataloader(batch_size, max_images=count))
     else:
         batches = reference_image_batches(Path(reference), batch_size, count)
-    return torch.cat([extractor(x.to(device)).float().cpu() for x in batches])
+    return torch.cat([extractor(x.to(device), real=True).float().cpu() for x in batches])
 
 
 def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:
