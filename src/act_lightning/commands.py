@@ -62,6 +62,17 @@ def check_out_folder(folder: object, key: str = "out") -> Path:
     return Path(str(folder))
 
 
+def check_output_file(out: Path, key: str, force: bool = True) -> Path:
+    """A file a command writes at its end: not a folder, an existing one replaced only with `force`
+    (--force), its folder writable. Checked before the work, so a bad path costs no sampling."""
+    if out.is_dir():
+        raise ValueError(f"{key}={out} is a folder: name the file to write")
+    if out.exists() and not force:
+        raise ValueError(f"{key}={out} already exists: pass --force to replace it")
+    check_out_folder(out.parent, f"{key}'s folder")
+    return out
+
+
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """`np.savez(path, **arrays)`, written atomically (a stopped command leaves no truncated file)."""
     buffer = io.BytesIO()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from act_lightning.atomic import atomic_write
-from act_lightning.commands import REFUSED, refuse
+from act_lightning.commands import REFUSED, check_output_file, refuse
 from act_lightning.nn.vp import vp_log_sigmas
 
 UNET = "UNet2DModel"
@@ -148,8 +148,11 @@ def convert(folder: str | Path, out: str | Path, force: bool = False) -> dict:
     summary (the files read, the tensors and the config written)."""
     folder, out = Path(folder), Path(out)
     unet_path, scheduler_path = find_configs(folder)
-    if out.exists() and not force:
-        raise ValueError(f"OUT={out} already exists: pass --force to replace it")
+    if out.exists() and folder.resolve() in out.resolve().parents:
+        raise ValueError(
+            f"OUT={out} is a file of DIR={folder}, the model being converted: write it elsewhere"
+        )
+    check_output_file(out, "OUT", force)
     scheduler_raw = read_json(scheduler_path)
     scheduler = check_scheduler(scheduler_path, scheduler_raw)
     check_unet(unet_path, read_json(unet_path), scheduler.get("variance_type"))

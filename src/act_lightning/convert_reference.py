@@ -31,7 +31,7 @@ import torch
 
 from act_lightning.atomic import atomic_write
 from act_lightning.checkpoints import read_checkpoint
-from act_lightning.commands import CONFIG_DIR, REFUSED, refuse
+from act_lightning.commands import CONFIG_DIR, REFUSED, check_output_file, refuse
 
 PREFIXES = {  # reference prefix -> this library's
     "model.unet.": "generator.unet.",
@@ -78,8 +78,7 @@ def check_out(ckpt: Path, out: Path, force: bool) -> None:
     """OUT is not CKPT itself, and replaces an existing file only when asked to."""
     if out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve():
         raise ValueError(f"OUT={out} is CKPT itself: write the converted checkpoint to another file")
-    if out.exists() and not force:
-        raise ValueError(f"OUT={out} already exists: pass --force to replace it")
+    check_output_file(out, "OUT", force)
 
 
 def convert(

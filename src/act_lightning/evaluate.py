@@ -29,7 +29,7 @@ from act_lightning.commands import (
     CONFIG_DIR,
     REFUSED,
     check_net,
-    check_out_folder,
+    check_output_file,
     refuse,
     resolve_device,
 )
@@ -231,8 +231,7 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
 def output_file(cfg: DictConfig, ckpt: Path) -> Path:
     """Where the JSON goes (`output`, or `<checkpoint>.eval.json`), its folder checked before sampling."""
     output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
-    check_out_folder(output.parent, "output's folder")
-    return output
+    return check_output_file(output, "output")
 
 
 def recorded_quantize(ev: DictConfig, given: str | None, metrics: list[str]) -> str | None:

@@ -198,6 +198,7 @@ def test_an_existing_out_is_replaced_only_with_force_and_never_when_it_is_ckpt(r
         ([str(path), str(out), *SMOKE], f"error: OUT={out} already exists: pass --force to replace it"),
         ([str(path), str(path), "--force", *SMOKE], f"error: OUT={path} is CKPT itself"),
         ([str(path), str(link), "--force", *SMOKE], f"error: OUT={link} is CKPT itself"),
+        ([str(path), str(tmp_path), "--force", *SMOKE], f"error: OUT={tmp_path} is a folder: name the file"),
     )
     for argv, said in refused:
         with pytest.raises(SystemExit) as stop:

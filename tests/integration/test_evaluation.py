@@ -136,6 +136,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_sampling(cifar_run, 
         NotADirectoryError, match=f"output's folder={tmp_path / 'a_file'}: .* is not a folder"
     ):
         _evaluate([f"ckpt={ckpt}", f"output={tmp_path / 'a_file' / 'eval.json'}"])
+    with pytest.raises(ValueError, match=f"output={tmp_path} is a folder: name the file to write"):
+        _evaluate([f"ckpt={ckpt}", f"output={tmp_path}"])  # it failed at the rename, after sampling
 
 
 def test_evaluate_names_a_missing_or_foreign_checkpoint(tmp_path):

@@ -301,6 +301,13 @@ def test_an_existing_out_is_replaced_only_with_force(tmp_path):
     assert out.read_bytes() == b"precious"
     convert(folder, out, force=True)
     assert "act_generator" in torch.load(out, weights_only=True)
+    config = folder / "unet" / "config.json"
+    kept = config.read_bytes()
+    with pytest.raises(ValueError, match=r"OUT=.*unet/config.json is a file of DIR=.*ddpm, the model being"):
+        convert(folder, config, force=True)  # --force once replaced the model's own config with a checkpoint
+    with pytest.raises(ValueError, match=r"OUT=.*ddpm is a folder: name the file to write"):
+        convert(folder, folder, force=True)
+    assert config.read_bytes() == kept
 
 
 # -- the command -----------------------------------------------------------------------------------------
