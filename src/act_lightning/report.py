@@ -376,6 +376,15 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def output_paths(out: Path) -> dict[str, Path]:
+    """OUT.png, OUT.md and OUT.json (OUT's own .png, .md or .json is taken off first; any other dot in the
+    name stays: `--out gan_ratio_0.3` writes gan_ratio_0.3.png), their folder made."""
+    if out.suffix in (".png", ".md", ".json"):
+        out = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return {suffix: out.with_name(out.name + suffix) for suffix in (".png", ".md", ".json")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m act_lightning.report", description=__doc__.split("\n\n")[0]
@@ -404,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     first = variants[0].runs[0].path / "metric_summary.json"
     metric = args.metric or json.loads(first.read_text()).get("metric", "metric")
     machine = machine_description()
-    plot(variants, args.out.with_suffix(".png"), metric, at_iteration, at_seconds)
+    out = output_paths(args.out)
+    plot(variants, out[".png"], metric, at_iteration, at_seconds)
     environments = trained_with(variants)
     table = markdown(rows, at_iteration, at_seconds, time_ref, metric, machine, environments)
-    args.out.with_suffix(".md").write_text(table)
+    out[".md"].write_text(table)
     curves = {
         v.label: [
             {"seed": r.seed, "iteration": r.iterations, "value": r.values, "seconds": r.seconds}
@@ -425,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "curves": curves,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out[".json"].write_text(json.dumps(report, indent=2) + "\n")
     print(table)
-    print(f"wrote {args.out.with_suffix('.png')}, .md and .json")
+    print(f"wrote {out['.png']}, .md and .json")
     return 0
 
 

@@ -351,3 +351,15 @@ def test_the_report_says_what_the_jobs_trained_with_and_where_they_differ(tmp_pa
         f"act_lightning 0.3.0 ({second}), Python 3.11.7, torch 2.14.1." in out.with_suffix(".md").read_text()
     )
     capsys.readouterr()
+
+
+def test_out_keeps_every_dot_of_its_name_but_a_suffix_of_its_own(tmp_path):
+    """`--out gan_ratio_0.3` wrote gan_ratio_0.png (with_suffix), where gan_ratio_0.5 would write too."""
+    from act_lightning.report import output_paths
+
+    def names(out):
+        return [p.name for p in output_paths(tmp_path / "new" / out).values()]
+
+    assert names("gan_ratio_0.3") == ["gan_ratio_0.3.png", "gan_ratio_0.3.md", "gan_ratio_0.3.json"]
+    assert names("mini.md") == names("mini") == ["mini.png", "mini.md", "mini.json"]
+    assert (tmp_path / "new").is_dir()  # its folder made
