@@ -133,7 +133,7 @@ class ACTPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         taus: list[float] | None = None,
-        class_labels: Tensor | None = None,
+        class_labels: Tensor | list[int] | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pt",
@@ -152,7 +152,7 @@ class ACTPipeline(DiffusionPipeline):
         if noise is None:
             noise = torch.randn((batch_size, channels, size, size), generator=generator, device=where)
         noise = noise.to(device)
-        class_labels = None if class_labels is None else class_labels.to(device)
+        class_labels = None if class_labels is None else torch.as_tensor(class_labels, device=device)
         step_noise = None
         if generator is not None and generator.device != device:  # later steps' noise: drawn there too
             step_noise = lambda step: torch.randn(noise.shape, generator=generator, device=where)  # noqa: E731
@@ -181,7 +181,7 @@ tags:
 - consistency-model
 - adversarial-consistency-training
 - act-lightning
-- unconditional-image-generation
+- {task}
 ---
 
 # {name}
@@ -195,12 +195,13 @@ channel(s){classes}.{trained_with}
 from act_lightning import load_generator
 import torch
 
-model = load_generator("{folder}")
-images = model.sample(torch.randn(16, {channels}, {size}, {size}))        # one step, in [-1, 1]
-images = model.sample(torch.randn(16, {channels}, {size}, {size}), taus=[{two_step_tau}])   # two steps
+model = load_generator("{folder}")  # this folder
+{labels}z = torch.randn(16, {channels}, {size}, {size})
+images = model.sample(z{label_arg})        # one step, in [-1, 1]
+images = model.sample(z{label_arg}, taus=[{two_step_tau}])   # two steps
 ```
 
-As a diffusers pipeline: `ACTPipeline.from_pretrained("{folder}")(batch_size=16)` (the class is in
+As a diffusers pipeline: `ACTPipeline.from_pretrained("{folder}")(batch_size=16{label_arg})` (the class is in
 `act_lightning.export`; `output_type="pil"` returns `.images` as PIL images); the UNet alone loads with
 diffusers alone:
 `UNet2DModel.from_pretrained("{folder}", subfolder="unet")`.
@@ -282,7 +283,12 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         size=size,
         channels=channels,
         classes=classes,
-        folder=str(out),
+        folder=out.name,
+        task="class-conditional-image-generation" if h.num_classes else "unconditional-image-generation",
+        labels=f"labels = torch.randint({h.num_classes}, (16,))  # a class per image\n"
+        if h.num_classes
+        else "",
+        label_arg=", class_labels=labels" if h.num_classes else "",
         two_step_tau=repr(two_step_tau(run)),
         trained_with=f" Trained with {describe(env)}." if (env := config["trained_with"]) else "",
         **constants,

@@ -35,7 +35,17 @@ def exported(tmp_path_factory):
     return ckpt, out
 
 
-def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported):
+def run_the_cards_code(out, monkeypatch) -> dict:
+    """Runs the model card's Python block where the folder lies beside it (a Hub repository's place)."""
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(out.parent)
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card this library wrote
+    return scope
+
+
+def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported, monkeypatch):
     _, out = exported
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "act-lightning/generator" and config["iteration"] == 2
@@ -43,6 +53,8 @@ def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported):
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers")
     assert "taus=[8.0])   # two steps" in card  # the quickstart's own two-step level
+    assert "- unconditional-image-generation\n" in card and str(out.parent) not in card  # a relative name
+    assert run_the_cards_code(out, monkeypatch)["images"].shape == (16, 1, 8, 8)  # its code runs
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ACTPipeline"
 
@@ -269,7 +281,9 @@ def test_a_class_conditional_export_keeps_its_classes_and_samples_the_ones_given
     assert not torch.equal(two, pipeline(noise=noise, class_labels=labels))
 
 
-def test_a_class_conditional_run_exports_its_class_count_into_config_card_and_loaded_model(tmp_path):
+def test_a_class_conditional_run_exports_its_class_count_into_config_card_and_loaded_model(
+    tmp_path, monkeypatch
+):
     """A trained class-conditional checkpoint: config.json and the model card say how many classes the
     generator knows (and that sampling takes class_labels); load_generator reads the count back."""
     run = tmp_path / "run"
@@ -278,5 +292,14 @@ def test_a_class_conditional_run_exports_its_class_count_into_config_card_and_lo
     out = tmp_path / "exported"
     export(run / "checkpoints" / "last.ckpt", out)
     assert json.loads((out / "config.json").read_text())["num_classes"] == 3
-    assert "channel(s), 3 classes (pass class_labels). Trained with " in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "channel(s), 3 classes (pass class_labels). Trained with " in card
+    assert "- class-conditional-image-generation\n" in card and "unconditional" not in card
     assert load_generator(out).num_classes == 3
+    scope = run_the_cards_code(out, monkeypatch)  # it sampled without class labels before
+    assert scope["images"].shape == (16, 1, 8, 8) and scope["labels"].max() < 3
+    pipeline = ACTPipeline.from_pretrained(out)
+    torch.testing.assert_close(  # a list of labels, as diffusers pipelines take them
+        pipeline(noise=scope["z"][:2], class_labels=[1, 2]),
+        pipeline(noise=scope["z"][:2], class_labels=torch.tensor([1, 2])),
+    )
