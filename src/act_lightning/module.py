@@ -639,20 +639,7 @@ class ACTModule(L.LightningModule):
         compile another graph (and under CUDA graphs hold another memory pool) for a few forwards."""
         net = self.target if net is None else net
         diffusion = self.hparams.objective == "diffusion"
-        later = [] if taus is None else [float(t) for t in taus]
-        if diffusion and later:
-            raise ValueError(
-                "a diffusion model (model.objective=diffusion) samples with EDM's Heun sampler over "
-                f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={later}: "
-                "sample it without taus (evaluate: samplers=[1-step])"
-            )
-        sigma_max = float(self.schedule.sigma_max)
-        if any(t >= sigma_max for t in later):
-            raise ValueError(
-                f"taus={later}: the noise levels of the steps after the first, which is at sigma_max="
-                f"{sigma_max:g}, each below it (two steps: taus=[tau]); sigma_max itself is not listed"
-            )
-        taus = [sigma_max, *later]
+        taus = [float(self.schedule.sigma_max), *self.check_later_levels(taus)]
         was_training = net.training
         net.eval()
         try:
@@ -664,6 +651,24 @@ class ACTModule(L.LightningModule):
                 return multistep(denoise, noise, taus, self.schedule.sigma_min, generator, step_noise)
         finally:
             net.train(was_training)
+
+    def check_later_levels(self, taus: list[float] | None) -> list[float]:
+        """`sample`'s taus, the levels after the first step: each below sigma_max, and none for a diffusion
+        model (the sample command checks them before it makes its folder)."""
+        later = [] if taus is None else [float(t) for t in taus]
+        if self.hparams.objective == "diffusion" and later:
+            raise ValueError(
+                "a diffusion model (model.objective=diffusion) samples with EDM's Heun sampler over "
+                f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={later}: "
+                "sample it without taus (evaluate: samplers=[1-step])"
+            )
+        sigma_max = float(self.schedule.sigma_max)
+        if any(t >= sigma_max for t in later):
+            raise ValueError(
+                f"taus={later}: the noise levels of the steps after the first, which is at sigma_max="
+                f"{sigma_max:g}, each below it (two steps: taus=[tau]); sigma_max itself is not listed"
+            )
+        return later
 
     def extra_repr(self) -> str:
         return f"iteration={self.k}/{self.hparams.iterations}"

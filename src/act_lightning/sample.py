@@ -108,7 +108,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     s = model.schedule
-    taus = [float(s.sigma_max), *check_taus(cfg.taus, s.sigma_min, s.sigma_max)]
+    taus = [float(s.sigma_max), *model.check_later_levels(check_taus(cfg.taus, s.sigma_min, s.sigma_max))]
     labels = class_labels(cfg.class_labels, cfg.num_samples, model.hparams.num_classes, cfg.seed)
     net = model.target if cfg.net == "target" else model.generator
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
@@ -137,8 +137,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "net": cfg.net,
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),
-        "taus": taus,
-        **heun_record(model),
+        **(heun_record(model) or {"taus": taus}),  # a diffusion model's sampler has no taus
         "shape": list(images.shape),
         "samples": str(out / "samples.npz"),
         "grid": str(out / "grid.png"),

@@ -197,10 +197,11 @@ def test_a_diffusion_model_samples_with_heun_and_says_so(tmp_path):
     train(compose(["experiment=quickstart_diffusion", "debug=smoke", "model.heun_steps=3"], run_dir=str(run)))
     ckpt = run / "checkpoints" / "last.ckpt"
     summary = _sample([f"ckpt={ckpt}", f"out={tmp_path / 'out'}", "num_samples=3"])
-    assert (summary["sampler"], summary["heun_steps"]) == ("heun", 3)
+    assert (summary["sampler"], summary["heun_steps"]) == ("heun", 3) and "taus" not in summary  # Heun's
     assert _arrays(tmp_path / "out" / "samples.npz")["arr_0"].shape == (3, 8, 8, 1)
     with pytest.raises(ValueError, match="Heun sampler over model.heun_steps=3 levels"):
         _sample([f"ckpt={ckpt}", f"out={tmp_path / 'two'}", "num_samples=3", "taus=[1.0]"])
+    assert not (tmp_path / "two").exists()  # refused before its folder was made
 
 
 def test_check_taus_refuses_a_repeated_level_and_levels_at_sigma_max_or_sigma_min():
