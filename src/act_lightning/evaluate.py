@@ -44,7 +44,7 @@ from act_lightning.metrics.fid import (
 )
 from act_lightning.metrics.frechet import LazyRoot, frechet_distance
 from act_lightning.metrics.inception import check_quantize
-from act_lightning.metrics.reference import require_reference_images
+from act_lightning.metrics.reference import check_reference_images, require_reference_images
 from act_lightning.sample import check_taus, heun_record, two_step_tau
 from act_lightning.seeds import EVALUATION, check_seed, image_noise
 
@@ -93,7 +93,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output = output_file(cfg, ckpt)
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
     quantize = recorded_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
-    weights, dinov2_weights = required_files(cfg, ev, metrics)  # before the networks are built
+    weights, dinov2_weights = required_files(cfg, ev, metrics, run)  # before the networks are built
     device = resolve_device(cfg.device)
 
     model = build_model(checkpoint, run, device)
@@ -168,9 +168,10 @@ class Laps:
         return {name: round(value, 1) for name, value in laps.items()}
 
 
-def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str]) -> tuple:
+def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str], run: DictConfig) -> tuple:
     """The Inception and DINOv2 weights files and the reference the metrics need, each refused by name
-    when missing, before anything is built: (inception weights or None, DINOv2 weights or None)."""
+    when missing (a reference batch also when its images are not the model's size), before anything is
+    built: (inception weights or None, DINOv2 weights or None)."""
     from act_lightning.metrics.inception import check_inception_resize, resolve_inception_weights
 
     weights = None
@@ -183,8 +184,10 @@ def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str]) -> tuple
 
         dinov2_weights = resolve_dinov2_weights(cfg.get("dinov2_weights"), bool(ev.download))
     check_reference_spec(ev.reference)
-    if any(m in NEED_REAL_IMAGES for m in metrics) and str(ev.reference) != "train":
-        require_reference_images(Path(ev.reference))
+    if str(ev.reference) != "train":
+        check_reference_images(Path(ev.reference), int(run.data.image_size), int(run.data.channels))
+        if any(m in NEED_REAL_IMAGES for m in metrics):
+            require_reference_images(Path(ev.reference))
     return weights, dinov2_weights
 
 

@@ -140,6 +140,19 @@ def test_an_output_that_cannot_be_written_is_refused_before_sampling(cifar_run, 
         _evaluate([f"ckpt={ckpt}", f"output={tmp_path}"])  # it failed at the rename, after sampling
 
 
+def test_a_reference_batch_of_another_image_size_is_refused_before_sampling(cifar_run, tmp_path, monkeypatch):
+    from act_lightning import evaluate
+
+    monkeypatch.setattr(evaluate, "build_model", lambda *a: pytest.fail("the networks were built"))
+    batch = tmp_path / "VIRTUAL_imagenet64.npz"
+    np.savez(batch, arr_0=np.zeros((4, 64, 64, 3), dtype=np.uint8))
+    ckpt = cifar_run / "checkpoints" / "best.ckpt"
+    said = f"eval.reference={batch}: images of 64x64 with 3 channel.s., but the model generates 32x32 with 3"
+    for metrics in ("[fid]", "[fid,kid]"):
+        with pytest.raises(ValueError, match=said):
+            _evaluate([f"ckpt={ckpt}", f"eval.reference={batch}", f"metrics={metrics}"])
+
+
 def test_evaluate_names_a_missing_or_foreign_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file"):
         _evaluate([f"ckpt={tmp_path / 'nope.ckpt'}"])

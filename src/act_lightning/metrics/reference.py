@@ -114,6 +114,28 @@ def require_reference_images(path: Path) -> None:
             )
 
 
+def check_reference_images(path: Path, image_size: int, channels: int) -> None:
+    """Refuses, by name, a reference batch whose images (`arr_0`, read from the array's header alone) are
+    not the model's size and channels: another data set's batch would be scored without a word."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "arr_0.npy" not in archive.namelist():
+                return  # statistics (mu, sigma): their dimension is checked when they are read
+            with archive.open("arr_0.npy") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = (
+                    np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                )
+                shape = read(f)[0]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # load_reference says what is wrong with the file
+    if len(shape) == 4 and (shape[1], shape[2], shape[3]) != (image_size, image_size, channels):
+        raise ReferenceStatisticsError(
+            f"eval.reference={path}: images of {shape[1]}x{shape[2]} with {shape[3]} channel(s), but the "
+            f"model generates {image_size}x{image_size} with {channels}: another data set's reference batch?"
+        )
+
+
 def reference_image_batches(path: Path, batch_size: int, count: int) -> Iterator[Tensor]:
     """The first `count` images of a reference batch (`arr_0`) as batches in [-1, 1]."""
     require_reference_images(path)
