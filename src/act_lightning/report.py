@@ -153,6 +153,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     """The finished-or-not jobs under the sweep folders, grouped into variants in sweep order."""
     runs: list[Run] = []
     overrides: list[list[str]] = []
+    metrics: dict[str, Path] = {}  # each metric key the jobs report, with the first job reporting it
     for sweep in sweeps:
         if not sweep.is_dir():
             raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
@@ -162,6 +163,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             job_overrides, config = job_record(job, checkpoint)
             overrides.append(job_overrides)
             summary = json.loads((job / "metric_summary.json").read_text())
+            metrics.setdefault(summary.get("metric", "metric"), job)
             history = summary["history"]
             offset = pretrain_seconds(job, config.get("init_from"))
             run = Run(
@@ -176,6 +178,9 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
                 environment=latest_environment((checkpoint or {}).get("act_history")),
             )
             runs.append(run)
+    if len(metrics) > 1:  # one column, one axis: values of different metrics do not compare
+        listed = ", ".join(f"{metric} ({job})" for metric, job in metrics.items())
+        raise ValueError(f"the jobs report different metrics: {listed}; report one metric at a time")
     variants: dict[str, Variant] = {}
     for run, label in zip(runs, variant_labels(overrides)):
         variants.setdefault(label, Variant(label)).runs.append(run)

@@ -363,3 +363,16 @@ def test_out_keeps_every_dot_of_its_name_but_a_suffix_of_its_own(tmp_path):
     assert names("gan_ratio_0.3") == ["gan_ratio_0.3.png", "gan_ratio_0.3.md", "gan_ratio_0.3.json"]
     assert names("mini.md") == names("mini") == ["mini.png", "mini.md", "mini.json"]
     assert (tmp_path / "new").is_dir()  # its folder made
+
+
+def test_jobs_that_report_different_metrics_are_refused_by_name(tmp_path):
+    """A quickstart's val/fd and a CIFAR-10 val/fid went into one column under the first one's name."""
+    from act_lightning.report import find_runs
+
+    for name, metric in (("0", "val/fd"), ("1", "val/fid")):
+        job = _job(tmp_path / "sweep" / name, int(name), None)
+        summary = json.loads((job / "metric_summary.json").read_text())
+        (job / "metric_summary.json").write_text(json.dumps({**summary, "metric": metric}))
+    with pytest.raises(ValueError, match=r"different metrics: val/fd \(.*sweep/0\), val/fid \(.*sweep/1\)"):
+        find_runs([tmp_path / "sweep"])
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "r")]) == 2  # said as an error line
