@@ -123,6 +123,7 @@ def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) ->
     and without `_orig_mod.`), and networks' keys of `own` it lacks (missing), each listed by name as
     the reference's file names its keys."""
     converted, unknown, misshaped, duplicate = {}, [], [], []
+    present = set()  # our names of the keys the file holds, whatever their shape (not missing)
     for key, value in state.items():
         reference = plain(key)
         prefix = next((p for p in PREFIXES if reference.startswith(p)), None)
@@ -131,6 +132,7 @@ def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) ->
                 unknown.append(key)
             continue
         name = PREFIXES[prefix] + reference[len(prefix) :]
+        present.add(name)
         if name not in own:
             unknown.append(key)
         elif own[name].shape != value.shape:
@@ -144,7 +146,7 @@ def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) ->
     missing = [  # a key no reference prefix maps to keeps its own name
         next((theirs[p] + k[len(p) :] for p in theirs if k.startswith(p)), k)
         for k in networks
-        if k not in converted
+        if k not in present  # a mis-shaped key is listed once, as mis-shaped
     ]
     kinds = (("unknown", unknown), ("mis-shaped", misshaped), ("duplicate", duplicate), ("missing", missing))
     problems = [

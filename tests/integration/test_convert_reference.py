@@ -128,6 +128,7 @@ def test_unknown_misshaped_duplicate_and_missing_keys_are_named(reference, tmp_p
     assert "fid." not in message and "distance_loss" not in message
     assert "mis-shaped keys: model.unet.conv_out.weight (1, 2, 3, 3)" in message
     assert "missing keys: model.unet.conv_in.bias" in message  # named as the reference's file names keys
+    assert message.count("model.unet.conv_out.weight") == 1  # mis-shaped, not also missing
     assert d_key in message
     with pytest.raises(ValueError, match="not a reference ACT checkpoint"):
         torch.save({"state_dict": {"weight": torch.zeros(1)}}, tmp_path / "foreign.ckpt")
