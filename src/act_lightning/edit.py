@@ -188,6 +188,11 @@ def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) ->
         with Image.open(files[0]) as first_image:
             if first_image.size[0] == low:
                 read_size = low
+        if len(files) > 1:  # the first input decides which of the two sizes all of them have
+            needs = (
+                f"{read_size}x{read_size} like the first input, {files[0].name} (task=superres "
+                f"factor={factor}: all inputs {low}x{low}, or all {size}x{size} averaged down to {low}x{low})"
+            )
     images = read_images(files, read_size, channels, needs=needs)
     if cfg.task == "colorize" and channels != 3:
         raise ValueError(f"task=colorize needs a colour model; this one makes {channels}-channel images")

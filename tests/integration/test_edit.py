@@ -223,6 +223,11 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=rf"input=.*0.png: 4x4 pixels; {needs}"):
         small = _images(tmp_path / "small", 1, 4)
         _edit(["task=superres", "factor=4", f"ckpt={ckpt}", f"input={small}", f"out={tmp_path}"])
+    mixed = _images(tmp_path / "mixed", 1, 2)  # 0.png low-resolution, 1.png full size: the first decides
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), "L").save(mixed / "1.png")
+    needs = r"2x2 like the first input, 0.png \(task=superres factor=4: all inputs 2x2, or all 8x8 averaged"
+    with pytest.raises(ValueError, match=rf"input=.*1.png: 8x8 pixels; this model needs {needs}"):
+        _edit(["task=superres", "factor=4", f"ckpt={ckpt}", f"input={mixed}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match=r"input=.*0.png: a colour image \(RGB\); this model makes grey"):
         _edit([f"ckpt={ckpt}", f"input={_images(tmp_path / 'rgb', 1, 8, 'RGB')}", f"out={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="input=.*nowhere: no such image file or folder"):
