@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from act_lightning.checkpoints import load_model
+from act_lightning.checkpoints import checkpoint_iteration, load_model
 from act_lightning.checks import check_count
 from act_lightning.commands import (
     CONFIG_DIR,
@@ -140,7 +140,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     check_seed(cfg.seed)
     out = check_out_folder(cfg.out)
     device = resolve_device(cfg.device)
-    model, run, _ = load_model(cfg.ckpt, device)
+    model, run, checkpoint = load_model(cfg.ckpt, device)
     if model.hparams.get("objective", "consistency") != "consistency":
         raise ValueError(
             f"ckpt={cfg.ckpt}: a diffusion model (model.objective=diffusion); zero-shot editing runs a "
@@ -167,9 +167,33 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     )
     shown_input = project(torch.full(shape, -1.0, device=device)) if cfg.task == "inpaint" else y
     write_results(out, images, result, mask, shown_input)
-    summary = {"task": cfg.task, "images": [str(f) for f in files], "taus": taus, "out": str(out)}
+    summary = {  # what it takes to edit the same way again (image i's noise: (seed, i, step))
+        "task": cfg.task,
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "iteration": checkpoint_iteration(checkpoint),
+        "net": cfg.net,
+        "seed": int(cfg.seed),
+        "images": [str(f) for f in files],
+        "taus": taus,
+        **task_options(cfg),
+        "out": str(out),
+    }
     (out / "edit.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def task_options(cfg: DictConfig) -> dict[str, Any]:
+    """The options of `cfg.task` that shaped the edit (inpaint: mask or box, null for the default centre
+    square; superres: factor), and the class label when one was given."""
+    options: dict[str, Any] = {}
+    if cfg.task == "inpaint":
+        options["mask"] = None if cfg.mask is None else str(Path(cfg.mask).resolve())
+        options["box"] = None if cfg.box is None else [int(v) for v in cfg.box]
+    elif cfg.task == "superres":
+        options["factor"] = int(cfg.factor)
+    if cfg.class_label is not None:
+        options["class_label"] = int(cfg.class_label)
+    return options
 
 
 def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) -> Tensor:

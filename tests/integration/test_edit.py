@@ -3,6 +3,9 @@ fills in the rest; bad inputs are refused by name."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +75,9 @@ def test_inpaint_with_a_box_or_a_mask_image(checkpoints, tmp_path):
     _edit([f"ckpt={checkpoints['grey']}", f"input={images}", "box=[0,0,8,3]", f"out={tmp_path / 'box'}"])
     r = _result(tmp_path / "box")
     assert not r["mask"][:, :, :3].any() and r["mask"][:, :, 3:].all()
+    record = json.loads((tmp_path / "box" / "edit.json").read_text())  # what it takes to edit so again
+    assert (record["box"], record["mask"], record["seed"], record["net"]) == ([0, 0, 8, 3], None, 0, "target")
+    assert record["checkpoint"] == str(Path(checkpoints["grey"]).resolve()) and record["iteration"] >= 1
     assert np.array_equal(r["output"][r["mask"]], r["input"][r["mask"]])
     known = np.zeros((8, 8), dtype=np.uint8)
     known[::2] = 255  # every other row known
@@ -138,6 +144,7 @@ def test_colorize_keeps_the_luminance_and_superres_the_patch_means(checkpoints, 
     )
     r = _result(tmp_path / "s8")
     assert r["input"].shape == (2, 4, 4, 3) and r["output"].shape == (2, 32, 32, 3) and summary["out"]
+    assert summary["factor"] == 8 and "box" not in summary
     patches = r["output"].astype(float).reshape(2, 4, 8, 4, 8, 3)
     inside = ((patches > 0) & (patches < 255)).all((2, 4))
     assert inside.mean() > 0.3 and np.abs(patches.mean((2, 4)) - r["input"])[inside].max() <= 1.0
