@@ -232,11 +232,27 @@ def check_exportable(model, ckpt) -> None:
         )
 
 
+def check_export_folder(out: Path) -> None:
+    """`out` is new, empty or an earlier export (replaced): a folder of other files (a run's checkpoints,
+    a data set) would get a model card, weights and diffusers' folders mixed into it."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise ValueError(
+            f"out={out} holds other files, not an earlier export: export into a new or empty folder"
+        )
+
+
 def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Writes the checkpoint's target generator into `out` (see the module docstring)."""
     from omegaconf import OmegaConf
 
     out = check_out_folder(out)
+    check_export_folder(out)
     model, run, checkpoint = load_model(ckpt)
     check_exportable(model, ckpt)
     out.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,16 @@ def test_loading_needs_neither_lightning_nor_hydra(exported):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_an_export_replaces_an_earlier_one_and_refuses_a_folder_of_other_files(exported):
+    ckpt, out = exported
+    export(ckpt, out)  # again, into the earlier export: replaced
+    assert json.loads((out / "config.json").read_text())["format"] == FORMAT
+    before = sorted(p.name for p in ckpt.parent.iterdir())
+    with pytest.raises(ValueError, match=f"out={ckpt.parent} holds other files, not an earlier export"):
+        export(ckpt, ckpt.parent)  # it wrote a model card and weights among the run's checkpoints
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == before
+
+
 def test_a_folder_that_is_not_an_export_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json: missing; .* not a folder written by"):
         load_generator(tmp_path)
