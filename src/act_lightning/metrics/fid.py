@@ -1,9 +1,10 @@
 """FID as used in training (callbacks.FrechetEvaluation) and by `python -m act_lightning.evaluate`.
 
 Pure torch: feature extractors by name, statistics of real and generated images, reference statistics
-(published or the training set's, cached). Samples come in chunks of `batch_size`, chunk c drawn from
-noise seeded by c, and rank r of `world_size` takes chunks r, r + world_size, ...; with the float64
-feature sums all-reduced, one process and many evaluate the same samples and give the same FID.
+(published or the training set's, cached). Sample i's noise (and label) is seeded by i
+(`evaluation_noise`); samples come in chunks of `batch_size`, and rank r of `world_size` takes chunks
+r, r + world_size, ...; with the float64 feature sums all-reduced, one process and many, at any batch
+size, evaluate the same samples and give the same FID.
 """
 
 from __future__ import annotations
