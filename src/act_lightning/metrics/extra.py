@@ -119,7 +119,10 @@ def real_references(
     need_real = any(m in NEED_REAL for m in metrics)
     if dinov2 is None and not need_real:
         return RealReferences(None, None, None)
-    tap = SecondFeatures(extractor, dinov2) if need_real and dinov2 is not None else (dinov2 or extractor)
+    if dinov2 is None:
+        tap = extractor
+    else:
+        tap = SecondFeatures(extractor, dinov2) if need_real else dinov2
     first = reference_image_features(reference, datamodule, tap, count, batch_size, device)
     if len(first) < count:
         log.warning(

@@ -30,9 +30,8 @@ from act_lightning.seeds import EVALUATION, mix_seed
 log = logging.getLogger(__name__)
 
 FEATURES = ("inception", "digits")
-Sampler = Callable[
-    [Tensor, Tensor | None, range], Tensor
-]  # (noise, labels, sample indices) -> images in [-1, 1]
+# (noise, labels, the samples' indices) -> images in [-1, 1]
+Sampler = Callable[[Tensor, Tensor | None, range], Tensor]
 
 
 DIGITS_SEED = 0  # the quickstart's classifier is the same in every run: one ruler for every seed
