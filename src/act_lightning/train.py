@@ -52,6 +52,7 @@ from act_lightning.environment import environment
 from act_lightning.init_from import InitWeights, describe, load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
+from act_lightning.metrics.reference import check_reference_images
 from act_lightning.resume import check_resume, global_batch, world_size
 from act_lightning.seeds import check_seed
 
@@ -98,6 +99,9 @@ def check_config(cfg: DictConfig) -> None:
         check_batch_sizes(cfg.data.batch_size, cfg.data.get("global_batch_size"))
     if cfg.get("eval") is not None:  # before the sample grid, whose interval is eval.every's by default
         check_count(cfg.eval.get("every"), "eval.every")
+        reference = cfg.eval.get("reference")
+        if reference is not None and str(reference) != "train" and Path(str(reference)).is_file():
+            check_reference_images(Path(str(reference)), int(cfg.data.image_size), int(cfg.data.channels))
     gen = cfg.model.generator
     classes = cfg.data.get("num_classes")
     if gen.get("num_class_embeds") and not classes:

@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -351,6 +352,15 @@ def test_a_mistyped_data_root_fails_at_start_up_and_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifra10"):
         train(cfg)
     assert not typo.exists() and not (tmp_path / "data").exists()
+    assert _nothing_started(tmp_path / "run")
+
+
+def test_a_reference_batch_of_another_image_size_fails_at_start_up(tmp_path):
+    batch = tmp_path / "VIRTUAL_imagenet64.npz"
+    np.savez(batch, arr_0=np.zeros((4, 64, 64, 3), dtype=np.uint8))
+    said = f"eval.reference={batch}: images of 64x64 with 3 channel.s., but the model generates 8x8 with 1"
+    with pytest.raises(ValueError, match=said):  # it met the first evaluation, after the loggers started
+        train(compose(["debug=smoke", f"eval.reference={batch}"], run_dir=str(tmp_path / "run")))
     assert _nothing_started(tmp_path / "run")
 
 
