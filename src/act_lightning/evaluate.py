@@ -88,7 +88,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lap("checkpoint")
     ev = _apply_overrides(run, cfg)
     check_options(cfg, run)
-    resolve_taus(cfg, run)
     seeds = sampling_seeds(cfg)
     output = output_file(cfg, ckpt)
     metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
@@ -284,7 +283,8 @@ def resolve_taus(cfg: DictConfig, run: DictConfig) -> None:
 
 def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
     """The command's own options (samplers, sizes, net), named by their keys; with the checkpoint's
-    training config `run`, the samplers its model can use (before any network is built)."""
+    training config `run`, the samplers its model can use and their levels (`resolve_taus`), before any
+    network is built."""
     check_names(cfg.samplers, "samplers", "[1-step]")
     unknown = [name for name in cfg.samplers if name not in cfg.taus]
     if unknown:
@@ -306,6 +306,8 @@ def check_options(cfg: DictConfig, run: DictConfig | None = None) -> None:
     check_count(cfg.num_samples, "num_samples", 2)  # a covariance needs two samples
     check_count(cfg.batch_size, "batch_size")
     check_net(cfg.net)
+    if run is not None:
+        resolve_taus(cfg, run)
 
 
 def build_reference(ev: DictConfig, datamodule, weights, batch_size: int, device: torch.device):

@@ -247,6 +247,33 @@ def check_export_folder(out: Path) -> None:
         )
 
 
+def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
+    """The export's README.md (MODEL_CARD) for the run's config `run`, the module's hyper-parameters `h`
+    and the export's `config.json` contents."""
+    from act_lightning.sample import two_step_tau  # (with Hydra: not for loading an exported model)
+
+    conditional = bool(h.num_classes)
+    return MODEL_CARD.format(
+        name=f"ACT generator: {run.get('experiment_name')}",
+        checkpoint=Path(ckpt).name,
+        iteration=config["iteration"],
+        iterations=h.iterations,
+        experiment=run.get("experiment_name"),
+        size=int(run.data.image_size),
+        channels=int(run.data.channels),
+        classes=f", {h.num_classes} classes (pass class_labels)" if conditional else "",
+        folder=out.name,
+        task="class-conditional-image-generation" if conditional else "unconditional-image-generation",
+        labels=f"labels = torch.randint({h.num_classes}, (16,))  # a class per image\n"
+        if conditional
+        else "",
+        label_arg=", class_labels=labels" if conditional else "",
+        two_step_tau=repr(two_step_tau(run)),
+        trained_with=f" Trained with {describe(env)}." if (env := config["trained_with"]) else "",
+        **config["consistency"],
+    )
+
+
 def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     """Writes the checkpoint's target generator into `out` (see the module docstring)."""
     from omegaconf import OmegaConf
@@ -286,30 +313,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     )  # (load_model builds the networks in the standard memory format, which safetensors needs)
     pipeline.save_pretrained(out)
     _follow_umask(out)
-    size, channels = int(run.data.image_size), int(run.data.channels)
-    classes = f", {h.num_classes} classes (pass class_labels)" if h.num_classes else ""
-    from act_lightning.sample import two_step_tau  # (with Hydra: not for loading an exported model)
-
-    card = MODEL_CARD.format(
-        name=f"ACT generator: {run.get('experiment_name')}",
-        checkpoint=Path(ckpt).name,
-        iteration=config["iteration"],
-        iterations=h.iterations,
-        experiment=run.get("experiment_name"),
-        size=size,
-        channels=channels,
-        classes=classes,
-        folder=out.name,
-        task="class-conditional-image-generation" if h.num_classes else "unconditional-image-generation",
-        labels=f"labels = torch.randint({h.num_classes}, (16,))  # a class per image\n"
-        if h.num_classes
-        else "",
-        label_arg=", class_labels=labels" if h.num_classes else "",
-        two_step_tau=repr(two_step_tau(run)),
-        trained_with=f" Trained with {describe(env)}." if (env := config["trained_with"]) else "",
-        **constants,
-    )
-    (out / "README.md").write_text(card)
+    (out / "README.md").write_text(model_card(out, ckpt, run, h, config))
     return {"out": str(out), "iteration": config["iteration"]}
 
 
