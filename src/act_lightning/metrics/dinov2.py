@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from act_lightning.metrics.inception import WeightsError
+from act_lightning.metrics.inception import WeightsError, to_uint8
 
 WEIGHTS_FILE = "dinov2_vitl14_pretrain.pth"
 WEIGHTS_URL = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/{WEIGHTS_FILE}"
@@ -187,8 +187,7 @@ class DINOv2Features(nn.Module):
     def forward(self, images: Tensor, real: bool = False) -> Tensor:
         """`real`: a data set's images, rounded back to their 8-bit levels whatever `quantize` says of
         generated ones (see InceptionFeatures.features_and_logits)."""
-        x = (images.float().clamp(-1, 1) + 1) * 127.5
-        x = x.round() if real or self.quantize == "round" else x.floor()  # the uint8 values of the images
+        x = to_uint8(images, "round" if real else self.quantize).float()  # the images' uint8 values
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="bicubic", antialias=True)
