@@ -194,24 +194,62 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
     """The checkpoint this run starts from, and its contents (None, None for a fresh start).
 
     resume=auto: the run folder's own `checkpoints/last.ckpt` when there is one (a requeued or resumed
-    job), else `ckpt_path`, else a fresh start. resume=never: a run folder that holds a checkpoint is
-    refused (it would be overwritten)."""
-    own = Path(cfg.callbacks.checkpoint.dirpath) / "last.ckpt"
+    job; a `ckpt_path` is then not read), else `ckpt_path`, else a fresh start. A folder that holds other
+    checkpoints but no last.ckpt (moved aside after damage) is refused unless `ckpt_path` names one of
+    them: a fresh start, or another run's checkpoint, would overwrite its best.ckpt, snapshots and
+    metrics.csv. resume=never: a run folder that holds any checkpoint is refused."""
+    folder = Path(cfg.callbacks.checkpoint.dirpath)
+    own, held = folder / "last.ckpt", held_checkpoints(folder)
+    if held and cfg.get("resume", "auto") == "never":
+        raise FileExistsError(
+            f"the run folder {cfg.run_dir} already holds checkpoints ({', '.join(held)} in {folder}); pass "
+            "resume=auto to continue that run or choose another hydra.run.dir"
+        )
     if own.is_file():
-        if cfg.get("resume", "auto") == "never":
-            raise FileExistsError(
-                f"the run folder {cfg.run_dir} already holds a checkpoint ({own}); pass resume=auto to "
-                "continue that run or choose another hydra.run.dir"
-            )
         try:
-            return own, read_checkpoint(own, "resume=auto found", mmap=True, check=checkpoint_iteration)
+            checkpoint = read_checkpoint(own, "resume=auto found", mmap=True, check=checkpoint_iteration)
         except UnreadableCheckpoint as err:
             message = f"resume=auto continues from {own}, which is {err.reason}. {damaged_last_advice(own)}"
             raise UnreadableCheckpoint(message, err.reason) from None
+        say_unread_ckpt_path(cfg, own, checkpoint)
+        return own, checkpoint
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
+        if held and path.resolve().parent != folder.resolve():
+            raise FileExistsError(
+                f"the run folder {cfg.run_dir} holds checkpoints of an earlier run ({', '.join(held)}) "
+                f"but no last.ckpt; a run from ckpt_path={path} would overwrite them: continue that run "
+                "from one of them (ckpt_path=<its path>) or choose another hydra.run.dir"
+            )
         return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration)
+    if held:
+        raise FileExistsError(
+            f"the run folder {cfg.run_dir} holds checkpoints ({', '.join(held)} in {folder}) but no "
+            "last.ckpt; a fresh start would overwrite them and its metrics.csv: continue from one of them "
+            "with ckpt_path=CHECKPOINT, or start afresh in another hydra.run.dir"
+        )
     return None, None
+
+
+def held_checkpoints(folder: Path) -> list[str]:
+    """The checkpoints (`*.ckpt`, not a save's temporaries) a run folder's checkpoint folder holds."""
+    return sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+
+
+def say_unread_ckpt_path(cfg: DictConfig, own: Path, checkpoint: dict) -> None:
+    """A `ckpt_path` given to a folder that has its own last.ckpt is not read: said at info level when it
+    is where the run started (a requeued job keeps its command line), as a warning otherwise."""
+    if not cfg.get("ckpt_path") or Path(cfg.ckpt_path).resolve() == own.resolve():
+        return
+    history = checkpoint.get("act_history") or ({},)
+    started = [o for o in history[0].get("overrides", ()) if o.startswith("ckpt_path=")]
+    same = started and Path(started[-1].split("=", 1)[1]).resolve() == Path(cfg.ckpt_path).resolve()
+    (log.info if same else log.warning)(
+        "resume=auto continues this run from its own %s; ckpt_path=%s is not read%s",
+        own,
+        cfg.ckpt_path,
+        " (the run started from it)" if same else " (a new run from it needs another hydra.run.dir)",
+    )
 
 
 def damaged_last_advice(last: Path) -> str:

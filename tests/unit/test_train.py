@@ -4,6 +4,7 @@ resumes from, a finished run launched again, the loggers of a resumed run, the W
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -63,8 +64,55 @@ def test_resume_auto_takes_the_runs_own_checkpoint_and_resume_never_refuses_it(t
     last = _last(tmp_path, 3)
     path, checkpoint = resolve_resume(_smoke(tmp_path, f"ckpt_path={tmp_path / 'elsewhere.ckpt'}"))
     assert path == last and checkpoint_iteration(checkpoint) == 3  # its own, before ckpt_path
-    with pytest.raises(FileExistsError, match="already holds a checkpoint .* pass resume=auto"):
+    with pytest.raises(
+        FileExistsError, match=r"already holds checkpoints \(last.ckpt in .*\); pass resume=auto"
+    ):
         resolve_resume(_smoke(tmp_path, "resume=never"))
+
+
+def test_a_ckpt_path_the_runs_own_checkpoint_overrides_is_said_a_warning_unless_the_run_started_from_it(
+    tmp_path, caplog
+):
+    start = tmp_path / "start.ckpt"
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    history = [{"iteration": 0, "overrides": ["experiment=quickstart", f"ckpt_path={start}"]}]
+    torch.save({"state_dict": {"iteration": torch.tensor(5)}, "act_history": history}, folder / "last.ckpt")
+    with caplog.at_level(logging.INFO, logger="act_lightning.train"):
+        path, _ = resolve_resume(_smoke(tmp_path, f"ckpt_path={start}"))  # a requeued job's command line
+        assert path == folder / "last.ckpt"
+        assert [r.levelno for r in caplog.records] == [logging.INFO]
+        assert "is not read (the run started from it)" in caplog.text
+        caplog.clear()
+        path, _ = resolve_resume(_smoke(tmp_path, f"ckpt_path={tmp_path / 'another.ckpt'}"))
+        assert path == folder / "last.ckpt"
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        assert "is not read (a new run from it needs another hydra.run.dir)" in caplog.text
+
+
+def test_a_folder_with_checkpoints_but_no_last_one_continues_only_from_one_of_them(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    snapshot = folder / "iter_0000004.ckpt"
+    torch.save({"state_dict": {"iteration": torch.tensor(4)}}, snapshot)
+    torch.save({"state_dict": {"iteration": torch.tensor(2)}}, folder / "best.ckpt")
+    (folder / ".last.ckpt.0123abcd.tmp").write_bytes(b"")  # a save's temporary is no checkpoint
+    with pytest.raises(
+        FileExistsError,
+        match=r"holds checkpoints \(best.ckpt, iter_0000004.ckpt in .*\) but no "
+        r"last.ckpt; a fresh start would overwrite them",
+    ):
+        resolve_resume(_smoke(tmp_path))  # last.ckpt moved aside, as the damaged-checkpoint advice says
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"iteration": torch.tensor(7)}}, other)
+    with pytest.raises(FileExistsError, match=r"a run from ckpt_path=.*other.ckpt would overwrite them"):
+        resolve_resume(_smoke(tmp_path, f"ckpt_path={other}"))
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints \(best.ckpt, iter_0000004.ckpt"):
+        resolve_resume(_smoke(tmp_path, "resume=never", f"ckpt_path={snapshot}"))
+    path, checkpoint = resolve_resume(_smoke(tmp_path, f"ckpt_path={snapshot}"))
+    assert path == snapshot and checkpoint_iteration(checkpoint) == 4
+    snapshot.unlink(), (folder / "best.ckpt").unlink()
+    assert resolve_resume(_smoke(tmp_path)) == (None, None)  # only the temporary left: a fresh start
 
 
 def test_a_damaged_last_checkpoint_names_the_runs_other_checkpoints(tmp_path):
