@@ -83,6 +83,19 @@ def is_lightning_handler(handler: Any) -> bool:
     return module.startswith("lightning") or own.startswith("lightning")
 
 
+def take_lightning_sigterm(trainer: Any) -> bool:
+    """Whether Lightning's own SIGTERM handler saw a SIGTERM; clears its flag. The trainer installs that
+    handler just before training starts, and `LastCheckpoint` replaces it in its `on_train_start`, after
+    the other callbacks' start-up work (the evaluation's reference statistics and first FID): a SIGTERM
+    in between sets only Lightning's `received_sigterm` (in its private `_signal_connector`), on which
+    Lightning's loops end the run after the next iteration with status 0 and no checkpoint."""
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is None or not getattr(connector, "received_sigterm", False):
+        return False
+    connector.received_sigterm = False
+    return True
+
+
 def ignore_unresumable_loader_warning() -> None:
     """Silences exactly Lightning's warning that a resumed run's dataloader "is not resumable". It looks
     at the DataLoader only; our data modules restore the loader's position themselves (the batches of the

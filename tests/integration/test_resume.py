@@ -279,6 +279,17 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert signal.getsignal(signal.SIGINT) is not None  # handlers are put back
 
 
+def test_a_sigterm_while_the_callbacks_start_stops_after_one_iteration_with_a_checkpoint(tmp_path):
+    """Lightning's SIGTERM handler is in place from just before training until our checkpoint callback,
+    sorted last, starts: a SIGTERM then (during the first evaluation) used to end the run with status 0
+    and no checkpoint."""
+    cfg = compose([*LONG, "iterations=50", *_signal_at(signal.SIGTERM, 0)], run_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        train(cfg)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert _iteration(tmp_path / "checkpoints" / "last.ckpt") == 1
+
+
 def test_the_slurm_time_limit_signal_saves_then_hands_over_to_the_launchers_requeue(tmp_path):
     seen = []
 

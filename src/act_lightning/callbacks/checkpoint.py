@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from act_lightning.atomic import atomic_write, remove_stale_temporaries, temporary_name
 from act_lightning.checks import check_count
-from act_lightning.compat import is_lightning_handler
+from act_lightning.compat import is_lightning_handler, take_lightning_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ class LastCheckpoint(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = pl_module.k
         self._install_handlers()
+        if take_lightning_sigterm(trainer):  # arrived during the other callbacks' start: ours from now on
+            self._on_signal(signal.SIGTERM, None)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._commit(trainer)
