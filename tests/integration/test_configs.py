@@ -87,10 +87,14 @@ def test_paper_experiments_carry_the_reference_defaults(experiment, tmp_path):
         ),
     }[experiment]
     m = cfg.model
-    # the global half-batch is the reference's (ImageNet 64: 320 on one GPU, in micro-batches of 160 that fit
-    # 80 GB; LSUN Cat: 8 GPUs x 80)
-    global_batch = cfg.data.global_batch_size or cfg.data.batch_size
-    assert global_batch == table["batch"] and cfg.iterations == table["K"]
+    # the global half-batch is the reference's on any device count that shares it (CIFAR-10: 80 on one GPU;
+    # ImageNet 64: 320 on one GPU, in micro-batches of 160 that fit 80 GB; LSUN Cat: 8 GPUs x 80)
+    datamodule = instantiate(cfg.data)
+    for world in (1, 2, 4, 8):
+        per_device, micro_batches = datamodule.batch_layout(world)
+        assert per_device * world == table["batch"], world
+        assert per_device == micro_batches * min(per_device, cfg.data.batch_size)
+    assert cfg.iterations == table["K"]
     assert m.optimizer.lr == table["lr"] and m.d_optimizer.lr == table["lr"]
     assert m.optimizer._target_ == m.d_optimizer._target_ == "torch.optim.RAdam"
     assert list(m.optimizer.betas) == [0.0, 0.99]

@@ -192,7 +192,10 @@ def test_a_diverged_run_says_which_checkpoints_exist_and_which_to_continue_from(
 def test_a_global_batch_the_devices_cannot_share_is_refused_before_any_process_starts(tmp_path):
     ddp = ["trainer=ddp", "trainer.accelerator=cpu"]
     cases = (
-        (["trainer.devices=3", "data.global_batch_size=4"], "cannot be shared by 3 devices in even parts"),
+        (
+            ["trainer.devices=3", "data.global_batch_size=4"],
+            r"shared by 3 devices \(trainer.devices x trainer.num_nodes\) in even",
+        ),
         (
             ["trainer.devices=2", "data.global_batch_size=12", "data.batch_size=4"],
             "data.batch_size=4 do not divide",

@@ -340,7 +340,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.global_batch_size % world_size or (self.global_batch_size // world_size) % 2:
             raise ValueError(
                 f"data.global_batch_size={self.global_batch_size} images per half-batch cannot be shared by "
-                f"{world_size} devices in even parts: use a multiple of {2 * world_size}"
+                f"{world_size} devices (trainer.devices x trainer.num_nodes) in even parts: use a multiple "
+                f"of {2 * world_size}"
             )
         per_device = self.global_batch_size // world_size
         if per_device <= self.batch_size:
