@@ -576,18 +576,20 @@ def run(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
             launch.lock.release()
 
 
-def failed(err: Exception) -> NoReturn:
-    """A run that trained, then failed for a reason its message explains (DivergenceError; a disk that
-    filled up during a save): the message in one line and exit status 1, as `refuse` does for a refused
-    launch (status 2). A job of a multirun, or with HYDRA_FULL_ERROR=1, raises the error instead: a
-    sweeper records that job as failed (Optuna: `hydra.sweeper.max_failure_rate`) and goes on or stops as
-    it is told, where an exit would end the whole sweep."""
+def failed(err: Exception, status: int = 1) -> NoReturn:
+    """A launch refused by its checks (status 2), or a run that trained, then failed for a reason its
+    message explains (DivergenceError; a disk that filled up during a save; status 1): the message in one
+    line and that exit status (`refuse`). A job of a multirun, or with HYDRA_FULL_ERROR=1, logs that line
+    and raises the error instead: a sweeper records that job as failed (Optuna:
+    `hydra.sweeper.max_failure_rate`) and goes on or stops as it is told, where an exit would end the whole
+    sweep at that job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.error("error: %s", " ".join(str(err).split()))
         raise err
-    refuse(err, status=1)  # its one line (or, with HYDRA_FULL_ERROR=1, the error raised)
+    refuse(err, status=status)  # its one line (or, with HYDRA_FULL_ERROR=1, the error raised)
 
 
 def explained(err: BaseException) -> bool:
@@ -607,11 +609,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         launch = prepare(cfg)
     except Exception as err:  # refused by a check: nothing was written into the run folder
-        refuse(err)
+        failed(err, status=2)
     try:
         summary = run(cfg, launch)
     except (DataUnavailable, DataError) as err:  # found as Lightning prepares the data: download, checksum
-        refuse(err)
+        failed(err, status=2)
     except Exception as err:
         if not explained(err):
             raise

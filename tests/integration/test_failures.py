@@ -324,3 +324,15 @@ def test_a_diverged_run_is_told_to_continue_from_the_latest_checkpoint_up_to_the
     assert "Continue from iter_0000004.ckpt, written before iteration 4" in what_to_do(trainer, since=4)
     assert "Continue from iter_0000002.ckpt, written before iteration 3" in what_to_do(trainer, since=3)
     assert "broken.ckpt" not in what_to_do(trainer, since=6)
+
+
+def test_a_refused_job_of_a_multirun_fails_as_a_job_and_the_sweep_runs_the_others(tmp_path):
+    """A refusal used to exit the process (SystemExit, which Hydra's launchers do not catch): the first
+    refused job ended the whole sweep, and an Optuna study with it, whatever max_failure_rate said."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *QUIET, "iterations=-1,2", f"hydra.sweep.dir={sweep}"]
+    result = run_module("train", args, env=COMMAND_ENV)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "iterations must be a positive integer (ACT iterations K), got -1" in result.stderr
+    assert _iteration(sweep / "1" / "checkpoints" / "last.ckpt") == 2  # the second job ran
+    assert not (sweep / "0" / "checkpoints").exists()
