@@ -362,3 +362,13 @@ def test_a_split_without_labels_is_named(prepared_copy):
     (prepared_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"manifest\.json: the 'train' split has no labels"):
         _dm(prepared_copy, num_classes=None).build_train_dataset()
+
+
+def test_the_pickled_release_is_named_and_the_npz_archives_are_asked_for(tmp_path):
+    (tmp_path / "train_data_batch_1").write_bytes(b"\x80\x04")  # the release without _npz: pickles
+    with pytest.raises(FileNotFoundError) as err:
+        prepare_imagenet64(tmp_path, tmp_path / "out", progress=False)
+    message = str(err.value)
+    assert f"{tmp_path / 'train_data_batch_1'} is from the pickled release" in message
+    assert "Imagenet64_train_part1_npz.zip, Imagenet64_train_part2_npz.zip, Imagenet64_val_npz.zip" in message
+    assert not (tmp_path / "out").exists()

@@ -31,8 +31,8 @@ ROW = CHANNELS * SIZE * SIZE  # 12288 bytes per image
 
 def _official_hint(where: Path) -> str:
     return (
-        f"Get them from {URL} (Downsampled ImageNet 64x64: Imagenet64_train_part1.zip, "
-        f"Imagenet64_train_part2.zip, Imagenet64_val.zip) and unzip them into {where}"
+        f"Get them from {URL} (Downsampled ImageNet 64x64, the npz release: Imagenet64_train_part1_npz.zip, "
+        f"Imagenet64_train_part2_npz.zip, Imagenet64_val_npz.zip) and unzip them into {where}"
     )
 
 
@@ -49,9 +49,17 @@ def find_official_files(src: Path, require_val: bool = False) -> tuple[list[Path
         [VAL_FILE] if require_val and val is None else []
     )
     if missing:
+        pickled = find(TRAIN_FILES[0].removesuffix(".npz"))  # the other release: Python pickles, never read
+        found = (
+            f" {pickled} is from the pickled release (Imagenet64_train_part1.zip, no .npz suffix), which "
+            "this library does not read (unpickling runs code)."
+            if pickled is not None
+            else ""
+        )
         raise FileNotFoundError(
             f"ImageNet 64x64: {', '.join(missing)} not found under {src}. Expected the official downsampled "
-            f"release there: {TRAIN_FILES[0]} .. {TRAIN_FILES[-1]} and {VAL_FILE}. {_official_hint(src)}."
+            f"release there: {TRAIN_FILES[0]} .. {TRAIN_FILES[-1]} and {VAL_FILE}.{found} "
+            f"{_official_hint(src)}."
         )
     return [train[name] for name in TRAIN_FILES], val
 
