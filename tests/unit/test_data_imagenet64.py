@@ -372,3 +372,17 @@ def test_the_pickled_release_is_named_and_the_npz_archives_are_asked_for(tmp_pat
     assert f"{tmp_path / 'train_data_batch_1'} is from the pickled release" in message
     assert "Imagenet64_train_part1_npz.zip, Imagenet64_train_part2_npz.zip, Imagenet64_val_npz.zip" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_prepare_into_a_prepared_folder_leaves_no_manifest_over_its_half_rewritten_arrays(tmp_path):
+    dst = tmp_path / "out"
+    prepare_imagenet64(_broken(tmp_path / "a"), dst, progress=False)
+    assert (dst / "manifest.json").is_file()
+    bad = _broken(
+        tmp_path / "b", "train_data_batch_9.npz", data=np.zeros((2, 12288), np.uint8), labels=[0, 1]
+    )
+    with pytest.raises(DataError, match="labels must lie in 1..1000"):
+        prepare_imagenet64(bad, dst, progress=False)
+    assert not (dst / "manifest.json").exists()  # the arrays were rewritten up to batch 8: refused as such
+    with pytest.raises(Exception, match="manifest"):
+        ImageNet64DataModule(root=str(dst), batch_size=2).setup("fit")

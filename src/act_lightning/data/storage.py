@@ -79,8 +79,12 @@ def _bar(total: int, desc: str, unit: str = "it", disable: bool = False):
 def no_partial_output(dst: Path) -> Iterator[None]:
     """Within: a conversion writes its arrays into `dst`. If it stops (a file that does not decode,
     Ctrl-C), the files it created there are removed, and `dst` too when it made it and nothing else is
-    in it: no half-written array is left without the manifest that would say it is incomplete."""
+    in it: no half-written array is left without the manifest that would say it is incomplete. A folder
+    prepared before loses its manifest (and verification stamp) first: the arrays are rewritten in place,
+    and a conversion that stops must not leave the old manifest describing arrays it half overwrote."""
     created = not dst.exists()
+    for name in (MANIFEST, _STAMP):
+        (dst / name).unlink(missing_ok=True)
     before = set(dst.iterdir()) if dst.is_dir() else set()
     try:
         yield
