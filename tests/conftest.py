@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers_warm import WarmInterpreter
 
-os.environ.setdefault("WANDB_MODE", "offline")  # tests never reach the network
+os.environ["WANDB_MODE"] = "offline"  # tests never reach the network, whatever the shell exported
 os.environ.setdefault("WANDB_SILENT", "true")
 
 

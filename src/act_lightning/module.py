@@ -239,8 +239,9 @@ class ACTModule(L.LightningModule):
         heun_steps: int = 18,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["generator", "discriminator", "optimizer", "d_optimizer", "schedule", "speed"]
+        self.save_hyperparameters(  # in the checkpoint; the loggers get the whole config (on_fit_start)
+            ignore=["generator", "discriminator", "optimizer", "d_optimizer", "schedule", "speed"],
+            logger=False,
         )
         self.schedule = with_curriculum(_options(schedule, ConsistencySchedule), curriculum)
         self.speed = _options(speed, SpeedOptions)

@@ -99,6 +99,7 @@ def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_de
     logged = yaml.safe_load((run / "hparams.yaml").read_text())  # the loggers' config, as W&B's
     assert logged["environment"] == environment()
     assert logged["environments"] == [{"iteration": 0, **environment()}, {"iteration": 2, **environment()}]
+    assert "distance" in logged["model"] and "distance" not in logged  # the config once, not the module's too
 
     # a finished run is not extended silently; deliberately it is
     finish = [*SMOKE, "eval=null", "iterations=6", "model.schedule.gan_ratio=0.5"]
