@@ -85,13 +85,22 @@ def skip_if_nonfinite(
 
 
 class BadIterations(nn.Module):
-    """Counts bad iterations in device tensors (not saved in checkpoints: a resumed run starts afresh):
-    the current streak, the total, the iteration that started the streak and its mask of terms."""
+    """Counts bad iterations in device tensors: the current streak, the total, the iteration that started
+    the streak and its mask of terms. Kept in checkpoints, so a resumed run goes on counting as the
+    uninterrupted run does (`train/skipped_updates`, a streak across a stop); a checkpoint from before
+    they were kept loads with zeros."""
+
+    NAMES = ("streak", "total", "since", "terms")
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("streak", "total", "since", "terms"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
+        for name in self.NAMES:
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in self.NAMES:  # (load_state_dict hands each module a copy of the caller's dict)
+            state_dict.setdefault(prefix + name, torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def record(self, mask: Tensor, iteration: int) -> None:

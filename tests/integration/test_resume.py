@@ -170,7 +170,7 @@ def test_the_remains_of_a_save_killed_mid_write_are_removed_at_start_up(tmp_path
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     stale = [".last.ckpt.k2j4h6g8.tmp", ".best.ckpt.a_b_c_d_.tmp", ".iter_0000002.ckpt.00000000.tmp"]
-    others = ["notes.tmp", "old.ckpt", ".last.ckpt.tmp"]
+    others = ["notes.tmp", "old.ckpt.orig", ".last.ckpt.tmp"]  # (a *.ckpt there would refuse a fresh start)
     for name in stale + others:
         (folder / name).write_bytes(b"half a checkpoint")
     summary_remains = tmp_path / ".metric_summary.json.a1b2c3d4.tmp"  # in the run folder itself

@@ -39,7 +39,11 @@ def test_the_counters_name_the_first_bad_iteration_of_a_streak():
         bad.report()
         == "1 bad iterations in a row since iteration 4 (first non-finite: discriminator gradients)"
     )
-    assert not bad.state_dict()  # not in checkpoints: a resumed run counts afresh
+    kept = BadIterations()
+    kept.load_state_dict(bad.state_dict())  # in checkpoints: a resumed run goes on counting
+    assert [int(v) for v in kept.state_dict().values()] == [1, 3, 4, 1 << 6]
+    kept.load_state_dict({})  # a checkpoint from before they were kept: zeros, not a missing-key error
+    assert [int(v) for v in kept.state_dict().values()] == [0, 0, 0, 0]
 
 
 def test_a_nonfinite_loss_or_gradient_zeroes_the_update_and_only_a_gradient_is_reported():
