@@ -15,6 +15,7 @@ import errno
 import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -58,6 +59,20 @@ def damage(path: Path, error: BaseException) -> str | None:
     return "damaged (truncated or corrupted: torch's loader cannot read it)"
 
 
+def failed_checksum(path: Path) -> str | None:
+    """Why a zip-format checkpoint is damaged where torch's loader would not see it (it checks no
+    checksums: a block of zeros inside a tensor loads as changed numbers), or None: every member is read
+    and compared with the CRC-32 the archive records (about a second per GB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        return None  # truncated, unreadable: torch's loader fails on it and `damage` says so
+    if member is None:
+        return None
+    return f"damaged ({member} does not match the checksum the archive records for it: corrupted on disk)"
+
+
 def refused_global(error: BaseException) -> str:
     """The Python object a pickle holds that the safe loader refused, as torch names it."""
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -72,12 +87,14 @@ def read_checkpoint(
     mmap: bool = False,
     check: Callable[[Any], object] | None = None,
     unreadable: str = UNREADABLE,
+    checksums: bool = False,
 ) -> Any:
     """The contents of `path`, read with the safe loader onto the CPU (memory-mapped with `mmap`: cheap
     for big files). Refused, as `{key}={path}: ` and why: a missing file (FileNotFoundError); an empty,
     damaged or foreign file (UnreadableCheckpoint, saying which); a file holding pickled objects or one
     whose contents `check` raises on, followed by `unreadable` (a format string given the error's type
-    name as {kind} and what went wrong as {error})."""
+    name as {kind} and what went wrong as {error}). With `checksums` (training state a run resumes from),
+    a zip-format file whose members fail their CRC-32 is refused as damaged too."""
     path = Path(path)
     if path.is_dir():  # a run folder, most likely: name the checkpoints it holds
         found = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
@@ -85,10 +102,13 @@ def read_checkpoint(
         raise IsADirectoryError(f"{key}={path}: a folder, not a checkpoint file{some}")
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == ZIP  # torch maps only its zip format
+    corrupted = failed_checksum(path) if checksums and is_zip else None
+    if corrupted:
+        raise UnreadableCheckpoint(f"{key}={path}: {corrupted}", corrupted)
     try:
-        with open(path, "rb") as f:
-            mmap = mmap and f.read(4) == ZIP  # torch maps only its zip format
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except Exception as err:
         reason = damage(path, err) or unreadable.format(kind=type(err).__name__, error=refused_global(err))
         raise UnreadableCheckpoint(f"{key}={path}: {reason}", reason) from None  # torch's text: unsafe advice

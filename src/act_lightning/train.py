@@ -207,7 +207,9 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
         )
     if own.is_file():
         try:
-            checkpoint = read_checkpoint(own, "resume=auto found", mmap=True, check=checkpoint_iteration)
+            checkpoint = read_checkpoint(
+                own, "resume=auto found", mmap=True, check=checkpoint_iteration, checksums=True
+            )
         except UnreadableCheckpoint as err:
             message = f"resume=auto continues from {own}, which is {err.reason}. {damaged_last_advice(own)}"
             raise UnreadableCheckpoint(message, err.reason) from None
@@ -221,7 +223,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
                 f"but no last.ckpt; a run from ckpt_path={path} would overwrite them: continue that run "
                 "from one of them (ckpt_path=<its path>) or choose another hydra.run.dir"
             )
-        return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration)
+        return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration, checksums=True)
     if held:
         raise FileExistsError(
             f"the run folder {cfg.run_dir} holds checkpoints ({', '.join(held)} in {folder}) but no "

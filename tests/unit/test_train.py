@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -190,3 +191,23 @@ def test_the_wandb_run_ends_with_the_jobs_outcome_and_is_named_by_the_experiment
     job = SimpleNamespace(job=SimpleNamespace(override_dirname="model.schedule.gan_ratio=0.1,seed=1"))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: job))
     assert run_name(_smoke(tmp_path)) == "quickstart[model.schedule.gan_ratio=0.1,seed=1]"
+
+
+def test_a_last_checkpoint_corrupted_inside_a_tensor_is_refused_by_its_checksums(tmp_path):
+    """torch's loader checks no checksums: zeros written over a tensor's bytes load as other numbers, and
+    the run would have resumed from them without a word."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    last = folder / "last.ckpt"
+    torch.save({"state_dict": {"iteration": torch.tensor(3), "w": torch.randn(100_000)}}, last)
+    raw = bytearray(last.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 4096] = bytes(4096)
+    last.write_bytes(bytes(raw))
+    assert torch.load(last, weights_only=True)["state_dict"]["w"].shape == (100_000,)  # silently changed
+    with pytest.raises(UnreadableCheckpoint) as err:
+        resolve_resume(_smoke(tmp_path))
+    assert re.search(
+        r"which is damaged \(last/data/\d+ does not match the checksum the archive", str(err.value)
+    )
+    assert "Move it aside and continue from another checkpoint" in str(err.value)
