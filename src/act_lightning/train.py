@@ -566,6 +566,8 @@ def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
         summary.update(callback.summary() if hasattr(callback, "summary") else {})
     if summary.get("stopped_by") is not None:
         next(c for c in callbacks if isinstance(c, LastCheckpoint)).requeue(trainer.is_global_zero)
+        if trainer.world_size > 1:  # a rank's non-zero exit can end the job's other tasks (srun's
+            trainer.strategy.barrier("act_requeued")  # KillOnBadExit): not before rank 0 has requeued
         raise SystemExit(128 + int(summary["stopped_by"]))  # the scheduler sees a job that did not finish
     return summary
 

@@ -185,6 +185,8 @@ class LastCheckpoint(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module.k)
         self._commit(trainer)
+        if trainer.world_size > 1:  # no rank leaves (exits, perhaps non-zero: a stop) before rank 0 renamed
+            trainer.strategy.barrier("act_last_checkpoint")
         self._restore_handlers()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
