@@ -67,5 +67,6 @@ def what_to_do(trainer, since: int) -> str:
     best = max(before, key=found.get)
     return (
         f"On disk: {listed}. Continue from {best.name}, written before iteration {since}, in a new folder "
-        f"(hydra.run.dir=NEW ckpt_path={best}), or {again}."
+        f"with other random draws (hydra.run.dir=NEW ckpt_path={best} seed=OTHER resume_changes=[seed]: "
+        f"as it is, resume is exact and repeats the same iterations), or {again}."
     )
