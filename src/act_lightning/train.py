@@ -472,6 +472,7 @@ def prepare(cfg: DictConfig) -> Launch:
     init = None if _init_gone_on_resume(cfg) else read_init(cfg)
     check_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_local_multirun(resolved["trainer"])
     lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     try:
         start = start_point(cfg, resolved, init)
@@ -485,6 +486,31 @@ def prepare(cfg: DictConfig) -> Launch:
         if lock is not None:
             lock.release()
         raise
+
+
+def check_local_multirun(trainer: dict) -> None:
+    """Lightning starts a node's other DDP ranks with this process's own command line (its private
+    `_hydra_subprocess_cmd`). In a multirun launched here (`-m` with Hydra's basic or joblib launcher)
+    that line holds `-m` and the whole sweep, so every rank would run the sweep again, in step with the
+    first only by luck: refused. Under SLURM (hydra/launcher=submitit_slurm) SLURM starts every rank."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_") or "")
+    world = world_size(trainer)
+    per_node = None if world is None else world // int(trainer.get("num_nodes", 1) or 1)
+    starts_ranks = not any(way in str(trainer.get("strategy", "")) for way in ("spawn", "fork"))
+    if "SlurmLauncher" in launcher or not starts_ranks or (per_node is not None and per_node < 2):
+        return
+    devices = trainer.get("devices")
+    raise ValueError(
+        f"a multirun (-m) launched here with trainer.devices={devices} on each node: Lightning starts the "
+        "other DDP ranks with this command line, sweep and all, so each would run the whole sweep again. "
+        "Launch each job on its own (without -m), sweep through SLURM (hydra/launcher=submitit_slurm), or "
+        "use one device per job (trainer.devices=1)"
+    )
 
 
 def _init_gone_on_resume(cfg: DictConfig) -> bool:

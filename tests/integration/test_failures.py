@@ -338,3 +338,17 @@ def test_a_refused_job_of_a_multirun_fails_as_a_job_and_the_sweep_runs_the_other
     assert "iterations must be a positive integer (ACT iterations K), got -1" in result.stderr
     assert _iteration(sweep / "1" / "checkpoints" / "last.ckpt") == 2  # the second job ran
     assert not (sweep / "0" / "checkpoints").exists()
+
+
+def test_a_local_multirun_on_several_devices_is_refused_before_any_rank_starts(tmp_path):
+    """Lightning would start rank 1 with this command line, -m and the sweep included: a second sweep."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *QUIET, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=0,1"]
+    result = run_module("train", [*args, f"hydra.sweep.dir={sweep}"], env=COMMAND_ENV)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "a multirun (-m) launched here with trainer.devices=2 on each node" in result.stderr
+    assert not list(sweep.glob("*/checkpoints"))  # neither job trained
+    single = run_module(
+        "train", ["-m", *QUIET, "iterations=1", f"hydra.sweep.dir={tmp_path / 'one'}"], env=COMMAND_ENV
+    )
+    assert single.returncode == 0, single.stderr[-3000:]  # one device per job: allowed
