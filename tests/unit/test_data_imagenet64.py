@@ -386,3 +386,19 @@ def test_a_failed_prepare_into_a_prepared_folder_leaves_no_manifest_over_its_hal
     assert not (dst / "manifest.json").exists()  # the arrays were rewritten up to batch 8: refused as such
     with pytest.raises(Exception, match="manifest"):
         ImageNet64DataModule(root=str(dst), batch_size=2).setup("fit")
+
+
+def test_prepare_refuses_a_disk_too_small_before_making_its_arrays(tmp_path, monkeypatch):
+    """Its arrays are sparse memory maps: a disk that filled up under them killed the process (SIGBUS)
+    with no message and left half-written arrays."""
+    from act_lightning.data import storage
+
+    src = _broken(tmp_path)  # 10 files of 2 images, and val
+    need = 22 * (12288 + 2)
+    usage = storage.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=need - 1))
+    with pytest.raises(OSError, match=r"the prepared form of 22 images needs 0.3 MiB, only 0.3 MiB are free"):
+        prepare_imagenet64(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=need))
+    assert prepare_imagenet64(src, tmp_path / "out", progress=False)["splits"]["train"]["count"] == 20

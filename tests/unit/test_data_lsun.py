@@ -261,12 +261,12 @@ def test_prepare_decodes_past_the_first_chunk(tmp_path):
 
 def test_prepare_refuses_a_disk_too_small_before_writing(lsun_root, tmp_path, monkeypatch):
     need = 8 * 3 * 16 * 16
-    usage = lsun.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(lsun.shutil, "disk_usage", lambda path: usage._replace(free=need - 1))
-    with pytest.raises(OSError, match=r"prepared form of 8 images at 16x16 needs .* GiB, only"):
+    usage = storage.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=need - 1))
+    with pytest.raises(OSError, match=r"prepared form of 8 images at 16x16 needs 0.0 MiB, only 0.0 MiB"):
         lsun.prepare_lsun(lsun_root, tmp_path / "p", image_size=16, progress=False)
     assert not (tmp_path / "p" / "train_images.npy").exists()
-    monkeypatch.setattr(lsun.shutil, "disk_usage", lambda path: usage._replace(free=need))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=need))
     assert lsun.prepare_lsun(lsun_root, tmp_path / "p", image_size=16, progress=False)["splits"]
 
 

@@ -137,11 +137,15 @@ def prepare_imagenet64(src: Path, dst: Path, progress: bool = True) -> dict:
     train_files, val_file = find_official_files(src)
     splits = {"train": train_files} | ({"val": [val_file]} if val_file is not None else {})
     manifest_splits = {}
+    counts = {split: [count_images(path) for path in files] for split, files in splits.items()}  # headers
+    total = sum(map(sum, counts.values()))
     with storage.no_partial_output(dst):  # a damaged file, Ctrl-C: nothing half-written is left
+        need = total * (ROW + 2)  # uint8 images, int16 labels
+        what = f"the prepared form of {total} images"
+        storage.check_free_space(dst, need, what, "free space there, or prepare into another folder")
         for split, files in splits.items():
-            counts = [count_images(path) for path in files]  # headers first: allocate the arrays once
             shape = (CHANNELS, SIZE, SIZE)
-            images, labels = storage.create_arrays(dst, split, sum(counts), shape, labels=True)
+            images, labels = storage.create_arrays(dst, split, sum(counts[split]), shape, labels=True)
             start = 0
             for path in tqdm(
                 files, desc=f"imagenet64 {split}", unit="file", disable=not progress, dynamic_ncols=True

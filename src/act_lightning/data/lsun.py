@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +136,12 @@ def prepare_lsun(
     lmdb_path, keys = _open_source(src, category, progress)
     count = len(keys) if max_images is None else min(max_images, len(keys))
     with storage.no_partial_output(dst):  # an image that does not decode, Ctrl-C: nothing half-written
-        _check_free_space(dst, count, image_size, channels)
+        storage.check_free_space(
+            dst,
+            count * channels * image_size**2,
+            f"the prepared form of {count} images at {image_size}x{image_size}",
+            "use --max-images, or train from the LMDB directly",
+        )
         shape = (channels, image_size, image_size)
         images, _ = storage.create_arrays(dst, "train", count, shape, labels=False)
         chunk = 64
@@ -170,19 +174,6 @@ def _open_source(src: Path, category: str, progress: bool) -> tuple[Path, storag
     if lmdb_path is None:
         raise FileNotFoundError(_not_found_message(src, category, prepared_too=False))
     return lmdb_path, list_keys(lmdb_path, progress=progress)
-
-
-def _check_free_space(dst: Path, count: int, image_size: int, channels: int) -> None:
-    """Create `dst`; OSError if its disk cannot hold `count` prepared images."""
-    need = count * channels * image_size**2
-    dst.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dst).free
-    if need > free:
-        raise OSError(
-            f"{dst}: the prepared form of {count} images at {image_size}x{image_size} needs "
-            f"{need / 2**30:.1f} GiB, "
-            f"only {free / 2**30:.1f} GiB are free (use --max-images, or train from the LMDB directly)"
-        )
 
 
 def _decode_into(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,6 +97,22 @@ def no_partial_output(dst: Path) -> Iterator[None]:
             if created and not any(dst.iterdir()):
                 dst.rmdir()
         raise
+
+
+def check_free_space(dst: Path, need: int, what: str, advice: str) -> None:
+    """Create `dst`; OSError, naming `what` needs how much, if its disk cannot hold `need` more bytes
+    (files of `dst` a conversion rewrites in place count as free). Checked before the arrays are made:
+    they are sparse memory maps, and a disk that fills up under one kills the process with SIGBUS, with
+    no message and a half-written array left behind."""
+    dst.mkdir(parents=True, exist_ok=True)
+    rewritten = sum(f.stat().st_size for f in dst.glob("*.npy") if f.is_file())
+    free = shutil.disk_usage(dst).free + rewritten
+    if need > free:
+        raise OSError(f"{dst}: {what} needs {_size(need)}, only {_size(free)} are free ({advice})")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def create_arrays(dst: Path, split: str, count: int, shape: tuple[int, int, int], labels: bool):
