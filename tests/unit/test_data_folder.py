@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,13 @@ def test_a_link_back_up_the_tree_is_not_followed_round_and_round(tmp_path):
     (tmp_path / "root" / "x" / "linked").symlink_to(tmp_path / "other" / "y")
     images, _ = scan_images(tmp_path / "root")
     assert [str(p.relative_to(tmp_path / "root")) for p in images] == ["x/img_0.png", "x/linked/img_0.png"]
+
+
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped_to_white():
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")  # 16-bit grey PNG (mode I;16)
+    image = load_image(buffer.getvalue(), "ramp.png", size=64, channels=1)
+    assert image.dtype == torch.uint8
+    torch.testing.assert_close(image[0, 0], torch.from_numpy((ramp[0] >> 8).astype(np.uint8)), rtol=0, atol=1)
+    assert int(image.min()) == 0 and (image == 255).float().mean() < 0.05  # was: 99% white

@@ -48,7 +48,25 @@ def decode_image(data: bytes, source: str, channels: int = 3, draft_size: int | 
         raise DataError(f"{source}: the image does not decode ({type(err).__name__}: {err})") from err
     if image.mode in ("P", "LA", "PA"):
         image = image.convert("RGBA")  # palette / alpha: through RGBA, whose alpha the conversion drops
+    if image.mode.startswith("I"):  # 16-bit grey (I;16*, or I as Pillow opens some): Pillow would clip
+        image = Image.fromarray(_high_byte(np.asarray(image), image.mode, source), mode="L")
+    elif image.mode == "F":
+        raise DataError(
+            f"{source}: a floating-point image (mode F) has no fixed range: save it with 8 or 16 bits"
+        )
     return image.convert("RGB" if channels == 3 else "L")
+
+
+def _high_byte(values: np.ndarray, mode: str, source: str) -> np.ndarray:
+    """A 16-bit image's levels scaled to 8 bits (v >> 8, as Pillow reads 16-bit colour PNGs), where
+    `Image.convert` clips every level above 255 to white."""
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise DataError(
+            f"{source}: a {mode} image with levels {low}..{high}; 8 or 16 bits per channel are read (16-bit "
+            "levels are scaled to 8)"
+        )
+    return (values.astype(np.int64) >> 8).astype(np.uint8)
 
 
 def center_crop(image: Image.Image, size: int, method: str = "adm") -> np.ndarray:
