@@ -402,3 +402,27 @@ def test_prepare_refuses_a_disk_too_small_before_making_its_arrays(tmp_path, mon
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=need))
     assert prepare_imagenet64(src, tmp_path / "out", progress=False)["splits"]["train"]["count"] == 20
+
+
+def test_a_second_node_waits_for_the_first_ones_conversion_and_uses_it(tmp_path, monkeypatch):
+    """Lightning prepares the data on local rank 0 of every node: two nodes on one shared file system
+    converted into the same files at once (a truncated memory map: SIGBUS)."""
+    import threading
+
+    from act_lightning.data import imagenet64, storage
+
+    write_imagenet64(tmp_path, per_file=2)
+    conversions = []
+    real = imagenet64.prepare_imagenet64
+    monkeypatch.setattr(
+        imagenet64, "prepare_imagenet64", lambda *a, **k: conversions.append(a) or real(*a, **k)
+    )
+    second = threading.Thread(target=lambda: _dm(tmp_path).prepare_data())
+    with storage.one_at_a_time(tmp_path):  # the first node is converting
+        second.start()
+        second.join(timeout=2)
+        assert second.is_alive()  # the second waits
+        real(tmp_path, tmp_path, progress=False)
+    second.join(timeout=60)
+    assert not second.is_alive() and conversions == []  # it found the manifest and converted nothing
+    assert _dm(tmp_path).train_dataloader() is not None

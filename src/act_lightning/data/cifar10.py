@@ -32,6 +32,7 @@ from act_lightning.data.base import (
     check_readable,
     with_file_defaults,
 )
+from act_lightning.data.storage import one_at_a_time
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,9 @@ class CIFAR10DataModule(ImageDataModule):
         root = self.path
         missing = self._missing_batches()
         if missing and (root / ARCHIVE).is_file():
-            self._extract(root / ARCHIVE)
+            with one_at_a_time(root):  # other nodes' rank 0 extract into the same folder when it is shared
+                if self._missing_batches():  # not extracted meanwhile by one of them
+                    self._extract(root / ARCHIVE)
         elif missing and self.download:
             self._download()
         missing = self._missing_batches()

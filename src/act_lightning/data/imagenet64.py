@@ -218,8 +218,12 @@ class ImageNet64DataModule(ImageDataModule):
         if not (root / storage.MANIFEST).is_file():
             if not root.is_dir() or not any(root.rglob("train_data_batch_*.npz")):
                 raise FileNotFoundError(self._not_found_message())
-            log.info("converting the official ImageNet 64x64 files under %s into its prepared form", root)
-            prepare_imagenet64(root, root)
+            with storage.one_at_a_time(root):  # other nodes' rank 0, on a shared file system
+                if not (root / storage.MANIFEST).is_file():  # not converted meanwhile by one of them
+                    log.info(
+                        "converting the official ImageNet 64x64 files under %s into its prepared form", root
+                    )
+                    prepare_imagenet64(root, root)
         storage.check_files(root, storage.read_manifest(root, SOURCE), verify=self.verify)
 
     def _not_found_message(self) -> str:

@@ -15,6 +15,7 @@ broken inputs leaves unused rows at the end of the array.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -76,6 +77,21 @@ def _bar(total: int, desc: str, unit: str = "it", disable: bool = False):
 
 
 # -- writing -----------------------------------------------------------------------------------------
+@contextmanager
+def one_at_a_time(folder: Path) -> Iterator[None]:
+    """Within: this process alone prepares `folder` (an exclusive flock on `folder/.prepare.lock`, which
+    waits for the holder). Lightning prepares the data on local rank 0 of every node: nodes that share a
+    file system would otherwise convert or extract into the same files at once (one truncating the
+    other's memory map: SIGBUS). Re-check for the finished form after entering."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".prepare.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 @contextmanager
 def no_partial_output(dst: Path) -> Iterator[None]:
     """Within: a conversion writes its arrays into `dst`. If it stops (a file that does not decode,
