@@ -180,10 +180,13 @@ def prepare_training_checkpoint(
     if wandb_id is not None:
         checkpoint["act_wandb_id"] = wandb_id
     # The iteration draws its noise from generators seeded by (seed, k); the global generators only
-    # matter to what a backbone draws itself (dropout), and are restored for that.
+    # matter to what a backbone draws itself (dropout), and are restored for that. Every rank is seeded
+    # alike and draws alike, so rank 0's generators stand for each rank's: the CPU one and the one of the
+    # device it trains on (not every visible device's: rank 0 never draws on the others, whose untouched
+    # states would have been restored onto the ranks that train there).
     checkpoint["act_rng"] = {
         "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
     }
 
 
@@ -237,8 +240,8 @@ def restore_rng(rng: dict | None) -> None:
     if rng is None:
         return
     torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng["cuda"] and torch.cuda.is_available():  # onto the device this rank trains on (an older
+        torch.cuda.set_rng_state(rng["cuda"][0])  # checkpoint holds one per visible device, rank 0's first)
 
 
 GROUPS = {  # the model keys that moved into a group, and the class Hydra builds the group as

@@ -212,3 +212,24 @@ def test_checkpoints_are_read_with_the_safe_loader_onto_the_cpu_and_stale_saves_
     assert stale.exists()
     callback.setup(SimpleNamespace(is_global_zero=True), None, "fit")
     assert not stale.exists() and (tmp_path / "a.ckpt").exists()
+
+
+def test_the_cuda_generator_saved_and_restored_is_the_one_of_the_device_each_rank_trains_on(monkeypatch):
+    """Rank 0 saved every visible device's state, of which it drew only on its own: a rank training on
+    device 1 was given device 1's untouched state back (other dropout masks after a resume), and a resume
+    on fewer devices failed to set states for devices that were not there."""
+    from act_lightning.checkpoints import prepare_training_checkpoint, restore_rng
+
+    current, other = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": current)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [current, other])
+    checkpoint = {"state_dict": {}}
+    prepare_training_checkpoint(checkpoint, None, None, None)
+    assert checkpoint["act_rng"]["cuda"] == [current]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every device set"))
+    cpu = torch.get_rng_state()
+    restore_rng({"cpu": cpu, "cuda": [current, other, other, other]})  # an older checkpoint's four devices
+    assert restored == [current]
