@@ -114,7 +114,7 @@ class BadIterations(nn.Module):
 
     def report(self) -> str:
         """What the guard stops the run with (reads the device: call it outside the iteration)."""
-        return (
-            f"{int(self.streak)} bad iterations in a row since iteration {int(self.since)} "
+        return (  # `since` counts the iterations before the first bad one: that is iteration since + 1
+            f"{int(self.streak)} bad iterations in a row since iteration {int(self.since) + 1} "
             f"(first non-finite: {describe_terms(int(self.terms))})"
         )

@@ -154,7 +154,7 @@ def test_a_diverged_run_stops_with_one_line_and_status_1_and_a_diverged_sweep_jo
     result = run_cli(args, tmp_path / "run")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     said = result.stderr.splitlines()[-1]
-    assert said.startswith("error: training diverged: 2 bad iterations in a row since iteration 0")
+    assert said.startswith("error: training diverged: 2 bad iterations in a row since iteration 1")
     assert said.endswith("start again with a lower learning rate (model.optimizer.lr, model.d_optimizer.lr).")
     sweep = run_module("train", ["-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], env=COMMAND_ENV)
     assert sweep.returncode == 1 and "DivergenceError: training diverged" in sweep.stderr, sweep.stderr[
@@ -183,12 +183,12 @@ def test_a_diverged_run_says_which_checkpoints_exist_and_which_to_continue_from(
     advice = what_to_do(trainer, since=5)
     assert advice.startswith(
         "On disk: best.ckpt (iteration 4), iter_0000004.ckpt (iteration 4), iter_0000006.ckpt (iteration 6), "
-        "last.ckpt (iteration 7). Continue from best.ckpt, written before iteration 5, in a new folder with "
+        "last.ckpt (iteration 7). Continue from best.ckpt, written before iteration 6, in a new folder with "
         f"other random draws (hydra.run.dir=NEW ckpt_path={folder / 'best.ckpt'} seed=OTHER "
         "resume_changes=[seed]: as it is, resume is exact and repeats the same iterations), or start again "
         "with a lower learning rate"
     )
-    assert "none from before iteration 3: start again" in what_to_do(trainer, since=3)
+    assert "none from before iteration 4: start again" in what_to_do(trainer, since=3)
 
 
 def test_a_global_batch_the_devices_cannot_share_is_refused_before_any_process_starts(tmp_path):
@@ -322,9 +322,9 @@ def test_a_diverged_run_is_told_to_continue_from_the_latest_checkpoint_up_to_the
         torch.save({"state_dict": {"iteration": torch.tensor(k)}}, folder / name)
     (folder / "broken.ckpt").write_bytes(b"not a checkpoint")  # unreadable: left out
     trainer = SimpleNamespace(callbacks=[LastCheckpoint(str(folder))])
-    assert "Continue from iter_0000004.ckpt, written before iteration 6" in what_to_do(trainer, since=6)
-    assert "Continue from iter_0000004.ckpt, written before iteration 4" in what_to_do(trainer, since=4)
-    assert "Continue from iter_0000002.ckpt, written before iteration 3" in what_to_do(trainer, since=3)
+    assert "Continue from iter_0000004.ckpt, written before iteration 7" in what_to_do(trainer, since=6)
+    assert "Continue from iter_0000004.ckpt, written before iteration 5" in what_to_do(trainer, since=4)
+    assert "Continue from iter_0000002.ckpt, written before iteration 4" in what_to_do(trainer, since=3)
     assert "broken.ckpt" not in what_to_do(trainer, since=6)
 
 

@@ -408,7 +408,7 @@ def test_a_diverging_run_stops_naming_the_iteration_and_the_loss_and_keeps_a_fin
         run_dir=str(tmp_path),
     )
     with pytest.raises(
-        DivergenceError, match=r"3 bad iterations in a row since iteration 0 \(first non-finite: train/loss"
+        DivergenceError, match=r"3 bad iterations in a row since iteration 1 \(first non-finite: train/loss"
     ):
         train(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"

@@ -37,7 +37,7 @@ def test_the_counters_name_the_first_bad_iteration_of_a_streak():
     assert int(bad.total) == 3 and int(bad.streak) == 1 and int(bad.since) == 4
     assert (
         bad.report()
-        == "1 bad iterations in a row since iteration 4 (first non-finite: discriminator gradients)"
+        == "1 bad iterations in a row since iteration 5 (first non-finite: discriminator gradients)"
     )
     kept = BadIterations()
     kept.load_state_dict(bad.state_dict())  # in checkpoints: a resumed run goes on counting

@@ -49,7 +49,8 @@ class DivergenceGuard(L.Callback):
 
 def what_to_do(trainer, since: int) -> str:
     """The checkpoints a diverged run has on disk, with their iterations, and how to go on: from one
-    written before the bad iterations began at `since`, or again with a lower learning rate."""
+    written before the first bad iteration, `since + 1` (as metrics.csv and checkpoints count: after
+    `since` good ones), or again with a lower learning rate."""
     last = next((c.path for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
     found = {}
     for path in sorted(last.parent.glob("*.ckpt")) if last is not None else []:
@@ -63,10 +64,10 @@ def what_to_do(trainer, since: int) -> str:
     listed = ", ".join(f"{p.name} (iteration {k})" for p, k in found.items())
     before = [p for p, k in found.items() if k <= since]
     if not before:
-        return f"On disk: {listed}, none from before iteration {since}: {again}."
+        return f"On disk: {listed}, none from before iteration {since + 1}: {again}."
     best = max(before, key=found.get)
     return (
-        f"On disk: {listed}. Continue from {best.name}, written before iteration {since}, in a new folder "
-        f"with other random draws (hydra.run.dir=NEW ckpt_path={best} seed=OTHER resume_changes=[seed]: "
-        f"as it is, resume is exact and repeats the same iterations), or {again}."
+        f"On disk: {listed}. Continue from {best.name}, written before iteration {since + 1}, in a new "
+        f"folder with other random draws (hydra.run.dir=NEW ckpt_path={best} seed=OTHER "
+        f"resume_changes=[seed]: as it is, resume is exact and repeats the same iterations), or {again}."
     )
