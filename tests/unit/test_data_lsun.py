@@ -86,7 +86,7 @@ def test_prepared_at_another_size_falls_back_to_the_lmdb(lsun_root, tmp_path):
     assert isinstance(dm.train_set, LMDBImages)
 
 
-def test_prepare_in_parallel_with_max_images(lsun_root, tmp_path):
+def test_prepare_in_parallel_with_max_images(lsun_root, tmp_path, caplog):
     args = [
         "lsun_cat256",
         str(lsun_root / "cat"),
@@ -100,7 +100,11 @@ def test_prepare_in_parallel_with_max_images(lsun_root, tmp_path):
         "-q",
     ]
     assert prepare_main(args) == 0
-    assert json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]["count"] == 5
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 5 and manifest["max_images"] == 5
+    with caplog.at_level("WARNING", logger="act_lightning.data.lsun"):
+        _dm(tmp_path, image_size=16).prepare_data()
+    assert "prepared with --max-images 5: training on its 5 images, a subset of the category" in caplog.text
 
 
 def test_missing_lmdb_names_the_files_where_and_where_from(tmp_path):

@@ -164,6 +164,7 @@ def prepare_lsun(
         "crop": CROP,
         "from": str(lmdb_path),
         "skipped": skipped,
+        "max_images": max_images,  # a subset (--max-images): said whenever a run trains on it
     }
     return storage.write_manifest(dst, SOURCE, {"train": split}, extra=extra, progress=progress)
 
@@ -278,6 +279,13 @@ class LSUNDataModule(ImageDataModule):
                 raise DataError(f"{message}; {', and '.join(fixes)}")
             log.warning("%s: reading the LMDB instead", message)
             return None
+        if manifest.get("max_images") is not None:
+            log.warning(
+                "%s was prepared with --max-images %d: training on its %d images, a subset of the category",
+                root,
+                manifest["max_images"],
+                manifest["splits"]["train"]["count"],
+            )
         return manifest
 
     def prepare_data(self) -> None:
