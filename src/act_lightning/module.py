@@ -195,6 +195,11 @@ def _options(value, cls):
     return value if isinstance(value, cls) else cls(**(value or {}))
 
 
+# ACTModule arguments that are modules or option groups (their config is in the run config), not
+# hyper-parameters of the checkpoint
+NOT_HYPERPARAMETERS = ["generator", "discriminator", "optimizer", "d_optimizer", "schedule", "speed"]
+
+
 class ACTModule(L.LightningModule):
     """Adversarial Consistency Training.
 
@@ -239,10 +244,8 @@ class ACTModule(L.LightningModule):
         heun_steps: int = 18,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(  # in the checkpoint; the loggers get the whole config (on_fit_start)
-            ignore=["generator", "discriminator", "optimizer", "d_optimizer", "schedule", "speed"],
-            logger=False,
-        )
+        # in the checkpoint; not logged: the loggers get the whole config (on_fit_start)
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS, logger=False)
         self.schedule = with_curriculum(_options(schedule, ConsistencySchedule), curriculum)
         self.speed = _options(speed, SpeedOptions)
         adversarial = self.schedule.gan_ratio > 0
