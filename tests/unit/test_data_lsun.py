@@ -252,6 +252,7 @@ def test_lmdb_images_are_box_resized_and_centre_cropped(tmp_path):
 def test_prepare_records_the_crop_and_takes_max_images_beyond_the_count(lsun_root, tmp_path):
     manifest = lsun.prepare_lsun(lsun_root, tmp_path, image_size=16, max_images=100, progress=False)
     assert manifest["splits"]["train"]["count"] == 8 and manifest["crop"] == "box"
+    assert manifest["max_images"] is None  # all 8: no subset to warn about
     assert np.load(tmp_path / "train_images.npy").shape == (8, 3, 16, 16)
 
 

@@ -164,7 +164,7 @@ def prepare_lsun(
         "crop": CROP,
         "from": str(lmdb_path),
         "skipped": skipped,
-        "max_images": max_images,  # a subset (--max-images): said whenever a run trains on it
+        "max_images": max_images if count < len(keys) else None,  # a subset: said whenever a run trains on it
     }
     return storage.write_manifest(dst, SOURCE, {"train": split}, extra=extra, progress=progress)
 
