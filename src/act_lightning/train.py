@@ -256,7 +256,7 @@ def say_unread_ckpt_path(cfg: DictConfig, own: Path, checkpoint: dict) -> None:
 
 def damaged_last_advice(last: Path) -> str:
     """What to do when the run's own last.ckpt cannot be read (resume=auto always prefers it)."""
-    others = sorted(p.name for p in last.parent.glob("*.ckpt") if p != last)
+    others = [name for name in held_checkpoints(last.parent) if name != last.name]
     found = f"this run also has {', '.join(others)}" if others else "this run has no other checkpoint"
     return (
         f"Move it aside and continue from another checkpoint with ckpt_path=CHECKPOINT ({found}), or "
