@@ -85,11 +85,18 @@ def refuse(err: Exception, status: int = 2) -> NoReturn:
     """A command refused by its checks, before it wrote anything: the message alone, in one line, and exit
     status 2 (with HYDRA_FULL_ERROR=1: the traceback, as Hydra shows it). `status`: another exit status
     for a failure the message explains as well (train's diverged run: 1)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"error: {refusal(err)}", file=sys.stderr, flush=True)
+    raise SystemExit(status) from None
+
+
+def refusal(err: Exception) -> Exception:
+    """The error whose message `refuse` says: an instantiation's own cause (the constructor's message,
+    which names the key), a key the class does not take said as such, a missing value in one line."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise err
     full_key = None
     while isinstance(err, InstantiationException) and isinstance(err.__cause__, Exception):
         found = re.search(r"^full_key: (\S+)$", str(err), flags=re.M)
@@ -100,8 +107,7 @@ def refuse(err: Exception, status: int = 2) -> NoReturn:
         err = ValueError(unknown_key(full_key, unexpected.group(1), str(err)))
     if isinstance(err, MissingMandatoryValue):  # omegaconf's message spans three lines
         err = ValueError(f"{err.full_key} is required: give {err.full_key}=... (--help lists the options)")
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    raise SystemExit(status) from None
+    return err
 
 
 def unknown_key(node: str, name: str, said: str) -> str:

@@ -43,7 +43,7 @@ from act_lightning.checkpoints import (
     read_checkpoint,
 )
 from act_lightning.checks import check_count
-from act_lightning.commands import CONFIG_DIR, refuse
+from act_lightning.commands import CONFIG_DIR, refusal, refuse
 from act_lightning.compat import ignore_few_batches_warning
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
@@ -609,15 +609,15 @@ def run(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
 def failed(err: Exception, status: int = 1) -> NoReturn:
     """A launch refused by its checks (status 2), or a run that trained, then failed for a reason its
     message explains (DivergenceError; a disk that filled up during a save; status 1): the message in one
-    line and that exit status (`refuse`). A job of a multirun, or with HYDRA_FULL_ERROR=1, logs that line
-    and raises the error instead: a sweeper records that job as failed (Optuna:
+    line and that exit status (`refuse`; with HYDRA_FULL_ERROR=1 it raises the error). A job of a multirun
+    logs that line and raises the error instead: a sweeper records that job as failed (Optuna:
     `hydra.sweeper.max_failure_rate`) and goes on or stops as it is told, where an exit would end the whole
     sweep at that job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        log.error("error: %s", " ".join(str(err).split()))
+        log.error("error: %s", refusal(err))  # the line `refuse` would print
         raise err
     refuse(err, status=status)  # its one line (or, with HYDRA_FULL_ERROR=1, the error raised)
 
