@@ -37,6 +37,13 @@ def _rows(run_dir) -> list[dict]:
         return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+def _by_step(rows: list[dict]) -> list[tuple[str, list]]:
+    """The rows of each step, in step order, as a set: a run stopped at an evaluation's iteration logs
+    that evaluation's row when it continues, after the iteration's own row rather than before it."""
+    steps = list(dict.fromkeys(row["step"] for row in rows))
+    return [(step, sorted(sorted(r.items()) for r in rows if r["step"] == step)) for step in steps]
+
+
 def assert_same_training_state(a_path, b_path) -> None:
     a, b = _load(a_path), _load(b_path)
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -64,14 +71,21 @@ def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert _iteration(run / "checkpoints" / "last.ckpt") == 4
     assert "Stopped at iteration 4 of 8 (stop_after=4)" in result.stdout  # Hydra logs to stdout
+    # the stop saved before the evaluation due at 4 (a scheduler's kill follows its signal in seconds)
+    assert "the evaluation at iteration 4 is left to the run's continuation" in result.stdout
+    states = _load(run / "checkpoints" / "last.ckpt")["callbacks"].values()
+    assert [k for k, *_ in next(v for v in states if "history" in v)["history"]] == [0]
     result = run_cli([*EXACT, "resume=auto"], run)  # the same run folder
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert _iteration(run / "checkpoints" / "last.ckpt") == 8
     assert float(_load(run / "checkpoints" / "last.ckpt")["state_dict"]["aug_p"]) > 0
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
-    # one metrics.csv holding every row once: the straight run's rows, the evaluations included
-    assert _rows(run) == _rows(straight)
+    # one metrics.csv holding every row once: the straight run's rows, the evaluations included (the
+    # one at 4 made when the run continued, from the same weights: the same value)
+    assert _by_step(_rows(run)) == _by_step(_rows(straight))
+    history = json.loads((run / "metric_summary.json").read_text())["history"]
+    assert [h["iteration"] for h in history] == [0, 4, 8]
     assert [r["step"] for r in _rows(run) if "val/fd" in r] == ["0", "4", "8"]
 
     # ckpt_path= starts another folder from a snapshot and continues it exactly too

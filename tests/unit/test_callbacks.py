@@ -138,6 +138,8 @@ def _evaluation(tmp_path, values, **kwargs):
         datamodule=SimpleNamespace(),
         is_global_zero=True,
         save_checkpoint=lambda path, weights_only: saved.append((Path(path).name, len(cb.history))),
+        callbacks=[],
+        world_size=1,
     )
     return cb, trainer, logger, saved
 
@@ -189,6 +191,35 @@ def test_evaluations_come_every_n_iterations_and_at_the_last_one_once(tmp_path):
     cb.on_train_end(trainer, _module(11, iterations=10))  # a run started at its end: scored at the end
     cb.on_train_end(trainer, _module(11, iterations=12))  # stopped early: resumed later, not scored
     assert [h[0] for h in cb.history] == [4, 8, 10, 11]
+
+
+def test_a_stop_at_an_evaluations_iteration_leaves_it_to_the_continuation_which_scores_it_first(tmp_path):
+    values = {0: 9.0, 4: 3.0, 8: 2.0}
+    cb, trainer, logger, _ = _evaluation(tmp_path, values, every=4)
+    checkpoint = LastCheckpoint(str(tmp_path / "checkpoints"), every_n_iterations=100)
+    trainer.callbacks = [cb, checkpoint]
+    cb.on_train_start(trainer, _module(0))
+    for k in range(1, 4):
+        cb.on_train_batch_end(trainer, _module(k), None, None, 0)
+    checkpoint._signal = signal.SIGTERM  # arrives in iteration 4: the checkpoint is saved unscored
+    cb.on_train_batch_end(trainer, _module(4), None, None, 0)
+    assert [h[0] for h in cb.history] == [0] and checkpoint.stopping(trainer, _module(4))
+    state = cb.state_dict()
+
+    resumed, trainer, logger, _ = _evaluation(tmp_path, values, every=4)
+    resumed.load_state_dict(state)
+    resumed.on_train_start(trainer, _module(4))  # the continuation: iteration 4 scored before training
+    assert [(k, v) for k, v, _ in resumed.history] == [(0, 9.0), (4, 3.0)] and logger.rows == [
+        (4, {"val/fid": 3.0})
+    ]
+    assert resumed.history[-1][2] == state["train_seconds"]  # at the training seconds of the stop
+    resumed.on_train_start(trainer, _module(4))  # scored once
+    resumed.on_train_start(trainer, _module(5))  # off the grid: nothing is due
+    assert len(resumed.history) == 2
+    # without a stop, the evaluation comes at its iteration (the decision is the checkpoint's, once each)
+    trainer.callbacks = [resumed, LastCheckpoint(str(tmp_path / "checkpoints"), every_n_iterations=100)]
+    resumed.on_train_batch_end(trainer, _module(8), None, None, 0)
+    assert [h[0] for h in resumed.history] == [0, 4, 8]
 
 
 def test_a_resumed_evaluation_keeps_its_history_and_takes_the_best_anew_without_its_checkpoint(tmp_path):

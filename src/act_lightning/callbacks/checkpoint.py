@@ -82,6 +82,7 @@ class LastCheckpoint(L.Callback):
         self._previous: dict[int, Any] = {}  # the handlers ours replaced while training runs
         self._handed_over: dict[int, Any] = {}  # the same, after training (for `requeue`)
         self._start = 0
+        self._decided: tuple[int, bool] | None = None  # (iteration, stop after it), once decided
         self._saved_at = -1
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) names of a save not in place yet
 
@@ -154,13 +155,23 @@ class LastCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._commit(trainer)
 
+    def stopping(self, trainer, pl_module) -> bool:
+        """Whether the run stops after the current iteration (a stop signal on any rank, or `stop_after`),
+        decided once per iteration and alike on every rank: the callbacks that run before this one (the
+        evaluation) ask it too, and leave their work at a stop to the run's continuation."""
+        k = pl_module.k
+        if self._decided is None or self._decided[0] != k:
+            stop = self._signal is not None or (
+                self.stop_after is not None and k - self._start >= self.stop_after
+            )
+            if trainer.world_size > 1:  # every rank stops at the same iteration (a signal may reach one)
+                stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            self._decided = (k, bool(stop))
+        return self._decided[1]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         k = pl_module.k
-        stop = self._signal is not None or (
-            self.stop_after is not None and k - self._start >= self.stop_after
-        )
-        if trainer.world_size > 1:  # every rank stops at the same iteration (a signal may reach one)
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        stop = self.stopping(trainer, pl_module)
         unfinished = k < pl_module.hparams.iterations
         if k % self.every == 0 or (stop and unfinished):
             self._save(trainer, k)

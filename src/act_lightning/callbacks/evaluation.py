@@ -10,6 +10,8 @@ The value goes to every logger at step = ACT iteration (`val/fid`), its best val
 the curve to `fid_curve.png` and the history to `metric_summary.json` (each entry with the training
 seconds so far: wall-clock time since the first iteration, evaluations excluded, carried over resumes);
 the best checkpoint by the metric is kept as `best.ckpt`. A callback observes: it never changes training.
+A run that stops (a signal, `stop_after`) at an evaluation's iteration is checkpointed first; the
+continuation makes that evaluation when it starts.
 
 `metrics` adds what `python -m act_lightning.evaluate metrics=[...]` computes, from the same samples:
 `is`, `kid`, `pr` (from the same features) and `fd_dinov2` (DINOv2's, in the same sampling pass), logged
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from act_lightning.atomic import atomic_write
+from act_lightning.callbacks.checkpoint import LastCheckpoint
 from act_lightning.checks import check_count
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
@@ -175,8 +178,13 @@ class FrechetEvaluation(L.Callback):
         if self.references and pl_module.k == 0:  # once per run: a resumed run has them logged
             self._log(trainer, pl_module.k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)
-        if pl_module.k == 0:  # the untrained network: logged as the curve's start, never the best
+        k = pl_module.k
+        if k == 0:  # the untrained network: logged as the curve's start, never the best
             self._evaluate_and_log(trainer, pl_module)  # at the seconds before (0): no clock runs yet
+        elif k % self.every == 0 and (not self.history or self.history[-1][0] != k):
+            # a run stopped at an evaluation's iteration saved before scoring it: scored now, at the
+            # training seconds it stopped at (the weights are that iteration's, restored exactly)
+            self._evaluate_and_log(trainer, pl_module)
         # training time starts now: before, the clock started ahead of the first evaluation, which then
         # counted whatever passed between the two lines (4 ms once, on a busy machine)
         self._clock = time.perf_counter()
@@ -324,7 +332,17 @@ class FrechetEvaluation(L.Callback):
         # the last iteration is scored here too, before the checkpoint callback (which runs last) saves
         # it: a save at that iteration (k a multiple of its interval) is not repeated at the end, so an
         # evaluation in on_train_end would be missing from last.ckpt's history and best
-        if pl_module.k % self.every == 0 or pl_module.k >= pl_module.hparams.iterations:
+        k = pl_module.k
+        if k >= pl_module.hparams.iterations:
+            self._evaluate_and_log(trainer, pl_module)
+        elif k % self.every == 0:
+            if _stopping(trainer, pl_module):
+                # the checkpoint first: a scheduler's signal leaves seconds (SLURM's KillWait) before the
+                # kill, and an evaluation can take minutes. The continuation scores this iteration at its
+                # start (on_train_start), so the history and metrics.csv get the same rows.
+                if trainer.is_global_zero:
+                    log.info("the evaluation at iteration %d is left to the run's continuation (a stop)", k)
+                return
             self._evaluate_and_log(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -398,6 +416,13 @@ class FrechetEvaluation(L.Callback):
         self.extra_history = list(state_dict.get("extra_history", []))
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
+
+
+def _stopping(trainer, pl_module) -> bool:
+    """Whether the run stops after this iteration, as its checkpoint callback decides it (False without
+    one: a trainer built by hand)."""
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+    return checkpoint is not None and checkpoint.stopping(trainer, pl_module)
 
 
 def _gathered(trainer, num_samples: int, batch_size: int, features: Tensor) -> Tensor:
