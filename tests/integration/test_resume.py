@@ -86,6 +86,9 @@ def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_pat
     assert _by_step(_rows(run)) == _by_step(_rows(straight))
     history = json.loads((run / "metric_summary.json").read_text())["history"]
     assert [h["iteration"] for h in history] == [0, 4, 8]
+    # and the same best.ckpt (at 4, a continuation saves it when it starts)
+    assert _iteration(run / "checkpoints" / "best.ckpt") == _iteration(straight / "checkpoints" / "best.ckpt")
+    assert_same_training_state(straight / "checkpoints" / "best.ckpt", run / "checkpoints" / "best.ckpt")
     assert [r["step"] for r in _rows(run) if "val/fd" in r] == ["0", "4", "8"]
 
     # ckpt_path= starts another folder from a snapshot and continues it exactly too
