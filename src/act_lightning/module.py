@@ -51,6 +51,7 @@ from act_lightning.losses import (
 )
 from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
+from act_lightning.resume import set_learning_rates
 from act_lightning.samplers import heun, multistep
 from act_lightning.seeds import AUGMENT, mix_seed
 from act_lightning.speed import SpeedOptions, in_bf16
@@ -335,6 +336,9 @@ class ACTModule(L.LightningModule):
         self._restore_rng = None
         if isinstance(self._last_r1, float):  # restored from a checkpoint: onto the device once
             self._last_r1 = self._on_device(self._last_r1)
+        # a continuation with other learning rates (resume_changes=[model.optimizer.lr]) trains at those
+        nets = [self.generator, self.discriminator]
+        set_learning_rates(self.optimizers(), self.lr_schedulers(), self._optimizer_factories, nets)
         nets = {"generator": self.generator, "discriminator": self.discriminator}
         self._ddp.setup(
             self.trainer.strategy.model, self.trainer.world_size, self.device, nets, [self.target]

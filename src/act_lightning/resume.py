@@ -6,7 +6,9 @@ written, the launch's config is compared with it. Keys that only change how the 
 it runs (`MAY_CHANGE`) may differ, and so may the devices as long as the global batch stays the same; any
 other difference refuses the launch, naming each key with both values. `resume_changes=[KEY, ...]`
 allows a deliberate change of those keys (a key allows every key under it); each such change is recorded
-in the run's history (`act_history` in every later checkpoint, and the launch's log).
+in the run's history (`act_history` in every later checkpoint, and the launch's log). The networks' shapes
+and the optimisers' settings cannot change (`FIXED`), but for the learning rates (`LEARNING_RATES`), which
+`set_learning_rates` puts into the restored optimisers.
 
 A weights-only checkpoint (act_lightning.convert_reference) starts a new run from its networks: only the
 keys that shape the networks must match.
@@ -15,6 +17,7 @@ keys that shape the networks must match.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 
 from act_lightning.checks import check_names
+
+log = logging.getLogger(__name__)
 
 # Keys that may differ from the checkpoint's (with every key under them). What a run trains is fixed by
 # the rest: the data and its order, the networks, the schedule, the losses, the optimisers, the
@@ -90,8 +95,10 @@ NETWORK_KEYS = (
 GLOBAL_BATCH = "data.global_batch_size"  # the name the global batch is compared (and allowed) under
 ABSENT = object()
 # Keys no resume can change: the networks' shapes (the weights have them) and the optimisers' settings
-# (their restored state keeps its own learning rates and betas).
+# (their restored state keeps its own betas and moments), but for their learning rates: `resume_changes`
+# may name those, and `set_learning_rates` puts the launch's into the restored optimisers.
 FIXED = (*NETWORK_KEYS, "model.optimizer", "model.d_optimizer")
+LEARNING_RATES = ("model.optimizer.lr", "model.d_optimizer.lr")
 FEW = 6  # more differences than this: another experiment (not offered as resume_changes)
 
 
@@ -206,7 +213,8 @@ def what_to_do(rest: dict, fixed: list[str], fresh: str) -> str:
     if fixed:
         return (
             f"{', '.join(fixed)} cannot change on resume (the checkpoint's networks and optimiser state keep "
-            f"theirs): resume with the checkpoint's values, or {fresh}"
+            f"theirs; of the optimisers' settings only the learning rates can, with resume_changes): resume "
+            f"with the checkpoint's values, or {fresh}"
         )
     return (
         "Resume with the checkpoint's values, change them deliberately with "
@@ -238,10 +246,36 @@ def check_resume(checkpoint: dict, launch: dict, raw: dict, where: str, fresh: s
             f"{where} holds networks of another shape: {refused(changes)}; pass the experiment it was "
             "converted for (experiment=NAME) and leave its networks' keys as they are"
         )
-    fixed = [k for k in changes if covered(k, FIXED)]
+    fixed = [k for k in changes if covered(k, FIXED) and k not in LEARNING_RATES]
     rest = {k: v for k, v in changes.items() if k in fixed or not covered(k, allowed)}
     if rest:
         raise ValueError(
             f"{where} was trained with another config: {refused(rest)}. {what_to_do(rest, fixed, fresh)}"
         )
     return {k: [a, b] for k, (a, b) in changes.items()}
+
+
+def set_learning_rates(optimizers, schedulers, factories, nets) -> list[tuple[float, float]]:
+    """Puts the launch's base learning rates into optimisers restored from a checkpoint (whose state keeps
+    the rates it was saved with) and into their `LambdaLR` warm-ups, at the warm-up factor of the
+    iteration they are at. `optimizers` and `schedulers` as the module's `optimizers()` and
+    `lr_schedulers()` give them (one, or a list), `factories` and `nets` those the module built them with
+    (the launch's rates are those a fresh optimiser gets). Returns (old, new) for each rate that changed;
+    the resume check lets a change through only where `resume_changes` names it (`LEARNING_RATES`)."""
+    optimizers = [
+        getattr(o, "optimizer", o) for o in (optimizers if isinstance(optimizers, list) else [optimizers])
+    ]
+    schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+    changed = []
+    for optimizer, scheduler, make, net in zip(optimizers, schedulers, factories, nets):
+        rate = make(net.parameters()).defaults["lr"]
+        for i, group in enumerate(optimizer.param_groups):
+            old = scheduler.base_lrs[i]
+            if old == rate:
+                continue
+            scheduler.base_lrs[i] = group["initial_lr"] = rate
+            group["lr"] = rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
+            changed.append((old, rate))
+            log.info("learning rate %g (the checkpoint's) is now %g (the launch's)", old, rate)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changed

@@ -183,10 +183,11 @@ def test_a_diverged_run_says_which_checkpoints_exist_and_which_to_continue_from(
     advice = what_to_do(trainer, since=5)
     assert advice.startswith(
         "On disk: best.ckpt (iteration 4), iter_0000004.ckpt (iteration 4), iter_0000006.ckpt (iteration 6), "
-        "last.ckpt (iteration 7). Continue from best.ckpt, written before iteration 6, in a new folder with "
-        f"other random draws (hydra.run.dir=NEW ckpt_path={folder / 'best.ckpt'} seed=OTHER "
-        "resume_changes=[seed]: as it is, resume is exact and repeats the same iterations), or start again "
-        "with a lower learning rate"
+        "last.ckpt (iteration 7). Continue from best.ckpt, written before iteration 6, in a new folder "
+        f"(hydra.run.dir=NEW ckpt_path={folder / 'best.ckpt'}) with other random draws (seed=OTHER "
+        "resume_changes=[seed]) or lower learning rates (model.optimizer.lr=LR model.d_optimizer.lr=LR "
+        "resume_changes=[model.optimizer.lr,model.d_optimizer.lr]): as it is, resume is exact and repeats "
+        "the same iterations. Or start again with a lower learning rate"
     )
     assert "none from before iteration 4: start again" in what_to_do(trainer, since=3)
 

@@ -134,6 +134,30 @@ def test_resume_with_dropout_draws_the_masks_the_straight_run_draws(tmp_path):
     )
 
 
+def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_path):
+    # a warm-up of 10: the continuation at 4 is mid-ramp, its rates the new base times that factor
+    common = ["debug=smoke", "data=synthetic", "iterations=8", "eval=null", "model.warmup=10"]
+    train(compose([*common, "stop_after=4"], run_dir=str(tmp_path / "run")))
+    lower = ["model.optimizer.lr=1e-5", "model.d_optimizer.lr=3e-5"]
+    with pytest.raises(ValueError, match=r"resume_changes=\[model.d_optimizer.lr,model.optimizer.lr\]"):
+        train(compose([*common, *lower], run_dir=str(tmp_path / "run")))
+    allowed = "resume_changes=[model.optimizer.lr,model.d_optimizer.lr]"
+    train(compose([*common, *lower, allowed], run_dir=str(tmp_path / "run")))
+    saved = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert int(saved["state_dict"]["iteration"]) == 8
+    for rate, optimizer, scheduler in zip((1e-5, 3e-5), saved["optimizer_states"], saved["lr_schedulers"]):
+        assert scheduler["base_lrs"] == [rate] and scheduler["last_epoch"] == 8
+        assert optimizer["param_groups"][0]["lr"] == pytest.approx(rate * 0.9)  # (8 + 1) / 10
+    (launch,) = saved["act_history"][1:]
+    assert launch["changes"]["model.optimizer.lr"] == [2e-4, 1e-5]
+    # the rates trained: the weights are not those of the straight run (= one continued at its own rates)
+    train(compose(common, run_dir=str(tmp_path / "same")))
+    same = _load(tmp_path / "same" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert not torch.equal(
+        same["generator.unet.conv_out.weight"], saved["state_dict"]["generator.unet.conv_out.weight"]
+    )
+
+
 def test_the_last_evaluation_is_in_the_last_checkpoint_and_stays_in_the_history_of_a_longer_run(tmp_path):
     # the last iteration (6) is a checkpoint iteration but not an evaluation one (every 4): it is scored
     # before that save, so a run trained on from it keeps that value in its history and summary

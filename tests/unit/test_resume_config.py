@@ -4,8 +4,10 @@ and how they are named."""
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from act_lightning.resume import (
@@ -20,6 +22,7 @@ from act_lightning.resume import (
     has_key,
     referenced,
     refused,
+    set_learning_rates,
     what_to_do,
     world_size,
 )
@@ -133,11 +136,20 @@ def test_resume_changes_names_unknown_keys_and_refuses_keys_no_resume_can_change
     with pytest.raises(ValueError, match=bare):  # Hydra reads a bare word as a string, not a list
         _check([], ["iterations=8", "resume_changes=iterations"])
     _check([], ["iterations=8", "resume_changes=[iterations]"])
-    # the restored optimiser state would keep its own learning rate; the weights their shapes
-    for change in ("model.optimizer.lr=1e-5", "model.generator.channel_divisor=4"):
+    # the restored optimiser state keeps its own betas (and moments); the weights their shapes
+    for change in ("model.optimizer.betas=[0.9,0.99]", "model.generator.channel_divisor=4"):
         key = change.split("=")[0]
         with pytest.raises(ValueError, match=f"{key} cannot change on resume .*: resume with the checkpoint"):
             _check([], [change, f"resume_changes=[{key}]"])
+    # but the learning rates can, when named (set_learning_rates puts them into the restored state)
+    model = _configs([])[0]["model"]  # the smoke runs' rates (2e-4)
+    with pytest.raises(ValueError, match=r"model.optimizer.lr=0.0002 \(now 1e-05\).*resume_changes=\[model"):
+        _check([], ["model.optimizer.lr=1e-5"])
+    lower = ["model.optimizer.lr=1e-5", "model.d_optimizer.lr=2e-5"]
+    assert _check([], [*lower, "resume_changes=[model.optimizer.lr,model.d_optimizer.lr]"]) == {
+        "model.d_optimizer.lr": [model["d_optimizer"]["lr"], 2e-5],
+        "model.optimizer.lr": [model["optimizer"]["lr"], 1e-5],
+    }
 
 
 def test_a_weights_only_checkpoint_must_match_the_networks_only():
@@ -286,3 +298,29 @@ def test_the_global_batch_may_be_allowed_by_name_where_no_data_config_has_the_ke
     new, raw = _configs(["data.batch_size=8", "resume_changes=[data.global_batch_size]"])
     del old["data"]["global_batch_size"], new["data"]["global_batch_size"]  # a data module without it
     assert check_resume({"act_config": old}, new, raw, "ckpt", "start anew") == {GLOBAL_BATCH: [4, 8]}
+
+
+def test_set_learning_rates_puts_the_launchs_rates_into_restored_state_at_the_warm_ups_factor():
+    net = torch.nn.Linear(2, 2)
+    ramp = lambda k: min(1.0, (k + 1) / 10)  # noqa: E731  the module's warm-up, over 10 iterations
+
+    def build(lr: float):
+        optimizer = torch.optim.RAdam(net.parameters(), lr=lr)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, ramp)
+
+    optimizer, scheduler = build(1e-3)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    # the continuation builds them at its own rate, then the checkpoint's state brings back 1e-3
+    restored, warmup = build(1e-4)
+    restored.load_state_dict(optimizer.state_dict())
+    warmup.load_state_dict(scheduler.state_dict())
+    assert restored.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.4)
+    make = partial(torch.optim.RAdam, lr=1e-4)
+    assert set_learning_rates(restored, warmup, [make], [net]) == [(1e-3, 1e-4)]
+    assert restored.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.4) == warmup.get_last_lr()[0]
+    warmup.step()  # on along the warm-up, from the new base
+    assert restored.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5)
+    assert set_learning_rates([restored], [warmup], [make], [net]) == []  # already the launch's
+    assert restored.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5)

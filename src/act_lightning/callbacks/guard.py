@@ -50,7 +50,7 @@ class DivergenceGuard(L.Callback):
 def what_to_do(trainer, since: int) -> str:
     """The checkpoints a diverged run has on disk, with their iterations, and how to go on: from one
     written before the first bad iteration, `since + 1` (as metrics.csv and checkpoints count: after
-    `since` good ones), or again with a lower learning rate."""
+    `since` good ones) with other draws or lower learning rates, or again with a lower learning rate."""
     last = next((c.path for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
     found = {}
     for path in sorted(last.parent.glob("*.ckpt")) if last is not None else []:
@@ -66,8 +66,10 @@ def what_to_do(trainer, since: int) -> str:
     if not before:
         return f"On disk: {listed}, none from before iteration {since + 1}: {again}."
     best = max(before, key=found.get)
+    rates = "model.optimizer.lr,model.d_optimizer.lr"
     return (
         f"On disk: {listed}. Continue from {best.name}, written before iteration {since + 1}, in a new "
-        f"folder with other random draws (hydra.run.dir=NEW ckpt_path={best} seed=OTHER "
-        f"resume_changes=[seed]: as it is, resume is exact and repeats the same iterations), or {again}."
+        f"folder (hydra.run.dir=NEW ckpt_path={best}) with other random draws (seed=OTHER "
+        f"resume_changes=[seed]) or lower learning rates (model.optimizer.lr=LR model.d_optimizer.lr=LR "
+        f"resume_changes=[{rates}]): as it is, resume is exact and repeats the same iterations. Or {again}."
     )
