@@ -388,6 +388,22 @@ def test_a_failed_prepare_into_a_prepared_folder_leaves_no_manifest_over_its_hal
         ImageNet64DataModule(root=str(dst), batch_size=2).setup("fit")
 
 
+def test_the_arrays_of_a_killed_preparation_are_named_as_unfinished(prepared, tmp_path):
+    # kill -9 before the manifest (written last): no exception handler removed the arrays
+    dst = tmp_path / "killed"
+    dst.mkdir()
+    for name in ("train_images.npy", "train_labels.npy"):
+        (dst / name).write_bytes((prepared / name).read_bytes())
+    said = rf"{dst} holds train_images\.npy but no manifest\.json: a preparation into it did not finish"
+    for step in (lambda dm: dm.check_source(), lambda dm: dm.prepare_data(), lambda dm: dm.setup("fit")):
+        with pytest.raises(FileNotFoundError, match=said):
+            step(_dm(dst))
+    (dst / "train_images.npy").unlink()  # labels alone: nothing that says a preparation ran
+    with pytest.raises(FileNotFoundError) as err:
+        _dm(dst).check_source()
+    assert "did not finish" not in str(err.value)
+
+
 def test_prepare_refuses_a_disk_too_small_before_making_its_arrays(tmp_path, monkeypatch):
     """Its arrays are sparse memory maps: a disk that filled up under them killed the process (SIGBUS)
     with no message and left half-written arrays."""

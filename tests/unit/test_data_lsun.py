@@ -121,6 +121,14 @@ def test_missing_lmdb_names_the_files_where_and_where_from(tmp_path):
         assert expected in message
 
 
+def test_the_arrays_of_a_killed_preparation_are_named_as_unfinished(tmp_path):
+    (tmp_path / "train_images.npy").write_bytes(b"")  # what a kill -9 leaves: arrays, no manifest (last)
+    with pytest.raises(FileNotFoundError, match="train_images.npy but no manifest.json: a preparation into"):
+        _dm(tmp_path).prepare_data()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        _dm(tmp_path).check_source()
+
+
 def test_undecodable_value_names_the_key(tmp_path):
     write_lsun_lmdb(tmp_path / "cat", n=3, extra={b"ffff-broken": b"RIFF\x00\x00junk"})
     dm = _dm(tmp_path)

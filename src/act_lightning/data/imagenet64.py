@@ -233,7 +233,7 @@ class ImageNet64DataModule(ImageDataModule):
             f"({root / storage.MANIFEST}, train_images.npy, train_labels.npy), written by `python -m "
             f"act_lightning.prepare imagenet64 SRC {root}`, or the official downsampled release in {root} "
             f"({TRAIN_FILES[0]} .. {TRAIN_FILES[-1]}, {VAL_FILE}), converted on first use. "
-            f"{_official_hint(root)}."
+            f"{_official_hint(root)}.{storage.unfinished(root)}"
         )
 
     def _split(self, name: str) -> storage.PreparedArrays:

@@ -221,10 +221,11 @@ def _not_found_message(root: Path, category: str, prepared_too: bool = True) -> 
         if prepared_too
         else ""
     )
+    unfinished = storage.unfinished(root) if prepared_too else ""
     return (
         f"LSUN {category} not found under {root}. Expected the official LMDB: the folder {root / category}/ "
         f"holding data.mdb (or data.mdb directly in {root}){prepared}. Get it from "
-        f"{URLS.format(category=category)} and unzip it into {root}."
+        f"{URLS.format(category=category)} and unzip it into {root}.{unfinished}"
     )
 
 

@@ -115,6 +115,19 @@ def no_partial_output(dst: Path) -> Iterator[None]:
         raise
 
 
+def unfinished(root: Path) -> str:
+    """For a not-found message: a sentence on the arrays `root` holds without a manifest (empty when it
+    holds none, or its manifest). A preparation killed before its end (kill -9, a node lost) leaves them:
+    `no_partial_output` cleans up after an exception, and the manifest is written last."""
+    arrays = sorted(p.name for p in root.glob("*_images.npy")) if root.is_dir() else []
+    if not arrays or (root / MANIFEST).is_file():
+        return ""
+    return (
+        f" {root} holds {', '.join(arrays)} but no {MANIFEST}: a preparation into it did not finish (the "
+        "manifest is written last); run it again, it rewrites them."
+    )
+
+
 def check_free_space(dst: Path, need: int, what: str, advice: str) -> None:
     """Create `dst`; OSError, naming `what` needs how much, if its disk cannot hold `need` more bytes
     (files of `dst` a conversion rewrites in place count as free). Checked before the arrays are made:
