@@ -14,6 +14,7 @@ record or opens the log (Hydra's own message would be "Unable to configure handl
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +41,39 @@ def check_writable_folder(folder: Path, key: str) -> None:
         ) from None
 
 
+SLURM_COUNTS = ("nodes", "tasks_per_node", "gpus_per_node")  # hydra.launcher's, numbers in its schema
+
+
+def check_slurm_counts(config: DictConfig) -> None:
+    """The SLURM launcher's node, task and GPU counts that repeat another key are numbers (ValueError
+    naming that key, `trainer.devices` or `trainer.num_nodes` in the shipped config, otherwise). Hydra
+    builds the launcher before any job and would refuse `trainer.devices=auto` (the ddp trainer's
+    default) with an interpolation error deep in a traceback."""
+    launcher = OmegaConf.select(config, "hydra.launcher")
+    if launcher is None or "SlurmLauncher" not in str(launcher.get("_target_", "")):
+        return
+    for field in SLURM_COUNTS:
+        if field not in launcher:
+            continue
+        # read unresolved: the launcher's schema would refuse a value that is no number as it resolves it
+        # (a value set on the command line it checks as Hydra composes: only interpolations are left)
+        raw = launcher._get_node(field)._value()  # "${trainer.devices}" in the shipped config
+        source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+        if source is None:
+            continue
+        key = source.group(1)
+        value = OmegaConf.select(config, key, default=None)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            continue
+        if isinstance(value, str) and value.isdigit() and int(value) > 0:
+            continue
+        raise ValueError(
+            f"{key}={value}: a SLURM launch (hydra/launcher=submitit_slurm) asks for a number of "
+            f"{'nodes' if field == 'nodes' else 'GPUs and tasks per node'}, so set {key} to one "
+            f"(e.g. {key}={2 if field == 'nodes' else 8})"
+        )
+
+
 class LaunchLog(logging.FileHandler):
     """Hydra's job log (`hydra.job_logging.handlers.file`) in the launch's record folder, created first."""
 
@@ -57,6 +91,11 @@ class CheckRunFolder(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir")
+        try:
+            check_slurm_counts(config)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     @staticmethod
     def _check(config: DictConfig, key: str) -> None:

@@ -11,10 +11,13 @@ import os
 import pytest
 import torch
 import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 
 from act_lightning.environment import describe, environment
+from act_lightning.launch import check_slurm_counts
 from act_lightning.train import train
-from tests.conftest import compose, refusal, run_cli
+from tests.conftest import COMMAND_ENV, CONF, compose, refusal, run_cli, run_module
 
 SMOKE = ["debug=smoke", "data=synthetic"]
 
@@ -66,6 +69,28 @@ def test_an_unwritable_run_folder_is_refused_before_hydra_writes_into_it(tmp_pat
         folder.mkdir(mode=0o555)
         line = refusal(run_cli(SMOKE, folder))
         assert f"cannot write into {folder}" in line and not any(folder.iterdir())
+
+
+def test_a_slurm_sweep_without_a_number_of_devices_is_refused_in_one_line_before_hydra_builds_it(tmp_path):
+    # the ddp trainer's devices=auto: Hydra's launcher schema wanted an integer, in a long traceback
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=lsun_cat256", "hydra/launcher=submitit_slurm", f"hydra.sweep.dir={sweep}"]
+    line = refusal(run_module("train", args, env=COMMAND_ENV, timeout=300))
+    assert line.startswith("error: trainer.devices=auto: a SLURM launch (hydra/launcher=submitit_slurm) asks")
+    assert line.endswith("(e.g. trainer.devices=8)") and not sweep.exists()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+
+        def config(*overrides):
+            base = ["experiment=lsun_cat256", "hydra/launcher=submitit_slurm", f"run_dir={tmp_path}"]
+            return hydra_compose("train", overrides=[*base, *overrides], return_hydra_config=True)
+
+        check_slurm_counts(config("trainer.devices=8", "trainer.num_nodes=2"))  # the README's launch
+        with pytest.raises(ValueError, match=r"^trainer.num_nodes=two: .* a number of nodes"):
+            check_slurm_counts(config("trainer.devices=8", "trainer.num_nodes=two"))
+        check_slurm_counts(config("hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4"))
+        with pytest.raises(ValueError, match=r"^trainer.devices=auto: "):  # the tasks still follow devices
+            check_slurm_counts(config("hydra.launcher.gpus_per_node=4"))
+        check_slurm_counts(config("hydra/launcher=basic"))  # a local sweep: no SLURM counts
 
 
 def _iteration(path) -> int:
