@@ -52,12 +52,11 @@ def check_slurm_counts(config: DictConfig) -> None:
     launcher = OmegaConf.select(config, "hydra.launcher")
     if launcher is None or "SlurmLauncher" not in str(launcher.get("_target_", "")):
         return
+    # read unresolved: the launcher's schema would refuse a value that is no number as it resolves it (a
+    # value set on the command line it checks as Hydra composes: only interpolations are left)
+    unresolved = OmegaConf.to_container(launcher, resolve=False)
     for field in SLURM_COUNTS:
-        if field not in launcher:
-            continue
-        # read unresolved: the launcher's schema would refuse a value that is no number as it resolves it
-        # (a value set on the command line it checks as Hydra composes: only interpolations are left)
-        raw = launcher._get_node(field)._value()  # "${trainer.devices}" in the shipped config
+        raw = unresolved.get(field)  # "${trainer.devices}" in the shipped config
         source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
         if source is None:
             continue
