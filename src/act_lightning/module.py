@@ -4,13 +4,13 @@ generator update, then one discriminator update) per batch (docs/algorithm.md, s
 The math lives in pure functions (`losses.pair_losses`, `losses.discriminator_losses_at`,
 `losses.denoising_losses` for diffusion training, the
 `ConsistencySchedule`), the draws of an iteration in `iteration`, the divergence guard in `divergence`,
-per-network DDP in `distributed`; this module does what is Lightning's: which network trains, backward,
+per-network DDP in `distributed`, the EMAs' update in `ema`, the checks of the module's arguments in
+`arguments`; this module does what is Lightning's: which network trains, backward,
 optimiser steps, the target EMA, the iteration counter, the augmentation controller's state, logging.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -22,14 +22,15 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 
+from act_lightning.arguments import OptimizerFactory, check_arguments, check_objective
 from act_lightning.augment import AugmentPipe, DrawnAugmentation, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
-from act_lightning.checks import check_count
 from act_lightning.compat import eager_forward
-from act_lightning.consistency import C_NOISE, ConsistencySchedule, check_iterations, noise_conditioning
+from act_lightning.consistency import ConsistencySchedule, noise_conditioning
 from act_lightning.data.base import HalfBatch
 from act_lightning.distributed import PerNetworkDDP
 from act_lightning.divergence import BadIterations, guard_mask, skip_if_nonfinite
+from act_lightning.ema import ema_copies, ema_update
 from act_lightning.environment import latest_environment, launch_environments
 from act_lightning.iteration import (
     Draws,
@@ -56,106 +57,13 @@ from act_lightning.samplers import heun, multistep
 from act_lightning.seeds import AUGMENT, mix_seed
 from act_lightning.speed import SpeedOptions, in_bf16
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]  # a Hydra `_partial_` optimizer: params -> optimizer
 Logs = dict[str, Any]
 Bad = dict[str, Tensor]  # guarded term -> whether it went non-finite (divergence.GUARDED_TERMS)
-OBJECTIVES = ("consistency", "diffusion")  # model.objective: ACT/CT/iCT/ECT | EDM's denoising score matching
 
 
 def with_curriculum(schedule: ConsistencySchedule, curriculum: str | None) -> ConsistencySchedule:
     """`model.curriculum`, when set, replaces `model.schedule.curriculum` (its shorthand: curriculum=ect)."""
     return schedule if curriculum is None else dataclasses.replace(schedule, curriculum=curriculum)
-
-
-def check_optimizer(key: str, factory: OptimizerFactory | None) -> None:
-    """Builds the optimiser once over a dummy parameter, so a bad learning rate or beta fails now,
-    naming its key, instead of after the data and the loggers have started."""
-    if not callable(factory):
-        raise ValueError(
-            f"{key} must be a Hydra partial of a torch.optim optimizer (_partial_: true), got {factory!r}"
-        )
-    lr = getattr(factory, "keywords", {}).get("lr")
-    if lr is not None and not lr > 0:  # torch accepts 0, which would train nothing
-        raise ValueError(f"{key}.lr must be positive, got {lr}")
-    try:
-        factory([nn.Parameter(torch.zeros(1))])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{key}: {err}") from err
-
-
-def check_objective(objective: str, adversarial: bool, heun_steps: int) -> None:
-    """model.objective, and what diffusion training needs: no discriminator, Heun's levels."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"model.objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
-    if objective == "diffusion" and adversarial:
-        raise ValueError(
-            "model.objective=diffusion trains no discriminator: set model.schedule.gan_ratio=0 "
-            "(experiment=quickstart_diffusion and cifar10_diffusion do)"
-        )
-    if not (isinstance(heun_steps, int) and heun_steps >= 2):
-        raise ValueError(
-            f"model.heun_steps must be an integer >= 2 (noise levels of Heun's sampler), got {heun_steps!r}"
-        )
-
-
-def check_arguments(
-    iterations: int,
-    optimizer: OptimizerFactory,
-    d_optimizer: OptimizerFactory | None,
-    discriminator: object,
-    adversarial: bool,
-    warmup: int,
-    r1: tuple[float, int, float],
-    sampling_ema: float | None,
-    c_noise: str,
-) -> None:
-    """The ranges of the module's own keys (the schedule and the speed options check theirs), named by
-    key, before anything is built. `r1` is (r1_gamma, r1_interval, ada_length)."""
-    r1_gamma, r1_interval, ada_length = r1
-    check_iterations(iterations)
-    check_count(warmup, "model.warmup")  # 1 = no warm-up
-    check_count(r1_interval, "model.r1_interval")
-    check_optimizer("model.optimizer", optimizer)
-    for ok, message in (
-        (r1_gamma >= 0, f"model.r1_gamma must be >= 0, got {r1_gamma}"),
-        (ada_length > 0, f"model.ada_length must be positive, got {ada_length}"),
-        (
-            sampling_ema is None or 0 <= sampling_ema < 1,
-            f"model.sampling_ema must be null (sample with the teacher) or in [0, 1), got {sampling_ema}",
-        ),
-        (
-            not adversarial or discriminator is not None,
-            "model.schedule.gan_ratio > 0 needs a model.discriminator",
-        ),
-        (c_noise in C_NOISE, f"model.c_noise must be one of {', '.join(C_NOISE)}; got {c_noise!r}"),
-    ):
-        if not ok:
-            raise ValueError(message)
-    if adversarial:
-        check_optimizer("model.d_optimizer", d_optimizer)
-
-
-@torch.no_grad()
-def ema_update(net: nn.Module, source: nn.Module, decay: float, foreach: bool = True) -> None:
-    """net <- decay * net + (1 - decay) * source over the parameters (buffers are copied): one fused op over
-    all tensors (`foreach`), or the baseline's Python loop. decay = 0 copies the source exactly."""
-    ema = list(net.parameters())
-    online = [p.detach() for p in source.parameters()]
-    if foreach:
-        torch._foreach_lerp_(ema, online, 1.0 - decay)
-    else:
-        for t, o in zip(ema, online):
-            t.mul_(decay).add_(o, alpha=1.0 - decay)
-    for b_t, b in zip(net.buffers(), source.buffers()):
-        b_t.copy_(b)
-
-
-def ema_copies(generator: nn.Module, separate_teacher: bool) -> tuple[nn.Module, nn.Module | None]:
-    """`target`, the network that samples and is evaluated (and exported): theta^-, the EMA teacher, as in
-    the reference; with a sampling EMA (`sampling_ema`), an EMA of its own decay. An EMA teacher that no
-    longer samples is then `teacher_ema` (`separate_teacher`); the online teacher is the generator."""
-    target = copy.deepcopy(generator).requires_grad_(False)
-    return target, copy.deepcopy(generator).requires_grad_(False) if separate_teacher else None
 
 
 def discriminator_if(adversarial: bool, discriminator: nn.Module | Callable[[], nn.Module] | None):

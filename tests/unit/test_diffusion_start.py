@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from act_lightning import consistency as cm
+from act_lightning.arguments import check_objective
 from act_lightning.init_from import describe, load_init, read_init, use_generator
 from act_lightning.losses import denoising_losses, pair_losses, pseudo_huber_distance
-from act_lightning.module import check_objective
 from act_lightning.samplers import heun
 from tests.helpers_training import SMALL, fit, params
 

@@ -11,7 +11,8 @@ from act_lightning import consistency as cm
 from act_lightning.augment import r1_controller_update
 from act_lightning.data.base import split_halves
 from act_lightning.divergence import GUARDED_TERMS
-from act_lightning.module import ACTModule, ema_update
+from act_lightning.ema import ema_update
+from act_lightning.module import ACTModule
 from tests.helpers_training import SMALL, fit, fit_recording, params
 
 
