@@ -142,6 +142,16 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_sweeps.py::test_an_optuna_search_minimises_the_metric_train_returns",
     ),
+    **{  # the agent's command for a trial, built by wandb's functions; W&B's servers are not reached
+        command: (
+            "test",
+            "test_sweeps.py::test_a_wandb_agent_starts_the_sweep_files_trials_as_training_runs_that_report_its_metric",
+        )
+        for command in (
+            "wandb sweep sweeps/wandb_cifar10.yaml",
+            "CUDA_VISIBLE_DEVICES=0 wandb agent ENTITY/act-lightning/ID",
+        )
+    },
     "make bench": ("test", "test_benchmarks.py::test_make_bench_scripts_run_in_quick_mode"),
     "python -m act_lightning.sample ckpt=outputs/quickstart/.../checkpoints/best.ckpt num_samples=16 seed=7 "
     "out=samples": ("test", "test_sample.py::test_the_command_twice_gives_identical_samples"),

@@ -10,7 +10,7 @@ import yaml
 
 from act_lightning.environment import environment
 from act_lightning.report import job_record
-from tests.conftest import COMMAND_ENV, run_module
+from tests.conftest import COMMAND_ENV, ROOT, run_module
 from tests.helpers_wandb import read_run
 
 
@@ -42,6 +42,31 @@ def test_a_two_job_grid_sweep_gives_two_wandb_runs_with_their_own_names_and_conf
     for job, run in enumerate(runs):
         assert run["summary"]["val/fd_best"] == pytest.approx(_best(tmp_path / str(job)))
     assert runs[0]["summary"]["val/fd_best"] != runs[1]["summary"]["val/fd_best"]
+
+
+def test_a_wandb_agent_starts_the_sweep_files_trials_as_training_runs_that_report_its_metric(tmp_path):
+    """`wandb agent` builds each trial's command from the sweep file with wandb's own functions (used here
+    as the agent uses them, with a trial at the ranges' lower ends); that command, shortened for the CPU,
+    trains one run whose W&B summary holds the metric the sweep minimises. W&B's servers (the search, the
+    agent's polling) are not part of the test."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    sweep = yaml.safe_load((ROOT / "sweeps" / "wandb_cifar10.yaml").read_text())
+    trial = {key: {"value": spec["min"]} for key, spec in sweep["parameters"].items()}
+    variables = sweep_utils.create_sweep_command_args({"args": trial})
+    variables |= {"env": ["/usr/bin/env"], "interpreter": ["python"], "program": [sweep["program"]]}
+    command = []
+    for part in sweep_utils.create_sweep_command(sweep["command"]):
+        command += variables.get(part[2:-1], []) if part.startswith("${") else [part]
+    assert command[:4] == ["/usr/bin/env", "python", "-m", "act_lightning.train"]
+    assert "model.optimizer.lr=5e-05" in command and "experiment=cifar10" in command
+
+    shorter = ["debug=smoke", "data=synthetic", f"hydra.run.dir={tmp_path}"]
+    result = run_module("train", [*command[4:], *shorter], env=COMMAND_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = read_run(tmp_path)
+    assert run["config"]["model"]["optimizer"]["lr"] == 5e-05 and run["group"] == "cifar10"
+    assert run["summary"][sweep["metric"]["name"]] == pytest.approx(_best(tmp_path))
 
 
 @pytest.mark.slow
