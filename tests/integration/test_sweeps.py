@@ -61,12 +61,16 @@ def test_a_wandb_agent_starts_the_sweep_files_trials_as_training_runs_that_repor
     assert command[:4] == ["/usr/bin/env", "python", "-m", "act_lightning.train"]
     assert "model.optimizer.lr=5e-05" in command and "experiment=cifar10" in command
 
-    shorter = ["debug=smoke", "data=synthetic", f"hydra.run.dir={tmp_path}"]
-    result = run_module("train", [*command[4:], *shorter], env=COMMAND_ENV)
+    # what the agent puts into the trial's environment: the folder is named by the sweep's and run's IDs
+    agent = {**COMMAND_ENV, "WANDB_SWEEP_ID": "sw33p", "WANDB_RUN_ID": "tr1al"}
+    shorter = ["debug=smoke", "data=synthetic"]
+    result = run_module("train", [*command[4:], *shorter], env=agent, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = read_run(tmp_path)
+    folder = tmp_path / "outputs" / "cifar10" / "wandb" / "sw33p" / "tr1al"
+    assert [p.name for p in folder.glob("wandb/offline-run-*")][0].endswith("-tr1al")  # the agent's run
+    run = read_run(folder)
     assert run["config"]["model"]["optimizer"]["lr"] == 5e-05 and run["group"] == "cifar10"
-    assert run["summary"][sweep["metric"]["name"]] == pytest.approx(_best(tmp_path))
+    assert run["summary"][sweep["metric"]["name"]] == pytest.approx(_best(folder))
 
 
 @pytest.mark.slow
