@@ -522,6 +522,10 @@ class ACTModule(L.LightningModule):
             (str(lg.version) for lg in self.loggers if isinstance(lg, WandbLogger) and lg.version), None
         )
         prepare_training_checkpoint(checkpoint, self.run_config, wandb_id, self.run_history)
+        # saved before on_train_start put the checkpoint's random state back (the best.ckpt of an evaluation
+        # a stop deferred): the run's state at this iteration is that one, not the freshly seeded one
+        if getattr(self, "_restore_rng", None) is not None:
+            checkpoint["act_rng"] = self._restore_rng
         if self._last_r1 is not None:
             checkpoint["act_last_r1"] = float(self._last_r1)
 

@@ -54,6 +54,7 @@ def assert_same_training_state(a_path, b_path) -> None:
             for name in pa:
                 torch.testing.assert_close(pa[name], pb[name], rtol=0, atol=0)
     assert a["loops"]["fit_loop"]["epoch_loop.state_dict"] == b["loops"]["fit_loop"]["epoch_loop.state_dict"]
+    assert torch.equal(a["act_rng"]["cpu"], b["act_rng"]["cpu"])  # what dropout draws from next
 
 
 # the controller moves p (threshold 0, short ada_length) so the augmentation state is compared too
@@ -64,10 +65,11 @@ EXACT = ["debug=smoke", "iterations=8", "model.r1_threshold=0", "model.ada_lengt
 def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_path):
     straight, run = tmp_path / "straight", tmp_path / "run"
     snapshots = ["callbacks.checkpoint.keep_snapshots=true", "callbacks.checkpoint.every_n_iterations=4"]
-    result = run_cli([*EXACT, *snapshots], straight)
+    exact = [*EXACT, "model.generator.dropout=0.3"]  # the global random state matters (act_rng)
+    result = run_cli([*exact, *snapshots], straight)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result = run_cli([*EXACT, "stop_after=4"], run)  # as a preempted job: checkpoint at 4, exit 0
+    result = run_cli([*exact, "stop_after=4"], run)  # as a preempted job: checkpoint at 4, exit 0
     assert result.returncode == 0, result.stderr[-3000:]
     assert _iteration(run / "checkpoints" / "last.ckpt") == 4
     assert "Stopped at iteration 4 of 8 (stop_after=4)" in result.stdout  # Hydra logs to stdout
@@ -75,7 +77,7 @@ def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_pat
     assert "the evaluation at iteration 4 is left to the run's continuation" in result.stdout
     states = _load(run / "checkpoints" / "last.ckpt")["callbacks"].values()
     assert [k for k, *_ in next(v for v in states if "history" in v)["history"]] == [0]
-    result = run_cli([*EXACT, "resume=auto"], run)  # the same run folder
+    result = run_cli([*exact, "resume=auto"], run)  # the same run folder
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert _iteration(run / "checkpoints" / "last.ckpt") == 8
@@ -86,7 +88,8 @@ def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_pat
     assert _by_step(_rows(run)) == _by_step(_rows(straight))
     history = json.loads((run / "metric_summary.json").read_text())["history"]
     assert [h["iteration"] for h in history] == [0, 4, 8]
-    # and the same best.ckpt (at 4, a continuation saves it when it starts)
+    # and the same best.ckpt (at 4, a continuation saves it when it starts: with the random state the
+    # checkpoint restores, not the fresh process's)
     assert _iteration(run / "checkpoints" / "best.ckpt") == _iteration(straight / "checkpoints" / "best.ckpt")
     assert_same_training_state(straight / "checkpoints" / "best.ckpt", run / "checkpoints" / "best.ckpt")
     assert [r["step"] for r in _rows(run) if "val/fd" in r] == ["0", "4", "8"]
@@ -94,7 +97,7 @@ def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_pat
     # ckpt_path= starts another folder from a snapshot and continues it exactly too
     other = tmp_path / "other"
     train(
-        compose([*EXACT, f"ckpt_path={straight / 'checkpoints' / 'iter_0000004.ckpt'}"], run_dir=str(other))
+        compose([*exact, f"ckpt_path={straight / 'checkpoints' / 'iter_0000004.ckpt'}"], run_dir=str(other))
     )
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", other / "checkpoints" / "last.ckpt")
 
@@ -132,6 +135,35 @@ def test_resume_with_dropout_draws_the_masks_the_straight_run_draws(tmp_path):
     assert_same_training_state(
         tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "run/checkpoints/last.ckpt"
     )
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_saves_first_and_the_continuation_scores_it(
+    tmp_path, monkeypatch
+):
+    from act_lightning.metrics import fid
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2"]  # evaluations of two rounds of sampling
+    assert run_cli(args, straight).returncode == 0
+    drawn, noise = [], fid.evaluation_noise
+
+    def signalled_in_iteration_4s_evaluation(seed, indices, *rest):
+        drawn.append(indices.start)
+        if len(drawn) == 3:  # iteration 0's evaluation drew chunks 0 and 2; this is iteration 4's first
+            os.kill(os.getpid(), signal.SIGTERM)  # SLURM's preemption, in the middle of it
+        return noise(seed, indices, *rest)
+
+    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_iteration_4s_evaluation)
+    result = run_cli(args, run)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert drawn == [0, 2, 0]  # it gave up after the round the signal came in: not one more image
+    assert "Stopped at iteration 4 of 8 (signal SIGTERM)" in result.stdout  # not one iteration later
+    assert "the evaluation at iteration 4 is left to the run's continuation" in result.stdout
+    assert _iteration(run / "checkpoints" / "last.ckpt") == 4
+    monkeypatch.undo()
+    assert run_cli(args, run).returncode == 0
+    assert _by_step(_rows(run)) == _by_step(_rows(straight))
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
 
 
 def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_path):

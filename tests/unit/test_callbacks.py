@@ -129,7 +129,7 @@ def _evaluation(tmp_path, values, **kwargs):
     cb.extractor = torch.nn.Identity()
     cb._reference_statistics = lambda *a: (np.zeros(2), np.eye(2))
     cb._extra_references = lambda *a: None
-    cb.evaluate = lambda trainer, module: values[module.k]
+    cb.evaluate = lambda trainer, module, stop=None: values[module.k]
     logger = _Loggers()
     saved = []
     trainer = SimpleNamespace(
@@ -194,7 +194,7 @@ def test_evaluations_come_every_n_iterations_and_at_the_last_one_once(tmp_path):
 
 
 def test_a_stop_at_an_evaluations_iteration_leaves_it_to_the_continuation_which_scores_it_first(tmp_path):
-    values = {0: 9.0, 4: 3.0, 8: 2.0}
+    values = {0: 9.0, 4: 3.0, 9: 2.0}
     cb, trainer, logger, _ = _evaluation(tmp_path, values, every=4)
     checkpoint = LastCheckpoint(str(tmp_path / "checkpoints"), every_n_iterations=100)
     trainer.callbacks = [cb, checkpoint]
@@ -206,20 +206,41 @@ def test_a_stop_at_an_evaluations_iteration_leaves_it_to_the_continuation_which_
     assert [h[0] for h in cb.history] == [0] and checkpoint.stopping(trainer, _module(4))
     state = cb.state_dict()
 
-    resumed, trainer, logger, _ = _evaluation(tmp_path, values, every=4)
+    assert state["deferred"] == 4  # in the checkpoint the stop saves
+    # the continuation, even at another cadence (eval.every may change on resume): 4 scored first
+    resumed, trainer, logger, _ = _evaluation(tmp_path, values, every=3)
     resumed.load_state_dict(state)
-    resumed.on_train_start(trainer, _module(4))  # the continuation: iteration 4 scored before training
+    resumed.on_train_start(trainer, _module(4))
     assert [(k, v) for k, v, _ in resumed.history] == [(0, 9.0), (4, 3.0)] and logger.rows == [
         (4, {"val/fid": 3.0})
     ]
     assert resumed.history[-1][2] == state["train_seconds"]  # at the training seconds of the stop
     resumed.on_train_start(trainer, _module(4))  # scored once
-    resumed.on_train_start(trainer, _module(5))  # off the grid: nothing is due
-    assert len(resumed.history) == 2
+    assert len(resumed.history) == 2 and resumed.state_dict()["deferred"] is None
     # without a stop, the evaluation comes at its iteration (the decision is the checkpoint's, once each)
     trainer.callbacks = [resumed, LastCheckpoint(str(tmp_path / "checkpoints"), every_n_iterations=100)]
-    resumed.on_train_batch_end(trainer, _module(8), None, None, 0)
-    assert [h[0] for h in resumed.history] == [0, 4, 8]
+    resumed.on_train_batch_end(trainer, _module(9), None, None, 0)
+    assert [h[0] for h in resumed.history] == [0, 4, 9]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_which_all_name_it(tmp_path, monkeypatch):
+    # rank 1 got SIGTERM, this rank (0) none: the all-reduce (max) gives every rank the signal, so each
+    # stops at this iteration and exits, or requeues, with the same status
+    checkpoint = LastCheckpoint(str(tmp_path), every_n_iterations=100)
+    reduced = []
+
+    def reduce(tensor, reduce_op):
+        reduced.append(reduce_op)
+        return torch.maximum(tensor, torch.tensor(int(signal.SIGTERM)))
+
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce), is_global_zero=True)
+    trainer.should_stop = False
+    monkeypatch.setattr(checkpoint, "_save", lambda trainer, k: None)
+    checkpoint.on_train_batch_end(trainer, _module(3), None, None, 0)
+    assert trainer.should_stop and checkpoint.stopped_by == signal.SIGTERM and reduced == ["max"]
+    assert checkpoint._signal is None  # this rank received nothing itself
+    checkpoint.stop_here(3)  # decided once per iteration: no second all-reduce for it
+    assert checkpoint.stopping(trainer, _module(3)) and reduced == ["max"]
 
 
 def test_a_resumed_evaluation_keeps_its_history_and_takes_the_best_anew_without_its_checkpoint(tmp_path):

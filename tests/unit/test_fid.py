@@ -14,6 +14,7 @@ import torch
 from act_lightning.data.base import to_signed
 from act_lightning.metrics import frechet
 from act_lightning.metrics.fid import (
+    EvaluationStopped,
     evaluation_noise,
     feature_statistics,
     reference_statistics,
@@ -467,6 +468,37 @@ def test_sample_statistics_reports_progress():
     seen = []
     sample_statistics(lambda n, y, i: n.clamp(-1, 1), TinyFeatures(4), 10, 4, (1, 2, 2), progress=seen.append)
     assert seen == [4, 4, 2]
+
+
+def test_every_rank_asks_stop_after_each_round_alike_and_all_give_up_when_it_says_so():
+    # 7 chunks over 3 ranks: 3 rounds, the last with one chunk; `stop` may be a collective, so every rank
+    # calls it once per round, a rank without a chunk in the round too
+    sample = lambda noise, labels, indices: noise.clamp(-1, 1)  # noqa: E731
+    extractor, shape = TinyFeatures(4), (1, 2, 2)
+
+    def run(rank, stop):
+        return sample_subset_statistics(
+            sample, extractor, 1, 13, 2, shape, rank=rank, world_size=3, stop=stop
+        )
+
+    for rank in range(3):
+        asked = []
+        kept = run(rank, lambda asked=asked: asked.append(1) and False)[0]
+        assert len(asked) == 3  # 3 rounds, whatever the rank's number of chunks (3, 2, 2)
+        for a, b in zip(kept, run(rank, None)[0], strict=True):  # asking changes nothing
+            assert np.array_equal(a, b)
+    drawn = []
+    with pytest.raises(EvaluationStopped, match="after 2 rounds"):
+        sample_subset_statistics(
+            lambda noise, labels, indices: drawn.append(indices) or noise.clamp(-1, 1),
+            extractor,
+            1,
+            13,
+            2,
+            shape,
+            stop=lambda: len(drawn) == 2,
+        )
+    assert len(drawn) == 2  # of 7 chunks: it gave up after the round in which stop said so
 
 
 def test_subset_statistics_are_those_of_consecutive_samples_across_chunk_boundaries():

@@ -184,7 +184,7 @@ def test_the_curves_first_point_is_at_zero_training_seconds_however_slow_the_mac
     cb._reference_statistics = lambda *a: (np.zeros(2), np.eye(2))
     cb._extra_references = lambda *a: None
     cb._define_wandb_metrics = lambda trainer: None
-    cb.evaluate = lambda trainer, pl_module: 7.0
+    cb.evaluate = lambda trainer, pl_module, stop=None: 7.0
     trainer = types.SimpleNamespace(loggers=[], callback_metrics={}, datamodule=types.SimpleNamespace())
     module = types.SimpleNamespace(k=0, device=torch.device("cpu"))
     cb.on_train_start(trainer, module)

@@ -78,7 +78,8 @@ class LastCheckpoint(L.Callback):
         self.stop_after = stop_after
         self.stopped_by: int | None = None  # the signal that stopped the run, once it has
         self.stopped_early = False
-        self._signal: int | None = None
+        self._signal: int | None = None  # the stop signal this process received
+        self._agreed: int | None = None  # the one any rank received, as all ranks agreed on it
         self._previous: dict[int, Any] = {}  # the handlers ours replaced while training runs
         self._handed_over: dict[int, Any] = {}  # the same, after training (for `requeue`)
         self._start = 0
@@ -155,19 +156,33 @@ class LastCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._commit(trainer)
 
+    def signalled(self, trainer, pl_module) -> bool:
+        """Whether a stop signal has reached any rank, the same answer on every rank (all of them call it
+        together: a scheduler's signal may reach one task only). The evaluation asks it between its rounds
+        of sampling, to give way to the checkpoint (`stop_here`)."""
+        signum = self._signal or 0
+        if trainer.world_size > 1:
+            agreed = trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max")
+            signum = int(agreed)
+        if signum:
+            self._agreed = signum
+        return bool(signum)
+
     def stopping(self, trainer, pl_module) -> bool:
         """Whether the run stops after the current iteration (a stop signal on any rank, or `stop_after`),
         decided once per iteration and alike on every rank: the callbacks that run before this one (the
         evaluation) ask it too, and leave their work at a stop to the run's continuation."""
         k = pl_module.k
         if self._decided is None or self._decided[0] != k:
-            stop = self._signal is not None or (
-                self.stop_after is not None and k - self._start >= self.stop_after
-            )
-            if trainer.world_size > 1:  # every rank stops at the same iteration (a signal may reach one)
-                stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-            self._decided = (k, bool(stop))
+            signalled = self.signalled(trainer, pl_module)
+            after = self.stop_after is not None and k - self._start >= self.stop_after
+            self._decided = (k, signalled or after)
         return self._decided[1]
+
+    def stop_here(self, k: int) -> None:
+        """Stop after iteration k, whatever `stopping` decided for it: a signal that came during that
+        iteration's evaluation, which gave way to this checkpoint."""
+        self._decided = (k, True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         k = pl_module.k
@@ -177,11 +192,11 @@ class LastCheckpoint(L.Callback):
             self._save(trainer, k)
         if stop and unfinished:
             self.stopped_early = True
-            self.stopped_by = self._signal
+            self.stopped_by = self._agreed  # every rank's: it exits, and requeues, as rank 0 does
             trainer.should_stop = True
             reason = (
-                f"signal {signal.Signals(self._signal).name}"
-                if self._signal
+                f"signal {signal.Signals(self._agreed).name}"
+                if self._agreed
                 else f"stop_after={self.stop_after}"
             )
             if trainer.is_global_zero:

@@ -10,8 +10,9 @@ The value goes to every logger at step = ACT iteration (`val/fid`), its best val
 the curve to `fid_curve.png` and the history to `metric_summary.json` (each entry with the training
 seconds so far: wall-clock time since the first iteration, evaluations excluded, carried over resumes);
 the best checkpoint by the metric is kept as `best.ckpt`. A callback observes: it never changes training.
-A run that stops (a signal, `stop_after`) at an evaluation's iteration is checkpointed first; the
-continuation makes that evaluation when it starts.
+A run that stops (a signal, `stop_after`) at an evaluation's iteration, or receives a signal during an
+evaluation, is checkpointed first (the evaluation gives way after its current round of sampling); the
+continuation makes that evaluation when it starts (`deferred` in the callback's state).
 
 `metrics` adds what `python -m act_lightning.evaluate metrics=[...]` computes, from the same samples:
 `is`, `kid`, `pr` (from the same features) and `fd_dinov2` (DINOv2's, in the same sampling pass), logged
@@ -44,6 +45,7 @@ from act_lightning.checks import check_count
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     FEATURES,
+    EvaluationStopped,
     build_feature_extractor,
     check_reference_spec,
     feature_statistics,
@@ -118,6 +120,7 @@ class FrechetEvaluation(L.Callback):
         self.best: tuple[int, float] | None = None
         self._seconds_before = 0.0  # training seconds of earlier processes (a resumed run)
         self._clock: float | None = None  # perf_counter at this process's start of training
+        self._deferred: int | None = None  # an iteration whose evaluation a stop left to the continuation
 
     def _required_files(self, features, inception_weights, dinov2_weights, download) -> tuple:
         """The Inception and DINOv2 weights files (None where not needed) and the reference's images,
@@ -181,10 +184,11 @@ class FrechetEvaluation(L.Callback):
         k = pl_module.k
         if k == 0:  # the untrained network: logged as the curve's start, never the best
             self._evaluate_and_log(trainer, pl_module)  # at the seconds before (0): no clock runs yet
-        elif k % self.every == 0 and (not self.history or self.history[-1][0] != k):
-            # a run stopped at an evaluation's iteration saved before scoring it: scored now, at the
-            # training seconds it stopped at (the weights are that iteration's, restored exactly)
+        elif self._deferred == k and (not self.history or self.history[-1][0] != k):
+            # a run stopped at an evaluation's iteration saved before scoring it: scored now (whatever
+            # eval.every is now), at the training seconds it stopped at, from that iteration's weights
             self._evaluate_and_log(trainer, pl_module)
+        self._deferred = None
         # training time starts now: before, the clock started ahead of the first evaluation, which then
         # counted whatever passed between the two lines (4 ms once, on a busy machine)
         self._clock = time.perf_counter()
@@ -248,8 +252,9 @@ class FrechetEvaluation(L.Callback):
         return frechet_distance(*stats, *self.reference, sqrt_sigma2=self._reference_root)
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, trainer, pl_module) -> float:
-        """The metric of `num_samples` one-step samples of the target network (all ranks take part)."""
+    def evaluate(self, trainer, pl_module, stop: Callable[[], bool] | None = None) -> float:
+        """The metric of `num_samples` one-step samples of the target network (all ranks take part);
+        EvaluationStopped when `stop`, asked after each round of sampling, says so."""
         dm = trainer.datamodule
         desc = f"{self.label} at iteration {pl_module.k}"
         size = self.subset_size or self.num_samples
@@ -268,6 +273,7 @@ class FrechetEvaluation(L.Callback):
                 trainer.global_rank,
                 trainer.world_size,
                 progress=lambda n: bar.update(n * trainer.world_size),
+                stop=stop,
             )
         gather = partial(_gathered, trainer, self._num_drawn(), self.batch_size)
         self._last_extra = taps.values(self._real, self._dinov2_reference, gather)
@@ -301,17 +307,18 @@ class FrechetEvaluation(L.Callback):
             torch.cuda.synchronize(device)  # the iterations queued so far belong to training
         return self._seconds_before + time.perf_counter() - self._clock
 
-    def _evaluate_and_log(self, trainer, pl_module) -> float:
+    def _evaluate_and_log(self, trainer, pl_module, stop: Callable[[], bool] | None = None) -> float:
         k = pl_module.k
         seconds = self.train_seconds(pl_module.device)
         started = time.perf_counter()
-        value = self._evaluate_and_record(trainer, pl_module, k, seconds)
-        if self._clock is not None:  # the evaluation's own time is not training time
-            self._clock += time.perf_counter() - started
-        return value
+        try:
+            return self._evaluate_and_record(trainer, pl_module, k, seconds, stop)
+        finally:
+            if self._clock is not None:  # the evaluation's own time (given up or not) is not training time
+                self._clock += time.perf_counter() - started
 
-    def _evaluate_and_record(self, trainer, pl_module, k: int, seconds: float) -> float:
-        value = self.evaluate(trainer, pl_module)
+    def _evaluate_and_record(self, trainer, pl_module, k: int, seconds: float, stop=None) -> float:
+        value = self.evaluate(trainer, pl_module, stop)
         self.history.append((k, value, seconds))
         improved = k > 0 and (self.best is None or value < self.best[1])
         if improved:
@@ -336,14 +343,27 @@ class FrechetEvaluation(L.Callback):
         if k >= pl_module.hparams.iterations:
             self._evaluate_and_log(trainer, pl_module)
         elif k % self.every == 0:
-            if _stopping(trainer, pl_module):
-                # the checkpoint first: a scheduler's signal leaves seconds (SLURM's KillWait) before the
-                # kill, and an evaluation can take minutes. The continuation scores this iteration at its
-                # start (on_train_start), so the history and metrics.csv get the same rows.
-                if trainer.is_global_zero:
-                    log.info("the evaluation at iteration %d is left to the run's continuation (a stop)", k)
-                return
-            self._evaluate_and_log(trainer, pl_module)
+            # A stop (a signal, stop_after) at this iteration, or a signal during its evaluation, saves the
+            # checkpoint first: a scheduler kills seconds after its signal (SLURM's KillWait), and an
+            # evaluation can take minutes. The continuation scores this iteration when it starts.
+            checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+            if checkpoint is None:  # a trainer built by hand
+                self._evaluate_and_log(trainer, pl_module)
+            elif checkpoint.stopping(trainer, pl_module):
+                self._defer(trainer, k)
+            else:
+                try:
+                    self._evaluate_and_log(
+                        trainer, pl_module, lambda: checkpoint.signalled(trainer, pl_module)
+                    )
+                except EvaluationStopped:
+                    checkpoint.stop_here(k)
+                    self._defer(trainer, k)
+
+    def _defer(self, trainer, k: int) -> None:
+        self._deferred = k  # in the checkpoint about to be saved (state_dict): its continuation scores k
+        if trainer.is_global_zero:
+            log.info("the evaluation at iteration %d is left to the run's continuation (a stop)", k)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # After the last iteration, if it was not scored (a run started at its end); a run that stops
@@ -406,6 +426,7 @@ class FrechetEvaluation(L.Callback):
             "best": self.best,
             "train_seconds": self.train_seconds(),
             "extra_history": self.extra_history,
+            "deferred": self._deferred,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -416,13 +437,7 @@ class FrechetEvaluation(L.Callback):
         self.extra_history = list(state_dict.get("extra_history", []))
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
-
-
-def _stopping(trainer, pl_module) -> bool:
-    """Whether the run stops after this iteration, as its checkpoint callback decides it (False without
-    one: a trainer built by hand)."""
-    checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
-    return checkpoint is not None and checkpoint.stopping(trainer, pl_module)
+        self._deferred = state_dict.get("deferred")
 
 
 def _gathered(trainer, num_samples: int, batch_size: int, features: Tensor) -> Tensor:

@@ -83,6 +83,10 @@ def feature_statistics(
     return stats.compute()
 
 
+class EvaluationStopped(Exception):
+    """An evaluation given up part-way: its caller's `stop` said so (a stop signal), on every rank."""
+
+
 def sample_chunks(
     num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1
 ) -> list[tuple[int, int]]:
@@ -126,22 +130,32 @@ def sample_subset_statistics(
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Feature statistics of `num_subsets` disjoint sets of `subset_size` generated images (samples
     s * subset_size ... (s + 1) * subset_size - 1 form set s), all ranks together: the Frechet distance
-    of each at a chosen sample count, which sets its bias."""
+    of each at a chosen sample count, which sets its bias. The ranks draw in rounds of one chunk each;
+    after each round every rank calls `stop` (a collective, when it is one), and all raise
+    EvaluationStopped when it says so."""
     stats = [FeatureStatistics(extractor.num_features).to(device) for _ in range(num_subsets)]
-    for chunk, size in sample_chunks(num_subsets * subset_size, batch_size, rank, world_size):
-        start = chunk * batch_size  # the index of the chunk's first sample
-        indices = range(start, start + size)
-        noise, labels = evaluation_noise(seed, indices, shape, num_classes)
-        images = sample(noise.to(device), None if labels is None else labels.to(device), indices)
-        features = extractor(images)
-        for s in range(start // subset_size, (start + size - 1) // subset_size + 1):
-            lo, hi = max(start, s * subset_size) - start, min(start + size, (s + 1) * subset_size) - start
-            stats[s].update(features[lo:hi])
-        if progress is not None:
-            progress(size)
+    total = num_subsets * subset_size
+    chunks = sample_chunks(total, batch_size, rank, world_size)
+    for round_ in range(math.ceil(math.ceil(total / batch_size) / world_size)):  # alike on every rank
+        if round_ < len(chunks):  # the last round leaves ranks without a chunk when they do not divide
+            chunk, size = chunks[round_]
+            start = chunk * batch_size  # the index of the chunk's first sample
+            indices = range(start, start + size)
+            noise, labels = evaluation_noise(seed, indices, shape, num_classes)
+            images = sample(noise.to(device), None if labels is None else labels.to(device), indices)
+            features = extractor(images)
+            for s in range(start // subset_size, (start + size - 1) // subset_size + 1):
+                lo = max(start, s * subset_size) - start
+                hi = min(start + size, (s + 1) * subset_size) - start
+                stats[s].update(features[lo:hi])
+            if progress is not None:
+                progress(size)
+        if stop is not None and stop():
+            raise EvaluationStopped(f"stopped after {round_ + 1} rounds of sampling")
     return [s.compute() for s in stats]
 
 
