@@ -55,14 +55,20 @@ def check_slurm_counts(config: DictConfig) -> None:
     # read unresolved: the launcher's schema would refuse a value that is no number as it resolves it (a
     # value set on the command line it checks as Hydra composes: only interpolations are left)
     unresolved = OmegaConf.to_container(launcher, resolve=False)
+    swept = swept_keys(config)
     for field in SLURM_COUNTS:
         raw = unresolved.get(field)  # "${trainer.devices}" in the shipped config
         source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
         if source is None:
             continue
         key = source.group(1)
+        if key in swept:  # the launcher resolves its counts once and submits every job with them
+            raise ValueError(
+                f"{key}={swept[key]} is swept, but a SLURM multirun asks for one allocation for all its "
+                f"jobs (hydra.launcher.{field} repeats {key}): launch one multirun per value of {key}"
+            )
         value = OmegaConf.select(config, key, default=None)
-        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             continue
         if isinstance(value, str) and value.isdigit() and int(value) > 0:
             continue
@@ -71,6 +77,16 @@ def check_slurm_counts(config: DictConfig) -> None:
             f"{'nodes' if field == 'nodes' else 'GPUs and tasks per node'}, so set {key} to one "
             f"(e.g. {key}={2 if field == 'nodes' else 8})"
         )
+
+
+def swept_keys(config: DictConfig) -> dict[str, str]:
+    """The keys the command line sweeps (`trainer.devices=4,8`, `range(...)`, ...), with their values as
+    typed. A multirun's own config holds the keys' values without the sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
+    parsed = OverridesParser.create().parse_overrides(task)
+    return {o.key_or_group: text.split("=", 1)[1] for o, text in zip(parsed, task) if o.is_sweep_override()}
 
 
 class LaunchLog(logging.FileHandler):

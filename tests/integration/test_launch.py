@@ -7,12 +7,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 
 import pytest
 import torch
 import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from omegaconf import read_write
 
 from act_lightning.environment import describe, environment
 from act_lightning.launch import check_slurm_counts
@@ -91,6 +93,15 @@ def test_a_slurm_sweep_without_a_number_of_devices_is_refused_in_one_line_before
         with pytest.raises(ValueError, match=r"^trainer.devices=auto: "):  # the tasks still follow devices
             check_slurm_counts(config("hydra.launcher.gpus_per_node=4"))
         check_slurm_counts(config("hydra/launcher=basic"))  # a local sweep: no SLURM counts
+        with pytest.raises(ValueError, match=r"^trainer.num_nodes=None: .* a number of nodes"):
+            check_slurm_counts(config("trainer.devices=8", "trainer.num_nodes=null"))
+        # a sweep of a count: the launcher would submit every job with the config's one value
+        for swept in ("trainer.devices=4,8", "trainer.num_nodes=range(1,3)"):
+            cfg = config("trainer.devices=8")  # a multirun's config: the keys without their sweeps
+            with read_write(cfg):
+                cfg.hydra.overrides.task = ["trainer.devices=8", swept]  # the command line's overrides
+            with pytest.raises(ValueError, match=rf"^{re.escape(swept)} is swept, but a SLURM multirun"):
+                check_slurm_counts(cfg)
 
 
 def _iteration(path) -> int:
