@@ -251,6 +251,26 @@ def test_manifest_is_replaced_atomically(tmp_path, monkeypatch):
     ]  # and no temporary file left behind
 
 
+def test_a_preparation_writes_alone_and_is_told_from_a_killed_one_while_it_writes(tmp_path):
+    dst = tmp_path / "prepared"
+    with storage.no_partial_output(dst):
+        images, _ = storage.create_arrays(dst, "train", 2, (1, 2, 2), labels=False)
+        assert storage.writing(dst)
+        assert "a preparation is writing into it now" in storage.unfinished(dst)
+        with pytest.raises(DataError, match="another preparation is writing into it now"):
+            with storage.no_partial_output(dst):  # a second one (flock: also from another process)
+                pass
+        assert (dst / "train_images.npy").is_file()  # the refused one removed nothing
+    # done writing (no manifest here: as a kill would leave it, had it come before the manifest)
+    assert not storage.writing(dst) and not (dst / storage.WRITING).exists()
+    assert "a preparation into it did not finish" in storage.unfinished(dst)
+    with pytest.raises(RuntimeError, match="decode"):  # a failed one removes its arrays and its folder
+        with storage.no_partial_output(tmp_path / "other"):
+            storage.create_arrays(tmp_path / "other", "train", 2, (1, 2, 2), labels=False)
+            raise RuntimeError("an image that does not decode")
+    assert not (tmp_path / "other").exists()
+
+
 def test_reference_loader_yields_float_images_unflipped():
     dm = _Tiny(hflip=True)
     images, _ = next(iter(dm.reference_dataloader(batch_size=16)))

@@ -32,6 +32,7 @@ from act_lightning.data.base import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "act-lightning/prepared-v1"
+WRITING = ".preparing"  # held (flock) by a preparation while it writes into the folder
 _STAMP = ".verified.json"  # sizes and mtimes of the files whose checksums last matched the manifest
 
 
@@ -94,25 +95,59 @@ def one_at_a_time(folder: Path) -> Iterator[None]:
 
 @contextmanager
 def no_partial_output(dst: Path) -> Iterator[None]:
-    """Within: a conversion writes its arrays into `dst`. If it stops (a file that does not decode,
-    Ctrl-C), the files it created there are removed, and `dst` too when it made it and nothing else is
-    in it: no half-written array is left without the manifest that would say it is incomplete. A folder
-    prepared before loses its manifest (and verification stamp) first: the arrays are rewritten in place,
-    and a conversion that stops must not leave the old manifest describing arrays it half overwrote."""
+    """Within: a conversion writes its arrays into `dst`, alone (it holds `dst/.preparing`, flock, while
+    it writes: a second one into the same folder is refused, and `unfinished` tells a running one from a
+    killed one). If it stops (a file that does not decode, Ctrl-C), the files it created there are
+    removed, and `dst` too when it made it and nothing else is in it: no half-written array is left without
+    the manifest that would say it is incomplete. A folder prepared before loses its manifest (and
+    verification stamp) first: the arrays are rewritten in place, and a conversion that stops must not
+    leave the old manifest describing arrays it half overwrote."""
     created = not dst.exists()
-    for name in (MANIFEST, _STAMP):
-        (dst / name).unlink(missing_ok=True)
-    before = set(dst.iterdir()) if dst.is_dir() else set()
-    try:
-        yield
-    except BaseException:
-        if dst.is_dir():
-            for path in set(dst.iterdir()) - before:
-                if path.is_file():
-                    path.unlink(missing_ok=True)
-            if created and not any(dst.iterdir()):
+    dst.mkdir(parents=True, exist_ok=True)
+    lock_path = dst / WRITING
+    ours = not lock_path.exists()
+    failed = False
+    with open(lock_path, "a+b") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(
+                f"{dst}: another preparation is writing into it now (it holds {lock_path}): wait for it to "
+                "finish (its manifest.json comes last), or prepare into another folder"
+            ) from None
+        try:
+            for name in (MANIFEST, _STAMP):
+                (dst / name).unlink(missing_ok=True)
+            before = set(dst.iterdir())
+            try:
+                yield
+            except BaseException:
+                failed = True
+                for path in set(dst.iterdir()) - before:
+                    if path.is_file():
+                        path.unlink(missing_ok=True)
+                raise
+        finally:
+            if ours:
+                lock_path.unlink(missing_ok=True)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            if failed and created and not any(dst.iterdir()):
                 dst.rmdir()
-        raise
+
+
+def writing(root: Path) -> bool:
+    """Whether a preparation is writing into `root` now (it holds `root/.preparing`)."""
+    path = root / WRITING
+    try:
+        with open(path, "rb") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    except OSError:  # no such file: nobody writes
+        return False
+    return False
 
 
 def unfinished(root: Path) -> str:
@@ -122,6 +157,11 @@ def unfinished(root: Path) -> str:
     arrays = sorted(p.name for p in root.glob("*_images.npy")) if root.is_dir() else []
     if not arrays or (root / MANIFEST).is_file():
         return ""
+    if writing(root):
+        return (
+            f" {root} holds {', '.join(arrays)} but no {MANIFEST} yet: a preparation is writing into it now "
+            "(the manifest comes last); wait for it to finish."
+        )
     return (
         f" {root} holds {', '.join(arrays)} but no {MANIFEST}: a preparation into it did not finish (the "
         "manifest is written last); run it again, it rewrites them."
