@@ -4,18 +4,22 @@ a logger that records which checkpoint a kill -9 would leave at each row."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
+HANDLERS_AT_START: list = []  # the handler of the signal in place when SendSignalAt's on_train_start ran
+
 
 class SendSignalAt(L.Callback):
     def __init__(self, signum: int, at: int) -> None:
         self.signum, self.at = signum, at
 
-    def on_train_start(self, trainer, pl_module) -> None:  # at=0: while the callbacks start (before ours)
+    def on_train_start(self, trainer, pl_module) -> None:  # at=0: while the callbacks start
+        HANDLERS_AT_START.append(signal.getsignal(self.signum))
         if self.at == 0:
             os.kill(os.getpid(), self.signum)
 

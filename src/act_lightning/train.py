@@ -34,7 +34,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from act_lightning.atomic import remove_stale_temporaries
-from act_lightning.callbacks import AtomicCheckpointIO, DivergenceError, IterationProgressBar, LastCheckpoint
+from act_lightning.callbacks import (
+    AtomicCheckpointIO,
+    DivergenceError,
+    IterationProgressBar,
+    LastCheckpoint,
+    TakeStopSignals,
+)
 from act_lightning.checkpoints import (
     UnreadableCheckpoint,
     checkpoint_iteration,
@@ -455,6 +461,8 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
     # (the evaluation's history, the best value) recorded at that iteration. The progress bar runs just
     # before it, so its read-out shows an evaluation of this iteration, the last one's too.
     callbacks.sort(key=lambda c: (isinstance(c, LastCheckpoint), isinstance(c, IterationProgressBar)))
+    # and the stop signals are the checkpoint's from the start of training, before any other callback's
+    callbacks.insert(0, TakeStopSignals(next(c for c in callbacks if isinstance(c, LastCheckpoint))))
     loggers = build_loggers(cfg, start.iteration if start.ckpt_path is not None else None, start.wandb_id)
     ignore_few_batches_warning()  # logging counts iterations across epochs (compat.FEW_BATCHES_WARNING)
     trainer: L.Trainer = hydra.utils.instantiate(

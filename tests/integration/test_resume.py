@@ -353,14 +353,21 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 
 
 def test_a_sigterm_while_the_callbacks_start_stops_after_one_iteration_with_a_checkpoint(tmp_path):
-    """Lightning's SIGTERM handler is in place from just before training until our checkpoint callback,
-    sorted last, starts: a SIGTERM then (during the first evaluation) used to end the run with status 0
-    and no checkpoint."""
+    """Lightning installs its SIGTERM handler just before training. A SIGTERM during the other
+    callbacks' start (the reference statistics, the first evaluation) used to reach that handler: the run
+    ended with status 0 and no checkpoint, and under DDP the handler's broadcast on the rank that got the
+    signal hung the job. The first callback (TakeStopSignals) now installs ours before any other starts."""
+    from act_lightning.callbacks import LastCheckpoint
+    from tests.helpers_signals import HANDLERS_AT_START
+
+    HANDLERS_AT_START.clear()
     cfg = compose([*LONG, "iterations=50", *_signal_at(signal.SIGTERM, 0)], run_dir=str(tmp_path))
     with pytest.raises(SystemExit) as stop:
         train(cfg)
     assert stop.value.code == 128 + signal.SIGTERM
     assert _iteration(tmp_path / "checkpoints" / "last.ckpt") == 1
+    (handler,) = HANDLERS_AT_START  # what was in place while the other callbacks started: ours
+    assert getattr(handler, "__func__", None) is LastCheckpoint._on_signal
 
 
 def test_the_slurm_time_limit_signal_saves_then_hands_over_to_the_launchers_requeue(tmp_path):

@@ -1,7 +1,7 @@
 """Callbacks observe training (progress, samples, metrics, checkpoints, divergence); none changes its
 dynamics."""
 
-from act_lightning.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint
+from act_lightning.callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, TakeStopSignals
 from act_lightning.callbacks.evaluation import FrechetEvaluation
 from act_lightning.callbacks.guard import DivergenceError, DivergenceGuard
 from act_lightning.callbacks.progress import IterationProgressBar
@@ -15,4 +15,5 @@ __all__ = [
     "IterationProgressBar",
     "LastCheckpoint",
     "SampleGrid",
+    "TakeStopSignals",
 ]

@@ -42,6 +42,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+class TakeStopSignals(L.Callback):
+    """The first callback of a training run: it hands the stop signals to `checkpoint` as training starts,
+    before the other callbacks' start-up work (the evaluation's reference statistics and first FID, which
+    can take minutes). Lightning's own SIGTERM handler, in place until then, ends a run with status 0 and
+    no checkpoint; under DDP it also broadcasts from inside the handler on the rank that received the
+    signal, a collective the other ranks never join: the job hung."""
+
+    def __init__(self, checkpoint: LastCheckpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.checkpoint.take_signals(trainer)
+
+
 class LastCheckpoint(L.Callback):
     """Saves `dirpath/last.ckpt` every `every_n_iterations` ACT iterations, when training ends, and when
     the run is stopped before its last iteration. `keep_snapshots` also keeps `iter_<k>.ckpt` for those
@@ -144,11 +158,18 @@ class LastCheckpoint(L.Callback):
             for path in remove_stale_temporaries(self.path.parent):
                 log.info("removed %s, left by a save that was interrupted", path)
 
+    def take_signals(self, trainer) -> None:
+        """Installs the stop-signal handlers, once per fit: `TakeStopSignals`, the first callback, calls it
+        as training starts, before the other callbacks' start-up work; this one's `on_train_start` too."""
+        if self._previous:
+            return
+        self._install_handlers()
+        if take_lightning_sigterm(trainer):  # arrived before: ours from now on
+            self._on_signal(signal.SIGTERM, None)
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = pl_module.k
-        self._install_handlers()
-        if take_lightning_sigterm(trainer):  # arrived during the other callbacks' start: ours from now on
-            self._on_signal(signal.SIGTERM, None)
+        self.take_signals(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._commit(trainer)
