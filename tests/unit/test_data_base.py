@@ -262,7 +262,7 @@ def test_a_preparation_writes_alone_and_is_told_from_a_killed_one_while_it_write
                 pass
         assert (dst / "train_images.npy").is_file()  # the refused one removed nothing
     # done writing (no manifest here: as a kill would leave it, had it come before the manifest)
-    assert not storage.writing(dst) and not (dst / storage.WRITING).exists()
+    assert not storage.writing(dst)
     assert "a preparation into it did not finish" in storage.unfinished(dst)
     with pytest.raises(RuntimeError, match="decode"):  # a failed one removes its arrays and its folder
         with storage.no_partial_output(tmp_path / "other"):

@@ -442,3 +442,18 @@ def test_a_second_node_waits_for_the_first_ones_conversion_and_uses_it(tmp_path,
     second.join(timeout=60)
     assert not second.is_alive() and conversions == []  # it found the manifest and converted nothing
     assert _dm(tmp_path).train_dataloader() is not None
+
+
+def test_the_folder_stays_the_preparations_until_its_manifest_is_written(official, tmp_path, monkeypatch):
+    # hashing the arrays for the manifest takes minutes on the real data: a second preparation started
+    # then was accepted, and a check called the folder a killed preparation to run again
+    from act_lightning.data import storage
+
+    hashing, sha256_file = [], storage.sha256_file
+    monkeypatch.setattr(
+        storage,
+        "sha256_file",
+        lambda path, **kw: hashing.append(storage.writing(path.parent)) or sha256_file(path, **kw),
+    )
+    prepare_imagenet64(official, tmp_path / "dst", progress=False)
+    assert hashing and all(hashing) and not storage.writing(tmp_path / "dst")

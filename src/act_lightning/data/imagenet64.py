@@ -161,13 +161,14 @@ def prepare_imagenet64(src: Path, dst: Path, progress: bool = True) -> dict:
                 "images": f"{split}_images.npy",
                 "labels": f"{split}_labels.npy",
             }
-    return storage.write_manifest(
-        dst,
-        SOURCE,
-        manifest_splits,
-        extra={"image_size": SIZE, "channels": CHANNELS, "num_classes": NUM_CLASSES, "from": str(src)},
-        progress=progress,
-    )
+        # inside: the folder stays this preparation's until its manifest, written last, says it is done
+        return storage.write_manifest(
+            dst,
+            SOURCE,
+            manifest_splits,
+            extra={"image_size": SIZE, "channels": CHANNELS, "num_classes": NUM_CLASSES, "from": str(src)},
+            progress=progress,
+        )
 
 
 class ImageNet64DataModule(ImageDataModule):

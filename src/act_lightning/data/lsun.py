@@ -154,19 +154,22 @@ def prepare_lsun(
         )
         images.flush()
         del images
-    if skipped:
-        log.warning("left out %d images that do not decode", len(skipped))
-    split = {"count": written, "images": "train_images.npy", "labels": None}
-    extra = {
-        "category": category,
-        "image_size": image_size,
-        "channels": channels,
-        "crop": CROP,
-        "from": str(lmdb_path),
-        "skipped": skipped,
-        "max_images": max_images if count < len(keys) else None,  # a subset: said whenever a run trains on it
-    }
-    return storage.write_manifest(dst, SOURCE, {"train": split}, extra=extra, progress=progress)
+        if skipped:
+            log.warning("left out %d images that do not decode", len(skipped))
+        split = {"count": written, "images": "train_images.npy", "labels": None}
+        extra = {
+            "category": category,
+            "image_size": image_size,
+            "channels": channels,
+            "crop": CROP,
+            "from": str(lmdb_path),
+            "skipped": skipped,
+            "max_images": max_images
+            if count < len(keys)
+            else None,  # a subset: said whenever a run trains on it
+        }
+        # inside: the folder stays this preparation's until its manifest, written last, says it is done
+        return storage.write_manifest(dst, SOURCE, {"train": split}, extra=extra, progress=progress)
 
 
 def _open_source(src: Path, category: str, progress: bool) -> tuple[Path, storage.PackedBytes]:

@@ -95,16 +95,16 @@ def one_at_a_time(folder: Path) -> Iterator[None]:
 
 @contextmanager
 def no_partial_output(dst: Path) -> Iterator[None]:
-    """Within: a conversion writes its arrays into `dst`, alone (it holds `dst/.preparing`, flock, while
-    it writes: a second one into the same folder is refused, and `unfinished` tells a running one from a
-    killed one). If it stops (a file that does not decode, Ctrl-C), the files it created there are
-    removed, and `dst` too when it made it and nothing else is in it: no half-written array is left without
-    the manifest that would say it is incomplete. A folder prepared before loses its manifest (and
-    verification stamp) first: the arrays are rewritten in place, and a conversion that stops must not
-    leave the old manifest describing arrays it half overwrote."""
+    """Within: a conversion writes its arrays and then its manifest into `dst`, alone (it holds
+    `dst/.preparing`, flock, while it writes: a second one into the same folder is refused, and
+    `unfinished` tells a running one from a killed one). If it stops (a file that does not decode,
+    Ctrl-C), the files it created there are removed, and `dst` too when it made it and nothing else is in
+    it: no half-written array is left without the manifest that would say it is incomplete. A folder
+    prepared before loses its manifest (and verification stamp) first: the arrays are rewritten in place,
+    and a conversion that stops must not leave the old manifest describing arrays it half overwrote."""
     created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    lock_path = dst / WRITING
+    lock_path = dst / WRITING  # kept after a success, as one_at_a_time's (unlinking a lock is a race)
     ours = not lock_path.exists()
     failed = False
     with open(lock_path, "a+b") as lock:
@@ -128,7 +128,7 @@ def no_partial_output(dst: Path) -> Iterator[None]:
                         path.unlink(missing_ok=True)
                 raise
         finally:
-            if ours:
+            if failed and ours:  # a failure leaves the folder as it found it
                 lock_path.unlink(missing_ok=True)
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
             if failed and created and not any(dst.iterdir()):
