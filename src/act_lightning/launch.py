@@ -55,7 +55,14 @@ def check_slurm_counts(config: DictConfig) -> None:
     # read unresolved: the launcher's schema would refuse a value that is no number as it resolves it (a
     # value set on the command line it checks as Hydra composes: only interpolations are left)
     unresolved = OmegaConf.to_container(launcher, resolve=False)
-    swept = swept_keys(config)
+    swept, fixed = command_line_keys(config)
+    # a swept config group (experiment=a,b, trainer=x,y) may set the counts per job: they must then be
+    # fixed on the command line, whose values win over the groups'
+    groups = {
+        k: v
+        for k, v in swept.items()
+        if not isinstance(OmegaConf.select(config, k, default=None), (int, float, str, bool))
+    }
     for field in SLURM_COUNTS:
         raw = unresolved.get(field)  # "${trainer.devices}" in the shipped config
         source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
@@ -66,6 +73,13 @@ def check_slurm_counts(config: DictConfig) -> None:
             raise ValueError(
                 f"{key}={swept[key]} is swept, but a SLURM multirun asks for one allocation for all its "
                 f"jobs (hydra.launcher.{field} repeats {key}): launch one multirun per value of {key}"
+            )
+        if groups and key not in fixed:
+            group, values = next(iter(groups.items()))
+            raise ValueError(
+                f"{group}={values} is swept and may set {key} per job, but a SLURM multirun asks for one "
+                f"allocation for all its jobs (hydra.launcher.{field} repeats {key}): set {key} on the "
+                f"command line (it wins over the config groups), or launch one multirun per value of {group}"
             )
         value = OmegaConf.select(config, key, default=None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -79,14 +93,15 @@ def check_slurm_counts(config: DictConfig) -> None:
         )
 
 
-def swept_keys(config: DictConfig) -> dict[str, str]:
-    """The keys the command line sweeps (`trainer.devices=4,8`, `range(...)`, ...), with their values as
-    typed. A multirun's own config holds the keys' values without the sweep."""
+def command_line_keys(config: DictConfig) -> tuple[dict[str, str], set[str]]:
+    """The keys (and config groups) the command line sweeps (`trainer.devices=4,8`, `range(...)`, ...), with
+    their values as typed, and those it sets to one value. A multirun's own config holds neither sweep."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     task = list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
-    parsed = OverridesParser.create().parse_overrides(task)
-    return {o.key_or_group: text.split("=", 1)[1] for o, text in zip(parsed, task) if o.is_sweep_override()}
+    parsed = list(zip(OverridesParser.create().parse_overrides(task), task))
+    swept = {o.key_or_group: text.split("=", 1)[1] for o, text in parsed if o.is_sweep_override()}
+    return swept, {o.key_or_group for o, _ in parsed if not o.is_sweep_override()}
 
 
 class LaunchLog(logging.FileHandler):

@@ -102,6 +102,21 @@ def test_a_slurm_sweep_without_a_number_of_devices_is_refused_in_one_line_before
                 cfg.hydra.overrides.task = ["trainer.devices=8", swept]  # the command line's overrides
             with pytest.raises(ValueError, match=rf"^{re.escape(swept)} is swept, but a SLURM multirun"):
                 check_slurm_counts(cfg)
+        # a swept group may set the counts per job (cifar10: 1 device, lsun_cat256: auto); Hydra builds
+        # the launcher from the config without the sweep: the counts must be on the command line
+        cfg = config("experiment=cifar10")
+        with read_write(cfg):
+            cfg.hydra.overrides.task = ["hydra/launcher=submitit_slurm", "experiment=cifar10,lsun_cat256"]
+        with pytest.raises(ValueError, match=r"^experiment=cifar10,lsun_cat256 is swept and may set trainer"):
+            check_slurm_counts(cfg)
+        cfg = config("experiment=cifar10", "trainer.devices=8", "trainer.num_nodes=2")
+        with read_write(cfg):  # fixed on the command line: every job gets them
+            cfg.hydra.overrides.task = [
+                "experiment=cifar10,lsun_cat256",
+                "trainer.devices=8",
+                "trainer.num_nodes=2",
+            ]
+        check_slurm_counts(cfg)
 
 
 def _iteration(path) -> int:
