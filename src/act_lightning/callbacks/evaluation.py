@@ -110,13 +110,16 @@ class FrechetEvaluation(L.Callback):
         self.dinov2: nn.Module | None = None
         self._real: Tensor | None = None  # real images' features (kid, pr)
         self._dinov2_reference: tuple | None = None  # (mu, sigma, sigma^(1/2)) of real images in DINOv2's
-        self.extra_history: list[dict[str, float]] = []  # {"iteration": k, metric: value, ...}
-
         self.extractor: nn.Module | None = None
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
         self._reference_root: LazyRoot | None = None  # sigma_ref^(1/2), computed once per run if needed
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """What the run's checkpoint carries (`state_dict`), and this process's training clock."""
         self.references: dict[str, float] = {}  # FD of held-out real images and of noise (quickstart)
         self.history: list[tuple[int, float, float]] = []  # (iteration, value, training seconds)
+        self.extra_history: list[dict[str, float]] = []  # {"iteration": k, metric: value, ...}
         self.best: tuple[int, float] | None = None
         self._seconds_before = 0.0  # training seconds of earlier processes (a resumed run)
         self._clock: float | None = None  # perf_counter at this process's start of training
