@@ -96,6 +96,12 @@ def take_lightning_sigterm(trainer: Any) -> bool:
     return True
 
 
+def set_last_lr(scheduler: Any, rates: list[float]) -> None:
+    """Sets what a torch LR scheduler's `get_last_lr()` returns (its private `_last_lr`, which only `step`
+    writes): `resume.set_learning_rates` changes a restored scheduler's rates between two steps."""
+    scheduler._last_lr = list(rates)
+
+
 def ignore_unresumable_loader_warning() -> None:
     """Silences exactly Lightning's warning that a resumed run's dataloader "is not resumable". It looks
     at the DataLoader only; our data modules restore the loader's position themselves (the batches of the

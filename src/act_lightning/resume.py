@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from act_lightning.checks import check_names
+from act_lightning.compat import set_last_lr
 
 log = logging.getLogger(__name__)
 
@@ -277,5 +278,5 @@ def set_learning_rates(optimizers, schedulers, factories, nets) -> list[tuple[fl
             group["lr"] = rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
             changed.append((old, rate))
             log.info("learning rate %g (the checkpoint's) is now %g (the launch's)", old, rate)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        set_last_lr(scheduler, [group["lr"] for group in optimizer.param_groups])
     return changed

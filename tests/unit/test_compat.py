@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from act_lightning.compat import ResumableExperimentWriter, eager_forward
+from act_lightning.compat import ResumableExperimentWriter, eager_forward, set_last_lr
 
 
 class Scaled(nn.Module):
@@ -200,3 +200,13 @@ def test_the_few_batches_warning_is_lightnings_and_the_rows_still_come_every_log
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss_g")]
     assert [int(r["step"]) for r in rows] == [6, 12]
+
+
+def test_set_last_lr_is_what_a_schedulers_get_last_lr_returns_until_its_next_step():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    set_last_lr(scheduler, [0.5])
+    assert scheduler.get_last_lr() == [0.5]
+    optimizer.step()
+    scheduler.step()  # the next step computes its own again
+    assert scheduler.get_last_lr() == [0.1]
