@@ -271,6 +271,36 @@ def test_a_preparation_writes_alone_and_is_told_from_a_killed_one_while_it_write
     assert not (tmp_path / "other").exists()
 
 
+
+def test_a_waiter_whose_lock_file_was_removed_locks_the_file_there_now(tmp_path):
+    # a failed CIFAR-10 download removes the folder it made, lock file included, while it holds the lock:
+    # the node that waited must then hold the lock of the file at that path, or a node that came later
+    # would create a new lock file and prepare the folder beside it
+    import fcntl
+    import shutil
+    import threading
+
+    from act_lightning.data import storage
+
+    folder, seen = tmp_path / "cifar10", []
+
+    def second_node():
+        with storage.one_at_a_time(folder), open(folder / storage.LOCK, "a+b") as third:
+            try:
+                fcntl.flock(third.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("a third node got in")
+            except BlockingIOError:
+                seen.append("a third node waits")
+
+    thread = threading.Thread(target=second_node)
+    with storage.one_at_a_time(folder):
+        thread.start()
+        thread.join(timeout=1)
+        assert thread.is_alive()
+        shutil.rmtree(folder)
+    thread.join(timeout=30)
+    assert seen == ["a third node waits"]
+
 def test_reference_loader_yields_float_images_unflipped():
     dm = _Tiny(hflip=True)
     images, _ = next(iter(dm.reference_dataloader(batch_size=16)))

@@ -373,13 +373,36 @@ def test_a_download_is_extracted(tmp_path, monkeypatch):
     root = tmp_path / "cifar10"
     dm = _dm(root, download=True)
     dm.prepare_data()
-    assert listing(root) == {"cifar-10-python.tar.gz", CIFAR_FOLDER} | {
+    assert listing(root) == {"cifar-10-python.tar.gz", CIFAR_FOLDER, ".prepare.lock"} | {
         f"{CIFAR_FOLDER}/{name}"
         for name in ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))
     }
     dm.setup("fit")
     assert len(dm.train_set) == 40
 
+
+
+def test_a_second_node_waits_for_the_first_ones_download_and_uses_it(tmp_path, monkeypatch):
+    """Lightning prepares the data on local rank 0 of every node: two nodes on one shared file system
+    downloaded into the same partial archive and extracted into the same folder at once."""
+    import threading
+
+    from act_lightning.data import storage
+
+    downloads = []
+    monkeypatch.setattr(cifar10, "download_url", lambda *a, **k: downloads.append(a))
+    root = tmp_path / "cifar10"
+    second = threading.Thread(target=lambda: _dm(root, download=True).prepare_data())
+    with storage.one_at_a_time(root):  # the first node is downloading
+        second.start()
+        second.join(timeout=2)
+        assert second.is_alive()  # the second waits
+        write_cifar10(root)
+    second.join(timeout=60)
+    assert not second.is_alive() and downloads == []  # it found the batches and fetched nothing
+    dm = _dm(root)
+    dm.setup("fit")
+    assert len(dm.train_set) == 40
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -32,7 +32,7 @@ from act_lightning.data.base import (
     check_readable,
     with_file_defaults,
 )
-from act_lightning.data.storage import one_at_a_time
+from act_lightning.data.storage import LOCK, one_at_a_time
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +242,16 @@ class CIFAR10DataModule(ImageDataModule):
     # -- files -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         root = self.path
-        missing = self._missing_batches()
-        if missing and (root / ARCHIVE).is_file():
-            with one_at_a_time(root):  # other nodes' rank 0 extract into the same folder when it is shared
-                if self._missing_batches():  # not extracted meanwhile by one of them
+        if self._missing_batches() and ((root / ARCHIVE).is_file() or self.download):
+            # other nodes' rank 0 extract or download into the same folder when it is shared: one at a
+            # time, and the ones that waited find the batches
+            created = _first_missing(root / FOLDER), None if (root / LOCK).exists() else root / LOCK
+            with one_at_a_time(root):
+                missing = self._missing_batches()  # none when one of them finished meanwhile
+                if missing and (root / ARCHIVE).is_file():
                     self._extract(root / ARCHIVE)
-        elif missing and self.download:
-            self._download()
+                elif missing and self.download:
+                    self._download(created)
         missing = self._missing_batches()
         if missing:
             raise DataUnavailable(self._not_found_message(missing))
@@ -329,22 +332,22 @@ class CIFAR10DataModule(ImageDataModule):
             os.replace(item, archive.parent / FOLDER / item.name)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def _download(self) -> None:
-        """Fetch the archive into `root` and extract it. When that fails, everything it created goes:
-        a mistyped data.root must not leave a tree of empty folders behind (torchvision creates `root`
-        before it tries the network), nor a truncated archive that the next run would take for the
-        user's own. The archive is fetched under a temporary name, so a killed download leaves none."""
+    def _download(self, created: tuple[Path | None, Path | None]) -> None:
+        """Fetch the archive into `root` and extract it. When that fails, everything it created goes
+        (`created`: the outermost folder the preparation made, root/FOLDER or the first missing folder
+        above root, and the lock file if it made that): a mistyped data.root must not leave a tree of
+        empty folders behind (torchvision creates `root` before it tries the network), nor a truncated
+        archive that the next run would take for the user's own. The archive is fetched under a temporary
+        name, so a killed download leaves none."""
         root = self.path
         part = root / f".{ARCHIVE}.part"
-        # the outermost folder this creates: root/FOLDER, or the first missing folder above root
-        new_folder = _first_missing(root / FOLDER)
         try:
             download_url(URL, str(root), filename=part.name)
             os.replace(part, root / ARCHIVE)
             self._extract(root / ARCHIVE)
         except BaseException as err:
             # root / ARCHIVE too: _download runs only when there was none
-            for path in (new_folder, part, root / ARCHIVE, root / EXTRACTING):
+            for path in (*created, part, root / ARCHIVE, root / EXTRACTING):
                 if path is not None:
                     _remove(path)
             if isinstance(err, (urllib.error.URLError, OSError, DataError)):

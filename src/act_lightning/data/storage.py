@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from act_lightning.data.base import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "act-lightning/prepared-v1"
+LOCK = ".prepare.lock"  # held (flock) by the process that prepares a folder, while the others wait
 WRITING = ".preparing"  # held (flock) by a preparation while it writes into the folder
 _STAMP = ".verified.json"  # sizes and mtimes of the files whose checksums last matched the manifest
 
@@ -82,15 +84,35 @@ def _bar(total: int, desc: str, unit: str = "it", disable: bool = False):
 def one_at_a_time(folder: Path) -> Iterator[None]:
     """Within: this process alone prepares `folder` (an exclusive flock on `folder/.prepare.lock`, which
     waits for the holder). Lightning prepares the data on local rank 0 of every node: nodes that share a
-    file system would otherwise convert or extract into the same files at once (one truncating the
-    other's memory map: SIGBUS). Re-check for the finished form after entering."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".prepare.lock", "a+b") as lock:
+    file system would otherwise convert, extract or download into the same files at once (one truncating
+    the other's memory map: SIGBUS). Re-check for the finished form after entering.
+
+    The holder may remove the lock file (a failed download removes the folders it created): a waiter
+    that then gets the lock of a file no longer there takes the lock again, on the file now at that path,
+    so that it never shares the folder with a process that came later."""
+    path = folder / LOCK
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a+b")  # closed below, or by the with
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if _same_file(lock.fileno(), path):
+            break
+        lock.close()  # closing lets go of its lock
+    with lock:
         try:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """`fd` is the file at `path` now (not one removed, nor one removed and made again)."""
+    try:
+        there = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 @contextmanager
