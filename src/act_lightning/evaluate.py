@@ -125,7 +125,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": seeds[0],
         "seeds": seeds,
         "features": ev.features,
-        "metrics": metrics,
+        "metrics": [name if m == "fid" else m for m in metrics],  # as in results: fd with the digits
         "reference": str(ev.reference),
         "num_real": num_real,  # real images kid, pr and fd_dinov2 compare with (None: none of them)
         "quantize": quantize,

@@ -452,7 +452,10 @@ def test_the_2_step_sampler_takes_the_runs_two_step_tau(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     common = [f"ckpt={ckpt}", "num_samples=8", "batch_size=8", "device=cpu"]
     levels = lambda extra, name: _evaluate([*common, *extra, f"output={tmp_path / name}"])["results"]  # noqa: E731
-    assert levels([], "run.json")["2-step"]["taus"] == [20.0, 8.0]
+    run = _evaluate([*common, f"output={tmp_path / 'run.json'}"])
+    assert run["results"]["2-step"]["taus"] == [20.0, 8.0]
+    # the quickstart's distance is in the digits features, named fd in results and in the list of metrics
+    assert run["metrics"] == ["fd"] and set(run["results"]["1-step"]) >= {"fd", "taus"}
     assert levels(["two_step_tau=3.0"], "given.json")["2-step"]["taus"] == [20.0, 3.0]
     three = levels(["+taus.three=[9.0,2.0]", "samplers=[three]"], "three.json")
     assert list(three) == ["three"] and three["three"]["taus"] == [20.0, 9.0, 2.0]
