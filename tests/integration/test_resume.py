@@ -166,6 +166,48 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves_first_and_the_continua
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
 
 
+
+def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its_first_iteration(
+    tmp_path, monkeypatch
+):
+    # iteration 0's evaluation, and the one a stop at an evaluation's iteration left to its continuation,
+    # give way to a signal as the evaluations during training do: a scheduler kills seconds after it
+    from act_lightning.metrics import fid
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2"]  # evaluations of two rounds of sampling
+    assert run_cli(args, straight).returncode == 0
+    drawn, noise = [], fid.evaluation_noise
+
+    def signalled_in_the_first_round(seed, indices, *rest):
+        drawn.append(indices.start)
+        if len(drawn) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return noise(seed, indices, *rest)
+
+    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_the_first_round)
+    result = run_cli(args, run)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert drawn == [0] and "Stopped at iteration 0 of 8 (signal SIGTERM)" in result.stdout
+    assert _iteration(run / "checkpoints" / "last.ckpt") == 0
+    csv_file = run / "metrics.csv"  # no value of it, nor the scale's ends, which are logged with it
+    assert not csv_file.exists() or "val/fid" not in csv_file.read_text()
+    drawn.clear()
+    monkeypatch.setattr(fid, "evaluation_noise", noise)
+    assert run_cli([*args, "stop_after=4"], run).returncode == 0  # stops at an evaluation's iteration
+    assert _iteration(run / "checkpoints" / "last.ckpt") == 4
+    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_the_first_round)
+    result = run_cli(args, run)  # the signal comes during the deferred evaluation of iteration 4
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert drawn == [0] and "Stopped at iteration 4 of 8 (signal SIGTERM)" in result.stdout
+    states = _load(run / "checkpoints" / "last.ckpt")["callbacks"].values()
+    (state,) = [v for v in states if "history" in v]
+    assert state["deferred"] == 4 and [k for k, *_ in state["history"]] == [0]
+    monkeypatch.undo()
+    assert run_cli(args, run).returncode == 0
+    assert _by_step(_rows(run)) == _by_step(_rows(straight))
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
 def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_path):
     # a warm-up of 10: the continuation at 4 is mid-ramp, its rates the new base times that factor
     common = ["debug=smoke", "data=synthetic", "iterations=8", "eval=null", "model.warmup=10"]

@@ -247,7 +247,9 @@ def test_a_resumed_evaluation_keeps_its_history_and_takes_the_best_anew_without_
     cb, trainer, logger, _ = _evaluation(tmp_path, {0: 9.0, 4: 3.0}, best_checkpoint=str(tmp_path / "b.ckpt"))
     cb.references = {"real": 1.0}
     cb.on_train_start(trainer, _module(0))
-    assert logger.rows[0] == (0, {"val/fid_real": 1.0}) and [h[0] for h in cb.history] == [0]
+    # the scale's ends with the untrained network's value, after it (a launch stopped during it logs neither)
+    assert logger.rows == [(0, {"val/fid": 9.0}), (0, {"val/fid_real": 1.0})]
+    assert [h[0] for h in cb.history] == [0]
     cb._evaluate_and_record(trainer, _module(4), 4, 2.0)
     cb.extra_history = [{"iteration": 4, "kid": 0.5}]
     state = cb.state_dict()

@@ -205,6 +205,13 @@ class LastCheckpoint(L.Callback):
         iteration's evaluation, which gave way to this checkpoint."""
         self._decided = (k, True)
 
+    def stop_before_training(self, trainer, pl_module) -> None:
+        """Stop before this launch's first iteration: a signal came during the evaluation it starts with
+        (the untrained network's, or one a stop left to it), which gave way. The checkpoint, of the
+        iteration it started from, is saved as training ends."""
+        self._decided = (pl_module.k, True)
+        self._stop(trainer, pl_module)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         k = pl_module.k
         stop = self.stopping(trainer, pl_module)
@@ -212,22 +219,23 @@ class LastCheckpoint(L.Callback):
         if k % self.every == 0 or (stop and unfinished):
             self._save(trainer, k)
         if stop and unfinished:
-            self.stopped_early = True
-            self.stopped_by = self._agreed  # every rank's: it exits, and requeues, as rank 0 does
-            trainer.should_stop = True
-            reason = (
-                f"signal {signal.Signals(self._agreed).name}"
-                if self._agreed
-                else f"stop_after={self.stop_after}"
+            self._stop(trainer, pl_module)
+
+    def _stop(self, trainer, pl_module) -> None:
+        self.stopped_early = True
+        self.stopped_by = self._agreed  # every rank's: it exits, and requeues, as rank 0 does
+        trainer.should_stop = True
+        reason = (
+            f"signal {signal.Signals(self._agreed).name}" if self._agreed else f"stop_after={self.stop_after}"
+        )
+        if trainer.is_global_zero:
+            log.warning(
+                "Stopped at iteration %d of %d (%s); checkpoint %s. Continue with resume=auto.",
+                pl_module.k,
+                pl_module.hparams.iterations,
+                reason,
+                self.path,
             )
-            if trainer.is_global_zero:
-                log.warning(
-                    "Stopped at iteration %d of %d (%s); checkpoint %s. Continue with resume=auto.",
-                    k,
-                    pl_module.hparams.iterations,
-                    reason,
-                    self.path,
-                )
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module.k)

@@ -12,7 +12,8 @@ seconds so far: wall-clock time since the first iteration, evaluations excluded,
 the best checkpoint by the metric is kept as `best.ckpt`. A callback observes: it never changes training.
 A run that stops (a signal, `stop_after`) at an evaluation's iteration, or receives a signal during an
 evaluation, is checkpointed first (the evaluation gives way after its current round of sampling); the
-continuation makes that evaluation when it starts (`deferred` in the callback's state).
+continuation makes that evaluation when it starts (`deferred` in the callback's state). The evaluation a
+launch starts with gives way too: the run then stops before its first iteration.
 
 `metrics` adds what `python -m act_lightning.evaluate metrics=[...]` computes, from the same samples:
 `is`, `kid`, `pr` (from the same features) and `fd_dinov2` (DINOv2's, in the same sampling pass), logged
@@ -181,20 +182,40 @@ class FrechetEvaluation(L.Callback):
         self._extra_references(trainer, dm, device)
         if not self.references and hasattr(dm, "build_held_out_dataset"):
             self.references = self._reference_values(dm, device)
-        if self.references and pl_module.k == 0:  # once per run: a resumed run has them logged
-            self._log(trainer, pl_module.k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)
         k = pl_module.k
-        if k == 0:  # the untrained network: logged as the curve's start, never the best
-            self._evaluate_and_log(trainer, pl_module)  # at the seconds before (0): no clock runs yet
-        elif self._deferred == k and (not self.history or self.history[-1][0] != k):
-            # a run stopped at an evaluation's iteration saved before scoring it: scored now (whatever
-            # eval.every is now), at the training seconds it stopped at, from that iteration's weights
-            self._evaluate_and_log(trainer, pl_module)
+        # k == 0: the untrained network, logged as the curve's start (never the best) at the seconds
+        # before (0: no clock runs yet); a run stopped at an evaluation's iteration saved before scoring
+        # it: scored now (whatever eval.every is now), at the training seconds it stopped at, from that
+        # iteration's weights
+        if (k == 0 or self._deferred == k) and not (self.history and self.history[-1][0] == k):
+            if self._evaluated_at_start(trainer, pl_module) and k == 0 and self.references:
+                # the scale's two ends, once per run, with the untrained network's value: a launch stopped
+                # during that evaluation logs neither, and its continuation (from the checkpoint at 0) both
+                self._log(trainer, k, {f"{self.key}_{name}": v for name, v in self.references.items()})
+        else:
+            self._deferred = None
+        # training time starts now (unless the run stops before its first iteration): before, the clock
+        # started ahead of the first evaluation, which then counted whatever passed between the two lines
+        # (4 ms once, on a busy machine)
+        if not getattr(trainer, "should_stop", False):
+            self._clock = time.perf_counter()
+
+    def _evaluated_at_start(self, trainer, pl_module) -> bool:
+        """Makes the evaluation a launch starts with (iteration 0's, or the one a stop left to it); False
+        when a stop signal came during it: it gave way, and the run stops before its first iteration (the
+        continuation makes it), as during training."""
+        k = pl_module.k
+        checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        stop = None if checkpoint is None else (lambda: checkpoint.signalled(trainer, pl_module))
+        try:
+            self._evaluate_and_log(trainer, pl_module, stop)
+        except EvaluationStopped:
+            checkpoint.stop_before_training(trainer, pl_module)
+            self._defer(trainer, k)
+            return False
         self._deferred = None
-        # training time starts now: before, the clock started ahead of the first evaluation, which then
-        # counted whatever passed between the two lines (4 ms once, on a busy machine)
-        self._clock = time.perf_counter()
+        return True
 
     def _reference_values(self, dm, device) -> dict[str, float]:
         """The metric of held-out real images and of uniform noise, the scale's two ends, at the sample

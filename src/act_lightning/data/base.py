@@ -392,11 +392,10 @@ class ImageDataModule(L.LightningDataModule):
     # -- exact resume: the loader's position and the count of flipped batches are training state ------
     def state_dict(self) -> dict:
         pos = self._position
-        return {
-            "consumed": pos.consumed,
-            "epoch_generator_state": pos.epoch_generator_state,
-            "flips": self._flips,
-        }
+        # restored but not yet applied (the loader has not started its epoch: a checkpoint saved before
+        # the launch's first iteration, by a stop or a best value at its start) is the position still
+        consumed, generator_state = pos.resume or (pos.consumed, pos.epoch_generator_state)
+        return {"consumed": consumed, "epoch_generator_state": generator_state, "flips": self._flips}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._position.resume = (int(state_dict["consumed"]), state_dict.get("epoch_generator_state"))
