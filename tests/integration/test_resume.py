@@ -166,7 +166,6 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves_first_and_the_continua
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
 
 
-
 def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its_first_iteration(
     tmp_path, monkeypatch
 ):
@@ -207,6 +206,7 @@ def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its
     assert run_cli(args, run).returncode == 0
     assert _by_step(_rows(run)) == _by_step(_rows(straight))
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
 
 def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_path):
     # a warm-up of 10: the continuation at 4 is mid-ramp, its rates the new base times that factor

@@ -271,7 +271,6 @@ def test_a_preparation_writes_alone_and_is_told_from_a_killed_one_while_it_write
     assert not (tmp_path / "other").exists()
 
 
-
 def test_a_waiter_whose_lock_file_was_removed_locks_the_file_there_now(tmp_path):
     # a failed CIFAR-10 download removes the folder it made, lock file included, while it holds the lock:
     # the node that waited must then hold the lock of the file at that path, or a node that came later
@@ -300,6 +299,7 @@ def test_a_waiter_whose_lock_file_was_removed_locks_the_file_there_now(tmp_path)
         shutil.rmtree(folder)
     thread.join(timeout=30)
     assert seen == ["a third node waits"]
+
 
 def test_reference_loader_yields_float_images_unflipped():
     dm = _Tiny(hflip=True)

@@ -381,7 +381,6 @@ def test_a_download_is_extracted(tmp_path, monkeypatch):
     assert len(dm.train_set) == 40
 
 
-
 def test_a_second_node_waits_for_the_first_ones_download_and_uses_it(tmp_path, monkeypatch):
     """Lightning prepares the data on local rank 0 of every node: two nodes on one shared file system
     downloaded into the same partial archive and extracted into the same folder at once."""
@@ -403,6 +402,7 @@ def test_a_second_node_waits_for_the_first_ones_download_and_uses_it(tmp_path, m
     dm = _dm(root)
     dm.setup("fit")
     assert len(dm.train_set) == 40
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
