@@ -55,7 +55,7 @@ def check_slurm_counts(config: DictConfig) -> None:
     # read unresolved: the launcher's schema would refuse a value that is no number as it resolves it (a
     # value set on the command line it checks as Hydra composes: only interpolations are left)
     unresolved = OmegaConf.to_container(launcher, resolve=False)
-    swept, fixed = command_line_keys(config)
+    swept, fixed = multirun_keys(config)
     # a swept config group (experiment=a,b, trainer=x,y) may set the counts per job: they must then be
     # fixed on the command line, whose values win over the groups'
     groups = {
@@ -93,15 +93,29 @@ def check_slurm_counts(config: DictConfig) -> None:
         )
 
 
-def command_line_keys(config: DictConfig) -> tuple[dict[str, str], set[str]]:
-    """The keys (and config groups) the command line sweeps (`trainer.devices=4,8`, `range(...)`, ...), with
-    their values as typed, and those it sets to one value. A multirun's own config holds neither sweep."""
+def multirun_keys(config: DictConfig) -> tuple[dict[str, str], set[str]]:
+    """The keys (and config groups) a multirun sweeps (`trainer.devices=4,8`, `range(...)`, ...), with their
+    values as typed, and those the command line sets to one value. The sweeps are the command line's and
+    the sweeper's (`hydra.sweeper.params`, which Hydra's basic sweeper and Optuna's read: a value given
+    as one is fixed). A multirun's own config holds neither."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
+    parser = OverridesParser.create()
     task = list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
-    parsed = list(zip(OverridesParser.create().parse_overrides(task), task))
+    parsed = list(zip(parser.parse_overrides(task), task))
     swept = {o.key_or_group: text.split("=", 1)[1] for o, text in parsed if o.is_sweep_override()}
-    return swept, {o.key_or_group for o, _ in parsed if not o.is_sweep_override()}
+    fixed = {o.key_or_group for o, _ in parsed if not o.is_sweep_override()}
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    params = OmegaConf.to_container(params, resolve=False) if isinstance(params, DictConfig) else {}
+    for key, value in params.items():
+        try:
+            sweep = parser.parse_override(f"{key}={value}").is_sweep_override()
+        except HydraException:  # a form only the sweeper reads: one of its dimensions all the same
+            sweep = True
+        if sweep and key not in fixed:  # the command line's value wins over the sweeper's
+            swept.setdefault(key, str(value))
+    return swept, fixed
 
 
 class LaunchLog(logging.FileHandler):

@@ -102,6 +102,25 @@ def test_a_slurm_sweep_without_a_number_of_devices_is_refused_in_one_line_before
                 cfg.hydra.overrides.task = ["trainer.devices=8", swept]  # the command line's overrides
             with pytest.raises(ValueError, match=rf"^{re.escape(swept)} is swept, but a SLURM multirun"):
                 check_slurm_counts(cfg)
+        # the sweeper's own params (Hydra's basic sweeper, Optuna's search) are sweeps too; a value given
+        # as one is fixed, and the command line's value wins over theirs
+        cfg = config("trainer.devices=8")
+        with read_write(cfg):
+            cfg.hydra.overrides.task = ["hydra/launcher=submitit_slurm"]  # devices set by a config instead
+            cfg.hydra.sweeper.params = {
+                "trainer.devices": "choice(4,8)",
+                "model.optimizer.lr": "interval(1e-5,1e-3)",
+            }
+        with pytest.raises(
+            ValueError, match=r"^trainer.devices=choice\(4,8\) is swept, but a SLURM multirun"
+        ):
+            check_slurm_counts(cfg)
+        with read_write(cfg):
+            cfg.hydra.overrides.task = ["hydra/launcher=submitit_slurm", "trainer.devices=8"]
+        check_slurm_counts(cfg)
+        with read_write(cfg):
+            cfg.hydra.sweeper.params = {"trainer.num_nodes": 2, "model.optimizer.lr": "interval(1e-5,1e-3)"}
+        check_slurm_counts(cfg)
         # a swept group may set the counts per job (cifar10: 1 device, lsun_cat256: auto); Hydra builds
         # the launcher from the config without the sweep: the counts must be on the command line
         cfg = config("experiment=cifar10")
