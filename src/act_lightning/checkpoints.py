@@ -126,6 +126,14 @@ def checkpoint_iteration(checkpoint: dict) -> int:
     return int(checkpoint["state_dict"]["iteration"])
 
 
+def trained_iteration(checkpoint: dict) -> int:
+    """The ACT iterations that trained a checkpoint's weights, as `sample`, `edit`, `evaluate` and `export`
+    report them: its iteration, or, for one of the paper's checkpoints that `convert_reference` wrote (at
+    iteration 0, where `train ckpt_path=` starts the curriculum), the reference run's iteration."""
+    reference = checkpoint.get("act_reference_iteration")
+    return int(reference) if reference is not None else checkpoint_iteration(checkpoint)
+
+
 def nonfinite_tensors(state_dict: dict[str, Tensor]) -> str:
     """The names of a state dict's tensors that hold NaN or inf ('a, b, c and 4 more tensors'), or ''.
     Checkpoints are refused with it, when written (training) and when read (evaluate)."""

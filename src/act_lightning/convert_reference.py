@@ -14,7 +14,9 @@ The networks are the same diffusers modules as here (docs/algorithm.md, section 
 renames keys, checks every name and shape against the experiment's networks (any other key is refused
 by name), and writes a weights-only checkpoint (networks, the experiment's config, iteration 0) that
 `sample`, `edit`, `evaluate`, `export` read, and from which `train ckpt_path=OUT` starts (new optimiser
-state, the curriculum from the start).
+state, the curriculum from the start). The iteration the reference run had reached (half of its
+Lightning `global_step`: one generator and one discriminator step per iteration) is kept beside it, and
+those four commands report it as the checkpoint's iteration.
 
 The experiment is recognised from the generator's number of resolution levels (4: cifar10, 5:
 imagenet64, 6: lsun_cat256) unless given. The file is read with torch's safe loader only. An existing
@@ -56,13 +58,17 @@ def plain(key: str) -> str:
     return ".".join(part for part in key.split(".") if part != "_orig_mod")
 
 
-def read_reference(path: Path) -> dict[str, torch.Tensor]:
-    """The reference checkpoint's state dict (its `state_dict`, or the file itself when it is one)."""
+def read_reference(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The reference checkpoint's state dict (its `state_dict`, or the file itself when it is one) and the
+    ACT iteration it was saved at (None when the file does not say). The reference steps the generator's
+    and the discriminator's optimisers once each per iteration, and Lightning counts every step in
+    `global_step` (its train scripts double `max_steps` for that): the iteration is half of it."""
     checkpoint = read_checkpoint(path, "CKPT", unreadable=PICKLED)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(plain(str(k)).startswith("model.unet.") for k in state):
         raise ValueError(f"CKPT={path}: not a reference ACT checkpoint (no model.unet.* weights)")
-    return state
+    step = checkpoint.get("global_step") if state is not checkpoint else None
+    return state, (int(step) // 2 if isinstance(step, int) and not isinstance(step, bool) else None)
 
 
 def detect_experiment(state: dict[str, torch.Tensor]) -> str:
@@ -91,7 +97,7 @@ def convert(
     from omegaconf import OmegaConf
 
     check_out(Path(ckpt), Path(out), force)
-    state = read_reference(Path(ckpt))
+    state, iteration = read_reference(Path(ckpt))
     overrides = list(overrides or [])
     if not any(o.startswith("experiment=") for o in overrides):
         overrides.insert(0, f"experiment={detect_experiment(state)}")
@@ -111,10 +117,16 @@ def convert(
         "act_config": OmegaConf.to_container(cfg, resolve=True),
         "act_weights_only": True,  # no optimiser or loop state: train starts from these weights
         "act_converted_from": str(Path(ckpt).name),
+        "act_reference_iteration": iteration,  # what trained the weights (checkpoints.trained_iteration)
     }
     with atomic_write(out) as f:
         torch.save(checkpoint, f)
-    return {"experiment": cfg.experiment_name, "tensors": len(converted), "out": str(out)}
+    return {
+        "experiment": cfg.experiment_name,
+        "tensors": len(converted),
+        "out": str(out),
+        "reference_iteration": iteration,
+    }
 
 
 def rename_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
@@ -188,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = convert(args.ckpt, args.out, args.overrides, force=args.force)
     except REFUSED as err:  # a file that is not the reference's, named with why
         refuse(err)
-    print(f"{summary['tensors']} tensors of experiment {summary['experiment']} written to {summary['out']}")
+    trained = summary["reference_iteration"]
+    print(
+        f"{summary['tensors']} tensors of experiment {summary['experiment']} written to {summary['out']}"
+        + (f" (trained {trained} iterations by the reference code)" if trained is not None else "")
+    )
     return 0
 
 

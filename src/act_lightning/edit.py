@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from act_lightning.checkpoints import checkpoint_iteration, load_model
+from act_lightning.checkpoints import load_model, trained_iteration
 from act_lightning.checks import check_count
 from act_lightning.commands import (
     CONFIG_DIR,
@@ -170,7 +170,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     summary = {  # what it takes to edit the same way again (image i's noise: (seed, i, step))
         "task": cfg.task,
         "checkpoint": str(Path(cfg.ckpt).resolve()),
-        "iteration": checkpoint_iteration(checkpoint),
+        "iteration": trained_iteration(checkpoint),
         "net": cfg.net,
         "seed": int(cfg.seed),
         "images": [str(f) for f in files],

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from act_lightning.atomic import atomic_write
-from act_lightning.checkpoints import build_model, checkpoint_iteration, load_checkpoint
+from act_lightning.checkpoints import build_model, load_checkpoint, trained_iteration
 from act_lightning.checks import check_count, check_names
 from act_lightning.commands import (
     CONFIG_DIR,
@@ -118,7 +118,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lap("samplers")
     summary = {
         "checkpoint": str(ckpt.resolve()),
-        "iteration": checkpoint_iteration(checkpoint),
+        "iteration": trained_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
         "net": cfg.net,
         "num_samples": cfg.num_samples,

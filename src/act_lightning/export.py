@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from act_lightning.atomic import default_file_mode
-from act_lightning.checkpoints import checkpoint_iteration, load_model
+from act_lightning.checkpoints import load_model, trained_iteration
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_out_folder, refuse
 from act_lightning.environment import describe, latest_environment
 from act_lightning.nn.generator import UNetGenerator, run_unet
@@ -302,7 +302,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "generator": generator_args,
         "consistency": constants,
         "num_classes": h.num_classes,
-        "iteration": checkpoint_iteration(checkpoint),
+        "iteration": trained_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
         # the versions (and commit) of the launch that wrote the checkpoint (act_lightning.environment)
         "trained_with": latest_environment(checkpoint.get("act_history")),

@@ -26,7 +26,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from act_lightning.checkpoints import checkpoint_iteration, load_model
+from act_lightning.checkpoints import load_model, trained_iteration
 from act_lightning.checks import check_count
 from act_lightning.commands import (
     CONFIG_DIR,
@@ -133,7 +133,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     save_image(grid, out / "grid.png")
     summary = {
         "checkpoint": str(Path(cfg.ckpt).resolve()),
-        "iteration": checkpoint_iteration(checkpoint),
+        "iteration": trained_iteration(checkpoint),
         "net": cfg.net,
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),

@@ -151,6 +151,7 @@ def test_a_file_that_is_the_state_dict_itself_converts(reference, tmp_path):
     assert summary["experiment"] == "cifar10"
     saved = torch.load(tmp_path / "out.ckpt", weights_only=True)
     assert saved["act_weights_only"] is True and saved["act_converted_from"] == "bare.ckpt"
+    assert saved["act_reference_iteration"] is None  # no Lightning wrapper, no global_step
     assert "${" not in json.dumps(saved["act_config"])  # resolved: read without Hydra's resolvers
 
 
@@ -236,11 +237,14 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = hydra_compose("evaluate", overrides=overrides)
     summary = evaluate(cfg)
-    assert summary["results"]["1-step"]["fid"] > 0 and summary["iteration"] == 0
-    assert export(out, tmp_path / "exported")["iteration"] == 0
-    iterations = torch.load(out, weights_only=True)["act_config"]["iterations"]
+    # the reference's global_step 10 counts a generator and a discriminator step per iteration: 5 trained
+    # the weights, which the commands report; the checkpoint itself is at 0, where training starts
+    assert summary["results"]["1-step"]["fid"] > 0 and summary["iteration"] == 5
+    assert export(out, tmp_path / "exported")["iteration"] == 5
+    saved = torch.load(out, weights_only=True)
+    assert int(saved["state_dict"]["iteration"]) == 0 and saved["act_reference_iteration"] == 5
     assert (
-        f"(iteration 0 of {iterations}; experiment `cifar10`)"
+        f"(iteration 5 of {saved['act_config']['iterations']}; experiment `cifar10`)"
         in (tmp_path / "exported" / "README.md").read_text()
     )
     # the reference's UNet predicts 6 channels, of which the image takes 3: so do the exported generator
