@@ -351,7 +351,7 @@ def test_a_failed_download_into_an_existing_root_leaves_it_as_it_was(tmp_path, m
 
 def test_a_corrupt_download_is_removed(tmp_path, monkeypatch):
     def truncated_download(url, root, filename, md5=None):
-        archive = write_cifar10(Path(root) / "src", archive=True)
+        archive = write_cifar10(tmp_path / "src", archive=True)
         Path(root, filename).write_bytes(archive.read_bytes()[:2000])
 
     monkeypatch.setattr(cifar10, "download_url", truncated_download)
@@ -402,6 +402,51 @@ def test_a_second_node_waits_for_the_first_ones_download_and_uses_it(tmp_path, m
     dm = _dm(root)
     dm.setup("fit")
     assert len(dm.train_set) == 40
+
+
+def test_two_nodes_whose_downloads_fail_leave_nothing_and_keep_another_jobs_files(tmp_path, monkeypatch):
+    # the second node waits while the first downloads; the first fails and removes the folders it made,
+    # then the second makes them again and fails too: it removes what it made, not what it found. A job
+    # that wrote into a folder made for the download (data/ created by it) keeps its files.
+    import threading
+    import time
+
+    root = tmp_path / "scratch" / "cifar10"
+    other_job = tmp_path / "scratch" / "imagenet64" / "train_images.npy"
+    failures = []
+
+    def failing_download(url, root_, filename, md5=None):
+        Path(root_, filename).write_bytes(b"\x1f\x8b half an archive")
+        if threading.current_thread().name == "first":
+            time.sleep(1.0)  # the second node starts meanwhile, and waits
+        raise ConnectionResetError("connection reset by peer")
+
+    def node():
+        try:
+            _dm(root, download=True).prepare_data()
+        except FileNotFoundError as err:
+            failures.append(str(err))
+
+    monkeypatch.setattr(cifar10, "download_url", failing_download)
+    first = threading.Thread(target=node, name="first")
+    first.start()
+    time.sleep(0.3)
+    second = threading.Thread(target=node, name="second")
+    second.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert len(failures) == 2 and all("The download failed: ConnectionResetError" in f for f in failures)
+    assert listing(tmp_path) == set()
+
+    def download_beside_another_job(url, root_, filename, md5=None):
+        other_job.parent.mkdir(parents=True)
+        other_job.write_bytes(b"another job's array")
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(cifar10, "download_url", download_beside_another_job)
+    with pytest.raises(FileNotFoundError, match="The download failed"):
+        _dm(root, download=True).prepare_data()
+    assert listing(tmp_path) == {"scratch", "scratch/imagenet64", "scratch/imagenet64/train_images.npy"}
 
 
 @pytest.mark.gpu

@@ -32,7 +32,7 @@ from act_lightning.data.base import (
     check_readable,
     with_file_defaults,
 )
-from act_lightning.data.storage import LOCK, one_at_a_time
+from act_lightning.data.storage import one_at_a_time, remove_created
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,6 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder that creating `path` would create (None if `path` exists)."""
-    if path.exists():
-        return None
-    while not path.parent.exists() and path.parent != path.parent.parent:
-        path = path.parent
-    return path
-
-
 def _remove(path: Path) -> None:
     """Delete a file or a folder tree, if it is there."""
     if path.is_dir():
@@ -245,8 +236,7 @@ class CIFAR10DataModule(ImageDataModule):
         if self._missing_batches() and ((root / ARCHIVE).is_file() or self.download):
             # other nodes' rank 0 extract or download into the same folder when it is shared: one at a
             # time, and the ones that waited find the batches
-            created = _first_missing(root / FOLDER), None if (root / LOCK).exists() else root / LOCK
-            with one_at_a_time(root):
+            with one_at_a_time(root) as created:
                 missing = self._missing_batches()  # none when one of them finished meanwhile
                 if missing and (root / ARCHIVE).is_file():
                     self._extract(root / ARCHIVE)
@@ -332,24 +322,26 @@ class CIFAR10DataModule(ImageDataModule):
             os.replace(item, archive.parent / FOLDER / item.name)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def _download(self, created: tuple[Path | None, Path | None]) -> None:
-        """Fetch the archive into `root` and extract it. When that fails, everything it created goes
-        (`created`: the outermost folder the preparation made, root/FOLDER or the first missing folder
-        above root, and the lock file if it made that): a mistyped data.root must not leave a tree of
-        empty folders behind (torchvision creates `root` before it tries the network), nor a truncated
-        archive that the next run would take for the user's own. The archive is fetched under a temporary
-        name, so a killed download leaves none."""
+    def _download(self, created: list[Path]) -> None:
+        """Fetch the archive into `root` and extract it. When that fails, everything it created goes: the
+        partial archive, the batches' folder and what was made to hold the lock (`created`, by
+        `one_at_a_time`: folders up to `root`, each removed only when empty, and the lock file). A
+        mistyped data.root must not leave a tree of empty folders behind, nor a truncated archive that the
+        next run would take for the user's own; files that another job wrote meanwhile into a folder made
+        here stay. The archive is fetched under a temporary name, so a killed download leaves none."""
         root = self.path
         part = root / f".{ARCHIVE}.part"
+        made_folder = not (root / FOLDER).exists()  # under the lock: no one else writes there now
         try:
             download_url(URL, str(root), filename=part.name)
             os.replace(part, root / ARCHIVE)
             self._extract(root / ARCHIVE)
         except BaseException as err:
             # root / ARCHIVE too: _download runs only when there was none
-            for path in (*created, part, root / ARCHIVE, root / EXTRACTING):
+            for path in (root / FOLDER if made_folder else None, part, root / ARCHIVE, root / EXTRACTING):
                 if path is not None:
                     _remove(path)
+            remove_created(created)
             if isinstance(err, (urllib.error.URLError, OSError, DataError)):
                 raise DataUnavailable(
                     f"{self._not_found_message(self._missing_batches())} The download failed: "

@@ -81,28 +81,57 @@ def _bar(total: int, desc: str, unit: str = "it", disable: bool = False):
 
 # -- writing -----------------------------------------------------------------------------------------
 @contextmanager
-def one_at_a_time(folder: Path) -> Iterator[None]:
+def one_at_a_time(folder: Path) -> Iterator[list[Path]]:
     """Within: this process alone prepares `folder` (an exclusive flock on `folder/.prepare.lock`, which
     waits for the holder). Lightning prepares the data on local rank 0 of every node: nodes that share a
     file system would otherwise convert, extract or download into the same files at once (one truncating
     the other's memory map: SIGBUS). Re-check for the finished form after entering.
 
-    The holder may remove the lock file (a failed download removes the folders it created): a waiter
-    that then gets the lock of a file no longer there takes the lock again, on the file now at that path,
-    so that it never shares the folder with a process that came later."""
+    Yields what this process created to hold the lock, outermost first: the folders up to `folder` that
+    were missing, then the lock file, when it was missing (a preparation that fails removes them again,
+    `remove_created`). The holder may remove the lock file: a waiter that then gets the lock of a file no
+    longer there takes the lock again, on the file now at that path, so that it never shares the folder
+    with a process that came later."""
     path = folder / LOCK
     while True:
+        created = _missing_folders(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(path, "a+b")  # closed below, or by the with
+        created += [] if path.exists() else [path]
+        try:
+            lock = open(path, "a+b")  # closed below, or by the with
+        except FileNotFoundError:  # the holder removed the folder between the two lines
+            continue
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if _same_file(lock.fileno(), path):
             break
         lock.close()  # closing lets go of its lock
     with lock:
         try:
-            yield
+            yield created
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def remove_created(created: list[Path]) -> None:
+    """Removes what `one_at_a_time` created, innermost first, while its lock is held: the lock file, then
+    each folder that is empty (one another job wrote into meanwhile stays, with its files)."""
+    for path in reversed(created):
+        try:
+            if path.name == LOCK:
+                path.unlink()
+            else:
+                path.rmdir()
+        except OSError:  # not empty (or gone): the folders above it stay too
+            return
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders that `folder.mkdir(parents=True)` would create, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
 
 
 def _same_file(fd: int, path: Path) -> bool:
