@@ -58,11 +58,8 @@ def check_slurm_counts(config: DictConfig) -> None:
     swept, fixed = multirun_keys(config)
     # a swept config group (experiment=a,b, trainer=x,y) may set the counts per job: they must then be
     # fixed on the command line, whose values win over the groups'
-    groups = {
-        k: v
-        for k, v in swept.items()
-        if not isinstance(OmegaConf.select(config, k, default=None), (int, float, str, bool))
-    }
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}
+    groups = {k: v for k, v in swept.items() if k in choices}
     for field in SLURM_COUNTS:
         raw = unresolved.get(field)  # "${trainer.devices}" in the shipped config
         source = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
@@ -110,9 +107,10 @@ def multirun_keys(config: DictConfig) -> tuple[dict[str, str], set[str]]:
     params = OmegaConf.to_container(params, resolve=False) if isinstance(params, DictConfig) else {}
     for key, value in params.items():
         try:
-            sweep = parser.parse_override(f"{key}={value}").is_sweep_override()
+            override = parser.parse_override(f"{key}={value}")
+            key, sweep = override.key_or_group, override.is_sweep_override()  # (+key, ++key: key)
         except HydraException:  # a form only the sweeper reads: one of its dimensions all the same
-            sweep = True
+            key, sweep = key.lstrip("+"), True
         if sweep and key not in fixed:  # the command line's value wins over the sweeper's
             swept.setdefault(key, str(value))
     return swept, fixed

@@ -121,6 +121,15 @@ def test_a_slurm_sweep_without_a_number_of_devices_is_refused_in_one_line_before
         with read_write(cfg):
             cfg.hydra.sweeper.params = {"trainer.num_nodes": 2, "model.optimizer.lr": "interval(1e-5,1e-3)"}
         check_slurm_counts(cfg)
+        # a key that is no config group is no group, whatever its value (null here); ++ is not the key's
+        with read_write(cfg):
+            cfg.hydra.overrides.task = ["hydra/launcher=submitit_slurm"]
+            cfg.hydra.sweeper.params = {"stop_after": "100,200", "++trainer.devices": "4,8"}
+        with pytest.raises(ValueError, match=r"^trainer.devices=4,8 is swept, but a SLURM multirun"):
+            check_slurm_counts(cfg)
+        with read_write(cfg):
+            cfg.hydra.sweeper.params = {"stop_after": "100,200"}
+        check_slurm_counts(cfg)
         # a swept group may set the counts per job (cifar10: 1 device, lsun_cat256: auto); Hydra builds
         # the launcher from the config without the sweep: the counts must be on the command line
         cfg = config("experiment=cifar10")
