@@ -175,6 +175,7 @@ def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its
 
     straight, run = tmp_path / "straight", tmp_path / "run"
     args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2"]  # evaluations of two rounds of sampling
+    args += ["callbacks.checkpoint.keep_snapshots=true"]
     assert run_cli(args, straight).returncode == 0
     drawn, noise = [], fid.evaluation_noise
 
@@ -189,6 +190,9 @@ def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert drawn == [0] and "Stopped at iteration 0 of 8 (signal SIGTERM)" in result.stdout
     assert _iteration(run / "checkpoints" / "last.ckpt") == 0
+    # no snapshot of the untrained network, nor its sample grid: the continuation writes the grid
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert not (run / "samples" / "iter_0000000.png").exists()
     csv_file = run / "metrics.csv"  # no value of it, nor the scale's ends, which are logged with it
     assert not csv_file.exists() or "val/fid" not in csv_file.read_text()
     drawn.clear()
@@ -206,6 +210,9 @@ def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its
     assert run_cli(args, run).returncode == 0
     assert _by_step(_rows(run)) == _by_step(_rows(straight))
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    names = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
+    assert names(run / "samples") == names(straight / "samples")
+    assert "iter_0000000.ckpt" not in names(run / "checkpoints")
 
 
 def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_path):

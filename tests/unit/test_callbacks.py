@@ -43,13 +43,13 @@ def test_grids_are_drawn_at_the_start_every_n_iterations_and_at_the_end_of_a_fin
     grid = SampleGrid(str(tmp_path), every_n_iterations=4)
     drawn = []
     grid.write = lambda trainer, module: drawn.append(module.k)
-    grid.on_train_start(None, _module(0))
+    grid.on_train_epoch_start(None, _module(0))  # training begins (not in a launch stopped before it)
     for k in range(1, 11):
         grid.on_train_batch_end(None, _module(k), None, None, 0)
     grid.on_train_end(None, _module(10))
     assert drawn == [0, 4, 8, 10]
     drawn.clear()
-    grid.on_train_start(None, _module(5))  # resumed: no grid of the start
+    grid.on_train_epoch_start(None, _module(5))  # resumed: no grid of the start
     grid.on_train_end(None, _module(6))  # stopped early, to be resumed
     grid.on_train_end(None, _module(8, iterations=8))  # finished on a grid's iteration: drawn already
     assert drawn == []

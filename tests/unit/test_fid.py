@@ -472,7 +472,8 @@ def test_sample_statistics_reports_progress():
 
 def test_every_rank_asks_stop_after_each_round_alike_and_all_give_up_when_it_says_so():
     # 7 chunks over 3 ranks: 3 rounds, the last with one chunk; `stop` may be a collective, so every rank
-    # calls it once per round, a rank without a chunk in the round too
+    # calls it once per round but the last, a rank without a chunk in the round too: a finished
+    # evaluation is kept
     sample = lambda noise, labels, indices: noise.clamp(-1, 1)  # noqa: E731
     extractor, shape = TinyFeatures(4), (1, 2, 2)
 
@@ -484,9 +485,11 @@ def test_every_rank_asks_stop_after_each_round_alike_and_all_give_up_when_it_say
     for rank in range(3):
         asked = []
         kept = run(rank, lambda asked=asked: asked.append(1) and False)[0]
-        assert len(asked) == 3  # 3 rounds, whatever the rank's number of chunks (3, 2, 2)
+        assert len(asked) == 2  # after 2 of 3 rounds, whatever the rank's number of chunks (3, 2, 2)
         for a, b in zip(kept, run(rank, None)[0], strict=True):  # asking changes nothing
             assert np.array_equal(a, b)
+        finished = run(rank, lambda asked=asked: len(asked) >= 2 or asked.append(1))  # yes after round 3
+        assert len(asked) == 2 and len(finished) == 1
     drawn = []
     with pytest.raises(EvaluationStopped, match="after 2 rounds"):
         sample_subset_statistics(

@@ -99,6 +99,7 @@ class LastCheckpoint(L.Callback):
         self._start = 0
         self._decided: tuple[int, bool] | None = None  # (iteration, stop after it), once decided
         self._saved_at = -1
+        self._before_training = False  # stopped before the launch's first iteration (stop_before_training)
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) names of a save not in place yet
 
     # -- saving ---------------------------------------------------------------------------------------
@@ -115,7 +116,9 @@ class LastCheckpoint(L.Callback):
         for logger in trainer.loggers:  # rows up to the previous iteration (the evaluation's included)
             logger.save()
         targets = [self.path]
-        if self.keep_snapshots != 0:
+        # a launch stopped before its first iteration saves the state it started from: no snapshot of it,
+        # which an uninterrupted run would not have (of the untrained network at 0, or a second one)
+        if self.keep_snapshots != 0 and not self._before_training:
             targets.append(self.path.parent / f"iter_{iteration:07d}.ckpt")
         pending = [(temporary_name(path), path) for path in targets]
         try:
@@ -210,6 +213,7 @@ class LastCheckpoint(L.Callback):
         (the untrained network's, or one a stop left to it), which gave way. The checkpoint, of the
         iteration it started from, is saved as training ends."""
         self._decided = (pl_module.k, True)
+        self._before_training = True
         self._stop(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

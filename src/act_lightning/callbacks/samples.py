@@ -63,7 +63,9 @@ class SampleGrid(L.Callback):
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples/one_step", grid, global_step=pl_module.k)
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # the untrained network's grid, once training begins: not in a launch that stops before its first
+        # iteration (a signal during the first evaluation), whose continuation writes it
         if pl_module.k == 0:
             self.write(trainer, pl_module)
 

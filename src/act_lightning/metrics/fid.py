@@ -135,12 +135,13 @@ def sample_subset_statistics(
     """Feature statistics of `num_subsets` disjoint sets of `subset_size` generated images (samples
     s * subset_size ... (s + 1) * subset_size - 1 form set s), all ranks together: the Frechet distance
     of each at a chosen sample count, which sets its bias. The ranks draw in rounds of one chunk each;
-    after each round every rank calls `stop` (a collective, when it is one), and all raise
+    after each round but the last every rank calls `stop` (a collective, when it is one), and all raise
     EvaluationStopped when it says so."""
     stats = [FeatureStatistics(extractor.num_features).to(device) for _ in range(num_subsets)]
     total = num_subsets * subset_size
     chunks = sample_chunks(total, batch_size, rank, world_size)
-    for round_ in range(math.ceil(math.ceil(total / batch_size) / world_size)):  # alike on every rank
+    rounds = math.ceil(math.ceil(total / batch_size) / world_size)  # alike on every rank
+    for round_ in range(rounds):
         if round_ < len(chunks):  # the last round leaves ranks without a chunk when they do not divide
             chunk, size = chunks[round_]
             start = chunk * batch_size  # the index of the chunk's first sample
@@ -154,7 +155,7 @@ def sample_subset_statistics(
                 stats[s].update(features[lo:hi])
             if progress is not None:
                 progress(size)
-        if stop is not None and stop():
+        if stop is not None and round_ + 1 < rounds and stop():  # a finished evaluation is kept
             raise EvaluationStopped(f"stopped after {round_ + 1} rounds of sampling")
     return [s.compute() for s in stats]
 
