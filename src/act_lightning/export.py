@@ -187,7 +187,7 @@ tags:
 # {name}
 
 A one-step image generator trained with Adversarial Consistency Training (Kong et al., ACT-Diffusion,
-arXiv 2311.14097) with the act-lightning library, from the checkpoint `{checkpoint}`
+arXiv 2311.14097) {trained_by} `{checkpoint}`
 (iteration {iteration} of {iterations}; experiment `{experiment}`): {size}x{size} images with {channels}
 channel(s){classes}.{trained_with}
 
@@ -256,6 +256,10 @@ def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
     return MODEL_CARD.format(
         name=f"ACT generator: {run.get('experiment_name')}",
         checkpoint=Path(ckpt).name,
+        trained_by="with the act-lightning library, from the checkpoint"
+        if config.get("converted_from") is None
+        else f"by the paper's reference code (kong13661/ACT; its checkpoint `{config['converted_from']}`), "
+        "converted by act-lightning's convert_reference into",
         iteration=config["iteration"],
         iterations=h.iterations,
         experiment=run.get("experiment_name"),
@@ -304,6 +308,10 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "num_classes": h.num_classes,
         "iteration": trained_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
+        # one of the paper's released checkpoints, by its file name (convert_reference), or None
+        "converted_from": checkpoint.get("act_converted_from")
+        if "act_reference_iteration" in checkpoint
+        else None,
         # the versions (and commit) of the launch that wrote the checkpoint (act_lightning.environment)
         "trained_with": latest_environment(checkpoint.get("act_history")),
     }

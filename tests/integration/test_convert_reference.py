@@ -243,10 +243,11 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     assert export(out, tmp_path / "exported")["iteration"] == 5
     saved = torch.load(out, weights_only=True)
     assert int(saved["state_dict"]["iteration"]) == 0 and saved["act_reference_iteration"] == 5
-    assert (
-        f"(iteration 5 of {saved['act_config']['iterations']}; experiment `cifar10`)"
-        in (tmp_path / "exported" / "README.md").read_text()
-    )
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert f"(iteration 5 of {saved['act_config']['iterations']}; experiment `cifar10`)" in card
+    # trained by the reference code, not by this library
+    assert "by the paper's reference code (kong13661/ACT; its checkpoint `cifar10_fid_6_0.ckpt`)" in card
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["converted_from"] == path.name
     # the reference's UNet predicts 6 channels, of which the image takes 3: so do the exported generator
     # and the diffusers pipeline built from the same folder
     from act_lightning import load_generator
