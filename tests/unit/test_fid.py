@@ -488,8 +488,9 @@ def test_every_rank_asks_stop_after_each_round_alike_and_all_give_up_when_it_say
         assert len(asked) == 2  # after 2 of 3 rounds, whatever the rank's number of chunks (3, 2, 2)
         for a, b in zip(kept, run(rank, None)[0], strict=True):  # asking changes nothing
             assert np.array_equal(a, b)
-        finished = run(rank, lambda asked=asked: len(asked) >= 2 or asked.append(1))  # yes after round 3
-        assert len(asked) == 2 and len(finished) == 1
+        calls = []  # a stop that says yes from its third call on: after the last round, where none is made
+        finished = run(rank, lambda calls=calls: calls.append(1) or len(calls) >= 3)
+        assert len(calls) == 2 and len(finished) == 1
     drawn = []
     with pytest.raises(EvaluationStopped, match="after 2 rounds"):
         sample_subset_statistics(

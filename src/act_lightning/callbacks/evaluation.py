@@ -206,7 +206,8 @@ class FrechetEvaluation(L.Callback):
         when a stop signal came during it: it gave way, and the run stops before its first iteration (the
         continuation makes it), as during training."""
         k = pl_module.k
-        checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        callbacks = getattr(trainer, "callbacks", ())  # (a trainer built by hand may have none)
+        checkpoint = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
         stop = None if checkpoint is None else (lambda: checkpoint.signalled(trainer, pl_module))
         try:
             self._evaluate_and_log(trainer, pl_module, stop)
