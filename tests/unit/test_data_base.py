@@ -301,6 +301,19 @@ def test_a_waiter_whose_lock_file_was_removed_locks_the_file_there_now(tmp_path)
     assert seen == ["a third node waits"]
 
 
+def test_a_lock_that_is_a_link_to_nowhere_is_named_and_not_waited_on(tmp_path):
+    # retrying the open (as after a holder removed the folder) spun forever at full CPU on such a link
+    import os
+
+    from act_lightning.data import storage
+
+    (tmp_path / "cifar10").mkdir()
+    os.symlink(tmp_path / "gone" / "x", tmp_path / "cifar10" / storage.LOCK)
+    with pytest.raises(FileNotFoundError, match=r"\.prepare\.lock: a link to a missing file; remove it"):
+        with storage.one_at_a_time(tmp_path / "cifar10"):
+            pass
+
+
 def test_reference_loader_yields_float_images_unflipped():
     dm = _Tiny(hflip=True)
     images, _ = next(iter(dm.reference_dataloader(batch_size=16)))

@@ -347,6 +347,11 @@ def test_a_failed_download_into_an_existing_root_leaves_it_as_it_was(tmp_path, m
     with pytest.raises(FileNotFoundError, match="The download failed: ConnectionResetError"):
         _dm(tmp_path, download=True).prepare_data()
     assert listing(tmp_path) == {"notes.txt"}
+    # the batches' folder as a link to storage not mounted now: the user's, kept
+    (tmp_path / CIFAR_FOLDER).symlink_to(tmp_path / "unmounted" / CIFAR_FOLDER)
+    with pytest.raises(FileNotFoundError, match="The download failed: ConnectionResetError"):
+        _dm(tmp_path, download=True).prepare_data()
+    assert (tmp_path / CIFAR_FOLDER).is_symlink() and listing(tmp_path) == {"notes.txt", CIFAR_FOLDER}
 
 
 def test_a_corrupt_download_is_removed(tmp_path, monkeypatch):

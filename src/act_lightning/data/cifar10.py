@@ -240,7 +240,7 @@ class CIFAR10DataModule(ImageDataModule):
                 missing = self._missing_batches()  # none when one of them finished meanwhile
                 if missing and (root / ARCHIVE).is_file():
                     self._extract(root / ARCHIVE)
-                elif missing and self.download:
+                elif missing and self.download and not os.path.lexists(root / ARCHIVE):
                     self._download(created)
         missing = self._missing_batches()
         if missing:
@@ -331,13 +331,14 @@ class CIFAR10DataModule(ImageDataModule):
         here stay. The archive is fetched under a temporary name, so a killed download leaves none."""
         root = self.path
         part = root / f".{ARCHIVE}.part"
-        made_folder = not (root / FOLDER).exists()  # under the lock: no one else writes there now
+        # under the lock: no one else writes there now (a link to a missing folder is the user's: kept)
+        made_folder = not os.path.lexists(root / FOLDER)
         try:
             download_url(URL, str(root), filename=part.name)
             os.replace(part, root / ARCHIVE)
             self._extract(root / ARCHIVE)
         except BaseException as err:
-            # root / ARCHIVE too: _download runs only when there was none
+            # root / ARCHIVE too: _download runs only when there was none (nor a link of that name)
             for path in (root / FOLDER if made_folder else None, part, root / ARCHIVE, root / EXTRACTING):
                 if path is not None:
                     _remove(path)

@@ -93,18 +93,18 @@ def one_at_a_time(folder: Path) -> Iterator[list[Path]]:
     longer there takes the lock again, on the file now at that path, so that it never shares the folder
     with a process that came later."""
     path = folder / LOCK
-    while True:
-        created = _missing_folders(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        created += [] if path.exists() else [path]
-        try:
-            lock = open(path, "a+b")  # closed below, or by the with
-        except FileNotFoundError:  # the holder removed the folder between the two lines
-            continue
+    folders: list[Path] = []  # made by this process, in any pass (another may have removed them since)
+    for _ in range(1000):  # a holder removes the folder at most once per failed preparation
+        lock, made_lock = _open_lock(folder, path, folders)
+        if lock is None:
+            continue  # the holder removed the folder meanwhile: make it again
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if _same_file(lock.fileno(), path):
             break
         lock.close()  # closing lets go of its lock
+    else:
+        raise OSError(f"{path}: could not take this lock (its folder keeps disappearing)")
+    created = [f for f in folders if f.is_dir()] + ([path] if made_lock else [])
     with lock:
         try:
             yield created
@@ -112,16 +112,49 @@ def one_at_a_time(folder: Path) -> Iterator[list[Path]]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
+def _open_lock(folder: Path, path: Path, folders: list[Path]):
+    """(the lock file opened, whether this call created it), or (None, False) when `folder` vanished
+    between making it and opening the file (another process's `remove_created`): then try again. The
+    folders this call makes are added to `folders`, outermost first."""
+    for missing in _missing_folders(folder):
+        try:
+            missing.mkdir()
+        except FileExistsError:  # made by another process just now (or a file: refused below)
+            continue
+        except FileNotFoundError:  # its parent was removed just now
+            return None, False
+        if missing not in folders:
+            folders.append(missing)
+    if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(f"{folder}: not a folder")
+        return None, False
+    try:
+        return open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL), "r+b"), True
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        return None, False
+    try:
+        return open(path, "r+b"), False  # a folder here raises, by name
+    except FileNotFoundError:
+        if os.path.lexists(path):  # a link to nowhere: no retry makes it a file
+            raise FileNotFoundError(f"{path}: a link to a missing file; remove it") from None
+        return None, False  # removed by its holder just now: try again
+
+
 def remove_created(created: list[Path]) -> None:
     """Removes what `one_at_a_time` created, innermost first, while its lock is held: the lock file, then
-    each folder that is empty (one another job wrote into meanwhile stays, with its files)."""
+    each folder that is empty (one another job wrote into meanwhile stays, with the folders above it)."""
     for path in reversed(created):
         try:
             if path.name == LOCK:
                 path.unlink()
             else:
                 path.rmdir()
-        except OSError:  # not empty (or gone): the folders above it stay too
+        except FileNotFoundError:  # removed already: go on with the folders above
+            continue
+        except OSError:  # not empty: the folders above it stay too
             return
 
 
