@@ -215,6 +215,38 @@ def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its
     assert "iter_0000000.ckpt" not in names(run / "checkpoints")
 
 
+def test_a_signal_during_an_evaluations_last_round_keeps_it_and_stops_at_its_iteration(tmp_path, monkeypatch):
+    # the evaluation has drawn all its samples: it is kept, and the run stops at its iteration, as at
+    # any other (before, the first at once gave its work up, and a later one stopped the run an
+    # iteration late)
+    from act_lightning.metrics import fid
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2"]  # evaluations of two rounds of sampling
+    assert run_cli(args, straight).returncode == 0
+    drawn, noise = [], fid.evaluation_noise
+
+    def signalled_in_the_second_round(seed, indices, *rest):
+        drawn.append(indices.start)
+        if len(drawn) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return noise(seed, indices, *rest)
+
+    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_the_second_round)
+    for stopped_at, history in ((0, [0]), (4, [0, 4])):
+        drawn.clear()
+        result = run_cli(args, run)
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+        assert f"Stopped at iteration {stopped_at} of 8 (signal SIGTERM)" in result.stdout
+        states = _load(run / "checkpoints" / "last.ckpt")["callbacks"].values()
+        (state,) = [v for v in states if "history" in v]
+        assert [k for k, *_ in state["history"]] == history and state["deferred"] is None
+    monkeypatch.undo()
+    assert run_cli(args, run).returncode == 0
+    assert _by_step(_rows(run)) == _by_step(_rows(straight))
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
+
 def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_path):
     # a warm-up of 10: the continuation at 4 is mid-ramp, its rates the new base times that factor
     common = ["debug=smoke", "data=synthetic", "iterations=8", "eval=null", "model.warmup=10"]

@@ -188,8 +188,9 @@ def test_the_curves_first_point_is_at_zero_training_seconds_however_slow_the_mac
     trainer = types.SimpleNamespace(loggers=[], callback_metrics={}, datamodule=types.SimpleNamespace())
     module = types.SimpleNamespace(k=0, device=torch.device("cpu"))
     cb.on_train_start(trainer, module)
-    assert cb.history == [(0, 7.0, 0.0)]
-    assert cb.train_seconds() == 1.0  # the clock started after the evaluation: one reading since
+    assert cb.history == [(0, 7.0, 0.0)] and cb.train_seconds() == 0.0  # no clock before the first epoch
+    cb.on_train_epoch_start(trainer, module)  # after the grid of the untrained network
+    assert cb.train_seconds() == 1.0  # the clock started with the epoch: one reading since
 
 
 def test_seed_and_run_settings_removed_or_set_by_their_group_make_no_variant():

@@ -169,6 +169,7 @@ class FrechetEvaluation(L.Callback):
             self.dinov2 = load_dinov2(self.dinov2_weights, self.quantize)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._clock = None  # runs from the first epoch on (a callback may serve another fit)
         if self.best is not None and self.best_checkpoint is not None and not self.best_checkpoint.is_file():
             # a run started in a new folder from another run's snapshot (ckpt_path=) carries that run's
             # history and best, but not its best.ckpt: the best is this folder's, from the next evaluation
@@ -195,10 +196,13 @@ class FrechetEvaluation(L.Callback):
                 self._log(trainer, k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         else:
             self._deferred = None
-        # training time starts now (unless the run stops before its first iteration): before, the clock
-        # started ahead of the first evaluation, which then counted whatever passed between the two lines
-        # (4 ms once, on a busy machine)
-        if not getattr(trainer, "should_stop", False):
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # training time starts with the launch's first epoch (none in a launch stopped before its first
+        # iteration), after the callbacks before this one drew what they draw at its start (the untrained
+        # network's sample grid); before, the clock started ahead of the first evaluation, which then
+        # counted whatever passed between the two lines (4 ms once, on a busy machine)
+        if self._clock is None:
             self._clock = time.perf_counter()
 
     def _evaluated_at_start(self, trainer, pl_module) -> bool:
@@ -216,6 +220,8 @@ class FrechetEvaluation(L.Callback):
             self._defer(trainer, k)
             return False
         self._deferred = None
+        if checkpoint is not None and checkpoint.signalled(trainer, pl_module):  # during its last round
+            checkpoint.stop_before_training(trainer, pl_module)  # the evaluation is kept
         return True
 
     def _reference_values(self, dm, device) -> dict[str, float]:
@@ -384,6 +390,9 @@ class FrechetEvaluation(L.Callback):
                 except EvaluationStopped:
                     checkpoint.stop_here(k)
                     self._defer(trainer, k)
+                else:
+                    if checkpoint.signalled(trainer, pl_module):  # during its last round: it is kept
+                        checkpoint.stop_here(k)
 
     def _defer(self, trainer, k: int) -> None:
         self._deferred = k  # in the checkpoint about to be saved (state_dict): its continuation scores k
