@@ -69,7 +69,8 @@ def check_slurm_counts(config: DictConfig) -> None:
         if key in swept:  # the launcher resolves its counts once and submits every job with them
             raise ValueError(
                 f"{key}={swept[key]} is swept, but a SLURM multirun asks for one allocation for all its "
-                f"jobs (hydra.launcher.{field} repeats {key}): launch one multirun per value of {key}"
+                f"jobs (hydra.launcher.{field} repeats {key}): set {key} on the command line, or launch one "
+                f"multirun per value of {key}"
             )
         if groups and key not in fixed:
             group, values = next(iter(groups.items()))
@@ -93,8 +94,9 @@ def check_slurm_counts(config: DictConfig) -> None:
 def multirun_keys(config: DictConfig) -> tuple[dict[str, str], set[str]]:
     """The keys (and config groups) a multirun sweeps (`trainer.devices=4,8`, `range(...)`, ...), with their
     values as typed, and those the command line sets to one value. The sweeps are the command line's and
-    the sweeper's (`hydra.sweeper.params`, which Hydra's basic sweeper and Optuna's read: a value given
-    as one is fixed). A multirun's own config holds neither."""
+    every key of the sweeper's `hydra.sweeper.params` (Hydra's basic sweeper and Optuna's), even one
+    given one value: the jobs get it, but not the multirun's own config, from which Hydra builds the
+    launcher. A multirun's own config holds neither."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -107,11 +109,10 @@ def multirun_keys(config: DictConfig) -> tuple[dict[str, str], set[str]]:
     params = OmegaConf.to_container(params, resolve=False) if isinstance(params, DictConfig) else {}
     for key, value in params.items():
         try:
-            override = parser.parse_override(f"{key}={value}")
-            key, sweep = override.key_or_group, override.is_sweep_override()  # (+key, ++key: key)
-        except HydraException:  # a form only the sweeper reads: one of its dimensions all the same
-            key, sweep = key.lstrip("+"), True
-        if sweep and key not in fixed:  # the command line's value wins over the sweeper's
+            key = parser.parse_override(f"{key}={value}").key_or_group  # (+key, ++key: key)
+        except HydraException:  # a form only the sweeper reads
+            key = key.lstrip("+")
+        if key not in fixed:  # the command line's value wins over the sweeper's
             swept.setdefault(key, str(value))
     return swept, fixed
 

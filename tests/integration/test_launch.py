@@ -118,8 +118,12 @@ def test_a_slurm_sweep_without_a_number_of_devices_is_refused_in_one_line_before
         with read_write(cfg):
             cfg.hydra.overrides.task = ["hydra/launcher=submitit_slurm", "trainer.devices=8"]
         check_slurm_counts(cfg)
-        with read_write(cfg):
+        with read_write(cfg):  # one value in the sweeper's params: every job's, not the launcher's
             cfg.hydra.sweeper.params = {"trainer.num_nodes": 2, "model.optimizer.lr": "interval(1e-5,1e-3)"}
+        with pytest.raises(ValueError, match=r"^trainer.num_nodes=2 is swept, .*: set trainer.num_nodes on"):
+            check_slurm_counts(cfg)
+        with read_write(cfg):
+            cfg.hydra.overrides.task.append("trainer.num_nodes=2")
         check_slurm_counts(cfg)
         # a key that is no config group is no group, whatever its value (null here); ++ is not the key's
         with read_write(cfg):
