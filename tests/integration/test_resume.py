@@ -57,6 +57,24 @@ def assert_same_training_state(a_path, b_path) -> None:
     assert torch.equal(a["act_rng"]["cpu"], b["act_rng"]["cpu"])  # what dropout draws from next
 
 
+def _sigterm_at_draw(monkeypatch, n: int) -> list[int]:
+    """Patches the evaluation's noise so that drawing its n-th chunk (from 1) sends this process SIGTERM,
+    as a scheduler's preemption would in the middle of an evaluation. Returns the first sample index of
+    each chunk drawn since, in order."""
+    from act_lightning.metrics import fid
+
+    drawn, noise = [], fid.evaluation_noise
+
+    def signalled(seed, indices, *rest):
+        drawn.append(indices.start)
+        if len(drawn) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return noise(seed, indices, *rest)
+
+    monkeypatch.setattr(fid, "evaluation_noise", signalled)
+    return drawn
+
+
 # the controller moves p (threshold 0, short ada_length) so the augmentation state is compared too
 EXACT = ["debug=smoke", "iterations=8", "model.r1_threshold=0", "model.ada_length=100"]
 
@@ -140,20 +158,11 @@ def test_resume_with_dropout_draws_the_masks_the_straight_run_draws(tmp_path):
 def test_a_signal_during_an_evaluation_stops_it_and_saves_first_and_the_continuation_scores_it(
     tmp_path, monkeypatch
 ):
-    from act_lightning.metrics import fid
-
     straight, run = tmp_path / "straight", tmp_path / "run"
     args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2"]  # evaluations of two rounds of sampling
     assert run_cli(args, straight).returncode == 0
-    drawn, noise = [], fid.evaluation_noise
-
-    def signalled_in_iteration_4s_evaluation(seed, indices, *rest):
-        drawn.append(indices.start)
-        if len(drawn) == 3:  # iteration 0's evaluation drew chunks 0 and 2; this is iteration 4's first
-            os.kill(os.getpid(), signal.SIGTERM)  # SLURM's preemption, in the middle of it
-        return noise(seed, indices, *rest)
-
-    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_iteration_4s_evaluation)
+    # iteration 0's evaluation draws chunks 0 and 2; the third is iteration 4's first: SLURM's preemption
+    drawn = _sigterm_at_draw(monkeypatch, 3)
     result = run_cli(args, run)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert drawn == [0, 2, 0]  # it gave up after the round the signal came in: not one more image
@@ -171,21 +180,11 @@ def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its
 ):
     # iteration 0's evaluation, and the one a stop at an evaluation's iteration left to its continuation,
     # give way to a signal as the evaluations during training do: a scheduler kills seconds after it
-    from act_lightning.metrics import fid
-
     straight, run = tmp_path / "straight", tmp_path / "run"
     args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2"]  # evaluations of two rounds of sampling
     args += ["callbacks.checkpoint.keep_snapshots=true"]
     assert run_cli(args, straight).returncode == 0
-    drawn, noise = [], fid.evaluation_noise
-
-    def signalled_in_the_first_round(seed, indices, *rest):
-        drawn.append(indices.start)
-        if len(drawn) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return noise(seed, indices, *rest)
-
-    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_the_first_round)
+    drawn = _sigterm_at_draw(monkeypatch, 1)  # in the first round
     result = run_cli(args, run)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert drawn == [0] and "Stopped at iteration 0 of 8 (signal SIGTERM)" in result.stdout
@@ -195,11 +194,10 @@ def test_a_signal_during_the_evaluation_a_launch_starts_with_stops_it_before_its
     assert not (run / "samples" / "iter_0000000.png").exists()
     csv_file = run / "metrics.csv"  # no value of it, nor the scale's ends, which are logged with it
     assert not csv_file.exists() or "val/fid" not in csv_file.read_text()
-    drawn.clear()
-    monkeypatch.setattr(fid, "evaluation_noise", noise)
+    monkeypatch.undo()
     assert run_cli([*args, "stop_after=4"], run).returncode == 0  # stops at an evaluation's iteration
     assert _iteration(run / "checkpoints" / "last.ckpt") == 4
-    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_the_first_round)
+    drawn = _sigterm_at_draw(monkeypatch, 1)
     result = run_cli(args, run)  # the signal comes during the deferred evaluation of iteration 4
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert drawn == [0] and "Stopped at iteration 4 of 8 (signal SIGTERM)" in result.stdout
@@ -219,22 +217,12 @@ def test_a_signal_during_an_evaluations_last_round_keeps_it_and_stops_at_its_ite
     # the evaluation has drawn all its samples: it is kept, and the run stops at its iteration, as at
     # any other (before, the first at once gave its work up, and a later one stopped the run an
     # iteration late)
-    from act_lightning.metrics import fid
-
     straight, run = tmp_path / "straight", tmp_path / "run"
     args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2"]  # evaluations of two rounds of sampling
     assert run_cli(args, straight).returncode == 0
-    drawn, noise = [], fid.evaluation_noise
-
-    def signalled_in_the_second_round(seed, indices, *rest):
-        drawn.append(indices.start)
-        if len(drawn) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return noise(seed, indices, *rest)
-
-    monkeypatch.setattr(fid, "evaluation_noise", signalled_in_the_second_round)
     for stopped_at, history in ((0, [0]), (4, [0, 4])):
-        drawn.clear()
+        monkeypatch.undo()
+        _sigterm_at_draw(monkeypatch, 2)  # in the second, last round of the launch's first evaluation
         result = run_cli(args, run)
         assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
         assert f"Stopped at iteration {stopped_at} of 8 (signal SIGTERM)" in result.stdout
