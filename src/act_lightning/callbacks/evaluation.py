@@ -209,19 +209,30 @@ class FrechetEvaluation(L.Callback):
         """Makes the evaluation a launch starts with (iteration 0's, or the one a stop left to it); False
         when a stop signal came during it: it gave way, and the run stops before its first iteration (the
         continuation makes it), as during training."""
-        k = pl_module.k
-        callbacks = getattr(trainer, "callbacks", ())  # (a trainer built by hand may have none)
-        checkpoint = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
-        stop = None if checkpoint is None else (lambda: checkpoint.signalled(trainer, pl_module))
-        try:
-            self._evaluate_and_log(trainer, pl_module, stop)
-        except EvaluationStopped:
-            checkpoint.stop_before_training(trainer, pl_module)
-            self._defer(trainer, k)
+        checkpoint = _last_checkpoint(trainer)
+        if checkpoint is None:
+            self._evaluate_and_log(trainer, pl_module)
+        elif not self._evaluate_giving_way(
+            trainer, pl_module, checkpoint, lambda: checkpoint.stop_before_training(trainer, pl_module)
+        ):
             return False
         self._deferred = None
-        if checkpoint is not None and checkpoint.signalled(trainer, pl_module):  # during its last round
-            checkpoint.stop_before_training(trainer, pl_module)  # the evaluation is kept
+        return True
+
+    def _evaluate_giving_way(self, trainer, pl_module, checkpoint: LastCheckpoint, stop_run) -> bool:
+        """Evaluates at iteration k, asking between its rounds of sampling whether a stop signal reached any
+        rank (`checkpoint.signalled`, a collective). If one did, it gives way: `stop_run()` stops the run at
+        k, the evaluation is left to the continuation, and False is returned. One that came during the last
+        round also stops the run at k, and the finished evaluation is kept."""
+        k = pl_module.k
+        try:
+            self._evaluate_and_log(trainer, pl_module, lambda: checkpoint.signalled(trainer, pl_module))
+        except EvaluationStopped:
+            stop_run()
+            self._defer(trainer, k)
+            return False
+        if checkpoint.signalled(trainer, pl_module):  # during its last round
+            stop_run()
         return True
 
     def _reference_values(self, dm, device) -> dict[str, float]:
@@ -377,22 +388,13 @@ class FrechetEvaluation(L.Callback):
             # A stop (a signal, stop_after) at this iteration, or a signal during its evaluation, saves the
             # checkpoint first: a scheduler kills seconds after its signal (SLURM's KillWait), and an
             # evaluation can take minutes. The continuation scores this iteration when it starts.
-            checkpoint = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+            checkpoint = _last_checkpoint(trainer)
             if checkpoint is None:  # a trainer built by hand
                 self._evaluate_and_log(trainer, pl_module)
             elif checkpoint.stopping(trainer, pl_module):
                 self._defer(trainer, k)
             else:
-                try:
-                    self._evaluate_and_log(
-                        trainer, pl_module, lambda: checkpoint.signalled(trainer, pl_module)
-                    )
-                except EvaluationStopped:
-                    checkpoint.stop_here(k)
-                    self._defer(trainer, k)
-                else:
-                    if checkpoint.signalled(trainer, pl_module):  # during its last round: it is kept
-                        checkpoint.stop_here(k)
+                self._evaluate_giving_way(trainer, pl_module, checkpoint, lambda: checkpoint.stop_here(k))
 
     def _defer(self, trainer, k: int) -> None:
         self._deferred = k  # in the checkpoint about to be saved (state_dict): its continuation scores k
@@ -472,6 +474,11 @@ class FrechetEvaluation(L.Callback):
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
         self._deferred = state_dict.get("deferred")
+
+
+def _last_checkpoint(trainer) -> LastCheckpoint | None:
+    """The run's checkpoint callback (None for a trainer built by hand without one)."""
+    return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, LastCheckpoint)), None)
 
 
 def _gathered(trainer, num_samples: int, batch_size: int, features: Tensor) -> Tensor:
