@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -564,8 +564,9 @@ def test_device_check_writes_its_summary_after_each_step_and_keeps_it_when_packi
 def test_device_check_packs_the_compile_cache_into_parts_that_the_next_run_unpacks(tmp_path):
     check = _load_benchmark("device_check")
     cache, carried = tmp_path / "cache", tmp_path / "carried"
-    core = {"fxgraph/ab/entry": os.urandom(3000)}  # random bytes: they do not compress
-    rest = {"triton/0/XY/kernel.cubin": os.urandom(2500), "top": b"1"}
+    noise = random.Random(0).randbytes  # random bytes do not compress; seeded, so every run packs the same
+    core = {"fxgraph/ab/entry": noise(3000)}
+    rest = {"triton/0/XY/kernel.cubin": noise(2500), "top": b"1"}
     skipped = {"locks/a.lock": b"", "precompiled_headers/h.gch": b"2"}
     for name, data in {**core, **rest, **skipped}.items():
         (cache / name).parent.mkdir(parents=True, exist_ok=True)
