@@ -5,7 +5,10 @@ first, a resume, a requeue, a launch refused because the folder is in use, finis
 experiment) keeps its Hydra record apart, under `.hydra/launches/<date>_<time>_<microseconds>/`
 (config.yaml, hydra.yaml, overrides.yaml and the launch's log, train.log), so no launch rewrites the
 record of another. The run's own config is the one its checkpoint holds (`act_config`), with the launches
-that trained it (`act_history`). The processes a launch starts for DDP log into the same folder.
+that trained it (`act_history`). The processes a launch starts for DDP log into the same folder; those of
+other ranks that something besides the launch starts, each with its own copy of the command (SLURM's
+tasks, torchrun's workers), keep no record and log to their console only, so a launch has one record
+however many processes run it (`act_lightning.resolvers.launch_record`).
 
 `CheckRunFolder`, a Hydra callback, refuses a run folder that cannot be written before Hydra writes the
 record or opens the log (Hydra's own message would be "Unable to configure handler 'file'").

@@ -35,6 +35,40 @@ def launch_name() -> str:
     return name
 
 
+RANKS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # Lightning's order (fabric's rank_zero)
+
+
+def started_beside_the_launch() -> bool:
+    """This process is one of a run's processes other than rank 0 that something besides the launch
+    started, each with its own copy of the command: a SLURM task (submitit's, srun's), a torchrun worker,
+    the processes of a node other than the first (NODE_RANK). The DDP processes the launch starts itself
+    (Lightning's, which inherit its name) are not."""
+    name, _, pid = os.environ.get(LAUNCH_ENV, "").rpartition("@")
+    if name and pid == str(os.getppid()):
+        return False
+    rank = next((os.environ[key] for key in RANKS if key in os.environ), "0")
+    return _positive(rank) or _positive(os.environ.get("NODE_RANK", "0"))
+
+
+def _positive(value: str) -> bool:
+    return value.strip().isdigit() and int(value) > 0
+
+
+def launch_record() -> str | None:
+    """`${act.launch_record:}`: the launch's record folder in the run folder, `.hydra/launches/<name>`
+    (Hydra's `output_subdir`); null in a process `started_beside_the_launch`, so that a launch keeps one
+    record, its rank 0's, however many SLURM tasks or torchrun workers run it."""
+    return None if started_beside_the_launch() else f".hydra/launches/{launch_name()}"
+
+
+def launch_log(output_dir: str, job_name: str) -> str:
+    """`${act.launch_log:OUTPUT_DIR,JOB_NAME}`: the launch's log file in its record folder; the null device
+    in a process `started_beside_the_launch`, which logs to its console only (submitit keeps each task's
+    under the sweep's `.submitit/`)."""
+    record = launch_record()
+    return os.devnull if record is None else f"{output_dir}/{record}/{job_name}.log"
+
+
 def in_folder(folder: str | None, name: str) -> str | None:
     """`${act.in_folder:FOLDER,NAME}`: FOLDER/NAME, or null when there is no folder (data without files,
     such as data=synthetic, have nothing to cache beside them)."""
@@ -45,6 +79,8 @@ def register_resolvers() -> None:
     resolvers = (
         ("act.lazy_beta2", lazy_regularisation_beta2),
         ("act.launch", launch_name),
+        ("act.launch_record", launch_record),
+        ("act.launch_log", launch_log),
         ("act.in_folder", in_folder),
     )
     for name, resolver in resolvers:

@@ -11,7 +11,15 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from act_lightning.resolvers import LAUNCH_ENV, in_folder, launch_name, lazy_regularisation_beta2
+from act_lightning.resolvers import (
+    LAUNCH_ENV,
+    RANKS,
+    in_folder,
+    launch_log,
+    launch_name,
+    launch_record,
+    lazy_regularisation_beta2,
+)
 from act_lightning.train import check_config
 from tests.conftest import CONF, EXPERIMENTS, ROOT, compose
 
@@ -425,6 +433,37 @@ def test_the_resolvers_name_the_launch_once_per_process_tree_and_cache_beside_th
     assert launch_name() != "2026-01-01_10-00-00_000001"
     monkeypatch.setenv(LAUNCH_ENV, f"@{os.getpid()}")  # no name
     assert launch_name() != ""
+
+
+@pytest.mark.parametrize(
+    ("ranks", "recorded"),
+    [
+        ({}, True),  # a launch on its own
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, True),  # SLURM's task 0
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}, False),  # another task, submitit's or srun's
+        ({"RANK": "0", "SLURM_PROCID": "3"}, True),  # torchrun inside a SLURM step: its RANK first
+        ({"RANK": "2", "LOCAL_RANK": "0"}, False),  # a torchrun worker of another node
+        ({"NODE_RANK": "1"}, False),  # the command started on a second node by hand
+        ({"LOCAL_RANK": "1", "parent": True}, True),  # a DDP process the launch started: its record
+    ],
+)
+def test_a_launch_keeps_one_record_whatever_starts_its_other_ranks(monkeypatch, ranks, recorded):
+    for key in (*RANKS, "NODE_RANK", "SLURM_NTASKS", LAUNCH_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in ranks.items():
+        if key == "parent":
+            monkeypatch.setenv(LAUNCH_ENV, f"2026-01-01_10-00-00_000001@{os.getppid()}")
+        else:
+            monkeypatch.setenv(key, value)
+    record = launch_record()
+    assert (record is not None) == recorded
+    if recorded:
+        assert record == f".hydra/launches/{launch_name()}"
+        assert launch_log("/runs/a", "train") == f"/runs/a/{record}/train.log"
+    else:
+        assert launch_log("/runs/a", "train") == os.devnull and LAUNCH_ENV not in os.environ
+    if ranks.get("parent"):
+        assert record == ".hydra/launches/2026-01-01_10-00-00_000001"
 
 
 # -- what the README and docs/ name --------------------------------------------------------------------

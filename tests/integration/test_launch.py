@@ -62,6 +62,26 @@ def test_refused_and_finished_launches_leave_every_file_of_the_run_folder_as_it_
     assert f"launched with {describe(environment())}" in first.read_text()
 
 
+def test_slurm_tasks_and_torchrun_workers_of_other_ranks_keep_no_record_and_log_to_their_console(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(SMOKE, run).returncode == 0
+    (first,) = (run / ".hydra" / "launches").iterdir()
+    before = _hashes(run)
+    for rank in ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"}, {"RANK": "3"}):
+        other = run_module("train", [*SMOKE, f"hydra.run.dir={run}"], env={**COMMAND_ENV, **rank})
+        assert other.returncode == 0 and "the run is finished, nothing to do" in other.stdout
+        assert _hashes(run) == before  # nothing new in the run folder
+    task0 = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"}
+    assert run_module("train", [*SMOKE, f"hydra.run.dir={run}"], env={**COMMAND_ENV, **task0}).returncode == 0
+    (second,) = {p.name for p in (run / ".hydra" / "launches").iterdir()} - {first.name}  # rank 0's record
+    assert {p.name for p in (run / ".hydra" / "launches" / second).iterdir()} == {
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+        "train.log",
+    }
+
+
 def test_an_unwritable_run_folder_is_refused_before_hydra_writes_into_it(tmp_path):
     # sysfs takes no new files, whoever runs the test (a chmod'ed folder would not stop root)
     line = refusal(run_cli(SMOKE, "/sys/act-test-run"))

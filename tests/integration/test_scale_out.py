@@ -51,6 +51,9 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
     ]
     result = run_cli(ddp, two, own_process=True)  # Lightning starts the command again for rank 1
     assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = (two / ".hydra" / "launches").iterdir()  # one record: the process it started logs beside it
+    logs = {"train.log", "train_ddp_process_1.log"}
+    assert {p.name for p in record.iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml", *logs}
     rank0, rank1 = _load(two / "rank0.pt"), _load(two / "rank1.pt")
     assert_same_weights(rank0["state_dict"], rank1["state_dict"], tol=0)  # the ranks agree exactly
     ddp = _load(two / "checkpoints" / "last.ckpt")
