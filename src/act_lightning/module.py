@@ -239,6 +239,8 @@ class ACTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.k = int(self.iteration)
+        if self.k >= self.hparams.iterations:  # a continuation that only makes the evaluation a stop left it
+            self.trainer.should_stop = True
         self._aug_idle = self.speed.lazy_augment and float(self.aug_p) == 0
         restore_rng(getattr(self, "_restore_rng", None))
         self._restore_rng = None

@@ -371,6 +371,7 @@ class StartPoint:
     weights: dict | None = None
     history: tuple[dict, ...] = ()
     init: InitWeights | None = None  # init_from's generator weights (a fresh start only)
+    evaluation_left: bool = False  # the checkpoint's own iteration is still to be evaluated (a stop left it)
 
 
 def tunes_a_diffusion_model(cfg: DictConfig) -> bool:
@@ -422,7 +423,16 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     if checkpoint.get("act_weights_only"):
         log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
         return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
-    return StartPoint(ckpt_path, iteration, wandb_id, None, history)  # Lightning reads the file again
+    left = evaluation_left(checkpoint, iteration)
+    return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)  # read again
+
+
+def evaluation_left(checkpoint: dict, iteration: int) -> bool:
+    """Whether a checkpoint holds an evaluation of its own iteration that a stop left to the run's
+    continuation (FrechetEvaluation's `deferred`): at the run's last iteration, that evaluation is all
+    there is left to do."""
+    states = (checkpoint.get("callbacks") or {}).values()
+    return any(isinstance(state, dict) and state.get("deferred") == iteration for state in states)
 
 
 # -- a launch: every check and everything built before the first write; then training -----------------
@@ -484,7 +494,8 @@ def prepare(cfg: DictConfig) -> Launch:
     lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     try:
         start = start_point(cfg, resolved, init)
-        if start.iteration >= cfg.iterations:
+        # a run at its end is finished, unless a stop left its last evaluation to this launch
+        if start.iteration >= cfg.iterations and not (start.evaluation_left and cfg.get("eval") is not None):
             return Launch(start, lock, None)
         check_writable_folder(Path(cfg.callbacks.checkpoint.dirpath), "callbacks.checkpoint.dirpath")
         apply_process_settings(cfg)

@@ -235,6 +235,39 @@ def test_a_signal_during_an_evaluations_last_round_keeps_it_and_stops_at_its_ite
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow
+def test_a_signal_during_the_last_evaluation_saves_first_and_the_continuation_only_evaluates(
+    tmp_path, monkeypatch
+):
+    # the last iteration's evaluation gives way as the others do: the trained weights are on disk before
+    # a scheduler's kill; the continuation, at the run's end, makes that evaluation and trains nothing
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2", "callbacks.checkpoint.keep_snapshots=true"]
+    # stop_after that ends at the last iteration ends the run: its evaluation is made there, not left
+    result = run_cli([*args, "stop_after=8"], straight)
+    assert result.returncode == 0 and "finished at iteration 8" in result.stdout
+    drawn = _sigterm_at_draw(monkeypatch, 5)  # evaluations at 0, 4 and 8 of two rounds: 8's first
+    result = run_cli(args, run)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]  # a job to requeue
+    assert drawn == [0, 2, 0, 2, 0] and "Stopped at iteration 8 of 8 (signal SIGTERM)" in result.stdout
+    assert "the evaluation at iteration 8 is left to the run's continuation" in result.stdout
+    saved = _load(run / "checkpoints" / "last.ckpt")
+    (state,) = [v for v in saved["callbacks"].values() if "history" in v]
+    assert state["deferred"] == 8 and [k for k, *_ in state["history"]] == [0, 4]
+    assert int(saved["state_dict"]["iteration"]) == 8
+    monkeypatch.undo()
+    result = run_cli(args, run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing to do" not in result.stdout and "finished at iteration 8" in result.stdout
+    assert _by_step(_rows(run)) == _by_step(_rows(straight))
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    names = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
+    assert names(run / "samples") == names(straight / "samples")
+    summary = json.loads((run / "metric_summary.json").read_text())
+    assert [h["iteration"] for h in summary["history"]] == [0, 4, 8]
+    assert "the run is finished, nothing to do" in run_cli(args, run).stdout  # and now it is
+
+
 def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_path):
     # a warm-up of 10: the continuation at 4 is mid-ramp, its rates the new base times that factor
     common = ["debug=smoke", "data=synthetic", "iterations=8", "eval=null", "model.warmup=10"]

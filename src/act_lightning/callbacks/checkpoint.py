@@ -58,9 +58,11 @@ class TakeStopSignals(L.Callback):
 
 class LastCheckpoint(L.Callback):
     """Saves `dirpath/last.ckpt` every `every_n_iterations` ACT iterations, when training ends, and when
-    the run is stopped before its last iteration. `keep_snapshots` also keeps `iter_<k>.ckpt` for those
-    iterations: `true` every one, a number N the newest N (older ones are deleted after each save; a
-    diverged or damaged run then has a checkpoint from before to continue from), `false` or 0 none.
+    the run is stopped unfinished (before its last iteration, or with the last one's evaluation left to
+    its continuation). `keep_snapshots` also keeps `iter_<k>.ckpt` for those iterations (not for a launch
+    stopped before its first iteration, which saves the state it started from): `true` every one, a
+    number N the newest N (older ones are deleted after each save; a diverged or damaged run then has a
+    checkpoint from before to continue from), `false` or 0 none.
 
     A run stops early after `stop_after` iterations of this process, or at the end of the iteration in
     which a stop signal arrives (SIGTERM, SIGINT, SIGUSR1, SIGUSR2): the checkpoint then holds a
@@ -100,6 +102,7 @@ class LastCheckpoint(L.Callback):
         self._decided: tuple[int, bool] | None = None  # (iteration, stop after it), once decided
         self._saved_at = -1
         self._before_training = False  # stopped before the launch's first iteration (stop_before_training)
+        self._left: int | None = None  # an iteration whose evaluation gave way (leave_to_continuation)
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) names of a save not in place yet
 
     # -- saving ---------------------------------------------------------------------------------------
@@ -208,6 +211,18 @@ class LastCheckpoint(L.Callback):
         iteration's evaluation, which gave way to this checkpoint."""
         self._decided = (k, True)
 
+    @property
+    def signalled_stop(self) -> bool:
+        """Whether a stop signal (not `stop_after`) is what stops the run, as `signalled` found."""
+        return self._agreed is not None
+
+    def leave_to_continuation(self, k: int) -> None:
+        """The evaluation at iteration k gave way to a stop: the run stops after k unfinished, even at its
+        last iteration, and its continuation makes that evaluation (`act_lightning.train` does not call a
+        run at its end whose evaluation was left so finished)."""
+        self._decided = (k, True)
+        self._left = k
+
     def stop_before_training(self, trainer, pl_module) -> None:
         """Stop before this launch's first iteration: a signal came during the evaluation it starts with
         (the untrained network's, or one a stop left to it), which gave way. The checkpoint, of the
@@ -219,7 +234,7 @@ class LastCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         k = pl_module.k
         stop = self.stopping(trainer, pl_module)
-        unfinished = k < pl_module.hparams.iterations
+        unfinished = k < pl_module.hparams.iterations or self._left == k
         if k % self.every == 0 or (stop and unfinished):
             self._save(trainer, k)
         if stop and unfinished:

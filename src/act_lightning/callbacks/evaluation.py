@@ -13,7 +13,9 @@ the best checkpoint by the metric is kept as `best.ckpt`. A callback observes: i
 A run that stops (a signal, `stop_after`) at an evaluation's iteration, or receives a signal during an
 evaluation, is checkpointed first (the evaluation gives way after its current round of sampling); the
 continuation makes that evaluation when it starts (`deferred` in the callback's state). The evaluation a
-launch starts with gives way too: the run then stops before its first iteration.
+launch starts with gives way too: the run then stops before its first iteration. So does the last
+iteration's to a signal (not to `stop_after`, which ends the run there): the run stops unfinished, and its
+continuation only makes that evaluation.
 
 `metrics` adds what `python -m act_lightning.evaluate metrics=[...]` computes, from the same samples:
 `is`, `kid`, `pr` (from the same features) and `fd_dinov2` (DINOv2's, in the same sampling pass), logged
@@ -229,7 +231,7 @@ class FrechetEvaluation(L.Callback):
             self._evaluate_and_log(trainer, pl_module, lambda: checkpoint.signalled(trainer, pl_module))
         except EvaluationStopped:
             stop_run()
-            self._defer(trainer, k)
+            self._defer(trainer, k, checkpoint)
             return False
         if checkpoint.signalled(trainer, pl_module):  # during its last round
             stop_run()
@@ -382,30 +384,32 @@ class FrechetEvaluation(L.Callback):
         # it: a save at that iteration (k a multiple of its interval) is not repeated at the end, so an
         # evaluation in on_train_end would be missing from last.ckpt's history and best
         k = pl_module.k
-        if k >= pl_module.hparams.iterations:
+        last = k >= pl_module.hparams.iterations
+        if not last and k % self.every != 0:
+            return
+        # A stop (a signal, stop_after) at this iteration, or a signal during its evaluation, saves the
+        # checkpoint first: a scheduler kills seconds after its signal (SLURM's KillWait), and an
+        # evaluation can take minutes. The continuation scores this iteration when it starts. At the last
+        # iteration only a signal does: stop_after there ends the run, which its evaluation completes.
+        checkpoint = _last_checkpoint(trainer)
+        if checkpoint is None:  # a trainer built by hand
             self._evaluate_and_log(trainer, pl_module)
-        elif k % self.every == 0:
-            # A stop (a signal, stop_after) at this iteration, or a signal during its evaluation, saves the
-            # checkpoint first: a scheduler kills seconds after its signal (SLURM's KillWait), and an
-            # evaluation can take minutes. The continuation scores this iteration when it starts.
-            checkpoint = _last_checkpoint(trainer)
-            if checkpoint is None:  # a trainer built by hand
-                self._evaluate_and_log(trainer, pl_module)
-            elif checkpoint.stopping(trainer, pl_module):
-                self._defer(trainer, k)
-            else:
-                self._evaluate_giving_way(trainer, pl_module, checkpoint, lambda: checkpoint.stop_here(k))
+        elif checkpoint.stopping(trainer, pl_module) and (not last or checkpoint.signalled_stop):
+            self._defer(trainer, k, checkpoint)
+        else:
+            self._evaluate_giving_way(trainer, pl_module, checkpoint, lambda: checkpoint.stop_here(k))
 
-    def _defer(self, trainer, k: int) -> None:
+    def _defer(self, trainer, k: int, checkpoint: LastCheckpoint) -> None:
         self._deferred = k  # in the checkpoint about to be saved (state_dict): its continuation scores k
+        checkpoint.leave_to_continuation(k)  # the run stops unfinished at k, even at its last iteration
         if trainer.is_global_zero:
             log.info("the evaluation at iteration %d is left to the run's continuation (a stop)", k)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # After the last iteration, if it was not scored (a run started at its end); a run that stops
-        # early (stop_after, a signal) is resumed, not scored, so its metrics.csv gets the same rows as
-        # an uninterrupted run's.
-        finished = pl_module.k >= pl_module.hparams.iterations
+        # After the last iteration, if it was not scored (a trainer built by hand that ends elsewhere); a
+        # run that stops early (stop_after, a signal) is resumed, not scored, so its metrics.csv gets the
+        # same rows as an uninterrupted run's, and so is one whose last evaluation gave way to a signal.
+        finished = pl_module.k >= pl_module.hparams.iterations and self._deferred != pl_module.k
         if finished and (not self.history or self.history[-1][0] != pl_module.k):
             self._evaluate_and_log(trainer, pl_module)
         for logger in trainer.loggers:

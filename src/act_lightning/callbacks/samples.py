@@ -33,6 +33,10 @@ class SampleGrid(L.Callback):
         self.upscale = upscale  # nearest-neighbour enlargement for tiny images (8x8 digits)
         self.seed = seed
         self.last_path: Path | None = None
+        self._start = 0  # the iteration this launch's training started at
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = pl_module.k
 
     def _noise(self, pl_module) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = torch.Generator().manual_seed(self.seed)
@@ -74,6 +78,8 @@ class SampleGrid(L.Callback):
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        finished = pl_module.k >= pl_module.hparams.iterations  # not when stopped early to be resumed
+        # not when stopped early to be resumed, nor in a launch that trained nothing (the continuation of a
+        # run whose last evaluation gave way to a stop: the launch before drew this grid)
+        finished = pl_module.k >= pl_module.hparams.iterations and pl_module.k > self._start
         if finished and pl_module.k % self.every != 0:
             self.write(trainer, pl_module)
