@@ -134,6 +134,20 @@ def trained_iteration(checkpoint: dict) -> int:
     return int(reference) if reference is not None else checkpoint_iteration(checkpoint)
 
 
+def reference_start(checkpoint: dict) -> dict | None:
+    """The paper's released checkpoint that a checkpoint's weights come from, as
+    `{"checkpoint": file name, "reference_iteration": the reference run's iteration}`: one that
+    `convert_reference` wrote, or one trained on from it (`train ckpt_path=`, kept in the first launch of
+    its history); None for weights this library trained from the start."""
+    if "act_reference_iteration" in checkpoint:
+        name, iteration = checkpoint.get("act_converted_from"), checkpoint["act_reference_iteration"]
+        return {"checkpoint": name, "reference_iteration": int(iteration)}
+    for launch in checkpoint.get("act_history") or ():
+        if isinstance(launch, dict) and isinstance(launch.get("started_from"), dict):
+            return dict(launch["started_from"])
+    return None
+
+
 def nonfinite_tensors(state_dict: dict[str, Tensor]) -> str:
     """The names of a state dict's tensors that hold NaN or inf ('a, b, c and 4 more tensors'), or ''.
     Checkpoints are refused with it, when written (training) and when read (evaluate)."""

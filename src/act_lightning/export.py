@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from act_lightning.atomic import default_file_mode
-from act_lightning.checkpoints import load_model, trained_iteration
+from act_lightning.checkpoints import load_model, reference_start, trained_iteration
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_out_folder, refuse
 from act_lightning.environment import describe, latest_environment
 from act_lightning.nn.generator import UNetGenerator, run_unet
@@ -247,6 +247,24 @@ def check_export_folder(out: Path) -> None:
         )
 
 
+def trained_by(config: dict[str, Any]) -> str:
+    """Who trained the exported weights, as the model card says it: this library, the paper's reference
+    code (a released checkpoint that `convert_reference` converted), or this library from such a one."""
+    if config.get("converted_from") is not None:
+        return (
+            f"by the paper's reference code (kong13661/ACT; its checkpoint `{config['converted_from']}`), "
+            "converted by act-lightning's convert_reference into"
+        )
+    started = config.get("started_from")
+    if started is not None:
+        return (
+            f"with the act-lightning library, starting from the paper's released checkpoint "
+            f"`{started['checkpoint']}` (trained by its reference code, kong13661/ACT, for "
+            f"{started['reference_iteration']} iterations), into the checkpoint"
+        )
+    return "with the act-lightning library, from the checkpoint"
+
+
 def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
     """The export's README.md (MODEL_CARD) for the run's config `run`, the module's hyper-parameters `h`
     and the export's `config.json` contents."""
@@ -256,10 +274,7 @@ def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
     return MODEL_CARD.format(
         name=f"ACT generator: {run.get('experiment_name')}",
         checkpoint=Path(ckpt).name,
-        trained_by="with the act-lightning library, from the checkpoint"
-        if config.get("converted_from") is None
-        else f"by the paper's reference code (kong13661/ACT; its checkpoint `{config['converted_from']}`), "
-        "converted by act-lightning's convert_reference into",
+        trained_by=trained_by(config),
         iteration=config["iteration"],
         iterations=h.iterations,
         experiment=run.get("experiment_name"),
@@ -312,6 +327,8 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "converted_from": checkpoint.get("act_converted_from")
         if "act_reference_iteration" in checkpoint
         else None,
+        # trained on here from one of them (train ckpt_path=): its file name and the reference's iteration
+        "started_from": None if "act_reference_iteration" in checkpoint else reference_start(checkpoint),
         # the versions (and commit) of the launch that wrote the checkpoint (act_lightning.environment)
         "trained_with": latest_environment(checkpoint.get("act_history")),
     }

@@ -47,6 +47,7 @@ from act_lightning.checkpoints import (
     no_space_error,
     out_of_space,
     read_checkpoint,
+    reference_start,
 )
 from act_lightning.checks import check_count
 from act_lightning.commands import CONFIG_DIR, refusal, refuse
@@ -422,6 +423,9 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     history = (*checkpoint.get("act_history", ()), entry)
     if checkpoint.get("act_weights_only"):
         log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
+        released = reference_start(checkpoint)
+        if released is not None:  # one of the paper's checkpoints: what trained it stays in the history
+            entry["started_from"] = released
         return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
     left = evaluation_left(checkpoint, iteration)
     return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)  # read again

@@ -100,6 +100,19 @@ def test_train_starts_from_a_converted_checkpoint(reference, tmp_path):
         )
     )
     assert summary["finished"] and summary["iteration"] == 2
+    # what trained the weights before stays with them: the run's history, its export's card and config
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    started = {"checkpoint": "cifar10_fid_6_0.ckpt", "reference_iteration": 5}  # global_step 10 / 2
+    assert saved["act_history"][0]["started_from"] == started
+    from act_lightning.export import export
+
+    assert export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "exported")["iteration"] == 2
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["started_from"] == started and config["converted_from"] is None
+    card = (tmp_path / "exported" / "README.md").read_text()
+    released = "`cifar10_fid_6_0.ckpt` (trained by its reference code, kong13661/ACT, for 5 iterations)"
+    assert f"with the act-lightning library, starting from the paper's released checkpoint {released}" in card
+    assert "(iteration 2 of 2; experiment `cifar10`)" in card
 
 
 def test_unknown_misshaped_duplicate_and_missing_keys_are_named(reference, tmp_path):
