@@ -406,7 +406,7 @@ class FrechetEvaluation(L.Callback):
             log.info("the evaluation at iteration %d is left to the run's continuation (a stop)", k)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # After the last iteration, if it was not scored (a trainer built by hand that ends elsewhere); a
+        # After the last iteration, if nothing scored it (on_train_batch_end and the start do); a
         # run that stops early (stop_after, a signal) is resumed, not scored, so its metrics.csv gets the
         # same rows as an uninterrupted run's, and so is one whose last evaluation gave way to a signal.
         finished = pl_module.k >= pl_module.hparams.iterations and self._deferred != pl_module.k
