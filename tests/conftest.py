@@ -313,14 +313,11 @@ SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal
 W_AND_B_OWN = {"WANDB_SERVICE"}
 
 
-class _ProcessState:
-    """What a command changes in its process, put back afterwards (see run_module)."""
+class TorchSettings:
+    """torch's process-wide settings that a run changes (act_lightning.train.apply_process_settings: TF32,
+    threads; cuDNN's and the deterministic switches), as they are now; `restore` puts them back."""
 
-    def __init__(self, argv: list[str], env: dict[str, str | None], cwd: str | Path, executable: str) -> None:
-        self.command_argv, self.env, self.cwd, self.command_executable = argv, env, cwd, executable
-
-    def __enter__(self):
-        import numpy as np
+    def __init__(self) -> None:
         import torch
 
         backends = torch.backends
@@ -354,6 +351,45 @@ class _ProcessState:
             torch.is_deterministic_algorithms_warn_only_enabled(),
         )
         self.threads = torch.get_num_threads()
+
+    def restore(self) -> None:
+        import torch
+
+        for obj, attr, value in self.flags:
+            if getattr(obj, attr) != value:
+                setattr(obj, attr, value)
+        if torch.get_float32_matmul_precision() != self.precision:
+            torch.set_float32_matmul_precision(self.precision)
+        if (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ) != self.deterministic:
+            torch.use_deterministic_algorithms(self.deterministic[0], warn_only=self.deterministic[1])
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
+
+@pytest.fixture(autouse=True)
+def _torch_settings_kept():
+    """Every test starts with the settings the one before started with: a run trained in the test's own
+    process (`train(compose(...))`) sets TF32 on, which Dynamo's guards see, so a compile test after one
+    recompiled (CI's test order decides which test runs after which)."""
+    settings = TorchSettings()
+    yield
+    settings.restore()
+
+
+class _ProcessState:
+    """What a command changes in its process, put back afterwards (see run_module)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str | None], cwd: str | Path, executable: str) -> None:
+        self.command_argv, self.env, self.cwd, self.command_executable = argv, env, cwd, executable
+
+    def __enter__(self):
+        import numpy as np
+        import torch
+
+        self.torch_settings = TorchSettings()
         self.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())  # noqa: NPY002
         self.signals = {signum: signal.getsignal(signum) for signum in SIGNALS}
         self.loggers = {
@@ -426,18 +462,7 @@ class _ProcessState:
             for signum, handler in self.signals.items():
                 if handler is not None and signal.getsignal(signum) is not handler:
                     signal.signal(signum, handler)
-            for obj, attr, value in self.flags:
-                if getattr(obj, attr) != value:
-                    setattr(obj, attr, value)
-            if torch.get_float32_matmul_precision() != self.precision:
-                torch.set_float32_matmul_precision(self.precision)
-            if (
-                torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled(),
-            ) != self.deterministic:
-                torch.use_deterministic_algorithms(self.deterministic[0], warn_only=self.deterministic[1])
-            if torch.get_num_threads() != self.threads:
-                torch.set_num_threads(self.threads)
+            self.torch_settings.restore()
             torch.set_rng_state(self.rng[0])
             np.random.set_state(self.rng[1])  # noqa: NPY002
             random.setstate(self.rng[2])

@@ -4,6 +4,7 @@ devices cannot share, W&B without a network, and CIFAR-10 that could not be down
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
 import socket
@@ -214,24 +215,28 @@ def test_a_global_batch_the_devices_cannot_share_is_refused_before_any_process_s
         ]  # nothing written, nothing spawned
 
 
-def _closed_port() -> int:
+@contextlib.contextmanager
+def _closed_port():
+    """A port that refuses connections while the block runs: bound, never listening, so that no other
+    process (the other test worker's DDP or W&B) can take it and answer in the meantime."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def test_wandb_with_a_key_but_no_network_goes_offline_at_once_with_a_note(tmp_path):
     key = "0123456789abcdef" * 2 + "fake-key"
-    env = {
-        "WANDB_MODE": None,  # removed
-        "WANDB_SILENT": None,
-        "WANDB_API_KEY": key,
-        "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}",
-        "PYTHONWARNINGS": "ignore",
-    }
     args = [*QUIET, "logger=wandb", f"hydra.run.dir={tmp_path}"]
     start = time.monotonic()
-    result = run_module("train", args, env=env, timeout=300)  # W&B set up anew for these variables
+    with _closed_port() as port:
+        env = {
+            "WANDB_MODE": None,  # removed
+            "WANDB_SILENT": None,
+            "WANDB_API_KEY": key,
+            "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+            "PYTHONWARNINGS": "ignore",
+        }
+        result = run_module("train", args, env=env, timeout=300)  # W&B set up anew for these variables
     assert result.returncode == 0, result.stderr[-3000:]
     assert time.monotonic() - start < 120  # W&B's own retries took minutes
     note = [line for line in result.stdout.splitlines() if "cannot be reached" in line]
@@ -287,7 +292,8 @@ def test_unreachable_says_why_a_connection_fails_or_that_no_answer_came(monkeypa
         server.bind(("127.0.0.1", 0))
         server.listen()
         assert unreachable("127.0.0.1", server.getsockname()[1]) is None
-    assert unreachable("127.0.0.1", _closed_port()) == "Connection refused"
+    with _closed_port() as port:
+        assert unreachable("127.0.0.1", port) == "Connection refused"
     hung = threading.Event()
 
     def no_answer(*args, **kwargs):  # a name lookup that hangs (it ignores the socket's timeout)

