@@ -47,7 +47,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     """What collection imported (torch, Lightning, Hydra, diffusers, the tests) lives as long as the test
     process: out of the collector's sight (gc.freeze), so that the collections while the tests run do not
-    walk it again and again."""
+    walk it again and again. torch's settings as the tests will start with them are taken here."""
+    _PRISTINE[:] = [TorchSettings()]
     gc.freeze()
 
 
@@ -369,14 +370,20 @@ class TorchSettings:
             torch.set_num_threads(self.threads)
 
 
+_PRISTINE: list[TorchSettings] = []  # the settings the test process had before its first test
+
+
 @pytest.fixture(autouse=True)
 def _torch_settings_kept():
-    """Every test starts with the settings the one before started with: a run trained in the test's own
-    process (`train(compose(...))`) sets TF32 on, which Dynamo's guards see, so a compile test after one
-    recompiled (CI's test order decides which test runs after which)."""
-    settings = TorchSettings()
+    """Every test starts with the settings the test process started with, and leaves them so: a run
+    trained in the test's own process (`train(compose(...))`, also in a session's fixture) sets TF32 on,
+    which Dynamo's guards see, so a compile test after one recompiled (CI's test order decides which
+    test runs after which)."""
+    if not _PRISTINE:  # (taken as collection finished; here if a plugin skipped that hook)
+        _PRISTINE.append(TorchSettings())
+    _PRISTINE[0].restore()
     yield
-    settings.restore()
+    _PRISTINE[0].restore()
 
 
 class _ProcessState:

@@ -53,6 +53,9 @@ def test_grids_are_drawn_at_the_start_every_n_iterations_and_at_the_end_of_a_fin
     grid.on_train_end(None, _module(6))  # stopped early, to be resumed
     grid.on_train_end(None, _module(8, iterations=8))  # finished on a grid's iteration: drawn already
     assert drawn == []
+    grid.on_train_start(None, _module(10))  # a launch at the run's end (the last evaluation left to it)
+    grid.on_train_end(None, _module(10))  # trained nothing: the launch before drew the last grid
+    assert drawn == []
 
 
 def test_a_grid_shows_the_fixed_noises_samples_in_zero_one_enlarged_in_a_square(tmp_path):
@@ -191,6 +194,25 @@ def test_evaluations_come_every_n_iterations_and_at_the_last_one_once(tmp_path):
     cb.on_train_end(trainer, _module(11, iterations=10))  # a run started at its end: scored at the end
     cb.on_train_end(trainer, _module(11, iterations=12))  # stopped early: resumed later, not scored
     assert [h[0] for h in cb.history] == [4, 8, 10, 11]
+
+
+def test_at_the_last_iteration_a_signal_leaves_the_evaluation_to_the_continuation_and_stop_after_does_not(
+    tmp_path,
+):
+    values = {10: 5.0}
+    for stop, left in (("signal", True), ("stop_after", False)):
+        cb, trainer, _, _ = _evaluation(tmp_path / stop, values, every=4)
+        checkpoint = LastCheckpoint(str(tmp_path / stop / "checkpoints"), every_n_iterations=100)
+        checkpoint.stop_after = 10 if stop == "stop_after" else None
+        if stop == "signal":
+            checkpoint._signal = signal.SIGTERM  # arrives in the last iteration
+        trainer.callbacks = [cb, checkpoint]
+        cb.on_train_batch_end(trainer, _module(10), None, None, 0)
+        assert checkpoint.stopping(trainer, _module(10))
+        assert (cb.state_dict()["deferred"] == 10) is left and (checkpoint._left == 10) is left
+        assert [h[0] for h in cb.history] == ([] if left else [10])
+        cb.on_train_end(trainer, _module(10))  # not scored at the end either: the continuation scores it
+        assert [h[0] for h in cb.history] == ([] if left else [10])
 
 
 def test_a_stop_at_an_evaluations_iteration_leaves_it_to_the_continuation_which_scores_it_first(tmp_path):

@@ -144,6 +144,7 @@ def test_each_compiled_run_starts_with_dynamos_caches_empty():
 
     torch._dynamo.reset()
     counters.clear()
+    torch.backends.cuda.matmul.allow_tf32 = False  # as the runs below set it: Dynamo's guards see it
     double = torch.compile(lambda x: 2 * x, backend="eager")
     x = torch.ones(3)
     double(x)
