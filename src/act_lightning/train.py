@@ -427,8 +427,8 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
         if released is not None:  # one of the paper's checkpoints: what trained it stays in the history
             entry["started_from"] = released
         return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
-    left = evaluation_left(checkpoint, iteration)
-    return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)  # read again
+    left = evaluation_left(checkpoint, iteration)  # (Lightning reads the file again to restore it)
+    return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)
 
 
 def evaluation_left(checkpoint: dict, iteration: int) -> bool:
