@@ -500,6 +500,9 @@ def prepare(cfg: DictConfig) -> Launch:
         start = start_point(cfg, resolved, init)
         # a run at its end is finished, unless a stop left its last evaluation to this launch
         if start.iteration >= cfg.iterations and not (start.evaluation_left and cfg.get("eval") is not None):
+            if start.evaluation_left:
+                left = start.iteration
+                log.warning("eval=null: the evaluation at iteration %d that a stop left is not made", left)
             return Launch(start, lock, None)
         check_writable_folder(Path(cfg.callbacks.checkpoint.dirpath), "callbacks.checkpoint.dirpath")
         apply_process_settings(cfg)

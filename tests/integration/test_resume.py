@@ -265,6 +265,9 @@ def test_a_signal_during_the_last_evaluation_saves_first_and_the_continuation_on
     assert names(run / "samples") == names(straight / "samples")
     summary = json.loads((run / "metric_summary.json").read_text())
     assert [h["iteration"] for h in summary["history"]] == [0, 4, 8]
+    for name in ("last.ckpt", "best.ckpt"):  # neither says an evaluation is left any more
+        (state,) = [v for v in _load(run / "checkpoints" / name)["callbacks"].values() if "history" in v]
+        assert state["deferred"] is None, name
     assert "the run is finished, nothing to do" in run_cli(args, run).stdout  # and now it is
 
 

@@ -364,6 +364,8 @@ class FrechetEvaluation(L.Callback):
     def _evaluate_and_record(self, trainer, pl_module, k: int, seconds: float, stop=None) -> float:
         value = self.evaluate(trainer, pl_module, stop)
         self.history.append((k, value, seconds))
+        if self._deferred == k:  # made: not left in the best checkpoint saved below, nor in any after it
+            self._deferred = None
         improved = k > 0 and (self.best is None or value < self.best[1])
         if improved:
             self.best = (k, value)
