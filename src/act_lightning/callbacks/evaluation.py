@@ -218,8 +218,7 @@ class FrechetEvaluation(L.Callback):
             trainer, pl_module, checkpoint, lambda: checkpoint.stop_before_training(trainer, pl_module)
         ):
             return False
-        self._deferred = None
-        return True
+        return True  # (recording it cleared `deferred`)
 
     def _evaluate_giving_way(self, trainer, pl_module, checkpoint: LastCheckpoint, stop_run) -> bool:
         """Evaluates at iteration k, asking between its rounds of sampling whether a stop signal reached any
