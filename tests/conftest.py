@@ -534,6 +534,22 @@ def cifar10_smoke_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def as_if_on_gpu(monkeypatch):
+    """model.speed.flex_attention on the CPU as on a GPU: compiled graphs take the flex_attention path, and
+    flex_attention allows a backward there (its dense reference implementation; test_attention.py)."""
+    import torch
+    import torch.nn.attention.flex_attention as flex
+
+    import act_lightning.nn.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(flex, "_validate_device", lambda *tensors: None)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def cfg_factory(tmp_path):
     def make(overrides=None):
         return compose(overrides, run_dir=str(tmp_path / "run"))

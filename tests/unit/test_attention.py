@@ -13,22 +13,9 @@ from hydra.utils import instantiate
 import act_lightning.nn.attention as attention_module
 from act_lightning.nn.attention import FlexAttnProcessor, attention, padded_flex_attention
 from act_lightning.speed import SpeedOptions
-from tests.helpers_training import SMALL, fit_recording
+from tests.helpers_training import SMALL
 
 FLEX = ["model.speed.flex_attention=true"]
-
-
-@pytest.fixture
-def as_if_on_gpu(monkeypatch):
-    """Compiled graphs on the CPU take the flex_attention path, and flex_attention allows a backward there
-    (its dense reference implementation)."""
-    import torch.nn.attention.flex_attention as flex
-
-    monkeypatch.setattr(attention_module, "FLEX_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(flex, "_validate_device", lambda *tensors: None)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _image_attention(channels=32, head_dim=8):
@@ -134,42 +121,6 @@ def test_a_network_with_another_kind_of_attention_is_refused():
     cross = torch.nn.Sequential(Attention(32, cross_attention_dim=16, heads=4, dim_head=8))
     with pytest.raises(ValueError, match="has cross-attention: set model.speed.flex_attention=false"):
         use_flex_attention(cross)
-
-
-@pytest.mark.slow
-def test_training_with_flex_attention_computes_what_the_fused_kernel_computes(
-    cfg_factory, as_if_on_gpu, monkeypatch
-):
-    # One iteration, both updates (no R1 pass: D's joint pass compiled too; the R1 pass runs D classic and
-    # eager), every network compiled by AOTAutograd with eager kernels, flex_attention's dense
-    # implementation standing in for the GPU's kernels: the losses, and every weight after the updates
-    # (which went through flex_attention's backward).
-    from torch._dynamo.utils import counters
-
-    traced = []  # flex_attention calls seen while Dynamo traces a graph
-
-    def flex(*qkv):
-        traced.append(qkv[0].shape)
-        return padded_flex_attention(*qkv)
-
-    monkeypatch.setattr(attention_module, "padded_flex_attention", flex)
-    overrides = [*SMALL, "iterations=1", "model.r1_gamma=0", "data.batch_size=2"]
-    counters.clear()
-    compiled, flex_rows = fit_recording(cfg_factory([*overrides, *FLEX, "model.speed.compile=aot_eager"]))
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert traced  # the compiled attention layers of G and D went through flex_attention
-    for net in (compiled.generator, compiled.discriminator):
-        layers = [m for m in net.modules() if isinstance(m, Attention)]
-        assert layers and all(isinstance(m.processor, FlexAttnProcessor) for m in layers)
-    fused, fused_rows = fit_recording(cfg_factory(overrides))
-    assert len(flex_rows) == len(fused_rows) == 1 and "train/loss_d" in flex_rows[0]
-    assert flex_rows[0] == pytest.approx(fused_rows[0], rel=1e-5, abs=1e-7)
-    weights = [
-        (n, p) for n, p in compiled.state_dict().items() if n.startswith(("generator.", "discriminator."))
-    ]
-    fused_weights = fused.state_dict()
-    for name, weight in weights:
-        torch.testing.assert_close(weight, fused_weights[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_flex_attention_gets_heads_padded_to_a_power_of_two_of_at_least_16_channels(monkeypatch):

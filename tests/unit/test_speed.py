@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from act_lightning.augment import AugmentPipe
+from act_lightning.nn.attention import FlexAttnProcessor
 from act_lightning.train import apply_process_settings
 from tests.conftest import compose
 from tests.helpers_training import SMALL, fit_recording
@@ -166,55 +167,49 @@ def _graphs_backend(gm, example_inputs):
 
 
 @pytest.mark.slow
-def test_compiled_networks_compute_what_the_eager_ones_compute(cfg_factory):
-    # AOTAutograd's graphs (forward and backward) with eager kernels: inductor's code generation takes
-    # minutes on the CPU. Through manual optimisation, both updates, LPIPS, and the R1 pass at k = 0 and
-    # 2 (compile_r1: D's two passes and its input gradient one more graph, D uncompiled and classic in it).
-    # No graph breaks (docs/performance.md). Compiled networks with an eager R1 pass: test_attention.py.
+def test_the_gpu_candidates_compiled_run_computes_what_the_eager_run_computes(cfg_factory, as_if_on_gpu):
+    # Every compile option at once, as benchmarks/device_check.py's candidate for the GPU runs them: the
+    # networks (G, the target, D, LPIPS), the R1 pass (compile_r1: D's two passes and its input gradient, one
+    # graph, with D's classic attention in it), the augmentation's transform (compile_augment, graphs of its
+    # own) and flex_attention in the other graphs' attention layers (flex_attention; its dense CPU
+    # implementation stands in for the GPU's kernels: as_if_on_gpu), all as AOTAutograd's graphs (forward
+    # and backward) with eager kernels: inductor's code generation takes minutes on the CPU. ACTIVE's five
+    # iterations: R1 at k = 0, 2 and 4, the augmentation from k = 1 on, in the generator's loss (through it
+    # to G) and on D's halves (joint_d_pass), which the R1 passes at 2 and 4 take. Against the eager run of
+    # the defaults (the fused attention kernel, nothing compiled) the rows and every weight agree to float
+    # tolerance, and no graph breaks (docs/performance.md). One compiled run for the four options: each
+    # traces G and D again (about 15 s of this CPU). Compiled networks with an eager R1 pass:
+    # test_benchmarks.py's compiled bench run.
     from torch._dynamo.utils import counters
 
-    overrides = [*SMALL, "iterations=3", "model.r1_interval=2", *LPIPS, "data.batch_size=2"]
-    torch._dynamo.reset()
+    overrides = [*SMALL, *ACTIVE, *LPIPS, "data.batch_size=2"]
     counters.clear()
     GRAPH_SOURCES.clear()
     compiled_run = ["model.speed.compile=act_test_graphs", "model.speed.compile_r1=true"]
+    compiled_run += ["model.speed.compile_augment=true", "model.speed.flex_attention=true"]
     compiled, compiled_rows = fit_recording(cfg_factory([*overrides, *compiled_run]))
     for net in (compiled.generator, compiled.discriminator, compiled.distance):
         assert net._compiled_call_impl is not None  # D's restored after the R1 passes
+    for net in (compiled.generator, compiled.discriminator):
+        layers = [m for m in net.modules() if isinstance(m, Attention)]
+        assert layers and all(isinstance(m.processor, FlexAttnProcessor) for m in layers)
+    flex = [g for g in GRAPH_SOURCES if "in padded_flex_attention" in g]
+    assert len(flex) >= 2  # G's and D's graphs (each with its backward) attend with flex_attention
+    assert compiled.augment_pipe._compiled is not None
+    assert any("in transform" in g for g in GRAPH_SOURCES)
     assert counters["aot_autograd"]["ok"] >= 6 and not counters["aot_autograd"].get("not_ok")
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     r1_graphs = [g for g in GRAPH_SOURCES if "logits_and_r1_gradient_traceable" in g]
     assert len(r1_graphs) == 1 and "get_attention_scores" in r1_graphs[0]  # once; classic attention
-    _, eager_rows = fit_recording(cfg_factory(overrides))
-    assert len(compiled_rows) == len(eager_rows) == 3
-    for a, b in zip(compiled_rows, eager_rows, strict=True):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
-
-
-@pytest.mark.slow
-def test_a_run_with_the_augmentation_compiled_computes_what_the_eager_run_computes(cfg_factory):
-    # The pipeline runs from k = 1 on (ACTIVE: p rises at the first R1 iteration), in the generator's loss
-    # (through it to G) and on D's halves (in one call: joint_d_pass); model.speed.compile_augment traces its
-    # transform as graphs of their own, AOTAutograd's graphs with eager kernels as in the test above. With
-    # the R1 pass compiled too (the GPU candidate's options), which at k = 2 and 4 takes the augmented halves.
-    from torch._dynamo.utils import counters
-
-    overrides = [*SMALL, *ACTIVE, "data.batch_size=2"]
-    torch._dynamo.reset()
-    counters.clear()
-    GRAPH_SOURCES.clear()
-    compiled_run = ["model.speed.compile=act_test_graphs", "model.speed.compile_augment=true"]
-    compiled_run += ["model.speed.compile_r1=true"]
-    model, compiled_rows = fit_recording(cfg_factory([*overrides, *compiled_run]))
-    assert model.augment_pipe._compiled is not None
-    assert any("in transform" in g for g in GRAPH_SOURCES)
-    assert sum("logits_and_r1_gradient_traceable" in g for g in GRAPH_SOURCES) == 1
-    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    _, eager_rows = fit_recording(cfg_factory(overrides))
+    eager, eager_rows = fit_recording(cfg_factory(overrides))
     assert len(compiled_rows) == len(eager_rows) == 5
     assert compiled_rows[-1]["train/aug_p"] > 0
     for a, b in zip(compiled_rows, eager_rows, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    eager_weights = eager.state_dict()
+    for name, weight in compiled.state_dict().items():
+        if name.startswith(("generator.", "discriminator.")):
+            torch.testing.assert_close(weight, eager_weights[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_sampling_runs_the_compiled_target_eagerly(cfg_factory):
