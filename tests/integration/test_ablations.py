@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf, read_write
 from PIL import Image
 
 from act_lightning.environment import describe, environment
+from act_lightning.launch import check_slurm_counts
 from act_lightning.report import main as report_main
-from tests.conftest import COMMAND_ENV, CONF, run_make
+from tests.conftest import COMMAND_ENV, CONF, ROOT, run_make
 
 ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
@@ -65,6 +69,38 @@ def test_every_job_of_every_ablation_composes_and_builds(ablation, tmp_path):
                 assert str(getattr(model.schedule, name)) == str(job_cfg.model.schedule[name])
             elif key.startswith("model."):
                 assert str(model.hparams[key.removeprefix("model.")]) == str(job_cfg.model[key[6:]])
+
+
+def _reproduce_slurm_command() -> list[str]:
+    """docs/reproduce.md's command for an ablation on SLURM, as its arguments."""
+    text = (ROOT / "docs" / "reproduce.md").read_text()
+    (command,) = re.findall(
+        r"^python -m act_lightning.train -m ablation=.*submitit_slurm.*(?:\n .*)*", text, re.M
+    )
+    return shlex.split(command.replace("\\\n", " "))[3:]
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_ablation_launches_on_slurm_with_the_command_docs_reproduce_shows(ablation, tmp_path):
+    # the ablations' own launcher (two local jobs) gives way to the cluster's, n_jobs with it; their sweeps
+    # and folders stay; the counts pass the launch's check (variant, a swept group, could set them per job)
+    args = _reproduce_slurm_command()
+    assert args[0] == "-m" and args[1] == "ablation=gan_ratio" and "threads=auto" in args
+    overrides = [f"ablation={ablation}", *args[2:]]
+    cfg = _compose(overrides, tmp_path, hydra=True)
+    local = _compose([f"ablation={ablation}"], tmp_path, hydra=True)
+    assert local.hydra.runtime.choices["hydra/launcher"] == "two_local_jobs" and local.threads == 1
+    assert cfg.hydra.runtime.choices["hydra/launcher"] == "submitit_slurm"
+    assert "n_jobs" not in cfg.hydra.launcher and cfg.threads == "auto"
+    assert {k: str(v) for k, v in cfg.hydra.sweeper.params.items()} == EXPECTED_SWEEPS[ablation]
+    unresolved = [OmegaConf.to_container(c.hydra.sweep, resolve=False) for c in (cfg, local)]
+    assert unresolved[0] == unresolved[1]  # the ablation's own folder
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 1)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    with read_write(cfg):
+        cfg.hydra.overrides.task = overrides  # the multirun's command line, as Hydra records it
+    check_slurm_counts(cfg)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

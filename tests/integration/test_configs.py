@@ -290,6 +290,7 @@ COVERED_ELSEWHERE = {  # composed and instantiated by the tests named here
         f"ablation/{p.stem}.yaml": "test_ablations.py (every job of the sweep)"
         for p in CONF.glob("ablation/*.yaml")
     },
+    "hydra/launcher/two_local_jobs.yaml": "test_ablations.py (the ablations' launcher; SLURM's instead)",
     **{
         f"variant/{p.stem}.yaml": "test_ablations.py::test_every_variant_sets_what_it_is_named_for"
         for p in CONF.glob("variant/*.yaml")
@@ -486,7 +487,6 @@ NOT_CONFIG_KEYS = {
     "hydra.yaml": "the file Hydra writes into .hydra/",
 }
 NOT_SHIPPED_CHOICES = {
-    ("hydra/launcher", "joblib"): "the joblib launcher plugin's own config",
     ("experiment", "my_experiment"): "a user's own, in a folder of theirs (README: --config-dir)",
 }
 
