@@ -5,7 +5,8 @@ first, a resume, a requeue, a launch refused because the folder is in use, finis
 experiment) keeps its Hydra record apart, under `.hydra/launches/<date>_<time>_<microseconds>/`
 (config.yaml, hydra.yaml, overrides.yaml and the launch's log, train.log), so no launch rewrites the
 record of another. The run's own config is the one its checkpoint holds (`act_config`), with the launches
-that trained it (`act_history`). The processes a launch starts for DDP log into the same folder; those of
+that trained it (`act_history`). The processes a launch starts for DDP log into the same folder (and
+print only their warnings and errors to its console: `RankZeroConsole`); those of
 other ranks that something besides the launch starts, each with its own copy of the command (SLURM's
 tasks, torchrun's workers), keep no record and log to their console only, so a launch has one record
 however many processes run it (`act_lightning.resolvers.launch_record`).
@@ -25,6 +26,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from act_lightning.resolvers import started_by_the_launch
 
 
 def check_writable_folder(folder: Path, key: str) -> None:
@@ -118,6 +121,21 @@ def multirun_keys(config: DictConfig) -> tuple[dict[str, str], set[str]]:
         if key not in fixed:  # the command line's value wins over the sweeper's
             swept.setdefault(key, str(value))
     return swept, fixed
+
+
+class RankZeroConsole(logging.Filter):
+    """Hydra's console handler (`hydra.job_logging.filters`): in the DDP processes a launch starts itself
+    (Lightning's, rank > 0; `resolvers.started_by_the_launch`), which print to rank 0's console, only
+    warnings and errors pass, so that each of rank 0's lines ("launched with ...", "finished at ...") is
+    not printed once per process. Every line of theirs is in their own log beside the launch's
+    (`train_ddp_process_<rank>.log`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quiet = started_by_the_launch()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.quiet or record.levelno >= logging.WARNING
 
 
 class LaunchLog(logging.FileHandler):

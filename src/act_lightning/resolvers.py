@@ -42,10 +42,22 @@ def started_beside_the_launch() -> bool:
     """This process is one of a run's processes other than rank 0 that something besides the launch
     started, each with its own copy of the command: a SLURM task (submitit's, srun's), a torchrun worker,
     the processes of a node other than the first (NODE_RANK). The DDP processes the launch starts itself
-    (Lightning's, which inherit its name) are not."""
+    (Lightning's, which inherit its name) are not: `started_by_the_launch`."""
+    return not _started_by_launching_process() and _other_rank()
+
+
+def started_by_the_launch() -> bool:
+    """This process is one of a run's processes other than rank 0 that the launch started itself
+    (Lightning's DDP processes, which inherit its name): it shares the launch's console and record."""
+    return _started_by_launching_process() and _other_rank()
+
+
+def _started_by_launching_process() -> bool:
     name, _, pid = os.environ.get(LAUNCH_ENV, "").rpartition("@")
-    if name and pid == str(os.getppid()):
-        return False
+    return bool(name) and pid == str(os.getppid())
+
+
+def _other_rank() -> bool:
     rank = next((os.environ[key] for key in RANKS if key in os.environ), "0")
     return _positive(rank) or _positive(os.environ.get("NODE_RANK", "0"))
 

@@ -1,5 +1,6 @@
 """Every experiment composes and instantiates; configuration errors fail early, naming the key."""
 
+import logging
 import os
 import re
 
@@ -11,6 +12,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from act_lightning.launch import RankZeroConsole
 from act_lightning.resolvers import (
     LAUNCH_ENV,
     RANKS,
@@ -437,18 +439,19 @@ def test_the_resolvers_name_the_launch_once_per_process_tree_and_cache_beside_th
 
 
 @pytest.mark.parametrize(
-    ("ranks", "recorded"),
+    ("ranks", "recorded", "console"),
     [
-        ({}, True),  # a launch on its own
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, True),  # SLURM's task 0
-        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}, False),  # another task, submitit's or srun's
-        ({"RANK": "0", "SLURM_PROCID": "3"}, True),  # torchrun inside a SLURM step: its RANK first
-        ({"RANK": "2", "LOCAL_RANK": "0"}, False),  # a torchrun worker of another node
-        ({"NODE_RANK": "1"}, False),  # the command started on a second node by hand
-        ({"LOCAL_RANK": "1", "parent": True}, True),  # a DDP process the launch started: its record
+        ({}, True, True),  # a launch on its own
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, True, True),  # SLURM's task 0
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}, False, True),  # another task: its own console only
+        ({"RANK": "0", "SLURM_PROCID": "3"}, True, True),  # torchrun inside a SLURM step: its RANK first
+        ({"RANK": "2", "LOCAL_RANK": "0"}, False, True),  # a torchrun worker of another node
+        ({"NODE_RANK": "1"}, False, True),  # the command started on a second node by hand
+        # a DDP process the launch started: the launch's record, and rank 0's console (warnings only)
+        ({"LOCAL_RANK": "1", "parent": True}, True, False),
     ],
 )
-def test_a_launch_keeps_one_record_whatever_starts_its_other_ranks(monkeypatch, ranks, recorded):
+def test_a_launch_keeps_one_record_whatever_starts_its_other_ranks(monkeypatch, ranks, recorded, console):
     for key in (*RANKS, "NODE_RANK", "SLURM_NTASKS", LAUNCH_ENV):
         monkeypatch.delenv(key, raising=False)
     for key, value in ranks.items():
@@ -465,6 +468,10 @@ def test_a_launch_keeps_one_record_whatever_starts_its_other_ranks(monkeypatch, 
         assert launch_log("/runs/a", "train") == os.devnull and LAUNCH_ENV not in os.environ
     if ranks.get("parent"):
         assert record == ".hydra/launches/2026-01-01_10-00-00_000001"
+    # Hydra's console handler: rank 0's lines are not printed again by the processes it started
+    rank_zero_console = RankZeroConsole()
+    info, warning = (logging.LogRecord("act", level, __file__, 1, "m", None, None) for level in (20, 30))
+    assert rank_zero_console.filter(info) == console and rank_zero_console.filter(warning)
 
 
 # -- what the README and docs/ name --------------------------------------------------------------------

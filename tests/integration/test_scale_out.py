@@ -54,6 +54,9 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
     (record,) = (two / ".hydra" / "launches").iterdir()  # one record: the process it started logs beside it
     logs = {"train.log", "train_ddp_process_1.log"}
     assert {p.name for p in record.iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml", *logs}
+    # rank 1 prints to rank 0's console, but not rank 0's lines again: its own are in its log
+    assert result.stdout.count("launched with") == result.stdout.count("finished at") == 1
+    assert "launched with" in (record / "train_ddp_process_1.log").read_text()
     rank0, rank1 = _load(two / "rank0.pt"), _load(two / "rank1.pt")
     assert_same_weights(rank0["state_dict"], rank1["state_dict"], tol=0)  # the ranks agree exactly
     ddp = _load(two / "checkpoints" / "last.ckpt")
