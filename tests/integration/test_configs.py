@@ -470,7 +470,10 @@ def test_a_launch_keeps_one_record_whatever_starts_its_other_ranks(monkeypatch, 
         assert record == ".hydra/launches/2026-01-01_10-00-00_000001"
     # Hydra's console handler: rank 0's lines are not printed again by the processes it started
     rank_zero_console = RankZeroConsole()
-    info, warning = (logging.LogRecord("act", level, __file__, 1, "m", None, None) for level in (20, 30))
+    info, warning = (
+        logging.LogRecord("act", level, __file__, 1, "m", None, None)
+        for level in (logging.INFO, logging.WARNING)
+    )
     assert rank_zero_console.filter(info) == console and rank_zero_console.filter(warning)
 
 

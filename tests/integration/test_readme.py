@@ -17,14 +17,11 @@ from act_lightning.train import train
 from tests.conftest import COMMAND_ENV, CONF, ROOT, compose, run_module
 from tests.helpers_data import write_image_folder, write_imagenet64, write_lsun_lmdb
 from tests.helpers_readme import readme_commands
+from tests.helpers_training import THIN
 
 SMOKE = ["debug=smoke", "data=synthetic"]
 CHEAP = ["eval=null", "model.distance=pseudo_huber", "callbacks.samples.every_n_iterations=100"]
 CPU2 = ["trainer.accelerator=cpu", "trainer.devices=2"]
-THIN = [
-    "model.generator.channel_divisor=16",
-    "model.discriminator.channel_divisor=16",
-]  # 256x256 nets, thinner
 
 # README command -> ("test", "<file>::<test>") when that test runs it (shortened), or how to run it here
 COMMANDS: dict[str, tuple] = {
