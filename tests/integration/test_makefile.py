@@ -65,15 +65,34 @@ def test_make_test_oldest_runs_make_tests_suite_with_the_oldest_releases_beside_
     assert oldest[-1] == suite[-1]  # the same pytest command, in .venv-oldest's interpreter
 
 
-def test_make_train_with_another_python_makes_the_venv_with_it_and_only_when_there_is_none(tmp_path):
+def test_make_train_makes_the_venv_with_the_python_given_and_installs_with_uv_or_pip_once(tmp_path):
     venv = tmp_path / "venv"
     args = ["train", "PYTHON=python3.12", f"VENV={venv}", f"PY={venv}/bin/python", f"STAMP={venv}/.installed"]
     commands = _listed(*args)
     assert commands[0] == ["test", "-x", f"{venv}/bin/python", "||", "python3.12", "-m", "venv", str(venv)]
-    installs = [c for c in commands if c[:4] == [f"{venv}/bin/python", "-m", "pip", "install"]]
-    torch_spec = re.search(r"^TORCH_SPEC \?= (.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
-    assert [c[4:] for c in installs][-2:] == [["--quiet", *torch_spec.split()], ["--quiet", "-e", ".[dev]"]]
+    torch_spec = (
+        re.search(r"^TORCH_SPEC \?= (.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1).split()
+    )
+    pip = [f"{venv}/bin/python", "-m", "pip", "install", "--quiet"]
+    # uv, the default: pip brings uv into the venv, then one resolution of the pinned torch with the package
+    # (so no other torch can be picked), byte-compiled as pip's installs are
+    uv = [
+        f"{venv}/bin/uv",
+        "pip",
+        "install",
+        "--quiet",
+        "--python",
+        f"{venv}/bin/python",
+        "--compile-bytecode",
+    ]
+    assert commands[1:3] == [[*pip, "--upgrade", "pip", "uv"], [*uv, *torch_spec, "-e", ".[dev]"]]
     assert commands[-1] == [f"{venv}/bin/python", "-m", "act_lightning.train"]
+    # INSTALLER=pip: pip's own settings (a pip.conf's index), torch first, then the package
+    with_pip = _listed(*args, "INSTALLER=pip")
+    assert with_pip[1:4] == [[*pip, "--upgrade", "pip"], [*pip, *torch_spec], [*pip, "-e", ".[dev]"]]
+    assert with_pip[0] == commands[0] and with_pip[-1] == commands[-1]
+    refused = _make("-n", *args, "INSTALLER=poetry")
+    assert refused.returncode != 0 and "INSTALLER must be uv or pip, got 'poetry'" in refused.stderr
     (venv / "bin").mkdir(parents=True)
     (venv / ".installed").write_text("")
     (venv / ".installed").touch()  # newer than pyproject.toml: nothing to install

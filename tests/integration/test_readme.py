@@ -29,7 +29,11 @@ COMMANDS: dict[str, tuple] = {
     "make test": ("test", "the whole suite: .ci/run runs exactly this command"),
     "make train PYTHON=python3.12": (
         "test",
-        "test_makefile.py::test_make_train_with_another_python_makes_the_venv_with_it_and_only_when_there_is_none",
+        "test_makefile.py::test_make_train_makes_the_venv_with_the_python_given_and_installs_with_uv_or_pip_once",
+    ),
+    "make train INSTALLER=pip": (
+        "test",
+        "test_makefile.py::test_make_train_makes_the_venv_with_the_python_given_and_installs_with_uv_or_pip_once",
     ),
     "make help": ("test", "test_makefile.py::test_make_help_lists_every_target_with_its_description"),
     "make lint": ("test", "test_makefile.py::test_make_lint_passes_on_this_checkout"),
