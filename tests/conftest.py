@@ -440,7 +440,8 @@ class _ProcessState:
             for handler in lg.handlers:
                 if handler not in handlers:
                     handler.close()
-            lg.setLevel(level)
+            if lg.level != level:  # setLevel empties every logger's cache: ~0.2 s for all ~470 of them
+                lg.setLevel(level)
             lg.handlers[:] = handlers
             lg.propagate, lg.disabled = propagate, disabled
 
