@@ -66,7 +66,7 @@ SHARED = "ACT_TESTS_WARM"  # the folder of a server shared by the test processes
 # no environment: it starts in ~20 ms and needs only the standard library.
 LAUNCHER_CODE = '''#!{real} -IS
 """`python` for the commands the tests start (tests/helpers_warm.py): a child of the warm interpreter
-runs `-m MODULE ARGS` or `SCRIPT ARGS`; anything else runs the real interpreter {real}."""
+runs `-m MODULE ARGS` or `SCRIPT ARGS`, either after `-u`; anything else runs the real interpreter {real}."""
 import json, os, signal, socket, sys
 
 REAL, SERVER, LAUNCHER = {real!r}, {server!r}, {launcher!r}
@@ -89,6 +89,8 @@ def open_descriptors():
 
 
 argv = sys.argv[1:]
+unbuffered = argv[:1] == ["-u"]  # torchrun starts its workers as `python -u -m MODULE`
+argv = argv[unbuffered:]
 if argv[:1] == ["-m"] and len(argv) > 1:
     request = {{"module": argv[1], "script": None, "args": argv[2:]}}
 elif argv and not argv[0].startswith("-"):
@@ -99,6 +101,7 @@ fds = sorted(open_descriptors())  # 0, 1, 2 and what the starter passed on (pass
 if fds[:3] != [0, 1, 2] or len(fds) > 250:
     real()  # a standard descriptor closed, or more than one message carries
 request |= {{"cwd": os.getcwd(), "env": dict(os.environ), "ppid": os.getppid(), "executable": LAUNCHER}}
+request["unbuffered"] = unbuffered
 request["fds"] = fds
 try:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -284,6 +287,7 @@ def _become(request: dict, added: tuple, defaults: list, site: list) -> None:
     warnings.filters[:0] = added[0]
     warnings.filters.extend(added[1])
     warnings._filters_mutated()  # noqa: SLF001
+    _standard_streams(bool(request.get("unbuffered") or os.environ.get("PYTHONUNBUFFERED")))
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit():
         import torch
@@ -302,6 +306,28 @@ def _become(request: dict, added: tuple, defaults: list, site: list) -> None:
         sys.argv = [script, *request["args"]]
         runpy.run_path(script, run_name="__main__")
     raise SystemExit(0)
+
+
+_SERVERS_STREAMS: list = []  # the server's sys.stdout and sys.stderr, kept: they would close 1 and 2
+
+
+def _standard_streams(unbuffered: bool) -> None:
+    """sys.stdout and sys.stderr as a new interpreter sets them up: written through with `-u` or
+    PYTHONUNBUFFERED (the server's follow the server's start), otherwise buffered, stderr and a terminal
+    line by line."""
+    import io
+
+    _SERVERS_STREAMS.extend([sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__])
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        old = getattr(sys, name)
+        raw = io.FileIO(fd, "w", closefd=False)
+        binary = raw if unbuffered else io.BufferedWriter(raw)
+        lines = not unbuffered and (name == "stderr" or os.isatty(fd))
+        stream = io.TextIOWrapper(
+            binary, old.encoding, old.errors, line_buffering=lines, write_through=unbuffered
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
 
 
 # -- the client (in the test process) ----------------------------------------------------------------------

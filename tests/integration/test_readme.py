@@ -35,6 +35,12 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_makefile.py::test_make_train_makes_the_venv_with_the_python_given_and_installs_with_uv_or_pip_once",
     ),
+    "torchrun --standalone --nproc-per-node 4 --local-ranks-filter 0 --tee 3 --log-dir outputs/torchrun "
+    "-m act_lightning.train experiment=cifar10 trainer=ddp trainer.devices=4 "
+    "hydra.run.dir=outputs/cifar10/run1": (
+        "test",
+        "test_scale_out.py::test_torchrun_starts_each_rank_and_the_console_and_record_are_rank_0s",
+    ),
     "make help": ("test", "test_makefile.py::test_make_help_lists_every_target_with_its_description"),
     "make lint": ("test", "test_makefile.py::test_make_lint_passes_on_this_checkout"),
     "make test-oldest": (

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from act_lightning.data import SyntheticDataModule
 from act_lightning.train import train
-from tests.conftest import compose, run_cli
+from tests.conftest import COMMAND_ENV, compose, run_cli, run_module
 
 
 def _load(path):
@@ -155,3 +157,23 @@ def test_a_global_batch_the_devices_cannot_share_is_refused_by_name():
     dm = SyntheticDataModule(batch_size=48, global_batch_size=640, image_size=8, channels=1)
     with pytest.raises(ValueError, match=r"micro-batches of data.batch_size=48 do not divide"):
         dm.batch_layout(2)
+
+
+@pytest.mark.slow
+def test_torchrun_starts_each_rank_and_the_console_and_record_are_rank_0s(tmp_path):
+    """The README's torchrun command, shortened: two CPU workers (torchrun starts every rank, Lightning
+    reads its environment). With --local-ranks-filter 0 the console shows rank 0's lines once, --tee keeps
+    every worker's output in --log-dir, and the run folder holds one launch record, rank 0's."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    torchrun = Path(sys.executable).parent / "torchrun"  # the console script torch installs
+    args = ["--standalone", "--nproc-per-node", "2", "--local-ranks-filter", "0", "--tee", "3"]
+    args += ["--log-dir", str(logs), "-m", "act_lightning.train", "debug=smoke", "data=synthetic"]
+    args += ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run}"]
+    result = run_module(torchrun, args, env=COMMAND_ENV, own_process=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("launched with") == result.stdout.count("finished at") == 1
+    (record,) = (run / ".hydra" / "launches").iterdir()
+    assert {p.name for p in record.iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml", "train.log"}
+    outputs = {p.parent.name: p.read_text() for p in logs.glob("*/attempt_0/*/stdout.log")}
+    assert set(outputs) == {"0", "1"} and all("launched with" in text for text in outputs.values())
+    assert int(_load(run / "checkpoints" / "last.ckpt")["state_dict"]["iteration"]) == 4

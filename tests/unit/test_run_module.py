@@ -187,6 +187,9 @@ print(json.dumps({
     "argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "x": os.environ.get("ACT_X"),
     "ppid": os.getppid(), "rank": rank_zero_only.rank, "in": sys.stdin.read(),
     "ours_imported_before": "act_lightning" in sys.modules, "warm": warm,
+    "streams": [
+        [type(s.buffer).__name__, s.write_through, s.line_buffering] for s in (sys.stdout, sys.stderr)
+    ],
 }))
 print("to fd 2", file=sys.stderr)
 sys.exit(int(sys.argv[1]))
@@ -233,6 +236,21 @@ def test_what_a_command_starts_with_sys_executable_sees_what_a_new_interpreter_w
     # as `python -m`, by module name (what Lightning starts): the same child, run as a module
     module = subprocess.run([launcher, "-m", "started", "0"], input="", **how)
     assert module.returncode == 0 and json.loads(module.stdout)["argv"][0] == str(script)
+    # `-u` (torchrun's workers are `python -u -m ...`): a child too, writing through as the real one does
+    env.pop("PYTHONUNBUFFERED", None)  # (how's environment) without it, only -u makes them write through
+    pythons = {"warm": launcher, "new": sys.executable}
+    buffered, written_through = (
+        [["BufferedWriter", False, False], ["BufferedWriter", False, True]],
+        [["FileIO", True, False]] * 2,
+    )
+    for flags, streams in (([], buffered), (["-u"], written_through)):
+        ran = {
+            name: subprocess.run([py, *flags, str(script), "0"], input="", **how)
+            for name, py in pythons.items()
+        }
+        assert ran["warm"].returncode == ran["new"].returncode == 0, ran["warm"].stderr[-3000:]
+        out, fresh = (json.loads(ran[name].stdout) for name in pythons)
+        assert out.pop("warm") and not fresh.pop("warm") and out == fresh and fresh["streams"] == streams
     # what the launcher does not run itself runs in the real interpreter
     real = subprocess.run(
         [launcher, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
