@@ -145,11 +145,15 @@ def apply_process_settings(cfg: DictConfig) -> None:
     that have them), set before anything is built. Under DDP every process runs this.
 
     threads=auto leaves the choice to Lightning and PyTorch, which give each process the usable cores
-    divided by the processes per node (or $OMP_NUM_THREADS when it is set); an integer is set here and
-    exported, so the processes Lightning starts for DDP use it too. Several runs sharing one machine
-    (side by side, or the test suite's workers) need it: two runs with two threads each on two cores run
-    far slower together than two with one thread each (docs/performance.md)."""
+    divided by the processes per node (or $OMP_NUM_THREADS when it is set), except in a job of Hydra's
+    joblib launcher, which runs its jobs side by side on this machine: there each job gets its share of
+    the cores (`threads_beside_other_jobs`). An integer is set here and exported, so the processes
+    Lightning starts for DDP use it too. Several runs sharing one machine need it: two runs with two
+    threads each on two cores run far slower together than two with one thread each
+    (docs/performance.md)."""
     threads = cfg.get("threads", "auto")
+    if threads == "auto":
+        threads = threads_beside_other_jobs() or "auto"
     if threads != "auto":
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be auto or a positive integer, got {threads!r}")
@@ -166,6 +170,25 @@ def apply_process_settings(cfg: DictConfig) -> None:
         # a warning; CUDA graph trees would keep the last job's memory pools. Each compiled run starts
         # afresh, as a job of its own process would (inductor's cache on disk spares the code generation).
         torch._dynamo.reset()
+
+
+def threads_beside_other_jobs() -> int | None:
+    """threads=auto in a job of Hydra's joblib launcher (hydra/launcher=joblib, two_local_jobs): the usable
+    cores divided by its n_jobs, the jobs it runs at a time (joblib's negative counts: all cores but
+    -1 - n_jobs), at least one each; None in any other process. A launch that runs fewer jobs than n_jobs
+    leaves cores idle; threads=N sets the count."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    launcher = HydraConfig.get().launcher
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    jobs = launcher.get("n_jobs") or 1
+    if jobs < 0:
+        jobs = max(1, cores + 1 + jobs)
+    return max(1, cores // jobs)
 
 
 def use_compile_cache(folder) -> None:

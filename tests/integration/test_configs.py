@@ -498,6 +498,7 @@ NOT_CONFIG_KEYS = {
 }
 NOT_SHIPPED_CHOICES = {
     ("experiment", "my_experiment"): "a user's own, in a folder of theirs (README: --config-dir)",
+    ("hydra/launcher", "joblib"): "hydra-joblib-launcher's own (the plugin's, in Hydra's config store)",
 }
 
 
@@ -518,7 +519,9 @@ def test_every_config_key_the_readme_and_docs_name_exists(tmp_path):
                 "train", overrides=[*overrides, f"experiment={experiment}"], return_hydra_config=True
             )
             for experiment in EXPERIMENTS
-        ]
+        ]  # and the joblib launcher's keys, through the ablations' option of it
+        local = [f"run_dir={tmp_path}", "hydra/launcher=two_local_jobs"]
+        configs.append(hydra_compose("train", overrides=local, return_hydra_config=True))
     found = _documented(DOC_KEY)
     assert len(found) > 80  # the pattern still finds what the text names
 

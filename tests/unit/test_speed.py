@@ -15,7 +15,7 @@ from torch import Tensor
 from act_lightning.augment import AugmentPipe
 from act_lightning.nn.attention import FlexAttnProcessor
 from act_lightning.train import apply_process_settings
-from tests.conftest import compose
+from tests.conftest import CONF, compose
 from tests.helpers_training import SMALL, fit_recording
 
 LPIPS = ["model.distance=lpips", "model.lpips_pretrained=false"]
@@ -109,6 +109,44 @@ def test_threads_and_tf32_are_set_per_process_and_checked(monkeypatch):
         torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
+
+
+def test_threads_auto_in_a_joblib_launchers_job_is_its_share_of_the_cores(monkeypatch):
+    # Hydra's joblib launcher runs n_jobs jobs side by side in this machine's processes (the ablations'
+    # two_local_jobs: two): each gets the usable cores / n_jobs, at least one; any other launcher (a job
+    # of its own, SLURM's allocation) leaves auto to Lightning; an integer is the user's, whatever launches
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from act_lightning.train import threads_beside_other_jobs
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads, before = torch.get_num_threads(), HydraConfig.instance().cfg
+    cases = [
+        (["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n}"], expected)
+        for n, expected in [(2, 4), (3, 2), (16, 1), (-1, 1), (-5, 2)]
+    ]  # joblib's -k: all cores but k - 1
+    cases += [(["hydra/launcher=two_local_jobs"], 4), (["hydra/launcher=submitit_slurm"], None), ([], None)]
+    try:
+        assert threads_beside_other_jobs() is None  # no Hydra job at all (a test, a notebook)
+        for overrides, expected in cases:
+            with initialize_config_dir(str(CONF), version_base="1.3"):
+                cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            assert threads_beside_other_jobs() == expected, overrides
+            torch.set_num_threads(3)
+            apply_process_settings(OmegaConf.create({"threads": "auto"}))
+            assert torch.get_num_threads() == (expected or 3), overrides  # None: auto changes nothing
+            assert os.environ.get("OMP_NUM_THREADS") == (str(expected) if expected else None)
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            apply_process_settings(OmegaConf.create({"threads": 5}))
+            assert torch.get_num_threads() == 5, overrides
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    finally:
+        HydraConfig.instance().cfg = before
+        torch.set_num_threads(threads)
 
 
 def test_compile_cache_is_where_inductor_keeps_its_graphs_and_kernels(tmp_path, monkeypatch):
