@@ -3,8 +3,9 @@
 A new interpreter spends ~5 s importing torch, torchvision, Lightning, Hydra and W&B before the command
 runs. The server below (this file run as a script, one per test session: `share`) imports those third-party
 libraries once and then forks a child per command. The child sets up what a new interpreter would have
-(argv, environment, working directory, sys.path[0], descriptors, PYTHONWARNINGS, OMP_NUM_THREADS) and runs
-the command as `python -m` does (`runpy._run_module_as_main`) or as `python SCRIPT` does (`runpy.run_path`).
+(argv, environment, working directory, sys.path[0], descriptors, stdout and stderr with their buffering,
+PYTHONWARNINGS, OMP_NUM_THREADS) and runs the command as `python -m` does (`runpy._run_module_as_main`) or
+as `python SCRIPT` does (`runpy.run_path`).
 It imports act_lightning itself, and everything of this repository, for the first time: only the third-party
 libraries were imported before. The child exits as an interpreter exits (atexit handlers, an uncaught
 exception's traceback and status 1, SystemExit's status).
@@ -20,8 +21,9 @@ descriptors (SCM_RIGHTS), which the child puts at the same numbers. Two kinds of
   process its starter knows (its pid, its exit status): it forwards signals to the child, a child killed
   by a signal kills it with the same one, and a launcher that is killed (SIGKILL) takes the child with it;
   the child's `os.getppid()` answers the launcher's parent, as the started process's own would, and
-  Lightning's rank is read again from the child's environment. Anything else (`-c`, interpreter options,
-  a closed standard descriptor, no server) runs the real interpreter in the launcher's place (exec).
+  Lightning's rank is read again from the child's environment; `-u` before either form (torchrun's
+  workers) is kept. Anything else (`-c`, other interpreter options, a closed standard descriptor, no
+  server) runs the real interpreter in the launcher's place (exec).
 
 What needs an interpreter nobody prepared stays on `subprocess` with the real interpreter: a test of what
 a command imports (test_export), the console scripts, signals, the probe below that compares the two.

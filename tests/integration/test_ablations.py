@@ -57,7 +57,7 @@ def test_every_job_of_every_ablation_composes_and_builds(ablation, tmp_path):
     assert params == EXPECTED_SWEEPS[ablation]
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
     assert type(instantiate(cfg.hydra.launcher)).__name__ == "JoblibLauncher"
-    assert cfg.threads == "auto"  # each job's share of the cores (test_train: threads_beside_other_jobs)
+    assert cfg.threads == "auto"  # each job's share of the cores (test_speed: threads_beside_other_jobs)
     grid = [[f"{k}={v}" for v in values.split(",")] for k, values in params.items()]
     for job in itertools.product(*grid):
         job_cfg = _compose([f"ablation={ablation}", *job, "debug=smoke", "data=synthetic"], tmp_path)
