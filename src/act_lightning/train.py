@@ -175,11 +175,12 @@ def apply_process_settings(cfg: DictConfig) -> None:
 def threads_beside_other_jobs() -> int | None:
     """threads=auto in a job of Hydra's joblib launcher (hydra/launcher=joblib, two_local_jobs): the usable
     cores divided by its n_jobs, the jobs it runs at a time (joblib's negative counts: all cores but
-    -1 - n_jobs), at least one each; None in any other process. A launch that runs fewer jobs than n_jobs
-    leaves cores idle; threads=N sets the count."""
+    -1 - n_jobs), at least one each; None in any other process, and where $OMP_NUM_THREADS is set (it is
+    the count then, as it is for Lightning). A launch that runs fewer jobs than n_jobs leaves cores idle;
+    threads=N sets the count."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or os.environ.get("OMP_NUM_THREADS"):
         return None
     launcher = HydraConfig.get().launcher
     if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):

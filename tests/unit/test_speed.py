@@ -143,6 +143,7 @@ def test_threads_auto_in_a_joblib_launchers_job_is_its_share_of_the_cores(monkey
             monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
             apply_process_settings(OmegaConf.create({"threads": 5}))
             assert torch.get_num_threads() == 5, overrides
+            assert threads_beside_other_jobs() is None  # an exported count stays (a job's own, the user's)
             monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     finally:
         HydraConfig.instance().cfg = before
