@@ -172,17 +172,23 @@ def apply_process_settings(cfg: DictConfig) -> None:
         torch._dynamo.reset()
 
 
+def job_launcher() -> DictConfig | None:
+    """The launcher config (`hydra.launcher`) of the Hydra job this process runs; None outside one
+    (`train(cfg)` called from Python: a notebook, a test)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().launcher if HydraConfig.initialized() else None
+
+
 def threads_beside_other_jobs() -> int | None:
     """threads=auto in a job of Hydra's joblib launcher (hydra/launcher=joblib, two_local_jobs): the usable
     cores divided by its n_jobs, the jobs it runs at a time (joblib's negative counts: all cores but
     -1 - n_jobs), at least one each; None in any other process, and where $OMP_NUM_THREADS is set (it is
     the count then, as it is for Lightning). A launch that runs fewer jobs than n_jobs leaves cores idle;
     threads=N sets the count."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized() or os.environ.get("OMP_NUM_THREADS"):
+    launcher = job_launcher()
+    if launcher is None or os.environ.get("OMP_NUM_THREADS"):
         return None
-    launcher = HydraConfig.get().launcher
     if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -548,7 +554,7 @@ def check_local_multirun(trainer: dict) -> None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_") or "")
+    launcher = str(job_launcher().get("_target_", ""))
     world = world_size(trainer)
     per_node = None if world is None else world // int(trainer.get("num_nodes", 1) or 1)
     starts_ranks = not any(way in str(trainer.get("strategy", "")) for way in ("spawn", "fork"))
