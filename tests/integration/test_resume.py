@@ -240,7 +240,10 @@ def test_a_signal_during_the_last_evaluation_saves_first_and_the_continuation_on
     tmp_path, monkeypatch
 ):
     # the last iteration's evaluation gives way as the others do: the trained weights are on disk before
-    # a scheduler's kill; the continuation, at the run's end, makes that evaluation and trains nothing
+    # a scheduler's kill; the continuation, at the run's end, makes that evaluation and trains nothing.
+    # A signal in that evaluation's last round keeps it, and then nothing is left: the run finishes (0,
+    # no requeue), as after a signal in the last iteration (before, it stopped and a requeued job found
+    # "nothing to do")
     straight, run = tmp_path / "straight", tmp_path / "run"
     args = [*EXACT, "eval.num_samples=4", "eval.batch_size=2", "callbacks.checkpoint.keep_snapshots=true"]
     # stop_after that ends at the last iteration ends the run: its evaluation is made there, not left
@@ -256,8 +259,10 @@ def test_a_signal_during_the_last_evaluation_saves_first_and_the_continuation_on
     assert state["deferred"] == 8 and [k for k, *_ in state["history"]] == [0, 4]
     assert int(saved["state_dict"]["iteration"]) == 8
     monkeypatch.undo()
+    drawn = _sigterm_at_draw(monkeypatch, 2)  # the continuation's only evaluation, in its last round
     result = run_cli(args, run)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert drawn == [0, 2] and "Stopped at" not in result.stdout
     assert "nothing to do" not in result.stdout and "finished at iteration 8" in result.stdout
     assert _by_step(_rows(run)) == _by_step(_rows(straight))
     assert_same_training_state(straight / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")

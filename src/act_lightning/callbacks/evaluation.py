@@ -224,7 +224,9 @@ class FrechetEvaluation(L.Callback):
         """Evaluates at iteration k, asking between its rounds of sampling whether a stop signal reached any
         rank (`checkpoint.signalled`, a collective). If one did, it gives way: `stop_run()` stops the run at
         k, the evaluation is left to the continuation, and False is returned. One that came during the last
-        round also stops the run at k, and the finished evaluation is kept."""
+        round also stops the run at k, and the finished evaluation is kept; at the run's last iteration
+        that evaluation was all there was left to do, so the run finishes instead (status 0, no requeue),
+        as it does when a signal comes during its last iteration."""
         k = pl_module.k
         try:
             self._evaluate_and_log(trainer, pl_module, lambda: checkpoint.signalled(trainer, pl_module))
@@ -232,7 +234,7 @@ class FrechetEvaluation(L.Callback):
             stop_run()
             self._defer(trainer, k, checkpoint)
             return False
-        if checkpoint.signalled(trainer, pl_module):  # during its last round
+        if checkpoint.signalled(trainer, pl_module) and k < pl_module.hparams.iterations:  # its last round
             stop_run()
         return True
 
