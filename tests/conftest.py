@@ -436,6 +436,15 @@ class _ProcessState:
         wandb = sys.modules.get("wandb")
         if wandb is not None and wandb.run is not None:
             wandb.finish()
+        # A joblib launcher's multirun leaves loky's reusable executor and its workers in the process, where
+        # a command's own process would end with them. A later command (the same n_jobs) would reuse them:
+        # its workers, children of the warm interpreter, report a pid that is not the one loky started, so
+        # after their idle timeout (300 s) they wait 30 s for a release that never comes and exit 0, which
+        # failed a later joblib multirun once with TerminatedWorkerError "exit codes {EXIT(0)}".
+        loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+        if loky is not None and loky._executor is not None:
+            loky._executor.shutdown(wait=True, kill_workers=True)
+            loky._executor = loky._executor_kwargs = None
         for lg, (level, handlers, propagate, disabled) in self.loggers.items():
             for handler in lg.handlers:
                 if handler not in handlers:

@@ -311,6 +311,10 @@ def test_readme_multi_process_and_sweep_commands(command, tmp_path):
     multirun = args[0] == "-m"
     result = _run_cli([*args, *COMMANDS[command][1]], tmp_path, multirun)
     assert result.returncode == 0, result.stderr[-3000:]
+    if "hydra/launcher=joblib" in args:  # its workers ended with the command, as with a process of its own
+        from joblib.externals.loky import reusable_executor
+
+        assert reusable_executor._executor is None
     jobs = sorted(p.parent.parent for p in tmp_path.glob("**/checkpoints/last.ckpt"))
     grid = math.prod(len(a.split("=", 1)[1].split(",")) for a in args if "=" in a and "," in a)
     assert len(jobs) == (grid if multirun else 1)  # one job per point of the sweep's grid, or one run
