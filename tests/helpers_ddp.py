@@ -1,5 +1,8 @@
 """Worker of the two-process (gloo, CPU) FID test: each rank draws its chunks of samples, the feature
-statistics are all-reduced, rank 0 writes (mu, sigma, FID) to a file."""
+statistics are all-reduced, rank 0 writes (mu, sigma, FID) to a file. Each rank is this file run as a
+script (`python tests/helpers_ddp.py RANK SPEC`, SPEC a JSON of ddp_worker's other arguments): a child of
+the tests' warm interpreter (tests.helpers_warm), which has torch imported; torch.multiprocessing.spawn's
+new interpreters spent 12 of the test's 15 s importing it."""
 
 from __future__ import annotations
 
@@ -71,3 +74,12 @@ class SaveRankState:
                 torch.save(state, f"{dirpath}/rank{trainer.global_rank}.pt")
 
         return _Save()
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    spec = json.loads(sys.argv[2])
+    spec["shape"], spec["reference"] = tuple(spec["shape"]), tuple(np.asarray(a) for a in spec["reference"])
+    ddp_worker(int(sys.argv[1]), **spec)

@@ -3,6 +3,7 @@ reference files and caches, and the sharding that makes many processes agree wit
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from act_lightning.metrics.reference import (
     reference_image_features,
     save_reference,
 )
-from tests.helpers_ddp import TinyFeatures, ddp_worker, fid_of_samples
+from tests.conftest import ROOT, start_module
+from tests.helpers_ddp import TinyFeatures, fid_of_samples
 
 
 def scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -456,8 +458,15 @@ def test_two_processes_under_ddp_give_the_same_fid_as_one(tmp_path):
     reference = (np.zeros(32), np.eye(32) * 0.1)
     mu1, sigma1, fid1 = fid_of_samples(0, 1, num_samples, batch_size, shape, reference)
     out, store = tmp_path / "ddp.npz", tmp_path / "store"
-    args = (2, str(store), str(out), num_samples, batch_size, shape, reference)
-    torch.multiprocessing.spawn(ddp_worker, args=args, nprocs=2, join=True)
+    spec = {"world_size": 2, "store": str(store), "out": str(out), "num_samples": num_samples}
+    spec |= {"batch_size": batch_size, "shape": list(shape), "reference": [a.tolist() for a in reference]}
+    env = dict(os.environ)  # the threads of this process (OMP_NUM_THREADS): the same float sums
+    ranks = [
+        start_module(ROOT / "tests" / "helpers_ddp.py", [rank, json.dumps(spec)], env=env) for rank in (0, 1)
+    ]
+    for rank in ranks:
+        _, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0, err[-3000:]
     with np.load(out) as got:
         np.testing.assert_allclose(got["mu"], mu1, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(got["sigma"], sigma1, rtol=1e-10, atol=1e-13)
