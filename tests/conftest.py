@@ -76,6 +76,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# What the tests' commands run with: W&B offline (tests never reach the network), warnings not printed
+COMMAND_ENV = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
 
 def _parse_each_config_text_once() -> None:
@@ -115,9 +118,6 @@ def _parse_each_config_text_once() -> None:
 
 
 _parse_each_config_text_once()
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-# What the tests' commands run with: W&B offline (tests never reach the network), warnings not printed
-COMMAND_ENV = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
 
 def _torch_before(major: int, minor: int) -> bool:
