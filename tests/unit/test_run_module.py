@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, _Captured, _exit_status, entry_point, refusal, run_cli, run_module
+from tests.conftest import (
+    CONF,
+    ROOT,
+    _Captured,
+    _exit_status,
+    compose,
+    entry_point,
+    refusal,
+    run_cli,
+    run_module,
+)
 
 
 def _state() -> dict:
@@ -311,3 +321,42 @@ def test_the_launcher_passes_descriptors_signals_and_exit_by_signal_and_takes_it
         time.sleep(0.05)
     else:
         pytest.fail(f"the child {child} outlived its killed launcher")
+
+
+def test_compose_gives_each_caller_a_copy_of_its_own_at_its_own_run_dir(tmp_path):
+    """tests.conftest.compose composes each set of overrides once per test process and hands out copies: a
+    copy is the config a fresh compose gives, with the caller's run_dir wherever it is interpolated, and
+    what one test changes in its copy is not what the next one gets."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import act_lightning  # noqa: F401  (its resolvers: act.lazy_beta2)
+
+    overrides = ["debug=smoke", "data=synthetic", "eval=null"]
+    first = compose(overrides, run_dir=str(tmp_path / "a"))
+    first.model.optimizer.lr = 123.0
+    first.data.batch_size = 7
+    second = compose(overrides, run_dir=str(tmp_path / "b"))
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        fresh = hydra_compose("train", overrides=[f"run_dir={tmp_path / 'b'}", *overrides])
+    assert OmegaConf.to_yaml(second, resolve=True) == OmegaConf.to_yaml(fresh, resolve=True)
+    assert OmegaConf.is_struct(second) and second.data.batch_size == fresh.data.batch_size != 7
+    assert second.model.optimizer.lr == fresh.model.optimizer.lr != 123.0
+    assert str(tmp_path / "b") in second.callbacks.checkpoint.dirpath
+    own = compose([*overrides, f"run_dir={tmp_path / 'c'}"], run_dir=str(tmp_path / "d"))
+    assert own.run_dir == str(tmp_path / "c")  # an override of run_dir wins, as in a fresh compose
+
+
+def test_a_config_file_changed_on_disk_is_read_again(tmp_path):
+    """The tests' OmegaConf.load keeps each config text's parse (tests.conftest): a changed file is a new
+    text, parsed anew, and a config built from a kept parse is a copy, not the kept object."""
+    from omegaconf import OmegaConf
+
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\nb: [1, 2]\n")
+    first = OmegaConf.load(path)
+    first.b.append(3)
+    assert OmegaConf.load(path) == {"a": 1, "b": [1, 2]}
+    path.write_text("a: 2\n")
+    assert OmegaConf.load(path) == {"a": 2}
