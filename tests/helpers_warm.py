@@ -26,7 +26,8 @@ descriptors (SCM_RIGHTS), which the child puts at the same numbers. Two kinds of
   server) runs the real interpreter in the launcher's place (exec).
 
 What needs an interpreter nobody prepared stays on `subprocess` with the real interpreter: a test of what
-a command imports (test_export), the console scripts, signals, the probe below that compares the two.
+a command imports (test_export), one console script (the others' wrappers run in the test process),
+signals, the probe below that compares the two.
 """
 
 from __future__ import annotations
