@@ -82,11 +82,12 @@ COMMAND_ENV = {"WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
 
 def _parse_each_config_text_once() -> None:
-    """Composing a config (about 900 times a suite: `compose` below and every command run in a test
-    process) parses the same few dozen YAML files again each time, with PyYAML's pure-Python parser: a
-    quarter of a compose's 0.2 s. OmegaConf.load keeps what each text parsed to, keyed by the text itself
-    (a file changed since parses anew), and builds the config from a copy of it, as it would from a fresh
-    parse: the same config, the same errors (a text that fails to parse is not kept)."""
+    """Composing a config (about 770 times a suite: `compose` below, which copies the 130 repeats, and
+    every command run in a test process) parses the same few dozen YAML files again each time, with
+    PyYAML's pure-Python parser: a quarter of a compose's 0.2 s. OmegaConf.load keeps what each text parsed
+    to, keyed by the text itself (a file changed since parses anew), and builds the config from a copy of
+    it, as it would from a fresh parse: the same config, the same errors (a text that fails to parse is not
+    kept)."""
     import copy
 
     import yaml
