@@ -1,4 +1,5 @@
 import ast
+import copy
 import fcntl
 import gc
 import importlib
@@ -88,8 +89,6 @@ def _parse_each_config_text_once() -> None:
     to, keyed by the text itself (a file changed since parses anew), and builds the config from a copy of
     it, as it would from a fresh parse: the same config, the same errors (a text that fails to parse is not
     kept)."""
-    import copy
-
     import yaml
     from omegaconf import OmegaConf
     from omegaconf._utils import get_yaml_loader
@@ -147,8 +146,6 @@ def compose(overrides: list[str] | None = None, run_dir: str = "/tmp/act-test-ru
     run_dir set afterwards. No value is computed from run_dir when composing (it is only interpolated:
     `${run_dir}/...`), so the copy is the config that composing with this run_dir gives: over a whole
     suite, each copy's YAML (resolved and not) and flags equalled a fresh compose's (2026-12-07)."""
-    import copy
-
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
