@@ -479,7 +479,7 @@ def test_a_launch_keeps_one_record_whatever_starts_its_other_ranks(monkeypatch, 
 
 # -- what the README and docs/ name --------------------------------------------------------------------
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 _SECTIONS = "model|data|trainer|logger|callbacks|eval|guard|paths|hydra"
 DOC_KEY = re.compile(rf"(?<![\w./-])(\+?)((?:{_SECTIONS})(?:\.[A-Za-z0-9_]+)+)")
 DOC_CHOICE = re.compile(
