@@ -81,7 +81,7 @@ def launch_environments(history: list[dict] | None) -> list[dict]:
 
 
 def describe(env: dict[str, str | None]) -> str:
-    """One line for a log: act_lightning 0.3.1 (commit 1a2b3c4d5e6f), Python 3.11.7, torch 2.14.1 (CUDA
+    """One line for a log: act_lightning 0.3.2 (commit 1a2b3c4d5e6f), Python 3.11.7, torch 2.14.1 (CUDA
     13.0), lightning 2.6.1, ..."""
     commit = env.get("commit")
     if commit:
