@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import act_lightning.resolvers  # noqa: F401  (registers the config resolvers)
-from act_lightning.train import apply_process_settings
+from act_lightning.process import apply_process_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -372,7 +372,7 @@ W_AND_B_OWN = {"WANDB_SERVICE"}
 
 
 class TorchSettings:
-    """torch's process-wide settings that a run changes (act_lightning.train.apply_process_settings: TF32,
+    """torch's process-wide settings that a run changes (act_lightning.process.apply_process_settings: TF32,
     threads; cuDNN's and the deterministic switches), as they are now; `restore` puts them back."""
 
     def __init__(self) -> None:

@@ -10,19 +10,17 @@ checkpoint folder, the global batch on these devices, the data and the pretraine
 why a launch is refused in one line and exits 2. A run that fails for a reason its message explains (it
 diverged, the disk filled up) says so in one line too and exits 1. A finished run resumed does nothing
 more, and a run stopped by `stop_after` or by a signal continues with `resume=auto`. Each launch's Hydra
-record is kept apart (act_lightning.launch).
+record is kept apart (act_lightning.launch); where a launch starts, and the folder's lock, are
+act_lightning.start's; the process-wide settings (threads, TF32, inductor's cache) act_lightning.process's.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -42,26 +40,24 @@ from act_lightning.callbacks import (
     TakeStopSignals,
 )
 from act_lightning.checkpoints import (
-    UnreadableCheckpoint,
     checkpoint_iteration,
     no_space_error,
     out_of_space,
     read_checkpoint,
-    reference_start,
 )
 from act_lightning.checks import check_count
 from act_lightning.commands import CONFIG_DIR, refusal, refuse
 from act_lightning.compat import ignore_few_batches_warning
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
-from act_lightning.environment import describe as describe_environment
-from act_lightning.environment import environment
-from act_lightning.init_from import InitWeights, describe, load_init, read_init, use_generator
+from act_lightning.init_from import load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder
 from act_lightning.loggers import wandb_offline
 from act_lightning.metrics.reference import check_reference_images
-from act_lightning.resume import check_resume, global_batch, world_size
+from act_lightning.process import apply_process_settings, job_launcher
+from act_lightning.resume import world_size
 from act_lightning.seeds import check_seed
+from act_lightning.start import RunLock, StartPoint, start_point
 
 log = logging.getLogger(__name__)
 
@@ -140,78 +136,6 @@ def check_two_step_tau(cfg: DictConfig) -> None:
         )
 
 
-def apply_process_settings(cfg: DictConfig) -> None:
-    """`threads` (intra-op CPU threads of this process) and `tf32` (TF32 matmuls and convolutions on GPUs
-    that have them), set before anything is built. Under DDP every process runs this.
-
-    threads=auto leaves the choice to Lightning and PyTorch, which give each process the usable cores
-    divided by the processes per node (or $OMP_NUM_THREADS when it is set), except in a job of Hydra's
-    joblib launcher, which runs its jobs side by side on this machine: there each job gets its share of
-    the cores (`threads_beside_other_jobs`). An integer is set here and exported, so the processes
-    Lightning starts for DDP use it too. Several runs sharing one machine need it: two runs with two
-    threads each on two cores run far slower together than two with one thread each
-    (docs/performance.md)."""
-    threads = cfg.get("threads", "auto")
-    if threads == "auto":
-        threads = threads_beside_other_jobs() or "auto"
-    if threads != "auto":
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be auto or a positive integer, got {threads!r}")
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
-    tf32 = bool(cfg.get("tf32", True))
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    use_compile_cache(cfg.get("compile_cache"))
-    if OmegaConf.select(cfg, "model.speed.compile", default=False):
-        # The jobs of a multirun share one process (Hydra's basic launcher): Dynamo's caches would carry
-        # each job's graphs into the next, where networks of other settings add theirs until, past
-        # torch._dynamo.config.recompile_limit (8 per function), a network runs eagerly, silently but for
-        # a warning; CUDA graph trees would keep the last job's memory pools. Each compiled run starts
-        # afresh, as a job of its own process would (inductor's cache on disk spares the code generation).
-        torch._dynamo.reset()
-
-
-def job_launcher() -> DictConfig | None:
-    """The launcher config (`hydra.launcher`) of the Hydra job this process runs; None outside one
-    (`train(cfg)` called from Python: a notebook, a test)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get().launcher if HydraConfig.initialized() else None
-
-
-def threads_beside_other_jobs() -> int | None:
-    """threads=auto in a job of Hydra's joblib launcher (hydra/launcher=joblib, two_local_jobs): the usable
-    cores divided by its n_jobs, the jobs it runs at a time (joblib's negative counts: all cores but
-    -1 - n_jobs), at least one each; None in any other process, and where $OMP_NUM_THREADS is set (it is
-    the count then, as it is for Lightning). A launch that runs fewer jobs than n_jobs leaves cores idle;
-    threads=N sets the count."""
-    launcher = job_launcher()
-    if launcher is None or os.environ.get("OMP_NUM_THREADS"):
-        return None
-    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    jobs = launcher.get("n_jobs") or 1
-    if jobs < 0:
-        jobs = max(1, cores + 1 + jobs)
-    return max(1, cores // jobs)
-
-
-def use_compile_cache(folder) -> None:
-    """`compile_cache`: where inductor keeps what it compiled (graphs, Triton kernels), exported so that
-    DDP's processes use it too. null: torch's default, a folder under the machine's temporary directory.
-    A folder that outlives the job (shared by the nodes of a cluster) lets a resumed or requeued run, and
-    every job of a sweep, find inductor's code generation done: most of a compile that takes minutes on
-    a GPU (tracing the networks still runs; docs/performance.md)."""
-    if folder is None:
-        return
-    path = Path(str(folder)).expanduser().absolute()
-    check_writable_folder(path, "compile_cache")
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # the Triton kernels go under it, in triton/
-
-
 def run_name(cfg: DictConfig) -> str:
     """`<experiment>[<overrides>]`, e.g. `cifar10[model.schedule.gan_ratio=0.1,seed=1]`: tells sweep jobs
     apart."""
@@ -224,83 +148,6 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.experiment_name}[{overrides}]" if overrides else str(cfg.experiment_name)
 
 
-# -- start-up checks ---------------------------------------------------------------------------------
-
-
-def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
-    """The checkpoint this run starts from, and its contents (None, None for a fresh start).
-
-    resume=auto: the run folder's own `checkpoints/last.ckpt` when there is one (a requeued or resumed
-    job; a `ckpt_path` is then not read), else `ckpt_path`, else a fresh start. A folder that holds other
-    checkpoints but no last.ckpt (moved aside after damage) is refused unless `ckpt_path` names one of
-    them: a fresh start, or another run's checkpoint, would overwrite its best.ckpt, snapshots and
-    metrics.csv. resume=never: a run folder that holds any checkpoint is refused."""
-    folder = Path(cfg.callbacks.checkpoint.dirpath)
-    own, held = folder / "last.ckpt", held_checkpoints(folder)
-    if held and cfg.get("resume", "auto") == "never":
-        raise FileExistsError(
-            f"the run folder {cfg.run_dir} already holds checkpoints ({', '.join(held)} in {folder}); pass "
-            "resume=auto to continue that run or choose another hydra.run.dir"
-        )
-    if own.is_file():
-        try:
-            checkpoint = read_checkpoint(
-                own, "resume=auto found", mmap=True, check=checkpoint_iteration, checksums=True
-            )
-        except UnreadableCheckpoint as err:
-            message = f"resume=auto continues from {own}, which is {err.reason}. {damaged_last_advice(own)}"
-            raise UnreadableCheckpoint(message, err.reason) from None
-        say_unread_ckpt_path(cfg, own, checkpoint)
-        return own, checkpoint
-    if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if held and path.resolve().parent != folder.resolve():
-            raise FileExistsError(
-                f"the run folder {cfg.run_dir} holds checkpoints of an earlier run ({', '.join(held)}) "
-                f"but no last.ckpt; a run from ckpt_path={path} would overwrite them: continue that run "
-                "from one of them (ckpt_path=<its path>) or choose another hydra.run.dir"
-            )
-        return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration, checksums=True)
-    if held:
-        raise FileExistsError(
-            f"the run folder {cfg.run_dir} holds checkpoints ({', '.join(held)} in {folder}) but no "
-            "last.ckpt; a fresh start would overwrite them and its metrics.csv: continue from one of them "
-            "with ckpt_path=CHECKPOINT, or start afresh in another hydra.run.dir"
-        )
-    return None, None
-
-
-def held_checkpoints(folder: Path) -> list[str]:
-    """The checkpoints (`*.ckpt`, not a save's temporaries) a run folder's checkpoint folder holds."""
-    return sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
-
-
-def say_unread_ckpt_path(cfg: DictConfig, own: Path, checkpoint: dict) -> None:
-    """A `ckpt_path` given to a folder that has its own last.ckpt is not read: said at info level when it
-    is where the run started (a requeued job keeps its command line), as a warning otherwise."""
-    if not cfg.get("ckpt_path") or Path(cfg.ckpt_path).resolve() == own.resolve():
-        return
-    history = checkpoint.get("act_history") or ({},)
-    started = [o for o in history[0].get("overrides", ()) if o.startswith("ckpt_path=")]
-    same = started and Path(started[-1].split("=", 1)[1]).resolve() == Path(cfg.ckpt_path).resolve()
-    (log.info if same else log.warning)(
-        "resume=auto continues this run from its own %s; ckpt_path=%s is not read%s",
-        own,
-        cfg.ckpt_path,
-        " (the run started from it)" if same else " (a new run from it needs another hydra.run.dir)",
-    )
-
-
-def damaged_last_advice(last: Path) -> str:
-    """What to do when the run's own last.ckpt cannot be read (resume=auto always prefers it)."""
-    others = [name for name in held_checkpoints(last.parent) if name != last.name]
-    found = f"this run also has {', '.join(others)}" if others else "this run has no other checkpoint"
-    return (
-        f"Move it aside and continue from another checkpoint with ckpt_path=CHECKPOINT ({found}), or "
-        "start afresh with hydra.run.dir=NEW_FOLDER resume=never"
-    )
-
-
 class CheckpointIO(AtomicCheckpointIO):
     """Atomic checkpoint writes; a full disk is said as such, with the space the checkpoint needs."""
 
@@ -311,35 +158,6 @@ class CheckpointIO(AtomicCheckpointIO):
             if out_of_space(err):
                 raise no_space_error(checkpoint, path) from None
             raise
-
-
-class RunLock:
-    """An exclusive lock on `<run_dir>/.lock` held while a launch checks and trains: a second launch into
-    the same folder is refused instead of interleaving its checkpoints and metrics with the first. The
-    operating system releases it when the process ends, however it ends (kill -9 included). Taking it
-    writes nothing into an existing lock file; `claim` writes this process's id once training starts."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise RuntimeError(
-                f"the run folder {run_dir} is in use by another live run (process {owner}); wait for it or "
-                "choose another hydra.run.dir"
-            ) from None
-
-    def claim(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
 
 
 # -- loggers -------------------------------------------------------------------------------------------
@@ -370,103 +188,6 @@ def finish_wandb(failed: bool) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=1 if failed else 0)
-
-
-# -- where a launch starts -----------------------------------------------------------------------------
-
-
-def _read_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metric_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def launch_overrides() -> list[str]:
-    """This launch's command-line overrides ([] when composed without a Hydra run: tests, notebooks)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
-
-
-@dataclass(frozen=True)
-class StartPoint:
-    """Where a run starts: the checkpoint Lightning restores (None: a fresh start, or weights only), the
-    iteration, the W&B run to continue, from a weights-only checkpoint the weights, and the run's history
-    (the launches that trained it, this one last; kept in every checkpoint as `act_history`)."""
-
-    ckpt_path: Path | None = None
-    iteration: int = 0
-    wandb_id: str | None = None
-    weights: dict | None = None
-    history: tuple[dict, ...] = ()
-    init: InitWeights | None = None  # init_from's generator weights (a fresh start only)
-    evaluation_left: bool = False  # the checkpoint's own iteration is still to be evaluated (a stop left it)
-
-
-def tunes_a_diffusion_model(cfg: DictConfig) -> bool:
-    """ECT's curriculum, which tunes a diffusion model (model.curriculum or model.schedule.curriculum)."""
-    curriculum = cfg.model.get("curriculum") or OmegaConf.select(cfg, "model.schedule.curriculum")
-    return curriculum == "ect" and cfg.model.get("objective", "consistency") == "consistency"
-
-
-def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None) -> StartPoint:
-    """The run's start (see `resolve_resume`), after the launch's config (`resolved`) is compared with the
-    checkpoint's (act_lightning.resume). A weights-only checkpoint (act_lightning.convert_reference) holds
-    networks but no optimiser or loop state: the run starts from its weights with new optimisers."""
-    ckpt_path, checkpoint = resolve_resume(cfg)
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    world = world_size(resolved["trainer"])
-    entry = {
-        "iteration": 0,
-        "launched": datetime.now().isoformat(timespec="seconds"),
-        "overrides": launch_overrides(),
-        "changes": {},
-        "world_size": world,
-        "global_batch": global_batch(resolved, world),
-        "environment": environment(),
-    }
-    log.info("launched with %s", describe_environment(entry["environment"]))
-    if checkpoint is None:
-        if init is not None:
-            log.info("init_from=%s: a new run from its generator weights", describe(init))
-            entry["init_from"] = init.path
-            if init.generator is not None:  # a converted model's architecture: a resume may need it
-                entry["init_generator"] = init.generator
-        elif tunes_a_diffusion_model(cfg):
-            log.warning(
-                "ECT's curriculum (model.curriculum=ect) without init_from: ECT tunes a pretrained diffusion "
-                "model (Geng et al. 2024), and this run starts from random weights; pass init_from=<a "
-                "diffusion run's last.ckpt or a converted DDPM> (README: Start from a diffusion model)"
-            )
-        return StartPoint(history=(entry,), init=init)
-    iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
-    own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
-    where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
-    fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
-    entry.update(iteration=iteration, changes=check_resume(checkpoint, resolved, raw, where, fresh))
-    if entry["changes"]:
-        log.warning(
-            "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]
-        )
-    history = (*checkpoint.get("act_history", ()), entry)
-    if checkpoint.get("act_weights_only"):
-        log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
-        released = reference_start(checkpoint)
-        if released is not None:  # one of the paper's checkpoints: what trained it stays in the history
-            entry["started_from"] = released
-        return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
-    left = evaluation_left(checkpoint, iteration)  # (Lightning reads the file again to restore it)
-    return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)
-
-
-def evaluation_left(checkpoint: dict, iteration: int) -> bool:
-    """Whether a checkpoint holds an evaluation of its own iteration that a stop left to the run's
-    continuation (FrechetEvaluation's `deferred`): at the run's last iteration, that evaluation is all
-    there is left to do."""
-    states = (checkpoint.get("callbacks") or {}).values()
-    return any(isinstance(state, dict) and state.get("deferred") == iteration for state in states)
 
 
 # -- a launch: every check and everything built before the first write; then training -----------------
@@ -585,6 +306,11 @@ def _init_gone_on_resume(cfg: DictConfig) -> bool:
         use_generator(cfg, started["init_generator"])
     log.info("init_from=%s is gone; the run resumes from its own checkpoint, which holds those weights", path)
     return True
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metric_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def finished(cfg: DictConfig, start: StartPoint) -> dict[str, Any]:

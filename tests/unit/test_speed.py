@@ -14,7 +14,7 @@ from torch import Tensor
 
 from act_lightning.augment import AugmentPipe
 from act_lightning.nn.attention import FlexAttnProcessor
-from act_lightning.train import apply_process_settings
+from act_lightning.process import apply_process_settings
 from tests.conftest import CONF, compose
 from tests.helpers_training import SMALL, fit_recording
 
@@ -125,7 +125,7 @@ def test_threads_auto_in_a_joblib_launchers_job_is_its_share_of_the_cores(monkey
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from act_lightning.train import threads_beside_other_jobs
+    from act_lightning.process import threads_beside_other_jobs
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -1,5 +1,6 @@
-"""act_lightning.train's start-up without training: the run folder's lock, which checkpoint a launch
-resumes from, a finished run launched again, the loggers of a resumed run, the W&B run's name and end."""
+"""A launch's start-up without training (act_lightning.train and act_lightning.start): the run folder's
+lock, which checkpoint a launch resumes from, a finished run launched again, the loggers of a resumed run,
+the W&B run's name and end."""
 
 from __future__ import annotations
 
@@ -19,15 +20,13 @@ from omegaconf import OmegaConf
 
 from act_lightning.checkpoints import UnreadableCheckpoint, checkpoint_iteration
 from act_lightning.loggers import ResumableCSVLogger
+from act_lightning.start import RunLock, StartPoint, resolve_resume
 from act_lightning.train import (
-    RunLock,
-    StartPoint,
     _init_gone_on_resume,
     build,
     build_loggers,
     finish_wandb,
     finished,
-    resolve_resume,
     run_name,
     stopped_at_once,
 )
@@ -79,7 +78,7 @@ def test_a_ckpt_path_the_runs_own_checkpoint_overrides_is_said_a_warning_unless_
     folder.mkdir()
     history = [{"iteration": 0, "overrides": ["experiment=quickstart", f"ckpt_path={start}"]}]
     torch.save({"state_dict": {"iteration": torch.tensor(5)}, "act_history": history}, folder / "last.ckpt")
-    with caplog.at_level(logging.INFO, logger="act_lightning.train"):
+    with caplog.at_level(logging.INFO, logger="act_lightning.start"):
         path, _ = resolve_resume(_smoke(tmp_path, f"ckpt_path={start}"))  # a requeued job's command line
         assert path == folder / "last.ckpt"
         assert [r.levelno for r in caplog.records] == [logging.INFO]

@@ -1,0 +1,220 @@
+"""Where a launch starts: the checkpoint it continues from (`resolve_resume`: the run folder's own
+last.ckpt with resume=auto, else `ckpt_path`, else a fresh start), that checkpoint compared with the
+launch's config (act_lightning.resume), the run's history with this launch appended (`StartPoint`), and
+the run folder's lock (`RunLock`), which keeps a second live launch out of the folder."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from act_lightning.checkpoints import (
+    UnreadableCheckpoint,
+    checkpoint_iteration,
+    read_checkpoint,
+    reference_start,
+)
+from act_lightning.environment import describe as describe_environment
+from act_lightning.environment import environment
+from act_lightning.init_from import InitWeights, describe
+from act_lightning.resume import check_resume, global_batch, world_size
+
+log = logging.getLogger(__name__)
+
+
+def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
+    """The checkpoint this run starts from, and its contents (None, None for a fresh start).
+
+    resume=auto: the run folder's own `checkpoints/last.ckpt` when there is one (a requeued or resumed
+    job; a `ckpt_path` is then not read), else `ckpt_path`, else a fresh start. A folder that holds other
+    checkpoints but no last.ckpt (moved aside after damage) is refused unless `ckpt_path` names one of
+    them: a fresh start, or another run's checkpoint, would overwrite its best.ckpt, snapshots and
+    metrics.csv. resume=never: a run folder that holds any checkpoint is refused."""
+    folder = Path(cfg.callbacks.checkpoint.dirpath)
+    own, held = folder / "last.ckpt", held_checkpoints(folder)
+    if held and cfg.get("resume", "auto") == "never":
+        raise FileExistsError(
+            f"the run folder {cfg.run_dir} already holds checkpoints ({', '.join(held)} in {folder}); pass "
+            "resume=auto to continue that run or choose another hydra.run.dir"
+        )
+    if own.is_file():
+        try:
+            checkpoint = read_checkpoint(
+                own, "resume=auto found", mmap=True, check=checkpoint_iteration, checksums=True
+            )
+        except UnreadableCheckpoint as err:
+            message = f"resume=auto continues from {own}, which is {err.reason}. {damaged_last_advice(own)}"
+            raise UnreadableCheckpoint(message, err.reason) from None
+        say_unread_ckpt_path(cfg, own, checkpoint)
+        return own, checkpoint
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if held and path.resolve().parent != folder.resolve():
+            raise FileExistsError(
+                f"the run folder {cfg.run_dir} holds checkpoints of an earlier run ({', '.join(held)}) "
+                f"but no last.ckpt; a run from ckpt_path={path} would overwrite them: continue that run "
+                "from one of them (ckpt_path=<its path>) or choose another hydra.run.dir"
+            )
+        return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration, checksums=True)
+    if held:
+        raise FileExistsError(
+            f"the run folder {cfg.run_dir} holds checkpoints ({', '.join(held)} in {folder}) but no "
+            "last.ckpt; a fresh start would overwrite them and its metrics.csv: continue from one of them "
+            "with ckpt_path=CHECKPOINT, or start afresh in another hydra.run.dir"
+        )
+    return None, None
+
+
+def held_checkpoints(folder: Path) -> list[str]:
+    """The checkpoints (`*.ckpt`, not a save's temporaries) a run folder's checkpoint folder holds."""
+    return sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+
+
+def say_unread_ckpt_path(cfg: DictConfig, own: Path, checkpoint: dict) -> None:
+    """A `ckpt_path` given to a folder that has its own last.ckpt is not read: said at info level when it
+    is where the run started (a requeued job keeps its command line), as a warning otherwise."""
+    if not cfg.get("ckpt_path") or Path(cfg.ckpt_path).resolve() == own.resolve():
+        return
+    history = checkpoint.get("act_history") or ({},)
+    started = [o for o in history[0].get("overrides", ()) if o.startswith("ckpt_path=")]
+    same = started and Path(started[-1].split("=", 1)[1]).resolve() == Path(cfg.ckpt_path).resolve()
+    (log.info if same else log.warning)(
+        "resume=auto continues this run from its own %s; ckpt_path=%s is not read%s",
+        own,
+        cfg.ckpt_path,
+        " (the run started from it)" if same else " (a new run from it needs another hydra.run.dir)",
+    )
+
+
+def damaged_last_advice(last: Path) -> str:
+    """What to do when the run's own last.ckpt cannot be read (resume=auto always prefers it)."""
+    others = [name for name in held_checkpoints(last.parent) if name != last.name]
+    found = f"this run also has {', '.join(others)}" if others else "this run has no other checkpoint"
+    return (
+        f"Move it aside and continue from another checkpoint with ckpt_path=CHECKPOINT ({found}), or "
+        "start afresh with hydra.run.dir=NEW_FOLDER resume=never"
+    )
+
+
+class RunLock:
+    """An exclusive lock on `<run_dir>/.lock` held while a launch checks and trains: a second launch into
+    the same folder is refused instead of interleaving its checkpoints and metrics with the first. The
+    operating system releases it when the process ends, however it ends (kill -9 included). Taking it
+    writes nothing into an existing lock file; `claim` writes this process's id once training starts."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RuntimeError(
+                f"the run folder {run_dir} is in use by another live run (process {owner}); wait for it or "
+                "choose another hydra.run.dir"
+            ) from None
+
+    def claim(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def launch_overrides() -> list[str]:
+    """This launch's command-line overrides ([] when composed without a Hydra run: tests, notebooks)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts: the checkpoint Lightning restores (None: a fresh start, or weights only), the
+    iteration, the W&B run to continue, from a weights-only checkpoint the weights, and the run's history
+    (the launches that trained it, this one last; kept in every checkpoint as `act_history`)."""
+
+    ckpt_path: Path | None = None
+    iteration: int = 0
+    wandb_id: str | None = None
+    weights: dict | None = None
+    history: tuple[dict, ...] = ()
+    init: InitWeights | None = None  # init_from's generator weights (a fresh start only)
+    evaluation_left: bool = False  # the checkpoint's own iteration is still to be evaluated (a stop left it)
+
+
+def tunes_a_diffusion_model(cfg: DictConfig) -> bool:
+    """ECT's curriculum, which tunes a diffusion model (model.curriculum or model.schedule.curriculum)."""
+    curriculum = cfg.model.get("curriculum") or OmegaConf.select(cfg, "model.schedule.curriculum")
+    return curriculum == "ect" and cfg.model.get("objective", "consistency") == "consistency"
+
+
+def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None) -> StartPoint:
+    """The run's start (see `resolve_resume`), after the launch's config (`resolved`) is compared with the
+    checkpoint's (act_lightning.resume). A weights-only checkpoint (act_lightning.convert_reference) holds
+    networks but no optimiser or loop state: the run starts from its weights with new optimisers."""
+    ckpt_path, checkpoint = resolve_resume(cfg)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    world = world_size(resolved["trainer"])
+    entry = {
+        "iteration": 0,
+        "launched": datetime.now().isoformat(timespec="seconds"),
+        "overrides": launch_overrides(),
+        "changes": {},
+        "world_size": world,
+        "global_batch": global_batch(resolved, world),
+        "environment": environment(),
+    }
+    log.info("launched with %s", describe_environment(entry["environment"]))
+    if checkpoint is None:
+        if init is not None:
+            log.info("init_from=%s: a new run from its generator weights", describe(init))
+            entry["init_from"] = init.path
+            if init.generator is not None:  # a converted model's architecture: a resume may need it
+                entry["init_generator"] = init.generator
+        elif tunes_a_diffusion_model(cfg):
+            log.warning(
+                "ECT's curriculum (model.curriculum=ect) without init_from: ECT tunes a pretrained diffusion "
+                "model (Geng et al. 2024), and this run starts from random weights; pass init_from=<a "
+                "diffusion run's last.ckpt or a converted DDPM> (README: Start from a diffusion model)"
+            )
+        return StartPoint(history=(entry,), init=init)
+    iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
+    own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
+    where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
+    fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
+    entry.update(iteration=iteration, changes=check_resume(checkpoint, resolved, raw, where, fresh))
+    if entry["changes"]:
+        log.warning(
+            "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]
+        )
+    history = (*checkpoint.get("act_history", ()), entry)
+    if checkpoint.get("act_weights_only"):
+        log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
+        released = reference_start(checkpoint)
+        if released is not None:  # one of the paper's checkpoints: what trained it stays in the history
+            entry["started_from"] = released
+        return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
+    left = evaluation_left(checkpoint, iteration)  # (Lightning reads the file again to restore it)
+    return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)
+
+
+def evaluation_left(checkpoint: dict, iteration: int) -> bool:
+    """Whether a checkpoint holds an evaluation of its own iteration that a stop left to the run's
+    continuation (FrechetEvaluation's `deferred`): at the run's last iteration, that evaluation is all
+    there is left to do."""
+    states = (checkpoint.get("callbacks") or {}).values()
+    return any(isinstance(state, dict) and state.get("deferred") == iteration for state in states)
