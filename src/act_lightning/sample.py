@@ -138,12 +138,23 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),
         **(heun_record(model) or {"taus": taus}),  # a diffusion model's sampler has no taus
+        "class_labels": labels_record(cfg.class_labels, labels),
         "shape": list(images.shape),
         "samples": str(out / "samples.npz"),
         "grid": str(out / "grid.png"),
     }
     (out / "sample.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def labels_record(spec: Any, labels: Tensor | None) -> str | list[int] | None:
+    """What `class_labels` drew, for sample.json: `random`, or the classes given (one, or the list repeated
+    over the images); None for an unconditional model. Each image's label is in samples.npz (`arr_1`)."""
+    if labels is None:
+        return None
+    if spec is None or spec == "random":
+        return "random"
+    return [int(v) for v in (spec if isinstance(spec, (list, tuple, ListConfig)) else [spec])]
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ size, in the ADM / EDM evaluators' npz layout, one or several steps, class-condi
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def test_taus_give_multistep_samples_and_bad_taus_are_refused(checkpoints, tmp_p
     two = _sample([f"ckpt={ckpt}", "num_samples=4", "taus=[1.3824]", f"out={tmp_path / 'two'}"])
     sigma_max = load_model(ckpt)[0].schedule.sigma_max  # the quickstart's 20
     assert one["taus"] == [sigma_max] and two["taus"] == [sigma_max, 1.3824]
+    assert one["class_labels"] is None  # an unconditional model: no labels drawn
     a, b = _arrays(tmp_path / "one" / "samples.npz"), _arrays(tmp_path / "two" / "samples.npz")
     assert not np.array_equal(a["arr_0"], b["arr_0"])
     for taus in ("[1.0,2.0]", f"[{sigma_max + 1}]", "[0.001]"):
@@ -110,10 +112,13 @@ def test_class_labels_random_one_class_or_a_list_and_their_errors(checkpoints, t
     _sample([f"ckpt={ckpt}", "num_samples=40", f"out={tmp_path / 'r'}"])
     labels = _arrays(tmp_path / "r" / "samples.npz")["arr_1"]
     assert labels.dtype == np.int64 and labels.shape == (40,) and set(labels) == set(range(5))
+    assert json.loads((tmp_path / "r" / "sample.json").read_text())["class_labels"] == "random"
     _sample([f"ckpt={ckpt}", "num_samples=3", "class_labels=4", f"out={tmp_path / 'one'}"])
     assert _arrays(tmp_path / "one" / "samples.npz")["arr_1"].tolist() == [4, 4, 4]
     _sample([f"ckpt={ckpt}", "num_samples=5", "class_labels=[0,2]", f"out={tmp_path / 'list'}"])
     assert _arrays(tmp_path / "list" / "samples.npz")["arr_1"].tolist() == [0, 2, 0, 2, 0]
+    for out, given in (("one", [4]), ("list", [0, 2])):  # what was asked, repeated over the images
+        assert json.loads((tmp_path / out / "sample.json").read_text())["class_labels"] == given
     with pytest.raises(ValueError, match=r"class_labels=7: \[7\] out of range for 5 classes"):
         _sample([f"ckpt={ckpt}", "num_samples=2", "class_labels=7", f"out={tmp_path / 'x'}"])
     with pytest.raises(ValueError, match="class_labels=3: this model is unconditional"):
