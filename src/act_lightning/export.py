@@ -37,6 +37,27 @@ from act_lightning.samplers import multistep
 FORMAT = "act-lightning/generator"
 
 
+def check_class_labels(class_labels: Tensor | None, num_classes: int | None, batch: int) -> None:
+    """A class per image for a class-conditional generator, none for an unconditional one; said by name
+    before diffusers' UNet would fail inside (an embedding's "index out of range", or its own message)."""
+    if not num_classes:
+        if class_labels is not None:
+            raise ValueError("class_labels: this generator is unconditional (it takes no class labels)")
+        return
+    if class_labels is None:
+        raise ValueError(
+            f"class_labels: this generator is class-conditional ({num_classes} classes); pass one class "
+            f"index per image, e.g. class_labels=torch.randint({num_classes}, ({batch},))"
+        )
+    if class_labels.shape != (batch,) or class_labels.is_floating_point() or class_labels.is_complex():
+        raise ValueError(
+            f"class_labels: one integer class index per image, shape ({batch},); got a "
+            f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}"
+        )
+    if batch and not (0 <= int(class_labels.min()) and int(class_labels.max()) < num_classes):
+        raise ValueError(f"class_labels: out of range for {num_classes} classes (0..{num_classes - 1})")
+
+
 class ExportedGenerator(nn.Module):
     """The consistency function f(x, sigma, y) of an exported generator, with its samplers."""
 
@@ -68,7 +89,9 @@ class ExportedGenerator(nn.Module):
         step_noise=None,
     ) -> Tensor:
         """Images in [-1, 1] from noise z (B, C, H, W): one step at sigma_max, then one per later tau
-        (their noise from `generator`, or `step_noise(step)`)."""
+        (their noise from `generator`, or `step_noise(step)`). A class-conditional generator takes one
+        class index per image (`class_labels`, shape (B,))."""
+        check_class_labels(class_labels, self.num_classes, len(noise))
         taus = [self.constants["sigma_max"], *(taus or [])]
         return multistep(
             lambda x, s: self(x, s, class_labels),
@@ -153,6 +176,7 @@ class ACTPipeline(DiffusionPipeline):
             noise = torch.randn((batch_size, channels, size, size), generator=generator, device=where)
         noise = noise.to(device)
         class_labels = None if class_labels is None else torch.as_tensor(class_labels, device=device)
+        check_class_labels(class_labels, self.unet.config.num_class_embeds, len(noise))
         step_noise = None
         if generator is not None and generator.device != device:  # later steps' noise: drawn there too
             step_noise = lambda step: torch.randn(noise.shape, generator=generator, device=where)  # noqa: E731

@@ -118,6 +118,9 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
     pipeline = ACTPipeline.from_pretrained(out)
     noise = image_noise(0, range(6), (1, 8, 8))
     assert torch.equal(pipeline(noise=noise), load_generator(out).sample(noise))
+    for unconditional in (load_generator(out).sample, lambda z, y: pipeline(noise=z, class_labels=y)):
+        with pytest.raises(ValueError, match="class_labels: this generator is unconditional"):
+            unconditional(noise, torch.zeros(6, dtype=torch.long))
     two_steps = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
     again = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
     assert two_steps.shape == (3, 1, 8, 8) and torch.equal(two_steps, again)
@@ -289,6 +292,20 @@ def test_a_class_conditional_export_keeps_its_classes_and_samples_the_ones_given
         two, model.sample(noise, labels, taus=[1.0], generator=torch.Generator().manual_seed(3))
     )
     assert not torch.equal(two, pipeline(noise=noise, class_labels=labels))
+    # labels missing, of the wrong shape or kind, or out of range: said by name, not by diffusers' UNet
+    for sample in (model.sample, lambda z, y: pipeline(noise=z, class_labels=y)):
+        with pytest.raises(
+            ValueError, match=r"class-conditional \(3 classes\); pass one class index per image"
+        ):
+            sample(noise, None)
+        for bad in (torch.tensor([1]), torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0])):
+            with pytest.raises(
+                ValueError, match=r"class_labels: one integer class index per image, shape \(2,\)"
+            ):
+                sample(noise, bad)
+        for bad in (torch.tensor([0, 3]), torch.tensor([-1, 0])):
+            with pytest.raises(ValueError, match=r"class_labels: out of range for 3 classes \(0..2\)"):
+                sample(noise, bad)
 
 
 def test_a_class_conditional_run_exports_its_class_count_into_config_card_and_loaded_model(
