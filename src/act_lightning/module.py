@@ -558,7 +558,10 @@ class ACTModule(L.LightningModule):
         model (model.objective=diffusion) samples with EDM's Heun sampler over `model.heun_steps` Karras
         levels instead (2 heun_steps - 1 evaluations, deterministic; no taus). The
         network runs in eval mode (no dropout) and eagerly when it is compiled: each new batch size would
-        compile another graph (and under CUDA graphs hold another memory pool) for a few forwards."""
+        compile another graph (and under CUDA graphs hold another memory pool) for a few forwards. A
+        class-conditional model takes one class index per image (`labels`, shape (B,)), an unconditional one
+        none."""
+        self.check_labels(labels, len(noise))
         net = self.target if net is None else net
         diffusion = self.hparams.objective == "diffusion"
         taus = [float(self.schedule.sigma_max), *self.check_later_levels(taus)]
@@ -573,6 +576,19 @@ class ACTModule(L.LightningModule):
                 return multistep(denoise, noise, taus, self.schedule.sigma_min, generator, step_noise)
         finally:
             net.train(was_training)
+
+    def check_labels(self, labels: Tensor | None, batch: int) -> None:
+        """`sample`'s labels present for a class-conditional model, with one per image, and absent for an
+        unconditional one (without reading them off the device: the range is the callers' to check)."""
+        classes = self.hparams.get("num_classes")
+        if not classes and labels is not None:
+            raise ValueError("labels: this model is unconditional (it takes no class labels)")
+        if classes and (labels is None or labels.shape != (batch,)):
+            got = "none" if labels is None else f"shape {tuple(labels.shape)}"
+            raise ValueError(
+                f"labels: this model is class-conditional ({classes} classes); pass one class index per "
+                f"image, shape ({batch},); got {got}"
+            )
 
     def check_later_levels(self, taus: list[float] | None) -> list[float]:
         """`sample`'s taus, the levels after the first step: each below sigma_max, and none for a diffusion

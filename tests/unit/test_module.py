@@ -157,6 +157,21 @@ def test_sample_takes_the_levels_after_the_first_step_as_the_command_and_the_exp
             model.sample(z, taus=taus)
 
 
+def test_sample_names_missing_or_misshaped_labels_and_labels_an_unconditional_model_has_no_use_for(
+    cfg_factory,
+):
+    z = torch.randn(2, 1, 8, 8)
+    plain = instantiate(cfg_factory(SMALL).model)
+    with pytest.raises(ValueError, match=r"labels: this model is unconditional"):
+        plain.sample(z, torch.tensor([0, 1]))
+    classes = ["data.num_classes=3", "model.generator.num_class_embeds=3"]
+    model = instantiate(cfg_factory([*SMALL, *classes]).model)
+    for labels, got in ((None, "none"), (torch.tensor([1]), r"shape \(1,\)")):
+        with pytest.raises(ValueError, match=rf"class-conditional \(3 classes\); .* shape \(2,\); got {got}"):
+            model.sample(z, labels)
+    assert model.sample(z, torch.tensor([0, 2])).shape == z.shape
+
+
 class _NaNAtIteration(ACTModule):
     """The consistency distance turns NaN at one iteration, as a diverging run's would."""
 
