@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
 import warnings
@@ -28,6 +29,12 @@ UNRESUMABLE_LOADER_WARNING = (
 # log_every_n_steps. It counts logging intervals over all batches, across epochs, so the rows still come
 # every log_every_n_steps ACT iterations: the quickstart's 11 batches per epoch log at 20, 40, ...
 FEW_BATCHES_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
+
+# What Lightning's logger connector says (_LoggerConnector.configure_logger) at the start of every Trainer
+# whose loggers include no LitLogger, through its rank-zero logger: a tip to install its cloud service's
+# logger, nothing about the run. A run's console keeps Lightning's other lines (devices, precision).
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
 @contextmanager
@@ -110,6 +117,19 @@ def ignore_unresumable_loader_warning() -> None:
     warnings.filterwarnings(
         "ignore", message=re.escape(UNRESUMABLE_LOADER_WARNING), category=PossibleUserWarning
     )
+
+
+class _WithoutLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(LITLOGGER_TIP)
+
+
+def quiet_litlogger_tip() -> None:
+    """Drops exactly Lightning's tip to install LitLogger (LITLOGGER_TIP) from its rank-zero logger, once
+    per process however often it is called."""
+    log = logging.getLogger(RANK_ZERO_LOGGER)
+    if not any(isinstance(f, _WithoutLitLoggerTip) for f in log.filters):
+        log.addFilter(_WithoutLitLoggerTip())
 
 
 def ignore_few_batches_warning() -> None:

@@ -210,3 +210,38 @@ def test_set_last_lr_is_what_a_schedulers_get_last_lr_returns_until_its_next_ste
     optimizer.step()
     scheduler.step()  # the next step computes its own again
     assert scheduler.get_last_lr() == [0.1]
+
+
+def test_lightnings_litlogger_tip_is_dropped_and_its_other_lines_are_kept(tmp_path, caplog):
+    """Lightning's logger connector advertises LitLogger at every Trainer's start (read from its source);
+    after quiet_litlogger_tip that line, and only that line, no longer reaches any handler."""
+    import inspect
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+
+    from act_lightning.compat import LITLOGGER_TIP, RANK_ZERO_LOGGER, quiet_litlogger_tip
+
+    assert LITLOGGER_TIP in inspect.getsource(_LoggerConnector.configure_logger)
+    log = logging.getLogger(RANK_ZERO_LOGGER)
+    before = list(log.filters)
+
+    def trainer_lines() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=RANK_ZERO_LOGGER):
+            L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu")
+        return [r.getMessage() for r in caplog.records if r.name == RANK_ZERO_LOGGER]
+
+    try:
+        log.filters = [f for f in before if type(f).__name__ != "_WithoutLitLoggerTip"]
+        said = trainer_lines()
+        assert any(line.startswith(LITLOGGER_TIP) for line in said)
+        quiet_litlogger_tip()
+        quiet_litlogger_tip()  # once per process
+        assert [type(f).__name__ for f in log.filters].count("_WithoutLitLoggerTip") == 1
+        quiet = trainer_lines()
+        assert not any(line.startswith(LITLOGGER_TIP) for line in quiet)
+        assert [line for line in said if not line.startswith(LITLOGGER_TIP)] == quiet  # the rest kept
+    finally:
+        log.filters = before
