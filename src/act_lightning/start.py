@@ -23,6 +23,7 @@ from act_lightning.checkpoints import (
 from act_lightning.environment import describe as describe_environment
 from act_lightning.environment import environment
 from act_lightning.init_from import InitWeights, describe
+from act_lightning.launch import rank_zero_warning
 from act_lightning.resume import check_resume, global_batch, world_size
 
 log = logging.getLogger(__name__)
@@ -186,10 +187,11 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
             if init.generator is not None:  # a converted model's architecture: a resume may need it
                 entry["init_generator"] = init.generator
         elif tunes_a_diffusion_model(cfg):
-            log.warning(
+            rank_zero_warning(
+                log,
                 "ECT's curriculum (model.curriculum=ect) without init_from: ECT tunes a pretrained diffusion "
                 "model (Geng et al. 2024), and this run starts from random weights; pass init_from=<a "
-                "diffusion run's last.ckpt or a converted DDPM> (README: Start from a diffusion model)"
+                "diffusion run's last.ckpt or a converted DDPM> (README: Start from a diffusion model)",
             )
         return StartPoint(history=(entry,), init=init)
     iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
@@ -198,8 +200,8 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
     entry.update(iteration=iteration, changes=check_resume(checkpoint, resolved, raw, where, fresh))
     if entry["changes"]:
-        log.warning(
-            "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]
+        rank_zero_warning(
+            log, "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]
         )
     history = (*checkpoint.get("act_history", ()), entry)
     if checkpoint.get("act_weights_only"):

@@ -59,6 +59,8 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
     # rank 1 prints to rank 0's console, but not rank 0's lines again: its own are in its log
     assert result.stdout.count("launched with") == result.stdout.count("finished at") == 1
     assert "launched with" in (record / "train_ddp_process_1.log").read_text()
+    # a warning about the config, which every rank would give alike, is given once: rank 0's
+    assert result.stdout.count("the held-out real images (297, data.held_out) and the generated") == 1
     rank0, rank1 = _load(two / "rank0.pt"), _load(two / "rank1.pt")
     assert_same_weights(rank0["state_dict"], rank1["state_dict"], tol=0)  # the ranks agree exactly
     ddp = _load(two / "checkpoints" / "last.ckpt")

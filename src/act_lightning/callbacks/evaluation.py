@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from act_lightning.atomic import atomic_write
 from act_lightning.callbacks.checkpoint import LastCheckpoint
 from act_lightning.checks import check_count
+from act_lightning.launch import rank_zero_warning
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
 from act_lightning.metrics.fid import (
     FEATURES,
@@ -247,7 +248,8 @@ class FrechetEvaluation(L.Callback):
         size = self.subset_size or self.num_samples
         if len(held) != size:
             more = "" if self.num_samples >= len(held) else f" and eval.num_samples >= {len(held)}"
-            log.warning(
+            rank_zero_warning(
+                log,
                 "the held-out real images (%d, data.held_out) and the generated images of one Frechet "
                 "distance (%d, eval.subset_size or eval.num_samples) differ in number, so the metric's "
                 "real and noise references are biased differently from it: set eval.subset_size=%d%s",
