@@ -30,6 +30,11 @@ UNRESUMABLE_LOADER_WARNING = (
 # every log_every_n_steps ACT iterations: the quickstart's 11 batches per epoch log at 20, 40, ...
 FEW_BATCHES_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
 
+# What Lightning's fit loop says (_FitLoop._warn_if_modules_in_eval_mode) when any submodule is in eval
+# mode as training starts, with their count. The consistency distance's network (`distance`: LPIPS' VGG
+# and its linear heads, whose dropout must stay off) is frozen in eval mode on purpose.
+EVAL_MODULES_WARNING = "Found {} module(s) in eval mode at the start of training"
+
 # What Lightning's logger connector says (_LoggerConnector.configure_logger) at the start of every Trainer
 # whose loggers include no LitLogger, through its rank-zero logger: a tip to install its cloud service's
 # logger, nothing about the run. A run's console keeps Lightning's other lines (devices, precision).
@@ -130,6 +135,15 @@ def quiet_litlogger_tip() -> None:
     log = logging.getLogger(RANK_ZERO_LOGGER)
     if not any(isinstance(f, _WithoutLitLoggerTip) for f in log.filters):
         log.addFilter(_WithoutLitLoggerTip())
+
+
+def ignore_frozen_modules_warning(module: nn.Module, frozen: str = "distance") -> None:
+    """Silences Lightning's warning about submodules in eval mode (EVAL_MODULES_WARNING) when those in eval
+    mode are exactly `frozen` and the modules under it; with any other module among them it stays."""
+    names = [name for name, m in module.named_modules() if not m.training]
+    if names and all(name == frozen or name.startswith(f"{frozen}.") for name in names):
+        message = re.escape(EVAL_MODULES_WARNING.format(len(names)))
+        warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
 
 
 def ignore_few_batches_warning() -> None:

@@ -47,7 +47,11 @@ from act_lightning.checkpoints import (
 )
 from act_lightning.checks import check_count
 from act_lightning.commands import CONFIG_DIR, refusal, refuse
-from act_lightning.compat import ignore_few_batches_warning, quiet_litlogger_tip
+from act_lightning.compat import (
+    ignore_few_batches_warning,
+    ignore_frozen_modules_warning,
+    quiet_litlogger_tip,
+)
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
 from act_lightning.init_from import load_init, read_init, use_generator
@@ -352,6 +356,7 @@ def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
         # callback clears its own folder)
         for path in remove_stale_temporaries(cfg.run_dir):
             log.info("removed %s, left by a write that was interrupted", path)
+    ignore_frozen_modules_warning(model)  # LPIPS' network is frozen in eval mode (compat)
     failed = True
     try:  # the loggers record the config as training starts (ACTModule.on_fit_start)
         trainer.fit(model, datamodule=datamodule, ckpt_path=launch.start.ckpt_path)

@@ -245,3 +245,43 @@ def test_lightnings_litlogger_tip_is_dropped_and_its_other_lines_are_kept(tmp_pa
         assert [line for line in said if not line.startswith(LITLOGGER_TIP)] == quiet  # the rest kept
     finally:
         log.filters = before
+
+
+def test_lightnings_eval_mode_warning_is_silenced_only_when_the_frozen_distance_is_all_there_is():
+    """Lightning warns when submodules are in eval mode as training starts (its message read from its
+    source). LPIPS' network (`distance`) is frozen in eval mode on purpose: that alone silences the warning
+    for exactly its count; another module in eval mode keeps it."""
+    import inspect
+    import warnings
+
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+    from torch import nn
+
+    from act_lightning.compat import EVAL_MODULES_WARNING, ignore_frozen_modules_warning
+
+    source = inspect.getsource(_FitLoop._warn_if_modules_in_eval_mode)
+    assert 'f"Found {len(eval_modules)} module(s) in eval mode at the start of training."' in source
+    assert EVAL_MODULES_WARNING.format("{len(eval_modules)}") in source
+
+    def said(module: nn.Module) -> list[str]:
+        count = sum(not m.training for m in module.modules())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ignore_frozen_modules_warning(module)
+            message = (
+                f"{EVAL_MODULES_WARNING.format(count)}. This may lead to unexpected behavior during training."
+            )
+            warnings.warn(message, PossibleUserWarning, stacklevel=1)
+        return [str(w.message) for w in caught]
+
+    frozen = nn.Module()
+    frozen.generator = nn.Linear(2, 2)
+    frozen.distance = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()  # three modules in eval mode
+    assert said(frozen) == []
+    also = nn.Module()
+    also.generator = nn.Linear(2, 2).eval()  # by mistake: the warning stays
+    also.distance = nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Dropout()).eval()
+    assert said(also) == [
+        f"{EVAL_MODULES_WARNING.format(5)}. This may lead to unexpected behavior during training."
+    ]
