@@ -422,6 +422,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return run(cfg, prepare(cfg))
 
 
+def where_to_look(run_dir: Path) -> str | None:
+    """The line a run ends with after its folder's name: its best metric and the files that show it (the
+    best checkpoint, the latest sample grid, the curve), those that are there; None without any."""
+    record = _read_summary(run_dir)
+    best = record.get("best")
+    parts = []
+    if best:
+        metric = f"best {record.get('metric', 'metric')} {best['value']:.4g} at iteration {best['iteration']}"
+        references = record.get("references") or {}
+        real, noise = references.get("real"), references.get("noise")
+        if real is not None and noise is not None:  # the quickstart's scale: held-out real 0, noise 1
+            metric += f" (normalised {(best['value'] - real) / (noise - real):.2g})"
+        parts.append(metric)
+    files = ["checkpoints/best.ckpt", "samples/last.png", "fid_curve.png", "metric_summary.json"]
+    present = [name for name in files if (run_dir / name).is_file()]
+    if present:
+        parts.append("see " + ", ".join(present))
+    return "; ".join(parts) or None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -438,6 +458,9 @@ def main(cfg: DictConfig) -> float | None:
         failed(err)
     state = "finished" if summary["finished"] else "stopped"
     log.info("%s at iteration %d; outputs in %s", state, summary["iteration"], summary["run_dir"])
+    said = where_to_look(Path(summary["run_dir"]))
+    if said:
+        log.info(said)
     return summary["best"]
 
 

@@ -72,6 +72,11 @@ def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path)
     # the progress bar's last read-out shows the last evaluation, not the one before it
     final = result.stderr.rsplit("ACT: 100%", 1)[-1]
     assert f"fd={summary['history'][-1]['value']:.4g}" in final, final[-500:]
+    # the run's last line says where to look: the best value (on the scale above) and the files
+    normalised = (last - refs["real"]) / (refs["noise"] - refs["real"])
+    said = f"best val/fd {last:.4g} at iteration 80 (normalised {normalised:.2g}); see "
+    said += "checkpoints/best.ckpt, samples/last.png, fid_curve.png, metric_summary.json"
+    assert said in result.stdout, result.stdout[-500:]
 
 
 @pytest.mark.slow
