@@ -540,3 +540,42 @@ def test_gathered_features_are_in_the_samples_order_on_any_device_count(monkeypa
     assert torch.equal(
         _gathered(SimpleNamespace(world_size=1), num_samples, batch_size, one_device), one_device
     )
+
+
+def test_the_real_reference_is_the_mean_over_sets_of_the_generated_count_and_fewer_held_out_are_said(
+    tmp_path, caplog
+):
+    """The scale's real end is at the generated images' count, as its noise end and the metric are: the mean
+    over as many whole sets of that count as the held-out images fill (the quickstart's 297 at its 297: one
+    set, the whole of them), and all of them, said in the log, when they are fewer than that count."""
+    from act_lightning.metrics.fid import feature_statistics
+    from act_lightning.metrics.frechet import frechet_distance
+    from tests.helpers_ddp import TinyFeatures
+
+    held = torch.rand(13, 1, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+    class Held:
+        def build_held_out_dataset(self):
+            return [(x, 0) for x in held]
+
+    def fd(images) -> float:
+        stats = feature_statistics(TinyFeatures(16), images.split(4), "cpu", sync=False, real=True)
+        return frechet_distance(*stats, np.zeros(32), np.eye(32))
+
+    def references(num_samples: int, subset_size: int | None = None) -> dict[str, float]:
+        cb = FrechetEvaluation(
+            run_dir=str(tmp_path), features="digits", num_samples=num_samples, batch_size=4
+        )
+        cb.subset_size = subset_size
+        cb.extractor, cb.reference, cb._reference_root = TinyFeatures(16), (np.zeros(32), np.eye(32)), None
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            return cb._reference_values(Held(), "cpu")
+
+    four = references(12, subset_size=4)  # 13 held out: three sets of 4, the last one left
+    assert four["real"] == pytest.approx(np.mean([fd(held[i : i + 4]) for i in (0, 4, 8)]), rel=1e-12)
+    assert four["real"] != pytest.approx(fd(held), rel=1e-3) and not caplog.records  # a count of its own
+    assert references(13)["real"] == pytest.approx(fd(held), rel=1e-12) and not caplog.records  # one set
+    assert references(20)["real"] == pytest.approx(fd(held), rel=1e-12)  # fewer held out: all, and said
+    assert "the held-out real images (13, data.held_out) are fewer than the generated images" in caplog.text
+    assert "set eval.subset_size=13 or lower" in caplog.text

@@ -242,30 +242,37 @@ class FrechetEvaluation(L.Callback):
     def _reference_values(self, dm, device) -> dict[str, float]:
         """The metric of held-out real images and of uniform noise, the scale's two ends, at the sample
         count of the generated images' metric (`subset_size`, or `num_samples`): a Frechet distance is
-        biased upwards by an amount that grows as the count shrinks, so only equal counts compare."""
+        biased upwards by an amount that grows as the count shrinks, so only equal counts compare. Each
+        end is the mean over sets of that count, as the generated value is: the noise's over as many sets
+        as the generated images fill, the held-out images' over as many as they hold (one, the
+        quickstart's 297 at its 297). Fewer held-out images than the count are used whole, and said."""
         # every rank computes these whole (small sets): no all-reduce, or counts would double
         held = torch.stack([x for x, _ in dm.build_held_out_dataset()])
         size = self.subset_size or self.num_samples
-        if len(held) != size:
-            more = "" if self.num_samples >= len(held) else f" and eval.num_samples >= {len(held)}"
+        if len(held) < size:
             rank_zero_warning(
                 log,
-                "the held-out real images (%d, data.held_out) and the generated images of one Frechet "
-                "distance (%d, eval.subset_size or eval.num_samples) differ in number, so the metric's "
-                "real and noise references are biased differently from it: set eval.subset_size=%d%s",
+                "the held-out real images (%d, data.held_out) are fewer than the generated images of one "
+                "Frechet distance (%d, eval.subset_size or eval.num_samples), so the metric's real "
+                "reference is biased differently from it: set eval.subset_size=%d or lower",
                 len(held),
                 size,
                 len(held),
-                more,
             )
-        real = feature_statistics(self.extractor, held.split(self.batch_size), device, sync=False, real=True)
+        sets = [held] if len(held) < size else held[: len(held) // size * size].split(size)
+        real = [
+            self._fd(
+                feature_statistics(self.extractor, part.split(self.batch_size), device, sync=False, real=True)
+            )
+            for part in sets
+        ]
         g = torch.Generator().manual_seed(99)  # the same noise in every run: the scale's upper end
         noise = torch.rand((self._num_drawn(), *held.shape[1:]), generator=g) * 2 - 1
         values = [
             self._fd(feature_statistics(self.extractor, part.split(self.batch_size), device, sync=False))
             for part in noise.split(size)
         ]
-        return {"real": self._fd(real), "noise": float(np.mean(values))}
+        return {"real": float(np.mean(real)), "noise": float(np.mean(values))}
 
     def _num_drawn(self) -> int:
         """Generated images per evaluation: num_samples, or as many whole subsets of it as fit."""
