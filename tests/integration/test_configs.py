@@ -150,6 +150,27 @@ def test_class_conditional_network_without_labels_is_refused(tmp_path):
         check_config(cfg)
 
 
+@pytest.mark.parametrize("experiment", ["cifar10", "lsun_cat256", "quickstart"])
+def test_labels_make_every_experiments_networks_class_conditional_and_unused_labels_are_refused(
+    experiment, tmp_path
+):
+    """data.num_classes=K (README: a folder's K sub-folders) gives the generator and the discriminator a
+    class embedding of K, as ImageNet 64's have; a generator told to ignore the labels is refused by name,
+    where it trained unconditionally while the run sampled and recorded labels."""
+    labelled = [f"experiment={experiment}", "debug=smoke", "data=synthetic", "data.num_classes=5"]
+    cfg = compose(labelled, run_dir=str(tmp_path))
+    check_config(cfg)
+    assert cfg.model.generator.num_class_embeds == cfg.model.discriminator.num_class_embeds == 5
+    model = instantiate(cfg.model)
+    assert model.generator.unet.config.num_class_embeds == 5 and model.hparams.num_classes == 5
+    assert compose(labelled[:-1], run_dir=str(tmp_path)).model.generator.num_class_embeds is None
+    ignored = compose([*labelled, "model.generator.num_class_embeds=null"], run_dir=str(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"data.num_classes=5 gives every image a label, but model.generator"
+    ):
+        check_config(ignored)
+
+
 def test_image_size_the_network_cannot_downsample(tmp_path):
     cfg = compose(
         ["experiment=cifar10", "debug=smoke", "data=synthetic", "data.image_size=36"], run_dir=str(tmp_path)
