@@ -37,25 +37,43 @@ from act_lightning.samplers import multistep
 FORMAT = "act-lightning/generator"
 
 
-def check_class_labels(class_labels: Tensor | None, num_classes: int | None, batch: int) -> None:
-    """A class per image for a class-conditional generator, none for an unconditional one; said by name
-    before diffusers' UNet would fail inside (an embedding's "index out of range", or its own message)."""
+def class_labels_for(class_labels, num_classes: int | None, batch: int, device) -> Tensor | None:
+    """`class_labels` as the generator takes them: one class index per image, on `device`. One class (an
+    int or a 0-d tensor) is every image's; a list or a tensor of shape (B,) is each image's own. Missing
+    labels of a class-conditional generator, labels for an unconditional one, other shapes, non-integer
+    dtypes and classes out of range are said by name, before diffusers' UNet would fail inside."""
     if not num_classes:
         if class_labels is not None:
             raise ValueError("class_labels: this generator is unconditional (it takes no class labels)")
-        return
+        return None
     if class_labels is None:
         raise ValueError(
             f"class_labels: this generator is class-conditional ({num_classes} classes); pass one class "
-            f"index per image, e.g. class_labels=torch.randint({num_classes}, ({batch},))"
+            f"index per image, e.g. class_labels=torch.randint({num_classes}, ({batch},)), or one for all"
         )
-    if class_labels.shape != (batch,) or class_labels.is_floating_point() or class_labels.is_complex():
+    if isinstance(class_labels, Tensor):
+        if class_labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"class_labels: integer class indices (int64 or int32); got {class_labels.dtype}"
+            )
+        labels = class_labels.to(device=device, dtype=torch.long)
+    else:  # a Python int, or a list of them
+        values = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"class_labels: integer class indices; got {class_labels!r}")
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
+    if labels.dim() == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
         raise ValueError(
-            f"class_labels: one integer class index per image, shape ({batch},); got a "
-            f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}"
+            f"class_labels: one class index per image, shape ({batch},), or one for all; got shape "
+            f"{tuple(labels.shape)}"
         )
-    if batch and not (0 <= int(class_labels.min()) and int(class_labels.max()) < num_classes):
-        raise ValueError(f"class_labels: out of range for {num_classes} classes (0..{num_classes - 1})")
+    if batch:
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"class_labels: out of range for {num_classes} classes (0..{num_classes - 1})")
+    return labels
 
 
 class ExportedGenerator(nn.Module):
@@ -83,7 +101,7 @@ class ExportedGenerator(nn.Module):
     def sample(
         self,
         noise: Tensor,
-        class_labels: Tensor | None = None,
+        class_labels: Tensor | list[int] | int | None = None,
         taus: list[float] | None = None,
         generator: torch.Generator | None = None,
         step_noise=None,
@@ -91,7 +109,7 @@ class ExportedGenerator(nn.Module):
         """Images in [-1, 1] from noise z (B, C, H, W): one step at sigma_max, then one per later tau
         (their noise from `generator`, or `step_noise(step)`). A class-conditional generator takes one
         class index per image (`class_labels`, shape (B,))."""
-        check_class_labels(class_labels, self.num_classes, len(noise))
+        class_labels = class_labels_for(class_labels, self.num_classes, len(noise), noise.device)
         taus = [self.constants["sigma_max"], *(taus or [])]
         return multistep(
             lambda x, s: self(x, s, class_labels),
@@ -156,7 +174,7 @@ class ACTPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         taus: list[float] | None = None,
-        class_labels: Tensor | list[int] | None = None,
+        class_labels: Tensor | list[int] | int | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pt",
@@ -175,8 +193,7 @@ class ACTPipeline(DiffusionPipeline):
         if noise is None:
             noise = torch.randn((batch_size, channels, size, size), generator=generator, device=where)
         noise = noise.to(device)
-        class_labels = None if class_labels is None else torch.as_tensor(class_labels, device=device)
-        check_class_labels(class_labels, self.unet.config.num_class_embeds, len(noise))
+        class_labels = class_labels_for(class_labels, self.unet.config.num_class_embeds, len(noise), device)
         step_noise = None
         if generator is not None and generator.device != device:  # later steps' noise: drawn there too
             step_noise = lambda step: torch.randn(noise.shape, generator=generator, device=where)  # noqa: E731
@@ -294,7 +311,8 @@ def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
     and the export's `config.json` contents."""
     from act_lightning.sample import two_step_tau  # (with Hydra: not for loading an exported model)
 
-    conditional = bool(h.num_classes)
+    classes = config["num_classes"]  # the generator's class embeddings: what sampling takes
+    conditional = bool(classes)
     return MODEL_CARD.format(
         name=f"ACT generator: {run.get('experiment_name')}",
         checkpoint=Path(ckpt).name,
@@ -304,12 +322,10 @@ def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
         experiment=run.get("experiment_name"),
         size=int(run.data.image_size),
         channels=int(run.data.channels),
-        classes=f", {h.num_classes} classes (pass class_labels)" if conditional else "",
+        classes=f", {classes} classes (pass class_labels)" if conditional else "",
         folder=out.name,
         task="class-conditional-image-generation" if conditional else "unconditional-image-generation",
-        labels=f"labels = torch.randint({h.num_classes}, (16,))  # a class per image\n"
-        if conditional
-        else "",
+        labels=f"labels = torch.randint({classes}, (16,))  # a class per image\n" if conditional else "",
         label_arg=", class_labels=labels" if conditional else "",
         two_step_tau=repr(two_step_tau(run)),
         trained_with=f" Trained with {describe(env)}." if (env := config["trained_with"]) else "",
@@ -344,7 +360,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "format": FORMAT,
         "generator": generator_args,
         "consistency": constants,
-        "num_classes": h.num_classes,
+        "num_classes": generator_args.get("num_class_embeds"),  # the classes the generator takes
         "iteration": trained_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
         # one of the paper's released checkpoints, by its file name (convert_reference), or None

@@ -292,18 +292,31 @@ def test_a_class_conditional_export_keeps_its_classes_and_samples_the_ones_given
         two, model.sample(noise, labels, taus=[1.0], generator=torch.Generator().manual_seed(3))
     )
     assert not torch.equal(two, pipeline(noise=noise, class_labels=labels))
+    # one class for every image (an int or a 0-d tensor), a list or an int32 tensor: the same as int64 labels
+    for sample in (model.sample, lambda z, y: pipeline(noise=z, class_labels=y)):
+        expected = sample(noise, torch.tensor([2, 2]))
+        for same in (2, torch.tensor(2), [2, 2], torch.tensor([2, 2], dtype=torch.int32)):
+            assert torch.equal(sample(noise, same), expected)
     # labels missing, of the wrong shape or kind, or out of range: said by name, not by diffusers' UNet
     for sample in (model.sample, lambda z, y: pipeline(noise=z, class_labels=y)):
         with pytest.raises(
             ValueError, match=r"class-conditional \(3 classes\); pass one class index per image"
         ):
             sample(noise, None)
-        for bad in (torch.tensor([1]), torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0])):
-            with pytest.raises(
-                ValueError, match=r"class_labels: one integer class index per image, shape \(2,\)"
-            ):
+        for bad in (torch.tensor([1]), torch.tensor([[0, 1]]), [0, 1, 2]):
+            with pytest.raises(ValueError, match=r"one class index per image, shape \(2,\), or one for all"):
                 sample(noise, bad)
-        for bad in (torch.tensor([0, 3]), torch.tensor([-1, 0])):
+        for bad in (
+            torch.tensor([0.0, 1.0]),
+            torch.tensor([0, 1], dtype=torch.uint8),
+            torch.tensor([True, False]),
+        ):
+            with pytest.raises(ValueError, match=r"class_labels: integer class indices \(int64 or int32\)"):
+                sample(noise, bad)
+        for bad in ([0.5, 1], True):
+            with pytest.raises(ValueError, match=r"class_labels: integer class indices; got"):
+                sample(noise, bad)
+        for bad in (torch.tensor([0, 3]), torch.tensor([-1, 0]), 3):
             with pytest.raises(ValueError, match=r"class_labels: out of range for 3 classes \(0..2\)"):
                 sample(noise, bad)
 
