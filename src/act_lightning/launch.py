@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from act_lightning.resolvers import started_by_the_launch
@@ -143,6 +142,8 @@ def rank_zero_warning(logger: logging.Logger, message: str, *args: Any) -> None:
     """A warning that every process of a run would give alike (about the config, not about the process):
     logged by global rank 0 only. RankZeroConsole lets the other DDP processes' warnings through to rank
     0's console, where it would otherwise appear once per process."""
+    from lightning.pytorch.utilities import rank_zero_only  # here: importing this module loads no Lightning
+
     if rank_zero_only.rank == 0:
         logger.warning(message, *args)
 

@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -115,6 +116,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"model.generator.num_class_embeds={gen.num_class_embeds}: a class-conditional network needs "
             "labels, but data.num_classes is null. Use a labelled data source or set num_class_embeds: null."
+        )
+    if classes and "num_class_embeds" in gen and not gen.get("num_class_embeds"):
+        raise ValueError(
+            f"data.num_classes={classes} gives every image a label, but model.generator.num_class_embeds is "
+            f"null: the generator would never see them. Set model.generator.num_class_embeds={classes} for a "
+            "class-conditional generator, or data.num_classes=null to train unconditionally."
         )
     for name in ("generator", "discriminator"):
         net = cfg.model.get(name)
@@ -356,10 +363,11 @@ def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
         # callback clears its own folder)
         for path in remove_stale_temporaries(cfg.run_dir):
             log.info("removed %s, left by a write that was interrupted", path)
-    ignore_frozen_modules_warning(model)  # LPIPS' network is frozen in eval mode (compat)
     failed = True
     try:  # the loggers record the config as training starts (ACTModule.on_fit_start)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=launch.start.ckpt_path)
+        with warnings.catch_warnings():  # for this run only: the next job of a multirun has its own modules
+            ignore_frozen_modules_warning(model)  # LPIPS' network is frozen in eval mode (compat)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=launch.start.ckpt_path)
         failed = False
     except SystemExit as stop:  # Lightning ends a KeyboardInterrupt with sys.exit(1)
         if not isinstance(stop.__context__, KeyboardInterrupt):
