@@ -45,7 +45,7 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
     augmenting = ["+data.hflip=true", "model.r1_threshold=0", "model.ada_length=1"]
     # one more generated image per Frechet distance than the 297 held-out digits: a warning about the
     # config, which every rank would give alike (below)
-    evaluating = ["eval.num_samples=298"]
+    evaluating = ["eval.num_samples=298", "eval.batch_size=150"]  # in batches of 150, not the smoke's 4
     ddp = [
         "debug=smoke",
         *augmenting,
