@@ -259,20 +259,19 @@ class FrechetEvaluation(L.Callback):
                 size,
                 len(held),
             )
-        sets = [held] if len(held) < size else held[: len(held) // size * size].split(size)
-        real = [
-            self._fd(
-                feature_statistics(self.extractor, part.split(self.batch_size), device, sync=False, real=True)
-            )
-            for part in sets
-        ]
+
+        def mean_distance(sets, real: bool) -> float:
+            batches = (part.split(self.batch_size) for part in sets)
+            stats = (feature_statistics(self.extractor, b, device, sync=False, real=real) for b in batches)
+            return float(np.mean([self._fd(s) for s in stats]))
+
         g = torch.Generator().manual_seed(99)  # the same noise in every run: the scale's upper end
         noise = torch.rand((self._num_drawn(), *held.shape[1:]), generator=g) * 2 - 1
-        values = [
-            self._fd(feature_statistics(self.extractor, part.split(self.batch_size), device, sync=False))
-            for part in noise.split(size)
-        ]
-        return {"real": float(np.mean(real)), "noise": float(np.mean(values))}
+        held_sets = [held] if len(held) < size else held[: len(held) // size * size].split(size)
+        return {
+            "real": mean_distance(held_sets, real=True),
+            "noise": mean_distance(noise.split(size), real=False),
+        }
 
     def _num_drawn(self) -> int:
         """Generated images per evaluation: num_samples, or as many whole subsets of it as fit."""
