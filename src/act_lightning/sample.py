@@ -82,7 +82,7 @@ def class_labels(spec: Any, num_samples: int, num_classes: int | None, seed: int
             for i in range(num_samples)
         ]
         return torch.stack(draws)
-    values = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+    values = given_classes(spec)
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"class_labels must be random, a class index or a list of them; got {spec}")
     bad = [v for v in values if not 0 <= v < num_classes]
@@ -154,7 +154,12 @@ def labels_record(spec: Any, labels: Tensor | None) -> str | list[int] | None:
         return None
     if spec is None or spec == "random":
         return "random"
-    return [int(v) for v in (spec if isinstance(spec, (list, tuple, ListConfig)) else [spec])]
+    return [int(v) for v in given_classes(spec)]
+
+
+def given_classes(spec: Any) -> list:
+    """`class_labels` given as one class or a list of them, as a list (unchecked)."""
+    return list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
 
 
 @torch.no_grad()
