@@ -40,6 +40,7 @@ from act_lightning.callbacks import (
     LastCheckpoint,
     TakeStopSignals,
 )
+from act_lightning.callbacks.evaluation import normalised_value
 from act_lightning.checkpoints import (
     checkpoint_iteration,
     no_space_error,
@@ -438,10 +439,9 @@ def where_to_look(run_dir: Path) -> str | None:
     parts = []
     if best:
         metric = f"best {record.get('metric', 'metric')} {best['value']:.4g} at iteration {best['iteration']}"
-        references = record.get("references") or {}
-        real, noise = references.get("real"), references.get("noise")
-        if real is not None and noise is not None:  # the quickstart's scale: held-out real 0, noise 1
-            metric += f" (normalised {(best['value'] - real) / (noise - real):.2g})"
+        normalised = normalised_value(best["value"], record.get("references") or {})
+        if normalised is not None:  # the quickstart's scale: held-out real 0, noise 1
+            metric += f" (normalised {normalised:.2g})"
         parts.append(metric)
     files = ["checkpoints/best.ckpt", "samples/last.png", "fid_curve.png", "metric_summary.json"]
     present = [name for name in files if (run_dir / name).is_file()]

@@ -463,9 +463,9 @@ class FrechetEvaluation(L.Callback):
         }
         if self.extra_history:
             summary["extra"] = self.extra_history
-        if self.history and "real" in self.references and "noise" in self.references:
-            fd, real, noise = self.history[-1][1], self.references["real"], self.references["noise"]
-            summary["normalised"] = (fd - real) / (noise - real)  # 0 = as good as real data, 1 = noise
+        normalised = normalised_value(self.history[-1][1], self.references) if self.history else None
+        if normalised is not None:
+            summary["normalised"] = normalised
         with atomic_write(self.run_dir / "metric_summary.json") as f:  # never a truncated summary
             f.write(json.dumps(summary, indent=2).encode())
         plot_curve(self.history, self.references, self.run_dir / "fid_curve.png", self.label)
@@ -523,6 +523,13 @@ def check_eval_arguments(every: int, quantize: str, num_samples: int, batch_size
         raise ValueError(
             f"eval.subset_size must be null or in [2, eval.num_samples={num_samples}]; got {subset_size}"
         )
+
+
+def normalised_value(value: float, references: dict[str, float]) -> float | None:
+    """A metric value on the scale of its references: 0 = as good as held-out real data, 1 = uniform
+    noise (the quickstart's); None without both references."""
+    real, noise = references.get("real"), references.get("noise")
+    return None if real is None or noise is None else (value - real) / (noise - real)
 
 
 def plot_curve(history, references: dict[str, float], path: Path, label: str) -> None:
