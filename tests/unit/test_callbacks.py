@@ -288,6 +288,36 @@ def test_a_resumed_evaluation_keeps_its_history_and_takes_the_best_anew_without_
     assert moved.best is None
 
 
+def test_a_continuation_at_another_count_measures_the_scales_references_anew_and_logs_them(tmp_path, caplog):
+    """The scale's two ends are measured at the metric's count (eval.subset_size or eval.num_samples): a
+    continuation that changes it (resume_changes) measures them again, at its first iteration, where it kept
+    those of the old count; at the same count, and from checkpoints that did not record it, they are kept."""
+    cb, _, _, _ = _evaluation(tmp_path, {}, num_samples=12)
+    cb.references = {"real": 1.0, "noise": 50.0}
+    state = cb.state_dict()
+    assert state["references_count"] == [12, 12]
+    same, _, _, _ = _evaluation(tmp_path, {}, num_samples=12)
+    same.load_state_dict(state)
+    old, _, _, _ = _evaluation(tmp_path, {}, num_samples=12, subset_size=4)
+    old.load_state_dict({k: v for k, v in state.items() if k != "references_count"})  # before 0.3.3
+    assert same.references == old.references == {"real": 1.0, "noise": 50.0}
+    for kwargs in ({"num_samples": 12, "subset_size": 4}, {"num_samples": 8}):
+        other, trainer, logger, _ = _evaluation(tmp_path, {}, **kwargs)
+        with caplog.at_level("INFO"):
+            other.load_state_dict(state)
+        assert other.references == {} and "they are measured anew" in caplog.text
+        trainer.datamodule = SimpleNamespace(build_held_out_dataset=lambda: None)
+        other._reference_values = lambda dm, device, cb=other: {"real": float(cb._references_count()[0])}
+        other.on_train_start(trainer, _module(4))
+        expected = {"real": float(kwargs.get("subset_size") or kwargs["num_samples"])}
+        assert other.references == expected and logger.rows == [(4, {"val/fid_real": expected["real"]})]
+    resumed, trainer, logger, _ = _evaluation(tmp_path, {}, num_samples=12)
+    resumed.load_state_dict(state)
+    trainer.datamodule = SimpleNamespace(build_held_out_dataset=lambda: None)
+    resumed.on_train_start(trainer, _module(4))  # the same count: nothing measured, nothing logged
+    assert resumed.references == {"real": 1.0, "noise": 50.0} and logger.rows == []
+
+
 def test_the_evaluations_own_time_is_not_training_time(tmp_path, monkeypatch):
     ticks = count()
     monkeypatch.setattr(evaluation.time, "perf_counter", lambda: float(next(ticks)))

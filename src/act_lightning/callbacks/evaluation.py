@@ -184,10 +184,12 @@ class FrechetEvaluation(L.Callback):
         self.reference = self._reference_statistics(trainer, dm, device)
         self._reference_root = LazyRoot(self.reference[1])
         self._extra_references(trainer, dm, device)
+        k = pl_module.k
         if not self.references and hasattr(dm, "build_held_out_dataset"):
             self.references = self._reference_values(dm, device)
+            if k > 0:  # measured anew on a resume at another count (load_state_dict): logged from here on
+                self._log(trainer, k, {f"{self.key}_{name}": v for name, v in self.references.items()})
         self._define_wandb_metrics(trainer)
-        k = pl_module.k
         # k == 0: the untrained network, logged as the curve's start (never the best) at the seconds
         # before (0: no clock runs yet); a run stopped at an evaluation's iteration saved before scoring
         # it: scored now (whatever eval.every is now), at the training seconds it stopped at, from that
@@ -272,6 +274,11 @@ class FrechetEvaluation(L.Callback):
             "real": mean_distance(held_sets, real=True),
             "noise": mean_distance(noise.split(size), real=False),
         }
+
+    def _references_count(self) -> list[int]:
+        """What the scale's references depend on besides the data: the count of one Frechet distance and
+        the generated images' (the noise's) count."""
+        return [self.subset_size or self.num_samples, self._num_drawn()]
 
     def _num_drawn(self) -> int:
         """Generated images per evaluation: num_samples, or as many whole subsets of it as fit."""
@@ -474,6 +481,7 @@ class FrechetEvaluation(L.Callback):
         return {
             "history": self.history,
             "references": self.references,
+            "references_count": self._references_count(),
             "best": self.best,
             "train_seconds": self.train_seconds(),
             "extra_history": self.extra_history,
@@ -485,6 +493,17 @@ class FrechetEvaluation(L.Callback):
         self.history = [(*x, float("nan"))[:3] for x in state_dict.get("history", [])]
         self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.references = dict(state_dict.get("references", {}))
+        count = state_dict.get("references_count")  # absent from checkpoints before 0.3.3: taken as equal
+        if self.references and count is not None and list(count) != self._references_count():
+            # a continuation at another eval.subset_size or eval.num_samples (resume_changes): the scale's
+            # ends at the old count would not compare with the metric's values at the new one
+            log.info(
+                "the metric's references were measured at a count of %d (%d drawn); this launch's is %d (%d "
+                "drawn): they are measured anew",
+                *count,
+                *self._references_count(),
+            )
+            self.references = {}
         self.extra_history = list(state_dict.get("extra_history", []))
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
