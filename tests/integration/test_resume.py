@@ -106,6 +106,8 @@ def test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit(tmp_pat
     assert _by_step(_rows(run)) == _by_step(_rows(straight))
     history = json.loads((run / "metric_summary.json").read_text())["history"]
     assert [h["iteration"] for h in history] == [0, 4, 8]
+    # the training seconds go on counting in the continuation (it starts mid-epoch, without an epoch start)
+    assert 0 < history[1]["seconds"] < history[2]["seconds"]
     # and the same best.ckpt (at 4, a continuation saves it when it starts: with the random state the
     # checkpoint restores, not the fresh process's)
     assert _iteration(run / "checkpoints" / "best.ckpt") == _iteration(straight / "checkpoints" / "best.ckpt")

@@ -172,7 +172,7 @@ class FrechetEvaluation(L.Callback):
             self.dinov2 = load_dinov2(self.dinov2_weights, self.quantize)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._clock = None  # runs from the first epoch on (a callback may serve another fit)
+        self._clock = None  # runs from the first epoch or iteration on (a callback may serve another fit)
         if self.best is not None and self.best_checkpoint is not None and not self.best_checkpoint.is_file():
             # a run started in a new folder from another run's snapshot (ckpt_path=) carries that run's
             # history and best, but not its best.ckpt: the best is this folder's, from the next evaluation
@@ -207,6 +207,12 @@ class FrechetEvaluation(L.Callback):
         # iteration), after the callbacks before this one drew what they draw at its start (the untrained
         # network's sample grid); before, the clock started ahead of the first evaluation, which then
         # counted whatever passed between the two lines (4 ms once, on a busy machine)
+        if self._clock is None:
+            self._clock = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # a launch that continues a run stopped mid-epoch starts with no epoch start (Lightning skips the
+        # hook when it restarts mid-epoch): its clock starts with its first iteration
         if self._clock is None:
             self._clock = time.perf_counter()
 
