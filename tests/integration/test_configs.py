@@ -435,6 +435,21 @@ def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):
     assert real.eval.reference_cache == "/data/cifar10/fid_stats_inception_32.npz"
 
 
+@pytest.mark.parametrize(
+    "data", [["data=synthetic"], ["data=folder", "data.root=/data/mine"], ["data=cifar10"]]
+)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_resolves_on_every_data_source(experiment, data, tmp_path):
+    """`experiment=X data=Y` resolves whole, without debug=smoke: the quickstart's eval.subset_size read
+    `data.held_out`, which only the digits have ("Interpolation key 'data.held_out' not found")."""
+    cfg = OmegaConf.to_container(
+        compose([f"experiment={experiment}", *data], run_dir=str(tmp_path)), resolve=True
+    )
+    if experiment.startswith("quickstart"):
+        assert cfg["eval"]["subset_size"] is None  # no held-out set: one set of eval.num_samples
+        assert compose([f"experiment={experiment}"]).eval.subset_size == 297  # the digits' held-out count
+
+
 def test_adas_quarter_turns_are_one_documented_override_away(tmp_path):
     """docs/algorithm.md: `+model.augment.rotate90_turns=[0,1,2,3]` (model.augment is null by default)."""
     model = instantiate(
