@@ -93,6 +93,7 @@ def check_config(cfg: DictConfig) -> None:
             "preemption and the divergence guard need it); to save less often raise "
             "callbacks.checkpoint.every_n_iterations"
         )
+    check_run_length(cfg.get("trainer") or {})
     check_two_step_tau(cfg)
     check_accelerator(str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")))
     gen = cfg.model.get("generator") or {}
@@ -131,6 +132,20 @@ def check_config(cfg: DictConfig) -> None:
                 raise ValueError(
                     f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
                 )
+
+
+def check_run_length(trainer) -> None:
+    """Lightning's own run lengths stay unbounded: the module stops the trainer at `iterations` (its steps
+    are two per iteration, its epochs the data's), and a stop of Lightning's would end the run without the
+    final evaluation, as finished, leaving a run no relaunch continues."""
+    for key, unbounded, instead in (
+        ("max_steps", (-1, None), "iterations=N (ACT iterations; Lightning counts two steps each)"),
+        ("max_epochs", (-1, None), "iterations=N"),
+        ("max_time", (None,), "stop_after=N (iterations of this launch; the run continues when relaunched)"),
+    ):
+        value = trainer.get(key)
+        if value not in unbounded:
+            raise ValueError(f"trainer.{key}={value}: the run's length is not Lightning's; use {instead}")
 
 
 def check_two_step_tau(cfg: DictConfig) -> None:

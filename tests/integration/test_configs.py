@@ -219,6 +219,27 @@ def test_the_resume_mode_the_checkpoint_callback_and_the_evaluation_interval_are
         check_config(compose(["debug=smoke", override], run_dir=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    "override, instead",
+    [
+        ("trainer.max_steps=10", "iterations=N (ACT iterations; Lightning counts two steps each)"),
+        ("trainer.max_epochs=1", "iterations=N"),
+        ("+trainer.max_time=00:01:00:00", "stop_after=N"),
+    ],
+)
+def test_lightnings_own_run_lengths_are_refused_for_iterations_and_stop_after(override, instead, tmp_path):
+    """A stop of Lightning's ended the run after a fraction of its iterations (max_steps counts two a
+    piece), without its final evaluation, in a folder that no relaunch continued."""
+    key, value = override.lstrip("+").split("=")
+    with pytest.raises(
+        ValueError, match=re.escape(f"{key}={value}: the run's length is not Lightning's; use {instead}")
+    ):
+        check_config(compose(["debug=smoke", override], run_dir=str(tmp_path)))
+    check_config(
+        compose(["debug=smoke", "trainer.max_steps=null", "trainer.max_epochs=-1"], run_dir=str(tmp_path))
+    )
+
+
 @pytest.mark.parametrize("tau", ["0.002", "20.0", "true"])  # debug=smoke: sigma_max=20
 def test_two_step_tau_lies_strictly_between_the_schedules_levels_and_is_a_number(tau, tmp_path):
     with pytest.raises(ValueError, match=rf"two_step_tau={tau.title() if tau == 'true' else tau}: "):
