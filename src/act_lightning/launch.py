@@ -156,6 +156,15 @@ class LaunchLog(logging.FileHandler):
         super().__init__(filename, **kwargs)
 
 
+def log_to_record(logger: logging.Logger, message: str) -> None:
+    """`message` as an error of `logger` in the launch's log file (`LaunchLog`) only, not on the console
+    (where the command says it itself): a refused launch's record says why."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LaunchLog):
+            handler.handle(record)
+
+
 class CheckRunFolder(Callback):
     """Refuses, in one line and before Hydra writes anything, a run (or sweep) folder that cannot be
     written."""

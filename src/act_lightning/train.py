@@ -57,7 +57,7 @@ from act_lightning.compat import (
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
 from act_lightning.init_from import load_init, read_init, use_generator
-from act_lightning.launch import check_writable_folder
+from act_lightning.launch import check_writable_folder, log_to_record
 from act_lightning.loggers import wandb_offline
 from act_lightning.metrics.reference import check_reference_images
 from act_lightning.process import apply_process_settings, job_launcher
@@ -274,6 +274,7 @@ def prepare(cfg: DictConfig) -> Launch:
     check_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_local_multirun(resolved["trainer"])
+    check_sweep_is_a_multirun()
     lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     try:
         start = start_point(cfg, resolved, init)
@@ -291,6 +292,29 @@ def prepare(cfg: DictConfig) -> Launch:
         if lock is not None:
             lock.release()
         raise
+
+
+def check_sweep_is_a_multirun() -> None:
+    """A config that sweeps (`hydra.sweeper.params`: the ablations, hparams_search=optuna) launched without
+    -m would train one run at its defaults and look like the sweep's success: refused, naming the group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    params = OmegaConf.select(hydra_cfg, "sweeper.params")
+    if not params:
+        return
+    choices = hydra_cfg.runtime.choices
+    groups = [
+        f"{g}={choices[g]}" for g in ("ablation", "hparams_search") if choices.get(g) not in (None, "null")
+    ]
+    what = " ".join(groups) or "hydra.sweeper.params"
+    raise ValueError(
+        f"{what} is a sweep over {', '.join(params)}: launch it with -m (python -m act_lightning.train -m "
+        f"{what} ...); without -m one run would train at the defaults"
+    )
 
 
 def check_local_multirun(trainer: dict) -> None:
@@ -431,6 +455,7 @@ def failed(err: Exception, status: int = 1) -> NoReturn:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         log.error("error: %s", refusal(err))  # the line `refuse` would print
         raise err
+    log_to_record(log, f"error: {refusal(err)}")  # the launch's record says why, as a job's log does
     refuse(err, status=status)  # its one line (or, with HYDRA_FULL_ERROR=1, the error raised)
 
 

@@ -47,17 +47,28 @@ def test_refused_and_finished_launches_leave_every_file_of_the_run_folder_as_it_
     assert "model.schedule.gan_ratio=0.95 (now 0.5)" in changed
     with open(run / ".lock") as held:  # a live run holds the folder
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert "is in use by another live run" in refusal(run_cli(SMOKE, run))
+        busy = refusal(run_cli(SMOKE, run))
+        assert "is in use by another live run" in busy
+    sweep = refusal(run_cli(["ablation=gan_ratio", *SMOKE], run))  # a sweep's config without -m
+    assert sweep.startswith(
+        "error: ablation=gan_ratio is a sweep over model.schedule.gan_ratio: launch it with -m"
+    )
 
     after = _hashes(run)
     assert {k: v for k, v in after.items() if k in before} == before  # byte for byte
     new = sorted(k for k in after if k not in before)
     assert all(k.startswith(".hydra/launches/") for k in new), new
     launches = {k.split("/")[2] for k in after if k.startswith(".hydra/launches/")}
-    assert len(launches) == 5  # each launch's record apart: config, hydra, overrides and its log
+    assert len(launches) == 6  # each launch's record apart: config, hydra, overrides and its log
+    refused = [foreign, changed, busy, sweep]
     for launch in launches:
         record = {p.name for p in (run / ".hydra" / "launches" / launch).iterdir()}
         assert record == {"config.yaml", "hydra.yaml", "overrides.yaml", "train.log"}, record
+        log = (run / ".hydra" / "launches" / launch / "train.log").read_text()
+        said = [line for line in refused if line in log]  # a refused launch's log says why, once
+        assert len(said) <= 1 and log.count("error: ") == len(said), log
+    logs = "".join((run / ".hydra/launches" / launch / "train.log").read_text() for launch in launches)
+    assert all(logs.count(line) == 1 for line in refused)
     first = run / ".hydra" / "launches" / min(launches) / "train.log"  # launch names sort by their time
     assert f"launched with {describe(environment())}" in first.read_text()
 
