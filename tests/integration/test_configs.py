@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from act_lightning.commands import refusal
 from act_lightning.launch import RankZeroConsole
 from act_lightning.resolvers import (
     LAUNCH_ENV,
@@ -202,6 +203,17 @@ def test_mismatched_network_and_data_sizes(tmp_path):
 def test_the_discriminator_and_the_channels_must_match_the_data_too(override, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         check_config(compose(["debug=smoke", override], run_dir=str(tmp_path)))
+
+
+def test_grey_images_with_cifar10s_generator_are_told_the_two_overrides_that_fit_it(tmp_path):
+    """CIFAR-10's generator predicts 6 channels and uses 3 (the released checkpoint's layout): grey images
+    (data.channels=1) need its out_channels and used_channels, and the error gives both."""
+    grey = ["experiment=cifar10", "debug=smoke", "data=synthetic", "data.channels=1"]
+    with pytest.raises(Exception) as refused:
+        instantiate(compose(grey, run_dir=str(tmp_path)).model.generator)
+    fix = ["model.generator.out_channels=1", "model.generator.used_channels=null"]
+    assert str(refusal(refused.value)).endswith(f"with this network give {' '.join(fix)}")
+    assert instantiate(compose([*grey, *fix], run_dir=str(tmp_path)).model.generator).in_channels == 1
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,9 @@ class UNetGenerator(nn.Module):
         if len(used) != in_channels or not all(0 <= c < out_channels for c in used):
             raise ValueError(
                 f"{prefix}.used_channels={used} must pick in_channels={in_channels} of the "
-                f"out_channels={out_channels} output channels (null = all of them)"
+                f"out_channels={out_channels} output channels (null = all of them); for images of "
+                f"{in_channels} channel(s) (data.channels={in_channels}) with this network give "
+                f"{prefix}.out_channels={in_channels} {prefix}.used_channels=null"
             )
         self.image_size = image_size
         self.in_channels = in_channels
