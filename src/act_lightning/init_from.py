@@ -51,7 +51,18 @@ def read_init(cfg: DictConfig) -> InitWeights | None:
             f"init_from={path} and ckpt_path={cfg.ckpt_path}: give one (init_from starts a new run from a "
             "model's weights; ckpt_path continues a run)"
         )
-    checkpoint = read_checkpoint(path, "init_from", mmap=True)
+    try:
+        checkpoint = read_checkpoint(path, "init_from", mmap=True)
+    except FileNotFoundError as err:
+        if "init_sweep" not in str(OmegaConf.to_container(cfg, resolve=False).get("init_from")):
+            raise
+        # the path of the variants that tune ablation=init_pretrain's diffusion models (ect, ect_act, ...)
+        raise FileNotFoundError(
+            f"{err}: this variant tunes the diffusion model of the same seed that `python -m "
+            "act_lightning.train -m ablation=init_pretrain` trains (init_sweep=its sweep folder); run that "
+            "first, or give init_from=PATH (a checkpoint of experiment=quickstart_diffusion, or one that "
+            "act_lightning.convert_diffusers wrote)"
+        ) from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     state = state if isinstance(state, dict) else {}
     source = next((p for p in SOURCES if any(str(k).startswith(p) for k in state)), None)

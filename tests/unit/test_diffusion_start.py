@@ -233,6 +233,28 @@ def test_init_from_loads_the_files_sampling_network_into_generator_and_target(cf
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["ect", "ect_act", "ect_staged"])
+def test_a_tuning_variant_without_its_pretrained_model_says_which_sweep_makes_it(variant, tmp_path):
+    """The ECT variants read ablation=init_pretrain's job of their seed by default: a missing one names that
+    sweep and init_from=, where the error gave only a path the user never typed; a path given is said as
+    is."""
+    from tests.conftest import compose
+
+    missing = tmp_path / "none"
+    with pytest.raises(FileNotFoundError) as refused:
+        read_init(compose([f"variant={variant}", "debug=smoke", f"+init_sweep={missing}"]))
+    assert str(refused.value).startswith(
+        f"init_from={missing}/seed0/checkpoints/last.ckpt: no such checkpoint"
+    )
+    assert "-m ablation=init_pretrain` trains" in str(refused.value) and "give init_from=PATH" in str(
+        refused.value
+    )
+    given = tmp_path / "given.ckpt"
+    with pytest.raises(FileNotFoundError) as refused:
+        read_init(compose([f"variant={variant}", "debug=smoke", f"init_from={given}"]))
+    assert str(refused.value) == f"init_from={given}: no such checkpoint file"
+
+
 def test_init_from_refuses_foreign_files_by_name(cfg_factory, tmp_path):
     cfg = cfg_factory(SMALL)
     own = instantiate(cfg.model).generator.state_dict()
