@@ -95,6 +95,8 @@ def read_checkpoint(
     whose contents `check` raises on, followed by `unreadable` (a format string given the error's type
     name as {kind} and what went wrong as {error}). With `checksums` (training state a run resumes from),
     a zip-format file whose members fail their CRC-32 is refused as damaged too."""
+    if path is None or str(path) == "":  # ckpt=null, ckpt=
+        raise ValueError(f"{key}=null: give {key}=PATH, a checkpoint file")
     path = Path(path)
     if path.is_dir():  # a run folder, most likely: name the checkpoints it holds
         found = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))

@@ -58,6 +58,8 @@ def check_out_folder(folder: object, key: str = "out") -> Path:
     Checked before the work, so a bad path costs no sampling."""
     from act_lightning.launch import check_writable_folder  # here: launch imports Hydra, export must not
 
+    if folder is None or str(folder) == "":  # out=null would write into a folder named None
+        raise ValueError(f"{key}=null: give {key}=FOLDER, the folder to write into")
     check_writable_folder(Path(str(folder)), key)
     return Path(str(folder))
 

@@ -38,6 +38,7 @@ from act_lightning.commands import (
     write_npz,
 )
 from act_lightning.consistency import ConsistencySchedule, karras_sigmas
+from act_lightning.data.images import eight_bit
 from act_lightning.sample import check_taus, image_noise, to_uint8
 from act_lightning.samplers import (
     SUPERRES_FACTORS,
@@ -95,7 +96,7 @@ def read_images(
         grey = image.mode in ("L", "LA", "1", "I", "I;16", "F")  # LA: grey with alpha (dropped)
         if channels == 1 and not grey:
             raise ValueError(f"{key}={file}: a colour image ({image.mode}); this model makes grey images")
-        array = np.asarray(image.convert("L" if channels == 1 or grey else "RGB"))
+        array = np.asarray(eight_bit(image, f"{key}={file}").convert("L" if channels == 1 or grey else "RGB"))
         tensor = torch.from_numpy(array.copy())
         tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
         images.append(tensor.expand(channels, -1, -1) if tensor.shape[0] == 1 else tensor)
@@ -120,12 +121,19 @@ def box_mask(size: int, box: list[int] | None) -> Tensor:
 
 def read_mask(path: Path, size: int) -> Tensor:
     """A mask image: (size, size) bool, true (non-zero pixels) = known."""
+    if path.is_dir():
+        raise IsADirectoryError(f"mask={path}: a folder; give one mask image, used for every input")
     if not path.is_file():
         raise FileNotFoundError(f"mask={path}: no such mask image")
-    with Image.open(path) as im:
-        if im.size != (size, size):
-            raise ValueError(f"mask={path}: {im.size[0]}x{im.size[1]} pixels; the images are {size}x{size}")
-        return torch.from_numpy(np.asarray(im.convert("L")) > 0)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mask = im
+    except Exception as err:
+        raise ValueError(f"mask={path}: not a readable image ({err})") from err
+    if mask.size != (size, size):
+        raise ValueError(f"mask={path}: {mask.size[0]}x{mask.size[1]} pixels; the images are {size}x{size}")
+    return torch.from_numpy(np.asarray(mask.convert("L")) > 0)
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -209,10 +217,13 @@ def read_inputs(cfg: DictConfig, files: list[Path], size: int, channels: int) ->
             )
         low = size // factor
         needs = f"{low}x{low} (task=superres factor={factor}; or {size}x{size}, averaged down to {low}x{low})"
-        with Image.open(files[0]) as first_image:
-            if first_image.size[0] == low:
-                read_size = low
-        if len(files) > 1:  # the first input decides which of the two sizes all of them have
+        try:
+            with Image.open(files[0]) as first_image:
+                first = first_image.size
+        except Exception:  # not an image: read_images names it
+            first = None
+        read_size = low if first == (low, low) else size
+        if len(files) > 1 and first in ((low, low), (size, size)):  # the first input decides for all
             needs = (
                 f"{read_size}x{read_size} like the first input, {files[0].name} (task=superres "
                 f"factor={factor}: all inputs {low}x{low}, or all {size}x{size} averaged down to {low}x{low})"

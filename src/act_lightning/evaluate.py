@@ -82,15 +82,17 @@ def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates `cfg.ckpt`; returns (and writes) the results."""
-    ckpt = Path(cfg.ckpt)
     lap = Laps()
-    checkpoint, run = load_checkpoint(ckpt)
+    checkpoint, run = load_checkpoint(cfg.ckpt)
+    ckpt = Path(cfg.ckpt)
     lap("checkpoint")
     ev = _apply_overrides(run, cfg)
     check_options(cfg, run)
     seeds = sampling_seeds(cfg)
     output = output_file(cfg, ckpt)
-    metrics = check_metrics(cfg.get("metrics") or ["fid"], ev.features)
+    metrics = check_metrics(
+        cfg.get("metrics") or ["fid"], ev.features, count=("num_samples", cfg.num_samples)
+    )
     quantize = recorded_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
     weights, dinov2_weights = required_files(cfg, ev, metrics, run)  # before the networks are built
     device = resolve_device(cfg.device)

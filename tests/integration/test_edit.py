@@ -221,6 +221,19 @@ def test_a_grey_image_with_alpha_is_grey(checkpoints, tmp_path):
     assert np.array_equal(r["output"][r["mask"]], r["input"][r["mask"]])
 
 
+def test_a_16_bit_grey_image_is_read_at_its_levels_not_clipped_to_black_and_white(checkpoints, tmp_path):
+    """Pillow's own conversion of a 16-bit grey image (I;16) clips every level above 255 to white: the
+    edit read a black-and-white image. Its levels are scaled to 8 bits, as the training data's are."""
+    grey = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    for name, array in (("8", grey), ("16", grey.astype(np.uint16) * 257)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(array).save(tmp_path / name / "0.png")
+        _edit([f"ckpt={checkpoints['grey']}", f"input={tmp_path / name}", f"out={tmp_path / ('out' + name)}"])
+    assert Image.open(tmp_path / "16" / "0.png").mode.startswith("I")
+    assert np.array_equal(_result(tmp_path / "out16")["input"][0, :, :, 0], grey)
+    assert np.array_equal(_result(tmp_path / "out16")["output"], _result(tmp_path / "out8")["output"])
+
+
 def test_bad_inputs_are_named(checkpoints, tmp_path):
     ckpt = checkpoints["grey"]
     images = _images(tmp_path / "in", 1, 8)
@@ -242,6 +255,14 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8), "L").save(tmp_path / "small_mask.png")
     with pytest.raises(ValueError, match=r"mask=.*small_mask.png: 4x4 pixels; the images are 8x8"):
         _edit([f"ckpt={ckpt}", f"input={images}", f"mask={tmp_path / 'small_mask.png'}", f"out={tmp_path}"])
+    (tmp_path / "junk.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"mask=.*junk.png: not a readable image \(cannot identify"):
+        _edit([f"ckpt={ckpt}", f"input={images}", f"mask={tmp_path / 'junk.png'}", f"out={tmp_path}"])
+    with pytest.raises(IsADirectoryError, match=r"mask=.*in: a folder; give one mask image"):
+        _edit([f"ckpt={ckpt}", f"input={images}", f"mask={images}", f"out={tmp_path}"])
+    quarter = _images(tmp_path / "quarter", 2, 4)  # neither 2x2 nor 8x8: not "like the first input"
+    with pytest.raises(ValueError, match=r"input=.*0.png: 4x4 pixels; this model needs 2x2 \(task=superres"):
+        _edit(["task=superres", "factor=4", f"ckpt={ckpt}", f"input={quarter}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match=r"box=\[6, 6, 4, 4\] does not fit a 8x8 image"):
         _edit([f"ckpt={ckpt}", f"input={images}", "box=[6,6,4,4]", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="factor must be one of 2, 4, 8 and divide the image size 8; got 3"):

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from act_lightning.checkpoints import load_model
 from act_lightning.consistency import karras_sigmas
 from act_lightning.sample import check_taus, class_labels, image_noise, two_step_tau
 from act_lightning.seeds import LABEL, mix_seed
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose, run_module
+from tests.conftest import CONF, ROOT, compose, refusal, run_module
 
 TINY = ["debug=smoke", "data=synthetic", "iterations=2", "eval=null"]
 
@@ -145,6 +146,28 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith(
         f"error: CKPT={run}: a folder, not a checkpoint"
     )
+
+
+def test_ckpt_null_and_out_null_are_refused_in_one_line_by_every_command(checkpoints, tmp_path):
+    """`ckpt=null` raised pathlib's TypeError (a traceback) and `out=null` wrote into a folder named None."""
+    image = tmp_path / "digit.png"
+    Image.new("L", (8, 8)).save(image)
+    hydra = f"hydra.run.dir={tmp_path / 'hydra'}"
+    for command in ("sample", "edit", "export", "evaluate"):
+        args = [hydra, "ckpt=null", *([f"out={tmp_path / 'out'}"] if command != "evaluate" else [])]
+        said = refusal(run_module(command, [*args, *([f"input={image}"] if command == "edit" else [])]))
+        assert said == "error: ckpt=null: give ckpt=PATH, a checkpoint file", (command, said)
+    for command in ("sample", "edit", "export"):
+        args = [
+            hydra,
+            f"ckpt={checkpoints['plain']}",
+            "out=null",
+            *([f"input={image}"] if command == "edit" else []),
+        ]
+        assert (
+            refusal(run_module(command, args)) == "error: out=null: give out=FOLDER, the folder to write into"
+        )
+    assert not (ROOT / "None").exists() and not Path("None").exists()
 
 
 def test_help_lists_the_commands_own_options():

@@ -131,6 +131,16 @@ def test_metric_names_are_checked():
         check_metrics(["kid"], "inception")
     with pytest.raises(ValueError, match=r"metrics=\[is\] needs eval.features=inception"):
         check_metrics(["fid", "is"], "digits")
+    # improved precision/recall's 3-nearest-neighbour radii: torch-fidelity failed inside on 3 images
+    few = r"metrics=\[...,pr\] with num_samples=3: .* 3 nearest neighbours, so they need at least 4 images"
+    with pytest.raises(ValueError, match=few):
+        check_metrics(["fid", "pr"], "inception", count=("num_samples", 3))
+    assert check_metrics(["fid", "pr"], "inception", count=("num_samples", 4)) == ["fid", "pr"]
+    assert check_metrics(["fid", "kid"], "inception", count=("num_samples", 2)) == ["fid", "kid"]
+    generated, real = torch.randn(4, 8), torch.randn(4, 8)  # the least it takes, computed
+    assert set(precision_recall(generated, real)) == {"precision", "recall"}
+    with pytest.raises(RuntimeError):  # what the check spares a user, after the sampling
+        precision_recall(generated[:3], real[:3])
 
 
 class _Net(torch.nn.Module):

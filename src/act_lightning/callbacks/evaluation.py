@@ -89,7 +89,10 @@ class FrechetEvaluation(L.Callback):
         check_eval_arguments(every, quantize, num_samples, batch_size, subset_size)
         names = metrics if metrics else ["fid"]
         self.metrics = check_metrics(
-            names, features if isinstance(features, str) else "custom", "eval.metrics"
+            names,
+            features if isinstance(features, str) else "custom",
+            "eval.metrics",
+            count=("eval.num_samples", num_samples),
         )
         self.subset_size = subset_size  # null: one set of num_samples; else the mean over sets of this size
         self.run_dir = Path(run_dir)

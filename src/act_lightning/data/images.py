@@ -46,15 +46,23 @@ def decode_image(data: bytes, source: str, channels: int = 3, draft_size: int | 
         ) from err
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
         raise DataError(f"{source}: the image does not decode ({type(err).__name__}: {err})") from err
+    return eight_bit(image, source).convert("RGB" if channels == 3 else "L")
+
+
+def eight_bit(image: Image.Image, source: str) -> Image.Image:
+    """`image` in a mode that `convert("RGB")` and `convert("L")` read without loss of range: palette and
+    alpha images through RGBA (whose alpha the conversion drops), 16-bit grey scaled to 8 bits (Pillow's
+    own conversion would clip every level above 255 to white); a floating-point image is refused, naming
+    `source`."""
     if image.mode in ("P", "LA", "PA"):
-        image = image.convert("RGBA")  # palette / alpha: through RGBA, whose alpha the conversion drops
-    if image.mode.startswith("I"):  # 16-bit grey (I;16*, or I as Pillow opens some): Pillow would clip
+        image = image.convert("RGBA")
+    if image.mode.startswith("I"):  # 16-bit grey (I;16*, or I as Pillow opens some)
         image = Image.fromarray(_high_byte(np.asarray(image), image.mode, source), mode="L")
     elif image.mode == "F":
         raise DataError(
             f"{source}: a floating-point image (mode F) has no fixed range: save it with 8 or 16 bits"
         )
-    return image.convert("RGB" if channels == 3 else "L")
+    return image
 
 
 def _high_byte(values: np.ndarray, mode: str, source: str) -> np.ndarray:

@@ -35,8 +35,14 @@ NEED_REAL_IMAGES = (*NEED_REAL, "fd_dinov2")  # FD-DINOv2 computes its reference
 NEED_LOGITS = ("is",)  # only the Inception network has class logits
 
 
-def check_metrics(metrics: Iterable[str], features: str, key: str = "metrics") -> list[str]:
-    """The requested metrics, refused by name (`key`) when unknown or impossible with these features."""
+PR_NEIGHBOURHOOD = 3  # k of improved precision/recall's k-nearest-neighbour radii (torch-fidelity's default)
+
+
+def check_metrics(
+    metrics: Iterable[str], features: str, key: str = "metrics", count: tuple[str, int] | None = None
+) -> list[str]:
+    """The requested metrics, refused by name (`key`) when unknown or impossible with these features, or
+    (`count`: the key and value of the generated images' count) with so few images."""
     metrics = check_names(metrics, key, "[fid,kid]")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics or "fid" not in metrics:
@@ -46,6 +52,11 @@ def check_metrics(metrics: Iterable[str], features: str, key: str = "metrics") -
         )
     if features != "inception" and any(m in NEED_LOGITS for m in metrics):
         raise ValueError(f"{key}=[is] needs eval.features=inception (class logits); got {features}")
+    if count is not None and "pr" in metrics and count[1] <= PR_NEIGHBOURHOOD:
+        raise ValueError(
+            f"{key}=[...,pr] with {count[0]}={count[1]}: precision and recall compare each image with its "
+            f"{PR_NEIGHBOURHOOD} nearest neighbours, so they need at least {PR_NEIGHBOURHOOD + 1} images"
+        )
     return metrics
 
 
@@ -200,7 +211,9 @@ def kernel_inception_distance(
     }
 
 
-def precision_recall(generated: Tensor, real: Tensor, neighborhood: int = 3) -> dict[str, float]:
+def precision_recall(
+    generated: Tensor, real: Tensor, neighborhood: int = PR_NEIGHBOURHOOD
+) -> dict[str, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): the share of generated samples inside
     the real k-NN manifold, and of real samples inside the generated one (k = `neighborhood`)."""
     from torch_fidelity.metric_prc import prc_features_to_metric
