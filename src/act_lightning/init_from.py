@@ -11,9 +11,13 @@ holds no target. A file that carries its generator's config (`act_generator`: a 
 CIFAR-10); otherwise the experiment's generator must have the file's shapes. The file is
 read with torch's safe loader only (`weights_only=True`), never unpickling arbitrary objects.
 
+A checkpoint of a run that started from a converted model sets `model.generator` the same way (its
+history's first launch recorded that architecture), so such a run can start the next one.
+
 A run that resumes from its own checkpoint (resume=auto) continues from it; `init_from` then only
-supplies the generator's config, as at the first launch. When the file has gone since, the run's history
-(`act_history`, which records a converted file's generator config) supplies it.
+supplies the generator's config, as at the first launch. When the file has gone since, or the launch does
+not give it again, the run's history (`act_history`, which records a converted file's generator config and
+the model it was converted from) supplies it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class InitWeights:
     weights: dict[str, Tensor]  # the generator's state dict (names relative to the generator)
     source: str  # the prefix they were read from
     generator: dict | None = None  # the file's own generator config (a converted model), as the file gives it
+    converted_from: str | None = None  # the model a converted generator came from (convert_diffusers' folder)
 
 
 def read_init(cfg: DictConfig) -> InitWeights | None:
@@ -78,10 +83,17 @@ def read_init(cfg: DictConfig) -> InitWeights | None:
                 f"init_from={path} was trained with model.{key}={saved_model[key]}, this run has "
                 f"model.{key}={cfg.model.get(key)}: set model.{key}={saved_model[key]}"
             )
-    generator = checkpoint.get("act_generator")
+    # a converted model's architecture: the converted file's, or that of a run that started from one (its
+    # history's first launch), so that a run tuned from a converted model can start the next run too
+    started = (checkpoint.get("act_history") or [{}])[0]
+    generator = checkpoint.get("act_generator") or started.get("init_generator")
+    converted_from = checkpoint.get("act_converted_from") or started.get("init_converted_from")
     if generator is not None:
         use_generator(cfg, generator)
-    return InitWeights(str(path), weights, source, None if generator is None else dict(generator))
+    generator = None if generator is None else dict(generator)
+    return InitWeights(
+        str(path), weights, source, generator, None if converted_from is None else str(converted_from)
+    )
 
 
 def use_generator(cfg: DictConfig, generator: dict) -> None:

@@ -186,6 +186,8 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
             entry["init_from"] = init.path
             if init.generator is not None:  # a converted model's architecture: a resume may need it
                 entry["init_generator"] = init.generator
+            if init.converted_from is not None:  # the model it came from, once the file is gone
+                entry["init_converted_from"] = init.converted_from
         elif tunes_a_diffusion_model(cfg):
             rank_zero_warning(
                 log,

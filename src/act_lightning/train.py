@@ -343,21 +343,40 @@ def check_local_multirun(trainer: dict) -> None:
 
 
 def _init_gone_on_resume(cfg: DictConfig) -> bool:
-    """init_from names a file that is no longer there, and the run folder holds the run's own last.ckpt,
-    which resume=auto continues: the weights init_from gave are in it (and recorded in its history), and
-    so is a converted file's generator config, which sets model.generator as the file did."""
+    """The launch continues its run from the run's own last.ckpt (resume=auto), and `init_from` is not there
+    to read: True when it names a file that has gone (the weights it gave are in that checkpoint). A run
+    that started from a converted model gets that model's generator config from its history
+    (`init_generator`), whether init_from is given again, gone, or left out: model.generator is as the file
+    set it at the first launch."""
     path, folder = cfg.get("init_from"), OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
-    if not path or folder is None or cfg.get("resume", "auto") != "auto" or Path(path).expanduser().exists():
+    if folder is None or cfg.get("resume", "auto") != "auto" or cfg.get("ckpt_path"):
         return False
+    if path and Path(path).expanduser().exists():
+        return False  # read_init reads it (and sets model.generator from it)
     last = Path(folder) / "last.ckpt"
     if not last.is_file():
         return False
-    history = read_checkpoint(last, "resume=auto found", mmap=True).get("act_history") or [{}]
+    try:
+        history = read_checkpoint(last, "resume=auto found", mmap=True).get("act_history") or [{}]
+    except Exception:
+        if path:
+            raise
+        return False  # a damaged last.ckpt: resolve_resume says what to do about it
     started = history[0]
-    if started.get("init_from") == str(path) and started.get("init_generator") is not None:
-        use_generator(cfg, started["init_generator"])
-    log.info("init_from=%s is gone; the run resumes from its own checkpoint, which holds those weights", path)
-    return True
+    generator = started.get("init_generator")
+    if generator is not None and (not path or started.get("init_from") == str(path)):
+        use_generator(cfg, generator)
+        if not path:
+            log.info(
+                "the run started from init_from=%s, a converted model: model.generator is its architecture, "
+                "from the run's history",
+                started.get("init_from"),
+            )
+    if path:
+        log.info(
+            "init_from=%s is gone; the run resumes from its own checkpoint, which holds those weights", path
+        )
+    return bool(path)
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:

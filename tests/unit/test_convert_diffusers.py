@@ -410,6 +410,18 @@ def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm
     assert int(last["state_dict"]["iteration"]) == 4
     assert last["act_config"]["model"]["generator"]["_target_"].endswith("VPEpsilonBackbone")
     assert last["act_history"][0]["init_from"] == str(out) and "init_generator" in last["act_history"][0]
+    # the model it was converted from is recorded, for when the converted file is gone
+    assert last["act_history"][0]["init_converted_from"] == str(tmp_path / "ddpm")
+    # a later launch need not give init_from again (it was refused: "model.generator._target_ ... cannot
+    # change on resume"), and the run can start the next one: its checkpoint sets model.generator too
+    longer = [*[a for a in args if not a.startswith(("init_from", "iterations"))], "iterations=6"]
+    assert train(compose([*longer, "resume_changes=[iterations]"], run_dir=str(run_dir)))["finished"]
+    tune = ["experiment=quickstart", f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}", "debug=smoke"]
+    next_run = tmp_path / "next"
+    assert train(compose([*tune, "eval=null", "iterations=2"], run_dir=str(next_run)))["finished"]
+    started = torch.load(next_run / "checkpoints" / "last.ckpt", weights_only=True)["act_history"][0]
+    assert started["init_generator"]["_target_"].endswith("VPEpsilonBackbone")
+    assert started["init_converted_from"] == str(tmp_path / "ddpm")
 
 
 def test_the_backbone_refuses_sizes_other_than_the_unets_and_an_unknown_c_noise_at_once():
