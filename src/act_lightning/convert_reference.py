@@ -93,16 +93,23 @@ def convert(
     """Converts the reference checkpoint `ckpt` into `out` (see the module docstring); `overrides` are
     the training config's, as for act_lightning.train; an existing `out` is replaced only with `force`."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     check_out(Path(ckpt), Path(out), force)
     state, iteration = read_reference(Path(ckpt))
     overrides = list(overrides or [])
+    detected = None
     if not any(o.startswith("experiment=") for o in overrides):
-        overrides.insert(0, f"experiment={detect_experiment(state)}")
+        detected = detect_experiment(state)
+        overrides.insert(0, f"experiment={detected}")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "run_dir=converted"])
+        try:
+            cfg = compose("train", overrides=[*overrides, "run_dir=converted"])
+        except HydraException as err:  # a mistyped override: Hydra's message in one line
+            given = " ".join(o for o in overrides if o != f"experiment={detected}")
+            raise ValueError(f"overrides {given}: {one_line(str(err))}") from None
     model = instantiate(cfg.model, distance="l2", speed={"channels_last": False})
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("distance.")}
     converted, problems = rename_keys(state, own)
@@ -187,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
         "from the generator when not given), debug=smoke, data=synthetic ...",
     )
     return parser
+
+
+def one_line(message: str) -> str:
+    """Hydra's composition error in one line: its first line, and the options it lists (not its search
+    path)."""
+    first, _, rest = message.partition("\n")
+    options = rest.split("Config search path:")[0].split()
+    if "Available options" in rest:
+        group = rest.split("Available options in ")[1].split(":")[0]
+        return f"{first}; the options in {group}: {', '.join(o for o in options[4:])}"
+    return " ".join([first, *options]) if options else first
 
 
 def main(argv: list[str] | None = None) -> int:

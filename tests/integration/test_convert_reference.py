@@ -200,6 +200,25 @@ def test_the_command_refuses_a_foreign_file_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out.ckpt").exists()
 
 
+def test_a_mistyped_override_is_refused_in_one_line_with_the_options(reference, tmp_path, capsys):
+    """Hydra's composition errors (an unknown option of a group, a key not in the config) were a traceback."""
+    from act_lightning.convert_reference import main
+
+    _, _, path = reference
+    said = {
+        "experiment=cifar1O": "In 'train': Could not find 'experiment/cifar1O'; the options in 'experiment': "
+        "cifar10, cifar10_diffusion,",
+        "model.nosuch=1": "Could not override 'model.nosuch'. To append to your config use +model.nosuch=1",
+    }
+    for override, message in said.items():
+        with pytest.raises(SystemExit) as stop:
+            main([str(path), str(tmp_path / "out.ckpt"), override])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: overrides {override}: {message}"), err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.ckpt").exists()
+
+
 def test_an_existing_out_is_replaced_only_with_force_and_never_when_it_is_ckpt(reference, tmp_path, capsys):
     from act_lightning.convert_reference import main
 
