@@ -22,6 +22,10 @@ run under `no_grad` and clip to [-1, 1] after every step, as the reference does.
   - superres (factor s = 2, 4 or 8; the reference uses 8): the known part is the mean of each s x s patch
     (A's first row on a patch is uniform). P(x) = x + upsample(avgpool(y) - avgpool(x)); the result
     averaged over patches is the input.
+  For colorize and superres, "is the input's" holds before the result is clipped to [-1, 1]: a projection
+  can push a pixel past the range (a dark input patch whose generated pixels vary widely), and the clip,
+  which writing the image as uint8 makes anyway, moves that pixel's luminance or patch mean. Inpainting's
+  projection only copies input pixels, so its known part is the input's exactly.
 """
 
 from __future__ import annotations
