@@ -51,7 +51,8 @@ from act_lightning.seeds import EVALUATION, check_seed, image_noise
 log = logging.getLogger(__name__)
 
 
-EVAL_DEFAULTS = {  # a run trained without an evaluation callback (eval: null) is scored with these
+EVAL_DEFAULTS = {  # a run trained without an evaluation callback (eval: null) is scored with these (on the
+    # quickstart's digits: with its digit-classifier features, as `fd`)
     "features": "inception",
     "key": "val/fid",
     "inception_weights": None,
@@ -67,11 +68,16 @@ EVAL_DEFAULTS = {  # a run trained without an evaluation callback (eval: null) i
 def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
     """The run's evaluation settings (its FrechetEvaluation arguments) and data, with the non-null keys
     of `cfg.eval` and `cfg.data` put over them."""
-    ev = OmegaConf.merge(EVAL_DEFAULTS, run.get("eval") or {})
+    defaults = dict(EVAL_DEFAULTS)
+    if run.get("eval") is None and "Digits" in str(OmegaConf.select(run, "data._target_", default="")):
+        defaults.update(features="digits", key="val/fd")  # the quickstart's: Inception sees nothing in 8x8
+    ev = OmegaConf.merge(defaults, run.get("eval") or {})
     given = cfg.get("eval") or {}
     for key, value in given.items():
         if value is not None:
             ev[key] = value
+    if given.get("features") is not None and given.get("key") is None:  # the name follows the features
+        ev.key = "val/fd" if ev.features == "digits" else "val/fid"
     if ev.inception_weights != "random" and given.get("inception_resize") is None:
         ev.inception_resize = None  # a smoke run's smaller input was for its random network only
     for key, value in (cfg.get("data") or {}).items():
