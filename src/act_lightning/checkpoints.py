@@ -80,6 +80,16 @@ def refused_global(error: BaseException) -> str:
     return f"it holds pickled Python objects besides tensors ({name}), which the safe loader does not load"
 
 
+DIFFUSERS_FILES = (  # what a diffusers model's folder holds (a pipeline's, or a UNet's and its scheduler's)
+    "unet",
+    "scheduler",
+    "model_index.json",
+    "scheduler_config.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+
+
 def read_checkpoint(
     path: str | Path,
     key: str,
@@ -101,6 +111,14 @@ def read_checkpoint(
     if path.is_dir():  # a run folder, most likely: name the checkpoints it holds
         found = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
         some = f": it holds {', '.join(str(f) for f in found[:4])}" if found else ""
+        if not found and (path / "model.safetensors").is_file():  # act_lightning.export's folder
+            some = ": an exported generator, which act_lightning.load_generator(folder) loads"
+        elif not found and any((path / name).exists() for name in DIFFUSERS_FILES):
+            then = (
+                " (then init_from=OUT.ckpt)" if key == "init_from" else ", and train from it with init_from"
+            )
+            convert = f"python -m act_lightning.convert_diffusers {path} OUT.ckpt"
+            some = f": a diffusers model? convert it first: {convert}{then}"
         raise IsADirectoryError(f"{key}={path}: a folder, not a checkpoint file{some}")
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path}: no such checkpoint file")

@@ -129,8 +129,11 @@ def check_config(cfg: DictConfig) -> None:
         net = cfg.model.get(name)
         for key, data_key in (("image_size", "image_size"), ("in_channels", "channels")):
             if net is not None and key in net and net[key] != cfg.data[data_key]:
+                converted = name == "generator" and cfg.get("init_from") and "unet" in net  # set by the file
+                source = f" (init_from={cfg.init_from} is a model of such images: train it on data of theirs)"
                 raise ValueError(
                     f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
+                    + (source if converted else "")
                 )
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from act_lightning.checkpoints import load_model
+from act_lightning.checkpoints import load_model, read_checkpoint
 from act_lightning.consistency import karras_sigmas
 from act_lightning.sample import check_taus, class_labels, image_noise, two_step_tau
 from act_lightning.seeds import LABEL, mix_seed
@@ -142,6 +142,18 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path):
         IsADirectoryError, match=f"^ckpt={run}: a folder, not a checkpoint file: it holds {checkpoints}$"
     ):
         _sample([f"ckpt={run}", f"out={tmp_path / 'out'}"])
+    exported, diffusers = tmp_path / "exported", tmp_path / "ddpm"  # the folders a user may take for one
+    (exported / "unet").mkdir(parents=True)
+    (exported / "model.safetensors").write_bytes(b"")
+    (diffusers / "unet").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="an exported generator, which act_lightning.load_generator"):
+        _sample([f"ckpt={exported}", f"out={tmp_path / 'out'}"])
+    with pytest.raises(
+        IsADirectoryError, match=rf"a diffusers model\? convert it first: python -m .* {diffusers}"
+    ):
+        _sample([f"ckpt={diffusers}", f"out={tmp_path / 'out'}"])
+    with pytest.raises(IsADirectoryError, match=r"OUT.ckpt \(then init_from=OUT.ckpt\)$"):
+        read_checkpoint(diffusers, "init_from")
     result = run_module("convert_reference", [str(run), str(tmp_path / "converted.ckpt")], timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(
         f"error: CKPT={run}: a folder, not a checkpoint"

@@ -371,8 +371,12 @@ def test_init_from_refuses_data_of_another_size_by_name(cfg_factory, digits_ddpm
     _, out = digits_ddpm
     cfg = cfg_factory(["experiment=quickstart", f"init_from={out}", "debug=smoke", "data.image_size=16"])
     read_init(cfg)
-    with pytest.raises(ValueError, match="model.generator.image_size=8 differs from data.image_size=16"):
+    with pytest.raises(
+        ValueError, match="model.generator.image_size=8 differs from data.image_size=16"
+    ) as err:
         check_config(cfg)
+    # the user set neither key: the file did, and it is named
+    assert str(err.value).endswith(f"(init_from={out} is a model of such images: train it on data of theirs)")
 
 
 def test_the_runs_dropout_applies_to_a_converted_generator(cfg_factory, digits_ddpm):
