@@ -275,8 +275,9 @@ def check_exportable(model, ckpt) -> None:
 
 def check_export_folder(out: Path) -> None:
     """`out` is new, empty or an earlier export (replaced): a folder of other files (a run's checkpoints,
-    a data set) would get a model card, weights and diffusers' folders mixed into it."""
-    if not out.is_dir() or not any(out.iterdir()):
+    a data set) would get a model card, weights and diffusers' folders mixed into it. Hidden entries do not
+    count: a clone of a new Hugging Face repository (.git, .gitattributes) takes an export."""
+    if not out.is_dir() or not any(not p.name.startswith(".") for p in out.iterdir()):
         return
     try:
         earlier = json.loads((out / "config.json").read_text()).get("format") == FORMAT

@@ -194,6 +194,11 @@ def test_an_export_replaces_an_earlier_one_and_refuses_a_folder_of_other_files(e
     with pytest.raises(ValueError, match=f"out={ckpt.parent} holds other files, not an earlier export"):
         export(ckpt, ckpt.parent)  # it wrote a model card and weights among the run's checkpoints
     assert sorted(p.name for p in ckpt.parent.iterdir()) == before
+    hub = out.parent / "hub_clone"  # a clone of a new Hugging Face repository: hidden files only
+    (hub / ".git").mkdir(parents=True)
+    (hub / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    export(ckpt, hub)
+    assert (hub / "model.safetensors").is_file() and (hub / ".gitattributes").read_text().startswith("*.safe")
 
 
 def test_a_folder_that_is_not_an_export_is_named(tmp_path):
