@@ -62,8 +62,14 @@ Bad = dict[str, Tensor]  # guarded term -> whether it went non-finite (divergenc
 
 
 def with_curriculum(schedule: ConsistencySchedule, curriculum: str | None) -> ConsistencySchedule:
-    """`model.curriculum`, when set, replaces `model.schedule.curriculum` (its shorthand: curriculum=ect)."""
-    return schedule if curriculum is None else dataclasses.replace(schedule, curriculum=curriculum)
+    """`model.curriculum`, when set, replaces `model.schedule.curriculum` (its shorthand: curriculum=ect);
+    refused under its own name when the schedule does not know it."""
+    if curriculum is None:
+        return schedule
+    try:
+        return dataclasses.replace(schedule, curriculum=curriculum)
+    except ValueError as err:
+        raise ValueError(str(err).replace("model.schedule.curriculum", "model.curriculum", 1)) from None
 
 
 def discriminator_if(adversarial: bool, discriminator: nn.Module | Callable[[], nn.Module] | None):

@@ -53,6 +53,18 @@ def test_bad_ect_and_edm_keys_are_refused_by_name(key, value, message):
         cm.ConsistencySchedule(**{key: value})
 
 
+def test_an_unknown_curriculum_is_refused_under_the_key_given():
+    """model.curriculum (the shorthand) and model.schedule.curriculum each name themselves."""
+    from act_lightning.module import with_curriculum
+
+    allowed = "must be one of sqrt, exponential, ect; got 'ect_'"
+    with pytest.raises(ValueError, match=f"^model.curriculum {allowed}$"):
+        with_curriculum(cm.ConsistencySchedule(), "ect_")
+    with pytest.raises(ValueError, match=f"^model.schedule.curriculum {allowed}$"):
+        cm.ConsistencySchedule(curriculum="ect_")
+    assert with_curriculum(cm.ConsistencySchedule(), "ect").curriculum == "ect"
+
+
 def test_a_pair_below_sigma_min_takes_the_clean_image_as_its_target():
     schedule = cm.ConsistencySchedule(curriculum="ect", loss_weighting="ict", gan_ratio=0.0)
     x, z = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
