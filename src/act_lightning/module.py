@@ -498,11 +498,23 @@ class ACTModule(L.LightningModule):
         self.k += 1
         self.iteration.fill_(self.k)
         logs["step"] = self._on_device(self.k)  # loggers' x-axis: ACT iterations, not optimiser steps
+        self._mean_over_devices(logs)
         if self.speed.sync_logs:  # the baseline's way: every value read off the device at once (waits for it)
             logs = {k: float(v) for k, v in logs.items()}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
         if self.k >= self.hparams.iterations:
             self.trainer.should_stop = True
+
+    def _mean_over_devices(self, logs: Logs) -> None:
+        """The losses of the global batch under DDP: each rank's are means over its shard of the global
+        batch (equal shards), so their mean over ranks is the global batch's, which one device logs; in one
+        collective, with no wait for the device. The other values are alike on every rank already (R1's
+        statistic is reduced where it is computed; p, N(k), mu are the run's)."""
+        names = [k for k in logs if k.startswith("train/loss_")]
+        if self.trainer.world_size == 1 or not names:
+            return
+        stacked = torch.stack([torch.as_tensor(logs[k], device=self.device).float() for k in names])
+        logs.update(zip(names, self.trainer.strategy.reduce(stacked, reduce_op="mean").unbind(), strict=True))
 
     # -- the target EMA -----------------------------------------------------------------------------
     def _update_target(self, decay: float) -> None:

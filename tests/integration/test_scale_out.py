@@ -79,6 +79,11 @@ def test_plain_ddp_on_two_cpu_processes_trains_what_one_process_with_the_global_
     # Same examples with the same noise: equal up to float rounding (the gradient all-reduce sums in
     # another order than one process's batch reduction)
     assert_same_weights(ddp["state_dict"], single["state_dict"], tol=1e-4)
+    # and the losses logged are the global batch's, as one process logs them (they were rank 0's shard's:
+    # loss_d 3.1 against 12.4 at iteration 1)
+    for key, rel in {"train/loss_ct": 1e-4, "train/loss_adv": 1e-4, "train/loss_d": 1e-3}.items():
+        a, b = _logged(two, key), _logged(one, key)
+        assert len(a) == len(b) == 4 and a == pytest.approx(b, rel=rel), key
     # The metric (sampled by both ranks, reduced across them) is one process's, at every evaluation.
     a = json.loads((two / "metric_summary.json").read_text())
     b = json.loads((one / "metric_summary.json").read_text())
