@@ -86,10 +86,17 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
             "data=synthetic",
             "model.distance=pseudo_huber",
             "model.schedule.mid_weight=interval(0.1,0.5)",
+            # the study kept in a database, as conf/hparams_search/optuna.yaml offers (it failed on
+            # SQLAlchemy 2, which the sweeper's optuna 2.10 does not support)
+            f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
         ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="cifar10", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     found = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     values = [_best(tmp_path / str(job)) for job in (0, 1)]
     assert found["best_value"] == pytest.approx(min(values))  # what train() returned, minimised
