@@ -57,11 +57,17 @@ def test_sample_and_edit_runs_on_a_checkpoint(runs, monkeypatch):
 
 
 def test_training_curves_plot_every_job_of_a_sweep(runs, monkeypatch):
-    notebook = _execute(
-        "02_training_curves.ipynb", runs, {"ACT_RUNS": str(runs / "multirun" / "*")}, monkeypatch
-    )
+    # by default every run under multirun/ at any depth (the jobs lie one folder down, as make
+    # reproduce-mini's do; the default looked four down only), else the ACT_RUNS glob's
+    monkeypatch.delenv("ACT_RUNS", raising=False)
+    notebook = _execute("02_training_curves.ipynb", runs, {}, monkeypatch)
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "job0" in text and "job1" in text
+    notebook = _execute(
+        "02_training_curves.ipynb", runs, {"ACT_RUNS": str(runs / "multirun" / "job1")}, monkeypatch
+    )
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "job0" not in text and "job1" in text
     images = [
         o
         for c in notebook.cells
