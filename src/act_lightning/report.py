@@ -185,10 +185,16 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     for run, label in zip(runs, variant_labels(overrides)):
         variants.setdefault(label, Variant(label)).runs.append(run)
     if not variants:
-        raise FileNotFoundError(
-            f"no metric_summary.json under {', '.join(map(str, sweeps))}: were the jobs run with an "
-            "evaluation (eval is not null)?"
+        jobs = sorted(p.parent.parent for sweep in sweeps for p in sweep.glob("**/.hydra/launches"))
+        said = (
+            f": its {len(jobs)} job folder(s) ({', '.join(str(j) for j in jobs[:3])}"
+            + (", ..." if len(jobs) > 3 else "")
+            + ") were refused or stopped before their first evaluation (each says why in "
+            ".hydra/launches/*/train.log), or ran with eval=null"
+            if jobs
+            else ": were the jobs run with an evaluation (eval is not null)?"
         )
+        raise FileNotFoundError(f"no metric_summary.json under {', '.join(map(str, sweeps))}{said}")
     return list(variants.values())
 
 

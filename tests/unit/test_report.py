@@ -377,3 +377,16 @@ def test_jobs_that_report_different_metrics_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"different metrics: val/fd \(.*sweep/0\), val/fid \(.*sweep/1\)"):
         find_runs([tmp_path / "sweep"])
     assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "r")]) == 2  # said as an error line
+
+
+def test_a_sweep_without_any_evaluation_says_whether_its_jobs_were_refused(tmp_path):
+    """Jobs that left only their launch records (refused, or stopped before their first evaluation) were
+    reported as jobs without an evaluation (eval=null)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: were the jobs run with an evaluation"):
+        find_runs([tmp_path / "empty"])
+    for job in ("0", "1"):
+        (tmp_path / "sweep" / job / ".hydra" / "launches" / "2026-12-07_12-00-00_000000").mkdir(parents=True)
+    refused = r"its 2 job folder\(s\) \(.*sweep/0, .*sweep/1\) were refused or stopped before their first"
+    with pytest.raises(FileNotFoundError, match=refused):
+        find_runs([tmp_path / "sweep"])
