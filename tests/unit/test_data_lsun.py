@@ -167,6 +167,23 @@ def test_not_an_lmdb_is_named(tmp_path):
         _dm(tmp_path).setup("fit")
 
 
+def test_an_lmdb_cut_short_is_named_where_a_read_past_its_end_killed_the_process(tmp_path):
+    """An interrupted unzip or copy leaves data.mdb shorter than the database it holds: its pages are mapped
+    whole, and the first read past the end was a bus error (the process dead, no message), in the data
+    module and in prepare alike."""
+    write_lsun_lmdb(tmp_path / "cat", n=8)
+    path = tmp_path / "cat" / "data.mdb"
+    whole = path.stat().st_size
+    os.truncate(path, whole // 2)
+    cut = rf"cat/data\.mdb: {whole // 2:,} bytes, but the database it holds needs {whole:,}: the file was"
+    with pytest.raises(DataError, match=cut):
+        _dm(tmp_path).setup("fit")
+    assert (
+        prepare_main(["lsun_cat256", "-q", "--workers", "0", str(tmp_path / "cat"), str(tmp_path / "out")])
+        == 1
+    )
+
+
 def test_empty_lmdb_is_named(tmp_path):
     write_lsun_lmdb(tmp_path / "cat", n=0)
     with pytest.raises(DataError, match=r"cat/data\.mdb: the LMDB holds no images"):

@@ -43,6 +43,18 @@ def open_lmdb(path: Path):
             raise DataError(
                 f"{path / 'data.mdb'}: not a readable LMDB ({type(err).__name__}: {err})"
             ) from err
+        env = _ENVS[key]
+        # a file cut short (an interrupted unzip or copy) is mapped whole: a read past its end would kill the
+        # process with a bus error, naming nothing; the database says how many pages it has
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = (path / "data.mdb").stat().st_size
+        if size < needed:
+            close_lmdb(path)
+            raise DataError(
+                f"{path / 'data.mdb'}: {size:,} bytes, but the database it holds needs {needed:,}: the file "
+                "was cut short (an interrupted unzip or copy?); unpack it again from its archive, "
+                + URLS.format(category=path.name.removesuffix("_train_lmdb"))
+            )
     return _ENVS[key]
 
 
