@@ -336,6 +336,34 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path, monkeypatch):
     assert listing(tmp_path) == set()  # ... and the folders it made for the archive are gone
 
 
+def test_a_stalled_download_times_out_and_is_cleaned_up(tmp_path, monkeypatch):
+    """A server (here a proxy on loopback) that accepts the connection and never answers: torchvision's
+    urlopen has no timeout and the download hung for ever; it now fails after DOWNLOAD_TIMEOUT seconds
+    without progress, says so and leaves nothing behind. No packet leaves this machine."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    held = []
+    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setattr(cifar10, "DOWNLOAD_TIMEOUT", 0.5)
+    root = tmp_path / "cifar10"
+    before = socket.getdefaulttimeout()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"The download failed: .*timed out") as err:
+            _dm(root, download=True).prepare_data()
+    finally:
+        server.close()
+    assert held and URL in str(err.value)  # the request reached the stalled server, and gave up
+    assert listing(tmp_path) == set() and socket.getdefaulttimeout() == before
+
+
 def test_a_failed_download_into_an_existing_root_leaves_it_as_it_was(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
 

@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import shutil
+import socket
 import tarfile
 import urllib.error
 import zlib
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 URL = CIFAR10.url  # https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
 ARCHIVE = CIFAR10.filename  # cifar-10-python.tar.gz
+DOWNLOAD_TIMEOUT = 60.0  # seconds a connection may wait for the server (to connect, or for each read)
 FOLDER = CIFAR10.base_folder  # cifar-10-batches-py
 TRAIN_FILES = [(name, md5) for name, md5 in CIFAR10.train_list]  # data_batch_1 .. data_batch_5
 EXTRACTING = f".{FOLDER}.extracting"  # the archive is extracted here, then its files moved into FOLDER
@@ -73,6 +75,18 @@ class _BatchUnpickler(pickle.Unpickler):
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise RefusedGlobal(module, name) from None
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float):
+    """Sockets opened within time out after `seconds` without progress (urllib's default is to wait for
+    ever): a stalled download fails with TimeoutError, an OSError, and is cleaned up and said as such."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _refused_message(path: Path, qualified: str) -> str:
@@ -334,7 +348,8 @@ class CIFAR10DataModule(ImageDataModule):
         # under the lock: no one else writes there now (a link to a missing folder is the user's: kept)
         made_folder = not os.path.lexists(root / FOLDER)
         try:
-            download_url(URL, str(root), filename=part.name)
+            with socket_timeout(DOWNLOAD_TIMEOUT):  # torchvision's urlopen has none: a stalled server hung
+                download_url(URL, str(root), filename=part.name)
             os.replace(part, root / ARCHIVE)
             self._extract(root / ARCHIVE)
         except BaseException as err:
