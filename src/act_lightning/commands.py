@@ -109,6 +109,10 @@ def refusal(err: Exception) -> Exception:
         err = ValueError(unknown_key(full_key, unexpected.group(1), str(err)))
     if isinstance(err, MissingMandatoryValue):  # omegaconf's message spans three lines
         err = ValueError(f"{err.full_key} is required: give {err.full_key}=... (--help lists the options)")
+    worker = re.match(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", str(err))
+    if worker:  # torch re-raises a worker's error with the worker's traceback as its message: its last line
+        last = str(err).rstrip().splitlines()[-1]
+        err = ValueError(last.split(": ", 1)[1] if ": " in last else last)
     return err
 
 

@@ -135,10 +135,23 @@ def test_undecodable_value_names_the_key(tmp_path):
     dm = _dm(tmp_path)
     dm.setup("fit")
     index = [dm.train_set.keys[i] for i in range(len(dm.train_set))].index(b"ffff-broken")
-    with pytest.raises(DataError, match=r"cat/data\.mdb key 'ffff-broken': the image does not decode"):
+    with pytest.raises(DataError, match=r"cat/data\.mdb key 'ffff-broken': the image does not decode") as err:
         dm.train_set[index]
-    with pytest.raises(DataError, match=r"key 'ffff-broken': the image does not decode.*--skip-broken"):
+    # met in training, in the data's fixed order (a resume meets it again): how to leave such images out
+    fix = f"python -m act_lightning.prepare lsun_cat256 --skip-broken {tmp_path / 'cat'} DST, then train"
+    assert fix in str(err.value) and str(err.value).count("--skip-broken") == 1
+    from act_lightning.commands import refusal
+
+    lsun.close_lmdb(tmp_path / "cat")  # workers open their own (as the data module leaves them to)
+    with pytest.raises(DataError) as caught:  # from a DataLoader worker, as a run with workers meets it
+        next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(dm.train_set, [index]), num_workers=1)))
+    assert str(caught.value).startswith("Caught DataError in DataLoader worker process 0.")
+    assert str(refusal(caught.value)) == str(err.value)  # the line a run says: the worker's message alone
+    with pytest.raises(
+        DataError, match=r"key 'ffff-broken': the image does not decode.*--skip-broken"
+    ) as err:
         prepare_lsun_quiet(tmp_path, tmp_path / "p")
+    assert str(err.value).count("--skip-broken") == 1
     assert not (tmp_path / "p").exists()  # no half-written array without a manifest is left behind
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("kept")

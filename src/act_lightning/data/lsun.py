@@ -112,9 +112,19 @@ class LMDBImages(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def image(self, index: int) -> torch.Tensor:
         value, source = self.read(index)
-        return load_image(value, source, self.image_size, self.channels, method=CROP), 0
+        return load_image(value, source, self.image_size, self.channels, method=CROP)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.image(index), 0
+        except DataError as err:  # the order is the run's: a resume would meet it again, at the same point
+            raise DataError(
+                f"{err}; to train without the broken images, prepare the data leaving them out: python -m "
+                f"act_lightning.prepare lsun_cat256 --skip-broken {self.path} DST, then train with "
+                "data.root=DST"
+            ) from None
 
 
 # -- the prepared form -------------------------------------------------------------------------------
@@ -124,7 +134,7 @@ def _decode_chunk(args: tuple[str, list[bytes], int, int]) -> list[tuple[np.ndar
     out = []
     for i in range(len(keys)):
         try:
-            out.append((dataset[i][0].numpy(), ""))
+            out.append((dataset.image(i).numpy(), ""))
         except DataError as err:
             out.append((None, str(err)))
     return out
