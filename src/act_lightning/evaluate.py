@@ -80,9 +80,16 @@ def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
         ev.key = "val/fd" if ev.features == "digits" else "val/fid"
     if ev.inception_weights != "random" and given.get("inception_resize") is None:
         ev.inception_resize = None  # a smoke run's smaller input was for its random network only
+    trained_root = run.data.get("root")
     for key, value in (cfg.get("data") or {}).items():
         if value is not None:
             run.data[key] = value
+    cache, root = ev.get("reference_cache"), run.data.get("root")
+    if cache and trained_root and root != trained_root and given.get("reference_cache") is None:
+        # the cache the run kept beside its data (reference=train) moves with data.root: the old place's
+        # statistics are of the data that was there
+        if Path(cache).is_relative_to(trained_root):
+            ev.reference_cache = str(Path(root) / Path(cache).relative_to(trained_root))
     return ev
 
 

@@ -302,6 +302,26 @@ def test_a_smoke_runs_smaller_inception_input_is_refused_to_real_weights_and_dro
     asked.eval.inception_resize = 80  # said explicitly: kept (and refused with real weights later)
     assert _apply_overrides(stored.copy(), asked).inception_resize == 80
 
+    # the statistics a run kept beside its data move with data.root: the old place's are of the data that
+    # was there (they were read and written at the training-time path); one given, or kept elsewhere, stays
+    kept = OmegaConf.create(
+        {
+            "eval": {"reference_cache": "/old/cifar10/fid_stats_inception_32.npz"},
+            "data": {"root": "/old/cifar10"},
+        }
+    )
+    moved = OmegaConf.create({"eval": {}, "data": {"root": "/new/cifar10"}})
+    assert _apply_overrides(kept.copy(), moved).reference_cache == "/new/cifar10/fid_stats_inception_32.npz"
+    assert _apply_overrides(kept.copy(), OmegaConf.create({"eval": {}, "data": {}})).reference_cache == (
+        "/old/cifar10/fid_stats_inception_32.npz"
+    )
+    given = OmegaConf.create({"eval": {"reference_cache": "/mine/s.npz"}, "data": {"root": "/new/cifar10"}})
+    assert _apply_overrides(kept.copy(), given).reference_cache == "/mine/s.npz"
+    elsewhere = OmegaConf.create(
+        {"eval": {"reference_cache": "/stats/c.npz"}, "data": {"root": "/old/cifar10"}}
+    )
+    assert _apply_overrides(elsewhere, moved).reference_cache == "/stats/c.npz"
+
 
 def test_a_missing_published_reference_stops_the_run_at_start_up(tmp_path):
     run = tmp_path / "run"

@@ -376,6 +376,15 @@ def test_training_set_statistics_are_cached_and_recomputed_when_the_data_changes
     with np.load(cache) as npz:
         assert int(npz["num_images"]) == 20
     assert not np.allclose(fewer[0], reference_statistics(extractor, "train", data, "other")[0])
+    # the same images read with other channels (data.channels=1 on a colour set): recomputed, where the
+    # colour statistics were read back for the grey run
+    reads = data.reads
+    reference_statistics(extractor, "train", data, "other", cache=cache, max_images=20)
+    data.channels = 1
+    reference_statistics(extractor, "train", data, "other", cache=cache, max_images=20)
+    assert data.reads == reads + 1
+    with np.load(cache) as npz:
+        assert int(npz["channels"]) == 1
 
 
 def test_reference_statistics_read_real_images_and_caches_from_before_that_are_made_again(tmp_path):
