@@ -51,6 +51,21 @@ def _verify(args: argparse.Namespace) -> dict:
     return manifest
 
 
+def count(low: int):
+    """An argparse type: an integer >= `low` (argparse names the option when it refuses one)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m act_lightning.prepare",
@@ -72,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="the LMDB folder (holding data.mdb), or its parent")
     p.add_argument("dst", type=Path, help="output folder (then train with data.root=DST)")
     p.add_argument("--category", default="cat", help="LSUN category (default: cat)")
-    p.add_argument("--image-size", type=int, default=256, help="output size in pixels (default: 256)")
-    p.add_argument("--max-images", type=int, default=None, help="convert only the first N images")
+    p.add_argument("--image-size", type=count(1), default=256, help="output size in pixels (default: 256)")
+    p.add_argument("--max-images", type=count(1), default=None, help="convert only the first N images")
     p.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (0: in this one)"
+        "--workers", type=count(0), default=os.cpu_count() or 1, help="decoding processes (0: in this one)"
     )
     p.add_argument(
         "--skip-broken",

@@ -112,3 +112,19 @@ def test_missing_data_stops_the_cli_with_the_files_to_fetch(tmp_path):
     assert result.returncode != 0
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in result.stderr
     assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in result.stderr
+
+
+@pytest.mark.parametrize(
+    "option, value, low",
+    [("--image-size", "0", 1), ("--max-images", "-3", 1), ("--max-images", "0", 1), ("--workers", "-1", 0)],
+)
+def test_prepare_refuses_a_count_out_of_range_by_its_option(option, value, low, tmp_path, capsys):
+    """They were numpy's and Pillow's messages ("negative dimensions are not allowed"), or, for
+    --max-images 0, an empty prepared set and exit status 0."""
+    with pytest.raises(SystemExit) as stop:
+        prepare_main(["lsun_cat256", str(tmp_path / "src"), str(tmp_path / "dst"), option, value])
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and said.endswith(
+        f"argument {option}: must be an integer >= {low}, got '{value}'"
+    )
+    assert not (tmp_path / "dst").exists()
