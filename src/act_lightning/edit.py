@@ -82,12 +82,7 @@ def read_images(
     channels), colour ones for a grey model are refused."""
     images = []
     for file in files:
-        try:
-            with Image.open(file) as im:
-                im.load()
-                image = im
-        except Exception as err:
-            raise ValueError(f"{key}={file}: not a readable image ({err})") from err
+        image = open_image(file, key)
         if image.size != (size, size):
             raise ValueError(
                 f"{key}={file}: {image.size[0]}x{image.size[1]} pixels; this model needs "
@@ -119,18 +114,23 @@ def box_mask(size: int, box: list[int] | None) -> Tensor:
     return mask
 
 
+def open_image(path: Path, key: str) -> Image.Image:
+    """The image at `path`, read whole; one that Pillow cannot read is refused, naming `key` and the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except Exception as err:
+        raise ValueError(f"{key}={path}: not a readable image ({err})") from err
+
+
 def read_mask(path: Path, size: int) -> Tensor:
     """A mask image: (size, size) bool, true (non-zero pixels) = known."""
     if path.is_dir():
         raise IsADirectoryError(f"mask={path}: a folder; give one mask image, used for every input")
     if not path.is_file():
         raise FileNotFoundError(f"mask={path}: no such mask image")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mask = im
-    except Exception as err:
-        raise ValueError(f"mask={path}: not a readable image ({err})") from err
+    mask = open_image(path, "mask")
     if mask.size != (size, size):
         raise ValueError(f"mask={path}: {mask.size[0]}x{mask.size[1]} pixels; the images are {size}x{size}")
     return torch.from_numpy(np.asarray(mask.convert("L")) > 0)
