@@ -96,16 +96,14 @@ def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates `cfg.ckpt`; returns (and writes) the results."""
     lap = Laps()
-    checkpoint, run = load_checkpoint(cfg.ckpt)
-    ckpt = Path(cfg.ckpt)
+    checkpoint, run = load_checkpoint(cfg.ckpt)  # (ckpt=null refused there, before any Path of it)
     lap("checkpoint")
     ev = _apply_overrides(run, cfg)
     check_options(cfg, run)
     seeds = sampling_seeds(cfg)
-    output = output_file(cfg, ckpt)
-    metrics = check_metrics(
-        cfg.get("metrics") or ["fid"], ev.features, count=("num_samples", cfg.num_samples)
-    )
+    output = output_file(cfg, Path(cfg.ckpt))
+    asked = cfg.get("metrics") or ["fid"]
+    metrics = check_metrics(asked, ev.features, count=("num_samples", cfg.num_samples))
     quantize = recorded_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
     weights, dinov2_weights = required_files(cfg, ev, metrics, run)  # before the networks are built
     device = resolve_device(cfg.device)
@@ -132,7 +130,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         results[sampler] = over_seeds(per_seed, seeds)
     lap("samplers")
     summary = {
-        "checkpoint": str(ckpt.resolve()),
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
         "iteration": trained_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
         "net": cfg.net,

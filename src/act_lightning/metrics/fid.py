@@ -186,13 +186,9 @@ def reference_statistics(
             raise ValueError("eval.reference=train needs the training data (a datamodule)")
         dataset = datamodule.build_reference_dataset()
         count = min(len(dataset), max_images or len(dataset))
-        sizes = dict(
-            num_images=count,
-            dataset_size=len(dataset),
-            image_size=datamodule.image_size,
-            channels=getattr(datamodule, "channels", 3),  # a colour set's images read grey are another set
-        )
-        meta = _cache_facts(extractor, "train", features, **sizes)
+        sizes = dict(num_images=count, dataset_size=len(dataset), image_size=datamodule.image_size)
+        channels = getattr(datamodule, "channels", 3)  # a colour set's images read grey are another set
+        meta = _cache_facts(extractor, "train", features, channels=channels, **sizes)
         cached = _read_cache(cache, meta, n)
         if cached is not None:
             return cached
