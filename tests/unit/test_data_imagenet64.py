@@ -184,8 +184,11 @@ def test_checksum_mismatch_is_named(prepared_copy):
     path.write_bytes(bytes(data))
     with pytest.raises(
         DataError, match=r"train_images\.npy: checksum mismatch \(sha256 [0-9a-f]{64}, the manifest"
-    ):
+    ) as err:
         _dm(prepared_copy).prepare_data()
+    # the command that mends it names the folder and the official files it was prepared from
+    source = json.loads((prepared_copy / "manifest.json").read_text())["from"]
+    assert f"re-run `python -m act_lightning.prepare` into {prepared_copy} from {source}" in str(err.value)
     _dm(prepared_copy, verify=False).prepare_data()  # data.verify=false skips the hash
 
 

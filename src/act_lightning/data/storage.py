@@ -336,21 +336,20 @@ def check_files(root: Path, manifest: dict, verify: bool) -> None:
         path = root / name
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing: {root / MANIFEST} lists it; re-run `python -m act_lightning.prepare`"
+                f"{path} is missing: {root / MANIFEST} lists it; {_rerun(root, manifest)}"
             )
         size = path.stat().st_size
         if size != info["bytes"]:
             raise DataError(
                 f"{path} holds {size} bytes, the manifest records {info['bytes']}: the file is truncated or "
-                "was overwritten; re-run `python -m act_lightning.prepare`"
+                f"was overwritten; {_rerun(root, manifest)}"
             )
         if verify and stamp.get(name) != _fingerprint(path):
             digest = sha256_file(path, progress=size > 1 << 28)
             if digest != info["sha256"]:
                 raise DataError(
                     f"{path}: checksum mismatch (sha256 {digest}, the manifest records {info['sha256']}); "
-                    "the file is corrupt: re-run `python -m act_lightning.prepare` (data.verify=false skips "
-                    "this check)"
+                    f"the file is corrupt: {_rerun(root, manifest)} (data.verify=false skips this check)"
                 )
             stamp[name] = _fingerprint(path)
             changed = True
@@ -359,6 +358,13 @@ def check_files(root: Path, manifest: dict, verify: bool) -> None:
             _atomic_write_json(root / _STAMP, stamp)
         except OSError:
             pass  # a read-only data folder: verify again next time
+
+
+def _rerun(root: Path, manifest: dict) -> str:
+    """What to do about a prepared file that is not as its manifest records: prepare again, from the
+    official files the manifest names (`from`)."""
+    source = manifest.get("from")
+    return f"re-run `python -m act_lightning.prepare` into {root}" + (f" from {source}" if source else "")
 
 
 def _fingerprint(path: Path) -> list[int]:
