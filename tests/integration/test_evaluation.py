@@ -345,6 +345,14 @@ def test_tensorboard_logger_writes_events_and_metrics_csv(tmp_path):
     train(compose(["debug=smoke", "logger=tensorboard"], run_dir=str(run)))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "val/fd" in (run / "metrics.csv").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    # the run's metrics on the ACT iteration axis, without Lightning's placeholder hp_metric (-1 at step 0,
+    # written again by each launch into the run)
+    assert {"val/fd", "train/loss_ct"} <= set(scalars) and "hp_metric" not in scalars
 
 
 def test_the_command_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
