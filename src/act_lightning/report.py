@@ -239,9 +239,15 @@ def summarise(
     variants: list[Variant], at_iteration: int | None, at_seconds: float | None, time_ref: str | None
 ):
     """The table's rows and the comparison points (K iterations, T seconds)."""
+    common = set.intersection(*(set(r.iterations) for v in variants for r in v.runs))
     if at_iteration is None:  # the last iteration every variant was evaluated at
-        common = set.intersection(*(set(r.iterations) for v in variants for r in v.runs))
         at_iteration = max(common) if common else None
+    elif at_iteration not in common:  # a cell of a job not evaluated there is empty ('-'): said why
+        print(
+            f"note: --at-iteration {at_iteration}: not every job was evaluated there (all were at "
+            f"{', '.join(map(str, sorted(common))) or 'no common iteration'}): their cells are empty",
+            file=sys.stderr,
+        )
     reference = variants[0]
     if time_ref is not None:
         matches = [v for v in variants if v.label == time_ref]

@@ -212,7 +212,7 @@ def test_the_table_takes_the_longest_runs_iterations_the_last_values_and_flags_a
     assert act["ended_before_seconds"] and act["at_seconds"]["n"] == 2  # one seed of two ended before
 
 
-def test_missing_values_count_for_nothing_and_runs_without_seconds_give_no_equal_time():
+def test_missing_values_count_for_nothing_and_runs_without_seconds_give_no_equal_time(capsys):
     late = _run(0, [100, 200], [50.0, 40.0], [float("nan"), float("nan")])
     early = _run(1, [0, 50], [90.0, 60.0], [0.0, 5.0])
     rows, k, t, _ = summarise([Variant("a", [late]), Variant("b", [early])], None, None, None)
@@ -220,6 +220,11 @@ def test_missing_values_count_for_nothing_and_runs_without_seconds_give_no_equal
     late = _run(0, [100, 200], [50.0, 40.0], [10.0, 20.0])  # evaluated from 10 s on only
     rows, k, t, _ = summarise([Variant("a", [late, early])], 200, 5.0, None)
     assert rows[0]["at_iteration"] == {"mean": 40.0, "std": 0.0, "min": 40.0, "max": 40.0, "n": 1}
+    # an --at-iteration some jobs were not evaluated at: their cells are empty, and it is said why
+    assert capsys.readouterr().err == (
+        "note: --at-iteration 200: not every job was evaluated there (all were at no common iteration): "
+        "their cells are empty\n"
+    )
     assert rows[0]["at_seconds"] == {"mean": 60.0, "std": 0.0, "min": 60.0, "max": 60.0, "n": 1}
 
 
