@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from act_lightning.checks import check_count
+
 
 def _imagenet64(args: argparse.Namespace) -> dict:
     from act_lightning.data.imagenet64 import prepare_imagenet64
@@ -52,16 +54,14 @@ def _verify(args: argparse.Namespace) -> dict:
 
 
 def count(low: int):
-    """An argparse type: an integer >= `low` (argparse names the option when it refuses one)."""
+    """An argparse type: an integer >= `low` (`check_count`; argparse names the option when it refuses
+    one)."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
+            return check_count(int(text), "value", low)
+        except ValueError:  # not an integer, or one below `low`
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
 
     return parse
 
