@@ -68,16 +68,16 @@ EVAL_DEFAULTS = {  # a run trained without an evaluation callback (eval: null) i
 def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
     """The run's evaluation settings (its FrechetEvaluation arguments) and data, with the non-null keys
     of `cfg.eval` and `cfg.data` put over them."""
-    defaults = dict(EVAL_DEFAULTS)
-    if run.get("eval") is None and "Digits" in str(OmegaConf.select(run, "data._target_", default="")):
-        defaults.update(features="digits", key="val/fd")  # the quickstart's: Inception sees nothing in 8x8
-    ev = OmegaConf.merge(defaults, run.get("eval") or {})
+    trained, defaults = run.get("eval"), dict(EVAL_DEFAULTS)
+    if trained is None and "Digits" in str(OmegaConf.select(run, "data._target_", default="")):
+        defaults["features"] = "digits"  # the quickstart's: Inception sees nothing in 8x8 digits
+    ev = OmegaConf.merge(defaults, trained or {})
     given = cfg.get("eval") or {}
     for key, value in given.items():
         if value is not None:
             ev[key] = value
-    if given.get("features") is not None and given.get("key") is None:  # the name follows the features
-        ev.key = "val/fd" if ev.features == "digits" else "val/fid"
+    if given.get("key") is None and (trained is None or given.get("features") is not None):
+        ev.key = "val/fd" if ev.features == "digits" else "val/fid"  # the name follows the features
     if ev.inception_weights != "random" and given.get("inception_resize") is None:
         ev.inception_resize = None  # a smoke run's smaller input was for its random network only
     trained_root = run.data.get("root")
@@ -85,11 +85,11 @@ def _apply_overrides(run: DictConfig, cfg: DictConfig) -> DictConfig:
         if value is not None:
             run.data[key] = value
     cache, root = ev.get("reference_cache"), run.data.get("root")
-    if cache and trained_root and root != trained_root and given.get("reference_cache") is None:
+    moved = cache and trained_root and root != trained_root and given.get("reference_cache") is None
+    if moved and Path(cache).is_relative_to(trained_root):
         # the cache the run kept beside its data (reference=train) moves with data.root: the old place's
         # statistics are of the data that was there
-        if Path(cache).is_relative_to(trained_root):
-            ev.reference_cache = str(Path(root) / Path(cache).relative_to(trained_root))
+        ev.reference_cache = str(Path(root) / Path(cache).relative_to(trained_root))
     return ev
 
 
