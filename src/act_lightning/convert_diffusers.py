@@ -139,7 +139,8 @@ def load_unet(folder: Path):
         return UNet2DModel.from_pretrained(folder, use_safetensors=(folder / WEIGHTS).is_file())
     except OSError as err:  # no weights file, or an unreadable one: diffusers' message names the file
         raise FileNotFoundError(
-            f"{folder}: the UNet's weights cannot be read: {err}".replace("\n", " ")
+            f"{folder}: the UNet's weights cannot be read (expected {WEIGHTS} or "
+            f"{WEIGHTS.replace('.safetensors', '.bin')}): {err}".replace("\n", " ")
         ) from None
 
 

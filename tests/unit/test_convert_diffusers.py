@@ -287,7 +287,10 @@ def test_folders_the_backbone_cannot_reproduce_are_refused_by_name(tmp_path):
         convert(labelled, tmp_path / "l.ckpt")
     weightless = save_ddpm(tmp_path / "weightless", unet, make_scheduler())
     (weightless / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="weightless/unet: the UNet's weights cannot be read"):
+    expected = r"expected diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin\)"
+    with pytest.raises(
+        FileNotFoundError, match=rf"weightless/unet: the UNet's weights cannot be read \({expected}"
+    ):
         convert(weightless, tmp_path / "w.ckpt")
     assert not list(tmp_path.glob("*.ckpt"))  # nothing written by a refused conversion
 
