@@ -74,12 +74,18 @@ def image_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _equal_channels(image: Image.Image) -> bool:
+    rgb = np.asarray(image.convert("RGB"))
+    return bool((rgb == rgb[..., :1]).all())
+
+
 def read_images(
     files: list[Path], size: int, channels: int, key: str = "input", needs: str | None = None
 ) -> Tensor:
     """(N, C, size, size) uint8. Images must already have the model's size (`needs`: what to say the
     model needs, when not size x size); grey images are accepted for a colour model (and repeated over the
-    channels), colour ones for a grey model are refused."""
+    channels), colour ones for a grey model are refused. Grey is the content, not the mode: a palette or RGB
+    file whose channels are equal everywhere is grey."""
     images = []
     for file in files:
         image = open_image(file, key)
@@ -88,10 +94,11 @@ def read_images(
                 f"{key}={file}: {image.size[0]}x{image.size[1]} pixels; this model needs "
                 f"{needs or f'{size}x{size}'}"
             )
-        grey = image.mode in ("L", "LA", "1", "I", "I;16", "F")  # LA: grey with alpha (dropped)
+        mode, image = image.mode, eight_bit(image, f"{key}={file}")  # palette and alpha: RGBA; 16 bits: L
+        grey = image.mode in ("L", "1") or _equal_channels(image)
         if channels == 1 and not grey:
-            raise ValueError(f"{key}={file}: a colour image ({image.mode}); this model makes grey images")
-        array = np.asarray(eight_bit(image, f"{key}={file}").convert("L" if channels == 1 or grey else "RGB"))
+            raise ValueError(f"{key}={file}: a colour image ({mode}); this model makes grey images")
+        array = np.asarray(image.convert("L" if channels == 1 or grey else "RGB"))
         tensor = torch.from_numpy(array.copy())
         tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
         images.append(tensor.expand(channels, -1, -1) if tensor.shape[0] == 1 else tensor)

@@ -319,3 +319,30 @@ def test_the_command_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err == f"error: ckpt={tmp_path / 'nope.ckpt'}: no such checkpoint file\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_a_grey_palette_or_rgb_file_is_grey_for_a_grey_model(checkpoints, tmp_path):
+    """Grey is the content, not the mode: a palette PNG with a grey palette and an RGB PNG whose channels
+    are equal were refused as colour images by a grey model. They are read as their grey file is."""
+    grey = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    files = {
+        "L": Image.fromarray(grey, "L"),
+        "P": Image.fromarray(grey, "L").convert("P"),
+        "RGB": Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), "RGB"),
+    }
+    for name, image in files.items():
+        (tmp_path / name).mkdir()
+        image.save(tmp_path / name / "0.png")
+        _edit([f"ckpt={checkpoints['grey']}", f"input={tmp_path / name}", f"out={tmp_path / ('out' + name)}"])
+    assert Image.open(tmp_path / "P" / "0.png").mode == "P"
+    for name in ("P", "RGB"):
+        assert np.array_equal(_result(tmp_path / f"out{name}")["input"][0, :, :, 0], grey)
+        assert np.array_equal(
+            _result(tmp_path / f"out{name}")["output"], _result(tmp_path / "outL")["output"]
+        )
+    colour = files["RGB"].copy()
+    colour.putpixel((0, 0), (0, 0, 255))
+    (tmp_path / "colour").mkdir()
+    colour.convert("P").save(tmp_path / "colour" / "0.png")
+    with pytest.raises(ValueError, match=r"input=.*0.png: a colour image \(P\); this model makes grey"):
+        _edit([f"ckpt={checkpoints['grey']}", f"input={tmp_path / 'colour'}", f"out={tmp_path / 'outc'}"])
