@@ -198,8 +198,8 @@ def required_files(cfg: DictConfig, ev: DictConfig, metrics: list[str], run: Dic
     check_reference_spec(ev.reference)
     if str(ev.reference) != "train":
         check_reference_images(Path(ev.reference), int(run.data.image_size), int(run.data.channels))
-        if any(m in NEED_REAL_IMAGES for m in metrics):
-            require_reference_images(Path(ev.reference))
+        if real := [m for m in metrics if m in NEED_REAL_IMAGES]:
+            require_reference_images(Path(ev.reference), real)
     return weights, dinov2_weights
 
 

@@ -229,8 +229,14 @@ def test_kid_and_pr_refuse_a_reference_of_statistics_only_before_sampling(cifar_
     stats = tmp_path / "stats.npz"
     np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
     ckpt = cifar_run / "checkpoints" / "best.ckpt"
-    with pytest.raises(ValueError, match="stats.npz: holds statistics only .*need images"):
+    with pytest.raises(
+        ValueError, match=r"stats.npz: holds statistics only \(mu, sigma\); metric kid needs real"
+    ):
         _evaluate([f"ckpt={ckpt}", f"eval.reference={stats}", "metrics=[fid,kid]", "device=cpu"])
+    with pytest.raises(
+        ValueError, match=r"stats.npz: .*; metrics kid and pr need real images: eval.reference"
+    ):
+        _evaluate([f"ckpt={ckpt}", f"eval.reference={stats}", "metrics=[kid,fid,pr]", "device=cpu"])
 
 
 def test_a_diffusion_model_is_refused_multistep_samplers_before_anything_is_built():

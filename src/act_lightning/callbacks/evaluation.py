@@ -148,10 +148,11 @@ class FrechetEvaluation(L.Callback):
             from act_lightning.metrics.dinov2 import resolve_dinov2_weights
 
             dinov2 = resolve_dinov2_weights(dinov2_weights, download, key="eval.dinov2_weights")
-        if any(m in NEED_REAL_IMAGES for m in self.metrics) and self.reference_spec != "train":
+        real = [m for m in self.metrics if m in NEED_REAL_IMAGES]
+        if real and self.reference_spec != "train":
             from act_lightning.metrics.reference import require_reference_images
 
-            require_reference_images(Path(self.reference_spec))
+            require_reference_images(Path(self.reference_spec), real)
         return inception, dinov2
 
     # -- set-up -----------------------------------------------------------------------------------

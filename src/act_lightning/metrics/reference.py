@@ -10,7 +10,7 @@ When a file holds both, `mu`/`sigma` are used: they are what published tables we
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +103,17 @@ def image_batches(images: np.ndarray, batch_size: int) -> Iterator[Tensor]:
         yield chunk.float() / 127.5 - 1  # exact inverse of the uint8 rounding
 
 
-def require_reference_images(path: Path) -> None:
-    """Refuses, by name, a reference file without images (`arr_0`) for the metrics that compare sets of
-    features (KID, precision/recall)."""
+def require_reference_images(path: Path, metrics: Sequence[str] = ("kid", "pr")) -> None:
+    """Refuses, by name, a reference file without images (`arr_0`) for `metrics`, those that need real
+    images (KID and precision/recall compare sets of features; FD-DINOv2 measures its own statistics)."""
     with np.load(path, allow_pickle=False) as npz:
         if "arr_0" not in npz.files:
+            named = (
+                f"metric {metrics[0]} needs" if len(metrics) == 1 else f"metrics {' and '.join(metrics)} need"
+            )
             raise ReferenceStatisticsError(
-                f"{path}: holds statistics only ({', '.join(sorted(npz.files))}); metrics kid and pr "
-                "compare sets of features and need images: eval.reference=train or an .npz with arr_0"
+                f"{path}: holds statistics only ({', '.join(sorted(npz.files))}); {named} real images: "
+                "eval.reference=train or an .npz with arr_0"
             )
 
 
