@@ -22,7 +22,7 @@ from act_lightning.checkpoints import (
 )
 from act_lightning.environment import describe as describe_environment
 from act_lightning.environment import environment
-from act_lightning.init_from import InitWeights, describe
+from act_lightning.init_from import InitWeights
 from act_lightning.launch import rank_zero_warning
 from act_lightning.resume import check_resume, global_batch, world_size
 
@@ -182,7 +182,6 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     log.info("launched with %s", describe_environment(entry["environment"]))
     if checkpoint is None:
         if init is not None:
-            log.info("init_from=%s: a new run from its generator weights", describe(init))
             entry["init_from"] = init.path
             if init.generator is not None:  # a converted model's architecture: a resume may need it
                 entry["init_generator"] = init.generator

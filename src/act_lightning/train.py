@@ -56,7 +56,7 @@ from act_lightning.compat import (
 )
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
-from act_lightning.init_from import load_init, read_init, use_generator
+from act_lightning.init_from import describe, load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder, log_to_record
 from act_lightning.loggers import wandb_offline
 from act_lightning.metrics.reference import check_reference_images
@@ -245,7 +245,8 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
         datamodule.check_train_size(world)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     if start.init is not None:
-        load_init(model, start.init)
+        load_init(model, start.init)  # (said once they fit: a refusal is the launch's only word on them)
+        log.info("init_from=%s: a new run from its generator weights", describe(start.init))
     if start.weights is not None:
         own = model.state_dict()
         model.load_state_dict({**own, **{k: v for k, v in start.weights.items() if k in own}})

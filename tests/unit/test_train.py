@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 
@@ -27,6 +28,7 @@ from act_lightning.train import (
     build_loggers,
     finish_wandb,
     finished,
+    prepare,
     run_name,
     stopped_at_once,
 )
@@ -173,6 +175,27 @@ def test_a_gone_init_from_file_is_skipped_only_when_resume_auto_continues_the_ru
     _last(tmp_path, 3)
     assert _init_gone_on_resume(_smoke(tmp_path, gone))
     assert not _init_gone_on_resume(_smoke(tmp_path, gone, "resume=never"))  # refused by its own check
+
+
+def test_init_from_is_said_to_start_the_run_only_once_its_weights_fit(tmp_path, caplog):
+    """The launch logged "a new run from its generator weights" and then refused the same file."""
+    own = instantiate(_smoke(tmp_path).model).generator.state_dict()
+    key = next(k for k, v in own.items() if v.ndim == 4)
+    for name, fits in (("shaped", False), ("good", True)):
+        state = {f"generator.{k}": v[:1] if k == key and not fits else v for k, v in own.items()}
+        torch.save({"state_dict": state}, tmp_path / f"{name}.ckpt")
+        cfg = _smoke(tmp_path / name, "data=synthetic", "eval=null", f"init_from={tmp_path / name}.ckpt")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="act_lightning"):
+            if fits:
+                prepare(cfg).lock.release()
+            else:
+                with pytest.raises(ValueError, match=f"mis-shaped: {key}"):
+                    prepare(cfg)
+        said = [m for m in caplog.messages if "a new run from its generator weights" in m]
+        assert len(said) == fits and all(
+            m.startswith(f"init_from={tmp_path / name}.ckpt (generator.*") for m in said
+        )
 
 
 def test_the_wandb_run_ends_with_the_jobs_outcome_and_is_named_by_the_experiment_and_overrides(
