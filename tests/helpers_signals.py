@@ -18,6 +18,10 @@ class SendSignalAt(L.Callback):
     def __init__(self, signum: int, at: int) -> None:
         self.signum, self.at = signum, at
 
+    def setup(self, trainer, pl_module, stage: str) -> None:  # at=-1: before training starts
+        if self.at == -1:
+            os.kill(os.getpid(), self.signum)
+
     def on_train_start(self, trainer, pl_module) -> None:  # at=0: while the callbacks start
         HANDLERS_AT_START.append(signal.getsignal(self.signum))
         if self.at == 0:

@@ -405,15 +405,22 @@ def finished(cfg: DictConfig, start: StartPoint) -> dict[str, Any]:
     }
 
 
-def stopped_at_once(cfg: DictConfig) -> str:
-    """What a second Ctrl-C leaves: no checkpoint of its own; the last one written before, if any."""
+def stopped_at_once(cfg: DictConfig, before_training: bool = False) -> str:
+    """What a second Ctrl-C leaves, or one before training started (`before_training`: the data's
+    download, the checks of the set-up, before the stop signals are taken): no checkpoint of its own; the
+    last one written before, if any."""
     last = Path(cfg.callbacks.checkpoint.dirpath) / "last.ckpt"
     try:
         kept = f"{last} (iteration {checkpoint_iteration(read_checkpoint(last, 'last', mmap=True))})"
     except (OSError, ValueError, KeyError):
         kept = None
     then = f"the last one, {kept}, continues with resume=auto" if kept else "there is none from before"
-    return f"stopped at once by a second Ctrl-C: no checkpoint was written for this stop; {then}"
+    how = (
+        "stopped by Ctrl-C before training started"
+        if before_training
+        else "stopped at once by a second Ctrl-C"
+    )
+    return f"{how}: no checkpoint was written for this stop; {then}"
 
 
 def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
@@ -435,7 +442,8 @@ def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
     except SystemExit as stop:  # Lightning ends a KeyboardInterrupt with sys.exit(1)
         if not isinstance(stop.__context__, KeyboardInterrupt):
             raise
-        print(f"\n[act] {stopped_at_once(cfg)}", file=sys.stderr, flush=True)
+        early = not next(c for c in callbacks if isinstance(c, LastCheckpoint)).took_signals
+        print(f"\n[act] {stopped_at_once(cfg, before_training=early)}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None
     finally:
         finish_wandb(failed)

@@ -57,6 +57,24 @@ def test_a_second_ctrl_c_exits_130_and_says_that_no_checkpoint_was_written(tmp_p
     assert _iteration(last) == 2 and after is before
 
 
+def test_a_ctrl_c_before_training_starts_is_not_called_a_second_one(tmp_path, capfd):
+    """One Ctrl-C during the set-up (the data's download, before the stop signals are taken) was reported
+    as "stopped at once by a second Ctrl-C"."""
+    early = [
+        f"+callbacks.early.{k}={v}"
+        for k, v in (("_target_", "tests.helpers_signals.SendSignalAt"), ("signum", 2), ("at", -1))
+    ]
+    with pytest.raises(SystemExit) as stop:
+        train(compose([*QUIET, "iterations=4", *early], run_dir=str(tmp_path)))
+    assert stop.value.code == 128 + signal.SIGINT
+    err = capfd.readouterr().err
+    assert (
+        "[act] stopped by Ctrl-C before training started: no checkpoint was written for this stop; there is "
+        "none" in err
+    )
+    assert "second Ctrl-C" not in err and not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path):
     common = [*QUIET, "iterations=4", "callbacks.checkpoint.keep_snapshots=true"]
     train(compose([*common, "stop_after=2"], run_dir=str(tmp_path)))

@@ -97,6 +97,7 @@ class LastCheckpoint(L.Callback):
         self._signal: int | None = None  # the stop signal this process received
         self._agreed: int | None = None  # the one any rank received, as all ranks agreed on it
         self._previous: dict[int, Any] = {}  # the handlers ours replaced while training runs
+        self.took_signals = False  # ours were installed (before that, Ctrl-C is Python's KeyboardInterrupt)
         self._handed_over: dict[int, Any] = {}  # the same, after training (for `requeue`)
         self._start = 0
         self._decided: tuple[int, bool] | None = None  # (iteration, stop after it), once decided
@@ -170,6 +171,7 @@ class LastCheckpoint(L.Callback):
         if self._previous:
             return
         self._install_handlers()
+        self.took_signals = True
         if take_lightning_sigterm(trainer):  # arrived before: ours from now on
             self._on_signal(signal.SIGTERM, None)
 
