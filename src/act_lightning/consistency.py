@@ -247,6 +247,12 @@ class ConsistencySchedule:
             self.mid_weight is None or 0 < self.mid_weight <= 1,
             f"{PREFIX}.mid_weight must be null (w(t) = 1) or in (0, 1], got {self.mid_weight}",
         )
+        # else w(t) grows without bound as t -> sigma_min: lambda > 1, a negative consistency weight
+        _require(
+            self.mid_weight is None or self.gan_ratio == 0 or self.mid_weight <= self.gan_ratio,
+            f"{PREFIX}.mid_weight ({self.mid_weight}) must not exceed {PREFIX}.gan_ratio ({self.gan_ratio}): "
+            "lambda falls from gan_ratio at sigma_max to mid_weight at the middle noise index",
+        )
 
     @property
     def continuous(self) -> bool:

@@ -164,7 +164,8 @@ def test_the_exponential_curriculum_of_a_run_shorter_than_its_stages_doubles_eve
     [("ect_k", 0.0), ("bins_min", 150), ("gan_ratio", 1.0), ("mid_weight", 1.0), ("mu0", 0.999)],
 )
 def test_the_schedules_inclusive_bounds_are_accepted(key, value):
-    schedule = cm.ConsistencySchedule(**{key: value})
+    above = {"gan_ratio": 1.0} if key == "mid_weight" else {}  # (mid_weight <= gan_ratio)
+    schedule = cm.ConsistencySchedule(**{key: value}, **above)
     assert getattr(schedule, key) == value
 
 
@@ -182,6 +183,17 @@ def test_the_schedules_exclusive_bounds_are_refused_by_name(key, value, message)
     with pytest.raises(ValueError) as err:
         cm.ConsistencySchedule(**{key: value})
     assert message in str(err.value)
+
+
+def test_a_mid_weight_above_gan_ratio_is_refused_naming_both_keys():
+    """log_0.5(mid_weight / gan_ratio) < 0 made w(t) grow without bound as t -> sigma_min (infinite at
+    sigma_min): lambda > 1 and a negative weight on the consistency loss, without a word."""
+    with pytest.raises(
+        ValueError, match=r"mid_weight \(0.6\) must not exceed model.schedule.gan_ratio \(0.3\)"
+    ):
+        cm.ConsistencySchedule(gan_ratio=0.3, mid_weight=0.6)
+    cm.ConsistencySchedule(gan_ratio=0.3, mid_weight=0.3)  # w = 1
+    cm.ConsistencySchedule(gan_ratio=0.0, mid_weight=0.2)  # no discriminator: ImageNet 64's variant=ct
 
 
 def test_the_time_weighting_is_zero_at_and_below_sigma_min_and_one_without_a_discriminator():
