@@ -166,6 +166,7 @@ CURRICULA = (
 NOISE_SAMPLING = ("uniform", "lognormal")  # j: uniform (ACT) | iCT's discretised log-normal
 TEACHERS = ("ema", "online")  # theta^-: the EMA with decay mu(N) (ACT) | stop_grad(theta) (iCT)
 LOSS_WEIGHTINGS = ("uniform", "ict")  # lambda_ct of L_ct: 1 (ACT) | 1 / (t_hi - t_lo) (iCT)
+TRAIN_SCALINGS = ("boundary", "edm")  # the training losses' c_skip, c_out: at sigma_min | EDM's (ECT)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,11 @@ class ConsistencySchedule:
     in each of `ect_stages` equal stages of the run (`ect_k`, `ect_b` shape it). With `teacher="ema"` its
     decay is `mu0` (ECT's teacher is the online network). `edm_p_mean` and `edm_p_std` are the log-normal of
     the noise levels of diffusion training (model.objective=diffusion, EDM's -1.2 and 1.2).
+
+    `train_scalings` is the preconditioning of the training losses (`train_sigma_min`): "boundary" (the
+    consistency models' c_skip, c_out, which make f(x, sigma_min) = x) or "edm" (EDM's, sigma_min = 0, as
+    ECT trains: its `ECMPrecond` in training mode; the boundary is then r = 0, where the target is x).
+    None: the curriculum's, "edm" under ECT's and "boundary" otherwise. Sampling always uses the boundary's.
     """
 
     sigma_min: float = 0.002
@@ -212,6 +218,7 @@ class ConsistencySchedule:
     ect_stages: int = 8
     edm_p_mean: float = -1.2
     edm_p_std: float = 1.2
+    train_scalings: str | None = None
 
     def __post_init__(self) -> None:
         """Every range check of the schedule, named by its key, when the schedule is built (Hydra builds it
@@ -221,6 +228,7 @@ class ConsistencySchedule:
             ("noise_sampling", self.noise_sampling, NOISE_SAMPLING),
             ("teacher", self.teacher, TEACHERS),
             ("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS),
+            ("train_scalings", self.train_scalings or "boundary", TRAIN_SCALINGS),
         ):
             _require(value in allowed, f"{PREFIX}.{key} must be one of {', '.join(allowed)}; got {value!r}")
         _require(self.p_std > 0, f"{PREFIX}.p_std must be positive, got {self.p_std}")
@@ -253,6 +261,12 @@ class ConsistencySchedule:
             f"{PREFIX}.mid_weight ({self.mid_weight}) must not exceed {PREFIX}.gan_ratio ({self.gan_ratio}): "
             "lambda falls from gan_ratio at sigma_max to mid_weight at the middle noise index",
         )
+
+    @property
+    def train_sigma_min(self) -> float:
+        """The sigma_min of the training losses' preconditioning (`train_scalings`): 0 for EDM's."""
+        scalings = self.train_scalings or ("edm" if self.curriculum == "ect" else "boundary")
+        return 0.0 if scalings == "edm" else self.sigma_min
 
     @property
     def continuous(self) -> bool:

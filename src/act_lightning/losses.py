@@ -302,16 +302,16 @@ def pair_losses(
 ) -> GeneratorLosses:
     """The generator's update: x (B, C, H, W) real images, noise levels t_hi > t_lo (B,) (a grid's
     adjacent pair, or ECT's t and r), noise z (B, C, H, W) shared by both levels. A pair whose lower level
-    lies below sigma_min (ECT's r = 0) takes the clean image x as its target: the boundary, where the
+    is at or below the training preconditioning's sigma_min (`schedule.train_sigma_min`: sigma_min, or 0
+    under EDM's scalings, where ECT's r = 0) takes the clean image x as its target: the boundary, where the
     consistency function needs no network. D is called on the prediction with its gradient flowing to
     the generator only: the caller keeps D's parameters out of this backward."""
     with torch.no_grad():
-        if schedule.continuous:  # ECT's r can fall below sigma_min (to 0); a grid's t_lo never does
-            boundary = append_dims(t_lo < schedule.sigma_min, x.ndim)
-            target_x0 = target(
-                x + append_dims(t_lo, x.ndim) * noise, t_lo.clamp(min=schedule.sigma_min), labels
-            )
-            target_x0 = torch.where(boundary, x.to(target_x0.dtype), target_x0)
+        if schedule.continuous:  # ECT's r can reach the boundary (0); a grid's t_lo never passes sigma_min
+            at_boundary = t_lo <= schedule.train_sigma_min
+            t_net = torch.where(at_boundary, schedule.sigma_min, t_lo)  # (a level the network can take)
+            target_x0 = target(x + append_dims(t_lo, x.ndim) * noise, t_net, labels)
+            target_x0 = torch.where(append_dims(at_boundary, x.ndim), x.to(target_x0.dtype), target_x0)
         else:
             target_x0 = target(x + append_dims(t_lo, x.ndim) * noise, t_lo, labels)
     pred = online(x + append_dims(t_hi, x.ndim) * noise, t_hi, labels)

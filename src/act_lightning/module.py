@@ -205,13 +205,17 @@ class ACTModule(L.LightningModule):
         self._last_r1: Tensor | float | None = None  # the latest R1 penalty (a float when restored)
 
     # -- the networks as functions of (x, sigma, y) ---------------------------------------------------
-    def denoise(self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+    def denoise(
+        self, net: nn.Module, x: Tensor, sigma: Tensor, labels: Tensor | None, training: bool = False
+    ) -> Tensor:
         """f(x, sigma, y) for `net` = generator or target (or a DDP wrapper of the generator); under
         diffusion training EDM's denoiser D(x, sigma, y): the same preconditioning at sigma_min = 0
-        (docs/algorithm.md, section 12)."""
+        (docs/algorithm.md, section 12). `training`: in the training losses, whose preconditioning is the
+        schedule's `train_sigma_min` (0 under ECT's curriculum, as ECT trains; sampling keeps sigma_min)."""
         h = self.hparams
+        sigma_min = self.schedule.train_sigma_min if training else self.schedule.sigma_min
         precond = {
-            "sigma_min": self.schedule.sigma_min if h.objective == "consistency" else 0.0,
+            "sigma_min": sigma_min if h.objective == "consistency" else 0.0,
             "sigma_data": h.sigma_data,
             "c_noise_kind": h.c_noise,
         }
@@ -229,7 +233,7 @@ class ACTModule(L.LightningModule):
         the random state that the online pass then starts from (the teacher runs first), so both passes
         draw the same dropout masks. With `model.speed.bf16_target` it runs under bf16 autocast."""
         teacher = self.teacher()
-        run = lambda x, s, y: self.denoise(teacher, x, s, y)  # noqa: E731
+        run = lambda x, s, y: self.denoise(teacher, x, s, y, training=True)  # noqa: E731
         run = in_bf16(run) if self.speed.bf16_target else run  # the target itself stays float32
         return on_forked_rng(run, self.device) if self.hparams.shared_dropout else run
 
@@ -335,7 +339,7 @@ class ACTModule(L.LightningModule):
                     mb.gen_lo,
                     mb.gen_z,
                     schedule=self.schedule,
-                    online=lambda x, s, y: self.denoise(online, x, s, y),
+                    online=lambda x, s, y: self.denoise(online, x, s, y, training=True),
                     target=self._teacher_pass(),
                     distance=self.distance,
                     critic=critic,
@@ -394,7 +398,7 @@ class ACTModule(L.LightningModule):
                         mb.real_t,
                         num_scales=draws.num_scales,
                         schedule=self.schedule,
-                        online=lambda x, s, y: self.denoise(self.generator, x, s, y),
+                        online=lambda x, s, y: self.denoise(self.generator, x, s, y, training=True),
                         critic=Critic(critic, h.c_noise),
                         augment=mb.augment_disc,
                         r1_gamma=h.r1_gamma,

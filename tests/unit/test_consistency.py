@@ -177,6 +177,11 @@ def test_the_schedules_inclusive_bounds_are_accepted(key, value):
         ("mu0", 1.0, "model.schedule.mu0 must lie in (0, 1)"),
         ("mid_weight", 0.0, "model.schedule.mid_weight must be null"),
         ("gan_ratio", -0.1, "model.schedule.gan_ratio must lie in [0, 1]"),
+        (
+            "train_scalings",
+            "karras",
+            "model.schedule.train_scalings must be one of boundary, edm; got 'karras'",
+        ),
     ],
 )
 def test_the_schedules_exclusive_bounds_are_refused_by_name(key, value, message):
@@ -194,6 +199,13 @@ def test_a_mid_weight_above_gan_ratio_is_refused_naming_both_keys():
         cm.ConsistencySchedule(gan_ratio=0.3, mid_weight=0.6)
     cm.ConsistencySchedule(gan_ratio=0.3, mid_weight=0.3)  # w = 1
     cm.ConsistencySchedule(gan_ratio=0.0, mid_weight=0.2)  # no discriminator: ImageNet 64's variant=ct
+
+
+def test_the_training_scalings_are_edms_under_ects_curriculum_and_the_boundarys_otherwise():
+    assert cm.ConsistencySchedule().train_sigma_min == 0.002
+    assert cm.ConsistencySchedule(curriculum="ect").train_sigma_min == 0.0  # as ECT trains
+    assert cm.ConsistencySchedule(curriculum="ect", train_scalings="boundary").train_sigma_min == 0.002
+    assert cm.ConsistencySchedule(train_scalings="edm").train_sigma_min == 0.0
 
 
 def test_the_time_weighting_is_zero_at_and_below_sigma_min_and_one_without_a_discriminator():

@@ -14,6 +14,7 @@ from act_lightning import consistency as cm
 from act_lightning.arguments import check_objective
 from act_lightning.init_from import describe, load_init, read_init, use_generator
 from act_lightning.losses import denoising_losses, pair_losses, pseudo_huber_distance
+from act_lightning.nn import consistency_function
 from act_lightning.samplers import heun
 from tests.helpers_training import SMALL, fit, params
 
@@ -65,8 +66,13 @@ def test_an_unknown_curriculum_is_refused_under_the_key_given():
     assert with_curriculum(cm.ConsistencySchedule(), "ect").curriculum == "ect"
 
 
-def test_a_pair_below_sigma_min_takes_the_clean_image_as_its_target():
-    schedule = cm.ConsistencySchedule(curriculum="ect", loss_weighting="ict", gan_ratio=0.0)
+@pytest.mark.parametrize("scalings", ["boundary", "edm"])
+def test_a_pair_at_the_boundary_takes_the_clean_image_as_its_target(scalings):
+    """Under the boundary's scalings the boundary is sigma_min: r below it takes x. Under EDM's (ECT's
+    default, as ECT trains) it is r = 0, and an r in (0, sigma_min) is the network's, as in ECT."""
+    schedule = cm.ConsistencySchedule(
+        curriculum="ect", loss_weighting="ict", gan_ratio=0.0, train_scalings=scalings
+    )
     x, z = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t_hi, t_lo = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0.0, 0.7, 0.001])
     seen = []
@@ -87,9 +93,10 @@ def test_a_pair_below_sigma_min_takes_the_clean_image_as_its_target():
         target=target,
         distance=pseudo_huber_distance,
     )
-    assert seen[0].min() >= schedule.sigma_min  # the network never sees a level below the boundary
+    assert seen[0].min() > 0  # the network never sees the boundary's level
     pred = 0.9 * (x + t_hi.view(-1, 1, 1, 1) * z)
-    expected_target = torch.stack([x[0], 0.5 * (x[1] + 0.7 * z[1]), x[2]])
+    low = x[2] if scalings == "boundary" else 0.5 * (x[2] + 0.001 * z[2])
+    expected_target = torch.stack([x[0], 0.5 * (x[1] + 0.7 * z[1]), low])
     torch.testing.assert_close(losses.consistency, pseudo_huber_distance(pred, expected_target))
     torch.testing.assert_close(losses.weight, 1 / (t_hi - t_lo))  # ECT's 1 / (t - r)
 
@@ -204,6 +211,31 @@ def test_diffusion_with_a_discriminator_is_refused_by_name(cfg_factory):
     cfg = cfg_factory([*SMALL, "model.objective=score"])
     with pytest.raises(Exception, match="model.objective must be one of consistency, diffusion"):
         instantiate(cfg.model)
+
+
+def test_ect_trains_with_edms_scalings_and_samples_with_the_boundarys(cfg_factory, monkeypatch):
+    """ECT's ECMPrecond uses EDM's c_skip, c_out in training mode (sigma_min = 0: tuning starts from the
+    diffusion model's D exactly) and the boundary's when it samples; so does ECT's curriculum here, for the
+    student, the teacher and the discriminator's fakes. The grid curricula train at the boundary's."""
+    from act_lightning import module as module_file
+
+    seen = []
+
+    def recording(net, x, sigma, labels=None, **precond):
+        seen.append((torch.is_grad_enabled(), precond["sigma_min"]))
+        return consistency_function(net, x, sigma, labels, **precond)
+
+    monkeypatch.setattr(module_file, "consistency_function", recording)
+    for curriculum, trained_at in (("ect", 0.0), ("sqrt", 0.002)):
+        seen.clear()
+        cfg = cfg_factory(
+            [*SMALL, "iterations=1", f"model.curriculum={curriculum}", "model.schedule.gan_ratio=0.3"]
+        )
+        model, _, _ = fit(cfg)
+        assert len(seen) == 3 and {s for _, s in seen} == {trained_at}  # teacher, student, D's fakes
+        x = torch.randn(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        model.sample(x)
+        assert seen[-1] == (False, 0.002)  # sampling: the boundary's
 
 
 def test_ect_curriculum_trains_with_continuous_pairs(cfg_factory):
