@@ -85,7 +85,7 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
             "debug=smoke",
             "data=synthetic",
             "model.distance=pseudo_huber",
-            "model.schedule.mid_weight=interval(0.1,0.5)",
+            "model.schedule.mu0=interval(0.85,0.95)",
             # the study kept in a database, as conf/hparams_search/optuna.yaml offers (it failed on
             # SQLAlchemy 2, which the sweeper's optuna 2.10 does not support)
             f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
@@ -104,9 +104,9 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
         "model.schedule.gan_ratio",
         "model.optimizer.lr",
         "model.d_optimizer.lr",
-        "model.schedule.mid_weight",
+        "model.schedule.mu0",
     }
-    assert 0.1 <= found["best_params"]["model.schedule.mid_weight"] <= 0.5
+    assert 0.85 <= found["best_params"]["model.schedule.mu0"] <= 0.95
     for job in (0, 1):
         overrides, _ = job_record(tmp_path / str(job))  # as the checkpoint records the job's launch
         assert any(
