@@ -107,9 +107,9 @@ def num_scales(progress: float, bins_min: int, bins_max: int) -> int:
 
 def num_scales_exponential(iteration: int, iterations: int, bins_min: int, bins_max: int) -> int:
     """iCT's curriculum (Song & Dhariwal 2023, section 3.4): N(k) = min(s0 * 2^floor(k / K'), s1) + 1 with
-    s0 = bins_min, s1 = bins_max and K' = floor(K / (log2(s1 / s0) + 1)): the number of steps doubles in
-    equal stages of training, from s0 to s1 (so 11 to 1281 noise levels for iCT's 10 and 1280)."""
-    stage_length = max(1, math.floor(iterations / (math.log2(bins_max / bins_min) + 1)))
+    s0 = bins_min, s1 = bins_max and K' = floor(K / (log2 floor(s1 / s0) + 1)): the number of steps doubles
+    in equal stages of training, from s0 to s1 (so 11 to 1281 noise levels for iCT's 10 and 1280)."""
+    stage_length = max(1, math.floor(iterations / (math.log2(bins_max // bins_min) + 1)))
     return min(bins_min * 2 ** (max(int(iteration), 0) // stage_length), bins_max) + 1
 
 

@@ -159,6 +159,12 @@ def test_the_exponential_curriculum_of_a_run_shorter_than_its_stages_doubles_eve
     assert [cm.num_scales_exponential(k, 4, 10, 1280) for k in range(5)] == [11, 21, 41, 81, 161]
 
 
+def test_the_exponential_curriculums_stage_length_takes_the_floor_of_the_ratio_as_ict_does():
+    # iCT: K' = floor(K / (log2 floor(s1 / s0) + 1)). s0 = 3, s1 = 20: floor(6.67) = 6, log2 6 + 1 = 3.585,
+    # K' = floor(100 / 3.585) = 27 (with log2(6.67): 3.737, K' = 26)
+    assert [cm.num_scales_exponential(k, 100, 3, 20) for k in (26, 27, 53, 54, 81)] == [4, 7, 7, 13, 21]
+
+
 @pytest.mark.parametrize(
     "key, value",
     [("ect_k", 0.0), ("bins_min", 150), ("gan_ratio", 1.0), ("mid_weight", 1.0), ("mu0", 0.999)],
