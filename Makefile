@@ -90,7 +90,7 @@ reproduce-mini: $(STAMP)  ## ACT against plain consistency training in miniature
 
 INIT_DIR ?= multirun/init
 INIT_REPORT ?= reports/init
-reproduce-init: $(STAMP)  ## ACT from scratch against diffusion pretraining + ECT tuning at equal time, 3 seeds (20-25 min on 2 cores): reports/init.*
+reproduce-init: $(STAMP)  ## ACT from scratch against diffusion pretraining + ECT tuning at equal time, 3 seeds (10-25 min on 2 cores): reports/init.*
 	$(PY) -m act_lightning.train -m ablation=init_pretrain hydra.sweep.dir=$(INIT_DIR)/pretrain $(ARGS)
 	$(PY) -m act_lightning.train -m ablation=init init_sweep=$(INIT_DIR)/pretrain hydra.sweep.dir=$(INIT_DIR)/tune $(ARGS)
 	$(PY) -m act_lightning.report $(INIT_DIR)/tune --out $(INIT_REPORT) --time-reference ect
