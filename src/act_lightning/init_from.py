@@ -64,7 +64,8 @@ def read_init(cfg: DictConfig) -> InitWeights | None:
         # the path of the variants that tune ablation=init_pretrain's diffusion models (ect, ect_act, ...)
         raise FileNotFoundError(
             f"{err}: this variant tunes the diffusion model of the same seed that `python -m "
-            "act_lightning.train -m ablation=init_pretrain` trains (init_sweep=its sweep folder); run that "
+            "act_lightning.train -m ablation=init_pretrain` trains (init_sweep=its sweep folder, "
+            "+init_sweep=... outside ablation=init); run that "
             "first, or give init_from=PATH (a checkpoint of experiment=quickstart_diffusion, or one that "
             "act_lightning.convert_diffusers wrote)"
         ) from None

@@ -293,6 +293,9 @@ def test_a_tuning_variant_without_its_pretrained_model_says_which_sweep_makes_it
     assert "-m ablation=init_pretrain` trains" in str(refused.value) and "give init_from=PATH" in str(
         refused.value
     )
+    assert "+init_sweep=... outside ablation=init" in str(
+        refused.value
+    )  # (Hydra refuses a new key without +)
     given = tmp_path / "given.ckpt"
     with pytest.raises(FileNotFoundError) as refused:
         read_init(compose([f"variant={variant}", "debug=smoke", f"init_from={given}"]))
