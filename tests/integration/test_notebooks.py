@@ -43,9 +43,15 @@ def test_the_notebooks_are_stored_without_outputs():
 
 
 @pytest.mark.slow
-def test_sample_and_edit_runs_on_a_checkpoint(runs, monkeypatch):
-    ckpt = runs / "multirun" / "job0" / "checkpoints" / "last.ckpt"
-    notebook = _execute("01_sample_and_edit.ipynb", runs, {"ACT_CKPT": str(ckpt)}, monkeypatch)
+def test_sample_and_edit_runs_on_the_newest_best_checkpoint_from_the_notebooks_folder(runs, monkeypatch):
+    """Jupyter starts the kernel in the notebook's folder: the default search found no checkpoint there
+    (it looked in outputs/quickstart/*/*/ of the working folder only)."""
+    monkeypatch.delenv("ACT_CKPT", raising=False)
+    (runs / "notebooks").mkdir(exist_ok=True)
+    notebook = _execute("01_sample_and_edit.ipynb", runs / "notebooks", {}, monkeypatch)
+    newest = max(runs.glob("multirun/*/checkpoints/best.ckpt"), key=lambda p: p.stat().st_mtime)
+    printed = "".join(o.get("text", "") for o in notebook.cells[1].outputs)
+    assert f"{newest} iteration" in printed, printed
     images = [
         o
         for c in notebook.cells
@@ -60,9 +66,11 @@ def test_training_curves_plot_every_job_of_a_sweep(runs, monkeypatch):
     # by default every run under multirun/ at any depth (the jobs lie one folder down, as make
     # reproduce-mini's do; the default looked four down only), else the ACT_RUNS glob's
     monkeypatch.delenv("ACT_RUNS", raising=False)
-    notebook = _execute("02_training_curves.ipynb", runs, {}, monkeypatch)
-    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "job0" in text and "job1" in text
+    (runs / "notebooks").mkdir(exist_ok=True)
+    for cwd in (runs, runs / "notebooks"):  # the kernel in the repository's notebooks/: its parent's runs
+        notebook = _execute("02_training_curves.ipynb", cwd, {}, monkeypatch)
+        text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+        assert "job0" in text and "job1" in text
     notebook = _execute(
         "02_training_curves.ipynb", runs, {"ACT_RUNS": str(runs / "multirun" / "job1")}, monkeypatch
     )
