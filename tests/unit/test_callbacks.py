@@ -294,6 +294,7 @@ def test_a_continuation_at_another_count_measures_the_scales_references_anew_and
     those of the old count; at the same count, and from checkpoints that did not record it, they are kept."""
     cb, _, _, _ = _evaluation(tmp_path, {}, num_samples=12)
     cb.references = {"real": 1.0, "noise": 50.0}
+    cb.best = (2, 30.0)
     state = cb.state_dict()
     assert state["references_count"] == [12, 12]
     same, _, _, _ = _evaluation(tmp_path, {}, num_samples=12)
@@ -305,7 +306,8 @@ def test_a_continuation_at_another_count_measures_the_scales_references_anew_and
         other, trainer, logger, _ = _evaluation(tmp_path, {}, **kwargs)
         with caplog.at_level("INFO"):
             other.load_state_dict(state)
-        assert other.references == {} and "they are measured anew" in caplog.text
+        assert other.references == {} and other.best is None
+        assert "its references and its best are measured anew" in caplog.text
         trainer.datamodule = SimpleNamespace(build_held_out_dataset=lambda: None)
         other._reference_values = lambda dm, device, cb=other: {"real": float(cb._references_count()[0])}
         other.on_train_start(trainer, _module(4))
@@ -316,6 +318,28 @@ def test_a_continuation_at_another_count_measures_the_scales_references_anew_and
     trainer.datamodule = SimpleNamespace(build_held_out_dataset=lambda: None)
     resumed.on_train_start(trainer, _module(4))  # the same count: nothing measured, nothing logged
     assert resumed.references == {"real": 1.0, "noise": 50.0} and logger.rows == []
+    assert resumed.best == (2, 30.0)
+
+
+def test_a_continuation_at_another_count_takes_its_best_anew_and_keeps_the_old_best_checkpoint(tmp_path):
+    """A Frechet distance's bias depends on its count: the best measured at the old count stayed the best
+    and the run's last line normalised it by references measured at the new one. It is taken anew, and the
+    old best.ckpt is kept as best_before_<k>.ckpt, where the next evaluation would have overwritten it."""
+    best = tmp_path / "best.ckpt"
+    cb, _, _, _ = _evaluation(tmp_path, {}, num_samples=12, best_checkpoint=str(best))
+    cb.best = (2, 30.0)
+    cb.history = [(0, 90.0, 0.0), (2, 30.0, 1.0)]
+    state = cb.state_dict()
+    best.write_bytes(b"iteration 2")
+    values = {4: 45.0, 6: 40.0}
+    other, trainer, _, saved = _evaluation(tmp_path, values, num_samples=8, best_checkpoint=str(best))
+    other.load_state_dict(state)
+    other.on_train_start(trainer, _module(4))
+    assert not best.exists() and (tmp_path / "best_before_4.ckpt").read_bytes() == b"iteration 2"
+    for k in values:
+        other._evaluate_and_record(trainer, _module(k), k, 1.0)
+    assert other.best == (6, 40.0) and [name for name, _ in saved] == ["best.ckpt", "best.ckpt"]
+    assert [h[0] for h in other.history] == [0, 2, 4, 6]  # the history before stays
 
 
 def test_the_evaluations_own_time_is_not_training_time(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -128,6 +129,7 @@ class FrechetEvaluation(L.Callback):
         self.history: list[tuple[int, float, float]] = []  # (iteration, value, training seconds)
         self.extra_history: list[dict[str, float]] = []  # {"iteration": k, metric: value, ...}
         self.best: tuple[int, float] | None = None
+        self._best_at_old_count: tuple[int, float] | None = None  # set aside by a change of count (resume)
         self._seconds_before = 0.0  # training seconds of earlier processes (a resumed run)
         self._clock: float | None = None  # perf_counter at this process's start of training
         self._deferred: int | None = None  # an iteration whose evaluation a stop left to the continuation
@@ -182,6 +184,7 @@ class FrechetEvaluation(L.Callback):
             # history and best, but not its best.ckpt: the best is this folder's, from the next evaluation
             log.info("%s is not there: the best is taken anew from the next evaluation", self.best_checkpoint)
             self.best = None
+        self._keep_best_at_old_count(trainer, pl_module.k)
         device = pl_module.device
         dm = trainer.datamodule
         self.extractor.to(device)
@@ -295,6 +298,24 @@ class FrechetEvaluation(L.Callback):
         if self.subset_size is None:
             return self.num_samples
         return self.num_samples // self.subset_size * self.subset_size
+
+    def _keep_best_at_old_count(self, trainer, k: int) -> None:
+        """The best checkpoint of values at the old count (`load_state_dict`), renamed best_before_<k>.ckpt
+        (k: this continuation's first iteration), so that the next evaluation's does not overwrite it."""
+        old, self._best_at_old_count = self._best_at_old_count, None
+        path = self.best_checkpoint
+        if old is None or path is None or not trainer.is_global_zero or not path.is_file():
+            return
+        kept = path.with_name(f"{path.stem}_before_{k}{path.suffix}")
+        os.replace(path, kept)
+        log.info(
+            "%s (%s %.4g at iteration %d, at the old count) is kept as %s",
+            path,
+            self.key,
+            old[1],
+            old[0],
+            kept,
+        )
 
     # -- reference statistics ---------------------------------------------------------------------
     def _reference_statistics(self, trainer, dm, device) -> tuple[np.ndarray, np.ndarray]:
@@ -504,19 +525,21 @@ class FrechetEvaluation(L.Callback):
         self._seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.references = dict(state_dict.get("references", {}))
         count = state_dict.get("references_count")  # absent from checkpoints before 0.3.3: taken as equal
-        if self.references and count is not None and list(count) != self._references_count():
-            # a continuation at another eval.subset_size or eval.num_samples (resume_changes): the scale's
-            # ends at the old count would not compare with the metric's values at the new one
-            log.info(
-                "the metric's references were measured at a count of %d (%d drawn); this launch's is %d (%d "
-                "drawn): they are measured anew",
-                *count,
-                *self._references_count(),
-            )
-            self.references = {}
-        self.extra_history = list(state_dict.get("extra_history", []))
         best = state_dict.get("best")
         self.best = None if best is None else tuple(best)
+        if count is not None and list(count) != self._references_count():
+            # a continuation at another eval.subset_size or eval.num_samples (resume_changes): a Frechet
+            # distance's bias depends on the count, so neither the scale's ends nor the best value measured
+            # at the old count compare with the values at the new one
+            log.info(
+                "the metric was measured at a count of %d (%d drawn); this launch's is %d (%d drawn): %s are "
+                "measured anew, the history before stays at the old count",
+                *count,
+                *self._references_count(),
+                "its references and its best" if self.references else "its best",
+            )
+            self.references, self._best_at_old_count, self.best = {}, self.best, None
+        self.extra_history = list(state_dict.get("extra_history", []))
         self._deferred = state_dict.get("deferred")
 
 
