@@ -168,6 +168,15 @@ def reference_start(checkpoint: dict) -> dict | None:
     return None
 
 
+def run_start(history: list | tuple | None) -> dict:
+    """The launch that started a run, from its history (`act_history`): the last one marked `new_run` (a
+    fresh start, or a new run from another run's checkpoint with `ckpt_path=`, whose history comes first);
+    in a history written before launches were marked, its first launch."""
+    launches = [h for h in history or () if isinstance(h, dict)] or [{}]
+    marked = [h for h in launches if h.get("new_run")]
+    return marked[-1] if marked else launches[0]
+
+
 def nonfinite_tensors(state_dict: dict[str, Tensor]) -> str:
     """The names of a state dict's tensors that hold NaN or inf ('a, b, c and 4 more tensors'), or ''.
     Checkpoints are refused with it, when written (training) and when read (evaluate)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from act_lightning.checkpoints import read_checkpoint
+from act_lightning.checkpoints import read_checkpoint, run_start
 from act_lightning.environment import describe, latest_environment
 
 # Overrides that say how a job runs, not what it trains: they never make a variant.
@@ -103,8 +103,8 @@ def job_record(job: Path, checkpoint: dict | None = None) -> tuple[list[str], di
     checkpoint = checkpoint if checkpoint is not None else job_checkpoint(job)
     if checkpoint is not None:
         config = checkpoint.get("act_config")
-        first = (checkpoint.get("act_history") or [{}])[0]
-        overrides = first.get("overrides") if first.get("iteration") == 0 else None
+        first = run_start(checkpoint.get("act_history"))
+        overrides = first.get("overrides") if first.get("iteration") == 0 or first.get("new_run") else None
     if overrides is None or config is None:
         launches = sorted((job / ".hydra" / "launches").glob("*/overrides.yaml"))
         record = (launches or [job / ".hydra" / "overrides.yaml"])[0]

@@ -19,6 +19,7 @@ from act_lightning.checkpoints import (
     checkpoint_iteration,
     read_checkpoint,
     reference_start,
+    run_start,
 )
 from act_lightning.environment import describe as describe_environment
 from act_lightning.environment import environment
@@ -82,8 +83,9 @@ def say_unread_ckpt_path(cfg: DictConfig, own: Path, checkpoint: dict) -> None:
     is where the run started (a requeued job keeps its command line), as a warning otherwise."""
     if not cfg.get("ckpt_path") or Path(cfg.ckpt_path).resolve() == own.resolve():
         return
-    history = checkpoint.get("act_history") or ({},)
-    started = [o for o in history[0].get("overrides", ()) if o.startswith("ckpt_path=")]
+    started = [
+        o for o in run_start(checkpoint.get("act_history")).get("overrides", ()) if o.startswith("ckpt_path=")
+    ]
     same = started and Path(started[-1].split("=", 1)[1]).resolve() == Path(cfg.ckpt_path).resolve()
     (log.info if same else log.warning)(
         "resume=auto continues this run from its own %s; ckpt_path=%s is not read%s",
@@ -181,6 +183,7 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     }
     log.info("launched with %s", describe_environment(entry["environment"]))
     if checkpoint is None:
+        entry["new_run"] = True
         if init is not None:
             entry["init_from"] = init.path
             if init.generator is not None:  # a converted model's architecture: a resume may need it
@@ -200,6 +203,8 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
     fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
     entry.update(iteration=iteration, changes=check_resume(checkpoint, resolved, raw, where, fresh))
+    if not own:  # a new run from another run's checkpoint: its history comes first, this launch starts it
+        entry["new_run"] = True
     if entry["changes"]:
         rank_zero_warning(
             log, "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]

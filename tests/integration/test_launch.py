@@ -208,6 +208,7 @@ def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_de
     assert checkpoint["act_config"]["model"]["schedule"]["gan_ratio"] == 0.5
     history = checkpoint["act_history"]
     assert [h["iteration"] for h in history] == [0, 2]
+    assert history[0]["new_run"] and "new_run" not in history[1]  # a continuation starts no run
     assert history[1]["changes"] == {"model.schedule.gan_ratio": [0.95, 0.5]} and history[0]["changes"] == {}
     assert [h["environment"] for h in history] == [environment()] * 2  # each launch's versions, kept
     logged = yaml.safe_load((run / "hparams.yaml").read_text())  # the loggers' config, as W&B's

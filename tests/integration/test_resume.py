@@ -19,7 +19,7 @@ import torch
 
 from act_lightning.atomic import default_file_mode
 from act_lightning.callbacks import DivergenceError
-from act_lightning.checkpoints import load_checkpoint
+from act_lightning.checkpoints import load_checkpoint, run_start
 from act_lightning.train import train
 from tests.conftest import COMMAND_ENV, compose, run_cli, start_module
 
@@ -333,6 +333,10 @@ def test_a_run_started_from_another_runs_snapshot_keeps_a_best_checkpoint_of_its
     assert summary["history"][1]["value"] == summary["history"][3]["value"]
     assert summary["best"]["iteration"] == 6
     assert _iteration(tmp_path / "new" / "checkpoints" / "best.ckpt") == 6
+    # its history: the source run's launch, then its own, which started it (report labels it by that one)
+    history = _load(tmp_path / "new" / "checkpoints" / "last.ckpt")["act_history"]
+    assert [(h["iteration"], h.get("new_run")) for h in history] == [(0, True), (4, True)]
+    assert run_start(history) is history[1]
 
 
 def test_a_run_started_from_init_from_resumes_after_that_file_has_gone(tmp_path):

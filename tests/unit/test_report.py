@@ -258,6 +258,21 @@ def test_a_checkpoint_whose_history_lacks_the_first_launch_takes_the_first_recor
     assert overrides == ["seed=0", "first"] and config["seed"] == 7
 
 
+def test_a_job_started_from_another_runs_checkpoint_is_labelled_by_its_own_launch(tmp_path):
+    """A run started with ckpt_path= carries the other run's history first: its label was that run's
+    first launch's overrides, and jobs with other settings fell into one row."""
+    job = _job(tmp_path / "0", 0, None)
+    (job / "checkpoints").mkdir()
+    history = [
+        {"iteration": 0, "overrides": ["iterations=8"], "new_run": True},
+        {"iteration": 8, "overrides": ["ckpt_path=base.ckpt", "model.optimizer.lr=2e-5"], "new_run": True},
+        {"iteration": 10, "overrides": ["ckpt_path=base.ckpt", "model.optimizer.lr=2e-5"]},  # requeued
+    ]
+    torch.save({"act_config": {"seed": 0}, "act_history": history}, job / "checkpoints" / "last.ckpt")
+    overrides, _ = job_record(job)
+    assert overrides == ["ckpt_path=base.ckpt", "model.optimizer.lr=2e-5"]
+
+
 def test_the_command_refuses_a_missing_sweep_folder_in_one_line_with_status_2(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert main([str(missing), "--out", str(tmp_path / "out")]) == 2

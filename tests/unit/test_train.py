@@ -90,6 +90,15 @@ def test_a_ckpt_path_the_runs_own_checkpoint_overrides_is_said_a_warning_unless_
         assert path == folder / "last.ckpt"
         assert [r.levelno for r in caplog.records] == [logging.WARNING]
         assert "is not read (a new run from it needs another hydra.run.dir)" in caplog.text
+        # a run started from another run's checkpoint: that run's history comes first, its own launch later
+        base = {"iteration": 0, "overrides": ["experiment=quickstart"], "new_run": True}
+        history = [base, {**history[0], "iteration": 8, "new_run": True}]
+        torch.save(
+            {"state_dict": {"iteration": torch.tensor(9)}, "act_history": history}, folder / "last.ckpt"
+        )
+        caplog.clear()
+        resolve_resume(_smoke(tmp_path, f"ckpt_path={start}"))
+        assert [r.levelno for r in caplog.records] == [logging.INFO], caplog.text
 
 
 def test_a_folder_with_checkpoints_but_no_last_one_continues_only_from_one_of_them(tmp_path):
