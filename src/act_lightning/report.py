@@ -243,9 +243,11 @@ def summarise(
     if at_iteration is None:  # the last iteration every variant was evaluated at
         at_iteration = max(common) if common else None
     elif at_iteration not in common:  # a cell of a job not evaluated there is empty ('-'): said why
+        some = any(at_iteration in r.iterations for v in variants for r in v.runs)
+        which, empty = ("not every", "their cells") if some else ("no", "the column's cells")
         print(
-            f"note: --at-iteration {at_iteration}: not every job was evaluated there (all were at "
-            f"{', '.join(map(str, sorted(common))) or 'no common iteration'}): their cells are empty",
+            f"note: --at-iteration {at_iteration}: {which} job was evaluated there (all were at "
+            f"{', '.join(map(str, sorted(common))) or 'no common iteration'}): {empty} are empty",
             file=sys.stderr,
         )
     reference = variants[0]

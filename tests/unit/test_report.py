@@ -226,6 +226,11 @@ def test_missing_values_count_for_nothing_and_runs_without_seconds_give_no_equal
         "their cells are empty\n"
     )
     assert rows[0]["at_seconds"] == {"mean": 60.0, "std": 0.0, "min": 60.0, "max": 60.0, "n": 1}
+    summarise([Variant("a", [late, early])], 150, None, None)  # none was evaluated there: said so
+    assert capsys.readouterr().err == (
+        "note: --at-iteration 150: no job was evaluated there (all were at no common iteration): "
+        "the column's cells are empty\n"
+    )
 
 
 def test_the_markdown_table_has_eight_columns_marks_runs_that_ended_and_charges_only_pretrained_ones():
