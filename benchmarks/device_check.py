@@ -30,7 +30,9 @@ which bundle the graphs' Triton kernels, when the whole does not fit: see below)
 A cold compile of the CIFAR-10 networks took about five minutes on an H200, a third of a session. Every
 step compiles into one inductor cache (--cache, exported as ACT_COMPILE_CACHE and TORCHINDUCTOR_CACHE_DIR),
 which the run packs into $OUT; carried to the next session's machine, it spares that session the code
-generation of every graph that did not change (the tracing still runs). Here, after a run:
+generation of every graph that did not change (the tracing still runs). Inductor's cache keys hold the
+card's name and the torch and Triton versions: a cache helps only on the same card model (an H200's is all
+misses on an H100), so the second call should run on the machine the first left warm. Here, after a run:
 
     mkdir -p .compile_cache && rm -f .compile_cache/compile_cache.tar.gz.*   # no part of an older run
     cp <files_at>/compile_cache.tar.gz.* <files_at>/summary.json .compile_cache/
@@ -262,7 +264,7 @@ def steps() -> list[Step]:
             "bench_diffusion_start",
             [py, str(BENCH / "bench_train.py"), "--configs", "cifar10_ect", "cifar10_ect_act"]
             + ["cifar10_diffusion", "--ablate", "--no-baseline", "--no-bf16", "--iterations", "10"]
-            + ["--warmup", "4", "--repeats", "1", "--no-sampling", "--side-by-side", "0"]
+            + ["--warmup", "4", "--repeats", "1", "--no-sampling", "--side-by-side", "0", "--no-flops"]
             + ["--output", "bench_diffusion_start.json"],
             180,
             60,
@@ -294,7 +296,7 @@ def steps() -> list[Step]:
         # test_notebooks needs nbformat, which the GPU machine's image lacks (none of its tests is a GPU's)
         Step(  # passed in the second session of 2026-12-04
             "cuda_tests",
-            [*pytest, "-k", "(gpu or cuda) and not inductor", "--ignore", notebooks, tests],
+            [*pytest, "-m", "gpu", "-k", "not inductor", "--ignore", notebooks, tests],
             200,
             60,
         ),
@@ -462,13 +464,15 @@ def run_all(
 ) -> list[dict]:
     """Runs the steps of `plan` that the budget, `after` and `unless` allow, calling `done` with the
     outcomes so far after each. `previous`: an earlier call's outcomes (--previous), which `after` and
-    `unless` also read (the steps it ran); a step neither call ran is unknown (it runs). `gpu_gib`: the
+    `unless` also read (the steps it ran, and those it skipped for a step that did not pass or one that
+    did: their dependents are skipped as they were); a step neither call ran or decided (one skipped for
+    the budget) is unknown: its dependents run. `gpu_gib`: the
     card's memory in GiB, for `min_gpu_gib` (None: unknown, every step runs)."""
     deadline = time.monotonic() + budget
     outcomes = []
     for step in plan:
         left = deadline - time.monotonic()
-        passed = {o["name"]: o["status"] == "ok" for o in previous if "seconds" in o}  # those it ran
+        passed = {o["name"]: o["status"] == "ok" for o in previous if decided(o)}
         passed.update({o["name"]: o["status"] == "ok" for o in outcomes})
         if step.after in passed and not passed[step.after]:
             outcomes.append({"name": step.name, "status": f"skipped ({step.after} did not pass)"})
@@ -493,6 +497,27 @@ def run_all(
         print(f"  {outcomes[-1]['status']} in {outcomes[-1]['seconds']} s", flush=True)
         done(outcomes)
     return outcomes
+
+
+def read_previous(path: Path, parser: argparse.ArgumentParser) -> list[dict]:
+    """The outcomes of an earlier call's summary.json (--previous), read before anything is unpacked or
+    run: a missing or foreign file is refused in one line."""
+    try:
+        steps = json.loads(path.read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(
+            f"--previous {path}: not an earlier call's summary.json ({err!r}); copy it from files_at"
+        )
+    if not isinstance(steps, list) or not all(isinstance(o, dict) and "name" in o for o in steps):
+        parser.error(f"--previous {path}: its steps are not a list of outcomes")
+    return steps
+
+
+def decided(outcome: dict) -> bool:
+    """Whether an outcome says if its step passed: it ran, or it was skipped for another step's outcome
+    (and so did not pass); not one skipped for the time left or the card's memory."""
+    status = outcome.get("status", "")
+    return "seconds" in outcome or status.endswith(" did not pass)") or status.endswith(" passed)")
 
 
 def _fmt(value, spec: str = ",.2f") -> str:
@@ -679,6 +704,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: no step named {', '.join(unknown)}; the steps: {', '.join(by_name)}")
     plan = list(by_name.values()) if args.only is None else [by_name[n] for n in args.only]
+    previous = read_previous(args.previous, parser) if args.previous else []
     if args.dry_run:
         for s in plan:
             print(f"{s.name}\t{s.timeout}\t{s.needs}\t{shlex.join(s.argv)}")
@@ -688,7 +714,6 @@ def main() -> None:
     machine = f"{os.uname().nodename}; {time.strftime('%Y-%m-%d %H:%M')}; budget {args.budget:.0f} s"
     notes = [unpack_cache(args.carried, args.cache)]
     print(notes[0], flush=True)
-    previous = json.loads(args.previous.read_text())["steps"] if args.previous else []
 
     def write(outcomes: list[dict]) -> None:  # after every step: a call cut short returns what it found
         write_outputs(outcomes, args.work, args.out, machine, notes)

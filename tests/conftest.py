@@ -40,10 +40,16 @@ def pytest_configure(config):
         WarmInterpreter.share()
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: it sees the gpu markers added here
 def pytest_collection_modifyitems(config, items):
-    """The long tests (marked slow) first, the rest in file order after them: the workers (xdist's
-    worksteal) take their tests from the front and give tests away from the back, so the last ones left,
-    which decide when the suite ends, are short and the two workers finish together."""
+    """Every test skipped without CUDA carries the `gpu` marker (`-m gpu` selects them all: the device
+    check's cuda_tests). The long tests (marked slow) first, the rest in file order after them: the
+    workers (xdist's worksteal) take their tests from the front and give tests away from the back, so the
+    last ones left, which decide when the suite ends, are short and the two workers finish together."""
+    for item in items:
+        reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
+        if any(r.startswith(("needs a CUDA device", "needs CUDA")) for r in reasons):
+            item.add_marker(pytest.mark.gpu)
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 
-from tests.conftest import needs_inductor_2_11
+from tests.conftest import ROOT, needs_inductor_2_11
 from tests.integration.test_benchmarks import _load_benchmark
 
 
@@ -671,6 +672,37 @@ def test_device_check_lets_this_calls_outcome_of_a_step_override_the_earlier_cal
     assert [o["status"] for o in outcomes] == ["ok", "ok", "skipped (a passed)", "ok"]
 
 
+def test_device_check_skips_what_the_earlier_call_skipped_for_another_steps_outcome(tmp_path):
+    """A step the first call skipped because its `unless` passed (or its `after` failed) did not pass: a
+    second call listing its dependent by hand ran that dependent, a cold compile of minutes. A step the
+    first call skipped for the budget is unknown: its dependent runs."""
+    check = _load_benchmark("device_check")
+    ok = ["bash", "-c", "exit 0"]
+    plan = [
+        check.Step("fallback_profile", ok, 10, 0, after="fallback"),
+        check.Step("b_profile", ok, 10, 0, after="b"),
+    ]
+    previous = [
+        {"name": "fallback", "status": "skipped (candidate passed)"},
+        {"name": "b", "status": "skipped (12 s left, needs 60)"},
+    ]
+    outcomes = check.run_all(plan, tmp_path, 60, previous=previous, gpu_gib=80.0)
+    assert [o["status"] for o in outcomes] == ["skipped (fallback did not pass)", "ok"]
+
+
+def test_device_check_refuses_a_missing_or_foreign_previous_summary_before_unpacking(tmp_path):
+    script = str(ROOT / "benchmarks" / "device_check.py")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"configs": {}}')
+    for path, said in ((tmp_path / "none.json", "FileNotFoundError"), (foreign, "KeyError('steps')")):
+        args = [sys.executable, script, "--only", "env", "--previous", str(path), "--dry-run"]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert (
+            done.returncode == 2 and f"--previous {path}: not an earlier call's summary.json" in done.stderr
+        )
+        assert said in done.stderr
+
+
 def test_device_check_says_a_step_ran_out_of_gpu_memory_and_keeps_a_result_it_cannot_read(tmp_path):
     check = _load_benchmark("device_check")
     script = "echo torch.OutOfMemoryError: CUDA out of memory; echo '{\"half' > r.json; exit 1"
@@ -730,3 +762,22 @@ def test_device_check_keeps_a_short_log_whole_and_the_end_of_a_long_one(tmp_path
     log.write_text("0123456789")
     assert check.tail(log, limit=10) == "0123456789"
     assert check.tail(log, limit=4) == "[... 6 characters]\n6789"
+
+
+def test_the_device_checks_cuda_tests_select_every_test_skipped_without_cuda_and_no_other():
+    """cuda_tests selected by name ('gpu or cuda'), which also ran slow CPU tests named after CUDA graphs
+    and would miss a CUDA test named otherwise; `-m gpu` takes the marker the collection gives each test
+    skipped without CUDA (tests/conftest.py), whether or not its file marks it."""
+    check = _load_benchmark("device_check")
+    (step,) = [s for s in check.steps() if s.name == "cuda_tests"]
+    files = [
+        str(ROOT / "tests" / "unit" / name) for name in ("test_divergence.py", "test_benchmarks_logic.py")
+    ]
+    argv = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider"]
+    selection = step.argv[step.argv.index("-m") : step.argv.index("-k") + 2]
+    done = subprocess.run([*argv, *selection, *files], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert collected == [
+        "tests/unit/test_divergence.py::"
+        "test_on_cuda_the_guard_waits_for_nothing_zeroes_a_bad_update_and_leaves_overflow_to_the_scaler"
+    ], done.stdout[-2000:]
