@@ -2,7 +2,7 @@
 
 from act_lightning.resolvers import register_resolvers
 
-__version__ = "0.3.3"
+__version__ = "0.3.4"
 
 register_resolvers()  # before any config in conf/ is composed
 
