@@ -95,6 +95,33 @@ def say_unread_ckpt_path(cfg: DictConfig, own: Path, checkpoint: dict) -> None:
     )
 
 
+# What a run writes into its folder besides its checkpoints and launch records (the loggers' files, the
+# evaluation's summary and curve, the sample grids)
+RUN_OUTPUTS = (
+    "metrics.csv",
+    "metric_summary.json",
+    "fid_curve.png",
+    "hparams.yaml",
+    "samples",
+    "tensorboard",
+)
+
+
+def set_aside_outputs(run_dir: Path) -> Path | None:
+    """A new run in a folder that holds an earlier run's outputs but no checkpoint to continue (deleted,
+    or a crash before the first save): those outputs are moved into `replaced/<date>_<time>/`, where the
+    new run would overwrite some and leave others (the sample grids of later iterations, TensorBoard's
+    events) mixed with its own. Returns that folder, or None when there was nothing to move."""
+    found = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return None
+    kept = run_dir / "replaced" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    kept.mkdir(parents=True)
+    for path in found:
+        os.replace(path, kept / path.name)
+    return kept
+
+
 def damaged_last_advice(last: Path) -> str:
     """What to do when the run's own last.ckpt cannot be read (resume=auto always prefers it)."""
     others = [name for name in held_checkpoints(last.parent) if name != last.name]

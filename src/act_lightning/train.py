@@ -63,7 +63,7 @@ from act_lightning.metrics.reference import check_reference_images
 from act_lightning.process import apply_process_settings, job_launcher
 from act_lightning.resume import world_size
 from act_lightning.seeds import check_seed
-from act_lightning.start import RunLock, StartPoint, start_point
+from act_lightning.start import RunLock, StartPoint, set_aside_outputs, start_point
 
 log = logging.getLogger(__name__)
 
@@ -433,6 +433,11 @@ def fit(cfg: DictConfig, launch: Launch) -> dict[str, Any]:
         # callback clears its own folder)
         for path in remove_stale_temporaries(cfg.run_dir):
             log.info("removed %s, left by a write that was interrupted", path)
+        kept = set_aside_outputs(Path(cfg.run_dir)) if launch.start.ckpt_path is None else None
+        if kept is not None:  # a new run, in a folder an earlier one wrote into without a checkpoint left
+            log.warning(
+                "the folder held an earlier run's outputs and no checkpoint to continue: moved to %s", kept
+            )
     failed = True
     try:  # the loggers record the config as training starts (ACTModule.on_fit_start)
         with warnings.catch_warnings():  # for this run only: the next job of a multirun has its own modules

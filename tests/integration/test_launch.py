@@ -73,6 +73,31 @@ def test_refused_and_finished_launches_leave_every_file_of_the_run_folder_as_it_
     assert f"launched with {describe(environment())}" in first.read_text()
 
 
+def test_a_new_run_in_a_folder_without_a_checkpoint_sets_the_earlier_runs_outputs_aside(tmp_path, caplog):
+    """A relaunch after the checkpoints were deleted (or a crash before the first save) overwrote the
+    earlier run's metrics.csv and summary and left its later sample grids mixed with the new run's."""
+    run = tmp_path / "run"
+    train(compose([*SMOKE, "iterations=6", "eval.every=2"], run_dir=str(run)))
+    before = _hashes(run)
+    assert "samples/iter_0000006.png" in before and "metric_summary.json" in before
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    with caplog.at_level("WARNING", logger="act_lightning.train"):
+        train(compose([*SMOKE, "iterations=2", "eval.every=2"], run_dir=str(run)))
+    (kept,) = (run / "replaced").iterdir()
+    assert "held an earlier run's outputs and no checkpoint to continue: moved to " + str(kept) in caplog.text
+    earlier = {k: v for k, v in before.items() if not k.startswith((".hydra/", "checkpoints/", ".lock"))}
+    assert _hashes(kept) == earlier  # all of them, as they were
+    assert not (run / "samples" / "iter_0000006.png").exists()  # the new run's grids alone
+    assert len(yaml.safe_load((run / "hparams.yaml").read_text())) > 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="act_lightning.train"):
+        train(
+            compose([*SMOKE, "iterations=4", "eval.every=2", "resume_changes=[iterations]"], run_dir=str(run))
+        )
+    assert "earlier run's outputs" not in caplog.text and len(list((run / "replaced").iterdir())) == 1
+
+
 def test_slurm_tasks_and_torchrun_workers_of_other_ranks_keep_no_record_and_log_to_their_console(tmp_path):
     run = tmp_path / "run"
     assert run_cli(SMOKE, run).returncode == 0
