@@ -67,10 +67,15 @@ def test_training_curves_plot_every_job_of_a_sweep(runs, monkeypatch):
     # reproduce-mini's do; the default looked four down only), else the ACT_RUNS glob's
     monkeypatch.delenv("ACT_RUNS", raising=False)
     (runs / "notebooks").mkdir(exist_ok=True)
+    aside = runs / "multirun" / "job0" / "replaced" / "2026-12-07_10-00-00-000000"  # set aside by a new run
+    aside.mkdir(parents=True, exist_ok=True)
+    (aside / "metric_summary.json").write_bytes(
+        (runs / "multirun" / "job0" / "metric_summary.json").read_bytes()
+    )
     for cwd in (runs, runs / "notebooks"):  # the kernel in the repository's notebooks/: its parent's runs
         notebook = _execute("02_training_curves.ipynb", cwd, {}, monkeypatch)
         text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-        assert "job0" in text and "job1" in text
+        assert "job0" in text and "job1" in text and "replaced" not in text
     notebook = _execute(
         "02_training_curves.ipynb", runs, {"ACT_RUNS": str(runs / "multirun" / "job1")}, monkeypatch
     )
