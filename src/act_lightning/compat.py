@@ -41,6 +41,12 @@ EVAL_MODULES_WARNING = "Found {} module(s) in eval mode at the start of training
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
 RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
+# What torch (>= 2.10) says each time Lightning's own pytree helper (lightning.pytorch.utilities._pytree,
+# which the training loop calls every iteration) builds a LeafSpec, which torch deprecated: printed by
+# every run, and nothing a user of this library can change.
+LEAFSPEC_WARNING = "`isinstance(treespec, LeafSpec)` is deprecated"
+LIGHTNING_PYTREE = r"lightning\.pytorch\.utilities\._pytree"
+
 
 @contextmanager
 def eager_forward(module: nn.Module) -> Iterator[None]:
@@ -144,6 +150,14 @@ def ignore_frozen_modules_warning(module: nn.Module, frozen: str = "distance") -
     if names and all(name == frozen or name.startswith(f"{frozen}.") for name in names):
         message = re.escape(EVAL_MODULES_WARNING.format(len(names)))
         warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
+
+
+def ignore_lightning_leafspec_warning() -> None:
+    """Silences exactly torch's deprecation of LeafSpec where Lightning's pytree helper builds one
+    (LEAFSPEC_WARNING); raised from anywhere else, it stays."""
+    warnings.filterwarnings(
+        "ignore", message=re.escape(LEAFSPEC_WARNING), category=FutureWarning, module=LIGHTNING_PYTREE
+    )
 
 
 def ignore_few_batches_warning() -> None:

@@ -52,6 +52,7 @@ from act_lightning.commands import CONFIG_DIR, refusal, refuse
 from act_lightning.compat import (
     ignore_few_batches_warning,
     ignore_frozen_modules_warning,
+    ignore_lightning_leafspec_warning,
     quiet_litlogger_tip,
 )
 from act_lightning.consistency import check_iterations
@@ -261,6 +262,7 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
     callbacks.insert(0, TakeStopSignals(next(c for c in callbacks if isinstance(c, LastCheckpoint))))
     loggers = build_loggers(cfg, start.iteration if start.ckpt_path is not None else None, start.wandb_id)
     ignore_few_batches_warning()  # logging counts iterations across epochs (compat.FEW_BATCHES_WARNING)
+    ignore_lightning_leafspec_warning()  # torch's deprecation, raised by Lightning's loop every iteration
     quiet_litlogger_tip()  # an advertisement at every Trainer's start (compat.LITLOGGER_TIP)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[CheckpointIO()]
