@@ -160,6 +160,16 @@ def ignore_lightning_leafspec_warning() -> None:
     )
 
 
+def without_wandb_anonymous(logger: Any) -> Any:
+    """`logger` (Lightning's WandbLogger) without the `anonymous=None` it hands to `wandb.init` whenever
+    the option was not given: wandb warns that the setting "has no effect" on every run that passes the key,
+    whatever its value. An `anonymous` given stays."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]
+    return logger
+
+
 def ignore_few_batches_warning() -> None:
     """Silences exactly Lightning's warning that an epoch has fewer batches than log_every_n_steps: a run
     here is counted in iterations, not epochs, and logs every log_every_n_steps of them whatever the

@@ -54,6 +54,7 @@ from act_lightning.compat import (
     ignore_frozen_modules_warning,
     ignore_lightning_leafspec_warning,
     quiet_litlogger_tip,
+    without_wandb_anonymous,
 )
 from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
@@ -206,7 +207,8 @@ def build_loggers(cfg: DictConfig, resume_iteration: int | None, wandb_id: str |
             offline = wandb_offline(logger_cfg)
             name = logger_cfg.get("name") or run_name(cfg)
             resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
-            loggers.append(hydra.utils.instantiate(logger_cfg, offline=offline, name=name, **resume))
+            wandb = hydra.utils.instantiate(logger_cfg, offline=offline, name=name, **resume)
+            loggers.append(without_wandb_anonymous(wandb))
         elif "resume_step" in logger_cfg:
             loggers.append(hydra.utils.instantiate(logger_cfg, resume_step=resume_iteration))
         else:

@@ -167,6 +167,10 @@ def test_a_resumed_run_continues_its_csv_rows_and_its_wandb_run(tmp_path):
         x for x in build_loggers(_smoke(tmp_path, "logger=wandb"), None) if isinstance(x, WandbLogger)
     )
     assert fresh._wandb_init["id"] is None  # a W&B run of its own
+    # Lightning passes anonymous=None, which wandb warns about on every run; one given stays
+    assert "anonymous" not in wandb._wandb_init and "anonymous" not in fresh._wandb_init
+    given = build_loggers(_smoke(tmp_path, "logger=wandb", "+logger.wandb.anonymous=true"), None)
+    assert next(x for x in given if isinstance(x, WandbLogger))._wandb_init["anonymous"] == "allow"
 
 
 def test_only_a_run_lightning_resumes_keeps_its_csv_rows_a_weights_only_start_begins_anew(tmp_path):
