@@ -114,6 +114,22 @@ def check_config(cfg: DictConfig) -> None:
         reference = cfg.eval.get("reference")
         if reference is not None and str(reference) != "train" and Path(str(reference)).is_file():
             check_reference_images(Path(str(reference)), int(cfg.data.image_size), int(cfg.data.channels))
+    check_class_embeddings(cfg)
+    for name in ("generator", "discriminator"):
+        net = cfg.model.get(name)
+        for key, data_key in (("image_size", "image_size"), ("in_channels", "channels")):
+            if net is not None and key in net and net[key] != cfg.data[data_key]:
+                converted = name == "generator" and cfg.get("init_from") and "unet" in net  # set by the file
+                source = f" (init_from={cfg.init_from} is a model of such images: train it on data of theirs)"
+                raise ValueError(
+                    f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
+                    + (source if converted else "")
+                )
+
+
+def check_class_embeddings(cfg: DictConfig) -> None:
+    """The generator's class embeddings where the data give labels, none where they do not, and as many as
+    the data's classes in each network (fewer: a label without one fails inside the network)."""
     gen = cfg.model.generator
     classes = cfg.data.get("num_classes")
     if gen.get("num_class_embeds") and not classes:
@@ -128,15 +144,13 @@ def check_config(cfg: DictConfig) -> None:
             "class-conditional generator, or data.num_classes=null to train unconditionally."
         )
     for name in ("generator", "discriminator"):
-        net = cfg.model.get(name)
-        for key, data_key in (("image_size", "image_size"), ("in_channels", "channels")):
-            if net is not None and key in net and net[key] != cfg.data[data_key]:
-                converted = name == "generator" and cfg.get("init_from") and "unet" in net  # set by the file
-                source = f" (init_from={cfg.init_from} is a model of such images: train it on data of theirs)"
-                raise ValueError(
-                    f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
-                    + (source if converted else "")
-                )
+        embeds = (cfg.model.get(name) or {}).get("num_class_embeds")
+        if classes and embeds and embeds < classes:
+            raise ValueError(
+                f"model.{name}.num_class_embeds={embeds} is fewer than data.num_classes={classes}: labels "
+                f"{embeds}..{classes - 1} would have no embedding. Set "
+                f"model.{name}.num_class_embeds={classes}"
+            )
 
 
 def check_run_length(trainer) -> None:

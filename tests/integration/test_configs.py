@@ -170,6 +170,12 @@ def test_labels_make_every_experiments_networks_class_conditional_and_unused_lab
         ValueError, match=r"data.num_classes=5 gives every image a label, but model.generator"
     ):
         check_config(ignored)
+    for net in ("generator", "discriminator"):  # fewer embeddings than classes: an IndexError in the UNet
+        fewer = compose([*labelled, f"model.{net}.num_class_embeds=2"], run_dir=str(tmp_path))
+        with pytest.raises(
+            ValueError, match=rf"model.{net}.num_class_embeds=2 is fewer than data.num_classes=5"
+        ):
+            check_config(fewer)
 
 
 def test_image_size_the_network_cannot_downsample(tmp_path):
