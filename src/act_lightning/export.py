@@ -51,6 +51,8 @@ def class_labels_for(class_labels, num_classes: int | None, batch: int, device) 
             f"class_labels: this generator is class-conditional ({num_classes} classes); pass one class "
             f"index per image, e.g. class_labels=torch.randint({num_classes}, ({batch},)), or one for all"
         )
+    if hasattr(class_labels, "__array__") and not isinstance(class_labels, Tensor):  # numpy's, e.g. arr_1
+        class_labels = torch.as_tensor(class_labels)
     if isinstance(class_labels, Tensor):
         if class_labels.dtype not in (torch.int32, torch.int64):
             raise ValueError(

@@ -600,8 +600,9 @@ class ACTModule(L.LightningModule):
             net.train(was_training)
 
     def check_labels(self, labels: Tensor | None, batch: int) -> None:
-        """`sample`'s labels present for a class-conditional model, with one per image, and absent for an
-        unconditional one (without reading them off the device: the range is the callers' to check)."""
+        """`sample`'s labels present for a class-conditional model, with one integer class index per image,
+        and absent for an unconditional one. Their range is checked where they are on the CPU (the Python
+        API's); on a device that would wait for it, the callers check it (the commands do)."""
         classes = self.hparams.get("num_classes")
         if not classes and labels is not None:
             raise ValueError("labels: this model is unconditional (it takes no class labels)")
@@ -611,6 +612,12 @@ class ACTModule(L.LightningModule):
                 f"labels: this model is class-conditional ({classes} classes); pass one class index per "
                 f"image, shape ({batch},); got {got}"
             )
+        if labels is None:
+            return
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels: integer class indices (int64 or int32); got {labels.dtype}")
+        if labels.device.type == "cpu" and batch and not bool(((labels >= 0) & (labels < classes)).all()):
+            raise ValueError(f"labels: out of range for {classes} classes (0..{classes - 1})")
 
     def check_later_levels(self, taus: list[float] | None) -> list[float]:
         """`sample`'s taus, the levels after the first step: each below sigma_max, and none for a diffusion

@@ -170,6 +170,14 @@ def test_sample_names_missing_or_misshaped_labels_and_labels_an_unconditional_mo
         with pytest.raises(ValueError, match=rf"class-conditional \(3 classes\); .* shape \(2,\); got {got}"):
             model.sample(z, labels)
     assert model.sample(z, torch.tensor([0, 2])).shape == z.shape
+    # the Python API's labels (load_model): out of range or not integers, named (it raised IndexError)
+    for labels in (torch.tensor([0, 3]), torch.tensor([-1, 0])):
+        with pytest.raises(ValueError, match=r"labels: out of range for 3 classes \(0..2\)"):
+            model.sample(z, labels)
+    with pytest.raises(
+        ValueError, match=r"labels: integer class indices \(int64 or int32\); got torch.float32"
+    ):
+        model.sample(z, torch.tensor([0.0, 1.0]))
 
 
 class _NaNAtIteration(ACTModule):
