@@ -138,6 +138,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Expo
     backbone = UNetGenerator(**config["generator"])
     backbone.load_state_dict(load_file(weights, device="cpu"))
     model = ExportedGenerator(backbone, config["consistency"], config["generator"].get("num_class_embeds"))
+    model.class_names = config.get("class_names")  # index k's name, where the training data named them
     return model.to(device).eval()
 
 
@@ -325,7 +326,9 @@ def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
         experiment=run.get("experiment_name"),
         size=int(run.data.image_size),
         channels=int(run.data.channels),
-        classes=f", {classes} classes (pass class_labels)" if conditional else "",
+        classes=f", {classes} classes (pass class_labels){named(config.get('class_names'))}"
+        if conditional
+        else "",
         folder=out.name,
         task="class-conditional-image-generation" if conditional else "unconditional-image-generation",
         labels=f"labels = torch.randint({classes}, (16,))  # a class per image\n" if conditional else "",
@@ -333,6 +336,16 @@ def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
         two_step_tau=repr(two_step_tau(run)),
         trained_with=f" Trained with {describe(env)}." if (env := config["trained_with"]) else "",
         **config["consistency"],
+    )
+
+
+def named(names: list[str] | None, shown: int = 20) -> str:
+    """The model card's list of class names by index (the first `shown`), or nothing without them."""
+    if not names:
+        return ""
+    listed = ", ".join(f"{i}: {name}" for i, name in enumerate(names[:shown]))
+    return f"; classes by index: {listed}" + (
+        f", ... ({len(names)} in all, in config.json)" if len(names) > shown else ""
     )
 
 
@@ -364,6 +377,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         "generator": generator_args,
         "consistency": constants,
         "num_classes": generator_args.get("num_class_embeds"),  # the classes the generator takes
+        "class_names": checkpoint.get("act_label_names"),  # index k's name (a folder's k-th class), or None
         "iteration": trained_iteration(checkpoint),
         "experiment": run.get("experiment_name"),
         # one of the paper's released checkpoints, by its file name (convert_reference), or None

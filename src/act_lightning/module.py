@@ -27,7 +27,7 @@ from act_lightning.augment import AugmentPipe, DrawnAugmentation, r1_controller_
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
 from act_lightning.compat import eager_forward
 from act_lightning.consistency import ConsistencySchedule, noise_conditioning
-from act_lightning.data.base import HalfBatch
+from act_lightning.data.base import DataError, HalfBatch
 from act_lightning.distributed import PerNetworkDDP
 from act_lightning.divergence import BadIterations, guard_mask, skip_if_nonfinite
 from act_lightning.ema import ema_copies, ema_update
@@ -546,6 +546,9 @@ class ACTModule(L.LightningModule):
             (str(lg.version) for lg in self.loggers if isinstance(lg, WandbLogger) and lg.version), None
         )
         prepare_training_checkpoint(checkpoint, self.run_config, wandb_id, self.run_history)
+        names = self._label_names()
+        if names is not None:  # what each class index is (a folder's class sub-folders, in name order)
+            checkpoint["act_label_names"] = names
         # saved before on_train_start put the checkpoint's random state back (the best.ckpt of an evaluation
         # a stop deferred): the run's state at this iteration is that one, not the freshly seeded one
         if getattr(self, "_restore_rng", None) is not None:
@@ -561,6 +564,12 @@ class ACTModule(L.LightningModule):
         self._restore_rng = checkpoint.get("act_rng")
         last_r1 = checkpoint.get("act_last_r1")  # (a checkpoint from before it was kept: none until R1)
         self._last_r1 = None if last_r1 is None else float(last_r1)
+        check_label_names(checkpoint.get("act_label_names"), self._label_names())
+
+    def _label_names(self) -> list[str] | None:
+        """The training data's class names (`label_names`), when a trainer with such data is attached."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return datamodule.label_names() if hasattr(datamodule, "label_names") else None
 
     # -- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -639,3 +648,15 @@ class ACTModule(L.LightningModule):
 
     def extra_repr(self) -> str:
         return f"iteration={self.k}/{self.hparams.iterations}"
+
+
+def check_label_names(saved: list | None, current: list[str] | None) -> None:
+    """A resumed run's class names (the checkpoint's `act_label_names`) against its data's now: a class
+    folder renamed, added or removed since would give its images another class index without a word."""
+    if saved is None or current is None or list(saved) == list(current):
+        return
+    raise DataError(
+        f"data.root: its class sub-folders are now {', '.join(current)}; this run was trained with "
+        f"{', '.join(saved)} (class k is the k-th in that order): name the folders as they were, or start a "
+        "new run"
+    )

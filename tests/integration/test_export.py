@@ -18,7 +18,8 @@ from act_lightning.environment import describe, environment
 from act_lightning.export import FORMAT, ACTPipeline, export
 from act_lightning.sample import image_noise, to_uint8
 from act_lightning.train import train
-from tests.conftest import CONF, ROOT, compose, run_module
+from tests.conftest import CONF, ROOT, compose, refusal, run_cli, run_module
+from tests.helpers_data import write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +349,31 @@ def test_a_class_conditional_run_exports_its_class_count_into_config_card_and_lo
         pipeline(noise=scope["z"][:2], class_labels=[1, 2]),
         pipeline(noise=scope["z"][:2], class_labels=torch.tensor([1, 2])),
     )
+
+
+def test_a_folder_runs_class_names_are_kept_refused_when_renamed_on_resume_and_exported(tmp_path):
+    """The class-name-to-index mapping of a folder data set was written nowhere but the launch's log: a
+    resume after a class folder was renamed trained on reshuffled labels without a word, and no one holding
+    the checkpoint or the export could tell what index k was."""
+    images = write_image_folder(tmp_path / "images", classes=("apple", "mango", "zebra"), per_class=2)
+    run = tmp_path / "run"
+    common = ["experiment=cifar10", "debug=smoke", "data=folder", f"data.root={images}", "data.num_classes=3"]
+    common += ["eval=null", "iterations=4"]
+    train(compose([*common, "stop_after=2"], run_dir=str(run)))
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["act_label_names"] == ["apple", "mango", "zebra"]
+    (images / "apple").rename(images / "zz_apple")
+    line = refusal(run_cli(common, run))
+    assert (
+        "class sub-folders are now mango, zebra, zz_apple; this run was trained with apple, mango, zebra"
+        in line
+    )
+    (images / "zz_apple").rename(images / "apple")
+    train(compose(common, run_dir=str(run)))  # as they were: it goes on
+    summary = export(last, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["class_names"] == ["apple", "mango", "zebra"] and summary["iteration"] == 4
+    assert "classes by index: 0: apple, 1: mango, 2: zebra" in (tmp_path / "export" / "README.md").read_text()
+    assert load_generator(tmp_path / "export").class_names == ["apple", "mango", "zebra"]
+    labels = load_generator(tmp_path / "export").sample(torch.randn(2, 3, 32, 32), np.array([0, 2]))
+    assert labels.shape == (2, 3, 32, 32)  # numpy's integer labels (a samples.npz's arr_1) are taken

@@ -232,3 +232,24 @@ def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped_to_white():
     assert image.dtype == torch.uint8
     torch.testing.assert_close(image[0, 0], torch.from_numpy((ramp[0] >> 8).astype(np.uint8)), rtol=0, atol=1)
     assert int(image.min()) == 0 and (image == 255).float().mean() < 0.05  # was: 99% white
+
+
+def test_a_class_folder_without_images_is_refused_not_dropped(tmp_path):
+    """Every sub-folder is a class (torchvision's ImageFolder): an empty one, or one of files that are not
+    read, was left out, and each class after it took the index before its own without a word."""
+    write_image_folder(tmp_path, classes=("apple", "mango"), per_class=2)
+    (tmp_path / "banana").mkdir()
+    (tmp_path / ".cache").mkdir()  # hidden: no class
+    with pytest.raises(DataError, match=r"takes each sub-folder of .* as a class, but banana holds no image"):
+        _dm(tmp_path, num_classes=2).setup("fit")
+    (tmp_path / "banana" / "a.bmp").write_bytes(b"BM")
+    with pytest.raises(DataError, match=r"but banana holds no image \(\.png"):
+        _dm(tmp_path, num_classes=3).setup("fit")
+    dm = _dm(tmp_path, num_classes=None)  # unconditional: the folders are no classes
+    dm.setup("fit")
+    assert dm.label_names() is None
+    (tmp_path / "banana" / "a.bmp").unlink()
+    (tmp_path / "banana").rmdir()
+    dm = _dm(tmp_path, num_classes=2)
+    dm.setup("fit")
+    assert dm.label_names() == ["apple", "mango"]

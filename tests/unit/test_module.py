@@ -419,3 +419,16 @@ def test_a_non_finite_r1_moves_the_augmentation_controller_as_a_zero_would(cfg_f
     model._update_augmentation(torch.tensor(float("nan")), SimpleNamespace(gen_size=4, disc_size=4))
     assert model.r1_ema.item() == pytest.approx(h.ada_beta * 10.0) == pytest.approx(r1_ema.item())
     assert model.aug_p.item() == pytest.approx(p.item())
+
+
+def test_a_resume_on_class_folders_renamed_since_is_refused_naming_both_orders():
+    from act_lightning.data import DataError
+    from act_lightning.module import check_label_names
+
+    check_label_names(["apple", "mango"], ["apple", "mango"])
+    check_label_names(None, ["apple", "mango"])  # a checkpoint from before they were kept
+    check_label_names(["apple", "mango"], None)  # unconditional data, or official labels
+    with pytest.raises(
+        DataError, match=r"now mango, zz_apple; this run was trained with apple, mango \(class k"
+    ):
+        check_label_names(["apple", "mango"], ["mango", "zz_apple"])

@@ -311,6 +311,12 @@ class ImageDataModule(L.LightningDataModule):
     def build_train_dataset(self) -> Dataset:
         raise NotImplementedError
 
+    def label_names(self) -> list[str] | None:
+        """The name of each class index, where the data name their classes themselves (a folder's class
+        sub-folders), once `setup` read them; None for an unconditional run or a set whose labels are its
+        official indices. Checkpoints keep them (`act_label_names`): a resume refuses a changed mapping."""
+        return None
+
     def count_train_images(self, enough: int) -> int | None:
         """How many training images there are, counted up to `enough` at least (a source may stop there),
         or None where that cannot be told cheaply before `setup` (sets too large to be the problem)."""

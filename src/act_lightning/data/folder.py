@@ -155,6 +155,19 @@ class FolderDataModule(ImageDataModule):
                 "class folders, or set data.num_classes=null to train unconditionally"
             )
         self.class_names = sorted({parts[0] for parts in top})
+        # every sub-folder is a class, as in torchvision's ImageFolder: one without images left out would
+        # shift the index of every class after it
+        bare = sorted(
+            d.name
+            for d in root.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and d.name not in self.class_names
+        )
+        if bare:
+            raise DataError(
+                f"data.num_classes={self.num_classes} takes each sub-folder of {root} as a class, but "
+                f"{', '.join(bare)} holds no image ({', '.join(IMAGE_SUFFIXES)}): add images, or move the "
+                "folder out (each sub-folder's index is its place in name order)"
+            )
         if len(self.class_names) != self.num_classes:
             shown = ", ".join(self.class_names[:10]) + (", ..." if len(self.class_names) > 10 else "")
             raise DataError(
@@ -164,6 +177,9 @@ class FolderDataModule(ImageDataModule):
             )
         index = {name: i for i, name in enumerate(self.class_names)}
         return np.array([index[parts[0]] for parts in top], dtype=np.int64)
+
+    def label_names(self) -> list[str] | None:
+        return list(self.class_names) if self.num_classes and self.class_names else None
 
     def count_train_images(self, enough: int) -> int:
         """The images under `root`, counted up to `enough` (the walk stops there: cheap for any tree)."""
