@@ -28,11 +28,13 @@ def apply_process_settings(cfg: DictConfig) -> None:
     if threads == "auto":
         threads = threads_beside_other_jobs() or "auto"
     if threads != "auto":
-        if not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be auto or a positive integer, got {threads!r}")
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-    tf32 = bool(cfg.get("tf32", True))
+    tf32 = cfg.get("tf32", True)
+    if not isinstance(tf32, bool):  # 'off' would count as true
+        raise ValueError(f"tf32 must be true or false; got {tf32!r}")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     use_compile_cache(cfg.get("compile_cache"))

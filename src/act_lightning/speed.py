@@ -8,6 +8,7 @@ through `resume_changes`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -37,6 +38,10 @@ class SpeedOptions:
     bf16_target: bool = False  # the teacher's pass under bf16 autocast (changes the numerics)
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # a switch given as text ('no', 'off') would count as true
+            value = getattr(self, field.name)
+            if field.name not in ("compile", "compile_mode") and not isinstance(value, bool):
+                raise ValueError(f"model.speed.{field.name} must be true or false; got {value!r}")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
             raise ValueError(
                 f"model.speed.compile must be true, false or a backend name; got {self.compile!r}"

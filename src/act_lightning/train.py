@@ -96,6 +96,7 @@ def check_config(cfg: DictConfig) -> None:
             "callbacks.checkpoint.every_n_iterations"
         )
     check_run_length(cfg.get("trainer") or {})
+    check_precision(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
     check_two_step_tau(cfg)
     check_accelerator(str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")))
     gen = cfg.model.get("generator") or {}
@@ -151,6 +152,20 @@ def check_class_embeddings(cfg: DictConfig) -> None:
                 f"{embeds}..{classes - 1} would have no embedding. Set "
                 f"model.{name}.num_class_embeds={classes}"
             )
+
+
+PRECISIONS = ("32-true", "32", 32, "16-mixed", "bf16-mixed")  # the weights and optimiser states float32
+
+
+def check_precision(precision: object) -> None:
+    """Lightning's precisions that train here: float32, or float32 weights under fp16 or bf16 autocast.
+    The half and 64-bit `-true` ones cast the weights, which the float32 noise and preconditioning do not
+    match (a dtype error at the first pass, after the run started)."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={precision}: this library trains in 32-true (the default), 16-mixed or "
+            "bf16-mixed (float32 weights under autocast; on a CPU Lightning runs 16-mixed as bf16-mixed)"
+        )
 
 
 def check_run_length(trainer) -> None:

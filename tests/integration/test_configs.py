@@ -258,6 +258,16 @@ def test_lightnings_own_run_lengths_are_refused_for_iterations_and_stop_after(ov
     )
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true", "fp8"])
+def test_precisions_that_cast_the_weights_are_refused_by_key_before_the_run_starts(precision, tmp_path):
+    """They failed with a dtype error at the first pass, after the run folder was written."""
+    refused = compose(["debug=smoke", f"trainer.precision={precision}"], run_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"trainer.precision={precision}: this library trains in 32-true"):
+        check_config(refused)
+    for fine in ("32-true", "16-mixed", "bf16-mixed"):
+        check_config(compose(["debug=smoke", f"trainer.precision={fine}"], run_dir=str(tmp_path)))
+
+
 @pytest.mark.parametrize("tau", ["0.002", "20.0", "true"])  # debug=smoke: sigma_max=20
 def test_two_step_tau_lies_strictly_between_the_schedules_levels_and_is_a_number(tau, tmp_path):
     with pytest.raises(ValueError, match=rf"two_step_tau={tau.title() if tau == 'true' else tau}: "):

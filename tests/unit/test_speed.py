@@ -111,6 +111,10 @@ def test_threads_and_tf32_are_set_per_process_and_checked(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         with pytest.raises(ValueError, match="threads must be auto or a positive integer, got 0"):
             apply_process_settings(OmegaConf.create({"threads": 0}))
+        with pytest.raises(ValueError, match="threads must be auto or a positive integer, got True"):
+            apply_process_settings(OmegaConf.create({"threads": True}))  # (torch named no key)
+        with pytest.raises(ValueError, match="tf32 must be true or false; got 'off'"):
+            apply_process_settings(OmegaConf.create({"threads": "auto", "tf32": "off"}))  # was TF32 on
     finally:
         torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -445,6 +449,11 @@ def test_the_compile_keys_are_checked_and_passed_to_torch_compile(monkeypatch):
 
     with pytest.raises(ValueError, match="model.speed.compile must be true, false or a backend name"):
         SpeedOptions(compile="")
+    # a switch given as text counted as true: bf16_lpips=no trained in bf16
+    with pytest.raises(ValueError, match="model.speed.bf16_lpips must be true or false; got 'no'"):
+        SpeedOptions(bf16_lpips="no")
+    with pytest.raises(ValueError, match="model.speed.channels_last must be true or false; got 'maybe'"):
+        SpeedOptions(channels_last="maybe")
     with pytest.raises(ValueError, match="model.speed.compile_mode must be null or one of default, "):
         SpeedOptions(compile=True, compile_mode="fast")
     with pytest.raises(ValueError, match="needs model.speed.compile=true, got model.speed.compile='eager'"):
