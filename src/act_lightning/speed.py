@@ -46,6 +46,15 @@ class SpeedOptions:
             raise ValueError(
                 f"model.speed.compile must be true, false or a backend name; got {self.compile!r}"
             )
+        if isinstance(self.compile, str):  # torch.compile names no key when it refuses one
+            from torch._dynamo import list_backends
+
+            known = list_backends(exclude_tags=())
+            if self.compile not in known:
+                raise ValueError(
+                    f"model.speed.compile={self.compile!r} is no torch.compile backend; true (inductor) "
+                    f"or one of {', '.join(known)}"
+                )
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ValueError(
                 f"model.speed.compile_mode must be null or one of {', '.join(COMPILE_MODES)}; "

@@ -449,6 +449,11 @@ def test_the_compile_keys_are_checked_and_passed_to_torch_compile(monkeypatch):
 
     with pytest.raises(ValueError, match="model.speed.compile must be true, false or a backend name"):
         SpeedOptions(compile="")
+    with pytest.raises(
+        ValueError, match="model.speed.compile='nosuchbackend' is no torch.compile backend; true"
+    ):
+        SpeedOptions(compile="nosuchbackend")
+    assert SpeedOptions(compile="aot_eager").compile == "aot_eager"
     # a switch given as text counted as true: bf16_lpips=no trained in bf16
     with pytest.raises(ValueError, match="model.speed.bf16_lpips must be true or false; got 'no'"):
         SpeedOptions(bf16_lpips="no")
