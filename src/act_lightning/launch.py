@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -48,6 +49,20 @@ def check_writable_folder(folder: Path, key: str) -> None:
 
 
 SLURM_COUNTS = ("nodes", "tasks_per_node", "gpus_per_node")  # hydra.launcher's, numbers in its schema
+
+
+def check_slurm_here(config: DictConfig) -> None:
+    """A SLURM multirun is submitted with SLURM's `sbatch`: without it (a machine off the cluster) submitit
+    failed after Hydra made the sweep folder, in a traceback ('Could not detect "srun"')."""
+    launcher = OmegaConf.select(config, "hydra.launcher")
+    if launcher is None or "SlurmLauncher" not in str(launcher.get("_target_", "")):
+        return
+    if shutil.which("sbatch") is None:
+        raise ValueError(
+            "hydra/launcher=submitit_slurm submits its jobs with SLURM's sbatch, which this machine does not "
+            "have: launch it from a login node of a SLURM cluster (Hydra's basic launcher, the default, runs "
+            "a sweep's jobs here one after another)"
+        )
 
 
 def check_slurm_counts(config: DictConfig) -> None:
@@ -176,6 +191,7 @@ class CheckRunFolder(Callback):
         self._check(config, "hydra.sweep.dir")
         try:
             check_slurm_counts(config)
+            check_slurm_here(config)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

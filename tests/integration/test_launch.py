@@ -17,7 +17,7 @@ from hydra import initialize_config_dir
 from omegaconf import read_write
 
 from act_lightning.environment import describe, environment
-from act_lightning.launch import check_slurm_counts
+from act_lightning.launch import check_slurm_counts, check_slurm_here
 from act_lightning.train import train
 from tests.conftest import COMMAND_ENV, CONF, compose, refusal, run_cli, run_module
 
@@ -127,6 +127,28 @@ def test_an_unwritable_run_folder_is_refused_before_hydra_writes_into_it(tmp_pat
         folder.mkdir(mode=0o555)
         line = refusal(run_cli(SMOKE, folder))
         assert f"cannot write into {folder}" in line and not any(folder.iterdir())
+
+
+def test_a_slurm_sweep_off_a_slurm_cluster_is_refused_in_one_line_before_hydra_builds_it(
+    tmp_path, monkeypatch
+):
+    """submitit failed after Hydra made the sweep folder, in a traceback ('Could not detect "srun"')."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=lsun_cat256", "hydra/launcher=submitit_slurm", "trainer.devices=8"]
+    line = refusal(run_module("train", [*args, f"hydra.sweep.dir={sweep}"], env=COMMAND_ENV, timeout=300))
+    assert line == (
+        "error: hydra/launcher=submitit_slurm submits its jobs with SLURM's sbatch, which this machine does "
+        "not have: launch it from a login node of a SLURM cluster (Hydra's basic launcher, the default, runs "
+        "a sweep's jobs here one after another)"
+    )
+    assert not sweep.exists()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=args[1:], return_hydra_config=True)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    check_slurm_here(cfg)  # on a cluster's login node: submitted
 
 
 def test_a_slurm_sweep_without_a_number_of_devices_is_refused_in_one_line_before_hydra_builds_it(tmp_path):
