@@ -20,6 +20,17 @@ def check_count(value: object, key: str, minimum: int | None = 1, maximum: int |
     return value
 
 
+def check_class_indices(labels, classes: int, key: str, read: bool = True) -> None:
+    """A tensor of class indices (`key`): integers (int64 or int32) in 0..classes - 1. `read=False` leaves
+    the range unchecked (labels on a device, where reading them would wait for it)."""
+    import torch
+
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{key}: integer class indices (int64 or int32); got {labels.dtype}")
+    if read and labels.numel() and not bool(((labels >= 0) & (labels < classes)).all()):
+        raise ValueError(f"{key}: out of range for {classes} classes (0..{classes - 1})")
+
+
 def check_names(value: object, key: str, example: str) -> list[str]:
     """A list-of-names option (`samplers`, `metrics`, `resume_changes`): a list (or Hydra's ListConfig)
     of strings. A bare word, `metrics=fid`, is refused with `example` (Hydra reads it as a string, which

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from act_lightning.atomic import default_file_mode
 from act_lightning.checkpoints import load_model, reference_start, trained_iteration
+from act_lightning.checks import check_class_indices
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_out_folder, refuse
 from act_lightning.environment import describe, latest_environment
 from act_lightning.nn.generator import UNetGenerator, run_unet
@@ -54,10 +55,7 @@ def class_labels_for(class_labels, num_classes: int | None, batch: int, device) 
     if hasattr(class_labels, "__array__") and not isinstance(class_labels, Tensor):  # numpy's, e.g. arr_1
         class_labels = torch.as_tensor(class_labels)
     if isinstance(class_labels, Tensor):
-        if class_labels.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"class_labels: integer class indices (int64 or int32); got {class_labels.dtype}"
-            )
+        check_class_indices(class_labels, num_classes, "class_labels", read=False)  # (the range below)
         labels = class_labels.to(device=device, dtype=torch.long)
     else:  # a Python int, or a list of them
         values = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
@@ -71,10 +69,7 @@ def class_labels_for(class_labels, num_classes: int | None, batch: int, device) 
             f"class_labels: one class index per image, shape ({batch},), or one for all; got shape "
             f"{tuple(labels.shape)}"
         )
-    if batch:
-        low, high = (int(v) for v in torch.aminmax(labels))
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"class_labels: out of range for {num_classes} classes (0..{num_classes - 1})")
+    check_class_indices(labels, num_classes, "class_labels")
     return labels
 
 

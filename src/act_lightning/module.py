@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from act_lightning.arguments import OptimizerFactory, check_arguments, check_objective
 from act_lightning.augment import AugmentPipe, DrawnAugmentation, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
+from act_lightning.checks import check_class_indices
 from act_lightning.compat import eager_forward
 from act_lightning.consistency import ConsistencySchedule, noise_conditioning
 from act_lightning.data.base import DataError, HalfBatch
@@ -621,12 +622,8 @@ class ACTModule(L.LightningModule):
                 f"labels: this model is class-conditional ({classes} classes); pass one class index per "
                 f"image, shape ({batch},); got {got}"
             )
-        if labels is None:
-            return
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels: integer class indices (int64 or int32); got {labels.dtype}")
-        if labels.device.type == "cpu" and batch and not bool(((labels >= 0) & (labels < classes)).all()):
-            raise ValueError(f"labels: out of range for {classes} classes (0..{classes - 1})")
+        if labels is not None:
+            check_class_indices(labels, classes, "labels", read=labels.device.type == "cpu")
 
     def check_later_levels(self, taus: list[float] | None) -> list[float]:
         """`sample`'s taus, the levels after the first step: each below sigma_max, and none for a diffusion
