@@ -51,13 +51,18 @@ def check_writable_folder(folder: Path, key: str) -> None:
 SLURM_COUNTS = ("nodes", "tasks_per_node", "gpus_per_node")  # hydra.launcher's, numbers in its schema
 
 
+def slurm_launcher(config: DictConfig) -> DictConfig | None:
+    """The multirun's launcher config when it is submitit's SLURM launcher, else None."""
+    launcher = OmegaConf.select(config, "hydra.launcher")
+    if launcher is None or "SlurmLauncher" not in str(launcher.get("_target_", "")):
+        return None
+    return launcher
+
+
 def check_slurm_here(config: DictConfig) -> None:
     """A SLURM multirun is submitted with SLURM's `sbatch`: without it (a machine off the cluster) submitit
     failed after Hydra made the sweep folder, in a traceback ('Could not detect "srun"')."""
-    launcher = OmegaConf.select(config, "hydra.launcher")
-    if launcher is None or "SlurmLauncher" not in str(launcher.get("_target_", "")):
-        return
-    if shutil.which("sbatch") is None:
+    if slurm_launcher(config) is not None and shutil.which("sbatch") is None:
         raise ValueError(
             "hydra/launcher=submitit_slurm submits its jobs with SLURM's sbatch, which this machine does not "
             "have: launch it from a login node of a SLURM cluster (Hydra's basic launcher, the default, runs "
@@ -70,8 +75,8 @@ def check_slurm_counts(config: DictConfig) -> None:
     naming that key, `trainer.devices` or `trainer.num_nodes` in the shipped config, otherwise). Hydra
     builds the launcher before any job and would refuse `trainer.devices=auto` (the ddp trainer's
     default) with an interpolation error deep in a traceback."""
-    launcher = OmegaConf.select(config, "hydra.launcher")
-    if launcher is None or "SlurmLauncher" not in str(launcher.get("_target_", "")):
+    launcher = slurm_launcher(config)
+    if launcher is None:
         return
     # read unresolved: the launcher's schema would refuse a value that is no number as it resolves it (a
     # value set on the command line it checks as Hydra composes: only interpolations are left)
