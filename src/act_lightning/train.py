@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from act_lightning.atomic import remove_stale_temporaries
 from act_lightning.callbacks import (
@@ -81,6 +81,33 @@ def check_accelerator(accelerator: str) -> None:
             "False); train on the CPU with trainer.accelerator=cpu (or auto, which takes a GPU where there "
             "is one)"
         )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            "trainer.accelerator=mps: torch sees no Apple GPU here (torch.backends.mps.is_available() is "
+            "False); use trainer.accelerator=auto, which takes the GPU there is, or cpu"
+        )
+
+
+def check_devices(trainer) -> None:
+    """`trainer.devices` and `trainer.num_nodes` as Lightning takes them, refused by key before the run
+    folder is written (Lightning's own messages name `Trainer(devices=0)` or `num_nodes`)."""
+    nodes = trainer.get("num_nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"trainer.num_nodes={nodes}: the number of machines, a whole number of at least 1")
+    devices = trainer.get("devices", "auto")
+    text = str(devices).strip()
+    if isinstance(devices, (list, tuple, ListConfig)) or "," in text:  # device indices: [0, 1] or "0,1"
+        parts = list(devices) if not isinstance(devices, str) else [d.strip() for d in text.split(",") if d]
+        fine = bool(parts) and all(str(d).isdigit() and not isinstance(d, bool) for d in parts)
+    else:
+        count = text.isdigit() and int(text) > 0
+        fine = not isinstance(devices, bool) and (text in ("auto", "-1") or count)
+    if not fine:
+        raise ValueError(
+            f"trainer.devices={devices}: the devices per machine are a number of at least 1, auto (the one "
+            "device, or every GPU under trainer=ddp), -1 (every device) or a list of GPU indices such as "
+            "[0,1]"
+        )
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -99,6 +126,7 @@ def check_config(cfg: DictConfig) -> None:
     check_precision(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
     check_two_step_tau(cfg)
     check_accelerator(str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")))
+    check_devices(cfg.get("trainer") or {})
     gen = cfg.model.get("generator") or {}
     # this library's UNetGenerator keeps it at model.generator.dropout, a converted DDPM's in its unet's
     dropouts = [d for d in (gen.get("dropout"), (gen.get("unet") or {}).get("dropout")) if d is not None]

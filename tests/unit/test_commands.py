@@ -87,6 +87,37 @@ def test_training_on_a_gpu_where_torch_sees_none_is_refused_by_key(monkeypatch, 
     check_config(compose(["trainer=gpu"], run_dir=str(tmp_path)))
 
 
+def test_an_apple_gpu_where_torch_sees_none_is_refused_by_key(monkeypatch, tmp_path):
+    """trainer.accelerator=mps off a Mac: refused naming the key, where Lightning's message named its
+    MPSAccelerator class."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^trainer.accelerator=mps: torch sees no Apple GPU here"):
+        check_config(compose(["trainer.accelerator=mps"], run_dir=str(tmp_path)))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    check_config(compose(["trainer.accelerator=mps"], run_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.devices=0", "trainer.devices=0"),
+        ("trainer.devices=-2", "trainer.devices=-2"),
+        ("trainer.devices=two", "trainer.devices=two"),
+        ("trainer.devices=[]", r"trainer.devices=\[\]"),
+        ("trainer.devices=[0,-1]", r"trainer.devices=\[0, -1\]"),
+        ("trainer.num_nodes=0", "trainer.num_nodes=0"),
+        ("trainer.num_nodes=1.5", "trainer.num_nodes=1.5"),
+    ],
+)
+def test_device_and_node_counts_lightning_refuses_are_refused_by_key(override, key, tmp_path):
+    """Counts Lightning refuses once the run folder is written, in messages naming Trainer(devices=0) or
+    num_nodes, are refused by key first; the forms it takes pass."""
+    with pytest.raises(ValueError, match=rf"^{key}: the "):
+        check_config(compose([override], run_dir=str(tmp_path)))
+    for fine in ("auto", "-1", "[0,1]", "'0,1'"):
+        check_config(compose(["trainer.accelerator=cpu", f"trainer.devices={fine}"], run_dir=str(tmp_path)))
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
