@@ -584,7 +584,7 @@ class ACTModule(L.LightningModule):
         step_noise: Callable[[int], Tensor] | None = None,
     ) -> Tensor:
         """One-step samples f_{theta^-}(sigma_max z, sigma_max, y) in [-1, 1]; with `taus`, the noise levels
-        of the steps after that first one (decreasing, each below sigma_max; e.g. [1.3824] for two steps:
+        of the steps after that first one (decreasing, each below sigma_max; e.g. [0.821] for two steps:
         the convention of the sample command and of `load_generator(...).sample`), multistep sampling
         (`samplers.multistep`), later steps' noise from `generator` or `step_noise(step)`. A diffusion
         model (model.objective=diffusion) samples with EDM's Heun sampler over `model.heun_steps` Karras

@@ -58,13 +58,13 @@ def check_taus(taus: Any, sigma_min: float, sigma_max: float) -> list[float]:
     decreasing, in (sigma_min, sigma_max)."""
     numbers = isinstance(taus, Sequence) and not isinstance(taus, str)
     if not numbers or any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in taus):
-        raise ValueError(f"taus={taus}: a list of noise levels, e.g. taus=[1.3824] (or [] for one step)")
+        raise ValueError(f"taus={taus}: a list of noise levels, e.g. taus=[0.821] (or [] for one step)")
     taus = [float(t) for t in taus]
     levels = [sigma_max, *taus]
     if any(a <= b for a, b in zip(levels, levels[1:])) or (taus and taus[-1] <= sigma_min):
         raise ValueError(
             f"taus={taus}: the noise levels after the first step (at sigma_max={sigma_max:g}) must decrease "
-            f"and stay above sigma_min={sigma_min:g}, e.g. taus=[1.3824]"
+            f"and stay above sigma_min={sigma_min:g}, e.g. taus=[0.821]"
         )
     return taus
 

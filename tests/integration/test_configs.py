@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from act_lightning.commands import refusal
+from act_lightning.consistency import karras_sigmas
 from act_lightning.launch import RankZeroConsole
 from act_lightning.resolvers import (
     LAUNCH_ENV,
@@ -121,6 +122,27 @@ def test_paper_experiments_carry_the_reference_defaults(experiment, tmp_path):
     assert (m.r1_gamma, m.r1_interval, m.r1_threshold, m.ada_length) == (10.0, 16, table["thr"], 5e5)
     assert m.distance == "lpips" and cfg.trainer.precision == table["precision"]
     assert cfg.model.iterations == table["K"]
+    assert cfg.data.hflip  # the reference flips half the images of every data set
+
+
+@pytest.mark.parametrize(
+    "experiment, level",
+    [
+        ("cifar10", 0.821),  # iCT's, and ECT's --mid_t
+        ("cifar10_ict", 0.821),
+        ("cifar10_ect", 0.821),
+        ("imagenet64", (106, 201)),  # openai/consistency_models' CT: --ts 0,106,200 --steps 201
+        ("lsun_cat256", (62, 151)),  # its CT on LSUN Cat 256: --ts 0,62,150 --steps 151
+    ],
+)
+def test_each_experiments_two_step_level_is_its_closest_sources(experiment, level, tmp_path):
+    """The ACT reference has no multistep sampler: each experiment's 2-step level is the level its closest
+    source samples with, where every experiment took openai/consistency_models' distilled ImageNet 64 one."""
+    cfg = compose([f"experiment={experiment}"], run_dir=str(tmp_path))
+    if isinstance(level, tuple):  # index i of the source's N Karras levels from sigma_max down
+        index, count = level
+        level = karras_sigmas(count, 0.002, 80.0, 7.0).flip(0)[index].item()
+    assert cfg.two_step_tau == pytest.approx(level, abs=5e-5)
 
 
 def test_quickstart_is_the_default():
@@ -473,6 +495,8 @@ def test_the_diffusion_start_recipes_carry_edms_and_ects_settings(tmp_path):
     assert (
         a.model.schedule.gan_ratio == 0.3 and a.model.schedule.curriculum == "ect" and a.iterations == 200_000
     )
+    # neither ECT nor EDM flips (their --xflip is false by default), where experiment=cifar10 does
+    assert not d.data.hflip and not e.data.hflip and not a.data.hflip
 
 
 def test_cifar10_on_synthetic_data_composes_without_a_data_folder(tmp_path):

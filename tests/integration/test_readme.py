@@ -184,7 +184,7 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_export.py::test_reloaded_it_samples_bit_identically_to_the_sample_command",
     ),
-    "python -m act_lightning.sample ckpt=... num_samples=50000 taus=[1.3824] out=two_step": (
+    "python -m act_lightning.sample ckpt=... num_samples=50000 taus=[0.821] out=two_step": (
         "test",
         "test_sample.py::test_taus_give_multistep_samples_and_bad_taus_are_refused",
     ),

@@ -88,16 +88,16 @@ def test_the_images_do_not_depend_on_the_batch_size_and_are_the_modules_samples(
 def test_taus_give_multistep_samples_and_bad_taus_are_refused(checkpoints, tmp_path):
     ckpt = checkpoints["plain"]
     one = _sample([f"ckpt={ckpt}", "num_samples=4", f"out={tmp_path / 'one'}"])
-    two = _sample([f"ckpt={ckpt}", "num_samples=4", "taus=[1.3824]", f"out={tmp_path / 'two'}"])
+    two = _sample([f"ckpt={ckpt}", "num_samples=4", "taus=[0.821]", f"out={tmp_path / 'two'}"])
     sigma_max = load_model(ckpt)[0].schedule.sigma_max  # the quickstart's 20
-    assert one["taus"] == [sigma_max] and two["taus"] == [sigma_max, 1.3824]
+    assert one["taus"] == [sigma_max] and two["taus"] == [sigma_max, 0.821]
     assert one["class_labels"] is None  # an unconditional model: no labels drawn
     a, b = _arrays(tmp_path / "one" / "samples.npz"), _arrays(tmp_path / "two" / "samples.npz")
     assert not np.array_equal(a["arr_0"], b["arr_0"])
     for taus in ("[1.0,2.0]", f"[{sigma_max + 1}]", "[0.001]"):
         with pytest.raises(ValueError, match="taus=.*must decrease and stay above sigma_min"):
             _sample([f"ckpt={ckpt}", "num_samples=2", f"taus={taus}", f"out={tmp_path / 'bad'}"])
-    with pytest.raises(ValueError, match=r"taus=1.0: a list of noise levels, e.g. taus=\[1.3824\]"):
+    with pytest.raises(ValueError, match=r"taus=1.0: a list of noise levels, e.g. taus=\[0.821\]"):
         _sample([f"ckpt={ckpt}", "num_samples=2", "taus=1.0", f"out={tmp_path / 'bad'}"])
     with pytest.raises(ValueError, match="seed must be an integer, got 'abc'"):
         _sample([f"ckpt={ckpt}", "num_samples=2", "seed=abc", f"out={tmp_path / 'bad'}"])
