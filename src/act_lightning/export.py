@@ -28,49 +28,15 @@ from torch import Tensor, nn
 
 from act_lightning.atomic import default_file_mode
 from act_lightning.checkpoints import load_model, reference_start, trained_iteration
-from act_lightning.checks import check_class_indices
+from act_lightning.checks import check_noise, class_labels_for
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_out_folder, refuse
 from act_lightning.environment import describe, latest_environment
 from act_lightning.nn.generator import UNetGenerator, run_unet
 from act_lightning.nn.precond import consistency_function
-from act_lightning.samplers import multistep
+from act_lightning.samplers import later_levels, multistep
 
 FORMAT = "act-lightning/generator"
-
-
-def class_labels_for(class_labels, num_classes: int | None, batch: int, device) -> Tensor | None:
-    """`class_labels` as the generator takes them: one class index per image, on `device`. One class (an
-    int or a 0-d tensor) is every image's; a list or a tensor of shape (B,) is each image's own. Missing
-    labels of a class-conditional generator, labels for an unconditional one, other shapes, non-integer
-    dtypes and classes out of range are said by name, before diffusers' UNet would fail inside."""
-    if not num_classes:
-        if class_labels is not None:
-            raise ValueError("class_labels: this generator is unconditional (it takes no class labels)")
-        return None
-    if class_labels is None:
-        raise ValueError(
-            f"class_labels: this generator is class-conditional ({num_classes} classes); pass one class "
-            f"index per image, e.g. class_labels=torch.randint({num_classes}, ({batch},)), or one for all"
-        )
-    if hasattr(class_labels, "__array__") and not isinstance(class_labels, Tensor):  # numpy's, e.g. arr_1
-        class_labels = torch.as_tensor(class_labels)
-    if isinstance(class_labels, Tensor):
-        check_class_indices(class_labels, num_classes, "class_labels", read=False)  # (the range below)
-        labels = class_labels.to(device=device, dtype=torch.long)
-    else:  # a Python int, or a list of them
-        values = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"class_labels: integer class indices; got {class_labels!r}")
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
-    if labels.dim() == 0:
-        labels = labels.expand(batch)
-    if labels.shape != (batch,):
-        raise ValueError(
-            f"class_labels: one class index per image, shape ({batch},), or one for all; got shape "
-            f"{tuple(labels.shape)}"
-        )
-    check_class_indices(labels, num_classes, "class_labels")
-    return labels
+__all__ = ["ACTPipeline", "ExportedGenerator", "class_labels_for", "export", "load_generator"]
 
 
 class ExportedGenerator(nn.Module):
@@ -103,33 +69,49 @@ class ExportedGenerator(nn.Module):
         generator: torch.Generator | None = None,
         step_noise=None,
     ) -> Tensor:
-        """Images in [-1, 1] from noise z (B, C, H, W): one step at sigma_max, then one per later tau
-        (their noise from `generator`, or `step_noise(step)`). A class-conditional generator takes one
-        class index per image (`class_labels`, shape (B,))."""
+        """Images in [-1, 1] from noise z (B, C, H, W) at the model's size: one step at sigma_max, then one
+        per later tau (their noise from `generator`, or `step_noise(step)`), in eval mode (no dropout)
+        whatever the module's mode. A class-conditional generator takes one class index per image
+        (`class_labels`: a (B,) tensor, list or numpy array) or one for all (an int)."""
+        noise = check_noise(noise, self.backbone)
         class_labels = class_labels_for(class_labels, self.num_classes, len(noise), noise.device)
-        taus = [self.constants["sigma_max"], *(taus or [])]
-        return multistep(
-            lambda x, s: self(x, s, class_labels),
-            noise,
-            taus,
-            self.constants["sigma_min"],
-            generator,
-            step_noise,
-        )
+        taus = [self.constants["sigma_max"], *later_levels(taus, self.constants["sigma_max"])]
+        was_training = self.training
+        self.eval()
+        try:
+            denoise = lambda x, s: self(x, s, class_labels)  # noqa: E731
+            return multistep(denoise, noise, taus, self.constants["sigma_min"], generator, step_noise)
+        finally:
+            self.train(was_training)
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> ExportedGenerator:
     """An exported generator (`python -m act_lightning.export`) from its folder, in eval mode."""
     path = Path(path)
+    if path.is_file():
+        raise ValueError(
+            f"{path}: a file; load_generator reads the folder that act_lightning.export writes. A training "
+            "checkpoint loads with `model, run, checkpoint = act_lightning.checkpoints.load_model(path)`, "
+            "or export it first: python -m act_lightning.export ckpt=PATH out=DIR"
+        )
     config_file, weights = path / "config.json", path / "model.safetensors"
     for file in (config_file, weights):
         if not file.is_file():
             raise FileNotFoundError(
                 f"{file}: missing; {path} is not a folder written by act_lightning.export"
             )
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_file}: not an act-lightning generator (format {config.get('format')!r})")
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{config_file}: not readable as JSON ({err}); export the checkpoint again"
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise ValueError(f"{config_file}: not an act-lightning generator (format {found!r})")
+    missing = [key for key in ("generator", "consistency") if not isinstance(config.get(key), dict)]
+    if missing:
+        raise ValueError(f"{config_file}: no {' and no '.join(missing)} section; export the checkpoint again")
     backbone = UNetGenerator(**config["generator"])
     backbone.load_state_dict(load_file(weights, device="cpu"))
     model = ExportedGenerator(backbone, config["consistency"], config["generator"].get("num_class_embeds"))
@@ -190,7 +172,9 @@ class ACTPipeline(DiffusionPipeline):
         where = None if generator is None else generator.device
         if noise is None:
             noise = torch.randn((batch_size, channels, size, size), generator=generator, device=where)
-        noise = noise.to(device)
+        noise = check_noise(
+            noise.to(device) if isinstance(noise, Tensor) else noise, self.unet, (channels, size)
+        )
         class_labels = class_labels_for(class_labels, self.unet.config.num_class_embeds, len(noise), device)
         step_noise = None
         if generator is not None and generator.device != device:  # later steps' noise: drawn there too
@@ -207,7 +191,8 @@ class ACTPipeline(DiffusionPipeline):
                 c_noise_kind=c.c_noise,
             )
 
-        images = multistep(denoise, noise, [c.sigma_max, *(taus or [])], c.sigma_min, generator, step_noise)
+        levels = [c.sigma_max, *later_levels(taus, c.sigma_max)]
+        images = multistep(denoise, noise, levels, c.sigma_min, generator, step_noise)
         if output_type == "pt":
             return images
         array = ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()

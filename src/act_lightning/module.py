@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from act_lightning.arguments import OptimizerFactory, check_arguments, check_objective
 from act_lightning.augment import AugmentPipe, DrawnAugmentation, r1_controller_update
 from act_lightning.checkpoints import checkpoint_iteration, prepare_training_checkpoint, restore_rng
-from act_lightning.checks import check_class_indices
+from act_lightning.checks import check_noise, class_labels_for
 from act_lightning.compat import eager_forward
 from act_lightning.consistency import ConsistencySchedule, noise_conditioning
 from act_lightning.data.base import DataError, HalfBatch
@@ -54,7 +54,7 @@ from act_lightning.losses import (
 from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
 from act_lightning.resume import set_learning_rates
-from act_lightning.samplers import heun, multistep
+from act_lightning.samplers import heun, later_levels, multistep
 from act_lightning.seeds import AUGMENT, mix_seed
 from act_lightning.speed import SpeedOptions, in_bf16
 
@@ -591,10 +591,12 @@ class ACTModule(L.LightningModule):
         levels instead (2 heun_steps - 1 evaluations, deterministic; no taus). The
         network runs in eval mode (no dropout) and eagerly when it is compiled: each new batch size would
         compile another graph (and under CUDA graphs hold another memory pool) for a few forwards. A
-        class-conditional model takes one class index per image (`labels`, shape (B,)), an unconditional one
-        none."""
-        self.check_labels(labels, len(noise))
+        class-conditional model takes one class index per image (`labels`: a (B,) tensor, list or numpy
+        array) or one for all (an int), an unconditional one none. `noise` is (B, C, H, W) at the model's
+        image size, in any float dtype (taken in the weights')."""
         net = self.target if net is None else net
+        noise = check_noise(noise, net)
+        labels = self.check_labels(labels, len(noise), noise.device)
         diffusion = self.hparams.objective == "diffusion"
         taus = [float(self.schedule.sigma_max), *self.check_later_levels(taus)]
         was_training = net.training
@@ -609,42 +611,39 @@ class ACTModule(L.LightningModule):
         finally:
             net.train(was_training)
 
-    def check_labels(self, labels: Tensor | None, batch: int) -> None:
-        """`sample`'s labels present for a class-conditional model, with one integer class index per image,
-        and absent for an unconditional one. Their range is checked where they are on the CPU (the Python
-        API's); on a device that would wait for it, the callers check it (the commands do)."""
+    def check_labels(self, labels, batch: int, device: torch.device) -> Tensor | None:
+        """`sample`'s labels as a (B,) tensor on `device` (`checks.class_labels_for`): present for a
+        class-conditional model, absent for an unconditional one. Their range is checked where they are
+        on the CPU (the Python API's); on a device that would wait for it, the callers check it (the
+        commands do)."""
+        on_cpu = not isinstance(labels, Tensor) or labels.device.type == "cpu"
         classes = self.hparams.get("num_classes")
-        if not classes and labels is not None:
-            raise ValueError("labels: this model is unconditional (it takes no class labels)")
-        if classes and (labels is None or labels.shape != (batch,)):
-            got = "none" if labels is None else f"shape {tuple(labels.shape)}"
-            raise ValueError(
-                f"labels: this model is class-conditional ({classes} classes); pass one class index per "
-                f"image, shape ({batch},); got {got}"
-            )
-        if labels is not None:
-            check_class_indices(labels, classes, "labels", read=labels.device.type == "cpu")
+        return class_labels_for(labels, classes, batch, device, key="labels", read=on_cpu)
 
     def check_later_levels(self, taus: list[float] | None) -> list[float]:
-        """`sample`'s taus, the levels after the first step: each below sigma_max, and none for a diffusion
-        model (the sample command checks them before it makes its folder)."""
-        later = [] if taus is None else [float(t) for t in taus]
+        """`sample`'s taus, the levels after the first step: each below sigma_max (`samplers.later_levels`),
+        and none for a diffusion model (the sample command checks them before it makes its folder)."""
+        later = later_levels(taus, float(self.schedule.sigma_max))
         if self.hparams.objective == "diffusion" and later:
             raise ValueError(
                 "a diffusion model (model.objective=diffusion) samples with EDM's Heun sampler over "
                 f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={later}: "
                 "sample it without taus (evaluate: samplers=[1-step])"
             )
-        sigma_max = float(self.schedule.sigma_max)
-        if any(t >= sigma_max for t in later):
-            raise ValueError(
-                f"taus={later}: the noise levels of the steps after the first, which is at sigma_max="
-                f"{sigma_max:g}, each below it (two steps: taus=[tau]); sigma_max itself is not listed"
-            )
         return later
 
     def extra_repr(self) -> str:
         return f"iteration={self.k}/{self.hparams.iterations}"
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Not Lightning's: the module takes its networks built, which the checkpoint's config builds.
+        `act_lightning.checkpoints.load_model(path)` does, and returns (model, run config, checkpoint)."""
+        raise TypeError(
+            f"ACTModule.load_from_checkpoint({str(checkpoint_path)!r}): the module takes its networks built, "
+            "from the run's config; load a checkpoint with "
+            "`model, run, checkpoint = act_lightning.checkpoints.load_model(path)`"
+        )
 
 
 def check_label_names(saved: list | None, current: list[str] | None) -> None:

@@ -43,6 +43,35 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 Projection = Callable[[Tensor], Tensor]
 
 
+def later_levels(taus, sigma_max: float, key: str = "taus") -> list[float]:
+    """The Python API's `taus`: the noise levels of the steps after the first (which is at sigma_max), a
+    list of numbers each below sigma_max (None or []: one step). A bare number, or a list that repeats
+    sigma_max (as `sample.json` records the levels), is refused by name; `multistep` checks the order."""
+    if taus is None:
+        return []
+    numbers = isinstance(taus, (list, tuple)) or (isinstance(taus, Tensor) and taus.dim() == 1)
+    if not numbers or not all(isinstance(t, (int, float, Tensor)) and not isinstance(t, bool) for t in taus):
+        raise ValueError(
+            f"{key}: a list of noise levels after the first step (two steps: {key}=[tau]); got {taus!r}"
+        )
+    later = [float(t) for t in taus]
+    if any(t >= sigma_max for t in later):
+        raise ValueError(
+            f"{key}={later}: the noise levels of the steps after the first, which is at sigma_max="
+            f"{sigma_max:g}, each below it (two steps: {key}=[tau]); sigma_max itself is not listed"
+        )
+    return later
+
+
+def check_levels(taus: Sequence[float], sigma_min: float) -> list[float]:
+    """A sampler's levels: decreasing from sigma_max, each above sigma_min (the noise added before a later
+    step has standard deviation sqrt(tau^2 - sigma_min^2))."""
+    taus = [float(t) for t in taus]
+    if not taus or any(a <= b for a, b in zip(taus, taus[1:])) or taus[-1] <= sigma_min:
+        raise ValueError(f"sampling times must decrease and stay above sigma_min={sigma_min}, got {taus}")
+    return taus
+
+
 @torch.no_grad()
 def multistep(
     denoise: Denoiser,
@@ -57,9 +86,7 @@ def multistep(
     `noise` is z ~ N(0, I), (B, C, H, W); `taus` decrease, `taus[0]` is sigma_max; the fresh noise z' of
     step s = 1, 2, ... is `step_noise(s)` when given, else drawn from `generator` (on noise's device), so
     a seeded sampler is reproducible."""
-    taus = [float(t) for t in taus]
-    if not taus or any(a <= b for a, b in zip(taus, taus[1:])) or taus[-1] <= sigma_min:
-        raise ValueError(f"sampling times must decrease and stay above sigma_min={sigma_min}, got {taus}")
+    taus = check_levels(taus, sigma_min)
     b = noise.shape[0]
     x = denoise(noise * taus[0], noise.new_full((b,), taus[0])).clamp(-1, 1)
     for step, tau in enumerate(taus[1:], start=1):
@@ -116,6 +143,13 @@ def colorize_projection(y: Tensor) -> Projection:
 
 
 def superres_projection(y: Tensor, factor: int) -> Projection:
+    """y (B, C, H, W): keeps the mean of each factor x factor patch (`factor` one of SUPERRES_FACTORS,
+    dividing H and W)."""
+    if factor not in SUPERRES_FACTORS or y.shape[-1] % factor or y.shape[-2] % factor:
+        raise ValueError(
+            f"factor={factor}: one of {', '.join(map(str, SUPERRES_FACTORS))} that divides the image's "
+            f"{y.shape[-2]} x {y.shape[-1]} pixels"
+        )
     low = F.avg_pool2d(y, factor)
 
     def project(x: Tensor) -> Tensor:
@@ -135,6 +169,7 @@ def zero_shot_edit(
 ) -> Tensor:
     """Algorithm 4: `denoise(x, sigma (B,)) -> x0`, `project` keeps the known part, `taus` decrease from
     sigma_max, `noise(step)` is the z of each step (B, C, H, W). Returns images in [-1, 1]."""
+    taus = check_levels(taus, sigma_min)
     b = shape[0]
     z = noise(0)
     x = project(torch.zeros_like(z)) + taus[0] * z

@@ -120,7 +120,7 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
     noise = image_noise(0, range(6), (1, 8, 8))
     assert torch.equal(pipeline(noise=noise), load_generator(out).sample(noise))
     for unconditional in (load_generator(out).sample, lambda z, y: pipeline(noise=z, class_labels=y)):
-        with pytest.raises(ValueError, match="class_labels: this generator is unconditional"):
+        with pytest.raises(ValueError, match="class_labels: this model is unconditional"):
             unconditional(noise, torch.zeros(6, dtype=torch.long))
     two_steps = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
     again = pipeline(batch_size=3, taus=[1.3824], generator=torch.Generator().manual_seed(5))
@@ -136,6 +136,60 @@ def test_reloaded_it_samples_bit_identically_to_the_sample_command(exported, tmp
     assert np.array_equal(np.asarray(pil[2]), (array[2, :, :, 0] * 255).round().astype(np.uint8))
     with pytest.raises(ValueError, match="output_type must be pt, pil or np; got 'latent'"):
         pipeline(noise=noise, output_type="latent")
+
+
+def test_the_loaded_generator_and_the_pipeline_name_wrong_noise_and_levels(exported):
+    """Noise of another size (it was sampled without a word), a bare number or sigma_max itself as taus
+    (sample.json lists the levels with sigma_max first), named; float64 noise is taken in float32."""
+    _, out = exported
+    model, pipeline = load_generator(out), ACTPipeline.from_pretrained(out)
+    noise = image_noise(0, range(2), (1, 8, 8))
+    for sample in (model.sample, lambda z, **kw: pipeline(noise=z, **kw)):
+        with pytest.raises(ValueError, match=r"noise: this model makes 1 x 8 x 8 images; got noise of shape"):
+            sample(torch.randn(2, 1, 16, 16))
+        with pytest.raises(ValueError, match=r"taus: a list of noise levels after the first step"):
+            sample(noise, taus=8.0)
+        with pytest.raises(ValueError, match=r"sigma_max=20, each below it .*sigma_max itself is not listed"):
+            sample(noise, taus=[20.0, 8.0])
+        assert torch.equal(sample(noise.double()), sample(noise))
+
+
+def test_the_loaded_generator_samples_in_eval_mode_whatever_its_own_mode(exported, tmp_path):
+    """`ExportedGenerator.sample` runs without dropout as ACTModule.sample does, also after `.train()`
+    (a fine-tuning script's mode): with dropout 0.3 its samples moved by up to 0.46."""
+    _, out = exported
+    folder = tmp_path / "dropout"
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (folder / name).write_bytes((out / name).read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["generator"]["dropout"] = 0.3
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load_generator(folder)
+    noise = image_noise(0, range(4), (1, 8, 8))
+    expected = model.sample(noise)
+    model.train()
+    assert torch.equal(model.sample(noise), expected) and model.training  # its mode is left as it was
+    assert not torch.equal(
+        model(noise * 20.0, torch.full((4,), 20.0)), model(noise * 20.0, torch.full((4,), 20.0))
+    )
+
+
+def test_load_generator_names_a_checkpoint_file_and_a_broken_config(exported, tmp_path):
+    ckpt, out = exported
+    with pytest.raises(
+        ValueError, match=r"a file; load_generator reads the folder .* act_lightning.checkpoints.load_model"
+    ):
+        load_generator(ckpt)
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (folder / "config.json").write_text('{"format": "act-lightning/generator", ')
+    with pytest.raises(ValueError, match=rf"{folder / 'config.json'}: not readable as JSON"):
+        load_generator(folder)
+    (folder / "config.json").write_text(json.dumps({"format": FORMAT, "consistency": {}}))
+    with pytest.raises(ValueError, match=r"config.json: no generator section"):
+        load_generator(folder)
 
 
 def test_an_export_keeps_the_runs_own_constants_and_every_step(tmp_path):

@@ -14,7 +14,7 @@ from act_lightning import consistency as cm
 from act_lightning.data.base import HalfBatch
 from act_lightning.edit import default_taus, edit_taus
 from act_lightning.iteration import GridCache, draw_noise, ect_levels, edm_levels, grid_levels, split_micro
-from act_lightning.samplers import multistep, zero_shot_edit
+from act_lightning.samplers import multistep, superres_projection, zero_shot_edit
 
 SIGMA_MIN = 0.002
 
@@ -56,6 +56,30 @@ def test_multistep_refuses_levels_that_do_not_decrease_or_reach_sigma_min():
     # the fresh noise's scale is sqrt(tau^2 - sigma_min^2), not tau: it matters near sigma_min
     expected = 0.25 + math.sqrt(3) * SIGMA_MIN * _noise(1)
     torch.testing.assert_close(denoise.inputs[1][0], expected, rtol=0, atol=1e-6)
+
+
+def test_zero_shot_editing_refuses_levels_that_do_not_decrease_or_reach_sigma_min():
+    """As multistep: increasing levels were run without a word, one below sigma_min failed with 'math
+    domain error'."""
+    denoise, y = Recording(), _noise(0)
+    for taus in ([80.0, 0.5, 1.0], [80.0, SIGMA_MIN / 2]):
+        with pytest.raises(ValueError, match="sampling times must decrease and stay above sigma_min"):
+            zero_shot_edit(denoise, lambda x: x, tuple(y.shape), taus, SIGMA_MIN, _noise)
+    assert denoise.inputs == []
+
+
+def test_superresolutions_projection_refuses_a_factor_it_cannot_take():
+    """The edit command checks its factor; the Python API's projection failed inside with a size
+    mismatch (3 on 8 x 8) or averaged a border it did not keep."""
+    y = torch.zeros(1, 3, 8, 8)
+    for factor in (3, 16, 1):
+        with pytest.raises(
+            ValueError, match=rf"factor={factor}: one of 2, 4, 8 that divides the image's 8 x 8"
+        ):
+            superres_projection(y, factor)
+    with pytest.raises(ValueError, match="factor=4: one of 2, 4, 8 that divides the image's 6 x 6"):
+        superres_projection(torch.zeros(1, 3, 6, 6), 4)
+    assert superres_projection(y, 8)(torch.ones(1, 3, 8, 8)).abs().max() == 0  # the patch mean is y's
 
 
 def test_multistep_clips_every_step_and_draws_later_noise_from_the_generator():

@@ -3,6 +3,7 @@
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -166,10 +167,24 @@ def test_sample_names_missing_or_misshaped_labels_and_labels_an_unconditional_mo
         plain.sample(z, torch.tensor([0, 1]))
     classes = ["data.num_classes=3", "model.generator.num_class_embeds=3"]
     model = instantiate(cfg_factory([*SMALL, *classes]).model)
-    for labels, got in ((None, "none"), (torch.tensor([1]), r"shape \(1,\)")):
-        with pytest.raises(ValueError, match=rf"class-conditional \(3 classes\); .* shape \(2,\); got {got}"):
-            model.sample(z, labels)
-    assert model.sample(z, torch.tensor([0, 2])).shape == z.shape
+    with pytest.raises(ValueError, match=r"class-conditional \(3 classes\); pass one class index per image"):
+        model.sample(z, None)
+    with pytest.raises(
+        ValueError, match=r"labels: one class index per image, shape \(2,\), or one for all; got"
+    ):
+        model.sample(z, torch.tensor([1]))
+    expected = model.sample(z, torch.tensor([0, 2]))
+    assert expected.shape == z.shape
+    # the forms the export and the sample command take: a list (numpy's integers too), a numpy array, one
+    # class for all (it raised AttributeError: 'list' object has no attribute 'shape')
+    for same in (
+        [0, 2],
+        [np.int64(0), np.int64(2)],
+        np.array([0, 2]),
+        torch.tensor([0, 2], dtype=torch.int32),
+    ):
+        assert torch.equal(model.sample(z, same), expected)
+    assert torch.equal(model.sample(z, 2), model.sample(z, torch.tensor([2, 2])))
     # the Python API's labels (load_model): out of range or not integers, named (it raised IndexError)
     for labels in (torch.tensor([0, 3]), torch.tensor([-1, 0])):
         with pytest.raises(ValueError, match=r"labels: out of range for 3 classes \(0..2\)"):
@@ -178,6 +193,30 @@ def test_sample_names_missing_or_misshaped_labels_and_labels_an_unconditional_mo
         ValueError, match=r"labels: integer class indices \(int64 or int32\); got torch.float32"
     ):
         model.sample(z, torch.tensor([0.0, 1.0]))
+
+
+def test_sample_names_noise_of_another_size_and_takes_any_float_dtype(cfg_factory):
+    """Noise of another image size was sampled without a word (the UNet takes any multiple of its
+    downsampling); float64 noise failed in the first convolution: it is taken in the weights' dtype."""
+    model = instantiate(cfg_factory(SMALL).model)
+    z = torch.randn(2, 1, 8, 8)
+    for bad in (torch.randn(2, 1, 16, 16), torch.randn(2, 3, 8, 8)):
+        with pytest.raises(ValueError, match=r"noise: this model makes 1 x 8 x 8 images; got noise of shape"):
+            model.sample(bad)
+    for bad in (torch.randn(1, 8, 8), z.numpy(), torch.zeros(2, 1, 8, 8, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"noise: a float tensor of shape \(B, C, H, W\)"):
+            model.sample(bad)
+    one = model.sample(z)
+    assert torch.equal(model.sample(z.double()), one) and model.sample(z.double()).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"taus: a list of noise levels after the first step"):
+        model.sample(z, taus=1.5)
+
+
+def test_lightnings_load_from_checkpoint_points_to_load_model(tmp_path):
+    """Lightning's classmethod cannot build the networks (the module takes them built): it failed with
+    'missing 3 required positional arguments'."""
+    with pytest.raises(TypeError, match=r"act_lightning.checkpoints.load_model\(path\)"):
+        ACTModule.load_from_checkpoint(tmp_path / "last.ckpt")
 
 
 class _NaNAtIteration(ACTModule):
