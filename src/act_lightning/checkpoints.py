@@ -318,9 +318,10 @@ def upgrade_run_config(run: DictConfig) -> DictConfig:
 
 
 def build_model(checkpoint: dict, run: DictConfig, device: torch.device | str = "cpu"):
-    """The checkpoint's generator and target network (an ACTModule in eval mode on `device`), built from
-    its training config. No discriminator and no consistency distance are built: sampling needs neither
-    (and LPIPS' VGG weights need not be present)."""
+    """The checkpoint's generator and target network (an ACTModule in eval mode on `device`, at the
+    checkpoint's iteration), built from its training config. No discriminator and no consistency distance
+    are built: sampling needs neither (and LPIPS' VGG weights need not be present), so the module's loss
+    settings (`hparams.distance`, `schedule.gan_ratio`) are not the run's: read those in its config."""
     from hydra.utils import instantiate
 
     # Standard memory format, eager: the images do not depend on how the run trained (export's too).
@@ -333,6 +334,7 @@ def build_model(checkpoint: dict, run: DictConfig, device: torch.device | str = 
     )
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("discriminator.")}
     model.load_state_dict(state)
+    model.k = checkpoint_iteration(checkpoint)  # the host's count, as a resumed run's (repr, the schedule)
     return model.to(device).eval()
 
 

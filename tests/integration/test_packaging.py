@@ -106,3 +106,20 @@ def test_commands_run_from_the_installed_wheel_with_a_users_own_configs(wheel, t
     assert "experiment_name: my_experiment" in hparams and "gan_ratio: 0.5" in hparams
     assert (work / "run" / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in work.iterdir()) == ["my_conf", "run"]
+
+
+def test_import_act_lightning_reaches_the_submodules_the_readme_names():
+    """`act_lightning.checkpoints.load_model(path)`, `act_lightning.seeds.image_noise(...)` after a bare
+    `import act_lightning`, in a fresh interpreter (each raised AttributeError); a name that is no
+    submodule stays an AttributeError."""
+    code = (
+        "import act_lightning\n"
+        "print(act_lightning.checkpoints.load_model.__name__, act_lightning.seeds.image_noise.__name__)\n"
+        "try:\n    act_lightning.no_such_module\nexcept AttributeError as err:\n    print(err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        "load_model image_noise",
+        "module 'act_lightning' has no attribute 'no_such_module'",
+    ]

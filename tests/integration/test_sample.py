@@ -79,7 +79,9 @@ def test_the_images_do_not_depend_on_the_batch_size_and_are_the_modules_samples(
     first, second = _arrays(tmp_path / "a" / "samples.npz"), _arrays(tmp_path / "b" / "samples.npz")
     assert np.array_equal(first["arr_0"], second["arr_0"][:10])  # image i is image i
     # one step of the target network from image i's own noise, rounded to uint8
-    model, run, _ = load_model(ckpt)
+    model, run, checkpoint = load_model(ckpt)
+    assert model.k == int(checkpoint["state_dict"]["iteration"]) > 0  # the module says its iteration
+    assert f"iteration={model.k}/" in repr(model)
     x = model.sample(image_noise(0, range(10), (1, 8, 8)))
     expected = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(first["arr_0"], expected)
