@@ -5,8 +5,8 @@ Draws `num_samples` images from a checkpoint's target network (or its generator)
 EDM evaluators read (`arr_0`: uint8 N x H x W x C; `arr_1`: int64 labels of a class-conditional model)
 and `out/grid.png` (the first 64 images). The noise of image i (and its label, when drawn at random) comes
 from a generator seeded by (seed, i): the same seed gives the same noise (and images, up to float
-rounding) whatever the batch size and however many images are drawn. `sample(cfg)` is a plain function (tests call it); `main()` is the thin
-Hydra shell.
+rounding) whatever the batch size and however many images are drawn. `sample(cfg)` is a plain function
+(tests call it); `main()` is the thin Hydra shell.
 """
 
 from __future__ import annotations
