@@ -188,12 +188,26 @@ def referenced(raw: dict, key: str) -> str | None:
     return match.group(1) if match else None
 
 
-def compare(saved: dict, launch: dict, raw: dict, weights_only: bool, saved_world: int | None) -> dict:
+def added_keys(overrides: Iterable[str]) -> list[str]:
+    """The keys a launch's command line adds to the config (`+key=value`, `++key=value`)."""
+    return [o.lstrip("+").split("=", 1)[0] for o in overrides if o.startswith("+")]
+
+
+def compare(
+    saved: dict,
+    launch: dict,
+    raw: dict,
+    weights_only: bool,
+    saved_world: int | None,
+    added: Iterable[str] = (),
+) -> dict:
     """The differences between the checkpoint's config and the launch's (`raw`: unresolved) that change
     what the run trains (for a weights-only checkpoint: the networks' shapes), with the global batch as
     `GLOBAL_BATCH`. A key that repeats another (an interpolation) is named once, by the key it repeats;
-    keys the checkpoint's config predates (an earlier version wrote it) take the launch's values."""
-    found = {k: v for k, v in differences(saved, launch).items() if v[0] is not ABSENT}
+    keys the checkpoint's config predates (an earlier version wrote it) take the launch's values, but for
+    those the command line adds (`added`: `+data.hflip=true` changes what the run trains)."""
+    added = list(added)
+    found = {k: v for k, v in differences(saved, launch).items() if v[0] is not ABSENT or covered(k, added)}
     found = {k: v for k, v in found.items() if found.get(referenced(raw, k) or "", ABSENT) != v}
     if weights_only:
         adversarial = float(launch["model"]["schedule"].get("gan_ratio", 0)) > 0
@@ -223,11 +237,14 @@ def what_to_do(rest: dict, fixed: list[str], fresh: str) -> str:
     )
 
 
-def check_resume(checkpoint: dict, launch: dict, raw: dict, where: str, fresh: str) -> dict[str, list]:
+def check_resume(
+    checkpoint: dict, launch: dict, raw: dict, where: str, fresh: str, overrides: Iterable[str] = ()
+) -> dict[str, list]:
     """The deliberate changes (`resume_changes`) this launch makes to the run it continues, as
-    {key: [old, new]}; any other difference of what the run trains is refused, by name (ValueError),
-    `where` naming the checkpoint and `fresh` how to start a new run instead. `launch` is the launch's
-    resolved config, `raw` the same unresolved."""
+    {key: [old, new]} (a side without the key: None); any other difference of what the run trains is
+    refused, by name (ValueError), `where` naming the checkpoint and `fresh` how to start a new run
+    instead. `launch` is the launch's resolved config, `raw` the same unresolved, `overrides` its
+    command line's."""
     from omegaconf import OmegaConf
 
     from act_lightning.checkpoints import upgrade_run_config
@@ -241,7 +258,8 @@ def check_resume(checkpoint: dict, launch: dict, raw: dict, where: str, fresh: s
         raise ValueError(f"resume_changes lists {', '.join(unknown)}: not a key of the config")
     weights_only = bool(checkpoint.get("act_weights_only"))
     history = checkpoint.get("act_history") or [{}]
-    changes = compare(saved, launch, raw, weights_only, history[-1].get("world_size"))
+    world = history[-1].get("world_size")
+    changes = compare(saved, launch, raw, weights_only, world, added_keys(overrides))
     if weights_only and changes:
         raise ValueError(
             f"{where} holds networks of another shape: {refused(changes)}; pass the experiment it was "
@@ -253,7 +271,8 @@ def check_resume(checkpoint: dict, launch: dict, raw: dict, where: str, fresh: s
         raise ValueError(
             f"{where} was trained with another config: {refused(rest)}. {what_to_do(rest, fixed, fresh)}"
         )
-    return {k: [a, b] for k, (a, b) in changes.items()}
+    plain = lambda value: None if value is ABSENT else value  # noqa: E731 - a key not set is kept as null
+    return {k: [plain(a), plain(b)] for k, (a, b) in changes.items()}
 
 
 def set_learning_rates(optimizers, schedulers, factories, nets) -> list[tuple[float, float]]:

@@ -229,7 +229,8 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
     where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
     fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
-    entry.update(iteration=iteration, changes=check_resume(checkpoint, resolved, raw, where, fresh))
+    changes = check_resume(checkpoint, resolved, raw, where, fresh, entry["overrides"])
+    entry.update(iteration=iteration, changes=changes)
     if not own:  # a new run from another run's checkpoint: its history comes first, this launch starts it
         entry["new_run"] = True
     if entry["changes"]:

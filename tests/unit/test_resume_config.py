@@ -187,6 +187,29 @@ def test_keys_the_checkpoint_predates_take_the_launchs_values():
     assert differences({"a": {"b": 1}}, {"a": None}) == {"a": ({"b": 1}, None)}
 
 
+def test_a_key_the_command_line_adds_is_compared_as_a_change_not_taken_as_predated():
+    """`+data.limit=3` on a continuation: the checkpoint's config lacks the key because the launch adds it,
+    not because an earlier version wrote it; it trained on without a word (and rewrote the run's config)."""
+    old, _ = _configs([])
+    launch = ["+data.limit=3", "+trainer.limit_train_batches=3"]
+    new, raw = _configs(launch)
+    checkpoint = {"act_config": old}
+    with pytest.raises(ValueError) as refused:
+        check_resume(checkpoint, new, raw, "last.ckpt", "start anew", overrides=launch)
+    assert (
+        "another config: data.limit=<not set> (now 3), trainer.limit_train_batches=<not set> (now 3)"
+        in str(refused.value)
+    )
+    assert check_resume(checkpoint, new, raw, "last.ckpt", "start anew", overrides=[]) == {}  # predated
+    allowed = [*launch, "resume_changes=[data.limit,trainer.limit_train_batches]"]
+    new, raw = _configs(allowed)
+    changes = check_resume(checkpoint, new, raw, "last.ckpt", "start anew", overrides=allowed)
+    assert changes == {
+        "data.limit": [None, 3],
+        "trainer.limit_train_batches": [None, 3],
+    }  # kept as plain data
+
+
 def test_every_key_that_may_change_exists_in_the_config():
     config = OmegaConf.to_container(compose(["experiment=cifar10", "logger=wandb"]))
     assert [key for key in MAY_CHANGE if not has_key(config, key)] == []
