@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -613,6 +614,21 @@ def test_a_diverging_run_stops_naming_the_iteration_and_the_loss_and_keeps_a_fin
     assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
     skipped = [float(r["train/skipped_updates"]) for r in _rows(tmp_path) if "train/skipped_updates" in r]
     assert skipped[:2] == [1.0, 2.0]  # counted in the logs (the stopping iteration's row is not written)
+
+
+def test_a_diverging_run_with_evaluations_is_stopped_by_the_guard_not_by_the_metric(tmp_path):
+    """Learning rates of 1e30: the evaluations between the bad iterations score NaN samples. The Fréchet
+    distance failed there ('Eigenvalues did not converge') before the guard could stop the run; it is
+    NaN now, logged, never the best, and the guard stops the run with its own message."""
+    args = ["debug=smoke", "model.optimizer.lr=1e30", "model.d_optimizer.lr=1e30", "iterations=40"]
+    args += ["guard.max_bad_iterations=4", "eval.every=1", "callbacks.checkpoint.every_n_iterations=1"]
+    with pytest.raises(DivergenceError, match=r"4 bad iterations in a row since iteration"):
+        train(compose(args, run_dir=str(tmp_path)))
+    summary = json.loads((tmp_path / "metric_summary.json").read_text())
+    values = [h["value"] for h in summary["history"]]
+    assert any(math.isnan(v) for v in values)  # scored, as NaN
+    best = summary["best"]
+    assert best is None or math.isfinite(best["value"])
 
 
 def test_evaluate_refuses_a_checkpoint_with_non_finite_weights_by_name(tmp_path):

@@ -4,6 +4,7 @@ reference files and caches, and the sharding that makes many processes agree wit
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -112,6 +113,19 @@ def test_few_samples_take_the_low_rank_path_to_the_same_distance(n1, n2):
         assert q.shape == (1024, n1 - 1)  # the covariance's rank: n - 1
         np.testing.assert_allclose(q @ small @ q.T, sigma1, atol=1e-9 * np.abs(sigma1).max())
     assert abs(frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-6 * np.trace(sigma1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_statistics_that_are_not_finite_give_nan_not_an_eigen_decompositions_error(features, bad):
+    """A diverged network's samples (NaN after the clip) give NaN features; the distance failed with
+    'Eigenvalues did not converge' inside the training's evaluation."""
+    a, _ = features
+    mu, sigma = statistics_of(torch.from_numpy(a))
+    broken = torch.from_numpy(a).clone()
+    broken[0, 0] = bad
+    mu_bad, sigma_bad = statistics_of(broken)
+    assert math.isnan(frechet_distance(mu_bad, sigma_bad, mu, sigma))
+    assert math.isnan(frechet_distance(mu, sigma, mu_bad, sigma_bad))
 
 
 def test_statistics_accumulated_in_batches_equal_numpy_float64(features):

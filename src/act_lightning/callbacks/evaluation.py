@@ -413,7 +413,15 @@ class FrechetEvaluation(L.Callback):
         self.history.append((k, value, seconds))
         if self._deferred == k:  # made: not left in the best checkpoint saved below, nor in any after it
             self._deferred = None
-        improved = k > 0 and (self.best is None or value < self.best[1])
+        if not math.isfinite(value):  # the divergence guard names the iteration and the loss, and stops
+            rank_zero_warning(
+                log,
+                "%s at iteration %d is %s: the samples are not finite (a diverging run)",
+                self.key,
+                k,
+                value,
+            )
+        improved = k > 0 and math.isfinite(value) and (self.best is None or value < self.best[1])
         if improved:
             self.best = (k, value)
         extra = getattr(self, "_last_extra", {})

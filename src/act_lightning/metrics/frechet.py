@@ -92,11 +92,14 @@ def frechet_distance(
     `sqrt_sigma2 = sqrtm_psd(sigma2)` (or a LazyRoot) to reuse the reference's root across evaluations
     (half the work). When either covariance has rank <= 256 (a few hundred samples or fewer, as in tests
     and quick runs) the trace comes from a k x k matrix instead: the same value to rounding, without any
-    2048 x 2048 eigen-decomposition."""
+    2048 x 2048 eigen-decomposition. Statistics that are not finite (the features of a diverged network's
+    samples) give NaN: no distance, where the eigen-decomposition would fail ("did not converge")."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics disagree in shape: {mu1.shape} vs {mu2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        return float("nan")
     tr_covmean = _trace_sqrt_product(sigma1, sigma2, sqrt_sigma2)
     return float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
