@@ -564,8 +564,18 @@ def explained(err: BaseException) -> bool:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Checks the launch and builds data, module, loggers, callbacks and trainer from `cfg` (`prepare`),
     then fits. Returns a summary with the run's best metric (`best`), or exits non-zero when a signal
-    stopped it."""
-    return run(cfg, prepare(cfg))
+    stopped it (a Ctrl-C during the set-up: 130, in one line)."""
+    return run(cfg, prepared(cfg))
+
+
+def prepared(cfg: DictConfig) -> Launch:
+    """`prepare`, where a Ctrl-C (before the stop signals are taken: Python's KeyboardInterrupt, raised
+    wherever the set-up was) ends the launch in one line with status 130, not in a traceback."""
+    try:
+        return prepare(cfg)
+    except KeyboardInterrupt:
+        print(f"\n[act] {stopped_at_once(cfg, before_training=True)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def where_to_look(run_dir: Path) -> str | None:
@@ -590,7 +600,7 @@ def where_to_look(run_dir: Path) -> str | None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        launch = prepare(cfg)
+        launch = prepared(cfg)
     except Exception as err:  # refused by a check: nothing was written into the run folder
         failed(err, status=2)
     try:

@@ -75,6 +75,23 @@ def test_a_ctrl_c_before_training_starts_is_not_called_a_second_one(tmp_path, ca
     assert "second Ctrl-C" not in err and not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+def test_a_ctrl_c_during_the_set_up_ends_in_one_line_not_a_traceback(tmp_path, capfd, monkeypatch):
+    """A Ctrl-C while the networks are built (before Lightning takes the signals) raised Python's
+    KeyboardInterrupt through the command: a 60-line traceback, where the docs promise one line and 130."""
+    from act_lightning import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "build", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        train(compose([*QUIET, "iterations=4"], run_dir=str(tmp_path)))
+    assert stop.value.code == 128 + signal.SIGINT
+    err = capfd.readouterr().err
+    assert "[act] stopped by Ctrl-C before training started: no checkpoint was written" in err
+    assert "Traceback" not in err and not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path):
     common = [*QUIET, "iterations=4", "callbacks.checkpoint.keep_snapshots=true"]
     train(compose([*common, "stop_after=2"], run_dir=str(tmp_path)))
