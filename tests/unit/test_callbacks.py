@@ -5,6 +5,7 @@ logs and keeps as best; when the last checkpoint is saved, and how signals stop 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import threading
@@ -506,7 +507,7 @@ def test_a_signal_stops_after_its_iteration_and_only_a_second_ctrl_c_stops_at_on
 
 
 def test_handlers_are_put_back_lightnings_as_the_default_and_the_launchers_requeue_is_called(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     def lightnings(signum, frame):  # what Lightning's signal connector installs
         raise AssertionError("never called")
@@ -515,6 +516,8 @@ def test_handlers_are_put_back_lightnings_as_the_default_and_the_launchers_reque
     calls = []
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
     monkeypatch.setattr("subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    tools = {"scontrol": "/usr/bin/scontrol"}  # a SLURM node's
+    monkeypatch.setattr("act_lightning.callbacks.checkpoint.shutil.which", tools.get)
     monkeypatch.setenv("SLURM_JOB_ID", "123")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
@@ -537,6 +540,13 @@ def test_handlers_are_put_back_lightnings_as_the_default_and_the_launchers_reque
         callback.stopped_by = signal.SIGTERM  # preempted: the scheduler requeues it, or not
         callback.requeue(is_global_zero=True)
         assert len(calls) == 2
+        # SLURM's variables without its tools (a container inside a job): said, where it raised
+        # FileNotFoundError after the checkpoint and ended with status 1, not 138
+        tools.clear()
+        callback.stopped_by = signal.SIGUSR1
+        with caplog.at_level(logging.WARNING, logger="act_lightning.callbacks.checkpoint"):
+            callback.requeue(is_global_zero=True)
+        assert len(calls) == 2 and "no scontrol here: the job is not requeued; relaunch it" in caplog.text
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)

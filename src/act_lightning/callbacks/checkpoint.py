@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -319,5 +320,8 @@ class LastCheckpoint(L.Callback):
         if is_global_zero and job:
             array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
             job = f"{array_job}_{task}" if array_job and task else job
+            if shutil.which("scontrol") is None:  # SLURM's variables without its tools (a container in a job)
+                log.warning("SLURM_JOB_ID=%s but no scontrol here: the job is not requeued; relaunch it", job)
+                return
             result = subprocess.call(["scontrol", "requeue", job])
             log.warning("scontrol requeue %s: %s", job, "done" if result == 0 else f"failed ({result})")
