@@ -233,7 +233,13 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     entry.update(iteration=iteration, changes=changes)
     if not own:  # a new run from another run's checkpoint: its history comes first, this launch starts it
         entry["new_run"] = True
-    if entry["changes"]:
+    if entry["changes"] and iteration >= cfg.iterations and not evaluation_left(checkpoint, iteration):
+        log.info(
+            "resume_changes %s: the run is finished at iteration %d; nothing is trained or kept",
+            changes,
+            iteration,
+        )
+    elif entry["changes"]:
         rank_zero_warning(
             log, "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -303,7 +304,9 @@ def test_a_continuation_trains_at_the_learning_rates_resume_changes_allows(tmp_p
     )
 
 
-def test_the_last_evaluation_is_in_the_last_checkpoint_and_stays_in_the_history_of_a_longer_run(tmp_path):
+def test_the_last_evaluation_is_in_the_last_checkpoint_and_stays_in_the_history_of_a_longer_run(
+    tmp_path, caplog
+):
     # the last iteration (6) is a checkpoint iteration but not an evaluation one (every 4): it is scored
     # before that save, so a run trained on from it keeps that value in its history and summary
     common = ["debug=smoke", "data=synthetic", "callbacks.checkpoint.every_n_iterations=3", "eval.every=4"]
@@ -314,6 +317,12 @@ def test_the_last_evaluation_is_in_the_last_checkpoint_and_stays_in_the_history_
     train(compose([*common, "iterations=8", "resume_changes=[iterations]"], run_dir=str(tmp_path)))
     summary = json.loads((tmp_path / "metric_summary.json").read_text())
     assert [h["iteration"] for h in summary["history"]] == [0, 4, 6, 8]
+    # a change to a finished run trains nothing and is kept nowhere: said so, not "kept in the history"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="act_lightning.start"):
+        train(compose([*common, "iterations=5", "resume_changes=[iterations]"], run_dir=str(tmp_path)))
+    assert "the run is finished at iteration 8; nothing is trained or kept" in caplog.text
+    assert "kept in the run's history" not in caplog.text
 
 
 def test_a_run_started_from_another_runs_snapshot_keeps_a_best_checkpoint_of_its_own(tmp_path):
