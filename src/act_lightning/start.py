@@ -109,7 +109,7 @@ RUN_OUTPUTS = (
 
 def set_aside_outputs(run_dir: Path) -> Path | None:
     """A new run in a folder that holds an earlier run's outputs but no checkpoint to continue (deleted,
-    or a crash before the first save): those outputs are moved into `replaced/<date>_<time>/`, where the
+    or a crash before the first save): those outputs are moved into `replaced/<date>_<time>-<us>/`, where the
     new run would overwrite some and leave others (the sample grids of later iterations, TensorBoard's
     events) mixed with its own. Returns that folder, or None when there was nothing to move."""
     found = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
