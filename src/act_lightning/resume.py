@@ -147,7 +147,12 @@ def global_batch(config: dict, world: int | None) -> int | None:
 def _show(value: Any) -> str:
     if value is ABSENT:
         return "<not set>"
-    text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+    # as the command line writes it: true, false, null (json's), lists and dicts in json
+    text = (
+        json.dumps(value, default=str)
+        if isinstance(value, (dict, list, bool)) or value is None
+        else str(value)
+    )
     return text if len(text) <= 60 else text[:57] + "..."
 
 

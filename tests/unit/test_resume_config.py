@@ -210,6 +210,11 @@ def test_a_key_the_command_line_adds_is_compared_as_a_change_not_taken_as_predat
     }  # kept as plain data
 
 
+def test_refused_values_are_written_as_the_command_line_writes_them():
+    changes = {"tf32": (True, False), "data.num_classes": (None, 10), "data.root": ("x", "y")}
+    assert refused(changes) == "tf32=true (now false), data.num_classes=null (now 10), data.root=x (now y)"
+
+
 def test_every_key_that_may_change_exists_in_the_config():
     config = OmegaConf.to_container(compose(["experiment=cifar10", "logger=wandb"]))
     assert [key for key in MAY_CHANGE if not has_key(config, key)] == []
@@ -241,7 +246,7 @@ def test_how_the_model_is_sampled_where_data_come_from_and_the_nodes_may_change(
 
 def test_a_weights_only_checkpoint_must_match_the_number_of_classes():
     with pytest.raises(
-        ValueError, match=r"holds networks of another shape: data.num_classes=None \(now 10\)"
+        ValueError, match=r"holds networks of another shape: data.num_classes=null \(now 10\)"
     ):
         _check([], ["data.num_classes=10"], act_weights_only=True)
 
