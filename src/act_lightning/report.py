@@ -58,6 +58,12 @@ class Run:
     references: dict[str, float]
     pretrain_seconds: float = 0.0  # the training seconds of the run its init_from came from (in `seconds`)
     environment: dict | None = None  # what its latest launch trained with; None where nothing recorded it
+    planned: int | None = None  # the iterations its config asks for (None: not recorded)
+
+    @property
+    def finished(self) -> bool:
+        """Evaluated at the end its config asks for (a run still training, or stopped, is not)."""
+        return self.planned is None or (bool(self.iterations) and self.iterations[-1] >= self.planned)
 
 
 @dataclass
@@ -74,7 +80,7 @@ def what_varies(overrides: list[str]) -> list[str]:
         if key == "seed" or any(key == p.rstrip(".") or key.startswith(p) for p in IGNORED):
             continue
         kept.append(item.lstrip("+").removeprefix("variant="))
-    return kept
+    return sorted(kept)  # the same settings in any order on the command line are one variant
 
 
 def variant_labels(jobs: list[list[str]]) -> list[str]:
@@ -97,8 +103,10 @@ def job_checkpoint(job: Path) -> dict | None:
 def job_record(job: Path, checkpoint: dict | None = None) -> tuple[list[str], dict]:
     """A job's command-line overrides and config. Both come from its checkpoint (`job_checkpoint`, read
     here unless given): the config it trained with and the launch that started it, whatever later launches
-    into its folder were given. A job with no checkpoint yet reads its first launch's Hydra record
-    (`.hydra/launches/`), and one from before launches were kept apart its `.hydra/` folder."""
+    into its folder were given. A job with no checkpoint yet reads its latest launch's Hydra record
+    (`.hydra/launches/`: the one training it; an earlier one was refused, or stopped before any save), one
+    whose checkpoint's history lacks its first launch the first record, and one from before launches were
+    kept apart its `.hydra/` folder."""
     overrides, config = None, None
     checkpoint = checkpoint if checkpoint is not None else job_checkpoint(job)
     if checkpoint is not None:
@@ -107,7 +115,9 @@ def job_record(job: Path, checkpoint: dict | None = None) -> tuple[list[str], di
         overrides = first.get("overrides") if first.get("iteration") == 0 or first.get("new_run") else None
     if overrides is None or config is None:
         launches = sorted((job / ".hydra" / "launches").glob("*/overrides.yaml"))
-        record = (launches or [job / ".hydra" / "overrides.yaml"])[0]
+        # without a checkpoint, the launch training it; with one whose history predates the first
+        # launch's entry, the first
+        record = (launches or [job / ".hydra" / "overrides.yaml"])[0 if checkpoint is not None else -1]
         if not record.is_file():
             raise FileNotFoundError(
                 f"{job}: holds neither a checkpoint nor a Hydra record (.hydra/launches/*/overrides.yaml): "
@@ -154,10 +164,15 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     runs: list[Run] = []
     overrides: list[list[str]] = []
     metrics: dict[str, Path] = {}  # each metric key the jobs report, with the first job reporting it
+    seen: set[Path] = set()
     for sweep in sweeps:
         if not sweep.is_dir():
             raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
-        jobs = sorted((p.parent for p in sweep.rglob("metric_summary.json")), key=_job_number)
+        found = [p.parent for p in sweep.rglob("metric_summary.json")]
+        # not the outputs a new run set aside (`replaced/`), nor a job given twice (sweeps a, a/0)
+        found = [j for j in found if "replaced" not in j.relative_to(sweep).parts and j.resolve() not in seen]
+        jobs = sorted(found, key=_job_number)
+        seen.update(j.resolve() for j in jobs)
         for job in jobs:
             checkpoint = job_checkpoint(job)
             job_overrides, config = job_record(job, checkpoint)
@@ -176,6 +191,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
                 pretrain_seconds=offset,
                 # what its latest launch trained with (None: no checkpoint, or one from before it was kept)
                 environment=latest_environment((checkpoint or {}).get("act_history")),
+                planned=int(config["iterations"]) if isinstance(config.get("iterations"), int) else None,
             )
             runs.append(run)
     if len(metrics) > 1:  # one column, one axis: values of different metrics do not compare
@@ -195,7 +211,53 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             else ": were the jobs run with an evaluation (eval is not null)?"
         )
         raise FileNotFoundError(f"no metric_summary.json under {', '.join(map(str, sweeps))}{said}")
+    unscored = [j for j in job_folders(sweeps) if j.resolve() not in seen]
+    if unscored:
+        note(
+            f"{len(unscored)} job folder(s) have no metric_summary.json and are not in the report: refused, "
+            "or stopped before their first evaluation (each says why in .hydra/launches/*/train.log): "
+            + ", ".join(map(str, unscored[:5]))
+            + (", ..." if len(unscored) > 5 else "")
+        )
     return list(variants.values())
+
+
+def note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def job_folders(sweeps: list[Path]) -> list[Path]:
+    """Every job folder a launch wrote into under the sweeps (its `.hydra/launches`), but for the outputs a
+    new run set aside (`replaced/`)."""
+    found = {p.parent.parent for sweep in sweeps for p in sweep.glob("**/.hydra/launches")}
+    return sorted(j for j in found if "replaced" not in j.parts)
+
+
+def say_what_is_compared(variants: list[Variant]) -> None:
+    """Notes on runs the table's columns do not compare as equals: runs not at their end (left out of the
+    value at the end), a seed given twice in one variant (not an independent repeat), and a variant whose
+    runs end at different iterations (its value at the end mixes them)."""
+    for v in variants:
+        for r in v.runs:
+            if not r.finished:
+                last = r.iterations[-1] if r.iterations else 0
+                note(
+                    f"{r.path} is at iteration {last} of {r.planned} (still training, or stopped): left "
+                    f"out of the value at the end of `{v.label}`"
+                )
+        seeds = [r.seed for r in v.runs]
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:
+            note(
+                f"`{v.label}` holds seed(s) {', '.join(map(str, twice))} more than once: not independent "
+                "repeats"
+            )
+        ends = sorted({r.iterations[-1] for r in v.runs if r.finished and r.iterations})
+        if len(ends) > 1:
+            note(
+                f"`{v.label}`'s runs end at different iterations ({', '.join(map(str, ends))}): its value "
+                "at the end mixes them; --at-iteration compares them at one"
+            )
 
 
 def value_at_iteration(run: Run, iteration: int) -> float | None:
@@ -242,12 +304,16 @@ def summarise(
     common = set.intersection(*(set(r.iterations) for v in variants for r in v.runs))
     if at_iteration is None:  # the last iteration every variant was evaluated at
         at_iteration = max(common) if common else None
-    elif at_iteration not in common:  # a cell of a job not evaluated there is empty ('-'): said why
+    elif at_iteration not in common:  # a job not evaluated there is left out of its variant's cell
         some = any(at_iteration in r.iterations for v in variants for r in v.runs)
-        which, empty = ("not every", "their cells") if some else ("no", "the column's cells")
+        said = (
+            "a cell averages the jobs of its variant that were (the JSON's n counts them; none: empty)"
+            if some
+            else "the column's cells are empty"
+        )
         print(
-            f"note: --at-iteration {at_iteration}: {which} job was evaluated there (all were at "
-            f"{', '.join(map(str, sorted(common))) or 'no common iteration'}): {empty} are empty",
+            f"note: --at-iteration {at_iteration}: {'not every' if some else 'no'} job was evaluated there "
+            f"(all were at {', '.join(map(str, sorted(common))) or 'no common iteration'}): {said}",
             file=sys.stderr,
         )
     reference = variants[0]
@@ -274,7 +340,7 @@ def summarise(
                 "iterations": max(r.iterations[-1] for r in v.runs),
                 "train_seconds": _mean_spread([_recorded(r.seconds[-1]) for r in v.runs]),
                 "pretrain_seconds": _mean_spread([_recorded(r.pretrain_seconds) for r in v.runs]),
-                "final": _mean_spread([r.values[-1] for r in v.runs]),
+                "final": _mean_spread([r.values[-1] for r in v.runs if r.finished]),
                 "at_iteration": _mean_spread(
                     [value_at_iteration(r, at_iteration) for r in v.runs] if at_iteration is not None else []
                 ),
@@ -286,10 +352,12 @@ def summarise(
 
 
 def _band(runs: list[Run], xs_of) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean x, and mean / min / max of the metric over seeds, at the evaluations all seeds share."""
-    n = min(len(r.values) for r in runs)
-    x = np.mean([xs_of(r)[:n] for r in runs], axis=0)
-    y = np.array([r.values[:n] for r in runs])
+    """Mean x, and mean / min / max of the metric over seeds, at the iterations all seeds were evaluated
+    at (matched by iteration: a seed resumed at another eval.every has other evaluations between)."""
+    shared = sorted(set.intersection(*(set(r.iterations) for r in runs)))
+    at = [[r.iterations.index(k) for k in shared] for r in runs]
+    x = np.mean([np.asarray(xs_of(r), dtype=float)[i] for r, i in zip(runs, at)], axis=0)
+    y = np.array([np.asarray(r.values, dtype=float)[i] for r, i in zip(runs, at)])
     return x, y.mean(axis=0), y.min(axis=0), y.max(axis=0)
 
 
@@ -421,8 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--metric", default=None, help="axis label (default: the summaries' metric key)")
     args = parser.parse_args(argv)
+    if args.at_iteration is not None and args.at_iteration < 0:
+        parser.error(f"--at-iteration {args.at_iteration}: an ACT iteration, 0 or more")
     try:
         variants = find_runs(args.sweeps)
+        say_what_is_compared(variants)
         rows, at_iteration, at_seconds, time_ref = summarise(
             variants, args.at_iteration, args.at_seconds, args.time_reference
         )

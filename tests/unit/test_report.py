@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from act_lightning import report
 from act_lightning.callbacks import FrechetEvaluation, evaluation
 from act_lightning.report import (
     Run,
@@ -220,10 +221,10 @@ def test_missing_values_count_for_nothing_and_runs_without_seconds_give_no_equal
     late = _run(0, [100, 200], [50.0, 40.0], [10.0, 20.0])  # evaluated from 10 s on only
     rows, k, t, _ = summarise([Variant("a", [late, early])], 200, 5.0, None)
     assert rows[0]["at_iteration"] == {"mean": 40.0, "std": 0.0, "min": 40.0, "max": 40.0, "n": 1}
-    # an --at-iteration some jobs were not evaluated at: their cells are empty, and it is said why
+    # an --at-iteration some jobs were not evaluated at: a cell averages those that were, and it is said
     assert capsys.readouterr().err == (
         "note: --at-iteration 200: not every job was evaluated there (all were at no common iteration): "
-        "their cells are empty\n"
+        "a cell averages the jobs of its variant that were (the JSON's n counts them; none: empty)\n"
     )
     assert rows[0]["at_seconds"] == {"mean": 60.0, "std": 0.0, "min": 60.0, "max": 60.0, "n": 1}
     summarise([Variant("a", [late, early])], 150, None, None)  # none was evaluated there: said so
@@ -415,3 +416,68 @@ def test_a_sweep_without_any_evaluation_says_whether_its_jobs_were_refused(tmp_p
     refused = r"its 2 job folder\(s\) \(.*sweep/0, .*sweep/1\) were refused or stopped before their first"
     with pytest.raises(FileNotFoundError, match=refused):
         find_runs([tmp_path / "sweep"])
+
+
+def test_a_job_without_a_checkpoint_is_labelled_by_the_launch_training_it(tmp_path):
+    """Its first launch was refused (gan_ratio=1.5) and a second one trains: the row was the refused
+    launch's setting until the job's first checkpoint."""
+    _job(tmp_path / "0", 0, None, later=["seed=0", "model.schedule.gan_ratio=0.5"])
+    assert job_record(tmp_path / "0")[0] == ["seed=0", "model.schedule.gan_ratio=0.5"]
+
+
+def test_set_aside_outputs_and_jobs_given_twice_are_not_runs_and_order_makes_no_variant(tmp_path, capsys):
+    """A relaunch's `replaced/` folder made the report fail ('holds neither a checkpoint nor a Hydra
+    record'); a sweep given twice counted its seeds twice; the same settings in another order on the
+    command line made another row."""
+    sweep = tmp_path / "sweep"
+    _job(sweep / "0", 0, ["seed=0", "model.schedule.mu0=0.9", "model.schedule.gan_ratio=0"])
+    _job(sweep / "1", 1, ["seed=1", "model.schedule.gan_ratio=0", "model.schedule.mu0=0.9"])
+    _job(sweep / "2", 0, ["seed=0", "model.schedule.gan_ratio=0.3", "model.schedule.mu0=0.9"])
+    old = sweep / "0" / "replaced" / "2026-12-07_16-35-37-837807"
+    old.mkdir(parents=True)
+    (old / "metric_summary.json").write_text(json.dumps({"history": [{"iteration": 0, "value": 9.0}]}))
+    variants = find_runs([sweep, sweep, sweep / "1"])
+    assert [(v.label, [r.seed for r in v.runs]) for v in variants] == [
+        ("model.schedule.gan_ratio=0", [0, 1]),
+        ("model.schedule.gan_ratio=0.3", [0]),
+    ]
+    assert all("replaced" not in str(r.path) for v in variants for r in v.runs)
+    (sweep / "3" / ".hydra" / "launches" / "x").mkdir(parents=True)  # a refused job: no summary
+    find_runs([sweep])
+    assert "1 job folder(s) have no metric_summary.json and are not in the report: refused, or" in (
+        capsys.readouterr().err
+    )
+
+
+def test_runs_not_at_their_end_are_left_out_of_the_value_at_the_end_and_said(capsys):
+    """A job still training (60 of 80) or stopped was averaged into 'at the end' with the finished ones."""
+    done = Run(Path("done"), 0, [0, 40, 80], [90.0, 50.0, 30.0], [0.0, 1.0, 2.0], {}, planned=80)
+    running = Run(Path("running"), 1, [0, 40, 60], [90.0, 60.0, 55.0], [0.0, 1.0, 1.5], {}, planned=80)
+    longer = Run(Path("longer"), 2, [0, 40, 80, 120], [90.0, 50.0, 30.0, 20.0], [0, 1, 2, 3], {}, planned=120)
+    twice = Run(Path("twice"), 0, [0, 40, 80], [90.0, 50.0, 31.0], [0.0, 1.0, 2.0], {}, planned=80)
+    variant = Variant("act", [done, running, longer, twice])
+    report.say_what_is_compared([variant])
+    err = capsys.readouterr().err
+    assert "note: running is at iteration 60 of 80 (still training, or stopped): left out of the value" in err
+    assert "note: `act` holds seed(s) 0 more than once: not independent repeats" in err
+    assert "note: `act`'s runs end at different iterations (80, 120): its value at the end mixes them" in err
+    rows, *_ = summarise([variant], None, None, None)
+    assert rows[0]["final"]["n"] == 3 and rows[0]["final"]["max"] == 31.0  # the running one left out
+
+
+def test_the_figures_band_matches_seeds_by_iteration_not_by_position():
+    """A seed resumed at another eval.every was evaluated at other iterations: the band averaged its
+    values at 60 with the other's at 40 and drew them at 50."""
+    a = _run(0, [0, 20, 40, 60, 80], [9.0, 8.0, 7.0, 6.0, 5.0], [0, 1, 2, 3, 4])
+    b = _run(1, [0, 20, 60, 80], [9.0, 8.0, 4.0, 3.0], [0, 1, 3, 4])
+    x, mean, low, high = report._band([a, b], lambda r: r.iterations)
+    assert x.tolist() == [0, 20, 60, 80] and mean.tolist() == [9.0, 8.0, 5.0, 4.0]
+    assert low.tolist() == [9.0, 8.0, 4.0, 3.0] and high.tolist() == [9.0, 8.0, 6.0, 5.0]
+
+
+def test_a_negative_at_iteration_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--out", str(tmp_path / "out"), "--at-iteration", "-5"])
+    assert (
+        stop.value.code == 2 and "--at-iteration -5: an ACT iteration, 0 or more" in capsys.readouterr().err
+    )
