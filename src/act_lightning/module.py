@@ -623,14 +623,14 @@ class ACTModule(L.LightningModule):
     def check_later_levels(self, taus: list[float] | None) -> list[float]:
         """`sample`'s taus, the levels after the first step: each below sigma_max (`samplers.later_levels`),
         and none for a diffusion model (the sample command checks them before it makes its folder)."""
-        later = later_levels(taus, float(self.schedule.sigma_max))
-        if self.hparams.objective == "diffusion" and later:
+        given = taus is not None and not (isinstance(taus, (list, tuple)) and not taus)
+        if self.hparams.objective == "diffusion" and given:
             raise ValueError(
                 "a diffusion model (model.objective=diffusion) samples with EDM's Heun sampler over "
-                f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={later}: "
+                f"model.heun_steps={self.hparams.heun_steps} levels, not in steps at taus={taus}: "
                 "sample it without taus (evaluate: samplers=[1-step])"
             )
-        return later
+        return later_levels(taus, float(self.schedule.sigma_max))
 
     def extra_repr(self) -> str:
         return f"iteration={self.k}/{self.hparams.iterations}"
