@@ -224,3 +224,16 @@ def test_a_reference_with_fewer_images_than_the_samples_is_said_and_counted(tmp_
     caplog.clear()
     real_references(["fid", "kid"], str(tmp_path / "ref.npz"), None, _Net(16, 0), None, 12, 8, "cpu")
     assert caplog.text == ""  # as many as there are samples: nothing to say
+
+
+def test_precision_and_recall_refuse_a_reference_of_three_images_or_fewer(tmp_path):
+    """As the generated images' count is checked: each real image's radius is its third neighbour's
+    distance, so three real images failed inside torch (kthvalue out of range)."""
+    from act_lightning.metrics.extra import real_references
+
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((3, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(
+        ValueError, match=r"ref.npz holds 3 real image\(s\): precision and recall .* at least 4"
+    ):
+        real_references(["fid", "pr"], str(tmp_path / "ref.npz"), None, _Net(16, 0), None, 8, 8, "cpu")
+    real_references(["fid", "kid"], str(tmp_path / "ref.npz"), None, _Net(16, 0), None, 8, 8, "cpu")

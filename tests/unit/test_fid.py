@@ -35,6 +35,7 @@ from act_lightning.metrics.inception import (
 )
 from act_lightning.metrics.reference import (
     ReferenceStatisticsError,
+    check_reference_images,
     image_batches,
     load_reference,
     reference_image_features,
@@ -674,6 +675,22 @@ def test_a_reference_with_statistics_and_images_uses_the_statistics_in_float64(t
     mu, sigma = load_reference(tmp_path / "both.npz", 4, extract=lambda batches: pytest.fail("extracted"))
     assert mu.dtype == sigma.dtype == np.float64 and mu.tolist() == [1.0] * 4
     np.testing.assert_array_equal(sigma, np.eye(4))
+
+
+def test_a_reference_batch_of_one_image_or_channels_first_is_named(tmp_path):
+    """One image failed with 'need at least 2 feature vectors for a covariance' (no key, no file); images
+    kept channels first were said to be another size ('images of 3x32 with 32 channel(s)')."""
+    one = tmp_path / "one.npz"
+    np.savez(one, arr_0=np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ReferenceStatisticsError, match=rf"eval.reference={one}: arr_0 holds 1 image\(s\)"):
+        check_reference_images(one, 8, 3)
+    nchw = tmp_path / "nchw.npz"
+    np.savez(nchw, arr_0=np.zeros((4, 3, 8, 8), dtype=np.uint8))
+    with pytest.raises(ReferenceStatisticsError, match=r"holds channels first; .* \(N, 8, 8, 3\)"):
+        check_reference_images(nchw, 8, 3)
+    fine = tmp_path / "fine.npz"
+    np.savez(fine, arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    check_reference_images(fine, 8, 3)
 
 
 def test_reference_images_of_other_than_one_or_three_channels_are_named(tmp_path):

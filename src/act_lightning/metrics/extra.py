@@ -135,6 +135,12 @@ def real_references(
     else:
         tap = SecondFeatures(extractor, dinov2) if need_real else dinov2
     first = reference_image_features(reference, datamodule, tap, count, batch_size, device)
+    if "pr" in metrics and len(first) <= PR_NEIGHBOURHOOD:  # as the generated images' count is checked
+        raise ValueError(
+            f"eval.reference={reference} holds {len(first)} real image(s): precision and recall "
+            f"(metrics=[...,pr]) compare each image with its {PR_NEIGHBOURHOOD} nearest neighbours, so they "
+            f"need at least {PR_NEIGHBOURHOOD + 1}"
+        )
     if len(first) < count:
         log.warning(
             "eval.reference=%s holds %d real images, fewer than the %d generated ones: %s compare %d "

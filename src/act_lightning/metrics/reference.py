@@ -132,6 +132,18 @@ def check_reference_images(path: Path, image_size: int, channels: int) -> None:
                 shape = read(f)[0]
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # load_reference says what is wrong with the file
+    if len(shape) == 4 and shape[0] < 2:
+        raise ReferenceStatisticsError(
+            f"eval.reference={path}: arr_0 holds {shape[0]} image(s); the Fréchet distance's covariance "
+            "needs at least 2 (a reference batch holds thousands: ADM's 10,000)"
+        )
+    nchw = len(shape) == 4 and shape[1] == channels and (shape[2], shape[3]) == (image_size, image_size)
+    if nchw and channels != image_size:  # channels first, as torch keeps images: not the evaluators' layout
+        raise ReferenceStatisticsError(
+            f"eval.reference={path}: arr_0 of shape {tuple(shape)} holds channels first; a reference batch "
+            f"holds uint8 images of shape (N, H, W, C), here (N, {image_size}, {image_size}, {channels}) "
+            "(numpy: images.transpose(0, 2, 3, 1))"
+        )
     if len(shape) == 4 and (shape[1], shape[2], shape[3]) != (image_size, image_size, channels):
         raise ReferenceStatisticsError(
             f"eval.reference={path}: images of {shape[1]}x{shape[2]} with {shape[3]} channel(s), but the "
