@@ -159,6 +159,17 @@ def _job_number(path: Path) -> tuple:
     return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
 
 
+def scored_jobs(sweep: Path, seen: set[Path]) -> list[Path]:
+    """The job folders under `sweep` with a `metric_summary.json`, in job order: not the outputs a new run
+    set aside (`replaced/`), nor a job already in `seen` (sweeps a and a/0 given together); they join it."""
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
+    found = [p.parent for p in sweep.rglob("metric_summary.json")]
+    found = [j for j in found if "replaced" not in j.relative_to(sweep).parts and j.resolve() not in seen]
+    seen.update(j.resolve() for j in found)
+    return sorted(found, key=_job_number)
+
+
 def find_runs(sweeps: list[Path]) -> list[Variant]:
     """The finished-or-not jobs under the sweep folders, grouped into variants in sweep order."""
     runs: list[Run] = []
@@ -166,14 +177,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     metrics: dict[str, Path] = {}  # each metric key the jobs report, with the first job reporting it
     seen: set[Path] = set()
     for sweep in sweeps:
-        if not sweep.is_dir():
-            raise FileNotFoundError(f"{sweep}: no such sweep folder (a Hydra multirun's output folder)")
-        found = [p.parent for p in sweep.rglob("metric_summary.json")]
-        # not the outputs a new run set aside (`replaced/`), nor a job given twice (sweeps a, a/0)
-        found = [j for j in found if "replaced" not in j.relative_to(sweep).parts and j.resolve() not in seen]
-        jobs = sorted(found, key=_job_number)
-        seen.update(j.resolve() for j in jobs)
-        for job in jobs:
+        for job in scored_jobs(sweep, seen):
             checkpoint = job_checkpoint(job)
             job_overrides, config = job_record(job, checkpoint)
             overrides.append(job_overrides)
