@@ -77,9 +77,9 @@ def class_labels_for(
 def check_noise(noise, net, image: tuple[int, int] | None = None, key: str = "noise"):
     """Sampling's noise z for the network `net`: a float tensor (B, C, H, W) of the network's channels and
     image size (`image`, else where the network records them: `in_channels`, `image_size`), in the dtype
-    of its weights (a
-    float64 z for a float32 network is taken in float32). Another size would be sampled without a word
-    (the UNet takes any multiple of its downsampling), another dtype fail inside the first convolution."""
+    of its weights (a float64 z for a float32 network is taken in float32). Another size would be sampled
+    without a word (the UNet takes any multiple of its downsampling), another dtype fail inside the first
+    convolution."""
     import torch
 
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() != 4:

@@ -315,10 +315,9 @@ def summarise(
             if some
             else "the column's cells are empty"
         )
-        print(
-            f"note: --at-iteration {at_iteration}: {'not every' if some else 'no'} job was evaluated there "
-            f"(all were at {', '.join(map(str, sorted(common))) or 'no common iteration'}): {said}",
-            file=sys.stderr,
+        note(
+            f"--at-iteration {at_iteration}: {'not every' if some else 'no'} job was evaluated there "
+            f"(all were at {', '.join(map(str, sorted(common))) or 'no common iteration'}): {said}"
         )
     reference = variants[0]
     if time_ref is not None:
@@ -326,10 +325,9 @@ def summarise(
         if matches:
             reference = matches[0]
         else:  # e.g. make reproduce-mini run with fewer variants: say so and go on
-            print(
-                f"note: --time-reference {time_ref!r} is not among the variants "
-                f"({', '.join(v.label for v in variants)}): equal wall time is that of {reference.label!r}",
-                file=sys.stderr,
+            note(
+                f"--time-reference {time_ref!r} is not among the variants "
+                f"({', '.join(v.label for v in variants)}): equal wall time is that of {reference.label!r}"
             )
     if at_seconds is None:
         ends = [r.seconds[-1] for r in reference.runs if r.seconds and not math.isnan(r.seconds[-1])]
@@ -432,9 +430,10 @@ def markdown(
     for r in rows:
         mark = " (ended earlier: its last value)" if r["ended_before_seconds"] else ""
         f = r["final"]
+        spread = "-" if f["min"] is None else f"{f['min']:.1f} - {f['max']:.1f}"  # no run at its end yet
         lines.append(
             f"| {r['variant']} | {len(r['seeds'])} | {r['iterations']} | {_fmt(r['train_seconds'], 0)} "
-            f"| {_fmt(f)} | {f['min']:.1f} - {f['max']:.1f} | {_fmt(r['at_iteration'])} "
+            f"| {_fmt(f)} | {spread} | {_fmt(r['at_iteration'])} "
             f"| {_fmt(r['at_seconds'])}{mark} |"
         )
     lines.append("")

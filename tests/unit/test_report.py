@@ -463,6 +463,10 @@ def test_runs_not_at_their_end_are_left_out_of_the_value_at_the_end_and_said(cap
     assert "note: `act`'s runs end at different iterations (80, 120): its value at the end mixes them" in err
     rows, *_ = summarise([variant], None, None, None)
     assert rows[0]["final"]["n"] == 3 and rows[0]["final"]["max"] == 31.0  # the running one left out
+    # a variant with no run at its end yet (a report while the sweep trains): its cells are '-'
+    rows, k, t, ref = summarise([Variant("act", [running])], None, None, None)
+    assert rows[0]["final"]["n"] == 0
+    assert "| act | 1 | 60 | 2 | - | - | 55.0 |" in markdown(rows, k, t, ref, "fd", "this machine")
 
 
 def test_the_figures_band_matches_seeds_by_iteration_not_by_position():
