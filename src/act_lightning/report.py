@@ -205,7 +205,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     for run, label in zip(runs, variant_labels(overrides)):
         variants.setdefault(label, Variant(label)).runs.append(run)
     if not variants:
-        jobs = sorted(p.parent.parent for sweep in sweeps for p in sweep.glob("**/.hydra/launches"))
+        jobs = job_folders(sweeps)
         said = (
             f": its {len(jobs)} job folder(s) ({', '.join(str(j) for j in jobs[:3])}"
             + (", ..." if len(jobs) > 3 else "")
