@@ -233,15 +233,16 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     entry.update(iteration=iteration, changes=changes)
     if not own:  # a new run from another run's checkpoint: its history comes first, this launch starts it
         entry["new_run"] = True
-    if entry["changes"] and iteration >= cfg.iterations and not evaluation_left(checkpoint, iteration):
+    left = evaluation_left(checkpoint, iteration)  # (Lightning reads the file again to restore it)
+    if changes and iteration >= cfg.iterations and not left:
         log.info(
             "resume_changes %s: the run is finished at iteration %d; nothing is trained or kept",
             changes,
             iteration,
         )
-    elif entry["changes"]:
+    elif changes:
         rank_zero_warning(
-            log, "resume_changes at iteration %d (kept in the run's history): %s", iteration, entry["changes"]
+            log, "resume_changes at iteration %d (kept in the run's history): %s", iteration, changes
         )
     history = (*checkpoint.get("act_history", ()), entry)
     if checkpoint.get("act_weights_only"):
@@ -250,7 +251,6 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
         if released is not None:  # one of the paper's checkpoints: what trained it stays in the history
             entry["started_from"] = released
         return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
-    left = evaluation_left(checkpoint, iteration)  # (Lightning reads the file again to restore it)
     return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)
 
 
