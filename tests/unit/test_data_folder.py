@@ -253,3 +253,13 @@ def test_a_class_folder_without_images_is_refused_not_dropped(tmp_path):
     dm = _dm(tmp_path, num_classes=2)
     dm.setup("fit")
     assert dm.label_names() == ["apple", "mango"]
+
+
+def test_the_reference_fingerprint_changes_when_an_image_is_replaced_by_another(tmp_path):
+    # cached FID statistics (eval.reference_cache) of a folder were read back after its images had been
+    # replaced by others, the same count: the run scored against the old images' statistics
+    root = write_image_folder(tmp_path / "images", per_class=3)
+    first = _dm(root).reference_fingerprint()
+    assert _dm(root).reference_fingerprint() == first  # the same images: the same digest
+    write_image_folder(root, per_class=3, seed=1)  # the same names and count, other images
+    assert _dm(root).reference_fingerprint() != first

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from act_lightning.data import DataError, ImageNet64DataModule
+from act_lightning.data import DataError, ImageNet64DataModule, storage
 from act_lightning.data.imagenet64 import TRAIN_FILES, count_images, find_official_files, prepare_imagenet64
 from act_lightning.prepare import main as prepare_main
 from tests.helpers_data import listing, shards, write_imagenet64
@@ -460,3 +460,14 @@ def test_the_folder_stays_the_preparations_until_its_manifest_is_written(officia
     )
     prepare_imagenet64(official, tmp_path / "dst", progress=False)
     assert hashing and all(hashing) and not storage.writing(tmp_path / "dst")
+
+
+def test_the_reference_fingerprint_is_the_train_splits_checksums(prepared):
+    # cached reference statistics (eval.reference=train) are computed anew for a set prepared again
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    fingerprint = _dm(prepared).reference_fingerprint()
+    assert fingerprint == storage.manifest_digest(manifest, "train")
+    manifest["files"]["val_images.npy"]["sha256"] = "0" * 64  # another split: the same digest
+    assert storage.manifest_digest(manifest, "train") == fingerprint
+    manifest["files"]["train_images.npy"]["sha256"] = "0" * 64
+    assert storage.manifest_digest(manifest, "train") != fingerprint

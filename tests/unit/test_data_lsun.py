@@ -74,6 +74,10 @@ def test_prepared_form_matches_the_lmdb_pipeline(lsun_root, tmp_path):
     assert type(dm.train_set).__name__ == "PreparedArrays"
     half = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert half.gen.shape == (2, 3, SIZE, SIZE)
+    # the prepared form's checksums identify its images (cached reference statistics); the LMDB is read as
+    # the official release it is
+    assert dm.reference_fingerprint() == storage.manifest_digest(manifest, "train")
+    assert _dm(lsun_root).reference_fingerprint() is None
 
 
 def test_prepared_at_another_size_falls_back_to_the_lmdb(lsun_root, tmp_path):

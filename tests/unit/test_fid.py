@@ -402,6 +402,22 @@ def test_training_set_statistics_are_cached_and_recomputed_when_the_data_changes
         assert int(npz["channels"]) == 1
 
 
+def test_cached_statistics_are_computed_anew_when_the_datas_fingerprint_changes(tmp_path):
+    # a folder's images replaced by others at the same count (`reference_fingerprint`): the cache's sizes
+    # and extractor all match, its statistics are another data set's
+    data, cache = FakeData(8), tmp_path / "ref.npz"
+    data.reference_fingerprint = lambda: "images as first written"
+    first = reference_statistics(TinyFeatures(16), "train", data, "tiny", cache=cache)
+    reference_statistics(TinyFeatures(16), "train", data, "tiny", cache=cache)
+    assert data.reads == 1
+    data.images = torch.rand_like(data.images) * 2 - 1
+    data.reference_fingerprint = lambda: "images replaced"
+    second = reference_statistics(TinyFeatures(16), "train", data, "tiny", cache=cache)
+    assert data.reads == 2 and not np.allclose(first[0], second[0])
+    reference_statistics(TinyFeatures(16), "train", data, "tiny", cache=cache)
+    assert data.reads == 2  # kept with the new digest
+
+
 def test_reference_statistics_read_real_images_and_caches_from_before_that_are_made_again(tmp_path):
     seen = []
 

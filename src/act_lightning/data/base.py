@@ -334,6 +334,13 @@ class ImageDataModule(L.LightningDataModule):
         """Real images whose feature statistics serve as the metric's reference (default: training set)."""
         return self.build_train_dataset()
 
+    def reference_fingerprint(self) -> str | None:
+        """A digest of the reference images as they are now, kept with cached reference statistics
+        (`eval.reference_cache`), which are computed anew when it changes: for data a user can change
+        without changing their count (a folder's images replaced, a set prepared again). None for an
+        official release that is checked against its own checksums."""
+        return None
+
     # -- the global batch ---------------------------------------------------------------------------
     def _devices(self) -> tuple[int, int]:
         trainer = self.trainer

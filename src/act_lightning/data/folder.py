@@ -6,6 +6,7 @@ and the tree's structure does not matter.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -214,3 +215,13 @@ class FolderDataModule(ImageDataModule):
 
     def build_reference_dataset(self) -> Dataset:
         return self.train_set if self.train_set is not None else self.build_train_dataset()
+
+    def reference_fingerprint(self) -> str:
+        """Each image's path under `root`, size and modification time: images replaced by others (the
+        same count) make the cached reference statistics be computed anew."""
+        paths, _ = self._files()
+        digest = hashlib.sha256()
+        for path in paths:
+            st = path.stat()
+            digest.update(f"{path.relative_to(self.path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()

@@ -266,6 +266,9 @@ class ImageNet64DataModule(ImageDataModule):
     def build_reference_dataset(self) -> Dataset:
         return self.train_set if self.train_set is not None else self._split("train")
 
+    def reference_fingerprint(self) -> str:
+        return storage.manifest_digest(storage.read_manifest(self.path, SOURCE), "train")
+
     def build_val_dataset(self) -> Dataset:
         """The 50,000 validation images (if `val_data.npz` was converted)."""
         return self._split("val")

@@ -321,6 +321,11 @@ class LSUNDataModule(ImageDataModule):
         elif find_lmdb(self.path, self.category) is None:
             raise FileNotFoundError(_not_found_message(self.path, self.category))
 
+    def reference_fingerprint(self) -> str | None:
+        """The prepared form's (None for the official LMDB, which is read as it is)."""
+        manifest = self._prepared()
+        return None if manifest is None else storage.manifest_digest(manifest, "train")
+
     def build_train_dataset(self) -> Dataset:
         root = self.path
         manifest = self._prepared()

@@ -360,6 +360,14 @@ def check_files(root: Path, manifest: dict, verify: bool) -> None:
             pass  # a read-only data folder: verify again next time
 
 
+def manifest_digest(manifest: dict, split: str) -> str:
+    """A digest of one split of a prepared folder, from the checksums its manifest records for the split's
+    files (`reference_fingerprint`)."""
+    names = [v for k, v in manifest["splits"][split].items() if isinstance(v, str) and v in manifest["files"]]
+    checksums = {name: manifest["files"][name]["sha256"] for name in sorted(names)}
+    return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
+
+
 def _rerun(root: Path, manifest: dict) -> str:
     """What to do about a prepared file that is not as its manifest records: prepare again, from the
     official files the manifest names (`from`)."""

@@ -189,6 +189,9 @@ def reference_statistics(
         sizes = dict(num_images=count, dataset_size=len(dataset), image_size=datamodule.image_size)
         channels = getattr(datamodule, "channels", 3)  # a colour set's images read grey are another set
         meta = _cache_facts(extractor, "train", features, channels=channels, **sizes)
+        fingerprint = getattr(datamodule, "reference_fingerprint", None)
+        if cache is not None and fingerprint is not None and (data := fingerprint()) is not None:
+            meta["data"] = data  # other images at the same count (a folder's replaced) are computed anew
         cached = _read_cache(cache, meta, n)
         if cached is not None:
             return cached
