@@ -35,9 +35,10 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
 
     resume=auto: the run folder's own `checkpoints/last.ckpt` when there is one (a requeued or resumed
     job; a `ckpt_path` is then not read), else `ckpt_path`, else a fresh start. A folder that holds other
-    checkpoints but no last.ckpt (moved aside after damage) is refused unless `ckpt_path` names one of
-    them: a fresh start, or another run's checkpoint, would overwrite its best.ckpt, snapshots and
-    metrics.csv. resume=never: a run folder that holds any checkpoint is refused."""
+    checkpoints but no last.ckpt continues from the newest of them (`newest_checkpoint`), or from the one
+    `ckpt_path` names among them: a fresh start, or another run's checkpoint, would overwrite its
+    best.ckpt, snapshots and metrics.csv. resume=never: a run folder that holds any checkpoint is
+    refused."""
     folder = Path(cfg.callbacks.checkpoint.dirpath)
     own, held = folder / "last.ckpt", held_checkpoints(folder)
     if held and cfg.get("resume", "auto") == "never":
@@ -55,22 +56,49 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
             raise UnreadableCheckpoint(message, err.reason) from None
         say_unread_ckpt_path(cfg, own, checkpoint)
         return own, checkpoint
-    if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path)
-        if held and path.resolve().parent != folder.resolve():
-            raise FileExistsError(
-                f"the run folder {cfg.run_dir} holds checkpoints of an earlier run ({', '.join(held)}) "
-                f"but no last.ckpt; a run from ckpt_path={path} would overwrite them: continue that run "
-                "from one of them (ckpt_path=<its path>) or choose another hydra.run.dir"
-            )
+    path = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if path is not None and (not held or path.resolve().parent == folder.resolve()):
         return path, read_checkpoint(path, "ckpt_path", mmap=True, check=checkpoint_iteration, checksums=True)
     if held:
-        raise FileExistsError(
-            f"the run folder {cfg.run_dir} holds checkpoints ({', '.join(held)} in {folder}) but no "
-            "last.ckpt; a fresh start would overwrite them and its metrics.csv: continue from one of them "
-            "with ckpt_path=CHECKPOINT, or start afresh in another hydra.run.dir"
+        path, checkpoint = newest_checkpoint(folder, held)
+        log.warning(
+            "%s holds no last.ckpt (a launch killed before its first one, or one moved aside): the run "
+            "continues from its newest checkpoint, %s (iteration %d); ckpt_path=CHECKPOINT names another",
+            folder,
+            path.name,
+            checkpoint_iteration(checkpoint),
         )
+        say_unread_ckpt_path(cfg, path, checkpoint)
+        return path, checkpoint
     return None, None
+
+
+def newest_checkpoint(folder: Path, held: list[str]) -> tuple[Path, dict]:
+    """The checkpoint of the highest iteration among a run folder's `held` ones, and its contents: where a
+    folder without last.ckpt continues. That is a launch killed (kill -9, the out-of-memory killer, a
+    joblib sweep's Ctrl-C) after its first best.ckpt and before its first last.ckpt, or a run whose
+    damaged last.ckpt was moved aside. Every one of them holds the full training state, put in place
+    after the metrics rows up to its iteration, so the run continues from it exactly. One that cannot be
+    read is named: it is moved aside, or another is named with ckpt_path."""
+    found = []
+    for name in held:
+        try:
+            checkpoint = read_checkpoint(
+                folder / name, "resume=auto found", mmap=True, check=checkpoint_iteration
+            )
+        except UnreadableCheckpoint as err:
+            message = (
+                f"{folder} holds no last.ckpt, and resume=auto continues from the newest of its checkpoints "
+                f"({', '.join(held)}); {name} is {err.reason}. Move it aside, or name the checkpoint to "
+                "continue from with ckpt_path=CHECKPOINT"
+            )
+            raise UnreadableCheckpoint(message, err.reason) from None
+        found.append((checkpoint_iteration(checkpoint), name))
+    _, name = max(found)
+    path = folder / name  # read again with its checksums, which only the one a run resumes from needs
+    return path, read_checkpoint(
+        path, "resume=auto found", mmap=True, check=checkpoint_iteration, checksums=True
+    )
 
 
 def held_checkpoints(folder: Path) -> list[str]:
@@ -125,10 +153,15 @@ def set_aside_outputs(run_dir: Path) -> Path | None:
 def damaged_last_advice(last: Path) -> str:
     """What to do when the run's own last.ckpt cannot be read (resume=auto always prefers it)."""
     others = [name for name in held_checkpoints(last.parent) if name != last.name]
-    found = f"this run also has {', '.join(others)}" if others else "this run has no other checkpoint"
+    if not others:
+        return (
+            "Move it aside (this run has no other checkpoint) and start afresh with "
+            "hydra.run.dir=NEW_FOLDER resume=never"
+        )
     return (
-        f"Move it aside and continue from another checkpoint with ckpt_path=CHECKPOINT ({found}), or "
-        "start afresh with hydra.run.dir=NEW_FOLDER resume=never"
+        f"Move it aside: resume=auto then continues from the newest of this run's other checkpoints "
+        f"({', '.join(others)}), or from the one ckpt_path=CHECKPOINT names among them; or start afresh "
+        "with hydra.run.dir=NEW_FOLDER resume=never"
     )
 
 

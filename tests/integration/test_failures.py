@@ -107,8 +107,8 @@ def test_a_damaged_last_checkpoint_is_named_with_what_to_do(tmp_path):
         message = str(refused.value)
         assert message.startswith(f"resume=auto continues from {last}, which is {what} ("), message
         assert (
-            "continue from another checkpoint with ckpt_path=CHECKPOINT (this run also has iter_0000002.ckpt)"
-            in message
+            "Move it aside: resume=auto then continues from the newest of this run's other checkpoints "
+            "(iter_0000002.ckpt), or from the one ckpt_path=CHECKPOINT names among them" in message
         )
         assert "hydra.run.dir=NEW_FOLDER resume=never" in message and "weights_only" not in message
     line = refusal(run_cli(common, tmp_path))  # the command says it in one line

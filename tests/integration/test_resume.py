@@ -461,6 +461,50 @@ def test_a_checkpoint_is_on_disk_only_after_the_rows_up_to_its_iteration(tmp_pat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]  # no temporaries
 
 
+@pytest.mark.slow
+def test_a_launch_killed_before_its_first_last_checkpoint_continues_from_its_best_one(tmp_path):
+    """A kill -9 (a joblib sweep's Ctrl-C, the out-of-memory killer) after the first best.ckpt and before
+    the first last.ckpt left a folder whose relaunch was refused; it now continues from best.ckpt, with
+    every metrics row once."""
+    run, best = tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.ckpt"
+    args = ["debug=smoke", "callbacks.samples.every_n_iterations=100000", "eval.every=2"]
+    args.append("callbacks.checkpoint.every_n_iterations=100000")
+    proc = _start([*args, "iterations=100000"], run)
+    _wait_until(best.is_file, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert sorted(p.name for p in best.parent.glob("*.ckpt")) == ["best.ckpt"]
+    killed_at = _iteration(best)
+    end = killed_at + 3
+    result = run_cli([*args, f"iterations={end}", "resume_changes=[iterations]"], run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"continues from its newest checkpoint, best.ckpt (iteration {killed_at})" in result.stdout
+    assert _iteration(run / "checkpoints" / "last.ckpt") == end
+    rows = _rows(run)
+    assert [int(r["step"]) for r in rows if "train/loss_ct" in r] == list(range(1, end + 1))
+    evaluated = [int(r["step"]) for r in rows if "val/fd" in r]
+    assert evaluated == [*range(0, end, 2), end], evaluated  # the curve from the untrained network on
+
+
+def test_the_best_checkpoint_too_is_on_disk_only_after_the_rows_up_to_its_iteration(tmp_path):
+    """best.ckpt, saved by the evaluation at iteration k, was put in place before row k reached the loggers:
+    after a kill -9 before the first last.ckpt, a run continued from it (ckpt_path=) lacked the rows up to
+    k for good (iterations 0 and 10 of the FID curve, once). It is now put in place as last.ckpt is."""
+    out = tmp_path / "seen.txt"
+    watch = [
+        "+logger.watch._target_=tests.helpers_signals.CheckpointAtEachRow",
+        f"+logger.watch.checkpoint={tmp_path / 'checkpoints' / 'best.ckpt'}",
+        f"+logger.watch.out={out}",
+    ]
+    args = ["debug=smoke", "callbacks.samples.every_n_iterations=100000", "eval.every=1", "iterations=4"]
+    summary = train(compose([*args, *watch], run_dir=str(tmp_path)))
+    assert summary["finished"]
+    seen = [tuple(map(int, line.split())) for line in out.read_text().splitlines()]
+    # the first evaluation after the untrained network's is the first best: on disk from row 2 on
+    assert seen[:2] == [(1, -1), (2, 1)] and all(k < step for step, k in seen), seen
+    assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
 def _signal_at(signum: int, at: int) -> list[str]:
     return [
         "+callbacks.send._target_=tests.helpers_signals.SendSignalAt",

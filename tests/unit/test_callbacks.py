@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from act_lightning.atomic import intended_name
 from act_lightning.callbacks import (
     FrechetEvaluation,
     IterationProgressBar,
@@ -136,12 +137,17 @@ def _evaluation(tmp_path, values, **kwargs):
     cb.evaluate = lambda trainer, module, stop=None: values[module.k]
     logger = _Loggers()
     saved = []
+
+    def save_checkpoint(path, weights_only):  # the name it stands for (it is written under a temporary one)
+        saved.append((intended_name(path).name, len(cb.history)))
+        Path(path).write_text(f"iteration {len(cb.history)}")
+
     trainer = SimpleNamespace(
         loggers=[logger],
         callback_metrics={},
         datamodule=SimpleNamespace(),
         is_global_zero=True,
-        save_checkpoint=lambda path, weights_only: saved.append((Path(path).name, len(cb.history))),
+        save_checkpoint=save_checkpoint,
         callbacks=[],
         world_size=1,
     )
@@ -156,6 +162,13 @@ def test_the_best_is_the_lowest_value_after_iteration_0_and_only_an_improvement_
         cb._evaluate_and_record(trainer, _module(k), k, float(k))
     assert cb.best == (4, 5.0) and cb.summary() == {"best": 5.0}  # the tie at 6 keeps 4
     assert saved == [("best.ckpt", 2), ("best.ckpt", 3)]  # at 2 and 4, each after its history entry
+    # put in place once the loggers hold its iteration's rows: at the next iteration's start (or the
+    # epoch's end, training's end), after a flush; until then the previous best is on disk
+    assert (tmp_path / "best.ckpt").read_text() == "iteration 2"
+    saves = logger.saves
+    cb.on_train_batch_start(trainer, _module(9), None, 0)
+    assert (tmp_path / "best.ckpt").read_text() == "iteration 3" and logger.saves == saves + 1
+    assert not list(tmp_path.glob(".*.tmp"))
     assert trainer.callback_metrics["val/fid"] == torch.tensor(7.0)  # the last one
     assert [row for row in logger.rows] == [(k, {"val/fid": v}) for k, v in values.items()]
     summary = json.loads((tmp_path / "metric_summary.json").read_text())

@@ -101,27 +101,34 @@ def test_a_ckpt_path_the_runs_own_checkpoint_overrides_is_said_a_warning_unless_
         assert [r.levelno for r in caplog.records] == [logging.INFO], caplog.text
 
 
-def test_a_folder_with_checkpoints_but_no_last_one_continues_only_from_one_of_them(tmp_path):
+def test_a_folder_with_checkpoints_but_no_last_one_continues_from_the_newest_or_the_one_named(
+    tmp_path, caplog
+):
+    # a launch killed after its first best.ckpt and before its first last.ckpt (a joblib sweep's Ctrl-C),
+    # or a damaged last.ckpt moved aside: its relaunch continues, where it was refused
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     snapshot = folder / "iter_0000004.ckpt"
     torch.save({"state_dict": {"iteration": torch.tensor(4)}}, snapshot)
-    torch.save({"state_dict": {"iteration": torch.tensor(2)}}, folder / "best.ckpt")
+    torch.save({"state_dict": {"iteration": torch.tensor(6)}}, folder / "best.ckpt")
     (folder / ".last.ckpt.0123abcd.tmp").write_bytes(b"")  # a save's temporary is no checkpoint
-    with pytest.raises(
-        FileExistsError,
-        match=r"holds checkpoints \(best.ckpt, iter_0000004.ckpt in .*\) but no "
-        r"last.ckpt; a fresh start would overwrite them",
-    ):
-        resolve_resume(_smoke(tmp_path))  # last.ckpt moved aside, as the damaged-checkpoint advice says
+    with caplog.at_level(logging.INFO, logger="act_lightning.start"):
+        path, checkpoint = resolve_resume(_smoke(tmp_path))
+    assert path == folder / "best.ckpt" and checkpoint_iteration(checkpoint) == 6  # the newest
+    assert "holds no last.ckpt" in caplog.text and "best.ckpt (iteration 6)" in caplog.text
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"iteration": torch.tensor(7)}}, other)
-    with pytest.raises(FileExistsError, match=r"a run from ckpt_path=.*other.ckpt would overwrite them"):
-        resolve_resume(_smoke(tmp_path, f"ckpt_path={other}"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="act_lightning.start"):  # another run's: not read
+        path, _ = resolve_resume(_smoke(tmp_path, f"ckpt_path={other}"))
+    assert path == folder / "best.ckpt" and "ckpt_path=" + str(other) + " is not read" in caplog.text
     with pytest.raises(FileExistsError, match=r"already holds checkpoints \(best.ckpt, iter_0000004.ckpt"):
         resolve_resume(_smoke(tmp_path, "resume=never", f"ckpt_path={snapshot}"))
-    path, checkpoint = resolve_resume(_smoke(tmp_path, f"ckpt_path={snapshot}"))
+    path, checkpoint = resolve_resume(_smoke(tmp_path, f"ckpt_path={snapshot}"))  # named: that one
     assert path == snapshot and checkpoint_iteration(checkpoint) == 4
+    snapshot.write_bytes(b"")
+    with pytest.raises(UnreadableCheckpoint, match=r"holds no last.ckpt, .*; iter_0000004.ckpt is empty"):
+        resolve_resume(_smoke(tmp_path))
     snapshot.unlink(), (folder / "best.ckpt").unlink()
     assert resolve_resume(_smoke(tmp_path)) == (None, None)  # only the temporary left: a fresh start
 
@@ -133,9 +140,7 @@ def test_a_damaged_last_checkpoint_names_the_runs_other_checkpoints(tmp_path):
     with pytest.raises(UnreadableCheckpoint, match="this run has no other checkpoint"):
         resolve_resume(_smoke(tmp_path))
     torch.save({"state_dict": {"iteration": torch.tensor(4)}}, folder / "iter_0000004.ckpt")
-    with pytest.raises(
-        UnreadableCheckpoint, match=r"ckpt_path=CHECKPOINT \(this run also has iter_0000004.ckpt\)"
-    ):
+    with pytest.raises(UnreadableCheckpoint, match=r"of this run's other checkpoints \(iter_0000004.ckpt\)"):
         resolve_resume(_smoke(tmp_path))
 
 
@@ -245,4 +250,4 @@ def test_a_last_checkpoint_corrupted_inside_a_tensor_is_refused_by_its_checksums
     assert re.search(
         r"which is damaged \(last/data/\d+ does not match the checksum the archive", str(err.value)
     )
-    assert "Move it aside and continue from another checkpoint" in str(err.value)
+    assert "Move it aside (this run has no other checkpoint)" in str(err.value)

@@ -43,6 +43,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def save_for_later(trainer: L.Trainer, paths: list[Path]) -> list[tuple[Path, Path]]:
+    """Writes the training state to each path's temporary name (`temporary_name`) and returns the
+    (temporary, final) pairs for `put_in_place`. Lightning hands an iteration's own metrics row to the
+    loggers after `on_train_batch_end`, where the iteration's checkpoints are taken (`last.ckpt`, and
+    `best.ckpt` by the evaluation), so they are put in place once that row is on disk: a kill -9 in
+    between leaves the previous checkpoint, whose rows are all on disk, and a temporary that the next
+    start removes. A checkpoint is then never on disk without the rows up to its iteration, which are all
+    that a run resumed from it keeps."""
+    pending = [(temporary_name(path), Path(path)) for path in paths]
+    try:
+        for temporary, _ in pending:
+            trainer.save_checkpoint(temporary, weights_only=False)  # full training state
+    except BaseException:
+        for temporary, _ in pending:
+            temporary.unlink(missing_ok=True)
+        raise
+    return pending
+
+
+def put_in_place(trainer: L.Trainer, pending: list[tuple[Path, Path]]) -> None:
+    """Renames checkpoints that `save_for_later` wrote into place, after flushing the loggers (the rows up
+    to their iteration are in them by now). Only rank 0 writes checkpoints, so only it renames."""
+    if not pending:
+        return
+    for logger in trainer.loggers:
+        logger.save()
+    if trainer.is_global_zero:
+        for temporary, path in pending:
+            os.replace(temporary, path)
+
+
 class TakeStopSignals(L.Callback):
     """The first callback of a training run: it hands the stop signals to `checkpoint` as training starts,
     before the other callbacks' start-up work (the evaluation's reference statistics and first FID, which
@@ -108,12 +139,9 @@ class LastCheckpoint(L.Callback):
         self._pending: list[tuple[Path, Path]] = []  # (temporary, final) names of a save not in place yet
 
     # -- saving ---------------------------------------------------------------------------------------
-    # Lightning hands an iteration's own metrics row to the loggers after `on_train_batch_end`, where the
-    # iteration's checkpoint is taken. So the checkpoint is written there under a temporary name (its
-    # state is the iteration's, exactly) and renamed into place once the row is on disk: at the next
-    # iteration's start, at the epoch's end or when training ends. A kill -9 in between leaves the
-    # previous checkpoint, whose rows are all on disk, and a temporary file the next start removes; a
-    # checkpoint is never on disk without the rows up to its iteration (a resume keeps those only).
+    # The iteration's checkpoint is written under a temporary name (its state is the iteration's, exactly)
+    # and renamed into place once the iteration's metrics row is on disk (`save_for_later`): at the next
+    # iteration's start, at the epoch's end or when training ends.
     def _save(self, trainer: L.Trainer, iteration: int) -> None:
         if iteration == self._saved_at:
             return
@@ -125,28 +153,14 @@ class LastCheckpoint(L.Callback):
         # which an uninterrupted run would not have (of the untrained network at 0, or a second one)
         if self.keep_snapshots != 0 and not self._before_training:
             targets.append(self.path.parent / f"iter_{iteration:07d}.ckpt")
-        pending = [(temporary_name(path), path) for path in targets]
-        try:
-            for temporary, _ in pending:
-                trainer.save_checkpoint(temporary, weights_only=False)  # full training state
-        except BaseException:
-            for temporary, _ in pending:
-                temporary.unlink(missing_ok=True)
-            raise
-        self._pending = pending
+        self._pending = save_for_later(trainer, targets)
         self._saved_at = iteration
 
     def _commit(self, trainer: L.Trainer) -> None:
-        """Renames the checkpoint `_save` wrote into place, after flushing the loggers (the iteration's row
-        is in them by now). Only rank 0 writes checkpoints, so only it renames."""
+        """Renames the checkpoint `_save` wrote into place (`put_in_place`)."""
         pending, self._pending = self._pending, []  # tried once: a failed rename is not tried again
-        if not pending:
-            return
-        for logger in trainer.loggers:
-            logger.save()
-        if trainer.is_global_zero:
-            for temporary, path in pending:
-                os.replace(temporary, path)
+        put_in_place(trainer, pending)
+        if pending and trainer.is_global_zero:
             self._remove_old_snapshots()
 
     def _remove_old_snapshots(self) -> None:

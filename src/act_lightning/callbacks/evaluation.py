@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from act_lightning.atomic import atomic_write
-from act_lightning.callbacks.checkpoint import LastCheckpoint
+from act_lightning.callbacks.checkpoint import LastCheckpoint, put_in_place, save_for_later
 from act_lightning.checks import check_count
 from act_lightning.launch import rank_zero_warning
 from act_lightning.metrics.extra import NEED_REAL_IMAGES, ExtraMetrics, check_metrics, real_references
@@ -129,6 +129,7 @@ class FrechetEvaluation(L.Callback):
         self.history: list[tuple[int, float, float]] = []  # (iteration, value, training seconds)
         self.extra_history: list[dict[str, float]] = []  # {"iteration": k, metric: value, ...}
         self.best: tuple[int, float] | None = None
+        self._pending_best: list[tuple[Path, Path]] = []  # best.ckpt's save, put in place after its rows
         self._best_at_old_count: tuple[int, float] | None = None  # set aside by a change of count (resume)
         self._seconds_before = 0.0  # training seconds of earlier processes (a resumed run)
         self._clock: float | None = None  # perf_counter at this process's start of training
@@ -218,6 +219,7 @@ class FrechetEvaluation(L.Callback):
             self._clock = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._put_best_in_place(trainer)
         # a launch that continues a run stopped mid-epoch starts with no epoch start (Lightning skips the
         # hook when it restarts mid-epoch): its clock starts with its first iteration
         if self._clock is None:
@@ -432,9 +434,24 @@ class FrechetEvaluation(L.Callback):
         trainer.callback_metrics[self.key] = torch.tensor(value)  # progress bar and train()'s summary
         self._update_wandb_summary(trainer)
         self._write()
-        if improved and self.best_checkpoint is not None:
-            trainer.save_checkpoint(self.best_checkpoint, weights_only=False)  # every rank calls it
+        if improved and self.best_checkpoint is not None:  # every rank calls it; rank 0 writes
+            self._put_best_in_place(trainer)
+            self._pending_best = save_for_later(trainer, [self.best_checkpoint])
         return value
+
+    def _put_best_in_place(self, trainer) -> None:
+        """Renames the best checkpoint saved at an evaluation into place, once the loggers hold its
+        iteration's rows (at the next iteration's start, the epoch's end, training's end), as the
+        checkpoint callback does with last.ckpt: a run continued from best.ckpt after a kill -9 then has
+        every metrics row up to it."""
+        pending, self._pending_best = self._pending_best, []
+        put_in_place(trainer, pending)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._put_best_in_place(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._put_best_in_place(trainer)  # the state written is its iteration's, whatever failed after
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # the last iteration is scored here too, before the checkpoint callback (which runs last) saves
@@ -471,6 +488,7 @@ class FrechetEvaluation(L.Callback):
             self._evaluate_and_log(trainer, pl_module)
         for logger in trainer.loggers:
             logger.save()
+        self._put_best_in_place(trainer)
 
     # -- outputs ----------------------------------------------------------------------------------
     @staticmethod
