@@ -231,10 +231,11 @@ def prepare_training_checkpoint(
     if wandb_id is not None:
         checkpoint["act_wandb_id"] = wandb_id
     # The iteration draws its noise from generators seeded by (seed, k); the global generators only
-    # matter to what a backbone draws itself (dropout), and are restored for that. Every rank is seeded
-    # alike and draws alike, so rank 0's generators stand for each rank's: the CPU one and the one of the
-    # device it trains on (not every visible device's: rank 0 never draws on the others, whose untouched
-    # states would have been restored onto the ranks that train there).
+    # matter to what a backbone draws itself (dropout), and each iteration seeds them anew, per rank
+    # (seeds.seed_global_generators). Their state is still kept, rank 0's, for what draws from them
+    # between a launch's start and its first iteration: the CPU one and the one of the device it trains on
+    # (not every visible device's: rank 0 never draws on the others, whose untouched states would have
+    # been restored onto the ranks that train there).
     checkpoint["act_rng"] = {
         "cpu": torch.get_rng_state(),
         "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],

@@ -55,7 +55,7 @@ from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
 from act_lightning.resume import set_learning_rates
 from act_lightning.samplers import heun, later_levels, multistep
-from act_lightning.seeds import AUGMENT, mix_seed
+from act_lightning.seeds import AUGMENT, mix_seed, seed_global_generators
 from act_lightning.speed import SpeedOptions, in_bf16
 
 Logs = dict[str, Any]
@@ -268,6 +268,7 @@ class ACTModule(L.LightningModule):
     # -- the iteration ------------------------------------------------------------------------------
     def training_step(self, batch: HalfBatch, batch_idx: int) -> None:
         self.speed.begin_step()
+        seed_global_generators(self.hparams.seed, self.k, self.trainer.global_rank)  # dropout, per rank
         draws = self._draw(batch)
         optimizers = self.optimizers()  # [G's, D's], or G's alone when gan_ratio is 0
         opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)

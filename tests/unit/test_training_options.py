@@ -3,6 +3,7 @@ what it should and nothing else."""
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -164,6 +165,38 @@ def test_shared_dropout_gives_the_teacher_the_online_pass_masks(cfg_factory, tea
     atol = 0 if teacher == "online" else 1e-5
     torch.testing.assert_close(outputs[True][0], outputs[True][1], rtol=0, atol=atol)
     assert (outputs[False][0] - outputs[False][1]).abs().max() > 1e-2  # independent masks differ
+
+
+class _DrawFromTheGlobalGenerators(L.Callback):
+    """Draws n numbers from the global generators as training starts: whatever a launch's start-up draws."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        torch.rand(self.n)
+
+
+def test_dropout_masks_are_a_stream_of_the_seed_the_iteration_and_the_rank(cfg_factory):
+    """Every rank was seeded alike once and drew its masks from the global generators from there on: all
+    ranks drew the same masks. Each iteration now seeds them with (seed, k, DROPOUT, rank): the masks
+    depend on nothing else (not on what drew from them before), and another rank's differ."""
+    from act_lightning.seeds import seed_global_generators
+
+    cfg = cfg_factory([*SMALL, "model.generator.dropout=0.5", "iterations=2"])
+    runs = []
+    for n in (1, 7):
+        model = instantiate(cfg.model)
+        dropout = next(m for m in model.generator.modules() if isinstance(m, torch.nn.Dropout))
+        runs.append([])
+        dropout.register_forward_hook(lambda module, args, out, masks=runs[-1]: masks.append(out == 0))
+        fit(cfg, model, callbacks=[_DrawFromTheGlobalGenerators(n)])
+    assert len(runs[0]) == len(runs[1]) >= 2 and 0.3 < runs[0][0].float().mean() < 0.7
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    seed_global_generators(0, 1, 0)
+    rank0 = torch.rand(100)
+    seed_global_generators(0, 1, 1)
+    assert not torch.equal(rank0, torch.rand(100))
 
 
 def test_shared_dropout_without_dropout_is_refused_by_name_at_launch(cfg_factory):
