@@ -172,6 +172,14 @@ def check_class_embeddings(cfg: DictConfig) -> None:
             f"null: the generator would never see them. Set model.generator.num_class_embeds={classes} for a "
             "class-conditional generator, or data.num_classes=null to train unconditionally."
         )
+    unet = gen.get("unet")  # a converted diffusers model's backbone (init_from): unconditional
+    if classes and OmegaConf.is_dict(unet) and not unet.get("num_class_embeds"):
+        raise ValueError(
+            f"data.num_classes={classes} gives every image a label, but model.generator is a converted "
+            f"unconditional model (init_from={cfg.get('init_from')}), which never sees them: its samples "
+            "would be labelled with classes it did not draw. Set data.num_classes=null to tune it "
+            "unconditionally."
+        )
     for name in ("generator", "discriminator"):
         embeds = (cfg.model.get(name) or {}).get("num_class_embeds")
         if classes and embeds and embeds < classes:
@@ -412,21 +420,24 @@ def _init_gone_on_resume(cfg: DictConfig) -> bool:
     to read: True when it names a file that has gone (the weights it gave are in that checkpoint). A run
     that started from a converted model gets that model's generator config from its history
     (`init_generator`), whether init_from is given again, gone, or left out: model.generator is as the file
-    set it at the first launch."""
+    set it at the first launch. So does a launch from such a run's checkpoint (`ckpt_path`, a new run in
+    another folder), which was refused as trained with another model.generator."""
     path, folder = cfg.get("init_from"), OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
-    if folder is None or cfg.get("resume", "auto") != "auto" or cfg.get("ckpt_path"):
-        return False
+    if folder is None or cfg.get("resume", "auto") != "auto" or (path and cfg.get("ckpt_path")):
+        return False  # (both: read_init refuses them)
     if path and Path(path).expanduser().exists():
         return False  # read_init reads it (and sets model.generator from it)
     last = Path(folder) / "last.ckpt"
     if not last.is_file():
-        return False
+        last = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else last
+        if not last.is_file():
+            return False
     try:
         history = read_checkpoint(last, "resume=auto found", mmap=True).get("act_history") or [{}]
     except Exception:
         if path:
             raise
-        return False  # a damaged last.ckpt: resolve_resume says what to do about it
+        return False  # a damaged checkpoint: resolve_resume says what to do about it
     started = history[0]
     generator = started.get("init_generator")
     if generator is not None and (not path or started.get("init_from") == str(path)):

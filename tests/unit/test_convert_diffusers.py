@@ -394,6 +394,19 @@ def test_the_runs_dropout_applies_to_a_converted_generator(cfg_factory, digits_d
     assert instantiate(cfg.model.generator).unet.config.dropout == 0.2
 
 
+def test_labelled_data_with_a_converted_unconditional_model_is_refused_by_name(cfg_factory, digits_ddpm):
+    # it trained without a word, and its samples were labelled with classes the generator never saw
+    from act_lightning.train import check_config
+
+    _, out = digits_ddpm
+    cfg = cfg_factory(["experiment=quickstart", f"init_from={out}", "debug=smoke", "data.num_classes=10"])
+    read_init(cfg)
+    with pytest.raises(ValueError, match=r"num_classes=10 .* converted unconditional model \(init_from="):
+        check_config(cfg)
+    cfg.data.num_classes = None
+    check_config(cfg)
+
+
 @pytest.mark.slow
 def test_training_starts_from_a_converted_ddpm(digits_ddpm, tmp_path):
     _, out = digits_ddpm
@@ -429,6 +442,14 @@ def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm
     started = torch.load(next_run / "checkpoints" / "last.ckpt", weights_only=True)["act_history"][0]
     assert started["init_generator"]["_target_"].endswith("VPEpsilonBackbone")
     assert started["init_converted_from"] == str(tmp_path / "ddpm")
+    # and a new run from its checkpoint in another folder (ckpt_path=): it was refused as trained with
+    # another model.generator, which no command line could give but the whole converted config
+    branch = [*[a for a in longer if not a.startswith("iterations")], "iterations=8"]
+    branch += [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "resume_changes=[iterations]"]
+    assert train(compose(branch, run_dir=str(tmp_path / "branch")))["finished"]
+    branched = torch.load(tmp_path / "branch" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(branched["state_dict"]["iteration"]) == 8
+    assert branched["act_config"]["model"]["generator"]["_target_"].endswith("VPEpsilonBackbone")
 
 
 def test_the_backbone_refuses_sizes_other_than_the_unets_and_an_unknown_c_noise_at_once():
