@@ -167,6 +167,8 @@ def compose_cfg(config: str, batch: int, iterations: int, extra: list[str]):
     ]
     if config != "quickstart":  # speed does not depend on the weights; the VGG file may be absent
         overrides += ["data=synthetic", "model.lpips_pretrained=false"]
+        # pinned, as the experiments' data are (a pageable copy to the GPU waits for the device)
+        overrides += ["data.pin_memory=true"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     if config != "quickstart":  # at least one global batch of both halves (micro-batches: --set)
@@ -293,6 +295,7 @@ class CompileWatch(L.Callback):
         return {
             "graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values()),
+            "graph_break_reasons": dict(counters["graph_break"]),  # each reason: how often (issue 21)
             "fx_graph_cache": {
                 "hits": inductor["fxgraph_cache_hit"],
                 "misses": inductor["fxgraph_cache_miss"],
@@ -382,9 +385,11 @@ class CountFlops(L.Callback):
         self.per_iteration[pl_module.k - 1] = self.mode.total
 
 
-def flops_per_iteration(config: str, batch: int, device: torch.device) -> float:
-    """Averaged over the lazy R1 schedule: iteration 0 runs the R1 pass, iteration 1 does not."""
-    cfg = compose_cfg(config, batch, 2, [])
+def flops_per_iteration(config: str, batch: int, device: torch.device, extra: list[str] = ()) -> float:
+    """Averaged over the lazy R1 schedule: iteration 0 runs the R1 pass, iteration 1 does not. `extra`:
+    the overrides every measured variant runs with (--set: micro-batches, the R1 interval), so that the
+    count is the measured iteration's."""
+    cfg = compose_cfg(config, batch, 2, list(extra))
     counter = CountFlops()
     fit(cfg, device, warmup=1, callbacks=[counter])
     with_r1, without = counter.per_iteration[0], counter.per_iteration[1]
@@ -551,11 +556,11 @@ def extra_measurements(config: str, device: torch.device, args, batch: int, rate
     """The FLOP count (and MFU on a GPU) at the defaults' rate; sampling and FID feature rates."""
     cuda, result = device.type == "cuda", {}
     if args.flops:
-        flops = flops_per_iteration(config, batch, device)
+        flops = flops_per_iteration(config, batch, device, args.set)
         result["flops_per_iteration"] = flops
         result["achieved_tflops"] = flops * rate / 1e12
         if cuda:
-            cfg = compose_cfg(config, batch, 1, [])
+            cfg = compose_cfg(config, batch, 1, list(args.set))
             peak_tf = peak_tflops(device, str(cfg.trainer.precision), bool(cfg.tf32))
             result["model_flop_utilisation"] = flops * rate / (peak_tf * 1e12) if peak_tf else None
     if config != "quickstart" and args.sampling:

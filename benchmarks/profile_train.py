@@ -47,6 +47,15 @@ VARIANTS = {"baseline": BASELINE, "defaults": [], "float32_levers": LEVERS["floa
 DEFAULT_VARIANTS = ["baseline", "defaults"]
 ITERATION = "act_iteration"  # the record_function range around each profiled iteration
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# the host's launch calls: under CUDA graphs one cudaGraphLaunch runs a graph's many kernels, which the
+# device's kernel count still counts one by one
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+)
 TOP = 20
 
 
@@ -210,11 +219,15 @@ def summarise(prof, cuda: bool) -> dict:
         busy = _union_us([(e.time_range.start, e.time_range.end) for e in device])
         syncs = {name: sum(e.name == name for e in inside) for name in SYNC_CALLS}
         syncs["Memcpy DtoH"] = sum("DtoH" in e.name for e in copies)
+        # a copy from pageable host memory makes the host wait for it (the sync found on 2026-12-04, which
+        # only torch.cuda.set_sync_debug_mode had named)
+        syncs["Memcpy HtoD from pageable memory"] = sum("HtoD (Pageable" in e.name for e in copies)
         out |= {
             "device_busy_ms": busy / 1e3,
             "device_idle_fraction": 1 - busy / (end - window.start),
             "device_idle_ms": (end - window.start - busy) / 1e3,  # waiting for the host: launches, Python
-            "kernel_launches": len(kernels),
+            "kernel_launches": len(kernels),  # kernels run on the device, a CUDA graph's included
+            "host_launch_calls": sum(e.name in LAUNCH_CALLS for e in inside),
             "memcpy_memset": len(copies),
             "host_syncs": syncs,
             "host_syncs_total": sum(syncs.values()),
@@ -472,7 +485,8 @@ def weighted(kinds: dict, interval: int) -> dict | None:
     """Per iteration over the experiment's lazy R1 schedule: one R1 iteration in every `interval`."""
     if set(kinds) != {"r1", "no_r1"}:
         return None
-    keys = ("wall_ms", "device_busy_ms", "kernel_launches", "operator_calls", "host_syncs_total")
+    keys = ("wall_ms", "device_busy_ms", "kernel_launches", "host_launch_calls", "operator_calls")
+    keys += ("host_syncs_total",)
     r1, plain = kinds["r1"], kinds["no_r1"]
     return {
         k: (r1[k] + (interval - 1) * plain[k]) / interval
@@ -500,8 +514,11 @@ def markdown(report: dict) -> str:
     ]
     for name, v in report["variants"].items():
         lines += [f"## {name} ({' '.join(v['overrides']) or 'the defaults'})", ""]
-        lines += [f"| iteration | wall ms | device busy ms | device idle | {launches} | host syncs |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            f"| iteration | wall ms | device busy ms | device idle | {launches} | host launch calls "
+            "| host syncs |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|"]
         rows = {
             **v["kinds"],
             f"mean at r1_interval={v['r1_interval']}": v["per_iteration_at_r1_interval"] or {},
@@ -511,7 +528,7 @@ def markdown(report: dict) -> str:
             idle = "n/a" if idle is None else f"{idle:.1%}"
             lines.append(
                 f"| {kind} | {_ms(k.get('wall_ms'))} | {_ms(k.get('device_busy_ms'))} | {idle} | "
-                f"{_ms(calls)} | {_ms(k.get('host_syncs_total'))} |"
+                f"{_ms(calls)} | {_ms(k.get('host_launch_calls'))} | {_ms(k.get('host_syncs_total'))} |"
             )
         sync = v["sync_debug"]
         timed = v.get("timed") or {}

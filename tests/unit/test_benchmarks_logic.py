@@ -129,22 +129,27 @@ def test_bench_train_takes_medians_and_compares_options_with_the_baseline_and_le
 def test_bench_train_derives_tflops_and_model_flop_utilisation_from_the_defaults_rate(monkeypatch):
     bench = _load_benchmark("bench_train")
     args = bench.build_parser().parse_args([])  # sampling on: not for the quickstart
-    monkeypatch.setattr(bench, "flops_per_iteration", lambda config, batch, device: 2e9)
+    counted = []  # the overrides the count ran with: --set's, those of every measured variant
+    monkeypatch.setattr(
+        bench, "flops_per_iteration", lambda config, batch, device, extra=(): counted.append(extra) or 2e9
+    )
     monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("the quickstart has no sampling rate"))
     on_cpu = bench.extra_measurements("quickstart", torch.device("cpu"), args, 4, 3.0)
     assert on_cpu == {"flops_per_iteration": 2e9, "achieved_tflops": pytest.approx(0.006)}
     cfg = SimpleNamespace(trainer=SimpleNamespace(precision="32-true"), tf32=True)
     monkeypatch.setattr(bench, "compose_cfg", lambda *a: cfg)
     monkeypatch.setattr(bench, "peak_tflops", lambda device, precision, tf32: 100.0)
-    no_sampling = bench.build_parser().parse_args(["--no-sampling"])
+    no_sampling = bench.build_parser().parse_args(["--no-sampling", "--set", "data.global_batch_size=160"])
     on_gpu = bench.extra_measurements("cifar10", torch.device("cuda"), no_sampling, 80, 3.0)
     assert on_gpu["model_flop_utilisation"] == pytest.approx(6e9 / 100e12)
+    assert counted == [[], ["data.global_batch_size=160"]]  # two passes of 80 counted as they ran
 
 
 def test_bench_train_counts_an_iterations_flops_over_the_lazy_r1_schedule(monkeypatch):
     bench = _load_benchmark("bench_train")
     cfg = SimpleNamespace(model=SimpleNamespace(r1_interval=16))
-    monkeypatch.setattr(bench, "compose_cfg", lambda *a: cfg)
+    composed = []
+    monkeypatch.setattr(bench, "compose_cfg", lambda *a: composed.append(a) or cfg)
     # iteration 0 runs the R1 pass, iteration 1 does not
     monkeypatch.setattr(
         bench,
@@ -152,6 +157,8 @@ def test_bench_train_counts_an_iterations_flops_over_the_lazy_r1_schedule(monkey
         lambda cfg, device, warmup, callbacks: callbacks[0].per_iteration.update({0: 1700, 1: 100}),
     )
     assert bench.flops_per_iteration("cifar10", 4, torch.device("cpu")) == 100 + 1600 / 16
+    bench.flops_per_iteration("cifar10", 4, torch.device("cpu"), ["model.r1_interval=2"])
+    assert composed[-1] == ("cifar10", 4, 2, ["model.r1_interval=2"])
     with bench._FlopCount() as mode:  # every matmul counted, not the last alone
         a = torch.ones(2, 3)
         a @ torch.ones(3, 4)
@@ -484,6 +491,8 @@ def test_profile_summary_on_a_gpu_counts_idle_time_launches_and_syncs_inside_the
         _event(profile.ITERATION, 0.0, 100.0),
         _event("aten::mm", 10.0, 12.0, kernels=[gemm]),
         _event("cudaStreamSynchronize", 50.0, 51.0),
+        _event("cudaLaunchKernel", 11.0, 11.5),
+        _event("cudaGraphLaunch", 20.0, 21.0),  # one launch of a graph's many kernels
         _event("cudaDeviceSynchronize", 150.0, 151.0),  # after the iteration
         _event(profile.ITERATION, 0.0, 100.0, cuda),  # the iteration's range, mirrored on the device
         _event("Optimizer.step#RAdam.step", 0.0, 100.0, cuda, is_user_annotation=True),
@@ -499,14 +508,15 @@ def test_profile_summary_on_a_gpu_counts_idle_time_launches_and_syncs_inside_the
     assert out["wall_ms"] == 0.1 and out["device_busy_ms"] == busy / 1e3
     assert out["device_idle_fraction"] == pytest.approx(1 - busy / 130)
     assert out["device_idle_ms"] == pytest.approx((130 - busy) / 1e3)
-    assert (out["kernel_launches"], out["memcpy_memset"]) == (2, 3)
+    assert (out["kernel_launches"], out["memcpy_memset"], out["host_launch_calls"]) == (2, 3, 2)
     assert out["host_syncs"] == {
         "cudaStreamSynchronize": 1,
         "cudaDeviceSynchronize": 0,
         "cudaEventSynchronize": 0,
         "Memcpy DtoH": 1,
+        "Memcpy HtoD from pageable memory": 2,
     }
-    assert out["host_syncs_total"] == 2
+    assert out["host_syncs_total"] == 4
     assert out["families"]["convolutions: matrix kernels"]["ms"] == 0.02
 
 
