@@ -193,6 +193,12 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConf
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{key}={path}: not a checkpoint written by act_lightning.train (no state_dict)")
     if "act_config" not in checkpoint:
+        names = (".".join(p for p in str(k).split(".") if p != "_orig_mod") for k in checkpoint["state_dict"])
+        if any(name.startswith("model.unet.") for name in names):  # the paper's released files' layout
+            raise ValueError(
+                f"{key}={path}: a checkpoint of the paper's reference code, which this library reads once "
+                f"converted: python -m act_lightning.convert_reference {path} OUT.ckpt, then {key}=OUT.ckpt"
+            )
         raise ValueError(
             f"{key}={path}: holds no training config (act_config); it was not written by act_lightning.train"
         )

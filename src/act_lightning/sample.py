@@ -62,9 +62,12 @@ def check_taus(taus: Any, sigma_min: float, sigma_max: float) -> list[float]:
     taus = [float(t) for t in taus]
     levels = [sigma_max, *taus]
     if any(a <= b for a, b in zip(levels, levels[1:])) or (taus and taus[-1] <= sigma_min):
+        again = (
+            " (sigma_max itself is not listed, as sample.json records it)" if taus[:1] == [sigma_max] else ""
+        )
         raise ValueError(
             f"taus={taus}: the noise levels after the first step (at sigma_max={sigma_max:g}) must decrease "
-            f"and stay above sigma_min={sigma_min:g}, e.g. taus=[0.821]"
+            f"and stay above sigma_min={sigma_min:g}{again}, e.g. taus=[0.821]"
         )
     return taus
 

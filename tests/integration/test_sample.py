@@ -251,6 +251,8 @@ def test_check_taus_refuses_a_repeated_level_and_levels_at_sigma_max_or_sigma_mi
     for taus in ([1.0, 1.0], [80.0], [0.002], [5.0, 0.002]):
         with pytest.raises(ValueError, match="must decrease and stay above sigma_min"):
             check_taus(taus, 0.002, 80.0)
+    with pytest.raises(ValueError, match=r"sigma_max itself is not listed, as sample.json records it"):
+        check_taus([80.0, 0.8], 0.002, 80.0)  # the levels as sample.json records them
 
 
 def test_class_labels_accept_the_last_class_and_refuse_the_next():

@@ -68,6 +68,10 @@ def test_load_checkpoint_wants_a_training_config_and_finite_weights(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match=r"ckpt=.*a.ckpt: holds no training config"):
         load_checkpoint(path)
+    # one of the paper's released files, not converted yet (compiled: its keys hold `_orig_mod.`)
+    torch.save({"state_dict": {"model._orig_mod.unet.conv_in.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match=r"reference code, .*convert_reference .*a.ckpt OUT.ckpt, then"):
+        load_checkpoint(path)
     torch.save({"state_dict": {"w": torch.tensor([float("nan")])}, "act_config": {"seed": 1}}, path)
     with pytest.raises(ValueError, match=r"non-finite weights in w: the run diverged"):
         load_checkpoint(path)
