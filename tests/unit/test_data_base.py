@@ -449,6 +449,21 @@ def test_jpegs_are_decoded_at_the_smallest_scale_that_keeps_twice_the_size():
     assert torch.equal(load_image(data, "x", 32), torch.from_numpy(reference.transpose(2, 0, 1).copy()))
 
 
+def test_a_jpeg_decoded_at_a_reduced_scale_is_resized_as_adms_halvings_of_the_full_image():
+    # 640 x 427 to 64, decoded at 1/2: the DCT scale rounds 427 / 2 up (214), ADM's halving down (213); the
+    # resize and crop that followed were shifted, 5 to 6 levels off a full decode on average (the README
+    # said 1 to 1.5)
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[0]).resize((640, 427), Image.BICUBIC)
+    data = _encoded(photo, "JPEG")
+    assert decode_image(data, "x", draft_size=128).size == (320, 214)
+    full = center_crop(decode_image(data, "x"), 64, "adm").astype(float)
+    drafted = center_crop(decode_image(data, "x", draft_size=128), 64, "adm").astype(float)
+    loaded = load_image(data, "x", 64).numpy().transpose(1, 2, 0).astype(float)
+    assert np.abs(drafted - full).mean() > 4 and np.abs(loaded - full).mean() < 2.5
+
+
 def test_palette_images_with_transparency_decode_without_a_warning():
     image = Image.new("P", (20, 20))
     image.putpalette([v for c in range(256) for v in (c, 255 - c, c // 2)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -143,12 +144,19 @@ def test_hidden_folders_are_skipped_and_the_tree_is_walked_in_sorted_order(tmp_p
     assert dm.count_train_images(100) == 6
 
 
-def test_suffixes_are_matched_in_any_case(tmp_path):
+def test_suffixes_are_matched_in_any_case(tmp_path, caplog):
     Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "SHOUTING.JPG", format="JPEG")
     dm = _dm(tmp_path)
     dm.check_source()
     dm.setup("fit")
     assert len(dm.train_set) == 1 and dm.count_train_images(10) == 1
+    assert not caplog.records  # nothing else there, nothing to say
+    # files of other kinds beside the images were passed over in silence (a .gif, .bmp or .tiff: not read)
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.gif", format="GIF")
+    Image.new("RGB", (20, 20)).save(tmp_path / "b.bmp", format="BMP")
+    with caplog.at_level(logging.WARNING, logger="act_lightning.data.folder"):
+        _dm(tmp_path).setup("fit")
+    assert "1 images (.png, .jpg, .jpeg, .webp); 2 other files are not read (1 .gif, 1 .bmp)" in caplog.text
 
 
 def test_no_images_message_counts_files_without_a_suffix_and_several_suffixes(tmp_path):

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from act_lightning.data.base import DataError, ImageDataModule, check_readable, with_file_defaults
 from act_lightning.data.images import IMAGE_SUFFIXES, load_image
 from act_lightning.data.storage import PackedBytes
+from act_lightning.launch import rank_zero_warning
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,17 @@ class FolderDataModule(ImageDataModule):
         paths, others = scan_images(root)
         if not paths:
             raise FileNotFoundError(_no_images_message(root, others))
+        if others:  # a .gif, .bmp, .tiff or .heic beside the images is not read: said, not passed over
+            found = ", ".join(f"{n} {s}" for s, n in others.most_common(5))
+            rank_zero_warning(
+                log,
+                "%s: %d images (%s); %d other files are not read (%s)",
+                root,
+                len(paths),
+                ", ".join(IMAGE_SUFFIXES),
+                sum(others.values()),
+                found,
+            )
         labels = np.zeros(len(paths), dtype=np.int64)
         if self.num_classes:
             labels = self._labels_from_folders(root, paths)
