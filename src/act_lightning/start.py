@@ -266,8 +266,23 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     entry.update(iteration=iteration, changes=changes)
     if not own:  # a new run from another run's checkpoint: its history comes first, this launch starts it
         entry["new_run"] = True
+    say_unread_init(checkpoint, init if own else None)
     left = evaluation_left(checkpoint, iteration)  # (Lightning reads the file again to restore it)
-    if changes and iteration >= cfg.iterations and not left:
+    say_changes(changes, iteration, finished=iteration >= cfg.iterations and not left)
+    history = (*checkpoint.get("act_history", ()), entry)
+    if checkpoint.get("act_weights_only"):
+        log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
+        released = reference_start(checkpoint)
+        if released is not None:  # one of the paper's checkpoints: what trained it stays in the history
+            entry["started_from"] = released
+        return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
+    return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)
+
+
+def say_changes(changes: dict, iteration: int, finished: bool) -> None:
+    """What becomes of the changes `resume_changes` allowed: kept in the run's history, or, for a run
+    finished at its checkpoint, nothing (no iteration is trained with them)."""
+    if changes and finished:
         log.info(
             "resume_changes %s: the run is finished at iteration %d; nothing is trained or kept",
             changes,
@@ -277,14 +292,20 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
         rank_zero_warning(
             log, "resume_changes at iteration %d (kept in the run's history): %s", iteration, changes
         )
-    history = (*checkpoint.get("act_history", ()), entry)
-    if checkpoint.get("act_weights_only"):
-        log.info("%s holds weights only: training starts from them with new optimiser state", ckpt_path)
-        released = reference_start(checkpoint)
-        if released is not None:  # one of the paper's checkpoints: what trained it stays in the history
-            entry["started_from"] = released
-        return StartPoint(None, iteration, wandb_id, checkpoint["state_dict"], history)
-    return StartPoint(ckpt_path, iteration, wandb_id, None, history, evaluation_left=left)
+
+
+def say_unread_init(checkpoint: dict, init: InitWeights | None) -> None:
+    """A continuation reads no `init_from`: a warning when it names another file than the one the run
+    started from (the run goes on from its own checkpoint; the file was taken for the new weights)."""
+    started = (checkpoint.get("act_history") or [{}])[0].get("init_from")
+    if init is not None and started != init.path:
+        rank_zero_warning(
+            log,
+            "init_from=%s is not read: the run continues from its own checkpoint (it started from %s); "
+            "a new run from that file needs another hydra.run.dir",
+            init.path,
+            started,
+        )
 
 
 def evaluation_left(checkpoint: dict, iteration: int) -> bool:

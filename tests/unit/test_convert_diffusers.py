@@ -6,6 +6,7 @@ own denoiser x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), checked against the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 
@@ -450,6 +451,24 @@ def test_a_run_from_a_converted_ddpm_resumes_after_the_file_has_gone(digits_ddpm
     branched = torch.load(tmp_path / "branch" / "checkpoints" / "last.ckpt", weights_only=True)
     assert int(branched["state_dict"]["iteration"]) == 8
     assert branched["act_config"]["model"]["generator"]["_target_"].endswith("VPEpsilonBackbone")
+
+
+def test_a_continuation_given_another_init_from_says_that_it_is_not_read(digits_ddpm, tmp_path, caplog):
+    # the run resumed from its own checkpoint, and nothing said that the new file went unread
+    import shutil
+
+    _, out = digits_ddpm
+    other = tmp_path / "other.ckpt"
+    shutil.copy(out, other)
+    args = ["experiment=quickstart", "debug=smoke", "eval=null", "iterations=3"]
+    run_dir = tmp_path / "run"
+    train(compose([*args, f"init_from={out}", "stop_after=2"], run_dir=str(run_dir)))
+    with caplog.at_level(logging.WARNING, logger="act_lightning.start"):
+        assert train(compose([*args, f"init_from={out}"], run_dir=str(tmp_path / "run")))["finished"]
+        assert "is not read" not in caplog.text  # the file it started from: nothing to say
+        train(compose([*args, f"init_from={other}"], run_dir=str(run_dir)))
+    said = f"init_from={other} is not read: the run continues from its own checkpoint (it started from {out})"
+    assert said in caplog.text
 
 
 def test_the_backbone_refuses_sizes_other_than_the_unets_and_an_unknown_c_noise_at_once():

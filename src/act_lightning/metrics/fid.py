@@ -189,9 +189,7 @@ def reference_statistics(
         sizes = dict(num_images=count, dataset_size=len(dataset), image_size=datamodule.image_size)
         channels = getattr(datamodule, "channels", 3)  # a colour set's images read grey are another set
         meta = _cache_facts(extractor, "train", features, channels=channels, **sizes)
-        fingerprint = getattr(datamodule, "reference_fingerprint", None)
-        if cache is not None and fingerprint is not None and (data := fingerprint()) is not None:
-            meta["data"] = data  # other images at the same count (a folder's replaced) are computed anew
+        meta |= _data_digest(datamodule) if cache is not None else {}
         cached = _read_cache(cache, meta, n)
         if cached is not None:
             return cached
@@ -230,6 +228,14 @@ def _cache_facts(extractor: nn.Module, source: str, features: str, **facts) -> d
     eval.quantize=truncate they held truncated real images)."""
     key = getattr(extractor, "cache_key", "")
     return {"source": source, "features": features, "extractor": key, "levels": "exact", **facts}
+
+
+def _data_digest(datamodule) -> dict:
+    """The data's own digest among the cache's facts (`reference_fingerprint`, where the data have one):
+    other images at the same count (a folder's replaced by others) are computed anew."""
+    fingerprint = getattr(datamodule, "reference_fingerprint", None)
+    digest = fingerprint() if fingerprint is not None else None
+    return {} if digest is None else {"data": digest}
 
 
 def _read_cache(path: Path | None, meta: dict, num_features: int):
