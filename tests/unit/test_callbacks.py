@@ -27,7 +27,7 @@ from act_lightning.callbacks import (
     SampleGrid,
     evaluation,
 )
-from act_lightning.callbacks.evaluation import check_eval_arguments
+from act_lightning.callbacks.evaluation import advance, check_eval_arguments
 
 
 def _module(k: int, iterations: int = 10, num_classes: int | None = None, sample=None):
@@ -656,3 +656,19 @@ def test_the_real_reference_is_the_mean_over_sets_of_the_generated_count_and_few
     assert references(20)["real"] == pytest.approx(fd(held), rel=1e-12)  # fewer held out: all, and said
     assert "the held-out real images (13, data.held_out) are fewer than the generated images" in caplog.text
     assert "set eval.subset_size=13 or lower" in caplog.text
+
+
+def test_the_evaluations_bar_counts_all_ranks_images_and_never_past_its_total():
+    # rank 0 moves it by its own images times the world size: ranks with a smaller or no chunk in the last
+    # round made it show 1000 of 891 images
+    import io
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=891, file=io.StringIO()) as bar:
+        for _ in range(2):
+            advance(bar, 500 * 2)
+        assert bar.n == 891
+    with tqdm(total=None, file=io.StringIO()) as open_ended:
+        advance(open_ended, 1000)
+        assert open_ended.n == 1000
