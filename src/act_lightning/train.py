@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -348,6 +349,7 @@ def prepare(cfg: DictConfig) -> Launch:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_local_multirun(resolved["trainer"])
     check_sweep_is_a_multirun()
+    check_torchrun_names_its_run_folder()
     lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     try:
         start = start_point(cfg, resolved, init)
@@ -388,6 +390,24 @@ def check_sweep_is_a_multirun() -> None:
         f"{what} is a sweep over {', '.join(params)}: launch it with -m (python -m act_lightning.train -m "
         f"{what} ...); without -m one run would train at the defaults"
     )
+
+
+def check_torchrun_names_its_run_folder() -> None:
+    """Under torchrun every worker starts the command itself, and Hydra names the run folder from each
+    worker's clock: workers a second apart made two folders (one left empty) and logged each other's. The
+    folder must be named (`hydra.run.dir=`), as the README's torchrun command does."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    named = any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
+    if hydra_cfg.mode == RunMode.RUN and not named:
+        raise ValueError(
+            "torchrun starts every worker with this command, and each would name the run folder from its own "
+            "clock: give it with hydra.run.dir=FOLDER (README: torchrun)"
+        )
 
 
 def check_local_multirun(trainer: dict) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from act_lightning.data import SyntheticDataModule
 from act_lightning.train import train
-from tests.conftest import COMMAND_ENV, compose, run_cli, run_module
+from tests.conftest import COMMAND_ENV, compose, refusal, run_cli, run_module
 
 
 def _load(path):
@@ -168,6 +168,14 @@ def test_a_global_batch_the_devices_cannot_share_is_refused_by_name():
     dm = SyntheticDataModule(batch_size=48, global_batch_size=640, image_size=8, channels=1)
     with pytest.raises(ValueError, match=r"micro-batches of data.batch_size=48 do not divide"):
         dm.batch_layout(2)
+
+
+def test_a_torchrun_worker_without_a_named_run_folder_is_refused(tmp_path):
+    # workers a second apart named two folders from their clocks: one left empty, and rank 1 logged
+    # "outputs in" it. The README's command names the folder (hydra.run.dir)
+    env = {**COMMAND_ENV, "TORCHELASTIC_RUN_ID": "test"}
+    result = run_module("train", ["debug=smoke", "data=synthetic", "iterations=1"], cwd=tmp_path, env=env)
+    assert "give it with hydra.run.dir=FOLDER (README: torchrun)" in refusal(result)
 
 
 @pytest.mark.slow
