@@ -49,10 +49,14 @@ class IterationClock(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         seconds = self._now(pl_module) - self.start
-        peak = torch.cuda.max_memory_allocated() / 2**20 if pl_module.device.type == "cuda" else None
+        cuda = pl_module.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        # what the caching allocator held: whether a run fits a card depends on it too (fragmentation)
+        reserved = torch.cuda.max_memory_reserved() / 2**20 if cuda else None
         if trainer.is_global_zero:
             iterations = pl_module.k - self.warmup
-            Path(self.path).write_text(json.dumps({"it_per_s": iterations / seconds, "peak_mb": peak}))
+            row = {"it_per_s": iterations / seconds, "peak_mb": peak, "peak_reserved_mb": reserved}
+            Path(self.path).write_text(json.dumps(row))
 
 
 def run(strategy: str, args, out: Path) -> dict:

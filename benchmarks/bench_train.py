@@ -535,6 +535,7 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
         "baseline_iterations_per_s": base,
         "speedup": rate("fast") / base if base else None,
         "peak_memory_mb": peak("fast"),
+        "peak_reserved_memory_mb": max((x.get("peak_reserved_mb") or 0) for x in runs["fast"]) or None,
         "baseline_peak_memory_mb": peak("baseline") if base else None,
         "runs": {name: [x["it_per_s"] for x in xs] for name, xs in runs.items()},
         "run_seconds": {name: [round(x["seconds"], 1) for x in xs] for name, xs in runs.items()},
