@@ -163,24 +163,19 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
             "trained for diffusion does not compute"
         )
     size, channels = int(run.data.image_size), int(run.data.channels)
+    batch = check_count(cfg.get("batch_size", 64), "batch_size")
     files = image_files(Path(cfg.input))
     images = read_inputs(cfg, files, size, channels)
-    y = images.float().to(device) / 127.5 - 1  # (N, C, h, w) in [-1, 1]
-    project, y, mask = task_projection(cfg, y, size)
     taus = edit_taus(cfg, model.schedule)
     n = len(files)
     labels = class_label(cfg.class_label, model.hparams.num_classes, n, device)
     net = model.target if cfg.net == "target" else model.generator
-    shape = (n, channels, size, size)
-    result = zero_shot_edit(
-        lambda x, sigma: model.denoise(net, x, sigma, labels),
-        project,
-        shape,
-        taus,
-        float(model.schedule.sigma_min),
-        lambda step: image_noise(cfg.seed, range(n), shape[1:], stream=step).to(device),
-    )
-    shown_input = project(torch.full(shape, -1.0, device=device)) if cfg.task == "inpaint" else y
+    # in batches: the whole folder in one pass ran a GPU out of memory at a few hundred 256 x 256 images
+    parts = [
+        edit_batch(cfg, model, net, images, range(a, min(a + batch, n)), labels, taus, (channels, size, size))
+        for a in range(0, n, batch)
+    ]
+    result, mask, shown_input = (torch.cat(part) for part in zip(*parts, strict=True))
     write_results(out, images, result, mask, shown_input)
     summary = {  # what it takes to edit the same way again (image i's noise: (seed, i, step))
         "task": cfg.task,
@@ -195,6 +190,26 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     }
     (out / "edit.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def edit_batch(cfg, model, net, images: Tensor, indices: range, labels, taus, shape) -> tuple[Tensor, ...]:
+    """The edit of images[indices] (uint8 inputs): the results, the kept-pixel mask and the input as the
+    panels show it, on the CPU. Image i's noise is its own, (seed, i, step): the same whatever the batch."""
+    device = model.device
+    y = images[indices.start : indices.stop].float().to(device) / 127.5 - 1  # (B, C, h, w) in [-1, 1]
+    project, y, mask = task_projection(cfg, y, shape[-1])
+    label = None if labels is None else labels[indices.start : indices.stop]
+    full = (len(indices), *shape)
+    result = zero_shot_edit(
+        lambda x, sigma: model.denoise(net, x, sigma, label),
+        project,
+        full,
+        taus,
+        float(model.schedule.sigma_min),
+        lambda step: image_noise(cfg.seed, indices, shape, stream=step).to(device),
+    )
+    shown = project(torch.full(full, -1.0, device=device)) if cfg.task == "inpaint" else y
+    return result.cpu(), mask, shown.cpu()
 
 
 def task_options(cfg: DictConfig) -> dict[str, Any]:

@@ -70,6 +70,28 @@ def test_the_inpaint_command_keeps_every_known_pixel(checkpoints, tmp_path):
     assert (out / "panels.png").stat().st_size > 100
 
 
+@pytest.mark.parametrize("task", ["inpaint", "superres"])
+def test_edits_in_batches_are_the_edits_of_one_pass(checkpoints, tmp_path, task, monkeypatch):
+    # the whole folder went through the network in one pass (a GPU ran out of memory at a few hundred
+    # 256 x 256 images); each image's noise is its own, so batches of 2 of 5 images edit the same
+    from act_lightning import edit as edit_module
+
+    passes, edit_once = [], edit_module.zero_shot_edit
+    monkeypatch.setattr(
+        edit_module, "zero_shot_edit", lambda *a, **k: passes.append(a[2][0]) or edit_once(*a, **k)
+    )
+    images = _images(tmp_path / "in", 5, 32, mode="RGB")
+    common = [f"task={task}", f"ckpt={checkpoints['rgb']}", f"input={images}", "steps=3"]
+    _edit([*common, f"out={tmp_path / 'one'}"])
+    _edit([*common, "batch_size=2", f"out={tmp_path / 'batches'}"])
+    assert passes == [5, 2, 2, 1]  # the images of each pass: all at the default 64, then 2 at a time
+    one, batches = _result(tmp_path / "one"), _result(tmp_path / "batches")
+    assert one["output"].shape == (5, 32, 32, 3) and np.array_equal(one["mask"], batches["mask"])
+    assert np.abs(one["output"].astype(int) - batches["output"].astype(int)).max() <= 1  # float rounding
+    with pytest.raises(ValueError, match="batch_size"):
+        _edit([*common, "batch_size=0", f"out={tmp_path / 'none'}"])
+
+
 def test_inpaint_with_a_box_or_a_mask_image(checkpoints, tmp_path):
     images = _images(tmp_path / "in", 2, 8)
     _edit([f"ckpt={checkpoints['grey']}", f"input={images}", "box=[0,0,8,3]", f"out={tmp_path / 'box'}"])
