@@ -226,11 +226,15 @@ images = model.sample(z{label_arg}, taus=[{two_step_tau}])   # two steps
 ```
 
 As a diffusers pipeline: `ACTPipeline.from_pretrained("{folder}")(batch_size=16{label_arg})` (the class is in
-`act_lightning.export`; `output_type="pil"` returns `.images` as PIL images); the UNet alone loads with
-diffusers alone:
-`UNet2DModel.from_pretrained("{folder}", subfolder="unet")`.
+`act_lightning.export`, which diffusers' `DiffusionPipeline.from_pretrained` does not know;
+`output_type="pil"` returns `.images` as PIL images); the UNet alone loads with diffusers alone:
+`UNet2DModel.from_pretrained("{folder}", subfolder="unet")` (F is its output channels `used_channels`,
+listed in `model_index.json`).
 The consistency function is f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with
-sigma_min = {sigma_min}, sigma_max = {sigma_max}, sigma_data = {sigma_data}, c_noise = {c_noise}.
+sigma_min = {sigma_min}, sigma_max = {sigma_max}, sigma_data = {sigma_data}, c_noise = {c_noise}:
+c_skip(t) = sigma_data^2 / ((t - sigma_min)^2 + sigma_data^2),
+c_out(t) = sigma_data (t - sigma_min) / sqrt(sigma_data^2 + t^2), c_in(t) = 1 / sqrt(t^2 + sigma_data^2)
+(Song et al. 2023, appendix C).
 """
 
 

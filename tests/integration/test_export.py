@@ -54,6 +54,8 @@ def test_the_export_holds_weights_config_card_and_a_diffusers_unet(exported, mon
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers")
     assert "taus=[8.0])   # two steps" in card  # the quickstart's own two-step level
+    # the scalings the card's formula uses, which it named without defining them
+    assert "c_skip(t) = sigma_data^2 / ((t - sigma_min)^2 + sigma_data^2)" in card
     assert "- unconditional-image-generation\n" in card and str(out.parent) not in card  # a relative name
     assert run_the_cards_code(out, monkeypatch)["images"].shape == (16, 1, 8, 8)  # its code runs
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
