@@ -56,7 +56,26 @@ def damage(path: Path, error: BaseException) -> str | None:
         return f"not a checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
     if isinstance(error, pickle.UnpicklingError) and re.search(r"GLOBAL [\w.]+", str(error)):
         return None
+    other = zip_of_another_kind(path) if head.startswith(ZIP) else None
+    if other is not None:
+        return f"not a checkpoint ({other})"
     return "damaged (truncated or corrupted: torch's loader cannot read it)"
+
+
+def zip_of_another_kind(path: Path) -> str | None:
+    """What a readable zip archive without torch's `data.pkl` is (a numpy .npz: `sample`'s samples.npz,
+    or another zip), in words; None for a torch archive or one that cannot be read (damaged)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(name.endswith("data.pkl") for name in names):
+        return None
+    if names and all(name.endswith(".npy") for name in names):
+        arrays = ", ".join(name.removesuffix(".npy") for name in names[:4])
+        return f"a numpy .npz of arrays ({arrays})"
+    return f"a zip archive of {len(names)} files without torch's data.pkl"
 
 
 def failed_checksum(path: Path) -> str | None:

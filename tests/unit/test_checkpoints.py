@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import io
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -119,10 +121,17 @@ def _damaged_files(tmp_path) -> dict:
         "random": bytes(range(7, 256)) * 20,
         "json": b'{"ckpt": "not really"}',
         "random pickle": b"\x80\x02\xff\xfe" * 50,
+        "npz": _npz_bytes(),  # `sample`'s samples.npz given as ckpt: a zip, but no torch archive
     }
     for name, content in files.items():
         (tmp_path / f"{name}.ckpt").write_bytes(content)
     return {name: tmp_path / f"{name}.ckpt" for name in files}
+
+
+def _npz_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, arr_0=np.zeros((2, 4, 4, 3), np.uint8), arr_1=np.zeros(2, np.int64))
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("mmap", [False, True])
@@ -133,6 +142,7 @@ def test_empty_damaged_and_foreign_files_are_named_as_such_without_torchs_unsafe
         "random": "not a checkpoint (torch.save writes a zip archive; this file starts with b'\\x07",
         "json": 'not a checkpoint (torch.save writes a zip archive; this file starts with b\'{"ckpt"',
         "random pickle": "damaged (truncated or corrupted",
+        "npz": "not a checkpoint (a numpy .npz of arrays (arr_0, arr_1))",
     }
     for name, path in _damaged_files(tmp_path).items():
         with pytest.raises(UnreadableCheckpoint) as refused:
