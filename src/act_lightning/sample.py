@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -132,6 +133,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         payload["arr_1"] = labels.numpy().astype(np.int64)
     write_npz(out / "samples.npz", **payload)
     grid = torch.cat(first)[:GRID_IMAGES]
+    if grid.shape[-1] < 64:  # enlarged (nearest) to 64 px or more: 64 quickstart digits made an 82 px image
+        grid = F.interpolate(grid, scale_factor=math.ceil(64 / grid.shape[-1]), mode="nearest")
     grid = make_grid((grid + 1) / 2, nrow=int(math.ceil(len(grid) ** 0.5)), padding=2, pad_value=1.0)
     save_image(grid, out / "grid.png")
     summary = {
