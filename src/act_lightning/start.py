@@ -298,7 +298,8 @@ def say_unread_init(checkpoint: dict, init: InitWeights | None) -> None:
     """A continuation reads no `init_from`: a warning when it names another file than the one the run
     started from (the run goes on from its own checkpoint; the file was taken for the new weights)."""
     started = (checkpoint.get("act_history") or [{}])[0].get("init_from")
-    if init is not None and started != init.path:
+    same = started is not None and init is not None and Path(started).resolve() == Path(init.path).resolve()
+    if init is not None and not same:  # (the same file given as another relative path: nothing to say)
         rank_zero_warning(
             log,
             "init_from=%s is not read: the run continues from its own checkpoint (it started from %s); "
