@@ -268,6 +268,19 @@ def test_a_tampered_batch_is_refused_by_name_and_runs_nothing_even_unverified(tm
     assert marker.exists()
 
 
+def test_a_batch_that_calls_numpy_ndarray_for_its_array_is_refused(tmp_path):
+    # numpy.ndarray((N, 3072), uint8) allocates N x 3072 bytes of uninitialised memory from a few bytes of
+    # pickle (3 GB from 2 MB once); a batch of 10 such images loaded, whatever memory held, as images
+    folder = write_cifar10(tmp_path)
+    batch = pickle.loads((folder / "data_batch_2").read_bytes(), encoding="bytes")
+    batch[b"data"] = _Payload(np.ndarray, (10, 3072), np.dtype(np.uint8))
+    batch[b"labels"] = [0] * 10
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=4))
+    with pytest.raises(DataError, match=r"data_batch_2: not a readable CIFAR-10 python batch \(TypeError"):
+        read_batch(folder / "data_batch_2")
+    assert pickle.loads((folder / "data_batch_2").read_bytes())[b"data"].shape == (10, 3072)  # the control
+
+
 def test_wrong_sizes_are_refused():
     with pytest.raises(ValueError, match="data.image_size must be 32 and data.channels 3, got 64 and 3"):
         CIFAR10DataModule(root="x", image_size=64)

@@ -51,10 +51,26 @@ EXTRACTING = f".{FOLDER}.extracting"  # the archive is extracted here, then its 
 # numpy.ndarray and a numpy.dtype. Everything else a pickle could name is refused, among them what
 # Python 3 adds with protocol 2 (_codecs.encode, for bytes) and 5 (numpy's _frombuffer).
 _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own, whichever module holds it in this version
+
+
+class _ArrayClass:
+    """numpy.ndarray as a batch names it: only an argument of the reconstructor below. It is no callable,
+    so a batch that calls it (`numpy.ndarray((N, 3072), uint8)`: N x 3072 bytes of uninitialised memory
+    from a few bytes of pickle, gigabytes for a large N) fails to unpickle."""
+
+
+def _reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's reconstructor as the official batches call it: an empty array of numpy.ndarray, which
+    __setstate__ then fills from the file's own bytes (whose length must match the shape)."""
+    if not isinstance(cls, _ArrayClass) or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"numpy's reconstructor called as ({cls!r}, {shape!r}, {dtype!r})")
+    return _RECONSTRUCT(np.ndarray, shape, dtype)
+
+
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _ArrayClass(),
     ("numpy", "dtype"): np.dtype,
 }
 
