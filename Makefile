@@ -6,8 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The pinned torch build, asked for in the same install as the package: the resolver cannot pick another
-# torch (the package's own ranges accept this one).
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# torch (the package's own ranges accept this one). TORCH_SPEC=... installs another build; the spec is kept
+# in .venv/torch-spec, so the reinstall that a change of pyproject.toml brings keeps it (it put the pinned
+# build back, a download of gigabytes), and a TORCH_SPEC other than the kept one installs again.
+TORCH_DEFAULT := torch==2.14.1 torchvision==0.29.1
+SPEC_FILE = $(VENV)/torch-spec
+KEPT_SPEC = $(strip $(shell cat $(SPEC_FILE) 2>/dev/null))
+TORCH_SPEC ?= $(or $(KEPT_SPEC),$(TORCH_DEFAULT))
 ARGS ?=
 # The installer. uv (the default) fetches and unpacks in parallel: the whole install took 56 s on a fresh
 # two-core machine where pip's took 126 s (2026-12-07). It reads its own settings (UV_INDEX_URL, uv.toml),
@@ -23,6 +28,12 @@ endif
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-fast test-oldest lint format bench reproduce-mini reproduce-init clean
 
+ifneq ($(filter command line environment,$(origin TORCH_SPEC)),)
+ifneq ($(strip $(TORCH_SPEC)),$(KEPT_SPEC))
+.PHONY: $(STAMP)  # a TORCH_SPEC given other than the one installed: install again
+endif
+endif
+
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -37,6 +48,7 @@ else
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode $(TORCH_SPEC) -e '.[dev]'
 endif
 	@$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	printf '%s\n' "$(strip $(TORCH_SPEC))" > $(SPEC_FILE)
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its dev tools
@@ -95,5 +107,5 @@ reproduce-init: $(STAMP)  ## ACT from scratch against diffusion pretraining + EC
 	$(PY) -m act_lightning.train -m ablation=init init_sweep=$(INIT_DIR)/pretrain hydra.sweep.dir=$(INIT_DIR)/tune $(ARGS)
 	$(PY) -m act_lightning.report $(INIT_DIR)/tune --out $(INIT_REPORT) --time-reference ect
 
-clean:  ## remove run outputs and caches (keeps .venv)
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+clean:  ## remove run outputs and caches, and what `pip install .` leaves (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache build

@@ -4,6 +4,7 @@ virtual environment) are read as `make -n` lists their commands, with the variab
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -71,7 +72,7 @@ def test_make_train_makes_the_venv_with_the_python_given_and_installs_with_uv_or
     commands = _listed(*args)
     assert commands[0] == ["test", "-x", f"{venv}/bin/python", "||", "python3.12", "-m", "venv", str(venv)]
     torch_spec = (
-        re.search(r"^TORCH_SPEC \?= (.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1).split()
+        re.search(r"^TORCH_DEFAULT := (.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1).split()
     )
     pip = [f"{venv}/bin/python", "-m", "pip", "install", "--quiet"]
     # uv, the default: pip brings uv into the venv, then one resolution of the pinned torch with the package
@@ -97,3 +98,25 @@ def test_make_train_makes_the_venv_with_the_python_given_and_installs_with_uv_or
     (venv / ".installed").write_text("")
     (venv / ".installed").touch()  # newer than pyproject.toml: nothing to install
     assert _listed(*args) == [commands[-1]]
+
+
+def test_a_torch_spec_given_is_kept_for_the_reinstalls_after_it(tmp_path):
+    """TORCH_SPEC=... applied to the first install only, and the reinstall that a change of pyproject.toml
+    brings put the pinned build back (gigabytes, over a build chosen for a CUDA driver). It is kept in
+    .venv/torch-spec; a spec other than the kept one installs again."""
+    venv = tmp_path / "venv"
+    args = ["train", f"VENV={venv}", f"PY={venv}/bin/python", f"STAMP={venv}/.installed"]
+    train = [f"{venv}/bin/python", "-m", "act_lightning.train"]
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()
+    assert _listed(*args) == [train]  # installed: nothing to do
+    other = "torch==2.9.1 torchvision==0.24.1"
+    commands = _listed(*args, f"TORCH_SPEC={other}")  # another build asked for: installed, and kept
+    uv = next(c for c in commands if c[0] == f"{venv}/bin/uv")
+    assert set(other.split()) <= set(uv) and not any(c.startswith("torch==2.14") for c in uv)
+    assert ["printf", "%s\\n", other, ">", f"{venv}/torch-spec"] in commands
+    (venv / "torch-spec").write_text(other + "\n")
+    assert _listed(*args, f"TORCH_SPEC={other}") == [train]  # the kept one: nothing to do
+    os.utime(venv / ".installed", (0, 0))  # older than pyproject.toml: installed again, with the kept build
+    uv = next(c for c in _listed(*args) if c[0] == f"{venv}/bin/uv")
+    assert set(other.split()) <= set(uv) and not any(c.startswith("torch==2.14") for c in uv)
