@@ -11,6 +11,7 @@ pickled objects) onto the CPU. Errors name the config key (or argument) that poi
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import pickle
 import re
@@ -350,13 +351,18 @@ def build_model(checkpoint: dict, run: DictConfig, device: torch.device | str = 
     settings (`hparams.distance`, `schedule.gan_ratio`) are not the run's: read those in its config."""
     from hydra.utils import instantiate
 
-    # Standard memory format, eager: the images do not depend on how the run trained (export's too).
+    # Standard memory format, eager, every speed option at its default: the images do not depend on how
+    # the run trained (export's too). Only `compile` off, over the run's compile_r1, flex_attention or
+    # compile_mode, made an option set that SpeedOptions refuses: no command could open such a run.
+    from act_lightning.speed import SpeedOptions
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SpeedOptions)}
     model = instantiate(
         run.model,
         distance="l2",
         discriminator=None,
         schedule={"gan_ratio": 0.0},
-        speed={"channels_last": False, "compile": False},
+        speed={**defaults, "channels_last": False},
     )
     state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("discriminator.")}
     model.load_state_dict(state)

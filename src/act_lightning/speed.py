@@ -60,7 +60,7 @@ class SpeedOptions:
                 f"model.speed.compile_mode must be null or one of {', '.join(COMPILE_MODES)}; "
                 f"got {self.compile_mode!r}"
             )
-        if self.compile_mode is not None and self.compile is not True:
+        if self.compile_mode is not None and self.compile not in (True, "inductor"):
             raise ValueError(
                 "model.speed.compile_mode is inductor's: it needs model.speed.compile=true, got "
                 f"model.speed.compile={self.compile!r}"

@@ -111,6 +111,25 @@ def test_a_checkpoint_from_before_the_schedule_and_speed_groups_still_builds_its
     assert torch.equal(loaded.sample(z), model.eval().sample(z))
 
 
+def test_a_checkpoint_of_a_run_with_the_gpu_speed_options_builds_eager(tmp_path):
+    # its compile_r1, compile_augment, flex_attention and compile_mode were kept under the forced
+    # compile=false, a set SpeedOptions refuses: sample, evaluate, export and edit could not open the run
+    gpu = ["model.speed.compile=true", "model.speed.compile_mode=reduce-overhead"]
+    gpu += [
+        "model.speed.flex_attention=true",
+        "model.speed.compile_r1=true",
+        "model.speed.compile_augment=true",
+    ]
+    cfg = OmegaConf.to_container(compose(["debug=smoke", "data=synthetic", *gpu]), resolve=True)
+    model = instantiate(compose(["debug=smoke", "data=synthetic", "model.speed.channels_last=false"]).model)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("distance.")}
+    torch.save({"state_dict": state, "act_config": cfg}, tmp_path / "gpu.ckpt")
+    loaded, run, _ = load_model(tmp_path / "gpu.ckpt")
+    assert run.model.speed.flex_attention and not loaded.speed.compile and not loaded.speed.flex_attention
+    z = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded.sample(z), model.eval().sample(z))
+
+
 def _damaged_files(tmp_path) -> dict:
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"iteration": torch.tensor(3), "w": torch.zeros(1000)}}, good)

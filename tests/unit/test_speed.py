@@ -463,6 +463,7 @@ def test_the_compile_keys_are_checked_and_passed_to_torch_compile(monkeypatch):
         SpeedOptions(compile=True, compile_mode="fast")
     with pytest.raises(ValueError, match="needs model.speed.compile=true, got model.speed.compile='eager'"):
         SpeedOptions(compile="eager", compile_mode="reduce-overhead")
+    SpeedOptions(compile="inductor", compile_mode="reduce-overhead")  # inductor by name: refused as not true
     with pytest.raises(ValueError, match="compile_augment compiles the augmentation pipeline .* needs model"):
         SpeedOptions(compile_augment=True)
     seen = []
