@@ -3,11 +3,13 @@ W&B logger runs offline."""
 
 from __future__ import annotations
 
+import configparser
 import logging
 import netrc
 import os
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -37,20 +39,50 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+# W&B's cloud under both its names: wandb 0.31 logs in to CoreWeave's Forge by default, which serves the
+# API of api.wandb.ai; a `wandb login` with either version writes one of the two into the netrc
+WANDB_CLOUD = ("api.wandb.ai", "api.forge.coreweave.com")
+
+
+def wandb_base_url() -> str:
+    """W&B's server as wandb itself finds it: WANDB_BASE_URL, else the `base_url` that `wandb login --host`
+    writes into wandb's settings file, else the installed wandb's default."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    folder = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(folder / "settings")
+        url = parser.get("default", "base_url", fallback=None)
+    except (configparser.Error, OSError):
+        url = None
+    if url:
+        return url
+    try:
+        from wandb.sdk.lib.urls import DEFAULT_BASE_URL  # wandb 0.31 and later
+    except ImportError:
+        return "https://api.wandb.ai"
+    return DEFAULT_BASE_URL
+
+
 def wandb_host() -> tuple[str, int]:
-    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    url = urlsplit(wandb_base_url())
     return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
 
 
 def wandb_key_configured() -> bool:
-    """True when W&B can authenticate without prompting: WANDB_API_KEY or a `wandb login` netrc entry.
-    The key itself is never read into logs."""
+    """True when W&B can authenticate without prompting: WANDB_API_KEY or a `wandb login` netrc entry for
+    its server (the netrc that NETRC names, as wandb reads it; either name of W&B's cloud). The key
+    itself is never read into logs."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = wandb_host()[0]
+    hosts = WANDB_CLOUD if host in WANDB_CLOUD else (host,)
     try:
-        return netrc.netrc().authenticators(wandb_host()[0]) is not None
+        entries = netrc.netrc(os.environ.get("NETRC") or None)
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    return any(entries.authenticators(name) is not None for name in hosts)
 
 
 def unreachable(host: str, port: int, timeout: float = 5.0) -> str | None:
@@ -78,6 +110,8 @@ def wandb_offline(logger_cfg) -> bool:
     one line; `wandb sync` uploads an offline run later."""
     if logger_cfg.get("offline") or os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
         return True
+    if os.environ.get("WANDB_MODE") == "disabled":  # W&B off altogether: no offline run written either
+        return False
     sync = f"upload it later with `wandb sync {logger_cfg.get('save_dir', '.')}/wandb/offline-run-*`"
     if not wandb_key_configured():
         log.warning("No W&B API key configured: logging offline; %s", sync)

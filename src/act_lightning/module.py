@@ -198,6 +198,7 @@ class ACTModule(L.LightningModule):
         self.k = 0  # ACT iterations done: the host copy of `iteration` (the schedule never reads the device)
         self.run_config: dict | None = None  # resolved training config (set by train()), kept in checkpoints
         self.run_history: list[dict] | None = None  # the launches that trained the run (set by train()), too
+        self.wandb_id: str | None = None  # the run's W&B id from its checkpoint (set by train()), kept on
         self._grids = GridCache(self.schedule)
         self._ddp = PerNetworkDDP()
         self._aug_idle = False  # p known to be exactly 0 on the host: augmentation skipped (an exact no-op)
@@ -544,8 +545,10 @@ class ACTModule(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # a launch without the W&B logger keeps the run's id, which its next launch with it continues
         wandb_id = next(
-            (str(lg.version) for lg in self.loggers if isinstance(lg, WandbLogger) and lg.version), None
+            (str(lg.version) for lg in self.loggers if isinstance(lg, WandbLogger) and lg.version),
+            self.wandb_id,
         )
         prepare_training_checkpoint(checkpoint, self.run_config, wandb_id, self.run_history)
         names = self._label_names()

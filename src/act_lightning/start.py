@@ -258,8 +258,9 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
                 "diffusion run's last.ckpt or a converted DDPM> (README: Start from a diffusion model)",
             )
         return StartPoint(history=(entry,), init=init)
-    iteration, wandb_id = checkpoint_iteration(checkpoint), checkpoint.get("act_wandb_id")
+    iteration = checkpoint_iteration(checkpoint)
     own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
+    wandb_id = checkpoint.get("act_wandb_id") if own else None  # a new run is a W&B run of its own
     where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
     fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
     changes = check_resume(checkpoint, resolved, raw, where, fresh, entry["overrides"])

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -277,6 +277,10 @@ def build_loggers(cfg: DictConfig, resume_iteration: int | None, wandb_id: str |
             loggers.append(without_wandb_anonymous(wandb))
         elif "resume_step" in logger_cfg:
             loggers.append(hydra.utils.instantiate(logger_cfg, resume_step=resume_iteration))
+        elif target and issubclass(hydra.utils.get_class(target), TensorBoardLogger) and resume_iteration:
+            # TensorBoard's events of the iterations after the checkpoint (logged before a kill -9) are
+            # dropped where this launch logs them again: each step once, as metrics.csv keeps them
+            loggers.append(hydra.utils.instantiate(logger_cfg, purge_step=resume_iteration + 1))
         else:
             loggers.append(hydra.utils.instantiate(logger_cfg))
     return loggers
@@ -286,7 +290,14 @@ def finish_wandb(failed: bool) -> None:
     """Ends this job's W&B run, so the next job of a multirun starts its own (with its own name/config)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
+        try:
+            wandb.finish(exit_code=1 if failed else 0)
+        except Exception as err:  # noqa: BLE001 - its service gone (a scheduler's SIGTERM reaches it too)
+            log.warning(
+                "W&B's run did not finish cleanly (%s: %s): its last records may be missing from it",
+                type(err).__name__,
+                err,
+            )
 
 
 # -- a launch: every check and everything built before the first write; then training -----------------
@@ -320,7 +331,7 @@ def build(cfg: DictConfig, start: StartPoint, resolved: dict) -> tuple:
         own = model.state_dict()
         model.load_state_dict({**own, **{k: v for k, v in start.weights.items() if k in own}})
         model.k = start.iteration
-    model.run_config, model.run_history = resolved, list(start.history)
+    model.run_config, model.run_history, model.wandb_id = resolved, list(start.history), start.wandb_id
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     # The checkpoint callback runs last at every iteration: its checkpoint holds what the others
     # (the evaluation's history, the best value) recorded at that iteration. The progress bar runs just

@@ -288,7 +288,14 @@ def test_wandb_goes_offline_when_asked_without_a_key_or_a_server_and_is_not_prob
 ):
     probed, answer = [], []
     monkeypatch.setattr(loggers, "unreachable", lambda host, port: probed.append((host, port)) or answer[0])
-    for name in (*loggers.PROXIES, "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+    for name in (
+        *loggers.PROXIES,
+        "WANDB_MODE",
+        "WANDB_API_KEY",
+        "WANDB_BASE_URL",
+        "WANDB_CONFIG_DIR",
+        "NETRC",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key
     assert loggers.wandb_offline({"offline": True})
@@ -304,13 +311,32 @@ def test_wandb_goes_offline_when_asked_without_a_key_or_a_server_and_is_not_prob
     monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's older word for offline
     assert loggers.wandb_offline({}) and probed == []
     monkeypatch.delenv("WANDB_MODE")
-    assert not loggers.wandb_offline({}) and probed == [("api.wandb.ai", 443)]
+    cloud = loggers.wandb_host()  # the installed wandb's default: api.wandb.ai, or Forge's from 0.31 on
+    assert cloud[0] in loggers.WANDB_CLOUD
+    assert not loggers.wandb_offline({}) and probed == [cloud]
     answer[0] = "Connection refused"
     with caplog.at_level("WARNING", logger="act_lightning.loggers"):
         assert loggers.wandb_offline({})
-    assert (
-        "W&B's server api.wandb.ai:443 cannot be reached (Connection refused): logging offline" in caplog.text
-    )
+    said = f"W&B's server {cloud[0]}:{cloud[1]} cannot be reached (Connection refused): logging offline"
+    assert said in caplog.text
+    # `wandb login` with wandb 0.31 writes Forge's name, which serves W&B's cloud: a key (it was taken for
+    # none, and every run went offline); so is one in the netrc that NETRC names, as wandb reads it
+    netrc.write_text("machine api.forge.coreweave.com login user password not-a-key\n")
+    assert loggers.wandb_key_configured()
+    netrc.rename(tmp_path / "elsewhere")
+    assert not loggers.wandb_key_configured()
+    monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
+    assert loggers.wandb_key_configured()
+    # `wandb login --host=URL` keeps the server in wandb's settings: a key for the cloud is not its key
+    settings = tmp_path / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nbase_url = https://wandb.corp.example\n")
+    assert loggers.wandb_host() == ("wandb.corp.example", 443) and not loggers.wandb_key_configured()
+    settings.unlink()
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B off: no offline run either, and no probe
+    probed.clear()
+    assert not loggers.wandb_offline({}) and probed == []
+    monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("https_proxy", "http://proxy:3128")  # the proxy decides: no probe
     probed.clear()
     assert not loggers.wandb_offline({}) and probed == []

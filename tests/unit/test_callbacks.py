@@ -384,7 +384,7 @@ def test_wandb_gets_the_metrics_definition_and_the_best_value_with_its_iteration
     wandb = Wandb()
     trainer.loggers = [wandb]
     cb._define_wandb_metrics(trainer)
-    assert wandb.defined == [(("val/fid",), {"step_metric": "trainer/global_step", "summary": "last"})]
+    assert wandb.defined == [(("val/fid",), {"step_metric": "trainer/global_step"})]  # summary: its last
     cb._evaluate_and_record(trainer, _module(0), 0, 0.0)
     assert wandb.summary == {}  # no best yet
     for k in (2, 4):

@@ -176,6 +176,41 @@ def test_a_resumed_run_continues_its_csv_rows_and_its_wandb_run(tmp_path):
     assert "anonymous" not in wandb._wandb_init and "anonymous" not in fresh._wandb_init
     given = build_loggers(_smoke(tmp_path, "logger=wandb", "+logger.wandb.anonymous=true"), None)
     assert next(x for x in given if isinstance(x, WandbLogger))._wandb_init["anonymous"] == "allow"
+    # TensorBoard drops the events after the checkpoint that a killed launch wrote: each step once (they
+    # were there twice after a kill -9, where metrics.csv keeps each row once)
+    (_, board) = build_loggers(_smoke(tmp_path, "logger=tensorboard"), 4)
+    assert board._kwargs["purge_step"] == 5  # SummaryWriter's: from step 5 on, what the file held goes
+    (_, fresh_board) = build_loggers(_smoke(tmp_path, "logger=tensorboard"), None)
+    assert "purge_step" not in fresh_board._kwargs
+
+
+def test_a_new_run_from_another_runs_checkpoint_is_a_w_and_b_run_of_its_own(tmp_path):
+    # its W&B id was the source run's: the sweep's fine-tunes wrote into the run they started from; and a
+    # launch without the W&B logger kept no id, so the next launch with it started another W&B run
+    from act_lightning.start import start_point
+
+    source = tmp_path / "source" / "last.ckpt"
+    source.parent.mkdir()
+    history = [{"iteration": 0, "overrides": ["experiment=quickstart"], "new_run": True}]
+    state = {"state_dict": {"iteration": torch.tensor(2)}, "act_wandb_id": "w1", "act_history": history}
+    torch.save(state, source)
+    cfg = _smoke(tmp_path, f"ckpt_path={source}", "resume_changes=[iterations]")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    monkey = {"check_resume": lambda *a, **k: {}}
+    import act_lightning.start as start_module
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in monkey.items():
+            patch.setattr(start_module, name, value)
+        assert start_point(cfg, resolved).wandb_id is None  # a new run: W&B gives it its own id
+        own = tmp_path / "checkpoints" / "last.ckpt"
+        own.parent.mkdir(exist_ok=True)
+        torch.save(state, own)
+        assert start_point(cfg, resolved).wandb_id == "w1"  # its own run continues its W&B run
+    _, model, _, _ = build(cfg, StartPoint(own, 2, "w1"), resolved)
+    checkpoint = {"state_dict": {}}
+    model.on_save_checkpoint(checkpoint)  # no W&B logger in this launch: the run's id is kept
+    assert checkpoint["act_wandb_id"] == "w1"
 
 
 def test_only_a_run_lightning_resumes_keeps_its_csv_rows_a_weights_only_start_begins_anew(tmp_path):
@@ -251,3 +286,19 @@ def test_a_last_checkpoint_corrupted_inside_a_tensor_is_refused_by_its_checksums
         r"which is damaged \(last/data/\d+ does not match the checksum the archive", str(err.value)
     )
     assert "Move it aside (this run has no other checkpoint)" in str(err.value)
+
+
+def test_a_w_and_b_run_that_cannot_finish_is_said_not_raised(monkeypatch, caplog):
+    # a scheduler's SIGTERM reaches wandb's service too: wandb.finish raised ConnectionResetError from
+    # fit's cleanup, and the stopped run exited 1 with a traceback instead of 128 + 15 (and no requeue)
+    from types import SimpleNamespace
+
+    from act_lightning.train import finish_wandb
+
+    def finish(exit_code):
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=object(), finish=finish))
+    with caplog.at_level(logging.WARNING, logger="act_lightning.train"):
+        finish_wandb(failed=False)
+    assert "W&B's run did not finish cleanly (ConnectionResetError: Connection lost)" in caplog.text

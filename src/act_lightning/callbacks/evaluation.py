@@ -507,9 +507,10 @@ class FrechetEvaluation(L.Callback):
     def _define_wandb_metrics(self, trainer) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                # last, not min: W&B's min would take the untrained network at iteration 0 too, which
-                # best.ckpt and `<key>_best` (set by `_update_wandb_summary`) leave out
-                logger.experiment.define_metric(self.key, step_metric="trainer/global_step", summary="last")
+                # the summary W&B keeps of it is its default, the last value (a number; summary="last"
+                # nested it as {"last": ...}, and "min" took the untrained network at iteration 0 too,
+                # which best.ckpt and `<key>_best`, set by `_update_wandb_summary`, leave out)
+                logger.experiment.define_metric(self.key, step_metric="trainer/global_step")
 
     def _update_wandb_summary(self, trainer) -> None:
         for logger in trainer.loggers:
