@@ -205,6 +205,17 @@ def nonfinite_tensors(state_dict: dict[str, Tensor]) -> str:
     return ", ".join(names[:5]) + more
 
 
+def plain(key: str) -> str:
+    """`key` without the `_orig_mod.` that torch.compile's wrapper puts into its modules' names."""
+    return ".".join(part for part in key.split(".") if part != "_orig_mod")
+
+
+def holds_reference_weights(state: dict) -> bool:
+    """Whether a state dict is laid out as the paper's reference code saves it (`model.unet.*`, compiled
+    or not): a file that act_lightning.convert_reference converts."""
+    return any(plain(str(k)).startswith("model.unet.") for k in state)
+
+
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConfig]:
     """A checkpoint written by act_lightning.train and the training config stored in it. Memory-mapped:
     what the commands do not use (the optimisers' states, more than half of a paper checkpoint) is never
@@ -213,8 +224,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConf
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{key}={path}: not a checkpoint written by act_lightning.train (no state_dict)")
     if "act_config" not in checkpoint:
-        names = (".".join(p for p in str(k).split(".") if p != "_orig_mod") for k in checkpoint["state_dict"])
-        if any(name.startswith("model.unet.") for name in names):  # the paper's released files' layout
+        if holds_reference_weights(checkpoint["state_dict"]):  # the paper's released files' layout
             raise ValueError(
                 f"{key}={path}: a checkpoint of the paper's reference code, which this library reads once "
                 f"converted: python -m act_lightning.convert_reference {path} OUT.ckpt, then {key}=OUT.ckpt"

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from act_lightning.atomic import atomic_write
-from act_lightning.checkpoints import read_checkpoint
+from act_lightning.checkpoints import holds_reference_weights, plain, read_checkpoint
 from act_lightning.commands import CONFIG_DIR, REFUSED, check_output_file, refuse
 
 PREFIXES = {  # reference prefix -> this library's
@@ -53,11 +53,6 @@ PICKLED = (  # what read_checkpoint says when the safe loader refuses the file (
 )
 
 
-def plain(key: str) -> str:
-    """`key` without the `_orig_mod.` that torch.compile's wrapper puts into its modules' names."""
-    return ".".join(part for part in key.split(".") if part != "_orig_mod")
-
-
 def read_reference(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     """The reference checkpoint's state dict (its `state_dict`, or the file itself when it is one) and the
     ACT iteration it was saved at (None when the file does not say). The reference steps the generator's
@@ -65,7 +60,7 @@ def read_reference(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     `global_step` (its train scripts double `max_steps` for that): the iteration is half of it."""
     checkpoint = read_checkpoint(path, "CKPT", unreadable=PICKLED)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not any(plain(str(k)).startswith("model.unet.") for k in state):
+    if not isinstance(state, dict) or not holds_reference_weights(state):
         raise ValueError(f"CKPT={path}: not a reference ACT checkpoint (no model.unet.* weights)")
     step = checkpoint.get("global_step") if state is not checkpoint else None
     return state, (int(step) // 2 if isinstance(step, int) and not isinstance(step, bool) else None)
