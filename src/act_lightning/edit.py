@@ -12,7 +12,6 @@ thin Hydra shell.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from act_lightning.commands import (
 )
 from act_lightning.consistency import ConsistencySchedule, karras_sigmas
 from act_lightning.data.images import eight_bit
-from act_lightning.sample import check_taus, image_noise, to_uint8
+from act_lightning.sample import check_taus, enlarged, image_noise, to_uint8
 from act_lightning.samplers import (
     SUPERRES_FACTORS,
     Projection,
@@ -308,10 +307,8 @@ def write_results(out: Path, images: Tensor, result: Tensor, mask: Tensor, shown
         output=to_uint8(result.cpu()),
         mask=mask.numpy(),
     )
-    n, size = len(result), result.shape[-1]
-    panels = torch.stack([shown_input.cpu(), result.cpu()], 1).flatten(0, 1)  # input, output, input, ...
-    if size < 64:
-        panels = F.interpolate(panels, scale_factor=math.ceil(64 / size), mode="nearest")
+    n = len(result)
+    panels = enlarged(torch.stack([shown_input.cpu(), result.cpu()], 1).flatten(0, 1))  # input, output, ...
     save_image(make_grid((panels + 1) / 2, nrow=2 * min(n, 4), padding=2, pad_value=1.0), out / "panels.png")
 
 

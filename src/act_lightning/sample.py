@@ -54,6 +54,15 @@ def two_step_tau(run: DictConfig) -> float:
     return TWO_STEP_TAU if value is None else float(value)
 
 
+def enlarged(images: Tensor, side: int = 64) -> Tensor:
+    """Images under `side` pixels enlarged (nearest neighbour, a whole factor) to `side` or more, for the
+    figures (`sample`'s grid, `edit`'s panels): tiny images otherwise make a figure of a few dozen pixels."""
+    size = images.shape[-1]
+    return (
+        images if size >= side else F.interpolate(images, scale_factor=math.ceil(side / size), mode="nearest")
+    )
+
+
 def check_taus(taus: Any, sigma_min: float, sigma_max: float) -> list[float]:
     """The noise levels of the steps after the first (which is at sigma_max): a list of numbers,
     decreasing, in (sigma_min, sigma_max)."""
@@ -133,8 +142,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         payload["arr_1"] = labels.numpy().astype(np.int64)
     write_npz(out / "samples.npz", **payload)
     grid = torch.cat(first)[:GRID_IMAGES]
-    if grid.shape[-1] < 64:  # enlarged (nearest) to 64 px or more: 64 quickstart digits made an 82 px image
-        grid = F.interpolate(grid, scale_factor=math.ceil(64 / grid.shape[-1]), mode="nearest")
+    grid = enlarged(grid)  # 64 quickstart digits made an 82 px image
     grid = make_grid((grid + 1) / 2, nrow=int(math.ceil(len(grid) ** 0.5)), padding=2, pad_value=1.0)
     save_image(grid, out / "grid.png")
     summary = {
