@@ -63,6 +63,9 @@ def test_make_test_oldest_runs_make_tests_suite_with_the_oldest_releases_beside_
     assert uv[uv.index("--resolution") + 1] == "lowest-direct"
     assert uv[uv.index("--constraint") + 1] == "/tmp/oldest/torch.txt"
     assert uv[uv.index("--python") + 1] == "/tmp/oldest/bin/python" and uv[-2:] == ["-e", ".[dev]"]
+    # numpy 1.24 and scipy 1.10 have no wheel for Python 3.12: from source they fail to build there
+    wheels_only = {uv[i + 1] for i, a in enumerate(uv) if a == "--only-binary"}
+    assert {"numpy", "scipy", "pillow", "matplotlib", "scikit-learn"} <= wheels_only
     assert oldest[-1] == suite[-1]  # the same pytest command, in .venv-oldest's interpreter
 
 
