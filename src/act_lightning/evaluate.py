@@ -388,7 +388,8 @@ def _number(value: float) -> str:
 
 def result_line(sampler: str, result: dict, seeds: int) -> str:
     """One sampler's metrics in one line, named as in the JSON: `1-step: fid 5.1409, is 1.0012, ...`;
-    over several seeds each as mean ± sample standard deviation."""
+    over several seeds each as mean ± sample standard deviation. A diffusion model's line says that it
+    sampled with Heun's sampler in several network evaluations, not in one step."""
     shown = []
     for key, value in result.items():
         if key in ("taus", "sampler", "heun_steps", "seconds") or key.endswith("_per_seed"):
@@ -398,6 +399,9 @@ def result_line(sampler: str, result: dict, seeds: int) -> str:
         spread = result.get(f"{key}_std") if seeds > 1 else None
         shown.append(f"{key} {_number(value)}" + ("" if spread is None else f" ± {_number(spread)}"))
     over = f" ({seeds} seeds)" if seeds > 1 else ""
+    if result.get("sampler") == "heun":  # a diffusion model: its "1-step" is EDM's Heun sampler
+        steps = result["heun_steps"]
+        sampler = f"{sampler} (EDM's Heun sampler: {steps} levels, {2 * steps - 1} network evaluations)"
     return f"{sampler}: {', '.join(shown)}{over}"
 
 

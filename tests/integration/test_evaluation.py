@@ -552,7 +552,9 @@ def test_the_printed_line_names_every_metric_and_over_seeds_their_spread():
     three = over_seeds(per_seed, [0, 1, 2])
     assert result_line("2-step", three, 3) == "2-step: fid 12.0000 ± 2.0000 (3 seeds)"
     heun = {"fd": 3.0, "sampler": "heun", "heun_steps": 18, "seconds": 1.0}  # a diffusion model
-    assert result_line("1-step", heun, 1) == "1-step: fd 3.0000"
+    assert result_line("1-step", heun, 1) == (  # not reported as a one-step result
+        "1-step (EDM's Heun sampler: 18 levels, 35 network evaluations): fd 3.0000"
+    )
 
 
 @pytest.mark.slow
