@@ -103,6 +103,21 @@ def unreachable(host: str, port: int, timeout: float = 5.0) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
+def check_wandb_names(logger_cfg) -> None:
+    """W&B's own rule for a project's name (its settings refuse it in `wandb.init`, after the data and the
+    networks are set up, with a traceback), checked with the other options; `logger_cfg`: logger.wandb."""
+    project = logger_cfg.get("project")
+    if project is None:
+        return
+    text, bad = str(project), sorted(set("/\\#?%:") & set(str(project)))
+    if len(text) > 128 or bad:
+        found = f"it holds {' '.join(bad)}" if bad else f"it has {len(text)} characters"
+        raise ValueError(
+            f"logger.wandb.project={text!r}: W&B accepts a project name of at most 128 characters without "
+            f"any of / \\ # ? % : ({found}); the team or user it belongs to is logger.wandb.entity"
+        )
+
+
 def wandb_offline(logger_cfg) -> bool:
     """Whether the W&B logger runs offline: when asked to (`offline`, WANDB_MODE), when no API key is
     configured (instead of prompting for one), or when W&B's server cannot be reached (at once, instead of

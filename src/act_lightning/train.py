@@ -61,7 +61,7 @@ from act_lightning.consistency import check_iterations
 from act_lightning.data.base import DataError, DataUnavailable, check_batch_sizes
 from act_lightning.init_from import describe, load_init, read_init, use_generator
 from act_lightning.launch import check_writable_folder, log_to_record
-from act_lightning.loggers import wandb_offline
+from act_lightning.loggers import check_wandb_names, wandb_offline
 from act_lightning.metrics.reference import check_reference_images
 from act_lightning.process import apply_process_settings, job_launcher
 from act_lightning.resume import world_size
@@ -145,6 +145,8 @@ def check_config(cfg: DictConfig) -> None:
         if reference is not None and str(reference) != "train" and Path(str(reference)).is_file():
             check_reference_images(Path(str(reference)), int(cfg.data.image_size), int(cfg.data.channels))
     check_class_embeddings(cfg)
+    if OmegaConf.select(cfg, "logger.wandb") is not None:
+        check_wandb_names(cfg.logger.wandb)
     for name in ("generator", "discriminator"):
         net = cfg.model.get(name)
         for key, data_key in (("image_size", "image_size"), ("in_channels", "channels")):

@@ -348,6 +348,42 @@ def test_wandb_goes_offline_when_asked_without_a_key_or_a_server_and_is_not_prob
     assert loggers.wandb_host() == ("wandb.example", 443)
 
 
+def test_a_wandb_project_name_is_checked_by_wandbs_own_rule_before_the_run_is_set_up(tmp_path):
+    """W&B refused such a name in on_fit_start, after the data and networks, with a traceback: the check
+    agrees with wandb's settings on every name here, and the command refuses in one line."""
+    from wandb.errors import UsageError
+    from wandb.sdk.wandb_settings import Settings
+
+    for name in (
+        "act-lightning",
+        "",
+        "a b_c.d",
+        "team/project",
+        "x:y",
+        "what?",
+        "100%",
+        "#1",
+        "a" * 128,
+        "a" * 129,
+    ):
+        try:
+            Settings(project=name)
+            wandb_accepts = True
+        except UsageError:
+            wandb_accepts = False
+        ours_accepts = True
+        try:
+            loggers.check_wandb_names({"project": name})
+        except ValueError as err:
+            ours_accepts = False
+            assert f"logger.wandb.project={name!r}" in str(err)
+        assert ours_accepts == wandb_accepts, name
+    result = run_cli(["logger=wandb", "logger.wandb.project='team/cifar'", "iterations=2"], tmp_path / "run")
+    line = refusal(result)
+    assert "logger.wandb.project='team/cifar'" in line and "holds /" in line and "logger.wandb.entity" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_unreachable_says_why_a_connection_fails_or_that_no_answer_came(monkeypatch):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
