@@ -53,7 +53,7 @@ from act_lightning.losses import (
 )
 from act_lightning.nn import consistency_function
 from act_lightning.readback import DeferredRead
-from act_lightning.resume import set_learning_rates
+from act_lightning.resume import set_foreach, set_learning_rates
 from act_lightning.samplers import heun, later_levels, multistep
 from act_lightning.seeds import AUGMENT, mix_seed, seed_global_generators
 from act_lightning.speed import SpeedOptions, in_bf16
@@ -261,6 +261,7 @@ class ACTModule(L.LightningModule):
         # a continuation with other learning rates (resume_changes=[model.optimizer.lr]) trains at those
         nets = [self.generator, self.discriminator]
         set_learning_rates(self.optimizers(), self.lr_schedulers(), self._optimizer_factories, nets)
+        set_foreach(self.optimizers(), self._optimizer_factories, nets)  # the launch's, not the saved run's
         nets = {"generator": self.generator, "discriminator": self.discriminator}
         self._ddp.setup(
             self.trainer.strategy.model, self.trainer.world_size, self.device, nets, [self.target]

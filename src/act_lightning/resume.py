@@ -51,6 +51,8 @@ MAY_CHANGE = (
     # are loaded and where they are held, and the speed options (they compute the same thing)
     "threads",
     "compile_cache",
+    "model.optimizer.foreach",  # the optimisers' multi-tensor update: `set_foreach` puts the launch's in
+    "model.d_optimizer.foreach",
     "trainer.accelerator",
     "trainer.devices",
     "trainer.num_nodes",
@@ -219,6 +221,8 @@ def compare(
         keys = [k for k in NETWORK_KEYS if adversarial or k != "model.discriminator"]
         return {k: v for k, v in found.items() if covered(k, keys)}
     found = {k: v for k, v in found.items() if covered(k, NUMERICS) or not covered(k, MAY_CHANGE)}
+    if "lpips" not in {(c.get("model") or {}).get("distance", "lpips") for c in (saved, launch)}:
+        found.pop("model.speed.bf16_lpips", None)  # LPIPS's precision, where the loss has no LPIPS
     was = global_batch(saved, saved_world or world_size(saved.get("trainer") or {}))
     now = global_batch(launch, world_size(launch.get("trainer") or {}))
     if None not in (was, now) and was != now:
@@ -287,9 +291,7 @@ def set_learning_rates(optimizers, schedulers, factories, nets) -> list[tuple[fl
     `lr_schedulers()` give them (one, or a list), `factories` and `nets` those the module built them with
     (the launch's rates are those a fresh optimiser gets). Returns (old, new) for each rate that changed;
     the resume check lets a change through only where `resume_changes` names it (`LEARNING_RATES`)."""
-    optimizers = [
-        getattr(o, "optimizer", o) for o in (optimizers if isinstance(optimizers, list) else [optimizers])
-    ]
+    optimizers = _plain(optimizers)
     schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
     changed = []
     for optimizer, scheduler, make, net in zip(optimizers, schedulers, factories, nets):
@@ -304,3 +306,20 @@ def set_learning_rates(optimizers, schedulers, factories, nets) -> list[tuple[fl
             log.info("learning rate %g (the checkpoint's) is now %g (the launch's)", old, rate)
         set_last_lr(scheduler, [group["lr"] for group in optimizer.param_groups])
     return changed
+
+
+def _plain(optimizers) -> list:
+    """The torch optimisers of the module's `optimizers()` (one, or a list, of Lightning's wrappers)."""
+    listed = optimizers if isinstance(optimizers, list) else [optimizers]
+    return [getattr(o, "optimizer", o) for o in listed]
+
+
+def set_foreach(optimizers, factories, nets) -> None:
+    """Puts the launch's `foreach` (model.optimizer.foreach, model.d_optimizer.foreach) into optimisers
+    restored from a checkpoint, whose param groups bring back the saved run's: how the update runs (one
+    multi-tensor kernel or a loop over the tensors), not what it computes, so it may change on any resume
+    (`perf=baseline` continuing a run of the defaults, and the other way round)."""
+    for optimizer, make, net in zip(_plain(optimizers), factories, nets):
+        foreach = make(net.parameters()).defaults.get("foreach")
+        for group in optimizer.param_groups:
+            group["foreach"] = foreach

@@ -22,6 +22,7 @@ from act_lightning.resume import (
     has_key,
     referenced,
     refused,
+    set_foreach,
     set_learning_rates,
     what_to_do,
     world_size,
@@ -82,6 +83,8 @@ def test_observation_and_placement_may_change():
         "model.speed.channels_last=false",
         "model.speed.gradient_checkpointing=true",
         "model.speed.lpips_checkpointing=true",
+        "model.optimizer.foreach=false",  # how the update runs: set_foreach puts the launch's in
+        "model.d_optimizer.foreach=false",
         "data.num_workers=2",
         "model.lpips_weights=/weights/vgg16.pth",
     ]
@@ -95,8 +98,7 @@ def test_what_the_evaluation_measures_and_how_the_run_computes_may_not():
         "eval.features=inception",
         "eval.quantize=truncate",
         "trainer.precision=bf16-mixed",
-        "model.speed.bf16_lpips=true",  # the speed options that change the numerics
-        "model.speed.bf16_target=true",
+        "model.speed.bf16_target=true",  # the speed options that change the numerics (LPIPS's: below)
         "tf32=false",
         "model.distance=l2",
     ):
@@ -326,6 +328,31 @@ def test_the_global_batch_may_be_allowed_by_name_where_no_data_config_has_the_ke
     new, raw = _configs(["data.batch_size=8", "resume_changes=[data.global_batch_size]"])
     del old["data"]["global_batch_size"], new["data"]["global_batch_size"]  # a data module without it
     assert check_resume({"act_config": old}, new, raw, "ckpt", "start anew") == {GLOBAL_BATCH: [4, 8]}
+
+
+def test_lpips_precision_is_compared_only_where_the_loss_has_lpips():
+    lpips, huber = ["model.distance=lpips"], ["model.distance=pseudo_huber"]
+    assert _check(huber, [*huber, "model.speed.bf16_lpips=true"]) == {}  # it changes nothing there
+    with pytest.raises(ValueError, match="another config: model.speed.bf16_lpips=false"):
+        _check(lpips, [*lpips, "model.speed.bf16_lpips=true"])
+    with pytest.raises(ValueError, match="model.distance=pseudo_huber"):  # to LPIPS: both are named
+        _check(huber, [*lpips, "model.speed.bf16_lpips=true"])
+
+
+def test_set_foreach_puts_the_launchs_into_restored_optimisers():
+    g, d = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    saved = [torch.optim.RAdam(net.parameters(), lr=1e-4, foreach=False) for net in (g, d)]
+    for optimizer in saved:
+        optimizer.step()
+    launch = [partial(torch.optim.RAdam, lr=1e-4, foreach=True)] * 2
+    restored = [make(net.parameters()) for make, net in zip(launch, (g, d))]
+    for new, old in zip(restored, saved):
+        new.load_state_dict(old.state_dict())
+    assert [o.param_groups[0]["foreach"] for o in restored] == [False, False]  # the saved run's came back
+    set_foreach(restored, launch, [g, d])
+    assert [o.param_groups[0]["foreach"] for o in restored] == [True, True]
+    set_foreach(restored[0], launch, [g, d])  # G's alone (gan_ratio 0), as optimizers() gives it
+    assert restored[0].param_groups[0]["foreach"] is True
 
 
 def test_set_learning_rates_puts_the_launchs_rates_into_restored_state_at_the_warm_ups_factor():
