@@ -422,8 +422,10 @@ class AugmentPipe(nn.Module):
             choice = torch.floor(draws.uniform() * len(self.rotate90_turns)).long()
             i = self.turns.to(choice.device)[choice]
             i = torch.where(draws.coin(self.rotate90 * p), i, 0.0)
-            # Rounded so the matrix is exactly integer (cos(pi/2) is not 0 in floating point).
-            angle = -math.pi / 2 * i  # the inverse turns back
+            # Rounded so the matrix is exactly integer (cos(pi/2) is not 0 in floating point). ADA's
+            # inverse, rotate2d_inv(-pi/2 i) = rotate2d(pi/2 i): i = 3 turns the image clockwise
+            # (torch.rot90's k = -1), as the reference's inverse of rotate_mat(-pi/2 i) does.
+            angle = math.pi / 2 * i
             g_inv = _compose(g_inv, _rotate2d(angle.cos().round(), angle.sin().round(), fill))
 
         if self.xint > 0:

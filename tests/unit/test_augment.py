@@ -158,9 +158,9 @@ def test_rotate90_is_exact_and_draws_0_or_270_degrees_as_the_reference():
     x = images(400, 3, 8, 8)
     hits = _quarter_turns(only("rotate90")(x, 1.0, generator=seeded()), x)
     assert (hits.sum(dim=0) == 1).all()  # every output is exactly one quarter turn of its input
-    share = hits.float().mean(dim=1)
-    assert share[0] > 0.4 and share[1] > 0.4  # unturned, or 270 degrees (one turn the other way) ...
-    assert share[2] == 0 and share[3] == 0  # ... never 90 or 180 degrees
+    share = hits.float().mean(dim=1)  # in torch.rot90's (counter-clockwise) quarter turns
+    assert share[0] > 0.4 and share[3] > 0.4  # unturned, or 270 degrees: a quarter turn clockwise ...
+    assert share[1] == 0 and share[2] == 0  # ... never 90 or 180 degrees
 
 
 def test_rotate90_with_adas_four_way_draw():
