@@ -397,9 +397,10 @@ def logits_and_r1_gradient(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """D's logits of the fake half and of the real half, and the gradient of the real logits' sum with
     respect to the real images (what R1 penalises), itself differentiable (`create_graph`): R1's gradient
-    in D's parameters differentiates D twice. The real pass runs in float32 with autocast off."""
+    in D's parameters differentiates D twice. The real pass runs in float32 with autocast off (float64
+    images stay float64: a float64 D, as gradient checks use, gets its own precision)."""
     fake_logits = critic(fake, t_fake, fake_labels).float()
-    real = real.float().requires_grad_(True)
+    real = real.to(torch.promote_types(real.dtype, torch.float32)).requires_grad_(True)
     with torch.autocast(real.device.type, enabled=False):
         real_logits = critic(real, t_real, real_labels).float()
         (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)  # double backward

@@ -342,6 +342,19 @@ def test_r1_penalty_matches_finite_differences():
         assert out.r1[b].item() == pytest.approx(grad.square().sum().item(), rel=1e-4)  # gamma / 2 = 1
 
 
+def test_r1_of_a_float64_discriminator_is_computed_in_float64():
+    """Gradient checks run D in float64: the R1 pass casts half precision up to float32, never float64
+    down (it failed: "Input type (float) and bias type (double) should be the same")."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1)).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    _, _, grad = losses.logits_and_r1_gradient(
+        lambda v, s, y: net(v).flatten(), x, torch.ones(3), None, x, torch.ones(3), None
+    )
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(grad, net[1].weight.view(1, 1, 4, 4).expand(3, 1, 4, 4), rtol=0, atol=0)
+
+
 def test_the_traceable_r1_pass_computes_what_the_double_backward_computes(cfg_factory):
     # The smoke discriminator (group norm, classic attention, SiLU, convolutions) in its R1 mode: logits,
     # the input gradient, and what the penalty's backward puts in D's parameters, with both ways.
