@@ -22,6 +22,7 @@ the model it was converted from) supplies it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from act_lightning.checkpoints import read_checkpoint
 
+log = logging.getLogger(__name__)
 SOURCES = ("target.", "generator.")  # where a checkpoint keeps the generator it samples with, in order
 MUST_MATCH = ("c_noise", "sigma_data")  # model keys outside model.generator that the function depends on
 
@@ -84,6 +86,7 @@ def read_init(cfg: DictConfig) -> InitWeights | None:
                 f"init_from={path} was trained with model.{key}={saved_model[key]}, this run has "
                 f"model.{key}={cfg.model.get(key)}: set model.{key}={saved_model[key]}"
             )
+    say_other_images(path, (checkpoint.get("act_config") or {}).get("data") or {}, cfg.data)
     # a converted model's architecture: the converted file's, or that of a run that started from one (its
     # history's first launch), so that a run tuned from a converted model can start the next run too
     started = (checkpoint.get("act_history") or [{}])[0]
@@ -95,6 +98,23 @@ def read_init(cfg: DictConfig) -> InitWeights | None:
     return InitWeights(
         str(path), weights, source, generator, None if converted_from is None else str(converted_from)
     )
+
+
+def say_other_images(path, saved: dict, data: DictConfig) -> None:
+    """A warning when the file's run trained on images of another size: a convolutional generator's
+    weights load at any size, so a checkpoint of 32 x 32 images starts a 64 x 64 run without an error
+    (deliberate for fine-tuning at a new resolution; a slip otherwise)."""
+    size = saved.get("image_size")
+    if size is not None and size != data.get("image_size"):
+        log.warning(
+            "init_from=%s was trained on %s x %s images (its data.image_size), this run trains on %s x %s: "
+            "its weights load, but they learned another scale; make sure that is meant",
+            path,
+            size,
+            size,
+            data.get("image_size"),
+            data.get("image_size"),
+        )
 
 
 def use_generator(cfg: DictConfig, generator: dict) -> None:

@@ -277,6 +277,21 @@ def test_init_from_loads_the_files_sampling_network_into_generator_and_target(cf
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_init_from_a_run_on_images_of_another_size_is_warned_about(cfg_factory, tmp_path, caplog):
+    cfg = cfg_factory(SMALL)
+    own = {f"generator.{k}": v for k, v in instantiate(cfg.model).generator.state_dict().items()}
+    size = cfg.data.image_size
+    same = _save(tmp_path / "same.ckpt", own, act_config={"data": {"image_size": size}})
+    other = _save(tmp_path / "other.ckpt", own, act_config={"data": {"image_size": 2 * size}})
+    with caplog.at_level("WARNING", logger="act_lightning.init_from"):
+        read_init(cfg_factory([*SMALL, f"init_from={same}"]))
+        assert not caplog.records
+        init = read_init(cfg_factory([*SMALL, f"init_from={other}"]))  # it loads: the weights fit
+    assert init is not None and len(caplog.records) == 1
+    said = caplog.records[0].getMessage()
+    assert f"trained on {2 * size} x {2 * size} images" in said and f"trains on {size} x {size}" in said
+
+
 @pytest.mark.parametrize("variant", ["ect", "ect_act", "ect_staged"])
 def test_a_tuning_variant_without_its_pretrained_model_says_which_sweep_makes_it(variant, tmp_path):
     """The ECT variants read ablation=init_pretrain's job of their seed by default: a missing one names that
