@@ -82,9 +82,12 @@ def check_taus(taus: Any, sigma_min: float, sigma_max: float) -> list[float]:
     return taus
 
 
-def class_labels(spec: Any, num_samples: int, num_classes: int | None, seed: int) -> Tensor | None:
+def class_labels(
+    spec: Any, num_samples: int, num_classes: int | None, seed: int, names: list[str] | None = None
+) -> Tensor | None:
     """One label per image: `random` (uniform, image i's from (seed, i)), one class, or a list repeated
-    over the images; None for an unconditional model."""
+    over the images; None for an unconditional model. A class is its index, or its name where the run's
+    data named their classes (`names`, a folder's class sub-folders: the checkpoint's act_label_names)."""
     if not num_classes:
         if spec not in (None, "random"):
             raise ValueError(f"class_labels={spec}: this model is unconditional (it takes no class labels)")
@@ -95,7 +98,7 @@ def class_labels(spec: Any, num_samples: int, num_classes: int | None, seed: int
             for i in range(num_samples)
         ]
         return torch.stack(draws)
-    values = given_classes(spec)
+    values = [named_class(v, spec, names) if isinstance(v, str) else v for v in given_classes(spec)]
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"class_labels must be random, a class index or a list of them; got {spec}")
     bad = [v for v in values if not 0 <= v < num_classes]
@@ -104,6 +107,19 @@ def class_labels(spec: Any, num_samples: int, num_classes: int | None, seed: int
             f"class_labels={spec}: {bad} out of range for {num_classes} classes (0..{num_classes - 1})"
         )
     return torch.tensor(values).repeat(math.ceil(num_samples / len(values)))[:num_samples]
+
+
+def named_class(name: str, spec: Any, names: list[str] | None) -> int:
+    """The index of the class called `name` (`names`: the checkpoint's class names, or None)."""
+    if names is None:
+        raise ValueError(
+            f"class_labels={spec}: {name!r} is no class index, and this model's classes have no names (only "
+            "a run on a folder of class sub-folders records them); give indices, e.g. class_labels=[0,3]"
+        )
+    if name not in names:
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        raise ValueError(f"class_labels={spec}: no class is called {name!r}; this model's classes: {shown}")
+    return names.index(name)
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -122,7 +138,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     model, run, checkpoint = load_model(cfg.ckpt, device)
     s = model.schedule
     taus = [float(s.sigma_max), *model.check_later_levels(check_taus(cfg.taus, s.sigma_min, s.sigma_max))]
-    labels = class_labels(cfg.class_labels, cfg.num_samples, model.hparams.num_classes, cfg.seed)
+    names = checkpoint.get("act_label_names")
+    labels = class_labels(cfg.class_labels, cfg.num_samples, model.hparams.num_classes, cfg.seed, names)
     net = model.target if cfg.net == "target" else model.generator
     shape = (run.data.channels, run.data.image_size, run.data.image_size)
 
@@ -152,7 +169,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "num_samples": int(cfg.num_samples),
         "seed": int(cfg.seed),
         **(heun_record(model) or {"taus": taus}),  # a diffusion model's sampler has no taus
-        "class_labels": labels_record(cfg.class_labels, labels),
+        "class_labels": labels_record(cfg.class_labels, labels, names),  # names as their indices
         "shape": list(images.shape),
         "samples": str(out / "samples.npz"),
         "grid": str(out / "grid.png"),
@@ -161,14 +178,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def labels_record(spec: Any, labels: Tensor | None) -> str | list[int] | None:
+def labels_record(spec: Any, labels: Tensor | None, names: list[str] | None = None) -> str | list[int] | None:
     """What `class_labels` drew, for sample.json: `random`, or the classes given (one, or the list repeated
     over the images); None for an unconditional model. Each image's label is in samples.npz (`arr_1`)."""
     if labels is None:
         return None
     if spec is None or spec == "random":
         return "random"
-    return [int(v) for v in given_classes(spec)]
+    return [named_class(v, spec, names) if isinstance(v, str) else int(v) for v in given_classes(spec)]
 
 
 def given_classes(spec: Any) -> list:

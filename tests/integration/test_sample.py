@@ -18,7 +18,7 @@ from PIL import Image
 
 from act_lightning.checkpoints import load_model, read_checkpoint
 from act_lightning.consistency import karras_sigmas
-from act_lightning.sample import check_taus, class_labels, image_noise, two_step_tau
+from act_lightning.sample import check_taus, class_labels, image_noise, labels_record, two_step_tau
 from act_lightning.seeds import LABEL, mix_seed
 from act_lightning.train import train
 from tests.conftest import CONF, ROOT, compose, refusal, run_module
@@ -264,6 +264,18 @@ def test_class_labels_accept_the_last_class_and_refuse_the_next():
             class_labels(bad, 3, 5, 0)
 
 
+def test_class_labels_may_be_the_names_a_folder_run_recorded():
+    names = ["cat", "dog", "fox"]
+    assert class_labels("fox", 2, 3, 0, names).tolist() == [2, 2]
+    assert class_labels(["dog", 0], 3, 3, 0, names).tolist() == [1, 0, 1]  # names and indices mixed
+    assert labels_record(["dog", 0], None, names) is None  # unconditional: nothing drawn
+    assert labels_record(["dog", 0], torch.tensor([1, 0]), names) == [1, 0]
+    with pytest.raises(ValueError, match=r"no class is called 'wolf'; this model's classes: cat, dog, fox"):
+        class_labels("wolf", 2, 3, 0, names)
+    with pytest.raises(ValueError, match=r"'dog' is no class index, and this model's classes have no names"):
+        class_labels("dog", 2, 3, 0)
+
+
 def test_each_sampling_step_draws_an_images_noise_from_its_own_stream():
     shape = (1, 4, 4)
     first, second = image_noise(3, range(2), shape), image_noise(3, range(2), shape, stream=1)
@@ -278,6 +290,16 @@ def test_the_default_two_step_tau_is_t_22_of_the_reference_40_level_grid():
     reference = karras_sigmas(40, 0.002, 80.0, 7.0).flip(0)[22].item()  # openai/consistency_models' ts
     assert two_step_tau(OmegaConf.create({})) == pytest.approx(reference, abs=5e-5)
     assert two_step_tau(OmegaConf.create({"two_step_tau": 8.0})) == 8.0
+
+
+def test_a_folder_runs_classes_are_sampled_by_their_names(checkpoints, tmp_path):
+    checkpoint = torch.load(checkpoints["classes"], map_location="cpu", weights_only=True)
+    checkpoint["act_label_names"] = ["ant", "bee", "cat", "dog", "eel"]  # as a folder run records them
+    named = tmp_path / "named.ckpt"
+    torch.save(checkpoint, named)
+    summary = _sample([f"ckpt={named}", "num_samples=3", "class_labels=[dog,ant]", f"out={tmp_path / 's'}"])
+    assert _arrays(tmp_path / "s" / "samples.npz")["arr_1"].tolist() == [3, 0, 3]
+    assert summary["class_labels"] == [3, 0]
 
 
 def test_each_image_of_a_batch_gets_its_own_class_label(checkpoints, tmp_path):
