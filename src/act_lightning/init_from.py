@@ -94,6 +94,7 @@ def read_init(cfg: DictConfig) -> InitWeights | None:
     converted_from = checkpoint.get("act_converted_from") or started.get("init_converted_from")
     if generator is not None:
         use_generator(cfg, generator)
+        say_outside_table(path, generator, cfg.model.get("schedule") or {})
     generator = None if generator is None else dict(generator)
     return InitWeights(
         str(path), weights, source, generator, None if converted_from is None else str(converted_from)
@@ -114,6 +115,28 @@ def say_other_images(path, saved: dict, data: DictConfig) -> None:
             size,
             data.get("image_size"),
             data.get("image_size"),
+        )
+
+
+def say_outside_table(path, generator: dict, schedule) -> None:
+    """A warning where the run's sigma_max exceeds a converted DDPM's table (its timesteps' sigma_t): the
+    network sees every level above as its last timestep. (Below the table's first level, 0.01 for
+    linear betas from 1e-4, the images are all but clean, and the run's sigma_min 0.002 is common.)"""
+    sigma_max = schedule.get("sigma_max")
+    if sigma_max is None or not isinstance(generator.get("scheduler"), dict):
+        return
+    from act_lightning.nn.vp import vp_log_sigmas
+
+    top = float(vp_log_sigmas(dict(generator["scheduler"]))[-1].exp())
+    if float(sigma_max) > top:
+        log.warning(
+            "init_from=%s: the DDPM was trained on noise levels up to %.4g (its last timestep's sigma_t); "
+            "this run's model.schedule.sigma_max=%g is above it, and the network sees every level above "
+            "%.4g as that timestep",
+            path,
+            top,
+            float(sigma_max),
+            top,
         )
 
 

@@ -371,6 +371,19 @@ def test_init_from_builds_the_converted_generator(cfg_factory, digits_ddpm, kind
     assert_denoiser(actual, expected, sigma)
 
 
+def test_a_sigma_max_above_the_ddpms_table_is_warned_about(cfg_factory, digits_ddpm, caplog):
+    _, out = digits_ddpm
+    top = float(math.exp(table_log_sigmas(make_scheduler())[-1]))  # 157 for these linear betas
+    base = ["experiment=quickstart", f"init_from={out}", "debug=smoke"]
+    with caplog.at_level("WARNING", logger="act_lightning.init_from"):
+        read_init(cfg_factory([*base, f"model.schedule.sigma_max={top * 0.99}"]))
+        assert not caplog.records  # the run's 0.002 below the table's first 0.01 is not warned about
+        read_init(cfg_factory([*base, f"model.schedule.sigma_max={top * 1.01}"]))
+    assert len(caplog.records) == 1
+    assert f"up to {top:.4g}" in caplog.records[0].getMessage()
+    assert f"model.schedule.sigma_max={top * 1.01:g} is above it" in caplog.records[0].getMessage()
+
+
 def test_init_from_refuses_data_of_another_size_by_name(cfg_factory, digits_ddpm):
     _, out = digits_ddpm
     cfg = cfg_factory(["experiment=quickstart", f"init_from={out}", "debug=smoke", "data.image_size=16"])
