@@ -87,6 +87,23 @@ def in_folder(folder: str | None, name: str) -> str | None:
     return None if folder is None else f"{folder}/{name}"
 
 
+def study_seed(seed: int, storage: str | None, study_name: str) -> int:
+    """The Optuna sampler's seed of a session: the run's seed, plus the trials the study already holds in
+    `storage`. A study continued in a later multirun drew the very trials of its first session again (the
+    sampler seeded alike proposes the same startup points); this way each session draws new ones, and a
+    session is still reproduced from the same storage."""
+    if not storage:
+        return int(seed)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        held = {s.study_name: s.n_trials for s in optuna.study.get_all_study_summaries(storage=storage)}
+    except Exception:  # noqa: BLE001 - a storage not yet created (or unreadable): the sweeper says so
+        held = {}
+    return int(seed) + int(held.get(study_name, 0))
+
+
 def register_resolvers() -> None:
     resolvers = (
         ("act.lazy_beta2", lazy_regularisation_beta2),
@@ -94,6 +111,7 @@ def register_resolvers() -> None:
         ("act.launch_record", launch_record),
         ("act.launch_log", launch_log),
         ("act.in_folder", in_folder),
+        ("act.study_seed", study_seed),
     )
     for name, resolver in resolvers:
         if not OmegaConf.has_resolver(name):

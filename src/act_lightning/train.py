@@ -67,6 +67,7 @@ from act_lightning.process import apply_process_settings, job_launcher
 from act_lightning.resume import world_size
 from act_lightning.seeds import check_seed
 from act_lightning.start import RunLock, StartPoint, set_aside_outputs, start_point
+from act_lightning.sweeps import check_sweep
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def prepare(cfg: DictConfig) -> Launch:
     check_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_local_multirun(resolved["trainer"])
-    check_sweep_is_a_multirun()
+    check_sweep(cfg)
     check_torchrun_names_its_run_folder()
     lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
     try:
@@ -380,29 +381,6 @@ def prepare(cfg: DictConfig) -> Launch:
         if lock is not None:
             lock.release()
         raise
-
-
-def check_sweep_is_a_multirun() -> None:
-    """A config that sweeps (`hydra.sweeper.params`: the ablations, hparams_search=optuna) launched without
-    -m would train one run at its defaults and look like the sweep's success: refused, naming the group."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
-        return
-    hydra_cfg = HydraConfig.get()
-    params = OmegaConf.select(hydra_cfg, "sweeper.params")
-    if not params:
-        return
-    choices = hydra_cfg.runtime.choices
-    groups = [
-        f"{g}={choices[g]}" for g in ("ablation", "hparams_search") if choices.get(g) not in (None, "null")
-    ]
-    what = " ".join(groups) or "hydra.sweeper.params"
-    raise ValueError(
-        f"{what} is a sweep over {', '.join(params)}: launch it with -m (python -m act_lightning.train -m "
-        f"{what} ...); without -m one run would train at the defaults"
-    )
 
 
 def check_torchrun_names_its_run_folder() -> None:

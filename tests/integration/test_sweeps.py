@@ -10,7 +10,7 @@ import yaml
 
 from act_lightning.environment import environment
 from act_lightning.report import job_record
-from tests.conftest import COMMAND_ENV, ROOT, run_module
+from tests.conftest import COMMAND_ENV, ROOT, refusal, run_module
 from tests.helpers_wandb import read_run
 
 
@@ -113,3 +113,38 @@ def test_an_optuna_search_minimises_the_metric_train_returns(tmp_path):
         )  # each trial its own settings
         (record,) = (tmp_path / str(job) / ".hydra" / "launches").glob("*/overrides.yaml")  # and Hydra's
         assert yaml.safe_load(record.read_text()) == overrides
+    # the study continued in a later multirun (a new sweep folder) draws a new trial, not its first again
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    again = [*QUIET_OPTUNA, "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}"]
+    result = run_multirun(again, tmp_path / "later")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = optuna.load_study(study_name="cifar10", storage=storage).trials
+    ratio = "model.schedule.gan_ratio"  # (the first session searched mu0 too)
+    assert len(trials) == 3 and trials[2].params[ratio] not in (
+        trials[0].params[ratio],
+        trials[1].params[ratio],
+    )
+
+
+QUIET_OPTUNA = [
+    "hparams_search=optuna",
+    "experiment=cifar10",
+    "debug=smoke",
+    "data=synthetic",
+    "model.distance=pseudo_huber",
+]
+
+
+def test_an_optuna_search_without_evaluation_is_refused_before_a_trial_trains(tmp_path):
+    result = run_multirun([*QUIET_OPTUNA, "hydra.sweeper.n_trials=1", "eval=null"], tmp_path)
+    assert result.returncode != 0
+    assert "eval=null under hydra/sweeper=optuna" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "0" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("given", ["iterations=40", "experiment=cifar10"])
+def test_the_equal_time_variant_refuses_another_length_or_experiment(tmp_path, given):
+    args = ["variant=ct_equal_time", given, "debug=smoke", "data=synthetic", "model.distance=pseudo_huber"]
+    result = run_module("train", [*args, f"hydra.run.dir={tmp_path}"], env=COMMAND_ENV)
+    line = refusal(result)
+    assert f"variant=ct_equal_time with {given}" in line and "variant=ct iterations=N" in line
