@@ -30,6 +30,16 @@ from act_lightning.resume import check_resume, global_batch, world_size
 log = logging.getLogger(__name__)
 
 
+def another_folder() -> str:
+    """How a user names another run folder: hydra.run.dir, or in a multirun (whose job folders are
+    hydra.sweep.dir/<job>, and where hydra.run.dir is not read) another hydra.sweep.dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return "another hydra.sweep.dir (each job's folder is in it)" if multirun else "another hydra.run.dir"
+
+
 def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
     """The checkpoint this run starts from, and its contents (None, None for a fresh start).
 
@@ -44,7 +54,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, dict | None]:
     if held and cfg.get("resume", "auto") == "never":
         raise FileExistsError(
             f"the run folder {cfg.run_dir} already holds checkpoints ({', '.join(held)} in {folder}); pass "
-            "resume=auto to continue that run or choose another hydra.run.dir"
+            f"resume=auto to continue that run or choose {another_folder()}"
         )
     if own.is_file():
         try:
@@ -119,7 +129,7 @@ def say_unread_ckpt_path(cfg: DictConfig, own: Path, checkpoint: dict) -> None:
         "resume=auto continues this run from its own %s; ckpt_path=%s is not read%s",
         own,
         cfg.ckpt_path,
-        " (the run started from it)" if same else " (a new run from it needs another hydra.run.dir)",
+        " (the run started from it)" if same else f" (a new run from it needs {another_folder()})",
     )
 
 
@@ -182,7 +192,7 @@ class RunLock:
             os.close(self.fd)
             raise RuntimeError(
                 f"the run folder {run_dir} is in use by another live run (process {owner}); wait for it or "
-                "choose another hydra.run.dir"
+                f"choose {another_folder()}"
             ) from None
 
     def claim(self) -> None:
@@ -262,7 +272,7 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
     own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
     wandb_id = checkpoint.get("act_wandb_id") if own else None  # a new run is a W&B run of its own
     where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
-    fresh = "start a new run in another hydra.run.dir" if own else "start a new run without ckpt_path"
+    fresh = f"start a new run in {another_folder()}" if own else "start a new run without ckpt_path"
     changes = check_resume(checkpoint, resolved, raw, where, fresh, entry["overrides"])
     entry.update(iteration=iteration, changes=changes)
     if not own:  # a new run from another run's checkpoint: its history comes first, this launch starts it
@@ -304,7 +314,7 @@ def say_unread_init(checkpoint: dict, init: InitWeights | None) -> None:
         rank_zero_warning(
             log,
             "init_from=%s is not read: the run continues from its own checkpoint (it started from %s); "
-            "a new run from that file needs another hydra.run.dir",
+            f"a new run from that file needs {another_folder()}",
             init.path,
             started,
         )
