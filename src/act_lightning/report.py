@@ -305,9 +305,18 @@ def summarise(
     variants: list[Variant], at_iteration: int | None, at_seconds: float | None, time_ref: str | None
 ):
     """The table's rows and the comparison points (K iterations, T seconds)."""
-    common = set.intersection(*(set(r.iterations) for v in variants for r in v.runs))
-    if at_iteration is None:  # the last iteration every variant was evaluated at
+    runs = [r for v in variants for r in v.runs]
+    # the finished runs decide the default: one run stopped early (diverged, killed) pulled the column back
+    # to its last evaluation, iteration 0 for a run that diverged before its first
+    common = set.intersection(*(set(r.iterations) for r in ([r for r in runs if r.finished] or runs)))
+    if at_iteration is None:  # the last iteration every finished run was evaluated at
         at_iteration = max(common) if common else None
+        short = [str(r.path) for r in runs if at_iteration is not None and at_iteration not in r.iterations]
+        if short:
+            note(
+                f"{', '.join(short)} {'was' if len(short) == 1 else 'were'} not evaluated at iteration "
+                f"{at_iteration} (stopped before it): left out of the column at {at_iteration} iterations"
+            )
     elif at_iteration not in common:  # a job not evaluated there is left out of its variant's cell
         some = any(at_iteration in r.iterations for v in variants for r in v.runs)
         said = (

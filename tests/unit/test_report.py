@@ -469,6 +469,27 @@ def test_runs_not_at_their_end_are_left_out_of_the_value_at_the_end_and_said(cap
     assert "| act | 1 | 60 | 2 | - | - | 55.0 |" in markdown(rows, k, t, ref, "fd", "this machine")
 
 
+def test_a_run_stopped_early_does_not_pull_the_equal_iterations_column_back_and_is_named(capsys):
+    """A diverged job evaluated only at 0 made the column 'at 0 iterations': every variant compared on its
+    untrained network, without a word."""
+    done = [Run(Path(f"act{s}"), s, [0, 4, 8], [90.0, 50.0, 30.0], [0, 1, 2], {}, planned=8) for s in (0, 1)]
+    ct = Run(Path("ct0"), 0, [0, 4, 8], [90.0, 70.0, 60.0], [0, 1, 2], {}, planned=8)
+    diverged = Run(Path("ct1"), 1, [0], [90.0], [0], {}, planned=8)
+    rows, at_iteration, *_ = summarise(
+        [Variant("act", done), Variant("ct", [ct, diverged])], None, None, None
+    )
+    assert at_iteration == 8
+    assert rows[0]["at_iteration"]["mean"] == 30.0 and rows[1]["at_iteration"] == {
+        "mean": 60.0,
+        "std": 0.0,
+        "min": 60.0,
+        "max": 60.0,
+        "n": 1,
+    }
+    err = capsys.readouterr().err
+    assert "note: ct1 was not evaluated at iteration 8 (stopped before it): left out of the column" in err
+
+
 def test_the_figures_band_matches_seeds_by_iteration_not_by_position():
     """A seed resumed at another eval.every was evaluated at other iterations: the band averaged its
     values at 60 with the other's at 40 and drew them at 50."""
