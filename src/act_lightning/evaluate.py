@@ -246,6 +246,13 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
 def output_file(cfg: DictConfig, ckpt: Path) -> Path:
     """Where the JSON goes (`output`, or `<checkpoint>.eval.json`), its folder checked before sampling."""
     output = Path(cfg.output) if cfg.output else ckpt.with_name(ckpt.name + ".eval.json")
+    if output.exists() and ckpt.exists() and output.resolve() == ckpt.resolve():
+        raise ValueError(f"output={output} is the checkpoint being evaluated: name a JSON file to write")
+    if output.is_file() and output.suffix != ".json":  # a rerun replaces its JSON, nothing else
+        raise ValueError(
+            f"output={output} already exists and is no .json file (a checkpoint, an image?): evaluate would "
+            "replace it with its JSON; name a .json file"
+        )
     return check_output_file(output, "output")
 
 

@@ -138,6 +138,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_sampling(cifar_run, 
         _evaluate([f"ckpt={ckpt}", f"output={tmp_path / 'a_file' / 'eval.json'}"])
     with pytest.raises(ValueError, match=f"output={tmp_path} is a folder: name the file to write"):
         _evaluate([f"ckpt={ckpt}", f"output={tmp_path}"])  # it failed at the rename, after sampling
+    # the checkpoint itself, or another run file, was replaced by a 1 kB JSON without a word
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(ckpt.read_bytes())
+    with pytest.raises(ValueError, match="is the checkpoint being evaluated"):
+        _evaluate([f"ckpt={copy}", f"output={copy}"])
+    with pytest.raises(ValueError, match=r"already exists and is no .json file .* name a .json file"):
+        _evaluate([f"ckpt={ckpt}", f"output={copy}"])
+    assert copy.read_bytes() == ckpt.read_bytes()
 
 
 def test_a_reference_batch_of_another_image_size_is_refused_before_sampling(cifar_run, tmp_path, monkeypatch):
