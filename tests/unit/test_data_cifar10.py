@@ -506,3 +506,16 @@ def test_in_memory_set_lives_on_the_gpu(cifar_root):
     images, _ = load_cifar10_train(cifar_root)
     expected = images[index.cpu()].float() / 127.5 - 1
     assert torch.allclose(torch.cat([half.gen, half.disc]).cpu(), expected, atol=1e-6)
+
+
+def test_batches_not_checked_against_the_release_have_a_reference_fingerprint(tmp_path):
+    """With data.verify=false the batches may be a user's own, replaced at the same count: the cached FID
+    statistics were read back for other images. Checked against the MD5s, they are the release: None."""
+    write_cifar10(tmp_path, seed=0)
+    first = _dm(tmp_path).reference_fingerprint()
+    assert first is not None and _dm(tmp_path, verify=True).reference_fingerprint() is None
+    assert _dm(tmp_path).reference_fingerprint() == first  # as long as the files stay
+    batch = tmp_path / CIFAR_FOLDER / "data_batch_3"
+    stat = batch.stat()
+    os.utime(batch, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten, same size
+    assert _dm(tmp_path).reference_fingerprint() != first

@@ -418,6 +418,34 @@ def test_cached_statistics_are_computed_anew_when_the_datas_fingerprint_changes(
     assert data.reads == 2  # kept with the new digest
 
 
+def test_an_image_batch_rewritten_at_the_same_size_is_computed_anew(tmp_path):
+    """An uncompressed .npz of other images of the same shape has the same byte size: its cached
+    statistics were read back (FID 7.76 where 6.57 was right)."""
+    batch, cache = tmp_path / "ref.npz", tmp_path / "cache.npz"
+    rng = np.random.default_rng(0)
+    np.savez(batch, arr_0=rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8))
+    first = reference_statistics(TinyFeatures(48), str(batch), cache=cache)
+    np.savez(batch, arr_0=rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8))
+    stat = batch.stat()
+    os.utime(batch, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a later write, same size
+    second = reference_statistics(TinyFeatures(48), str(batch), cache=cache)
+    assert not np.allclose(first[0], second[0])
+    np.testing.assert_array_equal(second[0], reference_statistics(TinyFeatures(48), str(batch))[0])
+
+
+def test_the_digits_features_cache_key_is_their_weights(monkeypatch):
+    """The classifier is trained on each machine: another processor's rounding gives other weights, whose
+    features a shared reference cache must not serve."""
+    from act_lightning.metrics.digits import DigitsClassifier, DigitsFeatures
+
+    torch.manual_seed(0)
+    one, other = DigitsClassifier(), DigitsClassifier()
+    assert DigitsFeatures(one).cache_key != DigitsFeatures(other).cache_key
+    copy = DigitsClassifier()
+    copy.load_state_dict(one.state_dict())
+    assert DigitsFeatures(copy).cache_key == DigitsFeatures(one).cache_key
+
+
 def test_reference_statistics_read_real_images_and_caches_from_before_that_are_made_again(tmp_path):
     seen = []
 

@@ -4,6 +4,7 @@ split of each batch into the generator half and the discriminator half that one 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -20,6 +21,16 @@ from torch.utils.data.distributed import DistributedSampler
 from act_lightning.checks import check_count
 from act_lightning.compat import ignore_unresumable_loader_warning
 from act_lightning.seeds import FLIP, mix_seed
+
+
+def files_digest(paths, root: Path) -> str:
+    """A digest of files as they are now: each one's path under `root`, size and modification time (the
+    reference fingerprint of data a user can replace at the same count)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = Path(path).stat()
+        digest.update(f"{Path(path).relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 class DataError(ValueError):

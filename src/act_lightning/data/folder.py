@@ -6,7 +6,6 @@ and the tree's structure does not matter.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -18,7 +17,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from act_lightning.data.base import DataError, ImageDataModule, check_readable, with_file_defaults
+from act_lightning.data.base import (
+    DataError,
+    ImageDataModule,
+    check_readable,
+    files_digest,
+    with_file_defaults,
+)
 from act_lightning.data.images import IMAGE_SUFFIXES, load_image
 from act_lightning.data.storage import PackedBytes
 from act_lightning.launch import rank_zero_warning
@@ -232,8 +237,4 @@ class FolderDataModule(ImageDataModule):
         """Each image's path under `root`, size and modification time: images replaced by others (the
         same count) make the cached reference statistics be computed anew."""
         paths, _ = self._files()
-        digest = hashlib.sha256()
-        for path in paths:
-            st = path.stat()
-            digest.update(f"{path.relative_to(self.path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
+        return files_digest(paths, self.path)

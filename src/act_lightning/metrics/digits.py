@@ -137,6 +137,12 @@ class DigitsFeatures(nn.Module):
     def __init__(self, classifier: DigitsClassifier) -> None:
         super().__init__()
         self.classifier = classifier
+        # the weights' digest among cached reference statistics' facts: the classifier is trained on each
+        # machine, and another processor's float rounding gives other weights, so other features
+        digest = hashlib.sha256()
+        for name, tensor in classifier.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.cache_key = f"digits classifier {digest.hexdigest()[:16]}"
 
     @classmethod
     def trained(cls, seed: int = 0) -> DigitsFeatures:

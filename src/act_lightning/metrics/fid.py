@@ -199,7 +199,8 @@ def reference_statistics(
         stats = feature_statistics(extractor, (x for x, _ in loader), device, progress=progress, real=True)
     else:
         path = Path(reference).resolve()
-        meta = _cache_facts(extractor, str(path), features, file_size=path.stat().st_size)
+        st = path.stat()  # an .npz rewritten with other images of the same shape has the same size
+        meta = _cache_facts(extractor, str(path), features, file_size=st.st_size, file_mtime=st.st_mtime_ns)
         cached = _read_cache(cache, meta, n)
         if cached is not None:
             return cached
