@@ -97,6 +97,11 @@ def test_images_are_prepared_as_edm2_does(tmp_path):
     real = torch.arange(256.0).view(1, 1, 16, 16).expand(-1, 3, -1, -1) / 127.5 - 1
     torch.testing.assert_close(truncating(real, real=True), features(real), rtol=0, atol=0)
     assert not torch.allclose(truncating(real), features(real))  # truncated, levels 1-63 fall by one
+    # a diverged network's NaN samples: NaN features (as uint8 they were black images, scored finitely)
+    broken = images.clone()
+    broken[1, 0, 3, 3] = float("nan")
+    out = features(broken)
+    assert out[1].isnan().all() and torch.equal(out[0], features(images)[0])
 
 
 def test_missing_or_foreign_weights_are_named(tmp_path, monkeypatch):

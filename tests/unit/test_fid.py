@@ -433,6 +433,21 @@ def test_an_image_batch_rewritten_at_the_same_size_is_computed_anew(tmp_path):
     np.testing.assert_array_equal(second[0], reference_statistics(TinyFeatures(48), str(batch))[0])
 
 
+def test_samples_that_are_not_finite_give_nan_inception_features_not_a_black_images():
+    """uint8 quantisation turned NaN samples into black images (0): a diverged network scored a finite FID
+    (0.98 against random reals), where the evaluation's 'not finite' warning should have said so."""
+    net = InceptionFeatures("random", resize=75)
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    broken = images.clone()
+    broken[0] = float("nan")
+    broken[2, 1, 0, 0] = float("inf")
+    features, logits = net.features_and_logits(broken)
+    assert features[[0, 2]].isnan().all() and logits[[0, 2]].isnan().all()
+    torch.testing.assert_close(features[1], net(images)[1])  # the finite sample scored as before
+    mu, _ = statistics_of(net(broken).double())
+    assert np.isnan(mu).all()  # so the distance is NaN, and the evaluation says the samples are not finite
+
+
 def test_the_digits_features_cache_key_is_their_weights(monkeypatch):
     """The classifier is trained on each machine: another processor's rounding gives other weights, whose
     features a shared reference cache must not serve."""

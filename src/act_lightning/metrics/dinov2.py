@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from act_lightning.metrics.inception import WeightsError, to_uint8
+from act_lightning.metrics.inception import WeightsError, not_finite_as_nan, to_uint8
 
 WEIGHTS_FILE = "dinov2_vitl14_pretrain.pth"
 WEIGHTS_URL = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/{WEIGHTS_FILE}"
@@ -192,7 +192,7 @@ class DINOv2Features(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="bicubic", antialias=True)
         x = (x / 255 - self.mean) / self.std
-        return self.network(x).float()
+        return not_finite_as_nan(images, self.network(x).float())[0]
 
 
 def load_dinov2(weights: str | Path, quantize: str = "round") -> DINOv2Features:

@@ -114,6 +114,13 @@ def to_uint8(images: Tensor, quantize: str = "round") -> Tensor:
     return scaled.clamp_(0, 255).to(torch.uint8)
 
 
+def not_finite_as_nan(images: Tensor, *outputs: Tensor) -> tuple[Tensor, ...]:
+    """`outputs` with the rows of the images that hold a NaN or an infinity set to NaN: quantising to uint8
+    turned a diverged network's NaN samples into black images, which scored a finite FID."""
+    bad = ~images.flatten(1).isfinite().all(dim=1)  # masked always: asking whether any is would sync
+    return tuple(out.masked_fill(bad.view(-1, *[1] * (out.ndim - 1)), float("nan")) for out in outputs)
+
+
 class InceptionFeatures(nn.Module):
     """(B, C, H, W) images in [-1, 1] -> (B, 2048) TF-Inception pool features. Images are quantised to
     uint8 first (FID is defined on 8-bit images; see `to_uint8`); one channel is repeated to three.
@@ -159,7 +166,7 @@ class InceptionFeatures(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         features, logits = self.net(x)
-        return features, logits
+        return not_finite_as_nan(images, features, logits)
 
 
 def _fidelity_inception(state: dict[str, Tensor] | None) -> nn.Module:
