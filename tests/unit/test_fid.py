@@ -240,6 +240,17 @@ def test_inception_weights_are_never_unpickled(tmp_path):
         InceptionFeatures(str(other))
 
 
+def test_torchvisions_inception_is_named_as_another_network_not_a_load_traceback(random_inception, tmp_path):
+    """torchvision's inception_v3_google-*.pth, which sits beside the TF-Inception in the hub cache, has the
+    same layer names but 1000 classes: it failed in load_state_dict with a size-mismatch traceback."""
+    state = dict(random_inception.net.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    wrong = tmp_path / "inception_v3_google-0cc3c7bd.pth"
+    torch.save(state, wrong)
+    with pytest.raises(WeightsError, match=r"fc.weight of shape \(1000, 2048\), not the TF-Inception's"):
+        InceptionFeatures(str(wrong))
+
+
 def test_inception_pipeline_self_fid_is_zero_and_grey_images_work(random_inception):
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     stats = feature_statistics(random_inception, images.split(4), "cpu")

@@ -72,6 +72,16 @@ def load_inception_state(path: str) -> dict[str, Tensor]:
         ) from e
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise WeightsError(f"{path}: not the TF-Inception state dict of {WEIGHTS_FILE} ({WEIGHTS_URL})")
+    fc = state.get("fc.weight")
+    if not isinstance(fc, Tensor) or tuple(fc.shape) != (1008, 2048):
+        # torchvision's inception_v3_google-*.pth, beside it in the hub cache, has the same layers but 1000
+        # classes: its features are not the TF-Inception's, and the load failed with a traceback
+        shape = tuple(fc.shape) if isinstance(fc, Tensor) else None
+        raise WeightsError(
+            f"{path}: an Inception v3 with fc.weight of shape {shape}, not the TF-Inception's (1008, 2048) "
+            f"(torchvision's inception_v3_google-*.pth is another network); expected {WEIGHTS_FILE} from "
+            f"{WEIGHTS_URL}"
+        )
     return state
 
 
