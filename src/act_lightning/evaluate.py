@@ -106,8 +106,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = check_metrics(asked, ev.features, count=("num_samples", cfg.num_samples))
     quantize = recorded_quantize(ev, (cfg.get("eval") or {}).get("quantize"), metrics)
     weights, dinov2_weights = required_files(cfg, ev, metrics, run)  # before the networks are built
-    device = resolve_device(cfg.device)
-
+    device, tf32 = resolve_device(cfg.device), use_tf32(cfg, run)
     model = build_model(checkpoint, run, device)
     lap("networks")
     datamodule = reference_datamodule(ev, run)
@@ -144,6 +143,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "quantize": quantize,
         "inception_resize": ev.inception_resize if ev.features == "inception" else None,
         "device": str(device),
+        "tf32": tf32,
         "results": results,
         "stage_seconds": lap.seconds,
         "environment": environment(),  # what measured; the last launch's of the run: what trained
@@ -241,6 +241,18 @@ def over_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
     out.update({key: per_seed[0][key] for key in described if key in per_seed[0]})
     out["seconds"] = round(sum(r["seconds"] for r in per_seed), 1)
     return out
+
+
+def use_tf32(cfg: DictConfig, run: DictConfig) -> bool:
+    """TF32 matmuls and convolutions on GPUs that have them, as the command's `tf32` says (null: as the
+    run trained and measured its val/fid, whose samples `evaluate` reproduces only with the same
+    arithmetic); PyTorch's own default, TF32 convolutions but not matmuls, is neither."""
+    tf32 = cfg.get("tf32")
+    tf32 = OmegaConf.select(run, "tf32", default=True) if tf32 is None else tf32
+    if not isinstance(tf32, bool):
+        raise ValueError(f"tf32 must be true, false or null (as the run); got {tf32!r}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    return tf32
 
 
 def output_file(cfg: DictConfig, ckpt: Path) -> Path:

@@ -79,6 +79,7 @@ def test_evaluate_reproduces_the_training_fid_and_writes_json_next_to_the_checkp
     out = json.loads((cifar_run / "checkpoints" / "best.ckpt.eval.json").read_text())
     assert out["iteration"] == summary["best"]["iteration"] and out["num_samples"] == 4
     assert out["inception_resize"] == 75  # the smoke run's random Inception's input, as it trained
+    assert out["tf32"] is True  # the run's arithmetic on a GPU (train's tf32), recorded
     # the same samples up to float rounding: training ran the networks channels-last, evaluate standard
     assert out["results"]["1-step"]["fid"] == pytest.approx(summary["best"]["value"], rel=1e-5)
     assert out["results"]["1-step"]["taus"] == [80.0]
@@ -146,6 +147,27 @@ def test_an_output_that_cannot_be_written_is_refused_before_sampling(cifar_run, 
     with pytest.raises(ValueError, match=r"already exists and is no .json file .* name a .json file"):
         _evaluate([f"ckpt={ckpt}", f"output={copy}"])
     assert copy.read_bytes() == ckpt.read_bytes()
+
+
+@pytest.fixture
+def tf32_flags():
+    """PyTorch's TF32 flags, restored after the test (process-wide settings)."""
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # PyTorch's
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
+
+
+def test_tf32_is_the_runs_unless_given_and_a_non_boolean_is_refused(tf32_flags):
+    from act_lightning.evaluate import use_tf32
+
+    run = OmegaConf.create({"tf32": False})
+    assert use_tf32(OmegaConf.create({"tf32": None}), run) is False
+    assert not torch.backends.cudnn.allow_tf32  # PyTorch's default had it on for convolutions
+    assert use_tf32(OmegaConf.create({"tf32": True}), run) is True and torch.backends.cuda.matmul.allow_tf32
+    assert use_tf32(OmegaConf.create({}), OmegaConf.create({})) is True  # a run from before the key: train's
+    with pytest.raises(ValueError, match="tf32 must be true, false or null"):
+        use_tf32(OmegaConf.create({"tf32": "off"}), run)
 
 
 def test_a_reference_batch_of_another_image_size_is_refused_before_sampling(cifar_run, tmp_path, monkeypatch):
