@@ -175,6 +175,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     runs: list[Run] = []
     overrides: list[list[str]] = []
     metrics: dict[str, Path] = {}  # each metric key the jobs report, with the first job reporting it
+    measured: dict[str, Path] = {}  # each way the jobs measured it (samples, subsets, reference, features)
     seen: set[Path] = set()
     for sweep in sweeps:
         for job in scored_jobs(sweep, seen):
@@ -183,6 +184,7 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             overrides.append(job_overrides)
             summary = json.loads((job / "metric_summary.json").read_text())
             metrics.setdefault(summary.get("metric", "metric"), job)
+            measured.setdefault(json.dumps(measured_by(summary), sort_keys=True), job)
             history = summary["history"]
             offset = pretrain_seconds(job, config.get("init_from"))
             run = Run(
@@ -201,6 +203,12 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     if len(metrics) > 1:  # one column, one axis: values of different metrics do not compare
         listed = ", ".join(f"{metric} ({job})" for metric, job in metrics.items())
         raise ValueError(f"the jobs report different metrics: {listed}; report one metric at a time")
+    if len(measured) > 1:  # an FD of 99 samples beside one of 297: another ruler, not a better run
+        listed = "; ".join(
+            f"{', '.join(f'{k}={v}' for k, v in json.loads(m).items())} ({job})"
+            for m, job in measured.items()
+        )
+        raise ValueError(f"the jobs measured their metric differently: {listed}; report jobs measured alike")
     variants: dict[str, Variant] = {}
     for run, label in zip(runs, variant_labels(overrides)):
         variants.setdefault(label, Variant(label)).runs.append(run)
@@ -224,6 +232,14 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             + (", ..." if len(unscored) > 5 else "")
         )
     return list(variants.values())
+
+
+MEASURED = ("features", "num_samples", "subset_size", "reference")  # what a metric's values depend on
+
+
+def measured_by(summary: dict) -> dict:
+    """How a job measured its metric (metric_summary.json's keys; a summary from before them: none)."""
+    return {key: summary[key] for key in MEASURED if key in summary}
 
 
 def note(text: str) -> None:
@@ -529,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = {
         "metric": metric,
+        "measured": measured_by(json.loads(first.read_text())),  # alike for every job (find_runs)
         "machine": machine,
         "trained_with": environments,
         "at_iteration": at_iteration,

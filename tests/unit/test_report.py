@@ -405,6 +405,30 @@ def test_jobs_that_report_different_metrics_are_refused_by_name(tmp_path):
     assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "r")]) == 2  # said as an error line
 
 
+def test_jobs_that_measured_the_metric_with_other_samples_are_refused_by_name(tmp_path):
+    """An FD of 99 samples went into one column beside an FD of 297 (eval.subset_size=99,297)."""
+    from act_lightning.report import find_runs
+
+    for name, drawn in (("0", 297), ("1", 99)):
+        job = _job(tmp_path / "sweep" / name, int(name), None)
+        summary = json.loads((job / "metric_summary.json").read_text())
+        (job / "metric_summary.json").write_text(
+            json.dumps({**summary, "num_samples": drawn, "features": "digits"})
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"measured their metric differently: .*num_samples=297 \(.*sweep/0\); .*num_samples=99",
+    ):
+        find_runs([tmp_path / "sweep"])
+    job = tmp_path / "sweep" / "1" / "metric_summary.json"
+    job.write_text(json.dumps({**json.loads(job.read_text()), "num_samples": 297}))
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["measured"] == {
+        "features": "digits",
+        "num_samples": 297,
+    }
+
+
 def test_a_sweep_without_any_evaluation_says_whether_its_jobs_were_refused(tmp_path):
     """Jobs that left only their launch records (refused, or stopped before their first evaluation) were
     reported as jobs without an evaluation (eval=null)."""
