@@ -66,7 +66,8 @@ def test_shortened_quickstart_writes_checkpoint_grid_metrics_and_curve(tmp_path)
     assert summary["history"][-1]["value"] < summary["history"][0]["value"]  # training helps already
     last = summary["history"][-1]["value"]  # on the scale real = 0, noise = 1 (README)
     assert summary["normalised"] == pytest.approx((last - refs["real"]) / (refs["noise"] - refs["real"]))
-    assert summary["best"] == {"iteration": 80, "value": last}  # the lowest of the three
+    # the lowest of the three, with its own normalised value (train's last line says the best's)
+    assert summary["best"] == {"iteration": 80, "value": last, "normalised": summary["normalised"]}
     # the generated, real and noise distances all at the held-out count: one ruler (README, "scale")
     assert summary["subset_size"] == summary["num_samples"] == 297
     # the progress bar's last read-out shows the last evaluation, not the one before it

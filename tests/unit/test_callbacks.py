@@ -196,6 +196,7 @@ def test_extra_metrics_are_logged_beside_the_key_and_the_summary_counts_the_samp
     summary = json.loads((tmp_path / "metric_summary.json").read_text())
     assert summary["num_samples"] == 8 and summary["subset_size"] == 4  # two whole subsets of 4
     assert summary["normalised"] == 0.2 and summary["extra"] == cb.extra_history  # (12 - 2) / (52 - 2)
+    assert summary["best"] == {"iteration": 4, "value": 12.0, "normalised": 0.2}
 
 
 def test_evaluations_come_every_n_iterations_and_at_the_last_one_once(tmp_path):

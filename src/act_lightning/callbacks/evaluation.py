@@ -535,8 +535,10 @@ class FrechetEvaluation(L.Callback):
         if self.extra_history:
             summary["extra"] = self.extra_history
         normalised = normalised_value(self.history[-1][1], self.references) if self.history else None
-        if normalised is not None:
+        if normalised is not None:  # the last value's; the best's is under best, as train's last line says
             summary["normalised"] = normalised
+            if self.best is not None:
+                summary["best"]["normalised"] = normalised_value(self.best[1], self.references)
         with atomic_write(self.run_dir / "metric_summary.json") as f:  # never a truncated summary
             f.write(json.dumps(summary, indent=2).encode())
         plot_curve(self.history, self.references, self.run_dir / "fid_curve.png", self.label)
