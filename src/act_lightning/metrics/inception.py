@@ -1,7 +1,8 @@
 """FID's feature extractor: the field's TF-Inception v3 ("pt_inception-2015-12-05"), 2048-d pool features.
 
-The network and its TensorFlow-exact resize come from torch-fidelity (the port torchmetrics uses); we only
-decide where the weights come from. They are never fetched behind the user's back: an explicit path, the
+The network and its TensorFlow-exact resize come from torch-fidelity (whose network torchmetrics wraps;
+torchmetrics' FID resizes with torch's antialiased bilinear by default, not this resize); we only decide
+where the weights come from. They are never fetched behind the user's back: an explicit path, the
 torch hub cache, or (with `download`) the official release URL, checked by torch hub's SHA-256 prefix.
 A missing file fails at start-up with its name, where to put it and where to get it.
 """
