@@ -57,6 +57,42 @@ def ddp_worker(rank: int, world_size: int, store: str, out: str, num_samples, ba
         dist.destroy_process_group()
 
 
+class RankData:
+    """What reference_statistics reads of a datamodule: 12 fixed 4x4 images, each rank its share."""
+
+    image_size, channels = 4, 1
+
+    def __init__(self) -> None:
+        self.images = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def build_reference_dataset(self):
+        return self.images
+
+    def reference_dataloader(self, batch_size, rank, world_size, dataset, max_images):
+        return [(self.images[rank::world_size], None)]
+
+
+def reference_worker(rank: int, world_size: int, store: str, out: str, caches: list[str]):
+    """Each rank's reference statistics of RankData with its own cache file (a node-local folder)."""
+    from act_lightning.metrics.fid import reference_statistics
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        mu, sigma = reference_statistics(
+            TinyFeatures(16),
+            "train",
+            RankData(),
+            "tiny",
+            cache=caches[rank],
+            rank=rank,
+            world_size=world_size,
+        )
+        np.savez(f"{out}.{rank}.npz", mu=mu, sigma=sigma)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 class SaveRankState:
     """A callback (for the CLI, as `+callbacks.rank_state._target_=tests.helpers_ddp.SaveRankState`) that
     saves each rank's module state and optimiser states when training ends: the checkpoint holds rank
@@ -81,5 +117,11 @@ if __name__ == "__main__":
     import sys
 
     spec = json.loads(sys.argv[2])
-    spec["shape"], spec["reference"] = tuple(spec["shape"]), tuple(np.asarray(a) for a in spec["reference"])
-    ddp_worker(int(sys.argv[1]), **spec)
+    if spec.pop("mode", None) == "reference":
+        reference_worker(int(sys.argv[1]), **spec)
+    else:
+        spec["shape"], spec["reference"] = (
+            tuple(spec["shape"]),
+            tuple(np.asarray(a) for a in spec["reference"]),
+        )
+        ddp_worker(int(sys.argv[1]), **spec)

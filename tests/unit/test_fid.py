@@ -567,6 +567,35 @@ def test_two_processes_under_ddp_give_the_same_fid_as_one(tmp_path):
         assert float(got["fid"]) == pytest.approx(fid1, rel=1e-10)
 
 
+@pytest.mark.slow
+def test_ranks_that_disagree_about_the_cache_all_compute_the_reference_and_none_waits(tmp_path):
+    """Rank 0 read its node's cache and returned; rank 1, whose node had none, waited in the all-reduce of
+    the statistics it computes with the others, for good (multi-node runs on node-local data)."""
+    from tests.helpers_ddp import RankData
+
+    cache0 = tmp_path / "node0" / "ref.npz"
+    mu1, sigma1 = reference_statistics(TinyFeatures(16), "train", RankData(), "tiny", cache=cache0)
+    assert cache0.is_file()  # rank 0's node has the cache, rank 1's not
+    out, store = tmp_path / "ref", tmp_path / "store"
+    spec = {"mode": "reference", "world_size": 2, "store": str(store), "out": str(out)}
+    spec["caches"] = [str(cache0), str(tmp_path / "node1" / "ref.npz")]
+    env = dict(os.environ)
+    ranks = [
+        start_module(ROOT / "tests" / "helpers_ddp.py", [rank, json.dumps(spec)], env=env) for rank in (0, 1)
+    ]
+    try:
+        for rank in ranks:
+            _, err = rank.communicate(timeout=120)
+            assert rank.returncode == 0, err[-3000:]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank in (0, 1):  # computed together: all 12 images' (float32 features of other batch shapes)
+        with np.load(f"{out}.{rank}.npz") as got:
+            np.testing.assert_allclose(got["mu"], mu1, rtol=1e-6, atol=1e-8)
+            np.testing.assert_allclose(got["sigma"], sigma1, rtol=1e-6, atol=1e-8)
+
+
 def test_sample_statistics_reports_progress():
     seen = []
     sample_statistics(lambda n, y, i: n.clamp(-1, 1), TinyFeatures(4), 10, 4, (1, 2, 2), progress=seen.append)

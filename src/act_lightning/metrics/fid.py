@@ -191,7 +191,7 @@ def reference_statistics(
         meta = _cache_facts(extractor, "train", features, channels=channels, **sizes)
         meta |= _data_digest(datamodule) if cache is not None else {}
         cached = _read_cache(cache, meta, n)
-        if cached is not None:
+        if _all_ranks_have(cached is not None, device):
             return cached
         if rank == 0:
             log.info("Computing the %s statistics of %d training images ...", features, count)
@@ -220,6 +220,19 @@ def reference_statistics(
         except OSError as e:  # a read-only data folder: evaluate anyway, recompute next time
             log.warning("Could not cache the reference statistics at %s: %s", cache, e)
     return stats
+
+
+def _all_ranks_have(cached: bool, device) -> bool:
+    """Whether every DDP rank read the cache: the ranks compute the training set's statistics together
+    (an all-reduce), so one rank without it (a node-local cache that only rank 0's node wrote) made the
+    others return and left it waiting in the all-reduce for good. All compute unless all have it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return cached
+    flag = torch.tensor(int(cached), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _cache_facts(extractor: nn.Module, source: str, features: str, **facts) -> dict:
