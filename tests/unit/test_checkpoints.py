@@ -80,6 +80,10 @@ def test_load_checkpoint_wants_a_training_config_and_finite_weights(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "act_config": {"seed": 1}}, path)
     checkpoint, run = load_checkpoint(path)
     assert run.seed == 1 and torch.equal(checkpoint["state_dict"]["w"], torch.zeros(1))
+    # a diverged discriminator, which no command reads: the generators still sample
+    state = {"w": torch.zeros(1), "discriminator.conv_in.weight": torch.tensor([float("nan")])}
+    torch.save({"state_dict": state, "act_config": {"seed": 1}}, path)
+    assert load_checkpoint(path)[1].seed == 1
 
 
 def test_a_checkpoint_from_before_the_schedule_and_speed_groups_still_builds_its_networks(tmp_path):
