@@ -648,9 +648,12 @@ def r1_controller_update(
     r1_ema <- beta * r1_ema + (1 - beta) * r1;  p <- clip(p + s * batch_size * interval / ada_length, 0, 1)
     with s = +1 if the *updated* r1_ema > threshold (the discriminator is over-fitting) else -1.
     `batch_size` is the global batch (both halves, all devices); `interval` the R1 interval in iterations.
+    A non-finite R1 (an update the divergence guard skips) leaves both as they are: an infinite one held
+    r1_ema near 1e37, above any threshold, and p at its maximum for some 17,000 CIFAR-10 iterations.
     """
     p, r1_ema, r1 = _as_float_tensors(p, r1_ema, r1)
-    r1_ema = beta * r1_ema + (1 - beta) * r1
-    sign = torch.where(r1_ema > threshold, 1.0, -1.0)
-    p = (p + sign * (batch_size * interval / ada_length)).clamp(0, 1)
-    return p, r1_ema
+    finite = r1.isfinite()
+    new_ema = beta * r1_ema + (1 - beta) * torch.where(finite, r1, 0.0)
+    sign = torch.where(new_ema > threshold, 1.0, -1.0)
+    new_p = (p + sign * (batch_size * interval / ada_length)).clamp(0, 1)
+    return torch.where(finite, new_p, p), torch.where(finite, new_ema, r1_ema)

@@ -477,7 +477,7 @@ class ACTModule(L.LightningModule):
         p, r1_ema = r1_controller_update(
             self.aug_p,
             self.r1_ema,
-            torch.nan_to_num(r1, nan=0.0),  # a bad R1 is the guard's business, not the controller's
+            r1,  # a non-finite R1 (the guard's business) leaves the controller as it is
             beta=h.ada_beta,
             threshold=h.r1_threshold,
             batch_size=(draws.gen_size + draws.disc_size) * self.trainer.world_size,

@@ -598,6 +598,18 @@ def test_r1_controller_clips_to_the_unit_interval():
     assert p.item() == 0.0
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_r1_leaves_the_controller_as_it_is(bad):
+    """The module passed nan_to_num(r1): an infinite R1 became 3.4e38, r1_ema some 1e37, and p stayed at
+    its maximum for about 17,000 CIFAR-10 iterations (and every checkpoint kept that r1_ema)."""
+    p, ema = r1_controller_update(
+        torch.tensor(0.3), torch.tensor(5.0), torch.tensor(bad), threshold=10.0, **STEP
+    )
+    assert (p.item(), ema.item()) == pytest.approx((0.3, 5.0))
+    p, ema = r1_controller_update(p, ema, torch.tensor(200.0), beta=0.9, threshold=10.0, **STEP)
+    assert (p.item(), ema.item()) == pytest.approx((0.4, 24.5))  # the next finite R1 counts as usual
+
+
 def test_r1_controller_keeps_dtype_device_and_detaches():
     r1 = torch.tensor(3.0, requires_grad=True) * 2
     p, ema = r1_controller_update(torch.tensor(0.0), torch.tensor(0.0), r1, threshold=1e4, **STEP)
