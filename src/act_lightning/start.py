@@ -269,7 +269,8 @@ def start_point(cfg: DictConfig, resolved: dict, init: InitWeights | None = None
             )
         return StartPoint(history=(entry,), init=init)
     iteration = checkpoint_iteration(checkpoint)
-    own = ckpt_path.parent == Path(cfg.callbacks.checkpoint.dirpath)
+    # resolved both: a relative ckpt_path to the run's own snapshot (a roll-back) was taken for a new run
+    own = ckpt_path.resolve().parent == Path(cfg.callbacks.checkpoint.dirpath).resolve()
     wandb_id = checkpoint.get("act_wandb_id") if own else None  # a new run is a W&B run of its own
     where = f"{'resume=auto found ' if own else 'ckpt_path='}{ckpt_path} (iteration {iteration})"
     fresh = f"start a new run in {another_folder()}" if own else "start a new run without ckpt_path"

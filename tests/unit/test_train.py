@@ -207,6 +207,14 @@ def test_a_new_run_from_another_runs_checkpoint_is_a_w_and_b_run_of_its_own(tmp_
         own.parent.mkdir(exist_ok=True)
         torch.save(state, own)
         assert start_point(cfg, resolved).wandb_id == "w1"  # its own run continues its W&B run
+        # a roll-back to its own snapshot named by a relative path (docs/long_runs.md) is the same run
+        own.unlink()
+        torch.save(state, own.parent / "iter_0000002.ckpt")
+        patch.chdir(tmp_path)
+        relative = _smoke(tmp_path, "ckpt_path=checkpoints/iter_0000002.ckpt", "resume_changes=[iterations]")
+        start = start_point(relative, OmegaConf.to_container(relative, resolve=True))
+        assert start.wandb_id == "w1" and not start.history[-1].get("new_run")
+        torch.save(state, own)
     _, model, _, _ = build(cfg, StartPoint(own, 2, "w1"), resolved)
     checkpoint = {"state_dict": {}}
     model.on_save_checkpoint(checkpoint)  # no W&B logger in this launch: the run's id is kept
