@@ -223,6 +223,11 @@ def compare(
     found = {k: v for k, v in found.items() if covered(k, NUMERICS) or not covered(k, MAY_CHANGE)}
     if "lpips" not in {(c.get("model") or {}).get("distance", "lpips") for c in (saved, launch)}:
         found.pop("model.speed.bf16_lpips", None)  # LPIPS's precision, where the loss has no LPIPS
+    # where the Inception weights lie may change, not whether they are the random network of smoke runs:
+    # its FIDs and the real network's are not one history
+    weights = [(c.get("eval") or {}).get("inception_weights", ABSENT) for c in (saved, launch)]
+    if (weights[0] == "random") != (weights[1] == "random"):
+        found["eval.inception_weights"] = tuple(weights)
     was = global_batch(saved, saved_world or world_size(saved.get("trainer") or {}))
     now = global_batch(launch, world_size(launch.get("trainer") or {}))
     if None not in (was, now) and was != now:

@@ -339,6 +339,16 @@ def test_lpips_precision_is_compared_only_where_the_loss_has_lpips():
         _check(huber, [*lpips, "model.speed.bf16_lpips=true"])
 
 
+def test_inception_weights_may_move_but_not_turn_random_or_real():
+    moved = _check(
+        ["eval.inception_weights=/a/pt_inception.pth"], ["eval.inception_weights=/b/pt_inception.pth"]
+    )
+    assert moved == {}  # the same network elsewhere
+    for saved, launch in (("random", "/b/pt_inception.pth"), ("/a/pt_inception.pth", "random")):
+        with pytest.raises(ValueError, match="another config: eval.inception_weights="):
+            _check([f"eval.inception_weights={saved}"], [f"eval.inception_weights={launch}"])
+
+
 def test_set_foreach_puts_the_launchs_into_restored_optimisers():
     g, d = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     saved = [torch.optim.RAdam(net.parameters(), lr=1e-4, foreach=False) for net in (g, d)]
