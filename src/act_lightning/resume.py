@@ -240,10 +240,15 @@ def what_to_do(rest: dict, fixed: list[str], fresh: str) -> str:
     if len(rest) > FEW:  # another experiment, not a change of one run
         return f"Resume it with its own config, or {fresh}"
     if fixed:
+        follows = (  # set by the resolver act.lazy_beta2, so a change of r1_interval named it
+            " (model.d_optimizer.betas follows model.r1_interval: lazy R1 corrects D's beta2 by it)"
+            if "model.d_optimizer.betas" in fixed
+            else ""
+        )
         return (
-            f"{', '.join(fixed)} cannot change on resume (the checkpoint's networks and optimiser state keep "
-            f"theirs; of the optimisers' settings only the learning rates can, with resume_changes): resume "
-            f"with the checkpoint's values, or {fresh}"
+            f"{', '.join(fixed)} cannot change on resume{follows} (the checkpoint's networks and "
+            "optimiser state keep theirs; of the optimisers' settings only the learning rates can, with "
+            f"resume_changes): resume with the checkpoint's values, or {fresh}"
         )
     return (
         "Resume with the checkpoint's values, change them deliberately with "

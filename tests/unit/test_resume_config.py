@@ -339,6 +339,11 @@ def test_lpips_precision_is_compared_only_where_the_loss_has_lpips():
         _check(huber, [*lpips, "model.speed.bf16_lpips=true"])
 
 
+def test_a_change_of_r1_interval_is_said_to_change_the_discriminators_beta2():
+    with pytest.raises(ValueError, match=r"betas follows model.r1_interval: lazy R1 corrects D's beta2"):
+        _check([], ["model.r1_interval=4", "resume_changes=[model.r1_interval]"])
+
+
 def test_inception_weights_may_move_but_not_turn_random_or_real():
     moved = _check(
         ["eval.inception_weights=/a/pt_inception.pth"], ["eval.inception_weights=/b/pt_inception.pth"]
