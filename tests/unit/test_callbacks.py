@@ -466,6 +466,38 @@ def test_a_checkpoint_is_put_in_place_after_its_iterations_row_and_before_the_ne
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006.ckpt", "last.ckpt"]  # the newest one
 
 
+def test_the_csv_rows_are_synced_to_disk_before_a_checkpoint_is_put_in_place(tmp_path, monkeypatch):
+    """The checkpoint's bytes are synced, the CSV writer's rows only flushed: after a lost node the
+    checkpoint could survive without them."""
+    from act_lightning.callbacks import checkpoint as checkpoint_module
+
+    events: list = []
+    trainer = _trainer(events)
+    rows = tmp_path / "metrics.csv"
+    rows.write_text("step,val\n2,1.0\n")
+    csv = SimpleNamespace(save=lambda: None, _experiment=SimpleNamespace(metrics_file_path=str(rows)))
+    trainer.loggers.append(csv)
+    opened, real_open, real_replace = {}, checkpoint_module.os.open, checkpoint_module.os.replace
+
+    def record_open(path, flags):
+        fd = real_open(path, flags)
+        opened[fd] = Path(path).name
+        return fd
+
+    monkeypatch.setattr(checkpoint_module.os, "open", record_open)
+    monkeypatch.setattr(checkpoint_module.os, "fsync", lambda fd: events.append(f"fsync {opened[fd]}"))
+    monkeypatch.setattr(
+        checkpoint_module.os,
+        "replace",
+        lambda a, b: (events.append(f"rename {Path(b).name}"), real_replace(a, b)),
+    )
+    callback = LastCheckpoint(str(tmp_path / "checkpoints"), every_n_iterations=2)
+    (tmp_path / "checkpoints").mkdir()
+    callback.on_train_batch_end(trainer, _module(2), None, None, 0)
+    callback.on_train_batch_start(trainer, _module(2), None, 1)
+    assert events[-3:] == ["logger.save", "fsync metrics.csv", "rename last.ckpt"]
+
+
 def test_a_failed_save_leaves_no_temporary_and_keeps_the_previous_checkpoint(tmp_path):
     events: list = []
     trainer = _trainer(events)

@@ -70,8 +70,23 @@ def put_in_place(trainer: L.Trainer, pending: list[tuple[Path, Path]]) -> None:
     for logger in trainer.loggers:
         logger.save()
     if trainer.is_global_zero:
+        _sync_csv_rows(trainer)
         for temporary, path in pending:
             os.replace(temporary, path)
+
+
+def _sync_csv_rows(trainer: L.Trainer) -> None:
+    """metrics.csv onto the disk before a checkpoint is renamed into place: the checkpoint's own bytes are
+    synced, the CSV writer's appended rows only flushed, so a lost node (a power loss, a kernel panic)
+    could keep the checkpoint without its rows."""
+    for logger in trainer.loggers:
+        path = getattr(getattr(logger, "_experiment", None), "metrics_file_path", None)
+        if path and os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class TakeStopSignals(L.Callback):
