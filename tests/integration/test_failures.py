@@ -446,21 +446,6 @@ def test_a_refused_job_of_a_multirun_fails_as_a_job_and_the_sweep_runs_the_other
     assert not (sweep / "0" / "checkpoints").exists()
 
 
-def test_a_multiruns_job_on_another_config_is_told_to_take_another_sweep_folder(tmp_path):
-    """In a multirun hydra.run.dir is not read: the refusal of a job whose folder holds a run of another
-    config names the key that gives another folder there, hydra.sweep.dir."""
-    sweep = tmp_path / "sweep"
-    first = run_module("train", ["-m", *QUIET, "iterations=2", f"hydra.sweep.dir={sweep}"], env=COMMAND_ENV)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = run_module(
-        "train", ["-m", *QUIET, "iterations=2", "seed=1", f"hydra.sweep.dir={sweep}"], env=COMMAND_ENV
-    )
-    assert again.returncode == 1 and "was trained with another config: seed=0 (now 1)" in again.stderr
-    assert (
-        "start a new run in another hydra.sweep.dir" in again.stderr and "hydra.run.dir" not in again.stderr
-    )
-
-
 def test_a_local_multirun_on_several_devices_is_refused_before_any_rank_starts(tmp_path):
     """Lightning would start rank 1 with this command line, -m and the sweep included: a second sweep."""
     sweep = tmp_path / "sweep"

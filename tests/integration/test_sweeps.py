@@ -10,7 +10,7 @@ import yaml
 
 from act_lightning.environment import environment
 from act_lightning.report import job_record
-from tests.conftest import COMMAND_ENV, ROOT, refusal, run_module
+from tests.conftest import COMMAND_ENV, ROOT, run_module
 from tests.helpers_wandb import read_run
 
 
@@ -142,9 +142,28 @@ def test_an_optuna_search_without_evaluation_is_refused_before_a_trial_trains(tm
     assert not (tmp_path / "0" / "checkpoints").exists()
 
 
+@pytest.fixture
+def as_a_launch():
+    """Composes the training config with Hydra's own as a launch's job sees it (HydraConfig set), and
+    unsets it afterwards: the sweeps' checks read the choices and the command line there."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    def launch(overrides: list[str]):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield launch
+    HydraConfig.instance().cfg = None
+
+
 @pytest.mark.parametrize("given", ["iterations=40", "experiment=cifar10"])
-def test_the_equal_time_variant_refuses_another_length_or_experiment(tmp_path, given):
-    args = ["variant=ct_equal_time", given, "debug=smoke", "data=synthetic", "model.distance=pseudo_huber"]
-    result = run_module("train", [*args, f"hydra.run.dir={tmp_path}"], env=COMMAND_ENV)
-    line = refusal(result)
-    assert f"variant=ct_equal_time with {given}" in line and "variant=ct iterations=N" in line
+def test_the_equal_time_variant_refuses_another_length_or_experiment(as_a_launch, given):
+    from act_lightning.sweeps import check_sweep
+
+    check_sweep(as_a_launch(["variant=ct_equal_time"]))  # the quickstart at its own length
+    with pytest.raises(ValueError, match=rf"variant=ct_equal_time with {given}: .*variant=ct iterations=N"):
+        check_sweep(as_a_launch(["variant=ct_equal_time", given]))

@@ -276,6 +276,31 @@ def test_the_wandb_run_ends_with_the_jobs_outcome_and_is_named_by_the_experiment
     assert run_name(_smoke(tmp_path)) == "quickstart[model.schedule.gan_ratio=0.1,seed=1]"
 
 
+def test_a_multiruns_job_on_another_config_is_told_to_take_another_sweep_folder(tmp_path, monkeypatch):
+    """In a multirun hydra.run.dir is not read: the refusal of a job whose folder holds a run of another
+    config names the key that gives another folder there, hydra.sweep.dir."""
+    from hydra.types import RunMode
+
+    from act_lightning.start import start_point
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    saved = OmegaConf.to_container(_smoke(tmp_path), resolve=True)
+    torch.save({"state_dict": {"iteration": torch.tensor(2)}, "act_config": saved}, folder / "last.ckpt")
+    cfg = _smoke(tmp_path, "seed=1")
+    for mode, key in (
+        (RunMode.MULTIRUN, "hydra.sweep.dir (each job's folder is in it)"),
+        (RunMode.RUN, "hydra.run.dir"),
+    ):
+        monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+        job = SimpleNamespace(mode=mode, overrides=SimpleNamespace(task=["debug=smoke", "seed=1"]))
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda job=job: job))
+        with pytest.raises(
+            ValueError, match=r"seed=0 \(now 1\).* start a new run in another " + re.escape(key)
+        ):
+            start_point(cfg, OmegaConf.to_container(cfg, resolve=True))
+
+
 def test_a_last_checkpoint_corrupted_inside_a_tensor_is_refused_by_its_checksums(tmp_path):
     """torch's loader checks no checksums: zeros written over a tensor's bytes load as other numbers, and
     the run would have resumed from them without a word."""
