@@ -21,6 +21,7 @@ read as diffusers reads them (safetensors, or torch's safe loader).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -144,6 +145,18 @@ def load_unet(folder: Path):
         ) from None
 
 
+def weights_digest(folder: Path) -> str | None:
+    """The SHA-256 of the UNet's weights file that `load_unet` read (safetensors first, else .bin)."""
+    for name in (WEIGHTS, WEIGHTS.replace(".safetensors", ".bin")):
+        if (folder / name).is_file():
+            digest = hashlib.sha256()
+            with open(folder / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+    return None
+
+
 def convert(folder: str | Path, out: str | Path, force: bool = False) -> dict:
     """Converts the DDPM in `folder` into the checkpoint `out` (see the module docstring); returns a
     summary (the files read, the tensors and the config written)."""
@@ -170,7 +183,12 @@ def convert(folder: str | Path, out: str | Path, force: bool = False) -> dict:
         "in_channels": int(config["in_channels"]),
     }
     state = {f"generator.unet.{k}": v.detach().clone().contiguous() for k, v in unet.state_dict().items()}
-    checkpoint = {"state_dict": state, "act_generator": generator, "act_converted_from": str(folder)}
+    checkpoint = {
+        "state_dict": state,
+        "act_generator": generator,
+        "act_converted_from": str(folder.resolve()),  # as typed it named nothing from another folder
+        "act_converted_sha256": weights_digest(unet_path.parent),  # which weights, once the folder changes
+    }
     with atomic_write(out) as f:
         torch.save(checkpoint, f)
     return {

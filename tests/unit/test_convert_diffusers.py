@@ -5,6 +5,7 @@ own denoiser x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), checked against the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -124,7 +125,9 @@ def test_the_converted_backbone_is_the_ddpms_denoiser(tmp_path, kind, layout, ch
     assert generator["_target_"] == "act_lightning.nn.vp.VPEpsilonBackbone"
     assert generator["sigma_data"] == "${model.sigma_data}" and generator["c_noise"] == "${model.c_noise}"
     assert (generator["image_size"], generator["in_channels"]) == (8, channels)  # literal: checked vs data.*
-    assert checkpoint["act_converted_from"] == str(tmp_path / "ddpm")
+    assert checkpoint["act_converted_from"] == str((tmp_path / "ddpm").resolve())
+    (weights,) = (tmp_path / "ddpm").rglob("diffusion_pytorch_model.*")  # which file, by its bytes
+    assert checkpoint["act_converted_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert list(backbone.state_dict()) == [f"unet.{k}" for k in unet.state_dict()]  # no buffer saved
 
     table = table_log_sigmas(scheduler)
