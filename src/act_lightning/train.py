@@ -140,6 +140,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     if "batch_size" in cfg.data:  # before resume's global batch reads it
         check_batch_sizes(cfg.data.batch_size, cfg.data.get("global_batch_size"))
+        check_batch_under_global(cfg.data.batch_size, cfg.data.get("global_batch_size"))
     if cfg.get("eval") is not None:  # before the sample grid, whose interval is eval.every's by default
         check_count(cfg.eval.get("every"), "eval.every")
         reference = cfg.eval.get("reference")
@@ -158,6 +159,19 @@ def check_config(cfg: DictConfig) -> None:
                     f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
                     + (source if converted else "")
                 )
+
+
+def check_batch_under_global(batch_size: int, global_batch_size: int | None) -> None:
+    """data.batch_size is the most images per forward pass on a device; under an experiment's fixed
+    global batch, one above it was dropped without a word (data.batch_size=160 on experiment=cifar10
+    trained 80 per half, not the reference's --batch_size 160)."""
+    if global_batch_size is not None and batch_size > global_batch_size:
+        raise ValueError(
+            f"data.batch_size={batch_size} exceeds data.global_batch_size={global_batch_size}, the images "
+            "per half-batch over all devices that this run trains with (data.batch_size only caps a "
+            f"device's forward pass): to train with {batch_size} per half-batch, set "
+            f"data.global_batch_size={batch_size}"
+        )
 
 
 def check_class_embeddings(cfg: DictConfig) -> None:

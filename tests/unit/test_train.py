@@ -26,6 +26,7 @@ from act_lightning.train import (
     _init_gone_on_resume,
     build,
     build_loggers,
+    check_config,
     finish_wandb,
     finished,
     prepare,
@@ -299,6 +300,17 @@ def test_a_multiruns_job_on_another_config_is_told_to_take_another_sweep_folder(
             ValueError, match=r"seed=0 \(now 1\).* start a new run in another " + re.escape(key)
         ):
             start_point(cfg, OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_a_batch_size_above_the_experiments_global_batch_is_refused_not_dropped(tmp_path):
+    """data.batch_size=128 on the quickstart (global 64) trained 64 per half without a word."""
+    with pytest.raises(
+        ValueError,
+        match=r"data.batch_size=128 exceeds data.global_batch_size=64.* set data.global_batch_size=128",
+    ):
+        check_config(compose(["data.batch_size=128"], run_dir=str(tmp_path)))
+    check_config(compose(["data.batch_size=128", "data.global_batch_size=128"], run_dir=str(tmp_path)))
+    check_config(compose(["data.batch_size=32"], run_dir=str(tmp_path)))  # micro-batches of 32: a cap
 
 
 def test_a_last_checkpoint_corrupted_inside_a_tensor_is_refused_by_its_checksums(tmp_path):
