@@ -179,27 +179,11 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
     seen: set[Path] = set()
     for sweep in sweeps:
         for job in scored_jobs(sweep, seen):
-            checkpoint = job_checkpoint(job)
-            job_overrides, config = job_record(job, checkpoint)
+            run, job_overrides, summary = read_job(job)
+            runs.append(run)
             overrides.append(job_overrides)
-            summary = json.loads((job / "metric_summary.json").read_text())
             metrics.setdefault(summary.get("metric", "metric"), job)
             measured.setdefault(json.dumps(measured_by(summary), sort_keys=True), job)
-            history = summary["history"]
-            offset = pretrain_seconds(job, config.get("init_from"))
-            run = Run(
-                path=job,
-                seed=int(config.get("seed", 0)),
-                iterations=[int(h["iteration"]) for h in history],
-                values=[float(h["value"]) for h in history],
-                seconds=[offset + float(h.get("seconds", math.nan)) for h in history],
-                references=summary.get("references", {}),
-                pretrain_seconds=offset,
-                # what its latest launch trained with (None: no checkpoint, or one from before it was kept)
-                environment=latest_environment((checkpoint or {}).get("act_history")),
-                planned=int(config["iterations"]) if isinstance(config.get("iterations"), int) else None,
-            )
-            runs.append(run)
     if len(metrics) > 1:  # one column, one axis: values of different metrics do not compare
         listed = ", ".join(f"{metric} ({job})" for metric, job in metrics.items())
         raise ValueError(f"the jobs report different metrics: {listed}; report one metric at a time")
@@ -232,6 +216,29 @@ def find_runs(sweeps: list[Path]) -> list[Variant]:
             + (", ..." if len(unscored) > 5 else "")
         )
     return list(variants.values())
+
+
+def read_job(job: Path) -> tuple[Run, list[str], dict]:
+    """A job folder's run (its metric's history, seed and length), its launch's overrides and its
+    metric_summary.json."""
+    checkpoint = job_checkpoint(job)
+    job_overrides, config = job_record(job, checkpoint)
+    summary = json.loads((job / "metric_summary.json").read_text())
+    history = summary["history"]
+    offset = pretrain_seconds(job, config.get("init_from"))
+    run = Run(
+        path=job,
+        seed=int(config.get("seed", 0)),
+        iterations=[int(h["iteration"]) for h in history],
+        values=[float(h["value"]) for h in history],
+        seconds=[offset + float(h.get("seconds", math.nan)) for h in history],
+        references=summary.get("references", {}),
+        pretrain_seconds=offset,
+        # what its latest launch trained with (None: no checkpoint, or one from before it was kept)
+        environment=latest_environment((checkpoint or {}).get("act_history")),
+        planned=int(config["iterations"]) if isinstance(config.get("iterations"), int) else None,
+    )
+    return run, job_overrides, summary
 
 
 MEASURED = ("features", "num_samples", "subset_size", "reference")  # what a metric's values depend on
