@@ -384,6 +384,16 @@ def test_a_wandb_project_name_is_checked_by_wandbs_own_rule_before_the_run_is_se
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_truncated_inception_weights_file_is_refused_at_start_up_in_one_line(tmp_path):
+    """It was first read in the evaluation's setup, inside fit, after the data were prepared: a
+    traceback and exit status 1, where the README promises one line before any data is read."""
+    junk = tmp_path / "pt_inception.pth"
+    junk.write_bytes(b"junk\n")
+    args = ["experiment=cifar10", "debug=smoke", "data=synthetic", f"eval.inception_weights={junk}"]
+    line = refusal(run_cli([*args, "eval.inception_resize=null"], tmp_path / "run"))
+    assert f"{junk}: not a readable weights file" in line and "weights-inception-2015-12-05" in line
+
+
 def test_unreachable_says_why_a_connection_fails_or_that_no_answer_came(monkeypatch):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -192,7 +192,10 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_benchmarks.py::test_bench_train_writes_the_table_against_the_baseline",
     ),
-    "python -m act_lightning.train experiment=cifar10 perf=baseline trainer.strategy=auto": ("cli", [*SMOKE, *CHEAP]),
+    "python -m act_lightning.train experiment=cifar10 perf=baseline trainer.strategy=auto": (
+        "cli",
+        [*SMOKE, *CHEAP],
+    ),
     "python -m act_lightning.train -m model.schedule.gan_ratio=0,0.3 hydra/launcher=joblib "
     "hydra.launcher.n_jobs=2": (
         "cli",

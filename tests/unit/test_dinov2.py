@@ -17,6 +17,7 @@ from act_lightning.metrics.dinov2 import (
     WEIGHTS_URL,
     DINOv2Features,
     DinoVisionTransformer,
+    check_dinov2_weights,
     load_dinov2,
     resolve_dinov2_weights,
 )
@@ -125,8 +126,14 @@ def test_missing_or_foreign_weights_are_named(tmp_path, monkeypatch):
         load_dinov2(foreign)
     pickled = tmp_path / "pickled.pth"
     torch.save({"cls_token": torch.zeros(1, 1, 8), "extra": argparse.Namespace(a=1)}, pickled)
-    with pytest.raises(WeightsError, match="not a readable weights file"):
+    with pytest.raises(WeightsError, match="not a readable DINOv2 weights file"):
         load_dinov2(pickled)
+    junk = tmp_path / "junk.pth"  # a truncated download: refused at start-up, before fit, in one message
+    junk.write_bytes(b"junk\n")
+    with pytest.raises(
+        WeightsError, match=r"junk.pth: not a readable DINOv2 weights file .*a truncated download"
+    ):
+        check_dinov2_weights(junk)
 
 
 def test_weights_in_the_hub_cache_are_not_downloaded_again_and_missing_ones_are(tmp_path, monkeypatch):

@@ -146,17 +146,25 @@ class FrechetEvaluation(L.Callback):
         each refused by name when missing."""
         inception = dinov2 = None
         if features == "inception":
-            from act_lightning.metrics.inception import check_inception_resize, resolve_inception_weights
+            from act_lightning.metrics.inception import (
+                RANDOM,
+                check_inception_resize,
+                load_inception_state,
+                resolve_inception_weights,
+            )
 
             check_inception_resize(self.inception_resize, inception_weights)
             inception = resolve_inception_weights(inception_weights, download)
+            if inception != RANDOM:  # read now: a truncated download failed inside fit, with a traceback
+                load_inception_state(inception)
         elif isinstance(features, str) and features not in FEATURES:
             raise ValueError(f"eval.features must be one of {', '.join(FEATURES)}; got {features!r}")
         check_reference_spec(self.reference_spec)
         if "fd_dinov2" in self.metrics:
-            from act_lightning.metrics.dinov2 import resolve_dinov2_weights
+            from act_lightning.metrics.dinov2 import check_dinov2_weights, resolve_dinov2_weights
 
             dinov2 = resolve_dinov2_weights(dinov2_weights, download, key="eval.dinov2_weights")
+            check_dinov2_weights(dinov2)
         real = [m for m in self.metrics if m in NEED_REAL_IMAGES]
         if real and self.reference_spec != "train":
             from act_lightning.metrics.reference import require_reference_images

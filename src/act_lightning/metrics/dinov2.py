@@ -195,15 +195,29 @@ class DINOv2Features(nn.Module):
         return not_finite_as_nan(images, self.network(x).float())[0]
 
 
-def load_dinov2(weights: str | Path, quantize: str = "round") -> DINOv2Features:
-    """The feature extractor from a DINOv2 weights file (read with torch's safe loader, loaded strictly)."""
+def check_dinov2_weights(weights: str | Path) -> None:
+    """The file reads as DINOv2's weights (memory-mapped: cheap for its 1.2 GB), at start-up."""
+    load_dinov2_state(weights, mmap=True)
+
+
+def load_dinov2_state(weights: str | Path, mmap: bool = False) -> dict[str, Tensor]:
+    """The state dict, read with torch's safe loader, and the architecture it gives (WeightsError)."""
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=mmap)
+        architecture(state)
+        return state
+    except WeightsError:  # read, but not DINOv2's (architecture names what is missing)
+        raise
     except Exception as e:
         raise WeightsError(
-            f"{weights}: not a readable weights file ({type(e).__name__}); expected {WEIGHTS_FILE} from "
-            f"{WEIGHTS_URL}"
+            f"{weights}: not a readable DINOv2 weights file ({type(e).__name__}; a truncated download?); "
+            f"expected {WEIGHTS_FILE} from {WEIGHTS_URL}"
         ) from None
+
+
+def load_dinov2(weights: str | Path, quantize: str = "round") -> DINOv2Features:
+    """The feature extractor from a DINOv2 weights file (read with torch's safe loader, loaded strictly)."""
+    state = load_dinov2_state(weights)
     network = DinoVisionTransformer(**architecture(state))
     try:
         network.load_state_dict(state, strict=True)
