@@ -129,22 +129,29 @@ class LPIPSDistance(nn.Module):
         with vgg16_convolutions_only():
             self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if pretrained_backbone:
-            self._load_backbone(Path(weights) if weights else default_vgg16_path())
+            self._load_backbone(Path(weights) if weights else default_vgg16_path(), given=bool(weights))
         self.net.eval().requires_grad_(False)
         self.checkpointing = False  # model.speed.lpips_checkpointing: recompute VGG in the backward
         self.bf16 = False  # model.speed.bf16_lpips: VGG and the heads under bf16 autocast
 
-    def _load_backbone(self, path: Path) -> None:
+    def _load_backbone(self, path: Path, given: bool = False) -> None:
         if not path.is_file():
+            where = (
+                f"at {path} (model.lpips_weights)"
+                if given
+                else f"at {path} (torchvision's cache) or at the path given by model.lpips_weights"
+            )
             raise FileNotFoundError(
-                f"LPIPS needs the VGG16 weights file '{VGG16_FILE}' at {path} (torchvision's cache) or "
-                f"at the path given by model.lpips_weights. Get it from {VGG16_URL} and put it there, or "
-                "choose another consistency distance with model.distance=pseudo_huber."
+                f"LPIPS needs the VGG16 weights file '{VGG16_FILE}' {where}. Get it from {VGG16_URL} and put "
+                "it there, or choose another consistency distance with model.distance=pseudo_huber."
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"could not read the VGG16 weights at {path}: {err}") from err
+        except Exception as err:  # a truncated or foreign file: its KeyError alone said a bare number
+            raise ValueError(
+                f"could not read the VGG16 weights at {path} ({type(err).__name__}: not a torch weights "
+                f"file, a truncated download?); expected '{VGG16_FILE}' from {VGG16_URL}"
+            ) from err
         # lpips keeps torchvision's `features.<i>` modules under `slice<k>.<i>`: map the names across.
         own = self.net.net.state_dict()
         mapped = {}

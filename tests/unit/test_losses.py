@@ -105,6 +105,7 @@ def test_lpips_missing_weights_names_file_and_place(tmp_path):
     message = str(err.value)
     assert "vgg16-397923af.pth" in message and str(missing) in message
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
+    assert "(model.lpips_weights)" in message and "torchvision's cache" not in message  # the user's path
 
 
 def test_lpips_loads_torchvision_vgg16_state_dict(tmp_path):
@@ -125,7 +126,9 @@ def test_lpips_rejects_a_foreign_weights_file(tmp_path):
     with pytest.raises(ValueError, match="not torchvision's VGG16"):
         losses.LPIPSDistance(weights=str(path))
     path.write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(
+        ValueError, match=r"could not read .* a truncated download\?\); expected 'vgg16-397923af.pth'"
+    ):
         losses.LPIPSDistance(weights=str(path))
 
 
