@@ -608,6 +608,7 @@ NOT_CONFIG_KEYS = {
 NOT_SHIPPED_CHOICES = {
     ("experiment", "my_experiment"): "a user's own, in a folder of theirs (README: --config-dir)",
     ("hydra/launcher", "joblib"): "hydra-joblib-launcher's own (the plugin's, in Hydra's config store)",
+    ("hydra/launcher", "basic"): "Hydra's own one-job-at-a-time launcher (in its config store)",
 }
 
 
