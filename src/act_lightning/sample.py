@@ -98,7 +98,7 @@ def class_labels(
             for i in range(num_samples)
         ]
         return torch.stack(draws)
-    values = [named_class(v, spec, names) if isinstance(v, str) else v for v in given_classes(spec)]
+    values = given_indices(spec, names)
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"class_labels must be random, a class index or a list of them; got {spec}")
     bad = [v for v in values if not 0 <= v < num_classes]
@@ -185,7 +185,12 @@ def labels_record(spec: Any, labels: Tensor | None, names: list[str] | None = No
         return None
     if spec is None or spec == "random":
         return "random"
-    return [named_class(v, spec, names) if isinstance(v, str) else int(v) for v in given_classes(spec)]
+    return [int(v) for v in given_indices(spec, names)]
+
+
+def given_indices(spec: Any, names: list[str] | None) -> list:
+    """`class_labels` given as classes, each name as its index (`names`; unchecked otherwise)."""
+    return [named_class(v, spec, names) if isinstance(v, str) else v for v in given_classes(spec)]
 
 
 def given_classes(spec: Any) -> list:
