@@ -263,7 +263,8 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     _, _, path = reference
     out = tmp_path / "cifar10_act.ckpt"
     convert(path, out, ["debug=smoke", "data=synthetic"])  # the stored config then reads no files
-    overrides = [f"ckpt={out}", "num_samples=4", "batch_size=4", "samplers=[1-step]"]
+    overrides = [f"ckpt={out}", "eval.quantize=truncate"]  # the README's command
+    overrides += ["num_samples=4", "batch_size=4", "samplers=[1-step]"]
     overrides += ["eval.inception_weights=random", "eval.reference=train", "eval.reference_max_images=8"]
     overrides += [f"output={tmp_path / 'eval.json'}"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -272,6 +273,7 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     # the reference's global_step 10 counts a generator and a discriminator step per iteration: 5 trained
     # the weights, which the commands report; the checkpoint itself is at 0, where training starts
     assert summary["results"]["1-step"]["fid"] > 0 and summary["iteration"] == 5
+    assert summary["quantize"] == "truncate"
     assert export(out, tmp_path / "exported")["iteration"] == 5
     saved = torch.load(out, weights_only=True)
     assert int(saved["state_dict"]["iteration"]) == 0 and saved["act_reference_iteration"] == 5

@@ -113,7 +113,7 @@ COMMANDS: dict[str, tuple] = {
         "test_resume.py::test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit",
     ),
     "python -m act_lightning.train experiment=cifar10 "
-    "ckpt_path=outputs/cifar10/run1/checkpoints/iter_0050000.ckpt": (
+    "ckpt_path=outputs/cifar10/run1/checkpoints/iter_0295000.ckpt": (
         "test",
         "test_resume.py::test_stop_after_then_resume_auto_equals_the_straight_run_bit_for_bit",
     ),
@@ -176,7 +176,7 @@ COMMANDS: dict[str, tuple] = {
         "test",
         "test_convert_reference.py::test_converted_networks_compute_what_the_reference_layout_holds",
     ),
-    "python -m act_lightning.evaluate ckpt=cifar10_act.ckpt": (
+    "python -m act_lightning.evaluate ckpt=cifar10_act.ckpt eval.quantize=truncate": (
         "test",
         "test_convert_reference.py::test_a_converted_checkpoint_is_evaluated_sampled_and_exported",
     ),
