@@ -38,7 +38,7 @@ from act_lightning.commands import (
 )
 from act_lightning.consistency import ConsistencySchedule, karras_sigmas
 from act_lightning.data.images import eight_bit
-from act_lightning.sample import check_taus, enlarged, image_noise, to_uint8
+from act_lightning.sample import check_taus, enlarged, image_noise, named_class, to_uint8
 from act_lightning.samplers import (
     SUPERRES_FACTORS,
     Projection,
@@ -167,7 +167,8 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     images = read_inputs(cfg, files, size, channels)
     taus = edit_taus(cfg, model.schedule)
     n = len(files)
-    labels = class_label(cfg.class_label, model.hparams.num_classes, n, device)
+    label = class_index(cfg.class_label, model.hparams.num_classes, checkpoint.get("act_label_names"))
+    labels = None if label is None else torch.full((n,), label, device=device)
     net = model.target if cfg.net == "target" else model.generator
     # in batches: the whole folder in one pass ran a GPU out of memory at a few hundred 256 x 256 images
     parts = [
@@ -185,6 +186,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         "images": [str(f) for f in files],
         "taus": taus,
         **task_options(cfg),
+        **({} if label is None else {"class_label": label, "class_name": class_name(checkpoint, label)}),
         "out": str(out),
     }
     (out / "edit.json").write_text(json.dumps(summary, indent=2))
@@ -213,15 +215,13 @@ def edit_batch(cfg, model, net, images: Tensor, indices: range, labels, taus, sh
 
 def task_options(cfg: DictConfig) -> dict[str, Any]:
     """The options of `cfg.task` that shaped the edit (inpaint: mask or box, null for the default centre
-    square; superres: factor), and the class label when one was given."""
+    square; superres: factor)."""
     options: dict[str, Any] = {}
     if cfg.task == "inpaint":
         options["mask"] = None if cfg.mask is None else str(Path(cfg.mask).resolve())
         options["box"] = None if cfg.box is None else [int(v) for v in cfg.box]
     elif cfg.task == "superres":
         options["factor"] = int(cfg.factor)
-    if cfg.class_label is not None:
-        options["class_label"] = int(cfg.class_label)
     return options
 
 
@@ -282,20 +282,29 @@ def edit_taus(cfg: DictConfig, s: ConsistencySchedule) -> list[float]:
     return default_taus(cfg.steps, float(s.sigma_min), float(s.sigma_max), float(s.rho))
 
 
-def class_label(label: int | None, num_classes: int | None, n: int, device) -> Tensor | None:
-    """`label` for each of the n images of a class-conditional model (None for an unconditional one, which
-    refuses a label, as `sample` does)."""
+def class_index(label: Any, num_classes: int | None, names: list[str] | None) -> int | None:
+    """The class of every image of a class-conditional model: `label`, an index or, where the run's data
+    named their classes (a folder's class sub-folders: `names`), a name; None for an unconditional model,
+    which refuses a label, as `sample` does."""
     if not num_classes:
         if label is not None:
             raise ValueError(f"class_label={label}: this model is unconditional (it takes no class label)")
         return None
     if label is None:
         raise ValueError(f"this model is class-conditional ({num_classes} classes): give class_label=")
+    if isinstance(label, str):
+        label = named_class(label, label, names, key="class_label")
     if isinstance(label, bool) or not isinstance(label, int):
-        raise ValueError(f"class_label must be a class index (an integer); got {label!r}")
+        raise ValueError(f"class_label must be a class index (an integer) or a class's name; got {label!r}")
     if not 0 <= label < num_classes:
         raise ValueError(f"class_label={label} out of range for {num_classes} classes (0..{num_classes - 1})")
-    return torch.full((n,), label, device=device)
+    return label
+
+
+def class_name(checkpoint: dict, label: int) -> str | None:
+    """The name of class `label` where the run's data named their classes."""
+    names = checkpoint.get("act_label_names")
+    return None if names is None else names[label]
 
 
 def write_results(out: Path, images: Tensor, result: Tensor, mask: Tensor, shown_input: Tensor) -> None:

@@ -109,16 +109,18 @@ def class_labels(
     return torch.tensor(values).repeat(math.ceil(num_samples / len(values)))[:num_samples]
 
 
-def named_class(name: str, spec: Any, names: list[str] | None) -> int:
-    """The index of the class called `name` (`names`: the checkpoint's class names, or None)."""
+def named_class(name: str, spec: Any, names: list[str] | None, key: str = "class_labels") -> int:
+    """The index of the class called `name` (`names`: the checkpoint's class names, or None), given as
+    `key`=`spec`."""
     if names is None:
+        example = "[0,3]" if key == "class_labels" else "3"
         raise ValueError(
-            f"class_labels={spec}: {name!r} is no class index, and this model's classes have no names (only "
-            "a run on a folder of class sub-folders records them); give indices, e.g. class_labels=[0,3]"
+            f"{key}={spec}: {name!r} is no class index, and this model's classes have no names (only "
+            f"a run on a folder of class sub-folders records them); give indices, e.g. {key}={example}"
         )
     if name not in names:
         shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-        raise ValueError(f"class_labels={spec}: no class is called {name!r}; this model's classes: {shown}")
+        raise ValueError(f"{key}={spec}: no class is called {name!r}; this model's classes: {shown}")
     return names.index(name)
 
 

@@ -301,19 +301,25 @@ def test_bad_inputs_are_named(checkpoints, tmp_path):
         _edit(["steps=abc", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
     with pytest.raises(ValueError, match="factor must be one of 2, 4, 8 and divide the image size 8; got x"):
         _edit(["task=superres", "factor=x", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path}"])
-    from act_lightning.edit import class_label
+    from act_lightning.edit import class_index
 
-    assert class_label(4, 5, 2, "cpu").tolist() == [4, 4] and class_label(None, None, 2, "cpu") is None
+    assert class_index(4, 5, None) == 4 and class_index(None, None, None) is None
+    assert class_index("b", 5, ["a", "b", "c", "d", "e"]) == 1
     with pytest.raises(ValueError, match=r"class_label=3: this model is unconditional"):
         _edit(["class_label=3", f"ckpt={ckpt}", f"input={images}", f"out={tmp_path / 'labelled'}"])
     for bad in (5, -1):
         with pytest.raises(ValueError, match=rf"class_label={bad} out of range for 5 classes \(0..4\)"):
-            class_label(bad, 5, 2, "cpu")
-    for bad in ("abc", True, 1.5):
+            class_index(bad, 5, None)
+    with pytest.raises(
+        ValueError, match=r"class_label=abc: 'abc' is no class index, and this model's classes"
+    ):
+        class_index("abc", 5, None)
+    for bad in (True, 1.5):
         with pytest.raises(
-            ValueError, match=rf"class_label must be a class index \(an integer\); got {bad!r}"
+            ValueError,
+            match=rf"class_label must be a class index \(an integer\) or a class's name; got {bad!r}",
         ):
-            class_label(bad, 5, 2, "cpu")
+            class_index(bad, 5, None)
 
 
 def test_a_diffusion_model_is_refused(tmp_path):

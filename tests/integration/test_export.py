@@ -433,3 +433,17 @@ def test_a_folder_runs_class_names_are_kept_refused_when_renamed_on_resume_and_e
     assert load_generator(tmp_path / "export").class_names == ["apple", "mango", "zebra"]
     labels = load_generator(tmp_path / "export").sample(torch.randn(2, 3, 32, 32), np.array([0, 2]))
     assert labels.shape == (2, 3, 32, 32)  # numpy's integer labels (a samples.npz's arr_1) are taken
+    # edit takes a class by its name, as sample does: the same edit as by its index, recorded with both
+    from tests.integration.test_edit import _edit, _images, _result
+
+    inputs = [f"ckpt={last}", f"input={_images(tmp_path / 'in', 1, 32, 'RGB')}"]
+    by_name = _edit([*inputs, "class_label=mango", f"out={tmp_path / 'by_name'}"])
+    _edit([*inputs, "class_label=1", f"out={tmp_path / 'by_index'}"])
+    assert by_name["class_label"] == 1 and by_name["class_name"] == "mango"
+    np.testing.assert_array_equal(
+        _result(tmp_path / "by_name")["output"], _result(tmp_path / "by_index")["output"]
+    )
+    with pytest.raises(
+        ValueError, match="class_label=pear: no class is called 'pear'; this model's classes: apple"
+    ):
+        _edit([*inputs, "class_label=pear", f"out={tmp_path / 'pear'}"])
