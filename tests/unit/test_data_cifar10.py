@@ -213,13 +213,35 @@ def test_labels_outside_the_ten_classes_are_named(tmp_path, labels):
 
 
 @pytest.mark.parametrize(
-    ("labels", "found"), [("abc", "a 0-d <U3"), ([3], r"1 \(int64\)"), ([1.5, 2.5], "2 .float64")]
+    ("labels", "found"),
+    [
+        ("abc", "a str that is no list of integers"),
+        ([3], "a list of integers of 1"),
+        ([1.5, 2.5], "a list that is no list of integers"),
+        ([1, [2, 3]], "a list that is no list of integers"),  # numpy raised its own ValueError here
+        (np.zeros((2, 1), np.int64), "a 2-d int64 array"),
+    ],
 )
 def test_labels_that_are_not_one_integer_per_image_are_named(tmp_path, labels, found):
     batch = pickle.loads(_resaved(tmp_path, 4)[0].read_bytes())
     batch[b"labels"] = labels
     (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=4))
-    with pytest.raises(DataError, match=rf"data_batch_1: 2 images but `labels` holds {found}"):
+    with pytest.raises(
+        DataError, match=rf"data_batch_1: 2 images but `labels` is {found}; expected 2 integers"
+    ):
+        read_batch(tmp_path / "data_batch_1")
+
+
+def test_labels_nested_through_the_pickles_references_are_refused_before_numpy_reads_them(tmp_path):
+    # 6 kB of pickle: one list of 100 referenced 100 times, three deep, is 10^6 labels to numpy (a
+    # thousand each, 7.5 GB, took numpy 27 s and then a MemoryError); the first non-integer ends it
+    labels = [0] * 100
+    for _ in range(2):
+        labels = [labels] * 100
+    content = py2_pickle({b"data": np.zeros((0, 3072), np.uint8), b"labels": labels})
+    assert len(content) < 10_000
+    (tmp_path / "data_batch_1").write_bytes(content)
+    with pytest.raises(DataError, match="0 images but `labels` is a list that is no list of integers"):
         read_batch(tmp_path / "data_batch_1")
 
 
@@ -279,6 +301,94 @@ def test_a_batch_that_calls_numpy_ndarray_for_its_array_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"data_batch_2: not a readable CIFAR-10 python batch \(TypeError"):
         read_batch(folder / "data_batch_2")
     assert pickle.loads((folder / "data_batch_2").read_bytes())[b"data"].shape == (10, 3072)  # the control
+
+
+class _StatefulDType:
+    """Pickles as numpy.dtype(name, False, True) given `state`, as numpy's own dtype pickles itself."""
+
+    def __init__(self, name, state) -> None:
+        self.name, self.state = name, state
+
+    def __reduce__(self):
+        return np.dtype, (self.name, False, True), self.state
+
+
+class _Array:
+    """Pickles as numpy's reconstructor writes an array: its state (1, shape, dtype, False, bytes)."""
+
+    def __init__(self, shape, dtype, raw) -> None:
+        self.state = (1, shape, dtype, False, raw)
+
+    def __reduce__(self):
+        return np.empty(0).__reduce__()[0], (np.ndarray, (0,), b"b"), self.state
+
+
+PLAIN = (3, "<", None, None, None, -1, -1, 0)  # numpy's state of '<i8'
+
+
+@pytest.mark.parametrize(
+    ("labels", "said"),
+    [
+        # numpy's own dtype took this state: a field 1 GiB past an 8-byte item, read out of bounds when
+        # numpy turned the labels into an array (the process ended with SIGSEGV, no file named)
+        (
+            _Array(
+                (2,),
+                _StatefulDType("V8", (3, "|", None, ("a",), {"a": ("<u8", 1 << 30)}, 8, 1, 16)),
+                bytes(16),
+            ),
+            r"numpy.dtype\('V8'\): a batch's arrays hold integers only",
+        ),
+        (
+            _Array(
+                (2,),
+                _StatefulDType("i8", (3, "|", None, ("a",), {"a": ("<u8", 1 << 30)}, 8, 1, 16)),
+                bytes(16),
+            ),
+            "numpy.dtype state .*: not a plain integer type's",
+        ),
+        (
+            _Array((2,), _StatefulDType("i8", PLAIN), bytes(8)),
+            r"numpy array of shape \(2,\): 8 bytes do not fill it",
+        ),
+        (_Array((1 << 40,), _StatefulDType("i8", PLAIN), bytes(8)), "bytes do not fill it"),
+    ],
+)
+def test_an_array_whose_type_or_bytes_are_not_a_plain_integer_arrays_is_refused(tmp_path, labels, said):
+    content = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=3)
+    (tmp_path / "data_batch_1").write_bytes(content)
+    with pytest.raises(DataError, match=rf"data_batch_1: not a readable CIFAR-10 python batch .*{said}"):
+        read_batch(tmp_path / "data_batch_1")
+
+
+def test_integer_label_arrays_of_either_byte_order_load(tmp_path):
+    for order in "<>":
+        labels = _Array(
+            (2,),
+            _StatefulDType("i4", (3, order, None, None, None, -1, -1, 0)),
+            np.array([3, 9], f"{order}i4").tobytes(),
+        )
+        content = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=3)
+        (tmp_path / "data_batch_1").write_bytes(content)
+        assert read_batch(tmp_path / "data_batch_1")[1].tolist() == [3, 9]
+
+
+def test_batches_read_without_prepare_data_are_checked_against_the_release_first(cifar_root):
+    # evaluate's reference images come from the data module's reference set, with no prepare_data before
+    with pytest.raises(DataError, match=r"data_batch_1: checksum mismatch"):
+        _dm(cifar_root, verify=True).build_reference_dataset()
+    assert len(_dm(cifar_root, verify=False).build_reference_dataset()) == 5 * 8
+
+
+def test_a_root_that_is_the_batches_folder_itself_names_the_folder_above_and_downloads_nothing(cifar_root):
+    folder = cifar_root / CIFAR_FOLDER
+    for dm in (_dm(folder, download=True), _dm(folder, download=False)):
+        for step in (dm.check_source, dm.prepare_data):
+            with pytest.raises(FileNotFoundError) as err:
+                step()
+            assert f"data.root={folder} holds the batches themselves (data_batch_1, ...)" in str(err.value)
+            assert f"data.root={cifar_root} for {folder}" in str(err.value)
+    assert not (folder / CIFAR_FOLDER).exists()
 
 
 def test_wrong_sizes_are_refused():

@@ -177,7 +177,7 @@ def prepared_copy(prepared, tmp_path) -> Path:
     return dst
 
 
-def test_checksum_mismatch_is_named(prepared_copy):
+def test_checksum_mismatch_is_named(prepared_copy, capsys):
     path = prepared_copy / "train_images.npy"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -189,7 +189,13 @@ def test_checksum_mismatch_is_named(prepared_copy):
     # the command that mends it names the folder and the official files it was prepared from
     source = json.loads((prepared_copy / "manifest.json").read_text())["from"]
     assert f"re-run `python -m act_lightning.prepare` into {prepared_copy} from {source}" in str(err.value)
+    assert str(err.value).endswith("(data.verify=false skips this check)")
     _dm(prepared_copy, verify=False).prepare_data()  # data.verify=false skips the hash
+    # the verify command itself names no switch of a run's that would skip the check it was asked for
+    capsys.readouterr()
+    assert prepare_main(["verify", str(prepared_copy), "-q"]) == 1
+    said = capsys.readouterr().err
+    assert "train_images.npy: checksum mismatch" in said and "data.verify" not in said
 
 
 def test_truncated_prepared_array_is_named(prepared_copy):
@@ -315,15 +321,22 @@ def test_an_unreadable_record_of_verified_files_means_hashing_again(prepared_cop
     assert sorted(record) == sorted(hashed)
 
 
-def test_official_files_are_found_in_sub_folders_the_first_by_path(tmp_path):
+def test_official_files_are_found_in_sub_folders_and_two_of_one_name_are_refused(tmp_path):
     write_imagenet64(tmp_path / "a_part1", per_file=2, val=False)  # the archives unzip into folders
-    write_imagenet64(tmp_path / "b_copy", per_file=2, val=False, seed=1)  # a second copy: sorts later
     train, val = find_official_files(tmp_path)
     assert train == [tmp_path / "a_part1" / name for name in TRAIN_FILES] and val is None
     manifest = prepare_imagenet64(tmp_path, tmp_path / "out", progress=False)
     assert manifest["splits"]["train"]["count"] == 20 and "val" not in manifest["splits"]
     with np.load(tmp_path / "a_part1" / "train_data_batch_1.npz") as npz:
         assert np.array_equal(np.load(tmp_path / "out" / "train_images.npy")[:2].reshape(2, -1), npz["data"])
+    # a second set of the same names (ImageNet 32's release, a copy) was taken or left by its path's order
+    write_imagenet64(tmp_path / "Imagenet32_train_npz", per_file=2, val=False, seed=1)
+    first, second = tmp_path / "Imagenet32_train_npz", tmp_path / "a_part1"
+    with pytest.raises(FileNotFoundError) as err:
+        find_official_files(tmp_path)
+    said = str(err.value)
+    assert f"2 files called train_data_batch_1.npz under {tmp_path} ({first / TRAIN_FILES[0]}, " in said
+    assert f"{second / TRAIN_FILES[0]}); give the folder that holds only the 64x64 release" in said
 
 
 def test_a_missing_val_file_is_named_when_required(tmp_path):

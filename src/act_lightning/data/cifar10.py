@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -50,8 +51,53 @@ EXTRACTING = f".{FOLDER}.extracting"  # the archive is extracted here, then its 
 # array is rebuilt by numpy's reconstructor, which numpy 1.x wrote as numpy.core.multiarray._reconstruct
 # (numpy 2 writes numpy._core.multiarray: a batch re-saved under Python 3 with protocol 3 or 4), from
 # numpy.ndarray and a numpy.dtype. Everything else a pickle could name is refused, among them what
-# Python 3 adds with protocol 2 (_codecs.encode, for bytes) and 5 (numpy's _frombuffer).
-_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own, whichever module holds it in this version
+# Python 3 adds with protocol 2 (_codecs.encode, for bytes) and 5 (numpy's _frombuffer). None of the three
+# is numpy's own: numpy's dtype and array take any state they are given (a dtype whose field lies a GiB
+# past its item's end read memory out of bounds and ended the process), so a batch's arrays are built here
+# from their shape, a plain integer type and the file's own bytes, and nothing else.
+_INTEGER_TYPES = frozenset(f"{kind}{size}" for kind in "iu" for size in (1, 2, 4, 8))
+_BYTE_ORDERS = {"|": "=", "=": "=", "<": "<", ">": ">"}
+
+
+def _text(value: Any) -> Any:
+    """A Python 2 str as the unpickler gives it (bytes, under encoding="bytes"), as a str."""
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+class _DType:
+    """numpy.dtype as a batch names it: a plain integer type (`u1`, `i8`, ...) in a byte order, nothing
+    more; its state may only say the byte order."""
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
+        if _text(name) not in _INTEGER_TYPES:
+            raise pickle.UnpicklingError(f"numpy.dtype({name!r}): a batch's arrays hold integers only")
+        self.dtype = np.dtype(_text(name))
+
+    def __setstate__(self, state: Any) -> None:
+        plain = isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+        plain = plain and state[2:5] == (None, None, None) and state[5:] == (-1, -1, 0)
+        if not plain or _text(state[1]) not in _BYTE_ORDERS:
+            raise pickle.UnpicklingError(f"numpy.dtype state {state!r}: not a plain integer type's")
+        self.dtype = self.dtype.newbyteorder(_BYTE_ORDERS[_text(state[1])])
+
+
+class _Array:
+    """An array as a batch holds it: numpy's reconstructor makes an empty one, whose state then gives its
+    shape, type and bytes; `array` is it, built by numpy from those bytes (whose length must match)."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+            raise pickle.UnpicklingError("numpy array state: not (1, shape, dtype, fortran, bytes)")
+        _, shape, dtype, fortran, raw = state
+        if not isinstance(shape, tuple) or not 1 <= len(shape) <= 2 or not all(type(n) is int for n in shape):
+            raise pickle.UnpicklingError(f"numpy array shape {shape!r}: one or two dimensions expected")
+        if not isinstance(dtype, _DType) or fortran is not False or not isinstance(raw, bytes):
+            raise pickle.UnpicklingError("numpy array state: a plain integer type and bytes expected")
+        if len(raw) != math.prod(shape) * dtype.dtype.itemsize or min(shape) < 0:
+            raise pickle.UnpicklingError(f"numpy array of shape {shape}: {len(raw)} bytes do not fill it")
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape).copy()
 
 
 class _ArrayClass:
@@ -60,19 +106,19 @@ class _ArrayClass:
     from a few bytes of pickle, gigabytes for a large N) fails to unpickle."""
 
 
-def _reconstruct(cls: Any, shape: Any, dtype: Any) -> np.ndarray:
+def _reconstruct(cls: Any, shape: Any, dtype: Any) -> _Array:
     """numpy's reconstructor as the official batches call it: an empty array of numpy.ndarray, which
-    __setstate__ then fills from the file's own bytes (whose length must match the shape)."""
+    its state then fills from the file's own bytes."""
     if not isinstance(cls, _ArrayClass) or tuple(shape) != (0,):
         raise pickle.UnpicklingError(f"numpy's reconstructor called as ({cls!r}, {shape!r}, {dtype!r})")
-    return _RECONSTRUCT(np.ndarray, shape, dtype)
+    return _Array()
 
 
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): _ArrayClass(),
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _DType,
 }
 
 
@@ -144,16 +190,29 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict):
         raise DataError(f"{path}: a CIFAR-10 python batch is a dict, found {type(batch).__name__}")
     data, labels = (batch.get(key, batch.get(key.decode())) for key in (b"data", b"labels"))
+    data = data.array if isinstance(data, _Array) else data
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: `data` should be a uint8 (N, 3072) array, found {found}")
-    labels = np.asarray(labels if labels is not None else [])
-    if labels.ndim != 1 or len(labels) != len(data) or (len(labels) and labels.dtype.kind not in "iu"):
-        found = f"{len(labels)} ({labels.dtype})" if labels.ndim == 1 else f"a {labels.ndim}-d {labels.dtype}"
-        raise DataError(f"{path}: {len(data)} images but `labels` holds {found}")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
-    return data, labels
+    return data, batch_labels(path, labels.array if isinstance(labels, _Array) else labels, len(data))
+
+
+def batch_labels(path: Path, labels: Any, n: int) -> np.ndarray:
+    """A batch's `labels`, n classes in 0..9 (a list of ints, as the official files hold, or a 1-d integer
+    array), as an int64 array; anything else is refused by name before numpy reads it (a list nested a
+    few levels deep through the pickle's references would have numpy allocate gigabytes)."""
+    if isinstance(labels, np.ndarray):
+        fine = labels.ndim == 1 and labels.dtype.kind in "iu"
+        found = f"a {labels.ndim}-d {labels.dtype} array"
+    else:
+        fine = type(labels) is list and all(type(v) is int for v in labels)
+        found = "a list of integers" if fine else f"a {type(labels).__name__} that is no list of integers"
+    if not fine or len(labels) != n:
+        size = f" of {len(labels)}" if fine else ""
+        raise DataError(f"{path}: {n} images but `labels` is {found}{size}; expected {n} integers in 0..9")
+    if n and not all(0 <= int(v) <= 9 for v in (min(labels), max(labels))):
+        raise DataError(f"{path}: labels must lie in 0..9, found {min(labels)}..{max(labels)}")
+    return np.asarray(labels, dtype=np.int64)
 
 
 def load_cifar10_train(root: Path) -> tuple[Tensor, Tensor]:
@@ -162,7 +221,7 @@ def load_cifar10_train(root: Path) -> tuple[Tensor, Tensor]:
     for name, _ in TRAIN_FILES:
         data, targets = read_batch(root / FOLDER / name)
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32)))  # (n, 3, 32, 32)
-        labels.append(torch.from_numpy(targets.astype(np.int64)))
+        labels.append(torch.from_numpy(targets))
     return torch.cat(images), torch.cat(labels)
 
 
@@ -260,10 +319,13 @@ class CIFAR10DataModule(ImageDataModule):
         self._images: Tensor | None = None  # (N, 3, 32, 32) uint8 on the host
         self._labels: Tensor | None = None
         self._on_device: tuple[Tensor, Tensor] | None = None
+        self._verified = False  # the batches' MD5s were checked by this object (prepare_data or _load)
 
     # -- files -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         root = self.path
+        if self._missing_batches() and self._batches_in_root():
+            raise DataUnavailable(self._batches_in_root())
         if self._missing_batches() and ((root / ARCHIVE).is_file() or self.download):
             # other nodes' rank 0 extract or download into the same folder when it is shared: one at a
             # time, and the ones that waited find the batches
@@ -276,9 +338,15 @@ class CIFAR10DataModule(ImageDataModule):
         missing = self._missing_batches()
         if missing:
             raise DataUnavailable(self._not_found_message(missing))
-        if self.verify:
+        self._check_batches()
+
+    def _check_batches(self) -> None:
+        """With `verify`, each batch against the release's MD5 (once per object): before any is read, by
+        training's prepare_data, and by `_load` where none ran (evaluate's reference images)."""
+        if self.verify and not self._verified:
             for name, md5 in TRAIN_FILES:
-                self._check_md5(root / FOLDER / name, md5)
+                self._check_md5(self.path / FOLDER / name, md5)
+            self._verified = True
 
     def reference_fingerprint(self) -> str | None:
         """None where `verify` checks the batches against the release's MD5s (they are the release);
@@ -294,6 +362,8 @@ class CIFAR10DataModule(ImageDataModule):
         way to `root` is writable, so that `prepare_data` can create `root` and download into it."""
         root = self.path
         missing = self._missing_batches()
+        if missing and self._batches_in_root():  # no download into a folder inside the data set
+            raise FileNotFoundError(self._batches_in_root())
         if not missing:
             for name, _ in TRAIN_FILES:
                 check_readable(root / FOLDER / name)
@@ -321,6 +391,16 @@ class CIFAR10DataModule(ImageDataModule):
             f"data_batch_5, or the archive {root / ARCHIVE}. Get it from {URL}"
             + (" (data.download=true fetches it on a machine that is online)." if not self.download else ".")
         )
+
+    def _batches_in_root(self) -> str | None:
+        """What to say when data.root is the batches' own folder (it should be the one above it)."""
+        if (self.path / TRAIN_FILES[0][0]).is_file():
+            return (
+                f"data.root={self.path} holds the batches themselves ({TRAIN_FILES[0][0]}, ...): data.root "
+                f"is the folder above them, data.root={self.path.parent} for {self.path.parent / FOLDER}"
+                + ("" if self.path.name == FOLDER else f" once the folder is renamed {FOLDER}")
+            )
+        return None
 
     def _check_md5(self, path: Path, md5: str) -> None:
         found = calculate_md5(path)
@@ -396,6 +476,7 @@ class CIFAR10DataModule(ImageDataModule):
             missing = self._missing_batches()
             if missing:
                 raise FileNotFoundError(self._not_found_message(missing))
+            self._check_batches()
             images, labels = load_cifar10_train(self.path)
             if not self.num_classes:
                 labels = torch.zeros_like(labels)

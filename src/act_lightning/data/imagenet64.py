@@ -41,6 +41,11 @@ def find_official_files(src: Path, require_val: bool = False) -> tuple[list[Path
 
     def find(name: str) -> Path | None:
         hits = sorted(src.rglob(name)) if src.is_dir() else []
+        if len(hits) > 1:  # e.g. ImageNet 32's files of the same names beside the 64x64 ones
+            raise FileNotFoundError(
+                f"ImageNet 64x64: {len(hits)} files called {name} under {src} ({', '.join(map(str, hits))}); "
+                "give the folder that holds only the 64x64 release (Imagenet64_*_npz)"
+            )
         return hits[0] if hits else None
 
     train = {name: find(name) for name in TRAIN_FILES}

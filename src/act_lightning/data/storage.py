@@ -324,8 +324,11 @@ def read_manifest(root: Path, source: str) -> dict:
     return manifest
 
 
-def check_files(root: Path, manifest: dict, verify: bool) -> None:
-    """Every file the manifest lists exists with its recorded size; with `verify`, also its SHA-256.
+def check_files(
+    root: Path, manifest: dict, verify: bool, switch: str = " (data.verify=false skips this check)"
+) -> None:
+    """Every file the manifest lists exists with its recorded size; with `verify`, also its SHA-256 (a
+    mismatch's message ends with `switch`, how a run turns the check off).
 
     Hashing is skipped for files unchanged (same size and mtime) since they last matched, so only the
     first run after `prepare` (or after a file changed) pays for it.
@@ -349,7 +352,7 @@ def check_files(root: Path, manifest: dict, verify: bool) -> None:
             if digest != info["sha256"]:
                 raise DataError(
                     f"{path}: checksum mismatch (sha256 {digest}, the manifest records {info['sha256']}); "
-                    f"the file is corrupt: {_rerun(root, manifest)} (data.verify=false skips this check)"
+                    f"the file is corrupt: {_rerun(root, manifest)}{switch}"
                 )
             stamp[name] = _fingerprint(path)
             changed = True
