@@ -59,9 +59,11 @@ CPU_PLAN = {
     "lsun_cat256": (2, 1, 1, 1),
 }
 # Timed and warm-up iterations at the paper's batch. The experiments run R1 every 16th iteration: 32
-# timed hold exactly their mix, and 17 of warm-up run the R1 pass twice (k = 0, 16), so that under CUDA
-# graphs (a graph's first call warms up, its second records) no recording falls in the timed window.
-GPU_PLAN = (32, 17)
+# timed hold exactly their mix, and 18 of warm-up run the R1 pass and the iteration after it twice (k = 0,
+# 1, 16, 17: the one after an R1 update may run the augmentation pipeline at p = 0, until the new p has
+# reached the host), so that under CUDA graphs (a graph's first call warms up, its second records) no
+# recording falls in the timed window.
+GPU_PLAN = (32, 18)
 BASELINE = ["perf=baseline", "trainer.strategy=auto"]  # one device here; bench_ddp.py measures the strategy
 FAST: list[str] = []  # the library's defaults
 BF16 = ["trainer.precision=bf16-mixed"]
@@ -116,7 +118,8 @@ LEVERS = {
     ],
     # The R1 iteration (one in 16) ran D eagerly: 79 ms of kernels and 6,700 more launches than the others
     # (compiled profile); compile_r1 makes it one more (CUDA) graph. compile_augment compiles the
-    # augmentation pipeline too (idle at p = 0, so only the augmenting variants below see it)
+    # augmentation pipeline too (skipped at p = 0 once the host knows p, so mostly the augmenting variants
+    # below see it; the iteration after an R1 update may run it before the new p has reached the host)
     "cuda_graphs_flex_r1": [
         "model.speed.compile=true",
         "model.speed.compile_mode=reduce-overhead",
@@ -494,7 +497,8 @@ def variants_to_run(cuda: bool, args, ablate: bool) -> dict[str, list[str]]:
     return {name: [*v, *args.set] for name, v in variants.items()}
 
 
-def measure_config(config: str, device: torch.device, args, ablate: bool) -> dict:
+def measure_config(config: str, device: torch.device, args, ablate: bool, progress=None) -> dict:
+    """Every variant of `config`, timed; `progress(runs)` after each run (the runs so far, by variant)."""
     cuda = device.type == "cuda"
     batch, timed, warmup, repeats = plan(config, cuda, args)
     variants = variants_to_run(cuda, args, ablate)
@@ -512,6 +516,8 @@ def measure_config(config: str, device: torch.device, args, ablate: bool) -> dic
             )
             if done.get("compile"):
                 print(f"    compiled: {json.dumps(done['compile'])}", flush=True)
+            if progress is not None:
+                progress(runs)
 
     def rate(name: str) -> float:
         return statistics.median(x["it_per_s"] for x in runs[name])
@@ -669,14 +675,27 @@ def main() -> None:
         "machine": f"{machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}",
         "configs": {},
     }
+    out = Path(args.output)
+
+    def progress(config: str, runs: dict) -> None:
+        """The configs measured so far and this one's runs, written after each run: a process stopped at
+        its time limit (the device check's steps) leaves what it measured. The whole report replaces it."""
+        running = {name: [x["it_per_s"] for x in xs] for name, xs in runs.items() if xs}
+        compiled = {name: xs[-1]["compile"] for name, xs in runs.items() if xs and "compile" in xs[-1]}
+        partial = {**report, "cut_short": {"config": config, "runs": running, "compile": compiled}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(partial, indent=2) + "\n")
+
     for config in args.configs:
         print(f"{config} ...", flush=True)
-        report["configs"][config] = measure_config(config, device, args, config in args.ablate)
+        report["configs"][config] = measure_config(
+            config, device, args, config in args.ablate, lambda runs, c=config: progress(c, runs)
+        )
     if device.type == "cpu" and args.side_by_side:
         report["side_by_side"] = side_by_side(args.side_by_side)
-    out = Path(args.output)
     if args.merge and out.is_file():
         previous = json.loads(out.read_text())
+        previous.pop("cut_short", None)  # a run stopped before its end: its finished configs merge
         report["configs"] = {**previous["configs"], **report["configs"]}
         if "side_by_side" in previous and "side_by_side" not in report:
             report["side_by_side"] = previous["side_by_side"]

@@ -15,7 +15,10 @@ up to two gzip passes over hundreds of MB, follows the steps), then at once (the
 held 30 s idle), warm, the rest with `--only` and `--previous` (the first call's summary.json, so that
 a step that needs an earlier one, or is its fallback, knows how that one ended): inductor's cache on the
 machine makes a second compile of the same graphs short; on a new machine, the carried cache does
-(below). The results are written after every step, so a call cut short returns what it measured.
+(below). The results are written after every step, so a call cut short returns what it measured
+(bench_train.py writes its JSON after every run, so a step stopped at its limit keeps the runs it
+finished). The budget counts from the script's start (unpacking a carried cache included); the env step
+checks that torch sees CUDA, and no step runs after it fails.
 Steps known not to fit a card's memory are skipped on it (ImageNet 64 in one pass on an 80 GB H100):
 name the nvidia-h200 kind to run them, and to compare with the H200 figures of 2026-12-04.
 `profile_train.py --timed 16` times an iteration without the profiler, then profiles it, after one
@@ -54,6 +57,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,8 +72,10 @@ BENCH = ROOT / "benchmarks"
 MEMORY = "model.r1_interval=2"  # R1 at k = 2: the measured iterations include the R1 pass's memory
 LEVERS = ["classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"]  # not measured yet
 QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0"]
+STARTED = time.monotonic()  # the budget counts from here: unpacking a carried cache is part of the call
 MAX_FILE = 15 * 2**20  # the device tool returns files of up to 16 MiB
 CACHE_PARTS = 3  # of the tool's eight files, what the five others leave (64 MiB in all)
+MAX_TOTAL = 62 * 2**20  # all files together (the tool's 64 MiB, less a margin for the last rewrite)
 CACHE_NAME = "compile_cache.tar.gz"
 PACKAGES = (  # what the steps import besides torch: versions in the env step's output
     *("triton", "lightning", "torchmetrics", "diffusers", "huggingface_hub", "safetensors"),
@@ -87,6 +93,7 @@ class Step:
     after: str | None = None  # runs only if this earlier step passed (its profile needs what it measured)
     unless: str | None = None  # skipped if this earlier step passed (a fallback for it)
     min_gpu_gib: float = 0  # skipped on a GPU with less memory, GiB (known not to fit there)
+    required: bool = False  # if it does not pass, no later step runs (they would measure nothing)
 
 
 def imagenet64_step(name: str, batch: int, extra: list[str], min_gpu_gib: float = 0) -> Step:
@@ -126,9 +133,12 @@ def fid_step(num_samples: int = 50_000, train_extra: str = "", eval_extra: str =
     return Step("fid_50k", ["bash", "-c", timed], 240, 90, "fid_50k.json")
 
 
-# 16 timed iterations (R1 in one: the experiment's mix) after 17 of warm-up (R1 at k = 0 and 16: see
-# lever_step)
-TIMING = ["--iterations", "16", "--warmup", "17"]
+# 16 timed iterations (R1 in one: the experiment's mix) after 18 of warm-up (R1 at k = 0 and 16, and the
+# iterations after them: see lever_step)
+TIMING = ["--iterations", "16", "--warmup", "18"]
+# The augmenting variants' warm-up: their R1 pass augments the reals from k = 16 on (p rises at k = 0), a
+# graph first called at 16 and recorded at 32
+AUGMENTING_WARMUP = 33
 
 
 def lever_step(
@@ -137,7 +147,7 @@ def lever_step(
     timeout: int = 420,
     needs: int = 130,
     unless: str | None = None,
-    warmup: int = 17,
+    warmup: int = 18,
     after: str | None = None,
 ) -> Step:
     """The defaults against the defaults with `lever` (one of bench_train.py's LEVERS: compile,
@@ -145,9 +155,12 @@ def lever_step(
     of 2026-12-04 building and compiling one variant took minutes, so each gets its own time limit. The
     default `needs` assumes inductor's cache warm from an earlier step of the same graphs; `after` and
     `unless`: Step's; `warmup` iterations before the 16 timed (one R1 iteration among them, the
-    experiment's mix). The default 17 runs R1 twice before the clock starts (k = 0, 16): compiled
-    variants compile in their first calls, and under CUDA graphs the R1 iteration's graphs are recorded
-    at their second call, which would otherwise be timed (eager variants need only a first R1 iteration)."""
+    experiment's mix). The default 18 runs R1 twice before the clock starts (k = 0, 16), and the
+    iterations after them (1, 17): compiled variants compile in their first calls, and under CUDA graphs
+    the R1 iteration's graphs are recorded at their second call, which would otherwise be timed (eager
+    variants need only a first R1 iteration). The iteration after an R1 update may run the augmentation
+    pipeline at p = 0 (lazy_augment skips it only once the new p has reached the host, which a GPU running
+    behind the host has not): its compiled graph, too, is called at k = 1 and recorded at 17."""
     py = sys.executable
     argv = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
     argv += ["--no-baseline", "--no-bf16", "--levers", lever, *TIMING[:2], "--warmup", str(warmup)]
@@ -168,9 +181,11 @@ def steps() -> list[Step]:
         "for d in m.distributions()]; "  # the first on sys.path: what imports
         f"[print(n, v.get(n.replace('_', '-'), 'missing')) for n in {PACKAGES!r}]"
     )
+    # and CUDA there: without it every later step would run on the CPU, past its time limit
+    cuda = "import sys, torch; print(sys.version); sys.exit(0 if torch.cuda.is_available() else 'no CUDA')"
     env_check = (
         "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "
-        f"{shlex.quote(py)} -c {shlex.quote(versions)}"
+        f"{shlex.quote(py)} -c {shlex.quote(versions)} && {shlex.quote(py)} -c {shlex.quote(cuda)}"
     )
     bench = [py, str(BENCH / "bench_train.py"), "--configs", "cifar10", "--ablate", "cifar10", "--options"]
     # with 16 iterations timed unprofiled first (one R1 pass, as the experiment's mix)
@@ -196,7 +211,7 @@ def steps() -> list[Step]:
     # or another attention, is other graphs), then what was measured already.
     candidate = [*cuda_graphs, flex, "model.speed.compile_r1=true", "model.speed.compile_augment=true"]
     return [
-        Step("env", ["bash", "-c", env_check], 30, 10),
+        Step("env", ["bash", "-c", env_check], 30, 10, required=True),
         lever_step("bench_cuda_graphs_flex_r1", "cuda_graphs_flex_r1", timeout=540, needs=150),
         Step(
             "profile_cuda_graphs_flex_r1",
@@ -218,7 +233,7 @@ def steps() -> list[Step]:
             after="bench_cuda_graphs_classic",
         ),
         lever_step("bench_cudnn_benchmark", "cudnn_benchmark", 120, 60, warmup=5),  # eager: about a minute
-        lever_step("bench_augmenting", "augmenting", 120, 60),  # what augmentation costs the defaults
+        lever_step("bench_augmenting", "augmenting", 120, 60, warmup=AUGMENTING_WARMUP),  # its cost
         lever_step(  # the candidate's graphs again (a warm cache) with cuDNN's autotuner
             "bench_cuda_graphs_flex_r1_cudnn",
             "cuda_graphs_flex_r1_cudnn",
@@ -231,6 +246,7 @@ def steps() -> list[Step]:
             "cuda_graphs_flex_r1_augmenting",
             300,
             180,
+            warmup=AUGMENTING_WARMUP,
             after="bench_cuda_graphs_flex_r1",
         ),
         lever_step("bench_cuda_graphs_flex", "cuda_graphs_flex", 300, 150),
@@ -239,6 +255,7 @@ def steps() -> list[Step]:
             "cuda_graphs_flex_r1_augmenting_eagerly",
             300,
             150,
+            warmup=AUGMENTING_WARMUP,
             after="bench_cuda_graphs_flex_r1_augmenting",
         ),
         # fits 141 GB without checkpointing? (not 80: 2026-12-04, first H200 session)
@@ -331,14 +348,18 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def pack_cache(cache: Path, out: Path, part_size: int = MAX_FILE, parts: int = CACHE_PARTS) -> str:
+def pack_cache(
+    cache: Path, out: Path, part_size: int = MAX_FILE, parts: int = CACHE_PARTS, total: int = MAX_TOTAL
+) -> str:
     """`cache` as out/compile_cache.tar.gz.0, .1, ... of at most `part_size` bytes each, if `parts` of them
-    hold it: the whole cache, else its AOTAutograd and FX graph entries alone (CACHE_CORE), else nothing.
-    Says what it did."""
+    hold it, and with the files already in `out` no more than `total` bytes: the whole cache, else its
+    AOTAutograd and FX graph entries alone (CACHE_CORE), else nothing. Each part is written under a
+    temporary name and then renamed: a call cut short leaves no truncated part. Says what it did."""
     names = sorted(p.name for p in cache.iterdir() if p.name not in CACHE_SKIP) if cache.is_dir() else []
     if not names:
         return "compile cache: empty, not packed"
-    limit = part_size * parts
+    used = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and not f.name.startswith(CACHE_NAME))
+    limit = min(part_size * parts, total - used)
     whole = cache.parent / f"{cache.name}.packed.tar.gz"  # beside it: nothing half-written in `out`
     tiers = [("whole", names), ("AOTAutograd and FX graph entries", [n for n in names if n in CACHE_CORE])]
     said = []
@@ -349,12 +370,14 @@ def pack_cache(cache: Path, out: Path, part_size: int = MAX_FILE, parts: int = C
             continue
         size = _tar_gz(cache, chosen, whole)
         if size > limit:
-            said.append(f"{label}: {size / 2**20:.1f} MiB packed, over {parts} x {part_size / 2**20:.0f} MiB")
+            said.append(f"{label}: {size / 2**20:.1f} MiB packed, over the {limit / 2**20:.1f} MiB left")
             continue
         needed = -(-size // part_size)
         with open(whole, "rb") as f:
             for i in range(needed):
-                (out / f"{CACHE_NAME}.{i}").write_bytes(f.read(part_size))
+                part = out / f"{CACHE_NAME}.{i}"
+                part.with_name(f".{part.name}.writing").write_bytes(f.read(part_size))
+                os.replace(part.with_name(f".{part.name}.writing"), part)
         whole.unlink()
         kept = f"compile cache ({label}): {size / 2**20:.1f} MiB in {needed} part(s) {CACHE_NAME}.N"
         return "; ".join([kept, *said])
@@ -374,16 +397,20 @@ def unpack_cache(carried: Path, cache: Path) -> str:
         return f"compile cache: parts {sorted(numbered)} are not 0..{len(numbered) - 1}: not used"
     cache.mkdir(parents=True, exist_ok=True)
     joined = cache.parent / f"{cache.name}.carried.tar.gz"
+    unpacked = cache.parent / f"{cache.name}.unpacking"  # whole or not at all: no half-extracted entry
+    shutil.rmtree(unpacked, ignore_errors=True)
     with open(joined, "wb") as f:
         for part in parts:
             f.write(part.read_bytes())
     try:
         with tarfile.open(joined) as tar:
-            tar.extractall(cache, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as err:
+            tar.extractall(unpacked, filter="data")
+        shutil.copytree(unpacked, cache, dirs_exist_ok=True)
+    except (tarfile.TarError, OSError, EOFError, shutil.Error) as err:
         return f"compile cache: the carried parts did not unpack ({err}): cold compiles"
     finally:
         joined.unlink()
+        shutil.rmtree(unpacked, ignore_errors=True)
     return f"compile cache: unpacked {len(parts)} carried part(s) into {cache}"
 
 
@@ -468,13 +495,18 @@ def run_all(
     `unless` also read (the steps it ran, and those it skipped for a step that did not pass or one that
     did: their dependents are skipped as they were); a step neither call ran or decided (one skipped for
     the budget) is unknown: its dependents run. `gpu_gib`: the
-    card's memory in GiB, for `min_gpu_gib` (None: unknown, every step runs)."""
+    card's memory in GiB, for `min_gpu_gib` (None: unknown, every step runs). A `required` step that
+    does not pass skips every later one."""
     deadline = time.monotonic() + budget
-    outcomes = []
+    outcomes: list[dict] = []
     for step in plan:
         left = deadline - time.monotonic()
         passed = {o["name"]: o["status"] == "ok" for o in previous if decided(o)}
         passed.update({o["name"]: o["status"] == "ok" for o in outcomes})
+        broken = [s.name for s in plan if s.required and passed.get(s.name) is False]
+        if broken:
+            outcomes.append({"name": step.name, "status": f"skipped ({broken[0]} did not pass)"})
+            continue
         if step.after in passed and not passed[step.after]:
             outcomes.append({"name": step.name, "status": f"skipped ({step.after} did not pass)"})
             continue
@@ -537,9 +569,11 @@ def profile_lines(profile: dict) -> list[str]:
             f"mean at r1_interval={v['r1_interval']}": v["per_iteration_at_r1_interval"] or {},
         }
         for kind, k in rows.items():
-            idle = k.get("device_idle_fraction")
+            idle = _fmt(k.get("device_idle_fraction"), ".1%")
+            if k.get("not_traced"):  # no kernel in the trace: the device figures measure nothing
+                idle += f" (no kernels traced in {k['not_traced']:.0%}: not measured)"
             lines.append(
-                f"| {name} | {kind} | {_fmt(k.get('wall_ms'), ',.1f')} | {_fmt(idle, '.1%')} | "
+                f"| {name} | {kind} | {_fmt(k.get('wall_ms'), ',.1f')} | {idle} | "
                 f"{_fmt(k.get('kernel_launches'), ',.0f')} | {_fmt(k.get('host_syncs_total'), ',.1f')} |"
             )
     for name, v in profile["variants"].items():
@@ -581,6 +615,13 @@ def bench_lines(bench: dict) -> list[str]:
             row(config, f"defaults + {name}", lever["iterations_per_s"], speedup, lever.get("peak_memory_mb"))
     for config, r in bench["configs"].items():
         lines += compile_lines(config, r.get("compile", {}))
+    cut = bench.get("cut_short")  # the step stopped at its time limit: the runs it finished
+    if cut:
+        lines.append(f"\n{cut['config']}, stopped before its end; the runs it finished:")
+        lines += [
+            f"- {name}: {', '.join(f'{x:.3f}' for x in rates)} it/s" for name, rates in cut["runs"].items()
+        ]
+        lines += compile_lines(cut["config"], cut.get("compile", {}))
     return lines
 
 
@@ -599,6 +640,10 @@ def compile_lines(config: str, compiled: dict) -> list[str]:
             "the slow (compiling) iterations: "
             + (", ".join(f"{k}: {v} s" for k, v in c.get("slow_iterations", {}).items()) or "none")
         )
+        if c["cudagraph_recordings_timed"]:
+            lines.append(
+                f"- **not a valid timing**: {c['cudagraph_recordings_timed']} CUDA graph recordings timed"
+            )
         lines += [f"- {reason}" for reason in c["cudagraph_skip_reasons"]]
         cuts = c.get("cudagraph_partitions", [])  # (results from before the watch kept them: none)
         lines += [f"- cut out of a CUDA graph, {cut}" for cut in cuts]
@@ -658,10 +703,15 @@ def write_outputs(outcomes: list[dict], work: Path, out: Path, machine: str, not
     (out / "profile.md").write_text(
         "\n".join(p.read_text() for p in profiles if p.is_file()) or "(no profile)\n"
     )
-    traces = sorted(work.glob("profile*/trace_*.json.gz"), key=lambda p: p.stat().st_size)
+    # one iteration without R1 of each variant first (the eager "before" is the largest), then the R1
+    # iterations; smallest first within each, as many as fit
+    traces = sorted(
+        work.glob("profile*/trace_*.json.gz"),
+        key=lambda p: (not p.name.endswith("_no_r1.json.gz"), p.stat().st_size),
+    )
     total = 0
     with tarfile.open(out / "traces.tar", "w") as tar:
-        for path in traces:  # smallest first, as many as fit
+        for path in traces:
             if total + path.stat().st_size > MAX_FILE:
                 continue
             total += path.stat().st_size
@@ -726,7 +776,8 @@ def main() -> None:
         write_outputs(outcomes, args.work, args.out, machine, notes)
 
     gpu_gib = gpu_memory_gib()
-    outcomes = run_all(plan, args.work, args.budget, args.cache, previous, write, gpu_gib)
+    budget = args.budget - (time.monotonic() - STARTED)  # the unpacking and nvidia-smi count too
+    outcomes = run_all(plan, args.work, budget, args.cache, previous, write, gpu_gib)
     write(outcomes)
     try:
         notes.append(pack_cache(args.cache, args.out))

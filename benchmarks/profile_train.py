@@ -223,6 +223,9 @@ def summarise(prof, cuda: bool) -> dict:
         # only torch.cuda.set_sync_debug_mode had named)
         syncs["Memcpy HtoD from pageable memory"] = sum("HtoD (Pageable" in e.name for e in copies)
         out |= {
+            # a profiler that traced no kernel (some CUPTI versions trace nothing from CUDA graphs recorded
+            # before it started): 1, and this iteration's device figures measure nothing
+            "not_traced": int(not kernels),
             "device_busy_ms": busy / 1e3,
             "device_idle_fraction": 1 - busy / (end - window.start),
             "device_idle_ms": (end - window.start - busy) / 1e3,  # waiting for the host: launches, Python
@@ -311,22 +314,25 @@ class ProfileIterations(L.Callback):
 class SyncDebug(L.Callback):
     """From iteration `first` on, each iteration under `torch.cuda.set_sync_debug_mode`: "warn" for
     `warn_count` iterations (every synchronising call made from Python recorded with its stack), then
-    "error" for one (the first synchronising call raises, also in the backward; none: the iteration is
-    free of them)."""
+    "error" for `error_count` (the first synchronising call raises, also in the backward; none: the
+    iterations are free of them). Two of each at consecutive k: an R1 iteration and one without, whatever
+    the interval's parity."""
 
-    def __init__(self, first: int, warn_count: int) -> None:
-        self.first, self.warn_count = first, warn_count
+    def __init__(self, first: int, warn_count: int, error_count: int = 2) -> None:
+        self.first, self.warn_count, self.error_count = first, warn_count, error_count
         self.warnings: list[dict] = []
         self.error: str | None = None
         self.error_stack: list[str] | None = None
-        self.error_iteration_ran = False
+        self.error_iterations: list[int] = []  # the "error" iterations that ran through
         self.mode: str | None = None
         self._caught = None
+        self._k: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         k = pl_module.k
-        if not self.first <= k <= self.first + self.warn_count:
+        if not self.first <= k < self.first + self.warn_count + self.error_count:
             return
+        self._k = k
         self.mode = "warn" if k < self.first + self.warn_count else "error"
         if self.mode == "warn":
             self._caught = warnings.catch_warnings()
@@ -355,7 +361,8 @@ class SyncDebug(L.Callback):
         if self._caught is not None:
             self._caught.__exit__(None, None, None)
             self._caught = None
-        self.error_iteration_ran = self.error_iteration_ran or self.mode == "error"
+        if self.mode == "error":
+            self.error_iterations.append(self._k)
         self.mode = None
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -364,9 +371,10 @@ class SyncDebug(L.Callback):
         torch.cuda.set_sync_debug_mode(0)
 
     def failed(self, err: RuntimeError) -> bool:
-        """Records the "error" iteration's exception; False for any other failure."""
+        """Records an "error" iteration's synchronising call; False for any other failure (out of memory,
+        a bug: raised as it is)."""
         torch.cuda.set_sync_debug_mode(0)
-        if self.mode != "error":
+        if self.mode != "error" or "synchroniz" not in str(err):
             return False
         self.error = "".join(traceback.format_exception_only(err)).strip()[:2000]
         frames = traceback.extract_tb(err.__traceback__)
@@ -378,7 +386,8 @@ class SyncDebug(L.Callback):
             "warn_iterations": self.warn_count,
             "warnings": len(self.warnings),
             "places": sorted({" <- ".join(reversed(w["stack"])) for w in self.warnings}),
-            "error_mode": "passed" if self.error_iteration_ran else self.error,
+            "error_iterations": self.error_iterations,
+            "error_mode": "passed" if len(self.error_iterations) == self.error_count else self.error,
             "error_stack": self.error_stack,
         }
 
@@ -418,7 +427,7 @@ def profile_variant(name: str, overrides: list[str], args, device: torch.device)
     first, count = args.warmup + args.timed, 2 * args.iterations
     extra = [*overrides, f"model.r1_interval={args.r1_interval}", *args.set]
     own = compose_cfg(args.config, args.batch, 1, [*overrides, *args.set]).model.r1_interval
-    debug_iterations = 3 if cuda else 0  # two under "warn" (one of each kind), one under "error"
+    debug_iterations = 4 if cuda else 0  # two under "warn", two under "error" (one of each kind each)
     cfg = compose_cfg(args.config, args.batch, first + count + debug_iterations, extra)
     timed = TimedWindow(args.warmup, args.timed, own, cuda)
     profiler = ProfileIterations(first, count, args.r1_interval, args.out / f"trace_{name}", cuda)
@@ -526,6 +535,8 @@ def markdown(report: dict) -> str:
         for kind, k in rows.items():
             idle, calls = k.get("device_idle_fraction"), k.get("kernel_launches", k.get("operator_calls"))
             idle = "n/a" if idle is None else f"{idle:.1%}"
+            if k.get("not_traced"):  # a fraction of the iterations, averaged
+                idle = f"{idle} (no kernels traced in {k['not_traced']:.0%} of them: not measured)"
             lines.append(
                 f"| {kind} | {_ms(k.get('wall_ms'))} | {_ms(k.get('device_busy_ms'))} | {idle} | "
                 f"{_ms(calls)} | {_ms(k.get('host_launch_calls'))} | {_ms(k.get('host_syncs_total'))} |"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+import tarfile
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -45,8 +47,8 @@ def _ticks(step: float = 1.0, limit: int = 1000):
 def test_bench_train_plans_the_papers_batch_on_a_gpu_and_the_reduced_one_on_the_cpu():
     bench = _load_benchmark("bench_train")
     parse = bench.build_parser().parse_args
-    # 32 timed, 17 of warm-up (R1 twice before the clock), the default three repeats
-    assert bench.plan("cifar10", True, parse([])) == (80, 32, 17, 3)
+    # 32 timed, 18 of warm-up (R1 and the iteration after it twice before the clock), three repeats
+    assert bench.plan("cifar10", True, parse([])) == (80, 32, 18, 3)
     assert bench.plan("imagenet64", False, parse(["--repeats", "5"])) == (2, 2, 1, 2)  # at most 2 on the CPU
     assert bench.plan("cifar10_ect", False, parse([])) == (4, 3, 1, 3)  # others: CIFAR-10-sized
     given = parse(["--warmup", "0", "--iterations", "7", "--batch", "3", "--repeats", "2"])
@@ -798,3 +800,142 @@ def test_the_device_checks_cuda_tests_select_every_test_skipped_without_cuda_and
         "tests/unit/test_divergence.py::"
         "test_on_cuda_the_guard_waits_for_nothing_zeroes_a_bad_update_and_leaves_overflow_to_the_scaler"
     ], done.stdout[-2000:]
+
+
+def test_device_check_runs_nothing_after_a_required_step_fails(tmp_path):
+    """Without CUDA (the env step's check) every later step would run on the CPU until its time limit, and
+    the call would spend the session's device time measuring nothing."""
+    check = _load_benchmark("device_check")
+    ok = ["bash", "-c", "exit 0"]
+    plan = [check.Step("env", ["bash", "-c", "exit 1"], 10, 0, required=True), check.Step("bench", ok, 10, 0)]
+    assert [o["status"] for o in check.run_all(plan, tmp_path, 60)] == [
+        "failed",
+        "skipped (env did not pass)",
+    ]
+    (env,) = [s for s in check.steps() if s.name == "env"]
+    assert env.required and "torch.cuda.is_available()" in env.argv[-1] and "sys.version" in env.argv[-1]
+
+
+def test_device_checks_warm_up_covers_the_iterations_after_r1_and_the_augmenting_r1_recordings():
+    check = _load_benchmark("device_check")
+    warmups = {
+        s.name: int(s.argv[s.argv.index("--warmup") + 1]) for s in check.steps() if "--levers" in s.argv
+    }
+    assert warmups["bench_cuda_graphs_flex_r1"] == 18 and warmups["bench_cudnn_benchmark"] == 5
+    augmenting = [name for name in warmups if "augmenting" in name]
+    assert len(augmenting) == 3 and all(warmups[name] == 33 for name in augmenting)
+
+
+def test_device_check_packs_no_more_cache_than_the_other_files_leave_and_no_truncated_part(tmp_path):
+    check = _load_benchmark("device_check")
+    cache = tmp_path / "cache"
+    (cache / "fxgraph").mkdir(parents=True)
+    (cache / "fxgraph" / "entry").write_bytes(os.urandom(3000))  # does not compress
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "logs.txt").write_bytes(bytes(8000))
+    said = check.pack_cache(cache, out, part_size=2000, parts=3, total=10_000)  # 2,000 bytes left
+    assert "not kept" in said and "over the 0.0 MiB left" in said and not list(out.glob("*cache*"))
+    (out / "logs.txt").write_bytes(bytes(10))
+    said = check.pack_cache(cache, out, part_size=2000, parts=3, total=10_000)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "compile_cache.tar.gz.0",
+        "compile_cache.tar.gz.1",
+        "logs.txt",
+    ]
+    # a part cut short (a call ended while it was copied) unpacks nothing at all, not the first entries
+    (cache / "aotautograd").mkdir()
+    (cache / "aotautograd" / "first").write_bytes(b"kept whole or not at all")
+    check.pack_cache(cache, out, part_size=2000, parts=3, total=10_000)
+    last = sorted(out.glob("compile_cache.tar.gz.*"))[-1]
+    last.write_bytes(last.read_bytes()[:100])
+    fresh = tmp_path / "fresh"
+    assert "did not unpack" in check.unpack_cache(out, fresh)
+    assert not list(fresh.rglob("*")) and not list(tmp_path.glob("fresh.*"))
+
+
+def test_device_check_keeps_each_variants_iteration_without_r1_before_any_r1_trace(tmp_path):
+    check = _load_benchmark("device_check")
+    work, out = tmp_path / "work", tmp_path / "out"
+    sizes = {"profile/trace_defaults_no_r1.json.gz": 9000, "profile/trace_defaults_r1.json.gz": 100}
+    sizes |= {"profile_compiled/trace_compiled_no_r1.json.gz": 5000}
+    for name, size in sizes.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(bytes(size))
+    check.MAX_FILE = 14_050  # both iterations without R1 fit, and then not the R1 trace
+    try:
+        check.write_outputs([], work, out, "m")
+    finally:
+        check.MAX_FILE = 15 * 2**20
+    with tarfile.open(out / "traces.tar") as tar:
+        assert sorted(tar.getnames()) == [
+            "profile_compiled_trace_compiled_no_r1.json.gz",
+            "profile_trace_defaults_no_r1.json.gz",
+        ]
+
+
+def test_device_check_marks_a_timing_with_a_recording_and_a_profile_without_kernels():
+    check = _load_benchmark("device_check")
+    compiled = {"graphs": 4, "graph_breaks": 0, "cudagraph_skips": 0, "cudagraph_recordings": 3}
+    compiled |= {"fx_graph_cache": {"hits": 0, "misses": 4}, "aot_autograd_cache": {"hits": 0, "misses": 4}}
+    compiled |= {"cudagraph_recordings_timed": 1, "cudagraph_skip_reasons": []}
+    assert "- **not a valid timing**: 1 CUDA graph recordings timed" in check.compile_lines(
+        "cifar10", {"x": compiled}
+    )
+    compiled["cudagraph_recordings_timed"] = 0
+    assert not any("valid" in line for line in check.compile_lines("cifar10", {"x": compiled}))
+    kind = {"wall_ms": 300.0, "device_idle_fraction": 1.0, "kernel_launches": 0, "host_syncs_total": 0}
+    variant = {"kinds": {"no_r1": kind | {"not_traced": 1.0}}, "r1_interval": 16}
+    variant |= {"per_iteration_at_r1_interval": None, "timed": {}, "sync_debug": "n/a"}
+    text = "\n".join(check.profile_lines({"variants": {"graphs": variant}}))
+    assert "| graphs | no_r1 | 300.0 | 100.0% (no kernels traced in 100%: not measured) | 0 |" in text
+
+
+def test_sync_debug_checks_an_iteration_of_each_kind_in_error_mode_and_passes_other_failures_on(monkeypatch):
+    """The "error" iteration fell on k = first + 2, always an R1 iteration at the profile's interval of 2:
+    the iteration without R1, the compiled candidate's other path, was checked under "warn" only. And any
+    RuntimeError in it (out of memory) was reported as the synchronising call."""
+    profile = _load_benchmark("profile_train")
+    modes = []
+    monkeypatch.setattr(profile.torch.cuda, "set_sync_debug_mode", modes.append)
+    sync = profile.SyncDebug(10, 2)
+    module = SimpleNamespace(k=0)
+    for k in range(9, 15):
+        module.k = k
+        sync.on_train_batch_start(None, module, None, 0)
+        sync.on_train_batch_end(None, module, None, None, 0)
+    assert [m for m in modes if m] == ["warn", "warn", "error", "error"]
+    assert sync.report()["error_iterations"] == [12, 13] and sync.report()["error_mode"] == "passed"
+    failing = profile.SyncDebug(0, 0)
+    module.k = 0
+    failing.on_train_batch_start(None, module, None, 0)
+    assert not failing.failed(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    failing.on_train_batch_start(None, module, None, 0)
+    assert failing.failed(RuntimeError("called a synchronizing CUDA operation"))
+    assert failing.report()["error_mode"].startswith("RuntimeError: called a synchronizing CUDA operation")
+
+
+def test_bench_train_leaves_the_runs_it_finished_when_stopped_and_the_device_check_shows_them(
+    monkeypatch, tmp_path
+):
+    """A device step stopped at its time limit lost every figure (the JSON was written at the end): the
+    defaults it had measured survived only as a log line."""
+    bench, check = _load_benchmark("bench_train"), _load_benchmark("device_check")
+    calls = []
+
+    def fit(cfg, device, warmup, callbacks=()):
+        calls.append(1)
+        if len(calls) == 2:  # the second variant: the step's time limit
+            raise KeyboardInterrupt
+        return {"it_per_s": 3.5, "seconds": 1.0, "peak_mb": 0.0}
+
+    monkeypatch.setattr(bench, "fit", fit)
+    out = tmp_path / "bench.json"
+    argv = ["bench_train.py", "--configs", "cifar10", "--ablate", "cifar10", "--levers", "compile"]
+    argv += ["--compile", "--options", "--no-baseline", "--no-bf16", "--repeats", "1", "--output", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    saved = json.loads(out.read_text())
+    assert saved["configs"] == {} and saved["cut_short"]["runs"] == {"fast": [3.5]}
+    assert "- fast: 3.500 it/s" in check.bench_lines(saved)
