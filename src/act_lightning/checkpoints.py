@@ -166,22 +166,26 @@ def checkpoint_iteration(checkpoint: dict) -> int:
     return int(checkpoint["state_dict"]["iteration"])
 
 
-def trained_iteration(checkpoint: dict) -> int:
+def trained_iteration(checkpoint: dict) -> int | None:
     """The ACT iterations that trained a checkpoint's weights, as `sample`, `edit`, `evaluate` and `export`
     report them: its iteration, or, for one of the paper's checkpoints that `convert_reference` wrote (at
-    iteration 0, where `train ckpt_path=` starts the curriculum), the reference run's iteration."""
-    reference = checkpoint.get("act_reference_iteration")
-    return int(reference) if reference is not None else checkpoint_iteration(checkpoint)
+    iteration 0, where `train ckpt_path=` starts the curriculum), the reference run's iteration: None where
+    the released file did not record it (a bare state dict: no `global_step`)."""
+    if "act_reference_iteration" in checkpoint:
+        reference = checkpoint["act_reference_iteration"]
+        return None if reference is None else int(reference)
+    return checkpoint_iteration(checkpoint)
 
 
 def reference_start(checkpoint: dict) -> dict | None:
     """The paper's released checkpoint that a checkpoint's weights come from, as
-    `{"checkpoint": file name, "reference_iteration": the reference run's iteration}`: one that
+    `{"checkpoint": file name, "reference_iteration": the reference run's iteration, or None where the
+    file did not record it}`: one that
     `convert_reference` wrote, or one trained on from it (`train ckpt_path=`, kept in the first launch of
     its history); None for weights this library trained from the start."""
     if "act_reference_iteration" in checkpoint:
         name, iteration = checkpoint.get("act_converted_from"), checkpoint["act_reference_iteration"]
-        return {"checkpoint": name, "reference_iteration": int(iteration)}
+        return {"checkpoint": name, "reference_iteration": None if iteration is None else int(iteration)}
     for launch in checkpoint.get("act_history") or ():
         if isinstance(launch, dict) and isinstance(launch.get("started_from"), dict):
             return dict(launch["started_from"])

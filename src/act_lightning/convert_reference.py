@@ -48,8 +48,9 @@ IGNORED = (  # dropped: the reference's loss and metric modules, an unused copy 
 LEVELS = {4: "cifar10", 5: "imagenet64", 6: "lsun_cat256"}
 PICKLED = (  # what read_checkpoint says when the safe loader refuses the file ({{ }}: literal braces)
     "cannot be read with torch's safe loader ({kind}): it holds pickled Python objects besides tensors. In "
-    "an environment you trust, keep only the weights with torch.save({{'state_dict': torch.load(CKPT, "
-    "weights_only=False)['state_dict']}}, 'weights.ckpt') and convert that file."
+    "an environment you trust, keep only the weights and the step count with c = torch.load(CKPT, "
+    "weights_only=False); torch.save({{'state_dict': c['state_dict'], 'global_step': c['global_step']}}, "
+    "'weights.ckpt') and convert that file."
 )
 
 

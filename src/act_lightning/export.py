@@ -212,7 +212,7 @@ tags:
 
 A one-step image generator trained with Adversarial Consistency Training (Kong et al., ACT-Diffusion,
 arXiv 2311.14097) {trained_by} `{checkpoint}`
-(iteration {iteration} of {iterations}; experiment `{experiment}`): {size}x{size} images with {channels}
+({at}; experiment `{experiment}`): {size}x{size} images with {channels}
 channel(s){classes}.{trained_with}
 
 ```python
@@ -289,9 +289,16 @@ def trained_by(config: dict[str, Any]) -> str:
         return (
             f"with the act-lightning library, starting from the paper's released checkpoint "
             f"`{started['checkpoint']}` (trained by its reference code, kong13661/ACT, for "
-            f"{started['reference_iteration']} iterations), into the checkpoint"
+            f"{reached(started['reference_iteration'])}), into the checkpoint"
         )
     return "with the act-lightning library, from the checkpoint"
+
+
+def reached(iteration: int | None) -> str:
+    """How many iterations the reference code trained a released checkpoint, as the model card says it."""
+    return (
+        "a number of iterations its file does not record" if iteration is None else f"{iteration} iterations"
+    )
 
 
 def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
@@ -305,8 +312,14 @@ def model_card(out: Path, ckpt, run, h, config: dict[str, Any]) -> str:
         name=f"ACT generator: {run.get('experiment_name')}",
         checkpoint=Path(ckpt).name,
         trained_by=trained_by(config),
-        iteration=config["iteration"],
-        iterations=h.iterations,
+        at=f"iteration {config['iteration']} of {h.iterations}"
+        if config.get("converted_from") is None
+        # the reference run's own count, not this config's length
+        else (
+            "an iteration its file does not record"
+            if config["iteration"] is None
+            else f"iteration {config['iteration']} of the reference's run"
+        ),
         experiment=run.get("experiment_name"),
         size=int(run.data.image_size),
         channels=int(run.data.channels),
@@ -395,7 +408,10 @@ def main() -> None:
             summary = export(cfg.ckpt, cfg.out)
         except (*REFUSED, MissingMandatoryValue) as err:  # a missing option or a file that is no checkpoint
             refuse(err)
-        print(f"exported iteration {summary['iteration']} to {summary['out']}")
+        at = (
+            "an unrecorded iteration" if summary["iteration"] is None else f"iteration {summary['iteration']}"
+        )
+        print(f"exported {at} to {summary['out']}")
 
     run()
 

@@ -166,6 +166,29 @@ def test_a_file_that_is_the_state_dict_itself_converts(reference, tmp_path):
     assert saved["act_weights_only"] is True and saved["act_converted_from"] == "bare.ckpt"
     assert saved["act_reference_iteration"] is None  # no Lightning wrapper, no global_step
     assert "${" not in json.dumps(saved["act_config"])  # resolved: read without Hydra's resolvers
+    # its iteration is unknown, not 0: the tools say so, and a run starts from it (int(None) stopped it)
+    from act_lightning.export import export
+
+    assert export(tmp_path / "out.ckpt", tmp_path / "exported")["iteration"] is None
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "(an iteration its file does not record; experiment `cifar10`)" in card
+    run = tmp_path / "run"
+    summary = train(
+        compose(
+            [*SMOKE, "data=synthetic", "eval=null", "iterations=2", f"ckpt_path={tmp_path / 'out.ckpt'}"],
+            str(run),
+        )
+    )
+    assert summary["finished"] and summary["iteration"] == 2
+    started = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["act_history"][0][
+        "started_from"
+    ]
+    assert started == {"checkpoint": "bare.ckpt", "reference_iteration": None}
+    export(run / "checkpoints" / "last.ckpt", tmp_path / "tuned")
+    released = (
+        "`bare.ckpt` (trained by its reference code, kong13661/ACT, for a number of iterations its file does"
+    )
+    assert released in (tmp_path / "tuned" / "README.md").read_text()
 
 
 def test_a_given_experiment_is_not_recognised_again(tmp_path):
@@ -278,7 +301,7 @@ def test_a_converted_checkpoint_is_evaluated_sampled_and_exported(reference, tmp
     saved = torch.load(out, weights_only=True)
     assert int(saved["state_dict"]["iteration"]) == 0 and saved["act_reference_iteration"] == 5
     card = (tmp_path / "exported" / "README.md").read_text()
-    assert f"(iteration 5 of {saved['act_config']['iterations']}; experiment `cifar10`)" in card
+    assert "(iteration 5 of the reference's run; experiment `cifar10`)" in card  # not this config's length
     # trained by the reference code, not by this library
     assert "by the paper's reference code (kong13661/ACT; its checkpoint `cifar10_fid_6_0.ckpt`)" in card
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["converted_from"] == path.name
@@ -389,3 +412,19 @@ def test_every_key_of_a_reference_checkpoint_converts(reference_of, experiment, 
     theirs = {k[len("model._discriminator.") :]: v for k, v in state.items() if k.startswith("model._disc")}
     assert disc.keys() == module.discriminator.state_dict().keys() == theirs.keys()
     assert all(torch.equal(v, theirs[k]) for k, v in disc.items())  # the reference's discriminator
+
+
+def test_the_way_out_a_pickled_file_is_told_keeps_its_iteration(reference, tmp_path):
+    """The released files hold Lightning's pickled callbacks and hyper-parameters beside the tensors; the
+    refusal's recipe kept the state dict alone, so the converted file's iteration was lost (read as 0)."""
+    import argparse
+    import re
+
+    _, state, _ = reference
+    path = tmp_path / "cifar10_fid_6_0.ckpt"
+    torch.save({"state_dict": state, "global_step": 10, "hyper_parameters": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(Exception, match="cannot be read with torch's safe loader") as refused:
+        convert(path, tmp_path / "out.ckpt", ["debug=smoke"])
+    recipe = re.search(r"with (c = torch\.load\(CKPT.*'weights\.ckpt'\))", str(refused.value)).group(1)
+    exec(recipe.replace("CKPT", repr(str(path))).replace("'weights.ckpt'", repr(str(tmp_path / "w.ckpt"))))
+    assert convert(tmp_path / "w.ckpt", tmp_path / "out.ckpt", ["debug=smoke"])["reference_iteration"] == 5
