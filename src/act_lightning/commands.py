@@ -42,6 +42,9 @@ def resolve_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {spec!r}") from None
+    usable = device.type in ("cpu", "cuda") or (device.type == "mps" and torch.backends.mps.is_available())
+    if not usable:  # mps without Apple's GPU, meta, xla ...: torch's own error came as a traceback
+        raise ValueError(f"device={spec}: not a device here; device must be auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -53,15 +56,29 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def check_out_folder(folder: object, key: str = "out") -> Path:
-    """A folder the command will write into: it, or its nearest existing ancestor, is a writable folder.
-    Checked before the work, so a bad path costs no sampling."""
+def check_out_folder(
+    folder: object, key: str = "out", result: str | None = None, overwrite: bool = True
+) -> Path:
+    """A folder the command will write into: it, or its nearest existing ancestor, is a writable folder,
+    and it holds no `result` of an earlier call unless `overwrite` (a multirun's jobs given one `out`, or a
+    quick test into the folder of a 50k draw, replaced the earlier files without a word). Checked before
+    the work, so a bad path costs no sampling."""
     from act_lightning.launch import check_writable_folder  # here: launch imports Hydra, export must not
 
     if folder is None or str(folder) == "":  # out=null would write into a folder named None
         raise ValueError(f"{key}=null: give {key}=FOLDER, the folder to write into")
-    check_writable_folder(Path(str(folder)), key)
-    return Path(str(folder))
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be true or false; got {overwrite!r}")
+    path = Path(str(folder))
+    if path.suffix.lower() in (".npz", ".png", ".json", ".jpg") and not path.is_dir():
+        raise ValueError(f"{key}={path}: {key} is the folder the results go into, not a file; name a folder")
+    if result is not None and not overwrite and (path / result).exists():
+        raise ValueError(
+            f"{key}={path} already holds {result} of an earlier call: give another {key}=, or overwrite=true "
+            "to replace it (in a multirun, leave out= unset: each job writes into its own folder)"
+        )
+    check_writable_folder(path, key)
+    return path
 
 
 def check_output_file(out: Path, key: str, force: bool = True) -> Path:

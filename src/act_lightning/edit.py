@@ -152,7 +152,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
     check_net(cfg.net)
     check_seed(cfg.seed)
-    out = check_out_folder(cfg.out)
+    out = check_out_folder(cfg.out, result="result.npz", overwrite=cfg.get("overwrite", False))
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     if model.hparams.get("objective", "consistency") != "consistency":

@@ -135,7 +135,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     check_count(cfg.batch_size, "batch_size")
     check_net(cfg.net)
     check_seed(cfg.seed)
-    out = check_out_folder(cfg.out)
+    out = check_out_folder(cfg.out, result="samples.npz", overwrite=cfg.get("overwrite", False))
     device = resolve_device(cfg.device)
     model, run, checkpoint = load_model(cfg.ckpt, device)
     s = model.schedule

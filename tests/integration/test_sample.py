@@ -72,6 +72,27 @@ def test_the_command_twice_gives_identical_samples(checkpoints, tmp_path):
     assert len({img.tobytes() for img in images}) == 16  # sixteen different images
 
 
+def test_an_earlier_draw_is_kept_unless_overwrite_and_a_multiruns_jobs_each_write_their_own(
+    checkpoints, tmp_path
+):
+    """A multirun given one out= left only its last job's samples, and a quick test into the folder of a 50k
+    draw replaced it, without a word."""
+    out = tmp_path / "draw"
+    _sample([f"ckpt={checkpoints['plain']}", "num_samples=3", f"out={out}"])
+    first = _arrays(out / "samples.npz")["arr_0"]
+    with pytest.raises(ValueError, match="already holds samples.npz of an earlier call"):
+        _sample([f"ckpt={checkpoints['plain']}", "num_samples=2", "seed=1", f"out={out}"])
+    assert np.array_equal(_arrays(out / "samples.npz")["arr_0"], first)
+    _sample([f"ckpt={checkpoints['plain']}", "num_samples=2", "seed=1", f"out={out}", "overwrite=true"])
+    assert len(_arrays(out / "samples.npz")["arr_0"]) == 2
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"ckpt={checkpoints['plain']}", "num_samples=2", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    result = run_module("sample", args, env={"PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seeds = [json.loads((sweep / str(job) / "sample.json").read_text())["seed"] for job in (0, 1)]
+    assert seeds == [0, 1]
+
+
 def test_the_images_do_not_depend_on_the_batch_size_and_are_the_modules_samples(checkpoints, tmp_path):
     ckpt = checkpoints["plain"]
     a = _sample([f"ckpt={ckpt}", "num_samples=10", "batch_size=10", f"out={tmp_path / 'a'}"])

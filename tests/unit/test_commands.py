@@ -29,6 +29,11 @@ def test_device_names_what_torch_does_not_know_and_cuda_this_machine_lacks(monke
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N; got 'gpu'"):
         resolve_device("gpu")
+    # devices torch knows but this library does not run on (torch's own error came as a traceback)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for spec in ("mps", "meta", "xla"):
+        with pytest.raises(ValueError, match=f"device={spec}: not a device here; device must be auto, cpu"):
+            resolve_device(spec)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     for spec in ("cuda", "cuda:0"):
@@ -58,6 +63,23 @@ def test_a_count_must_be_an_integer_at_least_its_minimum(value):
 def test_an_out_folder_must_be_a_writable_folder_or_below_one(tmp_path):
     assert check_out_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"  # nothing created
     assert not (tmp_path / "new").exists()
+    # out=fid.npz made a folder of that name with samples.npz inside
+    with pytest.raises(ValueError, match=r"out=.*fid.npz: out is the folder the results go into, not a file"):
+        check_out_folder(tmp_path / "fid.npz")
+    (tmp_path / "a.png").mkdir()
+    assert check_out_folder(tmp_path / "a.png") == tmp_path / "a.png"  # a folder so named is a folder
+
+
+def test_an_out_folder_that_holds_an_earlier_result_is_refused_unless_overwrite(tmp_path):
+    (tmp_path / "samples.npz").write_bytes(b"a 50k draw")
+    with pytest.raises(
+        ValueError, match=r"already holds samples.npz of an earlier call: give another out=, or ov"
+    ):
+        check_out_folder(tmp_path, result="samples.npz", overwrite=False)
+    assert check_out_folder(tmp_path, result="samples.npz", overwrite=True) == tmp_path
+    assert check_out_folder(tmp_path, result="result.npz", overwrite=False) == tmp_path
+    with pytest.raises(ValueError, match="overwrite must be true or false; got 'no'"):
+        check_out_folder(tmp_path, result="samples.npz", overwrite="no")
     (tmp_path / "file").write_text("x")
     with pytest.raises(
         NotADirectoryError, match=f"out={tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is not a"
