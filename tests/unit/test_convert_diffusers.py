@@ -530,3 +530,13 @@ def test_configs_are_read_as_json_objects_and_checked_before_any_weights(tmp_pat
     flat = {"_class_name": "DDPMScheduler", "num_train_timesteps": 3, "trained_betas": [0.1, 0.0, 0.1]}
     with pytest.raises(ValueError, match="do not give finite noise levels increasing with the timestep"):
         check_scheduler(tmp_path, flat)
+
+
+def test_the_commands_say_what_a_converted_ddpm_is_for(digits_ddpm):
+    """Sampling a conversion to check it is a first thing to try; the commands said only that the file
+    was not written by train."""
+    from act_lightning.checkpoints import load_model
+
+    _, out = digits_ddpm
+    with pytest.raises(ValueError, match=rf"ckpt={out}: a diffusion model that convert_diffusers converted"):
+        load_model(out)
