@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
+from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
@@ -221,7 +222,10 @@ def sample_images(model, net, indices: range, shape, taus, labels, seed: int, de
 def main(cfg: DictConfig) -> None:
     try:
         summary = sample(cfg)
-    except REFUSED as err:  # a bad option or checkpoint, named by its key
+    except (
+        *REFUSED,
+        MissingMandatoryValue,
+    ) as err:  # a bad or missing option or checkpoint, named by its key
         refuse(err)
     print(f"{summary['num_samples']} samples written to {summary['samples']} (grid: {summary['grid']})")
 

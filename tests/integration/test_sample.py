@@ -193,6 +193,9 @@ def test_ckpt_null_and_out_null_are_refused_in_one_line_by_every_command(checkpo
         args = [hydra, "ckpt=null", *([f"out={tmp_path / 'out'}"] if command != "evaluate" else [])]
         said = refusal(run_module(command, [*args, *([f"input={image}"] if command == "edit" else [])]))
         assert said == "error: ckpt=null: give ckpt=PATH, a checkpoint file", (command, said)
+        # and none given at all (sample said it with a traceback)
+        said = refusal(run_module(command, [hydra, *([f"input={image}"] if command == "edit" else [])]))
+        assert said == "error: ckpt is required: give ckpt=... (--help lists the options)", (command, said)
     for command in ("sample", "edit", "export"):
         args = [
             hydra,
