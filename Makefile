@@ -98,13 +98,16 @@ bench: $(STAMP)  ## benchmarks (not tests): training speed against the baseline,
 	$(PY) benchmarks/bench_fid.py
 	$(PY) benchmarks/bench_ddp.py
 
-MINI_DIR ?= multirun/reproduce-mini
+# a new folder each time (a second call found the first one's finished jobs and reported them again);
+# MINI_DIR=<that folder> continues a call that was stopped
+NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
+MINI_DIR ?= multirun/reproduce-mini/$(NOW)
 REPORT ?= reports/reproduce_mini
 reproduce-mini: $(STAMP)  ## ACT against plain consistency training in miniature, 3 seeds (about 17 min on 2 cores): reports/reproduce_mini.*
 	$(PY) -m act_lightning.train -m ablation=ct_vs_act hydra.sweep.dir=$(MINI_DIR) $(ARGS)
 	$(PY) -m act_lightning.report $(MINI_DIR) --out $(REPORT) --time-reference ct_equal_time
 
-INIT_DIR ?= multirun/init
+INIT_DIR ?= multirun/init/$(NOW)
 INIT_REPORT ?= reports/init
 reproduce-init: $(STAMP)  ## ACT from scratch against diffusion pretraining + ECT tuning at equal time, 3 seeds (10-25 min on 2 cores): reports/init.*
 	$(PY) -m act_lightning.train -m ablation=init_pretrain hydra.sweep.dir=$(INIT_DIR)/pretrain $(ARGS)

@@ -48,6 +48,23 @@ def test_make_lint_passes_on_this_checkout():
     assert "All checks passed" in result.stdout and "already formatted" in result.stdout
 
 
+def test_each_reproduce_call_trains_in_a_folder_of_its_own_and_reports_that_folder():
+    """A second `make reproduce-mini` found the first one's finished jobs in multirun/reproduce-mini and
+    reported them again as new."""
+    for target, key in (("reproduce-mini", "hydra.sweep.dir="), ("reproduce-init", "init_sweep=")):
+        commands = _listed(target, "STAMP=")
+        swept = next(a for c in commands for a in c if a.startswith(key)).split("=", 1)[1]
+        assert re.fullmatch(
+            r"multirun/(reproduce-mini|init)/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(/pretrain)?", swept
+        ), swept
+        reported = next(c for c in commands if "act_lightning.report" in c)
+        assert reported[reported.index("act_lightning.report") + 1].startswith(
+            swept.removesuffix("/pretrain")
+        )
+    given = _listed("reproduce-mini", "STAMP=", "MINI_DIR=multirun/reproduce-mini/stopped")
+    assert "hydra.sweep.dir=multirun/reproduce-mini/stopped" in given[0]  # continuing one that was stopped
+
+
 def test_make_test_oldest_runs_make_tests_suite_with_the_oldest_releases_beside_the_pinned_torch():
     oldest = _listed("test-oldest", "OLDEST=/tmp/oldest")
     suite = _listed("test", "STAMP=", "PY=/tmp/oldest/bin/python")
