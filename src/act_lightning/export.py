@@ -9,8 +9,8 @@ Writes the checkpoint's target generator (the network the paper samples) as
                                  with `ACTPipeline.from_pretrained(DIR)`
 
 so the folder can be uploaded to the Hub as it is. `act_lightning.load_generator(DIR)` rebuilds the
-consistency function from the first two files with torch, safetensors and diffusers only (no Lightning,
-no Hydra) and samples in one or more steps. `export(ckpt, out)` is a plain function (tests call it);
+consistency function from the first two files with torch, safetensors, diffusers and omegaconf (no
+Lightning, no Hydra) and samples in one or more steps. `export(ckpt, out)` is a plain function (tests call it);
 `main()` is the thin Hydra shell (Hydra is imported by it only: loading an export needs no Hydra).
 """
 
