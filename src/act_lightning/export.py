@@ -10,8 +10,8 @@ Writes the checkpoint's target generator (the network the paper samples) as
 
 so the folder can be uploaded to the Hub as it is. `act_lightning.load_generator(DIR)` rebuilds the
 consistency function from the first two files with torch, safetensors, diffusers and omegaconf (no
-Lightning, no Hydra) and samples in one or more steps. `export(ckpt, out)` is a plain function (tests call it);
-`main()` is the thin Hydra shell (Hydra is imported by it only: loading an export needs no Hydra).
+Lightning, no Hydra) and samples in one or more steps. `export(ckpt, out)` is a plain function (tests call
+it); `main()` is the thin Hydra shell (Hydra is imported by it only: loading an export needs no Hydra).
 """
 
 from __future__ import annotations
