@@ -1,13 +1,17 @@
-"""Checks of a launch that belongs to a sweep (Hydra's -m: the ablations, hparams_search=optuna), made
-before anything is written: what would otherwise train for hours and then mean nothing."""
+"""Checks of a launch that read Hydra's record of it (its overrides, mode and sweeper), made before
+anything is written: mostly of a launch that belongs to a sweep (Hydra's -m: the ablations,
+hparams_search=optuna), what would otherwise train for hours and then mean nothing."""
 
 from __future__ import annotations
+
+import difflib
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 EQUAL_TIME = "ct_equal_time"  # conf/variant/ct_equal_time.yaml: the quickstart's plain CT at ACT's wall time
+OPTIONAL_KEYS = ("init_sweep",)  # top-level keys no config need define that a config reads (oc.select)
 
 
 def check_sweep(cfg: DictConfig) -> None:
@@ -15,8 +19,29 @@ def check_sweep(cfg: DictConfig) -> None:
     if not HydraConfig.initialized():
         return
     check_sweep_is_a_multirun()
+    check_added_keys(cfg)
     check_equal_time_variant(cfg)
     check_optuna_has_a_metric(cfg)
+
+
+def check_added_keys(cfg: DictConfig) -> None:
+    """A top-level key added with `+key=value` that no config defines: nothing reads it. Hydra's message
+    for a misspelt key (`iteration=20`) suggests `+iteration=20`, which then trained the config's length
+    without a word (nested keys are refused where their class is built)."""
+    groups = HydraConfig.get().runtime.choices  # +group=option adds a config group's choice: a config
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0]
+        if not key.startswith("+") or key.startswith("++"):
+            continue
+        name = key[1:]
+        if "." in name or "@" in name or name in OPTIONAL_KEYS or name in groups:
+            continue
+        near = difflib.get_close_matches(name, [str(k) for k in cfg if k != name], n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(
+            f"{override}: {name} is not a key of the training config and nothing reads it{hint}; "
+            "`--cfg job` prints the config's keys"
+        )
 
 
 def check_sweep_is_a_multirun() -> None:

@@ -281,3 +281,17 @@ def test_resume_with_a_changed_config_is_refused_by_name_unless_the_change_is_de
     assert "model.generator.channel_divisor=8 (now 4)" in str(refused.value)
     assert str(refused.value).endswith("or start a new run without ckpt_path")
     assert [p.name for p in other.iterdir()] == [".lock"]  # nothing else written
+
+
+def test_a_top_level_key_added_that_nothing_reads_is_refused_and_a_nested_one_where_it_is_built(tmp_path):
+    """Hydra answers a misspelt key (`iteration=20`) with "To append to your config use +iteration=20";
+    that launch then trained the config's own length, exit status 0."""
+    said = refusal(run_cli(["+iteration=20", *SMOKE], tmp_path / "run"))
+    assert said == (
+        "error: +iteration=20: iteration is not a key of the training config and nothing reads it (did you "
+        "mean iterations?); `--cfg job` prints the config's keys"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # a nested key is refused where its class is built, naming where the key is
+    said = refusal(run_cli(["+model.gan_ratio=0.5", *SMOKE], tmp_path / "nested"))
+    assert "model.gan_ratio is not a key of model: it is model.schedule.gan_ratio" in said
