@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="source", required=True)
+    # named as the user gives it (argparse said "the following arguments are required: source")
+    sub = parser.add_subparsers(dest="source", required=True, metavar="{imagenet64,lsun_cat256,verify}")
 
     p = sub.add_parser("imagenet64", help="official Downsampled ImageNet 64x64 .npz files -> prepared form")
     p.add_argument(

@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.at_iteration is not None and args.at_iteration < 0:
         parser.error(f"--at-iteration {args.at_iteration}: an ACT iteration, 0 or more")
+    if args.at_seconds is not None and not args.at_seconds > 0:  # an empty column otherwise
+        parser.error(f"--at-seconds {args.at_seconds}: training seconds, more than 0")
     try:
         variants = find_runs(args.sweeps)
         say_what_is_compared(variants)

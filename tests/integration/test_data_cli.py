@@ -128,3 +128,11 @@ def test_prepare_refuses_a_count_out_of_range_by_its_option(option, value, low, 
         f"argument {option}: must be an integer >= {low}, got '{value}'"
     )
     assert not (tmp_path / "dst").exists()
+
+
+def test_prepare_without_a_data_set_names_the_ones_it_takes(capsys):
+    """argparse said "the following arguments are required: source", which reads as the SRC folder."""
+    with pytest.raises(SystemExit) as stop:
+        prepare_main([])
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and said.endswith("required: {imagenet64,lsun_cat256,verify}")

@@ -259,6 +259,22 @@ def test_every_entry_point_is_a_console_script_with_its_own_help():
         assert result.returncode == 0 and own in result.stdout, (name, result.stderr[-2000:])
 
 
+def test_the_readmes_shell_completion_installs_and_completes_a_choice():
+    act_train = str(Path(os.path.dirname(sys.executable)) / "act-train")
+    installed = subprocess.run(
+        [act_train, "-sc", "install=bash"], capture_output=True, text=True, timeout=120
+    )
+    assert (
+        installed.returncode == 0
+        and "complete -o nospace -o default -F hydra_bash_completion act-train" in (installed.stdout)
+    )
+    env = {**os.environ, "COMP_LINE": "act-train variant=ec"}
+    query = subprocess.run(
+        [act_train, "-sc", "query=bash"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert query.stdout.split() == ["variant=ect", "variant=ect_act", "variant=ect_staged"]
+
+
 def test_a_diffusion_model_samples_with_heun_and_says_so(tmp_path):
     run = tmp_path / "diffusion"
     train(compose(["experiment=quickstart_diffusion", "debug=smoke", "model.heun_steps=3"], run_dir=str(run)))

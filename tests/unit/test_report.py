@@ -524,9 +524,13 @@ def test_the_figures_band_matches_seeds_by_iteration_not_by_position():
     assert low.tolist() == [9.0, 8.0, 4.0, 3.0] and high.tolist() == [9.0, 8.0, 6.0, 5.0]
 
 
-def test_a_negative_at_iteration_is_refused(tmp_path, capsys):
+def test_a_negative_at_iteration_or_at_seconds_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), "--out", str(tmp_path / "out"), "--at-iteration", "-5"])
     assert (
         stop.value.code == 2 and "--at-iteration -5: an ACT iteration, 0 or more" in capsys.readouterr().err
     )
+    for seconds in ("-5", "0"):  # an empty column, without a word
+        with pytest.raises(SystemExit) as stop:
+            main([str(tmp_path), "--out", str(tmp_path / "out"), "--at-seconds", seconds])
+        assert stop.value.code == 2 and "training seconds, more than 0" in capsys.readouterr().err
