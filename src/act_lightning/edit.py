@@ -209,7 +209,8 @@ def edit_batch(cfg, model, net, images: Tensor, indices: range, labels, taus, sh
         float(model.schedule.sigma_min),
         lambda step: image_noise(cfg.seed, indices, shape, stream=step).to(device),
     )
-    shown = project(torch.full(full, -1.0, device=device)) if cfg.task == "inpaint" else y
+    # the unknown region mid-grey: black could not be told from the dark background of digits or night scenes
+    shown = project(torch.zeros(full, device=device)) if cfg.task == "inpaint" else y
     return result.cpu(), mask, shown.cpu()
 
 
