@@ -77,7 +77,8 @@ def class_labels_for(
 def check_noise(noise, net, image: tuple[int, int] | None = None, key: str = "noise"):
     """Sampling's noise z for the network `net`: a float tensor (B, C, H, W) of the network's channels and
     image size (`image`, else where the network records them: `in_channels`, `image_size`), in the dtype
-    of its weights (a float64 z for a float32 network is taken in float32). Another size would be sampled
+    of its weights (a float64 z for a float32 network is taken in float32) and on their device. Another
+    size would be sampled
     without a word (the UNet takes any multiple of its downsampling), another dtype fail inside the first
     convolution."""
     import torch
@@ -100,6 +101,8 @@ def check_noise(noise, net, image: tuple[int, int] | None = None, key: str = "no
     weight = next((p for p in net.parameters() if p.is_floating_point()), None)
     if weight is not None and weight.dtype in (torch.float32, torch.float64) and noise.dtype != weight.dtype:
         noise = noise.to(weight.dtype)
+    if weight is not None and noise.device != weight.device:  # torch.randn's CPU noise for a GPU network
+        noise = noise.to(weight.device)
     return noise
 
 

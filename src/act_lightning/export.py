@@ -88,6 +88,11 @@ class ExportedGenerator(nn.Module):
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> ExportedGenerator:
     """An exported generator (`python -m act_lightning.export`) from its folder, in eval mode."""
     path = Path(path)
+    if not path.exists():  # a Hub repository's name, say: its folder is downloaded first
+        raise FileNotFoundError(
+            f"{path}: no such folder; load_generator reads a local folder that act_lightning.export wrote "
+            "(one shared on the Hugging Face Hub: huggingface_hub.snapshot_download(repo_id) first)"
+        )
     if path.is_file():
         raise ValueError(
             f"{path}: a file; load_generator reads the folder that act_lightning.export writes. A training "

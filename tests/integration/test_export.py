@@ -183,6 +183,8 @@ def test_load_generator_names_a_checkpoint_file_and_a_broken_config(exported, tm
         ValueError, match=r"a file; load_generator reads the folder .* act_lightning.checkpoints.load_model"
     ):
         load_generator(ckpt)
+    with pytest.raises(FileNotFoundError, match=r"user/act-cifar10: no such folder; .*snapshot_download"):
+        load_generator("user/act-cifar10")  # a Hub repository's name: not a folder here
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())

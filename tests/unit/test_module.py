@@ -210,6 +210,11 @@ def test_sample_names_noise_of_another_size_and_takes_any_float_dtype(cfg_factor
     assert torch.equal(model.sample(z.double()), one) and model.sample(z.double()).dtype == torch.float32
     with pytest.raises(ValueError, match=r"taus: a list of noise levels after the first step"):
         model.sample(z, taus=1.5)
+    # torch.randn's CPU noise for a network elsewhere (a GPU's: meta stands in) goes where the weights are
+    from act_lightning.checks import check_noise
+
+    on_meta = torch.nn.Conv2d(1, 1, 1).to("meta")
+    assert check_noise(z, on_meta, image=(1, 8)).device.type == "meta"
 
 
 def test_lightnings_load_from_checkpoint_points_to_load_model(tmp_path):
