@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -303,6 +304,15 @@ def resolve_taus(cfg: DictConfig, run: DictConfig) -> None:
         if levels is None:
             levels = [two_step_tau(run) if tau is None else tau]
             key = "two_step_tau" if tau is not None else "the run's two_step_tau"
+        steps = re.fullmatch(r"(\d+)-step", str(name))
+        if (
+            steps and isinstance(levels, (list, ListConfig)) and len(levels) != int(steps.group(1)) - 1
+        ):  # a sampler named for a count it does not run
+            raise ValueError(
+                f"{key}={list(levels)}: {name} takes {int(steps.group(1)) - 1} level(s) after the first "
+                f"step, got {len(levels)}; name a sampler of another count yourself, e.g. "
+                "'+taus.three=[5.0,0.8]' samplers=[1-step,three]"
+            )
         try:
             cfg.taus[name] = check_taus(levels, low, high)
         except ValueError:

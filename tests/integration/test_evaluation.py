@@ -529,10 +529,17 @@ def test_the_2_step_sampler_takes_the_runs_two_step_tau(tmp_path):
         "two_step_tau=30.0": ("2-step", "two_step_tau=30.0"),
         "+taus.up=[2.0,9.0]": ("up", "taus.up=[2.0, 9.0]"),
         "+taus.one=5.0": ("one", "taus.one=5.0: a list"),
+        # three steps reported as 2-step
+        "taus={2-step:[8.0,2.0]}": (
+            "2-step",
+            "taus.2-step=[8.0, 2.0]: 2-step takes 1 level(s) after the first",
+        ),
     }
     for bad, (sampler, named) in refused.items():
         message = (
-            named if "list" in named else f"{named}: the noise levels after the first step (at sigma_max=20)"
+            named
+            if "list" in named or "takes" in named
+            else f"{named}: the noise levels after the first step (at sigma_max=20)"
         )
         with pytest.raises(ValueError, match=re.escape(message)):
             _evaluate([*common, bad, f"samplers=[{sampler}]"])
