@@ -112,6 +112,19 @@ def check_devices(trainer) -> None:
         )
 
 
+def check_digits_features(cfg: DictConfig) -> None:
+    """eval.features=digits (the quickstart's) reads 8 x 8 grey images: other images failed in the
+    classifier's first convolution, a traceback at the first evaluation."""
+    if cfg.eval.get("features") != "digits":
+        return
+    shape = (int(cfg.data.channels), int(cfg.data.image_size))
+    if shape != (1, 8):
+        raise ValueError(
+            f"eval.features=digits measures 8x8 grey images (the quickstart's digits); data.channels="
+            f"{shape[0]} data.image_size={shape[1]}: give eval.features=inception (FID) or eval=null"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Configuration errors that can be seen before anything is built, named by their keys."""
     check_iterations(cfg.iterations)
@@ -143,6 +156,7 @@ def check_config(cfg: DictConfig) -> None:
         check_batch_under_global(cfg.data.batch_size, cfg.data.get("global_batch_size"))
     if cfg.get("eval") is not None:  # before the sample grid, whose interval is eval.every's by default
         check_count(cfg.eval.get("every"), "eval.every")
+        check_digits_features(cfg)
         reference = cfg.eval.get("reference")
         if reference is not None and str(reference) != "train" and Path(str(reference)).is_file():
             check_reference_images(Path(str(reference)), int(cfg.data.image_size), int(cfg.data.channels))

@@ -302,3 +302,17 @@ def test_list_options_given_as_a_bare_word_are_refused_with_the_brackets_they_ne
     said = r"^eval.metrics is a list of names in brackets, e.g. eval.metrics=\[fid,kid\]; got 'fid'"
     with pytest.raises(ValueError, match=said):
         FrechetEvaluation(run_dir=str(tmp_path), features="digits", metrics="fid")
+
+
+def test_the_digits_features_are_refused_for_images_other_than_8x8_grey(tmp_path):
+    """They failed in the classifier's first convolution, a traceback at start-up's first evaluation."""
+    colour = [
+        "data=synthetic",
+        "data.channels=3",
+        "model.generator.out_channels=3",
+        "model.generator.used_channels=null",
+    ]
+    with pytest.raises(ValueError, match="eval.features=digits measures 8x8 grey images .* data.channels=3"):
+        check_config(compose(colour, run_dir=str(tmp_path)))
+    check_config(compose([*colour, "eval.features=inception"], run_dir=str(tmp_path)))
+    check_config(compose(["data=synthetic"], run_dir=str(tmp_path)))  # the quickstart's shape: fine
