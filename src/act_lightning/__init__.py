@@ -2,7 +2,7 @@
 
 from act_lightning.resolvers import register_resolvers
 
-__version__ = "0.3.7"
+__version__ = "0.3.8"
 
 register_resolvers()  # before any config in conf/ is composed
 
