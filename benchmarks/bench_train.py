@@ -645,6 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--side-by-side", type=int, default=150, help="iterations per run; 0: skip")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
     parser.add_argument("--merge", action="store_true", help="add these configs to an existing --output")
+    parser.add_argument(
+        "--save-every-run",
+        action="store_true",
+        help="write --output after every run too (the runs so far under cut_short): a process stopped at a "
+        "time limit keeps what it measured",
+    )
     parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
     return parser
 
@@ -676,10 +682,13 @@ def main() -> None:
         "configs": {},
     }
     out = Path(args.output)
+    # read before anything is written there (--save-every-run writes it after every run)
+    previous = json.loads(out.read_text()) if args.merge and out.is_file() else None
 
     def progress(config: str, runs: dict) -> None:
-        """The configs measured so far and this one's runs, written after each run: a process stopped at
-        its time limit (the device check's steps) leaves what it measured. The whole report replaces it."""
+        """The configs measured so far and this one's runs, written after each run (--save-every-run): a
+        process stopped at its time limit (the device check's steps) leaves what it measured. The whole
+        report replaces it."""
         running = {name: [x["it_per_s"] for x in xs] for name, xs in runs.items() if xs}
         compiled = {name: xs[-1]["compile"] for name, xs in runs.items() if xs and "compile" in xs[-1]}
         partial = {**report, "cut_short": {"config": config, "runs": running, "compile": compiled}}
@@ -688,13 +697,11 @@ def main() -> None:
 
     for config in args.configs:
         print(f"{config} ...", flush=True)
-        report["configs"][config] = measure_config(
-            config, device, args, config in args.ablate, lambda runs, c=config: progress(c, runs)
-        )
+        saving = (lambda runs, c=config: progress(c, runs)) if args.save_every_run else None
+        report["configs"][config] = measure_config(config, device, args, config in args.ablate, saving)
     if device.type == "cpu" and args.side_by_side:
         report["side_by_side"] = side_by_side(args.side_by_side)
-    if args.merge and out.is_file():
-        previous = json.loads(out.read_text())
+    if previous is not None:
         previous.pop("cut_short", None)  # a run stopped before its end: its finished configs merge
         report["configs"] = {**previous["configs"], **report["configs"]}
         if "side_by_side" in previous and "side_by_side" not in report:

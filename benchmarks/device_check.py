@@ -71,7 +71,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 MEMORY = "model.r1_interval=2"  # R1 at k = 2: the measured iterations include the R1 pass's memory
 LEVERS = ["classic_attention", "contiguous_layout", "float32_levers", "bf16_parts"]  # not measured yet
-QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0"]
+# one run each, and the JSON written after every run: a step stopped at its limit keeps what it measured
+QUICK = ["--repeats", "1", "--no-flops", "--no-sampling", "--side-by-side", "0", "--save-every-run"]
 STARTED = time.monotonic()  # the budget counts from here: unpacking a carried cache is part of the call
 MAX_FILE = 15 * 2**20  # the device tool returns files of up to 16 MiB
 CACHE_PARTS = 3  # of the tool's eight files, what the five others leave (64 MiB in all)
@@ -283,6 +284,7 @@ def steps() -> list[Step]:
             [py, str(BENCH / "bench_train.py"), "--configs", "cifar10_ect", "cifar10_ect_act"]
             + ["cifar10_diffusion", "--ablate", "--no-baseline", "--no-bf16", "--iterations", "10"]
             + ["--warmup", "4", "--repeats", "1", "--no-sampling", "--side-by-side", "0", "--no-flops"]
+            + ["--save-every-run"]
             + ["--output", "bench_diffusion_start.json"],
             180,
             60,

@@ -103,7 +103,8 @@ def assert_samples_as_the_sample_command(ckpt, out, taus, n: int, folder) -> Non
     from act_lightning.sample import sample
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = hydra_compose("sample", overrides=[f"ckpt={ckpt}", f"num_samples={n}", f"taus={taus}"])
+        overrides = [f"ckpt={ckpt}", f"num_samples={n}", f"taus={taus}", "overwrite=true"]  # one folder
+        cfg = hydra_compose("sample", overrides=overrides)
     cfg.out = str(folder)
     sample(cfg)
     with np.load(folder / "samples.npz") as f:

@@ -223,8 +223,10 @@ def test_bench_train_merges_its_configs_into_an_earlier_output_and_prints_the_fl
         )
         return {**none, "batch": batch, "iterations_per_s": 2.0, "options": {}}
 
-    def measure_config(config, device, args, ablate):
+    def measure_config(config, device, args, ablate, progress=None):
         seen.append(ablate)
+        if progress is not None:  # --save-every-run: written over the output while measuring
+            progress({"fast": [{"it_per_s": 2.0}]})
         return row(4) | {"flops_per_iteration": 2.5e9, "achieved_tflops": 0.005}
 
     monkeypatch.setattr(bench, "measure_config", measure_config)
@@ -233,9 +235,11 @@ def test_bench_train_merges_its_configs_into_an_earlier_output_and_prints_the_fl
     earlier = {"configs": {"cifar10": row(2), "quickstart": row(2)}, "side_by_side": {"threads=1": [1.0]}}
     out.write_text(json.dumps({**earlier, "machine": "earlier"}))
     argv = ["bench_train.py", "--configs", "quickstart", "--ablate", "--device", "cpu", "--merge", "--output"]
-    monkeypatch.setattr(sys, "argv", [*argv, str(out), "--side-by-side", "0"])
+    # the earlier output is read before a run's progress is written over it (it merged that instead)
+    monkeypatch.setattr(sys, "argv", [*argv, str(out), "--side-by-side", "0", "--save-every-run"])
     bench.main()
     merged = json.loads(out.read_text())
+    assert "cut_short" not in merged
     assert merged["configs"]["cifar10"] == row(2) and merged["configs"]["quickstart"]["batch"] == 4
     assert merged["side_by_side"] == {"threads=1": [1.0]}  # none measured: the earlier one kept
     assert merged["machine"].startswith("earlier; quickstart: ") and seen == [False]  # not in --ablate
@@ -933,6 +937,7 @@ def test_bench_train_leaves_the_runs_it_finished_when_stopped_and_the_device_che
     out = tmp_path / "bench.json"
     argv = ["bench_train.py", "--configs", "cifar10", "--ablate", "cifar10", "--levers", "compile"]
     argv += ["--compile", "--options", "--no-baseline", "--no-bf16", "--repeats", "1", "--output", str(out)]
+    argv += ["--save-every-run"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(KeyboardInterrupt):
         bench.main()
