@@ -84,16 +84,18 @@ def multistep(
     """x <- f(tau_1 z, tau_1); then for each later tau: x <- f(x + sqrt(tau^2 - sigma_min^2) z', tau).
 
     `noise` is z ~ N(0, I), (B, C, H, W); `taus` decrease, `taus[0]` is sigma_max; the fresh noise z' of
-    step s = 1, 2, ... is `step_noise(s)` when given, else drawn from `generator` (on noise's device), so
-    a seeded sampler is reproducible."""
+    step s = 1, 2, ... is `step_noise(s)` when given, else drawn from `generator` (on its own device, then
+    moved to noise's), so a seeded sampler is reproducible."""
     taus = check_levels(taus, sigma_min)
     b = noise.shape[0]
     x = denoise(noise * taus[0], noise.new_full((b,), taus[0])).clamp(-1, 1)
     for step, tau in enumerate(taus[1:], start=1):
         if step_noise is not None:
             z = step_noise(step).to(device=noise.device, dtype=noise.dtype)
-        else:
-            z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+        else:  # drawn where the generator lives (a CPU generator for a GPU model's noise), then moved
+            where = noise.device if generator is None else generator.device
+            z = torch.randn(noise.shape, generator=generator, device=where, dtype=noise.dtype)
+            z = z.to(noise.device)
         x_tau = x + append_dims(noise.new_full((b,), (tau**2 - sigma_min**2) ** 0.5), x.ndim) * z
         x = denoise(x_tau, noise.new_full((b,), tau)).clamp(-1, 1)
     return x

@@ -211,3 +211,19 @@ def test_flex_attention_compiled_for_cuda_matches_the_fused_kernel(tf32, heads, 
     torch.testing.assert_close(out, expected, **tolerance)
     for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, **tolerance)
+
+
+def test_a_gpu_model_samples_from_cpu_noise_and_a_cpu_generator(tmp_path):
+    """torch.randn's CPU noise and a CPU torch.Generator for a model on the GPU, as a user writes them:
+    the noise goes where the weights are, and the later steps' noise is drawn on the generator's device
+    (torch refuses a CPU generator for a CUDA draw), the same draws as on the CPU."""
+    from act_lightning.checkpoints import load_model
+
+    train(compose(["debug=smoke", "data=synthetic", "iterations=2", "eval=null"], run_dir=str(tmp_path)))
+    model, _, _ = load_model(tmp_path / "checkpoints" / "last.ckpt", "cuda")
+    z = torch.randn(2, 1, 8, 8)
+    images = model.sample(z, taus=[8.0], generator=torch.Generator().manual_seed(3))
+    assert images.device.type == "cuda"
+    cpu, _, _ = load_model(tmp_path / "checkpoints" / "last.ckpt", "cpu")
+    expected = cpu.sample(z, taus=[8.0], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(images.cpu(), expected, rtol=1e-3, atol=1e-3)
