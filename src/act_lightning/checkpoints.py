@@ -236,8 +236,8 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[dict, DictConf
         if "act_generator" in checkpoint:  # convert_diffusers' output: a denoiser to train from
             raise ValueError(
                 f"{key}={path}: a diffusion model that convert_diffusers converted, to train from: "
-                f"python -m act_lightning.train ... init_from={path} (a consistency run, e.g. "
-                "experiment=cifar10_ect) or ckpt_path=; this command reads what such a run writes"
+                f"python -m act_lightning.train experiment=... init_from={path} (on data of its image size; "
+                "README, Start from a diffusion model); this command reads what such a run writes"
             )
         raise ValueError(
             f"{key}={path}: holds no training config (act_config); it was not written by act_lightning.train"

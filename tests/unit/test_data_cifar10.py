@@ -629,3 +629,13 @@ def test_batches_not_checked_against_the_release_have_a_reference_fingerprint(tm
     stat = batch.stat()
     os.utime(batch, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten, same size
     assert _dm(tmp_path).reference_fingerprint() != first
+
+
+def test_a_batch_re_saved_with_a_fortran_ordered_array_reads_its_values(tmp_path):
+    """numpy's own reconstructor read it; the library's arrays must too (refused as corrupt once)."""
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    batch = {b"data": np.asfortranarray(data), b"labels": np.asfortranarray(np.array([3, 9]))}
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=4))
+    images, labels = read_batch(tmp_path / "data_batch_1")
+    assert np.array_equal(images, data) and images.flags.c_contiguous and images.flags.writeable
+    assert labels.tolist() == [3, 9]

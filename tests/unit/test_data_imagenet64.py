@@ -339,6 +339,16 @@ def test_official_files_are_found_in_sub_folders_and_two_of_one_name_are_refused
     assert f"{second / TRAIN_FILES[0]}); give the folder that holds only the 64x64 release" in said
 
 
+def test_the_pickled_releases_files_are_named_however_many_copies_there_are(tmp_path):
+    """The hint reused the lookup that refuses two files of one name: with ImageNet 32's pickled files
+    beside the 64x64 ones it told the user to give a folder of the npz release they did not have."""
+    for folder in ("Imagenet64_train_part1", "Imagenet32_train"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train_data_batch_1").write_bytes(b"pickled")
+    with pytest.raises(FileNotFoundError, match=r"is from the pickled release .* does not read"):
+        find_official_files(tmp_path)
+
+
 def test_a_missing_val_file_is_named_when_required(tmp_path):
     write_imagenet64(tmp_path, per_file=2, val=False)
     with pytest.raises(FileNotFoundError, match=r"ImageNet 64x64: val_data\.npz not found under"):

@@ -93,11 +93,12 @@ class _Array:
         _, shape, dtype, fortran, raw = state
         if not isinstance(shape, tuple) or not 1 <= len(shape) <= 2 or not all(type(n) is int for n in shape):
             raise pickle.UnpicklingError(f"numpy array shape {shape!r}: one or two dimensions expected")
-        if not isinstance(dtype, _DType) or fortran is not False or not isinstance(raw, bytes):
+        if not isinstance(dtype, _DType) or not isinstance(fortran, bool) or not isinstance(raw, bytes):
             raise pickle.UnpicklingError("numpy array state: a plain integer type and bytes expected")
         if len(raw) != math.prod(shape) * dtype.dtype.itemsize or min(shape) < 0:
             raise pickle.UnpicklingError(f"numpy array of shape {shape}: {len(raw)} bytes do not fill it")
-        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape).copy()
+        order = "F" if fortran else "C"  # numpy writes a Fortran-ordered array's bytes column by column
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order=order).copy(order="C")  # writable
 
 
 class _ArrayClass:

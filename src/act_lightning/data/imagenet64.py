@@ -39,9 +39,9 @@ def _official_hint(where: Path) -> str:
 def find_official_files(src: Path, require_val: bool = False) -> tuple[list[Path], Path | None]:
     """The ten training batches (and the validation file, if present) under `src`, searched recursively."""
 
-    def find(name: str) -> Path | None:
+    def find(name: str, one: bool = True) -> Path | None:
         hits = sorted(src.rglob(name)) if src.is_dir() else []
-        if len(hits) > 1:  # e.g. ImageNet 32's files of the same names beside the 64x64 ones
+        if len(hits) > 1 and one:  # e.g. ImageNet 32's files of the same names beside the 64x64 ones
             raise FileNotFoundError(
                 f"ImageNet 64x64: {len(hits)} files called {name} under {src} ({', '.join(map(str, hits))}); "
                 "give the folder that holds only the 64x64 release (Imagenet64_*_npz)"
@@ -54,7 +54,8 @@ def find_official_files(src: Path, require_val: bool = False) -> tuple[list[Path
         [VAL_FILE] if require_val and val is None else []
     )
     if missing:
-        pickled = find(TRAIN_FILES[0].removesuffix(".npz"))  # the other release: Python pickles, never read
+        # the other release: Python pickles, never read (any copy of it will do for the hint)
+        pickled = find(TRAIN_FILES[0].removesuffix(".npz"), one=False)
         found = (
             f" {pickled} is from the pickled release (Imagenet64_train_part1.zip, no .npz suffix), which "
             "this library does not read (unpickling runs code)."
