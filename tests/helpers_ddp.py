@@ -93,6 +93,20 @@ def reference_worker(rank: int, world_size: int, store: str, out: str, caches: l
         dist.destroy_process_group()
 
 
+def guard_worker(rank: int, world_size: int, store: str, out: str):
+    """Each rank's guard mask when rank 1's L_ct alone went bad (an fp16 overflow on one rank)."""
+    from act_lightning.divergence import guard_mask
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        bad = {"train/loss_ct": torch.tensor(rank == 1), "train/loss_adv": torch.tensor(False)}
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(str(int(guard_mask(bad, world_size))))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 class SaveRankState:
     """A callback (for the CLI, as `+callbacks.rank_state._target_=tests.helpers_ddp.SaveRankState`) that
     saves each rank's module state and optimiser states when training ends: the checkpoint holds rank
@@ -117,8 +131,11 @@ if __name__ == "__main__":
     import sys
 
     spec = json.loads(sys.argv[2])
-    if spec.pop("mode", None) == "reference":
+    mode = spec.pop("mode", None)
+    if mode == "reference":
         reference_worker(int(sys.argv[1]), **spec)
+    elif mode == "guard":
+        guard_worker(int(sys.argv[1]), **spec)
     else:
         spec["shape"], spec["reference"] = (
             tuple(spec["shape"]),

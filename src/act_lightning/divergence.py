@@ -26,15 +26,21 @@ GUARDED_TERMS = (
 _SAME_WIDTH_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}  # by element size
 
 
-def guard_mask(bad: dict[str, Tensor]) -> Tensor:
-    """The bits of GUARDED_TERMS that are bad in `bad` (term -> bool tensor; a term not there is good)."""
+def guard_mask(bad: dict[str, Tensor], world_size: int = 1) -> Tensor:
+    """The bits of GUARDED_TERMS that are bad in `bad` (term -> bool tensor; a term not there is good), on
+    any rank: under DDP the flags are all-reduced (one small collective, no host synchronisation), so every
+    rank counts the same bad iterations and the guard stops them all at once. A loss bad on one rank only
+    (an fp16 overflow there) was counted by that rank alone: it stopped, and the others waited for it in
+    their next collective."""
     unknown = set(bad) - set(GUARDED_TERMS)
     if unknown:
         raise KeyError(f"not a guarded term: {', '.join(sorted(unknown))}")
     device = next(iter(bad.values())).device
     flags = torch.stack(
         [bad.get(name, torch.zeros((), dtype=torch.bool, device=device)) for name in GUARDED_TERMS]
-    )
+    ).to(torch.int32)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     weights = 2 ** torch.arange(len(GUARDED_TERMS), device=device)
     return (flags.long() * weights).sum()
 

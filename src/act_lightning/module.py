@@ -277,7 +277,7 @@ class ACTModule(L.LightningModule):
         if self.hparams.objective == "diffusion":
             logs, bad = self._diffusion_step(draws, opt_g)
             self._update_target(0.0)  # the target follows with sampling_ema (null: it is the generator)
-            self.bad.record(guard_mask(bad), self.k)
+            self.bad.record(guard_mask(bad, self.trainer.world_size), self.k)
             logs["train/skipped_updates"] = self.bad.total.float()
             return self._end_iteration(logs, draws.gen_size)
         logs, bad = self._generator_step(draws, opt_g)
@@ -285,7 +285,7 @@ class ACTModule(L.LightningModule):
         if self.discriminator is not None:
             d_logs, d_bad = self._discriminator_step(draws, opt_d)
             logs, bad = {**logs, **d_logs}, {**bad, **d_bad}
-        self.bad.record(guard_mask(bad), self.k)
+        self.bad.record(guard_mask(bad, self.trainer.world_size), self.k)
         logs["train/skipped_updates"] = self.bad.total.float()
         self._end_iteration(logs, draws.gen_size)
 
