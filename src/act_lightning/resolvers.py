@@ -57,6 +57,13 @@ def _started_by_launching_process() -> bool:
     return bool(name) and pid == str(os.getppid())
 
 
+def is_first_process() -> bool:
+    """This process is a run's global rank 0 by the environment (RANK, LOCAL_RANK, SLURM_PROCID, ... and
+    NODE_RANK, which Lightning's rank_zero_only does not read: the first process of a second node set up
+    by NODE_RANK alone took the run folder's lock as rank 0 too)."""
+    return not _other_rank()
+
+
 def _other_rank() -> bool:
     rank = next((os.environ[key] for key in RANKS if key in os.environ), "0")
     return _positive(rank) or _positive(os.environ.get("NODE_RANK", "0"))

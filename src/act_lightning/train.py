@@ -64,6 +64,7 @@ from act_lightning.launch import check_writable_folder, log_to_record
 from act_lightning.loggers import check_wandb_names, wandb_offline
 from act_lightning.metrics.reference import check_reference_images
 from act_lightning.process import apply_process_settings, job_launcher
+from act_lightning.resolvers import is_first_process
 from act_lightning.resume import world_size
 from act_lightning.seeds import check_seed
 from act_lightning.start import RunLock, StartPoint, set_aside_outputs, start_point
@@ -392,7 +393,8 @@ def prepare(cfg: DictConfig) -> Launch:
     check_local_multirun(resolved["trainer"])
     check_sweep(cfg)
     check_torchrun_names_its_run_folder()
-    lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 else None
+    check_torchrun_world_size(resolved["trainer"])
+    lock = RunLock(Path(cfg.run_dir)) if rank_zero_only.rank == 0 and is_first_process() else None
     try:
         start = start_point(cfg, resolved, init)
         # a run at its end is finished, unless a stop left its last evaluation to this launch
@@ -426,6 +428,29 @@ def check_torchrun_names_its_run_folder() -> None:
         raise ValueError(
             "torchrun starts every worker with this command, and each would name the run folder from its own "
             "clock: give it with hydra.run.dir=FOLDER (README: torchrun)"
+        )
+
+
+def check_torchrun_world_size(trainer: dict) -> None:
+    """Under torchrun the devices and nodes must make its world size: with trainer.devices=1 (debug=smoke
+    sets it) Lightning trains on one device in each worker, and every worker trained a run of its own into
+    the same folder, each overwriting the others' files; a larger count failed in each worker with
+    Lightning's traceback."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return
+    devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) or str(devices).isdigit():
+        count = int(devices)
+    else:  # auto, -1: Lightning's own choice, which it checks against the world size itself
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if count * nodes != world:
+        raise ValueError(
+            f"torchrun started {world} workers, and trainer.devices={devices} x trainer.num_nodes={nodes} "
+            f"make {count * nodes}: each worker would train a run of its own into the same folder; give "
+            f"trainer.devices and trainer.num_nodes that make {world} (README: torchrun)"
         )
 
 

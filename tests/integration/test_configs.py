@@ -584,6 +584,10 @@ def test_a_launch_keeps_one_record_whatever_starts_its_other_ranks(monkeypatch, 
         for level in (logging.INFO, logging.WARNING)
     )
     assert rank_zero_console.filter(info) == console and rank_zero_console.filter(warning)
+    # the run folder's lock is the first process's alone (a second node's by NODE_RANK took it too)
+    from act_lightning.resolvers import is_first_process
+
+    assert is_first_process() == (not ranks or ranks.get("SLURM_PROCID") == "0" or ranks.get("RANK") == "0")
 
 
 # -- what the README and docs/ name --------------------------------------------------------------------

@@ -316,3 +316,22 @@ def test_the_digits_features_are_refused_for_images_other_than_8x8_grey(tmp_path
         check_config(compose(colour, run_dir=str(tmp_path)))
     check_config(compose([*colour, "eval.features=inception"], run_dir=str(tmp_path)))
     check_config(compose(["data=synthetic"], run_dir=str(tmp_path)))  # the quickstart's shape: fine
+
+
+def test_under_torchrun_the_devices_and_nodes_must_make_its_world_size(monkeypatch):
+    """With trainer.devices=1 (debug=smoke's) each of torchrun's workers trained a run of its own into the
+    same folder, overwriting the others' files, with exit status 0."""
+    from act_lightning.train import check_torchrun_world_size
+
+    check_torchrun_world_size({"devices": 1})  # not under torchrun: nothing to compare
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(
+        ValueError, match=r"torchrun started 2 workers, and trainer.devices=1 x trainer.num_nodes=1"
+    ):
+        check_torchrun_world_size({"devices": 1, "num_nodes": 1})
+    check_torchrun_world_size({"devices": 2, "num_nodes": 1})
+    check_torchrun_world_size({"devices": [0], "num_nodes": 2})
+    check_torchrun_world_size({"devices": "auto"})  # Lightning's own check
+    with pytest.raises(ValueError, match="trainer.devices=4 x trainer.num_nodes=1 make 4"):
+        check_torchrun_world_size({"devices": "4"})
