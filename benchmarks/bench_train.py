@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -623,6 +624,21 @@ def print_table(report: dict) -> None:
             )
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor as /proc/cpuinfo names it (model name, family and model) and whether it computes bf16
+    natively: bf16 autocast was 1.77x faster than float32 on Zen 4 cores with AVX-512 bf16 and an order of
+    magnitude slower on Zen 3 cores without, and sessions of this project ran on both."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    field = lambda key: next(iter(re.findall(rf"^{key}\s*: (.*)$", text, flags=re.M)), "?")  # noqa: E731
+    flags = set(field("flags").split())
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    native = f"bf16: {', '.join(bf16)}" if bf16 else "no native bf16"
+    return f"{field('model name')}, family {field('cpu family')} model {field('model')}, {native}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CPU_PLAN))
@@ -671,11 +687,10 @@ def main() -> None:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    cpu = platform.processor() or platform.machine()
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        else f"CPU ({cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
     report = {
         "machine": f"{machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}",

@@ -944,3 +944,15 @@ def test_bench_train_leaves_the_runs_it_finished_when_stopped_and_the_device_che
     saved = json.loads(out.read_text())
     assert saved["configs"] == {} and saved["cut_short"]["runs"] == {"fast": [3.5]}
     assert "- fast: 3.500 it/s" in check.bench_lines(saved)
+
+
+def test_bench_train_names_the_processor_and_whether_it_computes_bf16(tmp_path):
+    """The machine string said "x86_64, 2 cores": the sessions ran on Zen 4 cores with AVX-512 bf16 and on
+    Zen 3 cores without, where bf16 autocast is an order of magnitude slower, and no figure said which."""
+    bench = _load_benchmark("bench_train")
+    info = tmp_path / "cpuinfo"
+    common = "model name\t: AMD EPYC 9R14\ncpu family\t: 25\nmodel\t\t: 17\n"
+    info.write_text(common + "flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert bench.cpu_model(info) == "AMD EPYC 9R14, family 25 model 17, bf16: avx512_bf16"
+    info.write_text(common.replace("17", "1") + "flags\t\t: fpu avx2\n")
+    assert bench.cpu_model(info).endswith("family 25 model 1, no native bf16")
