@@ -157,7 +157,6 @@ def check_config(cfg: DictConfig) -> None:
         check_batch_under_global(cfg.data.batch_size, cfg.data.get("global_batch_size"))
     if cfg.get("eval") is not None:  # before the sample grid, whose interval is eval.every's by default
         check_count(cfg.eval.get("every"), "eval.every")
-        check_digits_features(cfg)
         reference = cfg.eval.get("reference")
         if reference is not None and str(reference) != "train" and Path(str(reference)).is_file():
             check_reference_images(Path(str(reference)), int(cfg.data.image_size), int(cfg.data.channels))
@@ -174,6 +173,8 @@ def check_config(cfg: DictConfig) -> None:
                     f"model.{name}.{key}={net[key]} differs from data.{data_key}={cfg.data[data_key]}"
                     + (source if converted else "")
                 )
+    if cfg.get("eval") is not None:  # after the networks' shapes, which name the first mismatch
+        check_digits_features(cfg)
 
 
 def check_batch_under_global(batch_size: int, global_batch_size: int | None) -> None:
