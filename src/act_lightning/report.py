@@ -507,6 +507,14 @@ def output_paths(out: Path) -> dict[str, Path]:
     return {suffix: out.with_name(out.name + suffix) for suffix in (".png", ".md", ".json")}
 
 
+def check_points(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The equal-iterations and equal-time points, when given, are ones a run can reach."""
+    if args.at_iteration is not None and args.at_iteration < 0:
+        parser.error(f"--at-iteration {args.at_iteration}: an ACT iteration, 0 or more")
+    if args.at_seconds is not None and not args.at_seconds > 0:  # an empty column otherwise
+        parser.error(f"--at-seconds {args.at_seconds}: training seconds, more than 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m act_lightning.report", description=__doc__.split("\n\n")[0]
@@ -524,10 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--metric", default=None, help="axis label (default: the summaries' metric key)")
     args = parser.parse_args(argv)
-    if args.at_iteration is not None and args.at_iteration < 0:
-        parser.error(f"--at-iteration {args.at_iteration}: an ACT iteration, 0 or more")
-    if args.at_seconds is not None and not args.at_seconds > 0:  # an empty column otherwise
-        parser.error(f"--at-seconds {args.at_seconds}: training seconds, more than 0")
+    check_points(args, parser)
     try:
         variants = find_runs(args.sweeps)
         say_what_is_compared(variants)
