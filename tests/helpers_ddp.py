@@ -12,6 +12,28 @@ import torch.distributed as dist
 from torch import nn
 
 
+def run_two_ranks(spec: dict, timeout: int = 120) -> None:
+    """Runs this file as rank 0 and rank 1 (`spec`: the worker's arguments, `mode` picking it) and waits
+    for both, each with this process's environment (its threads: the same float sums); a rank that fails
+    fails the caller with its output."""
+    import json
+    import os
+
+    from tests.conftest import ROOT, start_module
+
+    ranks = [
+        start_module(ROOT / "tests" / "helpers_ddp.py", [rank, json.dumps(spec)], env=dict(os.environ))
+        for rank in (0, 1)
+    ]
+    try:
+        for rank in ranks:
+            _, err = rank.communicate(timeout=timeout)
+            assert rank.returncode == 0, err[-3000:]
+    finally:
+        for rank in ranks:
+            rank.kill()
+
+
 class TinyFeatures(nn.Module):
     """A fixed random projection of the image: 32-d features, cheap on the CPU."""
 

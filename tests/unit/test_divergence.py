@@ -21,24 +21,10 @@ def test_under_ddp_every_rank_counts_a_term_bad_on_any_rank(tmp_path):
     """A loss bad on one rank only (an fp16 overflow there, with finite gradients) was counted by that rank
     alone: its guard stopped it, and the other ranks died in their next collective (gloo) or hung (NCCL).
     Two gloo processes: rank 1's L_ct is bad, and both ranks' masks say so."""
-    import json
-    import os
-
-    from tests.conftest import ROOT, start_module
+    from tests.helpers_ddp import run_two_ranks
 
     out = tmp_path / "mask"
-    spec = {"mode": "guard", "world_size": 2, "store": str(tmp_path / "store"), "out": str(out)}
-    ranks = [
-        start_module(ROOT / "tests" / "helpers_ddp.py", [rank, json.dumps(spec)], env=dict(os.environ))
-        for rank in (0, 1)
-    ]
-    try:
-        for rank in ranks:
-            _, err = rank.communicate(timeout=120)
-            assert rank.returncode == 0, err[-3000:]
-    finally:
-        for rank in ranks:
-            rank.kill()
+    run_two_ranks({"mode": "guard", "world_size": 2, "store": str(tmp_path / "store"), "out": str(out)})
     assert [int(open(f"{out}.{rank}").read()) for rank in (0, 1)] == [1, 1]  # L_ct's bit on both
 
 

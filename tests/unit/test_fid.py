@@ -3,7 +3,6 @@ reference files and caches, and the sharding that makes many processes agree wit
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -41,8 +40,7 @@ from act_lightning.metrics.reference import (
     reference_image_features,
     save_reference,
 )
-from tests.conftest import ROOT, start_module
-from tests.helpers_ddp import TinyFeatures, fid_of_samples
+from tests.helpers_ddp import TinyFeatures, fid_of_samples, run_two_ranks
 
 
 def scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -554,13 +552,7 @@ def test_two_processes_under_ddp_give_the_same_fid_as_one(tmp_path):
     out, store = tmp_path / "ddp.npz", tmp_path / "store"
     spec = {"world_size": 2, "store": str(store), "out": str(out), "num_samples": num_samples}
     spec |= {"batch_size": batch_size, "shape": list(shape), "reference": [a.tolist() for a in reference]}
-    env = dict(os.environ)  # the threads of this process (OMP_NUM_THREADS): the same float sums
-    ranks = [
-        start_module(ROOT / "tests" / "helpers_ddp.py", [rank, json.dumps(spec)], env=env) for rank in (0, 1)
-    ]
-    for rank in ranks:
-        _, err = rank.communicate(timeout=300)
-        assert rank.returncode == 0, err[-3000:]
+    run_two_ranks(spec, timeout=300)
     with np.load(out) as got:
         np.testing.assert_allclose(got["mu"], mu1, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(got["sigma"], sigma1, rtol=1e-10, atol=1e-13)
@@ -579,17 +571,7 @@ def test_ranks_that_disagree_about_the_cache_all_compute_the_reference_and_none_
     out, store = tmp_path / "ref", tmp_path / "store"
     spec = {"mode": "reference", "world_size": 2, "store": str(store), "out": str(out)}
     spec["caches"] = [str(cache0), str(tmp_path / "node1" / "ref.npz")]
-    env = dict(os.environ)
-    ranks = [
-        start_module(ROOT / "tests" / "helpers_ddp.py", [rank, json.dumps(spec)], env=env) for rank in (0, 1)
-    ]
-    try:
-        for rank in ranks:
-            _, err = rank.communicate(timeout=120)
-            assert rank.returncode == 0, err[-3000:]
-    finally:
-        for rank in ranks:
-            rank.kill()
+    run_two_ranks(spec)
     for rank in (0, 1):  # computed together: all 12 images' (float32 features of other batch shapes)
         with np.load(f"{out}.{rank}.npz") as got:
             np.testing.assert_allclose(got["mu"], mu1, rtol=1e-6, atol=1e-8)
