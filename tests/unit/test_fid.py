@@ -230,8 +230,15 @@ class NotWeights:
 def test_inception_weights_are_never_unpickled(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"Mixed_7c.branch_pool.conv.weight": NotWeights()}, evil)
-    with pytest.raises(WeightsError, match="not a readable weights file"):
+    with pytest.raises(WeightsError, match="not a readable weights file .it holds pickled Python objects"):
         InceptionFeatures(str(evil))
+    junk = tmp_path / "junk.pth"  # random bytes: said in words, never with torch's weights_only=False advice
+    junk.write_bytes(bytes(range(7, 250)))
+    with pytest.raises(
+        WeightsError, match=r"junk.pth: not a readable weights file \(not a checkpoint"
+    ) as refused:
+        InceptionFeatures(str(junk))
+    assert "weights_only" not in str(refused.value)
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, other)
     with pytest.raises(WeightsError, match="not the TF-Inception state dict"):

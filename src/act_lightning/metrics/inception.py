@@ -66,11 +66,13 @@ def load_inception_state(path: str) -> dict[str, Tensor]:
     """The state dict, read with the safe loader (torch-fidelity itself would unpickle the file)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # in words, never with torch's advice to load it with weights_only=False
+        from act_lightning.checkpoints import damage
+
+        why = damage(Path(path), e) or "it holds pickled Python objects besides tensors"
         raise WeightsError(
-            f"{path}: not a readable weights file ({type(e).__name__}: {e}); expected {WEIGHTS_FILE} "
-            f"from {WEIGHTS_URL}"
-        ) from e
+            f"{path}: not a readable weights file ({why}); expected {WEIGHTS_FILE} from {WEIGHTS_URL}"
+        ) from None
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise WeightsError(f"{path}: not the TF-Inception state dict of {WEIGHTS_FILE} ({WEIGHTS_URL})")
     fc = state.get("fc.weight")
