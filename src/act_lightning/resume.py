@@ -304,7 +304,7 @@ def set_learning_rates(optimizers, schedulers, factories, nets) -> list[tuple[fl
     optimizers = _plain(optimizers)
     schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
     changed = []
-    for optimizer, scheduler, make, net in zip(optimizers, schedulers, factories, nets):
+    for key, optimizer, scheduler, make, net in zip(LEARNING_RATES, optimizers, schedulers, factories, nets):
         rate = make(net.parameters()).defaults["lr"]
         for i, group in enumerate(optimizer.param_groups):
             old = scheduler.base_lrs[i]
@@ -313,7 +313,7 @@ def set_learning_rates(optimizers, schedulers, factories, nets) -> list[tuple[fl
             scheduler.base_lrs[i] = group["initial_lr"] = rate
             group["lr"] = rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
             changed.append((old, rate))
-            log.info("learning rate %g (the checkpoint's) is now %g (the launch's)", old, rate)
+            log.info("%s %g (the checkpoint's) is now %g (the launch's)", key, old, rate)  # G's, then D's
         set_last_lr(scheduler, [group["lr"] for group in optimizer.param_groups])
     return changed
 

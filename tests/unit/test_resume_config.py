@@ -370,7 +370,7 @@ def test_set_foreach_puts_the_launchs_into_restored_optimisers():
     assert restored[0].param_groups[0]["foreach"] is True
 
 
-def test_set_learning_rates_puts_the_launchs_rates_into_restored_state_at_the_warm_ups_factor():
+def test_set_learning_rates_puts_the_launchs_rates_into_restored_state_at_the_warm_ups_factor(caplog):
     net = torch.nn.Linear(2, 2)
     ramp = lambda k: min(1.0, (k + 1) / 10)  # noqa: E731  the module's warm-up, over 10 iterations
 
@@ -388,7 +388,10 @@ def test_set_learning_rates_puts_the_launchs_rates_into_restored_state_at_the_wa
     warmup.load_state_dict(scheduler.state_dict())
     assert restored.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.4)
     make = partial(torch.optim.RAdam, lr=1e-4)
-    assert set_learning_rates(restored, warmup, [make], [net]) == [(1e-3, 1e-4)]
+    with caplog.at_level("INFO", logger="act_lightning.resume"):
+        assert set_learning_rates(restored, warmup, [make], [net]) == [(1e-3, 1e-4)]
+    # which rate: G's and D's were both logged as "learning rate"
+    assert "model.optimizer.lr 0.001 (the checkpoint's) is now 0.0001 (the launch's)" in caplog.text
     assert restored.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.4) == warmup.get_last_lr()[0]
     warmup.step()  # on along the warm-up, from the new base
     assert restored.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5)
