@@ -21,7 +21,6 @@ read as diffusers reads them (safetensors, or torch's safe loader).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -147,13 +146,11 @@ def load_unet(folder: Path):
 
 def weights_digest(folder: Path) -> str | None:
     """The SHA-256 of the UNet's weights file that `load_unet` read (safetensors first, else .bin)."""
+    from act_lightning.data.storage import sha256_file  # here: the data modules load only to convert
+
     for name in (WEIGHTS, WEIGHTS.replace(".safetensors", ".bin")):
         if (folder / name).is_file():
-            digest = hashlib.sha256()
-            with open(folder / name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            return digest.hexdigest()
+            return sha256_file(folder / name)
     return None
 
 

@@ -167,7 +167,8 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
     images = read_inputs(cfg, files, size, channels)
     taus = edit_taus(cfg, model.schedule)
     n = len(files)
-    label = class_index(cfg.class_label, model.hparams.num_classes, checkpoint.get("act_label_names"))
+    names = checkpoint.get("act_label_names")  # a folder run's class names, or None
+    label = class_index(cfg.class_label, model.hparams.num_classes, names)
     labels = None if label is None else torch.full((n,), label, device=device)
     net = model.target if cfg.net == "target" else model.generator
     # in batches: the whole folder in one pass ran a GPU out of memory at a few hundred 256 x 256 images
@@ -186,7 +187,7 @@ def edit(cfg: DictConfig) -> dict[str, Any]:
         "images": [str(f) for f in files],
         "taus": taus,
         **task_options(cfg),
-        **({} if label is None else {"class_label": label, "class_name": class_name(checkpoint, label)}),
+        **({} if label is None else {"class_label": label, "class_name": names[label] if names else None}),
         "out": str(out),
     }
     (out / "edit.json").write_text(json.dumps(summary, indent=2))
@@ -300,12 +301,6 @@ def class_index(label: Any, num_classes: int | None, names: list[str] | None) ->
     if not 0 <= label < num_classes:
         raise ValueError(f"class_label={label} out of range for {num_classes} classes (0..{num_classes - 1})")
     return label
-
-
-def class_name(checkpoint: dict, label: int) -> str | None:
-    """The name of class `label` where the run's data named their classes."""
-    names = checkpoint.get("act_label_names")
-    return None if names is None else names[label]
 
 
 def write_results(out: Path, images: Tensor, result: Tensor, mask: Tensor, shown_input: Tensor) -> None:
