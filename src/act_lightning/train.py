@@ -440,17 +440,13 @@ def check_torchrun_world_size(trainer: dict) -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ or "WORLD_SIZE" not in os.environ:
         return
     devices, nodes = trainer.get("devices", "auto"), int(trainer.get("num_nodes") or 1)
-    if isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif isinstance(devices, int) or str(devices).isdigit():
-        count = int(devices)
-    else:  # auto, -1: Lightning's own choice, which it checks against the world size itself
+    if str(devices) in ("auto", "-1"):  # Lightning's own choice, which it checks against the world size
         return
-    world = int(os.environ["WORLD_SIZE"])
-    if count * nodes != world:
+    count, world = world_size(trainer), int(os.environ["WORLD_SIZE"])  # devices x nodes, as Lightning counts
+    if count is not None and count != world:
         raise ValueError(
             f"torchrun started {world} workers, and trainer.devices={devices} x trainer.num_nodes={nodes} "
-            f"make {count * nodes}: each worker would train a run of its own into the same folder; give "
+            f"make {count}: each worker would train a run of its own into the same folder; give "
             f"trainer.devices and trainer.num_nodes that make {world} (README: torchrun)"
         )
 
