@@ -325,8 +325,8 @@ class CIFAR10DataModule(ImageDataModule):
     # -- files -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         root = self.path
-        if self._missing_batches() and self._batches_in_root():
-            raise DataUnavailable(self._batches_in_root())
+        if self._missing_batches() and (said := self._batches_in_root()):
+            raise DataUnavailable(said)
         if self._missing_batches() and ((root / ARCHIVE).is_file() or self.download):
             # other nodes' rank 0 extract or download into the same folder when it is shared: one at a
             # time, and the ones that waited find the batches
@@ -363,8 +363,8 @@ class CIFAR10DataModule(ImageDataModule):
         way to `root` is writable, so that `prepare_data` can create `root` and download into it."""
         root = self.path
         missing = self._missing_batches()
-        if missing and self._batches_in_root():  # no download into a folder inside the data set
-            raise FileNotFoundError(self._batches_in_root())
+        if missing and (said := self._batches_in_root()):  # no download into a folder inside the data set
+            raise FileNotFoundError(said)
         if not missing:
             for name, _ in TRAIN_FILES:
                 check_readable(root / FOLDER / name)
